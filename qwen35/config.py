@@ -1,0 +1,277 @@
+"""ModelConfig: the frozen description of a Qwen3.5 text model, read from a checkpoint's config.json.
+
+The architecture is decided by `model_type`, never by a folder or file name. Every field that changes the
+math is here; unknown keys are ignored, and anything we cannot run is rejected with a message naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+# Known relatives we recognise but cannot run yet; named so the error can say so precisely.
+KNOWN_UNSUPPORTED = {
+    "qwen3_5_moe": "Qwen3.5 MoE",
+    "qwen3_5_moe_text": "Qwen3.5 MoE",
+    "qwen3_next": "Qwen3-Next",
+}
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    layer_types: tuple[str, ...]
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 262144
+    tie_word_embeddings: bool = False
+    # RoPE (full-attention layers only; Gated DeltaNet has no positional encoding)
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    rope_type: str = "default"  # "default" or "yarn"
+    rope_factor: float = 1.0
+    rope_original_max_position_embeddings: int | None = None
+    rope_attention_factor: float | None = None
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float | None = None
+    rope_mscale_all_dim: float | None = None
+    rope_truncate: bool = True
+    mrope_section: tuple[int, ...] = (11, 11, 10)
+    mrope_interleaved: bool = True
+    mtp_num_hidden_layers: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    model_type: str = "qwen3_5_text"
+    # The vision tower is not run yet; its settings are kept so a later vision module can address them.
+    vision_config: dict[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
+
+    # ---- derived sizes (computed, never stored in config.json) ----
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    @property
+    def full_attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "full_attention")
+
+    @property
+    def linear_attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "linear_attention")
+
+    # ---- construction ----
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from a HF config dict (composite `qwen3_5` or text-only `qwen3_5_text`)."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        model_type = cfg.get("model_type")
+        _check_model_type(model_type, source)
+        vision = None
+        if model_type == "qwen3_5":
+            text = cfg.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError(f"{source}: model_type 'qwen3_5' needs a 'text_config' object")
+            _check_model_type(text.get("model_type", "qwen3_5_text"), f"{source} text_config")
+            vision = cfg.get("vision_config")
+            # HF's composite model ties by the top-level flag; fall back to the text config's.
+            tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        else:
+            text = cfg
+            tie = text.get("tie_word_embeddings", False)
+
+        def get(key: str, default: Any = _REQUIRED) -> Any:
+            if key in text and text[key] is not None:
+                return text[key]
+            if default is _REQUIRED:
+                raise ConfigError(f"{source}: missing required field '{key}'")
+            return default
+
+        num_layers = int(get("num_hidden_layers"))
+        hidden = int(get("hidden_size"))
+        num_heads = int(get("num_attention_heads"))
+        layer_types = text.get("layer_types")
+        if layer_types is None:
+            interval = int(text.get("full_attention_interval", 4))
+            if interval < 1:
+                raise ConfigError(f"{source}: full_attention_interval must be >= 1, got {interval}")
+            layer_types = [
+                "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)
+            ]
+        layer_types = tuple(layer_types)
+        if len(layer_types) != num_layers:
+            raise ConfigError(
+                f"{source}: layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}"
+            )
+        for i, t in enumerate(layer_types):
+            if t not in LAYER_TYPES:
+                raise ConfigError(f"{source}: layer_types[{i}] = {t!r} is not one of {LAYER_TYPES}")
+
+        act = text.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (Qwen3.5 uses 'silu')")
+        if text.get("attention_bias", False):
+            raise ConfigError(f"{source}: attention_bias=true is not supported (Qwen3.5 has no biases)")
+
+        rope = _rope_fields(text, source)
+        eos = text.get("eos_token_id", cfg.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+
+        config = cls(
+            vocab_size=int(get("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(get("intermediate_size")),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(get("num_key_value_heads", num_heads)),
+            head_dim=int(get("head_dim", hidden // num_heads)),
+            linear_num_key_heads=int(get("linear_num_key_heads", 16)),
+            linear_num_value_heads=int(get("linear_num_value_heads", 32)),
+            linear_key_head_dim=int(get("linear_key_head_dim", 128)),
+            linear_value_head_dim=int(get("linear_value_head_dim", 128)),
+            linear_conv_kernel_dim=int(get("linear_conv_kernel_dim", 4)),
+            layer_types=layer_types,
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(get("max_position_embeddings", 262144)),
+            tie_word_embeddings=bool(tie),
+            mtp_num_hidden_layers=int(get("mtp_num_hidden_layers", 0)),
+            eos_token_ids=eos_ids,
+            model_type=model_type,
+            vision_config=vision if isinstance(vision, dict) else None,
+            **rope,
+        )
+        config.validate(source)
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read `config.json` (or a directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"config.json not found: {path}")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(cfg, source=str(path))
+
+    def validate(self, source: str = "config") -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"{source}: {what}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "linear_num_key_heads",
+                     "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                     "linear_conv_kernel_dim"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.num_attention_heads % self.num_key_value_heads == 0,
+             f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+             f"num_key_value_heads ({self.num_key_value_heads})")
+        need(self.linear_num_value_heads % self.linear_num_key_heads == 0,
+             f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+             f"linear_num_key_heads ({self.linear_num_key_heads})")
+        need(0 < self.partial_rotary_factor <= 1, f"partial_rotary_factor must be in (0, 1], got "
+             f"{self.partial_rotary_factor}")
+        need(self.rotary_dim % 2 == 0, f"rotary dim head_dim*partial_rotary_factor = {self.rotary_dim} must be even")
+        need(self.mtp_num_hidden_layers >= 0, "mtp_num_hidden_layers must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (for `qwen35 info` and logs)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "vision_config"}
+        out["layer_types"] = list(self.layer_types)
+        out["mrope_section"] = list(self.mrope_section)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        out["has_vision"] = self.vision_config is not None
+        return out
+
+
+class _Required:
+    pass
+
+
+_REQUIRED = _Required()
+
+
+def _check_model_type(model_type: Any, source: str) -> None:
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    if model_type in KNOWN_UNSUPPORTED:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} ({KNOWN_UNSUPPORTED[model_type]}) is not supported yet; "
+            f"qwen35 runs the dense Qwen3.5 models ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if model_type is None:
+        raise ConfigError(f"{source}: no 'model_type' field; cannot tell which architecture this is")
+    raise ConfigError(
+        f"{source}: model_type {model_type!r} is not supported yet; qwen35 runs "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def _rope_fields(text: dict[str, Any], source: str) -> dict[str, Any]:
+    """RoPE settings from `rope_parameters` (transformers 5) or legacy `rope_scaling` + top-level keys."""
+    rp = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if not isinstance(rp, dict):
+        raise ConfigError(f"{source}: rope_parameters must be an object")
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported yet (supported: default, yarn)")
+    out: dict[str, Any] = {
+        "rope_theta": float(rp.get("rope_theta", text.get("rope_theta", 10000.0))),
+        "partial_rotary_factor": float(rp.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))),
+        "rope_type": rope_type,
+        "mrope_interleaved": bool(rp.get("mrope_interleaved", True)),
+    }
+    if "mrope_section" in rp:
+        out["mrope_section"] = tuple(int(x) for x in rp["mrope_section"])
+    if rope_type == "yarn":
+        factor = rp.get("factor")
+        orig = rp.get("original_max_position_embeddings")
+        if orig is None:
+            raise ConfigError(f"{source}: yarn rope_parameters need 'original_max_position_embeddings'")
+        if factor is None:
+            factor = int(text.get("max_position_embeddings", 262144)) / int(orig)
+        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"{source}: yarn 'factor' must be a positive number, got {factor!r}")
+        out.update(
+            rope_factor=float(factor),
+            rope_original_max_position_embeddings=int(orig),
+            rope_attention_factor=rp.get("attention_factor"),
+            rope_beta_fast=float(rp.get("beta_fast") or 32),
+            rope_beta_slow=float(rp.get("beta_slow") or 1),
+            rope_mscale=rp.get("mscale"),
+            rope_mscale_all_dim=rp.get("mscale_all_dim"),
+            rope_truncate=bool(rp.get("truncate", True)),
+        )
+    return out

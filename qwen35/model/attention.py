@@ -1,0 +1,70 @@
+"""Gated full attention: the one layer in four that keeps a KV cache.
+
+q_proj produces, per head, a query and an output gate interleaved ([q_h0 | g_h0 | q_h1 | g_h1 ...],
+head_dim each). Queries and keys get a zero-centred RMSNorm over head_dim before partial RoPE; attention
+is causal GQA with scale head_dim^-0.5; the output is multiplied by sigmoid(gate) before o_proj.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, 2 * self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, T, hidden]; rope: (cos, sin) [B or 1, T, R]; attn_mask: optional bool [B, 1, T, S]
+        (True = may attend) overriding the default causal mask. Returns [B, T, hidden]."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        qg = self.q_proj(x).view(B, T, self.num_heads, 2 * D)
+        q, gate = qg[..., :D], qg[..., D:]
+        q = self.q_norm(q).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, D)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(k, v)
+        if attn_mask is None and past and T > 1:
+            # Queries sit at positions past..past+T-1 of the key sequence.
+            S = past + T
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None and past == 0 and T > 1,
+            scale=D**-0.5,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * D)
+        out = out * torch.sigmoid(gate.reshape(B, T, -1))
+        return self.o_proj(out)

@@ -1,0 +1,72 @@
+"""Gated DeltaNet: linear attention with a constant-size recurrent state (3 layers in 4).
+
+x -> in_proj_qkv -> causal depthwise conv (K taps) + SiLU -> split [q | k | v] (contiguous, not grouped)
+q, k: L2-normalised (fp32, eps 1e-6), q scaled by Dk^-0.5, key heads repeated to the value heads
+beta = sigmoid(in_proj_b(x)); g = -exp(A_log) * softplus(in_proj_a(x) + dt_bias), all in fp32
+o = gated delta rule(q, k, v, g, beta; state) -> GatedRMSNorm(o, in_proj_z(x)) -> out_proj
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import DeltaNetState
+from ..config import ModelConfig
+from ..ops.causal_conv import causal_conv1d
+from ..ops.gated_delta import gated_delta_rule
+from .norm import GatedRMSNorm
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) in fp32 (the sum form the reference kernels use)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = config.linear_key_dim
+        self.value_dim = config.linear_value_dim
+        self.conv_dim = config.linear_conv_dim
+        self.kernel_size = config.linear_conv_kernel_dim
+        H = config.hidden_size
+        self.in_proj_qkv = nn.Linear(H, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(H, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(H, self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim,
+                                bias=False, padding=self.kernel_size - 1)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+
+    def forward(self, x: torch.Tensor, state: DeltaNetState | None = None, mode: str = "auto") -> torch.Tensor:
+        """x: [B, T, hidden] -> [B, T, hidden]. `state` (if given) is read and advanced by T tokens."""
+        B, T, _ = x.shape
+        qkv = self.in_proj_qkv(x)
+        qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], None if state is None else state.conv)
+        qkv = F.silu(qkv)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
+        k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        if self.num_v_heads != self.num_k_heads:
+            # Each key head serves num_v/num_k consecutive value heads.
+            rep = self.num_v_heads // self.num_k_heads
+            q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+        beta = self.in_proj_b(x).float().sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        o, recurrent = gated_delta_rule(q, k, v, g, beta, None if state is None else state.recurrent, mode=mode)
+        if state is not None:
+            state.conv, state.recurrent = conv_state, recurrent
+        z = self.in_proj_z(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
+        o = self.norm(o, z, out_dtype=x.dtype).reshape(B, T, self.value_dim)
+        return self.out_proj(o)

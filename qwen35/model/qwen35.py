@@ -1,0 +1,167 @@
+"""Qwen3.5 text model: embedding -> decoder layers (Gated DeltaNet or gated attention) -> norm -> head.
+
+Module and parameter names follow the HF checkpoint (`model.embed_tokens`, `model.layers.{i}.linear_attn.*`,
+`model.layers.{i}.self_attn.*`, `model.norm`, `lm_head`, `mtp.*`), so loading is a short name mapping and
+a state dict round-trips. State lives in a caller-owned HybridCache (`make_cache`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import DeltaNetState, HybridCache, KVCache
+from ..config import ModelConfig
+from ..errors import Qwen35Error
+from .attention import GatedAttention
+from .deltanet import GatedDeltaNet
+from .mlp import MLP
+from .mtp import MTPHead
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class InputError(Qwen35Error, ValueError):
+    """A forward call got inputs it cannot process (wrong shape, dtype, token id or cache)."""
+
+
+class DecoderLayer(nn.Module):
+    """h = x + mixer(norm(x)); y = h + mlp(norm(h)); the mixer is chosen by the layer type."""
+
+    def __init__(self, config: ModelConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = GatedAttention(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | DeltaNetState | None = None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            h = self.linear_attn(h, cache)
+        else:
+            h = self.self_attn(h, rope, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, t) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen35ForCausalLM(nn.Module):
+    """The Qwen3.5 language model. `model(input_ids, cache=None)` -> fp32 logits [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig, mtp_layers: int = 0):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
+        self.mtp = MTPHead(config, mtp_layers) if mtp_layers > 0 else None
+        self.rotary = RotaryEmbedding(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The vocabulary projection [vocab, hidden]: lm_head, or the embedding when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def make_cache(self, batch_size: int = 1) -> HybridCache:
+        """Empty state for `batch_size` sequences, one entry per decoder layer."""
+        c = self.config
+        layers: list[KVCache | DeltaNetState] = []
+        for t in c.layer_types:
+            if t == "full_attention":
+                layers.append(KVCache(batch_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device))
+            else:
+                layers.append(DeltaNetState(batch_size, c.linear_conv_dim, c.linear_conv_kernel_dim,
+                                            c.linear_num_value_heads, c.linear_key_head_dim,
+                                            c.linear_value_head_dim, self.dtype, self.device))
+        return HybridCache(layers, batch_size)
+
+    def make_mtp_cache(self, batch_size: int = 1) -> list[KVCache]:
+        """KV caches for the MTP head's own attention layers."""
+        if self.mtp is None:
+            raise InputError("this checkpoint has no MTP head (no mtp.* tensors)")
+        c = self.config
+        return [KVCache(batch_size, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+                for _ in self.mtp.layers]
+
+    def _positions(self, T: int, offset: int, positions: torch.Tensor | None) -> torch.Tensor:
+        if positions is None:
+            return torch.arange(offset, offset + T, device=self.device)
+        if positions.shape[-1] != T:
+            raise InputError(f"positions cover {positions.shape[-1]} tokens but input_ids has {T}")
+        return positions
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, hidden] (what lm_head and the MTP head consume)."""
+        self._check_inputs(input_ids, cache)
+        T = input_ids.shape[1]
+        rope = self.rotary(self._positions(T, cache.offset if cache is not None else 0, positions))
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.offset += T
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.head_weight).float()
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                positions: torch.Tensor | None = None, logits_to_keep: int | None = None) -> torch.Tensor:
+        """input_ids: LongTensor [B, T]. With a cache, continues from cache.offset and advances it.
+        positions: optional [T], [B, T] or [3, B, T] (mRoPE) overriding offset-based positions.
+        logits_to_keep: project only the last n positions. Returns fp32 logits [B, T or n, vocab]."""
+        h = self.hidden_states(input_ids, cache, positions)
+        if logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]
+        return self.logits(h)
+
+    def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, caches: list[KVCache] | None = None,
+                    positions: torch.Tensor | None = None, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One MTP draft step. hidden: target hidden states [B, T, H] at positions p; next_ids: the tokens
+        at p+1 [B, T]. Returns (logits for p+2 [B, T, vocab] fp32, MTP hidden [B, T, H])."""
+        if self.mtp is None:
+            raise InputError("this checkpoint has no MTP head (no mtp.* tensors)")
+        self._check_inputs(next_ids, None)
+        T = next_ids.shape[1]
+        offset = caches[0].length if caches else 0
+        rope = self.rotary(self._positions(T, offset, positions))
+        h = self.mtp(self.model.embed_tokens(next_ids), hidden.to(self.dtype), rope, caches, step)
+        return self.logits(h), h
+
+    def _check_inputs(self, input_ids: torch.Tensor, cache: HybridCache | None) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise InputError(f"input_ids must be a LongTensor [batch, tokens], got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise InputError("input_ids is empty (0 tokens)")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if cache is not None and cache.batch_size != input_ids.shape[0]:
+            raise InputError(f"cache was made for batch size {cache.batch_size} but input_ids has batch "
+                             f"{input_ids.shape[0]}")

@@ -1,0 +1,30 @@
+"""Causal depthwise convolution over time, with a caller-owned state of the last K-1 inputs.
+
+Gated DeltaNet mixes each channel of q|k|v with its own K-tap filter over the current and K-1 previous
+tokens. The state holds those previous *pre-convolution* inputs, so a prompt split anywhere gives the
+same result as one call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [B, T, C]; weight: [C, K]; state: [B, K-1, C] or None (zeros).
+
+    Returns (y [B, T, C] in x's dtype, new state [B, K-1, C]): y_t = sum_j weight[:, j] * x_{t-K+1+j}.
+    No activation is applied. The input state is not modified.
+    """
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    if state is None:
+        state = x.new_zeros(B, K - 1, C)
+    xp = torch.cat([state.to(x.dtype), x], dim=1)  # [B, T+K-1, C]
+    # K shifted multiply-adds: exact, vectorised over channels, and no [B, C, T] transposes.
+    y = xp[:, 0:T] * weight[:, 0]
+    for j in range(1, K):
+        y = y + xp[:, j : j + T] * weight[:, j]
+    return y, xp[:, T:].clone() if K > 1 else xp[:, :0]

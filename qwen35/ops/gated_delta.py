@@ -1,0 +1,148 @@
+"""The gated delta rule: the recurrence inside every Gated DeltaNet layer, in two equal forms.
+
+Shape letters used across qwen35:
+  B batch, T tokens, H value heads (Hv), Hk key heads, Dk key head dim, Dv value head dim,
+  C chunk length, N number of chunks, S attention (key/value) length.
+
+Per value head, with state S in R^{Dk x Dv} (fp32) and a_t = exp(g_t):
+    S <- a_t * S;  S <- S + k_t (beta_t * (v_t - S^T k_t))^T;  o_t = S^T q_t
+
+`recurrent_gated_delta_rule` runs that token by token (decode). `chunk_gated_delta_rule` computes the same
+thing 64 tokens at a time with the WY/UT transform (prefill). `gated_delta_rule` is the one dispatcher.
+
+Callers pass q and k already L2-normalised, q already scaled by Dk^-0.5, and key heads already repeated
+to the value heads, so both forms see identical inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["recurrent_gated_delta_rule", "chunk_gated_delta_rule", "gated_delta_rule", "CHUNK_SIZE"]
+
+CHUNK_SIZE = 64
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token reference form.
+
+    q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; g (log decay, <= 0), beta: [B, T, H];
+    state: [B, H, Dk, Dv] or None (zeros). Returns (o [B, T, H, Dv] fp32, new state [B, H, Dk, Dv] fp32).
+    The input state is not modified.
+    """
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    S = q.new_zeros(B, H, Dk, Dv) if state is None else state.float().clone()
+    out = q.new_empty(B, T, H, Dv)
+    decay = g.exp()
+    for t in range(T):
+        S.mul_(decay[:, t, :, None, None])
+        k_t = k[:, t]  # [B, H, Dk]
+        recalled = torch.einsum("bhkv,bhk->bhv", S, k_t)
+        delta = (v[:, t] - recalled) * beta[:, t, :, None]
+        S.add_(k_t[..., :, None] * delta[..., None, :])
+        out[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+    return out, S
+
+
+def _segment_sums(g: torch.Tensor) -> torch.Tensor:
+    """seg[..., i, j] = sum_{j < m <= i} g[..., m] for j <= i, -inf above the diagonal.
+
+    Summed directly rather than as cumsum_i - cumsum_j: with tiny decays the cumulative sums reach
+    -1e5 and the difference of two such numbers loses every digit of a normal step's decay.
+    """
+    C = g.shape[-1]
+    strict_lower = torch.ones(C, C, dtype=torch.bool, device=g.device).tril(-1)
+    # x[..., m, j] = g_m where m > j: summing over m <= i gives the segment (j, i].
+    x = g[..., :, None].expand(*g.shape, C).masked_fill(~strict_lower, 0.0)
+    seg = x.cumsum(dim=-2)
+    return seg.masked_fill(~strict_lower.logical_or(torch.eye(C, dtype=torch.bool, device=g.device)),
+                           float("-inf"))
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked (WY/UT) form; same arguments and results as `recurrent_gated_delta_rule`.
+
+    Within a chunk, the delta-rule updates are folded into one unit-lower-triangular solve; chunks then
+    pass the state along sequentially. Every exponent is a sum of log decays (<= 0), so nothing
+    overflows however small the decay, and padding tokens (g = 0, beta = 0) leave the state unchanged.
+    Differentiable end to end (no in-place updates of tensors autograd needs).
+    """
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    C = chunk_size
+    pad = (-T) % C
+    # [B, H, T, D] in fp32
+    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))
+    g, beta = (x.float().transpose(1, 2) for x in (g, beta))
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (torch.nn.functional.pad(x, (0, pad)) for x in (g, beta))
+    N = (T + pad) // C
+    q, k, v = (x.reshape(B, H, N, C, -1) for x in (q, k, v))
+    g, beta = g.reshape(B, H, N, C), beta.reshape(B, H, N, C)
+
+    seg = _segment_sums(g)  # [B, H, N, C, C], log decay from j to i
+    decay_in = seg.exp()  # lower triangle incl. diagonal (= 1), zeros above
+    from_start = g.cumsum(-1)  # log decay from chunk start through i
+    to_end = seg[..., -1, :]  # log decay from j (exclusive) to chunk end
+    chunk_total = from_start[..., -1]
+
+    k_beta = k * beta[..., None]
+    v_beta = v * beta[..., None]
+    # (I + A) with A strictly lower: A_ij = beta_i (k_i . k_j) decay(j -> i)
+    A = (k_beta @ k.transpose(-1, -2)) * decay_in
+    A = A.tril(-1) + torch.eye(C, dtype=A.dtype, device=A.device)
+    rhs = torch.cat([v_beta, k_beta * from_start.exp()[..., None]], dim=-1)
+    sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    u, w = sol[..., :Dv], sol[..., Dv:]  # u: new values, w: keys that read the incoming state
+
+    attn = (q @ k.transpose(-1, -2)) * decay_in  # causal intra-chunk scores, diagonal included
+    q_in = q * from_start.exp()[..., None]
+    k_out = k * to_end.exp()[..., None]
+    carry = chunk_total.exp()[..., None, None]
+
+    S = q.new_zeros(B, H, Dk, Dv) if state is None else state.float()
+    outs = []
+    for n in range(N):
+        v_new = u[:, :, n] - w[:, :, n] @ S
+        outs.append(q_in[:, :, n] @ S + attn[:, :, n] @ v_new)
+        S = S * carry[:, :, n] + k_out[:, :, n].transpose(-1, -2) @ v_new
+    out = torch.stack(outs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
+    return out.transpose(1, 2).contiguous(), S
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor | None = None,
+    mode: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one dispatcher. mode: "auto" (recurrent for a few tokens, chunked otherwise),
+    "recurrent" or "chunk". Shapes as in `recurrent_gated_delta_rule`."""
+    if mode == "auto":
+        mode = "recurrent" if q.shape[1] <= 4 else "chunk"
+    if mode == "recurrent":
+        return recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    if mode == "chunk":
+        return chunk_gated_delta_rule(q, k, v, g, beta, state)
+    raise ValueError(f"unknown gated delta rule mode {mode!r} (expected auto, recurrent or chunk)")

@@ -1,0 +1,202 @@
+"""Load a Qwen3.5 checkpoint directory into a Qwen35ForCausalLM.
+
+Layouts understood:
+- single `model.safetensors`, or shards listed in `model.safetensors.index.json` (any shard file names,
+  including the official `model.safetensors-0000K-of-0000N.safetensors`);
+- the official VLM keys (`model.language_model.*`, `model.visual.*`, `lm_head.weight`, `mtp.*`) and the
+  text-only keys (`model.*`);
+- mixed dtypes on disk (Qwen3.5 ships A_log and the Gated DeltaNet norm in F32, the rest in BF16).
+
+Dtype rules: everything is cast to the requested dtype except A_log, dt_bias and all norm weights, which
+stay fp32 (tiny, and they feed fp32 math). The model is built on the meta device and each tensor is read
+straight into its final storage, so peak memory is about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .model.qwen35 import Qwen35ForCausalLM
+from .safetensors_io import TensorEntry, read_header, read_tensor
+
+log = logging.getLogger("qwen35")
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+VLM_TEXT_PREFIX = "model.language_model."
+VISION_PREFIX = "model.visual."
+
+
+@dataclass
+class CheckpointInfo:
+    """What was found on disk; kept on the model as `model.checkpoint_info`."""
+
+    path: Path
+    files: list[Path]
+    layout: str  # "vlm" or "text"
+    skipped: list[str] = field(default_factory=list)  # checkpoint keys not loaded (vision tower, tied head)
+    nbytes: int = 0
+
+
+def find_weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint, and the index's weight map when there is one."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{index} lists shard '{name}', which is missing from {path}")
+            files.append(f)
+        return files, weight_map
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE], None
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return shards, None
+    raise CheckpointError(f"no weights found in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def read_checkpoint_entries(path: Path) -> tuple[dict[str, TensorEntry], list[Path]]:
+    files, weight_map = find_weight_files(path)
+    entries: dict[str, TensorEntry] = {}
+    for f in files:
+        for name, e in read_header(f).items():
+            if name in entries:
+                raise CheckpointError(f"tensor '{name}' appears in both {entries[name].file.name} and {f.name}")
+            entries[name] = e
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if name not in entries:
+                raise CheckpointError(f"{INDEX_FILE} maps tensor '{name}' to '{shard}', which does not contain it")
+    return entries, files
+
+
+def to_module_name(key: str, layout: str) -> str | None:
+    """Checkpoint key -> our parameter name; None for keys we keep on disk only (vision tower)."""
+    if key.startswith(VISION_PREFIX):
+        return None
+    if layout == "vlm" and key.startswith(VLM_TEXT_PREFIX):
+        return "model." + key[len(VLM_TEXT_PREFIX):]
+    return key
+
+
+def keeps_fp32(name: str) -> bool:
+    """Parameters kept in fp32 whatever the model dtype."""
+    return name.endswith(("A_log", "dt_bias")) or ("norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"))
+
+
+def count_mtp_layers(keys) -> int:
+    idx = {int(m.group(1)) for k in keys if (m := re.match(r"mtp\.layers\.(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35ForCausalLM:
+    """Load a Qwen3.5 checkpoint directory. dtype: torch.float32, torch.bfloat16 or torch.float16.
+
+    Raises ConfigError / CheckpointError (both Qwen35Error) naming the file or tensor at fault.
+    """
+    if dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; point at the folder holding config.json and weights")
+    config = ModelConfig.from_file(path)
+    entries, files = read_checkpoint_entries(path)
+
+    layout = "vlm" if any(k.startswith(VLM_TEXT_PREFIX) for k in entries) else "text"
+    info = CheckpointInfo(path=path, files=files, layout=layout)
+    by_name: dict[str, TensorEntry] = {}
+    for key, e in entries.items():
+        name = to_module_name(key, layout)
+        if name is None:
+            info.skipped.append(key)
+        else:
+            by_name[name] = e
+
+    mtp_layers = count_mtp_layers(by_name)
+    if mtp_layers and config.mtp_num_hidden_layers and mtp_layers != config.mtp_num_hidden_layers:
+        raise CheckpointError(f"config says mtp_num_hidden_layers={config.mtp_num_hidden_layers} but the "
+                              f"checkpoint has {mtp_layers} mtp.layers")
+    if "lm_head.weight" not in by_name and not config.tie_word_embeddings:
+        log.warning("%s: no lm_head.weight and tie_word_embeddings=false; using the embedding as the head", path)
+        config = _replace(config, tie_word_embeddings=True)
+    if config.tie_word_embeddings and "lm_head.weight" in by_name:
+        info.skipped.append(_disk_key("lm_head.weight", by_name))
+        del by_name["lm_head.weight"]
+
+    with torch.device("meta"):
+        model = Qwen35ForCausalLM(config, mtp_layers=mtp_layers)
+
+    expected = dict(model.named_parameters())
+    missing = [n for n in expected if n not in by_name]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor '{_ckpt_key(missing[0], layout)}'"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = [n for n in by_name if n not in expected]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor '{_disk_key(unexpected[0], by_name)}'"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+
+    open_files: dict[Path, object] = {}
+    try:
+        for name, param in expected.items():
+            e = by_name[name]
+            if tuple(e.shape) != tuple(param.shape):
+                raise CheckpointError(f"{path}: shape mismatch for '{e.name}': checkpoint has {list(e.shape)}, "
+                                      f"the config implies {list(param.shape)}")
+            if not e.dtype.is_floating_point:
+                raise CheckpointError(f"{path}: tensor '{e.name}' has non-float dtype {e.dtype}")
+            f = open_files.get(e.file) or open_files.setdefault(e.file, open(e.file, "rb"))
+            target_dtype = torch.float32 if keeps_fp32(name) else dtype
+            data = torch.empty(e.shape, dtype=target_dtype)
+            read_tensor(e, data, f)
+            info.nbytes += e.nbytes
+            _set_param(model, name, data)
+    finally:
+        for f in open_files.values():
+            f.close()
+    model.eval()
+    model.requires_grad_(False)
+    model.checkpoint_info = info
+    return model
+
+
+def _set_param(model: nn.Module, name: str, data: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = nn.Parameter(data, requires_grad=False)
+
+
+def _ckpt_key(name: str, layout: str) -> str:
+    if layout == "vlm" and name.startswith("model."):
+        return VLM_TEXT_PREFIX + name[len("model."):]
+    return name
+
+
+def _disk_key(name: str, by_name: dict[str, TensorEntry]) -> str:
+    return by_name[name].name
+
+
+def _replace(config: ModelConfig, **changes) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(config, **changes)
