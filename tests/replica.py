@@ -48,7 +48,7 @@ VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hi
               temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
+def _randomize(model: torch.nn.Module, seed: int, std: float = 0.08) -> None:
     """Non-trivial norms and dt_bias (zero-initialised norms hide bugs); values rounded to what BF16 on
     disk can hold, except the tensors Qwen3.5 ships in F32."""
     gen = torch.Generator().manual_seed(seed)
@@ -61,7 +61,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             elif name.endswith("dt_bias"):
                 p.copy_(torch.rand(p.shape, generator=gen) * 2 - 0.5)
             elif p.dim() >= 2 and "visual" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
             if not name.endswith(F32_ON_DISK):
                 p.copy_(p.to(torch.bfloat16).float())
 
@@ -70,14 +70,14 @@ def _disk_dtypes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.float() if k.endswith(F32_ON_DISK) else v.to(torch.bfloat16)) for k, v in sd.items()}
 
 
-def build_vlm(out: Path, value_mult: int = 2, seed: int = 0, **text_over):
+def build_vlm(out: Path, value_mult: int = 2, seed: int = 0, std: float = 0.08, **text_over):
     """Untied composite Qwen3_5ForConditionalGeneration with a tiny vision tower, sharded with the
     official shard names, BF16 + F32 A_log/norm, plus `mtp.*` tensors. Returns (hf_model, path)."""
     text = text_config(value_mult, tie=False, **text_over)
     cfg = Qwen3_5Config(text_config=text, vision_config=VISION, tie_word_embeddings=False)
     torch.manual_seed(seed)
     hf = Qwen3_5ForConditionalGeneration(cfg).eval()
-    _randomize(hf, seed)
+    _randomize(hf, seed, std)
     sd = {k: v for k, v in hf.state_dict().items()}
     config_dict = cfg.to_dict()
     config_dict["text_config"]["mtp_num_hidden_layers"] = 1

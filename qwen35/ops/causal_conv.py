@@ -23,8 +23,10 @@ def causal_conv1d(
     if state is None:
         state = x.new_zeros(B, K - 1, C)
     xp = torch.cat([state.to(x.dtype), x], dim=1)  # [B, T+K-1, C]
-    # K shifted multiply-adds: exact, vectorised over channels, and no [B, C, T] transposes.
-    y = xp[:, 0:T] * weight[:, 0]
+    # K shifted multiply-adds in fp32 (one rounding at the end, like a real conv kernel), vectorised
+    # over channels, with no [B, C, T] transposes.
+    xf, w = xp.float(), weight.float()
+    y = xf[:, 0:T] * w[:, 0]
     for j in range(1, K):
-        y = y + xp[:, j : j + T] * weight[:, j]
-    return y, xp[:, T:].clone() if K > 1 else xp[:, :0]
+        y = y + xf[:, j : j + T] * w[:, j]
+    return y.to(x.dtype), xp[:, T:].clone() if K > 1 else xp[:, :0]

@@ -40,17 +40,18 @@ def recurrent_gated_delta_rule(
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
-    S = q.new_zeros(B, H, Dk, Dv) if state is None else state.float().clone()
-    out = q.new_empty(B, T, H, Dv)
+    S = q.new_zeros(B, H, Dk, Dv) if state is None else state.float()
+    outs = []
     decay = g.exp()
     for t in range(T):
-        S.mul_(decay[:, t, :, None, None])
+        # out of place throughout, so this reference also differentiates
+        S = S * decay[:, t, :, None, None]
         k_t = k[:, t]  # [B, H, Dk]
         recalled = torch.einsum("bhkv,bhk->bhv", S, k_t)
         delta = (v[:, t] - recalled) * beta[:, t, :, None]
-        S.add_(k_t[..., :, None] * delta[..., None, :])
-        out[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
-    return out, S
+        S = S + k_t[..., :, None] * delta[..., None, :]
+        outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
+    return torch.stack(outs, dim=1), S
 
 
 def _segment_sums(g: torch.Tensor) -> torch.Tensor:
