@@ -65,8 +65,9 @@ def random_tensors(config: ModelConfig, mtp_layers: int = 0, dtype: torch.dtype 
     Norm weights and dt_bias get non-trivial values so that a replica exercises every formula.
     """
     from .model.qwen35 import Qwen35ForCausalLM
+    from .weights import _skip_init
 
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         shapes = {n: p.shape for n, p in Qwen35ForCausalLM(config, mtp_layers=mtp_layers).named_parameters()}
     gen = torch.Generator().manual_seed(seed)
     out = {}

@@ -14,6 +14,7 @@ straight into its final storage, so peak memory is about one copy of the weights
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model.qwen35 import Qwen35ForCausalLM
-from .safetensors_io import TensorEntry, read_header, read_tensor
+from .safetensors_io import SafetensorsReader, TensorEntry, read_header
 
 log = logging.getLogger("qwen35")
 
@@ -143,7 +144,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35Fo
         info.skipped.append(_disk_key("lm_head.weight", by_name))
         del by_name["lm_head.weight"]
 
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = Qwen35ForCausalLM(config, mtp_layers=mtp_layers)
 
     expected = dict(model.named_parameters())
@@ -156,7 +157,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35Fo
         raise CheckpointError(f"{path}: unexpected tensor '{_disk_key(unexpected[0], by_name)}'"
                               + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
-    open_files: dict[Path, object] = {}
+    readers: dict[Path, SafetensorsReader] = {}
     try:
         for name, param in expected.items():
             e = by_name[name]
@@ -165,19 +166,33 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35Fo
                                       f"the config implies {list(param.shape)}")
             if not e.dtype.is_floating_point:
                 raise CheckpointError(f"{path}: tensor '{e.name}' has non-float dtype {e.dtype}")
-            f = open_files.get(e.file) or open_files.setdefault(e.file, open(e.file, "rb"))
-            target_dtype = torch.float32 if keeps_fp32(name) else dtype
-            data = torch.empty(e.shape, dtype=target_dtype)
-            read_tensor(e, data, f)
+            reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))
+            data = torch.empty(e.shape, dtype=torch.float32 if keeps_fp32(name) else dtype)
+            reader.read(e, data)
             info.nbytes += e.nbytes
             _set_param(model, name, data)
     finally:
-        for f in open_files.values():
-            f.close()
+        for r in readers.values():
+            r.close()
     model.eval()
     model.requires_grad_(False)
     model.checkpoint_info = info
     return model
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Skip torch's random init while building on the meta device: every value is about to be read from
+    disk, and init on meta tensors drags in torch._dynamo (a 1 s import)."""
+    names = ("kaiming_uniform_", "uniform_", "normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 def _set_param(model: nn.Module, name: str, data: torch.Tensor) -> None:

@@ -1,0 +1,95 @@
+"""Load time and peak memory for a Qwen3.5-0.8B-shaped checkpoint (random weights, official layout, BF16).
+
+Each loader runs in a fresh subprocess so its peak RSS (VmHWM) is its own; the peak covers the load and
+one forward pass, and includes the interpreter and torch (the "base" column). Target: qwen35's peak RSS
+<= 1.3x the checkpoint size. transformers (the reference) is measured beside it when installed.
+
+    python benchmarks/bench_load.py [--shape 0.8b] [--dtype bfloat16] [--skip-transformers]
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+
+CHILD = r"""
+import json, sys, time, torch
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+            return int(line.split()[1]) / 1024
+base = hwm()
+t0 = time.perf_counter()
+which, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+if which == 'qwen35':
+    import qwen35
+    t0 = time.perf_counter()
+    model = qwen35.load_model(path, dtype=dtype)
+    dt = time.perf_counter() - t0
+    logits = model(torch.tensor([[1, 2, 3]]))
+else:
+    import transformers
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    dt = time.perf_counter() - t0
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+n = sum(p.numel() for p in model.parameters())
+print(json.dumps({"load_s": dt, "peak_rss_mb": hwm(), "base_rss_mb": base, "params": n,
+                  "finite": bool(torch.isfinite(logits).all())}))
+"""
+
+
+def run_child(which: str, path: Path, dtype: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, which, str(path), dtype], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="0.8b")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+
+    from qwen35.commands.replica import build_replica
+
+    path = CACHE / f"replica-{args.shape}"
+    if not (path / "config.json").is_file():
+        t0 = time.perf_counter()
+        build_replica(path, args.shape)
+        print(f"built {args.shape} replica in {time.perf_counter() - t0:.1f}s at {path}")
+    ckpt_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+
+    rows = {"qwen35": run_child("qwen35", path, args.dtype)}
+    if not args.skip_transformers:
+        rows["transformers"] = run_child("transformers", path, args.dtype)
+
+    print(f"\ncheckpoint: {args.shape}, {ckpt_mb:.0f} MiB on disk, load dtype {args.dtype}")
+    print(f"{'loader':<14}{'params':>12}{'load s':>9}{'base MiB':>10}{'peak RSS MiB':>14}{'RSS / ckpt':>12}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<14}  failed: {r['error']}")
+            continue
+        print(f"{name:<14}{r['params'] / 1e6:>11.1f}M{r['load_s']:>9.2f}{r['base_rss_mb']:>10.0f}{r['peak_rss_mb']:>14.0f}"
+              f"{r['peak_rss_mb'] / ckpt_mb:>12.2f}")
+    q = rows["qwen35"]
+    result = {"bench": "load", "shape": args.shape, "dtype": args.dtype, "checkpoint_mb": round(ckpt_mb, 1),
+              **{f"{k}_{m}": (round(v[m], 3) if isinstance(v.get(m), float) else v.get(m))
+                 for k, v in rows.items() for m in ("load_s", "peak_rss_mb", "params")},
+              "rss_over_checkpoint": round(q["peak_rss_mb"] / ckpt_mb, 3) if "peak_rss_mb" in q else None}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Show a checkpoint's configuration, parameter count and memory needs.
+
+Reads only config.json and the safetensors headers, so it is instant even for large checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..weights import count_mtp_layers, read_checkpoint_entries
+
+
+def setup_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--context", type=int, default=None, help="context length to plan memory for "
+                   "(default: max_position_embeddings)")
+    p.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV element (2 = bf16)")
+
+
+def memory_plan(config: ModelConfig, context: int, kv_bytes: int = 2) -> dict[str, float]:
+    """Per-sequence state in bytes: KV of the full-attention layers and the constant Gated DeltaNet state."""
+    kv_per_token = len(config.full_attention_layers) * 2 * config.num_key_value_heads * config.head_dim * kv_bytes
+    gdn = len(config.linear_attention_layers) * (
+        config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
+        + (config.linear_conv_kernel_dim - 1) * config.linear_conv_dim * kv_bytes)
+    return {"kv_bytes_per_token": kv_per_token, "kv_bytes": kv_per_token * context, "deltanet_state_bytes": gdn}
+
+
+def main(args: argparse.Namespace) -> int:
+    path = Path(args.model)
+    config = ModelConfig.from_file(path)
+    entries, files = read_checkpoint_entries(path)
+    text = {k: e for k, e in entries.items() if not k.startswith("model.visual.")}
+    params = sum(math.prod(e.shape) for e in text.values())
+    mtp = sum(math.prod(e.shape) for k, e in text.items() if k.startswith("mtp."))
+    vision = sum(math.prod(e.shape) for k, e in entries.items() if k.startswith("model.visual."))
+    weight_bytes = sum(e.nbytes for e in text.values())
+    context = args.context or config.max_position_embeddings
+    plan = memory_plan(config, context, args.kv_bytes)
+    gib = 1024**3
+    print(f"model        {path}  ({config.model_type}, {len(files)} file(s))")
+    print(f"layers       {config.num_hidden_layers}: {len(config.linear_attention_layers)} Gated DeltaNet, "
+          f"{len(config.full_attention_layers)} gated attention at {list(config.full_attention_layers)}")
+    print(f"hidden       {config.hidden_size}, MLP {config.intermediate_size}, vocab {config.vocab_size}, "
+          f"tied head: {config.tie_word_embeddings}")
+    print(f"attention    {config.num_attention_heads} q / {config.num_key_value_heads} kv heads x {config.head_dim}, "
+          f"rotary {config.rotary_dim} dims, theta {config.rope_theta:g}, rope {config.rope_type}")
+    print(f"deltanet     {config.linear_num_key_heads} qk / {config.linear_num_value_heads} v heads, "
+          f"dims {config.linear_key_head_dim}/{config.linear_value_head_dim}, conv {config.linear_conv_kernel_dim}")
+    print(f"parameters   {params / 1e6:.1f}M text (of which MTP {mtp / 1e6:.1f}M), vision {vision / 1e6:.1f}M "
+          f"(not loaded)")
+    print(f"weights      {weight_bytes / gib:.2f} GiB on disk (text + MTP)")
+    print(f"context      {context} tokens: KV {plan['kv_bytes'] / gib:.2f} GiB "
+          f"({plan['kv_bytes_per_token'] / 1024:.1f} KiB/token), Gated DeltaNet state "
+          f"{plan['deltanet_state_bytes'] / 1024**2:.1f} MiB (constant), per sequence")
+    return 0

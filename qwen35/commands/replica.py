@@ -1,0 +1,40 @@
+"""Write a random-weight checkpoint with an official Qwen3.5 shape and layout (for tests and benchmarks).
+
+The weights are random: useful to measure speed and memory and to exercise loaders, not to chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ..checkpoint import random_tensors, write_checkpoint
+from ..config import ModelConfig
+from ..shapes import SHAPES, composite_config
+
+
+def setup_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output directory")
+    p.add_argument("--shape", default="0.8b", choices=sorted(SHAPES), help="official shape (default 0.8b)")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (reduced depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-gb", type=float, default=None, help="max shard size in GB (default: one shard)")
+
+
+def build_replica(out, shape: str = "0.8b", layers: int | None = None, seed: int = 0,
+                  shard_bytes: int | None = None) -> None:
+    over = {"num_hidden_layers": layers} if layers else {}
+    config_dict = composite_config(shape, **over)
+    config = ModelConfig.from_hf(config_dict)
+    tensors = random_tensors(config, mtp_layers=config.mtp_num_hidden_layers, dtype=torch.bfloat16, seed=seed)
+    write_checkpoint(tensors, config_dict, out, max_shard_bytes=shard_bytes)
+
+
+def main(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    shard = int(args.shard_gb * 1e9) if args.shard_gb else None
+    build_replica(args.out, args.shape, args.layers, args.seed, shard)
+    print(f"wrote {args.shape} replica to {args.out} in {time.perf_counter() - t0:.1f}s")
+    return 0

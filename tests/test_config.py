@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+import replica
+from qwen35 import ConfigError, ModelConfig
+
+
+def composite(text=None, **top):
+    cfg = {"model_type": "qwen3_5", "text_config": text or {**replica.text_config(), "model_type": "qwen3_5_text"},
+           "vision_config": {"depth": 1}, "tie_word_embeddings": False}
+    cfg.update(top)
+    return cfg
+
+
+def test_composite_and_text_configs():
+    c = ModelConfig.from_hf(composite(tie_word_embeddings=True))
+    assert c.model_type == "qwen3_5" and c.tie_word_embeddings and c.vision_config == {"depth": 1}
+    assert c.layer_types == ("linear_attention",) * 3 + ("full_attention",) + ("linear_attention",) * 3 + (
+        "full_attention",)
+    assert c.full_attention_layers == (3, 7)
+    assert (c.linear_key_dim, c.linear_value_dim, c.linear_conv_dim) == (32, 96, 160)
+    assert c.rotary_dim == 16 and c.rope_theta == 1e7 and c.mrope_section == (3, 3, 2)
+    t = ModelConfig.from_hf({**replica.text_config(), "model_type": "qwen3_5_text"})
+    assert t.model_type == "qwen3_5_text" and not t.tie_word_embeddings and t.vision_config is None
+
+
+def test_full_attention_interval_and_official_shape():
+    cfg = {"model_type": "qwen3_5_text", "vocab_size": 248320, "hidden_size": 1024, "intermediate_size": 3584,
+           "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256,
+           "linear_num_key_heads": 16, "linear_num_value_heads": 16, "full_attention_interval": 4,
+           "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                               "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+           "tie_word_embeddings": True, "mtp_num_hidden_layers": 1, "eos_token_id": 248044}
+    c = ModelConfig.from_hf(cfg)
+    assert c.full_attention_layers == (3, 7, 11, 15, 19, 23)
+    assert c.linear_conv_dim == 6144 and c.rotary_dim == 64 and c.mtp_num_hidden_layers == 1
+    assert c.eos_token_ids == (248044,)
+
+
+def test_yarn_fields():
+    rope = {"rope_type": "yarn", "rope_theta": 1e7, "partial_rotary_factor": 0.25, "factor": 4.0,
+            "original_max_position_embeddings": 262144, "mrope_section": [11, 11, 10]}
+    c = ModelConfig.from_hf({**replica.text_config(), "model_type": "qwen3_5_text", "rope_parameters": rope,
+                             "head_dim": 256})
+    assert c.rope_type == "yarn" and c.rope_factor == 4.0 and c.rope_original_max_position_embeddings == 262144
+
+
+@pytest.mark.parametrize("model_type,words", [
+    ("qwen3_5_moe", "'qwen3_5_moe' (Qwen3.5 MoE) is not supported yet"),
+    ("qwen3_next", "'qwen3_next' (Qwen3-Next) is not supported yet"),
+    ("llama", "'llama' is not supported yet"),
+])
+def test_unsupported_model_types(model_type, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig.from_hf({**replica.text_config(), "model_type": model_type})
+
+
+def test_bad_configs_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="config.json not found"):
+        ModelConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_file(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ConfigError, match="no 'model_type' field"):
+        ModelConfig.from_file(tmp_path)
+    text = {**replica.text_config(), "model_type": "qwen3_5_text"}
+    del text["hidden_size"]
+    with pytest.raises(ConfigError, match="missing required field 'hidden_size'"):
+        ModelConfig.from_hf(text)
+    with pytest.raises(ConfigError, match="needs a 'text_config' object"):
+        ModelConfig.from_hf({"model_type": "qwen3_5"})
+    with pytest.raises(ConfigError, match=r"layer_types has 2 entries but num_hidden_layers is 8"):
+        ModelConfig.from_hf({**text, "hidden_size": 64, "layer_types": ["full_attention"] * 2})
+    with pytest.raises(ConfigError, match="rope_type 'longrope' is not supported yet"):
+        ModelConfig.from_hf({**text, "hidden_size": 64, "rope_parameters": {"rope_type": "longrope"}})
+    with pytest.raises(ConfigError, match=r"linear_num_value_heads \(3\) must be a multiple of"):
+        ModelConfig.from_hf({**text, "hidden_size": 64, "linear_num_value_heads": 3})
+
+
+def test_config_is_frozen():
+    c = ModelConfig.from_hf(composite())
+    with pytest.raises(Exception):
+        c.hidden_size = 3
