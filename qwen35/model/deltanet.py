@@ -48,9 +48,16 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
 
-    def forward(self, x: torch.Tensor, state: DeltaNetState | None = None, mode: str = "auto") -> torch.Tensor:
-        """x: [B, T, hidden] -> [B, T, hidden]. `state` (if given) is read and advanced by T tokens."""
+    def forward(self, x: torch.Tensor, state: DeltaNetState | None = None, mode: str = "auto",
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, hidden] -> [B, T, hidden]. `state` (if given) is read and advanced by T tokens.
+
+        token_mask [B, T] (False = left padding): padding enters neither the conv window (its input is
+        zeroed, which equals the empty initial state) nor the recurrent state (decay 1, beta 0).
+        """
         B, T, _ = x.shape
+        if token_mask is not None:
+            x = torch.where(token_mask[..., None], x, 0)
         qkv = self.in_proj_qkv(x)
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], None if state is None else state.conv)
         qkv = F.silu(qkv)
@@ -64,6 +71,8 @@ class GatedDeltaNet(nn.Module):
             q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
         beta = self.in_proj_b(x).float().sigmoid()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        if token_mask is not None:
+            beta, g = torch.where(token_mask[..., None], beta, 0), torch.where(token_mask[..., None], g, 0)
         o, recurrent = gated_delta_rule(q, k, v, g, beta, None if state is None else state.recurrent, mode=mode)
         if state is not None:
             state.conv, state.recurrent = conv_state, recurrent

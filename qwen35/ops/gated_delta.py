@@ -83,7 +83,7 @@ def chunk_gated_delta_rule(
     Within a chunk, the delta-rule updates are folded into one unit-lower-triangular solve; chunks then
     pass the state along sequentially. Every exponent is a sum of log decays (<= 0), so nothing
     overflows however small the decay, and padding tokens (g = 0, beta = 0) leave the state unchanged.
-    Differentiable end to end (no in-place updates of tensors autograd needs).
+    Differentiable end to end (the scan writes each chunk's output once into a fresh tensor).
     """
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
@@ -119,14 +119,16 @@ def chunk_gated_delta_rule(
     k_out = k * to_end.exp()[..., None]
     carry = chunk_total.exp()[..., None, None]
 
+    # Chunk-major [N, B, H, ...] so each step of the sequential scan reads contiguous blocks.
+    u, w, attn, q_in, k_out, carry = (x.movedim(2, 0).contiguous() for x in (u, w, attn, q_in, k_out, carry))
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.float()
-    outs = []
+    out = q.new_empty(N, B, H, C, Dv)
     for n in range(N):
-        v_new = u[:, :, n] - w[:, :, n] @ S
-        outs.append(q_in[:, :, n] @ S + attn[:, :, n] @ v_new)
-        S = S * carry[:, :, n] + k_out[:, :, n].transpose(-1, -2) @ v_new
-    out = torch.stack(outs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
-    return out.transpose(1, 2).contiguous(), S
+        v_new = u[n] - w[n] @ S
+        out[n] = q_in[n] @ S + attn[n] @ v_new
+        S = S * carry[n] + k_out[n].transpose(-1, -2) @ v_new
+    out = out.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, Dv)[:, :T]
+    return out, S
 
 
 def gated_delta_rule(

@@ -1,0 +1,148 @@
+"""Sampling: SamplingParams and the Sampler that turns logits into tokens.
+
+Order of processing (each step, per sequence): logit_bias -> repetition penalty (prompt + generated
+tokens, CTRL-style: divide positive logits, multiply negative ones) -> presence and frequency penalties
+(generated tokens only, OpenAI-style) -> temperature -> top_k -> top_p -> min_p -> draw.
+temperature 0 is greedy (argmax after biases and penalties). Randomness comes only from a
+torch.Generator seeded from `seed`, so a seed reproduces a run exactly.
+Logprobs are those of the model's own distribution (log_softmax of the raw logits), as OpenAI reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import Qwen35Error
+
+
+class SamplingError(Qwen35Error, ValueError):
+    """A sampling parameter is out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self):
+        def bad(name: str, why: str):
+            raise SamplingError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if not self.temperature >= 0:
+            bad("temperature", "must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty", "must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty", "must be in [-2, 2]")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0 (1 = off)")
+        if self.max_tokens < 1:
+            bad("max_tokens", "must be >= 1")
+        if not 0 <= self.top_logprobs <= 20:
+            bad("top_logprobs", "must be in [0, 20]")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in dict(self.logit_bias).items()})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Stateful per batch: remembers generated-token counts (penalties) and the generator (seed).
+
+    `prompt_tokens` (list of id lists, one per sequence) feed only the repetition penalty.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, batch_size: int = 1,
+                 prompt_tokens: list[list[int]] | None = None, generator: torch.Generator | None = None):
+        self.params = params
+        self.vocab_size = vocab_size
+        for tok in params.logit_bias:
+            if not 0 <= tok < vocab_size:
+                raise SamplingError(f"logit_bias token id {tok} is outside the vocabulary [0, {vocab_size})")
+        self.generator = generator
+        if self.generator is None and params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.counts = torch.zeros(batch_size, vocab_size, dtype=torch.float32)
+        self.seen = torch.zeros(batch_size, vocab_size, dtype=torch.bool)  # prompt + generated
+        if prompt_tokens is not None and params.repetition_penalty != 1.0:
+            for b, toks in enumerate(prompt_tokens):
+                self.seen[b, torch.as_tensor(toks, dtype=torch.long)] = True
+        self.bias = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size)
+            for tok, v in params.logit_bias.items():
+                self.bias[tok] = v
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """Biases and penalties applied to fp32 logits [B, V] (a new tensor)."""
+        p = self.params
+        x = logits.float().clone()
+        if self.bias is not None:
+            x += self.bias
+        if p.repetition_penalty != 1.0:
+            pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            x = torch.where(self.seen, pen, x)
+        if p.presence_penalty:
+            x -= p.presence_penalty * (self.counts > 0)
+        if p.frequency_penalty:
+            x -= p.frequency_penalty * self.counts
+        return x
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> tokens [B] (long). Call `observe(tokens)` after accepting them."""
+        p = self.params
+        x = self.process(logits)
+        if p.greedy:
+            return x.argmax(-1)
+        x = x / p.temperature
+        if p.top_k and p.top_k < x.shape[-1]:
+            kth = x.topk(p.top_k, dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, idx = x.sort(dim=-1, descending=True)
+            probs = sorted_x.softmax(-1)
+            # drop a token when the tokens before it already reach top_p (the first always stays)
+            drop = (probs.cumsum(-1) - probs) >= p.top_p
+            x = x.scatter(-1, idx, sorted_x.masked_fill(drop, float("-inf")))
+        if p.min_p > 0:
+            probs = x.softmax(-1)
+            x = x.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+        probs = x.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Count accepted tokens [B] for the penalties."""
+        rows = torch.arange(tokens.shape[0])
+        self.counts[rows, tokens] += 1
+        self.seen[rows, tokens] = True
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
+    """Log-probabilities of `tokens` [B] under logits [B, V], and the `top` best (ids, logprobs)."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+    if top:
+        vals, ids = logp.topk(top, dim=-1)
+        return chosen, (ids, vals)
+    return chosen, None
