@@ -176,6 +176,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35Fo
             r.close()
     model.eval()
     model.requires_grad_(False)
+    model.fuse_projections()
     model.checkpoint_info = info
     return model
 

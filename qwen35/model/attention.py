@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.linear import Linear, fuse_linears, fused_weight, linear
+
 from ..cache import KVCache
 from ..config import ModelConfig
 from .norm import RMSNorm
@@ -24,12 +26,24 @@ class GatedAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         H = config.hidden_size
-        self.q_proj = nn.Linear(H, 2 * self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=False)
+        self.q_proj = Linear(H, 2 * self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(H, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(H, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, H, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self._qkv: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Read q_proj, k_proj and v_proj as one matrix."""
+        self._qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def _project(self, x: torch.Tensor):
+        fused = fused_weight(self._qkv, self.q_proj, self.k_proj, self.v_proj)
+        if fused is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.num_kv_heads * self.head_dim
+        return linear(x, fused).split([2 * self.num_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(
         self,
@@ -42,11 +56,12 @@ class GatedAttention(nn.Module):
         (True = may attend) overriding the default causal mask. Returns [B, T, hidden]."""
         B, T, _ = x.shape
         D = self.head_dim
-        qg = self.q_proj(x).view(B, T, self.num_heads, 2 * D)
+        qg, k, v = self._project(x)
+        qg = qg.reshape(B, T, self.num_heads, 2 * D)
         q, gate = qg[..., :D], qg[..., D:]
         q = self.q_norm(q).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, D)).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
+        k = self.k_norm(k.reshape(B, T, self.num_kv_heads, D)).transpose(1, 2)
+        v = v.reshape(B, T, self.num_kv_heads, D).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 

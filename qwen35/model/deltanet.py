@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.dispatch import fast_path_ok
+from ..ops.linear import Linear, fuse_linears, fused_weight, linear
+
 from ..cache import DeltaNetState
 from ..config import ModelConfig
 from ..ops.causal_conv import causal_conv1d
@@ -37,16 +40,27 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = config.linear_conv_dim
         self.kernel_size = config.linear_conv_kernel_dim
         H = config.hidden_size
-        self.in_proj_qkv = nn.Linear(H, self.conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(H, self.num_v_heads, bias=False)
-        self.in_proj_a = nn.Linear(H, self.num_v_heads, bias=False)
+        self.in_proj_qkv = Linear(H, self.conv_dim, bias=False)
+        self.in_proj_z = Linear(H, self.value_dim, bias=False)
+        self.in_proj_b = Linear(H, self.num_v_heads, bias=False)
+        self.in_proj_a = Linear(H, self.num_v_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim,
                                 bias=False, padding=self.kernel_size - 1)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+        self.out_proj = Linear(self.value_dim, H, bias=False)
+        self._in_proj: torch.Tensor | None = None  # fused [qkv | z | b | a], see fuse()
+
+    def fuse(self) -> None:
+        """Read the four input projections as one matrix (they share their input)."""
+        self._in_proj = fuse_linears(self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+
+    def _project(self, x: torch.Tensor):
+        fused = fused_weight(self._in_proj, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+        if fused is None:
+            return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+        return linear(x, fused).split([self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads], dim=-1)
 
     def forward(self, x: torch.Tensor, state: DeltaNetState | None = None, mode: str = "auto",
                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,9 +70,13 @@ class GatedDeltaNet(nn.Module):
         zeroed, which equals the empty initial state) nor the recurrent state (decay 1, beta 0).
         """
         B, T, _ = x.shape
+        if T == 1 and state is not None and token_mask is None and fast_path_ok(x, (torch.bfloat16,)):
+            fast = self._decode_fast(x, state)
+            if fast is not None:
+                return fast
         if token_mask is not None:
             x = torch.where(token_mask[..., None], x, 0)
-        qkv = self.in_proj_qkv(x)
+        qkv, z, b, a = self._project(x)
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], None if state is None else state.conv)
         qkv = F.silu(qkv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -69,13 +87,25 @@ class GatedDeltaNet(nn.Module):
             # Each key head serves num_v/num_k consecutive value heads.
             rep = self.num_v_heads // self.num_k_heads
             q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-        beta = self.in_proj_b(x).float().sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        beta = b.float().sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         if token_mask is not None:
             beta, g = torch.where(token_mask[..., None], beta, 0), torch.where(token_mask[..., None], g, 0)
         o, recurrent = gated_delta_rule(q, k, v, g, beta, None if state is None else state.recurrent, mode=mode)
         if state is not None:
             state.conv, state.recurrent = conv_state, recurrent
-        z = self.in_proj_z(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
+        z = z.reshape(B, T, self.num_v_heads, self.head_v_dim)
         o = self.norm(o, z, out_dtype=x.dtype).reshape(B, T, self.value_dim)
         return self.out_proj(o)
+
+    def _decode_fast(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor | None:
+        """One token per sequence through the fused C++ step (ops/kernels: gdn_decode)."""
+        fused = fused_weight(self._in_proj, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+        if fused is None or state.conv.dtype != torch.bfloat16:
+            return None
+        B = x.shape[0]
+        proj = linear(x, fused).view(B, -1)
+        out, state.conv, state.recurrent = torch.ops.qwen35.gdn_decode(
+            proj, state.conv.contiguous(), self.conv1d.weight[:, 0].contiguous(), self.A_log, self.dt_bias,
+            state.recurrent.contiguous(), self.norm.weight, self.num_k_heads, self.norm.eps)
+        return self.out_proj(out.view(B, 1, self.value_dim))

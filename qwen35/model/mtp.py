@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.linear import Linear
+
 from ..config import ModelConfig
 from .norm import RMSNorm
 
@@ -21,7 +23,7 @@ class MTPHead(nn.Module):
         from .qwen35 import DecoderLayer  # the MTP layer is an ordinary full-attention decoder layer
 
         H = config.hidden_size
-        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.fc = Linear(2 * H, H, bias=False)
         self.pre_fc_norm_embedding = RMSNorm(H, config.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(H, config.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(config, "full_attention") for _ in range(num_layers))

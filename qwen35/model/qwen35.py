@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.linear import Linear, linear
+
 from ..cache import DeltaNetState, HybridCache, KVCache
 from ..config import ModelConfig
 from ..errors import Qwen35Error
@@ -84,10 +86,17 @@ class Qwen35ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = TextModel(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.mtp = MTPHead(config, mtp_layers) if mtp_layers > 0 else None
         self.rotary = RotaryEmbedding(config)
+
+    def fuse_projections(self) -> None:
+        """Concatenate projections that share an input (per layer: q|k|v, qkv|z|b|a, gate|up) so each is
+        one weight stream; parameters become views of the fused matrices, names and values unchanged."""
+        for layer in [*self.model.layers, *(self.mtp.layers if self.mtp is not None else [])]:
+            (layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn).fuse()
+            layer.mlp.fuse()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -150,7 +159,7 @@ class Qwen35ForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head_weight).float()
+        return linear(hidden, self.head_weight, out_fp32=True)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
                 positions: torch.Tensor | None = None, logits_to_keep: int | None = None) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""Building and loading qwen35's C++ CPU kernels (torch custom ops under torch.ops.qwen35).
+
+Compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension, a few seconds, cached
+under TORCH_EXTENSIONS_DIR). Where that cannot work — no compiler, a CPU without AVX512-BF16, or
+QWEN35_KERNELS=0 — the reference torch paths run instead, and we say so once, loudly, with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger("qwen35")
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fno-math-errno"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "avx512bw" in flags
+
+
+def available() -> bool:
+    """True when torch.ops.qwen35 kernels are loaded (building them on the first call)."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" not in _state:
+            ok, why = _load()
+            _state["ok"], _state["why"] = ok, why
+            if not ok:
+                msg = f"qwen35: fast CPU kernels unavailable ({why}); using the slower torch reference path"
+                log.warning(msg)
+                print(msg, flush=True, file=__import__("sys").stderr)
+    return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    available()
+    return None if _state["ok"] else str(_state["why"])
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get("QWEN35_KERNELS", "1") == "0":
+        return False, "disabled by QWEN35_KERNELS=0"
+    if not _cpu_has_avx512_bf16():
+        return False, "this CPU lacks AVX512-BF16"
+    import torch
+
+    try:
+        torch.ops.qwen35.gemv_bf16  # already registered (e.g. by another import path)
+        return True, ""
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="qwen35_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False,
+             verbose=False)
+        return True, ""
+    except Exception as e:  # noqa: BLE001 - any build failure means: fall back, and say why
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return False, f"could not build them: {first}"
