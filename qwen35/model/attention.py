@@ -11,12 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.dispatch import fast_path_ok
 from ..ops.linear import Linear, fuse_linears, fused_weight, linear
 
 from ..cache import KVCache
 from ..config import ModelConfig
 from .norm import RMSNorm
 from .rope import apply_rope
+
+
+_NO_PAD = torch.empty(0, dtype=torch.long)
 
 
 class GatedAttention(nn.Module):
@@ -33,6 +37,8 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self._qkv: torch.Tensor | None = None
+        groups = self.num_heads // self.num_kv_heads
+        self._decode_kernel_ok = self.head_dim % 32 == 0 and self.head_dim <= 512 and groups in (1, 2, 4, 8)
 
     def fuse(self) -> None:
         """Read q_proj, k_proj and v_proj as one matrix."""
@@ -50,10 +56,10 @@ class GatedAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None = None,
-        attn_mask: torch.Tensor | None = None,
+        masks=None,
     ) -> torch.Tensor:
-        """x: [B, T, hidden]; rope: (cos, sin) [B or 1, T, R]; attn_mask: optional bool [B, 1, T, S]
-        (True = may attend) overriding the default causal mask. Returns [B, T, hidden]."""
+        """x: [B, T, hidden]; rope: (cos, sin) [B or 1, T, R]; masks: PaddingMasks of a left-padded batch
+        (its attention mask replaces the plain causal one). Returns [B, T, hidden]."""
         B, T, _ = x.shape
         D = self.head_dim
         qg, k, v = self._project(x)
@@ -69,6 +75,13 @@ class GatedAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(k, v)
+            if T == 1 and self._decode_kernel_ok and fast_path_ok(q, (torch.bfloat16,)) and k.dtype == torch.bfloat16:
+                pad = masks.pad if masks is not None else _NO_PAD
+                out = torch.ops.qwen35.attn_decode(q.reshape(B, self.num_heads, D).contiguous(), k, v, k.shape[2],
+                                                   pad, D**-0.5)
+                out = out.reshape(B, 1, self.num_heads * D) * torch.sigmoid(gate.reshape(B, 1, -1))
+                return self.o_proj(out)
+        attn_mask = None if masks is None else masks.attn
         if attn_mask is None and past and T > 1:
             # Queries sit at positions past..past+T-1 of the key sequence.
             S = past + T

@@ -7,6 +7,8 @@ a state dict round-trips. State lives in a caller-owned HybridCache (`make_cache
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,22 +30,30 @@ class InputError(Qwen35Error, ValueError):
     """A forward call got inputs it cannot process (wrong shape, dtype, token id or cache)."""
 
 
-def padding_masks(pad: torch.Tensor, offset: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Masks for a left-padded batch. pad: [B] padding tokens per sequence; the new tokens occupy
-    cache slots offset..offset+T-1.
+@dataclass(frozen=True)
+class PaddingMasks:
+    """Masks for a left-padded batch whose new tokens occupy cache slots offset..offset+T-1.
 
-    Returns attn_mask [B, 1, T, offset+T] (True = may attend: causal, and never a padding key; a padding
-    query sees only itself so no row is empty), token_mask [B, T] (True = real token) and positions
-    [B, T] (each sequence counts from its first real token).
+    attn: [B, 1, T, offset+T] bool (True = may attend: causal, never a padding key; a padding query sees
+          only itself so no row is empty); tokens: [B, T] bool (True = real token); pad: [B] padding
+          lengths; positions: [B, T] (each sequence counts from its first real token).
     """
-    q_idx = torch.arange(offset, offset + T, device=pad.device)
-    k_idx = torch.arange(offset + T, device=pad.device)
-    token_mask = q_idx[None] >= pad[:, None]
-    causal = k_idx[None, :] <= q_idx[:, None]  # [T, S]
-    attn = causal[None] & (k_idx[None, None, :] >= pad[:, None, None])
-    attn = attn | ((k_idx[None, None, :] == q_idx[None, :, None]) & ~token_mask[:, :, None])
-    positions = (q_idx[None] - pad[:, None]).clamp(min=0)
-    return attn[:, None], token_mask, positions
+
+    attn: torch.Tensor
+    tokens: torch.Tensor
+    pad: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def build(cls, pad: torch.Tensor, offset: int, T: int) -> PaddingMasks:
+        q_idx = torch.arange(offset, offset + T, device=pad.device)
+        k_idx = torch.arange(offset + T, device=pad.device)
+        tokens = q_idx[None] >= pad[:, None]
+        causal = k_idx[None, :] <= q_idx[:, None]  # [T, S]
+        attn = causal[None] & (k_idx[None, None, :] >= pad[:, None, None])
+        attn = attn | ((k_idx[None, None, :] == q_idx[None, :, None]) & ~tokens[:, :, None])
+        positions = (q_idx[None] - pad[:, None]).clamp(min=0)
+        return cls(attn[:, None], tokens, pad, positions)
 
 
 class DecoderLayer(nn.Module):
@@ -61,12 +71,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache | DeltaNetState | None = None,
-                attn_mask: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                masks: PaddingMasks | None = None) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
-            h = self.linear_attn(h, cache, token_mask=token_mask)
+            h = self.linear_attn(h, cache, token_mask=None if masks is None else masks.tokens)
         else:
-            h = self.self_attn(h, rope, cache, attn_mask=attn_mask)
+            h = self.self_attn(h, rope, cache, masks=masks)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -146,14 +156,14 @@ class Qwen35ForCausalLM(nn.Module):
         T = input_ids.shape[1]
         offset = cache.offset if cache is not None else 0
         pad = cache.pad if cache is not None else None
-        attn_mask = token_mask = None
+        masks = None
         if pad is not None:
-            attn_mask, token_mask, pad_positions = padding_masks(pad, offset, T)
-            positions = pad_positions if positions is None else positions
+            masks = PaddingMasks.build(pad, offset, T)
+            positions = masks.positions if positions is None else positions
         rope = self.rotary(self._positions(T, offset, positions))
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, None if cache is None else cache.layers[i], attn_mask, token_mask)
+            x = layer(x, rope, None if cache is None else cache.layers[i], masks)
         if cache is not None:
             cache.offset += T
         return self.model.norm(x)

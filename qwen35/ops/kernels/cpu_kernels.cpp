@@ -306,6 +306,137 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(
   return {out, new_conv, new_state};
 }
 
+// Decode attention: one query token per sequence against its whole KV cache, streamed once.
+//   q [B, Hq, D] bf16 (after norm and RoPE), k/v [B, Hkv, cap, D] bf16 of which the first S are valid,
+//   pad [B] int64 (keys before pad[b] are left padding) or an empty tensor. Returns [B, Hq, D] bf16.
+// The G query heads of one KV head share a single pass over its keys and values; the cache is split into
+// blocks processed in parallel, each keeping its own running max and sum (flash-decoding), merged at the
+// end. Scores, softmax and accumulation are fp32; G is a template parameter so accumulators stay in
+// registers.
+constexpr int64_t kAttnBlock = 512;
+
+template <int G>
+void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, int64_t kstride,
+                  const c10::BFloat16* vb, int64_t vstride, int64_t s0, int64_t s1, float scale, float* scores,
+                  float* out) {
+  const int64_t n = s1 - s0, nc = D / 32;
+  float mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
+  for (int64_t s = 0; s < n; ++s) {
+    const c10::BFloat16* kr = kb + (s0 + s) * kstride;
+    const char* vrow = reinterpret_cast<const char*>(vb + (s0 + s) * vstride);
+    for (int64_t off = 0; off < D * 2; off += 64) _mm_prefetch(vrow + off, _MM_HINT_T1);
+    __m512 dots[G];
+    for (int g = 0; g < G; ++g) dots[g] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; ++c) {
+      const __m512bh kc = (__m512bh)_mm512_loadu_si512(kr + c * 32);
+      for (int g = 0; g < G; ++g) dots[g] = _mm512_dpbf16_ps(dots[g], qv[g][c], kc);
+    }
+    for (int g = 0; g < G; ++g) {
+      const float sc = _mm512_reduce_add_ps(dots[g]) * scale;
+      scores[g * kAttnBlock + s] = sc;
+      mx[g] = std::max(mx[g], sc);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float* sc = scores + g * kAttnBlock;
+    const __m512 vm = _mm512_set1_ps(mx[g]);
+    __m512 vs = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 16 <= n; s += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + s), vm));
+      _mm512_storeu_ps(sc + s, e);
+      vs = _mm512_add_ps(vs, e);
+    }
+    float sum = _mm512_reduce_add_ps(vs);
+    for (; s < n; ++s) {
+      sc[s] = std::exp(sc[s] - mx[g]);
+      sum += sc[s];
+    }
+    out[g * (D + 2)] = mx[g];
+    out[g * (D + 2) + 1] = sum;
+  }
+  // 16 output dims at a time over all keys of the block; the values were prefetched into L2 during the
+  // score pass, so every pass after the first reads L2, not memory.
+  for (int64_t d = 0; d < D / 16; ++d) {
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; ++s) {
+      const __m512 vv = bf16x16_to_f32(vb + (s0 + s) * vstride + d * 16);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * kAttnBlock + s]), vv, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(out + g * (D + 2) + 2 + d * 16, acc[g]);
+  }
+}
+
+at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t S, const at::Tensor& pad,
+                       double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "attn_decode: bf16");
+  TORCH_CHECK(q.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1, "attn_decode: layout");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+  TORCH_CHECK(D % 32 == 0 && D <= 512 && Hq % Hkv == 0 && S >= 1 && S <= k.size(2), "attn_decode: sizes");
+  const int64_t G = Hq / Hkv;
+  TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, "attn_decode: 1, 2, 4 or 8 query heads per KV head");
+  const int64_t* padp = pad.numel() ? pad.data_ptr<int64_t>() : nullptr;
+  const int64_t nblocks = (S + kAttnBlock - 1) / kAttnBlock;
+  at::Tensor part = at::empty({B * Hkv * nblocks, G, D + 2}, q.options().dtype(at::kFloat));
+  float* pp = part.data_ptr<float>();
+  const auto* qp = q.data_ptr<c10::BFloat16>();
+  const auto* kp = k.data_ptr<c10::BFloat16>();
+  const auto* vp = v.data_ptr<c10::BFloat16>();
+  const float fscale = static_cast<float>(scale);
+
+  at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(G * kAttnBlock);
+    __m512bh qv[8][16];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (Hkv * nblocks), h = (i / nblocks) % Hkv, blk = i % nblocks;
+      const int64_t s0 = std::max<int64_t>(blk * kAttnBlock, padp ? padp[b] : 0);
+      const int64_t s1 = std::min(S, (blk + 1) * kAttnBlock);
+      float* out = pp + i * G * (D + 2);
+      if (s0 >= s1) {  // the whole block is padding
+        for (int64_t g = 0; g < G; ++g) { out[g * (D + 2)] = -INFINITY; out[g * (D + 2) + 1] = 0.f; }
+        continue;
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < D / 32; ++c)
+          qv[g][c] = (__m512bh)_mm512_loadu_si512(qp + (b * Hq + h * G + g) * D + c * 32);
+      const c10::BFloat16* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const c10::BFloat16* vb = vp + b * v.stride(0) + h * v.stride(1);
+      switch (G) {
+        case 1: attend_block<1>(qv, D, kb, k.stride(2), vb, v.stride(2), s0, s1, fscale, scores.data(), out); break;
+        case 2: attend_block<2>(qv, D, kb, k.stride(2), vb, v.stride(2), s0, s1, fscale, scores.data(), out); break;
+        case 4: attend_block<4>(qv, D, kb, k.stride(2), vb, v.stride(2), s0, s1, fscale, scores.data(), out); break;
+        default: attend_block<8>(qv, D, kb, k.stride(2), vb, v.stride(2), s0, s1, fscale, scores.data(), out); break;
+      }
+    }
+  });
+
+  at::Tensor result = at::empty({B, Hq, D}, q.options());
+  auto* rp = result.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, B * Hkv * G, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> o(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t bh = i / G, g = i % G;
+      float m = -INFINITY;
+      for (int64_t blk = 0; blk < nblocks; ++blk) m = std::max(m, pp[((bh * nblocks + blk) * G + g) * (D + 2)]);
+      float total = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const float* r = pp + ((bh * nblocks + blk) * G + g) * (D + 2);
+        if (r[1] == 0.f) continue;
+        const float w = std::exp(r[0] - m);
+        total += w * r[1];
+        for (int64_t d = 0; d < D; ++d) o[d] += w * r[2 + d];
+      }
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      for (int64_t d = 0; d < D; ++d) rp[(b * Hq + h * G + g) * D + d] = static_cast<c10::BFloat16>(o[d] / total);
+    }
+  });
+  return result;
+}
+
 bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
 
 }  // namespace
@@ -317,6 +448,7 @@ TORCH_LIBRARY(qwen35, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("gdn_decode(Tensor proj, Tensor conv_state, Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, "
         "Tensor norm_w, int Hk, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("attn_decode(Tensor q, Tensor k, Tensor v, int S, Tensor pad, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
@@ -324,5 +456,6 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
   m.impl("rmsnorm", &rmsnorm);
   m.impl("silu_mul", &silu_mul);
   m.impl("gdn_decode", &gdn_decode);
+  m.impl("attn_decode", &attn_decode);
 }
 TORCH_LIBRARY_IMPL(qwen35, CompositeExplicitAutograd, m) { m.impl("cpu_supported", &cpu_supported); }
