@@ -5,12 +5,17 @@ Public API:
     logits = model(input_ids)                      # [B, T] -> [B, T, vocab] (fp32)
     cache = model.make_cache(batch_size=1)
     logits = model(input_ids, cache=cache)         # continues from the cache
+    for step in qwen35.generate_step(model, prompt_ids, params=qwen35.SamplingParams(temperature=0)):
+        step.token, step.logprob, step.finish_reason
 """
 
 from .cache import HybridCache
+from .generate import ContextLengthError, StepOutput, batch_generate, generate_step
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, Qwen35Error
 from .model.qwen35 import InputError, Qwen35ForCausalLM
+from .runtime import set_threads
+from .sampling import Sampler, SamplingError, SamplingParams
 from .weights import load_model
 
 __version__ = "0.1.0"
@@ -24,4 +29,12 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "InputError",
+    "generate_step",
+    "batch_generate",
+    "StepOutput",
+    "SamplingParams",
+    "Sampler",
+    "SamplingError",
+    "ContextLengthError",
+    "set_threads",
 ]

@@ -15,6 +15,7 @@ import torch
 
 from .cache import HybridCache
 from .errors import Qwen35Error
+from .runtime import tune_allocator
 from .sampling import Sampler, SamplingParams, token_logprobs
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -97,6 +98,7 @@ def generate_step(
     Stops after a stop token (yielded with finish_reason "stop") or max_tokens ("length"). On return the
     cache holds the prompt and every yielded token except the last one.
     """
+    tune_allocator()
     if sampler is not None and params is None:
         params = sampler.params
     params = params or SamplingParams()
@@ -132,6 +134,7 @@ def batch_generate(
     """Generate for several prompts at once (left-padded into one batch; padding never reaches the
     conv window, the recurrent state or attention). Greedy results equal running each prompt alone.
     Returns one list of StepOutput per prompt, each ending with its finish_reason."""
+    tune_allocator()
     params = params or SamplingParams()
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
