@@ -9,6 +9,7 @@ import sys
 from .errors import Qwen35Error
 
 COMMANDS = {
+    "bench": "qwen35.commands.bench",
     "info": "qwen35.commands.info",
     "replica": "qwen35.commands.replica",
 }

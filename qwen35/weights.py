@@ -157,6 +157,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35Fo
         raise CheckpointError(f"{path}: unexpected tensor '{_disk_key(unexpected[0], by_name)}'"
                               + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
+    _allocate_fused(model, dtype)
+    expected = dict(model.named_parameters())
     readers: dict[Path, SafetensorsReader] = {}
     try:
         for name, param in expected.items():
@@ -167,18 +169,34 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35Fo
             if not e.dtype.is_floating_point:
                 raise CheckpointError(f"{path}: tensor '{e.name}' has non-float dtype {e.dtype}")
             reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))
-            data = torch.empty(e.shape, dtype=torch.float32 if keeps_fp32(name) else dtype)
-            reader.read(e, data)
+            if param.is_meta:
+                data = torch.empty(e.shape, dtype=torch.float32 if keeps_fp32(name) else dtype)
+                reader.read(e, data)
+                _set_param(model, name, data)
+            else:  # a view into fused storage, allocated already
+                reader.read(e, param.data)
             info.nbytes += e.nbytes
-            _set_param(model, name, data)
     finally:
         for r in readers.values():
             r.close()
     model.eval()
     model.requires_grad_(False)
-    model.fuse_projections()
     model.checkpoint_info = info
     return model
+
+
+def _allocate_fused(model: Qwen35ForCausalLM, dtype: torch.dtype) -> None:
+    """Give projections that share an input one real matrix each, their weights views of it, so the
+    checkpoint is read straight into fused storage (no second copy, ever)."""
+    for owner, attr, linears in model.fusion_groups():
+        rows = sum(layer.weight.shape[0] for layer in linears)
+        fused = torch.empty(rows, linears[0].weight.shape[1], dtype=dtype)
+        offset = 0
+        for layer in linears:
+            n = layer.weight.shape[0]
+            layer.weight = nn.Parameter(fused[offset : offset + n], requires_grad=False)
+            offset += n
+        setattr(owner, attr, fused)
 
 
 @contextlib.contextmanager

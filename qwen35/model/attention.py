@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dispatch import fast_path_ok
-from ..ops.linear import Linear, fuse_linears, fused_weight, linear
+from ..ops.linear import Linear, fused_weight, linear
 
 from ..cache import KVCache
 from ..config import ModelConfig
@@ -40,9 +40,9 @@ class GatedAttention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         self._decode_kernel_ok = self.head_dim % 32 == 0 and self.head_dim <= 512 and groups in (1, 2, 4, 8)
 
-    def fuse(self) -> None:
-        """Read q_proj, k_proj and v_proj as one matrix."""
-        self._qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+    def fusion_group(self):
+        """q_proj, k_proj and v_proj share their input: read them as one matrix `_qkv`."""
+        return self, "_qkv", [self.q_proj, self.k_proj, self.v_proj]
 
     def _project(self, x: torch.Tensor):
         fused = fused_weight(self._qkv, self.q_proj, self.k_proj, self.v_proj)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dispatch import fast_path_ok
-from ..ops.linear import Linear, fuse_linears, fused_weight, linear
+from ..ops.linear import Linear, fused_weight, linear
 
 from ..cache import DeltaNetState
 from ..config import ModelConfig
@@ -52,9 +52,9 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(self.value_dim, H, bias=False)
         self._in_proj: torch.Tensor | None = None  # fused [qkv | z | b | a], see fuse()
 
-    def fuse(self) -> None:
-        """Read the four input projections as one matrix (they share their input)."""
-        self._in_proj = fuse_linears(self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+    def fusion_group(self):
+        """The four input projections share their input: read them as one matrix `_in_proj`."""
+        return self, "_in_proj", [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
 
     def _project(self, x: torch.Tensor):
         fused = fused_weight(self._in_proj, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)

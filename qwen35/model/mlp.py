@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dispatch import fast_path_ok
-from ..ops.linear import Linear, fuse_linears, fused_weight, linear
+from ..ops.linear import Linear, fused_weight, linear
 
 
 class MLP(nn.Module):
@@ -18,9 +18,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         self._gate_up: torch.Tensor | None = None
 
-    def fuse(self) -> None:
-        """Read gate_proj and up_proj as one matrix."""
-        self._gate_up = fuse_linears(self.gate_proj, self.up_proj)
+    def fusion_group(self):
+        """gate_proj and up_proj share their input: read them as one matrix `_gate_up`."""
+        return self, "_gate_up", [self.gate_proj, self.up_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_weight(self._gate_up, self.gate_proj, self.up_proj)

@@ -101,12 +101,21 @@ class Qwen35ForCausalLM(nn.Module):
         self.mtp = MTPHead(config, mtp_layers) if mtp_layers > 0 else None
         self.rotary = RotaryEmbedding(config)
 
-    def fuse_projections(self) -> None:
-        """Concatenate projections that share an input (per layer: q|k|v, qkv|z|b|a, gate|up) so each is
-        one weight stream; parameters become views of the fused matrices, names and values unchanged."""
+    def fusion_groups(self) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
+        """Projections that share an input, per layer: (owner, attribute for the fused matrix, linears)."""
+        groups = []
         for layer in [*self.model.layers, *(self.mtp.layers if self.mtp is not None else [])]:
-            (layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn).fuse()
-            layer.mlp.fuse()
+            mixer = layer.linear_attn if layer.layer_type == "linear_attention" else layer.self_attn
+            groups.append(mixer.fusion_group())
+            groups.append(layer.mlp.fusion_group())
+        return groups
+
+    def fuse_projections(self) -> None:
+        """Concatenate projections that share an input (q|k|v, qkv|z|b|a, gate|up) so each is one weight
+        stream; parameters become views of the fused matrices, names and values unchanged. (The loader
+        reads checkpoints straight into fused storage instead.)"""
+        for owner, attr, linears in self.fusion_groups():
+            setattr(owner, attr, fuse_linears(*linears))
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,107 @@
+"""Measure prefill and decode speed and peak memory on a random prompt (fixed seed).
+
+Decode is compared with the memory-read bound of this machine: bytes streamed per token (every weight
+the step reads, plus KV and Gated DeltaNet state) divided by the measured read bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def setup_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+
+
+def read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Median read bandwidth over a buffer far larger than the caches (a sum over int64 words)."""
+    buf = torch.randint(0, 1 << 20, (nbytes // 8,), dtype=torch.int64)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    del buf
+    return nbytes / sorted(times)[len(times) // 2] / 1e9
+
+
+def bytes_per_decode_token(model, context: int) -> int:
+    """Weights read by one decode step (the MTP head is not run; an untied embedding is only looked up,
+    a tied one is read whole as the head), plus the KV and Gated DeltaNet state it touches."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            continue
+        if name == "model.embed_tokens.weight" and model.lm_head is not None:
+            continue
+        total += p.numel() * p.element_size()
+    c = model.config
+    kv = len(c.full_attention_layers) * 2 * c.num_key_value_heads * c.head_dim * model.dtype.itemsize * context
+    state = len(c.linear_attention_layers) * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * 4
+    return total + kv + 2 * state  # the recurrent state is read and written
+
+
+def main(args: argparse.Namespace) -> int:
+    import qwen35
+    from qwen35.generate import generate_step
+    from qwen35.runtime import peak_rss_mb, set_threads, tune_allocator
+
+    threads = set_threads(args.threads)
+    bw = read_bandwidth_gbs()  # before the model exists, so its buffer never adds to the peak below
+    tune_allocator()
+    t0 = time.perf_counter()
+    model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype])
+    load_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, min(vocab, 248044), (args.prompt_tokens,), generator=gen).tolist()
+    params = qwen35.SamplingParams(temperature=0, max_tokens=args.gen_tokens)
+
+    # warm-up: builds the kernels once and touches every weight, outside the timings
+    for _ in generate_step(model, prompt[:8], params=qwen35.SamplingParams(temperature=0, max_tokens=2)):
+        pass
+
+    cache = model.make_cache()
+    steps = generate_step(model, prompt, cache=cache, params=params, prefill_chunk_size=args.prefill_chunk)
+    t0 = time.perf_counter()
+    next(steps)
+    t1 = time.perf_counter()
+    n = 1
+    for _ in steps:
+        n += 1
+    t2 = time.perf_counter()
+    prefill_tok_s = args.prompt_tokens / (t1 - t0)
+    decode_tok_s = (n - 1) / (t2 - t1) if n > 1 else float("nan")
+    per_token = bytes_per_decode_token(model, args.prompt_tokens + args.gen_tokens // 2)
+    bound = bw * 1e9 / per_token
+    result = {
+        "model": str(args.model), "dtype": args.dtype, "threads": threads, "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": n, "load_s": round(load_s, 3), "prefill_tok_s": round(prefill_tok_s, 2),
+        "decode_tok_s": round(decode_tok_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "read_bandwidth_gbs": round(bw, 2), "bytes_per_token_mb": round(per_token / 2**20, 1),
+        "decode_bound_tok_s": round(bound, 2), "decode_efficiency": round(decode_tok_s / bound, 3),
+        "cache_mb": round(cache.nbytes / 2**20, 1),
+    }
+    print(f"model {args.model} ({args.dtype}, {threads} threads), loaded in {load_s:.2f}s")
+    print(f"{'prompt':>8}{'gen':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'bound tok/s':>13}{'efficiency':>12}"
+          f"{'peak RSS MiB':>14}")
+    print(f"{args.prompt_tokens:>8}{n:>6}{prefill_tok_s:>15.1f}{decode_tok_s:>14.2f}{bound:>13.2f}"
+          f"{decode_tok_s / bound:>12.1%}{result['peak_rss_mb']:>14.0f}")
+    print(f"memory read bandwidth {bw:.1f} GB/s; {per_token / 2**20:.0f} MiB streamed per decoded token")
+    if args.json:
+        print(json.dumps(result))
+    return 0
