@@ -41,9 +41,19 @@ def test_rmsnorm(add_one, dtype):
 
 
 def test_silu_mul():
-    gu = torch.randn(3, 2 * 100).bfloat16()
-    ref = F.silu(gu[:, :100].float()) * gu[:, 100:].float()
+    gu = torch.randn(3, 2 * 96).bfloat16()
+    ref = F.silu(gu[:, :96].float()) * gu[:, 96:].float()
     assert (torch.ops.qwen35.silu_mul(gu).float() - ref).abs().max() <= 2e-2
+
+
+@pytest.mark.parametrize("T", [1, 5, 70])
+def test_conv_silu_matches_reference(T):
+    from qwen35.ops.causal_conv import causal_conv1d
+
+    x, w, state = torch.randn(2, T, 96).bfloat16(), torch.randn(96, 4).bfloat16(), torch.randn(2, 3, 96).bfloat16()
+    y, new_state = torch.ops.qwen35.conv_silu(x, w, state)
+    ref, ref_state = causal_conv1d(x, w, state)
+    assert (y.float() - F.silu(ref).float()).abs().max() <= 2e-2 and torch.equal(new_state, ref_state)
 
 
 @pytest.mark.parametrize("S,pad", [(1, None), (70, [0, 5]), (1500, [3, 600])])

@@ -77,8 +77,14 @@ class GatedDeltaNet(nn.Module):
         if token_mask is not None:
             x = torch.where(token_mask[..., None], x, 0)
         qkv, z, b, a = self._project(x)
-        qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], None if state is None else state.conv)
-        qkv = F.silu(qkv)
+        conv_w = self.conv1d.weight[:, 0]
+        if (fast_path_ok(qkv, (torch.bfloat16,)) and self.conv_dim % 16 == 0 and 2 <= self.kernel_size <= 8
+                and (state is None or state.conv.dtype == torch.bfloat16)):
+            prev = state.conv if state is not None else qkv.new_zeros(B, self.kernel_size - 1, self.conv_dim)
+            qkv, conv_state = torch.ops.qwen35.conv_silu(qkv.contiguous(), conv_w.contiguous(), prev.contiguous())
+        else:
+            qkv, conv_state = causal_conv1d(qkv, conv_w, None if state is None else state.conv)
+            qkv = F.silu(qkv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
         k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim))

@@ -27,7 +27,7 @@ class MLP(nn.Module):
         if fused is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = linear(x, fused)
-        if fast_path_ok(gate_up, (torch.bfloat16,)):
+        if gate_up.shape[-1] % 32 == 0 and fast_path_ok(gate_up, (torch.bfloat16,)):
             return self.down_proj(torch.ops.qwen35.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -131,23 +131,6 @@ at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& w, double eps, bool ad
   return y;
 }
 
-// silu(gate) * up where gate_up = [.., 2I] holds gate in the first half and up in the second.
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.is_contiguous() && gate_up.scalar_type() == at::kBFloat16, "silu_mul: contiguous bf16");
-  const int64_t I2 = gate_up.size(-1), I = I2 / 2, rows = gate_up.numel() / I2;
-  auto sizes = gate_up.sizes().vec();
-  sizes.back() = I;
-  at::Tensor out = at::empty(sizes, gate_up.options());
-  const auto* g = gate_up.data_ptr<c10::BFloat16>();
-  auto* o = out.data_ptr<c10::BFloat16>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < I; ++i) {
-      const float a = to_f(g[r * I2 + i]), b = to_f(g[r * I2 + I + i]);
-      o[r * I + i] = static_cast<c10::BFloat16>(a / (1.f + std::exp(-a)) * b);
-    }
-  return out;
-}
-
 // ---- AVX512 helpers ----
 inline __m512 bf16x16_to_f32(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -437,6 +420,67 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return result;
 }
 
+// silu(gate) * up where gate_up = [.., 2I] holds gate in the first half and up in the second (bf16).
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.scalar_type() == at::kBFloat16, "silu_mul: contiguous bf16");
+  const int64_t I2 = gate_up.size(-1), I = I2 / 2, rows = gate_up.numel() / I2;
+  TORCH_CHECK(I % 16 == 0, "silu_mul: size must be a multiple of 32");
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = I;
+  at::Tensor out = at::empty(sizes, gate_up.options());
+  const auto* g = gate_up.data_ptr<c10::BFloat16>();
+  auto* o = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, rows * (I / 16), 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / (I / 16), c = (i % (I / 16)) * 16;
+      const __m512 a = bf16x16_to_f32(g + r * I2 + c), b = bf16x16_to_f32(g + r * I2 + I + c);
+      store_bf16x16(o + r * I + c, _mm512_mul_ps(round_bf16(silu512(a)), b));
+    }
+  });
+  return out;
+}
+
+// Causal depthwise conv + SiLU over a chunk of tokens (prefill): x [B, T, C] bf16, w [C, K] bf16,
+// state [B, K-1, C] bf16 (the previous K-1 inputs). Returns (silu(conv) [B, T, C] bf16, new state).
+// Rounds like the reference bf16 path: conv output to bf16, then SiLU to bf16.
+std::tuple<at::Tensor, at::Tensor> conv_silu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& state) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+              state.scalar_type() == at::kBFloat16, "conv_silu: bf16");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && state.is_contiguous(), "conv_silu: contiguous");
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), K = w.size(1), Km1 = K - 1;
+  TORCH_CHECK(C % 16 == 0 && K >= 2 && K <= 8 && state.size(1) == Km1 && state.size(2) == C, "conv_silu: sizes");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor new_state = at::empty_like(state);
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  const auto* wp = w.data_ptr<c10::BFloat16>();
+  const auto* sp = state.data_ptr<c10::BFloat16>();
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  auto* np = new_state.data_ptr<c10::BFloat16>();
+  // input row j of the window (j < 0: from the state)
+  auto row = [&](int64_t b, int64_t t) -> const c10::BFloat16* {
+    return t >= 0 ? xp + (b * T + t) * C : sp + (b * Km1 + Km1 + t) * C;
+  };
+  const int64_t nc = C / 16;
+  at::parallel_for(0, B * nc, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / nc, c = (i % nc) * 16;
+      alignas(64) float taps[8][16];
+      for (int64_t l = 0; l < 16; ++l)
+        for (int64_t j = 0; j < K; ++j) taps[j][l] = static_cast<float>(wp[(c + l) * K + j]);
+      __m512 tv[8];
+      for (int64_t j = 0; j < K; ++j) tv[j] = _mm512_load_ps(taps[j]);
+      for (int64_t t = 0; t < T; ++t) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < K; ++j) acc = _mm512_fmadd_ps(bf16x16_to_f32(row(b, t - Km1 + j) + c), tv[j], acc);
+        store_bf16x16(yp + (b * T + t) * C + c, silu512(round_bf16(acc)));
+      }
+      for (int64_t j = 0; j < Km1; ++j)
+        std::memcpy(np + (b * Km1 + j) * C + c, row(b, T - Km1 + j) + c, 16 * sizeof(c10::BFloat16));
+    }
+  });
+  return {y, new_state};
+}
+
 bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
 
 }  // namespace
@@ -448,6 +492,7 @@ TORCH_LIBRARY(qwen35, m) {
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("gdn_decode(Tensor proj, Tensor conv_state, Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, "
         "Tensor norm_w, int Hk, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("conv_silu(Tensor x, Tensor w, Tensor state) -> (Tensor, Tensor)");
   m.def("attn_decode(Tensor q, Tensor k, Tensor v, int S, Tensor pad, float scale) -> Tensor");
 }
 
@@ -457,5 +502,6 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("gdn_decode", &gdn_decode);
   m.impl("attn_decode", &attn_decode);
+  m.impl("conv_silu", &conv_silu);
 }
 TORCH_LIBRARY_IMPL(qwen35, CompositeExplicitAutograd, m) { m.impl("cpu_supported", &cpu_supported); }
