@@ -23,6 +23,32 @@ from .rope import apply_rope
 _NO_PAD = torch.empty(0, dtype=torch.long)
 
 
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float) -> torch.Tensor:
+    """Causal attention of a prompt chunk (queries at past..past+T-1) over [cached | chunk] keys.
+
+    Split in two and merged by log-sum-exp, so no [T, past+T] mask is ever built (at 262K context that
+    mask alone would be 134 MB per layer and chunk): all queries see every cached key (flash attention,
+    the query heads of each KV head stacked as extra rows), and the chunk attends to itself causally.
+    q [B, Hq, T, D]; k, v [B, Hkv, past+T, D]. Returns [B, Hq, T, D] in q's dtype.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    out_p, lse_p = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(B, Hkv, G * T, D), k[:, :, :past], v[:, :, :past], 0.0, False, scale=scale)
+    out_p, lse_p = out_p.reshape(B, Hq, T, D).float(), lse_p.reshape(B, Hq, T)
+    kc, vc = k[:, :, past:].float(), v[:, :, past:].float()
+    if G > 1:
+        kc, vc = kc.repeat_interleave(G, dim=1), vc.repeat_interleave(G, dim=1)
+    scores = (q.float() @ kc.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    lse_c = scores.logsumexp(-1)
+    out_c = torch.softmax(scores, dim=-1) @ vc
+    m = torch.maximum(lse_p, lse_c)
+    w_p, w_c = (lse_p - m).exp()[..., None], (lse_c - m).exp()[..., None]
+    return ((w_p * out_p + w_c * out_c) / (w_p + w_c)).to(q.dtype)
+
+
 class GatedAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -83,9 +109,9 @@ class GatedAttention(nn.Module):
                 return self.o_proj(out)
         attn_mask = None if masks is None else masks.attn
         if attn_mask is None and past and T > 1:
-            # Queries sit at positions past..past+T-1 of the key sequence.
-            S = past + T
-            attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)
+            out = chunk_attention(q, k, v, past, D**-0.5)
+            out = out.transpose(1, 2).reshape(B, T, self.num_heads * D)
+            return self.o_proj(out * torch.sigmoid(gate.reshape(B, T, -1)))
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
