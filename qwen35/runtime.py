@@ -47,6 +47,17 @@ def tune_allocator() -> bool:
     return ok
 
 
+def current_rss_mb() -> float:
+    """Resident memory of this process now (VmRSS), in MiB."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (VmHWM), in MiB."""
     try:

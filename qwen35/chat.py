@@ -1,0 +1,126 @@
+"""Chat templates: the checkpoint's own Jinja template, rendered exactly as transformers renders it.
+
+Source, in order: `chat_template.jinja` next to the weights, `chat_template` in tokenizer_config.json (a
+string, or a list of named templates: "default"), else qwen35's default template
+(qwen35/templates/qwen3_5.jinja), written to the documented Qwen3.5 format.
+
+Rendering uses a sandboxed Jinja environment configured like transformers' (trim_blocks, lstrip_blocks,
+loop controls, a `tojson` that keeps non-ASCII and HTML characters), so output is byte-identical.
+Before rendering, messages are made forgiving the way agent frameworks need: tool-call `arguments` given as
+a JSON string become an object, and reasoning given as `reasoning`/`thinking` is also `reasoning_content`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import Qwen35Error
+
+DEFAULT_TEMPLATE_FILE = Path(__file__).parent / "templates" / "qwen3_5.jinja"
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTemplateError(Qwen35Error):
+    """The chat template is missing, invalid, or refused the conversation."""
+
+
+def find_template(model_dir: str | Path | None) -> tuple[str, str]:
+    """(template source, where it came from)."""
+    if model_dir is not None:
+        d = Path(model_dir)
+        if (d / "chat_template.jinja").is_file():
+            return (d / "chat_template.jinja").read_text(encoding="utf-8"), str(d / "chat_template.jinja")
+        cfg = d / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                tmpl = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+            except json.JSONDecodeError as e:
+                raise ChatTemplateError(f"{cfg}: not valid JSON ({e})") from None
+            if isinstance(tmpl, list):
+                named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+                tmpl = named.get("default") or next(iter(named.values()), None)
+            if isinstance(tmpl, str) and tmpl.strip():
+                return tmpl, f"{cfg} (chat_template)"
+    return DEFAULT_TEMPLATE_FILE.read_text(encoding="utf-8"), "qwen35 default (Qwen3.5 format)"
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template does not compile: {e.message} (line {e.lineno})") from None
+
+
+def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A forgiving copy: JSON-string tool arguments become objects; reasoning aliases are filled in."""
+    if not isinstance(messages, list):
+        raise ChatTemplateError(f"messages must be a list of objects, got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ChatTemplateError(f"messages[{i}] must be an object with a 'role'")
+        m = copy.deepcopy(m)
+        reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m["reasoning_content"] = reasoning
+        for j, call in enumerate(m.get("tool_calls") or []):
+            fn = call.get("function", call) if isinstance(call, dict) else None
+            if not isinstance(fn, dict):
+                raise ChatTemplateError(f"messages[{i}].tool_calls[{j}] must be an object")
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                try:
+                    parsed = json.loads(args) if args.strip() else {}
+                except json.JSONDecodeError:
+                    raise ChatTemplateError(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: "
+                                            f"{args[:80]!r}") from None
+                if not isinstance(parsed, dict):
+                    raise ChatTemplateError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
+                fn["arguments"] = parsed
+        out.append(m)
+    return out
+
+
+class ChatTemplate:
+    def __init__(self, source: str, origin: str = "template"):
+        self.source, self.origin = source, origin
+        self._template = _compile(source)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path | None) -> ChatTemplate:
+        return cls(*find_template(model_dir))
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+               add_generation_prompt: bool = True, enable_thinking: bool | None = None, **kwargs) -> str:
+        """The prompt text for `messages` (and `tools`), ending with the assistant's opening when
+        add_generation_prompt. enable_thinking None leaves the template's own default."""
+        variables = dict(kwargs)
+        if enable_thinking is not None:
+            variables["enable_thinking"] = enable_thinking
+        try:
+            return self._template.render(messages=normalize_messages(messages), tools=tools,
+                                         add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"chat template ({self.origin}) refused the conversation: {e}") from None

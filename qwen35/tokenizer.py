@@ -1,0 +1,136 @@
+"""Tokenizer: the HF `tokenizers` library on a checkpoint's tokenizer.json, with Qwen3.5's rules.
+
+No BOS is ever added; control tokens (`<|im_start|>`, `<think>`, `<tool_call>`, ...) are single ids;
+normalisation (NFC) and pre-tokenisation come from tokenizer.json itself. `StreamingDetokenizer` turns
+ids into text incrementally and never emits broken UTF-8: each token is mapped to its raw bytes and fed
+to an incremental UTF-8 decoder, so half of a multi-byte character waits for its other half.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import Qwen35Error
+
+
+class TokenizerError(Qwen35Error):
+    """tokenizer.json is missing or unreadable."""
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable character that stands for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise TokenizerError(f"tokenizer.json not found: {file}")
+        try:
+            self._tok = HFTokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
+            raise TokenizerError(f"{file}: cannot read tokenizer ({e})") from None
+        self.dir = file.parent
+        self.config: dict = {}
+        cfg = self.dir / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                self.config = json.loads(cfg.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{cfg}: not valid JSON ({e})") from None
+        added = self._tok.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special}
+        self.added_ids = set(added)
+        self._bytes: list[bytes] | None = None
+
+    # ---- basic API ----
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; control tokens written in the text become their single ids. No BOS."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    def _special_token(self, key: str) -> str | None:
+        v = self.config.get(key)
+        return v.get("content") if isinstance(v, dict) else v
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end an assistant turn: tokenizer_config's eos plus <|im_end|> and <|endoftext|>."""
+        out = []
+        for tok in (self._special_token("eos_token"), "<|im_end|>", "<|endoftext|>"):
+            i = self.token_to_id(tok) if tok else None
+            if i is not None and i not in out:
+                out.append(i)
+        return out
+
+    # ---- bytes, for streaming ----
+    def token_bytes(self, i: int) -> bytes:
+        """Raw bytes of one token (added tokens: their text in UTF-8)."""
+        if self._bytes is None:
+            dec = _byte_decoder()
+            table = []
+            for tid in range(self.vocab_size):
+                tok = self._tok.id_to_token(tid)
+                if tok is None:
+                    table.append(b"")
+                elif tid in self.added_ids:
+                    table.append(tok.encode("utf-8"))
+                else:
+                    try:
+                        table.append(bytes(dec[c] for c in tok))
+                    except KeyError:  # not byte-level: fall back to the library's own decoding
+                        table.append(self._tok.decode([tid]).encode("utf-8"))
+            self._bytes = table
+        return self._bytes[i] if 0 <= i < len(self._bytes) else b""
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self, skip_special_tokens)
+
+
+class StreamingDetokenizer:
+    """Feed token ids one at a time; `add` returns the text that became complete (maybe empty)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        if self.skip and token_id in self.tokenizer.special_ids:
+            return ""
+        piece = self._dec.decode(self.tokenizer.token_bytes(token_id))
+        self.text += piece
+        return piece
+
+    def finalize(self) -> str:
+        """Flush bytes still waiting for the rest of a character (they become U+FFFD)."""
+        piece = self._dec.decode(b"", final=True)
+        self.text += piece
+        return piece
