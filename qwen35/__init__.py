@@ -9,6 +9,7 @@ Public API:
         step.token, step.logprob, step.finish_reason
 """
 
+from .api import Response, generate, load, stream_generate
 from .cache import HybridCache
 from .generate import ContextLengthError, StepOutput, batch_generate, generate_step
 from .config import ModelConfig
@@ -21,7 +22,11 @@ from .weights import load_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "load",
     "load_model",
+    "generate",
+    "stream_generate",
+    "Response",
     "ModelConfig",
     "Qwen35ForCausalLM",
     "HybridCache",

@@ -9,6 +9,8 @@ import sys
 from .errors import Qwen35Error
 
 COMMANDS = {
+    "generate": "qwen35.commands.generate",
+    "chat": "qwen35.commands.chat",
     "bench": "qwen35.commands.bench",
     "info": "qwen35.commands.info",
     "replica": "qwen35.commands.replica",

@@ -108,8 +108,9 @@ def count_mtp_layers(keys) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35ForCausalLM:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> Qwen35ForCausalLM:
     """Load a Qwen3.5 checkpoint directory. dtype: torch.float32, torch.bfloat16 or torch.float16.
+    progress: show a progress bar (bytes read) on stderr.
 
     Raises ConfigError / CheckpointError (both Qwen35Error) naming the file or tensor at fault.
     """
@@ -160,6 +161,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35Fo
     _allocate_fused(model, dtype)
     expected = dict(model.named_parameters())
     readers: dict[Path, SafetensorsReader] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(by_name[n].nbytes for n in expected)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", leave=False)
     try:
         for name, param in expected.items():
             e = by_name[name]
@@ -176,7 +183,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen35Fo
             else:  # a view into fused storage, allocated already
                 reader.read(e, param.data)
             info.nbytes += e.nbytes
+            if bar is not None:
+                bar.update(e.nbytes)
     finally:
+        if bar is not None:
+            bar.close()
         for r in readers.values():
             r.close()
     model.eval()

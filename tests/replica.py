@@ -107,3 +107,21 @@ def build_text(out: Path, tie: bool = True, seed: int = 0, value_mult: int = 2, 
     save_file(sd, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(cfg.to_dict()))
     return hf, out
+
+
+def build_chat_model(out: Path, seed: int = 0) -> Path:
+    """A tiny random Qwen3.5 (full 248,320 vocabulary) with the real Qwen3.5 tokenizer, for exercising
+    text-level paths: tokenizer, template, streaming, CLI. Its output is random text, not language."""
+    import shutil
+
+    import tokenizer_fixture
+
+    from qwen35.commands.replica import build_replica
+
+    if (out / "tokenizer.json").is_file():
+        return out
+    build_replica(out, "tiny", seed=seed, vocab_size=248320, hidden_size=128, intermediate_size=256)
+    tok = tokenizer_fixture.build()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / name, out / name)
+    return out

@@ -24,8 +24,9 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
 
 
 def build_replica(out, shape: str = "0.8b", layers: int | None = None, seed: int = 0,
-                  shard_bytes: int | None = None) -> None:
+                  shard_bytes: int | None = None, **config_over) -> None:
     over = {"num_hidden_layers": layers} if layers else {}
+    over.update(config_over)
     config_dict = composite_config(shape, **over)
     config = ModelConfig.from_hf(config_dict)
     tensors = random_tensors(config, mtp_layers=config.mtp_num_hidden_layers, dtype=torch.bfloat16, seed=seed)

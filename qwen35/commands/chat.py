@@ -1,0 +1,113 @@
+"""Chat interactively; the cache is kept across turns and only each new turn is prefilled.
+
+Commands: /reset (new conversation), /think on|off, /quit. End a line with \\ to continue it on the next,
+or wrap a block in triple quotes (\"\"\"). Ctrl-C interrupts an answer and returns to the prompt; Ctrl-D
+or /quit leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_model_args, add_sampling_args, load_from_args, sampling_from_args
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def setup_parser(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    add_sampling_args(p)
+
+
+def read_message(prompt: str = ">>> ") -> str | None:
+    """One user message (None at end of input). Handles \\ continuations and \"\"\" blocks."""
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    if line.strip().startswith('"""'):
+        lines = [line.strip()[3:]]
+        while not lines[-1].rstrip().endswith('"""'):
+            try:
+                lines.append(input("... "))
+            except EOFError:
+                break
+        lines[-1] = lines[-1].rstrip()[:-3] if lines[-1].rstrip().endswith('"""') else lines[-1]
+        return "\n".join(lines).strip()
+    lines = [line]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        try:
+            lines.append(input("... "))
+        except EOFError:
+            break
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..session import ChatSession, preset
+
+    model, tokenizer = load_from_args(args)
+    tty = sys.stdout.isatty()
+    explicit = any(getattr(args, k, None) is not None for k in ("temperature", "top_p", "top_k", "min_p",
+                                                                "presence_penalty", "seed"))
+    session = ChatSession(model, tokenizer, system=args.system, enable_thinking=args.think)
+
+    def params_for(thinking: bool):
+        return sampling_from_args(args, preset(thinking)) if explicit or args.max_tokens else preset(thinking)
+
+    print("qwen35 chat: /reset, /think on|off, /quit; Ctrl-C stops an answer, Ctrl-D exits.", flush=True)
+    while True:
+        try:
+            text = read_message()
+        except KeyboardInterrupt:
+            print("\n(Ctrl-C: use /quit or Ctrl-D to leave)", flush=True)
+            continue
+        if text is None or text.strip() == "/quit":
+            print(flush=True)
+            return 0
+        cmd = text.strip()
+        if not cmd:
+            continue
+        if cmd == "/reset":
+            session.reset()
+            print("(new conversation)", flush=True)
+            continue
+        if cmd.startswith("/think"):
+            arg = cmd.split()[1] if len(cmd.split()) > 1 else ""
+            if arg not in ("on", "off"):
+                print("(usage: /think on|off)", flush=True)
+                continue
+            session.enable_thinking = arg == "on"
+            print(f"(thinking {arg})", flush=True)
+            continue
+        if cmd.startswith("/"):
+            print(f"(unknown command {cmd.split()[0]}; try /reset, /think on|off, /quit)", flush=True)
+            continue
+        thinking = session.enable_thinking if session.enable_thinking is not None else True
+        session.params = params_for(thinking)
+        in_reasoning = False
+        try:
+            for ev in session.send(text):
+                if ev.kind == "reasoning":
+                    if not in_reasoning:
+                        sys.stdout.write(DIM + "thinking: " if tty else "[thinking] ")
+                        in_reasoning = True
+                    sys.stdout.write(ev.text)
+                elif ev.kind in ("content", "tool_call"):
+                    if in_reasoning:
+                        sys.stdout.write(RESET + "\n" if tty else "\n[answer] ")
+                        in_reasoning = False
+                    sys.stdout.write(ev.text if ev.kind == "content" else f"[tool call] {ev.call.name}"
+                                                                          f"({ev.call.arguments_json()})")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write((RESET if tty else "") + "\n(interrupted)")
+        if in_reasoning and tty:
+            sys.stdout.write(RESET)
+        st = session.last
+        sys.stdout.write(f"\n{DIM if tty else ''}[{st.generated_tokens} tokens; prompt {st.prompt_tokens}, "
+                         f"prefilled {st.prefilled_tokens}, reused {st.cached_tokens}]{RESET if tty else ''}\n")
+        sys.stdout.flush()

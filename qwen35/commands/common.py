@@ -1,0 +1,64 @@
+"""Flags shared by the commands that generate: model, dtype, threads and sampling."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+
+from ..errors import Qwen35Error
+from ..sampling import SamplingParams
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory or Hugging Face repo id (default: the bundled model)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model card's preset for the thinking mode in use)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-turn tokens")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None, help="thinking mode on")
+    think.add_argument("--no-think", dest="think", action="store_false", help="thinking mode off")
+
+
+def sampling_from_args(args: argparse.Namespace, base: SamplingParams) -> SamplingParams:
+    over = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                                          "frequency_penalty", "repetition_penalty", "seed")
+            if getattr(args, k, None) is not None}
+    over["max_tokens"] = args.max_tokens
+    return replace(base, **over)
+
+
+def default_model() -> str:
+    from pathlib import Path
+
+    bundled = Path(__file__).resolve().parent.parent / "assets" / "model"
+    if (bundled / "config.json").is_file():
+        return str(bundled)
+    raise Qwen35Error("no model given and no bundled model is installed; pass a checkpoint directory or repo id")
+
+
+def load_from_args(args: argparse.Namespace):
+    from ..api import load
+    from ..runtime import set_threads, tune_allocator
+
+    set_threads(args.threads)
+    tune_allocator()
+    return load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True)

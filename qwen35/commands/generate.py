@@ -1,0 +1,82 @@
+"""Generate text from a prompt (--prompt or stdin), streamed to the terminal.
+
+With --chat the prompt becomes a user turn in the model's chat template; reasoning is shown apart from the
+answer. --json ends with one JSON object: text, tokens, prefill_tok_s, decode_tok_s and more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+from .common import add_model_args, add_sampling_args, load_from_args, sampling_from_args
+
+
+def setup_parser(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    add_sampling_args(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..api import stream_generate
+    from ..session import preset
+    from ..toolcalls import OutputParser, ParsedDelta
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    model, tokenizer = load_from_args(args)
+    thinking = bool(args.think)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        prompt = tokenizer.chat_template.render(messages, add_generation_prompt=True, enable_thinking=args.think)
+        thinking = prompt.rstrip().endswith("<think>")
+    params = sampling_from_args(args, preset(thinking))
+    if args.ignore_eos:
+        params = replace(params, stop_token_ids=(-1,))
+    tty = sys.stdout.isatty()
+    parser = OutputParser(thinking_open=thinking) if args.chat else None
+    parsed = ParsedDelta()
+    text, last, in_reasoning = [], None, False
+    for r in stream_generate(model, tokenizer, prompt, params, prefill_chunk_size=args.prefill_chunk):
+        last = r
+        piece = "" if (r.finish_reason == "stop" and r.token in tokenizer.added_ids) else r.text
+        text.append(piece)
+        if parser is None:
+            sys.stdout.write(piece)
+        else:
+            d = parser.feed(piece)
+            if r.finish_reason:
+                d += parser.finish()
+            parsed += d
+            if d.reasoning:
+                if not in_reasoning:
+                    sys.stdout.write("\033[2m" if tty else "[thinking] ")
+                    in_reasoning = True
+                sys.stdout.write(d.reasoning)
+            if d.content or d.tool_calls:
+                if in_reasoning:
+                    sys.stdout.write("\033[0m\n" if tty else "\n[answer] ")
+                    in_reasoning = False
+                sys.stdout.write(d.content)
+                for c in d.tool_calls:
+                    sys.stdout.write(f"\n[tool call] {c.name}({c.arguments_json()})")
+        sys.stdout.flush()
+    if in_reasoning and tty:
+        sys.stdout.write("\033[0m")
+    sys.stdout.write("\n")
+    if args.json and last is not None:
+        out = {"text": "".join(text), "tokens": last.generation_tokens, "prompt_tokens": last.prompt_tokens,
+               "finish_reason": last.finish_reason, "prefill_tok_s": round(last.prefill_tok_s, 2),
+               "decode_tok_s": round(last.decode_tok_s, 2), "peak_rss_mb": round(last.peak_rss_mb, 1)}
+        if parser is not None:
+            out.update(reasoning=parsed.reasoning, content=parsed.content,
+                       tool_calls=[{"name": c.name, "arguments": c.arguments} for c in parsed.tool_calls])
+        print(json.dumps(out, ensure_ascii=False))
+    return 0

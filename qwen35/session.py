@@ -1,0 +1,142 @@
+"""A multi-turn chat that never re-prefills earlier turns.
+
+Each turn renders the whole conversation with the chat template (so history looks exactly as the model was
+trained to see it — past reasoning dropped), then restores the longest snapshotted prefix and prefills
+only the rest. Snapshots are taken at the end of each user turn (where the next rendering still agrees
+with this one) and at the end of each prompt. The model's output is parsed as it streams into reasoning,
+content and tool calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from .generate import generate_step, prefill
+from .prompt_cache import PromptCache
+from .sampling import SamplingParams
+from .toolcalls import OutputParser, ParsedDelta, ToolCall
+
+THINKING_PRESET = SamplingParams(temperature=1.0, top_p=0.95, top_k=20, min_p=0.0, presence_penalty=1.5)
+NON_THINKING_PRESET = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0, presence_penalty=1.5)
+
+
+def preset(thinking: bool) -> SamplingParams:
+    """The model card's recommended sampling for thinking / non-thinking general use."""
+    return THINKING_PRESET if thinking else NON_THINKING_PRESET
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # restored from a snapshot
+    prefilled_tokens: int = 0  # actually run through the model for this prompt
+    generated_tokens: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Event:
+    kind: str  # "reasoning", "content", "tool_call", "error"
+    text: str = ""
+    call: ToolCall | None = None
+
+
+class ChatSession:
+    def __init__(self, model, tokenizer, system: str | None = None, tools: list[dict] | None = None,
+                 enable_thinking: bool | None = None, params: SamplingParams | None = None,
+                 max_cache_bytes: int = 2 * 2**30):
+        self.model, self.tokenizer = model, tokenizer
+        self.template = tokenizer.chat_template
+        self.system, self.tools = system, tools
+        self.enable_thinking = enable_thinking
+        self.params = params
+        self.prompt_cache = PromptCache(model, max_cache_bytes)
+        self.messages: list[dict] = []
+        self.last = TurnStats()
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.prompt_cache.clear()
+
+    def _render(self, generation: bool) -> str:
+        return self.template.render(self.messages, tools=self.tools, add_generation_prompt=generation,
+                                    enable_thinking=self.enable_thinking)
+
+    def send(self, user_text: str, max_tokens: int | None = None) -> Iterator[Event]:
+        """Add a user turn and stream the answer as events; the answer joins the history at the end (or
+        where the caller stops iterating, e.g. on Ctrl-C)."""
+        self.messages.append({"role": "user", "content": user_text})
+        prompt = self._render(True)
+        ids = self.tokenizer.encode(prompt)
+        boundary = self.tokenizer.encode(self._render(False))
+        if ids[: len(boundary)] != boundary:
+            boundary = []  # tokenisation merged across the boundary: skip that snapshot
+        cache, cached = self.prompt_cache.lookup(ids)
+        if boundary and cached < len(boundary):
+            prefill(self.model, _tensor(boundary[cached:]), cache)
+            self.prompt_cache.store(boundary, cache)
+            done = len(boundary)
+        else:
+            done = cached
+        thinking = prompt.rstrip().endswith("<think>")
+        params = self.params or preset(thinking)
+        if not params.stop_token_ids:
+            params = replace(params, stop_token_ids=tuple(self.tokenizer.eos_token_ids))
+        if max_tokens is not None:
+            params = replace(params, max_tokens=max_tokens)
+        self.last = TurnStats(prompt_tokens=len(ids), cached_tokens=cached, prefilled_tokens=len(ids) - cached)
+        parser = OutputParser(self.tools, thinking_open=thinking)
+        detok = self.tokenizer.detokenizer()
+        answer = ParsedDelta()
+        stored = False
+        try:
+            for step in generate_step(self.model, ids[done:], cache=cache, params=params):
+                if not stored:
+                    self.prompt_cache.store(ids, cache)
+                    stored = True
+                self.last.generated_tokens += 1
+                self.last.finish_reason = step.finish_reason
+                if step.finish_reason == "stop" and step.token in self.tokenizer.added_ids:
+                    text = detok.finalize()
+                else:
+                    text = detok.add(step.token) + (detok.finalize() if step.finish_reason else "")
+                delta = parser.feed(text)
+                if step.finish_reason:
+                    delta += parser.finish()
+                answer += delta
+                yield from _events(delta)
+        finally:
+            if not step_finished(self.last):
+                tail = parser.finish()
+                answer += tail
+            msg = {"role": "assistant", "content": answer.content}
+            if answer.reasoning:
+                msg["reasoning_content"] = answer.reasoning
+            if answer.tool_calls:
+                msg["tool_calls"] = [{"type": "function", "id": c.id, "function": {"name": c.name,
+                                                                                   "arguments": c.arguments}}
+                                     for c in answer.tool_calls]
+            self.messages.append(msg)
+
+
+def step_finished(stats: TurnStats) -> bool:
+    return stats.finish_reason is not None
+
+
+def _events(delta: ParsedDelta) -> Iterator[Event]:
+    if delta.reasoning:
+        yield Event("reasoning", delta.reasoning)
+    if delta.content:
+        yield Event("content", delta.content)
+    for call in delta.tool_calls:
+        yield Event("tool_call", call=call)
+    for err in delta.errors:
+        yield Event("error", err)
+
+
+def _tensor(ids: list[int]):
+    import torch
+
+    return torch.tensor([ids])

@@ -1,0 +1,241 @@
+"""Parsing model output as it streams: reasoning, content and tool calls.
+
+A state machine over text (not tokens), fed any split of the stream; the concatenated results never depend
+on where the splits fall, because a possible partial tag at the end of a piece is held back until the
+next piece decides it.
+
+- `<think>...</think>` is reasoning, including when the prompt already opened `<think>` (pass
+  thinking_open=True) and when `</think>` never comes (then everything is reasoning).
+- `<tool_call>...</tool_call>` holds either the XML form Qwen3.5 is trained on
+  (`<function=NAME><parameter=ARG>value</parameter>...</function>`, any parameter order, multi-line values)
+  or the JSON form `{"name": ..., "arguments": {...}}`. Calls are recognised in content and inside
+  `<think>` alike. Values are coerced by the tool's JSON schema when it is known.
+- Malformed calls (unclosed tags, unknown function, bad JSON) never raise: their raw text is kept as
+  content and the problem is reported in `errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+@dataclass
+class ParsedDelta:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __iadd__(self, other: ParsedDelta) -> ParsedDelta:
+        self.reasoning += other.reasoning
+        self.content += other.content
+        self.tool_calls += other.tool_calls
+        self.errors += other.errors
+        return self
+
+
+def _schemas(tools: list[dict] | None) -> dict[str, dict] | None:
+    if not tools:
+        return None
+    out = {}
+    for t in tools:
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            out[fn["name"]] = fn.get("parameters") or {}
+    return out
+
+
+def coerce(value: str, schema: dict | None) -> Any:
+    """A raw parameter string turned into the type its JSON schema names (kept as text if it won't go)."""
+    types = (schema or {}).get("type")
+    types = types if isinstance(types, list) else [types]
+    stripped = value.strip()
+    for t in types:
+        try:
+            if t == "integer":
+                return int(stripped)
+            if t == "number":
+                f = float(stripped)
+                return int(f) if f.is_integer() and re.fullmatch(r"-?\d+", stripped) else f
+            if t == "boolean" and stripped.lower() in ("true", "false"):
+                return stripped.lower() == "true"
+            if t == "null" and stripped.lower() in ("null", "none"):
+                return None
+            if t in ("object", "array"):
+                parsed = json.loads(stripped)
+                if isinstance(parsed, dict if t == "object" else list):
+                    return parsed
+        except (ValueError, json.JSONDecodeError):
+            continue
+    return value
+
+
+_FUNC = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
+_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)", re.S)
+
+
+def parse_call_body(body: str, schemas: dict[str, dict] | None) -> tuple[ToolCall | None, str | None]:
+    """One `<tool_call>` body -> (call, None) or (None, reason)."""
+    text = body.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            return None, f"tool call is not valid JSON ({e.msg})"
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return None, "JSON tool call needs a string 'name'"
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                return None, f"arguments of tool call '{obj['name']}' are not valid JSON"
+        if not isinstance(args, dict):
+            return None, f"arguments of tool call '{obj['name']}' must be an object"
+        name = obj["name"]
+    else:
+        m = _FUNC.search(text)
+        if not m:
+            return None, "tool call has no <function=NAME> block"
+        name = m.group(1).strip()
+        params = (schemas or {}).get(name, {}).get("properties", {}) if schemas else {}
+        args = {}
+        for p in _PARAM.finditer(m.group(2)):
+            value = p.group(2)
+            # the format puts the value on its own lines: drop exactly one newline on each side
+            value = value[1:] if value.startswith("\n") else value
+            value = value[:-1] if value.endswith("\n") else value
+            args[p.group(1).strip()] = coerce(value, params.get(p.group(1).strip()))
+    if schemas is not None and name not in schemas:
+        return None, f"model called unknown function '{name}'"
+    return ToolCall(name, args), None
+
+
+class OutputParser:
+    """Feed text pieces; each `feed` returns what became certain. Call `finish` at the end."""
+
+    def __init__(self, tools: list[dict] | None = None, thinking_open: bool = False):
+        self.schemas = _schemas(tools)
+        self.mode = "reasoning" if thinking_open else "content"
+        self.buf = ""
+        self.call_text = ""  # inside <tool_call>, raw
+        self.call_return = "content"  # mode to go back to after the call
+        self.pending_ws = ""  # trailing whitespace held back (dropped before a tag)
+        self.at_start = True  # strip leading whitespace at the start of a segment
+
+    def _tags(self) -> tuple[str, ...]:
+        if self.mode == "call":
+            return (CALL_CLOSE,)
+        if self.mode == "reasoning":
+            return (THINK_CLOSE, CALL_OPEN)
+        return (THINK_OPEN, CALL_OPEN)
+
+    def _emit(self, out: ParsedDelta, text: str, final: bool = False) -> None:
+        if self.at_start:
+            text = text.lstrip()
+            if not text:
+                return
+            self.at_start = False
+        text = self.pending_ws + text
+        self.pending_ws = ""
+        if not final:
+            body = text.rstrip()
+            self.pending_ws = text[len(body):]
+            text = body
+        if self.mode == "reasoning":
+            out.reasoning += text
+        else:
+            out.content += text
+
+    def _switch(self, mode: str) -> None:
+        self.mode, self.pending_ws, self.at_start = mode, "", True
+
+    def feed(self, text: str) -> ParsedDelta:
+        out = ParsedDelta()
+        self.buf += text
+        while self.buf:
+            tags = self._tags()
+            hits = [(self.buf.find(t), t) for t in tags]
+            hits = [(i, t) for i, t in hits if i >= 0]
+            if hits:
+                i, tag = min(hits)
+                before, self.buf = self.buf[:i], self.buf[i + len(tag):]
+                if self.mode == "call":
+                    self.call_text += before
+                    self._close_call(out)
+                    continue
+                self._emit(out, before)
+                if tag == CALL_OPEN:
+                    self.call_return, self.mode, self.call_text = self.mode, "call", ""
+                elif tag == THINK_OPEN:
+                    self._switch("reasoning")
+                else:  # THINK_CLOSE
+                    self._switch("content")
+                continue
+            # no complete tag: keep back a suffix that could still become one
+            keep = max((k for t in tags for k in range(1, len(t)) if self.buf.endswith(t[:k])), default=0)
+            ready, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+            if self.mode == "call":
+                self.call_text += ready
+            else:
+                self._emit(out, ready)
+            break
+        return out
+
+    def _close_call(self, out: ParsedDelta) -> None:
+        call, err = parse_call_body(self.call_text, self.schemas)
+        back = self.call_return
+        if call is not None:
+            out.tool_calls.append(call)
+            self.mode, self.pending_ws = back, ""
+        else:
+            out.errors.append(err)
+            self.mode = back
+            self._emit(out, CALL_OPEN + self.call_text + CALL_CLOSE)
+        self.call_text = ""
+
+    def finish(self) -> ParsedDelta:
+        out = ParsedDelta()
+        rest, self.buf = self.buf, ""
+        if self.mode == "call":
+            self.call_text += rest
+            call, err = parse_call_body(self.call_text, self.schemas)
+            self.mode = self.call_return
+            complete = "</function>" in self.call_text or self.call_text.strip().startswith("{")
+            if call is not None and complete:
+                out.tool_calls.append(call)
+                out.errors.append("tool call was not closed with </tool_call>; parsed anyway")
+            else:
+                out.errors.append(err or "tool call was not closed with </tool_call>")
+                self._emit(out, CALL_OPEN + self.call_text, final=True)
+            self.call_text = ""
+            return out
+        if rest:
+            self._emit(out, rest, final=True)
+        self.pending_ws = ""
+        return out
+
+
+def parse_output(text: str, tools: list[dict] | None = None, thinking_open: bool = False) -> ParsedDelta:
+    """Parse a complete output at once (same result as streaming it)."""
+    p = OutputParser(tools, thinking_open)
+    out = p.feed(text)
+    out += p.finish()
+    return out
