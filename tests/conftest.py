@@ -23,3 +23,8 @@ def vlm_replicas(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tied_replica(tmp_path_factory):
     return replica.build_text(tmp_path_factory.mktemp("tied"), tie=True, seed=7)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    return replica.build_chat_model(tmp_path_factory.mktemp("chat") / "model")

@@ -1,0 +1,116 @@
+"""Chat templates: byte-identical to transformers' apply_chat_template; forgiving inputs; template lookup."""
+
+import json
+
+import pytest
+
+import tokenizer_fixture
+from qwen35.chat import DEFAULT_TEMPLATE_FILE, ChatTemplate, ChatTemplateError
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}, "days": {"type": "integer"}},
+                                               "required": ["city"]}}},
+         {"type": "function", "function": {"name": "search", "description": "Search the web — ünïcode",
+                                           "parameters": {"type": "object", "properties": {
+                                               "query": {"type": "string"}, "filters": {"type": "object"}}}}}]
+
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}}
+CALL2 = {"type": "function", "function": {"name": "search", "arguments": {"query": "a\nb", "filters": {"x": [1, 2]}}}}
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "  You are terse.  "}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+    [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning_content": "think"},
+     {"role": "user", "content": "Q2"}],
+    [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"}],
+    [{"role": "system", "content": "sys"}, {"role": "user", "content": "weather?"},
+     {"role": "assistant", "content": "Checking.", "tool_calls": [CALL]},
+     {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "{\"t\": 22}"},
+     {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "and tomorrow?"}],
+    [{"role": "user", "content": "two calls"}, {"role": "assistant", "content": "", "tool_calls": [CALL, CALL2]},
+     {"role": "tool", "content": "ok"}],
+    [{"role": "user", "content": "mid"}, {"role": "system", "content": "late system"}, {"role": "user", "content": "x"}],
+    [{"role": "user", "content": [{"type": "text", "text": "look: "}, {"type": "image", "image": "x.png"}]}],
+    [{"role": "user", "content": "中文 😀 \n\n  spaces"}],
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_fixture.build() / "tokenizer.json"))
+    tok.chat_template = DEFAULT_TEMPLATE_FILE.read_text()
+    return tok
+
+
+@pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("tools", [None, TOOLS])
+@pytest.mark.parametrize("thinking", [None, True, False])
+@pytest.mark.parametrize("gen", [True, False])
+def test_default_template_matches_transformers(hf_tokenizer, conv, tools, thinking, gen):
+    messages = CONVERSATIONS[conv]
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    ref = hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen, **kwargs)
+    ours = ChatTemplate.from_model_dir(None).render(messages, tools=tools, add_generation_prompt=gen,
+                                                    enable_thinking=thinking)
+    assert ours == ref
+
+
+def test_documented_format():
+    t = ChatTemplate.from_model_dir(None)
+    assert t.render([{"role": "user", "content": "Hi"}]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert t.render([{"role": "user", "content": "Hi"}], enable_thinking=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    text = t.render(CONVERSATIONS[5], tools=TOOLS)
+    assert "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n" \
+           "</parameter>\n</function>\n</tool_call>" in text
+    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\n{\"t\": 22}\n" \
+           "</tool_response><|im_end|>" in text
+    assert text.startswith("<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n")
+    assert "</IMPORTANT>\n\nsys<|im_end|>" in text
+
+
+def test_string_arguments_render_like_objects():
+    t = ChatTemplate.from_model_dir(None)
+    as_string = json.loads(json.dumps(CONVERSATIONS[5]))
+    as_string[2]["tool_calls"][0]["function"]["arguments"] = json.dumps({"city": "Paris", "days": 3})
+    assert t.render(as_string, tools=TOOLS) == t.render(CONVERSATIONS[5], tools=TOOLS)
+    bad = json.loads(json.dumps(as_string))
+    bad[2]["tool_calls"][0]["function"]["arguments"] = "{not json"
+    with pytest.raises(ChatTemplateError, match=r"messages\[2\].tool_calls\[0\].function.arguments is not valid JSON"):
+        t.render(bad)
+
+
+def test_reasoning_aliases():
+    t = ChatTemplate.from_model_dir(None)
+    a = t.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning": "r"}], False)
+    b = t.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "r"}],
+                 False)
+    assert a == b and "<think>\nr\n</think>" in a
+
+
+def test_checkpoint_template_wins(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "CFG{{ messages[0].content }}"}))
+    assert ChatTemplate.from_model_dir(tmp_path).render([{"role": "user", "content": "x"}]) == "CFGx"
+    (tmp_path / "chat_template.jinja").write_text("FILE{{ messages | length }}")
+    assert ChatTemplate.from_model_dir(tmp_path).render([{"role": "user", "content": "x"}]) == "FILE1"
+
+
+def test_template_errors_are_clear(tmp_path):
+    (tmp_path / "chat_template.jinja").write_text("{% if %}")
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        ChatTemplate.from_model_dir(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('only user and assistant roles') }}")
+    with pytest.raises(ChatTemplateError, match="refused the conversation: only user and assistant roles"):
+        ChatTemplate.from_model_dir(tmp_path).render([{"role": "user", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match=r"messages\[0\] must be an object with a 'role'"):
+        ChatTemplate.from_model_dir(None).render([{"content": "x"}])
+
+
+def test_sandbox_blocks_escapes(tmp_path):
+    (tmp_path / "chat_template.jinja").write_text("{{ messages.__class__.__mro__ }}")
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate.from_model_dir(tmp_path).render([{"role": "user", "content": "x"}])

@@ -1,0 +1,86 @@
+"""Text-level API and multi-turn reuse: turn N+1 never re-prefills turns 1..N."""
+
+import pytest
+import torch
+
+import qwen35
+from qwen35 import SamplingParams
+from qwen35.session import ChatSession
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def loaded(chat_model_dir):
+    return qwen35.load(chat_model_dir, dtype=torch.float32)
+
+
+def test_generate_equals_token_level_greedy(loaded):
+    model, tok = loaded
+    prompt = "The capital of France is"
+    text = qwen35.generate(model, tok, prompt, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(-1,)))
+    ids = [s.token for s in qwen35.generate_step(model, tok.encode(prompt), params=GREEDY)]
+    assert text == tok.decode(ids)
+
+
+def test_stream_generate_reports_timings_and_finish(loaded):
+    model, tok = loaded
+    rs = list(qwen35.stream_generate(model, tok, "Hi", SamplingParams(temperature=0, max_tokens=5)))
+    assert len(rs) <= 5 and rs[-1].finish_reason in ("stop", "length")
+    assert rs[-1].prompt_tokens == len(tok.encode("Hi")) and rs[-1].generation_tokens == len(rs)
+    assert rs[0].prefill_tok_s > 0 and all(r.finish_reason is None for r in rs[:-1])
+
+
+def test_prompt_cache_restores_longest_prefix(loaded):
+    from qwen35.prompt_cache import PromptCache
+
+    model, tok = loaded
+    pc = PromptCache(model)
+    first = list(qwen35.stream_generate(model, tok, "one two three four", GREEDY, prompt_cache=pc))
+    again = list(qwen35.stream_generate(model, tok, "one two three four five", GREEDY, prompt_cache=pc))
+    assert again[0].cached_tokens == len(tok.encode("one two three four"))
+    cold = list(qwen35.stream_generate(model, tok, "one two three four five", GREEDY))
+    assert [r.token for r in again] == [r.token for r in cold]
+    assert first[0].cached_tokens == 0
+
+
+def test_second_turn_prefills_only_new_tokens(loaded):
+    model, tok = loaded
+    s = ChatSession(model, tok, system="Be brief.", enable_thinking=False, params=GREEDY)
+    list(s.send("Hello there"))
+    first = s.last
+    assert first.cached_tokens == 0 and first.prefilled_tokens == first.prompt_tokens
+    list(s.send("And again"))
+    second = s.last
+    # everything up to the end of turn 1's user message is restored, not prefilled
+    boundary = len(tok.encode(s.template.render(s.messages[:2], add_generation_prompt=False)))
+    assert second.cached_tokens == boundary
+    assert second.prefilled_tokens == second.prompt_tokens - boundary
+    list(s.send("Third"))
+    third = s.last
+    assert third.cached_tokens == len(tok.encode(s.template.render(s.messages[:4], add_generation_prompt=False)))
+    # the same conversation from scratch gives the same answer
+    cold = ChatSession(model, tok, system="Be brief.", enable_thinking=False, params=GREEDY)
+    cold.messages = [dict(m) for m in s.messages[:5]]
+    list(cold.send("Third"))
+    assert cold.last.cached_tokens == 0
+    assert cold.messages[-1] == s.messages[-1]
+
+
+def test_reset_forgets(loaded):
+    model, tok = loaded
+    s = ChatSession(model, tok, enable_thinking=False, params=GREEDY)
+    list(s.send("Hi"))
+    s.reset()
+    assert s.messages == [] and not s.prompt_cache.entries
+    list(s.send("Hi"))
+    assert s.last.cached_tokens == 0
+
+
+def test_load_errors(tmp_path, monkeypatch):
+    with pytest.raises(qwen35.Qwen35Error, match="not a directory, and not a hub repo id"):
+        qwen35.load(tmp_path / "missing")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(qwen35.Qwen35Error, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        qwen35.load("Qwen/Qwen3.5-0.8B")

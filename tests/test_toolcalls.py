@@ -1,0 +1,121 @@
+"""Streaming output parser: reasoning, content, XML and JSON tool calls; any split equals the whole."""
+
+import random
+
+import pytest
+
+from qwen35.toolcalls import OutputParser, ParsedDelta, coerce, parse_output
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+    "ratio": {"type": "number"}, "opts": {"type": "object"}, "tags": {"type": "array"}}}}},
+         {"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {
+             "text": {"type": "string"}}}}}]
+
+XML_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n</parameter>\n<parameter=city>\nNew York\n"
+            "</parameter>\n<parameter=metric>\ntrue\n</parameter>\n<parameter=ratio>\n0.5\n</parameter>\n"
+            "<parameter=opts>\n{\"unit\": \"C\"}\n</parameter>\n<parameter=tags>\n[\"a\", 1]\n</parameter>\n"
+            "</function>\n</tool_call>")
+STREAMS = [
+    "Plain answer, no tags.",
+    "Reasoning here.\n</think>\n\nThe answer.",
+    "<think>\nopened by the model\n</think>\n\nAnswer.",
+    "Let me check.\n\n" + XML_CALL,
+    "thinking about a call\n" + XML_CALL + "\nstill thinking\n</think>\n\nDone.",
+    XML_CALL + "\n<tool_call>\n{\"name\": \"note\", \"arguments\": {\"text\": \"multi\\nline\"}}\n</tool_call>",
+    "<tool_call>\n<function=note>\n<parameter=text>\nline one\n\nline three <b>bold</b>\n</parameter>\n</function>\n"
+    "</tool_call>",
+    "never closes the think block",
+    "a <tool_call>{\"name\": \"note\", \"arguments\": \"{\\\"text\\\": \\\"s\\\"}\"}</tool_call> b",
+    "bad <tool_call>{oops}</tool_call> end",
+    "unknown <tool_call><function=launch_rockets></function></tool_call> end",
+    "unclosed <tool_call><function=note><parameter=text>hello",
+    "<tool_call>\n<function=note>\n<parameter=text>\nclosed function, unclosed call\n</parameter>\n</function>\n",
+    "text with < and <tool and </thi lookalikes > done",
+]
+
+
+def whole(s, thinking):
+    return parse_output(s, TOOLS, thinking_open=thinking)
+
+
+def key(d: ParsedDelta):
+    return d.reasoning, d.content, [(c.name, c.arguments) for c in d.tool_calls], d.errors
+
+
+@pytest.mark.parametrize("i", range(len(STREAMS)))
+@pytest.mark.parametrize("thinking", [False, True])
+def test_any_split_gives_the_same_result(i, thinking):
+    s = STREAMS[i]
+    ref = key(whole(s, thinking))
+    r = random.Random(i)
+    for trial in range(60):
+        cuts = sorted(r.sample(range(1, len(s)), min(len(s) - 1, r.randint(1, 25)))) if len(s) > 1 else []
+        p = OutputParser(TOOLS, thinking_open=thinking)
+        acc = ParsedDelta()
+        for a, b in zip([0] + cuts, cuts + [len(s)]):
+            acc += p.feed(s[a:b])
+        acc += p.finish()
+        assert key(acc) == ref, (trial, cuts)
+    # one character at a time
+    p = OutputParser(TOOLS, thinking_open=thinking)
+    acc = ParsedDelta()
+    for ch in s:
+        acc += p.feed(ch)
+    acc += p.finish()
+    assert key(acc) == ref
+
+
+def test_xml_call_any_order_types_and_multiline():
+    d = whole("Let me check.\n\n" + XML_CALL, False)
+    assert d.content == "Let me check." and d.errors == []
+    (call,) = d.tool_calls
+    assert call.name == "get_weather"
+    assert call.arguments == {"days": 3, "city": "New York", "metric": True, "ratio": 0.5, "opts": {"unit": "C"},
+                              "tags": ["a", 1]}
+    d = whole(STREAMS[6], False)
+    assert d.tool_calls[0].arguments == {"text": "line one\n\nline three <b>bold</b>"}
+
+
+def test_reasoning_split():
+    assert key(whole(STREAMS[1], True))[:2] == ("Reasoning here.", "The answer.")
+    assert key(whole(STREAMS[2], False))[:2] == ("opened by the model", "Answer.")
+    assert key(whole(STREAMS[7], True))[:2] == ("never closes the think block", "")
+
+
+def test_calls_inside_think_are_kept():
+    d = whole(STREAMS[4], True)
+    assert [c.name for c in d.tool_calls] == ["get_weather"]
+    assert d.reasoning == "thinking about a call\nstill thinking" and d.content == "Done."
+
+
+def test_json_form_and_several_calls():
+    d = whole(STREAMS[5], False)
+    assert [(c.name, c.arguments) for c in d.tool_calls][1] == ("note", {"text": "multi\nline"})
+    d = whole(STREAMS[8], False)
+    assert d.tool_calls[0].arguments == {"text": "s"} and d.content == "a b"
+
+
+@pytest.mark.parametrize("i,error", [(9, "tool call is not valid JSON"), (10, "model called unknown function "
+                                                                          "'launch_rockets'"),
+                                     (11, "tool call was not closed with </tool_call>")])
+def test_malformed_calls_become_content_with_an_error(i, error):
+    d = whole(STREAMS[i], False)
+    assert d.tool_calls == [] and d.errors and d.errors[0].startswith(error)
+    assert "<tool_call>" in d.content
+
+
+def test_unclosed_call_with_complete_function_is_parsed():
+    d = whole(STREAMS[12], False)
+    assert d.tool_calls[0].arguments == {"text": "closed function, unclosed call"}
+    assert "not closed" in d.errors[0]
+
+
+def test_lookalike_tags_are_plain_text():
+    assert whole(STREAMS[13], False).content == STREAMS[13]
+
+
+def test_coerce_keeps_text_when_type_does_not_fit():
+    assert coerce("abc", {"type": "integer"}) == "abc"
+    assert coerce("7", {"type": ["null", "integer"]}) == 7
+    assert coerce("x", None) == "x"
