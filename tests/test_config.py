@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -81,5 +82,5 @@ def test_bad_configs_name_the_problem(tmp_path):
 
 def test_config_is_frozen():
     c = ModelConfig.from_hf(composite())
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.hidden_size = 3

@@ -156,3 +156,16 @@ def test_bad_inputs_raise_clear_errors(loaded):
         model(torch.tensor([1, 2]))
     with pytest.raises(qwen35.InputError, match="batch size 2"):
         model(ids(3), cache=model.make_cache(batch_size=2))
+
+
+def test_fuse_projections_keeps_values_and_logits(vlm_replicas):
+    """A model built unfused (e.g. for training) fused afterwards gives the same logits."""
+    model = qwen35.load_model(vlm_replicas[1][1])
+    x = ids(20, seed=4)
+    before = model(x)
+    for owner, attr, _ in model.fusion_groups():
+        setattr(owner, attr, None)  # unfused: every projection runs alone
+    assert (model(x) - before).abs().max() <= 1e-5
+    model.fuse_projections()
+    assert all(getattr(owner, attr) is not None for owner, attr, _ in model.fusion_groups())
+    assert (model(x) - before).abs().max() <= 1e-5

@@ -1,6 +1,6 @@
 """Chat interactively; the cache is kept across turns and only each new turn is prefilled.
 
-Commands: /reset (new conversation), /think on|off, /quit. End a line with \\ to continue it on the next,
+Commands: /reset (new conversation), /think on|off, /max N (answer length), /quit. End a line with \\ to continue it on the next,
 or wrap a block in triple quotes (\"\"\"). Ctrl-C interrupts an answer and returns to the prompt; Ctrl-D
 or /quit leaves.
 """
@@ -51,14 +51,12 @@ def main(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_from_args(args)
     tty = sys.stdout.isatty()
-    explicit = any(getattr(args, k, None) is not None for k in ("temperature", "top_p", "top_k", "min_p",
-                                                                "presence_penalty", "seed"))
     session = ChatSession(model, tokenizer, system=args.system, enable_thinking=args.think)
 
     def params_for(thinking: bool):
-        return sampling_from_args(args, preset(thinking)) if explicit or args.max_tokens else preset(thinking)
+        return sampling_from_args(args, preset(thinking))
 
-    print("qwen35 chat: /reset, /think on|off, /quit; Ctrl-C stops an answer, Ctrl-D exits.", flush=True)
+    print("qwen35 chat: /reset, /think on|off, /max N, /quit; Ctrl-C stops an answer, Ctrl-D exits.", flush=True)
     while True:
         try:
             text = read_message()
@@ -83,8 +81,16 @@ def main(args: argparse.Namespace) -> int:
             session.enable_thinking = arg == "on"
             print(f"(thinking {arg})", flush=True)
             continue
+        if cmd.startswith("/max"):
+            parts = cmd.split()
+            if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) < 1:
+                print("(usage: /max N, N >= 1)", flush=True)
+                continue
+            args.max_tokens = int(parts[1])
+            print(f"(answers up to {args.max_tokens} tokens)", flush=True)
+            continue
         if cmd.startswith("/"):
-            print(f"(unknown command {cmd.split()[0]}; try /reset, /think on|off, /quit)", flush=True)
+            print(f"(unknown command {cmd.split()[0]}; try /reset, /think on|off, /max N, /quit)", flush=True)
             continue
         thinking = session.enable_thinking if session.enable_thinking is not None else True
         session.params = params_for(thinking)

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..weights import count_mtp_layers, read_checkpoint_entries
+from ..weights import read_checkpoint_entries
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:

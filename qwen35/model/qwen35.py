@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..ops.linear import Linear, linear
+from ..ops.linear import Linear, fuse_linears, linear
 
 from ..cache import DeltaNetState, HybridCache, KVCache
 from ..config import ModelConfig

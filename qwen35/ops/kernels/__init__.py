@@ -57,8 +57,8 @@ def _load() -> tuple[bool, str]:
     import torch
 
     try:
-        torch.ops.qwen35.gemv_bf16  # already registered (e.g. by another import path)
-        return True, ""
+        if torch.ops.qwen35.gemv_bf16 is not None:  # already registered (e.g. by another import path)
+            return True, ""
     except (AttributeError, RuntimeError):
         pass
     try:
