@@ -47,25 +47,29 @@ def tune_allocator() -> bool:
     return ok
 
 
-def current_rss_mb() -> float:
-    """Resident memory of this process now (VmRSS), in MiB."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB, None where there is no /proc."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("nan")
+    return None
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (VmRSS), in MiB."""
+    v = _status_mb("VmRSS")
+    return float("nan") if v is None else v
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (VmHWM), in MiB."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    v = _status_mb("VmHWM")
+    if v is not None:
+        return v
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

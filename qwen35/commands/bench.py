@@ -12,8 +12,7 @@ import time
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16}
+from .common import DTYPES
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
