@@ -141,3 +141,32 @@ def test_missing_kernels_fall_back_loudly(tmp_path):
     assert "available False" in out.stdout
     assert "fast CPU kernels unavailable (disabled by QWEN35_KERNELS=0); using the slower torch reference path" \
         in out.stderr
+
+
+def test_whole_layer_decode_kernels_match_per_op_path(tmp_path):
+    import qwen35.model.qwen35 as qmodel
+
+    build_replica(tmp_path / "tiny", "tiny", seed=5)
+    model = qwen35.load_model(tmp_path / "tiny", dtype=torch.bfloat16)
+    ids = torch.randint(0, 4096, (2, 30), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        cache = model.make_cache(2)
+        cache.pad = torch.tensor([0, 4])  # padding reaches the attention kernel through `pad`
+        with torch.inference_mode():
+            model(ids[:, :-4], cache=cache)
+            return torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(26, 30)], 1), cache
+
+    fused, c1 = run()
+    qmodel.LAYER_KERNELS = False
+    try:
+        per_op, c2 = run()
+    finally:
+        qmodel.LAYER_KERNELS = True
+    assert rel(fused, per_op) <= 1e-2
+    for a, b in zip(c1.layers, c2.layers):
+        if hasattr(a, "buffer"):
+            assert a.length == b.length == 30
+            assert rel(a.buffer.k[:, :, :30], b.buffer.k[:, :, :30]) <= 1e-2
+        else:
+            assert rel(a.recurrent, b.recurrent) <= 1e-2

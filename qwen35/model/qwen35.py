@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops.linear import Linear, fuse_linears, linear
+from ..ops.dispatch import fast_path_ok
+from ..ops.linear import Linear, fuse_linears, fused_weight, linear
 
 from ..cache import DeltaNetState, HybridCache, KVCache
 from ..config import ModelConfig
@@ -23,6 +24,10 @@ from .mlp import MLP
 from .mtp import MTPHead
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
+
+
+_NO_PAD = torch.empty(0, dtype=torch.long)
+LAYER_KERNELS = True  # whole-layer decode kernels; False runs the per-op fast path (for comparison)
 
 
 class InputError(Qwen35Error, ValueError):
@@ -71,6 +76,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope, cache: KVCache | DeltaNetState | None = None,
                 masks: PaddingMasks | None = None) -> torch.Tensor:
+        if x.shape[1] == 1 and cache is not None and LAYER_KERNELS and fast_path_ok(x, (torch.bfloat16,)):
+            out = self._decode_fast(x, rope, cache, masks)
+            if out is not None:
+                return out
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             h = self.linear_attn(h, cache, token_mask=None if masks is None else masks.tokens)
@@ -78,6 +87,42 @@ class DecoderLayer(nn.Module):
             h = self.self_attn(h, rope, cache, masks=masks)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+    def _decode_fast(self, x: torch.Tensor, rope, cache, masks: PaddingMasks | None) -> torch.Tensor | None:
+        """The whole layer in one C++ call for a decode step (None when a piece lacks its fast form)."""
+        mlp = self.mlp
+        gate_up = fused_weight(mlp._gate_up, mlp.gate_proj, mlp.up_proj)
+        if gate_up is None or mlp.gate_proj.weight.shape[0] % 16:
+            return None
+        B, _, H = x.shape
+        x2 = x.reshape(B, H)
+        eps = self.input_layernorm.eps
+        if self.layer_type == "linear_attention":
+            gdn = self.linear_attn
+            w_in = fused_weight(gdn._in_proj, gdn.in_proj_qkv, gdn.in_proj_z, gdn.in_proj_b, gdn.in_proj_a)
+            if (w_in is None or cache.conv.dtype != torch.bfloat16 or gdn.conv_dim % 16 or gdn.head_v_dim % 16
+                    or gdn.kernel_size > 8 or (masks is not None and not bool(masks.tokens.all()))):
+                return None
+            out, cache.conv, cache.recurrent = torch.ops.qwen35.decode_gdn_layer(
+                x2, self.input_layernorm.weight, w_in, cache.conv.contiguous(), gdn.conv1d.weight[:, 0].contiguous(),
+                gdn.A_log, gdn.dt_bias, cache.recurrent.contiguous(), gdn.norm.weight, gdn.out_proj.weight,
+                self.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight, gdn.num_k_heads, eps)
+            return out.view(B, 1, H)
+        attn = self.self_attn
+        w_qkv = fused_weight(attn._qkv, attn.q_proj, attn.k_proj, attn.v_proj)
+        if w_qkv is None or not attn._decode_kernel_ok or cache.dtype != torch.bfloat16:
+            return None
+        buf = cache._writable(cache.length + 1)
+        cos, sin = rope
+        pad = masks.pad if masks is not None else _NO_PAD
+        out = torch.ops.qwen35.decode_attn_layer(
+            x2, self.input_layernorm.weight, w_qkv, attn.q_norm.weight, attn.k_norm.weight,
+            cos.reshape(cos.shape[0], -1).contiguous(), sin.reshape(sin.shape[0], -1).contiguous(), buf.k, buf.v,
+            cache.length, pad, attn.o_proj.weight, self.post_attention_layernorm.weight, gate_up,
+            mlp.down_proj.weight, attn.num_heads, eps)
+        cache.length += 1
+        return out.view(B, 1, H)
 
 
 class TextModel(nn.Module):

@@ -481,6 +481,108 @@ std::tuple<at::Tensor, at::Tensor> conv_silu(const at::Tensor& x, const at::Tens
   return {y, new_state};
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Whole decoder layers for decode (one token per sequence), so a decode step makes one call per layer
+// instead of ~20 small ops from Python. They chain the kernels above; the math and rounding are those
+// of the per-op fast path, which is tested against the torch reference.
+
+// a + b for bf16 tensors of one shape (fp32 add, one rounding, like torch)
+at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty_like(a);
+  const auto* ap = a.data_ptr<c10::BFloat16>();
+  const auto* bp = b.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < a.numel(); ++i) op[i] = static_cast<c10::BFloat16>(to_f(ap[i]) + to_f(bp[i]));
+  return out;
+}
+
+// x + down(silu(gate(n)) * up(n)), n = rmsnorm(x)
+at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& ln, const at::Tensor& w_gate_up,
+                        const at::Tensor& w_down, double eps) {
+  at::Tensor h = rmsnorm(x, ln, eps, true);
+  at::Tensor a = silu_mul(gemv_bf16(h, w_gate_up, false));
+  return add_bf16(x, gemv_bf16(a, w_down, false));
+}
+
+// Gated DeltaNet layer: x [B, H] bf16 -> (x', new conv state, new recurrent state)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gdn_layer(
+    const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& w_in, const at::Tensor& conv_state,
+    const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
+    const at::Tensor& norm_w, const at::Tensor& w_out, const at::Tensor& ln2, const at::Tensor& w_gate_up,
+    const at::Tensor& w_down, int64_t Hk, double eps) {
+  at::Tensor h = rmsnorm(x, ln1, eps, true);
+  at::Tensor proj = gemv_bf16(h, w_in, false);
+  auto [o, conv, rec] = gdn_decode(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps);
+  at::Tensor x1 = add_bf16(x, gemv_bf16(o, w_out, false));
+  return {mlp_residual(x1, ln2, w_gate_up, w_down, eps), conv, rec};
+}
+
+// Gated attention layer. qkv projection rows per token: [q0 g0 q1 g1 ... | k heads | v heads]. The new key
+// and value are written into the caller's cache buffers at slot `pos` (capacity reserved by the caller),
+// then the query attends to slots [pad[b], pos]. cos/sin: [1 or B, R] fp32 for this position.
+at::Tensor decode_attn_layer(
+    const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& w_qkv, const at::Tensor& q_norm,
+    const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_buf,
+    const at::Tensor& v_buf, int64_t pos, const at::Tensor& pad, const at::Tensor& w_o, const at::Tensor& ln2,
+    const at::Tensor& w_gate_up, const at::Tensor& w_down, int64_t Hq, double eps) {
+  TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "decode_attn_layer: layout");
+  const int64_t B = x.size(0), Hkv = k_buf.size(1), D = k_buf.size(3), R = cos.size(-1);
+  TORCH_CHECK(pos < k_buf.size(2) && R <= D && R % 2 == 0, "decode_attn_layer: sizes");
+  at::Tensor h = rmsnorm(x, ln1, eps, true);
+  at::Tensor qkv = gemv_bf16(h, w_qkv, false);  // [B, 2*Hq*D + 2*Hkv*D]
+  const int64_t P = qkv.size(1);
+  TORCH_CHECK(P == 2 * Hq * D + 2 * Hkv * D, "decode_attn_layer: projection size");
+  at::Tensor q = at::empty({B, Hq, D}, x.options());
+  const auto* qp = qkv.data_ptr<c10::BFloat16>();
+  auto* qo = q.data_ptr<c10::BFloat16>();
+  auto* kb = k_buf.data_ptr<c10::BFloat16>();
+  auto* vb = v_buf.data_ptr<c10::BFloat16>();
+  const float* qn = q_norm.data_ptr<float>();
+  const float* kn = k_norm.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const int64_t cap = k_buf.size(2);
+  std::vector<float> t(D), r(D);
+  // zero-centred RMSNorm (rounded to bf16, as the per-op path) then partial NeoX RoPE (rounded again)
+  auto norm_rope = [&](const c10::BFloat16* src, const float* w, const float* c, const float* sn,
+                       c10::BFloat16* dst) {
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) ss += to_f(src[d]) * to_f(src[d]);
+    const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d) t[d] = to_f(static_cast<c10::BFloat16>(to_f(src[d]) * inv * (1.f + w[d])));
+    const int64_t half = R / 2;
+    for (int64_t d = 0; d < R; ++d) {
+      const float rot = d < half ? -t[d + half] : t[d - half];
+      dst[d] = static_cast<c10::BFloat16>(t[d] * c[d] + rot * sn[d]);
+    }
+    for (int64_t d = R; d < D; ++d) dst[d] = static_cast<c10::BFloat16>(t[d]);
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    const c10::BFloat16* row = qp + b * P;
+    const float* c = cp + (cos.size(0) == 1 ? 0 : b) * R;
+    const float* sn = sp + (sin.size(0) == 1 ? 0 : b) * R;
+    for (int64_t hq = 0; hq < Hq; ++hq) norm_rope(row + hq * 2 * D, qn, c, sn, qo + (b * Hq + hq) * D);
+    for (int64_t hk = 0; hk < Hkv; ++hk) {
+      norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, kb + ((b * Hkv + hk) * cap + pos) * D);
+      std::memcpy(vb + ((b * Hkv + hk) * cap + pos) * D, row + 2 * Hq * D + Hkv * D + hk * D,
+                  D * sizeof(c10::BFloat16));
+    }
+  }
+  at::Tensor o = attn_decode(q, k_buf, v_buf, pos + 1, pad, 1.0 / std::sqrt(static_cast<double>(D)));
+  // output gate: o * sigmoid(gate), both bf16 like the per-op path
+  auto* op = o.data_ptr<c10::BFloat16>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hq = 0; hq < Hq; ++hq)
+      for (int64_t d = 0; d < D; ++d) {
+        const float g = to_f(qp[b * P + hq * 2 * D + D + d]);
+        const float sg = to_f(static_cast<c10::BFloat16>(1.f / (1.f + std::exp(-g))));
+        op[(b * Hq + hq) * D + d] = static_cast<c10::BFloat16>(to_f(op[(b * Hq + hq) * D + d]) * sg);
+      }
+  at::Tensor x1 = add_bf16(x, gemv_bf16(o.view({B, Hq * D}), w_o, false));
+  return mlp_residual(x1, ln2, w_gate_up, w_down, eps);
+}
+
 bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
 
 }  // namespace
@@ -493,6 +595,12 @@ TORCH_LIBRARY(qwen35, m) {
   m.def("gdn_decode(Tensor proj, Tensor conv_state, Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, "
         "Tensor norm_w, int Hk, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("conv_silu(Tensor x, Tensor w, Tensor state) -> (Tensor, Tensor)");
+  m.def("decode_gdn_layer(Tensor x, Tensor ln1, Tensor w_in, Tensor conv_state, Tensor conv_w, Tensor A_log, "
+        "Tensor dt_bias, Tensor state, Tensor norm_w, Tensor w_out, Tensor ln2, Tensor w_gate_up, Tensor w_down, "
+        "int Hk, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("decode_attn_layer(Tensor x, Tensor ln1, Tensor w_qkv, Tensor q_norm, Tensor k_norm, Tensor cos, "
+        "Tensor sin, Tensor(a!) k_buf, Tensor(b!) v_buf, int pos, Tensor pad, Tensor w_o, Tensor ln2, "
+        "Tensor w_gate_up, Tensor w_down, int Hq, float eps) -> Tensor");
   m.def("attn_decode(Tensor q, Tensor k, Tensor v, int S, Tensor pad, float scale) -> Tensor");
 }
 
@@ -503,5 +611,7 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
   m.impl("gdn_decode", &gdn_decode);
   m.impl("attn_decode", &attn_decode);
   m.impl("conv_silu", &conv_silu);
+  m.impl("decode_gdn_layer", &decode_gdn_layer);
+  m.impl("decode_attn_layer", &decode_attn_layer);
 }
 TORCH_LIBRARY_IMPL(qwen35, CompositeExplicitAutograd, m) { m.impl("cpu_supported", &cpu_supported); }
