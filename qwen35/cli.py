@@ -11,6 +11,7 @@ from .errors import Qwen35Error
 COMMANDS = {
     "generate": "qwen35.commands.generate",
     "chat": "qwen35.commands.chat",
+    "serve": "qwen35.commands.serve",
     "bench": "qwen35.commands.bench",
     "info": "qwen35.commands.info",
     "replica": "qwen35.commands.replica",

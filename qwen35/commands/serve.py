@@ -1,0 +1,48 @@
+"""Serve a model over an OpenAI-compatible HTTP API (chat completions, completions, models, metrics).
+
+Requests decode together in one batch (continuous batching); repeated prompt prefixes and earlier turns
+of a conversation are restored from cache snapshots instead of being prefilled again.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_model_args
+
+
+def setup_parser(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the folder name)")
+    p.add_argument("--prompt-cache-gb", type=float, default=2.0, help="memory for prompt-reuse snapshots")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None)
+    think.add_argument("--no-think", dest="think", action="store_false")
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..server.app import create_app
+    from ..server.engine import Engine
+    from .common import load_from_args
+
+    model, tokenizer = load_from_args(args)
+    name = args.model_name or Path(str(args.model or "qwen35")).name
+    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
+                    prompt_cache_bytes=int(args.prompt_cache_gb * 2**30))
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, default_thinking=args.think,
+                     request_timeout=args.request_timeout)
+    print(f"qwen35 serving '{name}' on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+    return 0

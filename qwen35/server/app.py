@@ -1,0 +1,308 @@
+"""The OpenAI-compatible HTTP API (FastAPI): chat completions, completions, models, health, metrics.
+
+Requests are validated (protocol.py), rendered with the model's chat template, and handed to the batching
+engine (engine.py); results stream back as Server-Sent Events or one JSON body. A client that disconnects
+cancels its request; errors come back in OpenAI's JSON shape and never carry a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..errors import Qwen35Error
+from ..generate import ContextLengthError
+from ..toolcalls import OutputParser, ParsedDelta
+from .engine import Engine, QueueFull
+from .engine import Request as EngineRequest
+from .protocol import APIError, bad, parse_options
+
+log = logging.getLogger("qwen35.server")
+
+
+class StopStrings:
+    """Cuts the text stream at the first stop string; holds back what could be the start of one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+        self.hit = False
+
+    def feed(self, text: str, final: bool = False) -> str:
+        if not self.stops:
+            return text
+        self.buf += text
+        cut = min((i for i in (self.buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.buf, self.hit = self.buf[:cut], "", True
+            return out
+        keep = 0 if final else max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])),
+                                   default=0)
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+               default_thinking: bool | None = None, request_timeout: float | None = 600.0) -> FastAPI:
+    app = FastAPI(title="qwen35", docs_url=None, redoc_url=None)
+    started = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        return JSONResponse(bad("body", "invalid request body").body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, e: Exception):
+        log.exception("internal error")
+        return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    async def body_of(request: Request) -> dict:
+        check_auth(request)
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise bad("body", "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bad("body", "the request body must be a JSON object")
+        if body.get("model") not in (None, model_name):
+            raise APIError(404, f"the model '{body.get('model')}' does not exist; this server serves '{model_name}'",
+                           "model", "model_not_found")
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                            "owned_by": "qwen35"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        s = engine.stats
+        lines = [
+            "# TYPE qwen35_requests_total counter", f"qwen35_requests_total {s['requests']}",
+            "# TYPE qwen35_request_errors_total counter", f"qwen35_request_errors_total {s['errors']}",
+            "# TYPE qwen35_prompt_tokens_total counter", f"qwen35_prompt_tokens_total {s['prompt_tokens']}",
+            "# TYPE qwen35_cached_prompt_tokens_total counter",
+            f"qwen35_cached_prompt_tokens_total {s['cached_tokens']}",
+            "# TYPE qwen35_generated_tokens_total counter", f"qwen35_generated_tokens_total {s['generated_tokens']}",
+            "# TYPE qwen35_queue_depth gauge", f"qwen35_queue_depth {engine.queue_depth}",
+            "# TYPE qwen35_active_sequences gauge", f"qwen35_active_sequences {len(engine.active)}",
+            "# TYPE qwen35_time_to_first_token_seconds summary",
+            f"qwen35_time_to_first_token_seconds_sum {s['ttft_sum']:.6f}",
+            f"qwen35_time_to_first_token_seconds_count {s['ttft_count']}",
+            "# TYPE qwen35_decode_tokens_per_second gauge",
+            f"qwen35_decode_tokens_per_second {s['decode_steps'] / s['decode_time'] if s['decode_time'] else 0:.3f}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    def submit(prompt_ids: list[int], opts, boundary: int = 0) -> EngineRequest:
+        try:
+            return engine.submit(EngineRequest(prompt_ids, opts.params, boundary=boundary, timeout_s=request_timeout))
+        except ContextLengthError as e:
+            raise bad("messages", str(e), "context_length_exceeded") from None
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full") from None
+
+    async def tokens(req: EngineRequest, request: Request):
+        """The engine's tokens for `req`, cancelling it when the client goes away."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                item = await loop.run_in_executor(None, lambda: req.out.get(timeout=0.1))
+            except queue.Empty:
+                if await request.is_disconnected():
+                    req.cancel()
+                    return
+                continue
+            yield item
+            if item.finish_reason is not None or item.error is not None:
+                return
+
+    async def run(req: EngineRequest, request: Request, opts, parser: OutputParser | None):
+        """Yields (ParsedDelta, token item) as text arrives; the last item carries the finish."""
+        detok = tokenizer.detokenizer()
+        stops = StopStrings(opts.stop_strings)
+        async for item in tokens(req, request):
+            if item.error is not None:
+                raise APIError(500, "generation failed")
+            text = ""
+            if item.token is not None and not (item.finish_reason == "stop" and item.token in tokenizer.added_ids):
+                text = detok.add(item.token)
+            if item.finish_reason is not None:
+                text += detok.finalize()
+            text = stops.feed(text, final=item.finish_reason is not None)
+            if stops.hit:
+                req.cancel()
+                item.finish_reason = "stop"
+            delta = ParsedDelta(content=text) if parser is None else parser.feed(text)
+            if parser is not None and item.finish_reason is not None:
+                delta += parser.finish()
+            yield delta, item
+            if stops.hit:
+                return
+
+    def usage(req: EngineRequest, completion: int) -> dict:
+        return {"prompt_tokens": len(req.prompt), "completion_tokens": completion,
+                "total_tokens": len(req.prompt) + completion,
+                "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
+
+    def finish_reason(reason: str | None, calls: bool) -> str:
+        if calls and reason in ("stop", None):
+            return "tool_calls"
+        return {"timeout": "length", "cancelled": "stop"}.get(reason, reason or "stop")
+
+    def logprob_entry(item) -> dict:
+        tok = tokenizer.decode([item.token])
+        return {"token": tok, "logprob": item.logprob, "bytes": list(tok.encode()),
+                "top_logprobs": [{"token": tokenizer.decode([i]), "logprob": v} for i, v in item.top_logprobs or ()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await body_of(request)
+        opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=True)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad("messages", "'messages' must be a non-empty list")
+        try:
+            prompt = tokenizer.chat_template.render(messages, tools=opts.tools, add_generation_prompt=True,
+                                                    enable_thinking=opts.enable_thinking)
+            history = tokenizer.chat_template.render(messages, tools=opts.tools, add_generation_prompt=False,
+                                                     enable_thinking=opts.enable_thinking)
+        except Qwen35Error as e:
+            raise bad("messages", str(e)) from None
+        ids = tokenizer.encode(prompt)
+        hist = tokenizer.encode(history)
+        boundary = len(hist) if ids[: len(hist)] == hist else 0
+        thinking_open = prompt.rstrip().endswith("<think>")
+        req = submit(ids, opts, boundary)
+        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+
+        def chunk(delta: dict, finish=None, lp=None) -> str:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if lp is not None:
+                choice["logprobs"] = {"content": lp}
+            return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                          "model": model_name, "choices": [choice]}, ensure_ascii=False) + "\n\n"
+
+        parser = OutputParser(opts.tools, thinking_open=thinking_open)
+        if opts.stream:
+            async def events():
+                n, ncalls = 0, 0
+                yield chunk({"role": "assistant", "content": ""})
+                try:
+                    async for delta, item in run(req, request, opts, parser):
+                        n += item.token is not None
+                        lp = [logprob_entry(item)] if opts.params.logprobs and item.token is not None else None
+                        if delta.reasoning:
+                            yield chunk({"reasoning_content": delta.reasoning}, lp=lp)
+                            lp = None
+                        if delta.content:
+                            yield chunk({"content": delta.content}, lp=lp)
+                            lp = None
+                        for call in delta.tool_calls:
+                            yield chunk({"tool_calls": [{"index": ncalls, "id": call.id, "type": "function",
+                                                         "function": {"name": call.name, "arguments": ""}}]})
+                            yield chunk({"tool_calls": [{"index": ncalls,
+                                                         "function": {"arguments": call.arguments_json()}}]})
+                            ncalls += 1
+                        if item.finish_reason is not None:
+                            yield chunk({}, finish_reason(item.finish_reason, ncalls > 0))
+                except APIError as e:
+                    yield "data: " + json.dumps(e.body()) + "\n\n"
+                if opts.include_usage:
+                    yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                                 "model": model_name, "choices": [], "usage": usage(req, n)}) + "\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        out, n, last, lps = ParsedDelta(), 0, None, []
+        async for delta, item in run(req, request, opts, parser):
+            out += delta
+            n += item.token is not None
+            last = item
+            if opts.params.logprobs and item.token is not None:
+                lps.append(logprob_entry(item))
+        message = {"role": "assistant", "content": out.content or (None if out.tool_calls else "")}
+        if out.reasoning:
+            message["reasoning_content"] = out.reasoning
+        if out.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments_json()}}
+                                     for c in out.tool_calls]
+        choice = {"index": 0, "message": message,
+                  "finish_reason": finish_reason(last.finish_reason if last else None, bool(out.tool_calls)),
+                  "logprobs": {"content": lps} if opts.params.logprobs else None}
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [choice], "usage": usage(req, n)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=False)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str) and prompt:
+            ids = tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise bad("prompt", "'prompt' must be a non-empty string or list of token ids")
+        if max(ids) >= engine.model.config.vocab_size or min(ids) < 0:
+            raise bad("prompt", "'prompt' holds token ids outside the vocabulary")
+        req = submit(ids, opts)
+        cid = "cmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if opts.stream:
+            async def events():
+                n = 0
+                try:
+                    async for delta, item in run(req, request, opts, None):
+                        n += item.token is not None
+                        fin = None if item.finish_reason is None else finish_reason(item.finish_reason, False)
+                        if delta.content or fin:
+                            yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
+                                                         "model": model_name, "choices": [
+                                                             {"index": 0, "text": delta.content, "logprobs": None,
+                                                              "finish_reason": fin}]}, ensure_ascii=False) + "\n\n"
+                except APIError as e:
+                    yield "data: " + json.dumps(e.body()) + "\n\n"
+                if opts.include_usage:
+                    yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
+                                                 "model": model_name, "choices": [], "usage": usage(req, n)}) + "\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        text, n, last = [], 0, None
+        async for delta, item in run(req, request, opts, None):
+            text.append(delta.content)
+            n += item.token is not None
+            last = item
+        return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "text": "".join(text), "logprobs": None,
+                             "finish_reason": finish_reason(last.finish_reason if last else None, False)}],
+                "usage": usage(req, n)}
+
+    return app

@@ -1,0 +1,194 @@
+"""The serving engine: one worker thread that batches every active request into each decode step.
+
+Requests wait in a bounded queue (full -> QueueFull, the HTTP layer answers 429). Between steps the worker
+admits waiting requests (prefilled alone, restoring the longest snapshotted prefix from the prompt cache,
+then merged into the batch) and drops finished, cancelled or timed-out ones. Each request reads its
+results from its own queue; a failure in one request is delivered to that request only.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import check_context, prefill
+from ..prompt_cache import PromptCache
+from ..sampling import Sampler, SamplingParams, token_logprobs
+from . import batch as batching
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    boundary: int = 0  # a turn boundary inside the prompt worth a snapshot (0 = none)
+    timeout_s: float | None = None
+    out: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cached_tokens: int = 0
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Token:
+    """One generated token (or the end, or an error) for a request's consumer."""
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: tuple | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prompt_cache_bytes: int = 2 * 2**30,
+                 prefill_chunk_size: int = 512):
+        self.model = model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_chunk_size = prefill_chunk_size
+        self.prompt_cache = PromptCache(model, prompt_cache_bytes)
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.active: list[tuple[Request, Sampler, int]] = []  # (request, sampler, last token)
+        self.cache = None
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
+                      "ttft_sum": 0.0, "ttft_count": 0, "decode_steps": 0, "decode_time": 0.0, "errors": 0}
+        self._wake = threading.Event()
+        self._stop = False
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="qwen35-engine", daemon=True)
+        self.thread.start()
+
+    # ---- API for the HTTP layer ----
+    def submit(self, req: Request) -> Request:
+        check_context(self.model, 0, len(req.prompt), req.params.max_tokens)
+        with self._lock:
+            if self.waiting.qsize() >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
+            self.waiting.put(req)
+            self.stats["requests"] += 1
+        self._wake.set()
+        return req
+
+    @property
+    def queue_depth(self) -> int:
+        return self.waiting.qsize()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self.thread.join(timeout=10)
+
+    # ---- worker ----
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            if not self.active and self.waiting.empty():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            with torch.inference_mode():
+                self._admit()
+                if self.active:
+                    self._step()
+
+    def _admit(self) -> None:
+        while len(self.active) < self.max_batch and not self.waiting.empty():
+            req = self.waiting.get()
+            if req.cancelled.is_set():
+                req.out.put(Token(None, finish_reason="cancelled"))
+                continue
+            try:
+                self._start(req)
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                self.stats["errors"] += 1
+                req.out.put(Token(None, error=f"{type(e).__name__}: {e}"))
+
+    def _start(self, req: Request) -> None:
+        model = self.model
+        cache, cached = self.prompt_cache.lookup(req.prompt)
+        if req.boundary and cached < req.boundary < len(req.prompt):
+            prefill(model, torch.tensor([req.prompt[cached:req.boundary]]), cache, self.prefill_chunk_size)
+            self.prompt_cache.store(req.prompt[: req.boundary], cache)
+        logits = prefill(model, torch.tensor([req.prompt[cache.offset:]]), cache, self.prefill_chunk_size)
+        self.prompt_cache.store(req.prompt, cache)
+        req.cached_tokens = cached
+        self.stats["prompt_tokens"] += len(req.prompt)
+        self.stats["cached_tokens"] += cached
+        sampler = Sampler(req.params, model.config.vocab_size, 1, [req.prompt])
+        tok = self._emit(req, sampler, logits, 0)
+        if tok is None:
+            return
+        self.cache = batching.merge(self.cache, cache)
+        self.active.append((req, sampler, tok))
+
+    def _emit(self, req: Request, sampler: Sampler, logits: torch.Tensor, index: int) -> int | None:
+        """Sample, deliver, and return the token if the request goes on (None when it finished)."""
+        tok = sampler(logits)
+        sampler.observe(tok)
+        t = int(tok[0])
+        p = req.params
+        finish = "stop" if t in p.stop_token_ids else ("length" if index + 1 >= p.max_tokens else None)
+        lp = top = None
+        if p.logprobs or p.top_logprobs:
+            chosen, best = token_logprobs(logits, tok, p.top_logprobs)
+            lp = float(chosen[0])
+            if best is not None:
+                top = tuple((int(i), float(v)) for i, v in zip(best[0][0], best[1][0]))
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+            self.stats["ttft_sum"] += req.first_token_at - req.created
+            self.stats["ttft_count"] += 1
+        self.stats["generated_tokens"] += 1
+        req.out.put(Token(t, lp, top, finish))
+        return None if finish else t
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for i, (req, _, _) in enumerate(self.active):
+            if req.cancelled.is_set():
+                req.out.put(Token(None, finish_reason="cancelled"))
+            elif req.timeout_s is not None and now - req.created > req.timeout_s:
+                req.out.put(Token(None, finish_reason="timeout"))
+            else:
+                keep.append(i)
+        self._keep(keep)
+        if not self.active:
+            return
+        t0 = time.perf_counter()
+        tokens = torch.tensor([[tok] for _, _, tok in self.active])
+        try:
+            logits = self.model(tokens, cache=self.cache)[:, -1]
+        except Exception as e:  # noqa: BLE001 - the batch is unusable: fail its requests, keep serving
+            for req, _, _ in self.active:
+                req.out.put(Token(None, error=f"{type(e).__name__}: {e}"))
+            self.stats["errors"] += len(self.active)
+            self.active, self.cache = [], None
+            return
+        self.stats["decode_steps"] += 1
+        self.stats["decode_time"] += time.perf_counter() - t0
+        keep = []
+        for i, (req, sampler, _) in enumerate(self.active):
+            tok = self._emit(req, sampler, logits[i : i + 1], int(sampler.counts.sum()))
+            if tok is not None:
+                self.active[i] = (req, sampler, tok)
+                keep.append(i)
+        self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.active):
+            return
+        self.active = [self.active[i] for i in keep]
+        self.cache = batching.remove(self.cache, keep) if self.cache is not None else None
