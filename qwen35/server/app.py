@@ -128,17 +128,26 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def tokens(req: EngineRequest, request: Request):
         """The engine's tokens for `req`, cancelling it when the client goes away."""
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                item = await loop.run_in_executor(None, lambda: req.out.get(timeout=0.1))
-            except queue.Empty:
-                if await request.is_disconnected():
-                    req.cancel()
+        finished = False
+        try:
+            n = 0
+            while True:
+                try:
+                    item = await loop.run_in_executor(None, lambda: req.out.get(timeout=0.1))
+                except queue.Empty:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                n += 1
+                if n % 16 == 0 and await request.is_disconnected():
                     return
-                continue
-            yield item
-            if item.finish_reason is not None or item.error is not None:
-                return
+                finished = item.finish_reason is not None or item.error is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # the client left (or the response was torn down): stop decoding for it
+                req.cancel()
 
     async def run(req: EngineRequest, request: Request, opts, parser: OutputParser | None):
         """Yields (ParsedDelta, token item) as text arrives; the last item carries the finish."""

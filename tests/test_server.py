@@ -1,0 +1,304 @@
+"""The OpenAI-compatible server, driven with the official `openai` client against real processes."""
+
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+
+import qwen35
+from qwen35.sampling import SamplingParams
+
+KEY = "sekret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, proc=None, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("server did not come up")
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qwen35", "serve", str(chat_model_dir), "--port", str(port),
+                             "--api-key", KEY, "--dtype", "float32", "--max-batch", "4", "--no-think"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def local(chat_model_dir):
+    return qwen35.load(chat_model_dir, dtype=torch.float32)
+
+
+def greedy_local(local, messages, max_tokens, thinking=False):
+    model, tok = local
+    prompt = tok.chat_template.render(messages, enable_thinking=thinking)
+    return qwen35.generate(model, tok, prompt, SamplingParams(temperature=0, max_tokens=max_tokens))
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["model"]
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+
+
+def test_chat_non_streaming_equals_local_greedy(client, local):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(model="model", messages=msgs, max_tokens=9, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 9 and r.usage.prompt_tokens > 0
+    assert r.choices[0].message.content == greedy_local(local, msgs, 9).strip()
+
+
+def test_chat_streaming(client):
+    msgs = [{"role": "user", "content": "Stream please"}]
+    full = client.chat.completions.create(model="model", messages=msgs, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model="model", messages=msgs, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+
+
+def test_completions(client, local):
+    r = client.completions.create(model="model", prompt="Once upon a time", max_tokens=6, temperature=0)
+    model, tok = local
+    assert r.choices[0].text == qwen35.generate(model, tok, "Once upon a time",
+                                                SamplingParams(temperature=0, max_tokens=6))
+    s = list(client.completions.create(model="model", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                       stream=True))
+    assert "".join(c.choices[0].text for c in s if c.choices) == r.choices[0].text
+
+
+def test_batched_equals_one_at_a_time(client):
+    prompts = [f"Request number {i} with some words" * (i + 1) for i in range(6)]
+
+    def ask(p):
+        return client.chat.completions.create(model="model", messages=[{"role": "user", "content": p}],
+                                              max_tokens=10, temperature=0).choices[0].message.content
+
+    sequential = [ask(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == sequential
+
+
+def test_second_turn_reuses_the_first(client, local):
+    msgs = [{"role": "user", "content": "First turn of a conversation about caching"}]
+    r1 = client.chat.completions.create(model="model", messages=msgs, max_tokens=6, temperature=0)
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+             {"role": "user", "content": "and the second turn"}]
+    r2 = client.chat.completions.create(model="model", messages=msgs, max_tokens=6, temperature=0)
+    model, tok = local
+    first_user_turn = len(tok.encode(tok.chat_template.render(msgs[:1], add_generation_prompt=False)))
+    assert r2.usage.prompt_tokens_details.cached_tokens >= first_user_turn
+    assert r2.choices[0].message.content == greedy_local(local, msgs, 6).strip()  # equals a cold run
+
+
+def test_errors(client, server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format" and "not supported yet" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=10**7)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model", messages=[])
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(server + "/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+
+
+def test_disconnect_mid_stream_then_next_request(client, server):
+    body = {"model": "model", "messages": [{"role": "user", "content": "long answer"}], "max_tokens": 100000,
+            "stream": True, "temperature": 0}
+    with httpx.Client(timeout=30) as h, h.stream("POST", server + "/v1/chat/completions", json=body,
+                                                 headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+    assert any(line.startswith("data: ") for line in got)
+    r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "ok?"}], max_tokens=4,
+                                       temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    deadline = time.time() + 20  # the abandoned request is cancelled, not decoded to the end
+    while time.time() < deadline:
+        active = [line for line in httpx.get(server + "/metrics").text.splitlines()
+                  if line.startswith("qwen35_active_sequences")]
+        if active == ["qwen35_active_sequences 0"]:
+            break
+        time.sleep(0.2)
+    assert active == ["qwen35_active_sequences 0"]
+
+
+def test_metrics(server, client):
+    text = httpx.get(server + "/metrics").text
+    for name in ("qwen35_requests_total", "qwen35_generated_tokens_total", "qwen35_queue_depth",
+                 "qwen35_time_to_first_token_seconds_sum", "qwen35_decode_tokens_per_second"):
+        assert name in text
+
+
+# ---- in-process servers for what a real model cannot be made to do on demand ----
+
+class ScriptedSampler:
+    """Stands in for the sampler: emits a fixed token stream whatever the logits (a scripted model)."""
+
+    script: list[int] = []
+
+    def __init__(self, params, vocab, batch=1, prompts=None):
+        self.params, self.i = params, 0
+        self.counts = torch.zeros(1)
+
+    def __call__(self, logits):
+        t = self.script[min(self.i, len(self.script) - 1)]
+        self.i += 1
+        return torch.tensor([t])
+
+    def observe(self, tok):
+        self.counts += 1
+
+
+@pytest.fixture()
+def inprocess(local, monkeypatch):
+    import uvicorn
+
+    from qwen35.server import engine as engine_mod
+    from qwen35.server.app import create_app
+
+    servers = []
+
+    def start(max_queue=8, model=None, scripted=None):
+        if scripted is not None:
+            monkeypatch.setattr(engine_mod, "Sampler", ScriptedSampler)
+            ScriptedSampler.script = scripted
+        m, tok = local
+        eng = engine_mod.Engine(model or m, max_batch=2, max_queue=max_queue)
+        app = create_app(eng, tok, "model", default_thinking=False)
+        port = free_port()
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+        th = threading.Thread(target=srv.run, daemon=True)
+        th.start()
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base)
+        servers.append((srv, th, eng))
+        return base, eng
+
+    yield start
+    for srv, th, eng in servers:
+        srv.should_exit = True
+        th.join(timeout=10)
+        eng.shutdown()
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}, "days": {"type": "integer"}},
+                                               "required": ["city"]}}}]
+
+
+def test_tool_call_round_trip(inprocess, local):
+    _, tok = local
+    out = ("I will check.\n\n<tool_call>\n<function=get_weather>\n<parameter=days>\n2\n</parameter>\n"
+           "<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>")
+    base, _ = inprocess(scripted=tok.encode(out) + [tok.token_to_id("<|im_end|>")])
+    c = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    r = c.chat.completions.create(model="model", messages=msgs, tools=TOOLS, max_tokens=200)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "I will check."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"days": 2, "city": "Paris"}
+    # streamed: the call arrives as tool_call deltas
+    chunks = list(c.chat.completions.create(model="model", messages=msgs, tools=TOOLS, max_tokens=200, stream=True))
+    deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"days": 2, "city": "Paris"}
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == \
+        ["tool_calls"]
+    # the client sends the result back, with arguments as the JSON string the API gave it
+    msgs += [{"role": "assistant", "content": choice.message.content,
+              "tool_calls": [{"id": call.id, "type": "function",
+                              "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+             {"role": "tool", "tool_call_id": call.id, "content": "sunny, 22C"}]
+    r2 = c.chat.completions.create(model="model", messages=msgs, tools=TOOLS, max_tokens=200)
+    assert r2.choices[0].message.tool_calls  # (scripted) and the history rendered without error
+
+
+def test_queue_full_is_429(inprocess):
+    import openai
+
+    base, _ = inprocess(max_queue=0)
+    c = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+
+
+def test_failure_is_500_without_traceback_and_spares_the_server(inprocess, local):
+    model, _ = local
+
+    class Broken(torch.nn.Module):
+        config = model.config
+
+        def make_cache(self, batch_size=1):
+            return model.make_cache(batch_size)
+
+        def hidden_states(self, *a, **k):
+            raise RuntimeError("kernel exploded at /secret/path.py line 3")
+
+        def forward(self, *a, **k):
+            raise RuntimeError("kernel exploded at /secret/path.py line 3")
+
+        @property
+        def device(self):
+            return model.device
+
+    base, eng = inprocess(model=Broken())
+    r = httpx.post(base + "/v1/chat/completions", json={"model": "model", "messages": [{"role": "user",
+                                                                                       "content": "x"}]})
+    assert r.status_code == 500
+    assert "Traceback" not in r.text and "/secret" not in r.text and r.json()["error"]["type"] == "server_error"
+    assert httpx.get(base + "/health").status_code == 200
