@@ -42,6 +42,8 @@ class PromptCache:
 
     def store(self, tokens: list[int], cache: HybridCache) -> None:
         """Remember `cache`, which must hold exactly `tokens`."""
+        if self.max_bytes <= 0:
+            return  # reuse disabled
         if cache.offset != len(tokens) or cache.batch_size != 1 or cache.pad is not None:
             raise ValueError(f"cache holds {cache.offset} tokens (batch {cache.batch_size}), not the {len(tokens)} given")
         key = tuple(tokens)

@@ -21,7 +21,8 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the folder name)")
-    p.add_argument("--prompt-cache-gb", type=float, default=2.0, help="memory for prompt-reuse snapshots")
+    p.add_argument("--prompt-cache-gb", type=float, default=2.0,
+                   help="memory for prompt-reuse snapshots (0 disables reuse)")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None)
     think.add_argument("--no-think", dest="think", action="store_false")
