@@ -16,7 +16,7 @@ import torch
 from .cache import HybridCache
 from .errors import Qwen35Error
 from .runtime import tune_allocator
-from .sampling import Sampler, SamplingParams, token_logprobs
+from .sampling import Sampler, SamplingParams, step_logprobs
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -74,12 +74,7 @@ def _as_ids(prompt) -> list[int]:
 
 
 def _step_output(logits: torch.Tensor, tok: torch.Tensor, params: SamplingParams, finish: str | None) -> StepOutput:
-    lp = top = None
-    if params.logprobs or params.top_logprobs:
-        chosen, best = token_logprobs(logits, tok, params.top_logprobs)
-        lp = float(chosen[0])
-        if best is not None:
-            top = tuple((int(i), float(v)) for i, v in zip(best[0][0], best[1][0]))
+    lp, top = step_logprobs(logits, tok, params)
     return StepOutput(int(tok[0]), lp, top, finish)
 
 

@@ -138,6 +138,15 @@ class Sampler:
         self.seen[rows, tokens] = True
 
 
+def step_logprobs(logits: torch.Tensor, token: torch.Tensor, params: SamplingParams):
+    """(logprob of `token` [1], top logprobs as ((id, logprob), ...)) as params ask, else (None, None)."""
+    if not (params.logprobs or params.top_logprobs):
+        return None, None
+    chosen, best = token_logprobs(logits, token, params.top_logprobs)
+    top = None if best is None else tuple((int(i), float(v)) for i, v in zip(best[0][0], best[1][0]))
+    return float(chosen[0]), top
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
     """Log-probabilities of `tokens` [B] under logits [B, V], and the `top` best (ids, logprobs)."""
     logp = logits.float().log_softmax(-1)

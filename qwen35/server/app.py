@@ -50,6 +50,11 @@ class StopStrings:
         return out
 
 
+def sse(obj: dict) -> str:
+    """One Server-Sent Events message."""
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                default_thinking: bool | None = None, request_timeout: float | None = 600.0) -> FastAPI:
     app = FastAPI(title="qwen35", docs_url=None, redoc_url=None)
@@ -177,6 +182,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 "total_tokens": len(req.prompt) + completion,
                 "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
 
+    def closing(kind: str, cid: str, created: int, req: EngineRequest, n: int, include_usage: bool) -> list[str]:
+        """The end of a stream: the usage chunk when asked for, then [DONE]."""
+        tail = [sse({"id": cid, "object": kind, "created": created, "model": model_name, "choices": [],
+                     "usage": usage(req, n)})] if include_usage else []
+        return tail + ["data: [DONE]\n\n"]
+
     def finish_reason(reason: str | None, calls: bool) -> str:
         if calls and reason in ("stop", None):
             return "tool_calls"
@@ -213,8 +224,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
             if lp is not None:
                 choice["logprobs"] = {"content": lp}
-            return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                          "model": model_name, "choices": [choice]}, ensure_ascii=False) + "\n\n"
+            return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                        "choices": [choice]})
 
         parser = OutputParser(opts.tools, thinking_open=thinking_open)
         if opts.stream:
@@ -240,11 +251,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                         if item.finish_reason is not None:
                             yield chunk({}, finish_reason(item.finish_reason, ncalls > 0))
                 except APIError as e:
-                    yield "data: " + json.dumps(e.body()) + "\n\n"
-                if opts.include_usage:
-                    yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                                 "model": model_name, "choices": [], "usage": usage(req, n)}) + "\n\n"
-                yield "data: [DONE]\n\n"
+                    yield sse(e.body())
+                for line in closing("chat.completion.chunk", cid, created, req, n, opts.include_usage):
+                    yield line
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -292,16 +301,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                         n += item.token is not None
                         fin = None if item.finish_reason is None else finish_reason(item.finish_reason, False)
                         if delta.content or fin:
-                            yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
-                                                         "model": model_name, "choices": [
-                                                             {"index": 0, "text": delta.content, "logprobs": None,
-                                                              "finish_reason": fin}]}, ensure_ascii=False) + "\n\n"
+                            yield sse({"id": cid, "object": "text_completion", "created": created,
+                                       "model": model_name, "choices": [{"index": 0, "text": delta.content,
+                                                                         "logprobs": None, "finish_reason": fin}]})
                 except APIError as e:
-                    yield "data: " + json.dumps(e.body()) + "\n\n"
-                if opts.include_usage:
-                    yield "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
-                                                 "model": model_name, "choices": [], "usage": usage(req, n)}) + "\n\n"
-                yield "data: [DONE]\n\n"
+                    yield sse(e.body())
+                for line in closing("text_completion", cid, created, req, n, opts.include_usage):
+                    yield line
 
             return StreamingResponse(events(), media_type="text/event-stream")
         text, n, last = [], 0, None

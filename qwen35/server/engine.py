@@ -17,7 +17,7 @@ import torch
 
 from ..generate import check_context, prefill
 from ..prompt_cache import PromptCache
-from ..sampling import Sampler, SamplingParams, token_logprobs
+from ..sampling import Sampler, SamplingParams, step_logprobs
 from . import batch as batching
 
 
@@ -140,12 +140,7 @@ class Engine:
         t = int(tok[0])
         p = req.params
         finish = "stop" if t in p.stop_token_ids else ("length" if index + 1 >= p.max_tokens else None)
-        lp = top = None
-        if p.logprobs or p.top_logprobs:
-            chosen, best = token_logprobs(logits, tok, p.top_logprobs)
-            lp = float(chosen[0])
-            if best is not None:
-                top = tuple((int(i), float(v)) for i, v in zip(best[0][0], best[1][0]))
+        lp, top = step_logprobs(logits, tok, p)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
             self.stats["ttft_sum"] += req.first_token_at - req.created
