@@ -37,16 +37,29 @@ class ToolCall:
 
 
 @dataclass
+class CallDelta:
+    """A piece of a tool call as it streams (OpenAI's shape): the first piece of call `index` carries its id
+    and name; the `arguments` pieces of a call, joined, are exactly its final `arguments_json()`."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
 class ParsedDelta:
     reasoning: str = ""
     content: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # complete calls
+    call_deltas: list[CallDelta] = field(default_factory=list)  # the same calls, streamed in pieces
     errors: list[str] = field(default_factory=list)
 
     def __iadd__(self, other: ParsedDelta) -> ParsedDelta:
         self.reasoning += other.reasoning
         self.content += other.content
         self.tool_calls += other.tool_calls
+        self.call_deltas += other.call_deltas
         self.errors += other.errors
         return self
 
@@ -89,6 +102,15 @@ def coerce(value: str, schema: dict | None) -> Any:
 
 _FUNC = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
 _PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)", re.S)
+_FUNC_OPEN = re.compile(r"<function=([^>\n]+)>")
+_PARAM_DONE = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
+
+
+def _param_value(raw: str, schema: dict | None) -> Any:
+    # the format puts the value on its own lines: drop exactly one newline on each side
+    raw = raw[1:] if raw.startswith("\n") else raw
+    raw = raw[:-1] if raw.endswith("\n") else raw
+    return coerce(raw, schema)
 
 
 def parse_call_body(body: str, schemas: dict[str, dict] | None) -> tuple[ToolCall | None, str | None]:
@@ -118,11 +140,7 @@ def parse_call_body(body: str, schemas: dict[str, dict] | None) -> tuple[ToolCal
         params = (schemas or {}).get(name, {}).get("properties", {}) if schemas else {}
         args = {}
         for p in _PARAM.finditer(m.group(2)):
-            value = p.group(2)
-            # the format puts the value on its own lines: drop exactly one newline on each side
-            value = value[1:] if value.startswith("\n") else value
-            value = value[:-1] if value.endswith("\n") else value
-            args[p.group(1).strip()] = coerce(value, params.get(p.group(1).strip()))
+            args[p.group(1).strip()] = _param_value(p.group(2), params.get(p.group(1).strip()))
     if schemas is not None and name not in schemas:
         return None, f"model called unknown function '{name}'"
     return ToolCall(name, args), None
@@ -139,6 +157,8 @@ class OutputParser:
         self.call_return = "content"  # mode to go back to after the call
         self.pending_ws = ""  # trailing whitespace held back (dropped before a tag)
         self.at_start = True  # strip leading whitespace at the start of a segment
+        self.calls = 0  # index of the next tool call
+        self.partial: dict | None = None  # the XML call being streamed: id, name, fragments sent
 
     def _tags(self) -> tuple[str, ...]:
         if self.mode == "call":
@@ -179,6 +199,7 @@ class OutputParser:
                 before, self.buf = self.buf[:i], self.buf[i + len(tag):]
                 if self.mode == "call":
                     self.call_text += before
+                    self._stream_partial(out)
                     self._close_call(out)
                     continue
                 self._emit(out, before)
@@ -194,19 +215,64 @@ class OutputParser:
             ready, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
             if self.mode == "call":
                 self.call_text += ready
+                self._stream_partial(out)
             else:
                 self._emit(out, ready)
             break
         return out
 
+    def _stream_partial(self, out: ParsedDelta) -> None:
+        """Send the name of an XML call as soon as it is known, and each parameter once it is closed."""
+        if self.call_text.lstrip().startswith("{"):
+            return  # the JSON form is sent whole when it closes
+        if self.partial is None:
+            m = _FUNC_OPEN.search(self.call_text)
+            if not m or (self.schemas is not None and m.group(1).strip() not in self.schemas):
+                return
+            name = m.group(1).strip()
+            self.partial = {"id": "call_" + uuid.uuid4().hex[:24], "name": name, "sent": [], "start": m.end()}
+            out.call_deltas.append(CallDelta(self.calls, self.partial["id"], name, ""))
+        p = self.partial
+        props = (self.schemas or {}).get(p["name"], {}).get("properties", {}) if self.schemas else {}
+        done = list(_PARAM_DONE.finditer(self.call_text, p["start"]))
+        for m in done[len(p["sent"]):]:
+            key = m.group(1).strip()
+            piece = ("{" if not p["sent"] else ", ") + json.dumps(key, ensure_ascii=False) + ": " + \
+                json.dumps(_param_value(m.group(2), props.get(key)), ensure_ascii=False)
+            p["sent"].append(piece)
+            out.call_deltas.append(CallDelta(self.calls, arguments=piece))
+
+    def _deliver(self, out: ParsedDelta, call: ToolCall) -> None:
+        """A complete call: finish (or send whole) its streamed pieces."""
+        final = call.arguments_json()
+        p, self.partial = self.partial, None
+        if p is not None and p["name"] == call.name:
+            call.id = p["id"]
+            sent = "".join(p["sent"])
+            if final.startswith(sent):
+                out.call_deltas.append(CallDelta(self.calls, arguments=final[len(sent):]))
+            else:  # cannot happen for well-formed calls; say so rather than send wrong arguments silently
+                out.errors.append(f"streamed arguments of '{call.name}' differ from the final ones: {final}")
+        else:
+            out.call_deltas.append(CallDelta(self.calls, call.id, call.name, final))
+        out.tool_calls.append(call)
+        self.calls += 1
+
+    def _abandon(self, out: ParsedDelta) -> None:
+        if self.partial is not None:
+            out.errors.append(f"tool call '{self.partial['name']}' (index {self.calls}) was streamed in part and "
+                              f"then abandoned as malformed")
+            self.partial = None
+
     def _close_call(self, out: ParsedDelta) -> None:
         call, err = parse_call_body(self.call_text, self.schemas)
         back = self.call_return
         if call is not None:
-            out.tool_calls.append(call)
+            self._deliver(out, call)
             self.mode, self.pending_ws = back, ""
         else:
             out.errors.append(err)
+            self._abandon(out)
             self.mode = back
             self._emit(out, CALL_OPEN + self.call_text + CALL_CLOSE)
         self.call_text = ""
@@ -220,10 +286,12 @@ class OutputParser:
             self.mode = self.call_return
             complete = "</function>" in self.call_text or self.call_text.strip().startswith("{")
             if call is not None and complete:
-                out.tool_calls.append(call)
+                self._stream_partial(out)
+                self._deliver(out, call)
                 out.errors.append("tool call was not closed with </tool_call>; parsed anyway")
             else:
                 out.errors.append(err or "tool call was not closed with </tool_call>")
+                self._abandon(out)
                 self._emit(out, CALL_OPEN + self.call_text, final=True)
             self.call_text = ""
             return out

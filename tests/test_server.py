@@ -255,7 +255,7 @@ def test_tool_call_round_trip(inprocess, local):
     # streamed: the call arrives as tool_call deltas
     chunks = list(c.chat.completions.create(model="model", messages=msgs, tools=TOOLS, max_tokens=200, stream=True))
     deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
-    assert deltas[0].function.name == "get_weather"
+    assert deltas[0].function.name == "get_weather" and len(deltas) >= 3  # name, then argument pieces
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"days": 2, "city": "Paris"}
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == \
         ["tool_calls"]

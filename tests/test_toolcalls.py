@@ -119,3 +119,39 @@ def test_coerce_keeps_text_when_type_does_not_fit():
     assert coerce("abc", {"type": "integer"}) == "abc"
     assert coerce("7", {"type": ["null", "integer"]}) == 7
     assert coerce("x", None) == "x"
+
+
+@pytest.mark.parametrize("i", [3, 4, 5, 6, 8, 12])
+def test_streamed_call_pieces_join_to_the_final_arguments(i):
+    s = STREAMS[i]
+    r = random.Random(100 + i)
+    for trial in range(40):
+        cuts = sorted(r.sample(range(1, len(s)), min(len(s) - 1, r.randint(1, 40))))
+        p = OutputParser(TOOLS, thinking_open=i == 4)
+        acc = ParsedDelta()
+        for a, b in zip([0] + cuts, cuts + [len(s)]):
+            acc += p.feed(s[a:b])
+        acc += p.finish()
+        assert acc.tool_calls
+        for n, call in enumerate(acc.tool_calls):
+            pieces = [d for d in acc.call_deltas if d.index == n]
+            assert pieces[0].id == call.id and pieces[0].name == call.name
+            assert all(d.id is None and d.name is None for d in pieces[1:])
+            assert "".join(d.arguments for d in pieces) == call.arguments_json()
+
+
+def test_xml_arguments_stream_before_the_call_closes():
+    p = OutputParser(TOOLS)
+    head = XML_CALL[: XML_CALL.index("<parameter=city>")]
+    d = p.feed("Checking.\n\n" + head)
+    assert [x.name for x in d.call_deltas if x.name] == ["get_weather"]
+    assert d.call_deltas[1].arguments == '{"days": 3'
+    assert d.tool_calls == []
+    rest = p.feed(XML_CALL[len(head):])
+    assert "".join(x.arguments for x in d.call_deltas + rest.call_deltas) == rest.tool_calls[0].arguments_json()
+
+
+def test_abandoned_streamed_call_is_reported():
+    d = parse_output("<tool_call><function=note><parameter=text>\nx\n</parameter>", TOOLS)
+    assert d.call_deltas and d.tool_calls == []
+    assert any("streamed in part and then abandoned" in e for e in d.errors)

@@ -242,12 +242,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                         if delta.content:
                             yield chunk({"content": delta.content}, lp=lp)
                             lp = None
-                        for call in delta.tool_calls:
-                            yield chunk({"tool_calls": [{"index": ncalls, "id": call.id, "type": "function",
-                                                         "function": {"name": call.name, "arguments": ""}}]})
-                            yield chunk({"tool_calls": [{"index": ncalls,
-                                                         "function": {"arguments": call.arguments_json()}}]})
-                            ncalls += 1
+                        for d in delta.call_deltas:  # the call's name first, then its arguments piece by piece
+                            piece = {"index": d.index, "function": {"arguments": d.arguments}}
+                            if d.id is not None:
+                                piece.update(id=d.id, type="function")
+                                piece["function"]["name"] = d.name
+                            yield chunk({"tool_calls": [piece]})
+                        ncalls += len(delta.tool_calls)
                         if item.finish_reason is not None:
                             yield chunk({}, finish_reason(item.finish_reason, ncalls > 0))
                 except APIError as e:
