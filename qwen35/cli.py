@@ -12,6 +12,7 @@ COMMANDS = {
     "generate": "qwen35.commands.generate",
     "chat": "qwen35.commands.chat",
     "serve": "qwen35.commands.serve",
+    "train": "qwen35.commands.train",
     "bench": "qwen35.commands.bench",
     "info": "qwen35.commands.info",
     "replica": "qwen35.commands.replica",

@@ -63,7 +63,7 @@ class GatedDeltaNet(nn.Module):
         return linear(x, fused).split([self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads], dim=-1)
 
     def forward(self, x: torch.Tensor, state: DeltaNetState | None = None, mode: str = "auto",
-                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                token_mask: torch.Tensor | None = None, segments=None) -> torch.Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]. `state` (if given) is read and advanced by T tokens.
 
         token_mask [B, T] (False = left padding): padding enters neither the conv window (its input is
@@ -78,12 +78,13 @@ class GatedDeltaNet(nn.Module):
             x = torch.where(token_mask[..., None], x, 0)
         qkv, z, b, a = self._project(x)
         conv_w = self.conv1d.weight[:, 0]
-        if (fast_path_ok(qkv, (torch.bfloat16,)) and self.conv_dim % 16 == 0 and 2 <= self.kernel_size <= 8
-                and (state is None or state.conv.dtype == torch.bfloat16)):
+        if (segments is None and fast_path_ok(qkv, (torch.bfloat16,)) and self.conv_dim % 16 == 0
+                and 2 <= self.kernel_size <= 8 and (state is None or state.conv.dtype == torch.bfloat16)):
             prev = state.conv if state is not None else qkv.new_zeros(B, self.kernel_size - 1, self.conv_dim)
             qkv, conv_state = torch.ops.qwen35.conv_silu(qkv.contiguous(), conv_w.contiguous(), prev.contiguous())
         else:
-            qkv, conv_state = causal_conv1d(qkv, conv_w, None if state is None else state.conv)
+            qkv, conv_state = causal_conv1d(qkv, conv_w, None if state is None else state.conv,
+                                            tap_mask=None if segments is None else segments.taps)
             qkv = F.silu(qkv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
@@ -97,6 +98,8 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         if token_mask is not None:
             beta, g = torch.where(token_mask[..., None], beta, 0), torch.where(token_mask[..., None], g, 0)
+        if segments is not None:
+            g = g.masked_fill(segments.starts[..., None], float("-inf"))
         o, recurrent = gated_delta_rule(q, k, v, g, beta, None if state is None else state.recurrent, mode=mode)
         if state is not None:
             state.conv, state.recurrent = conv_state, recurrent

@@ -60,6 +60,42 @@ class PaddingMasks:
         return cls(attn[:, None], tokens, pad, positions)
 
 
+@dataclass(frozen=True)
+class SegmentMasks:
+    """Masks for packed training sequences: several documents per row, none may see another.
+
+    segments: [B, T] document ids. attn: [B, 1, T, T] causal within a document; starts: [B, T] first token
+    of each document (the Gated DeltaNet state resets there); taps: [B, T, K] conv taps that stay inside the
+    token's document; positions: [B, T] counted from each document's start.
+    """
+
+    attn: torch.Tensor
+    starts: torch.Tensor
+    taps: torch.Tensor
+    positions: torch.Tensor
+    pad = None
+    tokens = None
+
+    @classmethod
+    def build(cls, segments: torch.Tensor, kernel_size: int) -> SegmentMasks:
+        B, T = segments.shape
+        idx = torch.arange(T, device=segments.device)
+        same = segments[:, :, None] == segments[:, None, :]
+        attn = same & (idx[None, :] <= idx[:, None])[None]
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        first = torch.where(starts, idx[None].expand(B, T), torch.zeros_like(segments))
+        positions = idx[None] - first.cummax(dim=1).values
+        taps = torch.zeros(B, T, kernel_size, dtype=torch.bool, device=segments.device)
+        for j in range(kernel_size):
+            back = kernel_size - 1 - j
+            if back == 0:
+                taps[..., j] = True
+            else:
+                taps[:, back:, j] = segments[:, back:] == segments[:, :-back]
+        return cls(attn[:, None], starts, taps.float(), positions)
+
+
 class DecoderLayer(nn.Module):
     """h = x + mixer(norm(x)); y = h + mlp(norm(h)); the mixer is chosen by the layer type."""
 
@@ -82,7 +118,10 @@ class DecoderLayer(nn.Module):
                 return out
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
-            h = self.linear_attn(h, cache, token_mask=None if masks is None else masks.tokens)
+            if isinstance(masks, SegmentMasks):
+                h = self.linear_attn(h, cache, segments=masks)
+            else:
+                h = self.linear_attn(h, cache, token_mask=None if masks is None else masks.tokens)
         else:
             h = self.self_attn(h, rope, cache, masks=masks)
         x = x + h
@@ -203,14 +242,20 @@ class Qwen35ForCausalLM(nn.Module):
         return positions
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normed hidden states [B, T, hidden] (what lm_head and the MTP head consume)."""
+                      positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, hidden] (what lm_head and the MTP head consume).
+        segments [B, T]: document ids of packed training rows (no cache): documents never see each other."""
         self._check_inputs(input_ids, cache)
         T = input_ids.shape[1]
         offset = cache.offset if cache is not None else 0
         pad = cache.pad if cache is not None else None
         masks = None
-        if pad is not None:
+        if segments is not None:
+            if cache is not None:
+                raise InputError("segments (packed documents) are for training forwards without a cache")
+            masks = SegmentMasks.build(segments, self.config.linear_conv_kernel_dim)
+            positions = masks.positions if positions is None else positions
+        elif pad is not None:
             masks = PaddingMasks.build(pad, offset, T)
             positions = masks.positions if positions is None else positions
         rope = self.rotary(self._positions(T, offset, positions))
@@ -225,11 +270,12 @@ class Qwen35ForCausalLM(nn.Module):
         return linear(hidden, self.head_weight, out_fp32=True)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                positions: torch.Tensor | None = None, logits_to_keep: int | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, logits_to_keep: int | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: LongTensor [B, T]. With a cache, continues from cache.offset and advances it.
         positions: optional [T], [B, T] or [3, B, T] (mRoPE) overriding offset-based positions.
         logits_to_keep: project only the last n positions. Returns fp32 logits [B, T or n, vocab]."""
-        h = self.hidden_states(input_ids, cache, positions)
+        h = self.hidden_states(input_ids, cache, positions, segments)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return self.logits(h)

@@ -11,12 +11,13 @@ import torch
 
 
 def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None, tap_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [B, T, C]; weight: [C, K]; state: [B, K-1, C] or None (zeros).
 
     Returns (y [B, T, C] in x's dtype, new state [B, K-1, C]): y_t = sum_j weight[:, j] * x_{t-K+1+j}.
-    No activation is applied. The input state is not modified.
+    tap_mask [B, T, K] (optional, packed training): tap j of token t is used only where True, so a window
+    never reaches into the previous document. No activation is applied. The input state is not modified.
     """
     B, T, C = x.shape
     K = weight.shape[-1]
@@ -26,7 +27,10 @@ def causal_conv1d(
     # K shifted multiply-adds in fp32 (one rounding at the end, like a real conv kernel), vectorised
     # over channels, with no [B, C, T] transposes.
     xf, w = xp.float(), weight.float()
-    y = xf[:, 0:T] * w[:, 0]
-    for j in range(1, K):
-        y = y + xf[:, j : j + T] * w[:, j]
+    taps = [xf[:, j : j + T] * w[:, j] for j in range(K)]
+    if tap_mask is not None:
+        taps = [t * tap_mask[..., j : j + 1] for j, t in enumerate(taps)]
+    y = taps[0]
+    for t in taps[1:]:
+        y = y + t
     return y.to(x.dtype), xp[:, T:].clone() if K > 1 else xp[:, :0]

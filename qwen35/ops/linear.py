@@ -61,7 +61,10 @@ def fuse_linears(*layers: nn.Linear) -> torch.Tensor:
 
 
 def fused_weight(fused: torch.Tensor | None, *layers: nn.Linear) -> torch.Tensor | None:
-    """`fused` if the layers' weights are still its views (a later .to() or load would break that)."""
+    """`fused` if the layers' weights are still its views (a later .to() or load would break that), and
+    not while training them: autograd must see each parameter, not the matrix they are views of."""
     if fused is None or layers[0].weight.data_ptr() != fused.data_ptr():
+        return None
+    if torch.is_grad_enabled() and layers[0].weight.requires_grad:
         return None
     return fused

@@ -1,0 +1,1 @@
+"""Training and fine-tuning: data (data.py) and the loop with checkpoints and exact resume (loop.py)."""

@@ -1,0 +1,192 @@
+"""The training loop: AdamW with warmup + cosine, clipping, accumulation, bf16 autocast, checkpoints in the
+official layout, and an exact resume.
+
+Data order is a pure function of (seed, step) and the trainer state (optimizer, scheduler, step, losses) is
+saved with fp32 weights, so stopping and resuming gives the same losses as an uninterrupted run. Checkpoints
+are `qwen3_5_text` configs with `model.*` safetensors (tied head omitted), which both `qwen35.load_model` and
+transformers' AutoModelForCausalLM load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import write_checkpoint
+from ..config import ModelConfig
+from ..model.qwen35 import Qwen35ForCausalLM
+from .data import IGNORE, PackedRow
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0  # 0: only at the end
+    bf16: bool = False
+
+
+def init_model(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Qwen35ForCausalLM:
+    """A freshly initialised model (the reference's scheme: normal(std) matrices, zero-centred norms at 0,
+    gated norm at 1, A = exp(A_log) uniform in [1, 16], dt_bias 1)."""
+    torch.manual_seed(seed)
+    model = Qwen35ForCausalLM(config, mtp_layers=config.mtp_num_hidden_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.empty_like(p).uniform_(1, 16).log())
+            elif name.endswith("dt_bias") or name.endswith("linear_attn.norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("norm.weight"):
+                p.zero_()
+            elif p.dim() >= 2 and "conv1d" not in name:
+                p.normal_(0, std)
+    return model
+
+
+def config_dict(config: ModelConfig) -> dict:
+    """A transformers-compatible `qwen3_5_text` config.json for `config`."""
+    c = config
+    return {
+        "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+        "linear_num_key_heads": c.linear_num_key_heads, "linear_num_value_heads": c.linear_num_value_heads,
+        "linear_key_head_dim": c.linear_key_head_dim, "linear_value_head_dim": c.linear_value_head_dim,
+        "linear_conv_kernel_dim": c.linear_conv_kernel_dim, "layer_types": list(c.layer_types),
+        "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu", "attention_bias": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,
+                            "partial_rotary_factor": c.partial_rotary_factor,
+                            "mrope_section": list(c.mrope_section), "mrope_interleaved": c.mrope_interleaved},
+        "mtp_num_hidden_layers": c.mtp_num_hidden_layers,
+        "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) > 1 else (c.eos_token_ids or [None])[0],
+    }
+
+
+def save(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None = None) -> Path:
+    """Weights (fp32) and config in the official text layout, plus the tokenizer files."""
+    tensors = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters()}
+    write_checkpoint(tensors, config_dict(model.config), out)
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy(Path(tokenizer_dir) / name, out / name)
+    return out
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / max(1, cfg.warmup)
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def batch_rows(rows: list[PackedRow], step: int, micro: int, cfg: TrainConfig):
+    """The rows of one micro-batch: a pure function of (step, micro)."""
+    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+    picked = [rows[(start + i) % len(rows)] for i in range(cfg.batch_size)]
+    return (torch.stack([r.ids for r in picked]), torch.stack([r.labels for r in picked]),
+            torch.stack([r.segments for r in picked]))
+
+
+def loss_on(model, ids, labels, segments, bf16: bool = False) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the targets, and their count."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(ids, segments=segments)
+    n = int((labels != IGNORE).sum())
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, n
+
+
+def evaluate(model, rows: list[PackedRow], batch_size: int = 4) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            loss, n = loss_on(model, torch.stack([r.ids for r in chunk]), torch.stack([r.labels for r in chunk]),
+                              torch.stack([r.segments for r in chunk]))
+            total, count = total + float(loss), count + n
+    return total / max(1, count)
+
+
+def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out: str | Path,
+          tokenizer_dir: str | Path | None = None, resume: bool = False, eval_rows: list[PackedRow] | None = None,
+          log=print, until: int | None = None) -> list[float]:
+    """Train for cfg.steps steps (from the saved step when resume). Returns the loss of every step.
+    until: stop (and save) after this step, as an interrupted run would; the schedule still spans cfg.steps."""
+    out = Path(out)
+    model.train()
+    model.requires_grad_(True)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "conv1d" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "conv1d" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    start, losses = 0, []
+    if resume:
+        state = torch.load(out / STATE_FILE, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, losses = state["step"], state["losses"]
+        log(f"resumed at step {start}")
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = open(out / "metrics.jsonl", "a")
+    t0 = time.perf_counter()
+    tokens_seen = 0
+    last = min(cfg.steps, until or cfg.steps)
+    for step in range(start, last):
+        opt.zero_grad(set_to_none=True)
+        parts = [batch_rows(rows, step, m, cfg) for m in range(cfg.grad_accum)]
+        count = sum(int((lab != IGNORE).sum()) for _, lab, _ in parts)
+        total = 0.0
+        for ids, labels, segments in parts:
+            loss, _ = loss_on(model, ids, labels, segments, cfg.bf16)
+            (loss / max(1, count)).backward()
+            total += float(loss.detach())
+            tokens_seen += ids.numel()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        sched.step()
+        losses.append(total / max(1, count))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == last:
+            rate = tokens_seen / (time.perf_counter() - t0)
+            log(f"step {step + 1}/{cfg.steps} loss={losses[-1]:.4f} lr={sched.get_last_lr()[0]:.2e} "
+                f"tok/s={rate:.0f}")
+            metrics.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": sched.get_last_lr()[0],
+                                      "tok_s": rate}) + "\n")
+            metrics.flush()
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == last:
+            save(model, out, Path(tokenizer_dir) if tokenizer_dir else None)
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1,
+                        "losses": losses, "config": asdict(cfg)}, out / STATE_FILE)
+    if eval_rows:
+        eval_loss = evaluate(model, eval_rows)
+        log(f"eval loss={eval_loss:.4f}")
+        metrics.write(json.dumps({"step": cfg.steps, "eval_loss": eval_loss}) + "\n")
+    metrics.close()
+    model.eval()
+    model.requires_grad_(False)
+    return losses

@@ -1,0 +1,122 @@
+"""Training: gradients equal transformers', packing keeps documents apart, loss falls, checkpoints load in
+transformers with equal logits, and resume is exact."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwen35
+from qwen35.config import ModelConfig
+from qwen35.train.data import Document, pack, read_documents
+from qwen35.train.loop import TrainConfig, init_model, loss_on, train
+
+import replica
+
+
+def test_gradients_match_transformers(tied_replica):
+    hf, path = tied_replica
+    model = qwen35.load_model(path)
+    model.requires_grad_(True)
+    ids = torch.randint(0, 320, (2, 90), generator=torch.Generator().manual_seed(0))
+    labels = ids.roll(-1, 1)
+    F.cross_entropy(model(ids).reshape(-1, 320), labels.reshape(-1)).backward()
+    hf.zero_grad()
+    F.cross_entropy(hf(ids).logits.reshape(-1, 320), labels.reshape(-1)).backward()
+    theirs = dict(hf.named_parameters())
+    checked = 0
+    for name, p in model.named_parameters():
+        ref = theirs[name].grad
+        err = ((p.grad - ref).norm() / ref.norm()).item()
+        assert err <= 1e-4, (name, err)
+        checked += 1
+    assert checked == len(list(model.parameters()))
+
+
+def test_packed_loss_equals_documents_alone(vlm_replicas):
+    model = qwen35.load_model(vlm_replicas[2][1])
+    g = torch.Generator().manual_seed(1)
+    docs = [Document(torch.randint(0, 320, (n,), generator=g).tolist(), [True] * n) for n in (37, 64, 20)]
+    rows = pack(docs, 128)
+    assert len(rows) == 1 and int((rows[0].segments >= 0).sum()) == 121
+    packed, n = loss_on(model, rows[0].ids[None], rows[0].labels[None], rows[0].segments[None])
+    alone = sum(F.cross_entropy(model(torch.tensor([d.ids]))[0, :-1], torch.tensor(d.ids[1:]), reduction="sum")
+                for d in docs)
+    assert n == 118 and abs(float(packed) - float(alone)) <= 1e-3 * float(alone)
+
+
+def test_chat_data_supervises_assistant_tokens_only(chat_model_dir, tmp_path):
+    _, tok = qwen35.load(chat_model_dir)
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "hello there"}]}) + "\n")
+    (doc,) = read_documents([f], tok)
+    supervised = tok.decode([t for t, keep in zip(doc.ids, doc.loss) if keep])
+    # the whole assistant turn as the template renders it (its empty think block included), nothing else
+    assert supervised == "<think>\n\n</think>\n\nhello there<|im_end|>"
+    f.write_text("{bad\n")
+    with pytest.raises(qwen35.Qwen35Error, match=r"chat.jsonl:1: not valid JSON"):
+        read_documents([f], tok)
+
+
+def small_config(vocab=320):
+    return ModelConfig.from_hf({**replica.text_config(2, tie=True), "model_type": "qwen3_5_text",
+                                "vocab_size": vocab, "num_hidden_layers": 4})
+
+
+def corpus_rows(seq_len=64):
+    text = ("the cat sat on the mat . the dog sat on the log . " * 40).split()
+    vocab = {w: i + 1 for i, w in enumerate(sorted(set(text)))}
+    ids = [vocab[w] for w in text]
+    return pack([Document(ids[i : i + 50], [True] * len(ids[i : i + 50])) for i in range(0, len(ids), 50)],
+                seq_len)
+
+
+def test_loss_falls_and_checkpoint_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = init_model(small_config(), seed=0)
+    cfg = TrainConfig(steps=30, seq_len=64, batch_size=2, lr=3e-3, warmup=3, log_every=10)
+    losses = train(model, corpus_rows(), cfg, tmp_path / "run", log=lambda s: None)
+    assert losses[-1] < 0.5 * losses[0], losses
+    loaded = qwen35.load_model(tmp_path / "run")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run", dtype=torch.float32).eval()
+    x = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (loaded(x) - hf(x).logits).abs().max() <= 1e-4
+        assert (loaded(x) - model(x)).abs().max() <= 1e-5
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == \
+        [10, 20, 30]
+
+
+def test_resume_is_exact(tmp_path):
+    rows = corpus_rows()
+    cfg = TrainConfig(steps=6, seq_len=64, batch_size=2, grad_accum=2, lr=3e-3, warmup=2)
+    straight = train(init_model(small_config(), seed=1), rows, cfg, tmp_path / "a", log=lambda s: None)
+    train(init_model(small_config(), seed=1), rows, cfg, tmp_path / "b", log=lambda s: None, until=3)  # stopped
+    resumed = train(qwen35.load_model(tmp_path / "b"), rows, cfg, tmp_path / "b", resume=True, log=lambda s: None)
+    assert resumed[:3] == straight[:3]
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(resumed[3:], straight[3:])), (resumed, straight)
+
+
+def test_train_cli(chat_model_dir, tmp_path):
+    cfg = {**replica.text_config(2, tie=True), "model_type": "qwen3_5_text", "vocab_size": 248320,
+           "num_hidden_layers": 4}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "data.txt").write_text("Hello world. " * 100)
+    out = subprocess.run([sys.executable, "-m", "qwen35", "train", "--config", str(tmp_path / "config.json"),
+                          "--tokenizer", str(chat_model_dir), "--data", str(tmp_path / "data.txt"), "--out",
+                          str(tmp_path / "out"), "--steps", "3", "--seq-len", "32", "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert len([line for line in out.stdout.splitlines() if "loss=" in line]) == 3
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    model, tok = qwen35.load(tmp_path / "out", dtype=torch.float32)
+    assert model.config.num_hidden_layers == 4
+    bad = subprocess.run([sys.executable, "-m", "qwen35", "train", "--config", str(tmp_path / "config.json"),
+                          "--tokenizer", str(chat_model_dir), "--data", str(tmp_path / "nope.txt"), "--out",
+                          str(tmp_path / "o2")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "training data not found" in bad.stderr
