@@ -120,3 +120,35 @@ def test_train_cli(chat_model_dir, tmp_path):
                           "--tokenizer", str(chat_model_dir), "--data", str(tmp_path / "nope.txt"), "--out",
                           str(tmp_path / "o2")], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "training data not found" in bad.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
+    rows = corpus_rows()
+    cfg = TrainConfig(steps=3, seq_len=64, batch_size=2, lr=3e-3, warmup=1)
+    plain = train(init_model(small_config(), seed=2), rows, cfg, tmp_path / "a", log=lambda s: None)
+    ckpt = TrainConfig(**{**cfg.__dict__, "grad_checkpoint": True})
+    recomputed = train(init_model(small_config(), seed=2), rows, ckpt, tmp_path / "b", log=lambda s: None)
+    assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(plain, recomputed))
+
+
+def test_two_process_gloo_equals_one_process(chat_model_dir, tmp_path):
+    cfg = {**replica.text_config(2, tie=True), "model_type": "qwen3_5_text", "vocab_size": 248320,
+           "num_hidden_layers": 4}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "data.txt").write_text(" ".join(f"word{i % 37} thing{i % 11}" for i in range(600)))
+    common = ["--config", str(tmp_path / "config.json"), "--tokenizer", str(chat_model_dir), "--data",
+              str(tmp_path / "data.txt"), "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--threads", "1"]
+
+    def losses(stdout):
+        return [float(line.split("loss=")[1].split()[0]) for line in stdout.splitlines() if "loss=" in line]
+
+    one = subprocess.run([sys.executable, "-m", "qwen35.train", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29533", "-m", "qwen35.train", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = losses(one.stdout), losses(two.stdout)
+    assert len(a) == len(b) == 3
+    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)

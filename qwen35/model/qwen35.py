@@ -183,6 +183,7 @@ class Qwen35ForCausalLM(nn.Module):
                                                                          bias=False)
         self.mtp = MTPHead(config, mtp_layers) if mtp_layers > 0 else None
         self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False  # training: recompute each layer's activations in backward
 
     def fusion_groups(self) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
         """Projections that share an input, per layer: (owner, attribute for the fused matrix, linears)."""
@@ -261,7 +262,10 @@ class Qwen35ForCausalLM(nn.Module):
         rope = self.rotary(self._positions(T, offset, positions))
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, None if cache is None else cache.layers[i], masks)
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, None, masks, use_reentrant=False)
+            else:
+                x = layer(x, rope, None if cache is None else cache.layers[i], masks)
         if cache is not None:
             cache.offset += T
         return self.model.norm(x)

@@ -42,6 +42,7 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
     bf16: bool = False
+    grad_checkpoint: bool = False
 
 
 def init_model(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Qwen35ForCausalLM:
@@ -138,8 +139,17 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     """Train for cfg.steps steps (from the saved step when resume). Returns the loss of every step.
     until: stop (and save) after this step, as an interrupted run would; the schedule still spans cfg.steps."""
     out = Path(out)
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {world} processes")
     model.train()
     model.requires_grad_(True)
+    model.gradient_checkpointing = cfg.grad_checkpoint
+    # data-parallel: every process holds the model, takes its share of each global batch, and DDP averages
+    # the gradients (no communication code of ours)
+    runner = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "conv1d" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "conv1d" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -153,40 +163,54 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         start, losses = state["step"], state["losses"]
         log(f"resumed at step {start}")
     out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    log = log if rank == 0 else (lambda s: None)
     t0 = time.perf_counter()
     tokens_seen = 0
     last = min(cfg.steps, until or cfg.steps)
     for step in range(start, last):
         opt.zero_grad(set_to_none=True)
         parts = [batch_rows(rows, step, m, cfg) for m in range(cfg.grad_accum)]
-        count = sum(int((lab != IGNORE).sum()) for _, lab, _ in parts)
-        total = 0.0
+        parts = [(ids[rank::world], lab[rank::world], seg[rank::world]) for ids, lab, seg in parts]
+        count = torch.tensor(float(sum(int((lab != IGNORE).sum()) for _, lab, _ in parts)))
+        if distributed:
+            dist.all_reduce(count)
+        count = max(1.0, float(count))
+        total = torch.zeros(())
         for ids, labels, segments in parts:
-            loss, _ = loss_on(model, ids, labels, segments, cfg.bf16)
-            (loss / max(1, count)).backward()
-            total += float(loss.detach())
-            tokens_seen += ids.numel()
+            loss, _ = loss_on(runner, ids, labels, segments, cfg.bf16)
+            # DDP averages over processes; the target is the sum over the global batch / its target count
+            (loss * world / count).backward()
+            total += loss.detach()
+            tokens_seen += ids.numel() * world
+        if distributed:
+            dist.all_reduce(total)
+        total = float(total)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         sched.step()
-        losses.append(total / max(1, count))
+        losses.append(total / count)
         if (step + 1) % cfg.log_every == 0 or step + 1 == last:
             rate = tokens_seen / (time.perf_counter() - t0)
             log(f"step {step + 1}/{cfg.steps} loss={losses[-1]:.4f} lr={sched.get_last_lr()[0]:.2e} "
                 f"tok/s={rate:.0f}")
-            metrics.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": sched.get_last_lr()[0],
-                                      "tok_s": rate}) + "\n")
-            metrics.flush()
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == last:
+            if metrics is not None:
+                metrics.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": sched.get_last_lr()[0],
+                                          "tok_s": rate}) + "\n")
+                metrics.flush()
+        if rank == 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == last):
             save(model, out, Path(tokenizer_dir) if tokenizer_dir else None)
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1,
                         "losses": losses, "config": asdict(cfg)}, out / STATE_FILE)
-    if eval_rows:
+    if distributed:
+        dist.barrier()
+    if eval_rows and rank == 0:
         eval_loss = evaluate(model, eval_rows)
         log(f"eval loss={eval_loss:.4f}")
         metrics.write(json.dumps({"step": cfg.steps, "eval_loss": eval_loss}) + "\n")
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
+    model.gradient_checkpointing = False
     model.eval()
     model.requires_grad_(False)
     return losses

@@ -1,0 +1,39 @@
+"""`python -m qwen35.train ...` — the same flags as `qwen35 train`, and data-parallel under torchrun:
+
+    torchrun --nproc-per-node 2 -m qwen35.train --config CONFIG.json --tokenizer DIR --data FILE --out DIR
+
+Each process joins the process group torchrun describes (gloo on CPU, NCCL on GPUs) and the loop wraps the
+model in DistributedDataParallel; --batch-size is the global batch, split across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from ..commands import train as command
+from ..errors import Qwen35Error
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen35.train", description=command.__doc__.splitlines()[0])
+    command.setup_parser(parser)
+    args = parser.parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        return command.main(args) or 0
+    except Qwen35Error as e:
+        print(f"qwen35: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
