@@ -152,3 +152,23 @@ def test_two_process_gloo_equals_one_process(chat_model_dir, tmp_path):
     a, b = losses(one.stdout), losses(two.stdout)
     assert len(a) == len(b) == 3
     assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+
+
+def test_mtp_head_trains_jointly_and_learns(tmp_path):
+    """With mtp_num_hidden_layers, the MTP loss (token after next) falls too, and the head is saved."""
+    cfg_model = ModelConfig.from_hf({**replica.text_config(2, tie=True), "model_type": "qwen3_5_text",
+                                     "num_hidden_layers": 4, "mtp_num_hidden_layers": 1})
+    model = init_model(cfg_model, seed=0)
+    assert model.mtp is not None
+    logs = []
+    cfg = TrainConfig(steps=30, seq_len=64, batch_size=2, lr=3e-3, warmup=3, log_every=1, mtp_weight=0.5)
+    train(model, corpus_rows(), cfg, tmp_path / "mtp", log=logs.append)
+    mtp = [float(line.split("mtp_loss=")[1].split()[0]) for line in logs if "mtp_loss=" in line]
+    assert len(mtp) == 30 and mtp[-1] < 0.5 * mtp[0], mtp
+    loaded = qwen35.load_model(tmp_path / "mtp")
+    assert loaded.mtp is not None
+    # the saved head drafts the token after next on the training text
+    ids = corpus_rows()[0].ids[None, :40]
+    hidden = loaded.hidden_states(ids)
+    draft, _ = loaded.mtp_forward(hidden[:, :-2], ids[:, 1:-1])
+    assert (draft.argmax(-1) == ids[:, 2:]).float().mean() > 0.5

@@ -29,10 +29,12 @@ class MTPHead(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, "full_attention") for _ in range(num_layers))
         self.norm = RMSNorm(H, config.rms_norm_eps)
 
-    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, rope, caches=None, step: int = 0) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, rope, caches=None, step: int = 0,
+                masks=None) -> torch.Tensor:
         """embeds: embeddings of the next tokens [B, T, H]; hidden: target hidden states [B, T, H] at the
-        same rows; caches: one KVCache per MTP layer or None. Returns the normed MTP hidden [B, T, H]."""
+        same rows; caches: one KVCache per MTP layer or None; masks: SegmentMasks of packed training rows.
+        Returns the normed MTP hidden [B, T, H]."""
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
         i = step % len(self.layers)
-        x = self.layers[i](x, rope, None if caches is None else caches[i])
+        x = self.layers[i](x, rope, None if caches is None else caches[i], masks)
         return self.norm(x)

@@ -285,16 +285,22 @@ class Qwen35ForCausalLM(nn.Module):
         return self.logits(h)
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, caches: list[KVCache] | None = None,
-                    positions: torch.Tensor | None = None, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    positions: torch.Tensor | None = None, step: int = 0,
+                    segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP draft step. hidden: target hidden states [B, T, H] at positions p; next_ids: the tokens
-        at p+1 [B, T]. Returns (logits for p+2 [B, T, vocab] fp32, MTP hidden [B, T, H])."""
+        at p+1 [B, T]; segments: document ids of the rows p (packed training).
+        Returns (logits for p+2 [B, T, vocab] fp32, MTP hidden [B, T, H])."""
         if self.mtp is None:
             raise InputError("this checkpoint has no MTP head (no mtp.* tensors)")
         self._check_inputs(next_ids, None)
         T = next_ids.shape[1]
         offset = caches[0].length if caches else 0
+        masks = None
+        if segments is not None:
+            masks = SegmentMasks.build(segments, self.config.linear_conv_kernel_dim)
+            positions = masks.positions if positions is None else positions
         rope = self.rotary(self._positions(T, offset, positions))
-        h = self.mtp(self.model.embed_tokens(next_ids), hidden.to(self.dtype), rope, caches, step)
+        h = self.mtp(self.model.embed_tokens(next_ids), hidden.to(self.dtype), rope, caches, step, masks)
         return self.logits(h), h
 
     def _check_inputs(self, input_ids: torch.Tensor, cache: HybridCache | None) -> None:

@@ -43,6 +43,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     bf16: bool = False
     grad_checkpoint: bool = False
+    mtp_weight: float = 0.3  # weight of the MTP loss (token after next) when the model has an MTP head
 
 
 def init_model(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Qwen35ForCausalLM:
@@ -112,14 +113,37 @@ def batch_rows(rows: list[PackedRow], step: int, micro: int, cfg: TrainConfig):
             torch.stack([r.segments for r in picked]))
 
 
+class Objective(torch.nn.Module):
+    """Summed cross-entropy of a packed batch: next token, and (with an MTP head) the token after next
+    through the MTP path. One module, so DistributedDataParallel sees every parameter it uses."""
+
+    def __init__(self, model: Qwen35ForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels, segments, mtp: bool = True):
+        m = self.model
+        hidden = m.hidden_states(ids, segments=segments)
+        logits = m.logits(hidden)
+        main = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+        if m.mtp is None or not mtp or ids.shape[1] < 3:
+            return main, int((labels != IGNORE).sum()), main.new_zeros(()), 0
+        # row t sees token t+1 and hidden t, predicts token t+2 (= the main label of t+1) in t's document
+        seg = segments[:, :-1]
+        mtp_labels = torch.where(segments[:, 1:] == seg, labels[:, 1:], IGNORE)
+        mtp_logits, _ = m.mtp_forward(hidden[:, :-1], ids[:, 1:], segments=seg)
+        extra = F.cross_entropy(mtp_logits.float().reshape(-1, mtp_logits.shape[-1]), mtp_labels.reshape(-1),
+                                ignore_index=IGNORE, reduction="sum")
+        return main, int((labels != IGNORE).sum()), extra, int((mtp_labels != IGNORE).sum())
+
+
 def loss_on(model, ids, labels, segments, bf16: bool = False) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the targets, and their count."""
+    """Summed next-token cross-entropy over the targets, and their count."""
+    obj = model if isinstance(model, (Objective, torch.nn.parallel.DistributedDataParallel)) else Objective(model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(ids, segments=segments)
-    n = int((labels != IGNORE).sum())
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, n
+        main, n, _, _ = obj(ids, labels, segments, mtp=False)
+    return main, n
 
 
 def evaluate(model, rows: list[PackedRow], batch_size: int = 4) -> float:
@@ -149,7 +173,8 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     model.gradient_checkpointing = cfg.grad_checkpoint
     # data-parallel: every process holds the model, takes its share of each global batch, and DDP averages
     # the gradients (no communication code of ours)
-    runner = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    objective = Objective(model)
+    runner = torch.nn.parallel.DistributedDataParallel(objective) if distributed else objective
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "conv1d" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "conv1d" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -176,23 +201,25 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         if distributed:
             dist.all_reduce(count)
         count = max(1.0, float(count))
-        total = torch.zeros(())
+        total = torch.zeros(2)
         for ids, labels, segments in parts:
-            loss, _ = loss_on(runner, ids, labels, segments, cfg.bf16)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                main, _, extra, _ = runner(ids, labels, segments, mtp=cfg.mtp_weight > 0)
             # DDP averages over processes; the target is the sum over the global batch / its target count
-            (loss * world / count).backward()
-            total += loss.detach()
+            ((main + cfg.mtp_weight * extra) * world / count).backward()
+            total += torch.stack([main.detach(), extra.detach()])
             tokens_seen += ids.numel() * world
         if distributed:
             dist.all_reduce(total)
-        total = float(total)
+        total, mtp_total = float(total[0]), float(total[1])
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         sched.step()
         losses.append(total / count)
         if (step + 1) % cfg.log_every == 0 or step + 1 == last:
             rate = tokens_seen / (time.perf_counter() - t0)
-            log(f"step {step + 1}/{cfg.steps} loss={losses[-1]:.4f} lr={sched.get_last_lr()[0]:.2e} "
+            mtp_note = f" mtp_loss={mtp_total / count:.4f}" if model.mtp is not None and cfg.mtp_weight else ""
+            log(f"step {step + 1}/{cfg.steps} loss={losses[-1]:.4f}{mtp_note} lr={sched.get_last_lr()[0]:.2e} "
                 f"tok/s={rate:.0f}")
             if metrics is not None:
                 metrics.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": sched.get_last_lr()[0],
