@@ -116,6 +116,15 @@ def test_train_cli(chat_model_dir, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     model, tok = qwen35.load(tmp_path / "out", dtype=torch.float32)
     assert model.config.num_hidden_layers == 4
+    lora = [sys.executable, "-m", "qwen35", "train", "--init-from", str(tmp_path / "out"), "--data",
+            str(tmp_path / "data.txt"), "--out", str(tmp_path / "lora"), "--steps", "3", "--seq-len", "32",
+            "--batch-size", "2", "--lora-rank", "2"]
+    first = subprocess.run(lora, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(lora[:lora.index("--steps") + 1] + ["5"] + lora[lora.index("--steps") + 2:] + ["--resume"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "resumed at step 3" in again.stdout and "step 5/5 loss=" in again.stdout
     bad = subprocess.run([sys.executable, "-m", "qwen35", "train", "--config", str(tmp_path / "config.json"),
                           "--tokenizer", str(chat_model_dir), "--data", str(tmp_path / "nope.txt"), "--out",
                           str(tmp_path / "o2")], capture_output=True, text=True, timeout=600)
@@ -172,3 +181,31 @@ def test_mtp_head_trains_jointly_and_learns(tmp_path):
     hidden = loaded.hidden_states(ids)
     draft, _ = loaded.mtp_forward(hidden[:, :-2], ids[:, 1:-1])
     assert (draft.argmax(-1) == ids[:, 2:]).float().mean() > 0.5
+
+
+def test_lora_fine_tune_merges_into_a_loadable_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qwen35.train.lora import apply_lora, merge_lora
+
+    base = init_model(small_config(), seed=4)
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    names = apply_lora(base, rank=4)
+    assert "model.layers.0.linear_attn.in_proj_qkv" in names and "model.layers.3.self_attn.q_proj" in names
+    trainable = [n for n, p in base.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    cfg = TrainConfig(steps=25, seq_len=64, batch_size=2, lr=1e-2, warmup=2)
+    losses = train(base, corpus_rows(), cfg, tmp_path / "lora", log=lambda s: None)
+    assert losses[-1] < 0.85 * losses[0], losses  # frozen random base: adapters alone still learn clearly
+    for n, p in base.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, frozen[n]), n  # the base stays frozen
+    x = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_adapters = base(x)
+        saved = qwen35.load_model(tmp_path / "lora")(x)
+        assert (saved - with_adapters).abs().max() <= 1e-4  # the saved checkpoint has the adapters merged
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "lora", dtype=torch.float32).eval()
+        assert (hf(x).logits - saved).abs().max() <= 1e-4
+        assert (merge_lora(base)(x) - with_adapters).abs().max() <= 1e-4
+    assert (tmp_path / "lora" / "lora.safetensors").is_file()

@@ -33,7 +33,11 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP head's loss (0 = do not train it)")
     p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA is not implemented yet (0 = full training)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = all weights)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--lora-targets", default=",".join(("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv",
+                                                       "in_proj_z", "out_proj", "gate_proj", "up_proj", "down_proj")),
+                   help="comma-separated projection names that get adapters")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,8 +52,6 @@ def main(args: argparse.Namespace) -> int:
     from ..train.loop import TrainConfig, init_model, train
     from ..weights import load_model
 
-    if args.lora_rank:
-        raise Qwen35Error("--lora-rank is not supported yet; train all parameters (omit it)")
     set_threads(args.threads)
     out = Path(args.out)
     tok_dir = Path(args.tokenizer or args.init_from or "")
@@ -57,7 +59,9 @@ def main(args: argparse.Namespace) -> int:
         raise Qwen35Error(f"no tokenizer.json in {tok_dir}; pass --tokenizer DIR")
     tokenizer = Tokenizer(tok_dir)
     tokenizer.chat_template = ChatTemplate.from_model_dir(tok_dir)
-    if args.resume:
+    if args.lora_rank and not args.init_from:
+        raise Qwen35Error("--lora-rank fine-tunes an existing model: give --init-from")
+    if args.resume and not args.lora_rank:
         model = load_model(out, dtype=torch.float32)
     elif args.init_from:
         model = load_model(args.init_from, dtype=torch.float32)
@@ -66,6 +70,17 @@ def main(args: argparse.Namespace) -> int:
         if not cfg_path.is_file():
             raise Qwen35Error(f"config not found: {cfg_path}")
         model = init_model(ModelConfig.from_hf(json.loads(cfg_path.read_text()), str(cfg_path)), seed=args.seed)
+    if args.lora_rank:
+        from safetensors.torch import load_file
+
+        from ..train.lora import apply_lora
+
+        apply_lora(model, args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")), seed=args.seed)
+        if args.resume:
+            adapters = load_file(str(out / "lora.safetensors"))
+            missing = model.load_state_dict(adapters, strict=False).missing_keys
+            if any("lora_" in k for k in missing):
+                raise Qwen35Error(f"{out / 'lora.safetensors'} lacks adapters for this --lora-targets/--lora-rank")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise Qwen35Error(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                           f"{model.config.vocab_size}")

@@ -86,8 +86,22 @@ def config_dict(config: ModelConfig) -> dict:
 
 
 def save(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None = None) -> Path:
-    """Weights (fp32) and config in the official text layout, plus the tokenizer files."""
-    tensors = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters()}
+    """Weights (fp32) and config in the official text layout, plus the tokenizer files. With LoRA active,
+    the adapters are merged into the saved weights (the model itself keeps them) and also written alone
+    to lora.safetensors, which resume reads."""
+    tensors = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    if getattr(model, "lora_active", False):
+        from safetensors.torch import save_file
+
+        from .lora import LoRALinear
+
+        for name, module in model.named_modules():
+            if isinstance(module, LoRALinear):
+                delta = (module.lora_B @ module.lora_A * module.lora_scale).detach().float()
+                tensors[name + ".weight"] = tensors[name + ".weight"] + delta
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().float().contiguous() for n, p in model.named_parameters() if "lora_" in n},
+                  str(out / "lora.safetensors"))
     write_checkpoint(tensors, config_dict(model.config), out)
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -169,14 +183,16 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {world} processes")
     model.train()
-    model.requires_grad_(True)
+    if not getattr(model, "lora_active", False):
+        model.requires_grad_(True)  # (with LoRA only the adapters train; apply_lora set that)
     model.gradient_checkpointing = cfg.grad_checkpoint
     # data-parallel: every process holds the model, takes its share of each global batch, and DDP averages
     # the gradients (no communication code of ours)
     objective = Objective(model)
     runner = torch.nn.parallel.DistributedDataParallel(objective) if distributed else objective
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "conv1d" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "conv1d" not in n)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and "conv1d" not in n]
+    no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "conv1d" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -212,7 +228,7 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         if distributed:
             dist.all_reduce(total)
         total, mtp_total = float(total[0]), float(total[1])
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.clip)
         opt.step()
         sched.step()
         losses.append(total / count)

@@ -1,0 +1,65 @@
+"""LoRA: low-rank adapters on chosen projections, trained while the base weights stay frozen, and merged
+back into plain weights for a full checkpoint every tool can load.
+
+y = x W^T + scale * (x A^T) B^T, A [r, in] (small random), B [out, r] (zeros, so training starts at the base
+model), scale = alpha / r. Parameter names stay those of the base model (`...q_proj.weight`) plus
+`...q_proj.lora_A` / `lora_B`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.linear import Linear
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj",
+                   "up_proj", "down_proj")
+
+
+class LoRALinear(Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = super().forward(x)
+        return base + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS,
+               seed: int = 0) -> list[str]:
+    """Add adapters to every Linear named in `targets` and freeze everything else. Returns their names."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    gen = torch.Generator().manual_seed(seed)
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name.rsplit(".", 1)[-1] in targets:
+            out_f, in_f = module.weight.shape
+            module.__class__ = LoRALinear
+            module.lora_A = nn.Parameter(torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f))
+            module.lora_B = nn.Parameter(torch.zeros(out_f, rank))
+            module.lora_scale = (alpha or 2 * rank) / rank
+            names.append(name)
+    if not names:
+        raise ValueError(f"no projection matched the LoRA targets {targets}")
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    model.lora_active = True
+    return names
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight (W += scale * B A) and drop the adapters, in place."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.weight += (module.lora_B @ module.lora_A * module.lora_scale).to(module.weight.dtype)
+                del module.lora_A, module.lora_B
+                module.__class__ = Linear
+    model.lora_active = False
+    return model
