@@ -161,6 +161,16 @@ def test_two_process_gloo_equals_one_process(chat_model_dir, tmp_path):
     a, b = losses(one.stdout), losses(two.stdout)
     assert len(a) == len(b) == 3
     assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29534", "-m", "qwen35.train", *common, "--fsdp", "--out",
+                           str(tmp_path / "fsdp")], capture_output=True, text=True, timeout=600)
+    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
+    c = losses(fsdp.stdout)
+    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, c)), (a, c)
+    x = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(0))
+    ref = qwen35.load_model(tmp_path / "one")(x)
+    for run in ("two", "fsdp"):  # the gathered checkpoints equal the single-process one
+        assert (qwen35.load_model(tmp_path / run)(x) - ref).abs().max() <= 1e-4
 
 
 def test_mtp_head_trains_jointly_and_learns(tmp_path):

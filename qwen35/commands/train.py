@@ -30,6 +30,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP head's loss (0 = do not train it)")
     p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
     p.add_argument("--threads", type=int, default=None)
@@ -87,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       lr=args.lr, warmup=args.warmup, seed=args.seed, log_every=args.log_every,
                       save_every=args.save_every, bf16=args.bf16, grad_checkpoint=args.grad_checkpoint,
-                      mtp_weight=args.mtp_weight)
+                      mtp_weight=args.mtp_weight, fsdp=args.fsdp)
     rows = pack(read_documents(args.data, tokenizer), args.seq_len, seed=args.seed)
     eval_rows = pack(read_documents(args.eval_data, tokenizer), args.seq_len) if args.eval_data else None
     print(f"{len(rows)} rows of {args.seq_len} tokens; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "

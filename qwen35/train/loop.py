@@ -43,6 +43,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     bf16: bool = False
     grad_checkpoint: bool = False
+    fsdp: bool = False  # shard parameters and optimizer state across processes (FSDP2) instead of DDP
     mtp_weight: float = 0.3  # weight of the MTP loss (token after next) when the model has an MTP head
 
 
@@ -85,11 +86,16 @@ def config_dict(config: ModelConfig) -> dict:
     }
 
 
-def save(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None = None) -> Path:
+def save(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None = None,
+         full_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Weights (fp32) and config in the official text layout, plus the tokenizer files. With LoRA active,
     the adapters are merged into the saved weights (the model itself keeps them) and also written alone
     to lora.safetensors, which resume reads."""
-    tensors = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    if full_state is not None:  # gathered from sharded (FSDP) parameters
+        tensors = {n: t.float().contiguous() for n, t in full_state.items() if "lora_" not in n}
+    else:
+        tensors = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters()
+                   if "lora_" not in n}
     if getattr(model, "lora_active", False):
         from safetensors.torch import save_file
 
@@ -189,7 +195,15 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     # data-parallel: every process holds the model, takes its share of each global batch, and DDP averages
     # the gradients (no communication code of ours)
     objective = Objective(model)
-    runner = torch.nn.parallel.DistributedDataParallel(objective) if distributed else objective
+    runner = objective
+    if distributed and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        runner = fully_shard(objective)
+    elif distributed:
+        runner = torch.nn.parallel.DistributedDataParallel(objective)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.dim() >= 2 and "conv1d" not in n]
     no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "conv1d" not in n)]
@@ -197,6 +211,8 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start, losses = 0, []
+    if resume and distributed and cfg.fsdp:
+        raise ValueError("resuming a sharded (FSDP) run is not supported yet; resume with DDP (omit --fsdp)")
     if resume:
         state = torch.load(out / STATE_FILE, weights_only=False)
         opt.load_state_dict(state["optimizer"])
@@ -233,18 +249,29 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         sched.step()
         losses.append(total / count)
         if (step + 1) % cfg.log_every == 0 or step + 1 == last:
-            rate = tokens_seen / (time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            rate = tokens_seen / elapsed
+            eta = elapsed / (step + 1 - start) * (last - step - 1)
             mtp_note = f" mtp_loss={mtp_total / count:.4f}" if model.mtp is not None and cfg.mtp_weight else ""
             log(f"step {step + 1}/{cfg.steps} loss={losses[-1]:.4f}{mtp_note} lr={sched.get_last_lr()[0]:.2e} "
-                f"tok/s={rate:.0f}")
+                f"tok/s={rate:.0f} eta={eta:.0f}s")
             if metrics is not None:
                 metrics.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": sched.get_last_lr()[0],
                                           "tok_s": rate}) + "\n")
                 metrics.flush()
-        if rank == 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == last):
-            save(model, out, Path(tokenizer_dir) if tokenizer_dir else None)
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step + 1,
-                        "losses": losses, "config": asdict(cfg)}, out / STATE_FILE)
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == last:
+            full = None
+            if distributed and cfg.fsdp:  # a collective: every process takes part, rank 0 writes
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank != 0:
+                continue
+            save(model, out, Path(tokenizer_dir) if tokenizer_dir else None, full)
+            state = {"step": step + 1, "losses": losses, "config": asdict(cfg)}
+            if full is None:  # sharded optimizer state is not gathered (FSDP runs cannot resume yet)
+                state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
+            torch.save(state, out / STATE_FILE)
     if distributed:
         dist.barrier()
     if eval_rows and rank == 0:
