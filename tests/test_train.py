@@ -219,3 +219,16 @@ def test_lora_fine_tune_merges_into_a_loadable_checkpoint(tmp_path):
         assert (hf(x).logits - saved).abs().max() <= 1e-4
         assert (merge_lora(base)(x) - with_adapters).abs().max() <= 1e-4
     assert (tmp_path / "lora" / "lora.safetensors").is_file()
+
+
+def test_bf16_autocast_and_eval_loss(tmp_path):
+    rows = corpus_rows()
+    logs = []
+    cfg = TrainConfig(steps=4, seq_len=64, batch_size=2, lr=3e-3, warmup=1, bf16=True)
+    losses = train(init_model(small_config(), seed=5), rows, cfg, tmp_path / "bf", eval_rows=rows[:2],
+                   log=logs.append)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    (line,) = [x for x in logs if x.startswith("eval loss=")]
+    assert float(line.split("=")[1]) > 0
+    last = json.loads((tmp_path / "bf" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "eval_loss" in last
