@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -225,6 +226,11 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     t0 = time.perf_counter()
     tokens_seen = 0
     last = min(cfg.steps, until or cfg.steps)
+    bar = None
+    if rank == 0 and sys.stderr.isatty():  # an interactive bar; logs and pipes get the loss= lines only
+        from tqdm import tqdm
+
+        bar = tqdm(total=last - start, desc="training", unit="step", leave=False)
     for step in range(start, last):
         opt.zero_grad(set_to_none=True)
         parts = [batch_rows(rows, step, m, cfg) for m in range(cfg.grad_accum)]
@@ -248,6 +254,9 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         opt.step()
         sched.step()
         losses.append(total / count)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == last:
             elapsed = time.perf_counter() - t0
             rate = tokens_seen / elapsed
@@ -272,6 +281,8 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
             if full is None:  # sharded optimizer state is not gathered (FSDP runs cannot resume yet)
                 state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
             torch.save(state, out / STATE_FILE)
+    if bar is not None:
+        bar.close()
     if distributed:
         dist.barrier()
     if eval_rows and rank == 0:
