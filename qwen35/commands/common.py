@@ -55,10 +55,19 @@ def default_model() -> str:
     raise Qwen35Error("no model given and no bundled model is installed; pass a checkpoint directory or repo id")
 
 
+SMALL_MODEL_PARAMS = 50_000_000
+
+
 def load_from_args(args: argparse.Namespace):
     from ..api import load
+    from ..ops.dispatch import set_fast_kernels
     from ..runtime import set_threads, tune_allocator
 
     set_threads(args.threads)
     tune_allocator()
-    return load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True)
+    model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True)
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        # a small model (the bundled one) is quick on the torch path; building the C++ kernels on a fresh
+        # install would cost more time than they save
+        set_fast_kernels(False)
+    return model, tokenizer

@@ -1,7 +1,8 @@
 """Training data: documents from text or JSONL files, packed into fixed-length rows.
 
 - plain text file: one document;
-- JSONL: one document per line, `{"text": ...}`, or `{"messages": [...]}` rendered with the chat template,
+- JSONL: one document per line, `{"text": ...}`, or `{"messages": [...], "tools": [...]?}` rendered with the
+  chat template,
   where only the assistant turns (their text through `<|im_end|>`) carry loss.
 Packing fills each row with whole documents (a longer one is cut into row-sized pieces) and records a
 segment id per token: the model keeps documents apart (attention, conv window and recurrent state), and a
@@ -34,9 +35,9 @@ class Document:
     loss: list[bool]  # loss[t]: token t is a target (predicted from what precedes it)
 
 
-def _chat_document(messages, tokenizer, where: str) -> Document:
+def _chat_document(messages, tokenizer, where: str, tools=None) -> Document:
     try:
-        text = tokenizer.chat_template.render(messages, add_generation_prompt=False)
+        text = tokenizer.chat_template.render(messages, tools=tools, add_generation_prompt=False)
     except Qwen35Error as e:
         raise DataError(f"{where}: {e}") from None
     ids, offsets = tokenizer.encode_with_offsets(text)
@@ -74,7 +75,7 @@ def read_documents(paths: list[str | Path], tokenizer) -> list[Document]:
                 ids = tokenizer.encode(obj["text"]) + ([eos] if eos is not None else [])
                 docs.append(Document(ids, [True] * len(ids)))
             elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                docs.append(_chat_document(obj["messages"], tokenizer, where))
+                docs.append(_chat_document(obj["messages"], tokenizer, where, obj.get("tools")))
             else:
                 raise DataError(f"{where}: expected an object with 'text' (string) or 'messages' (list)")
     if not docs:
