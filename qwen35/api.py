@@ -130,7 +130,7 @@ def generate(model, tokenizer: Tokenizer, prompt: str | list[int], params: Sampl
     """The generated text (the stop token's own text excluded when it is a special token)."""
     out = []
     for r in stream_generate(model, tokenizer, prompt, params, **kw):
-        if r.finish_reason == "stop" and r.token in tokenizer.added_ids:
+        if tokenizer.ends_turn_silently(r.token, r.finish_reason):
             break
         out.append(r.text)
     return "".join(out)

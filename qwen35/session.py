@@ -98,7 +98,7 @@ class ChatSession:
                     stored = True
                 self.last.generated_tokens += 1
                 self.last.finish_reason = step.finish_reason
-                if step.finish_reason == "stop" and step.token in self.tokenizer.added_ids:
+                if self.tokenizer.ends_turn_silently(step.token, step.finish_reason):
                     text = detok.finalize()
                 else:
                     text = detok.add(step.token) + (detok.finalize() if step.finish_reason else "")
@@ -108,7 +108,7 @@ class ChatSession:
                 answer += delta
                 yield from _events(delta)
         finally:
-            if not step_finished(self.last):
+            if self.last.finish_reason is None:  # stopped early (Ctrl-C, error): flush the parser
                 tail = parser.finish()
                 answer += tail
             msg = {"role": "assistant", "content": answer.content}
@@ -119,10 +119,6 @@ class ChatSession:
                                                                                    "arguments": c.arguments}}
                                      for c in answer.tool_calls]
             self.messages.append(msg)
-
-
-def step_finished(stats: TurnStats) -> bool:
-    return stats.finish_reason is not None
 
 
 def _events(delta: ParsedDelta) -> Iterator[Event]:

@@ -80,6 +80,10 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
+    def ends_turn_silently(self, token: int, finish_reason: str | None) -> bool:
+        """True for the control token that stopped generation: it ends the turn and shows no text."""
+        return finish_reason == "stop" and token in self.added_ids
+
     def _special_token(self, key: str) -> str | None:
         v = self.config.get(key)
         return v.get("content") if isinstance(v, dict) else v

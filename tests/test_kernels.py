@@ -112,21 +112,25 @@ def test_gated_deltanet_decode_step_matches_reference():
     assert rel(s_fast.recurrent, s_ref.recurrent) <= 1e-3
 
 
+def decode_logits(model, ids, steps, pad=None):
+    """Prefill all but the last `steps` tokens of ids [B, T], then decode them one by one.
+    Returns (logits of the decoded tokens [B, steps, V], the cache)."""
+    cache = model.make_cache(ids.shape[0])
+    cache.pad = pad
+    T = ids.shape[1]
+    with torch.inference_mode():
+        model(ids[:, : T - steps], cache=cache)
+        return torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(T - steps, T)], 1), cache
+
+
 def test_whole_model_fast_path_matches_reference(tmp_path):
     build_replica(tmp_path / "tiny", "tiny", seed=3)
     model = qwen35.load_model(tmp_path / "tiny", dtype=torch.bfloat16)
     ids = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))
-
-    def decode_logits():
-        cache = model.make_cache(2)
-        with torch.inference_mode():
-            model(ids[:, :-3], cache=cache)
-            return torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(37, 40)], 1)
-
-    fast = decode_logits()
+    fast, _ = decode_logits(model, ids, 3)
     set_fast_kernels(False)
     try:
-        ref = decode_logits()
+        ref, _ = decode_logits(model, ids, 3)
     finally:
         set_fast_kernels(True)
     assert rel(fast, ref) <= 2e-2
@@ -149,18 +153,11 @@ def test_whole_layer_decode_kernels_match_per_op_path(tmp_path):
     build_replica(tmp_path / "tiny", "tiny", seed=5)
     model = qwen35.load_model(tmp_path / "tiny", dtype=torch.bfloat16)
     ids = torch.randint(0, 4096, (2, 30), generator=torch.Generator().manual_seed(1))
-
-    def run():
-        cache = model.make_cache(2)
-        cache.pad = torch.tensor([0, 4])  # padding reaches the attention kernel through `pad`
-        with torch.inference_mode():
-            model(ids[:, :-4], cache=cache)
-            return torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(26, 30)], 1), cache
-
-    fused, c1 = run()
+    pad = torch.tensor([0, 4])  # padding reaches the attention kernel through `pad`
+    fused, c1 = decode_logits(model, ids, 4, pad)
     qmodel.LAYER_KERNELS = False
     try:
-        per_op, c2 = run()
+        per_op, c2 = decode_logits(model, ids, 4, pad)
     finally:
         qmodel.LAYER_KERNELS = True
     assert rel(fused, per_op) <= 1e-2

@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     text, last, in_reasoning = [], None, False
     for r in stream_generate(model, tokenizer, prompt, params, prefill_chunk_size=args.prefill_chunk):
         last = r
-        piece = "" if (r.finish_reason == "stop" and r.token in tokenizer.added_ids) else r.text
+        piece = "" if tokenizer.ends_turn_silently(r.token, r.finish_reason) else r.text
         text.append(piece)
         if parser is None:
             sys.stdout.write(piece)

@@ -68,6 +68,8 @@ class GatedDeltaNet(nn.Module):
 
         token_mask [B, T] (False = left padding): padding enters neither the conv window (its input is
         zeroed, which equals the empty initial state) nor the recurrent state (decay 1, beta 0).
+        segments (SegmentMasks, packed training): conv taps stop at document starts and the recurrent state
+        resets there (log decay -inf: nothing carried over, which the chunked form handles exactly).
         """
         B, T, _ = x.shape
         if T == 1 and state is not None and token_mask is None and fast_path_ok(x, (torch.bfloat16,)):

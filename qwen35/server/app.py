@@ -162,7 +162,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             if item.error is not None:
                 raise APIError(500, "generation failed")
             text = ""
-            if item.token is not None and not (item.finish_reason == "stop" and item.token in tokenizer.added_ids):
+            if item.token is not None and not tokenizer.ends_turn_silently(item.token, item.finish_reason):
                 text = detok.add(item.token)
             if item.finish_reason is not None:
                 text += detok.finalize()
