@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -107,6 +108,10 @@ class ChatTemplate:
     def __init__(self, source: str, origin: str = "template"):
         self.source, self.origin = source, origin
         self._template = _compile(source)
+
+    def uses(self, variable: str) -> bool:
+        """Whether the template reads `variable` (e.g. preserve_thinking), so passing it has an effect."""
+        return variable in jinja2.meta.find_undeclared_variables(self._template.environment.parse(self.source))
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path | None) -> ChatTemplate:

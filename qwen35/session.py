@@ -1,10 +1,11 @@
 """A multi-turn chat that never re-prefills earlier turns.
 
-Each turn renders the whole conversation with the chat template (so history looks exactly as the model was
-trained to see it — past reasoning dropped), then restores the longest snapshotted prefix and prefills
-only the rest. Snapshots are taken at the end of each user turn (where the next rendering still agrees
-with this one) and at the end of each prompt. The model's output is parsed as it streams into reasoning,
-content and tool calls.
+Each turn renders the whole conversation with the chat template, then restores the longest snapshotted
+prefix and prefills only the rest. Snapshots are taken at the end of each user turn, of each prompt and of
+each answer. Past answers keep their think block as generated (`preserve_thinking`, on by default), so the
+next rendering agrees with the answer's snapshot and a turn prefills only its new message; with it off (or
+a template that ignores it) past reasoning is dropped and reuse stops at the previous user turn. The
+model's output is parsed as it streams into reasoning, content and tool calls.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ class Event:
 class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, tools: list[dict] | None = None,
                  enable_thinking: bool | None = None, params: SamplingParams | None = None,
-                 max_cache_bytes: int = 2 * 2**30):
+                 max_cache_bytes: int = 2 * 2**30, preserve_thinking: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.template = tokenizer.chat_template
         self.system, self.tools = system, tools
         self.enable_thinking = enable_thinking
+        # past answers keep their think block as generated, so the next turn reuses them (see server/app.py)
+        self.preserve_thinking = preserve_thinking
         self.params = params
         self.prompt_cache = PromptCache(model, max_cache_bytes)
         self.messages: list[dict] = []
@@ -62,7 +65,7 @@ class ChatSession:
 
     def _render(self, generation: bool) -> str:
         return self.template.render(self.messages, tools=self.tools, add_generation_prompt=generation,
-                                    enable_thinking=self.enable_thinking)
+                                    enable_thinking=self.enable_thinking, preserve_thinking=self.preserve_thinking)
 
     def send(self, user_text: str, max_tokens: int | None = None) -> Iterator[Event]:
         """Add a user turn and stream the answer as events; the answer joins the history at the end (or
@@ -91,11 +94,13 @@ class ChatSession:
         detok = self.tokenizer.detokenizer()
         answer = ParsedDelta()
         stored = False
+        generated: list[int] = []
         try:
             for step in generate_step(self.model, ids[done:], cache=cache, params=params):
                 if not stored:
                     self.prompt_cache.store(ids, cache)
                     stored = True
+                generated.append(step.token)
                 self.last.generated_tokens += 1
                 self.last.finish_reason = step.finish_reason
                 if self.tokenizer.ends_turn_silently(step.token, step.finish_reason):
@@ -108,6 +113,10 @@ class ChatSession:
                 answer += delta
                 yield from _events(delta)
         finally:
+            # the answer's end (its last token was sampled, never fed): where the next turn diverges
+            answered = ids + generated[:-1]
+            if generated and cache.offset == len(answered) and len(generated) > 1:
+                self.prompt_cache.store(answered, cache)
             if self.last.finish_reason is None:  # stopped early (Ctrl-C, error): flush the parser
                 tail = parser.finish()
                 answer += tail

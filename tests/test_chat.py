@@ -92,6 +92,23 @@ def test_reasoning_aliases():
     assert a == b and "<think>\nr\n</think>" in a
 
 
+def test_preserve_thinking_keeps_past_think_blocks():
+    t = ChatTemplate.from_model_dir(None)
+    conv = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "reasoning_content": "r1"},
+            {"role": "assistant", "content": "a2"}, {"role": "user", "content": "q2"}]
+    dropped = t.render(conv, enable_thinking=False)
+    assert "<|im_start|>assistant\na1<|im_end|>" in dropped and "r1" not in dropped  # the Qwen3.5 card
+    kept = t.render(conv, enable_thinking=False, preserve_thinking=True)
+    assert "<|im_start|>assistant\n<think>\nr1\n</think>\n\na1<|im_end|>" in kept
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\na2<|im_end|>" in kept  # as generated without thinking
+    # the previous turn's prompt is a prefix of the next turn's: a cached prefix stays valid
+    first = t.render(conv[:1], enable_thinking=False, preserve_thinking=True)
+    second = t.render([conv[0], conv[2], conv[3]], enable_thinking=False, preserve_thinking=True)
+    assert second.startswith(first + "a2<|im_end|>")
+    assert t.uses("preserve_thinking") and t.uses("enable_thinking")
+    assert not ChatTemplate("{{ messages[0].content }}").uses("preserve_thinking")
+
+
 def test_checkpoint_template_wins(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "CFG{{ messages[0].content }}"}))
     assert ChatTemplate.from_model_dir(tmp_path).render([{"role": "user", "content": "x"}]) == "CFGx"

@@ -64,9 +64,9 @@ def local(chat_model_dir):
     return qwen35.load(chat_model_dir, dtype=torch.float32)
 
 
-def greedy_local(local, messages, max_tokens, thinking=False):
+def greedy_local(local, messages, max_tokens, thinking=False, preserve=True):
     model, tok = local
-    prompt = tok.chat_template.render(messages, enable_thinking=thinking)
+    prompt = tok.chat_template.render(messages, enable_thinking=thinking, preserve_thinking=preserve)
     return qwen35.generate(model, tok, prompt, SamplingParams(temperature=0, max_tokens=max_tokens))
 
 
@@ -118,15 +118,22 @@ def test_batched_equals_one_at_a_time(client):
 
 
 def test_second_turn_reuses_the_first(client, local):
+    model, tok = local
     msgs = [{"role": "user", "content": "First turn of a conversation about caching"}]
     r1 = client.chat.completions.create(model="model", messages=msgs, max_tokens=6, temperature=0)
     msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
              {"role": "user", "content": "and the second turn"}]
     r2 = client.chat.completions.create(model="model", messages=msgs, max_tokens=6, temperature=0)
-    model, tok = local
+    # past think blocks are kept (the default), so turn 1's whole prompt is restored, not prefilled
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
+    assert r2.choices[0].message.content == greedy_local(local, msgs, 6, preserve=True).strip()  # a cold run
+    # a client may ask for the Qwen3.5 card's rendering (past reasoning dropped): reuse then stops at the
+    # end of turn 1's user message, and the answer still equals a cold run of that rendering
+    r3 = client.chat.completions.create(model="model", messages=msgs, max_tokens=6, temperature=0,
+                                        extra_body={"chat_template_kwargs": {"preserve_thinking": False}})
     first_user_turn = len(tok.encode(tok.chat_template.render(msgs[:1], add_generation_prompt=False)))
-    assert r2.usage.prompt_tokens_details.cached_tokens >= first_user_turn
-    assert r2.choices[0].message.content == greedy_local(local, msgs, 6).strip()  # equals a cold run
+    assert r3.usage.prompt_tokens_details.cached_tokens == first_user_turn
+    assert r3.choices[0].message.content == greedy_local(local, msgs, 6, preserve=False).strip()
 
 
 def test_errors(client, server):
@@ -146,6 +153,10 @@ def test_errors(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="model", messages=[])
     assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": "yes"}})
+    assert e.value.body["param"] == "chat_template_kwargs" and "must be a boolean" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.AuthenticationError):
@@ -266,6 +277,70 @@ def test_tool_call_round_trip(inprocess, local):
              {"role": "tool", "tool_call_id": call.id, "content": "sunny, 22C"}]
     r2 = c.chat.completions.create(model="model", messages=msgs, tools=TOOLS, max_tokens=200)
     assert r2.choices[0].message.tool_calls  # (scripted) and the history rendered without error
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_next_turn_reuses_the_whole_answer(inprocess, local, thinking):
+    """The answer's own tokens are restored too (its snapshot), in non-thinking mode and in thinking mode
+    when the client sends reasoning_content back."""
+    _, tok = local
+    answer = ("Let me see.\n</think>\n\n" if thinking else "") + "Caching is fun, friend."
+    script = tok.encode(answer) + [tok.token_to_id("<|im_end|>")]
+    base, _ = inprocess(scripted=script)
+    c = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+    kwargs = {"chat_template_kwargs": {"enable_thinking": thinking}}
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about caching"}]
+    r1 = c.chat.completions.create(model="model", messages=msgs, max_tokens=50, extra_body=kwargs)
+    m = r1.choices[0].message
+    assert m.content == "Caching is fun, friend." and r1.usage.completion_tokens == len(script)
+    turn = {"role": "assistant", "content": m.content}
+    if thinking:
+        assert m.reasoning_content == "Let me see."
+        turn["reasoning_content"] = m.reasoning_content
+    msgs += [turn, {"role": "user", "content": "More?"}]
+    r2 = c.chat.completions.create(model="model", messages=msgs, max_tokens=50, extra_body=kwargs)
+    # everything but the answer's closing <|im_end|> (sampled, never fed) comes from the cache
+    assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens + len(script) - 1
+
+
+def test_failing_row_spares_the_rest_of_the_batch(local):
+    """A forward that fails for one request's token: that request gets the error, the other request in the
+    same batch goes on and produces exactly what it produces alone."""
+    from qwen35.server.engine import Engine, Request
+
+    model, tok = local
+    poison = 1234
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+            self.config, self.make_cache, self.hidden_states = model.config, model.make_cache, model.hidden_states
+
+        def forward(self, ids, **kw):
+            if (ids == poison).any():
+                raise RuntimeError("poisoned token")
+            return self.inner(ids, **kw)
+
+    def serve(requests, m):
+        eng = Engine(m, max_batch=4)
+        eng.shutdown()  # drive the worker's steps by hand: both requests join the same batch
+        for r in requests:
+            eng.submit(r)
+        eng._admit()
+        assert len(eng.active) == len(requests)
+        while eng.active:
+            eng._step()
+        return eng, [list(r.out.queue) for r in requests]
+
+    greedy = SamplingParams(temperature=0, max_tokens=8, stop_token_ids=(-1,))
+    good_prompt = tok.encode("A request that should not notice its neighbour")
+    bad = Request(tok.encode("Bad one"), SamplingParams(temperature=0, max_tokens=8, logit_bias={poison: 1e4}))
+    eng, (bad_out, good_out) = serve([bad, Request(good_prompt, greedy)], Poisoned())
+    assert bad_out[0].token == poison and bad_out[-1].error == "RuntimeError: poisoned token"
+    _, (alone,) = serve([Request(good_prompt, greedy)], model)
+    assert [t.token for t in good_out] == [t.token for t in alone] and len(alone) == 8
+    assert eng.stats["errors"] == 1
 
 
 def test_queue_full_is_429(inprocess):

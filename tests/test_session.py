@@ -52,18 +52,51 @@ def test_second_turn_prefills_only_new_tokens(loaded):
     assert first.cached_tokens == 0 and first.prefilled_tokens == first.prompt_tokens
     list(s.send("And again"))
     second = s.last
-    # everything up to the end of turn 1's user message is restored, not prefilled
+    # past think blocks are kept, so turn 1's prompt is restored whole (its answer too when the answer text
+    # re-tokenizes to the generated tokens, which random-model output need not: see the next test)
+    assert second.cached_tokens >= first.prompt_tokens
+    ids = tok.encode(s.template.render(s.messages[:4], enable_thinking=False, preserve_thinking=True))
+    assert second.prompt_tokens == len(ids) and second.prefilled_tokens == len(ids) - second.cached_tokens
+    list(s.send("Third"))
+    assert s.last.cached_tokens >= second.prompt_tokens
+    # the same conversation from scratch gives the same answer
+    cold = ChatSession(model, tok, system="Be brief.", enable_thinking=False, params=GREEDY)
+    cold.messages = [dict(m) for m in s.messages[:5]]
+    list(cold.send("Third"))
+    assert cold.last.cached_tokens == 0
+    assert cold.messages[-1] == s.messages[-1]
+
+
+def test_answer_is_reused_when_it_round_trips(loaded):
+    """An answer that re-tokenizes to the generated tokens is restored too: the turn prefills only what
+    follows it (the answer's closing <|im_end|>, sampled but never fed, and the new user message)."""
+    model, tok = loaded
+    word = tok.encode("Hello")
+    assert len(word) == 1 and tok.encode("Hello" * 12) == word * 12  # the forced answer round-trips
+    params = SamplingParams(temperature=0, max_tokens=12, logit_bias={word[0]: 1e4})
+    s = ChatSession(model, tok, enable_thinking=False, params=params)
+    list(s.send("Hi"))
+    first = s.last
+    assert s.messages[-1]["content"] == "Hello" * 12 and first.finish_reason == "length"
+    list(s.send("Next"))
+    assert s.last.cached_tokens == first.prompt_tokens + 11
+
+
+def test_without_preserved_thinking_reuse_stops_at_the_user_turn(loaded):
+    model, tok = loaded
+    s = ChatSession(model, tok, system="Be brief.", enable_thinking=False, params=GREEDY, preserve_thinking=False)
+    list(s.send("Hello there"))
+    list(s.send("And again"))
+    second = s.last
     boundary = len(tok.encode(s.template.render(s.messages[:2], add_generation_prompt=False)))
     assert second.cached_tokens == boundary
     assert second.prefilled_tokens == second.prompt_tokens - boundary
     list(s.send("Third"))
     third = s.last
     assert third.cached_tokens == len(tok.encode(s.template.render(s.messages[:4], add_generation_prompt=False)))
-    # the same conversation from scratch gives the same answer
-    cold = ChatSession(model, tok, system="Be brief.", enable_thinking=False, params=GREEDY)
+    cold = ChatSession(model, tok, system="Be brief.", enable_thinking=False, params=GREEDY, preserve_thinking=False)
     cold.messages = [dict(m) for m in s.messages[:5]]
     list(cold.send("Third"))
-    assert cold.last.cached_tokens == 0
     assert cold.messages[-1] == s.messages[-1]
 
 

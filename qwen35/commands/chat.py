@@ -18,6 +18,8 @@ DIM, RESET = "\033[2m", "\033[0m"
 def setup_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--no-preserve-thinking", dest="preserve_thinking", action="store_false", default=True,
+                   help="render past answers without their think block (each turn then re-prefills the last answer)")
     add_sampling_args(p)
 
 
@@ -51,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_from_args(args)
     tty = sys.stdout.isatty()
-    session = ChatSession(model, tokenizer, system=args.system, enable_thinking=args.think)
+    session = ChatSession(model, tokenizer, system=args.system, enable_thinking=args.think,
+                          preserve_thinking=args.preserve_thinking)
 
     def params_for(thinking: bool):
         return sampling_from_args(args, preset(thinking))

@@ -26,6 +26,9 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None)
     think.add_argument("--no-think", dest="think", action="store_false")
+    p.add_argument("--no-preserve-thinking", dest="preserve_thinking", action="store_false", default=True,
+                   help="render past assistant turns without their think block (the Qwen3.5 card's advice; the "
+                        "next turn then re-prefills the previous answer). Default: keep it, so turns reuse it")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,7 +43,11 @@ def main(args: argparse.Namespace) -> int:
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
                     prompt_cache_bytes=int(args.prompt_cache_gb * 2**30))
     app = create_app(engine, tokenizer, name, api_key=args.api_key, default_thinking=args.think,
-                     request_timeout=args.request_timeout)
+                     request_timeout=args.request_timeout, preserve_thinking=args.preserve_thinking)
+    if args.preserve_thinking and not tokenizer.chat_template.uses("preserve_thinking"):
+        print("note: this model's chat template drops past think blocks (no 'preserve_thinking'): each turn "
+              "reuses the conversation up to the previous user message and re-prefills the previous answer",
+              flush=True)
     print(f"qwen35 serving '{name}' on http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

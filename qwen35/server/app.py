@@ -56,7 +56,13 @@ def sse(obj: dict) -> str:
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               default_thinking: bool | None = None, request_timeout: float | None = 600.0) -> FastAPI:
+               default_thinking: bool | None = None, request_timeout: float | None = 600.0,
+               preserve_thinking: bool = True) -> FastAPI:
+    # preserve_thinking: past assistant turns keep their think block (the reasoning the client sends back,
+    # or an empty block), exactly as the model produced them, so turn N+1 restores the snapshot taken at the
+    # end of turn N's answer. The Qwen3.6 templates and ours honour it; a template that ignores it drops past
+    # think blocks, and reuse then stops at the end of turn N's user message.
+    template_defaults = {"preserve_thinking": preserve_thinking}
     app = FastAPI(title="qwen35", docs_url=None, redoc_url=None)
     started = int(time.time())
 
@@ -201,15 +207,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request)
-        opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=True)
+        opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=True,
+                             default_template_kwargs=template_defaults)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad("messages", "'messages' must be a non-empty list")
         try:
             prompt = tokenizer.chat_template.render(messages, tools=opts.tools, add_generation_prompt=True,
-                                                    enable_thinking=opts.enable_thinking)
+                                                    enable_thinking=opts.enable_thinking, **opts.template_kwargs)
             history = tokenizer.chat_template.render(messages, tools=opts.tools, add_generation_prompt=False,
-                                                     enable_thinking=opts.enable_thinking)
+                                                     enable_thinking=opts.enable_thinking, **opts.template_kwargs)
         except Qwen35Error as e:
             raise bad("messages", str(e)) from None
         ids = tokenizer.encode(prompt)

@@ -34,6 +34,7 @@ class Request:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 
@@ -112,8 +113,7 @@ class Engine:
             try:
                 self._start(req)
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
-                self.stats["errors"] += 1
-                req.out.put(Token(None, error=f"{type(e).__name__}: {e}"))
+                self._fail(req, e)
 
     def _start(self, req: Request) -> None:
         model = self.model
@@ -146,6 +146,7 @@ class Engine:
             self.stats["ttft_sum"] += req.first_token_at - req.created
             self.stats["ttft_count"] += 1
         self.stats["generated_tokens"] += 1
+        req.generated.append(t)
         req.out.put(Token(t, lp, top, finish))
         return None if finish else t
 
@@ -163,24 +164,70 @@ class Engine:
         if not self.active:
             return
         t0 = time.perf_counter()
-        tokens = torch.tensor([[tok] for _, _, tok in self.active])
-        try:
-            logits = self.model(tokens, cache=self.cache)[:, -1]
-        except Exception as e:  # noqa: BLE001 - the batch is unusable: fail its requests, keep serving
-            for req, _, _ in self.active:
-                req.out.put(Token(None, error=f"{type(e).__name__}: {e}"))
-            self.stats["errors"] += len(self.active)
-            self.active, self.cache = [], None
+        logits = self._forward()
+        if logits is None:
             return
         self.stats["decode_steps"] += 1
         self.stats["decode_time"] += time.perf_counter() - t0
-        keep = []
+        keep, finished = [], []
         for i, (req, sampler, _) in enumerate(self.active):
-            tok = self._emit(req, sampler, logits[i : i + 1], int(sampler.counts.sum()))
+            try:
+                tok = self._emit(req, sampler, logits[i : i + 1], len(req.generated))
+            except Exception as e:  # noqa: BLE001 - a sampling failure ends this request only
+                self._fail(req, e)
+                continue
             if tok is not None:
                 self.active[i] = (req, sampler, tok)
                 keep.append(i)
+            else:
+                finished.append(i)
+        for i in finished:
+            self._remember_answer(i)
         self._keep(keep)
+
+    def _forward(self) -> torch.Tensor | None:
+        """Logits [B, V] for the batch's last tokens. If the batched forward fails, the cache goes back to
+        where it was and each row runs alone: rows that fail alone get the error, the others go on."""
+        tokens = torch.tensor([[tok] for _, _, tok in self.active])
+        before = self.cache.snapshot()
+        try:
+            return self.model(tokens, cache=self.cache)[:, -1]
+        except Exception:  # noqa: BLE001 - find the request(s) at fault, keep serving the rest
+            self.cache.restore(before)
+        rows, logits, keep = [], [], []
+        for i, (req, _, tok) in enumerate(self.active):
+            row = self._row(i)
+            try:
+                logits.append(self.model(torch.tensor([[tok]]), cache=row)[:, -1])
+            except Exception as e:  # noqa: BLE001
+                self._fail(req, e)
+                continue
+            rows.append(row)
+            keep.append(i)
+        self.active = [self.active[i] for i in keep]
+        self.cache = None
+        for row in rows:
+            self.cache = batching.merge(self.cache, row)
+        return torch.cat(logits) if logits else None
+
+    def _row(self, i: int):
+        """Row i of the batch as a batch-1 cache without padding (a copy: the batch is untouched)."""
+        row = batching.remove(self.cache, [i])
+        row.pad = None
+        return row
+
+    def _remember_answer(self, i: int) -> None:
+        """Snapshot a finished row at the end of its answer (prompt + every generated token but the last,
+        which was sampled and never fed), so the next turn of the conversation reuses the answer too."""
+        req = self.active[i][0]
+        tokens = req.prompt + req.generated[:-1]
+        if self.prompt_cache.max_bytes <= 0 or self.cache.offset - int(self.cache.pad[i]) != len(tokens):
+            return
+        self.prompt_cache.store(tokens, self._row(i))
+
+    def _fail(self, req: Request, e: Exception) -> None:
+        self.stats["errors"] += 1
+        req.out.put(Token(None, error=f"{type(e).__name__}: {e}"))
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.active):

@@ -37,6 +37,7 @@ class GenerationOptions:
     enable_thinking: bool | None
     tools: list[dict] | None
     tool_choice: Any
+    template_kwargs: dict  # chat_template_kwargs other than enable_thinking, passed to the template
 
 
 def _num(body: dict, key: str, kind, lo=None, hi=None, default=None):
@@ -54,7 +55,8 @@ def _num(body: dict, key: str, kind, lo=None, hi=None, default=None):
     return v
 
 
-def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None, chat: bool) -> GenerationOptions:
+def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None, chat: bool,
+                  default_template_kwargs: dict | None = None) -> GenerationOptions:
     if not isinstance(body, dict):
         raise bad("body", "the request body must be a JSON object")
     if body.get("response_format") not in (None, {"type": "text"}):
@@ -112,8 +114,15 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bad("chat_template_kwargs", "'chat_template_kwargs' must be an object")
+    kwargs = dict(kwargs)
     if "enable_thinking" in kwargs:
-        thinking = bool(kwargs["enable_thinking"])
+        thinking = kwargs.pop("enable_thinking")
+        if not isinstance(thinking, bool):
+            raise bad("chat_template_kwargs", "'chat_template_kwargs.enable_thinking' must be a boolean")
+    for key in ("messages", "tools", "add_generation_prompt"):
+        if key in kwargs:
+            raise bad("chat_template_kwargs", f"'chat_template_kwargs.{key}' is set by the request itself")
+    template_kwargs = {**(default_template_kwargs or {}), **kwargs}
     tools = body.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise bad("tools", "'tools' must be a list of tool objects")
@@ -129,4 +138,4 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
     if tool_choice == "none":
         tools = None
     return GenerationOptions(params, stop, bool(body.get("stream", False)), bool(stream_options.get("include_usage")),
-                             thinking, tools or None, tool_choice)
+                             thinking, tools or None, tool_choice, template_kwargs)
