@@ -7,11 +7,16 @@
   costs microseconds. `tune_allocator` raises glibc's mmap and trim thresholds so those blocks are reused.
   It changes process-wide behaviour, so the engine entry points call it, not `import qwen35`; set
   QWEN35_MALLOC_TUNING=0 to leave malloc alone.
+- Weights live in transparent huge pages where Linux offers them (`WeightArena`): decode streams every
+  weight once per token, and with 4 KiB pages that is a TLB miss (a two-level page walk on a virtual
+  machine) and a hardware-prefetcher restart every 4 KiB. Measured on the 248320x1024 head here: 30.2 GB/s
+  with 4 KiB pages, 33.2 GB/s with 2 MiB pages. QWEN35_HUGEPAGES=0 turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 
@@ -45,6 +50,57 @@ def tune_allocator() -> bool:
         return False
     _tuned = ok
     return ok
+
+
+_HUGE_PAGE = 2 * 2**20
+_HUGE_MIN_BYTES = 4 * 2**20  # smaller models are not worth a mapping of their own
+
+
+def hugepages_enabled() -> bool:
+    return (os.environ.get("QWEN35_HUGEPAGES", "1") != "0" and sys.platform.startswith("linux")
+            and hasattr(mmap, "MADV_HUGEPAGE"))
+
+
+class WeightArena:
+    """One allocation for a model's weights, handed out as aligned tensors. Backed by transparent huge
+    pages when Linux offers them: an anonymous mapping, 2 MiB-aligned and advised MADV_HUGEPAGE before the
+    first write (the loader's reads then fault in whole 2 MiB pages: no copy, no background collapse). One
+    mapping rather than one per tensor keeps the 2 MiB rounding to a single page. The memory is freed with
+    the last tensor that views it."""
+
+    ALIGN = 64  # a cache line: every weight row stream starts on one
+
+    def __init__(self, nbytes: int):
+        self.nbytes, self.used = nbytes, 0
+        self.huge = False
+        raw = None
+        if nbytes >= _HUGE_MIN_BYTES and hugepages_enabled():
+            try:
+                region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                region.madvise(mmap.MADV_HUGEPAGE)
+                raw = torch.frombuffer(region, dtype=torch.uint8)
+                start = -raw.data_ptr() % _HUGE_PAGE
+                raw, self.huge = raw[start : start + nbytes], True
+            except (OSError, ValueError):
+                raw = None
+        self.raw = raw if raw is not None else torch.empty(nbytes, dtype=torch.uint8)
+
+    @classmethod
+    def size_of(cls, shapes_dtypes) -> int:
+        return sum(cls._padded(torch.Size(s).numel() * d.itemsize) for s, d in shapes_dtypes)
+
+    @classmethod
+    def _padded(cls, n: int) -> int:
+        return -(-n // cls.ALIGN) * cls.ALIGN
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        size = torch.Size(shape)
+        n = size.numel() * dtype.itemsize
+        if self.used + n > self.nbytes:
+            raise ValueError(f"weight arena of {self.nbytes} bytes cannot hold {n} more (used {self.used})")
+        t = self.raw[self.used : self.used + n].view(dtype).view(size)
+        self.used += self._padded(n)
+        return t
 
 
 def _status_mb(field: str) -> float | None:

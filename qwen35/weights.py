@@ -27,6 +27,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import CheckpointError
 from .model.qwen35 import Qwen35ForCausalLM
+from .runtime import WeightArena
 from .safetensors_io import SafetensorsReader, TensorEntry, read_header
 
 log = logging.getLogger("qwen35")
@@ -158,7 +159,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
         raise CheckpointError(f"{path}: unexpected tensor '{_disk_key(unexpected[0], by_name)}'"
                               + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
-    _allocate_fused(model, dtype)
+    _allocate(model, dtype)
     expected = dict(model.named_parameters())
     readers: dict[Path, SafetensorsReader] = {}
     bar = None
@@ -176,12 +177,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
             if not e.dtype.is_floating_point:
                 raise CheckpointError(f"{path}: tensor '{e.name}' has non-float dtype {e.dtype}")
             reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))
-            if param.is_meta:
-                data = torch.empty(e.shape, dtype=torch.float32 if keeps_fp32(name) else dtype)
-                reader.read(e, data)
-                _set_param(model, name, data)
-            else:  # a view into fused storage, allocated already
-                reader.read(e, param.data)
+            reader.read(e, param.data)
             info.nbytes += e.nbytes
             if bar is not None:
                 bar.update(e.nbytes)
@@ -196,18 +192,27 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     return model
 
 
-def _allocate_fused(model: Qwen35ForCausalLM, dtype: torch.dtype) -> None:
-    """Give projections that share an input one real matrix each, their weights views of it, so the
-    checkpoint is read straight into fused storage (no second copy, ever)."""
-    for owner, attr, linears in model.fusion_groups():
-        rows = sum(layer.weight.shape[0] for layer in linears)
-        fused = torch.empty(rows, linears[0].weight.shape[1], dtype=dtype)
+def _allocate(model: Qwen35ForCausalLM, dtype: torch.dtype) -> None:
+    """Give every parameter real storage, all of it in one WeightArena (huge pages where available), so
+    the checkpoint is read straight into place (no second copy, ever). Projections that share an input get
+    one real matrix each, their weights views of it."""
+    groups = model.fusion_groups()
+    fused_members = {id(layer.weight) for _, _, linears in groups for layer in linears}
+    fused_shapes = [((sum(layer.weight.shape[0] for layer in linears), linears[0].weight.shape[1]), dtype)
+                    for _, _, linears in groups]
+    singles = [(name, p.shape, torch.float32 if keeps_fp32(name) else dtype)
+               for name, p in model.named_parameters() if id(p) not in fused_members]
+    arena = WeightArena(WeightArena.size_of(fused_shapes + [(s, d) for _, s, d in singles]))
+    for (owner, attr, linears), (shape, _) in zip(groups, fused_shapes):
+        fused = arena.take(shape, dtype)
         offset = 0
         for layer in linears:
             n = layer.weight.shape[0]
             layer.weight = nn.Parameter(fused[offset : offset + n], requires_grad=False)
             offset += n
         setattr(owner, attr, fused)
+    for name, shape, d in singles:
+        _set_param(model, name, arena.take(shape, d))
 
 
 @contextlib.contextmanager

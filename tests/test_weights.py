@@ -163,3 +163,29 @@ def test_save_then_load_roundtrip(vlm_replicas, tmp_path):
     x = torch.tensor([[5, 6, 7, 8, 9]])
     assert torch.equal(a(x), b(x))
     assert (tmp_path / "copy" / "model.safetensors-00001-of-00001.safetensors").is_file()
+
+
+def test_weights_share_one_arena(vlm_replicas):
+    model = qwen35.load_model(vlm_replicas[1][1], dtype=torch.bfloat16)
+    ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(ptrs) == 1  # one allocation: huge pages need no per-tensor rounding
+    assert all(p.data_ptr() % 64 == 0 for p in model.parameters())  # every row stream starts on a cache line
+
+
+def test_weight_arena(monkeypatch):
+    from qwen35.runtime import WeightArena, hugepages_enabled
+
+    shapes = [((3, 5), torch.bfloat16), ((2048, 1024), torch.float32), ((7,), torch.float32)]
+    arena = WeightArena(WeightArena.size_of(shapes))
+    ts = [arena.take(s, d) for s, d in shapes]
+    for t, (s, d) in zip(ts, shapes):
+        assert t.shape == s and t.dtype == d and t.data_ptr() % 64 == 0
+        t.fill_(1.5)
+    assert all(bool((t == 1.5).all()) for t in ts)  # no overlap
+    assert arena.huge == hugepages_enabled()
+    if arena.huge:
+        assert arena.raw.data_ptr() % (2 * 2**20) == 0
+    with pytest.raises(ValueError, match="cannot hold 4 more"):
+        arena.take((1,), torch.float32)
+    monkeypatch.setenv("QWEN35_HUGEPAGES", "0")
+    assert not WeightArena(8 * 2**20).huge
