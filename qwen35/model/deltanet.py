@@ -112,7 +112,7 @@ class GatedDeltaNet(nn.Module):
     def _decode_fast(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor | None:
         """One token per sequence through the fused C++ step (ops/kernels: gdn_decode)."""
         fused = fused_weight(self._in_proj, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
-        if (fused is None or state.conv.dtype != torch.bfloat16 or self.conv_dim % 16 or self.head_v_dim % 16
+        if (fused is None or state.conv.dtype != torch.bfloat16 or self.conv_dim % 16 or self.head_v_dim not in (64, 128, 256)
                 or self.kernel_size > 8):
             return None  # the kernel's vector width and tap limits; the reference path handles the rest
         B = x.shape[0]

@@ -140,7 +140,7 @@ class DecoderLayer(nn.Module):
         if self.layer_type == "linear_attention":
             gdn = self.linear_attn
             w_in = fused_weight(gdn._in_proj, gdn.in_proj_qkv, gdn.in_proj_z, gdn.in_proj_b, gdn.in_proj_a)
-            if (w_in is None or cache.conv.dtype != torch.bfloat16 or gdn.conv_dim % 16 or gdn.head_v_dim % 16
+            if (w_in is None or cache.conv.dtype != torch.bfloat16 or gdn.conv_dim % 16 or gdn.head_v_dim not in (64, 128, 256)
                     or gdn.kernel_size > 8 or (masks is not None and not bool(masks.tokens.all()))):
                 return None
             out, cache.conv, cache.recurrent = torch.ops.qwen35.decode_gdn_layer(
