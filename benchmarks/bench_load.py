@@ -2,7 +2,7 @@
 
 Each loader runs in a fresh subprocess so its peak RSS (VmHWM) is its own; the peak covers the load and
 one forward pass, and includes the interpreter and torch (the "base" column). Target: qwen35's peak RSS
-<= 1.3x the checkpoint size. transformers (the reference) is measured beside it when installed.
+<= 1.3x the checkpoint size. qwen35 runs twice: weights in huge pages (default) and in 4 KiB pages. transformers (the reference) is measured beside it when installed.
 
     python benchmarks/bench_load.py [--shape 0.8b] [--dtype bfloat16] [--skip-transformers]
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,8 +49,9 @@ print(json.dumps({"load_s": dt, "peak_rss_mb": hwm(), "base_rss_mb": base, "para
 """
 
 
-def run_child(which: str, path: Path, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, which, str(path), dtype], capture_output=True, text=True)
+def run_child(which: str, path: Path, dtype: str, env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, which, str(path), dtype], capture_output=True, text=True,
+                         env=None if env is None else {**os.environ, **env})
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -71,7 +73,10 @@ def main() -> None:
         print(f"built {args.shape} replica in {time.perf_counter() - t0:.1f}s at {path}")
     ckpt_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
 
-    rows = {"qwen35": run_child("qwen35", path, args.dtype)}
+    # weights in 2 MiB pages (the default: faster decode) and in 4 KiB pages (QWEN35_HUGEPAGES=0: faster
+    # first touch on virtual machines whose memory the host backs lazily)
+    rows = {"qwen35": run_child("qwen35", path, args.dtype),
+            "qwen35_4k": run_child("qwen35", path, args.dtype, {"QWEN35_HUGEPAGES": "0"})}
     if not args.skip_transformers:
         rows["transformers"] = run_child("transformers", path, args.dtype)
 
