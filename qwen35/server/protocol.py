@@ -116,9 +116,10 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
         raise bad("chat_template_kwargs", "'chat_template_kwargs' must be an object")
     kwargs = dict(kwargs)
     if "enable_thinking" in kwargs:
-        thinking = kwargs.pop("enable_thinking")
-        if not isinstance(thinking, bool):
+        value = kwargs.pop("enable_thinking")
+        if value is not None and not isinstance(value, bool):
             raise bad("chat_template_kwargs", "'chat_template_kwargs.enable_thinking' must be a boolean")
+        thinking = thinking if value is None else value
     for key in ("messages", "tools", "add_generation_prompt"):
         if key in kwargs:
             raise bad("chat_template_kwargs", f"'chat_template_kwargs.{key}' is set by the request itself")
