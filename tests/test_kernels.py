@@ -21,6 +21,20 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
+def test_kernels_really_run_in_parallel():
+    """The kernels' parallel_for compiles OpenMP's pragma into our library: built without -fopenmp it runs on
+    one thread whatever torch's setting (how decode ran at ~60% speed until this was found)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.qwen35.parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.ops.qwen35.parallel_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("M,N,K", [(1, 1000, 1024), (3, 77, 96), (4, 64, 4000), (8, 130, 33)])
 def test_gemv_matches_matmul(M, N, K):
     x, w = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16()

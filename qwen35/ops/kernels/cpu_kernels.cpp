@@ -14,6 +14,7 @@
 #include <ATen/ops/empty_like.h>
 #include <cmath>
 #include <cstring>
+#include <atomic>
 #include <tuple>
 #include <vector>
 #include <c10/util/BFloat16.h>
@@ -607,11 +608,25 @@ at::Tensor decode_attn_layer(
 
 bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
 
+// How many threads a parallel_for in this library really runs on: 1 when it was built without OpenMP (the
+// pragma inside at::parallel_for is compiled here, not in libtorch), whatever torch.get_num_threads() says.
+int64_t parallel_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 256, 1, [&](int64_t i0, int64_t i1) {
+    volatile double sink = 0;
+    for (int64_t i = i0; i < i1; ++i)
+      for (int j = 0; j < 20000; ++j) sink = sink + j;  // long enough that every thread gets work
+    seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64));
+  });
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwen35, m) {
   m.def("gemv_bf16(Tensor x, Tensor w, bool out_fp32) -> Tensor");
   m.def("cpu_supported() -> bool");
+  m.def("parallel_threads() -> int");
   m.def("rmsnorm(Tensor x, Tensor w, float eps, bool add_one) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("gdn_decode(Tensor proj, Tensor conv_state, Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, "
@@ -636,4 +651,7 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
   m.impl("decode_gdn_layer", &decode_gdn_layer);
   m.impl("decode_attn_layer", &decode_attn_layer);
 }
-TORCH_LIBRARY_IMPL(qwen35, CompositeExplicitAutograd, m) { m.impl("cpu_supported", &cpu_supported); }
+TORCH_LIBRARY_IMPL(qwen35, CompositeExplicitAutograd, m) {
+  m.impl("cpu_supported", &cpu_supported);
+  m.impl("parallel_threads", &parallel_threads);
+}
