@@ -7,6 +7,8 @@ of a conversation are restored from cache snapshots instead of being prefilled a
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 from .common import add_model_args
@@ -32,6 +34,9 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
     import uvicorn
 
     from ..server.app import create_app
@@ -40,17 +45,44 @@ def main(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_from_args(args)
     name = args.model_name or Path(str(args.model or "qwen35")).name
+    # The engine runs on this (the main) thread, HTTP on a second one: the model's OpenMP work is faster
+    # from the thread that loaded it (see Engine).
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
-                    prompt_cache_bytes=int(args.prompt_cache_gb * 2**30))
+                    prompt_cache_bytes=int(args.prompt_cache_gb * 2**30), thread=False)
     app = create_app(engine, tokenizer, name, api_key=args.api_key, default_thinking=args.think,
                      request_timeout=args.request_timeout, preserve_thinking=args.preserve_thinking)
     if args.preserve_thinking and not tokenizer.chat_template.uses("preserve_thinking"):
         print("note: this model's chat template drops past think blocks (no 'preserve_thinking'): each turn "
               "reuses the conversation up to the previous user message and re-prefills the previous answer",
               flush=True)
-    print(f"qwen35 serving '{name}' on http://{args.host}:{args.port}/v1", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.stop()  # the HTTP side ended (shutdown, or it never started: port in use): stop serving
+
+    def on_signal(*_):
+        server.should_exit = True
+        engine.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    web = threading.Thread(target=http, name="qwen35-http", daemon=True)
+    web.start()
+    while not server.started and web.is_alive():
+        time.sleep(0.02)
+    if server.started:
+        print(f"qwen35 serving '{name}' on http://{args.host}:{args.port}/v1", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        engine.run()
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.shutdown()
+        server.should_exit = True
+        engine.stop()
+        web.join(timeout=10)
+    if not server.started:
+        print(f"qwen35 serve: could not start the HTTP server on {args.host}:{args.port}", file=sys.stderr)
+        return 1
     return 0

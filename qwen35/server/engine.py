@@ -55,7 +55,10 @@ class Token:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prompt_cache_bytes: int = 2 * 2**30,
-                 prefill_chunk_size: int = 512):
+                 prefill_chunk_size: int = 512, thread: bool = True):
+        """thread=False: no worker thread; the caller runs `run()` itself (qwen35 serve runs it on the main
+        thread: torch's OpenMP work is ~12% slower from a second thread once the main thread has its own
+        OpenMP team, measured on prefill)."""
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk_size = prefill_chunk_size
@@ -68,8 +71,10 @@ class Engine:
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="qwen35-engine", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if thread:
+            self.thread = threading.Thread(target=self.run, name="qwen35-engine", daemon=True)
+            self.thread.start()
 
     # ---- API for the HTTP layer ----
     def submit(self, req: Request) -> Request:
@@ -86,13 +91,19 @@ class Engine:
     def queue_depth(self) -> int:
         return self.waiting.qsize()
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
+        """Ask `run()` to return (safe from any thread or a signal handler)."""
         self._stop = True
         self._wake.set()
-        self.thread.join(timeout=10)
+
+    def shutdown(self) -> None:
+        self.stop()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
 
     # ---- worker ----
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The worker loop, until stop()."""
         torch.set_grad_enabled(False)
         while not self._stop:
             if not self.active and self.waiting.empty():
