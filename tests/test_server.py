@@ -165,6 +165,17 @@ def test_errors(client, server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "body"
 
 
+def test_port_in_use_is_a_clear_error(chat_model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "qwen35", "serve", str(chat_model_dir), "--port", str(port)],
+                           capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert f"could not start the HTTP server on 127.0.0.1:{port}" in p.stderr and "serving" not in p.stdout
+
+
 def test_disconnect_mid_stream_then_next_request(client, server):
     body = {"model": "model", "messages": [{"role": "user", "content": "long answer"}], "max_tokens": 100000,
             "stream": True, "temperature": 0}
