@@ -115,7 +115,7 @@ class ChatSession:
         finally:
             # the answer's end (its last token was sampled, never fed): where the next turn diverges
             answered = ids + generated[:-1]
-            if generated and cache.offset == len(answered) and len(generated) > 1:
+            if len(generated) > 1 and cache.offset == len(answered):  # (one token: the prompt is stored)
                 self.prompt_cache.store(answered, cache)
             if self.last.finish_reason is None:  # stopped early (Ctrl-C, error): flush the parser
                 tail = parser.finish()
