@@ -7,7 +7,10 @@ Measures, in one process and alternating so the machine's drift hits both alike:
   separate ops and averaged over the 18 layers.
 Prints a table, then one JSON line.
 
-    python benchmarks/bench_decode_breakdown.py [--model DIR] [--repeats 3]
+With --threads-ab it also times the decode step with 2 and 1 intra-op threads, alternating (the kernels
+must really use both cores: see `torch.ops.qwen35.parallel_threads`).
+
+    python benchmarks/bench_decode_breakdown.py [--model DIR] [--repeats 3] [--threads-ab]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=HERE / ".cache" / "replica-0.8b")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads-ab", action="store_true")
     args = ap.parse_args()
 
     from qwen35.commands.replica import build_replica
@@ -122,9 +126,21 @@ def main() -> None:
     print(f"\nGated DeltaNet layer, per layer (mean of {len(gdn)} layers):")
     for name, v in phases.items():
         print(f"  {name:<22}{v * 1e6:>8.1f} us")
-    print(json.dumps({"bench": "decode_breakdown", "step_ms": [round(s, 2) for s, _ in rows],
-                      "gemv_ms": [round(g, 2) for _, g in rows], "gemv_bytes": nbytes,
-                      "gdn_layer_us": {k: round(v * 1e6, 1) for k, v in phases.items()}}))
+    result = {"bench": "decode_breakdown", "step_ms": [round(s, 2) for s, _ in rows],
+              "gemv_ms": [round(g, 2) for _, g in rows], "gemv_bytes": nbytes,
+              "gdn_layer_us": {k: round(v * 1e6, 1) for k, v in phases.items()}}
+    if args.threads_ab:
+        before = torch.get_num_threads()
+        ab: dict[int, list[float]] = {2: [], 1: []}
+        for _ in range(args.repeats):
+            for n in (2, 1):
+                torch.set_num_threads(n)
+                ab[n].append(median_ms(step))
+        torch.set_num_threads(before)
+        print("\ndecode step ms with 2 / 1 threads, alternating: "
+              + ", ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(ab[2], ab[1])))
+        result["step_ms_threads"] = {str(k): [round(v, 2) for v in vs] for k, vs in ab.items()}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
