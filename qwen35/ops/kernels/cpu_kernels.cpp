@@ -344,34 +344,67 @@ void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, 
       mx[g] = std::max(mx[g], sc);
     }
   }
+  // Probabilities are rounded to bf16 (as the reference bf16 path does before its P.V matmul) and the sum
+  // is taken over the rounded values, so numerator and denominator agree.
   for (int g = 0; g < G; ++g) {
     float* sc = scores + g * kAttnBlock;
     const __m512 vm = _mm512_set1_ps(mx[g]);
     __m512 vs = _mm512_setzero_ps();
     int64_t s = 0;
     for (; s + 16 <= n; s += 16) {
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + s), vm));
+      const __m512 e = round_bf16(exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + s), vm)));
       _mm512_storeu_ps(sc + s, e);
       vs = _mm512_add_ps(vs, e);
     }
     float sum = _mm512_reduce_add_ps(vs);
     for (; s < n; ++s) {
-      sc[s] = std::exp(sc[s] - mx[g]);
+      sc[s] = static_cast<float>(static_cast<c10::BFloat16>(std::exp(sc[s] - mx[g])));
       sum += sc[s];
     }
     out[g * (D + 2)] = mx[g];
     out[g * (D + 2) + 1] = sum;
   }
-  // 16 output dims at a time over all keys of the block; the values were prefetched into L2 during the
-  // score pass, so every pass after the first reads L2, not memory.
-  for (int64_t d = 0; d < D / 16; ++d) {
-    __m512 acc[G];
-    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < n; ++s) {
-      const __m512 vv = bf16x16_to_f32(vb + (s0 + s) * vstride + d * 16);
-      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * kAttnBlock + s]), vv, acc[g]);
+  // P.V with bf16 pair dot products: keys s and s+1 are interleaved per output dim (unpacklo/hi of the two
+  // value rows) and multiplied by the broadcast pair (p[s], p[s+1]): 32 products per instruction, no
+  // conversions. unpack works within 128-bit lanes, so accumulator `lo` lane 4k+t holds dim 8k+t and `hi`
+  // holds dim 8k+4+t of each 32-dim chunk; the stores undo that. The values were prefetched into L2 during
+  // the score pass, so the D/32 passes read L2, not memory.
+  alignas(64) uint32_t pairs[G][kAttnBlock / 2 + 1];
+  const int64_t np = (n + 1) / 2;
+  for (int g = 0; g < G; ++g) {
+    const float* sc = scores + g * kAttnBlock;
+    for (int64_t j = 0; j < np; ++j) {
+      const c10::BFloat16 a = static_cast<c10::BFloat16>(sc[2 * j]);
+      const c10::BFloat16 b = 2 * j + 1 < n ? static_cast<c10::BFloat16>(sc[2 * j + 1]) : c10::BFloat16(0.f);
+      pairs[g][j] = static_cast<uint32_t>(a.x) | (static_cast<uint32_t>(b.x) << 16);
     }
-    for (int g = 0; g < G; ++g) _mm512_storeu_ps(out + g * (D + 2) + 2 + d * 16, acc[g]);
+  }
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t c = 0; c < D / 32; ++c) {
+    __m512 lo[G], hi[G];
+    for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < np; ++j) {
+      const int64_t s = s0 + 2 * j;
+      const __m512i v0 = _mm512_loadu_si512(vb + s * vstride + c * 32);
+      const __m512i v1 = 2 * j + 1 < n ? _mm512_loadu_si512(vb + (s + 1) * vstride + c * 32) : zero;
+      const __m512bh vl = (__m512bh)_mm512_unpacklo_epi16(v0, v1), vh = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+      for (int g = 0; g < G; ++g) {
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[g][j]));
+        lo[g] = _mm512_dpbf16_ps(lo[g], vl, pp);
+        hi[g] = _mm512_dpbf16_ps(hi[g], vh, pp);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      alignas(64) float l[16], h[16];
+      _mm512_store_ps(l, lo[g]);
+      _mm512_store_ps(h, hi[g]);
+      float* o = out + g * (D + 2) + 2 + c * 32;
+      for (int k = 0; k < 4; ++k)
+        for (int t = 0; t < 4; ++t) {
+          o[8 * k + t] = l[4 * k + t];
+          o[8 * k + 4 + t] = h[4 * k + t];
+        }
+    }
   }
 }
 
