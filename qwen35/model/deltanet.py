@@ -51,6 +51,8 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, H, bias=False)
         self._in_proj: torch.Tensor | None = None  # fused [qkv | z | b | a], see fuse()
+        # shapes the fused decode kernels take (vector width, head sizes compiled in, conv taps)
+        self._decode_kernel_ok = self.conv_dim % 16 == 0 and self.head_v_dim in (64, 128, 256) and self.kernel_size <= 8
 
     def fusion_group(self):
         """The four input projections share their input: read them as one matrix `_in_proj`."""
@@ -112,8 +114,7 @@ class GatedDeltaNet(nn.Module):
     def _decode_fast(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor | None:
         """One token per sequence through the fused C++ step (ops/kernels: gdn_decode)."""
         fused = fused_weight(self._in_proj, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
-        if (fused is None or state.conv.dtype != torch.bfloat16 or self.conv_dim % 16 or self.head_v_dim not in (64, 128, 256)
-                or self.kernel_size > 8):
+        if fused is None or state.conv.dtype != torch.bfloat16 or not self._decode_kernel_ok:
             return None  # the kernel's vector width and tap limits; the reference path handles the rest
         B = x.shape[0]
         proj = linear(x, fused).view(B, -1)

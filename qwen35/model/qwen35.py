@@ -140,8 +140,8 @@ class DecoderLayer(nn.Module):
         if self.layer_type == "linear_attention":
             gdn = self.linear_attn
             w_in = fused_weight(gdn._in_proj, gdn.in_proj_qkv, gdn.in_proj_z, gdn.in_proj_b, gdn.in_proj_a)
-            if (w_in is None or cache.conv.dtype != torch.bfloat16 or gdn.conv_dim % 16 or gdn.head_v_dim not in (64, 128, 256)
-                    or gdn.kernel_size > 8 or (masks is not None and not bool(masks.tokens.all()))):
+            if (w_in is None or cache.conv.dtype != torch.bfloat16 or not gdn._decode_kernel_ok
+                    or (masks is not None and not bool(masks.tokens.all()))):
                 return None
             out, cache.conv, cache.recurrent = torch.ops.qwen35.decode_gdn_layer(
                 x2, self.input_layernorm.weight, w_in, cache.conv.contiguous(), gdn.conv1d.weight[:, 0].contiguous(),
