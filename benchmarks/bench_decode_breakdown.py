@@ -46,7 +46,7 @@ def main() -> None:
 
     from qwen35.commands.replica import build_replica
     from qwen35.ops import kernels
-    from qwen35.ops.linear import fused_weight
+    from qwen35.ops.linear import matrix
     from qwen35.runtime import tune_allocator
     from qwen35.weights import load_model
 
@@ -66,15 +66,15 @@ def main() -> None:
     order, gdn = [], []
     for i, layer in enumerate(model.model.layers):
         mlp = layer.mlp
-        gate_up = fused_weight(mlp._gate_up, mlp.gate_proj, mlp.up_proj)
+        gate_up = matrix(mlp._gate_up)
         if layer.layer_type == "linear_attention":
             g = layer.linear_attn
-            w_in = fused_weight(g._in_proj, g.in_proj_qkv, g.in_proj_z, g.in_proj_b, g.in_proj_a)
+            w_in = matrix(g._in_proj)
             order += [w_in, g.out_proj.weight]
             gdn.append((layer, g, w_in, gate_up, cache.layers[i], g.conv1d.weight[:, 0].contiguous()))
         else:
             a = layer.self_attn
-            order += [fused_weight(a._qkv, a.q_proj, a.k_proj, a.v_proj), a.o_proj.weight]
+            order += [matrix(a._qkv), a.o_proj.weight]
         order += [gate_up, mlp.down_proj.weight]
     order.append(model.head_weight)
     inputs = [torch.randn(1, w.shape[1]).to(torch.bfloat16) for w in order]

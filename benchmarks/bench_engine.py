@@ -5,7 +5,10 @@ Measures prefill at 512 and 4096 tokens, decode at ~1K context, and for qwen35 d
 prefilling 32K tokens on 2 cores takes minutes). Each engine runs in its own subprocess; both run in this
 one invocation so they see the same machine state. Prints a table, then one JSON line.
 
-    python benchmarks/bench_engine.py [--gen 32] [--skip-transformers] [--skip-32k]
+    python benchmarks/bench_engine.py [--gen 32] [--skip-transformers] [--skip-32k] [--baseline REV]
+
+--baseline REV also runs qwen35 as of git revision REV (checked out into a temporary worktree), in the same
+invocation, for before/after comparisons of a change.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ REPLICA = HERE / ".cache" / "replica-0.8b"
 QWEN35 = r"""
 import json, sys, time, torch, qwen35
 from qwen35.commands.bench import bytes_per_decode_token, read_bandwidth_gbs
-from qwen35.generate import prefill
+try:
+    from qwen35.generation import prefill
+except ImportError:  # a --baseline revision from before the module was renamed
+    from qwen35.generate import prefill
 from qwen35.runtime import peak_rss_mb, tune_allocator
 path, gen, do_32k = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 bw = read_bandwidth_gbs()
@@ -63,13 +69,17 @@ with torch.inference_mode():
             if hasattr(layer, "update"):
                 k = torch.randn(1, layer.num_kv_heads, ctx - 16, layer.head_dim).bfloat16()
                 layer.update(k, torch.randn_like(k))
-        cache.offset = ctx
+        if hasattr(cache, "advance"):
+            cache.advance(ctx - 16)  # rows advance once per forward, after every layer wrote
+        else:
+            cache.offset = ctx  # a --baseline revision: layers advanced their own lengths
         bw32 = read_bandwidth_gbs(256 * 2**20)
         res["decode_32k_tok_s"] = decode(cache, gen)
         bw32 = max(bw32, read_bandwidth_gbs(256 * 2**20))
         res["read_bandwidth_32k_gbs"] = bw32
         res["bound_32k_tok_s"] = bw32 * 1e9 / bytes_per_decode_token(model, ctx)
-        res["kv_mb_32k"] = sum(l.nbytes for l in cache.layers if hasattr(l, "update")) / 2**20
+        c = model.config
+        res["kv_mb_32k"] = len(c.full_attention_layers) * 2 * c.num_key_value_heads * c.head_dim * 2 * ctx / 2**20
 res["peak_rss_mb"] = peak_rss_mb()
 print(json.dumps(res))
 """
@@ -104,8 +114,13 @@ print(json.dumps(res))
 """
 
 
-def run(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+def run(code: str, *args: str, pythonpath: str | None = None) -> dict:
+    import os
+
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
         return {"error": tail}
@@ -117,12 +132,26 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=32, help="decode steps per measurement")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-32k", action="store_true")
+    ap.add_argument("--baseline", default=None, help="also run qwen35 at this git revision (e.g. HEAD~1)")
     args = ap.parse_args()
     if not (REPLICA / "config.json").is_file():
         from qwen35.commands.replica import build_replica
 
         build_replica(REPLICA, "0.8b")
-    rows = {"qwen35": run(QWEN35, str(REPLICA), str(args.gen), "0" if args.skip_32k else "1")}
+    rows = {}
+    if args.baseline:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="qwen35-baseline-"))
+        subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "--detach", str(tmp), args.baseline],
+                       check=True, capture_output=True)
+        try:
+            rows[f"qwen35@{args.baseline}"] = run(QWEN35, str(REPLICA), str(args.gen), "0" if args.skip_32k else "1",
+                                                  pythonpath=str(tmp))
+        finally:
+            subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(tmp)],
+                           capture_output=True)
+    rows["qwen35"] = run(QWEN35, str(REPLICA), str(args.gen), "0" if args.skip_32k else "1")
     if not args.skip_transformers:
         rows["transformers"] = run(TRANSFORMERS, str(REPLICA), str(args.gen))
 
@@ -137,7 +166,8 @@ def main() -> None:
     q = rows["qwen35"]
     summary = {"bench": "engine", "shape": "0.8b", "dtype": "bfloat16"}
     for name, r in rows.items():
-        summary.update({f"{name}_{k}": round(v, 2) for k, v in r.items() if isinstance(v, (int, float))})
+        summary.update({f"{name.replace('@', '_at_')}_{k}": round(v, 2) for k, v in r.items()
+                        if isinstance(v, (int, float))})
     if "decode_1k_tok_s" in q:
         summary["decode_1k_efficiency"] = round(q["decode_1k_tok_s"] / q["bound_1k_tok_s"], 3)
         print(f"qwen35 decode@1K: {summary['decode_1k_efficiency']:.1%} of the memory-read bound "

@@ -35,7 +35,7 @@ def main() -> None:
 
     import qwen35
     from qwen35.commands.replica import build_replica
-    from qwen35.generate import prefill
+    from qwen35.generation import prefill
     from qwen35.runtime import current_rss_mb, peak_rss_mb, tune_allocator
 
     tune_allocator()

@@ -9,12 +9,13 @@ Public API:
         step.token, step.logprob, step.finish_reason
 """
 
-from .api import Response, generate, load, stream_generate
+from .api import generate, load, stream_generate
 from .cache import HybridCache
-from .generate import ContextLengthError, StepOutput, batch_generate, generate_step
+from .generation import ContextLengthError, Response, StepOutput, batch_generate, generate_step
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, Qwen35Error
 from .model.qwen35 import InputError, Qwen35ForCausalLM
+from .ops.fast import bind_kernels, kernel_policy
 from .runtime import set_threads
 from .sampling import Sampler, SamplingError, SamplingParams
 from .weights import load_model
@@ -42,4 +43,6 @@ __all__ = [
     "SamplingError",
     "ContextLengthError",
     "set_threads",
+    "bind_kernels",
+    "kernel_policy",
 ]

@@ -1,162 +1,250 @@
-"""Caller-owned inference state: one object per layer, wrapped in a HybridCache.
+"""Caller-owned inference state for a batch of sequences (rows): the contract every consumer uses.
 
-- KVCache (gated-attention layers): keys and values [B, Hkv, S, D] in a buffer grown in steps, never
-  preallocated to the maximum context.
-- DeltaNetState (Gated DeltaNet layers): the last K-1 pre-convolution inputs [B, K-1, conv_dim] and the
-  recurrent state [B, Hv, Dk, Dv] in fp32. Constant size, whatever the context length.
+Per row (`Row`): its length (tokens held: the one position counter), its rotary position offset (with
+images in a prompt, M-RoPE positions advance by the image grid, not by the token count), and one KV
+buffer per gated-attention layer ([Hkv, capacity, D] keys and values, grown in steps, never preallocated
+to the maximum context). Per Gated DeltaNet layer (`DeltaNetState`), for all rows together: the last K-1
+pre-convolution inputs [B, K-1, conv_dim] and the recurrent state [B, Hv, Dk, Dv] in fp32, constant size
+whatever the context length.
 
-The model never owns state: `model.make_cache(batch_size)` builds one, the caller passes it to every
-forward, and `snapshot()` / `restore()` return it to an exact token position.
+Rows do not move: a row joining a batch (`HybridCache.merge`) or leaving it (`filter`) never copies
+another row's KV, so a join costs the same whether the other rows hold 10 tokens or 100K; attention reads
+each row over its own length. Only the Gated DeltaNet states (constant size per row) are concatenated.
 
-Snapshots are cheap enough for every turn boundary: Gated DeltaNet state is copied (constant size) and
-KV is cut by length — a snapshot keeps a reference to the KV buffer and pins its first `length` tokens.
-A later write below a live snapshot's pin (after restoring an earlier position and diverging) first
-copies the buffer, so no snapshot ever sees its tokens overwritten.
+Snapshots (`snapshot()` / `restore()`) return a cache to an exact token position in O(1): Gated DeltaNet
+state by reference (layers replace those tensors, never write into them; a test checks it), KV by length.
+A snapshot, like a row, *holds* the first `length` tokens of each buffer it references; a write into a
+buffer below what any other holder holds first copies the buffer (copy-on-write), so no snapshot or
+other row ever sees its tokens overwritten, and a row rolled back onto its own snapshot writes in place.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
 KV_GROWTH_STEP = 256  # tokens added per reallocation; amortised growth without a max-context buffer
 
 
-class _KVBuffer:
-    """Storage shared between a KVCache and the snapshots taken from it."""
+class CacheError(ValueError):
+    """A cache operation got arguments it cannot honour (rows out of range, mismatched layouts)."""
+
+
+class KVBuffer:
+    """Keys and values of one row in one attention layer: k, v [Hkv, capacity, D], shared with the
+    snapshots (and restored rows) that hold a prefix of it."""
+
+    __slots__ = ("k", "v", "holders")
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v
-        self._pins: list[weakref.ref] = []
-
-    def pin(self, owner: object, length: int) -> None:
-        owner._pin_length = length  # type: ignore[attr-defined]
-        self._pins.append(weakref.ref(owner))
-
-    def pinned_length(self) -> int:
-        """Longest prefix some live snapshot relies on."""
-        live = [(r, r()) for r in self._pins]
-        self._pins = [r for r, o in live if o is not None]
-        return max((o._pin_length for _, o in live if o is not None), default=0)
-
-
-class KVSnapshot:
-    __slots__ = ("length", "buffer", "_pin_length", "__weakref__")
-
-    def __init__(self, length: int, buffer: _KVBuffer | None):
-        self.length, self.buffer = length, buffer
-        if buffer is not None:
-            buffer.pin(self, length)
-
-
-class KVCache:
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
-        self.batch_size, self.num_kv_heads, self.head_dim = batch_size, num_kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
-        self.buffer: _KVBuffer | None = None
-        self.length = 0
+        self.holders: weakref.WeakSet = weakref.WeakSet()  # objects with .length that read this buffer
 
     @property
     def capacity(self) -> int:
-        return 0 if self.buffer is None else self.buffer.k.shape[2]
+        return self.k.shape[1]
 
-    def _writable(self, needed: int) -> _KVBuffer:
-        """A buffer that holds `needed` tokens and may be written from `self.length` on."""
-        buf = self.buffer
-        shared = buf is not None and buf.pinned_length() > self.length
-        if buf is not None and needed <= self.capacity and not shared:
+    def held_by_others(self, me: object) -> int:
+        """Longest prefix any other live holder (a snapshot, another row) relies on."""
+        return max((h.length for h in list(self.holders) if h is not me), default=0)
+
+
+class Row:
+    """One sequence: `length` tokens held, rotary offset `rope_delta`, one KV buffer per attention layer."""
+
+    __slots__ = ("length", "rope_delta", "kv", "__weakref__")
+
+    def __init__(self, num_attention_layers: int, length: int = 0, rope_delta: int = 0,
+                 kv: Sequence[KVBuffer | None] | None = None):
+        self.length, self.rope_delta = length, rope_delta
+        self.kv: list[KVBuffer | None] = list(kv) if kv is not None else [None] * num_attention_layers
+        for buf in self.kv:
+            if buf is not None:
+                buf.holders.add(self)
+
+    def writable(self, j: int, needed: int, shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device) -> KVBuffer:
+        """Row's buffer of attention layer j, able to hold `needed` tokens and be written from `length` on:
+        grown (doubling, in KV_GROWTH_STEP units) or copied when another holder relies on tokens past
+        `length`. shape: (Hkv, D)."""
+        buf = self.kv[j]
+        if buf is not None and needed <= buf.capacity and buf.held_by_others(self) <= self.length:
             return buf
-        cap = max(needed, self.capacity * 2 if needed > self.capacity else self.capacity)
+        old_cap = 0 if buf is None else buf.capacity
+        cap = max(needed, 2 * old_cap if needed > old_cap else old_cap)
         cap = -(-cap // KV_GROWTH_STEP) * KV_GROWTH_STEP
-        shape = (self.batch_size, self.num_kv_heads, cap, self.head_dim)
-        new = _KVBuffer(torch.empty(shape, dtype=self.dtype, device=self.device),
-                        torch.empty(shape, dtype=self.dtype, device=self.device))
-        if self.length:
-            new.k[:, :, : self.length] = buf.k[:, :, : self.length]
-            new.v[:, :, : self.length] = buf.v[:, :, : self.length]
-        self.buffer = new
+        H, D = shape
+        new = KVBuffer(torch.empty(H, cap, D, dtype=dtype, device=device),
+                       torch.empty(H, cap, D, dtype=dtype, device=device))
+        if self.length and buf is not None:
+            new.k[:, : self.length] = buf.k[:, : self.length]
+            new.v[:, : self.length] = buf.v[:, : self.length]
+        if buf is not None:
+            buf.holders.discard(self)
+        new.holders.add(self)
+        self.kv[j] = new
         return new
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v [B, Hkv, T, D]; return views of all keys and values [B, Hkv, length, D]."""
-        T = k.shape[2]
-        buf = self._writable(self.length + T)
-        buf.k[:, :, self.length : self.length + T] = k
-        buf.v[:, :, self.length : self.length + T] = v
-        self.length += T
-        return buf.k[:, :, : self.length], buf.v[:, :, : self.length]
+
+class RowSnapshot:
+    """A row frozen at `length`: holds that prefix of each of its KV buffers."""
+
+    __slots__ = ("length", "rope_delta", "kv", "__weakref__")
+
+    def __init__(self, row: Row):
+        self.length, self.rope_delta, self.kv = row.length, row.rope_delta, tuple(row.kv)
+        for buf in self.kv:
+            if buf is not None:
+                buf.holders.add(self)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the tokens held (not of spare capacity)."""
-        return 2 * self.batch_size * self.num_kv_heads * self.length * self.head_dim * self.dtype.itemsize
+        return sum(2 * b.k[:, :1].numel() * b.k.element_size() * self.length for b in self.kv if b is not None)
+
+
+class KVCache:
+    """The view of one attention layer (index j among the attention layers) on a cache's rows."""
+
+    def __init__(self, cache: HybridCache, j: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.cache, self.j = cache, j
+        self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, device
 
     @property
-    def allocated_bytes(self) -> int:
-        return 2 * self.batch_size * self.num_kv_heads * self.capacity * self.head_dim * self.dtype.itemsize
+    def rows(self) -> list[Row]:
+        return self.cache.rows
 
-    def snapshot(self) -> KVSnapshot:
-        return KVSnapshot(self.length, self.buffer)
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held by this layer (not of spare capacity)."""
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize * sum(r.length for r in self.rows)
 
-    def restore(self, snap: KVSnapshot) -> None:
-        self.buffer, self.length = snap.buffer, snap.length
+    def buffers(self, new_tokens: int) -> list[KVBuffer]:
+        """Each row's buffer, writable for `new_tokens` tokens from the row's length on."""
+        shape = (self.num_kv_heads, self.head_dim)
+        return [r.writable(self.j, r.length + new_tokens, shape, self.dtype, self.device) for r in self.rows]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Write k, v [B, Hkv, T, D] after each row's tokens; return per row all its keys and values
+        [1, Hkv, length + T, D] (views). Row lengths advance when the whole forward ends."""
+        T = k.shape[2]
+        out = []
+        for b, (row, buf) in enumerate(zip(self.rows, self.buffers(T))):
+            L = row.length
+            buf.k[:, L : L + T] = k[b]
+            buf.v[:, L : L + T] = v[b]
+            out.append((buf.k[None, :, : L + T], buf.v[None, :, : L + T]))
+        return out
 
 
 class DeltaNetState:
-    def __init__(self, batch_size: int, conv_dim: int, kernel_size: int, num_heads: int, key_dim: int,
-                 value_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.conv = torch.zeros(batch_size, kernel_size - 1, conv_dim, dtype=dtype, device=device)
-        self.recurrent = torch.zeros(batch_size, num_heads, key_dim, value_dim, dtype=torch.float32,
-                                     device=device)
+    """conv [B, K-1, conv_dim] (model dtype) and recurrent [B, Hv, Dk, Dv] (fp32) of one Gated DeltaNet
+    layer. Layers assign new tensors here and never write into the old ones (snapshots rely on it)."""
+
+    def __init__(self, conv: torch.Tensor, recurrent: torch.Tensor):
+        self.conv, self.recurrent = conv, recurrent
+
+    @classmethod
+    def zeros(cls, batch_size: int, conv_dim: int, kernel_size: int, num_heads: int, key_dim: int,
+              value_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> DeltaNetState:
+        return cls(torch.zeros(batch_size, kernel_size - 1, conv_dim, dtype=dtype, device=device),
+                   torch.zeros(batch_size, num_heads, key_dim, value_dim, dtype=torch.float32, device=device))
 
     @property
     def nbytes(self) -> int:
         return self.conv.numel() * self.conv.element_size() + self.recurrent.numel() * 4
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # The layers replace these tensors rather than writing into them, so references are enough.
-        return self.conv, self.recurrent
 
-    def restore(self, snap: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.conv, self.recurrent = snap
-
-
-@dataclass(frozen=True)
 class CacheSnapshot:
-    offset: int
-    pad: torch.Tensor | None
-    layers: tuple
+    """The state of some rows at their current positions; restorable any number of times."""
+
+    __slots__ = ("rows", "deltanet")
+
+    def __init__(self, rows: tuple[RowSnapshot, ...], deltanet: tuple[tuple[torch.Tensor, torch.Tensor], ...]):
+        self.rows, self.deltanet = rows, deltanet
+
+    @property
+    def offset(self) -> int:
+        return _common_length([r.length for r in self.rows])
 
     @property
     def nbytes(self) -> int:
-        """Memory this snapshot keeps alive: its KV prefix and its Gated DeltaNet state."""
-        total = 0
-        for s in self.layers:
-            if isinstance(s, KVSnapshot):
-                if s.buffer is not None:
-                    per_token = 2 * s.buffer.k[:, :, :1].numel() * s.buffer.k.element_size()
-                    total += per_token * s.length
-            else:
-                total += sum(t.numel() * t.element_size() for t in s)
-        return total
+        """Memory this snapshot keeps alive: its KV prefixes and its Gated DeltaNet state."""
+        return sum(r.nbytes for r in self.rows) + sum(c.numel() * c.element_size() + s.numel() * 4
+                                                       for c, s in self.deltanet)
+
+
+def _common_length(lengths: list[int]) -> int:
+    if len(set(lengths)) > 1:
+        raise CacheError(f"rows hold different numbers of tokens {lengths}: use .lengths")
+    return lengths[0] if lengths else 0
+
+
+class CacheLayout:
+    """What a model's cache looks like: layer types and the shapes of their state (from ModelConfig)."""
+
+    def __init__(self, layer_types: Sequence[str], num_kv_heads: int, head_dim: int, conv_dim: int = 0,
+                 kernel_size: int = 1, num_v_heads: int = 0, key_dim: int = 0, value_dim: int = 0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.layer_types = tuple(layer_types)
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.conv_dim, self.kernel_size = conv_dim, kernel_size
+        self.num_v_heads, self.key_dim, self.value_dim = num_v_heads, key_dim, value_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.num_attention = sum(t == "full_attention" for t in self.layer_types)
+        self.num_deltanet = len(self.layer_types) - self.num_attention
+
+    def empty_deltanet(self, batch_size: int) -> list[DeltaNetState]:
+        return [DeltaNetState.zeros(batch_size, self.conv_dim, self.kernel_size, self.num_v_heads, self.key_dim,
+                                    self.value_dim, self.dtype, self.device) for _ in range(self.num_deltanet)]
 
 
 class HybridCache:
-    """Per-layer state for one batch of sequences.
+    """Per-layer state of a batch of rows. `layers[i]` is what decoder layer i reads and advances: a
+    KVCache view (attention) or a DeltaNetState. Rows advance together by each forward's T tokens."""
 
-    offset: tokens processed so far (including left padding).
-    pad: None, or LongTensor [B] of left-padding tokens per sequence (batched prompts of different
-         lengths); padded positions are masked out of attention and never enter the Gated DeltaNet state.
-    """
+    def __init__(self, layout: CacheLayout, rows: list[Row], deltanet: list[DeltaNetState]):
+        self.layout, self.rows, self.deltanet = layout, rows, deltanet
+        self.layers: list[KVCache | DeltaNetState] = []
+        j = d = 0
+        for t in layout.layer_types:
+            if t == "full_attention":
+                self.layers.append(KVCache(self, j, layout.num_kv_heads, layout.head_dim, layout.dtype,
+                                           layout.device))
+                j += 1
+            else:
+                self.layers.append(deltanet[d])
+                d += 1
 
-    def __init__(self, layers: list[KVCache | DeltaNetState], batch_size: int):
-        self.layers = layers
-        self.batch_size = batch_size
-        self.offset = 0
-        self.pad: torch.Tensor | None = None
+    @classmethod
+    def empty(cls, layout: CacheLayout, batch_size: int = 1) -> HybridCache:
+        return cls(layout, [Row(layout.num_attention) for _ in range(batch_size)], layout.empty_deltanet(batch_size))
+
+    @classmethod
+    def from_tensors(cls, layout: CacheLayout, states: Sequence, lengths: Sequence[int] | None = None,
+                     rope_deltas: Sequence[int] | None = None) -> HybridCache:
+        """A cache holding given state, one entry per layer: (k, v) [B, Hkv, S, D] for attention layers,
+        (conv [B, K-1, C], recurrent [B, Hv, Dk, Dv]) for Gated DeltaNet layers. lengths: tokens per row
+        (default S of the first attention layer, else 0); the KV beyond a row's length is ignored."""
+        if len(states) != len(layout.layer_types):
+            raise CacheError(f"{len(states)} layer states given for {len(layout.layer_types)} layers")
+        B = states[0][0].shape[0] if states else 0
+        kv = [s for s, t in zip(states, layout.layer_types) if t == "full_attention"]
+        if lengths is None:
+            lengths = [kv[0][0].shape[2] if kv else 0] * B
+        rows = []
+        for b in range(B):
+            bufs = []
+            for k, v in kv:
+                if k.shape[2] < lengths[b]:
+                    raise CacheError(f"row {b} holds {lengths[b]} tokens but its keys have {k.shape[2]}")
+                bufs.append(KVBuffer(k[b].to(layout.dtype).contiguous(), v[b].to(layout.dtype).contiguous()))
+            rows.append(Row(layout.num_attention, int(lengths[b]), int(rope_deltas[b]) if rope_deltas else 0, bufs))
+        dn = [DeltaNetState(c.to(layout.dtype), r.float()) for (c, r), t in zip(states, layout.layer_types)
+              if t != "full_attention"]
+        return cls(layout, rows, dn)
 
     def __getitem__(self, i: int) -> KVCache | DeltaNetState:
         return self.layers[i]
@@ -165,17 +253,103 @@ class HybridCache:
         return len(self.layers)
 
     @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
+    def batch_size(self) -> int:
+        return len(self.rows)
 
-    def snapshot(self) -> CacheSnapshot:
-        """The state at the current position; O(1) for KV, a reference swap for Gated DeltaNet."""
-        return CacheSnapshot(self.offset, self.pad, tuple(layer.snapshot() for layer in self.layers))
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens held by each row (the position counter)."""
+        return [r.length for r in self.rows]
+
+    @property
+    def offset(self) -> int:
+        """Tokens held, when every row holds the same number (always true for batch 1)."""
+        return _common_length(self.lengths)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Rotary positions [B, T] of the next T tokens of each row."""
+        start = torch.tensor([r.length + r.rope_delta for r in self.rows], device=self.layout.device)
+        return start[:, None] + torch.arange(T, device=self.layout.device)
+
+    def advance(self, T: int) -> None:
+        """Every row now holds T more tokens (called once per forward, after all layers wrote them)."""
+        for r in self.rows:
+            r.length += T
+
+    def reserve(self, n: int) -> None:
+        """Make room for n more tokens per row now, so the next forwards of up to n tokens allocate and
+        copy nothing (speculative verification, a known generation length)."""
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.buffers(n)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tokens held (not of spare capacity) plus the Gated DeltaNet state."""
+        L = self.layout
+        kv = 2 * L.num_kv_heads * L.head_dim * L.dtype.itemsize * L.num_attention * sum(self.lengths)
+        return kv + sum(s.nbytes for s in self.deltanet)
+
+    @property
+    def allocated_bytes(self) -> int:
+        kv = sum(2 * b.k.numel() * b.k.element_size() for r in self.rows for b in r.kv if b is not None)
+        return kv + sum(s.nbytes for s in self.deltanet)
+
+    # -- snapshots ---------------------------------------------------------------------------------
+
+    def snapshot(self, rows: Sequence[int] | None = None) -> CacheSnapshot:
+        """The state of `rows` (default all) at their current positions: O(1) per row."""
+        idx = list(range(self.batch_size)) if rows is None else self._check_rows(rows)
+        if rows is None:
+            dn = tuple((s.conv, s.recurrent) for s in self.deltanet)
+        else:
+            t = torch.tensor(idx, dtype=torch.long, device=self.layout.device)
+            dn = tuple((s.conv.index_select(0, t), s.recurrent.index_select(0, t)) for s in self.deltanet)
+        return CacheSnapshot(tuple(RowSnapshot(self.rows[i]) for i in idx), dn)
 
     def restore(self, snap: CacheSnapshot) -> None:
-        """Return to the position of `snap`; the snapshot stays usable for later restores."""
-        if len(snap.layers) != len(self.layers):
-            raise ValueError(f"snapshot has {len(snap.layers)} layers, cache has {len(self.layers)}")
-        for layer, s in zip(self.layers, snap.layers):
-            layer.restore(s)
-        self.offset, self.pad = snap.offset, snap.pad
+        """Return to `snap` (its rows replace this cache's rows; the batch size becomes the snapshot's).
+        The snapshot stays usable for later restores."""
+        if len(snap.deltanet) != self.layout.num_deltanet or any(
+                len(r.kv) != self.layout.num_attention for r in snap.rows):
+            raise CacheError(f"snapshot does not fit this cache's layout ({self.layout.num_deltanet} Gated "
+                             f"DeltaNet and {self.layout.num_attention} attention layers)")
+        self.rows = [Row(self.layout.num_attention, r.length, r.rope_delta, r.kv) for r in snap.rows]
+        for state, (conv, rec) in zip(self.deltanet, snap.deltanet):
+            state.conv, state.recurrent = conv, rec
+
+    # -- batching ----------------------------------------------------------------------------------
+
+    def _check_rows(self, rows: Sequence[int]) -> list[int]:
+        idx = [int(i) for i in rows]
+        bad = [i for i in idx if not 0 <= i < self.batch_size]
+        if bad:
+            raise CacheError(f"rows {bad} out of range for a batch of {self.batch_size}")
+        return idx
+
+    def filter(self, rows: Sequence[int]) -> None:
+        """Keep only `rows`, in that order. Other rows' KV is dropped, nothing is copied but the
+        constant-size Gated DeltaNet state of the rows kept."""
+        idx = self._check_rows(rows)
+        if idx == list(range(self.batch_size)):
+            return
+        t = torch.tensor(idx, dtype=torch.long, device=self.layout.device)
+        self.rows = [self.rows[i] for i in idx]
+        for s in self.deltanet:
+            s.conv, s.recurrent = s.conv.index_select(0, t), s.recurrent.index_select(0, t)
+
+    @classmethod
+    def merge(cls, caches: Sequence[HybridCache]) -> HybridCache:
+        """One cache holding the rows of `caches` in order. Rows are moved, not copied (their KV stays
+        where it is); the given caches must not be used afterwards (snapshots of them stay valid)."""
+        caches = [c for c in caches if c is not None]
+        if not caches:
+            raise CacheError("merge needs at least one cache")
+        layout = caches[0].layout
+        if any(c.layout.layer_types != layout.layer_types for c in caches):
+            raise CacheError("merge: caches of different layer layouts")
+        rows = [r for c in caches for r in c.rows]
+        dn = [DeltaNetState(torch.cat([c.deltanet[d].conv for c in caches]),
+                            torch.cat([c.deltanet[d].recurrent for c in caches]))
+              for d in range(layout.num_deltanet)]
+        return cls(layout, rows, dn)

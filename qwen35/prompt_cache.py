@@ -41,13 +41,21 @@ class PromptCache:
         return cache, len(best)
 
     def store(self, tokens: list[int], cache: HybridCache) -> None:
-        """Remember `cache`, which must hold exactly `tokens`."""
+        """Remember `cache` (batch 1), which must hold exactly `tokens`."""
         if self.max_bytes <= 0:
             return  # reuse disabled
-        if cache.offset != len(tokens) or cache.batch_size != 1 or cache.pad is not None:
-            raise ValueError(f"cache holds {cache.offset} tokens (batch {cache.batch_size}), not the {len(tokens)} given")
+        if cache.batch_size != 1 or cache.offset != len(tokens):
+            raise ValueError(f"cache holds {cache.lengths} tokens (batch {cache.batch_size}), not the {len(tokens)} given")
+        self.store_snapshot(tokens, cache.snapshot())
+
+    def store_snapshot(self, tokens: list[int], snap: CacheSnapshot) -> None:
+        """Remember a one-row snapshot holding exactly `tokens` (e.g. one row of a batch)."""
+        if self.max_bytes <= 0:
+            return
+        if len(snap.rows) != 1 or snap.offset != len(tokens):
+            raise ValueError(f"snapshot holds {[r.length for r in snap.rows]} tokens, not the {len(tokens)} given")
         key = tuple(tokens)
-        self.entries[key] = cache.snapshot()
+        self.entries[key] = snap
         self.entries.move_to_end(key)
         while len(self.entries) > 1 and self.nbytes > self.max_bytes:
             self.entries.popitem(last=False)

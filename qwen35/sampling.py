@@ -10,7 +10,7 @@ Logprobs are those of the model's own distribution (log_softmax of the raw logit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,9 +33,10 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     max_tokens: int = 256
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # empty: the tokenizer's end-of-turn ids (see with_stops)
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False  # generate to max_tokens: no default stop ids
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -65,6 +66,23 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def with_stops(self, eos_token_ids) -> SamplingParams:
+        """These params with the tokenizer's end-of-turn ids as stop ids, unless stop ids were given or
+        ignore_eos is set (the one place that default is filled in)."""
+        if self.stop_token_ids or self.ignore_eos:
+            return self
+        return replace(self, stop_token_ids=tuple(eos_token_ids))
+
+
+# The model card's recommended sampling for general use, thinking and non-thinking.
+THINKING_PRESET = SamplingParams(temperature=1.0, top_p=0.95, top_k=20, min_p=0.0, presence_penalty=1.5)
+NON_THINKING_PRESET = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0, presence_penalty=1.5)
+
+
+def preset(thinking: bool) -> SamplingParams:
+    """The model card's recommended sampling for thinking / non-thinking general use."""
+    return THINKING_PRESET if thinking else NON_THINKING_PRESET
 
 
 class Sampler:

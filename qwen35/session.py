@@ -13,18 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from .generate import generate_step, prefill
+from .generation import generate_step, prefill
 from .prompt_cache import PromptCache
-from .sampling import SamplingParams
+from .sampling import SamplingParams, preset
 from .toolcalls import OutputParser, ParsedDelta, ToolCall
-
-THINKING_PRESET = SamplingParams(temperature=1.0, top_p=0.95, top_k=20, min_p=0.0, presence_penalty=1.5)
-NON_THINKING_PRESET = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0, presence_penalty=1.5)
-
-
-def preset(thinking: bool) -> SamplingParams:
-    """The model card's recommended sampling for thinking / non-thinking general use."""
-    return THINKING_PRESET if thinking else NON_THINKING_PRESET
 
 
 @dataclass
@@ -84,14 +76,12 @@ class ChatSession:
         else:
             done = cached
         thinking = prompt.rstrip().endswith("<think>")
-        params = self.params or preset(thinking)
-        if not params.stop_token_ids:
-            params = replace(params, stop_token_ids=tuple(self.tokenizer.eos_token_ids))
+        params = (self.params or preset(thinking)).with_stops(self.tokenizer.eos_token_ids)
         if max_tokens is not None:
             params = replace(params, max_tokens=max_tokens)
         self.last = TurnStats(prompt_tokens=len(ids), cached_tokens=cached, prefilled_tokens=len(ids) - cached)
         parser = OutputParser(self.tools, thinking_open=thinking)
-        detok = self.tokenizer.detokenizer()
+        text_stream = self.tokenizer.text_stream()
         answer = ParsedDelta()
         stored = False
         generated: list[int] = []
@@ -103,11 +93,7 @@ class ChatSession:
                 generated.append(step.token)
                 self.last.generated_tokens += 1
                 self.last.finish_reason = step.finish_reason
-                if self.tokenizer.ends_turn_silently(step.token, step.finish_reason):
-                    text = detok.finalize()
-                else:
-                    text = detok.add(step.token) + (detok.finalize() if step.finish_reason else "")
-                delta = parser.feed(text)
+                delta = parser.feed(text_stream.add(step.token, step.finish_reason))
                 if step.finish_reason:
                     delta += parser.finish()
                 answer += delta

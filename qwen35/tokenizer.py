@@ -80,10 +80,6 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 
-    def ends_turn_silently(self, token: int, finish_reason: str | None) -> bool:
-        """True for the control token that stopped generation: it ends the turn and shows no text."""
-        return finish_reason == "stop" and token in self.added_ids
-
     def _special_token(self, key: str) -> str | None:
         v = self.config.get(key)
         return v.get("content") if isinstance(v, dict) else v
@@ -121,6 +117,9 @@ class Tokenizer:
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, skip_special_tokens)
 
+    def text_stream(self) -> TextStream:
+        return TextStream(self)
+
 
 class StreamingDetokenizer:
     """Feed token ids one at a time; `add` returns the text that became complete (maybe empty)."""
@@ -143,3 +142,22 @@ class StreamingDetokenizer:
         piece = self._dec.decode(b"", final=True)
         self.text += piece
         return piece
+
+
+class TextStream:
+    """Generated tokens -> text deltas, with the one rule for the token that stopped generation: a control
+    token (<|im_end|>, <|endoftext|>) ends the turn and shows no text; any other stop token shows its text.
+    At the end of generation (finish_reason set) the bytes still waiting for a character are flushed."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.detok = tokenizer.detokenizer()
+
+    def add(self, token: int | None, finish_reason: str | None = None) -> str:
+        silent = token is None or (finish_reason == "stop" and token in self.tokenizer.added_ids)
+        text = "" if silent else self.detok.add(token)
+        return text + self.detok.finalize() if finish_reason is not None else text
+
+    @property
+    def text(self) -> str:
+        return self.detok.text

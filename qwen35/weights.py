@@ -26,7 +26,9 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model.qwen35 import Qwen35ForCausalLM
+from .model.qwen35 import Qwen35ForCausalLM, keeps_fp32
+from .ops.fast import bind_kernels
+from .ops.linear import view_linears
 from .runtime import WeightArena
 from .safetensors_io import SafetensorsReader, TensorEntry, read_header
 
@@ -99,19 +101,16 @@ def to_module_name(key: str, layout: str) -> str | None:
     return key
 
 
-def keeps_fp32(name: str) -> bool:
-    """Parameters kept in fp32 whatever the model dtype."""
-    return name.endswith(("A_log", "dt_bias")) or ("norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"))
-
-
 def count_mtp_layers(keys) -> int:
     idx = {int(m.group(1)) for k in keys if (m := re.match(r"mtp\.layers\.(\d+)\.", k))}
     return max(idx) + 1 if idx else 0
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> Qwen35ForCausalLM:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+               kernels: bool | None = None) -> Qwen35ForCausalLM:
     """Load a Qwen3.5 checkpoint directory. dtype: torch.float32, torch.bfloat16 or torch.float16.
-    progress: show a progress bar (bytes read) on stderr.
+    progress: show a progress bar (bytes read) on stderr. kernels: bind the C++ CPU kernels (True), run the
+    torch reference only (False), or let `ops.fast.kernel_policy` decide (None; see there).
 
     Raises ConfigError / CheckpointError (both Qwen35Error) naming the file or tensor at fault.
     """
@@ -189,6 +188,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     model.eval()
     model.requires_grad_(False)
     model.checkpoint_info = info
+    bind_kernels(model, kernels)
     return model
 
 
@@ -205,11 +205,9 @@ def _allocate(model: Qwen35ForCausalLM, dtype: torch.dtype) -> None:
     arena = WeightArena(WeightArena.size_of(fused_shapes + [(s, d) for _, s, d in singles]))
     for (owner, attr, linears), (shape, _) in zip(groups, fused_shapes):
         fused = arena.take(shape, dtype)
-        offset = 0
         for layer in linears:
-            n = layer.weight.shape[0]
-            layer.weight = nn.Parameter(fused[offset : offset + n], requires_grad=False)
-            offset += n
+            layer.weight.requires_grad_(False)
+        view_linears(fused, *linears)
         setattr(owner, attr, fused)
     for name, shape, d in singles:
         _set_param(model, name, arena.take(shape, d))

@@ -66,7 +66,7 @@ def mtp_accuracy(model, rows) -> float:
 def main() -> None:
     work = Path(sys.argv[1])
     tok = Tokenizer(work)
-    from qwen35.chat import ChatTemplate
+    from qwen35.chat_template import ChatTemplate
 
     tok.chat_template = ChatTemplate.from_model_dir(work)
     base = qwen35.load_model(work / "base")

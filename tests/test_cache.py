@@ -1,10 +1,11 @@
-"""Caller-owned caches: growth, sizes, and snapshot/restore at exact token positions."""
+"""The cache contract: growth, sizes, snapshot/restore at exact positions, rows that join and leave a batch
+without moving, copy-on-write between holders, and Gated DeltaNet state that no layer writes in place."""
 
 import pytest
 import torch
 
 import qwen35
-from qwen35.cache import KV_GROWTH_STEP, KVCache
+from qwen35.cache import KV_GROWTH_STEP, CacheError, HybridCache
 
 
 @pytest.fixture(scope="module")
@@ -12,18 +13,38 @@ def model(vlm_replicas):
     return qwen35.load_model(vlm_replicas[2][1])
 
 
-def test_kv_cache_grows_in_steps_and_keeps_content():
-    c = KVCache(1, 2, 4, torch.float32)
-    chunks = [torch.randn(1, 2, n, 4) for n in (3, KV_GROWTH_STEP, 1)]
-    for ch in chunks:
-        k, v = c.update(ch, -ch)
-    assert c.length == KV_GROWTH_STEP + 4 and c.capacity == 2 * KV_GROWTH_STEP
-    assert torch.equal(k, torch.cat(chunks, 2)) and torch.equal(v, -torch.cat(chunks, 2))
-    assert c.nbytes == 2 * (KV_GROWTH_STEP + 4) * 2 * 4 * 4
+@pytest.fixture(scope="module")
+def bf16_model(vlm_replicas):
+    """As users get it: bf16, fused, kernels bound where the CPU has them."""
+    return qwen35.load_model(vlm_replicas[2][1], dtype=torch.bfloat16, kernels=True)
+
+
+def rand_ids(n, seed, B=1):
+    return torch.randint(0, 320, (B, n), generator=torch.Generator().manual_seed(seed))
+
+
+def attention_rows(cache):
+    return [[buf for buf in row.kv] for row in cache.rows]
+
+
+def test_kv_grows_in_steps_and_keeps_content(model):
+    cache = model.make_cache()
+    x = rand_ids(KV_GROWTH_STEP + 4, 0)
+    full = model(x)
+    model(x[:, :3], cache=cache)
+    model(x[:, 3 : KV_GROWTH_STEP + 3], cache=cache)
+    last = model(x[:, KV_GROWTH_STEP + 3 :], cache=cache)
+    buf = cache.rows[0].kv[0]
+    assert cache.lengths == [KV_GROWTH_STEP + 4] and buf.capacity == 2 * KV_GROWTH_STEP
+    assert (last[:, -1] - full[:, -1]).abs().max() <= 1e-4
+    c = model.config
+    per_token = 2 * c.num_key_value_heads * c.head_dim * 4 * len(c.full_attention_layers)
+    state = sum(s.nbytes for s in cache.deltanet)
+    assert cache.nbytes == per_token * (KV_GROWTH_STEP + 4) + state
 
 
 def test_snapshot_restore_continues_identically(model):
-    x = torch.randint(0, 320, (1, 90), generator=torch.Generator().manual_seed(0))
+    x = rand_ids(90, 0)
     cache = model.make_cache()
     model(x[:, :50], cache=cache)
     snap = cache.snapshot()
@@ -39,12 +60,146 @@ def test_snapshot_restore_continues_identically(model):
     assert torch.equal(model(x[:, 50:], cache=cache), after)
 
 
+def test_bf16_kernels_snapshot_restore_continues_identically(bf16_model):
+    """The same at bf16 with the C++ decode kernels bound: restore, diverge, restore, continue token by token."""
+    model = bf16_model
+    x = rand_ids(40, 3)
+    cache = model.make_cache()
+    with torch.inference_mode():
+        model(x[:, :30], cache=cache)
+        snap = cache.snapshot()
+        after = [model(x[:, i : i + 1], cache=cache) for i in range(30, 40)]
+        for i in range(5):
+            model(torch.tensor([[7 + i]]), cache=cache)
+        cache.restore(snap)
+        again = [model(x[:, i : i + 1], cache=cache) for i in range(30, 40)]
+    assert all(torch.equal(a, b) for a, b in zip(after, again))
+
+
 def test_deltanet_state_is_constant_size(model):
     cache = model.make_cache()
     model(torch.randint(0, 320, (1, 10)), cache=cache)
-    sizes = [layer.nbytes for i, layer in enumerate(cache.layers) if i not in model.config.full_attention_layers]
+    sizes = [s.nbytes for s in cache.deltanet]
     model(torch.randint(0, 320, (1, 200)), cache=cache)
-    assert sizes == [layer.nbytes for i, layer in enumerate(cache.layers)
-                     if i not in model.config.full_attention_layers]
-    kv = [cache.layers[i] for i in model.config.full_attention_layers]
-    assert all(layer.length == 210 for layer in kv)
+    assert sizes == [s.nbytes for s in cache.deltanet]
+    assert cache.lengths == [210]
+
+
+@pytest.mark.parametrize("which", ["reference", "kernels"])
+def test_no_layer_writes_deltanet_state_in_place(model, bf16_model, which):
+    """O(1) snapshots hold the Gated DeltaNet tensors by reference: every layer must assign new ones."""
+    m = model if which == "reference" else bf16_model
+    cache = m.make_cache(2)
+    with torch.inference_mode():
+        m(rand_ids(12, 1, B=2), cache=cache)
+        held = [(s.conv, s.recurrent) for s in cache.deltanet]
+        copies = [(c.clone(), r.clone()) for c, r in held]
+        m(rand_ids(1, 2, B=2), cache=cache)  # a decode step (the fused kernels under "kernels")
+        m(rand_ids(9, 3, B=2), cache=cache)  # a prefill chunk
+    for (c, r), (c0, r0) in zip(held, copies):
+        assert torch.equal(c, c0) and torch.equal(r, r0)
+    assert all(s.recurrent is not r for s, (_, r) in zip(cache.deltanet, held))
+
+
+def test_a_second_cache_restored_from_a_snapshot_never_overwrites_the_first(model):
+    """Cache A goes on past a snapshot; cache B restores that snapshot and writes other tokens at the same
+    positions (two requests sharing a prompt prefix): A's keys must stay A's."""
+    x = rand_ids(40, 4)
+    a = model.make_cache()
+    model(x[:, :20], cache=a)
+    snap = a.snapshot()
+    model(x[:, 20:30], cache=a)
+    b = model.make_cache()
+    b.restore(snap)
+    model(rand_ids(15, 5), cache=b)
+    ref = model.make_cache()
+    model(x[:, :20], cache=ref)
+    model(x[:, 20:30], cache=ref)
+    assert torch.equal(model(x[:, 30:], cache=a), model(x[:, 30:], cache=ref))
+
+
+def test_rollback_onto_own_snapshot_writes_in_place(model):
+    cache = model.make_cache()
+    model(rand_ids(20, 6), cache=cache)
+    snap = cache.snapshot()
+    bufs = attention_rows(cache)[0]
+    model(rand_ids(3, 7), cache=cache)
+    cache.restore(snap)
+    model(rand_ids(3, 8), cache=cache)
+    assert [b.k.data_ptr() for b in cache.rows[0].kv] == [b.k.data_ptr() for b in bufs]
+
+
+def test_merge_and_filter_move_no_kv_and_match_each_row_alone(model):
+    prompts = [rand_ids(n, 10 + n) for n in (5, 300, 17)]
+    singles, alone = [], []
+    for p in prompts:
+        c = model.make_cache()
+        model(p, cache=c)
+        singles.append(c)
+        a = model.make_cache()
+        model(p, cache=a)
+        alone.append(a)
+    ptrs = [[b.k.data_ptr() for b in c.rows[0].kv] for c in singles]
+    batch = HybridCache.merge(singles)
+    assert batch.lengths == [5, 300, 17]
+    assert [[b.k.data_ptr() for b in row.kv] for row in batch.rows] == ptrs  # nothing moved
+    nxt = rand_ids(1, 20, B=3)
+    out = model(nxt, cache=batch)
+    for b in range(3):
+        assert (out[b] - model(nxt[b : b + 1], cache=alone[b])[0]).abs().max() <= 1e-4
+    batch.filter([2, 0])
+    assert batch.lengths == [18, 6]
+    assert [b.k.data_ptr() for b in batch.rows[0].kv] == ptrs[2]
+    nxt = rand_ids(1, 21, B=2)
+    out = model(nxt, cache=batch)
+    assert (out[0] - model(nxt[0:1], cache=alone[2])[0]).abs().max() <= 1e-4
+    assert (out[1] - model(nxt[1:2], cache=alone[0])[0]).abs().max() <= 1e-4
+
+
+def test_reserve_then_forward_allocates_nothing(model):
+    cache = model.make_cache()
+    model(rand_ids(KV_GROWTH_STEP - 2, 30), cache=cache)
+    cache.reserve(8)
+    ptrs = [b.k.data_ptr() for b in cache.rows[0].kv]
+    model(rand_ids(8, 31), cache=cache)
+    assert [b.k.data_ptr() for b in cache.rows[0].kv] == ptrs
+
+
+def test_from_tensors_and_one_row_snapshot(model):
+    x = rand_ids(12, 40, B=2)
+    cache = model.make_cache(2)
+    model(x, cache=cache)
+    states = []
+    for i, layer in enumerate(cache.layers):
+        if i in model.config.full_attention_layers:
+            ks = torch.stack([r.kv[layer.j].k[:, :12] for r in cache.rows])
+            vs = torch.stack([r.kv[layer.j].v[:, :12] for r in cache.rows])
+            states.append((ks, vs))
+        else:
+            states.append((layer.conv, layer.recurrent))
+    rebuilt = HybridCache.from_tensors(model.cache_layout(), states)
+    assert rebuilt.lengths == [12, 12]
+    one = model.make_cache()
+    one.restore(cache.snapshot(rows=[1]))
+    nxt = rand_ids(3, 41, B=2)
+    a, b = model(nxt, cache=rebuilt), model(nxt[1:], cache=one)
+    assert torch.equal(a, model(nxt, cache=cache))
+    assert (a[1:] - b).abs().max() <= 1e-5  # batch 2 vs batch 1 matmuls round differently
+
+
+def test_bad_rows_and_layouts_are_clear_errors(model):
+    cache = model.make_cache(2)
+    with pytest.raises(CacheError, match=r"rows \[5\] out of range for a batch of 2"):
+        cache.filter([0, 5])
+    with pytest.raises(CacheError, match="rows hold different numbers of tokens"):
+        c = HybridCache.merge([model.make_cache(), model.make_cache()])
+        model(rand_ids(3, 0), cache=_first_row(c))
+        c.offset
+    with pytest.raises(CacheError, match="snapshot does not fit this cache's layout"):
+        model.make_mtp_cache().restore(cache.snapshot())
+
+
+def _first_row(c):
+    # a batch-1 view sharing row 0 of c (the row object itself): advancing it makes c's rows unequal
+    one = HybridCache(c.layout, [c.rows[0]], [type(s)(s.conv[:1], s.recurrent[:1]) for s in c.deltanet])
+    return one

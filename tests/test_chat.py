@@ -5,7 +5,7 @@ import json
 import pytest
 
 import tokenizer_fixture
-from qwen35.chat import DEFAULT_TEMPLATE_FILE, ChatTemplate, ChatTemplateError
+from qwen35.chat_template import DEFAULT_TEMPLATE_FILE, ChatTemplate, ChatTemplateError
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                            "parameters": {"type": "object", "properties": {

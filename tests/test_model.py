@@ -138,13 +138,13 @@ def test_mtp_head_loads_and_runs(loaded, vlm_replicas):
     x = ids(12, B=2, seed=1)
     hidden = model.hidden_states(x[:, :-1])
     caches = model.make_mtp_cache(batch_size=2)
-    logits, h = model.mtp_forward(hidden, x[:, 1:], caches=caches)
+    logits, h = model.mtp_forward(hidden, x[:, 1:], cache=caches)
     assert logits.shape == (2, 11, 320) and h.shape == (2, 11, 64)
     assert torch.isfinite(logits).all()
     # its own KV cache continues exactly, like the main model's
     caches2 = model.make_mtp_cache(batch_size=2)
-    a, _ = model.mtp_forward(hidden[:, :6], x[:, 1:7], caches=caches2)
-    b, _ = model.mtp_forward(hidden[:, 6:], x[:, 7:], caches=caches2)
+    a, _ = model.mtp_forward(hidden[:, :6], x[:, 1:7], cache=caches2)
+    b, _ = model.mtp_forward(hidden[:, 6:], x[:, 7:], cache=caches2)
     assert (torch.cat([a, b], 1) - logits).abs().max().item() <= TOL
 
 

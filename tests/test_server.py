@@ -211,7 +211,7 @@ class ScriptedSampler:
 
     script: list[int] = []
 
-    def __init__(self, params, vocab, batch=1, prompts=None):
+    def __init__(self, params, vocab, batch=1, prompts=None, generator=None):
         self.params, self.i = params, 0
         self.counts = torch.zeros(1)
 
@@ -228,6 +228,7 @@ class ScriptedSampler:
 def inprocess(local, monkeypatch):
     import uvicorn
 
+    from qwen35 import generation
     from qwen35.server import engine as engine_mod
     from qwen35.server.app import create_app
 
@@ -235,7 +236,7 @@ def inprocess(local, monkeypatch):
 
     def start(max_queue=8, model=None, scripted=None):
         if scripted is not None:
-            monkeypatch.setattr(engine_mod, "Sampler", ScriptedSampler)
+            monkeypatch.setattr(generation, "Sampler", ScriptedSampler)
             ScriptedSampler.script = scripted
         m, tok = local
         eng = engine_mod.Engine(model or m, max_batch=2, max_queue=max_queue)
@@ -352,6 +353,42 @@ def test_failing_row_spares_the_rest_of_the_batch(local):
     _, (alone,) = serve([Request(good_prompt, greedy)], model)
     assert [t.token for t in good_out] == [t.token for t in alone] and len(alone) == 8
     assert eng.stats["errors"] == 1
+
+
+def test_rows_join_and_leave_a_bf16_batch_with_the_kernels_on(tmp_path_factory):
+    """As users run it (bf16, fused, C++ decode kernels bound): requests of very different lengths join a
+    running batch and leave it at different steps; each gets exactly the tokens it gets alone."""
+    from qwen35.commands.replica import build_replica
+    from qwen35.ops import kernels
+    from qwen35.server.engine import Engine, Request
+
+    if not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    path = tmp_path_factory.mktemp("engine") / "tiny"
+    build_replica(path, "tiny", seed=11)
+    model = qwen35.load_model(path, dtype=torch.bfloat16, kernels=True)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 4000, (n,), generator=gen).tolist() for n in (300, 5, 40, 77)]
+    budgets = [12, 4, 9, 6]
+    params = [SamplingParams(temperature=0, max_tokens=n, stop_token_ids=(-1,)) for n in budgets]
+    alone = [[s.token for s in qwen35.generate_step(model, p, params=q)] for p, q in zip(prompts, params)]
+
+    eng = Engine(model, max_batch=4, prompt_cache_bytes=0)
+    eng.shutdown()  # drive the worker's steps by hand
+    reqs = [Request(p, q) for p, q in zip(prompts, params)]
+    with torch.inference_mode():
+        for r in reqs[:2]:
+            eng.submit(r)
+        eng._admit()
+        for _ in range(3):  # the 4-token request: 1 token at admission, 3 steps
+            eng._step()
+        for r in reqs[2:]:  # join a batch whose first row already holds 300+ tokens
+            eng.submit(r)
+        eng._admit()
+        assert len(eng.active) == 3  # the 4-token request has left
+        while eng.active:
+            eng._step()
+    assert [[t.token for t in r.out.queue] for r in reqs] == alone
 
 
 def test_queue_full_is_429(inprocess):

@@ -5,6 +5,7 @@ import torch
 
 import qwen35
 from qwen35 import SamplingParams
+from qwen35.prompt_cache import PromptCache
 from qwen35.session import ChatSession
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
@@ -29,6 +30,31 @@ def test_stream_generate_reports_timings_and_finish(loaded):
     assert len(rs) <= 5 and rs[-1].finish_reason in ("stop", "length")
     assert rs[-1].prompt_tokens == len(tok.encode("Hi")) and rs[-1].generation_tokens == len(rs)
     assert rs[0].prefill_tok_s > 0 and all(r.finish_reason is None for r in rs[:-1])
+
+
+def test_cache_and_prompt_cache_together_fail_at_the_call(loaded):
+    model, tok = loaded
+    with pytest.raises(ValueError, match="stream_generate takes cache= or prompt_cache=, not both"):
+        qwen35.stream_generate(model, tok, "Hi", GREEDY, cache=model.make_cache(), prompt_cache=PromptCache(model))
+
+
+def test_the_stop_tokens_text_is_dropped_once(loaded):
+    """A control token that stops generation shows no text in stream_generate and generate; an ordinary
+    token used as a stop id shows its text."""
+    model, tok = loaded
+    prompt = "one two"
+    sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=12, stop_token_ids=(-1,))
+    free = [s.token for s in qwen35.generate_step(model, tok.encode(prompt), params=sampled)]
+    im_end = tok.token_to_id("<|im_end|>")
+    # make <|im_end|> the first generated token through logit bias: it ends the text silently
+    params = SamplingParams(temperature=0, max_tokens=12, logit_bias={im_end: 1e4})
+    rs = list(qwen35.stream_generate(model, tok, prompt, params))
+    assert rs[-1].token == im_end and rs[-1].finish_reason == "stop" and rs[-1].text == ""
+    assert qwen35.generate(model, tok, prompt, params) == ""
+    k = next(i for i in range(1, len(free)) if free[i] not in free[:i])  # the first new token after the first
+    stop_word = SamplingParams(temperature=1.0, seed=3, max_tokens=12, stop_token_ids=(free[k],))
+    rs = list(qwen35.stream_generate(model, tok, prompt, stop_word))
+    assert rs[-1].finish_reason == "stop" and "".join(r.text for r in rs) == tok.decode(free[: k + 1])
 
 
 def test_prompt_cache_restores_longest_prefix(loaded):

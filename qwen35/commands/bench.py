@@ -23,6 +23,8 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                   help="C++ CPU kernels: auto = qwen35.kernel_policy, the choice generate/chat/serve make")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -60,14 +62,15 @@ def bytes_per_decode_token(model, context: int) -> int:
 
 def main(args: argparse.Namespace) -> int:
     import qwen35
-    from qwen35.generate import generate_step
+    from qwen35.generation import generate_step
     from qwen35.runtime import peak_rss_mb, set_threads, tune_allocator
 
     threads = set_threads(args.threads)
     bw = read_bandwidth_gbs()  # before the model exists, so its buffer never adds to the peak below
     tune_allocator()
     t0 = time.perf_counter()
-    model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype])
+    model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype],
+                              kernels={"auto": None, "on": True, "off": False}[args.kernels])
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
@@ -101,9 +104,10 @@ def main(args: argparse.Namespace) -> int:
         "decode_tok_s": round(decode_tok_s, 2), "peak_rss_mb": round(peak, 1),
         "read_bandwidth_gbs": round(bw, 2), "bytes_per_token_mb": round(per_token / 2**20, 1),
         "decode_bound_tok_s": round(bound, 2), "decode_efficiency": round(decode_tok_s / bound, 3),
-        "cache_mb": round(cache.nbytes / 2**20, 1),
+        "cache_mb": round(cache.nbytes / 2**20, 1), "kernels": bool(model.kernels),
     }
-    print(f"model {args.model} ({args.dtype}, {threads} threads), loaded in {load_s:.2f}s")
+    print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {'on' if model.kernels else 'off'}), "
+          f"loaded in {load_s:.2f}s")
     print(f"{'prompt':>8}{'gen':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'bound tok/s':>13}{'efficiency':>12}"
           f"{'peak RSS MiB':>14}")
     print(f"{args.prompt_tokens:>8}{n:>6}{prefill_tok_s:>15.1f}{decode_tok_s:>14.2f}{bound:>13.2f}"

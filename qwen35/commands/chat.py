@@ -49,7 +49,8 @@ def read_message(prompt: str = ">>> ") -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..session import ChatSession, preset
+    from ..sampling import preset
+    from ..session import ChatSession
 
     model, tokenizer = load_from_args(args)
     tty = sys.stdout.isatty()

@@ -19,6 +19,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint directory or Hugging Face repo id (default: the bundled model)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
+    p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                   help="C++ CPU kernels: auto = qwen35.kernel_policy (on for models of 50M+ parameters)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,19 +57,20 @@ def default_model() -> str:
     raise Qwen35Error("no model given and no bundled model is installed; pass a checkpoint directory or repo id")
 
 
-SMALL_MODEL_PARAMS = 50_000_000
-
-
 def load_from_args(args: argparse.Namespace):
+    """Load the model for a command. Process-wide tuning that a library call must not do behind its
+    caller's back happens here: threads, malloc thresholds, and gc.freeze() once the model is loaded."""
+    import gc
+
     from ..api import load
-    from ..ops.dispatch import set_fast_kernels
     from ..runtime import set_threads, tune_allocator
 
     set_threads(args.threads)
     tune_allocator()
-    model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True)
-    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
-        # a small model (the bundled one) is quick on the torch path; building the C++ kernels on a fresh
-        # install would cost more time than they save
-        set_fast_kernels(False)
+    kernels = {"auto": None, "on": True, "off": False}[getattr(args, "kernels", "auto")]
+    model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True, kernels=kernels)
+    # The model and tokenizer live as long as the process: move them (and everything imported so far) out of
+    # the cyclic collector's view, so its full passes during decode no longer walk thousands of modules.
+    gc.collect()
+    gc.freeze()
     return model, tokenizer

@@ -26,7 +26,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..api import stream_generate
-    from ..session import preset
+    from ..sampling import preset
     from ..toolcalls import OutputParser, ParsedDelta
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -39,14 +39,14 @@ def main(args: argparse.Namespace) -> int:
         thinking = prompt.rstrip().endswith("<think>")
     params = sampling_from_args(args, preset(thinking))
     if args.ignore_eos:
-        params = replace(params, stop_token_ids=(-1,))
+        params = replace(params, ignore_eos=True)
     tty = sys.stdout.isatty()
     parser = OutputParser(thinking_open=thinking) if args.chat else None
     parsed = ParsedDelta()
     text, last, in_reasoning = [], None, False
     for r in stream_generate(model, tokenizer, prompt, params, prefill_chunk_size=args.prefill_chunk):
         last = r
-        piece = "" if tokenizer.ends_turn_silently(r.token, r.finish_reason) else r.text
+        piece = r.text
         text.append(piece)
         if parser is None:
             sys.stdout.write(piece)

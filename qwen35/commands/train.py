@@ -44,7 +44,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from ..chat import ChatTemplate
+    from ..chat_template import ChatTemplate
     from ..config import ModelConfig
     from ..errors import Qwen35Error
     from ..runtime import set_threads

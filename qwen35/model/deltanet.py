@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dispatch import fast_path_ok
-from ..ops.linear import Linear, fused_weight, linear
-
 from ..cache import DeltaNetState
 from ..config import ModelConfig
-from ..ops.causal_conv import causal_conv1d
+from ..ops.causal_conv import causal_conv1d_silu
 from ..ops.gated_delta import gated_delta_rule
+from ..ops.linear import Linear, linear
+from .masks import LayerContext
 from .norm import GatedRMSNorm
 
 
@@ -50,46 +49,34 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, H, bias=False)
-        self._in_proj: torch.Tensor | None = None  # fused [qkv | z | b | a], see fuse()
-        # shapes the fused decode kernels take (vector width, head sizes compiled in, conv taps)
-        self._decode_kernel_ok = self.conv_dim % 16 == 0 and self.head_v_dim in (64, 128, 256) and self.kernel_size <= 8
+        self._in_proj = None  # fused [qkv | z | b | a] (a matrix or weight object), see fusion_group()
+        # The causal conv + SiLU of q|k|v: the reference here; ops/fast.bind_kernels may bind the C++ one.
+        self.conv_silu = causal_conv1d_silu
 
     def fusion_group(self):
         """The four input projections share their input: read them as one matrix `_in_proj`."""
         return self, "_in_proj", [self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a]
 
-    def _project(self, x: torch.Tensor):
-        fused = fused_weight(self._in_proj, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
-        if fused is None:
+    def project(self, x: torch.Tensor):
+        """(qkv, z, b, a) projections of x [B, T, hidden]: one fused weight stream at inference."""
+        if self._in_proj is None or torch.is_grad_enabled():  # autograd must see each parameter
             return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
-        return linear(x, fused).split([self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads], dim=-1)
+        return linear(x, self._in_proj).split([self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads],
+                                              dim=-1)
 
-    def forward(self, x: torch.Tensor, state: DeltaNetState | None = None, mode: str = "auto",
-                token_mask: torch.Tensor | None = None, segments=None) -> torch.Tensor:
-        """x: [B, T, hidden] -> [B, T, hidden]. `state` (if given) is read and advanced by T tokens.
+    def forward(self, x: torch.Tensor, state: DeltaNetState | None = None, ctx: LayerContext | None = None,
+                mode: str = "auto") -> torch.Tensor:
+        """x: [B, T, hidden] -> [B, T, hidden]. `state` (if given) is read and advanced by T tokens (new
+        tensors are assigned to it; the old ones are never written, so snapshots stay valid).
 
-        token_mask [B, T] (False = left padding): padding enters neither the conv window (its input is
-        zeroed, which equals the empty initial state) nor the recurrent state (decay 1, beta 0).
-        segments (SegmentMasks, packed training): conv taps stop at document starts and the recurrent state
-        resets there (log decay -inf: nothing carried over, which the chunked form handles exactly).
+        ctx.segments (packed training): conv taps stop at document starts and the recurrent state resets
+        there (log decay -inf: nothing carried over, which the chunked form handles exactly).
         """
         B, T, _ = x.shape
-        if T == 1 and state is not None and token_mask is None and fast_path_ok(x, (torch.bfloat16,)):
-            fast = self._decode_fast(x, state)
-            if fast is not None:
-                return fast
-        if token_mask is not None:
-            x = torch.where(token_mask[..., None], x, 0)
-        qkv, z, b, a = self._project(x)
-        conv_w = self.conv1d.weight[:, 0]
-        if (segments is None and fast_path_ok(qkv, (torch.bfloat16,)) and self.conv_dim % 16 == 0
-                and 2 <= self.kernel_size <= 8 and (state is None or state.conv.dtype == torch.bfloat16)):
-            prev = state.conv if state is not None else qkv.new_zeros(B, self.kernel_size - 1, self.conv_dim)
-            qkv, conv_state = torch.ops.qwen35.conv_silu(qkv.contiguous(), conv_w.contiguous(), prev.contiguous())
-        else:
-            qkv, conv_state = causal_conv1d(qkv, conv_w, None if state is None else state.conv,
-                                            tap_mask=None if segments is None else segments.taps)
-            qkv = F.silu(qkv)
+        segments = None if ctx is None else ctx.segments
+        qkv, z, b, a = self.project(x)
+        qkv, conv_state = self.conv_silu(qkv, self.conv1d.weight[:, 0], None if state is None else state.conv,
+                                         None if segments is None else segments.taps)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
         k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
@@ -100,8 +87,6 @@ class GatedDeltaNet(nn.Module):
             q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
         beta = b.float().sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        if token_mask is not None:
-            beta, g = torch.where(token_mask[..., None], beta, 0), torch.where(token_mask[..., None], g, 0)
         if segments is not None:
             g = g.masked_fill(segments.starts[..., None], float("-inf"))
         o, recurrent = gated_delta_rule(q, k, v, g, beta, None if state is None else state.recurrent, mode=mode)
@@ -110,15 +95,3 @@ class GatedDeltaNet(nn.Module):
         z = z.reshape(B, T, self.num_v_heads, self.head_v_dim)
         o = self.norm(o, z, out_dtype=x.dtype).reshape(B, T, self.value_dim)
         return self.out_proj(o)
-
-    def _decode_fast(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor | None:
-        """One token per sequence through the fused C++ step (ops/kernels: gdn_decode)."""
-        fused = fused_weight(self._in_proj, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
-        if fused is None or state.conv.dtype != torch.bfloat16 or not self._decode_kernel_ok:
-            return None  # the kernel's vector width and tap limits; the reference path handles the rest
-        B = x.shape[0]
-        proj = linear(x, fused).view(B, -1)
-        out, state.conv, state.recurrent = torch.ops.qwen35.gdn_decode(
-            proj, state.conv.contiguous(), self.conv1d.weight[:, 0].contiguous(), self.A_log, self.dt_bias,
-            state.recurrent.contiguous(), self.norm.weight, self.num_k_heads, self.norm.eps)
-        return self.out_proj(out.view(B, 1, self.value_dim))

@@ -34,3 +34,11 @@ def causal_conv1d(
     for t in taps[1:]:
         y = y + t
     return y.to(x.dtype), xp[:, T:].clone() if K > 1 else xp[:, :0]
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None,
+                       tap_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(causal_conv1d(...)): the reference form of what Gated DeltaNet applies to q|k|v (same
+    arguments and results as `causal_conv1d`; y rounded to x's dtype before the SiLU, as the kernel does)."""
+    y, new_state = causal_conv1d(x, weight, state, tap_mask)
+    return torch.nn.functional.silu(y), new_state

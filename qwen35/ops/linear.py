@@ -1,9 +1,11 @@
-"""The one dispatcher for matrix products with weights: `linear(x, w)`.
+"""The one place a weight meets an activation: `linear(x, w)`.
 
-Decode multiplies a handful of rows by every weight matrix, so its speed is how fast weights stream
-from memory. With bf16 weights and few rows, the hand-written AVX512-BF16 kernel (ops/kernels) reads
-them at memory speed; otherwise (prefill, fp32/fp16 models, no kernel) torch's matmul runs, always on
-2-D inputs (torch turns a 3-D input with a strided view into a bmm that copies the whole weight).
+`w` is either a plain matrix [N, K] (torch's matmul runs, always on 2-D inputs: torch turns a 3-D input
+with a strided view into a bmm that copies the whole weight) or a *weight object*: anything with `shape`,
+`dtype` and `matmul(x2, out_fp32) -> [M, N]`. Weight objects are how a weight that is not a plain matrix
+runs without a branch in any model file: the AVX512-BF16 GEMV of ops/fast.py (`GemvWeight`) today, a
+block-quantized weight with its own kernels next. `Linear.runtime_weight` and the fused matrices of
+`fuse_linears` are where ops/fast.bind_kernels puts them.
 """
 
 from __future__ import annotations
@@ -12,39 +14,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import fast_path_ok
 
-GEMV_MAX_ROWS = 8  # beyond this, torch's GEMM (compute-bound, oneDNN) wins
-
-
-def _use_gemv(x2: torch.Tensor, w: torch.Tensor) -> bool:
-    return (x2.shape[0] <= GEMV_MAX_ROWS and w.dtype == torch.bfloat16 and w.is_contiguous()
-            and fast_path_ok(x2, (torch.bfloat16,)))
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, out_fp32: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, w, out_fp32: bool = False) -> torch.Tensor:
     """x [..., K] @ w[N, K]^T -> [..., N], in x's dtype (fp32 when out_fp32)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if _use_gemv(x2, w):
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        y = torch.ops.qwen35.gemv_bf16(x2, w, out_fp32)
-    else:
+    if isinstance(w, torch.Tensor):
         y = F.linear(x2.contiguous(), w)
         if out_fp32:
             y = y.float()
+    else:
+        y = w.matmul(x2, out_fp32)
     return y.view(*lead, w.shape[0])
 
 
+def matrix(w) -> torch.Tensor:
+    """The plain matrix behind `w` (a tensor, or a weight object wrapping one as `.weight`)."""
+    return w if isinstance(w, torch.Tensor) else w.weight
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameter names, no bias) whose forward goes through `linear`."""
+    """nn.Linear (same parameter names, no bias) whose forward goes through `linear`.
+
+    runtime_weight: None (use `weight`) or a weight object bound for inference by ops/fast.bind_kernels."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=False)
+        self.runtime_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        if self.runtime_weight is None or torch.is_grad_enabled():
+            return linear(x, self.weight)
+        return linear(x, self.runtime_weight)
 
 
 def fuse_linears(*layers: nn.Linear) -> torch.Tensor:
@@ -52,19 +53,20 @@ def fuse_linears(*layers: nn.Linear) -> torch.Tensor:
     layer's weight a view of it: one weight stream (one kernel call) instead of several, no extra memory,
     and the parameters keep their names and values."""
     fused = torch.cat([layer.weight.detach() for layer in layers], dim=0)
+    view_linears(fused, *layers)
+    return fused
+
+
+def view_linears(fused: torch.Tensor, *layers: nn.Linear) -> None:
+    """Make each layer's weight the matching row block of `fused`."""
     offset = 0
     for layer in layers:
         n = layer.weight.shape[0]
         layer.weight = nn.Parameter(fused[offset : offset + n], requires_grad=layer.weight.requires_grad)
         offset += n
-    return fused
 
 
-def fused_weight(fused: torch.Tensor | None, *layers: nn.Linear) -> torch.Tensor | None:
-    """`fused` if the layers' weights are still its views (a later .to() or load would break that), and
-    not while training them: autograd must see each parameter, not the matrix they are views of."""
-    if fused is None or layers[0].weight.data_ptr() != fused.data_ptr():
-        return None
-    if torch.is_grad_enabled() and layers[0].weight.requires_grad:
-        return None
-    return fused
+def unfuse_linears(*layers: nn.Linear) -> None:
+    """Give each layer a weight of its own again (a copy: the fused matrix can then be dropped)."""
+    for layer in layers:
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)

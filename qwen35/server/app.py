@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import Qwen35Error
-from ..generate import ContextLengthError
+from ..generation import ContextLengthError
 from ..toolcalls import OutputParser, ParsedDelta
 from .engine import Engine, QueueFull
 from .engine import Request as EngineRequest
@@ -162,17 +162,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     async def run(req: EngineRequest, request: Request, opts, parser: OutputParser | None):
         """Yields (ParsedDelta, token item) as text arrives; the last item carries the finish."""
-        detok = tokenizer.detokenizer()
+        text_stream = tokenizer.text_stream()
         stops = StopStrings(opts.stop_strings)
         async for item in tokens(req, request):
             if item.error is not None:
                 raise APIError(500, "generation failed")
-            text = ""
-            if item.token is not None and not tokenizer.ends_turn_silently(item.token, item.finish_reason):
-                text = detok.add(item.token)
-            if item.finish_reason is not None:
-                text += detok.finalize()
-            text = stops.feed(text, final=item.finish_reason is not None)
+            text = stops.feed(text_stream.add(item.token, item.finish_reason), final=item.finish_reason is not None)
             if stops.hit:
                 req.cancel()
                 item.finish_reason = "stop"

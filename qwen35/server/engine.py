@@ -2,8 +2,10 @@
 
 Requests wait in a bounded queue (full -> QueueFull, the HTTP layer answers 429). Between steps the worker
 admits waiting requests (prefilled alone, restoring the longest snapshotted prefix from the prompt cache,
-then merged into the batch) and drops finished, cancelled or timed-out ones. Each request reads its
-results from its own queue; a failure in one request is delivered to that request only.
+then merged into the batch: its rows are moved in, no other row's KV is touched) and drops finished,
+cancelled or timed-out ones (`HybridCache.filter`). Decoding is generation.step, the loop every generator
+uses. Each request reads its results (generation.Response) from its own queue; a failure in one request is
+delivered to that request only.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import check_context, prefill
+from ..cache import HybridCache
+from ..generation import Response, Stream, check_context, prefill, step
 from ..prompt_cache import PromptCache
-from ..sampling import Sampler, SamplingParams, step_logprobs
-from . import batch as batching
+from ..sampling import SamplingParams
 
 
 class QueueFull(Exception):
@@ -42,15 +44,7 @@ class Request:
         self.cancelled.set()
 
 
-@dataclass
-class Token:
-    """One generated token (or the end, or an error) for a request's consumer."""
-
-    token: int | None
-    logprob: float | None = None
-    top_logprobs: tuple | None = None
-    finish_reason: str | None = None
-    error: str | None = None
+Token = Response  # what a request's queue carries: a generated token, or an end without one (token None)
 
 
 class Engine:
@@ -64,8 +58,8 @@ class Engine:
         self.prefill_chunk_size = prefill_chunk_size
         self.prompt_cache = PromptCache(model, prompt_cache_bytes)
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.active: list[tuple[Request, Sampler, int]] = []  # (request, sampler, last token)
-        self.cache = None
+        self.active: list[tuple[Request, Stream]] = []  # row b of self.cache belongs to active[b]
+        self.cache: HybridCache | None = None
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                       "ttft_sum": 0.0, "ttft_count": 0, "decode_steps": 0, "decode_time": 0.0, "errors": 0}
         self._wake = threading.Event()
@@ -137,34 +131,29 @@ class Engine:
         req.cached_tokens = cached
         self.stats["prompt_tokens"] += len(req.prompt)
         self.stats["cached_tokens"] += cached
-        sampler = Sampler(req.params, model.config.vocab_size, 1, [req.prompt])
-        tok = self._emit(req, sampler, logits, 0)
-        if tok is None:
-            return
-        self.cache = batching.merge(self.cache, cache)
-        self.active.append((req, sampler, tok))
+        stream = Stream.start(model, req.prompt, req.params)
+        self._deliver(req, stream.sample(logits))
+        if stream.finish is None:
+            self.cache = cache if self.cache is None else HybridCache.merge([self.cache, cache])
+            self.active.append((req, stream))
 
-    def _emit(self, req: Request, sampler: Sampler, logits: torch.Tensor, index: int) -> int | None:
-        """Sample, deliver, and return the token if the request goes on (None when it finished)."""
-        tok = sampler(logits)
-        sampler.observe(tok)
-        t = int(tok[0])
-        p = req.params
-        finish = "stop" if t in p.stop_token_ids else ("length" if index + 1 >= p.max_tokens else None)
-        lp, top = step_logprobs(logits, tok, p)
+    def _deliver(self, req: Request, r: Response) -> None:
+        if r.error is not None:
+            self.stats["errors"] += 1
+            req.out.put(r)
+            return
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
             self.stats["ttft_sum"] += req.first_token_at - req.created
             self.stats["ttft_count"] += 1
         self.stats["generated_tokens"] += 1
-        req.generated.append(t)
-        req.out.put(Token(t, lp, top, finish))
-        return None if finish else t
+        req.generated.append(r.token)
+        req.out.put(r)
 
     def _step(self) -> None:
         now = time.monotonic()
         keep = []
-        for i, (req, _, _) in enumerate(self.active):
+        for i, (req, _) in enumerate(self.active):
             if req.cancelled.is_set():
                 req.out.put(Token(None, finish_reason="cancelled"))
             elif req.timeout_s is not None and now - req.created > req.timeout_s:
@@ -175,66 +164,57 @@ class Engine:
         if not self.active:
             return
         t0 = time.perf_counter()
-        logits = self._forward()
-        if logits is None:
-            return
+        produced = self._decode()
         self.stats["decode_steps"] += 1
         self.stats["decode_time"] += time.perf_counter() - t0
-        keep, finished = [], []
-        for i, (req, sampler, _) in enumerate(self.active):
-            try:
-                tok = self._emit(req, sampler, logits[i : i + 1], len(req.generated))
-            except Exception as e:  # noqa: BLE001 - a sampling failure ends this request only
-                self._fail(req, e)
-                continue
-            if tok is not None:
-                self.active[i] = (req, sampler, tok)
+        keep = []
+        for i, ((req, stream), rs) in enumerate(zip(self.active, produced)):
+            for r in rs:
+                self._deliver(req, r)
+            if stream.finish is None:
                 keep.append(i)
-            else:
-                finished.append(i)
-        for i in finished:
-            self._remember_answer(i)
+            elif stream.finish != "error":
+                self._remember_answer(i)
         self._keep(keep)
 
-    def _forward(self) -> torch.Tensor | None:
-        """Logits [B, V] for the batch's last tokens. If the batched forward fails, the cache goes back to
-        where it was and each row runs alone: rows that fail alone get the error, the others go on."""
-        tokens = torch.tensor([[tok] for _, _, tok in self.active])
+    def _decode(self) -> list[list[Response]]:
+        """One generation.step for the whole batch (a row whose sampling fails gets an error Response). If
+        the forward fails, the cache goes back to where it was and each row steps alone: a row that fails
+        alone gets the error, the others go on."""
+        streams = [s for _, s in self.active]
         before = self.cache.snapshot()
         try:
-            return self.model(tokens, cache=self.cache)[:, -1]
+            return step(self.model, self.cache, streams, isolate=True)
         except Exception:  # noqa: BLE001 - find the request(s) at fault, keep serving the rest
             self.cache.restore(before)
-        rows, logits, keep = [], [], []
-        for i, (req, _, tok) in enumerate(self.active):
-            row = self._row(i)
+        out, rows = [], []
+        for i, stream in enumerate(streams):
+            row = self.model.make_cache(batch_size=1)
+            row.restore(self.cache.snapshot(rows=[i]))
             try:
-                logits.append(self.model(torch.tensor([[tok]]), cache=row)[:, -1])
+                out.append(step(self.model, row, [stream], isolate=True)[0])
+                rows.append(row)
             except Exception as e:  # noqa: BLE001
-                self._fail(req, e)
-                continue
-            rows.append(row)
-            keep.append(i)
+                stream.finish = "error"
+                out.append([Response(None, error=f"{type(e).__name__}: {e}")])
+                rows.append(None)
+        # rows that failed alone leave the batch; the others are merged back (moved, not copied)
+        keep = [i for i, r in enumerate(rows) if r is not None]
+        self.cache = HybridCache.merge([rows[i] for i in keep]) if keep else None
+        failed = [(self.active[i], out[i]) for i in range(len(rows)) if rows[i] is None]
         self.active = [self.active[i] for i in keep]
-        self.cache = None
-        for row in rows:
-            self.cache = batching.merge(self.cache, row)
-        return torch.cat(logits) if logits else None
-
-    def _row(self, i: int):
-        """Row i of the batch as a batch-1 cache without padding (a copy: the batch is untouched)."""
-        row = batching.remove(self.cache, [i])
-        row.pad = None
-        return row
+        for (req, _), rs in failed:
+            self._deliver(req, rs[0])
+        return [out[i] for i in keep]
 
     def _remember_answer(self, i: int) -> None:
         """Snapshot a finished row at the end of its answer (prompt + every generated token but the last,
         which was sampled and never fed), so the next turn of the conversation reuses the answer too."""
         req = self.active[i][0]
         tokens = req.prompt + req.generated[:-1]
-        if self.prompt_cache.max_bytes <= 0 or self.cache.offset - int(self.cache.pad[i]) != len(tokens):
+        if self.prompt_cache.max_bytes <= 0 or self.cache.lengths[i] != len(tokens):
             return
-        self.prompt_cache.store(tokens, self._row(i))
+        self.prompt_cache.store_snapshot(tokens, self.cache.snapshot(rows=[i]))
 
     def _fail(self, req: Request, e: Exception) -> None:
         self.stats["errors"] += 1
@@ -244,4 +224,7 @@ class Engine:
         if len(keep) == len(self.active):
             return
         self.active = [self.active[i] for i in keep]
-        self.cache = batching.remove(self.cache, keep) if self.cache is not None else None
+        if not self.active:
+            self.cache = None
+        else:
+            self.cache.filter(keep)

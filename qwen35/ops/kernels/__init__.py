@@ -64,16 +64,21 @@ def _load() -> tuple[bool, str]:
             return True, ""
     except (AttributeError, RuntimeError):
         pass
+    import hashlib
+
     from torch.utils.cpp_extension import load
 
+    # The build is named after its source, so two qwen35 versions (an upgrade, a second checkout) never
+    # share, and keep rebuilding, one cached library.
+    tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
     try:
-        load(name="qwen35_cpu_kernels", sources=[str(SOURCE)], extra_cflags=FLAGS + OPENMP, extra_ldflags=OPENMP,
+        load(name=f"qwen35_cpu_kernels_{tag}", sources=[str(SOURCE)], extra_cflags=FLAGS + OPENMP, extra_ldflags=OPENMP,
              is_python_module=False, verbose=False)
         return True, ""
     except Exception as e:  # noqa: BLE001 - maybe only OpenMP is missing: try without it, and say so
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     try:
-        load(name="qwen35_cpu_kernels_serial", sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False,
+        load(name=f"qwen35_cpu_kernels_serial_{tag}", sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False,
              verbose=False)
         msg = f"qwen35: kernels built without OpenMP ({first}); they run on one thread"
         log.warning(msg)

@@ -408,22 +408,39 @@ void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, 
   }
 }
 
-at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t S, const at::Tensor& pad,
+at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::IntArrayRef lengths,
                        double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "attn_decode: bf16");
-  TORCH_CHECK(q.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1, "attn_decode: layout");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
-  TORCH_CHECK(D % 32 == 0 && D <= 512 && Hq % Hkv == 0 && S >= 1 && S <= k.size(2), "attn_decode: sizes");
+  // Rows live in buffers of their own (they never move when another row joins or leaves the batch):
+  // k[b], v[b] [Hkv, cap_b, D] bf16, of which the first lengths[b] keys are row b's.
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.is_contiguous(), "attn_decode: q bf16 contiguous");
+  TORCH_CHECK(static_cast<int64_t>(k.size()) == B && static_cast<int64_t>(v.size()) == B &&
+              static_cast<int64_t>(lengths.size()) == B, "attn_decode: one key/value buffer and length per row");
+  const int64_t Hkv = k[0].size(0);
+  int64_t S = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(k[b].scalar_type() == at::kBFloat16 && v[b].scalar_type() == at::kBFloat16, "attn_decode: bf16");
+    TORCH_CHECK(k[b].dim() == 3 && k[b].size(0) == Hkv && k[b].size(2) == D && k[b].stride(2) == 1 &&
+                v[b].stride(2) == 1 && v[b].sizes() == k[b].sizes() && k[b].stride(1) == v[b].stride(1) &&
+                k[b].stride(0) == v[b].stride(0), "attn_decode: layout");
+    TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= k[b].size(1), "attn_decode: length beyond the buffer");
+    S = std::max(S, lengths[b]);
+  }
+  TORCH_CHECK(D % 32 == 0 && D <= 512 && Hq % Hkv == 0, "attn_decode: sizes");
   const int64_t G = Hq / Hkv;
   TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, "attn_decode: 1, 2, 4 or 8 query heads per KV head");
-  const int64_t* padp = pad.numel() ? pad.data_ptr<int64_t>() : nullptr;
   const int64_t nblocks = (S + kAttnBlock - 1) / kAttnBlock;
   at::Tensor part = at::empty({B * Hkv * nblocks, G, D + 2}, q.options().dtype(at::kFloat));
   float* pp = part.data_ptr<float>();
   const auto* qp = q.data_ptr<c10::BFloat16>();
-  const auto* kp = k.data_ptr<c10::BFloat16>();
-  const auto* vp = v.data_ptr<c10::BFloat16>();
+  std::vector<const c10::BFloat16*> kp(B), vp(B);
+  std::vector<int64_t> hstride(B), sstride(B);
+  for (int64_t b = 0; b < B; ++b) {
+    kp[b] = k[b].data_ptr<c10::BFloat16>();
+    vp[b] = v[b].data_ptr<c10::BFloat16>();
+    hstride[b] = k[b].stride(0);
+    sstride[b] = k[b].stride(1);
+  }
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t i0, int64_t i1) {
@@ -431,23 +448,24 @@ at::Tensor attn_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     __m512bh qv[8][16];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hkv * nblocks), h = (i / nblocks) % Hkv, blk = i % nblocks;
-      const int64_t s0 = std::max<int64_t>(blk * kAttnBlock, padp ? padp[b] : 0);
-      const int64_t s1 = std::min(S, (blk + 1) * kAttnBlock);
+      const int64_t s0 = blk * kAttnBlock;
+      const int64_t s1 = std::min(lengths[b], (blk + 1) * kAttnBlock);
       float* out = pp + i * G * (D + 2);
-      if (s0 >= s1) {  // the whole block is padding
+      if (s0 >= s1) {  // past this row's length
         for (int64_t g = 0; g < G; ++g) { out[g * (D + 2)] = -INFINITY; out[g * (D + 2) + 1] = 0.f; }
         continue;
       }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t c = 0; c < D / 32; ++c)
           qv[g][c] = (__m512bh)_mm512_loadu_si512(qp + (b * Hq + h * G + g) * D + c * 32);
-      const c10::BFloat16* kb = kp + b * k.stride(0) + h * k.stride(1);
-      const c10::BFloat16* vb = vp + b * v.stride(0) + h * v.stride(1);
+      const c10::BFloat16* kb = kp[b] + h * hstride[b];
+      const c10::BFloat16* vb = vp[b] + h * hstride[b];
+      const int64_t st = sstride[b];
       switch (G) {
-        case 1: attend_block<1>(qv, D, kb, k.stride(2), vb, v.stride(2), s0, s1, fscale, scores.data(), out); break;
-        case 2: attend_block<2>(qv, D, kb, k.stride(2), vb, v.stride(2), s0, s1, fscale, scores.data(), out); break;
-        case 4: attend_block<4>(qv, D, kb, k.stride(2), vb, v.stride(2), s0, s1, fscale, scores.data(), out); break;
-        default: attend_block<8>(qv, D, kb, k.stride(2), vb, v.stride(2), s0, s1, fscale, scores.data(), out); break;
+        case 1: attend_block<1>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out); break;
+        case 2: attend_block<2>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out); break;
+        case 4: attend_block<4>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out); break;
+        default: attend_block<8>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out); break;
       }
     }
   });
@@ -573,18 +591,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gdn_layer(
   return {mlp_residual(x1, ln2, w_gate_up, w_down, eps), conv, rec};
 }
 
-// Gated attention layer. qkv projection rows per token: [q0 g0 q1 g1 ... | k heads | v heads]. The new key
-// and value are written into the caller's cache buffers at slot `pos` (capacity reserved by the caller),
-// then the query attends to slots [pad[b], pos]. cos/sin: [1 or B, R] fp32 for this position.
+// Gated attention layer. qkv projection rows per token: [q0 g0 q1 g1 ... | k heads | v heads]. Row b's new
+// key and value are written into its own cache buffers k_buf[b], v_buf[b] [Hkv, cap_b, D] at slot pos[b]
+// (capacity reserved by the caller), then its query attends to slots [0, pos[b]]. cos/sin: [1 or B, R] fp32.
 at::Tensor decode_attn_layer(
     const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& w_qkv, const at::Tensor& q_norm,
-    const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_buf,
-    const at::Tensor& v_buf, int64_t pos, const at::Tensor& pad, const at::Tensor& w_o, const at::Tensor& ln2,
+    const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
+    at::TensorList v_buf, at::IntArrayRef pos, const at::Tensor& w_o, const at::Tensor& ln2,
     const at::Tensor& w_gate_up, const at::Tensor& w_down, int64_t Hq, double eps) {
-  TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
-              "decode_attn_layer: layout");
-  const int64_t B = x.size(0), Hkv = k_buf.size(1), D = k_buf.size(3), R = cos.size(-1);
-  TORCH_CHECK(pos < k_buf.size(2) && R <= D && R % 2 == 0, "decode_attn_layer: sizes");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "decode_attn_layer: layout");
+  const int64_t B = x.size(0), R = cos.size(-1);
+  TORCH_CHECK(static_cast<int64_t>(k_buf.size()) == B && static_cast<int64_t>(v_buf.size()) == B &&
+              static_cast<int64_t>(pos.size()) == B, "decode_attn_layer: one buffer and position per row");
+  const int64_t Hkv = k_buf[0].size(0), D = k_buf[0].size(2);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(k_buf[b].is_contiguous() && v_buf[b].is_contiguous() && pos[b] < k_buf[b].size(1) &&
+                v_buf[b].sizes() == k_buf[b].sizes(), "decode_attn_layer: buffers");
+  TORCH_CHECK(R <= D && R % 2 == 0, "decode_attn_layer: sizes");
   at::Tensor h = rmsnorm(x, ln1, eps, true);
   at::Tensor qkv = gemv_bf16(h, w_qkv, false);  // [B, 2*Hq*D + 2*Hkv*D]
   const int64_t P = qkv.size(1);
@@ -592,13 +615,10 @@ at::Tensor decode_attn_layer(
   at::Tensor q = at::empty({B, Hq, D}, x.options());
   const auto* qp = qkv.data_ptr<c10::BFloat16>();
   auto* qo = q.data_ptr<c10::BFloat16>();
-  auto* kb = k_buf.data_ptr<c10::BFloat16>();
-  auto* vb = v_buf.data_ptr<c10::BFloat16>();
   const float* qn = q_norm.data_ptr<float>();
   const float* kn = k_norm.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  const int64_t cap = k_buf.size(2);
   std::vector<float> t(D), r(D);
   // zero-centred RMSNorm (rounded to bf16, as the per-op path) then partial NeoX RoPE (rounded again)
   auto norm_rope = [&](const c10::BFloat16* src, const float* w, const float* c, const float* sn,
@@ -619,13 +639,17 @@ at::Tensor decode_attn_layer(
     const float* c = cp + (cos.size(0) == 1 ? 0 : b) * R;
     const float* sn = sp + (sin.size(0) == 1 ? 0 : b) * R;
     for (int64_t hq = 0; hq < Hq; ++hq) norm_rope(row + hq * 2 * D, qn, c, sn, qo + (b * Hq + hq) * D);
+    auto* kb = k_buf[b].data_ptr<c10::BFloat16>();
+    auto* vb = v_buf[b].data_ptr<c10::BFloat16>();
+    const int64_t cap = k_buf[b].size(1);
     for (int64_t hk = 0; hk < Hkv; ++hk) {
-      norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, kb + ((b * Hkv + hk) * cap + pos) * D);
-      std::memcpy(vb + ((b * Hkv + hk) * cap + pos) * D, row + 2 * Hq * D + Hkv * D + hk * D,
-                  D * sizeof(c10::BFloat16));
+      norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, kb + (hk * cap + pos[b]) * D);
+      std::memcpy(vb + (hk * cap + pos[b]) * D, row + 2 * Hq * D + Hkv * D + hk * D, D * sizeof(c10::BFloat16));
     }
   }
-  at::Tensor o = attn_decode(q, k_buf, v_buf, pos + 1, pad, 1.0 / std::sqrt(static_cast<double>(D)));
+  std::vector<int64_t> lengths(pos.begin(), pos.end());
+  for (auto& n : lengths) n += 1;
+  at::Tensor o = attn_decode(q, k_buf, v_buf, lengths, 1.0 / std::sqrt(static_cast<double>(D)));
   // output gate: o * sigmoid(gate), both bf16 like the per-op path
   auto* op = o.data_ptr<c10::BFloat16>();
   for (int64_t b = 0; b < B; ++b)
@@ -669,9 +693,9 @@ TORCH_LIBRARY(qwen35, m) {
         "Tensor dt_bias, Tensor state, Tensor norm_w, Tensor w_out, Tensor ln2, Tensor w_gate_up, Tensor w_down, "
         "int Hk, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("decode_attn_layer(Tensor x, Tensor ln1, Tensor w_qkv, Tensor q_norm, Tensor k_norm, Tensor cos, "
-        "Tensor sin, Tensor(a!) k_buf, Tensor(b!) v_buf, int pos, Tensor pad, Tensor w_o, Tensor ln2, "
+        "Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, int[] pos, Tensor w_o, Tensor ln2, "
         "Tensor w_gate_up, Tensor w_down, int Hq, float eps) -> Tensor");
-  m.def("attn_decode(Tensor q, Tensor k, Tensor v, int S, Tensor pad, float scale) -> Tensor");
+  m.def("attn_decode(Tensor q, Tensor[] k, Tensor[] v, int[] lengths, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwen35, CPU, m) {

@@ -1,0 +1,237 @@
+"""Token-level generation: prefill in chunks, then one decode loop for one sequence or many.
+
+Everything that generates (generate_step, batch_generate, the text layer in api.py, ChatSession and the
+server engine) goes through the same three pieces, so a change to how a token is produced (speculative
+decoding) is made once:
+- `Response`: the one record per generated token (id, logprobs, finish reason; the text layer fills in
+  the text delta and timings; the server an error);
+- `Stream`: one sequence being generated: its sampler and the one finish rule (`finish_reason`);
+- `step(model, cache, streams)`: feed every stream's last token (row b of the cache is streams[b]) and
+  sample each stream's next token(s).
+
+A prompt plus max_tokens beyond the context is refused with ContextLengthError before any work is done,
+because recurrent state cannot be "shifted" the way a KV window can.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .cache import HybridCache
+from .errors import Qwen35Error
+from .sampling import Sampler, SamplingParams, step_logprobs
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class ContextLengthError(Qwen35Error, ValueError):
+    """prompt + max_tokens does not fit the model's context."""
+
+
+@dataclass
+class Response:
+    """One generated token, as every layer reports it.
+
+    token: the id (None only for a server-side end without a token: cancelled, timeout, error);
+    finish_reason: None while going on, then "stop" (a stop token, which is `token`) or "length" (the server
+    adds "cancelled", "timeout"). text: the new complete UTF-8 text since the previous response, the stop
+    token's own text excluded (filled by the text layer; "" at the token level).
+    """
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+    finish_reason: str | None = None
+    text: str = ""
+    error: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens restored from a snapshot instead of prefilled
+    generation_tokens: int = 0
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+StepOutput = Response  # the token-level name of the same record
+
+
+def finish_reason(token: int, index: int, params: SamplingParams) -> str | None:
+    """The one stop rule: the index-th generated token (from 0) ends generation with "stop" if it is a stop
+    token, with "length" if it is the max_tokens-th, else not at all."""
+    if token in params.stop_token_ids:
+        return "stop"
+    return "length" if index + 1 >= params.max_tokens else None
+
+
+class Stream:
+    """One sequence being generated: samples its next token from logits and applies the stop rule."""
+
+    def __init__(self, params: SamplingParams, sampler: Sampler):
+        self.params, self.sampler = params, sampler
+        self.generated: list[int] = []
+        self.finish: str | None = None
+
+    @classmethod
+    def start(cls, model, prompt: Sequence[int], params: SamplingParams, generator=None) -> Stream:
+        return cls(params, Sampler(params, model.config.vocab_size, 1, [list(prompt)], generator=generator))
+
+    @property
+    def last(self) -> int:
+        return self.generated[-1]
+
+    def sample(self, logits: torch.Tensor) -> Response:
+        """logits [1, vocab] -> the next token's Response (finish_reason set when it ends the stream)."""
+        if self.finish is not None:
+            raise Qwen35Error(f"stream already finished ({self.finish})")
+        tok = self.sampler(logits)
+        self.sampler.observe(tok)
+        t = int(tok[0])
+        self.finish = finish_reason(t, len(self.generated), self.params)
+        self.generated.append(t)
+        lp, top = step_logprobs(logits, tok, self.params)
+        return Response(t, lp, top, self.finish, generation_tokens=len(self.generated))
+
+
+def step(model, cache: HybridCache, streams: Sequence[Stream], isolate: bool = False) -> list[list[Response]]:
+    """One decode step: feed each stream's last token (row b of `cache` belongs to streams[b]) and sample
+    what comes next. Returns, per stream, the tokens it produced (one per step today).
+    isolate: a stream whose sampling raises gets one Response with `error` set (and finishes with "error")
+    instead of the exception ending the step for every stream (the server's batches)."""
+    tokens = torch.tensor([[s.last] for s in streams], device=cache.layout.device)
+    logits = model(tokens, cache=cache)[:, -1]
+    out = []
+    for b, s in enumerate(streams):
+        try:
+            out.append([s.sample(logits[b : b + 1])])
+        except Exception as e:  # noqa: BLE001 - with isolate, one row's failure is that row's answer
+            if not isolate:
+                raise
+            s.finish = "error"
+            out.append([Response(None, error=f"{type(e).__name__}: {e}")])
+    return out
+
+
+def max_context(model) -> int:
+    return model.config.max_position_embeddings
+
+
+def check_context(model, used: int, prompt_len: int, max_tokens: int) -> None:
+    limit = max_context(model)
+    if used + prompt_len + max_tokens > limit:
+        raise ContextLengthError(
+            f"prompt ({prompt_len} tokens{f' after {used} cached' if used else ''}) + max_tokens ({max_tokens}) = "
+            f"{used + prompt_len + max_tokens} exceeds the context of {limit} tokens; shorten the prompt or lower "
+            f"max_tokens"
+        )
+
+
+def prefill(model, ids: torch.Tensor, cache: HybridCache, chunk_size: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+    """Feed ids [B, T] in chunks of `chunk_size` (bounded activation memory for very long prompts);
+    the vocabulary projection runs for the last position only. Returns fp32 logits [B, vocab]."""
+    if chunk_size < 1:
+        raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
+    T = ids.shape[1]
+    logits = None
+    with torch.no_grad():
+        for start in range(0, T, chunk_size):
+            end = min(T, start + chunk_size)
+            if end < T:
+                model.hidden_states(ids[:, start:end], cache=cache)
+            else:
+                logits = model(ids[:, start:end], cache=cache, logits_to_keep=1)[:, -1]
+    return logits
+
+
+def _as_ids(prompt) -> list[int]:
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.dim() != 1:
+            raise ValueError(f"prompt_ids must be one sequence [T], got shape {tuple(prompt.shape)}")
+        return prompt.tolist()
+    return [int(t) for t in prompt]
+
+
+def generate_step(
+    model,
+    prompt_ids,
+    cache: HybridCache | None = None,
+    sampler: Sampler | None = None,
+    params: SamplingParams | None = None,
+    prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+) -> Iterator[Response]:
+    """Yield generated tokens one by one for a single sequence.
+
+    prompt_ids: list of ids or LongTensor [T] (>= 1 token), fed after whatever `cache` already holds.
+    sampler / params: a Sampler, or SamplingParams to build one (default SamplingParams()).
+    Stops after a stop token (yielded with finish_reason "stop") or max_tokens ("length"). On return the
+    cache holds the prompt and every yielded token except the last one.
+    """
+    if sampler is not None and params is None:
+        params = sampler.params
+    params = params or SamplingParams()
+    ids = _as_ids(prompt_ids)
+    if not ids:
+        raise ValueError("prompt_ids is empty: at least one token is needed to predict the next")
+    if cache is None:
+        cache = model.make_cache(batch_size=1)
+    if cache.batch_size != 1:
+        raise ValueError(f"generate_step runs one sequence; the cache has batch size {cache.batch_size}")
+    check_context(model, cache.offset, len(ids), params.max_tokens)
+    stream = Stream(params, sampler) if sampler is not None else Stream.start(model, ids, params)
+    logits = prefill(model, torch.tensor([ids], device=model.device), cache, prefill_chunk_size)
+    with torch.no_grad():
+        r = stream.sample(logits)
+    yield r
+    while r.finish_reason is None:
+        with torch.no_grad():
+            (r,) = step(model, cache, [stream])[0]
+        yield r
+
+
+def batch_generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | None = None,
+    prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+) -> list[list[Response]]:
+    """Generate for several prompts at once: each is prefilled alone (no padding anywhere), then all
+    decode in one batch, rows leaving as they finish. Each row has its own sampler (same seed), so every
+    row's output equals running its prompt alone. Returns one list of Response per prompt, each ending
+    with its finish_reason."""
+    params = params or SamplingParams()
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("batch_generate needs at least one prompt, each with >= 1 token")
+    for p in prompts:
+        check_context(model, 0, len(p), params.max_tokens)
+    outputs: list[list[Response]] = [[] for _ in prompts]
+    caches, streams, rows = [], [], []
+    for b, p in enumerate(prompts):
+        cache = model.make_cache(batch_size=1)
+        logits = prefill(model, torch.tensor([p], device=model.device), cache, prefill_chunk_size)
+        stream = Stream.start(model, p, params)
+        with torch.no_grad():
+            outputs[b].append(stream.sample(logits))
+        if stream.finish is None:
+            caches.append(cache)
+            streams.append(stream)
+            rows.append(b)
+    if not streams:
+        return outputs
+    cache = HybridCache.merge(caches)
+    while streams:
+        with torch.no_grad():
+            produced = step(model, cache, streams)
+        keep = []
+        for i, rs in enumerate(produced):
+            outputs[rows[i]].extend(rs)
+            if streams[i].finish is None:
+                keep.append(i)
+        if len(keep) < len(streams):
+            cache.filter(keep)
+            streams, rows = [streams[i] for i in keep], [rows[i] for i in keep]
+    return outputs
