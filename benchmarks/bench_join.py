@@ -78,7 +78,7 @@ for long in lengths:
     for _ in range(6):
         batch = join(batch, row(100))
     ts_join, ts_leave = [], []
-    for _ in range(5):
+    for _ in range(10):
         one = row(100)
         t = time.perf_counter()
         b2 = join(batch, one)
@@ -98,7 +98,9 @@ def run(lengths: str, pythonpath: str | None = None) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    out = subprocess.run([sys.executable, "-c", CODE, lengths], capture_output=True, text=True, env=env)
+    # cwd: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
+    out = subprocess.run([sys.executable, "-c", CODE, lengths], capture_output=True, text=True, env=env,
+                         cwd=pythonpath or str(HERE.parent))
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])

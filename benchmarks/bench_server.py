@@ -6,6 +6,11 @@ Runs `qwen35 serve` on the Qwen3.5-0.8B-shape replica (random weights, bf16) wit
 openai client over streaming, and prints a table, then one JSON line.
 
     python benchmarks/bench_server.py [--model DIR] [--turn-tokens 750] [--skip-conversation]
+                                      [--long-context 16000] [--baseline REV]
+
+--long-context N: one client holds a conversation of N prompt tokens that decodes through all the client
+phases (its prefill happens first, untimed), so every short request joins and leaves a batch that holds a
+long row. --baseline REV also runs the client phases on qwen35 at git revision REV (temporary worktree).
 """
 
 from __future__ import annotations
@@ -44,13 +49,19 @@ def prepare(model: Path | None) -> Path:
     return path
 
 
-def start(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start(model: Path, extra: list[str], code: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`qwen35 serve` from this checkout, or from `code` (a worktree of another revision)."""
+    import os
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     proc = subprocess.Popen([sys.executable, "-m", "qwen35", "serve", str(model), "--port", str(port),
                              "--model-name", "m", "--no-think", *extra], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(code or HERE.parent))
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -85,23 +96,43 @@ def words(r: random.Random, n: int) -> str:
     return " ".join(r.choice(vocab) for _ in range(n))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--gen", type=int, default=32)
-    ap.add_argument("--turn-tokens", type=int, default=750, help="approximate tokens per user turn")
-    ap.add_argument("--skip-conversation", action="store_true")
-    args = ap.parse_args()
+def client_phases(model: Path, args, code: Path | None = None) -> dict:
+    """1, 4 and 8 concurrent short clients (optionally beside one long conversation): tok/s and TTFT."""
+    import threading
+
     from openai import OpenAI
 
-    model = prepare(args.model)
-    result = {"bench": "server", "model": str(model)}
-    proc, base = start(model, ["--max-batch", "8"])
+    out = {}
+    proc, base = start(model, ["--max-batch", "9"], code)
+    stop = threading.Event()
     try:
-        client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
+        client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=1800)
         stream_once(client, [{"role": "user", "content": "warm up"}], 4)
+        long_thread = None
+        if args.long_context:
+            started = threading.Event()
+
+            from qwen35.tokenizer import Tokenizer
+
+            sample = words(random.Random(8), 1000)
+            per_word = len(Tokenizer(model).encode(sample)) / 1000
+            text = words(random.Random(9), int(args.long_context / per_word))
+            out["long_prompt_tokens"] = len(Tokenizer(model).encode(text))
+
+            def hold():  # one long conversation decoding through every phase
+                msgs = [{"role": "user", "content": text}]
+                for ch in client.chat.completions.create(model="m", messages=msgs, max_tokens=20000,
+                                                         temperature=0, stream=True):
+                    started.set()
+                    if stop.is_set():
+                        break  # closing the stream cancels the request on the server
+
+            t0 = time.perf_counter()
+            long_thread = threading.Thread(target=hold, daemon=True)
+            long_thread.start()
+            started.wait()
+            out["long_prefill_s"] = round(time.perf_counter() - t0, 1)
         r = random.Random(0)
-        print(f"{'clients':>8}{'gen tok/s':>11}{'TTFT mean s':>13}{'TTFT max s':>12}")
         for n in (1, 4, 8):
             prompts = [[{"role": "user", "content": f"{i} " + words(r, 100)}] for i in range(n)]
             t0 = time.perf_counter()
@@ -110,12 +141,49 @@ def main() -> None:
             wall = time.perf_counter() - t0
             tput = sum(o["tokens"] for o in outs) / wall
             ttfts = [o["ttft"] for o in outs]
-            result[f"clients_{n}"] = {"gen_tok_s": round(tput, 2), "ttft_mean_s": round(sum(ttfts) / n, 3),
-                                      "ttft_max_s": round(max(ttfts), 3)}
-            print(f"{n:>8}{tput:>11.2f}{sum(ttfts) / n:>13.2f}{max(ttfts):>12.2f}", flush=True)
+            out[f"clients_{n}"] = {"gen_tok_s": round(tput, 2), "ttft_mean_s": round(sum(ttfts) / n, 3),
+                                   "ttft_max_s": round(max(ttfts), 3)}
+        stop.set()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--turn-tokens", type=int, default=750, help="approximate tokens per user turn")
+    ap.add_argument("--skip-conversation", action="store_true")
+    ap.add_argument("--long-context", type=int, default=0, help="prompt tokens of one long conversation")
+    ap.add_argument("--baseline", default=None, help="also run the client phases at this git revision")
+    args = ap.parse_args()
+    from openai import OpenAI
+
+    model = prepare(args.model)
+    result = {"bench": "server", "model": str(model), "long_context": args.long_context}
+    runs = {}
+    if args.baseline:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="qwen35-baseline-"))
+        subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "--detach", str(tmp), args.baseline],
+                       check=True, capture_output=True)
+        try:
+            runs[f"qwen35@{args.baseline}"] = client_phases(model, args, tmp)
+        finally:
+            subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(tmp)],
+                           capture_output=True)
+    runs["qwen35"] = client_phases(model, args)
+    print(f"{'engine':<18}{'clients':>8}{'gen tok/s':>11}{'TTFT mean s':>13}{'TTFT max s':>12}")
+    for name, res in runs.items():
+        for n in (1, 4, 8):
+            c = res[f"clients_{n}"]
+            print(f"{name:<18}{n:>8}{c['gen_tok_s']:>11.2f}{c['ttft_mean_s']:>13.2f}{c['ttft_max_s']:>12.2f}")
+    result.update(runs["qwen35"])
+    if args.baseline:
+        result["baseline"] = {"rev": args.baseline, **runs[f"qwen35@{args.baseline}"]}
 
     if not args.skip_conversation:
         rows = {}

@@ -16,6 +16,9 @@ state by reference (layers replace those tensors, never write into them; a test 
 A snapshot, like a row, *holds* the first `length` tokens of each buffer it references; a write into a
 buffer below what any other holder holds first copies the buffer (copy-on-write), so no snapshot or
 other row ever sees its tokens overwritten, and a row rolled back onto its own snapshot writes in place.
+
+One file past ~300 lines on purpose: rows, buffers, snapshots and the batch operations are one contract
+whose invariants (who holds which prefix) only read right side by side.
 """
 
 from __future__ import annotations

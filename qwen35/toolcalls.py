@@ -4,6 +4,9 @@ A state machine over text (not tokens), fed any split of the stream; the concate
 on where the splits fall, because a possible partial tag at the end of a piece is held back until the
 next piece decides it.
 
+(One state machine, kept whole: its tag states cut across reasoning, content and tool calls, which is why
+the file runs past ~300 lines.)
+
 - `<think>...</think>` is reasoning, including when the prompt already opened `<think>` (pass
   thinking_open=True) and when `</think>` never comes (then everything is reasoning).
 - `<tool_call>...</tool_call>` holds either the XML form Qwen3.5 is trained on

@@ -203,3 +203,23 @@ def _first_row(c):
     # a batch-1 view sharing row 0 of c (the row object itself): advancing it makes c's rows unequal
     one = HybridCache(c.layout, [c.rows[0]], [type(s)(s.conv[:1], s.recurrent[:1]) for s in c.deltanet])
     return one
+
+
+def test_rotary_offset_moves_positions_and_snapshots_carry_it(model):
+    """A row's rope_delta (M-RoPE positions that advance by an image grid, not by the token count) shifts
+    the rotary positions of its next tokens; a snapshot brings it back with the row. (RoPE is relative, so
+    the shift shows only between tokens fed before and after it.)"""
+    x, nxt = rand_ids(8, 50), rand_ids(2, 51)
+    cache = model.make_cache()
+    model(x, cache=cache)
+    cache.rows[0].rope_delta = 5
+    snap = cache.snapshot()
+    shifted = model(nxt, cache=cache)
+    full = model(torch.cat([x, nxt], 1), positions=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 13, 14]))[:, -2:]
+    assert (shifted - full).abs().max() <= 1e-5
+    plain = model.make_cache()
+    model(x, cache=plain)
+    assert (shifted - model(nxt, cache=plain)).abs().max() > 1e-3  # the offset is visible at all
+    other = model.make_cache()
+    other.restore(snap)
+    assert other.rows[0].rope_delta == 5 and torch.equal(model(nxt, cache=other), shifted)

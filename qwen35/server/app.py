@@ -3,6 +3,9 @@
 Requests are validated (protocol.py), rendered with the model's chat template, and handed to the batching
 engine (engine.py); results stream back as Server-Sent Events or one JSON body. A client that disconnects
 cancels its request; errors come back in OpenAI's JSON shape and never carry a traceback.
+
+Longer than our ~300-line habit because the two endpoints share their streaming, usage and error helpers
+as closures over one app; splitting them apart would pass that state around instead.
 """
 
 from __future__ import annotations

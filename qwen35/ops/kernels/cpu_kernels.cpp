@@ -7,7 +7,8 @@
 // 248320x1024 head (memory speed), where torch's bf16 path reaches 10-20 GB/s. No software prefetch: the
 // hardware prefetcher follows one linear stream per thread best.
 //
-// Only light headers (ATen core + the op registry), so the JIT build takes seconds, not a minute.
+// Only light headers (ATen core + the op registry), so the JIT build takes seconds, not a minute. One
+// translation unit (one JIT build, shared helpers inlined across kernels), hence its length.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
