@@ -14,26 +14,30 @@ from qwen35.config import ModelConfig
 from qwen35.train.data import Document, pack, read_documents
 from qwen35.train.loop import TrainConfig, init_model, loss_on, train
 
+import oracle
 import replica
 
 
 def test_gradients_match_transformers(tied_replica):
+    """Every gradient within a small factor of transformers' own fp32 error (tests/oracle.py: a fixed
+    limit failed on another CPU for a badly conditioned dt_bias gradient that transformers itself misses
+    by 1.7e-4)."""
     hf, path = tied_replica
     model = qwen35.load_model(path)
     model.requires_grad_(True)
     ids = torch.randint(0, 320, (2, 90), generator=torch.Generator().manual_seed(0))
     labels = ids.roll(-1, 1)
-    F.cross_entropy(model(ids).reshape(-1, 320), labels.reshape(-1)).backward()
-    hf.zero_grad()
-    F.cross_entropy(hf(ids).logits.reshape(-1, 320), labels.reshape(-1)).backward()
-    theirs = dict(hf.named_parameters())
-    checked = 0
-    for name, p in model.named_parameters():
-        ref = theirs[name].grad
-        err = ((p.grad - ref).norm() / ref.norm()).item()
-        assert err <= 1e-4, (name, err)
-        checked += 1
-    assert checked == len(list(model.parameters()))
+
+    def grads(m, logits):
+        m.zero_grad()
+        F.cross_entropy(logits(m).reshape(-1, 320), labels.reshape(-1)).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    ours = grads(model, lambda m: m(ids))
+    fp32 = grads(hf, lambda m: m(ids).logits)
+    fp64 = grads(oracle.as_fp64(hf), lambda m: m(ids).logits)
+    assert set(ours) == set(fp64) and len(ours) == len(list(model.parameters()))
+    oracle.assert_within_oracle_noise(ours, fp32, fp64)
 
 
 def test_packed_loss_equals_documents_alone(vlm_replicas):
@@ -85,9 +89,10 @@ def test_loss_falls_and_checkpoint_loads_in_transformers(tmp_path):
     loaded = qwen35.load_model(tmp_path / "run")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "run", dtype=torch.float32).eval()
     x = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(3))
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in loaded.named_parameters())  # saved losslessly (fp32)
     with torch.no_grad():
-        assert (loaded(x) - hf(x).logits).abs().max() <= 1e-4
-        assert (loaded(x) - model(x)).abs().max() <= 1e-5
+        oracle.assert_logits_match_oracle(loaded(x), hf, x)
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == \
         [10, 20, 30]
 
@@ -214,10 +219,12 @@ def test_lora_fine_tune_merges_into_a_loadable_checkpoint(tmp_path):
     with torch.no_grad():
         with_adapters = base(x)
         saved = qwen35.load_model(tmp_path / "lora")(x)
-        assert (saved - with_adapters).abs().max() <= 1e-4  # the saved checkpoint has the adapters merged
+        # transformers on the merged checkpoint is the oracle for all three: the adapters as trained, the
+        # checkpoint we saved (adapters merged) and the model merged in place
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "lora", dtype=torch.float32).eval()
-        assert (hf(x).logits - saved).abs().max() <= 1e-4
-        assert (merge_lora(base)(x) - with_adapters).abs().max() <= 1e-4
+        oracle.assert_logits_match_oracle(with_adapters, hf, x)
+        oracle.assert_logits_match_oracle(saved, hf, x)
+        oracle.assert_logits_match_oracle(merge_lora(base)(x), hf, x)
     assert (tmp_path / "lora" / "lora.safetensors").is_file()
 
 
