@@ -239,3 +239,37 @@ def test_bf16_autocast_and_eval_loss(tmp_path):
     assert float(line.split("=")[1]) > 0
     last = json.loads((tmp_path / "bf" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "eval_loss" in last
+
+
+def test_lora_on_a_loaded_checkpoint_trains_and_merges_every_target(tied_replica, tmp_path):
+    """load_model fuses q|k|v, qkv|z|b|a and gate|up into one matrix per group; the adapters on those
+    projections must still be in the graph (a fused matmul would bypass them) and reach the checkpoint."""
+    from safetensors.torch import load_file
+
+    from qwen35.train.lora import apply_lora, merge_lora
+
+    _, path = tied_replica
+    model = qwen35.load_model(path)
+    assert all(getattr(owner, attr) is not None for owner, attr, _ in model.fusion_groups())  # loaded fused
+    names = apply_lora(model, rank=4)
+    assert len(names) == 6 * 6 + 2 * 7  # (qkv, z, out, gate, up, down) x 6 DeltaNet + (q, k, v, o, mlp) x 2
+    x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(x)[:, :-1].reshape(-1, 320), x[:, 1:].reshape(-1)).backward()
+    modules = dict(model.named_modules())
+    # lora_B starts at zero, so only B has a gradient before the first step; it must be non-zero for each
+    no_grad = [n for n in names if modules[n].lora_B.grad is None or not modules[n].lora_B.grad.any()]
+    assert not no_grad, f"{len(no_grad)} of {len(names)} adapters get no gradient: {no_grad}"
+    model.zero_grad()
+
+    cfg = TrainConfig(steps=3, seq_len=64, batch_size=2, lr=1e-2, warmup=1)
+    train(model, corpus_rows(), cfg, tmp_path / "lora", log=lambda s: None)
+    before = load_file(path / "model.safetensors")
+    after = {k: v for f in (tmp_path / "lora").glob("model.safetensors-*.safetensors") for k, v in load_file(f).items()}
+    assert set(after) == set(before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {n + ".weight" for n in names}  # every targeted projection, nothing else
+    # merged in place, the groups read their fused matrices again, which now hold the merged weights
+    merge_lora(model)
+    assert all(getattr(owner, attr) is not None for owner, attr, _ in model.fusion_groups())
+    with torch.no_grad():
+        assert torch.equal(model(x), qwen35.load_model(tmp_path / "lora")(x))
