@@ -60,10 +60,6 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
     return names
 
 
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight (W += scale * B A) and drop the adapters, in place."""
     with torch.no_grad():
