@@ -206,6 +206,24 @@ class ModelConfig:
         need(self.rotary_dim % 2 == 0, f"rotary dim head_dim*partial_rotary_factor = {self.rotary_dim} must be even")
         need(self.mtp_num_hidden_layers >= 0, "mtp_num_hidden_layers must be >= 0")
 
+    def rope_parameters(self) -> dict[str, Any]:
+        """The HF `rope_parameters` object for config.json: every RoPE setting as read, so that writing a
+        checkpoint and reading it back gives this config again (yarn stays yarn)."""
+        rp: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
+                              "partial_rotary_factor": self.partial_rotary_factor,
+                              "mrope_section": list(self.mrope_section),
+                              "mrope_interleaved": self.mrope_interleaved}
+        if self.rope_type == "yarn":
+            rp.update(factor=self.rope_factor,
+                      original_max_position_embeddings=self.rope_original_max_position_embeddings,
+                      beta_fast=self.rope_beta_fast, beta_slow=self.rope_beta_slow,
+                      truncate=self.rope_truncate)
+            optional = {"attention_factor": self.rope_attention_factor, "mscale": self.rope_mscale,
+                        "mscale_all_dim": self.rope_mscale_all_dim}
+            # left out when unset: absent means "use the formula's default", as from_hf reads it
+            rp.update({k: v for k, v in optional.items() if v is not None})
+        return rp
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (for `qwen35 info` and logs)."""
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "vision_config"}

@@ -53,9 +53,10 @@ def assert_within_oracle_noise(ours: dict[str, torch.Tensor], fp32: dict[str, to
     assert not bad, bad
 
 
-def assert_logits_match_oracle(ours: torch.Tensor, hf: torch.nn.Module, ids: torch.Tensor) -> None:
-    """Our fp32 logits for `ids` against transformers' (`hf`, an fp32 model), calibrated as above."""
+def assert_logits_match_oracle(ours: torch.Tensor, hf: torch.nn.Module, ids: torch.Tensor, **kw) -> None:
+    """Our fp32 logits for `ids` against transformers' (`hf`, an fp32 model; `kw` go to its forward, e.g.
+    position_ids), calibrated as above."""
     with torch.no_grad():
-        fp32 = hf(ids).logits
-        fp64 = as_fp64(hf)(ids).logits
+        fp32 = hf(ids, **kw).logits
+        fp64 = as_fp64(hf)(ids, **kw).logits
     assert_within_oracle_noise({"logits": ours}, {"logits": fp32}, {"logits": fp64})

@@ -47,6 +47,26 @@ def test_yarn_fields():
     assert c.rope_type == "yarn" and c.rope_factor == 4.0 and c.rope_original_max_position_embeddings == 262144
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]},
+    {"rope_type": "yarn", "rope_theta": 1e7, "partial_rotary_factor": 0.5, "factor": 4.0,
+     "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2, "mscale": 0.7,
+     "mscale_all_dim": 0.5, "truncate": False, "mrope_interleaved": True},
+    {"rope_type": "yarn", "original_max_position_embeddings": 65536, "attention_factor": 1.5},  # factor implied
+    {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192},  # legacy rope_scaling spelling
+])
+def test_rope_parameters_read_back_to_the_same_config(rope):
+    """What a saved checkpoint writes (ModelConfig.rope_parameters) reads back to the same config."""
+    text = {**replica.text_config(), "model_type": "qwen3_5_text", "rope_theta": 5e5}  # (legacy: top level)
+    del text["rope_parameters"]
+    text["rope_scaling" if "type" in rope else "rope_parameters"] = rope
+    c = ModelConfig.from_hf(text)
+    assert c.rope_type == rope.get("rope_type", rope.get("type"))
+    again = {**text, "rope_parameters": c.rope_parameters()}
+    again.pop("rope_scaling", None)
+    assert ModelConfig.from_hf(again) == c
+
+
 @pytest.mark.parametrize("model_type,words", [
     ("qwen3_5_moe", "'qwen3_5_moe' (Qwen3.5 MoE) is not supported yet"),
     ("qwen3_next", "'qwen3_next' (Qwen3-Next) is not supported yet"),

@@ -273,3 +273,29 @@ def test_lora_on_a_loaded_checkpoint_trains_and_merges_every_target(tied_replica
     assert all(getattr(owner, attr) is not None for owner, attr, _ in model.fusion_groups())
     with torch.no_grad():
         assert torch.equal(model(x), qwen35.load_model(tmp_path / "lora")(x))
+
+
+def test_saved_checkpoint_keeps_the_rope_configuration(tmp_path):
+    """A trained yarn model comes back as yarn, not plain RoPE: the same ModelConfig, the same logits at
+    positions where yarn differs from RoPE, and transformers reads it as yarn too."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen35.train.loop import save
+
+    rope = dict(rope_type="yarn", rope_theta=1e6, partial_rotary_factor=0.5, mrope_section=[2, 3, 3],
+                mrope_interleaved=True, factor=4.0, original_max_position_embeddings=4096, beta_fast=16.0,
+                beta_slow=2.0, attention_factor=1.25, truncate=False)
+    config = ModelConfig.from_hf({**replica.text_config(2, tie=True, num_layers=4, rope_parameters=rope,
+                                                        max_position_embeddings=16384),
+                                  "model_type": "qwen3_5_text"})
+    model = init_model(config, seed=6)
+    save(model, tmp_path / "yarn")
+    loaded = qwen35.load_model(tmp_path / "yarn")
+    assert loaded.config == config
+    model.fuse_projections()  # read its weights the way the loaded model does, so the logits are bit-equal
+    x = torch.randint(0, 320, (1, 40), generator=torch.Generator().manual_seed(8))
+    pos = torch.arange(10_000, 10_040)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(x, positions=pos), model(x, positions=pos))
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "yarn", dtype=torch.float32).eval()
+        oracle.assert_logits_match_oracle(loaded(x, positions=pos), hf, x, position_ids=pos)
