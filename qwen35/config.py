@@ -265,11 +265,16 @@ def _rope_fields(text: dict[str, Any], source: str) -> dict[str, Any]:
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type not in ("default", "yarn"):
         raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported yet (supported: default, yarn)")
+    # model/rope.py runs the interleaved T,H,W layout only; transformers' qwen3_5 ignores this key and always
+    # interleaves too, so a chunked layout (qwen2_vl style) has no Qwen3.5 reference to be checked against
+    if not rp.get("mrope_interleaved", True):
+        raise ConfigError(f"{source}: rope_parameters 'mrope_interleaved': false (chunked mRoPE sections) is not "
+                          "supported; Qwen3.5 interleaves the T/H/W rotary frequencies (mrope_interleaved: true)")
     out: dict[str, Any] = {
         "rope_theta": float(rp.get("rope_theta", text.get("rope_theta", 10000.0))),
         "partial_rotary_factor": float(rp.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))),
         "rope_type": rope_type,
-        "mrope_interleaved": bool(rp.get("mrope_interleaved", True)),
+        "mrope_interleaved": True,
     }
     if "mrope_section" in rp:
         out["mrope_section"] = tuple(int(x) for x in rp["mrope_section"])

@@ -52,7 +52,7 @@ def test_yarn_fields():
     {"rope_type": "yarn", "rope_theta": 1e7, "partial_rotary_factor": 0.5, "factor": 4.0,
      "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2, "mscale": 0.7,
      "mscale_all_dim": 0.5, "truncate": False, "mrope_interleaved": True},
-    {"rope_type": "yarn", "original_max_position_embeddings": 65536, "attention_factor": 1.5},  # factor implied
+    {"rope_type": "yarn", "original_max_position_embeddings": 65536, "attention_factor": 1.5},  # no factor
     {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192},  # legacy rope_scaling spelling
 ])
 def test_rope_parameters_read_back_to_the_same_config(rope):
@@ -96,6 +96,9 @@ def test_bad_configs_name_the_problem(tmp_path):
         ModelConfig.from_hf({**text, "hidden_size": 64, "layer_types": ["full_attention"] * 2})
     with pytest.raises(ConfigError, match="rope_type 'longrope' is not supported yet"):
         ModelConfig.from_hf({**text, "hidden_size": 64, "rope_parameters": {"rope_type": "longrope"}})
+    with pytest.raises(ConfigError, match="'mrope_interleaved': false .* is not supported"):
+        chunked = {**replica.text_config()["rope_parameters"], "mrope_interleaved": False}
+        ModelConfig.from_hf({**text, "hidden_size": 64, "rope_parameters": chunked})
     with pytest.raises(ConfigError, match=r"linear_num_value_heads \(3\) must be a multiple of"):
         ModelConfig.from_hf({**text, "hidden_size": 64, "linear_num_value_heads": 3})
 
