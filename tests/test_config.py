@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import pytest
@@ -103,7 +102,10 @@ def test_bad_configs_name_the_problem(tmp_path):
         ModelConfig.from_hf({**text, "hidden_size": 64, "linear_num_value_heads": 3})
 
 
-def test_config_is_frozen():
-    c = ModelConfig.from_hf(composite())
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        c.hidden_size = 3
+def test_unknown_keys_are_ignored():
+    """Keys qwen35 does not know (a newer transformers, another tool) change nothing, at any level."""
+    base = composite()
+    text = {**base["text_config"], "use_cache": True, "some_future_field": [1, 2],
+            "rope_parameters": {**base["text_config"]["rope_parameters"], "some_future_rope_key": 2}}
+    newer = composite(text=text, transformers_version="9.0", another_top_level_key={"x": 1})
+    assert ModelConfig.from_hf(newer) == ModelConfig.from_hf(base)
