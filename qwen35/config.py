@@ -206,6 +206,24 @@ class ModelConfig:
         need(self.rotary_dim % 2 == 0, f"rotary dim head_dim*partial_rotary_factor = {self.rotary_dim} must be even")
         need(self.mtp_num_hidden_layers >= 0, "mtp_num_hidden_layers must be >= 0")
 
+    def rope_parameters(self) -> dict[str, Any]:
+        """The HF `rope_parameters` object for config.json: every RoPE setting as read, so that writing a
+        checkpoint and reading it back gives this config again (yarn stays yarn)."""
+        rp: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
+                              "partial_rotary_factor": self.partial_rotary_factor,
+                              "mrope_section": list(self.mrope_section),
+                              "mrope_interleaved": self.mrope_interleaved}
+        if self.rope_type == "yarn":
+            rp.update(factor=self.rope_factor,
+                      original_max_position_embeddings=self.rope_original_max_position_embeddings,
+                      beta_fast=self.rope_beta_fast, beta_slow=self.rope_beta_slow,
+                      truncate=self.rope_truncate)
+            optional = {"attention_factor": self.rope_attention_factor, "mscale": self.rope_mscale,
+                        "mscale_all_dim": self.rope_mscale_all_dim}
+            # left out when unset: absent means "use the formula's default", as from_hf reads it
+            rp.update({k: v for k, v in optional.items() if v is not None})
+        return rp
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (for `qwen35 info` and logs)."""
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "vision_config"}
@@ -247,11 +265,16 @@ def _rope_fields(text: dict[str, Any], source: str) -> dict[str, Any]:
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type not in ("default", "yarn"):
         raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported yet (supported: default, yarn)")
+    # model/rope.py runs the interleaved T,H,W layout only; transformers' qwen3_5 ignores this key and always
+    # interleaves too, so a chunked layout (qwen2_vl style) has no Qwen3.5 reference to be checked against
+    if not rp.get("mrope_interleaved", True):
+        raise ConfigError(f"{source}: rope_parameters 'mrope_interleaved': false (chunked mRoPE sections) is not "
+                          "supported; Qwen3.5 interleaves the T/H/W rotary frequencies (mrope_interleaved: true)")
     out: dict[str, Any] = {
         "rope_theta": float(rp.get("rope_theta", text.get("rope_theta", 10000.0))),
         "partial_rotary_factor": float(rp.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))),
         "rope_type": rope_type,
-        "mrope_interleaved": bool(rp.get("mrope_interleaved", True)),
+        "mrope_interleaved": True,
     }
     if "mrope_section" in rp:
         out["mrope_section"] = tuple(int(x) for x in rp["mrope_section"])

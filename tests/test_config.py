@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 import pytest
@@ -47,6 +46,26 @@ def test_yarn_fields():
     assert c.rope_type == "yarn" and c.rope_factor == 4.0 and c.rope_original_max_position_embeddings == 262144
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]},
+    {"rope_type": "yarn", "rope_theta": 1e7, "partial_rotary_factor": 0.5, "factor": 4.0,
+     "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2, "mscale": 0.7,
+     "mscale_all_dim": 0.5, "truncate": False, "mrope_interleaved": True},
+    {"rope_type": "yarn", "original_max_position_embeddings": 65536, "attention_factor": 1.5},  # no factor
+    {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192},  # legacy rope_scaling spelling
+])
+def test_rope_parameters_read_back_to_the_same_config(rope):
+    """What a saved checkpoint writes (ModelConfig.rope_parameters) reads back to the same config."""
+    text = {**replica.text_config(), "model_type": "qwen3_5_text", "rope_theta": 5e5}  # (legacy: top level)
+    del text["rope_parameters"]
+    text["rope_scaling" if "type" in rope else "rope_parameters"] = rope
+    c = ModelConfig.from_hf(text)
+    assert c.rope_type == rope.get("rope_type", rope.get("type"))
+    again = {**text, "rope_parameters": c.rope_parameters()}
+    again.pop("rope_scaling", None)
+    assert ModelConfig.from_hf(again) == c
+
+
 @pytest.mark.parametrize("model_type,words", [
     ("qwen3_5_moe", "'qwen3_5_moe' (Qwen3.5 MoE) is not supported yet"),
     ("qwen3_next", "'qwen3_next' (Qwen3-Next) is not supported yet"),
@@ -76,11 +95,17 @@ def test_bad_configs_name_the_problem(tmp_path):
         ModelConfig.from_hf({**text, "hidden_size": 64, "layer_types": ["full_attention"] * 2})
     with pytest.raises(ConfigError, match="rope_type 'longrope' is not supported yet"):
         ModelConfig.from_hf({**text, "hidden_size": 64, "rope_parameters": {"rope_type": "longrope"}})
+    with pytest.raises(ConfigError, match="'mrope_interleaved': false .* is not supported"):
+        chunked = {**replica.text_config()["rope_parameters"], "mrope_interleaved": False}
+        ModelConfig.from_hf({**text, "hidden_size": 64, "rope_parameters": chunked})
     with pytest.raises(ConfigError, match=r"linear_num_value_heads \(3\) must be a multiple of"):
         ModelConfig.from_hf({**text, "hidden_size": 64, "linear_num_value_heads": 3})
 
 
-def test_config_is_frozen():
-    c = ModelConfig.from_hf(composite())
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        c.hidden_size = 3
+def test_unknown_keys_are_ignored():
+    """Keys qwen35 does not know (a newer transformers, another tool) change nothing, at any level."""
+    base = composite()
+    text = {**base["text_config"], "use_cache": True, "some_future_field": [1, 2],
+            "rope_parameters": {**base["text_config"]["rope_parameters"], "some_future_rope_key": 2}}
+    newer = composite(text=text, transformers_version="9.0", another_top_level_key={"x": 1})
+    assert ModelConfig.from_hf(newer) == ModelConfig.from_hf(base)

@@ -65,10 +65,30 @@ def test_repetition_penalty_includes_prompt():
     assert torch.equal(out, torch.tensor([[1.0, 2.0, -8.0, 4.0]]))
 
 
-def test_greedy_generation_avoids_repeats_with_presence_penalty(model):
-    plain = run(model, temperature=0, max_tokens=30)
-    penalised = run(model, temperature=0, max_tokens=30, presence_penalty=2.0)
-    assert penalised != plain
+def test_presence_and_frequency_penalties_exact_logits():
+    # token 4 generated three times, token 1 once, token 2 only in the prompt: presence subtracts 2.0 once
+    # per generated token, frequency 0.5 per occurrence (values exact in binary, so torch.equal)
+    s = Sampler(SamplingParams(presence_penalty=2.0, frequency_penalty=0.5), 6, prompt_tokens=[[2, 2]])
+    for t in (4, 1, 4, 4):
+        s.observe(torch.tensor([t]))
+    logits = torch.tensor([[1.0, 3.0, 5.0, -1.0, 0.25, 0.0]])
+    expected = torch.tensor([[1.0, 3.0 - 2.0 - 0.5, 5.0, -1.0, 0.25 - 2.0 - 3 * 0.5, 0.0]])
+    assert torch.equal(s.process(logits), expected)
+
+
+def test_greedy_presence_penalty_is_the_penalised_argmax(model):
+    """Each step picks argmax(logits - 2.0 * [token generated before]), the logits recomputed from the
+    whole sequence (a naive reference beside the cached sampler)."""
+    prompt = [7, 8, 9]
+    penalised = run(model, prompt, temperature=0, max_tokens=30, presence_penalty=2.0)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(30):
+            logits = model(torch.tensor([seq]))[0, -1]
+            logits[sorted(set(seq[len(prompt):]))] -= 2.0  # once per distinct generated token, not prompt
+            seq.append(int(logits.argmax()))
+    assert penalised == seq[len(prompt):]
+    assert penalised != run(model, prompt, temperature=0, max_tokens=30)  # the penalty changed this run
 
 
 def test_top_p_and_min_p_filter_the_tail():

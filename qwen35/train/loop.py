@@ -79,9 +79,7 @@ def config_dict(config: ModelConfig) -> dict:
         "linear_conv_kernel_dim": c.linear_conv_kernel_dim, "layer_types": list(c.layer_types),
         "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
         "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta,
-                            "partial_rotary_factor": c.partial_rotary_factor,
-                            "mrope_section": list(c.mrope_section), "mrope_interleaved": c.mrope_interleaved},
+        "rope_parameters": c.rope_parameters(),
         "mtp_num_hidden_layers": c.mtp_num_hidden_layers,
         "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) > 1 else (c.eos_token_ids or [None])[0],
     }

@@ -43,14 +43,21 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
             names.append(name)
     if not names:
         raise ValueError(f"no projection matched the LoRA targets {targets}")
+    # A loaded model reads projections that share an input (q|k|v, qkv|z|b|a, gate|up) as one fused matrix,
+    # which would bypass LoRALinear.forward: a group holding an adapter runs its projections one by one
+    # (owner.<attr> = None) until merge_lora folds the adapters in and restores the fused matrix.
+    adapted = {id(module) for module in model.modules() if isinstance(module, LoRALinear)}
+    unfused = []
+    for owner, attr, linears in (model.fusion_groups() if hasattr(model, "fusion_groups") else []):
+        fused = getattr(owner, attr)
+        if fused is not None and any(id(layer) in adapted for layer in linears):
+            setattr(owner, attr, None)
+            unfused.append((owner, attr, fused))
+    model.lora_unfused = unfused
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     model.lora_active = True
     return names
-
-
-def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -61,5 +68,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 module.weight += (module.lora_B @ module.lora_A * module.lora_scale).to(module.weight.dtype)
                 del module.lora_A, module.lora_B
                 module.__class__ = Linear
+        # the merge wrote into the weights in place, so they are still views of their fused matrices
+        for owner, attr, fused in getattr(model, "lora_unfused", ()):
+            setattr(owner, attr, fused)
+    model.lora_unfused = []
     model.lora_active = False
     return model
