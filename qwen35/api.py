@@ -51,11 +51,11 @@ def resolve(path_or_repo_id: str | Path) -> Path:
 
 
 def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progress: bool = False,
-         kernels: bool | None = None):
+         kernels: bool | None = None, quant: str | None = None):
     """(model, tokenizer) from a directory or hub repo id. The tokenizer carries the chat template.
-    kernels: as in `load_model` (None: ops.fast.kernel_policy decides)."""
+    kernels, quant: as in `load_model` (kernels None: ops.fast.kernel_policy decides)."""
     path = resolve(path_or_repo_id)
-    model = load_model(path, dtype=dtype, progress=progress, kernels=kernels)
+    model = load_model(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant)
     tokenizer = Tokenizer(path)
     tokenizer.chat_template = ChatTemplate.from_model_dir(path)
     return model, tokenizer

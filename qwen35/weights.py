@@ -107,10 +107,12 @@ def count_mtp_layers(keys) -> int:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
-               kernels: bool | None = None) -> Qwen35ForCausalLM:
+               kernels: bool | None = None, quant: str | None = None) -> Qwen35ForCausalLM:
     """Load a Qwen3.5 checkpoint directory. dtype: torch.float32, torch.bfloat16 or torch.float16.
     progress: show a progress bar (bytes read) on stderr. kernels: bind the C++ CPU kernels (True), run the
     torch reference only (False), or let `ops.fast.kernel_policy` decide (None; see there).
+    quant: a quantization policy (quant/policy.py: "int8", "int4", "q8_0", "q4_0"): matrices are quantized
+    tensor by tensor as they are read (peak memory ~ the quantized model + one tensor).
 
     Raises ConfigError / CheckpointError (both Qwen35Error) naming the file or tensor at fault.
     """
@@ -158,25 +160,33 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
         raise CheckpointError(f"{path}: unexpected tensor '{_disk_key(unexpected[0], by_name)}'"
                               + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
-    _allocate(model, dtype)
-    expected = dict(model.named_parameters())
+    shapes = {n: tuple(p.shape) for n, p in expected.items()}
+    plan = {}
+    if quant is not None:
+        from .quant import policy
+
+        plan = policy.plan(quant, shapes, config.tie_word_embeddings)
+    sinks = _allocate(model, dtype, plan)
     readers: dict[Path, SafetensorsReader] = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
-        total = sum(by_name[n].nbytes for n in expected)
+        total = sum(by_name[n].nbytes for n in sinks)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", leave=False)
     try:
-        for name, param in expected.items():
+        for name, sink in sinks.items():
             e = by_name[name]
-            if tuple(e.shape) != tuple(param.shape):
+            if tuple(e.shape) != shapes[name]:
                 raise CheckpointError(f"{path}: shape mismatch for '{e.name}': checkpoint has {list(e.shape)}, "
-                                      f"the config implies {list(param.shape)}")
+                                      f"the config implies {list(shapes[name])}")
             if not e.dtype.is_floating_point:
                 raise CheckpointError(f"{path}: tensor '{e.name}' has non-float dtype {e.dtype}")
             reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))
-            reader.read(e, param.data)
+            if isinstance(sink, torch.Tensor):
+                reader.read(e, sink)
+            else:
+                _quantize_into(sink, reader.read(e))
             info.nbytes += e.nbytes
             if bar is not None:
                 bar.update(e.nbytes)
@@ -188,29 +198,114 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     model.eval()
     model.requires_grad_(False)
     model.checkpoint_info = info
+    model.quant = quant
     bind_kernels(model, kernels)
     return model
 
 
-def _allocate(model: Qwen35ForCausalLM, dtype: torch.dtype) -> None:
+QUANT_BAND_ROWS = 4096  # rows quantized at once (fp32 working copy of one band, not of the whole tensor)
+
+
+def _allocate(model: Qwen35ForCausalLM, dtype: torch.dtype, plan: dict[str, str]) -> dict:
     """Give every parameter real storage, all of it in one WeightArena (huge pages where available), so
     the checkpoint is read straight into place (no second copy, ever). Projections that share an input get
-    one real matrix each, their weights views of it."""
+    one real matrix each, their weights views of it. Parameters in `plan` become QuantizedWeights (packed
+    bytes and scales in the arena too); a fused group whose parts are quantized differently becomes a
+    StackedWeight of its runs. Returns {parameter name: where its checkpoint tensor goes}: a tensor to read
+    into, or (QuantizedWeight, first row) to quantize into."""
+    from .ops.linear import StackedWeight
+
     groups = model.fusion_groups()
-    fused_members = {id(layer.weight) for _, _, linears in groups for layer in linears}
-    fused_shapes = [((sum(layer.weight.shape[0] for layer in linears), linears[0].weight.shape[1]), dtype)
-                    for _, _, linears in groups]
-    singles = [(name, p.shape, torch.float32 if keeps_fp32(name) else dtype)
-               for name, p in model.named_parameters() if id(p) not in fused_members]
-    arena = WeightArena(WeightArena.size_of(fused_shapes + [(s, d) for _, s, d in singles]))
-    for (owner, attr, linears), (shape, _) in zip(groups, fused_shapes):
-        fused = arena.take(shape, dtype)
-        for layer in linears:
-            layer.weight.requires_grad_(False)
-        view_linears(fused, *linears)
-        setattr(owner, attr, fused)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    members = {id(layer.weight) for _, _, linears in groups for layer in linears}
+
+    def runs(names, linears):  # consecutive members with the same scheme share one matrix
+        out = []
+        for n, lin in zip(names, linears):
+            if out and out[-1][0] == plan.get(n):
+                out[-1][1].append((n, lin))
+            else:
+                out.append((plan.get(n), [(n, lin)]))
+        return out
+
+    def need(scheme, N, K, d):
+        if scheme is None:
+            return [((N, K), d)]
+        from .quant import formats
+
+        lay = formats.layout(scheme)
+        return [(lay.qs_shape(N, K), lay.qs_dtype), (lay.d_shape(N, K), torch.float16)]
+
+    group_runs = []
+    requests = []
+    for owner, attr, linears in groups:
+        rs = runs([name_of[id(lin.weight)] for lin in linears], linears)
+        group_runs.append((owner, attr, rs))
+        for scheme, items in rs:
+            requests += need(scheme, sum(lin.weight.shape[0] for _, lin in items), items[0][1].weight.shape[1], dtype)
+    singles = [(name, tuple(p.shape), torch.float32 if keeps_fp32(name) else dtype)
+               for name, p in model.named_parameters() if id(p) not in members]
     for name, shape, d in singles:
-        _set_param(model, name, arena.take(shape, d))
+        requests += need(plan.get(name), *shape, d) if len(shape) == 2 else [(shape, d)]
+    arena = WeightArena(WeightArena.size_of(requests))
+
+    def take(scheme, N, K):
+        if scheme is None:
+            return arena.take((N, K), dtype)
+        from .quant import QuantizedWeight, formats
+
+        lay = formats.layout(scheme)
+        qw = QuantizedWeight(scheme, arena.take(lay.qs_shape(N, K), lay.qs_dtype),
+                             arena.take(lay.d_shape(N, K), torch.float16), K)
+        qw.dtype = dtype
+        return qw
+
+    sinks: dict = {}
+    for owner, attr, rs in group_runs:
+        parts = []
+        for scheme, items in rs:
+            N, K = sum(lin.weight.shape[0] for _, lin in items), items[0][1].weight.shape[1]
+            whole = take(scheme, N, K)
+            parts.append(whole)
+            row = 0
+            for name, lin in items:
+                n = lin.weight.shape[0]
+                if scheme is None:
+                    sinks[name] = whole[row : row + n]
+                    _set_param(model, name, sinks[name])
+                else:
+                    sinks[name] = (whole, row, n)
+                    _set_weight(model, name, whole.slice(row, row + n))
+                row += n
+        setattr(owner, attr, parts[0] if len(parts) == 1 else StackedWeight(parts))
+    for name, shape, d in singles:
+        scheme = plan.get(name)
+        if scheme is None:
+            sinks[name] = arena.take(shape, d)
+            _set_param(model, name, sinks[name])
+        else:
+            qw = take(scheme, *shape)
+            sinks[name] = (qw, 0, shape[0])
+            _set_weight(model, name, qw)
+    return sinks
+
+
+def _quantize_into(sink, w: torch.Tensor) -> None:
+    qw, row, n = sink
+    from .quant import formats
+
+    for a in range(0, n, QUANT_BAND_ROWS):
+        qs, d = formats.quantize(qw.scheme, w[a : a + QUANT_BAND_ROWS])
+        qw.qs[row + a : row + a + qs.shape[0]] = qs
+        qw.d[row + a : row + a + qs.shape[0]] = d
+
+
+def _set_weight(model: nn.Module, name: str, w) -> None:
+    """Put a weight object where parameter `name` was (it is no longer a parameter)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters.pop(attr, None)
+    setattr(module, attr, w)
 
 
 @contextlib.contextmanager

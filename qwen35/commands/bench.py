@@ -25,6 +25,9 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="C++ CPU kernels: auto = qwen35.kernel_policy, the choice generate/chat/serve make")
+    from .common import add_quant_arg
+
+    add_quant_arg(p)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -48,12 +51,15 @@ def bytes_per_decode_token(model, context: int) -> int:
     """Weights read by one decode step (the MTP head is not run; an untied embedding is only looked up,
     a tied one is read whole as the head), plus the KV and Gated DeltaNet state it touches."""
     total = 0
-    for name, p in model.named_parameters():
+    weights = [(n, p.numel() * p.element_size()) for n, p in model.named_parameters()]
+    weights += [(f"{n}.weight", w.nbytes) for n, m in model.named_modules()
+                if hasattr(w := m.__dict__.get("weight"), "nbytes") and not isinstance(w, torch.Tensor)]
+    for name, nbytes in weights:  # parameters and quantized weight objects (each counted once)
         if name.startswith("mtp."):
             continue
         if name == "model.embed_tokens.weight" and model.lm_head is not None:
             continue
-        total += p.numel() * p.element_size()
+        total += nbytes
     c = model.config
     kv = len(c.full_attention_layers) * 2 * c.num_key_value_heads * c.head_dim * model.dtype.itemsize * context
     state = len(c.linear_attention_layers) * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * 4
@@ -70,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     tune_allocator()
     t0 = time.perf_counter()
     model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype],
-                              kernels={"auto": None, "on": True, "off": False}[args.kernels])
+                              kernels={"auto": None, "on": True, "off": False}[args.kernels], quant=args.quant)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
@@ -104,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
         "decode_tok_s": round(decode_tok_s, 2), "peak_rss_mb": round(peak, 1),
         "read_bandwidth_gbs": round(bw, 2), "bytes_per_token_mb": round(per_token / 2**20, 1),
         "decode_bound_tok_s": round(bound, 2), "decode_efficiency": round(decode_tok_s / bound, 3),
-        "cache_mb": round(cache.nbytes / 2**20, 1), "kernels": bool(model.kernels),
+        "cache_mb": round(cache.nbytes / 2**20, 1), "kernels": bool(model.kernels), "quant": args.quant,
     }
     print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {'on' if model.kernels else 'off'}), "
           f"loaded in {load_s:.2f}s")

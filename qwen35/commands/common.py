@@ -21,6 +21,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="C++ CPU kernels: auto = qwen35.kernel_policy (on for models of 50M+ parameters)")
+    add_quant_arg(p)
+
+
+def add_quant_arg(p: argparse.ArgumentParser) -> None:
+    from ..quant.policy import POLICIES
+
+    p.add_argument("--quant", choices=POLICIES, default=None,
+                   help="quantize the weights at load: int8 / int4 (the recommended 8- and 4-bit policies) or a "
+                        "layout for every matrix (q8_0, q4_0); see the README's quantization section")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +77,8 @@ def load_from_args(args: argparse.Namespace):
     set_threads(args.threads)
     tune_allocator()
     kernels = {"auto": None, "on": True, "off": False}[getattr(args, "kernels", "auto")]
-    model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True, kernels=kernels)
+    model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True, kernels=kernels,
+                            quant=getattr(args, "quant", None))
     # The model and tokenizer live as long as the process: move them (and everything imported so far) out of
     # the cyclic collector's view, so its full passes during decode no longer walk thousands of modules.
     gc.collect()

@@ -14,7 +14,7 @@ from torch import nn
 from ..cache import CacheLayout, HybridCache
 from ..config import ModelConfig
 from ..errors import Qwen35Error
-from ..ops.linear import Linear, fuse_linears, linear, unfuse_linears
+from ..ops.linear import Embedding, Linear, fuse_linears, linear, unfuse_linears
 from .decoder import DecoderLayer
 from .masks import LayerContext, SegmentMasks
 from .mtp import MTPHead
@@ -34,7 +34,7 @@ def keeps_fp32(name: str) -> bool:
 class TextModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, t) for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -53,6 +53,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.gradient_checkpointing = False  # training: recompute each layer's activations in backward
         self.head_runtime = None  # a weight object for the vocabulary projection, bound by ops/fast
         self.kernels: bool | None = None  # what ops/fast.bind_kernels last bound (None: never bound)
+        self.quant: str | None = None  # the quantization policy its weights were loaded with
 
     def fusion_groups(self) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
         """Projections that share an input, per layer: (owner, attribute for the fused matrix, linears)."""
@@ -95,6 +96,9 @@ class Qwen35ForCausalLM(nn.Module):
         # .to(), .float(), .half(): each parameter gets a new tensor, which would leave the fused matrices
         # (and any kernel bound to them) reading the old weights. Unfuse first, fuse again after. The fp32
         # parameters (keeps_fp32) stay fp32 through a dtype change.
+        if self.quant is not None:
+            raise Qwen35Error(f"this model holds {self.quant} quantized weights, which .to() / .float() cannot "
+                              "convert; load it again with the dtype you want")
         fused, kernels = self.fused, self.kernels
         if kernels is not None:
             from ..ops.fast import unbind_kernels

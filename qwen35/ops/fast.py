@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .linear import Linear, matrix
+from .linear import Linear, linear, matrix
 
 GEMV_MAX_ROWS = 8  # beyond this, torch's GEMM (compute-bound, oneDNN) wins
 SMALL_MODEL_PARAMS = 50_000_000
@@ -41,7 +41,12 @@ def kernel_policy(model) -> bool:
     env = os.environ.get("QWEN35_KERNELS")
     if env in ("0", "1"):
         return env == "1"
-    return model.dtype == torch.bfloat16 and sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMS
+    # quantized matrices are weight objects, not parameters: count them too (each module's own weight only,
+    # fused matrices are views of those)
+    quantized = sum(w.shape.numel() for m in model.modules() if not isinstance(w := m.__dict__.get("weight"),
+                                                                               (torch.Tensor, type(None))))
+    n = sum(p.numel() for p in model.parameters()) + quantized
+    return model.dtype == torch.bfloat16 and n >= SMALL_MODEL_PARAMS
 
 
 class GemvWeight:
@@ -75,6 +80,11 @@ def _plain_bf16(w) -> bool:
     return isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_contiguous()
 
 
+def _plain(w) -> bool:
+    """A plain bf16 matrix, bare or already wrapped for the GEMV (what the whole-layer kernels read)."""
+    return _plain_bf16(w) or isinstance(w, GemvWeight)
+
+
 def _gemv(w):
     """The weight object for a plain bf16 matrix (kept as is otherwise: fp32, or a quantized object)."""
     return GemvWeight(w) if _plain_bf16(w) else w
@@ -104,12 +114,28 @@ def unbind_kernels(model) -> None:
             m.runtime_weight = None
         for attr in ("_in_proj", "_qkv", "_gate_up"):
             w = getattr(m, attr, None)
-            if w is not None and not isinstance(w, torch.Tensor):
-                setattr(m, attr, matrix(w))
+            if isinstance(w, GemvWeight):
+                setattr(m, attr, w.weight)
+        for w in _weight_objects(m):
+            w.kernels = False
         if hasattr(m, "silu_mul"):
             m.silu_mul = silu_mul
         if hasattr(m, "conv_silu"):
             m.conv_silu = causal_conv1d_silu
+
+
+def _weight_objects(m):
+    """The quantized weight objects module m holds directly (its own weight, its fused matrices)."""
+    from ..quant.weight import QuantizedWeight
+    from .linear import StackedWeight
+
+    found = [m.__dict__.get("weight")] + [getattr(m, a, None) for a in ("_in_proj", "_qkv", "_gate_up")]
+    out = []
+    for w in found:
+        for part in (w.parts if isinstance(w, StackedWeight) else [w]):
+            if isinstance(part, QuantizedWeight):
+                out.append(part)
+    return out
 
 
 def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True) -> KernelReport:
@@ -139,6 +165,9 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True) 
         if isinstance(m, RMSNorm) and m.weight.dtype == torch.float32:
             _override(m, _rmsnorm)
             report.add("rmsnorm")
+        for w in _weight_objects(m):  # quantized weights run the VNNI kernels whatever the model dtype
+            w.kernels = True
+            report.add(w.scheme)
         if not bf16:
             continue
         if isinstance(m, Linear) and _plain_bf16(m.weight):
@@ -160,7 +189,8 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True) 
         mixer = layer.mixer
         if isinstance(mixer, GatedDeltaNet) and _gdn_fits(mixer):
             norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if whole_layers and norms and _mlp_fits(layer.mlp) and _plain_bf16(matrix(mixer.out_proj.weight)):
+            if (whole_layers and norms and _mlp_fits(layer.mlp) and _plain(mixer._in_proj)
+                    and _plain_bf16(mixer.out_proj.weight)):
                 _override(layer, _gdn_layer_decode)
                 report.add("gdn_layer")
             else:
@@ -168,7 +198,8 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True) 
                 report.add("gdn_step")
         elif isinstance(mixer, GatedAttention) and _attn_fits(mixer, model.config.rotary_dim):
             norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if whole_layers and norms and _mlp_fits(layer.mlp) and _plain_bf16(mixer.o_proj.weight):
+            if (whole_layers and norms and _mlp_fits(layer.mlp) and mixer._qkv is not None
+                    and _plain(mixer._qkv) and _plain_bf16(mixer.o_proj.weight)):
                 _override(layer, _attn_layer_decode)
                 report.add("attn_layer")
             else:
@@ -184,18 +215,19 @@ def _fp32(*ts) -> bool:
 
 
 def _gdn_fits(m) -> bool:
-    return (_fp32(m.A_log, m.dt_bias, m.norm.weight) and m._in_proj is not None and _plain_bf16(matrix(m._in_proj)) and m.conv_dim % 16 == 0
+    """The fused Gated DeltaNet decode step: its input projection may be any weight object (linear())."""
+    return (_fp32(m.A_log, m.dt_bias, m.norm.weight) and m._in_proj is not None and m.conv_dim % 16 == 0
             and m.head_v_dim in (64, 128, 256) and 2 <= m.kernel_size <= 8)
 
 
 def _attn_fits(m, rotary_dim: int) -> bool:
     groups = m.num_heads // m.num_kv_heads
-    return (_fp32(m.q_norm.weight, m.k_norm.weight) and m._qkv is not None and _plain_bf16(matrix(m._qkv)) and m.head_dim % 32 == 0 and m.head_dim <= 512
+    return (_fp32(m.q_norm.weight, m.k_norm.weight) and m.head_dim % 32 == 0 and m.head_dim <= 512
             and groups in (1, 2, 4, 8) and rotary_dim % 2 == 0 and rotary_dim <= m.head_dim)
 
 
 def _mlp_fits(mlp) -> bool:
-    return (mlp._gate_up is not None and _plain_bf16(matrix(mlp._gate_up)) and mlp.gate_proj.weight.shape[0] % 16 == 0
+    return (mlp._gate_up is not None and _plain(mlp._gate_up) and mlp.gate_proj.weight.shape[0] % 16 == 0
             and _plain_bf16(mlp.down_proj.weight))
 
 
@@ -241,8 +273,7 @@ def _gdn_decode(gdn, x, state=None, ctx=None, mode="auto"):
     if not _decoding(x, state):
         return None
     B = x.shape[0]
-    proj = matrix(gdn._in_proj)
-    proj = torch.ops.qwen35.gemv_bf16(x.reshape(B, -1).contiguous(), proj, False)
+    proj = linear(x.reshape(B, -1), gdn._in_proj)
     out, state.conv, state.recurrent = torch.ops.qwen35.gdn_decode(
         proj, state.conv.contiguous(), gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias,
         state.recurrent.contiguous(), gdn.norm.weight, gdn.num_k_heads, gdn.norm.eps)

@@ -28,6 +28,33 @@ def linear(x: torch.Tensor, w, out_fp32: bool = False) -> torch.Tensor:
     return y.view(*lead, w.shape[0])
 
 
+class StackedWeight:
+    """Weights of different kinds stacked along N (a fused projection whose parts are quantized
+    differently): one weight object whose output is the concatenation of its parts'."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.shape = torch.Size((sum(p.shape[0] for p in parts), parts[0].shape[1]))
+        self.dtype = parts[0].dtype
+
+    def matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
+        return torch.cat([linear(x2, p, out_fp32) for p in self.parts], dim=-1)
+
+
+def embedding(ids: torch.Tensor, w) -> torch.Tensor:
+    """Rows `ids` of a table: a plain matrix, or a weight object with `rows(ids, dtype)`."""
+    if isinstance(w, torch.Tensor):
+        return F.embedding(ids, w)
+    return w.rows(ids, w.dtype)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameter name) whose table may be a weight object (a quantized tied head)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return embedding(ids, self.weight)
+
+
 def matrix(w) -> torch.Tensor:
     """The plain matrix behind `w` (a tensor, or a weight object wrapping one as `.weight`)."""
     return w if isinstance(w, torch.Tensor) else w.weight

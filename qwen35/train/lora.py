@@ -54,6 +54,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
             setattr(owner, attr, None)
             unfused.append((owner, attr, fused))
     model.lora_unfused = unfused
+    if hasattr(model, "_rebind"):  # kernels bound to the fused matrices must let go of them
+        model._rebind()
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
     model.lora_active = True
@@ -72,5 +74,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for owner, attr, fused in getattr(model, "lora_unfused", ()):
             setattr(owner, attr, fused)
     model.lora_unfused = []
+    if hasattr(model, "_rebind"):
+        model._rebind()
     model.lora_active = False
     return model

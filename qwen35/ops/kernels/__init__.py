@@ -15,21 +15,33 @@ from pathlib import Path
 log = logging.getLogger("qwen35")
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = [SOURCE, Path(__file__).with_name("quant_kernels.cpp")]
 # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into this library;
 # without the flag every parallel_for here silently runs on one thread (measured: 101% CPU on 2 cores).
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fno-math-errno"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
+         "-fno-math-errno"]
 OPENMP = ["-fopenmp"]  # linked: resolves to the libgomp.so.1 torch already loaded (same soname), one runtime
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags and "avx512bw" in flags
+        pass
+    return set()
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    # the kernels use AVX512-BF16 dot products, and the quantized ones AVX512-VNNI: every CPU with the
+    # former (Cooper Lake, Sapphire Rapids, Zen 4 and later) has the latter
+    flags = cpu_flags()
+    return {"avx512_bf16", "avx512bw", "avx512_vnni", "f16c"} <= flags
 
 
 def available() -> bool:
@@ -56,7 +68,7 @@ def _load() -> tuple[bool, str]:
     if os.environ.get("QWEN35_KERNELS", "1") == "0":
         return False, "disabled by QWEN35_KERNELS=0"
     if not _cpu_has_avx512_bf16():
-        return False, "this CPU lacks AVX512-BF16"
+        return False, "this CPU lacks AVX512-BF16 or AVX512-VNNI"
     import torch
 
     try:
@@ -70,15 +82,15 @@ def _load() -> tuple[bool, str]:
 
     # The build is named after its source, so two qwen35 versions (an upgrade, a second checkout) never
     # share, and keep rebuilding, one cached library.
-    tag = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    tag = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
     try:
-        load(name=f"qwen35_cpu_kernels_{tag}", sources=[str(SOURCE)], extra_cflags=FLAGS + OPENMP, extra_ldflags=OPENMP,
+        load(name=f"qwen35_cpu_kernels_{tag}", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS + OPENMP, extra_ldflags=OPENMP,
              is_python_module=False, verbose=False)
         return True, ""
     except Exception as e:  # noqa: BLE001 - maybe only OpenMP is missing: try without it, and say so
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     try:
-        load(name=f"qwen35_cpu_kernels_serial_{tag}", sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False,
+        load(name=f"qwen35_cpu_kernels_serial_{tag}", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS, is_python_module=False,
              verbose=False)
         msg = f"qwen35: kernels built without OpenMP ({first}); they run on one thread"
         log.warning(msg)

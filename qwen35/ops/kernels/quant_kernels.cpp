@@ -1,0 +1,282 @@
+// Kernels on block-quantized weights (qwen35/quant/formats.py: GGUF's q8_0 and q4_0 values, fp16 scales
+// d [N, K/32] in their own array), registered beside cpu_kernels.cpp's under torch.ops.qwen35.
+//
+// gemv_q8_0 / gemv_q4_0: out[M, N] = x[M, K] . W^T for the few rows M (<= 8) of a decode step, reading the
+// packed weights once and never expanding them in memory. The input rows are quantized on the fly per
+// block of 32 (q8_0-style: scale max|x|/127, round half away from zero), exactly as
+// quant/formats.reference_matmul does, and each block's dot product is one AVX512-VNNI vpdpbusd
+// (unsigned x signed bytes -> int32, exact). vpdpbusd wants one unsigned operand, so the weights are made
+// unsigned: q8_0 bytes XOR 0x80 (= q + 128), q4_0 nibbles are 0..15 already (= q + 8); the offset times the
+// block's sum of quantized inputs is subtracted once per block. Per block: dw * dx * (dot - offset * sum).
+//
+// dequant_bf16: W as bf16 [N, K] (prefill: the caller dequantizes a band of rows and runs a bf16 GEMM).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t QB = 32;  // weights per block
+
+inline float xval(const float* p, int64_t i) { return p[i]; }
+inline float xval(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// Input rows quantized per block: xq int8 [M, nbp*32], dx fp32 [M, nbp], sx fp32 [M, nbp] (block sums of
+// xq, exact in fp32), padded with zero blocks up to nbp (a multiple of 16) so that the kernels' groups of
+// 16 blocks never read past a row.
+struct QuantRows {
+  at::Tensor xq, dx, sx;
+  int64_t nb, nbp;
+};
+
+template <typename T>
+QuantRows quantize_rows(const T* x, int64_t M, int64_t K) {
+  const int64_t nb = K / QB, nbp = (nb + 15) / 16 * 16;
+  QuantRows r{at::zeros({M, nbp * QB}, at::kChar), at::zeros({M, nbp}, at::kFloat), at::zeros({M, nbp}, at::kFloat),
+              nb, nbp};
+  int8_t* xq = r.xq.data_ptr<int8_t>();
+  float* dx = r.dx.data_ptr<float>();
+  float* sx = r.sx.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t o = m * K + b * QB;
+      float amax = 0.f;
+      for (int64_t j = 0; j < QB; ++j) amax = std::max(amax, std::fabs(xval(x, o + j)));
+      const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
+      int32_t s = 0;
+      for (int64_t j = 0; j < QB; ++j) {
+        const int8_t q = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::round(xval(x, o + j) * inv))));
+        xq[m * nbp * QB + b * QB + j] = q;
+        s += q;
+      }
+      dx[m * nbp + b] = d;
+      sx[m * nbp + b] = static_cast<float>(s);
+    }
+  return r;
+}
+
+QuantRows quantize_input(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quantized gemv: x must be a contiguous [M, K] matrix");
+  if (x.scalar_type() == at::kBFloat16) return quantize_rows(x.data_ptr<c10::BFloat16>(), x.size(0), x.size(1));
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "quantized gemv: x must be bf16 or fp32");
+  return quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1));
+}
+
+inline float half_to_float(const c10::Half* p) { return static_cast<float>(*p); }
+
+void store_out(at::Tensor& out, int64_t m, int64_t n, int64_t N, float v) {
+  if (out.scalar_type() == at::kFloat)
+    out.data_ptr<float>()[m * N + n] = v;
+  else
+    out.data_ptr<c10::BFloat16>()[m * N + n] = static_cast<c10::BFloat16>(v);
+}
+
+// Scales are handled 16 blocks at a time: one fp16 load + conversion gives dw for 16 blocks, times the
+// inputs' dx gives s16 (per input row), and each 64-byte chunk of weights picks its blocks' scales out of
+// s16 with one permute. The offset correction is one FMA per 16 blocks.
+inline __mmask16 first_n16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
+
+template <int M>
+void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64_t K, const QuantRows& r,
+             at::Tensor& out, int64_t N) {
+  const int64_t nb = r.nb, nbp = r.nbp;
+  const int8_t* xq = r.xq.data_ptr<int8_t>();
+  const float* dx = r.dx.data_ptr<float>();
+  const float* sx = r.sx.data_ptr<float>();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i idx[8];  // chunk c holds blocks 2c (lanes 0-7) and 2c+1 (lanes 8-15)
+  for (int c = 0; c < 8; ++c)
+    idx[c] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * c), _mm512_set1_epi32(2 * c + 1));
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = qs + n * K;
+    const c10::Half* dn = d + n * nb;
+    __m512 acc[M], corr[M];
+    for (int m = 0; m < M; ++m) { acc[m] = _mm512_setzero_ps(); corr[m] = _mm512_setzero_ps(); }
+    for (int64_t g = 0; g < nb; g += 16) {
+      const int64_t nblk = std::min<int64_t>(16, nb - g);
+      const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n16(nblk), dn + g));
+      __m512 s16[M];
+      for (int m = 0; m < M; ++m) {
+        s16[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + m * nbp + g));
+        corr[m] = _mm512_fmadd_ps(s16[m], _mm512_loadu_ps(sx + m * nbp + g), corr[m]);
+      }
+      const int64_t chunks = (nblk + 1) / 2;
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        if (c >= chunks) break;
+        const int64_t b = g + 2 * c;
+        const __mmask64 mask = b + 1 < nb ? ~__mmask64(0) : __mmask64(0xFFFFFFFFull);
+        const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + b * QB), flip);
+        for (int m = 0; m < M; ++m) {
+          const __m512i iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv,
+                                                 _mm512_loadu_si512(xq + m * nbp * QB + b * QB));
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(idx[c], s16[m]), acc[m]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      store_out(out, m, n, N, _mm512_reduce_add_ps(acc[m]) - 128.f * _mm512_reduce_add_ps(corr[m]));
+  }
+}
+
+template <int M>
+void q4_rows(const uint8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64_t K, const QuantRows& r,
+             const int8_t* xlo, const int8_t* xhi, at::Tensor& out, int64_t N) {
+  const int64_t nb = r.nb, nbp = r.nbp, half = nbp * 16;
+  const float* dx = r.dx.data_ptr<float>();
+  const float* sx = r.sx.data_ptr<float>();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512i idx[4];  // chunk c holds blocks 4c..4c+3, four lanes each
+  for (int c = 0; c < 4; ++c)
+    idx[c] = _mm512_set_epi32(4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 2, 4 * c + 2, 4 * c + 2, 4 * c + 2,
+                              4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c, 4 * c, 4 * c, 4 * c);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = qs + n * (K / 2);
+    const c10::Half* dn = d + n * nb;
+    __m512 acc[M], corr[M];
+    for (int m = 0; m < M; ++m) { acc[m] = _mm512_setzero_ps(); corr[m] = _mm512_setzero_ps(); }
+    for (int64_t g = 0; g < nb; g += 16) {
+      const int64_t nblk = std::min<int64_t>(16, nb - g);
+      const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n16(nblk), dn + g));
+      __m512 s16[M];
+      for (int m = 0; m < M; ++m) {
+        s16[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + m * nbp + g));
+        corr[m] = _mm512_fmadd_ps(s16[m], _mm512_loadu_ps(sx + m * nbp + g), corr[m]);
+      }
+      const int64_t chunks = (nblk + 3) / 4;
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        if (c >= chunks) break;
+        const int64_t b = g + 4 * c, left = std::min<int64_t>(4, nb - b);
+        const __mmask64 mask = left == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * left)) - 1;
+        const __m512i v = _mm512_maskz_loadu_epi8(mask, w + b * 16);
+        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        for (int m = 0; m < M; ++m) {
+          __m512i iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xlo + m * half + b * 16));
+          iv = _mm512_dpbusd_epi32(iv, hi, _mm512_loadu_si512(xhi + m * half + b * 16));
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(idx[c], s16[m]), acc[m]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      store_out(out, m, n, N, _mm512_reduce_add_ps(acc[m]) - 8.f * _mm512_reduce_add_ps(corr[m]));
+  }
+}
+
+void check_weights(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t bytes_per_block) {
+  TORCH_CHECK(qs.dim() == 2 && d.dim() == 2 && qs.is_contiguous() && d.is_contiguous(), "quantized gemv: layout");
+  TORCH_CHECK(d.scalar_type() == at::kHalf, "quantized gemv: scales must be fp16");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K % QB == 0 && qs.size(1) == K / QB * bytes_per_block && d.size(1) == K / QB && d.size(0) == qs.size(0),
+              "quantized gemv: x has ", K, " columns, weights ", qs.sizes(), " scales ", d.sizes());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "quantized gemv: 1 to 8 rows");
+}
+
+#define DISPATCH_M(M, CALL)         \
+  switch (M) {                      \
+    case 1: { constexpr int R = 1; CALL; break; } \
+    case 2: { constexpr int R = 2; CALL; break; } \
+    case 3: { constexpr int R = 3; CALL; break; } \
+    case 4: { constexpr int R = 4; CALL; break; } \
+    case 5: { constexpr int R = 5; CALL; break; } \
+    case 6: { constexpr int R = 6; CALL; break; } \
+    case 7: { constexpr int R = 7; CALL; break; } \
+    default: { constexpr int R = 8; CALL; break; } \
+  }
+
+at::Tensor gemv_q8_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool out_fp32) {
+  TORCH_CHECK(qs.scalar_type() == at::kChar, "gemv_q8_0: qs must be int8");
+  check_weights(x, qs, d, QB);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  QuantRows r = quantize_input(x);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
+  const int8_t* q = qs.data_ptr<int8_t>();
+  const c10::Half* dp = d.data_ptr<c10::Half>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { DISPATCH_M(M, (q8_rows<R>(q, dp, n0, n1, K, r, out, N))); });
+  return out;
+}
+
+at::Tensor gemv_q4_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool out_fp32) {
+  TORCH_CHECK(qs.scalar_type() == at::kByte, "gemv_q4_0: qs must be uint8");
+  check_weights(x, qs, d, QB / 2);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  QuantRows r = quantize_input(x);
+  // each block's inputs split into the halves its nibbles hold: xlo = elements 0-15, xhi = 16-31
+  const int64_t half = r.nbp * 16;
+  at::Tensor lo = at::empty({M, half}, at::kChar), hi = at::empty({M, half}, at::kChar);
+  const int8_t* xq = r.xq.data_ptr<int8_t>();
+  int8_t* lp = lo.data_ptr<int8_t>();
+  int8_t* hp = hi.data_ptr<int8_t>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < r.nbp; ++b)
+      for (int64_t j = 0; j < 16; ++j) {
+        lp[m * half + b * 16 + j] = xq[m * r.nbp * QB + b * QB + j];
+        hp[m * half + b * 16 + j] = xq[m * r.nbp * QB + b * QB + 16 + j];
+      }
+  at::Tensor out = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
+  const uint8_t* q = qs.data_ptr<uint8_t>();
+  const c10::Half* dp = d.data_ptr<c10::Half>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    DISPATCH_M(M, (q4_rows<R>(q, dp, n0, n1, K, r, lp, hp, out, N)));
+  });
+  return out;
+}
+
+// W [N, K] as bf16: bits 8 -> q8_0, 4 -> q4_0.
+at::Tensor dequant_bf16(const at::Tensor& qs, const at::Tensor& d, int64_t bits) {
+  TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf, "dequant_bf16: layout");
+  TORCH_CHECK(bits == 8 || bits == 4, "dequant_bf16: bits must be 8 or 4");
+  const int64_t N = qs.size(0), nb = d.size(1), K = nb * QB;
+  at::Tensor out = at::empty({N, K}, qs.options().dtype(at::kBFloat16));
+  auto* op = out.data_ptr<c10::BFloat16>();
+  const c10::Half* dp = d.data_ptr<c10::Half>();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m512 s = _mm512_set1_ps(half_to_float(dp + n * nb + b));
+        __m512i q0, q1;  // 16 int32 each: elements 0-15 and 16-31 of the block
+        if (bits == 8) {
+          const int8_t* q = qs.data_ptr<int8_t>() + n * K + b * QB;
+          q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+          q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+        } else {
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs.data_ptr<uint8_t>() + n * (K / 2) + b * 16));
+          const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+          q0 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(v, m4), eight));
+          q1 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), eight));
+        }
+        auto* o = op + n * K + b * QB;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(q0), s)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(q1), s)));
+      }
+  });
+  return out;
+}
+
+bool vnni_supported() { return __builtin_cpu_supports("avx512vnni"); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qwen35, m) {
+  m.def("gemv_q8_0(Tensor x, Tensor qs, Tensor d, bool out_fp32) -> Tensor");
+  m.def("gemv_q4_0(Tensor x, Tensor qs, Tensor d, bool out_fp32) -> Tensor");
+  m.def("dequant_bf16(Tensor qs, Tensor d, int bits) -> Tensor");
+  m.def("vnni_supported() -> bool");
+}
+
+TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
+  m.impl("gemv_q8_0", &gemv_q8_0);
+  m.impl("gemv_q4_0", &gemv_q4_0);
+  m.impl("dequant_bf16", &dequant_bf16);
+}
+
+TORCH_LIBRARY_IMPL(qwen35, CompositeExplicitAutograd, m) { m.impl("vnni_supported", &vnni_supported); }

@@ -1,0 +1,134 @@
+"""Block-quantized weight layouts, their reference quantize / dequantize, and their names.
+
+Both layouts are GGUF's, value for value, so a GGUF file's Q8_0 / Q4_0 tensors run as they are and ours
+export without requantizing. Along the input dimension K, every block of 32 weights has one fp16 scale d:
+- q8_0: qs int8 [N, K]; w = d * q. 8.5 bits per weight.
+- q4_0: qs uint8 [N, K/2]; in each block's 16 bytes, byte j holds element j in its low nibble and element
+  j+16 in its high one; w = d * (q - 8). 4.5 bits per weight.
+Unlike GGUF, which interleaves d with each block's bytes, the scales live in their own array d fp16
+[N, K/32] beside qs: the kernels then read two aligned streams. Quantization follows ggml's reference
+(quantize_row_q8_0_ref / quantize_row_q4_0_ref) exactly: the same rounding, the same choice of scale.
+
+Scheme names are GGUF's type names; `int8` and `int4` are aliases of the recommended 8-bit and 4-bit
+*policies* (quant/policy.py), never of a layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import Qwen35Error
+
+BLOCK = 32
+
+
+class QuantError(Qwen35Error, ValueError):
+    """A quantization scheme or quantized tensor we cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    bits_per_weight: float
+    qs_cols: int  # bytes of qs per BLOCK weights
+
+    def qs_shape(self, N: int, K: int) -> tuple[int, int]:
+        return (N, K // BLOCK * self.qs_cols)
+
+    def d_shape(self, N: int, K: int) -> tuple[int, int]:
+        return (N, K // BLOCK)
+
+    @property
+    def qs_dtype(self) -> torch.dtype:
+        return torch.int8 if self.name == "q8_0" else torch.uint8
+
+
+LAYOUTS = {"q8_0": Layout("q8_0", 8.5, 32), "q4_0": Layout("q4_0", 4.5, 16)}
+
+
+def layout(name: str) -> Layout:
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise QuantError(f"unknown quantized layout {name!r} (known: {', '.join(LAYOUTS)})") from None
+
+
+def _round_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf: halves away from zero (torch.round rounds them to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    if K % BLOCK:
+        raise QuantError(f"cannot block-quantize a [{N}, {K}] matrix: K must be a multiple of {BLOCK}")
+    return w.float().reshape(N, K // BLOCK, BLOCK)
+
+
+def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (qs int8 [N, K], d fp16 [N, K/32])."""
+    x = _blocks(w)
+    d = x.abs().amax(-1) / 127
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+    qs = _round_away(x * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return qs.reshape(w.shape), d.half()
+
+
+def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (qs uint8 [N, K/2] in GGUF nibble order, d fp16 [N, K/32])."""
+    x = _blocks(w)
+    # the signed value of largest magnitude (its first occurrence), as ggml picks it
+    idx = x.abs().argmax(-1, keepdim=True)
+    mx = x.gather(-1, idx)[..., 0]
+    d = mx / -8
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+    q = torch.trunc(x * inv[..., None] + 8.5).clamp(max=15).to(torch.uint8)  # C's (int8_t) cast truncates
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    N, K = w.shape
+    return packed.reshape(N, K // 2), d.half()
+
+
+def dequantize(name: str, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weights [N, K] a quantized tensor stands for (the reference every kernel is tested against)."""
+    N = qs.shape[0]
+    scale = d.float()[..., None]
+    if name == "q8_0":
+        w = qs.float().reshape(N, -1, BLOCK) * scale
+    elif name == "q4_0":
+        b = qs.reshape(N, -1, 16)
+        q = torch.cat([b & 0x0F, b >> 4], dim=-1).float() - 8
+        w = q * scale
+    else:
+        layout(name)
+        raise AssertionError(name)
+    return w.reshape(N, -1).to(dtype)
+
+
+def quantize(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if name == "q8_0":
+        return quantize_q8_0(w)
+    if name == "q4_0":
+        return quantize_q4_0(w)
+    layout(name)
+    raise AssertionError(name)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the integer kernels do to their input rows: x [M, K] -> (xq int8 [M, K], dx fp32 [M, K/32]),
+    per block of 32, q8_0-style (max |x| / 127, round half away from zero)."""
+    M, K = x.shape
+    b = x.float().reshape(M, K // BLOCK, BLOCK)
+    dx = b.abs().amax(-1) / 127
+    inv = torch.where(dx != 0, 1.0 / torch.where(dx != 0, dx, 1.0), 0.0)
+    xq = _round_away(b * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return xq.reshape(M, K), dx
+
+
+def reference_matmul(name: str, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """What the decode kernels compute, in torch: x [M, K] quantized per block as the kernels do, times the
+    dequantized weights, in fp32. Returns [M, N] fp32."""
+    xq, dx = quantize_activations(x)
+    xs = (xq.float().reshape(x.shape[0], -1, BLOCK) * dx[..., None]).reshape(x.shape)
+    return xs @ dequantize(name, qs, d).t()

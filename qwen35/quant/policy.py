@@ -1,0 +1,72 @@
+"""Which tensor gets which bits: the quantization policies, by name.
+
+A policy maps each parameter to a layout (formats.LAYOUTS) or None (kept in the checkpoint's precision).
+Never quantized, whatever the policy: A_log, dt_bias and every norm (fp32, a few KB, and the Gated DeltaNet
+decay path is where error compounds along the sequence), the conv1d weights (4 taps per channel), and any
+matrix whose input dimension is not a multiple of the block. The names `--quant` accepts:
+
+- `q8_0`, `q4_0`: every other matrix in that layout (embedding only when it is tied to the head, since
+  the lookup reads a handful of rows and only the head streams it);
+- `int8`: the recommended 8-bit policy, which is q8_0;
+- `int4`: the recommended 4-bit policy: q4_0 for the MLP and attention projections, q8_0 for the
+  vocabulary projection (a third of a 0.8B model's bytes, and where 4 bits cost the most KL, see the
+  README's table) and for the small Gated DeltaNet gate projections in_proj_a / in_proj_b.
+"""
+
+from __future__ import annotations
+
+from .formats import BLOCK, LAYOUTS, QuantError
+
+POLICIES = ("int8", "int4", *LAYOUTS)
+
+
+def _kept(name: str) -> bool:
+    return (name.endswith(("A_log", "dt_bias", "conv1d.weight")) or "norm" in name.rsplit(".", 2)[-2]
+            or not name.endswith("weight"))
+
+
+def is_head(name: str) -> bool:
+    return name in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def scheme_for(policy: str, name: str, shape: tuple[int, ...], tied: bool) -> str | None:
+    """The layout parameter `name` of `shape` gets under `policy`, or None to keep it."""
+    if policy not in POLICIES:
+        raise QuantError(f"unknown quantization {policy!r}: use one of {', '.join(POLICIES)}")
+    if _kept(name) or len(shape) != 2 or shape[1] % BLOCK:
+        return None
+    if name == "model.embed_tokens.weight" and not tied:
+        return None
+    if policy in LAYOUTS:
+        return policy
+    if policy == "int8":
+        return "q8_0"
+    if is_head(name) or name.endswith(("in_proj_a.weight", "in_proj_b.weight")):
+        return "q8_0"
+    return "q4_0"
+
+
+def plan(policy: str, shapes: dict[str, tuple[int, ...]], tied: bool) -> dict[str, str]:
+    """{parameter name: layout} for every parameter `policy` quantizes."""
+    out = {}
+    for name, shape in shapes.items():
+        s = scheme_for(policy, name, tuple(shape), tied)
+        if s is not None:
+            out[name] = s
+    return out
+
+
+def bits_per_weight(plan_: dict[str, str], shapes: dict[str, tuple[int, ...]], dtype_bits: int = 16) -> float:
+    """Average bits per weight over every parameter (head and embedding included, each counted once)."""
+    total = bits = 0.0
+    for name, shape in shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        total += n
+        bits += n * (LAYOUTS[plan_[name]].bits_per_weight if name in plan_ else (32 if _fp32(name) else dtype_bits))
+    return bits / max(total, 1)
+
+
+def _fp32(name: str) -> bool:
+    return name.endswith(("A_log", "dt_bias")) or ("norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"))

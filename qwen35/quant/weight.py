@@ -1,0 +1,88 @@
+"""A block-quantized matrix as a weight object (ops/linear.py): it plugs into `linear()` and everything that
+calls it, the MTP head and the vocabulary projection included, without a branch in any model file.
+
+- decode (<= 8 rows): the VNNI GEMV on the packed bytes (ops/kernels/quant_kernels.cpp), read once per
+  token and never expanded in memory;
+- prefill (more rows), or without the kernels: the weights are dequantized to bf16 a band of rows at a time
+  and multiplied with torch's GEMM, so no full-size bf16 copy ever exists;
+- `rows(ids)`: dequantized rows (the embedding lookup of a tied, quantized embedding/head).
+The reference (`formats.reference_matmul`) is what the kernels compute and are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import formats
+
+GEMV_MAX_ROWS = 8
+BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM path
+
+
+class QuantizedWeight:
+    """W [N, K] as (qs, d) in layout `scheme` (formats.LAYOUTS)."""
+
+    def __init__(self, scheme: str, qs: torch.Tensor, d: torch.Tensor, K: int):
+        self.layout = formats.layout(scheme)
+        self.scheme = scheme
+        self.qs, self.d = qs, d
+        self.shape = torch.Size((qs.shape[0], K))
+        self.dtype = torch.bfloat16  # what it computes in
+        self.kernels = False  # set by ops/fast.bind_kernels where the VNNI kernels can run
+
+    @classmethod
+    def quantize(cls, scheme: str, w: torch.Tensor) -> QuantizedWeight:
+        qs, d = formats.quantize(scheme, w)
+        return cls(scheme, qs, d, w.shape[1])
+
+    def slice(self, start: int, end: int) -> QuantizedWeight:
+        """Rows start..end-1 as a weight of their own (views: no copy), e.g. one projection of a fused group."""
+        w = QuantizedWeight(self.scheme, self.qs[start:end], self.d[start:end], self.shape[1])
+        w.dtype = self.dtype
+        return w
+
+    @property
+    def device(self) -> torch.device:
+        return self.qs.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.numel() * self.qs.element_size() + self.d.numel() * self.d.element_size()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized matrix (bf16), for code that needs a plain tensor (export, tests)."""
+        return self.dequantize(torch.bfloat16)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
+        qs, d = self.qs[start:end], self.d[start:end]
+        if self.kernels and dtype == torch.bfloat16:
+            return torch.ops.qwen35.dequant_bf16(qs.contiguous(), d.contiguous(), 8 if self.scheme == "q8_0" else 4)
+        return formats.dequantize(self.scheme, qs, d, dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """W[ids] dequantized: [*ids.shape, K]."""
+        flat = ids.reshape(-1)
+        out = formats.dequantize(self.scheme, self.qs[flat], self.d[flat], dtype)
+        return out.reshape(*ids.shape, self.shape[1])
+
+    def matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
+        if x2.shape[0] <= GEMV_MAX_ROWS and not torch.is_grad_enabled():
+            if self.kernels:
+                op = torch.ops.qwen35.gemv_q8_0 if self.scheme == "q8_0" else torch.ops.qwen35.gemv_q4_0
+                return op(x2.contiguous(), self.qs, self.d, out_fp32)
+            # what the kernel computes (inputs quantized per block too), so both paths give the same tokens
+            y = formats.reference_matmul(self.scheme, x2, self.qs, self.d)
+            return y if out_fp32 else y.to(x2.dtype)
+        dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) else torch.float32
+        band = max(1, BAND_BYTES // (2 * self.shape[1]))
+        N = self.shape[0]
+        if band >= N:
+            y = F.linear(x2.to(dtype), self.dequantize(dtype))
+        else:
+            y = torch.cat([F.linear(x2.to(dtype), self.dequantize(dtype, s, s + band)) for s in range(0, N, band)], -1)
+        return y.float() if out_fp32 else y.to(x2.dtype)
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.scheme}, {tuple(self.shape)})"

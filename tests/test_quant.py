@@ -1,0 +1,189 @@
+"""Quantized weights: GGUF-exact layouts, kernels against the reference they replace, policies, and
+models that load quantized and generate the same tokens through the kernels as through the reference."""
+
+import numpy as np
+import pytest
+import torch
+
+import qwen35
+from qwen35.commands.replica import build_replica
+from qwen35.ops import kernels
+from qwen35.quant import QuantError, QuantizedWeight, formats, policy
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+SCHEMES = ["q8_0", "q4_0"]
+
+
+def gguf_bytes(scheme, qs, d):
+    """Our (qs, d) as GGUF's interleaved blocks: per block, fp16 d then its bytes."""
+    lay = formats.layout(scheme)
+    N = qs.shape[0]
+    q = qs.view(torch.uint8).reshape(N, -1, lay.qs_cols).numpy()
+    dd = d.reshape(N, -1, 1).numpy().view(np.uint8).reshape(N, -1, 2)
+    return np.concatenate([dd, q], axis=-1).reshape(N, -1)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_layouts_are_ggufs_bit_for_bit(scheme):
+    from gguf import GGMLQuantizationType, quants
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 96, generator=g) * torch.rand(37, 1, generator=g) * 3
+    w[0, :32] = 0  # an all-zero block: scale 0
+    w[1, 5] = -w[1, :32].abs().max() * 2  # the extreme value negative
+    qs, d = formats.quantize(scheme, w)
+    ref = quants.quantize(w.numpy(), getattr(GGMLQuantizationType, scheme.upper()))
+    assert np.array_equal(gguf_bytes(scheme, qs, d), ref)
+    deq = quants.dequantize(ref, getattr(GGMLQuantizationType, scheme.upper()))
+    assert np.array_equal(formats.dequantize(scheme, qs, d).numpy(), deq)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_pack_unpack_round_trip_is_exact(scheme):
+    """Dequantized weights quantize back to the very same bytes and scales."""
+    w = torch.randn(20, 64, generator=torch.Generator().manual_seed(1))
+    qs, d = formats.quantize(scheme, w)
+    qs2, d2 = formats.quantize(scheme, formats.dequantize(scheme, qs, d))
+    assert torch.equal(qs, qs2) and torch.equal(d, d2)
+
+
+def test_matrices_that_do_not_block_are_kept_or_refused():
+    assert policy.scheme_for("int4", "model.layers.0.mlp.up_proj.weight", (64, 48), tied=True) is None
+    with pytest.raises(QuantError, match=r"cannot block-quantize a \[64, 48\] matrix: K must be a multiple of 32"):
+        QuantizedWeight.quantize("q8_0", torch.randn(64, 48))
+    with pytest.raises(QuantError, match="unknown quantization 'gptq': use one of int8, int4, q8_0, q4_0"):
+        policy.scheme_for("gptq", "lm_head.weight", (64, 64), tied=False)
+
+
+def test_policy_keeps_the_recurrent_path_high():
+    keep = ["model.layers.0.linear_attn.A_log", "model.layers.0.linear_attn.dt_bias",
+            "model.layers.0.linear_attn.conv1d.weight", "model.layers.0.linear_attn.norm.weight",
+            "model.layers.3.self_attn.q_norm.weight", "model.norm.weight"]
+    for name in keep:
+        assert policy.scheme_for("q4_0", name, (128, 64), tied=True) is None, name
+    assert policy.scheme_for("int4", "model.layers.0.linear_attn.in_proj_a.weight", (16, 64), True) == "q8_0"
+    assert policy.scheme_for("int4", "model.embed_tokens.weight", (320, 64), tied=True) == "q8_0"
+    assert policy.scheme_for("int4", "model.embed_tokens.weight", (320, 64), tied=False) is None
+    assert policy.scheme_for("int8", "model.layers.0.mlp.down_proj.weight", (64, 128), True) == "q8_0"
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("M,N,K", [(1, 100, 64), (3, 77, 96), (8, 130, 1024), (2, 33, 32), (5, 17, 544)])
+def test_gemv_kernels_equal_the_reference(scheme, M, N, K):
+    """Odd N, a single block, block counts that are not a multiple of the kernels' groups of 2, 4 and 16."""
+    g = torch.Generator().manual_seed(M * N + K)
+    w = QuantizedWeight.quantize(scheme, torch.randn(N, K, generator=g))
+    x = torch.randn(M, K, generator=g).bfloat16()
+    op = torch.ops.qwen35.gemv_q8_0 if scheme == "q8_0" else torch.ops.qwen35.gemv_q4_0
+    out = op(x, w.qs, w.d, True)
+    ref = formats.reference_matmul(scheme, x, w.qs, w.d)
+    # the same products summed in another order: bound by fp32 rounding of the sum of |terms|
+    xq, dx = formats.quantize_activations(x)
+    xs = (xq.float().reshape(M, -1, 32) * dx[..., None]).reshape(M, K)
+    bound = 1e-6 * (xs.abs() @ formats.dequantize(scheme, w.qs, w.d).abs().t()) + 1e-6
+    assert ((out - ref).abs() <= bound).all()
+    assert torch.equal(op(x, w.qs, w.d, False), out.bfloat16())
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dequantize_kernel_equals_the_reference(scheme):
+    w = QuantizedWeight.quantize(scheme, torch.randn(40, 160, generator=torch.Generator().manual_seed(2)))
+    bits = 8 if scheme == "q8_0" else 4
+    assert torch.equal(torch.ops.qwen35.dequant_bf16(w.qs, w.d, bits),
+                       formats.dequantize(scheme, w.qs, w.d, torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qtiny") / "tiny"
+    build_replica(d, "tiny", seed=7)
+    return d
+
+
+def kl(ref_logits, logits):
+    lp, lq = ref_logits.log_softmax(-1), logits.float().log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("quant,limit", [("q8_0", 2e-3), ("int4", 5e-2)])
+def test_quantized_replica_stays_close_to_bf16(tiny_dir, quant, limit):
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(3))
+    ref = qwen35.load_model(tiny_dir, dtype=torch.float32, kernels=False)
+    q = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=False)
+    with torch.no_grad():
+        r, out = ref(ids), q(ids)
+    assert kl(r, out) <= limit
+    sizes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
+    plan = policy.plan(quant, sizes, ref.config.tie_word_embeddings)
+    assert plan and all(isinstance(_weight(q, n), QuantizedWeight) for n in plan)
+
+
+def _weight_objects(m):
+    from qwen35.ops.fast import _weight_objects as objects
+
+    return objects(m)
+
+
+def _weight(model, name):
+    module, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module), attr)
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant", ["q8_0", "int4"])
+def test_kernels_and_reference_generate_the_same_tokens(quant):
+    """The bundled model (trained: its next-token margins are real), quantized: greedy answers through the
+    VNNI kernels equal those of the same quantized model with its quantized matmuls on the reference (the
+    rest bound alike). Random replicas are no good here: their near-flat distributions turn the last-bit
+    differences of another summation order into other tokens, through the per-block input quantization."""
+    from qwen35.commands.common import default_model
+
+    fast, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
+    slow, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
+    objects = [w for m in slow.modules() for w in _weight_objects(m)]
+    assert objects and all(w.kernels for w in objects)
+    for w in objects:
+        w.kernels = False
+    prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(")]
+    params = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
+
+    def tokens(m):
+        return [[r.token for r in out] for out in qwen35.batch_generate(m, prompts, params)]
+
+    assert tokens(fast) == tokens(slow)
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant", ["q8_0", "int4"])
+def test_quantized_batch_and_snapshots_equal_each_alone(tiny_dir, quant):
+    model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=True)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 4096, (n,), generator=gen).tolist() for n in (30, 7, 50)]
+    params = qwen35.SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(-1,))
+    alone = [[r.token for r in qwen35.generate_step(model, p, params=params)] for p in prompts]
+    assert [[r.token for r in out] for out in qwen35.batch_generate(model, prompts, params)] == alone
+    cache = model.make_cache()
+    qwen35.generation.prefill(model, torch.tensor([prompts[2][:20]]), cache)
+    snap = cache.snapshot()
+    list(qwen35.generate_step(model, [1, 2, 3], cache=cache, params=params))
+    cache.restore(snap)
+    assert [r.token for r in qwen35.generate_step(model, prompts[2][20:], cache=cache, params=params)] == alone[2]
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant", ["q8_0", "int4"])
+def test_quantized_decode_error_is_that_of_the_reference_path(tiny_dir, quant):
+    """Kernels on vs the pure torch reference of the same quantized model, both against fp32 dequantized
+    weights run in fp32: the kernels' error is no larger than the reference path's own."""
+    from test_kernels import bf16_error, decode_logits
+
+    fast = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=True)
+    slow = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=False)
+    exact = qwen35.load_model(tiny_dir, dtype=torch.float32, quant=quant, kernels=False)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 4096, (n,), generator=gen) for n in (40, 9)]
+    ref = decode_logits(exact, prompts, 4)
+    e_fast, e_slow = bf16_error(decode_logits(fast, prompts, 4), ref), bf16_error(decode_logits(slow, prompts, 4), ref)
+    assert e_fast <= 1.25 * e_slow + 1e-3, (e_fast, e_slow)
