@@ -72,13 +72,19 @@ QuantRows quantize_input(const at::Tensor& x) {
 
 inline float half_to_float(const c10::Half* p) { return static_cast<float>(*p); }
 
-void store_out(at::Tensor& out, int64_t m, int64_t n, int64_t N, float v) {
-  if (out.scalar_type() == at::kFloat)
-    out.data_ptr<float>()[m * N + n] = v;
-  else
-    out.data_ptr<c10::BFloat16>()[m * N + n] = static_cast<c10::BFloat16>(v);
-}
+// Where results go: fp32 or bf16 [M, N], resolved once per call (not per element: Tensor accessors cost
+// more than a row's whole dot product).
+struct Out {
+  float* f = nullptr;
+  c10::BFloat16* h = nullptr;
+  explicit Out(at::Tensor& t) {
+    if (t.scalar_type() == at::kFloat) f = t.data_ptr<float>(); else h = t.data_ptr<c10::BFloat16>();
+  }
+  void store(int64_t i, float v) const { if (f) f[i] = v; else h[i] = static_cast<c10::BFloat16>(v); }
+};
 
+// Built with -fPIC, gcc spills a loop that masks every load and picks scales from an array (measured 3x
+// slower); whole groups therefore run an unmasked, fully unrolled loop and only a row's tail is masked.
 // Scales are handled 16 blocks at a time: one fp16 load + conversion gives dw for 16 blocks, times the
 // inputs' dx gives s16 (per input row), and each 64-byte chunk of weights picks its blocks' scales out of
 // s16 with one permute. The offset correction is one FMA per 16 blocks.
@@ -86,15 +92,14 @@ inline __mmask16 first_n16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : sta
 
 template <int M>
 void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64_t K, const QuantRows& r,
-             at::Tensor& out, int64_t N) {
+             const Out& out, int64_t N) {
   const int64_t nb = r.nb, nbp = r.nbp;
   const int8_t* xq = r.xq.data_ptr<int8_t>();
   const float* dx = r.dx.data_ptr<float>();
   const float* sx = r.sx.data_ptr<float>();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512i idx[8];  // chunk c holds blocks 2c (lanes 0-7) and 2c+1 (lanes 8-15)
-  for (int c = 0; c < 8; ++c)
-    idx[c] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * c), _mm512_set1_epi32(2 * c + 1));
+  // chunk c of a group holds blocks 2c (lanes 0-7) and 2c+1 (lanes 8-15): their scales are s16[pair + 2c]
+  const __m512i pair = _mm512_mask_blend_epi32(0xFF00, _mm512_setzero_si512(), _mm512_set1_epi32(1));
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = qs + n * K;
     const c10::Half* dn = d + n * nb;
@@ -108,36 +113,45 @@ void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64
         s16[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + m * nbp + g));
         corr[m] = _mm512_fmadd_ps(s16[m], _mm512_loadu_ps(sx + m * nbp + g), corr[m]);
       }
-      const int64_t chunks = (nblk + 1) / 2;
+      if (nblk == 16) {  // a whole group: unmasked and fully unrolled (what the compiler keeps in registers)
 #pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) {
-        if (c >= chunks) break;
+        for (int c = 0; c < 8; ++c) {
+          const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + (g + 2 * c) * QB), flip);
+          const __m512i sel = _mm512_add_epi32(pair, _mm512_set1_epi32(2 * c));
+          for (int m = 0; m < M; ++m) {
+            const __m512i iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv,
+                                                   _mm512_loadu_si512(xq + m * nbp * QB + (g + 2 * c) * QB));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(sel, s16[m]), acc[m]);
+          }
+        }
+        continue;
+      }
+      for (int64_t c = 0; c < (nblk + 1) / 2; ++c) {  // the row's last, partial group
         const int64_t b = g + 2 * c;
         const __mmask64 mask = b + 1 < nb ? ~__mmask64(0) : __mmask64(0xFFFFFFFFull);
         const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + b * QB), flip);
+        const __m512i sel = _mm512_add_epi32(pair, _mm512_set1_epi32(static_cast<int>(2 * c)));
         for (int m = 0; m < M; ++m) {
           const __m512i iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv,
                                                  _mm512_loadu_si512(xq + m * nbp * QB + b * QB));
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(idx[c], s16[m]), acc[m]);
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(sel, s16[m]), acc[m]);
         }
       }
     }
     for (int m = 0; m < M; ++m)
-      store_out(out, m, n, N, _mm512_reduce_add_ps(acc[m]) - 128.f * _mm512_reduce_add_ps(corr[m]));
+      out.store(m * N + n, _mm512_reduce_add_ps(acc[m]) - 128.f * _mm512_reduce_add_ps(corr[m]));
   }
 }
 
 template <int M>
 void q4_rows(const uint8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64_t K, const QuantRows& r,
-             const int8_t* xlo, const int8_t* xhi, at::Tensor& out, int64_t N) {
+             const int8_t* xlo, const int8_t* xhi, const Out& out, int64_t N) {
   const int64_t nb = r.nb, nbp = r.nbp, half = nbp * 16;
   const float* dx = r.dx.data_ptr<float>();
   const float* sx = r.sx.data_ptr<float>();
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512i idx[4];  // chunk c holds blocks 4c..4c+3, four lanes each
-  for (int c = 0; c < 4; ++c)
-    idx[c] = _mm512_set_epi32(4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 3, 4 * c + 2, 4 * c + 2, 4 * c + 2, 4 * c + 2,
-                              4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c + 1, 4 * c, 4 * c, 4 * c, 4 * c);
+  // chunk c of a group holds blocks 4c..4c+3, four lanes each: their scales are s16[quad + 4c]
+  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = qs + n * (K / 2);
     const c10::Half* dn = d + n * nb;
@@ -151,23 +165,22 @@ void q4_rows(const uint8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int6
         s16[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + m * nbp + g));
         corr[m] = _mm512_fmadd_ps(s16[m], _mm512_loadu_ps(sx + m * nbp + g), corr[m]);
       }
-      const int64_t chunks = (nblk + 3) / 4;
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) {
-        if (c >= chunks) break;
+      const int64_t chunks = nblk == 16 ? 4 : (nblk + 3) / 4;
+      for (int64_t c = 0; c < chunks; ++c) {
         const int64_t b = g + 4 * c, left = std::min<int64_t>(4, nb - b);
-        const __mmask64 mask = left == 4 ? ~__mmask64(0) : (__mmask64(1) << (16 * left)) - 1;
-        const __m512i v = _mm512_maskz_loadu_epi8(mask, w + b * 16);
+        const __m512i v = left == 4 ? _mm512_loadu_si512(w + b * 16)
+                                    : _mm512_maskz_loadu_epi8((__mmask64(1) << (16 * left)) - 1, w + b * 16);
         const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        const __m512i sel = _mm512_add_epi32(quad, _mm512_set1_epi32(static_cast<int>(4 * c)));
         for (int m = 0; m < M; ++m) {
           __m512i iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xlo + m * half + b * 16));
           iv = _mm512_dpbusd_epi32(iv, hi, _mm512_loadu_si512(xhi + m * half + b * 16));
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(idx[c], s16[m]), acc[m]);
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(sel, s16[m]), acc[m]);
         }
       }
     }
     for (int m = 0; m < M; ++m)
-      store_out(out, m, n, N, _mm512_reduce_add_ps(acc[m]) - 8.f * _mm512_reduce_add_ps(corr[m]));
+      out.store(m * N + n, _mm512_reduce_add_ps(acc[m]) - 8.f * _mm512_reduce_add_ps(corr[m]));
   }
 }
 
@@ -200,7 +213,8 @@ at::Tensor gemv_q8_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   at::Tensor out = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
   const int8_t* q = qs.data_ptr<int8_t>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { DISPATCH_M(M, (q8_rows<R>(q, dp, n0, n1, K, r, out, N))); });
+  const Out o(out);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { DISPATCH_M(M, (q8_rows<R>(q, dp, n0, n1, K, r, o, N))); });
   return out;
 }
 
@@ -224,8 +238,9 @@ at::Tensor gemv_q4_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   at::Tensor out = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
   const uint8_t* q = qs.data_ptr<uint8_t>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
+  const Out o(out);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    DISPATCH_M(M, (q4_rows<R>(q, dp, n0, n1, K, r, lp, hp, out, N)));
+    DISPATCH_M(M, (q4_rows<R>(q, dp, n0, n1, K, r, lp, hp, o, N)));
   });
   return out;
 }
@@ -238,17 +253,19 @@ at::Tensor dequant_bf16(const at::Tensor& qs, const at::Tensor& d, int64_t bits)
   at::Tensor out = at::empty({N, K}, qs.options().dtype(at::kBFloat16));
   auto* op = out.data_ptr<c10::BFloat16>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
+  const int8_t* q8 = bits == 8 ? qs.data_ptr<int8_t>() : nullptr;
+  const uint8_t* q4 = bits == 4 ? qs.data_ptr<uint8_t>() : nullptr;
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t b = 0; b < nb; ++b) {
         const __m512 s = _mm512_set1_ps(half_to_float(dp + n * nb + b));
         __m512i q0, q1;  // 16 int32 each: elements 0-15 and 16-31 of the block
         if (bits == 8) {
-          const int8_t* q = qs.data_ptr<int8_t>() + n * K + b * QB;
+          const int8_t* q = q8 + n * K + b * QB;
           q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
           q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
         } else {
-          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs.data_ptr<uint8_t>() + n * (K / 2) + b * 16));
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q4 + n * (K / 2) + b * 16));
           const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
           q0 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(v, m4), eight));
           q1 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), eight));
