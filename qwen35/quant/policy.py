@@ -46,11 +46,16 @@ def scheme_for(policy: str, name: str, shape: tuple[int, ...], tied: bool) -> st
     return "q4_0"
 
 
-def plan(policy: str, shapes: dict[str, tuple[int, ...]], tied: bool) -> dict[str, str]:
-    """{parameter name: layout} for every parameter `policy` quantizes."""
+def plan(policy, shapes: dict[str, tuple[int, ...]], tied: bool) -> dict[str, str]:
+    """{parameter name: layout} for every parameter `policy` quantizes. policy: a name from POLICIES, or a
+    function (name, shape, tied) -> layout | None (measurements of one tensor class at a time); the
+    never-quantized tensors stay kept either way."""
     out = {}
     for name, shape in shapes.items():
-        s = scheme_for(policy, name, tuple(shape), tied)
+        if callable(policy):
+            s = None if _kept(name) or len(shape) != 2 or shape[1] % BLOCK else policy(name, tuple(shape), tied)
+        else:
+            s = scheme_for(policy, name, tuple(shape), tied)
         if s is not None:
             out[name] = s
     return out
