@@ -121,11 +121,17 @@ def client_phases(model: Path, args, code: Path | None = None) -> dict:
 
             def hold():  # one long conversation decoding through every phase
                 msgs = [{"role": "user", "content": text}]
-                for ch in client.chat.completions.create(model="m", messages=msgs, max_tokens=20000,
-                                                         temperature=0, stream=True):
-                    started.set()
-                    if stop.is_set():
-                        break  # closing the stream cancels the request on the server
+                try:
+                    for ch in client.chat.completions.create(model="m", messages=msgs, max_tokens=20000,
+                                                             temperature=0, stream=True):
+                        if ch.choices and (ch.choices[0].delta.content or
+                                           getattr(ch.choices[0].delta, "reasoning_content", None)):
+                            started.set()  # the first token: its prefill is over
+                        if stop.is_set():
+                            break  # closing the stream cancels the request on the server
+                except Exception:  # noqa: BLE001 - the server going away at the end of the phases
+                    if not stop.is_set():
+                        raise
 
             t0 = time.perf_counter()
             long_thread = threading.Thread(target=hold, daemon=True)

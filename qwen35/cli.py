@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": "qwen35.commands.bench",
     "info": "qwen35.commands.info",
     "replica": "qwen35.commands.replica",
+    "quantize": "qwen35.commands.quantize",
 }
 
 

@@ -28,8 +28,7 @@ from .config import ModelConfig
 from .errors import CheckpointError
 from .model.qwen35 import Qwen35ForCausalLM, keeps_fp32
 from .ops.fast import bind_kernels
-from .ops.linear import view_linears
-from .runtime import WeightArena
+from .placement import allocate, quantize_into
 from .safetensors_io import SafetensorsReader, TensorEntry, read_header
 
 log = logging.getLogger("qwen35")
@@ -140,7 +139,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     if mtp_layers and config.mtp_num_hidden_layers and mtp_layers != config.mtp_num_hidden_layers:
         raise CheckpointError(f"config says mtp_num_hidden_layers={config.mtp_num_hidden_layers} but the "
                               f"checkpoint has {mtp_layers} mtp.layers")
-    if "lm_head.weight" not in by_name and not config.tie_word_embeddings:
+    if "lm_head.weight" not in by_name and "lm_head.weight.qs" not in by_name and not config.tie_word_embeddings:
         log.warning("%s: no lm_head.weight and tie_word_embeddings=false; using the embedding as the head", path)
         config = _replace(config, tie_word_embeddings=True)
     if config.tie_word_embeddings and "lm_head.weight" in by_name:
@@ -150,32 +149,55 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     with torch.device("meta"), _skip_init():
         model = Qwen35ForCausalLM(config, mtp_layers=mtp_layers)
 
+    from .quant.checkpoint import check_stored, read_quant_config
+
+    qcfg = read_quant_config(path)
+    stored = qcfg["tensors"] if qcfg else {}
+    if qcfg and quant not in (None, qcfg.get("policy")):
+        raise CheckpointError(f"{path} is already quantized ({qcfg.get('policy')}); load it without quant=, or "
+                              f"quantize the original checkpoint with {quant}")
     expected = dict(model.named_parameters())
-    missing = [n for n in expected if n not in by_name]
+    bad = [n for n in stored if n not in expected]
+    if bad:
+        raise CheckpointError(f"{path}: quantization_config names '{bad[0]}', which this model does not have")
+    wanted = [n for n in expected if n not in stored] + [n + s for n in stored for s in (".qs", ".d")]
+    missing = [n for n in wanted if n not in by_name]
     if missing:
         raise CheckpointError(f"{path}: missing tensor '{_ckpt_key(missing[0], layout)}'"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = [n for n in by_name if n not in expected]
+    wanted_set = set(wanted)
+    unexpected = [n for n in by_name if n not in wanted_set]
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor '{_disk_key(unexpected[0], by_name)}'"
                               + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
     shapes = {n: tuple(p.shape) for n, p in expected.items()}
-    plan = {}
-    if quant is not None:
+    plan = dict(stored)
+    if quant is not None and not stored:
         from .quant import policy
 
         plan = policy.plan(quant, shapes, config.tie_word_embeddings)
-    sinks = _allocate(model, dtype, plan)
+    sinks = allocate(model, dtype, plan)
     readers: dict[Path, SafetensorsReader] = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
-        total = sum(by_name[n].nbytes for n in sinks)
+        total = sum(by_name[n].nbytes for n in wanted)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", leave=False)
     try:
         for name, sink in sinks.items():
+            if name in stored:  # packed bytes and scales, read straight into place
+                qw, row, n = sink
+                e_qs, e_d = by_name[name + ".qs"], by_name[name + ".d"]
+                check_stored(path, name, e_qs, e_d, stored[name], *shapes[name])
+                for e, dest in ((e_qs, qw.qs[row : row + n]), (e_d, qw.d[row : row + n])):
+                    reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))
+                    reader.read(e, dest)
+                    info.nbytes += e.nbytes
+                    if bar is not None:
+                        bar.update(e.nbytes)
+                continue
             e = by_name[name]
             if tuple(e.shape) != shapes[name]:
                 raise CheckpointError(f"{path}: shape mismatch for '{e.name}': checkpoint has {list(e.shape)}, "
@@ -186,7 +208,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
             if isinstance(sink, torch.Tensor):
                 reader.read(e, sink)
             else:
-                _quantize_into(sink, reader.read(e))
+                quantize_into(sink, reader.read(e))
             info.nbytes += e.nbytes
             if bar is not None:
                 bar.update(e.nbytes)
@@ -198,114 +220,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     model.eval()
     model.requires_grad_(False)
     model.checkpoint_info = info
-    model.quant = quant
+    model.quant = quant if quant is not None else (qcfg or {}).get("policy")
     bind_kernels(model, kernels)
     return model
-
-
-QUANT_BAND_ROWS = 4096  # rows quantized at once (fp32 working copy of one band, not of the whole tensor)
-
-
-def _allocate(model: Qwen35ForCausalLM, dtype: torch.dtype, plan: dict[str, str]) -> dict:
-    """Give every parameter real storage, all of it in one WeightArena (huge pages where available), so
-    the checkpoint is read straight into place (no second copy, ever). Projections that share an input get
-    one real matrix each, their weights views of it. Parameters in `plan` become QuantizedWeights (packed
-    bytes and scales in the arena too); a fused group whose parts are quantized differently becomes a
-    StackedWeight of its runs. Returns {parameter name: where its checkpoint tensor goes}: a tensor to read
-    into, or (QuantizedWeight, first row) to quantize into."""
-    from .ops.linear import StackedWeight
-
-    groups = model.fusion_groups()
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    members = {id(layer.weight) for _, _, linears in groups for layer in linears}
-
-    def runs(names, linears):  # consecutive members with the same scheme share one matrix
-        out = []
-        for n, lin in zip(names, linears):
-            if out and out[-1][0] == plan.get(n):
-                out[-1][1].append((n, lin))
-            else:
-                out.append((plan.get(n), [(n, lin)]))
-        return out
-
-    def need(scheme, N, K, d):
-        if scheme is None:
-            return [((N, K), d)]
-        from .quant import formats
-
-        lay = formats.layout(scheme)
-        return [(lay.qs_shape(N, K), lay.qs_dtype), (lay.d_shape(N, K), torch.float16)]
-
-    group_runs = []
-    requests = []
-    for owner, attr, linears in groups:
-        rs = runs([name_of[id(lin.weight)] for lin in linears], linears)
-        group_runs.append((owner, attr, rs))
-        for scheme, items in rs:
-            requests += need(scheme, sum(lin.weight.shape[0] for _, lin in items), items[0][1].weight.shape[1], dtype)
-    singles = [(name, tuple(p.shape), torch.float32 if keeps_fp32(name) else dtype)
-               for name, p in model.named_parameters() if id(p) not in members]
-    for name, shape, d in singles:
-        requests += need(plan.get(name), *shape, d) if len(shape) == 2 else [(shape, d)]
-    arena = WeightArena(WeightArena.size_of(requests))
-
-    def take(scheme, N, K):
-        if scheme is None:
-            return arena.take((N, K), dtype)
-        from .quant import QuantizedWeight, formats
-
-        lay = formats.layout(scheme)
-        qw = QuantizedWeight(scheme, arena.take(lay.qs_shape(N, K), lay.qs_dtype),
-                             arena.take(lay.d_shape(N, K), torch.float16), K)
-        qw.dtype = dtype
-        return qw
-
-    sinks: dict = {}
-    for owner, attr, rs in group_runs:
-        parts = []
-        for scheme, items in rs:
-            N, K = sum(lin.weight.shape[0] for _, lin in items), items[0][1].weight.shape[1]
-            whole = take(scheme, N, K)
-            parts.append(whole)
-            row = 0
-            for name, lin in items:
-                n = lin.weight.shape[0]
-                if scheme is None:
-                    sinks[name] = whole[row : row + n]
-                    _set_param(model, name, sinks[name])
-                else:
-                    sinks[name] = (whole, row, n)
-                    _set_weight(model, name, whole.slice(row, row + n))
-                row += n
-        setattr(owner, attr, parts[0] if len(parts) == 1 else StackedWeight(parts))
-    for name, shape, d in singles:
-        scheme = plan.get(name)
-        if scheme is None:
-            sinks[name] = arena.take(shape, d)
-            _set_param(model, name, sinks[name])
-        else:
-            qw = take(scheme, *shape)
-            sinks[name] = (qw, 0, shape[0])
-            _set_weight(model, name, qw)
-    return sinks
-
-
-def _quantize_into(sink, w: torch.Tensor) -> None:
-    qw, row, n = sink
-    from .quant import formats
-
-    for a in range(0, n, QUANT_BAND_ROWS):
-        qs, d = formats.quantize(qw.scheme, w[a : a + QUANT_BAND_ROWS])
-        qw.qs[row + a : row + a + qs.shape[0]] = qs
-        qw.d[row + a : row + a + qs.shape[0]] = d
-
-
-def _set_weight(model: nn.Module, name: str, w) -> None:
-    """Put a weight object where parameter `name` was (it is no longer a parameter)."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters.pop(attr, None)
-    setattr(module, attr, w)
 
 
 @contextlib.contextmanager
@@ -321,12 +238,6 @@ def _skip_init():
     finally:
         for n, fn in saved.items():
             setattr(nn.init, n, fn)
-
-
-def _set_param(model: nn.Module, name: str, data: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[attr] = nn.Parameter(data, requires_grad=False)
 
 
 def _ckpt_key(name: str, layout: str) -> str:

@@ -187,3 +187,56 @@ def test_quantized_decode_error_is_that_of_the_reference_path(tiny_dir, quant):
     ref = decode_logits(exact, prompts, 4)
     e_fast, e_slow = bf16_error(decode_logits(fast, prompts, 4), ref), bf16_error(decode_logits(slow, prompts, 4), ref)
     assert e_fast <= 1.25 * e_slow + 1e-3, (e_fast, e_slow)
+
+
+def test_quantize_command_output_reloads_bit_identically(tiny_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "q"
+    r = subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(tiny_dir), str(out), "--quant", "int4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "qwen35" and cfg["policy"] == "int4" and set(cfg["tensors"].values()) == {"q4_0", "q8_0"}
+    direct = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="int4", kernels=False)
+    again = qwen35.load_model(out, dtype=torch.bfloat16, kernels=False)
+    assert again.quant == "int4"
+    for name in cfg["tensors"]:
+        a, b = _weight(direct, name), _weight(again, name)
+        assert torch.equal(a.qs, b.qs) and torch.equal(a.d, b.d), name
+    ids = torch.randint(0, 4096, (1, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(direct(ids), again(ids))
+
+
+def test_bad_quantized_checkpoints_are_clear_errors(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from qwen35.errors import CheckpointError
+    from qwen35.quant.checkpoint import save_quantized
+    from safetensors.torch import load_file, save_file
+
+    out = save_quantized(qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="q8_0", kernels=False),
+                         tiny_dir, tmp_path / "q")
+    with pytest.raises(CheckpointError, match=r"already quantized \(q8_0\); load it without quant="):
+        qwen35.load_model(out, quant="int4")
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    shard = next(bad.glob("*.safetensors"))
+    t = load_file(shard)
+    key = "model.layers.0.mlp.down_proj.weight.qs"
+    t[key] = t[key][:, :-32].contiguous()
+    save_file(t, str(shard))
+    with pytest.raises(CheckpointError, match=rf"quantized tensor '{key}' does not match q8_0 for a \[\d+, \d+\] "
+                                              r"matrix: expected int8 \[\d+, \d+\], found int8"):
+        qwen35.load_model(bad)
+    gptq = tmp_path / "gptq"
+    shutil.copytree(tiny_dir, gptq)
+    cfg = json.loads((gptq / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (gptq / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quantization_config.quant_method 'gptq' is not supported"):
+        qwen35.load_model(gptq)

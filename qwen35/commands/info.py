@@ -18,6 +18,9 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=None, help="context length to plan memory for "
                    "(default: max_position_embeddings)")
     p.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV element (2 = bf16)")
+    from .common import add_quant_arg
+
+    add_quant_arg(p)
 
 
 def memory_plan(config: ModelConfig, context: int, kv_bytes: int = 2) -> dict[str, float]:
@@ -34,8 +37,14 @@ def main(args: argparse.Namespace) -> int:
     config = ModelConfig.from_file(path)
     entries, files = read_checkpoint_entries(path)
     text = {k: e for k, e in entries.items() if not k.startswith("model.visual.")}
-    params = sum(math.prod(e.shape) for e in text.values())
-    mtp = sum(math.prod(e.shape) for k, e in text.items() if k.startswith("mtp."))
+
+    def numel(k, e):  # a stored quantized matrix counts its weights, not its bytes: N x (32 x scale count)
+        if k.endswith(".qs"):
+            return 0
+        return math.prod(e.shape) * (32 if k.endswith(".weight.d") else 1)
+
+    params = sum(numel(k, e) for k, e in text.items())
+    mtp = sum(numel(k, e) for k, e in text.items() if k.startswith("mtp."))
     vision = sum(math.prod(e.shape) for k, e in entries.items() if k.startswith("model.visual."))
     weight_bytes = sum(e.nbytes for e in text.values())
     context = args.context or config.max_position_embeddings
@@ -53,7 +62,35 @@ def main(args: argparse.Namespace) -> int:
     print(f"parameters   {params / 1e6:.1f}M text (of which MTP {mtp / 1e6:.1f}M), vision {vision / 1e6:.1f}M "
           f"(not loaded)")
     print(f"weights      {weight_bytes / gib:.2f} GiB on disk (text + MTP)")
+    from ..quant.checkpoint import read_quant_config
+
+    stored = read_quant_config(path)
+    if stored:
+        print(f"quantized    {stored.get('policy')} ({len(stored['tensors'])} matrices), as stored")
+    if args.quant and not stored:
+        from ..quant import policy
+        from ..quant.formats import LAYOUTS
+        from ..weights import to_module_name
+
+        layout = "vlm" if any(k.startswith("model.language_model.") for k in text) else "text"
+        shapes = {n: tuple(e.shape) for k, e in text.items() if (n := to_module_name(k, layout)) is not None}
+        if config.tie_word_embeddings:
+            shapes.pop("lm_head.weight", None)
+        qplan = policy.plan(args.quant, shapes, config.tie_word_embeddings)
+        q_bytes = sum(math.prod(s) * (LAYOUTS[qplan[n]].bits_per_weight / 8 if n in qplan else text_bytes(text, n, layout))
+                      for n, s in shapes.items())
+        weight_bytes = q_bytes
+        print(f"with --quant {args.quant}: weights {q_bytes / gib:.2f} GiB, "
+              f"{policy.bits_per_weight(qplan, shapes):.2f} bits per weight over every tensor")
     print(f"context      {context} tokens: KV {plan['kv_bytes'] / gib:.2f} GiB "
           f"({plan['kv_bytes_per_token'] / 1024:.1f} KiB/token), Gated DeltaNet state "
           f"{plan['deltanet_state_bytes'] / 1024**2:.1f} MiB (constant), per sequence")
+    total = weight_bytes + plan["kv_bytes"] + plan["deltanet_state_bytes"]
+    print(f"total        {total / gib:.2f} GiB for one sequence at {context} tokens (weights + KV + state)")
     return 0
+
+
+def text_bytes(text: dict, name: str, layout: str) -> float:
+    """Bytes per element of an unquantized tensor as the checkpoint stores it."""
+    key = ("model.language_model." + name[len("model."):]) if layout == "vlm" and name.startswith("model.") else name
+    return text[key].dtype.itemsize if key in text else 2

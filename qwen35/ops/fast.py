@@ -16,6 +16,9 @@ format, runs the per-op path.
 
 `kernel_policy` is the one rule for when binding is worth it, used by every command; QWEN35_KERNELS=1/0
 overrides it.
+
+(Past ~300 lines on purpose: the eligibility rules and the bound forms they guard are read together; a
+fast path's shape limits live next to the code that relies on them.)
 """
 
 from __future__ import annotations
