@@ -105,7 +105,7 @@ def quantize_into(sink, w: torch.Tensor) -> None:
     from .quant import formats
 
     for a in range(0, n, QUANT_BAND_ROWS):
-        qs, d = formats.quantize(qw.scheme, w[a : a + QUANT_BAND_ROWS])
+        qs, d = formats.quantize_fast(qw.scheme, w[a : a + QUANT_BAND_ROWS])
         qw.qs[row + a : row + a + qs.shape[0]] = qs
         qw.d[row + a : row + a + qs.shape[0]] = d
 

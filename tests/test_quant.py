@@ -95,6 +95,21 @@ def test_dequantize_kernel_equals_the_reference(scheme):
                        formats.dequantize(scheme, w.qs, w.d, torch.bfloat16))
 
 
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_kernel_writes_the_reference_bytes(scheme, dtype):
+    g = torch.Generator().manual_seed(8)
+    w = (torch.randn(70, 160, generator=g) * torch.rand(70, 1, generator=g) * 4).to(dtype)
+    w[0, :32] = 0
+    w[1, 3] = -w[1, :32].abs().max() * 3
+    w[2, 40] = w[2, 32:64].abs().max() * 2  # ties and extremes of either sign
+    w[2, 41] = -w[2, 40]
+    qs, d = torch.ops.qwen35.quantize_weights(w, 8 if scheme == "q8_0" else 4)
+    ref_qs, ref_d = formats.quantize(scheme, w)
+    assert torch.equal(qs, ref_qs) and torch.equal(d, ref_d)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("qtiny") / "tiny"

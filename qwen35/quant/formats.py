@@ -115,6 +115,17 @@ def quantize(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     raise AssertionError(name)
 
 
+def quantize_fast(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize`, through the C++ kernel where it is built (the same bytes: tested; ~100x faster, which
+    is what makes quantizing a 9B at load a matter of seconds), the torch reference otherwise."""
+    from ..ops import kernels
+
+    if (w.dtype in (torch.bfloat16, torch.float32) and w.dim() == 2 and w.shape[1] % BLOCK == 0
+            and name in LAYOUTS and kernels.available()):
+        return torch.ops.qwen35.quantize_weights(w.contiguous(), 8 if name == "q8_0" else 4)
+    return quantize(name, w)
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the integer kernels do to their input rows: x [M, K] -> (xq int8 [M, K], dx fp32 [M, K/32]),
     per block of 32, q8_0-style (max |x| / 127, round half away from zero)."""
