@@ -21,53 +21,92 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
 constexpr int64_t QB = 32;  // weights per block
 
-inline float xval(const float* p, int64_t i) { return p[i]; }
-inline float xval(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+// C's roundf (halves away from zero), exactly: truncate, then step away where the dropped part is >= 0.5
+// (v - trunc(v) is exact in fp32)
+inline __m512 round_away(__m512 v) {
+  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.f)), sign));
+  return _mm512_mask_add_ps(t, up, t, one);
+}
+inline __m512 clamp127(__m512 v) { return _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_min_ps(_mm512_set1_ps(127.f), v)); }
 
 // Input rows quantized per block: xq int8 [M, nbp*32], dx fp32 [M, nbp], sx fp32 [M, nbp] (block sums of
 // xq, exact in fp32), padded with zero blocks up to nbp (a multiple of 16) so that the kernels' groups of
 // 16 blocks never read past a row.
 struct QuantRows {
-  at::Tensor xq, dx, sx;
+  int8_t* xq;
+  float* dx;
+  float* sx;
+  int8_t* xlo;  // q4_0 only: each block's elements 0-15 and 16-31, the halves its nibbles hold
+  int8_t* xhi;
   int64_t nb, nbp;
 };
 
+// Per-call scratch, reused: allocating (and zeroing) tensors for it cost ~15 us a call, a third of a small
+// projection's GEMV. Calls come from one thread at a time per engine; thread_local keeps two engines apart.
+struct Scratch {
+  std::vector<int8_t> bytes;
+  std::vector<float> floats;
+};
+thread_local Scratch scratch;
+
 template <typename T>
-QuantRows quantize_rows(const T* x, int64_t M, int64_t K) {
+QuantRows quantize_rows(const T* x, int64_t M, int64_t K, bool split) {
   const int64_t nb = K / QB, nbp = (nb + 15) / 16 * 16;
-  QuantRows r{at::zeros({M, nbp * QB}, at::kChar), at::zeros({M, nbp}, at::kFloat), at::zeros({M, nbp}, at::kFloat),
-              nb, nbp};
-  int8_t* xq = r.xq.data_ptr<int8_t>();
-  float* dx = r.dx.data_ptr<float>();
-  float* sx = r.sx.data_ptr<float>();
+  const size_t nx = static_cast<size_t>(M * nbp * QB);
+  scratch.bytes.assign(split ? 2 * nx : nx, 0);
+  scratch.floats.assign(static_cast<size_t>(2 * M * nbp), 0.f);
+  QuantRows r{scratch.bytes.data(), scratch.floats.data(), scratch.floats.data() + M * nbp, nullptr, nullptr, nb, nbp};
+  int8_t* xq = r.xq;
+  float* dx = r.dx;
+  float* sx = r.sx;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t o = m * K + b * QB;
-      float amax = 0.f;
-      for (int64_t j = 0; j < QB; ++j) amax = std::max(amax, std::fabs(xval(x, o + j)));
+      const __m512 v0 = load16(x + o), v1 = load16(x + o + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
-      int32_t s = 0;
-      for (int64_t j = 0; j < QB; ++j) {
-        const int8_t q = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::round(xval(x, o + j) * inv))));
-        xq[m * nbp * QB + b * QB + j] = q;
-        s += q;
-      }
+      const __m512 vi = _mm512_set1_ps(inv);
+      const __m512i q0 = _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v0, vi))));
+      const __m512i q1 = _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v1, vi))));
+      int8_t* dst = xq + m * nbp * QB + b * QB;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtepi32_epi8(q1));
       dx[m * nbp + b] = d;
-      sx[m * nbp + b] = static_cast<float>(s);
+      sx[m * nbp + b] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
     }
+  if (split) {  // q4_0: the halves side by side, [M, nbp*16] each, in the same (already zeroed) buffer
+    int8_t* lo = scratch.bytes.data() + nx;
+    int8_t* hi = lo + nx / 2;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < nbp; ++b)
+        for (int64_t j = 0; j < 16; ++j) {
+          lo[m * nbp * 16 + b * 16 + j] = xq[m * nbp * QB + b * QB + j];
+          hi[m * nbp * 16 + b * 16 + j] = xq[m * nbp * QB + b * QB + 16 + j];
+        }
+    r.xlo = lo;
+    r.xhi = hi;
+  }
   return r;
 }
 
-QuantRows quantize_input(const at::Tensor& x) {
+QuantRows quantize_input(const at::Tensor& x, bool split) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quantized gemv: x must be a contiguous [M, K] matrix");
-  if (x.scalar_type() == at::kBFloat16) return quantize_rows(x.data_ptr<c10::BFloat16>(), x.size(0), x.size(1));
+  if (x.scalar_type() == at::kBFloat16) return quantize_rows(x.data_ptr<c10::BFloat16>(), x.size(0), x.size(1), split);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "quantized gemv: x must be bf16 or fp32");
-  return quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1));
+  return quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1), split);
 }
 
 inline float half_to_float(const c10::Half* p) { return static_cast<float>(*p); }
@@ -94,9 +133,9 @@ template <int M>
 void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64_t K, const QuantRows& r,
              const Out& out, int64_t N) {
   const int64_t nb = r.nb, nbp = r.nbp;
-  const int8_t* xq = r.xq.data_ptr<int8_t>();
-  const float* dx = r.dx.data_ptr<float>();
-  const float* sx = r.sx.data_ptr<float>();
+  const int8_t* xq = r.xq;
+  const float* dx = r.dx;
+  const float* sx = r.sx;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   // chunk c of a group holds blocks 2c (lanes 0-7) and 2c+1 (lanes 8-15): their scales are s16[pair + 2c]
   const __m512i pair = _mm512_mask_blend_epi32(0xFF00, _mm512_setzero_si512(), _mm512_set1_epi32(1));
@@ -147,8 +186,8 @@ template <int M>
 void q4_rows(const uint8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64_t K, const QuantRows& r,
              const int8_t* xlo, const int8_t* xhi, const Out& out, int64_t N) {
   const int64_t nb = r.nb, nbp = r.nbp, half = nbp * 16;
-  const float* dx = r.dx.data_ptr<float>();
-  const float* sx = r.sx.data_ptr<float>();
+  const float* dx = r.dx;
+  const float* sx = r.sx;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   // chunk c of a group holds blocks 4c..4c+3, four lanes each: their scales are s16[quad + 4c]
   const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -209,7 +248,7 @@ at::Tensor gemv_q8_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   TORCH_CHECK(qs.scalar_type() == at::kChar, "gemv_q8_0: qs must be int8");
   check_weights(x, qs, d, QB);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  QuantRows r = quantize_input(x);
+  QuantRows r = quantize_input(x, false);
   at::Tensor out = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
   const int8_t* q = qs.data_ptr<int8_t>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
@@ -222,19 +261,9 @@ at::Tensor gemv_q4_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   TORCH_CHECK(qs.scalar_type() == at::kByte, "gemv_q4_0: qs must be uint8");
   check_weights(x, qs, d, QB / 2);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  QuantRows r = quantize_input(x);
-  // each block's inputs split into the halves its nibbles hold: xlo = elements 0-15, xhi = 16-31
-  const int64_t half = r.nbp * 16;
-  at::Tensor lo = at::empty({M, half}, at::kChar), hi = at::empty({M, half}, at::kChar);
-  const int8_t* xq = r.xq.data_ptr<int8_t>();
-  int8_t* lp = lo.data_ptr<int8_t>();
-  int8_t* hp = hi.data_ptr<int8_t>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < r.nbp; ++b)
-      for (int64_t j = 0; j < 16; ++j) {
-        lp[m * half + b * 16 + j] = xq[m * r.nbp * QB + b * QB + j];
-        hp[m * half + b * 16 + j] = xq[m * r.nbp * QB + b * QB + 16 + j];
-      }
+  QuantRows r = quantize_input(x, true);
+  const int8_t* lp = r.xlo;
+  const int8_t* hp = r.xhi;
   at::Tensor out = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
   const uint8_t* q = qs.data_ptr<uint8_t>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
