@@ -185,18 +185,23 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
 
         total = sum(by_name[n].nbytes for n in wanted)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", leave=False)
+
+    def read(e: TensorEntry, dest: torch.Tensor | None = None) -> torch.Tensor:
+        reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))
+        out = reader.read(e, dest)
+        info.nbytes += e.nbytes
+        if bar is not None:
+            bar.update(e.nbytes)
+        return out
+
     try:
         for name, sink in sinks.items():
             if name in stored:  # packed bytes and scales, read straight into place
                 qw, row, n = sink
                 e_qs, e_d = by_name[name + ".qs"], by_name[name + ".d"]
                 check_stored(path, name, e_qs, e_d, stored[name], *shapes[name])
-                for e, dest in ((e_qs, qw.qs[row : row + n]), (e_d, qw.d[row : row + n])):
-                    reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))
-                    reader.read(e, dest)
-                    info.nbytes += e.nbytes
-                    if bar is not None:
-                        bar.update(e.nbytes)
+                read(e_qs, qw.qs[row : row + n])
+                read(e_d, qw.d[row : row + n])
                 continue
             e = by_name[name]
             if tuple(e.shape) != shapes[name]:
@@ -204,14 +209,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
                                       f"the config implies {list(shapes[name])}")
             if not e.dtype.is_floating_point:
                 raise CheckpointError(f"{path}: tensor '{e.name}' has non-float dtype {e.dtype}")
-            reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))
             if isinstance(sink, torch.Tensor):
-                reader.read(e, sink)
+                read(e, sink)
             else:
-                quantize_into(sink, reader.read(e))
-            info.nbytes += e.nbytes
-            if bar is not None:
-                bar.update(e.nbytes)
+                quantize_into(sink, read(e))
     finally:
         if bar is not None:
             bar.close()

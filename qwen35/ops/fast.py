@@ -265,7 +265,7 @@ def _conv_silu(x, weight, state=None, tap_mask=None):
     return torch.ops.qwen35.conv_silu(x.contiguous(), weight.contiguous(), prev.contiguous())
 
 
-def _rope_rows(rope, B: int):
+def _rope_rows(rope):
     cos, sin = rope  # [B or 1, 1, R]
     return cos.reshape(cos.shape[0], -1).contiguous(), sin.reshape(sin.shape[0], -1).contiguous()
 
@@ -319,7 +319,7 @@ def _attn_layer_decode(layer, x, state=None, ctx=None):
     attn, mlp = layer.self_attn, layer.mlp
     B, _, H = x.shape
     bufs = state.buffers(1)
-    cos, sin = _rope_rows(ctx.rope, B)
+    cos, sin = _rope_rows(ctx.rope)
     out = torch.ops.qwen35.decode_attn_layer(
         x.reshape(B, H), layer.input_layernorm.weight, matrix(attn._qkv), attn.q_norm.weight, attn.k_norm.weight,
         cos, sin, [b.k for b in bufs], [b.v for b in bufs], [r.length for r in state.rows], attn.o_proj.weight,

@@ -67,12 +67,21 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
     return w.float().reshape(N, K // BLOCK, BLOCK)
 
 
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1/d, and 0 where d is 0 (an all-zero block), as ggml computes `id`."""
+    return torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
+
+
+def _int8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., blocks, 32] fp32 -> (int8 values, fp32 scale max|x| / 127 per block): q8_0's rule, also what
+    the kernels apply to their input rows."""
+    d = x.abs().amax(-1) / 127
+    return _round_away(x * _inverse(d)[..., None]).clamp(-127, 127).to(torch.int8), d
+
+
 def quantize_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (qs int8 [N, K], d fp16 [N, K/32])."""
-    x = _blocks(w)
-    d = x.abs().amax(-1) / 127
-    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
-    qs = _round_away(x * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    qs, d = _int8_blocks(_blocks(w))
     return qs.reshape(w.shape), d.half()
 
 
@@ -83,8 +92,7 @@ def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = x.abs().argmax(-1, keepdim=True)
     mx = x.gather(-1, idx)[..., 0]
     d = mx / -8
-    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
-    q = torch.trunc(x * inv[..., None] + 8.5).clamp(max=15).to(torch.uint8)  # C's (int8_t) cast truncates
+    q = torch.trunc(x * _inverse(d)[..., None] + 8.5).clamp(max=15).to(torch.uint8)  # C's (int8_t) cast truncates
     packed = q[..., :16] | (q[..., 16:] << 4)
     N, K = w.shape
     return packed.reshape(N, K // 2), d.half()
@@ -129,12 +137,8 @@ def quantize_fast(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the integer kernels do to their input rows: x [M, K] -> (xq int8 [M, K], dx fp32 [M, K/32]),
     per block of 32, q8_0-style (max |x| / 127, round half away from zero)."""
-    M, K = x.shape
-    b = x.float().reshape(M, K // BLOCK, BLOCK)
-    dx = b.abs().amax(-1) / 127
-    inv = torch.where(dx != 0, 1.0 / torch.where(dx != 0, dx, 1.0), 0.0)
-    xq = _round_away(b * inv[..., None]).clamp(-127, 127).to(torch.int8)
-    return xq.reshape(M, K), dx
+    xq, dx = _int8_blocks(_blocks(x))
+    return xq.reshape(x.shape), dx
 
 
 def reference_matmul(name: str, x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ matrix whose input dimension is not a multiple of the block. The names `--quant`
 
 from __future__ import annotations
 
+from ..model.qwen35 import keeps_fp32
 from .formats import BLOCK, LAYOUTS, QuantError
 
 POLICIES = ("int8", "int4", *LAYOUTS)
@@ -69,9 +70,6 @@ def bits_per_weight(plan_: dict[str, str], shapes: dict[str, tuple[int, ...]], d
         for s in shape:
             n *= s
         total += n
-        bits += n * (LAYOUTS[plan_[name]].bits_per_weight if name in plan_ else (32 if _fp32(name) else dtype_bits))
+        bits += n * (LAYOUTS[plan_[name]].bits_per_weight if name in plan_ else (32 if keeps_fp32(name) else dtype_bits))
     return bits / max(total, 1)
 
-
-def _fp32(name: str) -> bool:
-    return name.endswith(("A_log", "dt_bias")) or ("norm" in name.rsplit(".", 2)[-2] and name.endswith("weight"))
