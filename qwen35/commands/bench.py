@@ -51,15 +51,12 @@ def bytes_per_decode_token(model, context: int) -> int:
     """Weights read by one decode step (the MTP head is not run; an untied embedding is only looked up,
     a tied one is read whole as the head), plus the KV and Gated DeltaNet state it touches."""
     total = 0
-    weights = [(n, p.numel() * p.element_size()) for n, p in model.named_parameters()]
-    weights += [(f"{n}.weight", w.nbytes) for n, m in model.named_modules()
-                if hasattr(w := m.__dict__.get("weight"), "nbytes") and not isinstance(w, torch.Tensor)]
-    for name, nbytes in weights:  # parameters and quantized weight objects (each counted once)
+    for name, w in model.named_weights():  # parameters and quantized weight objects, each once
         if name.startswith("mtp."):
             continue
         if name == "model.embed_tokens.weight" and model.lm_head is not None:
             continue
-        total += nbytes
+        total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
     c = model.config
     kv = len(c.full_attention_layers) * 2 * c.num_key_value_heads * c.head_dim * model.dtype.itemsize * context
     state = len(c.linear_attention_layers) * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * 4

@@ -82,6 +82,15 @@ class Qwen35ForCausalLM(nn.Module):
                 setattr(owner, attr, None)
         self._rebind()
 
+    def named_weights(self):
+        """(name, weight) for every parameter and every weight object standing in for one (a quantized matrix
+        is a QuantizedWeight, not a parameter), each once: fused matrices are views of these, not extra."""
+        yield from self.named_parameters()
+        for mod_name, m in self.named_modules():
+            w = m.__dict__.get("weight")
+            if w is not None and not isinstance(w, torch.Tensor):
+                yield f"{mod_name}.weight", w
+
     @property
     def fused(self) -> bool:
         return any(getattr(owner, attr) is not None for owner, attr, _ in self.fusion_groups())

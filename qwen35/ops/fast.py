@@ -44,11 +44,7 @@ def kernel_policy(model) -> bool:
     env = os.environ.get("QWEN35_KERNELS")
     if env in ("0", "1"):
         return env == "1"
-    # quantized matrices are weight objects, not parameters: count them too (each module's own weight only,
-    # fused matrices are views of those)
-    quantized = sum(w.shape.numel() for m in model.modules() if not isinstance(w := m.__dict__.get("weight"),
-                                                                               (torch.Tensor, type(None))))
-    n = sum(p.numel() for p in model.parameters()) + quantized
+    n = sum(w.shape.numel() for _, w in model.named_weights())  # quantized matrices counted too
     return model.dtype == torch.bfloat16 and n >= SMALL_MODEL_PARAMS
 
 

@@ -69,14 +69,12 @@ def save_quantized(model, source: Path, out: Path, max_shard_bytes: int = 2 * 2*
         raise CheckpointError("save_quantized needs a model loaded with quant=")
     tensors: dict[str, torch.Tensor] = {}
     layouts: dict[str, str] = {}
-    for name, p in model.named_parameters():
-        tensors[name] = p.detach()
-    for mod_name, m in model.named_modules():
-        w = m.__dict__.get("weight")
+    for name, w in model.named_weights():
         if isinstance(w, QuantizedWeight):
-            name = f"{mod_name}.weight"
             tensors[name + ".qs"], tensors[name + ".d"] = w.qs, w.d
             layouts[name] = w.scheme
+        else:
+            tensors[name] = w.detach()
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     config["quantization_config"] = {"quant_method": METHOD, "policy": model.quant, "block_size": formats.BLOCK,
                                      "tensors": dict(sorted(layouts.items()))}
