@@ -13,7 +13,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
@@ -129,6 +128,19 @@ struct Out {
 // s16 with one permute. The offset correction is one FMA per 16 blocks.
 inline __mmask16 first_n16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 
+// The scales of 16 blocks (from block g; nblk of them are real) for every input row m: s16[m] = dw * dx,
+// and the offset correction's running sum corr[m] += s16[m] * sx.
+template <int M>
+inline __attribute__((always_inline)) void group_scales(const c10::Half* dn, int64_t g, int64_t nblk,
+                                                        const float* dx, const float* sx, int64_t nbp,
+                                                        __m512* s16, __m512* corr) {
+  const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n16(nblk), dn + g));
+  for (int m = 0; m < M; ++m) {
+    s16[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + m * nbp + g));
+    corr[m] = _mm512_fmadd_ps(s16[m], _mm512_loadu_ps(sx + m * nbp + g), corr[m]);
+  }
+}
+
 template <int M>
 void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64_t K, const QuantRows& r,
              const Out& out, int64_t N) {
@@ -146,12 +158,8 @@ void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64
     for (int m = 0; m < M; ++m) { acc[m] = _mm512_setzero_ps(); corr[m] = _mm512_setzero_ps(); }
     for (int64_t g = 0; g < nb; g += 16) {
       const int64_t nblk = std::min<int64_t>(16, nb - g);
-      const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n16(nblk), dn + g));
       __m512 s16[M];
-      for (int m = 0; m < M; ++m) {
-        s16[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + m * nbp + g));
-        corr[m] = _mm512_fmadd_ps(s16[m], _mm512_loadu_ps(sx + m * nbp + g), corr[m]);
-      }
+      group_scales<M>(dn, g, nblk, dx, sx, nbp, s16, corr);
       if (nblk == 16) {  // a whole group: unmasked and fully unrolled (what the compiler keeps in registers)
 #pragma GCC unroll 8
         for (int c = 0; c < 8; ++c) {
@@ -198,12 +206,8 @@ void q4_rows(const uint8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int6
     for (int m = 0; m < M; ++m) { acc[m] = _mm512_setzero_ps(); corr[m] = _mm512_setzero_ps(); }
     for (int64_t g = 0; g < nb; g += 16) {
       const int64_t nblk = std::min<int64_t>(16, nb - g);
-      const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_n16(nblk), dn + g));
       __m512 s16[M];
-      for (int m = 0; m < M; ++m) {
-        s16[m] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + m * nbp + g));
-        corr[m] = _mm512_fmadd_ps(s16[m], _mm512_loadu_ps(sx + m * nbp + g), corr[m]);
-      }
+      group_scales<M>(dn, g, nblk, dx, sx, nbp, s16, corr);
       const int64_t chunks = nblk == 16 ? 4 : (nblk + 3) / 4;
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t b = g + 4 * c, left = std::min<int64_t>(4, nb - b);
