@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from baseline import checkout, run_json
 
 HERE = Path(__file__).resolve().parent
 REPLICA = HERE / ".cache" / "replica-0.8b"
@@ -114,21 +114,6 @@ print(json.dumps(res))
 """
 
 
-def run(code: str, *args: str, pythonpath: str | None = None) -> dict:
-    import os
-
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    # cwd: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                         cwd=pythonpath or str(HERE.parent))
-    if out.returncode != 0:
-        tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
-        return {"error": tail}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gen", type=int, default=32, help="decode steps per measurement")
@@ -140,22 +125,14 @@ def main() -> None:
         from qwen35.commands.replica import build_replica
 
         build_replica(REPLICA, "0.8b")
+    bench_args = (str(REPLICA), str(args.gen), "0" if args.skip_32k else "1")
     rows = {}
     if args.baseline:
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="qwen35-baseline-"))
-        subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "--detach", str(tmp), args.baseline],
-                       check=True, capture_output=True)
-        try:
-            rows[f"qwen35@{args.baseline}"] = run(QWEN35, str(REPLICA), str(args.gen), "0" if args.skip_32k else "1",
-                                                  pythonpath=str(tmp))
-        finally:
-            subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(tmp)],
-                           capture_output=True)
-    rows["qwen35"] = run(QWEN35, str(REPLICA), str(args.gen), "0" if args.skip_32k else "1")
+        with checkout(args.baseline) as code:
+            rows[f"qwen35@{args.baseline}"] = run_json(QWEN35, *bench_args, code_dir=code)
+    rows["qwen35"] = run_json(QWEN35, *bench_args)
     if not args.skip_transformers:
-        rows["transformers"] = run(TRANSFORMERS, str(REPLICA), str(args.gen))
+        rows["transformers"] = run_json(TRANSFORMERS, str(REPLICA), str(args.gen))
 
     cols = [("prefill_512_tok_s", "prefill@512"), ("prefill_4096_tok_s", "prefill@4096"),
             ("decode_1k_tok_s", "decode@1K"), ("decode_32k_tok_s", "decode@32K"), ("peak_rss_mb", "peak MiB")]

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
+
+from baseline import checkout, run_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,20 +91,6 @@ print(json.dumps({"layout": layout_name, "by_long_context": res}))
 """
 
 
-def run(lengths: str, pythonpath: str | None = None) -> dict:
-    import os
-
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    # cwd: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH
-    out = subprocess.run([sys.executable, "-c", CODE, lengths], capture_output=True, text=True, env=env,
-                         cwd=pythonpath or str(HERE.parent))
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--long", default="1024,16384,65536", help="context lengths of the long row")
@@ -113,15 +98,9 @@ def main() -> None:
     args = ap.parse_args()
     rows = {}
     if args.baseline:
-        tmp = Path(tempfile.mkdtemp(prefix="qwen35-baseline-"))
-        subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "--detach", str(tmp), args.baseline],
-                       check=True, capture_output=True)
-        try:
-            rows[f"qwen35@{args.baseline}"] = run(args.long, str(tmp))
-        finally:
-            subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(tmp)],
-                           capture_output=True)
-    rows["qwen35"] = run(args.long)
+        with checkout(args.baseline) as code:
+            rows[f"qwen35@{args.baseline}"] = run_json(CODE, args.long, code_dir=code)
+    rows["qwen35"] = run_json(CODE, args.long)
     lengths = args.long.split(",")
     print(f"{'engine':<16}{'layout':<26}" + "".join(f"{'join@' + n:>13}{'leave@' + n:>13}" for n in lengths)
           + "   (ms; 7-row batch, one long row)")

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from baseline import checkout, python_env
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
@@ -51,17 +53,13 @@ def prepare(model: Path | None) -> Path:
 
 def start(model: Path, extra: list[str], code: Path | None = None) -> tuple[subprocess.Popen, str]:
     """`qwen35 serve` from this checkout, or from `code` (a worktree of another revision)."""
-    import os
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ)
-    if code is not None:
-        env["PYTHONPATH"] = str(code)
+    env, cwd = python_env(code)
     proc = subprocess.Popen([sys.executable, "-m", "qwen35", "serve", str(model), "--port", str(port),
                              "--model-name", "m", "--no-think", *extra], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(code or HERE.parent))
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -171,16 +169,8 @@ def main() -> None:
     result = {"bench": "server", "model": str(model), "long_context": args.long_context}
     runs = {}
     if args.baseline:
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="qwen35-baseline-"))
-        subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "--detach", str(tmp), args.baseline],
-                       check=True, capture_output=True)
-        try:
-            runs[f"qwen35@{args.baseline}"] = client_phases(model, args, tmp)
-        finally:
-            subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(tmp)],
-                           capture_output=True)
+        with checkout(args.baseline) as code:
+            runs[f"qwen35@{args.baseline}"] = client_phases(model, args, code)
     runs["qwen35"] = client_phases(model, args)
     print(f"{'engine':<18}{'clients':>8}{'gen tok/s':>11}{'TTFT mean s':>13}{'TTFT max s':>12}")
     for name, res in runs.items():
