@@ -299,3 +299,21 @@ def test_saved_checkpoint_keeps_the_rope_configuration(tmp_path):
         assert torch.equal(loaded(x, positions=pos), model(x, positions=pos))
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "yarn", dtype=torch.float32).eval()
         oracle.assert_logits_match_oracle(loaded(x, positions=pos), hf, x, position_ids=pos)
+
+
+def test_moving_a_lora_model_keeps_its_adapted_groups_unfused(tied_replica):
+    """.to() unfuses and refuses the model's projection groups: only the ones that were fused, or the groups
+    LoRA took apart would be read as one matrix again and the adapters bypassed."""
+    from qwen35.train.lora import LoRALinear, apply_lora
+
+    _, path = tied_replica
+    model = qwen35.load_model(path)
+    apply_lora(model, rank=4, targets=("q_proj",))
+    apart = [owner for owner, attr, _ in model.fusion_groups() if getattr(owner, attr) is None]
+    assert apart and len(apart) < len(model.fusion_groups())
+    model.to(torch.float32)
+    assert [owner for owner, attr, _ in model.fusion_groups() if getattr(owner, attr) is None] == apart
+    x = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(1))
+    F.cross_entropy(model(x)[:, :-1].reshape(-1, 320), x[:, 1:].reshape(-1)).backward()
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert adapters and all(m.lora_B.grad is not None and m.lora_B.grad.any() for m in adapters)

@@ -64,12 +64,13 @@ class Qwen35ForCausalLM(nn.Module):
             groups.append(layer.mlp.fusion_group())
         return groups
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, owners=None) -> None:
         """Concatenate projections that share an input (q|k|v, qkv|z|b|a, gate|up) so each is one weight
-        stream; parameters become views of the fused matrices, names and values unchanged. (The loader
-        reads checkpoints straight into fused storage instead.) Kernel bindings are renewed."""
+        stream (the groups whose owner is in `owners`, default all); parameters become views of the fused
+        matrices, names and values unchanged. (The loader reads checkpoints straight into fused storage
+        instead.) Kernel bindings are renewed."""
         for owner, attr, linears in self.fusion_groups():
-            if getattr(owner, attr) is None:
+            if getattr(owner, attr) is None and (owners is None or owner in owners):
                 setattr(owner, attr, fuse_linears(*linears))
         self._rebind()
 
@@ -108,23 +109,19 @@ class Qwen35ForCausalLM(nn.Module):
         if self.quant is not None:
             raise Qwen35Error(f"this model holds {self.quant} quantized weights, which .to() / .float() cannot "
                               "convert; load it again with the dtype you want")
-        fused, kernels = self.fused, self.kernels
+        fused = {owner for owner, attr, _ in self.fusion_groups() if getattr(owner, attr) is not None}
+        kernels, self.kernels = self.kernels, None  # rebinding waits until the weights have moved
         if kernels is not None:
             from ..ops.fast import unbind_kernels
 
             unbind_kernels(self)
-        for owner, attr, linears in self.fusion_groups():
-            if getattr(owner, attr) is not None:
-                unfuse_linears(*linears)
-                setattr(owner, attr, None)
+        self.unfuse_projections(fused)
         fp32 = {n: p.data for n, p in self.named_parameters() if keeps_fp32(n) and p.dtype == torch.float32}
         out = super()._apply(fn, recurse)
         for n, p in self.named_parameters():  # a dtype change leaves these in fp32, as the loader does
             if n in fp32 and p.dtype != torch.float32 and p.dtype.is_floating_point:
                 p.data = fp32[n].to(p.device)
-        if fused:
-            for owner, attr, linears in self.fusion_groups():
-                setattr(owner, attr, fuse_linears(*linears))
+        self.fuse_projections(fused)  # only the groups that were fused: LoRA's unfused ones stay apart
         self.kernels = kernels
         self._rebind()
         return out
