@@ -8,6 +8,7 @@ import torch
 import qwen35
 from qwen35.commands.replica import build_replica
 from qwen35.ops import kernels
+from qwen35.ops.fast import bind_kernels
 from qwen35.quant import QuantError, QuantizedWeight, formats, policy
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
@@ -157,10 +158,12 @@ def test_kernels_and_reference_generate_the_same_tokens(quant):
 
     fast, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
     slow, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
+    report = bind_kernels(fast, True)  # the bundled model is below kernel_policy's size: bound by hand
+    assert report.bound.get("gdn_layer") and report.bound.get("attn_layer"), report  # quantized layers whole
+    bind_kernels(slow, True, quantized=False)
     objects = [w for m in slow.modules() for w in _weight_objects(m)]
-    assert objects and all(w.kernels for w in objects)
-    for w in objects:
-        w.kernels = False
+    assert objects and not any(w.kernels for w in objects)
+    assert "gdn_layer" not in bind_kernels(slow, True, quantized=False).bound
     prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(")]
     params = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
 
@@ -189,12 +192,17 @@ def test_quantized_batch_and_snapshots_equal_each_alone(tiny_dir, quant):
 
 @needs_kernels
 @pytest.mark.parametrize("quant", ["q8_0", "int4"])
-def test_quantized_decode_error_is_that_of_the_reference_path(tiny_dir, quant):
-    """Kernels on vs the pure torch reference of the same quantized model, both against fp32 dequantized
-    weights run in fp32: the kernels' error is no larger than the reference path's own."""
+@pytest.mark.parametrize("whole_layers", [True, False])
+def test_quantized_decode_error_is_that_of_the_reference_path(tiny_dir, quant, whole_layers):
+    """Kernels on (whole-layer decode kernels, or per op) vs the pure torch reference of the same quantized
+    model, both against fp32 dequantized weights run in fp32: the kernels' error is no larger than the
+    reference path's own."""
     from test_kernels import bf16_error, decode_logits
 
-    fast = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=True)
+    fast = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=False)
+    report = bind_kernels(fast, True, whole_layers=whole_layers)
+    layers = {k for k in report.bound if k.endswith(("_layer", "_step"))}
+    assert layers == ({"gdn_layer", "attn_layer"} if whole_layers else {"gdn_step", "attn_step"}), report
     slow = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=False)
     exact = qwen35.load_model(tiny_dir, dtype=torch.float32, quant=quant, kernels=False)
     gen = torch.Generator().manual_seed(5)

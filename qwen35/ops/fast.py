@@ -10,9 +10,10 @@ kernels' own shape limits, and binds what fits:
   `decode_attn_layer`); otherwise its mixer alone may get its fused decode step;
 - RMSNorm, the MLP's SiLU*up and the Gated DeltaNet conv+SiLU get their kernels.
 A bound forward falls back to the module's reference forward whenever the call is not what the kernel
-does (more than one token, no cache, autograd on), so binding never changes what a call means. What is not
-a plain bf16 matrix (a quantized weight object) keeps its own matmul and, until a layer kernel knows its
-format, runs the per-op path.
+does (more than one token, no cache, autograd on), so binding never changes what a call means. The
+whole-layer kernels take each matrix as parts of known kinds (`_packed`: bf16, or a quantized layout in
+LAYER_KINDS, which they multiply with the same GEMVs the weight objects use); a layer holding anything
+else runs the per-op path, where every weight object keeps its own matmul.
 
 `kernel_policy` is the one rule for when binding is worth it, used by every command; QWEN35_KERNELS=1/0
 overrides it.
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .linear import Linear, linear, matrix
+from .linear import Linear, linear
 
 GEMV_MAX_ROWS = 8  # beyond this, torch's GEMM (compute-bound, oneDNN) wins
 SMALL_MODEL_PARAMS = 50_000_000
@@ -79,9 +80,31 @@ def _plain_bf16(w) -> bool:
     return isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_contiguous()
 
 
-def _plain(w) -> bool:
-    """A plain bf16 matrix, bare or already wrapped for the GEMV (what the whole-layer kernels read)."""
-    return _plain_bf16(w) or isinstance(w, GemvWeight)
+# The quantized layouts the whole-layer kernels run (cpu_kernels.cpp `Matrix`; 0 is a bf16 matrix).
+LAYER_KINDS = {"q8_0": 1, "q4_0": 2}
+_NO_SCALES = torch.empty(0)
+
+
+def _packed(w) -> tuple[list[torch.Tensor], list[int]] | None:
+    """w as the whole-layer kernels take a matrix: (data, scales) per part and each part's kind, parts
+    stacked along N (a fused group stored differently per member); None where a part is something else
+    (fp32, a layout the layer kernels don't run, a quantized weight without its kernels)."""
+    from ..quant.weight import QuantizedWeight
+    from .linear import StackedWeight
+
+    data, kinds = [], []
+    for p in (w.parts if isinstance(w, StackedWeight) else [w]):
+        p = p.weight if isinstance(p, GemvWeight) else p
+        if _plain_bf16(p):
+            data += [p, _NO_SCALES]
+            kinds.append(0)
+        elif (isinstance(p, QuantizedWeight) and p.kernels and p.scheme in LAYER_KINDS and p.qs.is_contiguous()
+              and p.d.is_contiguous()):
+            data += [p.qs, p.d]
+            kinds.append(LAYER_KINDS[p.scheme])
+        else:
+            return None
+    return data, kinds
 
 
 def _gemv(w):
@@ -109,6 +132,7 @@ def unbind_kernels(model) -> None:
     model.head_runtime = None
     for m in model.modules():
         m.__dict__.pop("forward", None)
+        m.__dict__.pop("layer_weights", None)
         if isinstance(m, Linear):
             m.runtime_weight = None
         for attr in ("_in_proj", "_qkv", "_gate_up"):
@@ -137,10 +161,11 @@ def _weight_objects(m):
     return out
 
 
-def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True) -> KernelReport:
+def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, quantized: bool = True) -> KernelReport:
     """Bind the C++ kernels where they fit (enabled True), unbind them (False), or follow `kernel_policy`
-    (None). whole_layers=False binds only the per-op kernels (to test them against the reference).
-    Returns what was bound."""
+    (None). whole_layers=False binds only the per-op kernels, quantized=False leaves quantized weights on
+    their reference matmul (layers holding them then run per op): both to test kernels against the
+    reference. Returns what was bound."""
     from ..model.attention import GatedAttention
     from ..model.decoder import DecoderLayer
     from ..model.deltanet import GatedDeltaNet
@@ -165,8 +190,9 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True) 
             _override(m, _rmsnorm)
             report.add("rmsnorm")
         for w in _weight_objects(m):  # quantized weights run the VNNI kernels whatever the model dtype
-            w.kernels = True
-            report.add(w.scheme)
+            w.kernels = quantized
+            if quantized:
+                report.add(w.scheme)
         if not bf16:
             continue
         if isinstance(m, Linear) and _plain_bf16(m.weight):
@@ -186,19 +212,21 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True) 
         if not isinstance(layer, DecoderLayer):
             continue
         mixer = layer.mixer
+        norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        mlp = _mlp_weights(layer.mlp) if whole_layers and norms else None
         if isinstance(mixer, GatedDeltaNet) and _gdn_fits(mixer):
-            norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if (whole_layers and norms and _mlp_fits(layer.mlp) and _plain(mixer._in_proj)
-                    and _plain_bf16(mixer.out_proj.weight)):
+            mats = mlp and [_packed(mixer._in_proj), _packed(mixer.out_proj.weight)]
+            if mats and all(mats):
+                layer.layer_weights = (*mats, *mlp)
                 _override(layer, _gdn_layer_decode)
                 report.add("gdn_layer")
             else:
                 _override(mixer, _gdn_decode)
                 report.add("gdn_step")
         elif isinstance(mixer, GatedAttention) and _attn_fits(mixer, model.config.rotary_dim):
-            norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if (whole_layers and norms and _mlp_fits(layer.mlp) and mixer._qkv is not None
-                    and _plain(mixer._qkv) and _plain_bf16(mixer.o_proj.weight)):
+            mats = mlp and mixer._qkv is not None and [_packed(mixer._qkv), _packed(mixer.o_proj.weight)]
+            if mats and all(mats):
+                layer.layer_weights = (*mats, *mlp)
                 _override(layer, _attn_layer_decode)
                 report.add("attn_layer")
             else:
@@ -225,9 +253,12 @@ def _attn_fits(m, rotary_dim: int) -> bool:
             and groups in (1, 2, 4, 8) and rotary_dim % 2 == 0 and rotary_dim <= m.head_dim)
 
 
-def _mlp_fits(mlp) -> bool:
-    return (mlp._gate_up is not None and _plain(mlp._gate_up) and mlp.gate_proj.weight.shape[0] % 16 == 0
-            and _plain_bf16(mlp.down_proj.weight))
+def _mlp_weights(mlp):
+    """The MLP's (gate|up, down) as the layer kernels take them, or None where they can't."""
+    if mlp._gate_up is None or mlp.gate_proj.weight.shape[0] % 16:
+        return None
+    mats = _packed(mlp._gate_up), _packed(mlp.down_proj.weight)
+    return mats if all(mats) else None
 
 
 def _decoding(x: torch.Tensor, state) -> bool:
@@ -294,16 +325,18 @@ def _attn_decode(attn, x, state=None, ctx=None):
 
 
 def _gdn_layer_decode(layer, x, state=None, ctx=None):
-    """A whole Gated DeltaNet decoder layer's decode step in one C++ call (decode_gdn_layer)."""
+    """A whole Gated DeltaNet decoder layer's decode step in one C++ call (decode_gdn_layer); its matrices
+    (bf16 or quantized, packed once at bind time) are layer.layer_weights."""
     if not _decoding(x, state):
         return None
-    gdn, mlp = layer.linear_attn, layer.mlp
+    gdn = layer.linear_attn
+    (w_in, k_in), (w_out, k_out), (w_gu, k_gu), (w_down, k_down) = layer.layer_weights
     B, _, H = x.shape
     out, state.conv, state.recurrent = torch.ops.qwen35.decode_gdn_layer(
-        x.reshape(B, H), layer.input_layernorm.weight, matrix(gdn._in_proj), state.conv.contiguous(),
+        x.reshape(B, H).contiguous(), layer.input_layernorm.weight, w_in, k_in, state.conv.contiguous(),
         gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias, state.recurrent.contiguous(),
-        gdn.norm.weight, matrix(gdn.out_proj.weight), layer.post_attention_layernorm.weight,
-        matrix(mlp._gate_up), mlp.down_proj.weight, gdn.num_k_heads, layer.input_layernorm.eps)
+        gdn.norm.weight, w_out, k_out, layer.post_attention_layernorm.weight, w_gu, k_gu, w_down, k_down,
+        gdn.num_k_heads, layer.input_layernorm.eps)
     return out.view(B, 1, H)
 
 
@@ -312,14 +345,15 @@ def _attn_layer_decode(layer, x, state=None, ctx=None):
     and value go straight into each row's buffer at its length."""
     if not _decoding(x, state):
         return None
-    attn, mlp = layer.self_attn, layer.mlp
+    attn = layer.self_attn
+    (w_qkv, k_qkv), (w_o, k_o), (w_gu, k_gu), (w_down, k_down) = layer.layer_weights
     B, _, H = x.shape
     bufs = state.buffers(1)
     cos, sin = _rope_rows(ctx.rope)
     out = torch.ops.qwen35.decode_attn_layer(
-        x.reshape(B, H), layer.input_layernorm.weight, matrix(attn._qkv), attn.q_norm.weight, attn.k_norm.weight,
-        cos, sin, [b.k for b in bufs], [b.v for b in bufs], [r.length for r in state.rows], attn.o_proj.weight,
-        layer.post_attention_layernorm.weight, matrix(mlp._gate_up), mlp.down_proj.weight, attn.num_heads,
+        x.reshape(B, H).contiguous(), layer.input_layernorm.weight, w_qkv, k_qkv, attn.q_norm.weight,
+        attn.k_norm.weight, cos, sin, [b.k for b in bufs], [b.v for b in bufs], [r.length for r in state.rows],
+        w_o, k_o, layer.post_attention_layernorm.weight, w_gu, k_gu, w_down, k_down, attn.num_heads,
         layer.input_layernorm.eps)
     return out.view(B, 1, H)
 

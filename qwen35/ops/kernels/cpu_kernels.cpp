@@ -63,17 +63,18 @@ void gemv_pass(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int6
   });
 }
 
+// out[m * ldo + n] (ldo = N for a whole result; wider for one part of a fused projection)
 template <typename Out>
 void gemv_all(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int64_t M, int64_t N, int64_t K,
-              Out* out) {
+              Out* out, int64_t ldo) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
     const auto* xm = x + m0 * ldx;
-    Out* om = out + m0 * N;
+    Out* om = out + m0 * ldo;
     switch (std::min<int64_t>(kMaxM, M - m0)) {
-      case 1: gemv_pass<1, Out>(xm, ldx, w, N, K, om, N); break;
-      case 2: gemv_pass<2, Out>(xm, ldx, w, N, K, om, N); break;
-      case 3: gemv_pass<3, Out>(xm, ldx, w, N, K, om, N); break;
-      default: gemv_pass<4, Out>(xm, ldx, w, N, K, om, N); break;
+      case 1: gemv_pass<1, Out>(xm, ldx, w, N, K, om, ldo); break;
+      case 2: gemv_pass<2, Out>(xm, ldx, w, N, K, om, ldo); break;
+      case 3: gemv_pass<3, Out>(xm, ldx, w, N, K, om, ldo); break;
+      default: gemv_pass<4, Out>(xm, ldx, w, N, K, om, ldo); break;
     }
   }
 }
@@ -88,11 +89,11 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, bool out_fp32) {
   const auto* wp = w.data_ptr<c10::BFloat16>();
   if (out_fp32) {
     at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-    gemv_all<float>(xp, x.stride(0), wp, M, N, K, out.data_ptr<float>());
+    gemv_all<float>(xp, x.stride(0), wp, M, N, K, out.data_ptr<float>(), N);
     return out;
   }
   at::Tensor out = at::empty({M, N}, x.options());
-  gemv_all<c10::BFloat16>(xp, x.stride(0), wp, M, N, K, out.data_ptr<c10::BFloat16>());
+  gemv_all<c10::BFloat16>(xp, x.stride(0), wp, M, N, K, out.data_ptr<c10::BFloat16>(), N);
   return out;
 }
 
@@ -571,35 +572,81 @@ at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// A projection as the whole-layer kernels take it: parts stacked along N (a fused group whose members are
+// stored differently), each as (data, scales) with a kind: 0 = bf16 matrix (scales unused), 1 = q8_0,
+// 2 = q4_0 (quant_kernels.cpp), 3 = q4_k, 4 = q6_k (quant_k_kernels.cpp). The same kernels, and so the same
+// rounding, as the per-op path's weight objects (ops/fast.py GemvWeight, quant/weight.py QuantizedWeight).
+struct Matrix {
+  at::TensorList parts;  // data0, scales0, data1, scales1, ...
+  at::IntArrayRef kinds;
+};
+
+}  // namespace
+namespace qwen35_quant {
+void gemv_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c10::BFloat16* out,
+               int64_t ldo);
+}
+namespace {
+
+// x [M, K] bf16 -> [M, N] bf16, N the parts' rows together
+at::Tensor matmul(const at::Tensor& x, const Matrix& w) {
+  TORCH_CHECK(static_cast<int64_t>(w.parts.size()) == 2 * static_cast<int64_t>(w.kinds.size()) && !w.kinds.empty(),
+              "layer kernel: a matrix is (data, scales) per kind");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "layer kernel: bf16 rows");
+  int64_t N = 0;
+  for (size_t i = 0; i < w.kinds.size(); ++i) N += w.parts[2 * i].size(0);
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty({M, N}, x.options());
+  auto* op = out.data_ptr<c10::BFloat16>();
+  int64_t col = 0;
+  for (size_t i = 0; i < w.kinds.size(); ++i) {
+    const at::Tensor& data = w.parts[2 * i];
+    const int64_t n = data.size(0);
+    if (w.kinds[i] == 0) {
+      TORCH_CHECK(data.scalar_type() == at::kBFloat16 && data.is_contiguous() && data.size(1) == K,
+                  "layer kernel: bf16 part");
+      gemv_all<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), K, data.data_ptr<c10::BFloat16>(), M, n, K, op + col, N);
+    } else {
+      for (int64_t m0 = 0; m0 < M; m0 += 8)  // the quantized GEMVs take up to 8 rows at a time
+        qwen35_quant::gemv_into(w.kinds[i], x.narrow(0, m0, std::min<int64_t>(8, M - m0)), data, w.parts[2 * i + 1],
+                                op + m0 * N + col, N);
+    }
+    col += n;
+  }
+  return out;
+}
+
 // x + down(silu(gate(n)) * up(n)), n = rmsnorm(x)
-at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& ln, const at::Tensor& w_gate_up,
-                        const at::Tensor& w_down, double eps) {
+at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& ln, const Matrix& w_gate_up, const Matrix& w_down,
+                        double eps) {
   at::Tensor h = rmsnorm(x, ln, eps, true);
-  at::Tensor a = silu_mul(gemv_bf16(h, w_gate_up, false));
-  return add_bf16(x, gemv_bf16(a, w_down, false));
+  at::Tensor a = silu_mul(matmul(h, w_gate_up));
+  return add_bf16(x, matmul(a, w_down));
 }
 
 // Gated DeltaNet layer: x [B, H] bf16 -> (x', new conv state, new recurrent state)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gdn_layer(
-    const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& w_in, const at::Tensor& conv_state,
+    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in, const at::Tensor& conv_state,
     const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
-    const at::Tensor& norm_w, const at::Tensor& w_out, const at::Tensor& ln2, const at::Tensor& w_gate_up,
-    const at::Tensor& w_down, int64_t Hk, double eps) {
+    const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
+    at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
+    double eps) {
   at::Tensor h = rmsnorm(x, ln1, eps, true);
-  at::Tensor proj = gemv_bf16(h, w_in, false);
+  at::Tensor proj = matmul(h, {w_in, k_in});
   auto [o, conv, rec] = gdn_decode(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps);
-  at::Tensor x1 = add_bf16(x, gemv_bf16(o, w_out, false));
-  return {mlp_residual(x1, ln2, w_gate_up, w_down, eps), conv, rec};
+  at::Tensor x1 = add_bf16(x, matmul(o, {w_out, k_out}));
+  return {mlp_residual(x1, ln2, {w_gate_up, k_gate_up}, {w_down, k_down}, eps), conv, rec};
 }
 
 // Gated attention layer. qkv projection rows per token: [q0 g0 q1 g1 ... | k heads | v heads]. Row b's new
 // key and value are written into its own cache buffers k_buf[b], v_buf[b] [Hkv, cap_b, D] at slot pos[b]
 // (capacity reserved by the caller), then its query attends to slots [0, pos[b]]. cos/sin: [1 or B, R] fp32.
 at::Tensor decode_attn_layer(
-    const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& w_qkv, const at::Tensor& q_norm,
+    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv, const at::Tensor& q_norm,
     const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
-    at::TensorList v_buf, at::IntArrayRef pos, const at::Tensor& w_o, const at::Tensor& ln2,
-    const at::Tensor& w_gate_up, const at::Tensor& w_down, int64_t Hq, double eps) {
+    at::TensorList v_buf, at::IntArrayRef pos, at::TensorList w_o, at::IntArrayRef k_o, const at::Tensor& ln2,
+    at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq,
+    double eps) {
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "decode_attn_layer: layout");
   const int64_t B = x.size(0), R = cos.size(-1);
   TORCH_CHECK(static_cast<int64_t>(k_buf.size()) == B && static_cast<int64_t>(v_buf.size()) == B &&
@@ -610,7 +657,7 @@ at::Tensor decode_attn_layer(
                 v_buf[b].sizes() == k_buf[b].sizes(), "decode_attn_layer: buffers");
   TORCH_CHECK(R <= D && R % 2 == 0, "decode_attn_layer: sizes");
   at::Tensor h = rmsnorm(x, ln1, eps, true);
-  at::Tensor qkv = gemv_bf16(h, w_qkv, false);  // [B, 2*Hq*D + 2*Hkv*D]
+  at::Tensor qkv = matmul(h, {w_qkv, k_qkv});  // [B, 2*Hq*D + 2*Hkv*D]
   const int64_t P = qkv.size(1);
   TORCH_CHECK(P == 2 * Hq * D + 2 * Hkv * D, "decode_attn_layer: projection size");
   at::Tensor q = at::empty({B, Hq, D}, x.options());
@@ -660,8 +707,8 @@ at::Tensor decode_attn_layer(
         const float sg = to_f(static_cast<c10::BFloat16>(1.f / (1.f + std::exp(-g))));
         op[(b * Hq + hq) * D + d] = static_cast<c10::BFloat16>(to_f(op[(b * Hq + hq) * D + d]) * sg);
       }
-  at::Tensor x1 = add_bf16(x, gemv_bf16(o.view({B, Hq * D}), w_o, false));
-  return mlp_residual(x1, ln2, w_gate_up, w_down, eps);
+  at::Tensor x1 = add_bf16(x, matmul(o.view({B, Hq * D}), {w_o, k_o}));
+  return mlp_residual(x1, ln2, {w_gate_up, k_gate_up}, {w_down, k_down}, eps);
 }
 
 bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
@@ -690,12 +737,15 @@ TORCH_LIBRARY(qwen35, m) {
   m.def("gdn_decode(Tensor proj, Tensor conv_state, Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, "
         "Tensor norm_w, int Hk, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("conv_silu(Tensor x, Tensor w, Tensor state) -> (Tensor, Tensor)");
-  m.def("decode_gdn_layer(Tensor x, Tensor ln1, Tensor w_in, Tensor conv_state, Tensor conv_w, Tensor A_log, "
-        "Tensor dt_bias, Tensor state, Tensor norm_w, Tensor w_out, Tensor ln2, Tensor w_gate_up, Tensor w_down, "
-        "int Hk, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("decode_attn_layer(Tensor x, Tensor ln1, Tensor w_qkv, Tensor q_norm, Tensor k_norm, Tensor cos, "
-        "Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, int[] pos, Tensor w_o, Tensor ln2, "
-        "Tensor w_gate_up, Tensor w_down, int Hq, float eps) -> Tensor");
+  // each matrix: Tensor[] (data, scales per part) and int[] kinds (see Matrix)
+  m.def("decode_gdn_layer(Tensor x, Tensor ln1, Tensor[] w_in, int[] k_in, Tensor conv_state, Tensor conv_w, "
+        "Tensor A_log, Tensor dt_bias, Tensor state, Tensor norm_w, Tensor[] w_out, int[] k_out, Tensor ln2, "
+        "Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hk, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("decode_attn_layer(Tensor x, Tensor ln1, Tensor[] w_qkv, int[] k_qkv, Tensor q_norm, Tensor k_norm, "
+        "Tensor cos, Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, int[] pos, Tensor[] w_o, int[] k_o, "
+        "Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hq, float eps) "
+        "-> Tensor");
   m.def("attn_decode(Tensor q, Tensor[] k, Tensor[] v, int[] lengths, float scale) -> Tensor");
 }
 

@@ -110,15 +110,20 @@ QuantRows quantize_input(const at::Tensor& x, bool split) {
 
 inline float half_to_float(const c10::Half* p) { return static_cast<float>(*p); }
 
-// Where results go: fp32 or bf16 [M, N], resolved once per call (not per element: Tensor accessors cost
-// more than a row's whole dot product).
+// Where results go: fp32 or bf16, out[m * ld + n], resolved once per call (not per element: Tensor
+// accessors cost more than a row's whole dot product). ld > N when the result is a column block of a wider
+// output (one part of a fused projection, written in place by the whole-layer kernels).
 struct Out {
   float* f = nullptr;
   c10::BFloat16* h = nullptr;
-  explicit Out(at::Tensor& t) {
+  int64_t ld = 0;
+  explicit Out(at::Tensor& t) : ld(t.size(1)) {
     if (t.scalar_type() == at::kFloat) f = t.data_ptr<float>(); else h = t.data_ptr<c10::BFloat16>();
   }
-  void store(int64_t i, float v) const { if (f) f[i] = v; else h[i] = static_cast<c10::BFloat16>(v); }
+  Out(c10::BFloat16* p, int64_t ld_) : h(p), ld(ld_) {}
+  void store(int64_t m, int64_t n, float v) const {
+    if (f) f[m * ld + n] = v; else h[m * ld + n] = static_cast<c10::BFloat16>(v);
+  }
 };
 
 // Built with -fPIC, gcc spills a loop that masks every load and picks scales from an array (measured 3x
@@ -143,7 +148,7 @@ inline __attribute__((always_inline)) void group_scales(const c10::Half* dn, int
 
 template <int M>
 void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64_t K, const QuantRows& r,
-             const Out& out, int64_t N) {
+             const Out& out) {
   const int64_t nb = r.nb, nbp = r.nbp;
   const int8_t* xq = r.xq;
   const float* dx = r.dx;
@@ -186,13 +191,13 @@ void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64
       }
     }
     for (int m = 0; m < M; ++m)
-      out.store(m * N + n, _mm512_reduce_add_ps(acc[m]) - 128.f * _mm512_reduce_add_ps(corr[m]));
+      out.store(m, n, _mm512_reduce_add_ps(acc[m]) - 128.f * _mm512_reduce_add_ps(corr[m]));
   }
 }
 
 template <int M>
 void q4_rows(const uint8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64_t K, const QuantRows& r,
-             const int8_t* xlo, const int8_t* xhi, const Out& out, int64_t N) {
+             const int8_t* xlo, const int8_t* xhi, const Out& out) {
   const int64_t nb = r.nb, nbp = r.nbp, half = nbp * 16;
   const float* dx = r.dx;
   const float* sx = r.sx;
@@ -223,7 +228,7 @@ void q4_rows(const uint8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int6
       }
     }
     for (int m = 0; m < M; ++m)
-      out.store(m * N + n, _mm512_reduce_add_ps(acc[m]) - 8.f * _mm512_reduce_add_ps(corr[m]));
+      out.store(m, n, _mm512_reduce_add_ps(acc[m]) - 8.f * _mm512_reduce_add_ps(corr[m]));
   }
 }
 
@@ -248,34 +253,40 @@ void check_weights(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
     default: { constexpr int R = 8; CALL; break; } \
   }
 
-at::Tensor gemv_q8_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool out_fp32) {
-  TORCH_CHECK(qs.scalar_type() == at::kChar, "gemv_q8_0: qs must be int8");
-  check_weights(x, qs, d, QB);
+// out[m, n] for the M (<= 8) rows of x against quantized weights (qs, d): kind 1 = q8_0, 2 = q4_0.
+void gemv_rows(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const Out& o) {
+  TORCH_CHECK(kind == 1 || kind == 2, "quantized gemv: unknown kind ", kind);
+  TORCH_CHECK(qs.scalar_type() == (kind == 1 ? at::kChar : at::kByte), "quantized gemv: qs must be ",
+              kind == 1 ? "int8 (q8_0)" : "uint8 (q4_0)");
+  check_weights(x, qs, d, kind == 1 ? QB : QB / 2);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  QuantRows r = quantize_input(x, false);
-  at::Tensor out = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
-  const int8_t* q = qs.data_ptr<int8_t>();
+  const QuantRows r = quantize_input(x, kind == 2);
   const c10::Half* dp = d.data_ptr<c10::Half>();
-  const Out o(out);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { DISPATCH_M(M, (q8_rows<R>(q, dp, n0, n1, K, r, o, N))); });
+  if (kind == 1) {
+    const int8_t* q = qs.data_ptr<int8_t>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { DISPATCH_M(M, (q8_rows<R>(q, dp, n0, n1, K, r, o))); });
+  } else {
+    const uint8_t* q = qs.data_ptr<uint8_t>();
+    const int8_t* lp = r.xlo;
+    const int8_t* hp = r.xhi;
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      DISPATCH_M(M, (q4_rows<R>(q, dp, n0, n1, K, r, lp, hp, o)));
+    });
+  }
+}
+
+at::Tensor gemv_kind(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool out_fp32) {
+  at::Tensor out = at::empty({x.size(0), qs.size(0)}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
+  gemv_rows(kind, x, qs, d, Out(out));
   return out;
 }
 
+at::Tensor gemv_q8_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool out_fp32) {
+  return gemv_kind(1, x, qs, d, out_fp32);
+}
+
 at::Tensor gemv_q4_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool out_fp32) {
-  TORCH_CHECK(qs.scalar_type() == at::kByte, "gemv_q4_0: qs must be uint8");
-  check_weights(x, qs, d, QB / 2);
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  QuantRows r = quantize_input(x, true);
-  const int8_t* lp = r.xlo;
-  const int8_t* hp = r.xhi;
-  at::Tensor out = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
-  const uint8_t* q = qs.data_ptr<uint8_t>();
-  const c10::Half* dp = d.data_ptr<c10::Half>();
-  const Out o(out);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    DISPATCH_M(M, (q4_rows<R>(q, dp, n0, n1, K, r, lp, hp, o, N)));
-  });
-  return out;
+  return gemv_kind(2, x, qs, d, out_fp32);
 }
 
 // W [N, K] as bf16: bits 8 -> q8_0, 4 -> q4_0.
@@ -369,6 +380,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_weights(const at::Tensor& w, int64_t
 bool vnni_supported() { return __builtin_cpu_supports("avx512vnni"); }
 
 }  // namespace
+
+// For the whole-layer decode kernels (cpu_kernels.cpp): one part of a projection, written as bf16 into the
+// columns out[m * ldo + n], without a trip through the dispatcher.
+namespace qwen35_quant {
+void gemv_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c10::BFloat16* out,
+               int64_t ldo) {
+  gemv_rows(kind, x, qs, d, Out(out, ldo));
+}
+}  // namespace qwen35_quant
 
 TORCH_LIBRARY_FRAGMENT(qwen35, m) {
   m.def("gemv_q8_0(Tensor x, Tensor qs, Tensor d, bool out_fp32) -> Tensor");
