@@ -263,3 +263,30 @@ def test_bad_quantized_checkpoints_are_clear_errors(tiny_dir, tmp_path):
     (gptq / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="quantization_config.quant_method 'gptq' is not supported"):
         qwen35.load_model(gptq)
+
+
+@needs_kernels
+def test_quantized_mtp_head_drafts_like_its_reference():
+    """The MTP head is quantized with the rest (its fc and its decoder layer) and its decode steps run the
+    whole-layer kernels: drafted tokens along a text equal those of the same quantized head on the
+    reference matmuls, token by token through its own cache."""
+    from qwen35.commands.common import default_model
+
+    fast, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant="int4", kernels=True)
+    slow, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant="int4", kernels=True)
+    assert "attn_layer" in bind_kernels(fast, True).bound
+    bind_kernels(slow, True, quantized=False)
+    assert isinstance(fast.mtp.fc.weight, QuantizedWeight)
+    assert fast.mtp.layers[0].forward.kernel == "_attn_layer_decode"
+    ids = torch.tensor([tok.encode("import os\n\n\ndef main(argv):\n    for name in os.listdir(argv[1]):\n")])
+
+    def drafts(model):
+        with torch.no_grad():
+            hidden = model.hidden_states(ids)
+            cache, out = model.make_mtp_cache(), []
+            for t in range(ids.shape[1] - 1):
+                logits, _ = model.mtp_forward(hidden[:, t : t + 1], ids[:, t + 1 : t + 2], cache)
+                out.append(int(logits[0, -1].argmax()))
+        return out
+
+    assert drafts(fast) == drafts(slow)
