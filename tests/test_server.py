@@ -360,7 +360,6 @@ def test_rows_join_and_leave_a_bf16_batch_with_the_kernels_on(tmp_path_factory):
     running batch and leave it at different steps; each gets exactly the tokens it gets alone."""
     from qwen35.commands.replica import build_replica
     from qwen35.ops import kernels
-    from qwen35.server.engine import Engine, Request
 
     if not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
@@ -373,6 +372,14 @@ def test_rows_join_and_leave_a_bf16_batch_with_the_kernels_on(tmp_path_factory):
     params = [SamplingParams(temperature=0, max_tokens=n, stop_token_ids=(-1,)) for n in budgets]
     alone = [[s.token for s in qwen35.generate_step(model, p, params=q)] for p, q in zip(prompts, params)]
 
+    assert join_and_leave(model, prompts, params) == alone
+
+
+def join_and_leave(model, prompts, params):
+    """Two requests start, the shortest leaves, two more join a batch already holding the first's tokens;
+    returns each request's tokens."""
+    from qwen35.server.engine import Engine, Request
+
     eng = Engine(model, max_batch=4, prompt_cache_bytes=0)
     eng.shutdown()  # drive the worker's steps by hand
     reqs = [Request(p, q) for p, q in zip(prompts, params)]
@@ -382,13 +389,36 @@ def test_rows_join_and_leave_a_bf16_batch_with_the_kernels_on(tmp_path_factory):
         eng._admit()
         for _ in range(3):  # the 4-token request: 1 token at admission, 3 steps
             eng._step()
-        for r in reqs[2:]:  # join a batch whose first row already holds 300+ tokens
+        for r in reqs[2:]:  # join a batch whose first row already holds its prompt and tokens
             eng.submit(r)
         eng._admit()
         assert len(eng.active) == 3  # the 4-token request has left
         while eng.active:
             eng._step()
-    assert [[t.token for t in r.out.queue] for r in reqs] == alone
+    return [[t.token for t in r.out.queue] for r in reqs]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_server_batch_gives_the_reference_paths_tokens(quant):
+    """Quantized weights as users serve them (bf16, whole-layer kernels on the packed weights): requests
+    joining and leaving a batch get exactly the tokens the same quantized model gives each alone on the
+    reference matmuls. The bundled model (trained: real margins between tokens)."""
+    from qwen35.commands.common import default_model
+    from qwen35.ops import kernels
+    from qwen35.ops.fast import bind_kernels
+
+    if not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    fast, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant)
+    slow, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant)
+    assert {"gdn_layer", "attn_layer"} <= set(bind_kernels(fast, True).bound)
+    bind_kernels(slow, True, quantized=False)
+    texts = ["def parse(path):\n    with open(path) as f:\n" * 6, "import ", "class Stack:\n    def ",
+             "for key, value in sorted(d.items()):\n"]
+    prompts = [tok.encode(t) for t in texts]
+    params = [SamplingParams(temperature=0, max_tokens=n, stop_token_ids=(-1,)) for n in (12, 4, 9, 6)]
+    alone = [[s.token for s in qwen35.generate_step(slow, p, params=q)] for p, q in zip(prompts, params)]
+    assert join_and_leave(fast, prompts, params) == alone
 
 
 def test_queue_full_is_429(inprocess):
