@@ -148,6 +148,11 @@ class DeltaNetState:
 
     def __init__(self, conv: torch.Tensor, recurrent: torch.Tensor):
         self.conv, self.recurrent = conv, recurrent
+        # Speculative verification (HybridCache.keep_steps): a forward of T tokens also leaves the state after
+        # each of them here, steps = ([conv after token t], [recurrent after token t]), so the cache can land
+        # on any of the T positions (HybridCache.rewind) without running a token again.
+        self.keep_steps = False
+        self.steps: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @classmethod
     def zeros(cls, batch_size: int, conv_dim: int, kernel_size: int, num_heads: int, key_dim: int,
@@ -210,6 +215,7 @@ class HybridCache:
 
     def __init__(self, layout: CacheLayout, rows: list[Row], deltanet: list[DeltaNetState]):
         self.layout, self.rows, self.deltanet = layout, rows, deltanet
+        self.last_forward = 0  # tokens per row of the last forward (what `rewind` may take back); 0: none
         self.layers: list[KVCache | DeltaNetState] = []
         j = d = 0
         for t in layout.layer_types:
@@ -278,6 +284,38 @@ class HybridCache:
         """Every row now holds T more tokens (called once per forward, after all layers wrote them)."""
         for r in self.rows:
             r.length += T
+        self.last_forward = T
+
+    def keep_steps(self, on: bool = True) -> None:
+        """From now on (until off), forwards leave each Gated DeltaNet layer's state after every token they
+        process, for `rewind`."""
+        for s in self.deltanet:
+            s.keep_steps, s.steps = on, None
+
+    def rewind(self, keep: Sequence[int]) -> None:
+        """After the last forward (T tokens per row; with `keep_steps` if the model has Gated DeltaNet
+        layers): row b keeps only the first keep[b] (1..T) of those tokens, as if it had never seen the rest.
+        Its length is cut (the KV past it is dead: the next write goes over it) and each Gated DeltaNet
+        layer's state becomes the one that forward left after token keep[b]. Nothing is recomputed."""
+        keep, T = list(keep), self.last_forward
+        if len(keep) != self.batch_size:
+            raise CacheError(f"rewind: {len(keep)} counts for {self.batch_size} rows")
+        if not T or not all(1 <= n <= T for n in keep):
+            raise CacheError(f"rewind: each row keeps 1..{T} of the last forward's tokens, got {keep}")
+        for s in self.deltanet:
+            if s.steps is None or len(s.steps[0]) != T:
+                raise CacheError("rewind: the last forward kept no per-token states (call keep_steps first)")
+        for s in self.deltanet:
+            convs, recs = s.steps
+            if len(set(keep)) == 1:
+                s.conv, s.recurrent = convs[keep[0] - 1], recs[keep[0] - 1]
+            else:
+                s.conv = torch.stack([convs[n - 1][b] for b, n in enumerate(keep)])
+                s.recurrent = torch.stack([recs[n - 1][b] for b, n in enumerate(keep)])
+            s.steps = None
+        for r, n in zip(self.rows, keep):
+            r.length -= T - n
+        self.last_forward = 0
 
     def reserve(self, n: int) -> None:
         """Make room for n more tokens per row now, so the next forwards of up to n tokens allocate and
@@ -319,7 +357,8 @@ class HybridCache:
                              f"DeltaNet and {self.layout.num_attention} attention layers)")
         self.rows = [Row(self.layout.num_attention, r.length, r.rope_delta, r.kv) for r in snap.rows]
         for state, (conv, rec) in zip(self.deltanet, snap.deltanet):
-            state.conv, state.recurrent = conv, rec
+            state.conv, state.recurrent, state.steps = conv, rec, None
+        self.last_forward = 0
 
     # -- batching ----------------------------------------------------------------------------------
 
@@ -339,7 +378,8 @@ class HybridCache:
         t = torch.tensor(idx, dtype=torch.long, device=self.layout.device)
         self.rows = [self.rows[i] for i in idx]
         for s in self.deltanet:
-            s.conv, s.recurrent = s.conv.index_select(0, t), s.recurrent.index_select(0, t)
+            s.conv, s.recurrent, s.steps = s.conv.index_select(0, t), s.recurrent.index_select(0, t), None
+        self.last_forward = 0
 
     @classmethod
     def merge(cls, caches: Sequence[HybridCache]) -> HybridCache:

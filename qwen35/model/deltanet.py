@@ -75,6 +75,7 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         segments = None if ctx is None else ctx.segments
         qkv, z, b, a = self.project(x)
+        qkv_in = qkv
         qkv, conv_state = self.conv_silu(qkv, self.conv1d.weight[:, 0], None if state is None else state.conv,
                                          None if segments is None else segments.taps)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -89,9 +90,27 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         if segments is not None:
             g = g.masked_fill(segments.starts[..., None], float("-inf"))
-        o, recurrent = gated_delta_rule(q, k, v, g, beta, None if state is None else state.recurrent, mode=mode)
+        if state is not None and state.keep_steps:
+            o, recurrent = self._stepwise(qkv_in, q, k, v, g, beta, state)
+        else:
+            o, recurrent = gated_delta_rule(q, k, v, g, beta, None if state is None else state.recurrent, mode=mode)
         if state is not None:
             state.conv, state.recurrent = conv_state, recurrent
         z = z.reshape(B, T, self.num_v_heads, self.head_v_dim)
         o = self.norm(o, z, out_dtype=x.dtype).reshape(B, T, self.value_dim)
         return self.out_proj(o)
+
+    def _stepwise(self, qkv_in, q, k, v, g, beta, state: DeltaNetState):
+        """The delta rule one token at a time (the decode step's form), leaving in state.steps the conv
+        window and recurrent state after each token (speculative verification: HybridCache.rewind)."""
+        T = q.shape[1]
+        window = torch.cat([state.conv, qkv_in], dim=1)  # the pre-conv inputs: token t's window ends at t
+        rec, outs, convs, recs = state.recurrent, [], [], []
+        for t in range(T):
+            o_t, rec = gated_delta_rule(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1],
+                                        beta[:, t : t + 1], rec, mode="recurrent")
+            outs.append(o_t)
+            recs.append(rec)
+            convs.append(window[:, t + 1 : t + self.kernel_size])
+        state.steps = (convs, recs)
+        return torch.cat(outs, dim=1), rec

@@ -266,6 +266,17 @@ def _decoding(x: torch.Tensor, state) -> bool:
     return x.shape[1] == 1 and state is not None and not torch.is_grad_enabled()
 
 
+LAYER_MAX_TOKENS = 8  # the whole-layer kernels' tokens per row (speculative verification; GEMV rows)
+
+
+def _layer_decoding(x: torch.Tensor, state, ctx) -> bool:
+    """The calls the whole-layer kernels take: up to LAYER_MAX_TOKENS tokens per row (a decode step, or a
+    speculative verify pass: each token computed exactly as its own decode step would), with a cache, no
+    packed-document masks, no autograd."""
+    return (x.shape[1] <= LAYER_MAX_TOKENS and state is not None and not torch.is_grad_enabled()
+            and (ctx is None or ctx.segments is None) and x.shape[0] * x.shape[1] <= 64)
+
+
 # -- the bound forms -------------------------------------------------------------------------------
 
 def _rmsnorm(norm, x):
@@ -293,8 +304,8 @@ def _conv_silu(x, weight, state=None, tap_mask=None):
 
 
 def _rope_rows(rope):
-    cos, sin = rope  # [B or 1, 1, R]
-    return cos.reshape(cos.shape[0], -1).contiguous(), sin.reshape(sin.shape[0], -1).contiguous()
+    cos, sin = rope  # [B or 1, T, R] -> [B*T or T, R], rows in token order per row
+    return cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
 
 
 def _gdn_decode(gdn, x, state=None, ctx=None, mode="auto"):
@@ -327,35 +338,38 @@ def _attn_decode(attn, x, state=None, ctx=None):
 def _gdn_layer_decode(layer, x, state=None, ctx=None):
     """A whole Gated DeltaNet decoder layer's decode step in one C++ call (decode_gdn_layer); its matrices
     (bf16 or quantized, packed once at bind time) are layer.layer_weights."""
-    if not _decoding(x, state):
+    if not _layer_decoding(x, state, ctx):
         return None
     gdn = layer.linear_attn
     (w_in, k_in), (w_out, k_out), (w_gu, k_gu), (w_down, k_down) = layer.layer_weights
-    B, _, H = x.shape
-    out, state.conv, state.recurrent = torch.ops.qwen35.decode_gdn_layer(
-        x.reshape(B, H).contiguous(), layer.input_layernorm.weight, w_in, k_in, state.conv.contiguous(),
+    B, T, H = x.shape
+    out, convs, recs = torch.ops.qwen35.decode_gdn_layer(
+        x.reshape(B * T, H).contiguous(), layer.input_layernorm.weight, w_in, k_in, state.conv.contiguous(),
         gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias, state.recurrent.contiguous(),
         gdn.norm.weight, w_out, k_out, layer.post_attention_layernorm.weight, w_gu, k_gu, w_down, k_down,
         gdn.num_k_heads, layer.input_layernorm.eps)
-    return out.view(B, 1, H)
+    state.conv, state.recurrent = convs[-1], recs[-1]
+    if state.keep_steps:
+        state.steps = (convs, recs)
+    return out.view(B, T, H)
 
 
 def _attn_layer_decode(layer, x, state=None, ctx=None):
     """A whole gated-attention decoder layer's decode step in one C++ call (decode_attn_layer): the new key
     and value go straight into each row's buffer at its length."""
-    if not _decoding(x, state):
+    if not _layer_decoding(x, state, ctx):
         return None
     attn = layer.self_attn
     (w_qkv, k_qkv), (w_o, k_o), (w_gu, k_gu), (w_down, k_down) = layer.layer_weights
-    B, _, H = x.shape
-    bufs = state.buffers(1)
+    B, T, H = x.shape
+    bufs = state.buffers(T)
     cos, sin = _rope_rows(ctx.rope)
     out = torch.ops.qwen35.decode_attn_layer(
-        x.reshape(B, H).contiguous(), layer.input_layernorm.weight, w_qkv, k_qkv, attn.q_norm.weight,
+        x.reshape(B * T, H).contiguous(), layer.input_layernorm.weight, w_qkv, k_qkv, attn.q_norm.weight,
         attn.k_norm.weight, cos, sin, [b.k for b in bufs], [b.v for b in bufs], [r.length for r in state.rows],
         w_o, k_o, layer.post_attention_layernorm.weight, w_gu, k_gu, w_down, k_down, attn.num_heads,
         layer.input_layernorm.eps)
-    return out.view(B, 1, H)
+    return out.view(B, T, H)
 
 
 __all__ = ["bind_kernels", "unbind_kernels", "kernel_policy", "GemvWeight", "KernelReport"]

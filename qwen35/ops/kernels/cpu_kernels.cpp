@@ -624,23 +624,56 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& ln, const Matrix&
   return add_bf16(x, matmul(a, w_down));
 }
 
-// Gated DeltaNet layer: x [B, H] bf16 -> (x', new conv state, new recurrent state)
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_gdn_layer(
+// Gated DeltaNet layer: x [B*T, H] bf16, T tokens per row in row order (b, t) -> (x', conv states, recurrent
+// states after each of the T tokens). T > 1 is a speculative verify pass (or a short prompt): the matrices are
+// read once for all B*T rows, the recurrence steps token by token through the same gdn_decode as T = 1, so
+// every token's result equals what T separate decode steps give, and the cache can land on any position.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_gdn_layer(
     const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in, const at::Tensor& conv_state,
     const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
     const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
     at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
     double eps) {
+  const int64_t B = state.size(0), T = x.size(0) / B;
+  TORCH_CHECK(T >= 1 && x.size(0) == B * T, "decode_gdn_layer: x holds T tokens for each of the state's rows");
   at::Tensor h = rmsnorm(x, ln1, eps, true);
   at::Tensor proj = matmul(h, {w_in, k_in});
-  auto [o, conv, rec] = gdn_decode(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps);
+  std::vector<at::Tensor> convs, recs;
+  at::Tensor o;
+  if (T == 1) {
+    auto [o1, conv, rec] = gdn_decode(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps);
+    o = o1;
+    convs.push_back(conv);
+    recs.push_back(rec);
+  } else {
+    const int64_t P = proj.size(1);
+    at::Tensor conv = conv_state, rec = state;
+    std::vector<at::Tensor> outs;
+    for (int64_t t = 0; t < T; ++t) {
+      at::Tensor pt = proj.view({B, T, P}).select(1, t).contiguous();
+      auto [ot, c2, r2] = gdn_decode(pt, conv, conv_w, A_log, dt_bias, rec, norm_w, Hk, eps);
+      conv = c2;
+      rec = r2;
+      outs.push_back(ot);
+      convs.push_back(c2);
+      recs.push_back(r2);
+    }
+    const int64_t Vd = outs[0].size(1);
+    o = at::empty({B * T, Vd}, x.options());
+    auto* op = o.data_ptr<c10::BFloat16>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(op + (b * T + t) * Vd, outs[t].data_ptr<c10::BFloat16>() + b * Vd, Vd * sizeof(c10::BFloat16));
+  }
   at::Tensor x1 = add_bf16(x, matmul(o, {w_out, k_out}));
-  return {mlp_residual(x1, ln2, {w_gate_up, k_gate_up}, {w_down, k_down}, eps), conv, rec};
+  return {mlp_residual(x1, ln2, {w_gate_up, k_gate_up}, {w_down, k_down}, eps), convs, recs};
 }
 
-// Gated attention layer. qkv projection rows per token: [q0 g0 q1 g1 ... | k heads | v heads]. Row b's new
-// key and value are written into its own cache buffers k_buf[b], v_buf[b] [Hkv, cap_b, D] at slot pos[b]
-// (capacity reserved by the caller), then its query attends to slots [0, pos[b]]. cos/sin: [1 or B, R] fp32.
+// Gated attention layer, x [B*T, H]: T tokens per row, in row order (b, t). qkv projection rows per token:
+// [q0 g0 q1 g1 ... | k heads | v heads]. Token t of row b has its key and value written into the row's own cache
+// buffers k_buf[b], v_buf[b] [Hkv, cap_b, D] at slot pos[b] + t (capacity reserved by the caller), then its
+// query attends to slots [0, pos[b] + t] (each token as a row of its own in attn_decode: exactly what T
+// decode steps compute). cos/sin: [1, B or B*T (row order), R] rows fp32, or T rows shared by every row.
 at::Tensor decode_attn_layer(
     const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv, const at::Tensor& q_norm,
     const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
@@ -648,19 +681,21 @@ at::Tensor decode_attn_layer(
     at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq,
     double eps) {
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "decode_attn_layer: layout");
-  const int64_t B = x.size(0), R = cos.size(-1);
-  TORCH_CHECK(static_cast<int64_t>(k_buf.size()) == B && static_cast<int64_t>(v_buf.size()) == B &&
+  const int64_t B = static_cast<int64_t>(k_buf.size()), R = cos.size(-1), T = x.size(0) / std::max<int64_t>(B, 1);
+  TORCH_CHECK(B >= 1 && x.size(0) == B * T && static_cast<int64_t>(v_buf.size()) == B &&
               static_cast<int64_t>(pos.size()) == B, "decode_attn_layer: one buffer and position per row");
+  TORCH_CHECK(cos.size(0) == 1 || cos.size(0) == B * T || cos.size(0) == T, "decode_attn_layer: rotary rows");
   const int64_t Hkv = k_buf[0].size(0), D = k_buf[0].size(2);
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(k_buf[b].is_contiguous() && v_buf[b].is_contiguous() && pos[b] < k_buf[b].size(1) &&
+    TORCH_CHECK(k_buf[b].is_contiguous() && v_buf[b].is_contiguous() && pos[b] + T <= k_buf[b].size(1) &&
                 v_buf[b].sizes() == k_buf[b].sizes(), "decode_attn_layer: buffers");
   TORCH_CHECK(R <= D && R % 2 == 0, "decode_attn_layer: sizes");
   at::Tensor h = rmsnorm(x, ln1, eps, true);
   at::Tensor qkv = matmul(h, {w_qkv, k_qkv});  // [B, 2*Hq*D + 2*Hkv*D]
   const int64_t P = qkv.size(1);
   TORCH_CHECK(P == 2 * Hq * D + 2 * Hkv * D, "decode_attn_layer: projection size");
-  at::Tensor q = at::empty({B, Hq, D}, x.options());
+  const int64_t BT = B * T;
+  at::Tensor q = at::empty({BT, Hq, D}, x.options());
   const auto* qp = qkv.data_ptr<c10::BFloat16>();
   auto* qo = q.data_ptr<c10::BFloat16>();
   const float* qn = q_norm.data_ptr<float>();
@@ -682,32 +717,37 @@ at::Tensor decode_attn_layer(
     }
     for (int64_t d = R; d < D; ++d) dst[d] = static_cast<c10::BFloat16>(t[d]);
   };
-  for (int64_t b = 0; b < B; ++b) {
-    const c10::BFloat16* row = qp + b * P;
-    const float* c = cp + (cos.size(0) == 1 ? 0 : b) * R;
-    const float* sn = sp + (sin.size(0) == 1 ? 0 : b) * R;
-    for (int64_t hq = 0; hq < Hq; ++hq) norm_rope(row + hq * 2 * D, qn, c, sn, qo + (b * Hq + hq) * D);
+  std::vector<at::Tensor> ks, vs;  // token (b, t) reads row b's buffers over its first pos[b] + t + 1 slots
+  std::vector<int64_t> lengths;
+  for (int64_t i = 0; i < BT; ++i) {
+    const int64_t b = i / T, t = i % T, slot = pos[b] + t;
+    const c10::BFloat16* row = qp + i * P;
+    const int64_t crow = cos.size(0) == 1 ? 0 : (cos.size(0) == BT ? i : t);
+    const float* c = cp + crow * R;
+    const float* sn = sp + crow * R;
+    for (int64_t hq = 0; hq < Hq; ++hq) norm_rope(row + hq * 2 * D, qn, c, sn, qo + (i * Hq + hq) * D);
     auto* kb = k_buf[b].data_ptr<c10::BFloat16>();
     auto* vb = v_buf[b].data_ptr<c10::BFloat16>();
     const int64_t cap = k_buf[b].size(1);
     for (int64_t hk = 0; hk < Hkv; ++hk) {
-      norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, kb + (hk * cap + pos[b]) * D);
-      std::memcpy(vb + (hk * cap + pos[b]) * D, row + 2 * Hq * D + Hkv * D + hk * D, D * sizeof(c10::BFloat16));
+      norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, kb + (hk * cap + slot) * D);
+      std::memcpy(vb + (hk * cap + slot) * D, row + 2 * Hq * D + Hkv * D + hk * D, D * sizeof(c10::BFloat16));
     }
+    ks.push_back(k_buf[b]);
+    vs.push_back(v_buf[b]);
+    lengths.push_back(slot + 1);
   }
-  std::vector<int64_t> lengths(pos.begin(), pos.end());
-  for (auto& n : lengths) n += 1;
-  at::Tensor o = attn_decode(q, k_buf, v_buf, lengths, 1.0 / std::sqrt(static_cast<double>(D)));
+  at::Tensor o = attn_decode(q, ks, vs, lengths, 1.0 / std::sqrt(static_cast<double>(D)));
   // output gate: o * sigmoid(gate), both bf16 like the per-op path
   auto* op = o.data_ptr<c10::BFloat16>();
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t b = 0; b < BT; ++b)
     for (int64_t hq = 0; hq < Hq; ++hq)
       for (int64_t d = 0; d < D; ++d) {
         const float g = to_f(qp[b * P + hq * 2 * D + D + d]);
         const float sg = to_f(static_cast<c10::BFloat16>(1.f / (1.f + std::exp(-g))));
         op[(b * Hq + hq) * D + d] = static_cast<c10::BFloat16>(to_f(op[(b * Hq + hq) * D + d]) * sg);
       }
-  at::Tensor x1 = add_bf16(x, matmul(o.view({B, Hq * D}), {w_o, k_o}));
+  at::Tensor x1 = add_bf16(x, matmul(o.view({BT, Hq * D}), {w_o, k_o}));
   return mlp_residual(x1, ln2, {w_gate_up, k_gate_up}, {w_down, k_down}, eps);
 }
 
@@ -741,7 +781,7 @@ TORCH_LIBRARY(qwen35, m) {
   m.def("decode_gdn_layer(Tensor x, Tensor ln1, Tensor[] w_in, int[] k_in, Tensor conv_state, Tensor conv_w, "
         "Tensor A_log, Tensor dt_bias, Tensor state, Tensor norm_w, Tensor[] w_out, int[] k_out, Tensor ln2, "
         "Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hk, float eps) "
-        "-> (Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor[], Tensor[])");
   m.def("decode_attn_layer(Tensor x, Tensor ln1, Tensor[] w_qkv, int[] k_qkv, Tensor q_norm, Tensor k_norm, "
         "Tensor cos, Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, int[] pos, Tensor[] w_o, int[] k_o, "
         "Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hq, float eps) "
