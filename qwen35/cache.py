@@ -317,6 +317,18 @@ class HybridCache:
             r.length -= T - n
         self.last_forward = 0
 
+    def truncate(self, lengths: Sequence[int]) -> None:
+        """Cut each row back to lengths[b] tokens (never forward). Attention-only caches (the MTP head's):
+        a Gated DeltaNet state cannot be cut by length (use `rewind`)."""
+        if self.layout.num_deltanet:
+            raise CacheError("truncate: Gated DeltaNet state cannot be cut by length; use keep_steps + rewind")
+        lengths = list(lengths)
+        if len(lengths) != self.batch_size or any(not 0 <= n <= r.length for n, r in zip(lengths, self.rows)):
+            raise CacheError(f"truncate: lengths {lengths} for rows holding {self.lengths}")
+        for r, n in zip(self.rows, lengths):
+            r.length = n
+        self.last_forward = 0
+
     def reserve(self, n: int) -> None:
         """Make room for n more tokens per row now, so the next forwards of up to n tokens allocate and
         copy nothing (speculative verification, a known generation length)."""
