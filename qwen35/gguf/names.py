@@ -153,18 +153,22 @@ def from_gguf(name: str, t: torch.Tensor, config: ModelConfig, shape: tuple[int,
     if cols is not None:
         t = t[:, inverse(cols)]
     if name.endswith("A_log"):
-        t = log_of_exp(-t.float())
+        a = -t.float()
+        t = preimage(torch.exp, a, torch.log(a))
     elif is_centred_norm(name):
-        t = t.float() - 1  # exact (Sterbenz) for stored values >= 0.5, so 1 + w gives back the stored value
+        w = t.float()
+        t = preimage(lambda x: 1.0 + x, w, w - 1)
     return t.reshape(shape)
 
 
-def log_of_exp(a: torch.Tensor) -> torch.Tensor:
-    """x with torch.exp(x) == a exactly where such an fp32 x exists (a = exp(A_log) from an export), so the
-    model's -exp(A_log) reproduces llama.cpp's ssm_a bit for bit; log(a) can be an ulp off."""
-    x = torch.log(a)
-    for _ in range(4):
-        e = torch.exp(x)
-        x = torch.where(e < a, torch.nextafter(x, torch.full_like(x, float("inf"))),
-                        torch.where(e > a, torch.nextafter(x, torch.full_like(x, -float("inf"))), x))
+def preimage(fn, target: torch.Tensor, x: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """x nudged by ulps until fn(x) == target exactly in fp32 (where an fp32 x exists, as it does for a value
+    the exporter computed as fn(ours)): so the model's -exp(A_log) and 1 + w reproduce llama.cpp's stored
+    ssm_a and norm weights bit for bit, where log(a) or w - 1 alone can be an ulp off."""
+    up, down = torch.full_like(x, float("inf")), torch.full_like(x, -float("inf"))
+    for _ in range(steps):
+        y = fn(x)
+        if torch.equal(y, target):
+            break
+        x = torch.where(y < target, torch.nextafter(x, up), torch.where(y > target, torch.nextafter(x, down), x))
     return x

@@ -59,7 +59,7 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     w = GGUFWriter(out, ARCH, split_max_size=split_max_bytes)
     w.add_type("model")
     w.add_name(name or out.stem)
-    n_params = sum(int(np.prod(s)) for n, s in shapes.items() if not n.startswith("mtp."))
+    n_params = sum(int(np.prod(s)) for s in shapes.values())  # as llama.cpp counts: every tensor written
     w.add_size_label(size_label(n_params, 0, 0, 0))
     write_config(w, config, mtp_layers)
     w.add_file_type(FILE_TYPES[file_type])
