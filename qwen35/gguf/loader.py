@@ -66,17 +66,15 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
             raise CheckpointError(f"{f.path}: tensor '{t.name}' has shape {list(reversed(got))} (GGUF order), "
                                   f"the metadata implies {list(reversed(want))}")
 
-    plan = {n: s for n, t in by_name.items() if (s := _native(n, t, shapes[n], config))}
-    if plan and quant is not None:
-        raise CheckpointError(f"{f.path} is already quantized ({', '.join(sorted(set(plan.values())))}); load it "
-                              f"without quant=")
+    native = {n: s for n, t in by_name.items() if (s := _native(n, t, shapes[n], config))}
+    plan = dict(native)
     if quant is not None:
         from ..quant import policy
 
         plan = policy.plan(quant, shapes, config.tie_word_embeddings)
-        native = {}
-    else:
-        native = dict(plan)
+        if native and native != plan:  # quant= naming what the file already holds is fine
+            raise CheckpointError(f"{f.path} is already quantized ({', '.join(sorted(set(native.values())))}); "
+                                  f"load it without quant=")
     converted = Counter(t.tensor_type.name for n, t in by_name.items()
                         if n not in native and t.tensor_type not in FLOAT_TYPES)
     if converted:
