@@ -257,3 +257,18 @@ def test_bad_files_are_named_errors(src, tmp_path):
     w.close()
     with pytest.raises(CheckpointError, match=r"GGUF architecture is 'llama' \(Llama\); qwen35 runs only 'qwen35'"):
         load_model(tmp_path / "llama.gguf")
+
+
+def test_export_command_and_gguf_to_gguf_reexport(tmp_path):
+    """`qwen35 export` from the checkpoint and from its own bf16 GGUF (tokenizer metadata copied) give the
+    same q8_0 file, key for key and byte for byte."""
+    from qwen35.cli import main
+    from qwen35.gguf.compare import diff_gguf
+
+    assert main(["export", str(BUNDLED), str(tmp_path / "a.gguf"), "--type", "q8_0", "--name", "m"]) == 0
+    assert main(["export", str(BUNDLED), str(tmp_path / "b16.gguf"), "--name", "m"]) == 0
+    assert main(["export", str(tmp_path / "b16.gguf"), str(tmp_path / "b.gguf"), "--type", "q8_0", "--name", "m"]) == 0
+    a, b = open_gguf(tmp_path / "a.gguf"), open_gguf(tmp_path / "b.gguf")
+    assert diff_gguf(a, b) == []
+    assert all(np.array_equal(t.data, b.tensors[n].data) for n, t in a.tensors.items())
+    assert main(["export", str(BUNDLED), str(tmp_path / "x.bin")]) == 1  # a named error, not a traceback
