@@ -12,6 +12,7 @@ back as special added tokens, USER_DEFINED ones as non-special.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -56,7 +57,13 @@ def write_tokenizer(w, model_dir: Path, vocab_size: int) -> None:
     w.add_tokenizer_pre("qwen35")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+    special = SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    post = json.loads(file.read_text(encoding="utf-8")).get("post_processor") or {}
+    if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
+        # a byte-level post-processor adds nothing: llama.cpp's newer SpecialVocab says so explicitly
+        special.add_special_token.setdefault("bos", False)
+        special.add_special_token.setdefault("eos", False)
+    special.add_to_gguf(w, quiet=True)
 
 
 def copy_tokenizer(w, f) -> None:
