@@ -11,6 +11,7 @@
    tokens agree.
 
     python benchmarks/check_gguf_vs_llamacpp.py [--skip-0.8b]
+    python benchmarks/check_gguf_vs_llamacpp.py --write-manifest   # tests/llamacpp_0.8b_manifest.json
 
 Prints a table and a final JSON line. Needs benchmarks/.cache (replicas, llama.cpp's GGUFs, the venv).
 """
@@ -216,9 +217,37 @@ def check_bundled(work: Path, table: list, result: dict) -> None:
     result["bundled"] = {"tokenize_same": same, "greedy_agree": agree, "ours": ours, "llamacpp": r["greedy"]}
 
 
+MANIFEST = HERE.parent / "tests" / "llamacpp_0.8b_manifest.json"
+
+
+def write_manifest() -> None:
+    """tests/llamacpp_0.8b_manifest.json: the tensor names, GGUF shapes and types of llama.cpp's bf16 and
+    q8_0 files of replica-0.8b and their hyperparameter keys, so a unit test can hold our writer's plan to
+    them without the 1.5 GB files."""
+    from qwen35.gguf import open_gguf
+
+    out = {}
+    for kind in ("bf16", "q8_0"):
+        f = open_gguf(CACHE / "gguf" / "replica-0.8b" / f"model-{kind}.gguf")
+        out[kind] = {n: [t.tensor_type.name, [int(x) for x in t.shape]] for n, t in f.tensors.items()}
+        if kind == "bf16":
+            out["metadata"] = {k: v for k, v in f.fields.items() if k.startswith("qwen35.")}
+    lines = ["{"]
+    for i, (section, items) in enumerate(sorted(out.items())):
+        lines.append(f" {json.dumps(section)}: {{")
+        rows = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(items.items())]
+        lines.append(",\n".join(rows))
+        lines.append(" }" + ("," if i < len(out) - 1 else ""))
+    MANIFEST.write_text("\n".join(lines + ["}"]) + "\n")  # one tensor per line
+    print(f"wrote {MANIFEST}")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["worker"]:
         print(json.dumps(WORKERS[sys.argv[2]](*sys.argv[3:])))
+        return
+    if "--write-manifest" in sys.argv:
+        write_manifest()
         return
     import torch
 

@@ -272,3 +272,35 @@ def test_export_command_and_gguf_to_gguf_reexport(tmp_path):
     assert diff_gguf(a, b) == []
     assert all(np.array_equal(t.data, b.tensors[n].data) for n, t in a.tensors.items())
     assert main(["export", str(BUNDLED), str(tmp_path / "x.bin")]) == 1  # a named error, not a traceback
+
+
+def test_writer_plan_for_0_8b_equals_llama_cpp_files():
+    """For the Qwen3.5-0.8B config (no weights built), our tensor names, GGUF shapes and types for bf16 and
+    q8_0, and our hyperparameter keys, equal those of llama.cpp's converter and quantizer files
+    (tests/llamacpp_0.8b_manifest.json, written from them by benchmarks/check_gguf_vs_llamacpp.py). Ours
+    adds qwen35.attention.recurrent_layers, which llama.cpp writes when config.json lists layer_types."""
+    import json
+
+    from gguf import GGUFWriter
+
+    from qwen35.config import ModelConfig
+    from qwen35.gguf.loader import _gguf_shape
+    from qwen35.gguf.metadata import write_config
+    from qwen35.gguf.writer import tensor_plan
+    from qwen35.model.qwen35 import Qwen35ForCausalLM
+    from qwen35.shapes import composite_config
+
+    want = json.loads((Path(__file__).parent / "llamacpp_0.8b_manifest.json").read_text())
+    config = ModelConfig.from_hf(composite_config("0.8b"))
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Qwen35ForCausalLM(config, mtp_layers=1).named_parameters()}
+    for kind in ("bf16", "q8_0"):
+        ours = {g: [t, list(reversed(_gguf_shape(n, shapes[n])))] for n, g, t in tensor_plan(config, shapes, kind)}
+        assert ours == want[kind], kind
+    w = GGUFWriter(None, "qwen35")
+    write_config(w, config, 1)
+    meta = {k: v.value for k, v in w.kv_data[0].items() if k.startswith("qwen35.")}
+    assert meta.pop("qwen35.attention.recurrent_layers") == [(i + 1) % 4 != 0 for i in range(24)] + [False]
+    assert meta.keys() == want["metadata"].keys()
+    for k, v in want["metadata"].items():
+        assert meta[k] == pytest.approx(v, rel=1e-7), k

@@ -31,6 +31,27 @@ def kept_f32(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) <= 1 or "norm" in name.rsplit(".", 2)[-2] or name.endswith("conv1d.weight")
 
 
+def tensor_plan(config, shapes: dict[str, tuple[int, ...]], file_type: str) -> list[tuple[str, str, str]]:
+    """(our name, llama.cpp name, GGML type name) of every tensor a `file_type` export of a model with these
+    parameter shapes writes, in llama.cpp's order. export_gguf follows it; tests check it against llama.cpp's
+    files without building the weights."""
+    from ..quant import policy
+
+    if file_type not in FILE_TYPES:
+        raise CheckpointError(f"unknown GGUF type {file_type!r}; use one of {', '.join(FILE_TYPES)}")
+    plan = policy.plan(file_type, shapes, config.tie_word_embeddings) if file_type in blocks.GGUF_TYPES else {}
+    out = []
+    for n in _order(shapes, config.num_hidden_layers):
+        if n in plan:
+            kind = blocks.GGUF_TYPES[plan[n]]
+        elif kept_f32(n, shapes[n]) or file_type == "f32":
+            kind = "F32"
+        else:
+            kind = "BF16"
+        out.append((n, names.gguf_name(n, config.num_hidden_layers), kind))
+    return out
+
+
 def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = True, tokenizer_from: Path | None = None,
                 gguf_source=None, name: str | None = None, split_max_bytes: int = 0, progress: bool = False) -> list[Path]:
     """Write `model` to `out` (.gguf). tokenizer_from: the checkpoint directory whose tokenizer files go in;
@@ -40,12 +61,9 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.utility import size_label
 
-    from ..quant import policy
     from ..quant.formats import quantize_fast
     from ..quant.weight import QuantizedWeight
 
-    if file_type not in FILE_TYPES:
-        raise CheckpointError(f"unknown GGUF type {file_type!r}; use one of {', '.join(FILE_TYPES)}")
     config = model.config
     L = config.num_hidden_layers
     mtp_layers = len(model.mtp.layers) if (mtp and model.mtp is not None) else 0
@@ -53,7 +71,7 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     if not mtp_layers:
         weights = {n: w for n, w in weights.items() if not n.startswith("mtp.")}
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
-    plan = policy.plan(file_type, shapes, config.tie_word_embeddings) if file_type in blocks.GGUF_TYPES else {}
+    tensors = tensor_plan(config, shapes, file_type)
 
     out = Path(out)
     w = GGUFWriter(out, ARCH, split_max_size=split_max_bytes)
@@ -72,9 +90,9 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
         log.warning("exporting %s without a tokenizer: no tokenizer source given", out)
 
     requantized = 0
-    for n in _order(weights, L):
-        wt, shape, gname = weights[n], shapes[n], names.gguf_name(n, L)
-        scheme = plan.get(n)
+    for n, gname, kind in tensors:
+        wt = weights[n]
+        scheme = blocks.SCHEMES.get(kind)
         if scheme is not None:
             if isinstance(wt, QuantizedWeight) and wt.scheme == scheme:
                 qs, d = wt.qs, wt.d
@@ -84,10 +102,10 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
             qs, d = _gguf_blocks(n, qs, d, scheme, config)
             if qs is None:  # column order not block-aligned: quantize llama.cpp's layout itself
                 qs, d = quantize_fast(scheme, names.to_gguf(n, _dense(wt), config))
-            w.add_tensor(gname, blocks.join_blocks(qs, d, scheme), raw_dtype=GGMLQuantizationType[blocks.GGUF_TYPES[scheme]])
+            w.add_tensor(gname, blocks.join_blocks(qs, d, scheme), raw_dtype=GGMLQuantizationType[kind])
             continue
         t = names.to_gguf(n, _dense(wt), config)
-        if kept_f32(n, shape) or file_type == "f32":
+        if kind == "F32":
             w.add_tensor(gname, t.float().numpy())
         else:
             w.add_tensor(gname, t.to(torch.bfloat16).contiguous().view(torch.int16).numpy(),
