@@ -146,6 +146,17 @@ def check_0_8b(work: Path, rows: list[list[int]], table: list, result: dict) -> 
     result["0.8b_llamacpp_file_in_qwen35"] = {"exact": exact, **compare(c, ref)}
     del theirs_model
 
+    # llama.cpp's own q8_0 file: its blocks load as they are, and are the bytes our quantizer writes
+    t0 = time.perf_counter()
+    q8 = qwen35.load_model(CACHE / "gguf" / "replica-0.8b" / "model-q8_0.gguf", dtype=torch.bfloat16, kernels=False)
+    load_s = time.perf_counter() - t0
+    mine = qwen35.load_model(src, dtype=torch.bfloat16, kernels=False, quant="q8_0")
+    exact = bool(torch.equal(ours_logits(q8, rows), ours_logits(mine, rows)))
+    table.append(("0.8b: llama.cpp's q8_0 GGUF in qwen35 == qwen35 quant=q8_0 (logits)", exact))
+    table.append(("0.8b: load_model(llama.cpp's q8_0 GGUF) seconds", round(load_s, 1)))
+    result["0.8b_llamacpp_q8_0_in_qwen35"] = {"exact": exact, "load_s": round(load_s, 1)}
+    del q8, mine
+
     lc = llama_logits(ours, rows, work)
     cmp = compare(lc, ref)
     table.append(("0.8b: llama.cpp on our bf16 GGUF vs qwen35 (bf16)", cmp))

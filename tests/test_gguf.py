@@ -10,8 +10,7 @@ import torch
 
 from qwen35 import CheckpointError
 from qwen35.commands.replica import build_replica
-from qwen35.gguf import export_gguf, open_gguf
-from qwen35.gguf import names
+from qwen35.gguf import export_gguf, names, open_gguf
 from qwen35.quant import QuantizedWeight
 from qwen35.weights import load_model
 

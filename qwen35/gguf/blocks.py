@@ -23,7 +23,8 @@ def block_bytes(scheme: str) -> int:
 def split_blocks(raw: np.ndarray, scheme: str, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """raw uint8 [N, K/32 * block_bytes] (a GGUF tensor's bytes) -> (qs, d) in our layout (copies)."""
     lay = formats.layout(scheme)
-    b = torch.from_numpy(np.array(raw).reshape(N, K // formats.BLOCK, block_bytes(scheme)))  # a copy: the map is read-only
+    raw = np.array(raw)  # a copy: the map is read-only
+    b = torch.from_numpy(raw.reshape(N, K // formats.BLOCK, block_bytes(scheme)))
     d = b[..., :2].contiguous().view(torch.float16).reshape(N, K // formats.BLOCK)
     qs = b[..., 2:].contiguous().view(lay.qs_dtype).reshape(lay.qs_shape(N, K))
     return qs, d
@@ -51,7 +52,8 @@ def block_order(cols: torch.Tensor) -> torch.Tensor | None:
     return starts // B
 
 
-def permute_blocks(qs: torch.Tensor, d: torch.Tensor, scheme: str, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def permute_blocks(qs: torch.Tensor, d: torch.Tensor, scheme: str,
+                   order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks of every row reordered (new block j = old block order[j]) on the packed form."""
     lay = formats.layout(scheme)
     N = qs.shape[0]

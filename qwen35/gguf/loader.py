@@ -78,8 +78,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     converted = Counter(t.tensor_type.name for n, t in by_name.items()
                         if n not in native and t.tensor_type not in FLOAT_TYPES)
     if converted:
-        log.warning("%s: %s dequantized to %s (no qwen35 kernel for these types yet)", f.path.name,
-                    ", ".join(f"{c} {k} tensors" for k, c in sorted(converted.items())), str(dtype).removeprefix("torch."))
+        what = ", ".join(f"{c} {k} tensors" for k, c in sorted(converted.items()))
+        log.warning("%s: %s dequantized to %s (no qwen35 kernel for these types yet)", f.path.name, what,
+                    str(dtype).removeprefix("torch."))
 
     sinks = allocate(model, dtype, plan)
     bar = None

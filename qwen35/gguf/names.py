@@ -84,7 +84,9 @@ def our_name(gguf: str, num_layers: int) -> str | None:
         return _MTP_BACK[rest] if i == num_layers else None
     if rest not in _LAYER_BACK:
         return None
-    return f"model.layers.{i}.{_LAYER_BACK[rest]}" if i < num_layers else f"mtp.layers.{i - num_layers}.{_LAYER_BACK[rest]}"
+    if i < num_layers:
+        return f"model.layers.{i}.{_LAYER_BACK[rest]}"
+    return f"mtp.layers.{i - num_layers}.{_LAYER_BACK[rest]}"
 
 
 def is_centred_norm(name: str) -> bool:

@@ -52,8 +52,9 @@ def tensor_plan(config, shapes: dict[str, tuple[int, ...]], file_type: str) -> l
     return out
 
 
-def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = True, tokenizer_from: Path | None = None,
-                gguf_source=None, name: str | None = None, split_max_bytes: int = 0, progress: bool = False) -> list[Path]:
+def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = True,
+                tokenizer_from: Path | None = None, gguf_source=None, name: str | None = None,
+                split_max_bytes: int = 0, progress: bool = False) -> list[Path]:
     """Write `model` to `out` (.gguf). tokenizer_from: the checkpoint directory whose tokenizer files go in;
     gguf_source: an opened GGUF (reader.open_gguf) whose tokenizer.* fields are copied instead.
     split_max_bytes: split into `-0000K-of-0000N.gguf` parts of at most this size (0: one file).
@@ -65,7 +66,6 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     from ..quant.weight import QuantizedWeight
 
     config = model.config
-    L = config.num_hidden_layers
     mtp_layers = len(model.mtp.layers) if (mtp and model.mtp is not None) else 0
     weights = dict(model.named_weights())
     if not mtp_layers:
