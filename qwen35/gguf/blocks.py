@@ -7,6 +7,8 @@ bytes of nibbles in the same order as ours, 18 bytes). We keep the same quants a
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -28,6 +30,18 @@ def split_blocks(raw: np.ndarray, scheme: str, N: int, K: int) -> tuple[torch.Te
     d = b[..., :2].contiguous().view(torch.float16).reshape(N, K // formats.BLOCK)
     qs = b[..., 2:].contiguous().view(lay.qs_dtype).reshape(lay.qs_shape(N, K))
     return qs, d
+
+
+def split_into(raw: np.ndarray, scheme: str, qs: torch.Tensor, d: torch.Tensor) -> None:
+    """`split_blocks` straight into qs [N, ...] and d [N, K/32] (contiguous rows of the model's arena): one
+    strided copy from the file's pages, no intermediate."""
+    N, nb = d.shape
+    half = block_bytes(scheme) // 2  # blocks are an even number of bytes, at even offsets: move 16-bit words
+    with warnings.catch_warnings():  # the map is read-only, and is only read from here
+        warnings.simplefilter("ignore", UserWarning)
+        b = torch.from_numpy(raw.view(np.int16)).reshape(N, nb, half)
+    qs.view(torch.int16).reshape(N, nb, half - 1).copy_(b[..., 1:])
+    d.view(torch.int16).copy_(b[..., 0])
 
 
 def join_blocks(qs: torch.Tensor, d: torch.Tensor, scheme: str) -> np.ndarray:

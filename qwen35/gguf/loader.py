@@ -93,9 +93,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
             t = by_name[n]
             if n in native:
                 qw, row, rows = sink
-                qs, d = _native_blocks(n, t, native[n], shapes[n], config)
-                qw.qs[row : row + rows] = qs
-                qw.d[row : row + rows] = d
+                if names.row_index(n, config) is None and names.col_index(n, config) is None:
+                    blocks.split_into(t.data, native[n], qw.qs[row : row + rows], qw.d[row : row + rows])
+                else:  # value heads to move back first
+                    qs, d = _native_blocks(n, t, native[n], shapes[n], config)
+                    qw.qs[row : row + rows] = qs
+                    qw.d[row : row + rows] = d
             else:
                 w = names.from_gguf(n, to_torch(t, f.path), config, shapes[n])
                 if isinstance(sink, torch.Tensor):
