@@ -191,7 +191,7 @@ def test_our_export_matches_llama_cpp_converter_and_its_file_loads(tmp_path):
     import qwen35
     from qwen35.gguf.compare import diff_gguf
 
-    model, tok = qwen35.load(BUNDLED, kernels=False)
+    model, _ = qwen35.load(BUNDLED, kernels=False)
     for kind in ("bf16", "q8_0"):
         out = tmp_path / f"{kind}.gguf"
         export_gguf(model, out, kind, tokenizer_from=BUNDLED, name="model")
