@@ -52,10 +52,20 @@ def resolve(path_or_repo_id: str | Path) -> Path:
 
 def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progress: bool = False,
          kernels: bool | None = None, quant: str | None = None):
-    """(model, tokenizer) from a directory or hub repo id. The tokenizer carries the chat template.
+    """(model, tokenizer) from a directory, a GGUF file or a hub repo id. The tokenizer carries the chat template.
     kernels, quant: as in `load_model` (kernels None: ops.fast.kernel_policy decides)."""
     path = resolve(path_or_repo_id)
     model = load_model(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant)
+    if path.suffix == ".gguf":  # the tokenizer and template live in the GGUF's metadata
+        from .gguf import open_gguf
+        from .gguf.vocab import chat_template
+
+        f = open_gguf(path)  # once for both (its 250k-token vocabulary takes a moment to parse)
+        tokenizer = Tokenizer.from_gguf(f)
+        tmpl = chat_template(f)
+        tokenizer.chat_template = (ChatTemplate(tmpl, f"{path} (tokenizer.chat_template)") if tmpl
+                                   else ChatTemplate.from_model_dir(None))
+        return model, tokenizer
     tokenizer = Tokenizer(path)
     tokenizer.chat_template = ChatTemplate.from_model_dir(path)
     return model, tokenizer

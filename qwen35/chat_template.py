@@ -1,6 +1,6 @@
 """Chat templates: the checkpoint's own Jinja template, rendered exactly as transformers renders it.
 
-Source, in order: `chat_template.jinja` next to the weights, `chat_template` in tokenizer_config.json (a
+Source, in order: a GGUF's `tokenizer.chat_template`, `chat_template.jinja` next to the weights, `chat_template` in tokenizer_config.json (a
 string, or a list of named templates: "default"), else qwen35's default template
 (qwen35/templates/qwen3_5.jinja), written to the documented Qwen3.5 format.
 
@@ -36,7 +36,14 @@ class ChatTemplateError(Qwen35Error):
 
 def find_template(model_dir: str | Path | None) -> tuple[str, str]:
     """(template source, where it came from)."""
-    if model_dir is not None:
+    if model_dir is not None and Path(model_dir).suffix == ".gguf" and Path(model_dir).is_file():
+        from .gguf import open_gguf
+        from .gguf.vocab import chat_template
+
+        tmpl = chat_template(open_gguf(model_dir))
+        if tmpl is not None:
+            return tmpl, f"{model_dir} (tokenizer.chat_template)"
+    elif model_dir is not None:
         d = Path(model_dir)
         if (d / "chat_template.jinja").is_file():
             return (d / "chat_template.jinja").read_text(encoding="utf-8"), str(d / "chat_template.jinja")

@@ -17,6 +17,7 @@ COMMANDS = {
     "info": "qwen35.commands.info",
     "replica": "qwen35.commands.replica",
     "quantize": "qwen35.commands.quantize",
+    "export": "qwen35.commands.export",
 }
 
 

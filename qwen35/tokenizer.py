@@ -36,7 +36,13 @@ def _byte_decoder() -> dict[str, int]:
 
 class Tokenizer:
     def __init__(self, path: str | Path):
+        """path: a checkpoint directory, its tokenizer.json, or a GGUF file (its tokenizer.* metadata)."""
         path = Path(path)
+        if path.suffix == ".gguf" and path.is_file():
+            from .gguf.reader import open_gguf
+
+            self._from_gguf(open_gguf(path))
+            return
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise TokenizerError(f"tokenizer.json not found: {file}")
@@ -52,6 +58,23 @@ class Tokenizer:
                 self.config = json.loads(cfg.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise TokenizerError(f"{cfg}: not valid JSON ({e})") from None
+        self._index_added()
+
+    @classmethod
+    def from_gguf(cls, gguf_file) -> Tokenizer:
+        """From an opened GGUF (qwen35.gguf.open_gguf): vocab, merges and special tokens of its metadata."""
+        self = cls.__new__(cls)
+        self._from_gguf(gguf_file)
+        return self
+
+    def _from_gguf(self, f) -> None:
+        from .gguf.vocab import build_tokenizer
+
+        self._tok, self.config = build_tokenizer(f)
+        self.dir = f.path.parent
+        self._index_added()
+
+    def _index_added(self) -> None:
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
         self.added_ids = set(added)

@@ -107,7 +107,8 @@ def count_mtp_layers(keys) -> int:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
                kernels: bool | None = None, quant: str | None = None) -> Qwen35ForCausalLM:
-    """Load a Qwen3.5 checkpoint directory. dtype: torch.float32, torch.bfloat16 or torch.float16.
+    """Load a Qwen3.5 checkpoint directory, or a `qwen35` GGUF file (qwen35/gguf/loader.py).
+    dtype: torch.float32, torch.bfloat16 or torch.float16.
     progress: show a progress bar (bytes read) on stderr. kernels: bind the C++ CPU kernels (True), run the
     torch reference only (False), or let `ops.fast.kernel_policy` decide (None; see there).
     quant: a quantization policy (quant/policy.py: "int8", "int4", "q8_0", "q4_0"): matrices are quantized
@@ -120,6 +121,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".gguf":  # one GGUF file, or any part of a split one
+        from .gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; point at the folder holding config.json and weights")
     config = ModelConfig.from_file(path)

@@ -16,7 +16,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory or Hugging Face repo id (default: the bundled model)")
+                   help="checkpoint directory, GGUF file or Hugging Face repo id (default: the bundled model)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",

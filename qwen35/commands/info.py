@@ -1,6 +1,7 @@
 """Show a checkpoint's configuration, parameter count and memory needs.
 
-Reads only config.json and the safetensors headers, so it is instant even for large checkpoints.
+Reads only config.json and the safetensors headers (or a GGUF's metadata and tensor index), so it is instant
+even for large checkpoints.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ..weights import read_checkpoint_entries
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("model", help="checkpoint directory (config.json + safetensors) or GGUF file")
     p.add_argument("--context", type=int, default=None, help="context length to plan memory for "
                    "(default: max_position_embeddings)")
     p.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV element (2 = bf16)")
@@ -32,8 +33,37 @@ def memory_plan(config: ModelConfig, context: int, kv_bytes: int = 2) -> dict[st
     return {"kv_bytes_per_token": kv_per_token, "kv_bytes": kv_per_token * context, "deltanet_state_bytes": gdn}
 
 
+def gguf_info(path: Path, args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from ..gguf import open_gguf
+    from ..gguf.loader import read_config
+
+    config, f = read_config(path), open_gguf(path)
+    L = config.num_hidden_layers
+    params = sum(t.n_elements for t in f.tensors.values())
+    mtp = sum(t.n_elements for n, t in f.tensors.items() if n.startswith(f"blk.{L}.") or
+              (n.startswith("blk.") and int(n.split(".")[1]) > L))
+    types = Counter(t.tensor_type.name for t in f.tensors.values())
+    context = args.context or config.max_position_embeddings
+    plan = memory_plan(config, context, args.kv_bytes)
+    gib = 1024**3
+    print(f"model        {path}  (GGUF {f.get('general.architecture')}, {len(f.parts)} file(s))")
+    print(f"layers       {L}: {len(config.linear_attention_layers)} Gated DeltaNet, "
+          f"{len(config.full_attention_layers)} gated attention; hidden {config.hidden_size}, "
+          f"vocab {config.vocab_size}, tied head: {config.tie_word_embeddings}")
+    print(f"parameters   {params / 1e6:.1f}M (of which MTP {mtp / 1e6:.1f}M)")
+    print(f"tensors      {', '.join(f'{c} {k}' for k, c in types.most_common())}; "
+          f"weights {f.nbytes / gib:.2f} GiB")
+    print(f"context      {context} tokens: KV {plan['kv_bytes'] / gib:.2f} GiB, Gated DeltaNet state "
+          f"{plan['deltanet_state_bytes'] / 1024**2:.1f} MiB (constant), per sequence")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     path = Path(args.model)
+    if path.suffix == ".gguf":
+        return gguf_info(path, args)
     config = ModelConfig.from_file(path)
     entries, files = read_checkpoint_entries(path)
     text = {k: e for k, e in entries.items() if not k.startswith("model.visual.")}

@@ -30,6 +30,11 @@ def main(args: argparse.Namespace) -> int:
     from ..weights import load_model
 
     src = resolve(args.model)
+    if src.suffix == ".gguf":
+        from ..errors import Qwen35Error
+
+        raise Qwen35Error(f"{src}: a GGUF is requantized with `qwen35 export {src} OUT.gguf --type q8_0|q4_0`, "
+                          f"or loaded as it is with --quant")
     dtype = torch.float32 if args.dtype in ("float32", "fp32") else torch.bfloat16
     model = load_model(src, dtype=dtype, quant=args.quant, kernels=False, progress=True)
     save_quantized(model, src, args.out, int(args.max_shard_gb * 2**30))

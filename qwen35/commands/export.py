@@ -1,0 +1,52 @@
+"""Write a model as a GGUF file llama.cpp loads: `qwen35 export MODEL OUT.gguf --type bf16|q8_0|q4_0`.
+
+MODEL is a checkpoint directory (its tokenizer and chat template go in too), a hub repo id, or a GGUF file
+(re-export, e.g. to another type; its tokenizer metadata is copied). q8_0 / q4_0 are quantized with our
+quantizer (the bytes llama.cpp's would write), tensor by tensor as the model is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def setup_parser(p: argparse.ArgumentParser) -> None:
+    from ..gguf import EXPORT_TYPES
+
+    p.add_argument("model", help="checkpoint directory, Hugging Face repo id or GGUF file")
+    p.add_argument("out", type=Path, help="output .gguf file")
+    p.add_argument("--type", dest="file_type", choices=EXPORT_TYPES, default="bf16",
+                   help="bf16 (default), f32, or q8_0 / q4_0 (every matrix the quantization policy of that name "
+                        "quantizes; norms, conv1d, ssm_a, dt bias stay F32)")
+    p.add_argument("--no-mtp", dest="mtp", action="store_false", help="drop the MTP (multi-token prediction) head")
+    p.add_argument("--name", default=None, help="general.name (default: the output file's stem)")
+    p.add_argument("--split-max-gb", type=float, default=0.0,
+                   help="split into -0000K-of-0000N.gguf parts of at most this size (default: one file)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..api import resolve
+    from ..gguf import export_gguf, open_gguf
+    from ..quant.formats import LAYOUTS
+    from ..weights import load_model
+
+    if args.out.suffix != ".gguf":
+        from ..errors import Qwen35Error
+
+        raise Qwen35Error(f"{args.out}: the output file name must end in .gguf")
+    src = resolve(args.model)
+    quant = args.file_type if args.file_type in LAYOUTS else None
+    dtype = torch.float32 if args.file_type == "f32" else torch.bfloat16
+    source_gguf = open_gguf(src) if src.suffix == ".gguf" else None
+    if source_gguf is not None and quant is not None:
+        quant = None  # a GGUF is loaded as it is; the writer requantizes what is not already in the layout
+    model = load_model(src, dtype=dtype, quant=quant, kernels=False, progress=True)
+    files = export_gguf(model, args.out, args.file_type, mtp=args.mtp,
+                        tokenizer_from=None if source_gguf is not None else src, gguf_source=source_gguf,
+                        name=args.name, split_max_bytes=int(args.split_max_gb * 2**30), progress=True)
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {', '.join(str(f) for f in files)} ({args.file_type}, {size / 2**20:.1f} MiB)")
+    return 0

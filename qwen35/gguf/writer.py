@@ -1,0 +1,154 @@
+"""Write a loaded model as a GGUF file llama.cpp loads: architecture `qwen35`, its tensor names, metadata
+keys and layout transforms (names.py), the tokenizer and chat template, and the MTP head as `blk.{L}.nextn.*`.
+
+Tensor types per file type, as llama.cpp's converter and quantizer choose them: 1-D tensors, norms, conv1d,
+ssm_a and ssm_dt.bias are F32 always; the matrices are BF16 (`bf16`) or, for `q8_0` / `q4_0`, the layout
+our quantization policy of that name gives them (quant/policy.py: the same tensors `load_model(quant=...)`
+quantizes; an untied embedding stays BF16). A matrix the model already holds in that layout is written from
+its own bytes; any other is quantized here with quantize_fast (GGUF-exact bytes), so export -> import gives
+back exactly the model that `quant=` would have loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from . import blocks, names, vocab
+from .metadata import ARCH, write_config
+
+log = logging.getLogger("qwen35")
+FILE_TYPES = {"f32": 0, "bf16": 32, "q8_0": 7, "q4_0": 2}  # llama.cpp's LlamaFileType values
+EXPORT_TYPES = tuple(FILE_TYPES)
+
+
+def kept_f32(name: str, shape: tuple[int, ...]) -> bool:
+    """Tensors llama.cpp keeps in F32 whatever the file type: 1-D ones, norms and the conv kernels."""
+    return len(shape) <= 1 or "norm" in name.rsplit(".", 2)[-2] or name.endswith("conv1d.weight")
+
+
+def tensor_plan(config, shapes: dict[str, tuple[int, ...]], file_type: str) -> list[tuple[str, str, str]]:
+    """(our name, llama.cpp name, GGML type name) of every tensor a `file_type` export of a model with these
+    parameter shapes writes, in llama.cpp's order. export_gguf follows it; tests check it against llama.cpp's
+    files without building the weights."""
+    from ..quant import policy
+
+    if file_type not in FILE_TYPES:
+        raise CheckpointError(f"unknown GGUF type {file_type!r}; use one of {', '.join(FILE_TYPES)}")
+    plan = policy.plan(file_type, shapes, config.tie_word_embeddings) if file_type in blocks.GGUF_TYPES else {}
+    out = []
+    for n in _order(shapes, config.num_hidden_layers):
+        if n in plan:
+            kind = blocks.GGUF_TYPES[plan[n]]
+        elif kept_f32(n, shapes[n]) or file_type == "f32":
+            kind = "F32"
+        else:
+            kind = "BF16"
+        out.append((n, names.gguf_name(n, config.num_hidden_layers), kind))
+    return out
+
+
+def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = True,
+                tokenizer_from: Path | None = None, gguf_source=None, name: str | None = None,
+                split_max_bytes: int = 0, progress: bool = False) -> list[Path]:
+    """Write `model` to `out` (.gguf). tokenizer_from: the checkpoint directory whose tokenizer files go in;
+    gguf_source: an opened GGUF (reader.open_gguf) whose tokenizer.* fields are copied instead.
+    split_max_bytes: split into `-0000K-of-0000N.gguf` parts of at most this size (0: one file).
+    Returns the files written."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.utility import size_label
+
+    from ..quant.formats import quantize_fast
+    from ..quant.weight import QuantizedWeight
+
+    config = model.config
+    mtp_layers = len(model.mtp.layers) if (mtp and model.mtp is not None) else 0
+    weights = dict(model.named_weights())
+    if not mtp_layers:
+        weights = {n: w for n, w in weights.items() if not n.startswith("mtp.")}
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    tensors = tensor_plan(config, shapes, file_type)
+
+    out = Path(out)
+    w = GGUFWriter(out, ARCH, split_max_size=split_max_bytes)
+    w.add_type("model")
+    w.add_name(name or out.stem)
+    n_params = sum(int(np.prod(s)) for s in shapes.values())  # as llama.cpp counts: every tensor written
+    w.add_size_label(size_label(n_params, 0, 0, 0))
+    write_config(w, config, mtp_layers)
+    w.add_file_type(FILE_TYPES[file_type])
+    w.add_quantization_version(2)
+    if gguf_source is not None:
+        vocab.copy_tokenizer(w, gguf_source)
+    elif tokenizer_from is not None:
+        vocab.write_tokenizer(w, Path(tokenizer_from), config.vocab_size)
+    else:
+        log.warning("exporting %s without a tokenizer: no tokenizer source given", out)
+
+    requantized = 0
+    for n, gname, kind in tensors:
+        wt = weights[n]
+        scheme = blocks.SCHEMES.get(kind)
+        if scheme is not None:
+            if isinstance(wt, QuantizedWeight) and wt.scheme == scheme:
+                qs, d = wt.qs, wt.d
+            else:
+                requantized += isinstance(wt, QuantizedWeight)
+                qs, d = quantize_fast(scheme, _dense(wt))
+            qs, d = _gguf_blocks(n, qs, d, scheme, config)
+            if qs is None:  # column order not block-aligned: quantize llama.cpp's layout itself
+                qs, d = quantize_fast(scheme, names.to_gguf(n, _dense(wt), config))
+            w.add_tensor(gname, blocks.join_blocks(qs, d, scheme), raw_dtype=GGMLQuantizationType[kind])
+            continue
+        t = names.to_gguf(n, _dense(wt), config)
+        if kind == "F32":
+            w.add_tensor(gname, t.float().numpy())
+        else:
+            w.add_tensor(gname, t.to(torch.bfloat16).contiguous().view(torch.int16).numpy(),
+                         raw_dtype=GGMLQuantizationType.BF16)
+    if requantized:
+        log.warning("%d quantized matrices of the model were in another layout and were requantized to %s",
+                    requantized, file_type)
+    files = w.format_shard_names(out) if len(w.tensors) > 1 else [out]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=progress)
+    w.close()
+    return files
+
+
+def _dense(wt) -> torch.Tensor:
+    from ..quant.weight import QuantizedWeight
+
+    return wt.dequantize(torch.float32) if isinstance(wt, QuantizedWeight) else wt.detach()
+
+
+def _gguf_blocks(name: str, qs, d, scheme: str, config):
+    rows = names.row_index(name, config)
+    if rows is not None:
+        qs, d = qs[rows], d[rows]
+    cols = names.col_index(name, config)
+    if cols is not None:
+        order = blocks.block_order(cols)
+        if order is None:
+            return None, None
+        qs, d = blocks.permute_blocks(qs, d, scheme, order)
+    return qs, d
+
+
+def _order(weights: dict, L: int) -> list[str]:
+    """llama.cpp's order: embedding, layers, output norm and head, then the MTP block."""
+    def key(n: str):
+        if n == "model.embed_tokens.weight":
+            return (0, 0, n)
+        if n.startswith("model.layers."):
+            return (1, int(n.split(".")[2]), n)
+        if n.startswith("mtp."):
+            return (3, 0, n)
+        return (2, 0, n)
+
+    return sorted(weights, key=key)
