@@ -35,11 +35,9 @@ from ..generation import ContextLengthError
 from ..toolcalls import OutputParser, ParsedDelta
 from .engine import Engine, QueueFull
 from .engine import Request as EngineRequest
-from .protocol import APIError, bad, parse_json, parse_messages, parse_options
+from .protocol import DEFAULT_MAX_REQUEST_BYTES, APIError, bad, parse_json, parse_messages, parse_options
 
 log = logging.getLogger("qwen35.server")
-
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # ~2M tokens of text: above any context Qwen3.5 runs, far below harm
 
 
 class Guard:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..sampling import SamplingError, SamplingParams
 
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # ~2M tokens of text: above any context Qwen3.5 runs, far below harm
 MAX_DEPTH = 64  # JSON nesting; OpenAI bodies need < 10, tool schemas rarely pass 20
 ROLES = ("system", "user", "assistant", "tool")
 MEDIA_PARTS = ("image_url", "image", "input_image", "video", "video_url", "input_audio", "audio", "file")
