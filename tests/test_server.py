@@ -465,8 +465,8 @@ def plain(local):
     """One in-process server (real model, greedy-checkable) for the input-handling tests: (base, engine)."""
     import uvicorn
 
-    from qwen35.server.engine import Engine
     from qwen35.server.app import create_app
+    from qwen35.server.engine import Engine
 
     model, tok = local
     eng = Engine(model, max_batch=2, max_queue=8)

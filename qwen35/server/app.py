@@ -62,7 +62,7 @@ class Guard:
 
         try:
             await self.app(scope, receive, tracked)
-        except Exception:  # noqa: BLE001 - logged here; the client gets no traceback
+        except Exception:  # logged here; the client gets no traceback
             log.exception("internal error")
             if not state["started"]:
                 await JSONResponse(APIError(500, "internal server error").body(), status_code=500)(scope, receive, send)
@@ -338,7 +338,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                             yield chunk({}, finish_reason(item.finish_reason, ncalls > 0))
                 except APIError as e:
                     yield sse(e.body())
-                except Exception:  # noqa: BLE001 - the stream ends with an error event, never a traceback
+                except Exception:  # the stream ends with an error event, never a traceback
                     log.exception("internal error while streaming")
                     yield sse(APIError(500, "internal server error").body())
                 for line in closing("chat.completion.chunk", cid, created, req, n, opts.include_usage):
@@ -401,7 +401,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                                                          "logprobs": None, "finish_reason": fin}]})
                 except APIError as e:
                     yield sse(e.body())
-                except Exception:  # noqa: BLE001
+                except Exception:  # (as above)
                     log.exception("internal error while streaming")
                     yield sse(APIError(500, "internal server error").body())
                 for line in closing("text_completion", cid, created, req, n, opts.include_usage):
