@@ -8,12 +8,20 @@ Rendering uses a sandboxed Jinja environment configured like transformers' (trim
 loop controls, a `tojson` that keeps non-ASCII and HTML characters), so output is byte-identical.
 Before rendering, messages are made forgiving the way agent frameworks need: tool-call `arguments` given as
 a JSON string become an object, and reasoning given as `reasoning`/`thinking` is also `reasoning_content`.
+
+`render_segments` is the prompt for a tokenizer that must tell the template's own structure from what a
+client wrote: text from system, user and tool messages (and tool definitions) that spells a control token
+(`<|im_start|>`, `<think>`, ...) comes back as a piece of its own, to be encoded as plain text. Assistant
+turns are the model's own output and keep their `<think>`/`<tool_call>` markup as control tokens, so a
+cached answer is reused token for token.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
+import uuid
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +39,12 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 class ChatTemplateError(Qwen35Error):
-    """The chat template is missing, invalid, or refused the conversation."""
+    """The chat template is missing, invalid, or refused the conversation. `reason` is the message without
+    where the template came from (a server's file paths are no business of its clients)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def find_template(model_dir: str | Path | None) -> tuple[str, str]:
@@ -131,8 +144,64 @@ class ChatTemplate:
         variables = dict(kwargs)
         if enable_thinking is not None:
             variables["enable_thinking"] = enable_thinking
+        messages = normalize_messages(messages)
         try:
-            return self._template.render(messages=normalize_messages(messages), tools=tools,
-                                         add_generation_prompt=add_generation_prompt, **variables)
+            return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         **variables)
         except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template ({self.origin}) refused the conversation: {e}") from None
+            raise ChatTemplateError(f"chat template ({self.origin}) refused the conversation: {e}", str(e)) from None
+        except RecursionError:
+            raise ChatTemplateError(f"chat template ({self.origin}) recursed too deeply", "recursed too deeply") from None
+        except Exception as e:  # noqa: BLE001 - a template's own bug (e.g. 1 + 'a') is a refusal, not a crash
+            reason = f"{type(e).__name__}: {e}"
+            raise ChatTemplateError(f"chat template ({self.origin}) failed: {reason}", reason) from None
+
+    def render_segments(self, messages: list[dict[str, Any]], literals: list[str], tools: list[dict] | None = None,
+                        **kwargs) -> list[tuple[str, bool]]:
+        """`render`, as [(text, is_template)] pieces: every spelling of one of `literals` (the tokenizer's
+        control tokens) inside system/user/tool content or the tool definitions is a piece of its own with
+        is_template False. With none there, one piece: exactly `render`'s text."""
+        pattern = re.compile("|".join(re.escape(t) for t in sorted(literals, key=len, reverse=True) if t))
+        if not pattern.pattern:
+            return [(self.render(messages, tools=tools, **kwargs), True)]
+        mark, found = f"\ue000{uuid.uuid4().hex}", []
+
+        def hide(text: str) -> str:  # each literal -> a marker the template passes through unchanged
+            def one(m):
+                found.append(m.group())
+                return f"{mark}{len(found) - 1}\ue001"
+            return pattern.sub(one, text)
+
+        messages = [m if not isinstance(m, dict) or m.get("role") == "assistant" else _map_content(m, hide)
+                    for m in messages] if isinstance(messages, list) else messages
+        tools = _map_strings(tools, hide) if tools else tools
+        text = self.render(messages, tools=tools, **kwargs)
+        if not found:
+            return [(text, True)]
+        pieces = re.split(re.escape(mark) + r"(\d+)\ue001", text)
+        out = [(pieces[0], True)]
+        for i in range(1, len(pieces), 2):
+            out += [(found[int(pieces[i])], False), (pieces[i + 1], True)]
+        return [(t, special) for t, special in out if t]
+
+
+def _map_strings(value: Any, fn) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, list):
+        return [_map_strings(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    return value
+
+
+def _map_content(message: dict, fn) -> dict:
+    """A copy of a client-written message with `fn` applied to its text (content, text parts)."""
+    m = dict(message)
+    content = m.get("content")
+    if isinstance(content, str):
+        m["content"] = fn(content)
+    elif isinstance(content, list):
+        m["content"] = [{**p, "text": fn(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
+                        for p in content]
+    return m

@@ -1,9 +1,15 @@
-"""`qwen35 <command>`: one entry point; each command module has setup_parser() and main(args)."""
+"""`qwen35 <command>`: one entry point; each command module has setup_parser() and main(args).
+
+A bad flag is one line on stderr (exit 2), an error qwen35 reports is one line (exit 1), Ctrl-C is exit 130
+and output cut short by its reader (`| head`) is exit 141, the shell's codes for SIGINT and SIGPIPE; none
+prints a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import Qwen35Error
@@ -21,8 +27,15 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its error as one line (the usage is one --help away, not printed again)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen35", description="Run, chat with, serve and train Qwen3.5 models.")
+    parser = Parser(prog="qwen35", description="Run, chat with, serve and train Qwen3.5 models.")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, mod_name in COMMANDS.items():
@@ -35,3 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except Qwen35Error as e:
         print(f"qwen35: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader left: point stdout at /dev/null so the interpreter's last flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -1,7 +1,7 @@
 """Tokenizer: the HF `tokenizers` library on a checkpoint's tokenizer.json, with Qwen3.5's rules.
 
-No BOS is ever added; control tokens (`<|im_start|>`, `<think>`, `<tool_call>`, ...) are single ids;
-normalisation (NFC) and pre-tokenisation come from tokenizer.json itself. `StreamingDetokenizer` turns
+No BOS is ever added; control tokens (`<|im_start|>`, `<think>`, `<tool_call>`, ...) are single ids, except
+in `encode_plain`, for text a client wrote, where they are spelled out as ordinary text; normalisation (NFC) and pre-tokenisation come from tokenizer.json itself. `StreamingDetokenizer` turns
 ids into text incrementally and never emits broken UTF-8: each token is mapped to its raw bytes and fed
 to an incremental UTF-8 decoder, so half of a multi-byte character waits for its other half.
 """
@@ -78,6 +78,9 @@ class Tokenizer:
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
         self.added_ids = set(added)
+        self.added_tokens = [t.content for t in added.values()]
+        self._file = file
+        self._plain: HFTokenizer | None = None
         self._bytes: list[bytes] | None = None
 
     # ---- basic API ----
@@ -88,6 +91,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; control tokens written in the text become their single ids. No BOS."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` as ordinary text: a control token's spelling becomes the tokens of its
+        characters, never its id (the same tokenizer.json without its added tokens, built on first use)."""
+        if self._plain is None:
+            spec = json.loads(self._file.read_text(encoding="utf-8"))
+            spec["added_tokens"] = []
+            self._plain = HFTokenizer.from_str(json.dumps(spec))
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_segments(self, pieces: list[tuple[str, bool]]) -> list[int]:
+        """[(text, is_template)] (ChatTemplate.render_segments) -> ids: template text with its control
+        tokens, the rest as plain text."""
+        return [i for text, special in pieces for i in (self.encode(text) if special else self.encode_plain(text))]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and the character span each comes from."""

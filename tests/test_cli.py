@@ -210,3 +210,51 @@ def test_chat_repl_in_a_pty(chat_model_dir):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+BAD_FLAGS = [
+    (["serve", "--max-batch", "0"], "--max-batch"), (["serve", "--max-queue", "0"], "--max-queue"),
+    (["serve", "--port", "99999"], "--port"), (["serve", "--max-request-bytes", "0"], "--max-request-bytes"),
+    (["generate", "--threads", "0"], "--threads"), (["generate", "--threads", "-2"], "--threads"),
+    (["generate", "--prefill-chunk", "0"], "--prefill-chunk"), (["generate", "--seed", str(2**64)], "--seed"),
+    (["generate", "--prompt", ""], "--prompt"), (["bench", "m", "--prompt-tokens", "0"], "--prompt-tokens"),
+    (["generate", "--temperature", "inf"], "--temperature"), (["chat", "--top-p", "nan"], "--top-p"),
+    (["info", "m", "--context", "-5"], "--context"), (["generate", "--max-tokens", "0"], "--max-tokens"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_errors_at_start(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"argument {flag}:" in err and "Traceback" not in err
+
+
+def test_empty_stdin_prompt_is_an_error():
+    out = run("generate", "--max-tokens", "2", stdin="  \n")
+    assert out.returncode == 1 and out.stderr.strip() == \
+        "qwen35: error: the prompt is empty (pass --prompt TEXT or pipe text to stdin)"
+
+
+def test_output_piped_to_a_reader_that_leaves(chat_model_dir):
+    """`qwen35 generate ... | head -c 1`: the reader goes away mid-answer; no traceback, exit 141."""
+    p = subprocess.Popen([sys.executable, "-m", "qwen35", "generate", str(chat_model_dir), "--prompt", "Hello",
+                          "--max-tokens", "100000", "--ignore-eos", "--temperature", "0"], env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.read(1)
+    p.stdout.close()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+def test_ctrl_c_during_generate(chat_model_dir):
+    import signal
+
+    p = subprocess.Popen([sys.executable, "-m", "qwen35", "generate", str(chat_model_dir), "--prompt", "Hello",
+                          "--max-tokens", "100000", "--ignore-eos", "--temperature", "0"], env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.read(1)  # generating
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and b"Traceback" not in err and b"KeyboardInterrupt" not in err, err

@@ -12,17 +12,17 @@ import time
 
 import torch
 
-from .common import DTYPES
+from .common import DTYPES, POSITIVE, SEED
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory")
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=POSITIVE, default=512)
+    p.add_argument("--gen-tokens", type=POSITIVE, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk size in tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=POSITIVE, default=None, help="intra-op threads (default: one per core)")
+    p.add_argument("--prefill-chunk", type=POSITIVE, default=512, help="prefill chunk size in tokens")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="C++ CPU kernels: auto = qwen35.kernel_policy, the choice generate/chat/serve make")
     from .common import add_quant_arg

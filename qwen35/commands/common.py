@@ -1,8 +1,10 @@
-"""Flags shared by the commands that generate: model, dtype, threads and sampling."""
+"""Flags shared by the commands that generate: model, dtype, threads and sampling; and the argparse types
+that refuse a bad value at start with one line (`--threads 0`, `--temperature inf`, `--port 99999`)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import replace
 
 import torch
@@ -14,11 +16,51 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def integer(lo: int | None = None, hi: int | None = None):
+    """An argparse type: an integer within [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            span = f"between {lo} and {hi}" if lo is not None and hi is not None else f"at least {lo}" \
+                if lo is not None else f"at most {hi}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return v
+    return parse
+
+
+def number(lo: float | None = None, hi: float | None = None):
+    """An argparse type: a finite number within [lo, hi]."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            span = f" between {lo:g} and {hi:g}" if lo is not None and hi is not None else f" >= {lo:g}" \
+                if lo is not None else ""
+            raise argparse.ArgumentTypeError(f"must be a finite number{span}, got {text}")
+        return v
+    return parse
+
+
+def nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+POSITIVE = integer(1)
+SEED = integer(-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint directory, GGUF file or Hugging Face repo id (default: the bundled model)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="intra-op threads (default: one per core)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="C++ CPU kernels: auto = qwen35.kernel_policy (on for models of 50M+ parameters)")
     add_quant_arg(p)
@@ -34,15 +76,15 @@ def add_quant_arg(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the model card's preset for the thinking mode in use)")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--presence-penalty", type=float, default=None)
-    g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--temperature", type=number(0, 100), default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=number(0, 1), default=None)
+    g.add_argument("--top-k", type=integer(0), default=None)
+    g.add_argument("--min-p", type=number(0, 1), default=None)
+    g.add_argument("--presence-penalty", type=number(-2, 2), default=None)
+    g.add_argument("--frequency-penalty", type=number(-2, 2), default=None)
+    g.add_argument("--repetition-penalty", type=number(0.01, 10), default=None)
+    g.add_argument("--seed", type=SEED, default=None)
+    g.add_argument("--max-tokens", type=POSITIVE, default=512)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-turn tokens")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None, help="thinking mode on")

@@ -11,15 +11,16 @@ import json
 import sys
 from dataclasses import replace
 
-from .common import add_model_args, add_sampling_args, load_from_args, sampling_from_args
+from ..errors import Qwen35Error
+from .common import POSITIVE, add_model_args, add_sampling_args, load_from_args, nonempty, sampling_from_args
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
+    p.add_argument("--prompt", type=nonempty, default=None, help="prompt text (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=POSITIVE, default=512)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     add_sampling_args(p)
 
@@ -30,6 +31,8 @@ def main(args: argparse.Namespace) -> int:
     from ..toolcalls import OutputParser, ParsedDelta
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise Qwen35Error("the prompt is empty (pass --prompt TEXT or pipe text to stdin)")
     model, tokenizer = load_from_args(args)
     thinking = bool(args.think)
     if args.chat:

@@ -16,10 +16,11 @@ from ..weights import read_checkpoint_entries
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory (config.json + safetensors) or GGUF file")
-    p.add_argument("--context", type=int, default=None, help="context length to plan memory for "
+    from .common import POSITIVE, add_quant_arg
+
+    p.add_argument("--context", type=POSITIVE, default=None, help="context length to plan memory for "
                    "(default: max_position_embeddings)")
-    p.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV element (2 = bf16)")
-    from .common import add_quant_arg
+    p.add_argument("--kv-bytes", type=POSITIVE, default=2, help="bytes per KV element (2 = bf16)")
 
     add_quant_arg(p)
 

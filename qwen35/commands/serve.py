@@ -11,19 +11,24 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_args
+from .common import POSITIVE, add_model_args, integer, nonempty, number
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
+    from ..server.protocol import DEFAULT_MAX_REQUEST_BYTES
+
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--port", type=integer(1, 65535), default=8000)
+    p.add_argument("--api-key", type=nonempty, default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (/metrics too)")
+    p.add_argument("--max-batch", type=POSITIVE, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=POSITIVE, default=64, help="waiting requests before answering 429")
+    p.add_argument("--max-request-bytes", type=POSITIVE, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--request-timeout", type=number(0.001), default=600.0, help="seconds per request")
     p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the folder name)")
-    p.add_argument("--prompt-cache-gb", type=float, default=2.0,
+    p.add_argument("--prompt-cache-gb", type=number(0), default=2.0,
                    help="memory for prompt-reuse snapshots (0 disables reuse)")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None)
@@ -50,7 +55,8 @@ def main(args: argparse.Namespace) -> int:
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
                     prompt_cache_bytes=int(args.prompt_cache_gb * 2**30), thread=False)
     app = create_app(engine, tokenizer, name, api_key=args.api_key, default_thinking=args.think,
-                     request_timeout=args.request_timeout, preserve_thinking=args.preserve_thinking)
+                     request_timeout=args.request_timeout, preserve_thinking=args.preserve_thinking,
+                     max_request_bytes=args.max_request_bytes)
     if args.preserve_thinking and not tokenizer.chat_template.uses("preserve_thinking"):
         print("note: this model's chat template drops past think blocks (no 'preserve_thinking'): each turn "
               "reuses the conversation up to the previous user message and re-prefills the previous answer",

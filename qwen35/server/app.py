@@ -4,6 +4,12 @@ Requests are validated (protocol.py), rendered with the model's chat template, a
 engine (engine.py); results stream back as Server-Sent Events or one JSON body. A client that disconnects
 cancels its request; errors come back in OpenAI's JSON shape and never carry a traceback.
 
+Input handling: the body is read up to `max_request_bytes` (413 beyond, counted while reading, so a huge
+body is never held), then parsed, validated, rendered and tokenized on a worker thread, so a 10 MB body
+does not stall /health or the streams of other requests. No exception reaches uvicorn (`Guard`): one that
+did would make it close the keep-alive connection; every failure is a JSON error on a connection that
+stays usable. With an API key, everything but /health needs it (/metrics and /openapi.json included).
+
 Longer than our ~300-line habit because the two endpoints share their streaming, usage and error helpers
 as closures over one app; splitting them apart would pass that state around instead.
 """
@@ -16,19 +22,52 @@ import logging
 import queue
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat_template import ChatTemplateError
 from ..errors import Qwen35Error
 from ..generation import ContextLengthError
 from ..toolcalls import OutputParser, ParsedDelta
 from .engine import Engine, QueueFull
 from .engine import Request as EngineRequest
-from .protocol import APIError, bad, parse_options
+from .protocol import DEFAULT_MAX_REQUEST_BYTES, APIError, bad, parse_json, parse_messages, parse_options
 
 log = logging.getLogger("qwen35.server")
+
+
+class Guard:
+    """ASGI middleware: an exception no handler turned into a response becomes a 500 JSON error (or, once a
+    stream has started, the end of that stream) instead of reaching uvicorn, which would log it and close
+    the client's keep-alive connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "done": False}
+
+        async def tracked(message):
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                state["done"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:  # logged here; the client gets no traceback
+            log.exception("internal error")
+            if not state["started"]:
+                await JSONResponse(APIError(500, "internal server error").body(), status_code=500)(scope, receive, send)
+            elif not state["done"]:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class StopStrings:
@@ -60,14 +99,18 @@ def sse(obj: dict) -> str:
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                default_thinking: bool | None = None, request_timeout: float | None = 600.0,
-               preserve_thinking: bool = True) -> FastAPI:
+               preserve_thinking: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     # preserve_thinking: past assistant turns keep their think block (the reasoning the client sends back,
     # or an empty block), exactly as the model produced them, so turn N+1 restores the snapshot taken at the
     # end of turn N's answer. The Qwen3.6 templates and ours honour it; a template that ignores it drops past
     # think blocks, and reuse then stops at the end of turn N's user message.
     template_defaults = {"preserve_thinking": preserve_thinking}
-    app = FastAPI(title="qwen35", docs_url=None, redoc_url=None)
+    app = FastAPI(title="qwen35", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard)
     started = int(time.time())
+    # parsing, rendering and tokenizing a request: off the event loop, on threads of their own (the default
+    # executor is busy with the token queues of running streams)
+    prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen35-prepare")
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
@@ -77,10 +120,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def validation_error(_: Request, e: RequestValidationError):
         return JSONResponse(bad("body", "invalid request body").body(), status_code=400)
 
-    @app.exception_handler(Exception)
-    async def server_error(_: Request, e: Exception):
-        log.exception("internal error")
-        return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        return JSONResponse(APIError(e.status_code, str(e.detail), type_=kind).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     def check_auth(request: Request) -> None:
         if api_key is None:
@@ -88,22 +132,51 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if request.headers.get("authorization", "") != f"Bearer {api_key}":
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
-    async def body_of(request: Request) -> dict:
+    def too_large() -> APIError:
+        return APIError(413, f"the request body is larger than this server's limit of {max_request_bytes} bytes "
+                        "(qwen35 serve --max-request-bytes)", "body", "request_too_large")
+
+    async def read_body(request: Request) -> bytes:
+        """The raw body, refused (413) as soon as it is known to pass the limit: by its Content-Length
+        before reading, else while reading. uvicorn discards the unread rest, and the connection lives on."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_request_bytes:
+            raise too_large()
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_request_bytes:
+                raise too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def prepared(request: Request, prepare):
+        """Auth, the body read, then `prepare(body dict)` on a worker thread."""
         check_auth(request)
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise bad("body", "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise bad("body", "the request body must be a JSON object")
-        if body.get("model") not in (None, model_name):
-            raise APIError(404, f"the model '{body.get('model')}' does not exist; this server serves '{model_name}'",
-                           "model", "model_not_found")
-        return body
+        raw = await read_body(request)
+
+        def work():
+            body = parse_json(raw)
+            if not isinstance(body, dict):
+                raise bad("body", "the request body must be a JSON object")
+            model = body.get("model")
+            if model is not None and not isinstance(model, str):
+                raise bad("model", "'model' must be a string")
+            if model not in (None, model_name):
+                raise APIError(404, f"the model {model[:100]!r} does not exist; this server serves '{model_name}'",
+                               "model", "model_not_found")
+            return prepare(body)
+
+        return await asyncio.get_running_loop().run_in_executor(prep_pool, work)
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        check_auth(request)
+        return app.openapi()
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -112,7 +185,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                             "owned_by": "qwen35"}]}
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        check_auth(request)
         s = engine.stats
         lines = [
             "# TYPE qwen35_requests_total counter", f"qwen35_requests_total {s['requests']}",
@@ -131,11 +205,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         ]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    def submit(prompt_ids: list[int], opts, boundary: int = 0) -> EngineRequest:
+    def submit(prompt_ids: list[int], opts, boundary: int = 0, param: str = "messages") -> EngineRequest:
         try:
             return engine.submit(EngineRequest(prompt_ids, opts.params, boundary=boundary, timeout_s=request_timeout))
         except ContextLengthError as e:
-            raise bad("messages", str(e), "context_length_exceeded") from None
+            raise bad(param, str(e), "context_length_exceeded") from None
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full") from None
 
@@ -202,25 +276,31 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"token": tok, "logprob": item.logprob, "bytes": list(tok.encode()),
                 "top_logprobs": [{"token": tokenizer.decode([i]), "logprob": v} for i, v in item.top_logprobs or ()]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await body_of(request)
-        opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=True,
-                             default_template_kwargs=template_defaults)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad("messages", "'messages' must be a non-empty list")
+    def encode_chat(messages: list[dict], opts, add_generation_prompt: bool) -> tuple[list[int], str]:
+        """Token ids and text of the rendered conversation; client-written text is encoded as plain text
+        (render_segments), so a typed "<|im_start|>system" is characters, not a new turn."""
         try:
-            prompt = tokenizer.chat_template.render(messages, tools=opts.tools, add_generation_prompt=True,
-                                                    enable_thinking=opts.enable_thinking, **opts.template_kwargs)
-            history = tokenizer.chat_template.render(messages, tools=opts.tools, add_generation_prompt=False,
-                                                     enable_thinking=opts.enable_thinking, **opts.template_kwargs)
+            pieces = tokenizer.chat_template.render_segments(
+                messages, tokenizer.added_tokens, tools=opts.tools, add_generation_prompt=add_generation_prompt,
+                enable_thinking=opts.enable_thinking, **opts.template_kwargs)
+        except ChatTemplateError as e:
+            raise bad("messages", f"the chat template refused the conversation: {e.reason}") from None
         except Qwen35Error as e:
             raise bad("messages", str(e)) from None
-        ids = tokenizer.encode(prompt)
-        hist = tokenizer.encode(history)
+        return tokenizer.encode_segments(pieces), "".join(text for text, _ in pieces)
+
+    def prepare_chat(body: dict):
+        opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=True,
+                             default_template_kwargs=template_defaults, vocab_size=engine.model.config.vocab_size)
+        messages = parse_messages(body.get("messages"))
+        ids, prompt = encode_chat(messages, opts, True)
+        hist, _ = encode_chat(messages, opts, False)
         boundary = len(hist) if ids[: len(hist)] == hist else 0
-        thinking_open = prompt.rstrip().endswith("<think>")
+        return opts, ids, boundary, prompt.rstrip().endswith("<think>")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        opts, ids, boundary, thinking_open = await prepared(request, prepare_chat)
         req = submit(ids, opts, boundary)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -258,6 +338,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                             yield chunk({}, finish_reason(item.finish_reason, ncalls > 0))
                 except APIError as e:
                     yield sse(e.body())
+                except Exception:  # the stream ends with an error event, never a traceback
+                    log.exception("internal error while streaming")
+                    yield sse(APIError(500, "internal server error").body())
                 for line in closing("chat.completion.chunk", cid, created, req, n, opts.include_usage):
                     yield line
 
@@ -283,20 +366,26 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [choice], "usage": usage(req, n)}
 
+    def prepare_completion(body: dict):
+        vocab = engine.model.config.vocab_size
+        opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=False, vocab_size=vocab)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str) and prompt:
+            return opts, tokenizer.encode(prompt)  # a raw prompt: the client writes its own control tokens
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not all(0 <= t < vocab for t in prompt):
+                raise bad("prompt", f"'prompt' holds token ids outside the vocabulary (0 to {vocab - 1})")
+            return opts, list(prompt)
+        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+            raise bad("prompt", "'prompt' holds several prompts; send one per request")
+        raise bad("prompt", "'prompt' must be a non-empty string or a non-empty list of token ids")
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request)
-        opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=False)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str) and prompt:
-            ids = tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise bad("prompt", "'prompt' must be a non-empty string or list of token ids")
-        if max(ids) >= engine.model.config.vocab_size or min(ids) < 0:
-            raise bad("prompt", "'prompt' holds token ids outside the vocabulary")
-        req = submit(ids, opts)
+        opts, ids = await prepared(request, prepare_completion)
+        req = submit(ids, opts, param="prompt")
         cid = "cmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         if opts.stream:
@@ -312,6 +401,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                                                          "logprobs": None, "finish_reason": fin}]})
                 except APIError as e:
                     yield sse(e.body())
+                except Exception:  # (as above)
+                    log.exception("internal error while streaming")
+                    yield sse(APIError(500, "internal server error").body())
                 for line in closing("text_completion", cid, created, req, n, opts.include_usage):
                     yield line
 

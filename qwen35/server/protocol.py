@@ -1,15 +1,30 @@
 """OpenAI request validation and error bodies.
 
 Every rejected request gets OpenAI's JSON error shape with the offending parameter named. Parameters we
-cannot honour yet (response_format, n > 1, echo) are refused with 400, never silently ignored.
+cannot honour yet (response_format, n > 1, echo, images) are refused with 400, never silently ignored; a
+value of the wrong type is refused, never coerced (`"stream": "no"` is an error, not a stream).
+
+The body itself is checked before any field is read (`parse_json`): valid UTF-8 JSON without NaN/Infinity,
+nested at most MAX_DEPTH deep, no lone surrogate in any string (it cannot be encoded, so the tokenizer and
+the response writer would fail on it later).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from ..sampling import SamplingError, SamplingParams
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # ~2M tokens of text: above any context Qwen3.5 runs, far below harm
+MAX_DEPTH = 64  # JSON nesting; OpenAI bodies need < 10, tool schemas rarely pass 20
+ROLES = ("system", "user", "assistant", "tool")
+MEDIA_PARTS = ("image_url", "image", "input_image", "video", "video_url", "input_audio", "audio", "file")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # OpenAI's rule plus '.' and ':' (MCP names); no '>' or spaces
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 class APIError(Exception):
@@ -28,6 +43,56 @@ def bad(param: str, message: str, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as a JSON value, or APIError 400 (param "body", or the path of the bad string)."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise bad("body", "the request body is not valid UTF-8") from None
+    except RecursionError:
+        raise bad("body", f"the request body is nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except ValueError as e:  # JSONDecodeError, NaN / Infinity
+        raise bad("body", f"the request body is not valid JSON: {e}") from None
+    _check_tree(value)
+    return value
+
+
+def _path(parts: tuple) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def _check_tree(value: Any) -> None:
+    """Depth and lone surrogates, walked without recursion (so no depth can overflow the stack here)."""
+    todo = [(value, ())]
+    while todo:
+        v, at = todo.pop()
+        if len(at) > MAX_DEPTH:
+            raise bad("body", f"the request body is nested too deeply (at most {MAX_DEPTH} levels)")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                _check_text(k, at)
+                todo.append((x, at + (k,)))
+        elif isinstance(v, list):
+            todo.extend((x, at + (i,)) for i, x in enumerate(v))
+        elif isinstance(v, str):
+            _check_text(v, at)
+
+
+def _check_text(s: str, at: tuple) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        param = _path(at)
+        raise bad(param, f"'{param}' holds a lone surrogate (U+{ord(s[e.start]):04X}), which is not text") from None
+
+
 @dataclass
 class GenerationOptions:
     params: SamplingParams
@@ -44,26 +109,60 @@ def _num(body: dict, key: str, kind, lo=None, hi=None, default=None):
     v = body.get(key, default)
     if v is None:
         return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
     if kind is int:
-        ok = ok and float(v).is_integer()
+        ok = ok and (isinstance(v, int) or v.is_integer())
     if not ok:
-        raise bad(key, f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-    v = kind(v)
+        raise bad(key, f"'{key}' must be {'an integer' if kind is int else 'a finite number'}, got {_show(v)}")
+    try:
+        v = kind(v)
+    except OverflowError:  # an integer beyond any float
+        raise bad(key, f"'{key}' is out of range") from None
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise bad(key, f"'{key}' must be between {lo} and {hi}, got {v}")
+        limits = f"between {lo} and {hi}" if lo is not None and hi is not None else \
+            (f"at least {lo}" if lo is not None else f"at most {hi}")
+        raise bad(key, f"'{key}' must be {limits}, got {_show(v)}")
     return v
 
 
+def _show(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _bool(body: dict, key: str, default: bool = False) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(key, f"'{key}' must be true or false, got {_show(v)}")
+    return v
+
+
+def _logit_bias(value: Any, vocab_size: int) -> dict[int, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad("logit_bias", "'logit_bias' must be an object of token id -> bias")
+    out = {}
+    for k, v in value.items():
+        if not re.fullmatch(r"[0-9]{1,9}", k) or int(k) >= vocab_size:
+            raise bad("logit_bias", f"'logit_bias' key {_show(k)} is not a token id (0 to {vocab_size - 1})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise bad("logit_bias", f"'logit_bias[{k}]' must be a number between -100 and 100, got {_show(v)}")
+        out[int(k)] = float(v)
+    return out
+
+
 def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None, chat: bool,
-                  default_template_kwargs: dict | None = None) -> GenerationOptions:
+                  default_template_kwargs: dict | None = None, vocab_size: int = 2**31) -> GenerationOptions:
     if not isinstance(body, dict):
         raise bad("body", "the request body must be a JSON object")
     if body.get("response_format") not in (None, {"type": "text"}):
         raise bad("response_format", "'response_format' (structured output) is not supported yet")
     if _num(body, "n", int, 1, None, 1) != 1:
         raise bad("n", "only n=1 is supported")
-    if body.get("echo"):
+    if _bool(body, "echo"):
         raise bad("echo", "'echo' is not supported yet")
     max_tokens = _num(body, "max_completion_tokens", int, 1, None) or _num(body, "max_tokens", int, 1, None) or 1024
     stop = body.get("stop")
@@ -82,13 +181,7 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
     else:  # completions: logprobs is the number of alternatives
         top_logprobs = _num(body, "logprobs", int, 0, 5, 0) if logprobs not in (None, False) else 0
         logprobs = logprobs not in (None, False)
-    logit_bias = body.get("logit_bias") or {}
-    if not isinstance(logit_bias, dict):
-        raise bad("logit_bias", "'logit_bias' must be an object of token id -> bias")
-    try:
-        bias = {int(k): float(v) for k, v in logit_bias.items()}
-    except (TypeError, ValueError):
-        raise bad("logit_bias", "'logit_bias' keys must be token ids and values numbers") from None
+    bias = _logit_bias(body.get("logit_bias"), vocab_size)
     try:
         params = SamplingParams(
             temperature=_num(body, "temperature", float, 0, 2, 1.0),
@@ -98,13 +191,21 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
             presence_penalty=_num(body, "presence_penalty", float, -2, 2, 0.0),
             frequency_penalty=_num(body, "frequency_penalty", float, -2, 2, 0.0),
             repetition_penalty=_num(body, "repetition_penalty", float, 0.01, 10, 1.0),
-            logit_bias=bias, seed=_num(body, "seed", int, None, None),
+            logit_bias=bias, seed=_num(body, "seed", int, *SEED_RANGE),
             max_tokens=max_tokens, stop_token_ids=tuple(eos_ids), logprobs=bool(logprobs) or top_logprobs > 0,
             top_logprobs=top_logprobs,
         )
     except SamplingError as e:
         raise bad(str(e).split("=")[0], str(e)) from None
-    stream_options = body.get("stream_options") or {}
+    stream = _bool(body, "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
+    if not isinstance(stream_options, dict):
+        raise bad("stream_options", "'stream_options' must be an object such as {\"include_usage\": true}")
+    include_usage = stream_options.get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        raise bad("stream_options", "'stream_options.include_usage' must be true or false")
     thinking = default_thinking
     effort = body.get("reasoning_effort")
     if effort is not None:
@@ -124,19 +225,108 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
         if key in kwargs:
             raise bad("chat_template_kwargs", f"'chat_template_kwargs.{key}' is set by the request itself")
     template_kwargs = {**(default_template_kwargs or {}), **kwargs}
-    tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise bad("tools", "'tools' must be a list of tool objects")
-    tool_choice = body.get("tool_choice", "auto")
-    if tools and isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
-        chosen = [t for t in tools if (t.get("function") or t).get("name") == name]
+    tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
+    return GenerationOptions(params, stop, stream, include_usage, thinking, tools, tool_choice, template_kwargs)
+
+
+def parse_tools(tools: Any, tool_choice: Any) -> tuple[list[dict] | None, Any]:
+    """(the tools the template sees, tool_choice), both checked: each tool is {"type": "function",
+    "function": {"name", "description"?, "parameters"?}}; tool_choice auto, none, required or
+    {"type": "function", "function": {"name"}} naming one of them (then only that tool is offered)."""
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad("tools", "'tools' must be a list of tool objects")
+        names = set()
+        for i, t in enumerate(tools):
+            at = f"tools[{i}]"
+            if not isinstance(t, dict) or t.get("type", "function") != "function":
+                raise bad(at, f"'{at}' must be an object {{\"type\": \"function\", \"function\": {{...}}}}")
+            fn = t.get("function")
+            if not isinstance(fn, dict):
+                raise bad(f"{at}.function", f"'{at}.function' must be an object with a 'name'")
+            name = fn.get("name")
+            if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+                raise bad(f"{at}.function.name", f"'{at}.function.name' must be 1 to 64 letters, digits or _ . : -, "
+                          f"got {_show(name)}")
+            if name in names:
+                raise bad(f"{at}.function.name", f"two tools are named {name!r}")
+            names.add(name)
+            if not isinstance(fn.get("description", ""), str):
+                raise bad(f"{at}.function.description", f"'{at}.function.description' must be a string")
+            if not isinstance(fn.get("parameters", {}), dict):
+                raise bad(f"{at}.function.parameters", f"'{at}.function.parameters' must be a JSON Schema object")
+    if tool_choice is None:
+        tool_choice = "auto"
+    if isinstance(tool_choice, dict):
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if tool_choice.get("type", "function") != "function" or not isinstance(name, str):
+            raise bad("tool_choice", "'tool_choice' must be auto, none, required or "
+                      "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+        chosen = [t for t in tools or () if t["function"]["name"] == name]
         if not chosen:
             raise bad("tool_choice", f"'tool_choice' names function {name!r}, which is not in 'tools'")
-        tools = chosen
-    elif tool_choice not in ("auto", "none", "required", None):
+        return chosen, tool_choice
+    if tool_choice not in ("auto", "none", "required"):
         raise bad("tool_choice", "'tool_choice' must be auto, none, required or a named function")
-    if tool_choice == "none":
-        tools = None
-    return GenerationOptions(params, stop, bool(body.get("stream", False)), bool(stream_options.get("include_usage")),
-                             thinking, tools or None, tool_choice, template_kwargs)
+    if tool_choice == "required" and not tools:
+        raise bad("tool_choice", "'tool_choice' is 'required' but the request has no 'tools'")
+    return (None if tool_choice == "none" else tools or None), tool_choice
+
+
+def parse_messages(messages: Any) -> list[dict]:
+    """The chat messages, checked: a known role each, text content (a string or text parts; images are
+    refused until the vision tower runs), tool messages answer a call by id, assistant tool calls name a
+    function. "developer" (OpenAI's newer name) is taken as "system". Returns a copy safe to render."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        at = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(at, f"'{at}' must be an object with a 'role'")
+        role = m.get("role")
+        if role == "developer":
+            m = {**m, "role": "system"}
+            role = "system"
+        if role not in ROLES:
+            raise bad(f"{at}.role", f"'{at}.role' must be one of {', '.join(ROLES)} (or developer), "
+                      f"got {_show(role)}")
+        content = m.get("content")
+        if content is None:
+            if role != "assistant":
+                raise bad(f"{at}.content", f"'{at}.content' is missing (only an assistant turn may omit it)")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                _check_part(part, f"{at}.content[{j}]")
+        elif not isinstance(content, str):
+            raise bad(f"{at}.content", f"'{at}.content' must be a string or a list of text parts")
+        if role == "tool" and not (isinstance(m.get("tool_call_id"), str) and m["tool_call_id"]):
+            raise bad(f"{at}.tool_call_id", f"'{at}' is a tool result without a 'tool_call_id'")
+        for key in ("name", "reasoning_content", "reasoning", "thinking"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise bad(f"{at}.{key}", f"'{at}.{key}' must be a string")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list):
+                raise bad(f"{at}.tool_calls", f"'{at}.tool_calls' must be a list, on an assistant message")
+            for j, call in enumerate(calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not TOOL_NAME.fullmatch(fn["name"]):
+                    raise bad(f"{at}.tool_calls[{j}]", f"'{at}.tool_calls[{j}]' must be "
+                              "{\"type\": \"function\", \"function\": {\"name\", \"arguments\"}}")
+                if not isinstance(fn.get("arguments", {}), (str, dict)):
+                    raise bad(f"{at}.tool_calls[{j}].function.arguments",
+                              f"'{at}.tool_calls[{j}].function.arguments' must be a JSON string or an object")
+        out.append(m)
+    return out
+
+
+def _check_part(part: Any, at: str) -> None:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return
+    if kind in MEDIA_PARTS or (isinstance(part, dict) and any(k in part for k in MEDIA_PARTS)):
+        raise bad(at, f"'{at}' is a {kind or 'media'} part: images, audio and files are not supported yet (this "
+                  "server runs the text model)")
+    raise bad(at, f"'{at}' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}")
