@@ -79,7 +79,6 @@ class Tokenizer:
         self.special_ids = {i for i, t in added.items() if t.special}
         self.added_ids = set(added)
         self.added_tokens = [t.content for t in added.values()]
-        self._file = file
         self._plain: HFTokenizer | None = None
         self._bytes: list[bytes] | None = None
 
@@ -94,9 +93,9 @@ class Tokenizer:
 
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of `text` as ordinary text: a control token's spelling becomes the tokens of its
-        characters, never its id (the same tokenizer.json without its added tokens, built on first use)."""
+        characters, never its id (the same tokenizer without its added tokens, built on first use)."""
         if self._plain is None:
-            spec = json.loads(self._file.read_text(encoding="utf-8"))
+            spec = json.loads(self._tok.to_str())  # tokenizer.json, or what a GGUF's metadata built
             spec["added_tokens"] = []
             self._plain = HFTokenizer.from_str(json.dumps(spec))
         return self._plain.encode(text, add_special_tokens=False).ids
