@@ -13,7 +13,7 @@ from .model.qwen35 import Qwen35ForCausalLM, keeps_fp32
 from .ops.linear import view_linears
 from .runtime import WeightArena
 
-QUANT_BAND_ROWS = 4096  # rows read and quantized at once (one band in memory, never the whole matrix)
+QUANT_BAND_BYTES = 16 * 2**20  # bf16 bytes of rows read and quantized at once (one band, never the whole matrix)
 
 
 def allocate(model: Qwen35ForCausalLM, dtype: torch.dtype, plan: dict[str, str]) -> dict:
@@ -106,8 +106,9 @@ def quantize_into(sink, rows) -> None:
     qw, row, n = sink
     from .quant import formats
 
-    for a in range(0, n, QUANT_BAND_ROWS):
-        qs, d = formats.quantize_fast(qw.scheme, rows(a, min(a + QUANT_BAND_ROWS, n)))
+    band = max(1, QUANT_BAND_BYTES // (2 * qw.shape[1]))
+    for a in range(0, n, band):
+        qs, d = formats.quantize_fast(qw.scheme, rows(a, min(a + band, n)))
         qw.qs[row + a : row + a + qs.shape[0]] = qs
         qw.d[row + a : row + a + qs.shape[0]] = d
 

@@ -213,7 +213,8 @@ def test_quant_at_load_reads_matrices_in_bands(tmp_path, monkeypatch):
     from qwen35.safetensors_io import SafetensorsReader
 
     build_replica(tmp_path, "tiny", seed=2)
-    monkeypatch.setattr(placement, "QUANT_BAND_ROWS", 96)  # 4096-row embedding: 43 bands, the last short
+    monkeypatch.setattr(placement, "QUANT_BAND_BYTES", 96 * 256 * 2)  # 96 rows of K=256: the 4096-row embedding
+    # in 43 bands, the last short
     reads = []
     real_read = SafetensorsReader.read
     monkeypatch.setattr(SafetensorsReader, "read", lambda self, e, out=None: reads.append(e) or real_read(self, e, out))
@@ -221,7 +222,7 @@ def test_quant_at_load_reads_matrices_in_bands(tmp_path, monkeypatch):
     emb = model.model.embed_tokens.weight
     assert isinstance(emb, QuantizedWeight)
     assert max(e.shape[0] for e in reads if e.name.endswith("embed_tokens.weight")) == 96
-    assert all(e.shape[0] <= 96 for e in reads if len(e.shape) == 2 and "norm" not in e.name and "conv" not in e.name)
+    assert all(e.nbytes <= 96 * 256 * 2 for e in reads if len(e.shape) == 2)  # every matrix is quantized here
     whole = load_file(tmp_path / "model.safetensors-00001-of-00001.safetensors")
     qs, d = formats.quantize(emb.scheme, whole["model.language_model.embed_tokens.weight"])
     assert torch.equal(emb.qs, qs) and torch.equal(emb.d, d)
