@@ -6,8 +6,9 @@ subprocess (this file with --worker) so its peaks are its own:
   as it is read, then a greedy decode (64-token random prompt, 32 tokens, after an 8-token warm-up), timed as
   `qwen35 bench` times it;
 - quantize: `qwen35 quantize replica-9b OUT --quant int4`, in a memory cgroup limited to 16 GiB (--limit-gb) where this
-  machine lets us make one (page cache is charged to the cgroup too and reclaimed under the limit, as on a
-  16 GB machine); peak RSS from the child's rusage;
+  machine lets us make one, the replica's pages dropped from the page cache first (the cgroup is charged for
+  the page cache its reads fill and reclaims it under the limit, as a 16 GB machine would); peak RSS from the
+  child's rusage;
 - load-quantized: `load_model(OUT)` of that output (packed bytes read straight into place), then the decode.
 "before" is VmRSS once torch, qwen35 and the C++ kernels are loaded; the peak is VmHWM (reset with clear_refs
 after the load, so load and decode peaks are reported apart); quantized bytes are every weight of
@@ -150,6 +151,9 @@ def quantize(src: Path, out: Path, cgroup: Path | None) -> dict:
     if out.exists():
         shutil.rmtree(out)
 
+    for f in src.glob("*.safetensors"):  # start cold, so the page cache of the 19 GB read is charged to the cgroup
+        with open(f, "rb") as fh:
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     cmd = [sys.executable, "-m", "qwen35", "quantize", str(src), str(out), "--quant", QUANT]
     if cgroup is not None:  # the shell joins the cgroup, then becomes the quantizer
         cmd = ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh", *cmd]

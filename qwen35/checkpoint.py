@@ -13,12 +13,12 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .safetensors_io import DTYPES
 from .weights import INDEX_FILE, VLM_TEXT_PREFIX
 
-ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+ST_DTYPES = {dtype: name for name, dtype in DTYPES.items()}  # torch dtype -> safetensors name
 
 
 def shard_name(k: int, n: int) -> str:
@@ -29,29 +29,53 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], config: dict, out: str | 
                      max_shard_bytes: int | None = None) -> Path:
     """Write `tensors` (checkpoint key -> tensor, written in their own dtypes) and `config` to `out`.
 
-    Tensors are split into shards of at most `max_shard_bytes` (one shard when None), in key order.
+    Tensors are split into shards of at most `max_shard_bytes` (one shard when None), in key order, and written
+    one at a time straight from their memory (no copy of a shard: `qwen35 quantize` of a 9B holds only the
+    model while it writes).
     """
+    specs = [(key, tuple(tensors[key].shape), tensors[key].dtype) for key in sorted(tensors)]
+    return _write_shards(specs, lambda key, shape, dtype: tensors[key].detach().contiguous(), config, out,
+                         max_shard_bytes)
+
+
+def _write_shards(specs, tensor_of, config: dict, out: str | Path, max_shard_bytes: int | None) -> Path:
+    """config.json, shards and index for `specs` [(key, shape, dtype)], in that order; tensor_of(key, shape,
+    dtype) gives each tensor as its bytes are written (asked for once each, in order). The safetensors layout
+    is written by hand: a header (8-byte length, JSON, padded to 8 bytes) then each tensor's raw bytes."""
+    groups: list[list] = [[]]
+    size = 0
+    for key, shape, dtype in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if max_shard_bytes and groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((key, shape, dtype))
+        size += nbytes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    groups: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in sorted(tensors):
-        t = tensors[key].detach().contiguous()
-        nbytes = t.numel() * t.element_size()
-        if max_shard_bytes and groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append({})
-            size = 0
-        groups[-1][key] = t
-        size += nbytes
     weight_map: dict[str, str] = {}
     total = 0
     for k, group in enumerate(groups, start=1):
         name = shard_name(k, len(groups))
-        save_file(group, str(out / name), metadata={"format": "pt"})
-        for key, t in group.items():
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, shape, dtype in group:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
             weight_map[key] = name
-            total += t.numel() * t.element_size()
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(out / name, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for key, shape, dtype in group:
+                t = tensor_of(key, shape, dtype)
+                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise ValueError(f"tensor '{key}' changed while being written")
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                del t
+        total += offset
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return out
@@ -125,39 +149,6 @@ def write_random_checkpoint(config: dict, out: str | Path, mtp_layers: int | Non
     indexed like write_checkpoint's."""
     cfg = ModelConfig.from_hf(config)
     specs = tensor_specs(cfg, cfg.mtp_num_hidden_layers if mtp_layers is None else mtp_layers, dtype)
-    groups: list[list] = [[]]
-    size = 0
-    for key, shape, d in specs:
-        nbytes = math.prod(shape) * d.itemsize
-        if max_shard_bytes and groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((key, shape, d))
-        size += nbytes
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = torch.Generator().manual_seed(seed)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for k, group in enumerate(groups, start=1):
-        name = shard_name(k, len(groups))
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for key, shape, d in group:
-            nbytes = math.prod(shape) * d.itemsize
-            header[key] = {"dtype": ST_DTYPES[d], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[key] = name
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        with open(out / name, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            for key, shape, d in group:
-                t = random_tensor(key, shape, d, gen, std)
-                f.write(t.view(-1).view(torch.uint8).numpy().data)
-                del t
-        total += offset
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return out
+    return _write_shards(specs, lambda key, shape, d: random_tensor(key, shape, d, gen, std), config, out,
+                         max_shard_bytes)

@@ -9,7 +9,13 @@ from safetensors.torch import load_file
 
 import qwen35
 import qwen35.checkpoint as ckpt
-from qwen35.checkpoint import random_tensor, random_tensors, shard_name, write_random_checkpoint
+from qwen35.checkpoint import (
+    random_tensor,
+    random_tensors,
+    shard_name,
+    write_checkpoint,
+    write_random_checkpoint,
+)
 from qwen35.config import ModelConfig
 from qwen35.shapes import composite_config
 
@@ -46,3 +52,20 @@ def test_pieces_draw_the_values_of_one_draw(monkeypatch):
     for chunk in (1008, 4768):
         monkeypatch.setattr(ckpt, "CHUNK", chunk)
         assert torch.equal(random_tensor("x.weight", shape, torch.float32, torch.Generator().manual_seed(1)), whole)
+
+
+def test_write_checkpoint_round_trips_every_dtype(tmp_path):
+    """write_checkpoint writes the safetensors layout itself: what the library reads back is what went in."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.qs": torch.randint(-128, 127, (5, 64), generator=g, dtype=torch.int8),
+               "a.q4": torch.randint(0, 255, (3, 16), generator=g, dtype=torch.uint8),
+               "a.d": torch.randn(5, 2, generator=g).half(), "b": torch.randn(7, generator=g).bfloat16(),
+               "c": torch.randn(2, 3, generator=g)[:, 1:], "empty": torch.zeros(0, 4)}  # "c": not contiguous
+    write_checkpoint(tensors, {"model_type": "x"}, tmp_path, max_shard_bytes=400)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    got = {}
+    for s in dict.fromkeys(index["weight_map"].values()):
+        got.update(load_file(tmp_path / s))
+    assert len(set(index["weight_map"].values())) > 1 and got.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
