@@ -13,7 +13,7 @@ from .model.qwen35 import Qwen35ForCausalLM, keeps_fp32
 from .ops.linear import view_linears
 from .runtime import WeightArena
 
-QUANT_BAND_ROWS = 4096  # rows quantized at once (fp32 working copy of one band, not of the whole tensor)
+QUANT_BAND_BYTES = 16 * 2**20  # bf16 bytes of rows read and quantized at once (one band, never the whole matrix)
 
 
 def allocate(model: Qwen35ForCausalLM, dtype: torch.dtype, plan: dict[str, str]) -> dict:
@@ -100,12 +100,15 @@ def allocate(model: Qwen35ForCausalLM, dtype: torch.dtype, plan: dict[str, str])
     return sinks
 
 
-def quantize_into(sink, w: torch.Tensor) -> None:
+def quantize_into(sink, rows) -> None:
+    """Quantize a matrix into its sink (QuantizedWeight, first row, rows) band by band; rows(a, b) gives
+    rows a..b-1 of the source matrix (read from the checkpoint as they are asked for)."""
     qw, row, n = sink
     from .quant import formats
 
-    for a in range(0, n, QUANT_BAND_ROWS):
-        qs, d = formats.quantize_fast(qw.scheme, w[a : a + QUANT_BAND_ROWS])
+    band = max(1, QUANT_BAND_BYTES // (2 * qw.shape[1]))
+    for a in range(0, n, band):
+        qs, d = formats.quantize_fast(qw.scheme, rows(a, min(a + band, n)))
         qw.qs[row + a : row + a + qs.shape[0]] = qs
         qw.d[row + a : row + a + qs.shape[0]] = d
 

@@ -202,3 +202,27 @@ def test_weight_arena(monkeypatch):
         arena.take((1,), torch.float32)
     monkeypatch.setenv("QWEN35_HUGEPAGES", "0")
     assert not WeightArena(8 * 2**20).huge
+
+
+def test_quant_at_load_reads_matrices_in_bands(tmp_path, monkeypatch):
+    """load_model(quant=) quantizes each matrix a band of rows at a time straight from the mapped file (a
+    whole bf16 copy of the 9B head would add 2 GB to the peak), and gives the bytes of quantizing it whole."""
+    from qwen35 import placement
+    from qwen35.commands.replica import build_replica
+    from qwen35.quant import QuantizedWeight, formats
+    from qwen35.safetensors_io import SafetensorsReader
+
+    build_replica(tmp_path, "tiny", seed=2)
+    monkeypatch.setattr(placement, "QUANT_BAND_BYTES", 96 * 256 * 2)  # 96 rows of K=256: the 4096-row embedding
+    # in 43 bands, the last short
+    reads = []
+    real_read = SafetensorsReader.read
+    monkeypatch.setattr(SafetensorsReader, "read", lambda self, e, out=None: reads.append(e) or real_read(self, e, out))
+    model = qwen35.load_model(tmp_path, dtype=torch.bfloat16, quant="int4", kernels=False)
+    emb = model.model.embed_tokens.weight
+    assert isinstance(emb, QuantizedWeight)
+    assert max(e.shape[0] for e in reads if e.name.endswith("embed_tokens.weight")) == 96
+    assert all(e.nbytes <= 96 * 256 * 2 for e in reads if len(e.shape) == 2)  # every matrix is quantized here
+    whole = load_file(tmp_path / "model.safetensors-00001-of-00001.safetensors")
+    qs, d = formats.quantize(emb.scheme, whole["model.language_model.embed_tokens.weight"])
+    assert torch.equal(emb.qs, qs) and torch.equal(emb.d, d)
