@@ -51,7 +51,7 @@ def test_matrices_that_do_not_block_are_kept_or_refused():
     assert policy.scheme_for("int4", "model.layers.0.mlp.up_proj.weight", (64, 48), tied=True) is None
     with pytest.raises(QuantError, match=r"cannot block-quantize a \[64, 48\] matrix: K must be a multiple of 32"):
         QuantizedWeight.quantize("q8_0", torch.randn(64, 48))
-    with pytest.raises(QuantError, match="unknown quantization 'gptq': use one of int8, int4, q8_0, q4_0"):
+    with pytest.raises(QuantError, match="unknown quantization 'gptq': use one of int8, int4, q8_0, q4_0, q4_k, q6_k"):
         policy.scheme_for("gptq", "lm_head.weight", (64, 64), tied=False)
 
 

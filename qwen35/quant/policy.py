@@ -5,8 +5,10 @@ Never quantized, whatever the policy: A_log, dt_bias and every norm (fp32, a few
 decay path is where error compounds along the sequence), the conv1d weights (4 taps per channel), and any
 matrix whose input dimension is not a multiple of the block. The names `--quant` accepts:
 
-- `q8_0`, `q4_0`: every other matrix in that layout (embedding only when it is tied to the head, since
-  the lookup reads a handful of rows and only the head streams it);
+- `q8_0`, `q4_0`, `q4_k`, `q6_k`: every other matrix in that layout (embedding only when it is tied to the
+  head, since the lookup reads a handful of rows and only the head streams it); a matrix whose K is not a
+  multiple of a K-quant's super-block of 256 gets the 32-block layout of at least its bits instead
+  (q4_k -> q4_0, q6_k -> q8_0);
 - `int8`: the recommended 8-bit policy, which is q8_0;
 - `int4`: the recommended 4-bit policy: q4_0 for the MLP and attention projections, q8_0 for the
   vocabulary projection (a third of a 0.8B model's bytes, and where 4 bits cost the most KL, see the
@@ -19,6 +21,7 @@ from ..model.qwen35 import keeps_fp32
 from .formats import BLOCK, LAYOUTS, QuantError
 
 POLICIES = ("int8", "int4", *LAYOUTS)
+FALLBACK = {"q4_k": "q4_0", "q6_k": "q8_0"}  # for a K that is not a multiple of the super-block
 
 
 def _kept(name: str) -> bool:
@@ -30,12 +33,23 @@ def is_head(name: str) -> bool:
     return name in ("lm_head.weight", "model.embed_tokens.weight")
 
 
+def fitted(scheme: str | None, K: int) -> str | None:
+    """`scheme`, or its fallback where K does not fit its blocks (None: nothing fits, keep the matrix)."""
+    while scheme is not None and not LAYOUTS[scheme].fits(K):
+        scheme = FALLBACK.get(scheme)
+    return scheme
+
+
 def scheme_for(policy: str, name: str, shape: tuple[int, ...], tied: bool) -> str | None:
     """The layout parameter `name` of `shape` gets under `policy`, or None to keep it."""
     if policy not in POLICIES:
         raise QuantError(f"unknown quantization {policy!r}: use one of {', '.join(POLICIES)}")
     if _kept(name) or len(shape) != 2 or shape[1] % BLOCK:
         return None
+    return fitted(_choose(policy, name, tied), shape[1])
+
+
+def _choose(policy: str, name: str, tied: bool) -> str | None:
     if name == "model.embed_tokens.weight" and not tied:
         return None
     if policy in LAYOUTS:
@@ -54,7 +68,7 @@ def plan(policy, shapes: dict[str, tuple[int, ...]], tied: bool) -> dict[str, st
     out = {}
     for name, shape in shapes.items():
         if callable(policy):
-            s = None if _kept(name) or len(shape) != 2 or shape[1] % BLOCK else policy(name, tuple(shape), tied)
+            s = None if _kept(name) or len(shape) != 2 or shape[1] % BLOCK else fitted(policy(name, tuple(shape), tied), shape[1])
         else:
             s = scheme_for(policy, name, tuple(shape), tied)
         if s is not None:

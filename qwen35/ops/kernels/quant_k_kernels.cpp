@@ -53,7 +53,7 @@ inline float half_at(const uint8_t* p) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
-// Input rows quantized per block of 32: xq int8 [M, K], dx / sx fp32 [M, K/32] (scale, sum of xq), and for
+// Input rows quantized per block of 32: xq int8 [M, K], dx / sx fp32 [M, K/32] (scale, scale * sum of xq), and for
 // q6_k xc int32 [M, K/4] = -32 * (sum of each 4 consecutive xq). q4_k's rows are in kernel block order.
 struct Rows {
   int8_t* xq;
@@ -91,7 +91,7 @@ Rows quantize_rows(const T* x, int64_t M, int64_t K, int64_t kind) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(q0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtepi32_epi8(q1));
       r.dx[m * nb + p] = d;
-      r.sx[m * nb + p] = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+      r.sx[m * nb + p] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
     }
   if (kind == 4) {
     scratch.ints.resize(static_cast<size_t>(M * K / 4));
@@ -121,17 +121,27 @@ struct Out {
   }
 };
 
-// Q4_K's 12 bytes -> its 8 scales (bytes 0-7) and 8 mins (bytes 8-15), each in kernel block order.
+// Q4_K's 12 bytes -> its 8 scales (bytes 0-7) and 8 mins (bytes 8-15), each in kernel block order. Scalar
+// 64-bit arithmetic (it runs on the integer ports, beside the vector work): bytes 0-7 hold the low 6 bits of
+// scales 0-3 and mins 0-3 and, in their top 2 bits, the high bits of scales / mins 4-7, whose low nibbles are
+// bytes 8-11.
 inline __m128i q4k_scales_mins(const uint8_t* p) {
-  uint32_t u[3];
-  std::memcpy(u, p, 12);
-  const uint32_t six = 0x3F3F3F3Fu, four = 0x0F0F0F0Fu, two = 0x03030303u;
-  const uint32_t sc_lo = u[0] & six, mn_lo = u[1] & six;
-  const uint32_t sc_hi = (u[2] & four) | (((u[0] >> 6) & two) << 4);
-  const uint32_t mn_hi = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4);
-  const __m128i v = _mm_set_epi32(static_cast<int>(mn_hi), static_cast<int>(mn_lo), static_cast<int>(sc_hi),
-                                  static_cast<int>(sc_lo));
-  return _mm_shuffle_epi8(v, _mm_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15));
+  uint64_t u01;
+  uint32_t u2;
+  std::memcpy(&u01, p, 8);
+  std::memcpy(&u2, p + 8, 4);
+  const uint64_t lo = u01 & 0x3F3F3F3F3F3F3F3Full;  // sc0-3, mn0-3
+  const uint64_t top = (u01 >> 6) & 0x0303030303030303ull;
+  const uint64_t nib = (static_cast<uint64_t>((u2 >> 4) & 0x0F0F0F0Fu) << 32) | (u2 & 0x0F0F0F0Fu);
+  const uint64_t hi = nib | (top << 4);  // sc4-7, mn4-7
+  const __m128i v = _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
+  // bytes now: sc0-3, mn0-3, sc4-7, mn4-7 -> sc and mn, each in the order 0,2,1,3,4,6,5,7
+  return _mm_shuffle_epi8(v, _mm_setr_epi8(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15));
+}
+inline float half_bits_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
 }
 
 template <int M>
@@ -140,6 +150,9 @@ void q4k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& 
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   // chunk c holds kernel blocks 2c (lanes 0-7) and 2c+1 (lanes 8-15)
   const __m512i pair = _mm512_mask_blend_epi32(0xFF00, _mm512_setzero_si512(), _mm512_set1_epi32(1));
+  const __m512i sel[4] = {pair, _mm512_add_epi32(pair, _mm512_set1_epi32(2)), _mm512_add_epi32(pair, _mm512_set1_epi32(4)),
+                          _mm512_add_epi32(pair, _mm512_set1_epi32(6))};
+  const __m512i d_then_dmin = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = qs + n * ns * Q4K;
     __m512 acc[M];
@@ -147,31 +160,31 @@ void q4k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& 
     for (int m = 0; m < M; ++m) { acc[m] = _mm512_setzero_ps(); corr[m] = _mm256_setzero_ps(); }
     for (int64_t s = 0; s < ns; ++s) {
       const uint8_t* b = w + s * Q4K;
-      const __m128i scm = q4k_scales_mins(b + 4);
-      const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(half_at(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)));
-      const __m256 mn = _mm256_mul_ps(_mm256_set1_ps(half_at(b + 2)),
-                                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))));
+      // [d * sc (8 lanes), dmin * mn (8 lanes)]
+      int32_t dm2;
+      std::memcpy(&dm2, b, 4);
+      const __m512 dd = _mm512_permutexvar_ps(d_then_dmin, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dm2))));
+      const __m512 scmn = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q4k_scales_mins(b + 4))));
+      const __m256 sc = _mm512_castps512_ps256(scmn), mn = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(scmn), 1));
       const __m512i v0 = _mm512_loadu_si512(b + 16), v1 = _mm512_loadu_si512(b + 80);
       const __m512i ch[4] = {_mm512_and_si512(v0, low4), _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4),
                              _mm512_and_si512(v1, low4), _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4)};
       for (int m = 0; m < M; ++m) {
-        const __m256 dx = _mm256_loadu_ps(r.dx + m * nb + s * 8);
-        corr[m] = _mm256_fmadd_ps(_mm256_mul_ps(mn, dx), _mm256_loadu_ps(r.sx + m * nb + s * 8), corr[m]);
-        const __m512 s16 = _mm512_zextps256_ps512(_mm256_mul_ps(sc, dx));
+        corr[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(r.sx + m * nb + s * 8), corr[m]);  // sx holds dx * sum
+        const __m512 s16 = _mm512_zextps256_ps512(_mm256_mul_ps(sc, _mm256_loadu_ps(r.dx + m * nb + s * 8)));
         const int8_t* xm = r.xq + m * K + s * QK;
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
           const __m512i iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ch[c], _mm512_loadu_si512(xm + 64 * c));
-          const __m512 sv = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * c)), s16);
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), sv, acc[m]);
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(sel[c], s16), acc[m]);
         }
       }
     }
     for (int m = 0; m < M; ++m) {
       const __m256 c = corr[m];
       const __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
-      const float cs = _mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(c4, c4), _mm_hadd_ps(c4, c4)));
-      out.store(m, n, _mm512_reduce_add_ps(acc[m]) - cs);
+      const __m128 c2 = _mm_add_ps(c4, _mm_movehl_ps(c4, c4));
+      out.store(m, n, _mm512_reduce_add_ps(acc[m]) - _mm_cvtss_f32(_mm_add_ss(c2, _mm_movehdup_ps(c2))));
     }
   }
 }
@@ -183,13 +196,15 @@ void q6k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& 
   // 16 sub-block scales -> lane j of the scale vector pairs sub-block j with input block j/2
   const __m512i half_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i qsel[4] = {quad, _mm512_add_epi32(quad, _mm512_set1_epi32(4)), _mm512_add_epi32(quad, _mm512_set1_epi32(8)),
+                           _mm512_add_epi32(quad, _mm512_set1_epi32(12))};
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = qs + n * ns * Q6K;
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t s = 0; s < ns; ++s) {
       const uint8_t* b = w + s * Q6K;
-      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_at(b + 208)),
+      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_bits_to_float(b + 208)),
                                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)))));
       __m512i ch[4];
       for (int h = 0; h < 2; ++h) {
@@ -207,7 +222,7 @@ void q6k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& 
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
           const __m512i iv = _mm512_dpbusd_epi32(_mm512_loadu_si512(cm + 16 * c), ch[c], _mm512_loadu_si512(xm + 64 * c));
-          const __m512 sv = _mm512_permutexvar_ps(_mm512_add_epi32(quad, _mm512_set1_epi32(4 * c)), s16);
+          const __m512 sv = _mm512_permutexvar_ps(qsel[c], s16);
           acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), sv, acc[m]);
         }
       }
