@@ -3,7 +3,8 @@ class, and speed (prefill, decode, fraction of the memory-read bound) side by si
 
 Quality runs on the bundled model (trained, so its next-token distributions mean something) over held-out
 text: every 20th file of the Python standard library, the split its training left out. Each tensor class is
-also quantized alone to q4_0 (everything else unquantized), which is how the int4 policy was chosen.
+also quantized alone to q4_0 and to q4_k (everything else unquantized), and candidate mixes (CANDIDATES: the
+old q4_0 int4, llama.cpp's Q4_K_M mix on our layouts) run beside the named policies: how int4 was chosen.
 Speed runs `qwen35 bench` on the Qwen3.5-0.8B-shape replica for bf16, q8_0 and int4, each in its own process.
 With --llama-cpp, llama.cpp runs beside it on the same weights (benchmarks/llamacpp.py: llama-cpp-python built
 from source in its own venv on first use, 10-15 minutes on 2 cores, overlapped with the quality runs): the
@@ -64,11 +65,17 @@ def k_policy(head: str = "q6_k", more: str | None = None, num_layers: int = 8):
     return policy
 
 
+def old_int4(name, shape, tied):
+    """The int4 policy before the K-quants: q4_0, with q8_0 for the head and the gates in_proj_a/b."""
+    if name in ("lm_head.weight", "model.embed_tokens.weight") or name.endswith(("in_proj_a.weight", "in_proj_b.weight")):
+        return "q8_0" if tied or name == "lm_head.weight" else None
+    return "q4_0"
+
+
 CANDIDATES = {  # label -> policy, measured beside the named ones
-    "k: q4_k, head q6_k": k_policy(),
-    "k: q4_k, head q8_0": k_policy(head="q8_0"),
-    "k: + q6_k like Q4_K_M": k_policy(more="q6_k"),
-    "k: + q8_0 like Q4_K_M": k_policy(more="q8_0"),
+    "q4_0, head+gates q8_0 (old int4)": old_int4,
+    "q4_k, head q6_k, gates q8_0": k_policy(),
+    "Q4_K_M's mix (+ q6_k)": k_policy(more="q6_k"),
 }
 
 
@@ -113,7 +120,7 @@ def quality(rows: int, class_schemes=("q4_0", "q4_k")) -> dict:
         kl, agree = kl_stats(ref_logp, m, ids)
         plan = policy.plan(quant, shapes, ref.config.tie_word_embeddings) if quant else {}
         out["policies"][label] = {"kl": kl, "greedy_agreement": agree, "bpw": policy.bits_per_weight(plan, shapes)}
-    for label, pred in CLASSES.items():
+    for label, pred in CLASSES.items() if class_schemes else ():
         for scheme in class_schemes:
             m = qwen35.load_model(path, dtype=torch.bfloat16,
                                   quant=lambda n, s, t, pred=pred, scheme=scheme: scheme if pred(n) else None)
@@ -263,6 +270,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=48, help="held-out rows of 256 tokens")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-classes", action="store_true", help="only the policies, not one tensor class at a time")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also run llama.cpp on the same weights (builds llama-cpp-python on first use)")
     args = ap.parse_args()
@@ -270,7 +278,7 @@ def main() -> None:
         import llamacpp
 
         install = llamacpp.start_install()  # builds while the quality runs go; waited for before any timing
-    q = quality(args.rows)
+    q = quality(args.rows, () if args.skip_classes else ("q4_0", "q4_k"))
     print(f"quality on the bundled model, {q['tokens']} held-out tokens (KL vs fp32 unquantized)")
     print(f"{'policy':<30}{'bits/weight':>12}{'mean KL':>12}{'greedy agree':>14}")
     for k, v in q["policies"].items():

@@ -204,3 +204,24 @@ def test_quantize_command_round_trips_k_quants(tiny_dir, tmp_path):
     ids = torch.randint(0, 4096, (1, 20), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch.equal(direct(ids), again(ids))
+
+
+def test_int4_spends_its_six_bits_where_they_buy_the_most():
+    """int4 (policy.py's docstring; measured in benchmarks/bench_quant.py): q6_k for the head, every v_proj
+    and the Gated DeltaNet projections of llama.cpp's more-bits layers; q8_0 gates; q4_k elsewhere."""
+    shapes = {"model.embed_tokens.weight": (8192, 256)}
+    for i in range(8):
+        for p in ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj", "linear_attn.in_proj_a",
+                  "self_attn.v_proj", "mlp.down_proj"):
+            shapes[f"model.layers.{i}.{p}.weight"] = (256, 256)
+    plan = policy.plan("int4", shapes, tied=True)
+    assert [i for i in range(8) if policy.more_bits(i, 8)] == [0, 3, 6, 7]
+    assert plan["model.embed_tokens.weight"] == "q6_k"
+    for i in range(8):
+        six = "q6_k" if i in (0, 3, 6, 7) else "q4_k"
+        assert plan[f"model.layers.{i}.linear_attn.in_proj_qkv.weight"] == six
+        assert plan[f"model.layers.{i}.linear_attn.out_proj.weight"] == six
+        assert plan[f"model.layers.{i}.self_attn.v_proj.weight"] == "q6_k"
+        assert plan[f"model.layers.{i}.linear_attn.in_proj_a.weight"] == "q8_0"
+        assert plan[f"model.layers.{i}.mlp.down_proj.weight"] == "q4_k"
+    assert policy.scheme_for("int4", "mtp.layers.0.self_attn.q_proj.weight", (256, 256), True, 8) == "q4_k"
