@@ -118,7 +118,7 @@ def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(name: str, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weights [N, K] a quantized tensor stands for (the reference every kernel is tested against)."""
     N = qs.shape[0]
-    if name in ("q4_k", "q6_k"):
+    if name in K_KIND:
         w = kquants.dequantize_q4_k(qs) if name == "q4_k" else kquants.dequantize_q6_k(qs)
         return w.to(dtype)
     scale = d.float()[..., None]
@@ -143,7 +143,7 @@ def _k_blocks(name: str, w: torch.Tensor) -> torch.Tensor:
 
 def quantize(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (qs, d) in layout `name` (the torch reference quantizer)."""
-    if name in ("q4_k", "q6_k"):
+    if name in K_KIND:
         q = (kquants.quantize_q4_k if name == "q4_k" else kquants.quantize_q6_k)(_k_blocks(name, w))
         return q, torch.empty(w.shape[0], 0, dtype=torch.float16)
     if name == "q8_0":
@@ -161,7 +161,7 @@ def quantize_fast(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
     if (w.dtype in (torch.bfloat16, torch.float32) and w.dim() == 2 and name in LAYOUTS
             and LAYOUTS[name].fits(w.shape[1]) and kernels.available()):
-        if name in ("q4_k", "q6_k"):
+        if name in K_KIND:
             return torch.ops.qwen35.quantize_k(w.contiguous(), K_KIND[name]), torch.empty(w.shape[0], 0, dtype=torch.float16)
         return torch.ops.qwen35.quantize_weights(w.contiguous(), 8 if name == "q8_0" else 4)
     return quantize(name, w)
