@@ -67,7 +67,7 @@ def main() -> None:
                    "torch_diff": int((ours != ref).any(-1).sum()),
                    "cpp_diff": None if fast is None else int((fast != ref).any(-1).sum())}
             out["runs"].append(row)
-            print(f"{scheme:<8}{seed:>5}{row['superblocks']:>14}{row['torch_diff']:>15}{str(row['cpp_diff']):>13}")
+            print(f"{scheme:<8}{seed:>5}{row['superblocks']:>14}{row['torch_diff']:>15}{row['cpp_diff']!s:>13}")
     gguf_file = HERE / ".cache" / "gguf" / "bundled" / "model-q4_k_m.gguf"
     if gguf_file.is_file():
         out["gguf_file"] = gguf_tensors(gguf_file)
@@ -90,7 +90,7 @@ def gguf_tensors(path: Path) -> dict:
     for f in Path(default_model()).glob("*.safetensors"):
         state.update(load_file(str(f)))
     rows = {}
-    print(f"\nllama.cpp's Q4_K_M file of the bundled model vs our quantization of the checkpoint")
+    print("\nllama.cpp's Q4_K_M file of the bundled model vs our quantization of the checkpoint")
     for t in GGUFReader(str(path)).tensors:
         if t.name not in GGUF_NAMES:
             continue

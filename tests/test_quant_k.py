@@ -190,7 +190,7 @@ def test_quantize_command_round_trips_k_quants(tiny_dir, tmp_path):
 
     out = tmp_path / "q"
     r = subprocess.run([sys.executable, "-m", "qwen35", "quantize", str(tiny_dir), str(out), "--quant", "q4_k"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["policy"] == "q4_k" and set(cfg["tensors"].values()) == {"q4_k"}
