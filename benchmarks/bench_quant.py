@@ -3,7 +3,8 @@ class, and speed (prefill, decode, fraction of the memory-read bound) side by si
 
 Quality runs on the bundled model (trained, so its next-token distributions mean something) over held-out
 text: every 20th file of the Python standard library, the split its training left out. Each tensor class is
-also quantized alone to q4_0 (everything else unquantized), which is how the int4 policy was chosen.
+also quantized alone to q4_0 and to q4_k (everything else unquantized), and candidate mixes (CANDIDATES: the
+old q4_0 int4, llama.cpp's Q4_K_M mix on our layouts) run beside the named policies: how int4 was chosen.
 Speed runs `qwen35 bench` on the Qwen3.5-0.8B-shape replica for bf16, q8_0 and int4, each in its own process.
 With --llama-cpp, llama.cpp runs beside it on the same weights (benchmarks/llamacpp.py: llama-cpp-python built
 from source in its own venv on first use, 10-15 minutes on 2 cores, overlapped with the quality runs): the
@@ -38,6 +39,46 @@ CLASSES = {  # name -> a predicate on parameter names
 }
 
 
+def _layer(name: str) -> int:
+    return int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+
+
+def more_bits(i: int, n: int) -> bool:
+    """llama.cpp's Q4_K_M rule for which layers' ffn_down / attn_v get Q6_K: the first and last eighth, and
+    every third layer between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def k_policy(head: str = "q6_k", more: str | None = None, num_layers: int = 8):
+    """A 4-bit K-quant policy: q4_k everywhere, `head` for the tied embedding/head, q8_0 for the Gated DeltaNet
+    gates in_proj_a/b; with `more`, that layout for the tensors llama.cpp's Q4_K_M gives Q6_K (down_proj and
+    in_proj_qkv on more_bits layers, every v_proj)."""
+    def policy(name, shape, tied):
+        if name in ("lm_head.weight", "model.embed_tokens.weight"):
+            return head if tied or name == "lm_head.weight" else None
+        if name.endswith(("in_proj_a.weight", "in_proj_b.weight")):
+            return "q8_0"
+        if more and (name.endswith("v_proj.weight") or (name.endswith(("down_proj.weight", "in_proj_qkv.weight"))
+                                                       and more_bits(_layer(name), num_layers))):
+            return more
+        return "q4_k"
+    return policy
+
+
+def old_int4(name, shape, tied):
+    """The int4 policy before the K-quants: q4_0, with q8_0 for the head and the gates in_proj_a/b."""
+    if name in ("lm_head.weight", "model.embed_tokens.weight") or name.endswith(("in_proj_a.weight", "in_proj_b.weight")):
+        return "q8_0" if tied or name == "lm_head.weight" else None
+    return "q4_0"
+
+
+CANDIDATES = {  # label -> policy, measured beside the named ones
+    "q4_0, head+gates q8_0 (old int4)": old_int4,
+    "q4_k, head q6_k, gates q8_0": k_policy(),
+    "Q4_K_M's mix (+ q6_k)": k_policy(more="q6_k"),
+}
+
+
 def heldout_rows(tok, rows: int, T: int = 256) -> torch.Tensor:
     lib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in lib.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
@@ -60,7 +101,7 @@ def kl_stats(ref_logp: torch.Tensor, model, ids: torch.Tensor) -> tuple[float, f
     return torch.cat(kls).mean().item(), torch.cat(agree).mean().item()
 
 
-def quality(rows: int) -> dict:
+def quality(rows: int, class_schemes=("q4_0", "q4_k")) -> dict:
     import qwen35
     from qwen35.commands.common import default_model
     from qwen35.quant import policy
@@ -72,16 +113,19 @@ def quality(rows: int) -> dict:
         ref_logp = torch.cat([ref(ids[i : i + 8]).log_softmax(-1) for i in range(0, ids.shape[0], 8)])
     shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
     out = {"tokens": ids.numel(), "policies": {}, "classes": {}}
-    runs = [("bf16 (unquantized)", None)] + [(p, p) for p in ("q8_0", "int4", "q4_0")]
+    runs = [("bf16 (unquantized)", None)] + [(p, p) for p in ("q8_0", "int4", "q4_0", "q4_k", "q6_k")]
+    runs += list(CANDIDATES.items())
     for label, quant in runs:
         m = qwen35.load_model(path, dtype=torch.bfloat16, quant=quant)
         kl, agree = kl_stats(ref_logp, m, ids)
         plan = policy.plan(quant, shapes, ref.config.tie_word_embeddings) if quant else {}
         out["policies"][label] = {"kl": kl, "greedy_agreement": agree, "bpw": policy.bits_per_weight(plan, shapes)}
-    for label, pred in CLASSES.items():
-        m = qwen35.load_model(path, dtype=torch.bfloat16, quant=lambda n, s, t, pred=pred: "q4_0" if pred(n) else None)
-        kl, agree = kl_stats(ref_logp, m, ids)
-        out["classes"][label] = {"kl": kl, "greedy_agreement": agree}
+    for label, pred in CLASSES.items() if class_schemes else ():
+        for scheme in class_schemes:
+            m = qwen35.load_model(path, dtype=torch.bfloat16,
+                                  quant=lambda n, s, t, pred=pred, scheme=scheme: scheme if pred(n) else None)
+            kl, agree = kl_stats(ref_logp, m, ids)
+            out["classes"].setdefault(label, {})[scheme] = {"kl": kl, "greedy_agreement": agree}
     return out
 
 
@@ -226,6 +270,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=48, help="held-out rows of 256 tokens")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-classes", action="store_true", help="only the policies, not one tensor class at a time")
     ap.add_argument("--llama-cpp", action="store_true",
                     help="also run llama.cpp on the same weights (builds llama-cpp-python on first use)")
     args = ap.parse_args()
@@ -233,14 +278,15 @@ def main() -> None:
         import llamacpp
 
         install = llamacpp.start_install()  # builds while the quality runs go; waited for before any timing
-    q = quality(args.rows)
+    q = quality(args.rows, () if args.skip_classes else ("q4_0", "q4_k"))
     print(f"quality on the bundled model, {q['tokens']} held-out tokens (KL vs fp32 unquantized)")
-    print(f"{'policy':<28}{'bits/weight':>12}{'mean KL':>12}{'greedy agree':>14}")
+    print(f"{'policy':<30}{'bits/weight':>12}{'mean KL':>12}{'greedy agree':>14}")
     for k, v in q["policies"].items():
-        print(f"{k:<28}{v['bpw']:>12.2f}{v['kl']:>12.5f}{v['greedy_agreement']:>14.3f}")
-    print(f"\n{'q4_0 on one class only':<28}{'mean KL':>12}{'greedy agree':>14}")
-    for k, v in q["classes"].items():
-        print(f"{k:<28}{v['kl']:>12.5f}{v['greedy_agreement']:>14.3f}")
+        print(f"{k:<30}{v['bpw']:>12.3f}{v['kl']:>12.5f}{v['greedy_agreement']:>14.3f}")
+    print(f"\n{'one class only':<30}{'scheme':>6}{'mean KL':>12}{'greedy agree':>14}")
+    for k, by in q["classes"].items():
+        for scheme, v in by.items():
+            print(f"{k:<30}{scheme:>6}{v['kl']:>12.5f}{v['greedy_agreement']:>14.3f}")
     result = {"bench": "quant", "quality": q}
     if args.llama_cpp:
         llamacpp.wait_install(install)

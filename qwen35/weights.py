@@ -111,8 +111,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     dtype: torch.float32, torch.bfloat16 or torch.float16.
     progress: show a progress bar (bytes read) on stderr. kernels: bind the C++ CPU kernels (True), run the
     torch reference only (False), or let `ops.fast.kernel_policy` decide (None; see there).
-    quant: a quantization policy (quant/policy.py: "int8", "int4", "q8_0", "q4_0"): matrices are quantized
-    tensor by tensor as they are read, in bands of rows (peak memory ~ the quantized model + one band).
+    quant: a quantization policy (quant/policy.py: "int8", "int4", "q8_0", "q4_0", "q4_k", "q6_k"): matrices
+    are quantized tensor by tensor as they are read, in bands of rows (peak memory ~ the quantized model + one
+    band).
 
     Raises ConfigError / CheckpointError (both Qwen35Error) naming the file or tensor at fault.
     """

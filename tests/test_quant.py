@@ -52,7 +52,7 @@ def test_matrices_that_do_not_block_are_kept_or_refused():
     assert policy.scheme_for("int4", "model.layers.0.mlp.up_proj.weight", (64, 48), tied=True) is None
     with pytest.raises(QuantError, match=r"cannot block-quantize a \[64, 48\] matrix: K must be a multiple of 32"):
         QuantizedWeight.quantize("q8_0", torch.randn(64, 48))
-    with pytest.raises(QuantError, match="unknown quantization 'gptq': use one of int8, int4, q8_0, q4_0"):
+    with pytest.raises(QuantError, match="unknown quantization 'gptq': use one of int8, int4, q8_0, q4_0, q4_k, q6_k"):
         policy.scheme_for("gptq", "lm_head.weight", (64, 64), tied=False)
 
 
@@ -63,7 +63,8 @@ def test_policy_keeps_the_recurrent_path_high():
     for name in keep:
         assert policy.scheme_for("q4_0", name, (128, 64), tied=True) is None, name
     assert policy.scheme_for("int4", "model.layers.0.linear_attn.in_proj_a.weight", (16, 64), True) == "q8_0"
-    assert policy.scheme_for("int4", "model.embed_tokens.weight", (320, 64), tied=True) == "q8_0"
+    assert policy.scheme_for("int4", "model.embed_tokens.weight", (320, 64), tied=True) == "q8_0"  # q6_k's fallback
+    assert policy.scheme_for("int4", "model.embed_tokens.weight", (320, 256), tied=True) == "q6_k"
     assert policy.scheme_for("int4", "model.embed_tokens.weight", (320, 64), tied=False) is None
     assert policy.scheme_for("int8", "model.layers.0.mlp.down_proj.weight", (64, 128), True) == "q8_0"
 
@@ -222,7 +223,8 @@ def test_quantize_command_output_reloads_bit_identically(tiny_dir, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "qwen35" and cfg["policy"] == "int4" and set(cfg["tensors"].values()) == {"q4_0", "q8_0"}
+    assert cfg["quant_method"] == "qwen35" and cfg["policy"] == "int4"
+    assert set(cfg["tensors"].values()) == {"q4_k", "q6_k", "q8_0"}
     direct = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="int4", kernels=False)
     again = qwen35.load_model(out, dtype=torch.bfloat16, kernels=False)
     assert again.quant == "int4"

@@ -2,7 +2,7 @@
 
 Layout: the ordinary checkpoint (config.json, safetensors shards + index, tokenizer and template files
 copied beside), where every quantized matrix `NAME` is stored as two tensors, `NAME.qs` (int8 for q8_0, uint8
-for q4_0) and `NAME.d` (fp16 scales), under our (text-model) parameter names, one per projection (not fused:
+for the others) and `NAME.d` (fp16 scales; [N, 0] for q4_k / q6_k, whose qs are GGUF's blocks with their scales inside), under our (text-model) parameter names, one per projection (not fused:
 the file stays readable tensor by tensor, and fusing at load is a row concatenation into the huge-page arena,
 which measured ~10% faster decode than weights left in 4 KiB page-cache pages). config.json gains
 

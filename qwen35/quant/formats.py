@@ -9,6 +9,10 @@ Unlike GGUF, which interleaves d with each block's bytes, the scales live in the
 [N, K/32] beside qs: the kernels then read two aligned streams. Quantization follows ggml's reference
 (quantize_row_q8_0_ref / quantize_row_q4_0_ref) exactly: the same rounding, the same choice of scale.
 
+Two more are GGUF's K-quants, on super-blocks of 256 (quant/kquants.py): q4_k (4.5 bits per weight: 6-bit
+scales and mins per 32) and q6_k (6.5625: int8 scales per 16), stored as GGUF's block bytes verbatim in qs,
+with an empty d [N, 0]. A matrix whose K is not a multiple of its layout's block never gets that layout.
+
 Scheme names are GGUF's type names; `int8` and `int4` are aliases of the recommended 8-bit and 4-bit
 *policies* (quant/policy.py), never of a layout.
 """
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import Qwen35Error
+from . import kquants
 
 BLOCK = 32
 
@@ -32,20 +37,32 @@ class QuantError(Qwen35Error, ValueError):
 class Layout:
     name: str
     bits_per_weight: float
-    qs_cols: int  # bytes of qs per BLOCK weights
+    block_bytes: int  # bytes of qs per block of `block` weights
+    block: int = BLOCK  # weights per block along K
+    d_per_block: int = 1  # fp16 scales in d per block (0: the scales live inside qs's blocks)
+
+    def fits(self, K: int) -> bool:
+        return K % self.block == 0
 
     def qs_shape(self, N: int, K: int) -> tuple[int, int]:
-        return (N, K // BLOCK * self.qs_cols)
+        return (N, K // self.block * self.block_bytes)
 
     def d_shape(self, N: int, K: int) -> tuple[int, int]:
-        return (N, K // BLOCK)
+        return (N, K // self.block * self.d_per_block)
+
+    @property
+    def qs_cols(self) -> int:
+        return self.block_bytes
 
     @property
     def qs_dtype(self) -> torch.dtype:
         return torch.int8 if self.name == "q8_0" else torch.uint8
 
 
-LAYOUTS = {"q8_0": Layout("q8_0", 8.5, 32), "q4_0": Layout("q4_0", 4.5, 16)}
+LAYOUTS = {"q8_0": Layout("q8_0", 8.5, 32), "q4_0": Layout("q4_0", 4.5, 16),
+           "q4_k": Layout("q4_k", 4.5, kquants.Q4K_BYTES, kquants.QK, 0),
+           "q6_k": Layout("q6_k", 6.5625, kquants.Q6K_BYTES, kquants.QK, 0)}
+K_KIND = {"q4_k": 3, "q6_k": 4}  # the code quant_k_kernels.cpp takes for each K-quant layout
 
 
 def layout(name: str) -> Layout:
@@ -101,6 +118,9 @@ def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(name: str, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weights [N, K] a quantized tensor stands for (the reference every kernel is tested against)."""
     N = qs.shape[0]
+    if name in K_KIND:
+        w = kquants.dequantize_q4_k(qs) if name == "q4_k" else kquants.dequantize_q6_k(qs)
+        return w.to(dtype)
     scale = d.float()[..., None]
     if name == "q8_0":
         w = qs.float().reshape(N, -1, BLOCK) * scale
@@ -114,7 +134,18 @@ def dequantize(name: str, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype 
     return w.reshape(N, -1).to(dtype)
 
 
+def _k_blocks(name: str, w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    if K % kquants.QK:
+        raise QuantError(f"cannot quantize a [{N}, {K}] matrix to {name}: K must be a multiple of {kquants.QK}")
+    return w
+
+
 def quantize(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (qs, d) in layout `name` (the torch reference quantizer)."""
+    if name in K_KIND:
+        q = (kquants.quantize_q4_k if name == "q4_k" else kquants.quantize_q6_k)(_k_blocks(name, w))
+        return q, torch.empty(w.shape[0], 0, dtype=torch.float16)
     if name == "q8_0":
         return quantize_q8_0(w)
     if name == "q4_0":
@@ -128,8 +159,10 @@ def quantize_fast(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     is what makes quantizing a 9B at load a matter of seconds), the torch reference otherwise."""
     from ..ops import kernels
 
-    if (w.dtype in (torch.bfloat16, torch.float32) and w.dim() == 2 and w.shape[1] % BLOCK == 0
-            and name in LAYOUTS and kernels.available()):
+    if (w.dtype in (torch.bfloat16, torch.float32) and w.dim() == 2 and name in LAYOUTS
+            and LAYOUTS[name].fits(w.shape[1]) and kernels.available()):
+        if name in K_KIND:
+            return torch.ops.qwen35.quantize_k(w.contiguous(), K_KIND[name]), torch.empty(w.shape[0], 0, dtype=torch.float16)
         return torch.ops.qwen35.quantize_weights(w.contiguous(), 8 if name == "q8_0" else 4)
     return quantize(name, w)
 

@@ -1,8 +1,8 @@
 """A block-quantized matrix as a weight object (ops/linear.py): it plugs into `linear()` and everything that
 calls it, the MTP head and the vocabulary projection included, without a branch in any model file.
 
-- decode (<= 8 rows): the VNNI GEMV on the packed bytes (ops/kernels/quant_kernels.cpp), read once per
-  token and never expanded in memory;
+- decode (<= 8 rows): the VNNI GEMV on the packed bytes (ops/kernels/quant_kernels.cpp for q8_0 / q4_0,
+  quant_k_kernels.cpp for q4_k / q6_k), read once per token and never expanded in memory;
 - prefill (more rows), or without the kernels: the weights are dequantized to bf16 a band of rows at a time
   and multiplied with torch's GEMM, so no full-size bf16 copy ever exists;
 - `rows(ids)`: dequantized rows (the embedding lookup of a tied, quantized embedding/head).
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import formats
 
 GEMV_MAX_ROWS = 8
+GEMV_OPS = {"q8_0": "gemv_q8_0", "q4_0": "gemv_q4_0", "q4_k": "gemv_q4_k", "q6_k": "gemv_q6_k"}
 BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM path
 
 
@@ -58,6 +59,8 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
         qs, d = self.qs[start:end], self.d[start:end]
         if self.kernels and dtype == torch.bfloat16:
+            if self.scheme in formats.K_KIND:
+                return torch.ops.qwen35.dequant_k_bf16(qs.contiguous(), formats.K_KIND[self.scheme])
             return torch.ops.qwen35.dequant_bf16(qs.contiguous(), d.contiguous(), 8 if self.scheme == "q8_0" else 4)
         return formats.dequantize(self.scheme, qs, d, dtype)
 
@@ -70,7 +73,7 @@ class QuantizedWeight:
     def matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
         if x2.shape[0] <= GEMV_MAX_ROWS and not torch.is_grad_enabled():
             if self.kernels:
-                op = torch.ops.qwen35.gemv_q8_0 if self.scheme == "q8_0" else torch.ops.qwen35.gemv_q4_0
+                op = getattr(torch.ops.qwen35, GEMV_OPS[self.scheme])
                 return op(x2.contiguous(), self.qs, self.d, out_fp32)
             # what the kernel computes (inputs quantized per block too), so both paths give the same tokens
             y = formats.reference_matmul(self.scheme, x2, self.qs, self.d)

@@ -1,0 +1,626 @@
+// Kernels on GGUF's K-quant layouts (qwen35/quant/kquants.py: Q4_K and Q6_K block bytes verbatim, super-blocks
+// of 256 weights), registered beside quant_kernels.cpp's under torch.ops.qwen35. Layout codes: 3 = q4_k, 4 = q6_k.
+//
+// gemv_q4_k / gemv_q6_k: out[M, N] = x[M, K] . W^T for the few rows M (<= 8) of a decode step, reading each
+// weight byte once. The input rows are quantized on the fly per block of 32 exactly as quant_kernels.cpp does
+// it (scale max|x|/127, round half away from zero: formats.reference_matmul's rule), and the products are
+// AVX512-VNNI vpdpbusd (unsigned weights x signed inputs, exact int32 sums):
+// - q4_k: a sub-block of 32 is d*sc*q - dmin*m with q in 0..15, so its dot product with an input block is
+//   dx * (d*sc * sum(q*xq) - dmin*m * sum(xq)). A 64-byte load of nibbles holds sub-blocks {2c, 2c+2} in its
+//   low nibbles and {2c+1, 2c+3} in its high ones, so the inputs are laid out per super-block in that order
+//   (blocks 0,2,1,3,4,6,5,7) once per call, and each nibble vector meets one contiguous 64-byte input run.
+// - q6_k: a sub-block of 16 is d*sc*(q - 32) with q in 0..63 (4 low bits from ql, 2 from qh). The -32 offset
+//   is folded into the integer sum: vpdpbusd accumulates onto a precomputed -32 * (sum of each 4 inputs).
+// quantize_k: W (bf16 / fp32) -> K-quant bytes, the same algorithm and fp32 operations, in the same order, as
+//   kquants.quantize_q4_k / quantize_q6_k; 16 sub-blocks run side by side, one per vector lane, so each
+//   lane's arithmetic is exactly the scalar sequence (tested byte for byte against the torch reference).
+// dequant_k_bf16: W as bf16 [N, K] (prefill: the caller dequantizes a band of rows for a bf16 GEMM).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QB = 32;   // inputs per quantization block
+constexpr int64_t QK = 256;  // weights per super-block
+constexpr int64_t Q4K = 144, Q6K = 210;  // bytes per super-block
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+// C's roundf (halves away from zero), as quant_kernels.cpp's input quantization does it
+inline __m512 round_away(__m512 v) {
+  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.f)), sign));
+  return _mm512_mask_add_ps(t, up, t, one);
+}
+inline __m512 clamp127(__m512 v) { return _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_min_ps(_mm512_set1_ps(127.f), v)); }
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// Input rows quantized per block of 32: xq int8 [M, K], dx / sx fp32 [M, K/32] (scale, scale * sum of xq), and for
+// q6_k xc int32 [M, K/4] = -32 * (sum of each 4 consecutive xq). q4_k's rows are in kernel block order.
+struct Rows {
+  int8_t* xq;
+  float* dx;
+  float* sx;
+  int32_t* xc;
+};
+struct Scratch {
+  std::vector<int8_t> bytes;
+  std::vector<float> floats;
+  std::vector<int32_t> ints;
+};
+thread_local Scratch scratch;
+
+constexpr int Q4K_ORDER[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // kernel position k holds input block Q4K_ORDER[k]
+
+template <typename T>
+Rows quantize_rows(const T* x, int64_t M, int64_t K, int64_t kind) {
+  const int64_t nb = K / QB;
+  scratch.bytes.resize(static_cast<size_t>(M * K));
+  scratch.floats.resize(static_cast<size_t>(2 * M * nb));
+  Rows r{scratch.bytes.data(), scratch.floats.data(), scratch.floats.data() + M * nb, nullptr};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t o = m * K + b * QB;
+      const __m512 v0 = load16(x + o), v1 = load16(x + o + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
+      const __m512 vi = _mm512_set1_ps(inv);
+      const __m512i q0 = _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v0, vi))));
+      const __m512i q1 = _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v1, vi))));
+      // q4_k: block b goes to the kernel position of its super-block that reads it
+      const int64_t p = kind == 3 ? b / 8 * 8 + Q4K_ORDER[b % 8] : b;
+      int8_t* dst = r.xq + m * K + p * QB;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtepi32_epi8(q1));
+      r.dx[m * nb + p] = d;
+      r.sx[m * nb + p] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    }
+  if (kind == 4) {
+    scratch.ints.resize(static_cast<size_t>(M * K / 4));
+    r.xc = scratch.ints.data();
+    const __m512i m32 = _mm512_set1_epi8(32);
+    for (int64_t i = 0; i < M * K; i += 64) {
+      const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), m32, _mm512_loadu_si512(r.xq + i));
+      _mm512_storeu_si512(r.xc + i / 4, _mm512_sub_epi32(_mm512_setzero_si512(), s));
+    }
+  }
+  return r;
+}
+
+Rows quantize_input(const at::Tensor& x, int64_t kind) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "K-quant gemv: x must be a contiguous [M, K] matrix");
+  if (x.scalar_type() == at::kBFloat16) return quantize_rows(x.data_ptr<c10::BFloat16>(), x.size(0), x.size(1), kind);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "K-quant gemv: x must be bf16 or fp32");
+  return quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1), kind);
+}
+
+struct Out {
+  float* f = nullptr;
+  c10::BFloat16* h = nullptr;
+  int64_t ld = 0;
+  void store(int64_t m, int64_t n, float v) const {
+    if (f) f[m * ld + n] = v; else h[m * ld + n] = static_cast<c10::BFloat16>(v);
+  }
+};
+
+// Accumulators per input row: a super-block's 4 chunks would otherwise chain 4 dependent FMAs (16 cycles of
+// latency per 256 weights, measured the bound of the 1-row GEMV); fewer for more rows, which interleave
+// their own chains and need the registers.
+// Software prefetch this many bytes ahead of the weights being read: the super-blocks' 144 / 210 bytes straddle
+// cache lines, and without it the 1-thread head GEMV read ~20% slower than q4_0's aligned streams.
+constexpr int64_t PREFETCH = 2048;
+template <int M>
+constexpr int NACC = M == 1 ? 4 : (M <= 3 ? 2 : 1);
+template <int M>
+inline __m512 sum_acc(const __m512* a) {
+  __m512 s = a[0];
+  for (int i = 1; i < NACC<M>; ++i) s = _mm512_add_ps(s, a[i]);
+  return s;
+}
+
+// Q4_K's 12 bytes -> its 8 scales (bytes 0-7) and 8 mins (bytes 8-15), each in kernel block order. Scalar
+// 64-bit arithmetic (it runs on the integer ports, beside the vector work): bytes 0-7 hold the low 6 bits of
+// scales 0-3 and mins 0-3 and, in their top 2 bits, the high bits of scales / mins 4-7, whose low nibbles are
+// bytes 8-11.
+inline __m128i q4k_scales_mins(const uint8_t* p) {
+  uint64_t u01;
+  uint32_t u2;
+  std::memcpy(&u01, p, 8);
+  std::memcpy(&u2, p + 8, 4);
+  const uint64_t lo = u01 & 0x3F3F3F3F3F3F3F3Full;  // sc0-3, mn0-3
+  const uint64_t top = (u01 >> 6) & 0x0303030303030303ull;
+  const uint64_t nib = (static_cast<uint64_t>((u2 >> 4) & 0x0F0F0F0Fu) << 32) | (u2 & 0x0F0F0F0Fu);
+  const uint64_t hi = nib | (top << 4);  // sc4-7, mn4-7
+  const __m128i v = _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
+  // bytes now: sc0-3, mn0-3, sc4-7, mn4-7 -> sc and mn, each in the order 0,2,1,3,4,6,5,7
+  return _mm_shuffle_epi8(v, _mm_setr_epi8(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15));
+}
+inline float half_bits_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+template <int M>
+void q4k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& r, const Out& out) {
+  const int64_t ns = K / QK, nb = K / QB;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  // chunk c holds kernel blocks 2c (lanes 0-7) and 2c+1 (lanes 8-15)
+  const __m512i pair = _mm512_mask_blend_epi32(0xFF00, _mm512_setzero_si512(), _mm512_set1_epi32(1));
+  const __m512i sel[4] = {pair, _mm512_add_epi32(pair, _mm512_set1_epi32(2)), _mm512_add_epi32(pair, _mm512_set1_epi32(4)),
+                          _mm512_add_epi32(pair, _mm512_set1_epi32(6))};
+  const __m512i d_then_dmin = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = qs + n * ns * Q4K;
+    __m512 acc[M][NACC<M>];
+    __m256 corr[M];
+    for (int m = 0; m < M; ++m) {
+      for (int a = 0; a < NACC<M>; ++a) acc[m][a] = _mm512_setzero_ps();
+      corr[m] = _mm256_setzero_ps();
+    }
+    for (int64_t s = 0; s < ns; ++s) {
+      const uint8_t* b = w + s * Q4K;
+      _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + 128), _MM_HINT_T0);
+      // [d * sc (8 lanes), dmin * mn (8 lanes)]
+      int32_t dm2;
+      std::memcpy(&dm2, b, 4);
+      const __m512 dd = _mm512_permutexvar_ps(d_then_dmin, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dm2))));
+      const __m512 scmn = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q4k_scales_mins(b + 4))));
+      const __m256 sc = _mm512_castps512_ps256(scmn), mn = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(scmn), 1));
+      const __m512i v0 = _mm512_loadu_si512(b + 16), v1 = _mm512_loadu_si512(b + 80);
+      const __m512i ch[4] = {_mm512_and_si512(v0, low4), _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4),
+                             _mm512_and_si512(v1, low4), _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4)};
+      for (int m = 0; m < M; ++m) {
+        corr[m] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(r.sx + m * nb + s * 8), corr[m]);  // sx holds dx * sum
+        const __m512 s16 = _mm512_zextps256_ps512(_mm256_mul_ps(sc, _mm256_loadu_ps(r.dx + m * nb + s * 8)));
+        const int8_t* xm = r.xq + m * K + s * QK;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          const __m512i iv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ch[c], _mm512_loadu_si512(xm + 64 * c));
+          __m512& a = acc[m][c % NACC<M>];
+          a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(sel[c], s16), a);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 c = corr[m];
+      const __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+      const __m128 c2 = _mm_add_ps(c4, _mm_movehl_ps(c4, c4));
+      out.store(m, n, _mm512_reduce_add_ps(sum_acc<M>(acc[m])) - _mm_cvtss_f32(_mm_add_ss(c2, _mm_movehdup_ps(c2))));
+    }
+  }
+}
+
+template <int M>
+void q6k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& r, const Out& out) {
+  const int64_t ns = K / QK, nb = K / QB;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+  // 16 sub-block scales -> lane j of the scale vector pairs sub-block j with input block j/2
+  const __m512i half_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i qsel[4] = {quad, _mm512_add_epi32(quad, _mm512_set1_epi32(4)), _mm512_add_epi32(quad, _mm512_set1_epi32(8)),
+                           _mm512_add_epi32(quad, _mm512_set1_epi32(12))};
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = qs + n * ns * Q6K;
+    __m512 acc[M][NACC<M>];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < NACC<M>; ++a) acc[m][a] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < ns; ++s) {
+      const uint8_t* b = w + s * Q6K;
+      for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + 64 * l), _MM_HINT_T0);
+      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_bits_to_float(b + 208)),
+                                      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)))));
+      __m512i ch[4];
+      for (int h = 0; h < 2; ++h) {
+        const __m512i v = _mm512_loadu_si512(b + 64 * h);
+        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+        const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+        ch[2 * h] = _mm512_or_si512(_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_slli_epi16(hh, 4), bits45));
+        ch[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), _mm512_and_si512(hh, bits45));
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512 dx = _mm512_permutexvar_ps(half_idx, _mm512_zextps256_ps512(_mm256_loadu_ps(r.dx + m * nb + s * 8)));
+        const __m512 s16 = _mm512_mul_ps(sc, dx);
+        const int8_t* xm = r.xq + m * K + s * QK;
+        const int32_t* cm = r.xc + (m * K + s * QK) / 4;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          const __m512i iv = _mm512_dpbusd_epi32(_mm512_loadu_si512(cm + 16 * c), ch[c], _mm512_loadu_si512(xm + 64 * c));
+          __m512& a = acc[m][c % NACC<M>];
+          a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(qsel[c], s16), a);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) out.store(m, n, _mm512_reduce_add_ps(sum_acc<M>(acc[m])));
+  }
+}
+
+int64_t block_bytes(int64_t kind) {
+  TORCH_CHECK(kind == 3 || kind == 4, "K-quant kernels: kind must be 3 (q4_k) or 4 (q6_k), got ", kind);
+  return kind == 3 ? Q4K : Q6K;
+}
+
+void check_weights(int64_t kind, const at::Tensor& x, const at::Tensor& qs) {
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.scalar_type() == at::kByte, "K-quant gemv: qs must be contiguous uint8 [N, bytes]");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(x.dim() == 2 && K % QK == 0 && qs.size(1) == K / QK * block_bytes(kind),
+              "K-quant gemv: x has ", K, " columns, weights ", qs.sizes());
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "K-quant gemv: 1 to 8 rows");
+}
+
+#define DISPATCH_M(M, CALL)         \
+  switch (M) {                      \
+    case 1: { constexpr int R = 1; CALL; break; } \
+    case 2: { constexpr int R = 2; CALL; break; } \
+    case 3: { constexpr int R = 3; CALL; break; } \
+    case 4: { constexpr int R = 4; CALL; break; } \
+    case 5: { constexpr int R = 5; CALL; break; } \
+    case 6: { constexpr int R = 6; CALL; break; } \
+    case 7: { constexpr int R = 7; CALL; break; } \
+    default: { constexpr int R = 8; CALL; break; } \
+  }
+
+void gemv_k(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const Out& o) {
+  check_weights(kind, x, qs);
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  const Rows r = quantize_input(x, kind);
+  const uint8_t* q = qs.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (kind == 3) {
+      DISPATCH_M(M, (q4k_rows<R>(q, n0, n1, K, r, o)));
+    } else {
+      DISPATCH_M(M, (q6k_rows<R>(q, n0, n1, K, r, o)));
+    }
+  });
+}
+
+at::Tensor gemv_k_tensor(int64_t kind, const at::Tensor& x, const at::Tensor& qs, bool out_fp32) {
+  at::Tensor out = at::empty({x.size(0), qs.size(0)}, x.options().dtype(out_fp32 ? at::kFloat : x.scalar_type()));
+  Out o;
+  o.ld = qs.size(0);
+  if (out.scalar_type() == at::kFloat) o.f = out.data_ptr<float>(); else o.h = out.data_ptr<c10::BFloat16>();
+  gemv_k(kind, x, qs, o);
+  return out;
+}
+
+// d is the layout's empty [N, 0] scale array (the scales live in qs's blocks): accepted for a uniform signature.
+at::Tensor gemv_q4_k(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool out_fp32) {
+  return gemv_k_tensor(3, x, qs, out_fp32);
+}
+at::Tensor gemv_q6_k(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool out_fp32) {
+  return gemv_k_tensor(4, x, qs, out_fp32);
+}
+
+// fp-contract off: d*sc*q - dmin*m must round as kquants.dequantize_* does (no FMA), so bf16 is the same.
+__attribute__((optimize("fp-contract=off"))) void dequant_superblock(int64_t kind, const uint8_t* b, float* y) {
+  if (kind == 3) {
+    const float d = half_at(b), dmin = half_at(b + 2);
+    uint8_t sm[16];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(sm), q4k_scales_mins(b + 4));
+    for (int k = 0; k < 8; ++k) {  // sm is in kernel order: position k is sub-block Q4K_ORDER[k]
+      const int j = Q4K_ORDER[k];
+      const float dj = d * static_cast<float>(sm[k]), mj = dmin * static_cast<float>(sm[8 + k]);
+      const uint8_t* q = b + 16 + (j / 2) * 32;
+      const int shift = (j % 2) * 4;
+      for (int l = 0; l < 32; ++l) y[j * 32 + l] = dj * static_cast<float>((q[l] >> shift) & 0xF) - mj;
+    }
+  } else {
+    const float d = half_at(b + 208);
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* ql = b + 64 * h;
+      const uint8_t* qh = b + 128 + 32 * h;
+      for (int l = 0; l < 32; ++l) {
+        const int q[4] = {(ql[l] & 0xF) | ((qh[l] & 3) << 4), (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+                          (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4), (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)};
+        for (int g = 0; g < 4; ++g) {
+          const int e = h * 128 + g * 32 + l;
+          y[e] = d * static_cast<float>(sc[e / 16]) * static_cast<float>(q[g] - 32);
+        }
+      }
+    }
+  }
+}
+
+at::Tensor dequant_k_bf16(const at::Tensor& qs, int64_t kind) {
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.scalar_type() == at::kByte, "dequant_k_bf16: layout");
+  const int64_t bb = block_bytes(kind), N = qs.size(0);
+  TORCH_CHECK(qs.size(1) % bb == 0, "dequant_k_bf16: ", qs.size(1), " bytes per row is not whole blocks");
+  const int64_t ns = qs.size(1) / bb, K = ns * QK;
+  at::Tensor out = at::empty({N, K}, qs.options().dtype(at::kBFloat16));
+  auto* op = out.data_ptr<c10::BFloat16>();
+  const uint8_t* q = qs.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    alignas(64) float y[QK];
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t s = 0; s < ns; ++s) {
+        dequant_superblock(kind, q + (n * ns + s) * bb, y);
+        auto* o = op + n * K + s * QK;
+        for (int i = 0; i < QK; i += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(y + i)));
+      }
+  });
+  return out;
+}
+
+// ---- quantizers: 16 sub-blocks side by side, lane i one sub-block, every lane the scalar algorithm exactly
+typedef float vf __attribute__((vector_size(64)));
+typedef int vi __attribute__((vector_size(64)));
+
+inline vf vsplat(float v) { return vf{} + v; }
+inline vf vround(vf v) { return (vf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vsel(vi m, vf a, vf b) { return m ? a : b; }
+inline vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
+inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+inline vf vclamp(vf v, float lo, float hi) { return vmin(vmax(v, vsplat(lo)), vsplat(hi)); }
+inline vf vabs(vf v) { return (vf)_mm512_abs_ps((__m512)v); }
+
+// Q4_K's sub-block fit (kquants._fit_min_scale with nmax 15, rmin -1, rdelta 0.1, 20 steps) on 16 lanes:
+// x[i], w[i] element i of each lane's sub-block; out: scale, min (>= 0), L[i].
+__attribute__((optimize("fp-contract=off"))) void fit_min_scale16(const vf* x, const vf* w, vf& scale_out, vf& min_out, vf* L) {
+  const float nmax = 15.f;
+  vf mn = x[0], mx = x[0], sum_w = vsplat(0.f) + w[0], sum_x = vsplat(0.f) + w[0] * x[0];
+  for (int i = 1; i < 32; ++i) {
+    mn = vsel(x[i] < mn, x[i], mn);
+    mx = vsel(x[i] > mx, x[i], mx);
+    sum_w = sum_w + w[i];
+    sum_x = sum_x + w[i] * x[i];
+  }
+  mn = vsel(mn > 0.f, vsplat(0.f), mn);
+  const vi flat = mx == mn;
+  const vf one = vsplat(1.f);
+  vf iscale = vsplat(nmax) / vsel(flat, one, mx - mn);
+  vf scale = one / iscale;
+  vf best = vsplat(0.f);
+  for (int i = 0; i < 32; ++i) {
+    L[i] = vclamp(vround(iscale * (x[i] - mn)), 0.f, nmax);
+    const vf diff = scale * L[i] + mn - x[i];
+    best = best + w[i] * (diff * diff);
+  }
+  vf Lc[32];
+  for (int step = 0; step <= 20; ++step) {
+    const float cand = (-1.f + 0.1f * static_cast<float>(step)) + nmax;
+    const vf is = vsplat(cand) / vsel(flat, one, mx - mn);
+    vf sum_l = vsplat(0.f), sum_l2 = vsplat(0.f), sum_xl = vsplat(0.f);
+    for (int i = 0; i < 32; ++i) {
+      Lc[i] = vclamp(vround(is * (x[i] - mn)), 0.f, nmax);
+      const vf wl = w[i] * Lc[i];
+      sum_l = sum_l + wl;
+      sum_l2 = sum_l2 + wl * Lc[i];
+      sum_xl = sum_xl + wl * x[i];
+    }
+    const vf D = sum_w * sum_l2 - sum_l * sum_l;
+    const vi ok = D > 0.f;
+    const vf Ds = vsel(ok, D, one);
+    vf this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds;
+    vf this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds;
+    const vi pos = this_min > 0.f;
+    this_min = vsel(pos, vsplat(0.f), this_min);
+    this_scale = vsel(pos, sum_xl / vsel(sum_l2 != 0.f, sum_l2, one), this_scale);
+    vf err = vsplat(0.f);
+    for (int i = 0; i < 32; ++i) {
+      const vf d = this_scale * Lc[i] + this_min - x[i];
+      err = err + w[i] * (d * d);
+    }
+    const vi better = ok & ~flat & (err < best);
+    for (int i = 0; i < 32; ++i) L[i] = vsel(better, Lc[i], L[i]);
+    best = vsel(better, err, best);
+    scale = vsel(better, this_scale, scale);
+    mn = vsel(better, this_min, mn);
+  }
+  scale_out = vsel(flat, vsplat(0.f), scale);
+  min_out = -mn;
+  for (int i = 0; i < 32; ++i) L[i] = vsel(flat, vsplat(0.f), L[i]);
+}
+
+// Q6_K's sub-block fit (kquants._fit_scale_x2 with nmax 32) on 16 lanes; L[i] = l + 32 (0 for an all-zero lane).
+__attribute__((optimize("fp-contract=off"))) void fit_scale_x2_16(const vf* x, vf& scale_out, vf* L) {
+  const float nmax = 32.f;
+  vf amax = vsplat(0.f), mx = vsplat(0.f);
+  for (int i = 0; i < 16; ++i) {
+    const vi gt = vabs(x[i]) > amax;
+    amax = vsel(gt, vabs(x[i]), amax);
+    mx = vsel(gt, x[i], mx);
+  }
+  const vi zero = amax < 1e-15f;
+  const vf one = vsplat(1.f), mxs = vsel(zero, one, mx);
+  vf li[16];
+  auto fit = [&](vf iscale, vf& sumlx, vf& suml2) {
+    sumlx = vsplat(0.f);
+    suml2 = vsplat(0.f);
+    for (int i = 0; i < 16; ++i) {
+      li[i] = vclamp(vround(iscale * x[i]), -nmax, nmax - 1.f);
+      const vf w = x[i] * x[i];
+      sumlx = sumlx + (w * x[i]) * li[i];
+      suml2 = suml2 + (w * li[i]) * li[i];
+    }
+  };
+  vf sumlx, suml2;
+  fit(vsplat(-nmax) / mxs, sumlx, suml2);
+  vf scale = vsel(suml2 != 0.f, sumlx / vsel(suml2 != 0.f, suml2, one), vsplat(0.f));
+  vf best = scale * sumlx;
+  for (int i = 0; i < 16; ++i) L[i] = li[i] + nmax;
+  for (int step = -9; step <= 9; ++step) {
+    if (step == 0) continue;
+    fit(-(vsplat(nmax + 0.1f * static_cast<float>(step))) / mxs, sumlx, suml2);
+    const vi better = (suml2 > 0.f) & (sumlx * sumlx > best * suml2);
+    for (int i = 0; i < 16; ++i) L[i] = vsel(better, li[i] + nmax, L[i]);
+    scale = vsel(better, sumlx / vsel(suml2 > 0.f, suml2, one), scale);
+    best = vsel(better, scale * sumlx, best);
+  }
+  scale_out = vsel(zero, vsplat(0.f), scale);
+  for (int i = 0; i < 16; ++i) L[i] = vsel(zero, vsplat(0.f), L[i]);
+}
+
+inline uint16_t half_bits(float v) { return c10::Half(v).x; }
+inline float rint_f(float v) { return std::nearbyint(v); }
+
+// One Q4_K super-block's bytes from its sub-block fits (kquants.quantize_q4_k's super-block step).
+__attribute__((optimize("fp-contract=off"))) void q4k_pack(const float* x, const float* scales, const float* mins,
+                                                           const uint8_t* Lfit, uint8_t* out) {
+  float max_scale = 0.f, max_min = 0.f;
+  for (int j = 0; j < 8; ++j) {
+    if (scales[j] > max_scale) max_scale = scales[j];
+    if (mins[j] > max_min) max_min = mins[j];
+  }
+  const float inv_s = max_scale > 0 ? 63.f / max_scale : 0.f, inv_m = max_min > 0 ? 63.f / max_min : 0.f;
+  int ls[8], lm[8];
+  for (int j = 0; j < 8; ++j) {
+    ls[j] = std::min(63, static_cast<int>(rint_f(inv_s * scales[j])) & 0xFF);
+    lm[j] = std::min(63, static_cast<int>(rint_f(inv_m * mins[j])) & 0xFF);
+  }
+  const uint16_t dh = half_bits(max_scale / 63.f), mh = half_bits(max_min / 63.f);
+  std::memcpy(out, &dh, 2);
+  std::memcpy(out + 2, &mh, 2);
+  for (int j = 0; j < 4; ++j) {
+    out[4 + j] = static_cast<uint8_t>(ls[j] | ((ls[j + 4] >> 4) << 6));
+    out[8 + j] = static_cast<uint8_t>(lm[j] | ((lm[j + 4] >> 4) << 6));
+    out[12 + j] = static_cast<uint8_t>((ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4));
+  }
+  const float d = half_at(out), dmin = half_at(out + 2);
+  uint8_t L[QK];
+  for (int j = 0; j < 8; ++j) {
+    const float dj = d * static_cast<float>(ls[j]), dm = dmin * static_cast<float>(lm[j]);
+    for (int i = 0; i < 32; ++i)
+      L[j * 32 + i] = dj != 0.f ? static_cast<uint8_t>(std::min(15.f, std::max(0.f, rint_f((x[j * 32 + i] + dm) / dj))))
+                                : Lfit[j * 32 + i];
+  }
+  for (int c = 0; c < 4; ++c)
+    for (int l = 0; l < 32; ++l) out[16 + c * 32 + l] = static_cast<uint8_t>(L[c * 64 + l] | (L[c * 64 + 32 + l] << 4));
+}
+
+__attribute__((optimize("fp-contract=off"))) void q6k_pack(const float* x, const float* scales, const uint8_t* Lfit,
+                                                           uint8_t* out) {
+  float max_scale = 0.f, amax = 0.f;
+  for (int j = 0; j < 16; ++j)
+    if (std::fabs(scales[j]) > amax) { amax = std::fabs(scales[j]); max_scale = scales[j]; }
+  std::memset(out, 0, Q6K);
+  if (amax < 1e-15f) return;
+  const float iscale = -128.f / max_scale;
+  const uint16_t dh = half_bits(1.f / iscale);
+  std::memcpy(out + 208, &dh, 2);
+  const float d = half_at(out + 208);
+  int8_t sc[16];
+  for (int j = 0; j < 16; ++j) sc[j] = static_cast<int8_t>(std::min(127.f, rint_f(iscale * scales[j])));
+  std::memcpy(out + 192, sc, 16);
+  uint8_t L[QK];
+  for (int j = 0; j < 16; ++j) {
+    const float dj = d * static_cast<float>(sc[j]);
+    for (int i = 0; i < 16; ++i)
+      L[j * 16 + i] = dj != 0.f ? static_cast<uint8_t>(std::min(31.f, std::max(-32.f, rint_f(x[j * 16 + i] / dj))) + 32.f)
+                                : Lfit[j * 16 + i];
+  }
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* Lh = L + 128 * h;
+    for (int l = 0; l < 32; ++l) {
+      out[64 * h + l] = static_cast<uint8_t>((Lh[l] & 0xF) | ((Lh[l + 64] & 0xF) << 4));
+      out[64 * h + 32 + l] = static_cast<uint8_t>((Lh[l + 32] & 0xF) | ((Lh[l + 96] & 0xF) << 4));
+      out[128 + 32 * h + l] = static_cast<uint8_t>((Lh[l] >> 4) | ((Lh[l + 32] >> 4) << 2) | ((Lh[l + 64] >> 4) << 4) |
+                                                   ((Lh[l + 96] >> 4) << 6));
+    }
+  }
+}
+
+// Super-blocks t0..t1 of w (flat, 256 floats each) into their bytes. A group is the 16 sub-blocks of 2 (q4_k)
+// or 1 (q6_k) super-blocks; a missing second super-block runs on zeros and is dropped.
+template <typename T>
+__attribute__((optimize("fp-contract=off"))) void quantize_k_range(const T* w, int64_t t0, int64_t t1, int64_t kind, uint8_t* qs) {
+  const int per = kind == 3 ? 2 : 1, sub = kind == 3 ? 32 : 16;
+  alignas(64) float x[2 * QK];
+  for (int64_t t = t0; t < t1; t += per) {
+    const int have = static_cast<int>(std::min<int64_t>(per, t1 - t));
+    for (int i = 0; i < per * QK; ++i) x[i] = i < have * QK ? static_cast<float>(w[t * QK + i]) : 0.f;
+    vf xv[32], L[32];
+    for (int i = 0; i < sub; ++i)
+      for (int lane = 0; lane < 16; ++lane) xv[i][lane] = x[lane * sub + i];
+    float scales[16], mins[16];
+    uint8_t Lfit[2 * QK];
+    if (kind == 3) {
+      vf sum_x2 = vsplat(0.f);
+      for (int i = 0; i < 32; ++i) sum_x2 = sum_x2 + xv[i] * xv[i];
+      const vf av = (vf)_mm512_sqrt_ps((__m512)(sum_x2 / 32.f));
+      vf wv[32];
+      for (int i = 0; i < 32; ++i) wv[i] = av + vabs(xv[i]);
+      vf sc, mn;
+      fit_min_scale16(xv, wv, sc, mn, L);
+      for (int lane = 0; lane < 16; ++lane) { scales[lane] = sc[lane]; mins[lane] = mn[lane]; }
+    } else {
+      vf sc;
+      fit_scale_x2_16(xv, sc, L);
+      for (int lane = 0; lane < 16; ++lane) scales[lane] = sc[lane];
+    }
+    for (int i = 0; i < sub; ++i)
+      for (int lane = 0; lane < 16; ++lane) Lfit[lane * sub + i] = static_cast<uint8_t>(L[i][lane]);
+    for (int k = 0; k < have; ++k) {
+      if (kind == 3)
+        q4k_pack(x + k * QK, scales + 8 * k, mins + 8 * k, Lfit + k * QK, qs + (t + k) * Q4K);
+      else
+        q6k_pack(x, scales, Lfit, qs + t * Q6K);
+    }
+  }
+}
+
+at::Tensor quantize_k(const at::Tensor& w, int64_t kind) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % QK == 0, "quantize_k: contiguous [N, K], K % 256 == 0");
+  const int64_t bb = block_bytes(kind), N = w.size(0), K = w.size(1), total = N * K / QK;
+  at::Tensor qs = at::empty({N, K / QK * bb}, w.options().dtype(at::kByte));
+  uint8_t* q = qs.data_ptr<uint8_t>();
+  // grains of an even number of super-blocks: q4_k's groups of 2 never straddle two threads' ranges
+  at::parallel_for(0, (total + 1) / 2, 8, [&](int64_t a, int64_t b) {
+    const int64_t t0 = 2 * a, t1 = std::min(total, 2 * b);
+    if (w.scalar_type() == at::kBFloat16)
+      quantize_k_range(w.data_ptr<c10::BFloat16>(), t0, t1, kind, q);
+    else
+      quantize_k_range(w.data_ptr<float>(), t0, t1, kind, q);
+  });
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat, "quantize_k: bf16 or fp32 weights");
+  return qs;
+}
+
+}  // namespace
+
+namespace qwen35_quant {
+// For the whole-layer decode kernels: out[m * ldo + n] (bf16) = x[M, K] . W^T, W in K-quant layout `kind`
+// (3 = q4_k, 4 = q6_k); x bf16 [M, K] contiguous, M <= 8; d is the layout's empty scale array (unused).
+void gemv_k_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c10::BFloat16* out,
+                 int64_t ldo) {
+  Out o;
+  o.h = out;
+  o.ld = ldo;
+  gemv_k(kind, x, qs, o);
+}
+}  // namespace qwen35_quant
+
+TORCH_LIBRARY_FRAGMENT(qwen35, m) {
+  m.def("gemv_q4_k(Tensor x, Tensor qs, Tensor d, bool out_fp32) -> Tensor");
+  m.def("gemv_q6_k(Tensor x, Tensor qs, Tensor d, bool out_fp32) -> Tensor");
+  m.def("dequant_k_bf16(Tensor qs, int kind) -> Tensor");
+  m.def("quantize_k(Tensor w, int kind) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
+  m.impl("gemv_q4_k", &gemv_q4_k);
+  m.impl("gemv_q6_k", &gemv_q6_k);
+  m.impl("dequant_k_bf16", &dequant_k_bf16);
+  m.impl("quantize_k", &quantize_k);
+}
