@@ -81,7 +81,7 @@ def _plain_bf16(w) -> bool:
 
 
 # The quantized layouts the whole-layer kernels run (cpu_kernels.cpp `Matrix`; 0 is a bf16 matrix).
-LAYER_KINDS = {"q8_0": 1, "q4_0": 2}
+LAYER_KINDS = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}
 _NO_SCALES = torch.empty(0)
 
 

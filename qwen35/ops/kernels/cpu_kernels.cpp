@@ -585,6 +585,8 @@ struct Matrix {
 namespace qwen35_quant {
 void gemv_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c10::BFloat16* out,
                int64_t ldo);
+void gemv_k_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c10::BFloat16* out,
+                 int64_t ldo);
 }
 namespace {
 
@@ -607,9 +609,14 @@ at::Tensor matmul(const at::Tensor& x, const Matrix& w) {
                   "layer kernel: bf16 part");
       gemv_all<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), K, data.data_ptr<c10::BFloat16>(), M, n, K, op + col, N);
     } else {
-      for (int64_t m0 = 0; m0 < M; m0 += 8)  // the quantized GEMVs take up to 8 rows at a time
-        qwen35_quant::gemv_into(w.kinds[i], x.narrow(0, m0, std::min<int64_t>(8, M - m0)), data, w.parts[2 * i + 1],
-                                op + m0 * N + col, N);
+      TORCH_CHECK(w.kinds[i] >= 1 && w.kinds[i] <= 4, "layer kernel: unknown matrix kind ", w.kinds[i]);
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {  // the quantized GEMVs take up to 8 rows at a time
+        const at::Tensor xm = x.narrow(0, m0, std::min<int64_t>(8, M - m0));
+        if (w.kinds[i] <= 2)
+          qwen35_quant::gemv_into(w.kinds[i], xm, data, w.parts[2 * i + 1], op + m0 * N + col, N);
+        else
+          qwen35_quant::gemv_k_into(w.kinds[i], xm, data, w.parts[2 * i + 1], op + m0 * N + col, N);
+      }
     }
     col += n;
   }
