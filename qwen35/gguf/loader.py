@@ -104,7 +104,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
                 if isinstance(sink, torch.Tensor):
                     sink.copy_(w)
                 else:
-                    quantize_into(sink, w)
+                    quantize_into(sink, lambda a, b, w=w: w[a:b])
             if bar is not None:
                 bar.update(t.n_bytes)
     finally:
