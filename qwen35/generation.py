@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import threads
 from .cache import HybridCache
 from .errors import Qwen35Error
 from .sampling import Sampler, SamplingParams, step_logprobs
@@ -101,7 +102,7 @@ def step(model, cache: HybridCache, streams: Sequence[Stream], isolate: bool = F
     isolate: a stream whose sampling raises gets one Response with `error` set (and finishes with "error")
     instead of the exception ending the step for every stream (the server's batches)."""
     tokens = torch.tensor([[s.last] for s in streams], device=cache.layout.device)
-    logits = model(tokens, cache=cache)[:, -1]
+    logits = threads.run("decode", lambda: model(tokens, cache=cache)[:, -1])
     out = []
     for b, s in enumerate(streams):
         try:
@@ -138,10 +139,12 @@ def prefill(model, ids: torch.Tensor, cache: HybridCache, chunk_size: int = DEFA
     with torch.no_grad():
         for start in range(0, T, chunk_size):
             end = min(T, start + chunk_size)
+            chunk = ids[:, start:end]
             if end < T:
-                model.hidden_states(ids[:, start:end], cache=cache)
+                threads.run("prefill", lambda c=chunk: model.hidden_states(c, cache=cache), end - start)
             else:
-                logits = model(ids[:, start:end], cache=cache, logits_to_keep=1)[:, -1]
+                logits = threads.run("prefill", lambda c=chunk: model(c, cache=cache, logits_to_keep=1)[:, -1],
+                                     end - start)
     return logits
 
 

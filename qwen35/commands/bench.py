@@ -20,7 +20,8 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=POSITIVE, default=512)
     p.add_argument("--gen-tokens", type=POSITIVE, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=POSITIVE, default=None, help="intra-op threads (default: one per core)")
+    p.add_argument("--threads", type=POSITIVE, default=None,
+                   help="intra-op threads, pinned (default: one per core, adapting per step as generate does)")
     p.add_argument("--prefill-chunk", type=POSITIVE, default=512, help="prefill chunk size in tokens")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
@@ -65,10 +66,13 @@ def bytes_per_decode_token(model, context: int) -> int:
 
 def main(args: argparse.Namespace) -> int:
     import qwen35
+    from qwen35 import threads as governor
     from qwen35.generation import generate_step
     from qwen35.runtime import peak_rss_mb, set_threads, tune_allocator
 
     threads = set_threads(args.threads)
+    if args.threads is None:  # bench what generate runs
+        governor.enable(threads)
     bw = read_bandwidth_gbs()  # before the model exists, so its buffer never adds to the peak below
     tune_allocator()
     t0 = time.perf_counter()
@@ -108,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
         "read_bandwidth_gbs": round(bw, 2), "bytes_per_token_mb": round(per_token / 2**20, 1),
         "decode_bound_tok_s": round(bound, 2), "decode_efficiency": round(decode_tok_s / bound, 3),
         "cache_mb": round(cache.nbytes / 2**20, 1), "kernels": bool(model.kernels), "quant": args.quant,
+        "adaptive_threads": governor.governor().summary() if governor.governor() else None,
     }
     print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {'on' if model.kernels else 'off'}), "
           f"loaded in {load_s:.2f}s")

@@ -60,7 +60,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="checkpoint directory, GGUF file or Hugging Face repo id (default: the bundled model)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=POSITIVE, default=None, help="intra-op threads (default: one per core)")
+    p.add_argument("--threads", type=POSITIVE, default=None,
+                   help="intra-op threads, pinned (default: one per core, dropping to one thread per step while "
+                        "that measures faster, e.g. when another program keeps a core busy)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="C++ CPU kernels: auto = qwen35.kernel_policy (on for models of 50M+ parameters)")
     add_quant_arg(p)
@@ -113,10 +115,13 @@ def load_from_args(args: argparse.Namespace):
     caller's back happens here: threads, malloc thresholds, and gc.freeze() once the model is loaded."""
     import gc
 
+    from .. import threads
     from ..api import load
     from ..runtime import set_threads, tune_allocator
 
-    set_threads(args.threads)
+    n = set_threads(args.threads)
+    if args.threads is None:
+        threads.enable(n)
     tune_allocator()
     kernels = {"auto": None, "on": True, "off": False}[getattr(args, "kernels", "auto")]
     model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True, kernels=kernels,

@@ -1,0 +1,158 @@
+"""Threads per step that adapt to a busy machine (a laptop is never idle).
+
+torch's OpenMP team waits at a barrier at the end of every parallel region, and a decode step has
+hundreds of them. When another process holds one of the cores, the thread that shares it is descheduled
+for whole scheduler slices and every barrier waits for it: measured here on 2 cores with other work running,
+the bundled model decoded at 1.5-2.2 tok/s with two threads and 34-39 tok/s with one; its prefill at 23-47
+against 655-2184 tok/s. A fixed thread count is wrong either way (idle, two threads read memory faster).
+
+`Governor` times the steps it runs and keeps, per kind of step ("decode", "prefill"), a moving average of
+seconds per unit of work for each candidate thread count (all threads, and one). It runs the faster one and
+re-measures the other now and then, as often as a 5% time budget allows (a probe of a choice 33x slower is
+a 32-step loss, so it comes every 640 steps; a close one every 32), so it follows the load as it comes and
+goes. Before any step has been timed, `probe()` times a small parallel op both ways to pick the first
+choice and the first probe's distance (a few ms).
+
+Process-wide (torch's thread count is): the CLI and server enable it (`enable`) unless `--threads` pins a
+count; library calls leave it off, and then `run` just calls the step. Decode gives the same bits on any
+thread count (the kernels split work into fixed blocks: tested); prefill runs torch ops whose reductions
+split by thread, so under a changing load a prompt's logits can differ in the last bits from a pinned run:
+pin `--threads` for runs that must repeat bit for bit on a machine whose load varies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+ALPHA = 0.3  # weight of a new timing in the moving average
+BUDGET = 0.05  # time a re-measurement of the slower choice may cost, as a fraction of the steps between two
+PROBE_EVERY = 32  # the fewest steps between re-measurements (a probe 1.5x slower: 1.6% of the time)
+PROBE_MAX = 1024
+HYSTERESIS = 1.1  # the other choice must be this much faster to take over
+
+
+def probe_interval(ratio: float) -> int:
+    """Steps between re-measurements when the other choice takes `ratio` times as long: a probe then costs
+    ratio - 1 steps, kept within BUDGET of the steps between probes (ratio 33, two threads on a contended
+    core: every 640 steps)."""
+    return int(min(PROBE_MAX, max(PROBE_EVERY, (ratio - 1) / BUDGET)))
+
+
+class Governor:
+    clock = staticmethod(time.perf_counter)  # tests drive it with a fake clock
+
+    def __init__(self, max_threads: int):
+        self.max_threads = max(1, int(max_threads))
+        self.choices = (self.max_threads, 1) if self.max_threads > 1 else (1,)
+        self.est: dict[tuple[str, int], float] = {}  # (kind, threads) -> seconds per unit
+        self.warm: set[str] = set()  # the first step of a kind is a warm-up (allocations, kernel builds)
+        self.current: dict[str, int] = {}
+        self.countdown: dict[str, int] = {}
+        self.switches = 0
+
+    def _other(self, n: int) -> int | None:
+        return next((c for c in self.choices if c != n), None)
+
+    def choice(self, kind: str) -> int:
+        if kind not in self.current:
+            other = next((k for k in self.current if k != kind), None)
+            if other is not None:
+                self.current[kind], self.countdown[kind] = self.current[other], PROBE_EVERY
+            else:
+                best, ratio = self.probe()
+                self.current[kind], self.countdown[kind] = best, probe_interval(ratio)
+        return self.current[kind]
+
+    def run(self, kind: str, fn: Callable[[], T], work: float = 1.0) -> T:
+        """Run fn() with the thread count chosen for `kind`, timing it as `work` units."""
+        if len(self.choices) == 1:
+            return fn()
+        n = self.choice(kind)
+        probing = self.countdown[kind] <= 0 and kind in self.warm
+        use = self._other(n) if probing else n
+        before = torch.get_num_threads()
+        torch.set_num_threads(use)
+        t = self.clock()
+        try:
+            return fn()
+        finally:
+            dt = (self.clock() - t) / max(work, 1e-9)
+            torch.set_num_threads(before)
+            if kind not in self.warm:
+                self.warm.add(kind)
+            else:
+                old = self.est.get((kind, use))
+                self.est[(kind, use)] = dt if old is None or probing else (1 - ALPHA) * old + ALPHA * dt
+            self.countdown[kind] -= 1
+            if probing:
+                self._decide(kind)
+
+    def _decide(self, kind: str) -> None:
+        n = self.current[kind]
+        alt = self._other(n)
+        a, b = self.est.get((kind, n)), self.est.get((kind, alt))
+        if a is None:  # the chosen count has no clean timing yet: measure it before judging
+            self.countdown[kind] = PROBE_EVERY
+        elif b * HYSTERESIS < a:
+            self.current[kind] = alt
+            self.switches += 1
+            self.countdown[kind] = probe_interval(a / b)
+        else:
+            self.countdown[kind] = probe_interval(b / a)
+
+    def probe(self, repeats: int = 7) -> tuple[int, float]:
+        """The faster of all threads and one on a small parallel op (median of `repeats`), and how many
+        times as long the other took."""
+        if len(self.choices) == 1:
+            return 1, 1.0
+        x = torch.rand(1 << 20)
+        before = torch.get_num_threads()
+        times = {}
+        try:
+            for n in self.choices:
+                torch.set_num_threads(n)
+                torch.exp(x)  # warm
+                ts = []
+                for _ in range(repeats):
+                    t = self.clock()
+                    torch.exp(x)
+                    ts.append(self.clock() - t)
+                times[n] = sorted(ts)[len(ts) // 2]
+        finally:
+            torch.set_num_threads(before)
+        best = min(times, key=times.get)
+        return best, max(times.values()) / max(times[best], 1e-9)
+
+    def summary(self) -> dict:
+        return {"threads": dict(self.current), "switches": self.switches,
+                "seconds_per_unit": {f"{k}@{n}": round(v, 6) for (k, n), v in self.est.items()}}
+
+
+_governor: Governor | None = None
+
+
+def enable(max_threads: int | None = None) -> Governor:
+    """Adapt threads per step from now on (max_threads: None = torch's current count)."""
+    global _governor
+    _governor = Governor(max_threads or torch.get_num_threads())
+    return _governor
+
+
+def disable() -> None:
+    global _governor
+    _governor = None
+
+
+def governor() -> Governor | None:
+    return _governor
+
+
+def run(kind: str, fn: Callable[[], T], work: float = 1.0) -> T:
+    """fn() under the governor when one is enabled, else as it is."""
+    return fn() if _governor is None else _governor.run(kind, fn, work)
