@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import llamacpp  # noqa: E402
+import llamacpp
 
 REPLICA = HERE / ".cache" / "replica-0.8b"
 
