@@ -20,6 +20,7 @@ SOURCES = [SOURCE, Path(__file__).with_name("quant_kernels.cpp"), Path(__file__)
 # without the flag every parallel_for here silently runs on one thread (measured: 101% CPU on 2 cores).
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
          "-fno-math-errno"]
+HEADERS = [Path(__file__).with_name("quant_common.h")]  # included by the sources: hashed with them
 OPENMP = ["-fopenmp"]  # linked: resolves to the libgomp.so.1 torch already loaded (same soname), one runtime
 
 _lock = threading.Lock()
@@ -82,7 +83,7 @@ def _load() -> tuple[bool, str]:
 
     # The build is named after its source, so two qwen35 versions (an upgrade, a second checkout) never
     # share, and keep rebuilding, one cached library.
-    tag = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
+    tag = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:10]
     try:
         load(name=f"qwen35_cpu_kernels_{tag}", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS + OPENMP, extra_ldflags=OPENMP,
              is_python_module=False, verbose=False)

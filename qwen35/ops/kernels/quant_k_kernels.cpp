@@ -28,25 +28,15 @@
 #include <cstring>
 #include <vector>
 
+#include "quant_common.h"
+
 namespace {
 
-constexpr int64_t QB = 32;   // inputs per quantization block
+using namespace qwen35_qc;
+
 constexpr int64_t QK = 256;  // weights per super-block
 constexpr int64_t Q4K = 144, Q6K = 210;  // bytes per super-block
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-// C's roundf (halves away from zero), as quant_kernels.cpp's input quantization does it
-inline __m512 round_away(__m512 v) {
-  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.f)), sign));
-  return _mm512_mask_add_ps(t, up, t, one);
-}
-inline __m512 clamp127(__m512 v) { return _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_min_ps(_mm512_set1_ps(127.f), v)); }
 inline float half_at(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
@@ -78,13 +68,9 @@ Rows quantize_rows(const T* x, int64_t M, int64_t K, int64_t kind) {
   Rows r{scratch.bytes.data(), scratch.floats.data(), scratch.floats.data() + M * nb, nullptr};
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t o = m * K + b * QB;
-      const __m512 v0 = load16(x + o), v1 = load16(x + o + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
-      const __m512 vi = _mm512_set1_ps(inv);
-      const __m512i q0 = _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v0, vi))));
-      const __m512i q1 = _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v1, vi))));
+      const Block32 blk = quantize_block32(x + m * K + b * QB);
+      const float d = blk.d;
+      const __m512i q0 = blk.q0, q1 = blk.q1;
       // q4_k: block b goes to the kernel position of its super-block that reads it
       const int64_t p = kind == 3 ? b / 8 * 8 + Q4K_ORDER[b % 8] : b;
       int8_t* dst = r.xq + m * K + p * QB;
@@ -111,15 +97,6 @@ Rows quantize_input(const at::Tensor& x, int64_t kind) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "K-quant gemv: x must be bf16 or fp32");
   return quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1), kind);
 }
-
-struct Out {
-  float* f = nullptr;
-  c10::BFloat16* h = nullptr;
-  int64_t ld = 0;
-  void store(int64_t m, int64_t n, float v) const {
-    if (f) f[m * ld + n] = v; else h[m * ld + n] = static_cast<c10::BFloat16>(v);
-  }
-};
 
 // Accumulators per input row: a super-block's 4 chunks would otherwise chain 4 dependent FMAs (16 cycles of
 // latency per 256 weights, measured the bound of the 1-row GEMV); fewer for more rows, which interleave
@@ -268,18 +245,6 @@ void check_weights(int64_t kind, const at::Tensor& x, const at::Tensor& qs) {
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "K-quant gemv: 1 to 8 rows");
 }
 
-#define DISPATCH_M(M, CALL)         \
-  switch (M) {                      \
-    case 1: { constexpr int R = 1; CALL; break; } \
-    case 2: { constexpr int R = 2; CALL; break; } \
-    case 3: { constexpr int R = 3; CALL; break; } \
-    case 4: { constexpr int R = 4; CALL; break; } \
-    case 5: { constexpr int R = 5; CALL; break; } \
-    case 6: { constexpr int R = 6; CALL; break; } \
-    case 7: { constexpr int R = 7; CALL; break; } \
-    default: { constexpr int R = 8; CALL; break; } \
-  }
-
 void gemv_k(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const Out& o) {
   check_weights(kind, x, qs);
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
@@ -287,9 +252,9 @@ void gemv_k(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const Out& 
   const uint8_t* q = qs.data_ptr<uint8_t>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     if (kind == 3) {
-      DISPATCH_M(M, (q4k_rows<R>(q, n0, n1, K, r, o)));
+      QWEN35_DISPATCH_M(M, (q4k_rows<R>(q, n0, n1, K, r, o)));
     } else {
-      DISPATCH_M(M, (q6k_rows<R>(q, n0, n1, K, r, o)));
+      QWEN35_DISPATCH_M(M, (q6k_rows<R>(q, n0, n1, K, r, o)));
     }
   });
 }

@@ -22,24 +22,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "quant_common.h"
+
 namespace {
 
-constexpr int64_t QB = 32;  // weights per block
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-// C's roundf (halves away from zero), exactly: truncate, then step away where the dropped part is >= 0.5
-// (v - trunc(v) is exact in fp32)
-inline __m512 round_away(__m512 v) {
-  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
-  const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.f)), sign));
-  return _mm512_mask_add_ps(t, up, t, one);
-}
-inline __m512 clamp127(__m512 v) { return _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_min_ps(_mm512_set1_ps(127.f), v)); }
+using namespace qwen35_qc;
 
 // Input rows quantized per block: xq int8 [M, nbp*32], dx fp32 [M, nbp], sx fp32 [M, nbp] (block sums of
 // xq, exact in fp32), padded with zero blocks up to nbp (a multiple of 16) so that the kernels' groups of
@@ -73,13 +60,9 @@ QuantRows quantize_rows(const T* x, int64_t M, int64_t K, bool split) {
   float* sx = r.sx;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t o = m * K + b * QB;
-      const __m512 v0 = load16(x + o), v1 = load16(x + o + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
-      const __m512 vi = _mm512_set1_ps(inv);
-      const __m512i q0 = _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v0, vi))));
-      const __m512i q1 = _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v1, vi))));
+      const Block32 blk = quantize_block32(x + m * K + b * QB);
+      const float d = blk.d;
+      const __m512i q0 = blk.q0, q1 = blk.q1;
       int8_t* dst = xq + m * nbp * QB + b * QB;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(q0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtepi32_epi8(q1));
@@ -109,22 +92,6 @@ QuantRows quantize_input(const at::Tensor& x, bool split) {
 }
 
 inline float half_to_float(const c10::Half* p) { return static_cast<float>(*p); }
-
-// Where results go: fp32 or bf16, out[m * ld + n], resolved once per call (not per element: Tensor
-// accessors cost more than a row's whole dot product). ld > N when the result is a column block of a wider
-// output (one part of a fused projection, written in place by the whole-layer kernels).
-struct Out {
-  float* f = nullptr;
-  c10::BFloat16* h = nullptr;
-  int64_t ld = 0;
-  explicit Out(at::Tensor& t) : ld(t.size(1)) {
-    if (t.scalar_type() == at::kFloat) f = t.data_ptr<float>(); else h = t.data_ptr<c10::BFloat16>();
-  }
-  Out(c10::BFloat16* p, int64_t ld_) : h(p), ld(ld_) {}
-  void store(int64_t m, int64_t n, float v) const {
-    if (f) f[m * ld + n] = v; else h[m * ld + n] = static_cast<c10::BFloat16>(v);
-  }
-};
 
 // Built with -fPIC, gcc spills a loop that masks every load and picks scales from an array (measured 3x
 // slower); whole groups therefore run an unmasked, fully unrolled loop and only a row's tail is masked.
@@ -241,18 +208,6 @@ void check_weights(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& 
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "quantized gemv: 1 to 8 rows");
 }
 
-#define DISPATCH_M(M, CALL)         \
-  switch (M) {                      \
-    case 1: { constexpr int R = 1; CALL; break; } \
-    case 2: { constexpr int R = 2; CALL; break; } \
-    case 3: { constexpr int R = 3; CALL; break; } \
-    case 4: { constexpr int R = 4; CALL; break; } \
-    case 5: { constexpr int R = 5; CALL; break; } \
-    case 6: { constexpr int R = 6; CALL; break; } \
-    case 7: { constexpr int R = 7; CALL; break; } \
-    default: { constexpr int R = 8; CALL; break; } \
-  }
-
 // out[m, n] for the M (<= 8) rows of x against quantized weights (qs, d): kind 1 = q8_0, 2 = q4_0.
 void gemv_rows(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const Out& o) {
   TORCH_CHECK(kind == 1 || kind == 2, "quantized gemv: unknown kind ", kind);
@@ -264,13 +219,13 @@ void gemv_rows(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at
   const c10::Half* dp = d.data_ptr<c10::Half>();
   if (kind == 1) {
     const int8_t* q = qs.data_ptr<int8_t>();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { DISPATCH_M(M, (q8_rows<R>(q, dp, n0, n1, K, r, o))); });
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { QWEN35_DISPATCH_M(M, (q8_rows<R>(q, dp, n0, n1, K, r, o))); });
   } else {
     const uint8_t* q = qs.data_ptr<uint8_t>();
     const int8_t* lp = r.xlo;
     const int8_t* hp = r.xhi;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      DISPATCH_M(M, (q4_rows<R>(q, dp, n0, n1, K, r, lp, hp, o)));
+      QWEN35_DISPATCH_M(M, (q4_rows<R>(q, dp, n0, n1, K, r, lp, hp, o)));
     });
   }
 }

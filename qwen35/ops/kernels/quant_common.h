@@ -1,0 +1,78 @@
+// What quant_kernels.cpp (q8_0 / q4_0) and quant_k_kernels.cpp (q4_k / q6_k) share: the one rule by which an
+// input row is quantized on the fly (per block of 32: scale max|x|/127, round half away from zero, as
+// quant/formats.reference_matmul does; the kernels' results equal that reference only while both files use
+// it), where results are written, and the dispatch on the number of input rows. Included by both; the kernel
+// build hashes it with the sources (ops/kernels/__init__.py), so a change here rebuilds them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace qwen35_qc {
+
+constexpr int64_t QB = 32;  // inputs (and q8_0 / q4_0 weights) per quantization block
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+// C's roundf (halves away from zero), exactly: truncate, then step away where the dropped part is >= 0.5
+// (v - trunc(v) is exact in fp32)
+inline __m512 round_away(__m512 v) {
+  const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m512 one = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_set1_ps(1.f)), sign));
+  return _mm512_mask_add_ps(t, up, t, one);
+}
+inline __m512 clamp127(__m512 v) { return _mm512_max_ps(_mm512_set1_ps(-127.f), _mm512_min_ps(_mm512_set1_ps(127.f), v)); }
+
+// One input block of 32 values at x: its scale d and its quantized values as 16 int32 each (elements 0-15, 16-31).
+struct Block32 {
+  float d;
+  __m512i q0, q1;
+};
+template <typename T>
+inline Block32 quantize_block32(const T* x) {
+  const __m512 v0 = load16(x), v1 = load16(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
+  const __m512 vi = _mm512_set1_ps(inv);
+  return {d, _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v0, vi)))),
+          _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v1, vi))))};
+}
+
+// Where results go: fp32 or bf16, out[m * ld + n], resolved once per call (not per element: Tensor
+// accessors cost more than a row's whole dot product). ld > N when the result is a column block of a wider
+// output (one part of a fused projection, written in place by the whole-layer kernels).
+struct Out {
+  float* f = nullptr;
+  c10::BFloat16* h = nullptr;
+  int64_t ld = 0;
+  Out() = default;
+  explicit Out(at::Tensor& t) : ld(t.size(1)) {
+    if (t.scalar_type() == at::kFloat) f = t.data_ptr<float>(); else h = t.data_ptr<c10::BFloat16>();
+  }
+  Out(c10::BFloat16* p, int64_t ld_) : h(p), ld(ld_) {}
+  void store(int64_t m, int64_t n, float v) const {
+    if (f) f[m * ld + n] = v; else h[m * ld + n] = static_cast<c10::BFloat16>(v);
+  }
+};
+
+}  // namespace qwen35_qc
+
+// The kernels are templates on the number of input rows R (1..8): one switch turns a runtime M into R.
+#define QWEN35_DISPATCH_M(M, CALL)                    \
+  switch (M) {                                        \
+    case 1: { constexpr int R = 1; CALL; break; }     \
+    case 2: { constexpr int R = 2; CALL; break; }     \
+    case 3: { constexpr int R = 3; CALL; break; }     \
+    case 4: { constexpr int R = 4; CALL; break; }     \
+    case 5: { constexpr int R = 5; CALL; break; }     \
+    case 6: { constexpr int R = 6; CALL; break; }     \
+    case 7: { constexpr int R = 7; CALL; break; }     \
+    default: { constexpr int R = 8; CALL; break; }    \
+  }
