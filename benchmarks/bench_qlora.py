@@ -114,8 +114,8 @@ def quality(args) -> dict:
         for label, extra in (("bf16 base", []), ("int4 base", ["--quant", "int4"])):
             cmd = [sys.executable, "-m", "qwen35", "train", "--init-from", str(model), "--data", *train_files,
                    "--eval-data", *eval_files, "--out", f"{tmp}/{label[:4]}", "--steps", str(args.quality_steps),
-                   "--seq-len", "128", "--batch-size", "4", "--lr", "2e-3", "--warmup", "3", "--lora-rank", str(RANK),
-                   "--bf16", "--log-every", "5", *extra]
+                   "--seq-len", "128", "--batch-size", "2", "--lr", "2e-3", "--warmup", "3", "--lora-rank", str(RANK),
+                   "--bf16", "--log-every", "5", "--threads", str(args.quality_threads), *extra]
             t0 = time.perf_counter()
             r = subprocess.run(cmd, capture_output=True, text=True, check=False,
                                env={**os.environ, "PYTHONPATH": str(HERE.parent)})
@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--quality", action="store_true", help="also the bundled-model eval-loss comparison")
     ap.add_argument("--quality-steps", type=int, default=40)
+    ap.add_argument("--quality-threads", type=int, default=2)
     ap.add_argument("--no-memory", action="store_true", help="skip the 4B/9B memory runs")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,7 +153,7 @@ def main() -> None:
         for shape in args.shapes.split(","):
             rows[f"{shape} int4 + LoRA r{RANK}"] = run_worker(replica(shape), args)
     if qual is not None:
-        print(f"bundled model, LoRA rank {RANK}, {args.quality_steps} steps x 4 rows x 128 tokens, bf16 autocast")
+        print(f"bundled model, LoRA rank {RANK}, {args.quality_steps} steps x 2 rows x 128 tokens, bf16 autocast")
         print(f"{'base':<12}{'eval loss':>10}{'train first':>13}{'train last':>12}{'seconds':>9}")
         for k, v in qual.items():
             if "error" in v:

@@ -189,8 +189,8 @@ def test_merged_checkpoints_give_the_logits_of_base_plus_adapters(tmp_path):
 
 
 def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "qwen35", "train", "--threads", "1", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "qwen35", "train", "--threads", "1", *args], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_bad_combinations_are_one_line_errors(tmp_path):

@@ -177,7 +177,12 @@ class Objective(torch.nn.Module):
         # row t sees token t+1 and hidden t, predicts token t+2 (= the main label of t+1) in t's document
         seg = segments[:, :-1]
         mtp_labels = torch.where(segments[:, 1:] == seg, labels[:, 1:], IGNORE)
-        extra = summed_cross_entropy(m, m.mtp_hidden(hidden[:, :-1], ids[:, 1:], segments=seg), mtp_labels)
+        if m.gradient_checkpointing and torch.is_grad_enabled():  # the MTP layer recomputes like the others
+            mtp_hidden = torch.utils.checkpoint.checkpoint(m.mtp_hidden, hidden[:, :-1], ids[:, 1:], None, None, 0,
+                                                           seg, use_reentrant=False)
+        else:
+            mtp_hidden = m.mtp_hidden(hidden[:, :-1], ids[:, 1:], segments=seg)
+        extra = summed_cross_entropy(m, mtp_hidden, mtp_labels)
         return main, int((labels != IGNORE).sum()), extra, int((mtp_labels != IGNORE).sum())
 
 

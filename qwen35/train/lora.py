@@ -23,9 +23,11 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_pr
 class LoRALinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = super().forward(x)
-        # the adapters keep their own dtype (fp32) on a base that computes in another (a bf16 quantized base)
+        # the adapters keep their own dtype (fp32) on a base that computes in another (a bf16 quantized base);
+        # under autocast the matmuls cast anyway, and an fp32 copy of x would only be saved for backward
         a = self.lora_A
-        return base + (F.linear(F.linear(x.to(a.dtype), a), self.lora_B) * self.lora_scale).to(base.dtype)
+        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+        return base + (F.linear(F.linear(xa, a), self.lora_B) * self.lora_scale).to(base.dtype)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS,
