@@ -29,7 +29,9 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (less memory); default: on for a quantized base, "
+                        "off otherwise")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP head's loss (0 = do not train it)")
     p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
@@ -39,6 +41,19 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-targets", default=",".join(("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv",
                                                        "in_proj_z", "out_proj", "gate_proj", "up_proj", "down_proj")),
                    help="comma-separated projection names that get adapters")
+    p.add_argument("--quant", default=None,
+                   help="fine-tune on a quantized base (QLoRA): quantize --init-from at load with this policy "
+                        "(int4, int8, q8_0, q4_0, q4_k, q6_k); it stays frozen in its packed form and only the "
+                        "--lora-rank adapters train. With --bf16 the base computes in bf16. A checkpoint "
+                        "written by `qwen35 quantize` is a quantized base without this flag")
+    p.add_argument("--merge", default=None,
+                   help="quantized base: at the end also write the merged model to --out/merged: bf16 "
+                        "(dequantized, plain checkpoint) or a --quant policy (re-quantized); default: the "
+                        "adapters alone (lora.safetensors + adapter_config.json)")
+    p.add_argument("--export-gguf", type=Path, default=None,
+                   help="quantized base: at the end also export the merged model to this .gguf file")
+    p.add_argument("--gguf-type", default="bf16", help="type of --export-gguf: bf16, f32, q8_0, q4_0")
+    p.set_defaults(train_parser=p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -53,6 +68,7 @@ def main(args: argparse.Namespace) -> int:
     from ..train.loop import TrainConfig, init_model, train
     from ..weights import load_model
 
+    check_flags(args)
     set_threads(args.threads)
     out = Path(args.out)
     tok_dir = Path(args.tokenizer or args.init_from or "")
@@ -65,19 +81,34 @@ def main(args: argparse.Namespace) -> int:
     if args.resume and not args.lora_rank:
         model = load_model(out, dtype=torch.float32)
     elif args.init_from:
-        model = load_model(args.init_from, dtype=torch.float32)
+        # a quantized base computes in bf16 under --bf16 (the packed matrices dequantize straight to bf16
+        # through the C++ kernels), in fp32 otherwise; adapters and optimizer state are fp32 either way
+        dtype = torch.bfloat16 if args.quant and args.bf16 else torch.float32
+        model = load_model(args.init_from, dtype=dtype, quant=args.quant)
     else:
         cfg_path = Path(args.config)
         if not cfg_path.is_file():
             raise Qwen35Error(f"config not found: {cfg_path}")
         model = init_model(ModelConfig.from_hf(json.loads(cfg_path.read_text()), str(cfg_path)), seed=args.seed)
+    quantized = model.quant is not None
+    if quantized:
+        from ..train.qlora import check_trainable
+
+        check_trainable(model, bool(args.lora_rank), args.fsdp)
+    elif args.merge or args.export_gguf:
+        raise Qwen35Error("--merge and --export-gguf are for a quantized base (--quant); with an unquantized "
+                          "base --out already holds the merged checkpoint")
     if args.lora_rank:
         from safetensors.torch import load_file
 
         from ..train.lora import apply_lora
 
         apply_lora(model, args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")), seed=args.seed)
-        if args.resume:
+        if args.resume and quantized:
+            from ..train.qlora import load_adapters
+
+            load_adapters(model, out)
+        elif args.resume:
             adapters = load_file(str(out / "lora.safetensors"))
             missing = model.load_state_dict(adapters, strict=False).missing_keys
             if any("lora_" in k for k in missing):
@@ -87,7 +118,10 @@ def main(args: argparse.Namespace) -> int:
                           f"{model.config.vocab_size}")
     cfg = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       lr=args.lr, warmup=args.warmup, seed=args.seed, log_every=args.log_every,
-                      save_every=args.save_every, bf16=args.bf16, grad_checkpoint=args.grad_checkpoint,
+                      save_every=args.save_every, bf16=args.bf16,
+                      # a quantized base is there to save memory; unsaved activations would then be the
+                      # largest term (GBs at 1024 tokens on a 4B), so it recomputes them unless told not to
+                      grad_checkpoint=quantized if args.grad_checkpoint is None else args.grad_checkpoint,
                       mtp_weight=args.mtp_weight, fsdp=args.fsdp)
     rows = pack(read_documents(args.data, tokenizer), args.seq_len, seed=args.seed)
     eval_rows = pack(read_documents(args.eval_data, tokenizer), args.seq_len) if args.eval_data else None
@@ -95,4 +129,48 @@ def main(args: argparse.Namespace) -> int:
           f"parameters", flush=True)
     train(model, rows, cfg, out, tokenizer_dir=tok_dir, resume=args.resume, eval_rows=eval_rows,
           log=lambda s: print(s, flush=True))
+    if quantized and (args.merge or args.export_gguf):
+        from ..train.qlora import merge_quantized, write_merged
+
+        if args.merge:
+            where = write_merged(model, out / "merged", args.merge, tokenizer_dir=tok_dir)
+            print(f"wrote the merged model ({args.merge}) to {where}", flush=True)
+        else:
+            merge_quantized(model)
+        if args.export_gguf:
+            from ..gguf import export_gguf
+
+            files = export_gguf(model, args.export_gguf, args.gguf_type, tokenizer_from=tok_dir)
+            print(f"wrote {', '.join(str(f) for f in files)} ({args.gguf_type})", flush=True)
     return 0
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag combinations that cannot work: one line, exit 2, before anything is loaded."""
+    from ..gguf import EXPORT_TYPES
+    from ..quant.policy import POLICIES
+    from ..train.qlora import MERGE_BF16
+
+    def bad(message: str):
+        parser = getattr(args, "train_parser", None)
+        if parser is None:
+            raise SystemExit(f"qwen35 train: error: {message}")
+        parser.error(message)
+
+    if args.quant is not None:
+        if args.quant not in POLICIES:
+            bad(f"--quant {args.quant}: use one of {', '.join(POLICIES)}")
+        if not args.init_from:
+            bad("--quant quantizes the base you fine-tune: give --init-from")
+        if not args.lora_rank:
+            bad("--quant keeps the base frozen in its packed form, so only adapters can train: add --lora-rank R "
+                "(full fine-tuning needs the unquantized base)")
+        if args.fsdp:
+            bad("--fsdp shards parameters, and a quantized base's matrices are packed bytes, not parameters: "
+                "omit --fsdp with --quant")
+    if args.merge is not None and args.merge not in (MERGE_BF16, *POLICIES):
+        bad(f"--merge {args.merge}: use bf16 or one of {', '.join(POLICIES)}")
+    if args.gguf_type not in EXPORT_TYPES:
+        bad(f"--gguf-type {args.gguf_type}: use one of {', '.join(EXPORT_TYPES)}")
+    if args.export_gguf is not None and args.export_gguf.suffix != ".gguf":
+        bad(f"--export-gguf {args.export_gguf}: the file name must end in .gguf")

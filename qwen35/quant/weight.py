@@ -5,7 +5,11 @@ calls it, the MTP head and the vocabulary projection included, without a branch 
   quant_k_kernels.cpp for q4_k / q6_k), read once per token and never expanded in memory;
 - prefill (more rows), or without the kernels: the weights are dequantized to bf16 a band of rows at a time
   and multiplied with torch's GEMM, so no full-size bf16 copy ever exists;
-- `rows(ids)`: dequantized rows (the embedding lookup of a tied, quantized embedding/head).
+- `rows(ids)`: dequantized rows (the embedding lookup of a tied, quantized embedding/head);
+- training on a frozen quantized base (QLoRA, train/qlora.py): when the input needs a gradient, the GEMM path
+  runs as an autograd function (`QuantizedMatmul`) that saves nothing but a reference to the weight object;
+  backward dequantizes the same bands again and accumulates dX = dY W band by band, so neither pass ever
+  holds more than one band of full-precision weights. The weight itself gets no gradient (it is frozen).
 The reference (`formats.reference_matmul`) is what the kernels compute and are tested against.
 """
 
@@ -78,14 +82,51 @@ class QuantizedWeight:
             # what the kernel computes (inputs quantized per block too), so both paths give the same tokens
             y = formats.reference_matmul(self.scheme, x2, self.qs, self.d)
             return y if out_fp32 else y.to(x2.dtype)
+        if x2.requires_grad and torch.is_grad_enabled():
+            # autograd would otherwise keep every dequantized band alive until backward: a full copy
+            return QuantizedMatmul.apply(x2, self, out_fp32)
+        return self._banded_matmul(x2, out_fp32)
+
+    def _bands(self) -> range:
+        return range(0, self.shape[0], max(1, BAND_BYTES // (2 * self.shape[1])))
+
+    def _banded_matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
         dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) else torch.float32
-        band = max(1, BAND_BYTES // (2 * self.shape[1]))
-        N = self.shape[0]
-        if band >= N:
+        bands = self._bands()
+        if len(bands) == 1:
             y = F.linear(x2.to(dtype), self.dequantize(dtype))
         else:
-            y = torch.cat([F.linear(x2.to(dtype), self.dequantize(dtype, s, s + band)) for s in range(0, N, band)], -1)
+            y = torch.cat([F.linear(x2.to(dtype), self.dequantize(dtype, s, s + bands.step)) for s in bands], -1)
         return y.float() if out_fp32 else y.to(x2.dtype)
+
+    def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """dY [M, N] -> dX = dY W [M, K], dequantizing W band by band in dY's dtype (fp32 accumulation
+        across bands when dY is bf16: a sum of ~N/band rounded partial products would lose bits)."""
+        dtype = grad_y.dtype if grad_y.dtype in (torch.bfloat16, torch.float32) else torch.float32
+        g = grad_y.to(dtype)
+        bands = self._bands()
+        if len(bands) == 1:
+            return g @ self.dequantize(dtype)
+        out = torch.zeros(g.shape[0], self.shape[1], dtype=torch.float32, device=g.device)
+        for s in bands:
+            e = min(s + bands.step, self.shape[0])
+            out += (g[:, s:e] @ self.dequantize(dtype, s, e)).float()
+        return out.to(dtype)
 
     def __repr__(self) -> str:
         return f"QuantizedWeight({self.scheme}, {tuple(self.shape)})"
+
+
+class QuantizedMatmul(torch.autograd.Function):
+    """y = x W^T with W a frozen QuantizedWeight: forward and backward both dequantize band by band, and the
+    graph keeps only the weight object (its packed bytes, which exist anyway), never a dequantized copy."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, w: QuantizedWeight, out_fp32: bool) -> torch.Tensor:
+        ctx.w, ctx.x_dtype = w, x2.dtype
+        with torch.no_grad():
+            return w._banded_matmul(x2, out_fp32)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        return ctx.w.input_grad(grad_y).to(ctx.x_dtype), None, None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..checkpoint import write_checkpoint
 from ..config import ModelConfig
@@ -89,7 +90,12 @@ def save(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None = None,
          full_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Weights (fp32) and config in the official text layout, plus the tokenizer files. With LoRA active,
     the adapters are merged into the saved weights (the model itself keeps them) and also written alone
-    to lora.safetensors, which resume reads."""
+    to lora.safetensors, which resume reads. On a quantized base only the adapters are written
+    (train/qlora.py: write_merged makes the merged checkpoint, once, at the end)."""
+    if getattr(model, "quant", None) is not None:  # a quantized base: the adapters are all that changed
+        from .qlora import save_adapters
+
+        return save_adapters(model, out, tokenizer_dir)
     if full_state is not None:  # gathered from sharded (FSDP) parameters
         tensors = {n: t.float().contiguous() for n, t in full_state.items() if "lora_" not in n}
     else:
@@ -132,6 +138,28 @@ def batch_rows(rows: list[PackedRow], step: int, micro: int, cfg: TrainConfig):
             torch.stack([r.segments for r in picked]))
 
 
+LOSS_CHUNK_BYTES = 128 * 2**20  # fp32 logits computed at once by the chunked loss
+
+
+def _chunk_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model.logits(hidden).float(), labels, ignore_index=IGNORE, reduction="sum")
+
+
+def summed_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of the logits of hidden [B, T, H] against labels [B, T].
+    With gradient checkpointing, in chunks of rows whose logits are recomputed in backward: the [B*T, vocab]
+    fp32 logits, their softmax and gradient (3 GB at 1024 tokens of the 248K vocabulary) never exist at once."""
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    rows = max(1, LOSS_CHUNK_BYTES // (4 * model.config.vocab_size))
+    if not (model.gradient_checkpointing and torch.is_grad_enabled()) or h.shape[0] <= rows:
+        return _chunk_loss(model, h, y)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], rows):
+        total = total + torch.utils.checkpoint.checkpoint(_chunk_loss, model, h[s : s + rows], y[s : s + rows],
+                                                          use_reentrant=False)
+    return total
+
+
 class Objective(torch.nn.Module):
     """Summed cross-entropy of a packed batch: next token, and (with an MTP head) the token after next
     through the MTP path. One module, so DistributedDataParallel sees every parameter it uses."""
@@ -143,17 +171,18 @@ class Objective(torch.nn.Module):
     def forward(self, ids, labels, segments, mtp: bool = True):
         m = self.model
         hidden = m.hidden_states(ids, segments=segments)
-        logits = m.logits(hidden)
-        main = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
+        main = summed_cross_entropy(m, hidden, labels)
         if m.mtp is None or not mtp or ids.shape[1] < 3:
             return main, int((labels != IGNORE).sum()), main.new_zeros(()), 0
         # row t sees token t+1 and hidden t, predicts token t+2 (= the main label of t+1) in t's document
         seg = segments[:, :-1]
         mtp_labels = torch.where(segments[:, 1:] == seg, labels[:, 1:], IGNORE)
-        mtp_logits, _ = m.mtp_forward(hidden[:, :-1], ids[:, 1:], segments=seg)
-        extra = F.cross_entropy(mtp_logits.float().reshape(-1, mtp_logits.shape[-1]), mtp_labels.reshape(-1),
-                                ignore_index=IGNORE, reduction="sum")
+        if m.gradient_checkpointing and torch.is_grad_enabled():  # the MTP layer recomputes like the others
+            mtp_hidden = torch.utils.checkpoint.checkpoint(m.mtp_hidden, hidden[:, :-1], ids[:, 1:], None, None, 0,
+                                                           seg, use_reentrant=False)
+        else:
+            mtp_hidden = m.mtp_hidden(hidden[:, :-1], ids[:, 1:], segments=seg)
+        extra = summed_cross_entropy(m, mtp_hidden, mtp_labels)
         return main, int((labels != IGNORE).sum()), extra, int((mtp_labels != IGNORE).sum())
 
 
@@ -187,6 +216,9 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {world} processes")
+    from .qlora import check_trainable
+
+    check_trainable(model, getattr(model, "lora_active", False), distributed and cfg.fsdp)
     model.train()
     if not getattr(model, "lora_active", False):
         model.requires_grad_(True)  # (with LoRA only the adapters train; apply_lora set that)

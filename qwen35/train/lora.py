@@ -23,7 +23,11 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_pr
 class LoRALinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = super().forward(x)
-        return base + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
+        # the adapters keep their own dtype (fp32) on a base that computes in another (a bf16 quantized base);
+        # under autocast the matmuls cast anyway, and an fp32 copy of x would only be saved for backward
+        a = self.lora_A
+        xa = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+        return base + (F.linear(F.linear(xa, a), self.lora_B) * self.lora_scale).to(base.dtype)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS,
@@ -63,7 +67,12 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight (W += scale * B A) and drop the adapters, in place."""
+    """Fold every adapter into its weight (W += scale * B A) and drop the adapters, in place. On a quantized
+    base the adapted matrices become plain ones (train/qlora.py merge_quantized, which can also re-quantize)."""
+    if getattr(model, "quant", None) is not None:
+        from .qlora import merge_quantized
+
+        return merge_quantized(model)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, LoRALinear):
