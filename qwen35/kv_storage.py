@@ -12,7 +12,8 @@
 A buffer is written from a row's length on (`write`) and read back over a prefix (`read`): the q8_0 read
 dequantizes, which is the reference path (and what prefill attention over a q8_0 cache does: a chunk of
 queries attends through torch's attention over the dequantized prefix). The decode kernels
-(ops/fast.py -> attn_decode_q8 / decode_attn_layer) read the int8 blocks directly and never expand them.
+(ops/fast.py -> attn_decode_q8 / decode_attn_layer, ops/kernels/kv_kernels.cpp) read the int8 blocks
+directly and never expand them; they round the query through Q8_0 blocks for their integer dot products.
 
 Which rows hold which prefix of a buffer (copy-on-write, snapshots) is cache.py's business: a buffer only
 knows its holders and how to copy a prefix of another buffer of its format into itself.
@@ -186,10 +187,13 @@ def buffer_class(name: str) -> type[KVBuffer]:
 
 
 def attend_reference(q: torch.Tensor, bufs: list[KVBuffer], lengths: list[int], scale: float,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float32, quantize_query: bool = False) -> torch.Tensor:
     """Decode attention the reference way (what the kernels are tested against): each row's cache read
     back over its length (dequantized, for q8_0), then softmax(q k^T * scale) v in `dtype`.
-    q [B, Hq, D] (one query token per row) -> [B, Hq, D] in dtype."""
+    quantize_query: first round q through Q8_0 blocks, as the q8_0 kernel does for its integer dot products
+    with the keys (kv_kernels.cpp). q [B, Hq, D] (one query token per row) -> [B, Hq, D] in dtype."""
+    if quantize_query:
+        q = dequantize_rows(*quantize_rows(q), torch.float32)
     outs = []
     for b, (buf, n) in enumerate(zip(bufs, lengths)):
         k, v = buf.read(n, dtype)
