@@ -89,8 +89,8 @@ def speed(contexts: list[int], steps: int, reps: int) -> dict:
     out = {"model": "0.8b replica, int4 weights, bf16 activations, kernels on", "steps": steps, "rows": []}
     print(f"\ndecode, one sequence, {steps} tokens per run, best of {reps} A/B-alternated runs "
           f"(load {os.getloadavg()[0]:.2f})")
-    print(f"{'context':>8}{'bf16 tok/s':>12}{'q8_0 tok/s':>12}{'speedup':>9}{'KV bf16 MiB':>13}{'KV q8_0 MiB':>13}"
-          f"{'RSS MiB':>9}")
+    print(f"{'context':>8}{'bf16 tok/s':>12}{'q8_0 tok/s':>12}{'speedup':>9}{'KV bf16 MiB':>13}"
+          f"{'KV q8_0 MiB':>13}{'RSS MiB':>9}")
     for n in contexts:
         caches = {f: filled_cache(model, f, n, steps + 2) for f in FORMATS}
         best = {f: 0.0 for f in FORMATS}
@@ -100,7 +100,8 @@ def speed(contexts: list[int], steps: int, reps: int) -> dict:
         kv = {f: sum(layer.nbytes for layer in caches[f].layers if hasattr(layer, "kv_cache")) / 2**20
               for f in FORMATS}
         row = {"context": n, **{f"{f}_tok_s": round(best[f], 2) for f in FORMATS},
-               "speedup": round(best["q8_0"] / best["bf16"], 3), **{f"kv_{f}_mib": round(kv[f], 1) for f in FORMATS},
+               "speedup": round(best["q8_0"] / best["bf16"], 3),
+               **{f"kv_{f}_mib": round(kv[f], 1) for f in FORMATS},
                "rss_mib": round(current_rss_mb(), 0), "load_avg": round(os.getloadavg()[0], 2)}
         out["rows"].append(row)
         print(f"{n:>8}{best['bf16']:>12.2f}{best['q8_0']:>12.2f}{row['speedup']:>8.2f}x{kv['bf16']:>13.1f}"
@@ -148,7 +149,8 @@ def kl_by_position(model, ids: torch.Tensor, chunk: int) -> dict:
 
 
 def print_kl(title: str, r: dict) -> None:
-    print(f"\n{title}: mean KL {r['mean_kl']:.6f} over {r['tokens']} tokens (max {r['max_kl']:.4f}); per bucket:")
+    print(f"\n{title}: mean KL {r['mean_kl']:.6f} over {r['tokens']} tokens (max {r['max_kl']:.4f}); "
+          "per bucket:")
     print("".join(f"{b:>13}" for b in r["buckets"]))
     print("".join(f"{k:>13.6f}" for k in r["kl"]) + "   mean KL")
     print("".join(f"{a:>13.4f}" for a in r["greedy_agreement"]) + "   greedy agreement")
@@ -168,7 +170,8 @@ def main() -> None:
     import qwen35
     from qwen35.runtime import peak_rss_mb
 
-    result: dict = {"bench": "kv_cache", "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0]}
+    result: dict = {"bench": "kv_cache", "threads": torch.get_num_threads(),
+                    "load_avg_start": os.getloadavg()[0]}
     if not args.skip_speed:
         result["speed"] = speed([int(c) for c in args.contexts.split(",")], args.steps, args.reps)
     if not args.skip_kl:
@@ -180,7 +183,8 @@ def main() -> None:
         result["kl_bundled"] = r
         if args.replica_kl_tokens:
             m = qwen35.load_model(replica(), dtype=torch.bfloat16, quant="int4", kernels=True)
-            ids = torch.randint(0, 248044, (1, args.replica_kl_tokens), generator=torch.Generator().manual_seed(0))
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, 248044, (1, args.replica_kl_tokens), generator=gen)
             r = kl_by_position(m, ids, args.chunk)
             print_kl("0.8B replica (random weights), int4, random tokens, q8_0 KV vs bf16 KV", r)
             result["kl_replica_int4"] = r

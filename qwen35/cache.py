@@ -3,8 +3,9 @@
 Per row (`Row`): its length (tokens held: the one position counter), its rotary position offset (with
 images in a prompt, M-RoPE positions advance by the image grid, not by the token count), and one KV
 buffer per gated-attention layer ([Hkv, capacity, D] keys and values in the cache's format, kv_storage.py:
-the model's dtype or q8_0 blocks; grown in steps, never preallocated to the maximum context). Per Gated DeltaNet layer (`DeltaNetState`), for all rows together: the last K-1
-pre-convolution inputs [B, K-1, conv_dim] and the recurrent state [B, Hv, Dk, Dv] in fp32, constant size
+the model's dtype or q8_0 blocks; grown in steps, never preallocated to the maximum context). Per Gated
+DeltaNet layer (`DeltaNetState`), for all rows together: the last K-1 pre-convolution inputs
+[B, K-1, conv_dim] and the recurrent state [B, Hv, Dk, Dv] in fp32 (whatever the KV format), constant size
 whatever the context length.
 
 Rows do not move: a row joining a batch (`HybridCache.merge`) or leaving it (`filter`) never copies
@@ -184,7 +185,8 @@ class CacheLayout:
 
     def __init__(self, layer_types: Sequence[str], num_kv_heads: int, head_dim: int, conv_dim: int = 0,
                  kernel_size: int = 1, num_v_heads: int = 0, key_dim: int = 0, value_dim: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", kv_cache: str = "bf16"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 kv_cache: str = "bf16"):
         self.layer_types = tuple(layer_types)
         self.kv_cache = check_kv_cache(kv_cache)  # storage of the attention layers' keys and values
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
@@ -330,7 +332,8 @@ class HybridCache:
     def nbytes(self) -> int:
         """Bytes of the tokens held (not of spare capacity) plus the Gated DeltaNet state."""
         L = self.layout
-        kv = kv_bytes_per_token(L.kv_cache, L.num_kv_heads, L.head_dim, L.dtype) * L.num_attention * sum(self.lengths)
+        per_token = kv_bytes_per_token(L.kv_cache, L.num_kv_heads, L.head_dim, L.dtype)
+        kv = per_token * L.num_attention * sum(self.lengths)
         return kv + sum(s.nbytes for s in self.deltanet)
 
     @property
@@ -398,7 +401,8 @@ class HybridCache:
         if any(c.layout.layer_types != layout.layer_types for c in caches):
             raise CacheError("merge: caches of different layer layouts")
         if any(c.layout.kv_cache != layout.kv_cache for c in caches):
-            raise CacheError(f"merge: caches of different KV formats {sorted({c.layout.kv_cache for c in caches})}")
+            formats = sorted({c.layout.kv_cache for c in caches})
+            raise CacheError(f"merge: caches of different KV formats {formats}")
         rows = [r for c in caches for r in c.rows]
         dn = [DeltaNetState(torch.cat([c.deltanet[d].conv for c in caches]),
                             torch.cat([c.deltanet[d].recurrent for c in caches]))

@@ -43,7 +43,8 @@ def _formats():
 def check_kv_cache(name: str) -> str:
     """`name` if it is a KV cache format we store, else a QuantError naming the known ones."""
     if name not in KV_CACHE_FORMATS:
-        raise _formats().QuantError(f"unknown KV cache format {name!r} (known: {', '.join(KV_CACHE_FORMATS)})")
+        known = ", ".join(KV_CACHE_FORMATS)
+        raise _formats().QuantError(f"unknown KV cache format {name!r} (known: {known})")
     return name
 
 
@@ -143,11 +144,14 @@ class Q8KVBuffer(KVBuffer):
     def empty(cls, num_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
               device: torch.device) -> Q8KVBuffer:
         if head_dim % BLOCK:
-            raise _formats().QuantError(f"a q8_0 KV cache needs head_dim a multiple of {BLOCK}, got {head_dim}")
+            raise _formats().QuantError(f"a q8_0 KV cache needs head_dim a multiple of {BLOCK}, "
+                                        f"got {head_dim}")
         shape, dshape = (num_kv_heads, capacity, head_dim), (num_kv_heads, capacity, head_dim // BLOCK)
-        return cls(torch.empty(shape, dtype=torch.int8, device=device), torch.empty(shape, dtype=torch.int8, device=device),
-                   torch.empty(dshape, dtype=torch.float16, device=device),
-                   torch.empty(dshape, dtype=torch.float16, device=device))
+        def make(s, dt):
+            return torch.empty(s, dtype=dt, device=device)
+
+        return cls(make(shape, torch.int8), make(shape, torch.int8), make(dshape, torch.float16),
+                   make(dshape, torch.float16))
 
     @classmethod
     def from_values(cls, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> Q8KVBuffer:

@@ -106,7 +106,8 @@ def count_mtp_layers(keys) -> int:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
-               kernels: bool | None = None, quant: str | None = None, kv_cache: str = "bf16") -> Qwen35ForCausalLM:
+               kernels: bool | None = None, quant: str | None = None,
+               kv_cache: str = "bf16") -> Qwen35ForCausalLM:
     """Load a Qwen3.5 checkpoint directory, or a `qwen35` GGUF file (qwen35/gguf/loader.py).
     dtype: torch.float32, torch.bfloat16 or torch.float16.
     progress: show a progress bar (bytes read) on stderr. kernels: bind the C++ CPU kernels (True), run the

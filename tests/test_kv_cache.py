@@ -1,5 +1,6 @@
-"""The q8_0 KV cache (kv_storage.py): its kernels against the dequantize-then-attend reference, its distance
-from a bf16 cache, and the cache contract (snapshots, prompt reuse, batching, speculation) unchanged with it."""
+"""The q8_0 KV cache (kv_storage.py): its kernels against the dequantize-then-attend reference, its
+distance from a bf16 cache, and the cache contract (snapshots, prompt reuse, batching, speculation)
+unchanged with it."""
 
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from qwen35.prompt_cache import PromptCache
 from qwen35.quant.formats import QuantError, quantize_q8_0
 from qwen35.speculative import speculative_generate_step
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 GREEDY = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
 
 
@@ -100,7 +102,7 @@ def test_decode_step_writes_the_reference_bytes(tiny_dir):
 
 
 def decode_logits(model, prompts, steps, kv_cache):
-    """Prefill each prompt alone, merge the rows into one batch and decode the last `steps` tokens together."""
+    """Prefill each prompt alone, merge the rows into one batch, decode the last `steps` tokens together."""
     caches = []
     with torch.inference_mode():
         for p in prompts:
@@ -167,7 +169,7 @@ def test_snapshot_restore_and_prompt_reuse_are_exact_with_q8_0(bundled):
     with torch.inference_mode():
         model(torch.tensor([prompt[:-1]]), cache=cache)
         snap = cache.snapshot()
-        for t in tok.encode(" something else entirely, for a while"):  # overwrites the slots past the snapshot
+        for t in tok.encode(" something else entirely, for a while"):  # overwrites slots past the snapshot
             model(torch.tensor([[t]]), cache=cache)
     cache.restore(snap)
     assert tokens(model, prompt[-1:], cache=cache) == want
@@ -185,7 +187,8 @@ def test_rows_joining_and_leaving_a_q8_0_batch_decode_as_alone(bundled):
     """Rows prefilled alone join a running batch at different steps and leave it: each row's greedy tokens
     are those it decodes alone."""
     model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=True, kv_cache="q8_0")
-    prompts = [tok.encode(t) for t in ("Once upon a time", "import numpy as np\n", "The capital of France is")]
+    texts = ("Once upon a time", "import numpy as np\n", "The capital of France is")
+    prompts = [tok.encode(t) for t in texts]
     steps = 12
     alone = [tokens(model, p, qwen35.SamplingParams(temperature=0, max_tokens=steps, stop_token_ids=(-1,)))
              for p in prompts]
@@ -243,11 +246,12 @@ def test_bad_kv_cache_values_are_clear_errors(bundled):
         model.make_cache().restore(q8.snapshot())
     with pytest.raises(CacheError, match="different KV formats"):
         HybridCache.merge([q8, model.make_cache()])
-    r = subprocess.run([sys.executable, "-m", "qwen35", "generate", bundled, "--kv-cache", "q4", "--prompt", "hi"],
-                       capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "qwen35", "generate", bundled, "--kv-cache", "q4", "--prompt", "hi"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip().splitlines() == ["qwen35 generate: error: argument --kv-cache: invalid choice: 'q4' "
-                                             "(choose from 'bf16', 'q8_0') (see qwen35 generate --help)"]
+    assert r.stderr.strip().splitlines() == [
+        "qwen35 generate: error: argument --kv-cache: invalid choice: 'q4' (choose from 'bf16', 'q8_0') "
+        "(see qwen35 generate --help)"]
 
 
 def test_q8_0_cache_reports_its_bytes(bundled):
@@ -276,9 +280,8 @@ def test_info_plans_memory_for_a_kv_format(bundled):
 
     cfg = ModelConfig.from_file(bundled)
     per_token = len(cfg.full_attention_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim
-    assert f"KV (q8_0) {per_token * 34 / 32 * 4096 / 2**30:.2f} GiB ({per_token * 34 / 32 / 1024:.1f} KiB/token)" \
-        in out["q8_0"]
-    assert f"KV (bf16) {per_token * 2 * 4096 / 2**30:.2f} GiB ({per_token * 2 / 1024:.1f} KiB/token)" in out["bf16"]
+    for fmt, nbytes in (("q8_0", per_token * 34 / 32), ("bf16", per_token * 2)):
+        assert f"KV ({fmt}) {nbytes * 4096 / 2**30:.2f} GiB ({nbytes / 1024:.1f} KiB/token)" in out[fmt]
     fits = {f: int(next(ln for ln in o.splitlines() if ln.startswith("fits")).split("up to ")[1].split()[0])
             for f, o in out.items()}
     assert 1.85 < fits["q8_0"] / fits["bf16"] < 1.9  # 64/34 = 1.88 more tokens in the same room

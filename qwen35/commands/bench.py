@@ -76,8 +76,8 @@ def main(args: argparse.Namespace) -> int:
     bw = read_bandwidth_gbs()  # before the model exists, so its buffer never adds to the peak below
     tune_allocator()
     t0 = time.perf_counter()
-    model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype],
-                              kernels={"auto": None, "on": True, "off": False}[args.kernels], quant=args.quant,
+    kernels = {"auto": None, "on": True, "off": False}[args.kernels]
+    model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype], kernels=kernels, quant=args.quant,
                               kv_cache=args.kv_cache)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size

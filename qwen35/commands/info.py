@@ -28,7 +28,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
 
 
 def memory_size(text: str) -> int:
-    """An argparse type: '16GB', '16G', '16GiB', '512MB' or a byte count -> bytes (K/M/G/T are powers of 1024)."""
+    """An argparse type: '16GB', '16G', '16GiB', '512MB' or a byte count -> bytes (K/M/G/T: powers of 1024)."""
     import re
 
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
@@ -66,8 +66,8 @@ def print_plan(config: ModelConfig, context: int, weight_bytes: float, args: arg
         fits = max(0, int(room // plan["kv_bytes_per_token"]))
         limit = config.max_position_embeddings
         note = f" (the model's own limit is {limit})" if fits > limit else ""
-        print(f"fits         {args.memory / gib:.2f} GiB: up to {fits} tokens of context{note}; weights, KV and "
-              f"state only: leave room for activations, the runtime and the OS")
+        print(f"fits         {args.memory / gib:.2f} GiB: up to {fits} tokens of context{note}; weights, KV "
+              f"and state only: leave room for activations, the runtime and the OS")
 
 
 def gguf_info(path: Path, args: argparse.Namespace) -> int:

@@ -332,8 +332,9 @@ def _attn_decode(attn, x, state=None, ctx=None):
     lengths = [r.length + 1 for r in state.rows]
     q = q.reshape(B, attn.num_heads, attn.head_dim).contiguous()
     if state.kv_cache == "q8_0":  # the int8 blocks and their scales, read in place
-        out = torch.ops.qwen35.attn_decode_q8(q, [b.k for b in bufs], [b.kd for b in bufs], [b.v for b in bufs],
-                                              [b.vd for b in bufs], lengths, attn.head_dim**-0.5)
+        out = torch.ops.qwen35.attn_decode_q8(q, [b.k for b in bufs], [b.kd for b in bufs],
+                                              [b.v for b in bufs], [b.vd for b in bufs], lengths,
+                                              attn.head_dim**-0.5)
     else:
         out = torch.ops.qwen35.attn_decode(q, [b.k for b in bufs], [b.v for b in bufs], lengths,
                                            attn.head_dim**-0.5)
