@@ -51,11 +51,11 @@ def resolve(path_or_repo_id: str | Path) -> Path:
 
 
 def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progress: bool = False,
-         kernels: bool | None = None, quant: str | None = None):
+         kernels: bool | None = None, quant: str | None = None, kv_cache: str = "bf16"):
     """(model, tokenizer) from a directory, a GGUF file or a hub repo id. The tokenizer carries the chat template.
-    kernels, quant: as in `load_model` (kernels None: ops.fast.kernel_policy decides)."""
+    kernels, quant, kv_cache: as in `load_model` (kernels None: ops.fast.kernel_policy decides)."""
     path = resolve(path_or_repo_id)
-    model = load_model(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant)
+    model = load_model(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant, kv_cache=kv_cache)
     if path.suffix == ".gguf":  # the tokenizer and template live in the GGUF's metadata
         from .gguf import open_gguf
         from .gguf.vocab import chat_template

@@ -2,9 +2,10 @@
 
 Per row (`Row`): its length (tokens held: the one position counter), its rotary position offset (with
 images in a prompt, M-RoPE positions advance by the image grid, not by the token count), and one KV
-buffer per gated-attention layer ([Hkv, capacity, D] keys and values, grown in steps, never preallocated
-to the maximum context). Per Gated DeltaNet layer (`DeltaNetState`), for all rows together: the last K-1
-pre-convolution inputs [B, K-1, conv_dim] and the recurrent state [B, Hv, Dk, Dv] in fp32, constant size
+buffer per gated-attention layer ([Hkv, capacity, D] keys and values in the cache's format, kv_storage.py:
+the model's dtype or q8_0 blocks; grown in steps, never preallocated to the maximum context). Per Gated
+DeltaNet layer (`DeltaNetState`), for all rows together: the last K-1 pre-convolution inputs
+[B, K-1, conv_dim] and the recurrent state [B, Hv, Dk, Dv] in fp32 (whatever the KV format), constant size
 whatever the context length.
 
 Rows do not move: a row joining a batch (`HybridCache.merge`) or leaving it (`filter`) never copies
@@ -23,35 +24,17 @@ whose invariants (who holds which prefix) only read right side by side.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+
+from .kv_storage import KVBuffer, buffer_class, check_kv_cache, kv_bytes_per_token
 
 KV_GROWTH_STEP = 256  # tokens added per reallocation; amortised growth without a max-context buffer
 
 
 class CacheError(ValueError):
     """A cache operation got arguments it cannot honour (rows out of range, mismatched layouts)."""
-
-
-class KVBuffer:
-    """Keys and values of one row in one attention layer: k, v [Hkv, capacity, D], shared with the
-    snapshots (and restored rows) that hold a prefix of it."""
-
-    __slots__ = ("k", "v", "holders")
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-        self.holders: weakref.WeakSet = weakref.WeakSet()  # objects with .length that read this buffer
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[1]
-
-    def held_by_others(self, me: object) -> int:
-        """Longest prefix any other live holder (a snapshot, another row) relies on."""
-        return max((h.length for h in list(self.holders) if h is not me), default=0)
 
 
 class Row:
@@ -67,23 +50,19 @@ class Row:
             if buf is not None:
                 buf.holders.add(self)
 
-    def writable(self, j: int, needed: int, shape: tuple[int, int], dtype: torch.dtype,
-                 device: torch.device) -> KVBuffer:
+    def writable(self, j: int, needed: int, make: Callable[[int], KVBuffer]) -> KVBuffer:
         """Row's buffer of attention layer j, able to hold `needed` tokens and be written from `length` on:
         grown (doubling, in KV_GROWTH_STEP units) or copied when another holder relies on tokens past
-        `length`. shape: (Hkv, D)."""
+        `length`. make(capacity): an empty buffer of the cache's format."""
         buf = self.kv[j]
         if buf is not None and needed <= buf.capacity and buf.held_by_others(self) <= self.length:
             return buf
         old_cap = 0 if buf is None else buf.capacity
         cap = max(needed, 2 * old_cap if needed > old_cap else old_cap)
         cap = -(-cap // KV_GROWTH_STEP) * KV_GROWTH_STEP
-        H, D = shape
-        new = KVBuffer(torch.empty(H, cap, D, dtype=dtype, device=device),
-                       torch.empty(H, cap, D, dtype=dtype, device=device))
+        new = make(cap)
         if self.length and buf is not None:
-            new.k[:, : self.length] = buf.k[:, : self.length]
-            new.v[:, : self.length] = buf.v[:, : self.length]
+            new.copy_prefix(buf, self.length)
         if buf is not None:
             buf.holders.discard(self)
         new.holders.add(self)
@@ -104,16 +83,17 @@ class RowSnapshot:
 
     @property
     def nbytes(self) -> int:
-        return sum(2 * b.k[:, :1].numel() * b.k.element_size() * self.length for b in self.kv if b is not None)
+        return sum(b.token_bytes * self.length for b in self.kv if b is not None)
 
 
 class KVCache:
     """The view of one attention layer (index j among the attention layers) on a cache's rows."""
 
     def __init__(self, cache: HybridCache, j: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, kv_cache: str = "bf16"):
         self.cache, self.j = cache, j
         self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, device
+        self.kv_cache, self._buffer = kv_cache, buffer_class(kv_cache)
 
     @property
     def rows(self) -> list[Row]:
@@ -122,23 +102,33 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the keys and values held by this layer (not of spare capacity)."""
-        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize * sum(r.length for r in self.rows)
+        per_token = kv_bytes_per_token(self.kv_cache, self.num_kv_heads, self.head_dim, self.dtype)
+        return per_token * sum(r.length for r in self.rows)
+
+    def _make(self, capacity: int) -> KVBuffer:
+        return self._buffer.empty(self.num_kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
     def buffers(self, new_tokens: int) -> list[KVBuffer]:
         """Each row's buffer, writable for `new_tokens` tokens from the row's length on."""
-        shape = (self.num_kv_heads, self.head_dim)
-        return [r.writable(self.j, r.length + new_tokens, shape, self.dtype, self.device) for r in self.rows]
+        return [r.writable(self.j, r.length + new_tokens, self._make) for r in self.rows]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> list[KVBuffer]:
+        """Write k, v [B, Hkv, T, D] after each row's tokens (quantized on write for q8_0); return each row's
+        buffer. Row lengths advance when the whole forward ends."""
+        T = k.shape[2]
+        bufs = self.buffers(T)
+        for b, (row, buf) in enumerate(zip(self.rows, bufs)):
+            buf.write(row.length, k[b], v[b])
+        return bufs
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Write k, v [B, Hkv, T, D] after each row's tokens; return per row all its keys and values
-        [1, Hkv, length + T, D] (views). Row lengths advance when the whole forward ends."""
+        """`append`, then return per row all its keys and values [1, Hkv, length + T, D] in the model's
+        dtype (views for bf16; dequantized copies for q8_0: the reference and prefill path)."""
         T = k.shape[2]
         out = []
-        for b, (row, buf) in enumerate(zip(self.rows, self.buffers(T))):
-            L = row.length
-            buf.k[:, L : L + T] = k[b]
-            buf.v[:, L : L + T] = v[b]
-            out.append((buf.k[None, :, : L + T], buf.v[None, :, : L + T]))
+        for row, buf in zip(self.rows, self.append(k, v)):
+            kb, vb = buf.read(row.length + T, self.dtype)
+            out.append((kb[None], vb[None]))
         return out
 
 
@@ -195,8 +185,10 @@ class CacheLayout:
 
     def __init__(self, layer_types: Sequence[str], num_kv_heads: int, head_dim: int, conv_dim: int = 0,
                  kernel_size: int = 1, num_v_heads: int = 0, key_dim: int = 0, value_dim: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 kv_cache: str = "bf16"):
         self.layer_types = tuple(layer_types)
+        self.kv_cache = check_kv_cache(kv_cache)  # storage of the attention layers' keys and values
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.conv_dim, self.kernel_size = conv_dim, kernel_size
         self.num_v_heads, self.key_dim, self.value_dim = num_v_heads, key_dim, value_dim
@@ -221,7 +213,7 @@ class HybridCache:
         for t in layout.layer_types:
             if t == "full_attention":
                 self.layers.append(KVCache(self, j, layout.num_kv_heads, layout.head_dim, layout.dtype,
-                                           layout.device))
+                                           layout.device, layout.kv_cache))
                 j += 1
             else:
                 self.layers.append(deltanet[d])
@@ -249,7 +241,7 @@ class HybridCache:
             for k, v in kv:
                 if k.shape[2] < lengths[b]:
                     raise CacheError(f"row {b} holds {lengths[b]} tokens but its keys have {k.shape[2]}")
-                bufs.append(KVBuffer(k[b].to(layout.dtype).contiguous(), v[b].to(layout.dtype).contiguous()))
+                bufs.append(buffer_class(layout.kv_cache).from_values(k[b], v[b], layout.dtype))
             rows.append(Row(layout.num_attention, int(lengths[b]), int(rope_deltas[b]) if rope_deltas else 0, bufs))
         dn = [DeltaNetState(c.to(layout.dtype), r.float()) for (c, r), t in zip(states, layout.layer_types)
               if t != "full_attention"]
@@ -340,12 +332,13 @@ class HybridCache:
     def nbytes(self) -> int:
         """Bytes of the tokens held (not of spare capacity) plus the Gated DeltaNet state."""
         L = self.layout
-        kv = 2 * L.num_kv_heads * L.head_dim * L.dtype.itemsize * L.num_attention * sum(self.lengths)
+        per_token = kv_bytes_per_token(L.kv_cache, L.num_kv_heads, L.head_dim, L.dtype)
+        kv = per_token * L.num_attention * sum(self.lengths)
         return kv + sum(s.nbytes for s in self.deltanet)
 
     @property
     def allocated_bytes(self) -> int:
-        kv = sum(2 * b.k.numel() * b.k.element_size() for r in self.rows for b in r.kv if b is not None)
+        kv = sum(b.allocated_bytes for r in self.rows for b in r.kv if b is not None)
         return kv + sum(s.nbytes for s in self.deltanet)
 
     # -- snapshots ---------------------------------------------------------------------------------
@@ -367,6 +360,10 @@ class HybridCache:
                 len(r.kv) != self.layout.num_attention for r in snap.rows):
             raise CacheError(f"snapshot does not fit this cache's layout ({self.layout.num_deltanet} Gated "
                              f"DeltaNet and {self.layout.num_attention} attention layers)")
+        formats = {b.format for r in snap.rows for b in r.kv if b is not None}
+        if formats - {self.layout.kv_cache}:
+            raise CacheError(f"snapshot holds a {'/'.join(sorted(formats))} KV cache; this cache stores "
+                             f"{self.layout.kv_cache}")
         self.rows = [Row(self.layout.num_attention, r.length, r.rope_delta, r.kv) for r in snap.rows]
         for state, (conv, rec) in zip(self.deltanet, snap.deltanet):
             state.conv, state.recurrent, state.steps = conv, rec, None
@@ -403,6 +400,9 @@ class HybridCache:
         layout = caches[0].layout
         if any(c.layout.layer_types != layout.layer_types for c in caches):
             raise CacheError("merge: caches of different layer layouts")
+        if any(c.layout.kv_cache != layout.kv_cache for c in caches):
+            formats = sorted({c.layout.kv_cache for c in caches})
+            raise CacheError(f"merge: caches of different KV formats {formats}")
         rows = [r for c in caches for r in c.rows]
         dn = [DeltaNetState(torch.cat([c.deltanet[d].conv for c in caches]),
                             torch.cat([c.deltanet[d].recurrent for c in caches]))

@@ -106,7 +106,8 @@ def count_mtp_layers(keys) -> int:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
-               kernels: bool | None = None, quant: str | None = None) -> Qwen35ForCausalLM:
+               kernels: bool | None = None, quant: str | None = None,
+               kv_cache: str = "bf16") -> Qwen35ForCausalLM:
     """Load a Qwen3.5 checkpoint directory, or a `qwen35` GGUF file (qwen35/gguf/loader.py).
     dtype: torch.float32, torch.bfloat16 or torch.float16.
     progress: show a progress bar (bytes read) on stderr. kernels: bind the C++ CPU kernels (True), run the
@@ -114,11 +115,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     quant: a quantization policy (quant/policy.py: "int8", "int4", "q8_0", "q4_0", "q4_k", "q6_k"): matrices
     are quantized tensor by tensor as they are read, in bands of rows (peak memory ~ the quantized model + one
     band).
+    kv_cache: how caches made for this model (`model.make_cache`) store the attention layers' keys and values:
+    "bf16" (the model's dtype) or "q8_0" (8-bit blocks, kv_storage.py); sets `model.kv_cache`.
 
     Raises ConfigError / CheckpointError (both Qwen35Error) naming the file or tensor at fault.
     """
     if dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    from .kv_storage import check_kv_cache
+
+    check_kv_cache(kv_cache)  # before reading gigabytes
+    model = _load_model(Path(path), dtype, progress, kernels, quant)
+    model.kv_cache = kv_cache
+    return model
+
+
+def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | None, quant: str | None):
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -26,9 +26,10 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="C++ CPU kernels: auto = qwen35.kernel_policy, the choice generate/chat/serve make")
-    from .common import add_quant_arg
+    from .common import add_kv_cache_arg, add_quant_arg
 
     add_quant_arg(p)
+    add_kv_cache_arg(p)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
 
@@ -59,7 +60,10 @@ def bytes_per_decode_token(model, context: int) -> int:
             continue
         total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
     c = model.config
-    kv = len(c.full_attention_layers) * 2 * c.num_key_value_heads * c.head_dim * model.dtype.itemsize * context
+    from ..kv_storage import kv_bytes_per_token
+
+    kv = len(c.full_attention_layers) * kv_bytes_per_token(model.kv_cache, c.num_key_value_heads, c.head_dim,
+                                                            model.dtype) * context
     state = len(c.linear_attention_layers) * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * 4
     return total + kv + 2 * state  # the recurrent state is read and written
 
@@ -76,8 +80,9 @@ def main(args: argparse.Namespace) -> int:
     bw = read_bandwidth_gbs()  # before the model exists, so its buffer never adds to the peak below
     tune_allocator()
     t0 = time.perf_counter()
-    model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype],
-                              kernels={"auto": None, "on": True, "off": False}[args.kernels], quant=args.quant)
+    kernels = {"auto": None, "on": True, "off": False}[args.kernels]
+    model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype], kernels=kernels, quant=args.quant,
+                              kv_cache=args.kv_cache)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
@@ -113,8 +118,10 @@ def main(args: argparse.Namespace) -> int:
         "decode_bound_tok_s": round(bound, 2), "decode_efficiency": round(decode_tok_s / bound, 3),
         "cache_mb": round(cache.nbytes / 2**20, 1), "kernels": bool(model.kernels), "quant": args.quant,
         "adaptive_threads": governor.governor().summary() if governor.governor() else None,
+        "kv_cache": args.kv_cache,
     }
-    print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {'on' if model.kernels else 'off'}), "
+    print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {'on' if model.kernels else 'off'}, "
+          f"KV cache {args.kv_cache}), "
           f"loaded in {load_s:.2f}s")
     print(f"{'prompt':>8}{'gen':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'bound tok/s':>13}{'efficiency':>12}"
           f"{'peak RSS MiB':>14}")

@@ -66,6 +66,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="C++ CPU kernels: auto = qwen35.kernel_policy (on for models of 50M+ parameters)")
     add_quant_arg(p)
+    add_kv_cache_arg(p)
+
+
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    from ..kv_storage import KV_CACHE_FORMATS
+
+    p.add_argument("--kv-cache", choices=KV_CACHE_FORMATS, default="bf16",
+                   help="how the attention layers store keys and values: bf16 (the model's dtype) or q8_0 "
+                        "(8-bit blocks: ~half the memory and the decode bandwidth at long context; the Gated "
+                        "DeltaNet state stays fp32); see the README's KV cache section")
 
 
 def add_quant_arg(p: argparse.ArgumentParser) -> None:
@@ -125,7 +135,7 @@ def load_from_args(args: argparse.Namespace):
     tune_allocator()
     kernels = {"auto": None, "on": True, "off": False}[getattr(args, "kernels", "auto")]
     model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True, kernels=kernels,
-                            quant=getattr(args, "quant", None))
+                            quant=getattr(args, "quant", None), kv_cache=getattr(args, "kv_cache", "bf16"))
     # The model and tokenizer live as long as the process: move them (and everything imported so far) out of
     # the cyclic collector's view, so its full passes during decode no longer walk thousands of modules.
     gc.collect()

@@ -54,6 +54,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.head_runtime = None  # a weight object for the vocabulary projection, bound by ops/fast
         self.kernels: bool | None = None  # what ops/fast.bind_kernels last bound (None: never bound)
         self.quant: str | None = None  # the quantization policy its weights were loaded with
+        self.kv_cache = "bf16"  # the KV format make_cache uses by default (kv_storage.py; load_model sets it)
 
     def fusion_groups(self) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
         """Projections that share an input, per layer: (owner, attribute for the fused matrix, linears)."""
@@ -139,22 +140,26 @@ class Qwen35ForCausalLM(nn.Module):
         """The vocabulary projection [vocab, hidden]: lm_head, or the embedding when tied."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def cache_layout(self, mtp: bool = False) -> CacheLayout:
+    def cache_layout(self, mtp: bool = False, kv_cache: str | None = None) -> CacheLayout:
+        """kv_cache: "bf16" or "q8_0" (kv_storage.py); default the model's `kv_cache` (set by load_model)."""
         c = self.config
         types = ["full_attention"] * len(self.mtp.layers) if mtp else c.layer_types
         return CacheLayout(types, c.num_key_value_heads, c.head_dim, c.linear_conv_dim, c.linear_conv_kernel_dim,
                            c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim, self.dtype,
-                           self.device)
+                           self.device, kv_cache or self.kv_cache)
 
-    def make_cache(self, batch_size: int = 1) -> HybridCache:
-        """Empty state for `batch_size` sequences, one entry per decoder layer."""
-        return HybridCache.empty(self.cache_layout(), batch_size)
+    def make_cache(self, batch_size: int = 1, kv_cache: str | None = None) -> HybridCache:
+        """Empty state for `batch_size` sequences, one entry per decoder layer. kv_cache: how the attention
+        layers store keys and values, "bf16" (the model's dtype) or "q8_0"; default `self.kv_cache`, which
+        `load_model(..., kv_cache=)` sets, so every cache the library makes for this model (generation, the
+        server's rows, prompt caches, speculative decoding) uses it."""
+        return HybridCache.empty(self.cache_layout(kv_cache=kv_cache), batch_size)
 
-    def make_mtp_cache(self, batch_size: int = 1) -> HybridCache:
-        """State (KV) for the MTP head's own attention layers."""
+    def make_mtp_cache(self, batch_size: int = 1, kv_cache: str | None = None) -> HybridCache:
+        """State (KV) for the MTP head's own attention layers (in the model's KV format by default)."""
         if self.mtp is None:
             raise InputError("this checkpoint has no MTP head (no mtp.* tensors)")
-        return HybridCache.empty(self.cache_layout(mtp=True), batch_size)
+        return HybridCache.empty(self.cache_layout(mtp=True, kv_cache=kv_cache), batch_size)
 
     def _positions(self, T: int, cache: HybridCache | None, positions: torch.Tensor | None) -> torch.Tensor:
         if positions is None:

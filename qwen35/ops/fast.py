@@ -328,10 +328,16 @@ def _attn_decode(attn, x, state=None, ctx=None):
         return None
     q, k, v, gate = attn.project(x, ctx.rope)
     B = q.shape[0]
-    kv = state.update(k, v)  # views [1, Hkv, length + 1, D] of each row's buffer
-    out = torch.ops.qwen35.attn_decode(q.reshape(B, attn.num_heads, attn.head_dim).contiguous(),
-                                       [kb[0] for kb, _ in kv], [vb[0] for _, vb in kv],
-                                       [kb.shape[2] for kb, _ in kv], attn.head_dim**-0.5)
+    bufs = state.append(k, v)  # each row's buffer, holding length + 1 tokens now
+    lengths = [r.length + 1 for r in state.rows]
+    q = q.reshape(B, attn.num_heads, attn.head_dim).contiguous()
+    if state.kv_cache == "q8_0":  # the int8 blocks and their scales, read in place
+        out = torch.ops.qwen35.attn_decode_q8(q, [b.k for b in bufs], [b.kd for b in bufs],
+                                              [b.v for b in bufs], [b.vd for b in bufs], lengths,
+                                              attn.head_dim**-0.5)
+    else:
+        out = torch.ops.qwen35.attn_decode(q, [b.k for b in bufs], [b.v for b in bufs], lengths,
+                                           attn.head_dim**-0.5)
     return attn.output(out.view(B, attn.num_heads, 1, attn.head_dim), gate)
 
 
@@ -354,9 +360,16 @@ def _gdn_layer_decode(layer, x, state=None, ctx=None):
     return out.view(B, T, H)
 
 
+def _scales(state, bufs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The q8_0 scales of each row's keys and values (empty lists for a bf16 cache: the kernel's switch)."""
+    if state.kv_cache == "q8_0":
+        return [b.kd for b in bufs], [b.vd for b in bufs]
+    return [], []
+
+
 def _attn_layer_decode(layer, x, state=None, ctx=None):
     """A whole gated-attention decoder layer's decode step in one C++ call (decode_attn_layer): the new key
-    and value go straight into each row's buffer at its length."""
+    and value go straight into each row's buffer at its length (quantized on write for a q8_0 cache)."""
     if not _layer_decoding(x, state, ctx):
         return None
     attn = layer.self_attn
@@ -366,7 +379,8 @@ def _attn_layer_decode(layer, x, state=None, ctx=None):
     cos, sin = _rope_rows(ctx.rope)
     out = torch.ops.qwen35.decode_attn_layer(
         x.reshape(B * T, H).contiguous(), layer.input_layernorm.weight, w_qkv, k_qkv, attn.q_norm.weight,
-        attn.k_norm.weight, cos, sin, [b.k for b in bufs], [b.v for b in bufs], [r.length for r in state.rows],
+        attn.k_norm.weight, cos, sin, [b.k for b in bufs], [b.v for b in bufs], *_scales(state, bufs),
+        [r.length for r in state.rows],
         w_o, k_o, layer.post_attention_layernorm.weight, w_gu, k_gu, w_down, k_down, attn.num_heads,
         layer.input_layernorm.eps)
     return out.view(B, T, H)

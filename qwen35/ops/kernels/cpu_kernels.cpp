@@ -321,7 +321,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(
 // blocks processed in parallel, each keeping its own running max and sum (flash-decoding), merged at the
 // end. Scores, softmax and accumulation are fp32; G is a template parameter so accumulators stay in
 // registers.
-constexpr int64_t kAttnBlock = 512;
+constexpr int64_t kAttnBlock = 512;  // kv_kernels.cpp declares the same value (its scores rows are this long)
+
+// A block's scores -> exp(score - max), rounded to bf16 (as the reference bf16 path does before its P.V matmul)
+// with the sum taken over the rounded values, so numerator and denominator agree; out[g*(D+2)] = max,
+// out[g*(D+2)+1] = sum. Shared with the q8_0 blocks (kv_kernels.cpp), so both formats round alike.
+void softmax_block(int64_t G, int64_t n, const float* mx, float* scores, float* out, int64_t D) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sc = scores + g * kAttnBlock;
+    const __m512 vm = _mm512_set1_ps(mx[g]);
+    __m512 vs = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 16 <= n; s += 16) {
+      const __m512 e = round_bf16(exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + s), vm)));
+      _mm512_storeu_ps(sc + s, e);
+      vs = _mm512_add_ps(vs, e);
+    }
+    float sum = _mm512_reduce_add_ps(vs);
+    for (; s < n; ++s) {
+      sc[s] = static_cast<float>(static_cast<c10::BFloat16>(std::exp(sc[s] - mx[g])));
+      sum += sc[s];
+    }
+    out[g * (D + 2)] = mx[g];
+    out[g * (D + 2) + 1] = sum;
+  }
+}
+
+}  // namespace
+namespace qwen35_attn {
+void softmax_block(int64_t G, int64_t n, const float* mx, float* scores, float* out, int64_t D) {
+  ::softmax_block(G, n, mx, scores, out, D);
+}
+}  // namespace qwen35_attn
+namespace qwen35_kv {
+void attend_block_q8(int64_t G, const float* q, int64_t D, const int8_t* kb, const c10::Half* kdb,
+                     const int8_t* vb, const c10::Half* vdb, int64_t s0, int64_t s1, float scale, float* scores,
+                     float* out);
+void quantize_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d);
+}  // namespace qwen35_kv
+namespace {
 
 template <int G>
 void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, int64_t kstride,
@@ -346,26 +384,7 @@ void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, 
       mx[g] = std::max(mx[g], sc);
     }
   }
-  // Probabilities are rounded to bf16 (as the reference bf16 path does before its P.V matmul) and the sum
-  // is taken over the rounded values, so numerator and denominator agree.
-  for (int g = 0; g < G; ++g) {
-    float* sc = scores + g * kAttnBlock;
-    const __m512 vm = _mm512_set1_ps(mx[g]);
-    __m512 vs = _mm512_setzero_ps();
-    int64_t s = 0;
-    for (; s + 16 <= n; s += 16) {
-      const __m512 e = round_bf16(exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + s), vm)));
-      _mm512_storeu_ps(sc + s, e);
-      vs = _mm512_add_ps(vs, e);
-    }
-    float sum = _mm512_reduce_add_ps(vs);
-    for (; s < n; ++s) {
-      sc[s] = static_cast<float>(static_cast<c10::BFloat16>(std::exp(sc[s] - mx[g])));
-      sum += sc[s];
-    }
-    out[g * (D + 2)] = mx[g];
-    out[g * (D + 2) + 1] = sum;
-  }
+  softmax_block(G, n, mx, scores, out, D);
   // P.V with bf16 pair dot products: keys s and s+1 are interleaved per output dim (unpacklo/hi of the two
   // value rows) and multiplied by the broadcast pair (p[s], p[s+1]): 32 products per instruction, no
   // conversions. unpack works within 128-bit lanes, so accumulator `lo` lane 4k+t holds dim 8k+t and `hi`
@@ -410,21 +429,32 @@ void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, 
   }
 }
 
-at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::IntArrayRef lengths,
-                       double scale) {
+// kd, vd: empty for a bf16 cache; for a q8_0 cache (kv_storage.py) k[b], v[b] are int8 [Hkv, cap_b, D], contiguous,
+// and kd[b], vd[b] their fp16 scales [Hkv, cap_b, D/32] (kv_kernels.cpp reads them in place).
+at::Tensor attn_decode_impl(const at::Tensor& q, at::TensorList k, at::TensorList v, at::TensorList kd,
+                            at::TensorList vd, at::IntArrayRef lengths, double scale) {
   // Rows live in buffers of their own (they never move when another row joins or leaves the batch):
   // k[b], v[b] [Hkv, cap_b, D] bf16, of which the first lengths[b] keys are row b's.
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const bool q8 = !kd.empty();
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.is_contiguous(), "attn_decode: q bf16 contiguous");
   TORCH_CHECK(static_cast<int64_t>(k.size()) == B && static_cast<int64_t>(v.size()) == B &&
               static_cast<int64_t>(lengths.size()) == B, "attn_decode: one key/value buffer and length per row");
+  TORCH_CHECK(!q8 || (static_cast<int64_t>(kd.size()) == B && static_cast<int64_t>(vd.size()) == B),
+              "attn_decode_q8: one scale buffer per row");
   const int64_t Hkv = k[0].size(0);
   int64_t S = 0;
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(k[b].scalar_type() == at::kBFloat16 && v[b].scalar_type() == at::kBFloat16, "attn_decode: bf16");
+    const auto vt = q8 ? at::kChar : at::kBFloat16;
+    TORCH_CHECK(k[b].scalar_type() == vt && v[b].scalar_type() == vt, q8 ? "attn_decode_q8: int8" : "attn_decode: bf16");
     TORCH_CHECK(k[b].dim() == 3 && k[b].size(0) == Hkv && k[b].size(2) == D && k[b].stride(2) == 1 &&
                 v[b].stride(2) == 1 && v[b].sizes() == k[b].sizes() && k[b].stride(1) == v[b].stride(1) &&
                 k[b].stride(0) == v[b].stride(0), "attn_decode: layout");
+    if (q8)
+      TORCH_CHECK(k[b].is_contiguous() && v[b].is_contiguous() && kd[b].is_contiguous() && vd[b].is_contiguous() &&
+                  kd[b].scalar_type() == at::kHalf && vd[b].scalar_type() == at::kHalf && kd[b].dim() == 3 &&
+                  kd[b].size(0) == Hkv && kd[b].size(1) == k[b].size(1) && kd[b].size(2) == D / 32 &&
+                  vd[b].sizes() == kd[b].sizes(), "attn_decode_q8: scales layout");
     TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= k[b].size(1), "attn_decode: length beyond the buffer");
     S = std::max(S, lengths[b]);
   }
@@ -438,13 +468,31 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
   std::vector<const c10::BFloat16*> kp(B), vp(B);
   std::vector<int64_t> hstride(B), sstride(B);
   for (int64_t b = 0; b < B; ++b) {
-    kp[b] = k[b].data_ptr<c10::BFloat16>();
-    vp[b] = v[b].data_ptr<c10::BFloat16>();
+    kp[b] = q8 ? nullptr : k[b].data_ptr<c10::BFloat16>();
+    vp[b] = q8 ? nullptr : v[b].data_ptr<c10::BFloat16>();
     hstride[b] = k[b].stride(0);
     sstride[b] = k[b].stride(1);
   }
   const float fscale = static_cast<float>(scale);
-
+  if (q8) {
+    at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> scores(G * kAttnBlock), qf(G * D);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / (Hkv * nblocks), h = (i / nblocks) % Hkv, blk = i % nblocks;
+        const int64_t s0 = blk * kAttnBlock, s1 = std::min(lengths[b], (blk + 1) * kAttnBlock);
+        float* out = pp + i * G * (D + 2);
+        if (s0 >= s1) {
+          for (int64_t g = 0; g < G; ++g) { out[g * (D + 2)] = -INFINITY; out[g * (D + 2) + 1] = 0.f; }
+          continue;
+        }
+        for (int64_t j = 0; j < G * D; ++j) qf[j] = to_f(qp[(b * Hq + h * G) * D + j]);
+        const int64_t cap = k[b].size(1);
+        qwen35_kv::attend_block_q8(G, qf.data(), D, k[b].data_ptr<int8_t>() + h * cap * D,
+                                   kd[b].data_ptr<c10::Half>() + h * cap * (D / 32), v[b].data_ptr<int8_t>() + h * cap * D,
+                                   vd[b].data_ptr<c10::Half>() + h * cap * (D / 32), s0, s1, fscale, scores.data(), out);
+      }
+    });
+  } else {
   at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(G * kAttnBlock);
     __m512bh qv[8][16];
@@ -471,6 +519,7 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
       }
     }
   });
+  }
 
   at::Tensor result = at::empty({B, Hq, D}, q.options());
   auto* rp = result.data_ptr<c10::BFloat16>();
@@ -494,6 +543,17 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
     }
   });
   return result;
+}
+
+at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::IntArrayRef lengths,
+                       double scale) {
+  return attn_decode_impl(q, k, v, {}, {}, lengths, scale);
+}
+
+at::Tensor attn_decode_q8(const at::Tensor& q, at::TensorList k, at::TensorList kd, at::TensorList v,
+                          at::TensorList vd, at::IntArrayRef lengths, double scale) {
+  TORCH_CHECK(!kd.empty(), "attn_decode_q8: scales");
+  return attn_decode_impl(q, k, v, kd, vd, lengths, scale);
 }
 
 // silu(gate) * up where gate_up = [.., 2I] holds gate in the first half and up in the second (bf16).
@@ -684,7 +744,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_
 at::Tensor decode_attn_layer(
     const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv, const at::Tensor& q_norm,
     const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
-    at::TensorList v_buf, at::IntArrayRef pos, at::TensorList w_o, at::IntArrayRef k_o, const at::Tensor& ln2,
+    at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale, at::IntArrayRef pos, at::TensorList w_o, at::IntArrayRef k_o, const at::Tensor& ln2,
     at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq,
     double eps) {
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "decode_attn_layer: layout");
@@ -693,9 +753,18 @@ at::Tensor decode_attn_layer(
               static_cast<int64_t>(pos.size()) == B, "decode_attn_layer: one buffer and position per row");
   TORCH_CHECK(cos.size(0) == 1 || cos.size(0) == B * T || cos.size(0) == T, "decode_attn_layer: rotary rows");
   const int64_t Hkv = k_buf[0].size(0), D = k_buf[0].size(2);
-  for (int64_t b = 0; b < B; ++b)
+  const bool q8 = !k_scale.empty();  // a q8_0 cache: int8 buffers and their fp16 scales (kv_storage.py)
+  TORCH_CHECK(!q8 || (static_cast<int64_t>(k_scale.size()) == B && static_cast<int64_t>(v_scale.size()) == B),
+              "decode_attn_layer: one scale buffer per row");
+  for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(k_buf[b].is_contiguous() && v_buf[b].is_contiguous() && pos[b] + T <= k_buf[b].size(1) &&
                 v_buf[b].sizes() == k_buf[b].sizes(), "decode_attn_layer: buffers");
+    TORCH_CHECK(k_buf[b].scalar_type() == (q8 ? at::kChar : at::kBFloat16), "decode_attn_layer: buffer dtype");
+    if (q8)
+      TORCH_CHECK(k_scale[b].is_contiguous() && v_scale[b].is_contiguous() && k_scale[b].scalar_type() == at::kHalf &&
+                  v_scale[b].scalar_type() == at::kHalf && k_scale[b].size(1) == k_buf[b].size(1) &&
+                  k_scale[b].size(2) * 32 == k_buf[b].size(2), "decode_attn_layer: scales");
+  }
   TORCH_CHECK(R <= D && R % 2 == 0, "decode_attn_layer: sizes");
   at::Tensor h = rmsnorm(x, ln1, eps, true);
   at::Tensor qkv = matmul(h, {w_qkv, k_qkv});  // [B, 2*Hq*D + 2*Hkv*D]
@@ -710,6 +779,7 @@ at::Tensor decode_attn_layer(
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   std::vector<float> t(D), r(D);
+  std::vector<c10::BFloat16> krow(D);  // a q8_0 cache: the normed, rotated key before it is quantized
   // zero-centred RMSNorm (rounded to bf16, as the per-op path) then partial NeoX RoPE (rounded again)
   auto norm_rope = [&](const c10::BFloat16* src, const float* w, const float* c, const float* sn,
                        c10::BFloat16* dst) {
@@ -724,7 +794,7 @@ at::Tensor decode_attn_layer(
     }
     for (int64_t d = R; d < D; ++d) dst[d] = static_cast<c10::BFloat16>(t[d]);
   };
-  std::vector<at::Tensor> ks, vs;  // token (b, t) reads row b's buffers over its first pos[b] + t + 1 slots
+  std::vector<at::Tensor> ks, vs, kds, vds;  // token (b, t) reads row b's buffers over its first pos[b] + t + 1 slots
   std::vector<int64_t> lengths;
   for (int64_t i = 0; i < BT; ++i) {
     const int64_t b = i / T, t = i % T, slot = pos[b] + t;
@@ -733,18 +803,35 @@ at::Tensor decode_attn_layer(
     const float* c = cp + crow * R;
     const float* sn = sp + crow * R;
     for (int64_t hq = 0; hq < Hq; ++hq) norm_rope(row + hq * 2 * D, qn, c, sn, qo + (i * Hq + hq) * D);
-    auto* kb = k_buf[b].data_ptr<c10::BFloat16>();
-    auto* vb = v_buf[b].data_ptr<c10::BFloat16>();
     const int64_t cap = k_buf[b].size(1);
-    for (int64_t hk = 0; hk < Hkv; ++hk) {
-      norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, kb + (hk * cap + slot) * D);
-      std::memcpy(vb + (hk * cap + slot) * D, row + 2 * Hq * D + Hkv * D + hk * D, D * sizeof(c10::BFloat16));
+    if (q8) {  // quantized on write, with the reference rule (the bytes the torch path writes)
+      auto* kb = k_buf[b].data_ptr<int8_t>();
+      auto* vb = v_buf[b].data_ptr<int8_t>();
+      auto* kdp = k_scale[b].data_ptr<c10::Half>();
+      auto* vdp = v_scale[b].data_ptr<c10::Half>();
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        const int64_t at_ = hk * cap + slot;
+        norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, krow.data());
+        qwen35_kv::quantize_row(krow.data(), D, kb + at_ * D, kdp + at_ * (D / 32));
+        qwen35_kv::quantize_row(row + 2 * Hq * D + Hkv * D + hk * D, D, vb + at_ * D, vdp + at_ * (D / 32));
+      }
+    } else {
+      auto* kb = k_buf[b].data_ptr<c10::BFloat16>();
+      auto* vb = v_buf[b].data_ptr<c10::BFloat16>();
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, kb + (hk * cap + slot) * D);
+        std::memcpy(vb + (hk * cap + slot) * D, row + 2 * Hq * D + Hkv * D + hk * D, D * sizeof(c10::BFloat16));
+      }
     }
     ks.push_back(k_buf[b]);
     vs.push_back(v_buf[b]);
+    if (q8) {
+      kds.push_back(k_scale[b]);
+      vds.push_back(v_scale[b]);
+    }
     lengths.push_back(slot + 1);
   }
-  at::Tensor o = attn_decode(q, ks, vs, lengths, 1.0 / std::sqrt(static_cast<double>(D)));
+  at::Tensor o = attn_decode_impl(q, ks, vs, kds, vds, lengths, 1.0 / std::sqrt(static_cast<double>(D)));
   // output gate: o * sigmoid(gate), both bf16 like the per-op path
   auto* op = o.data_ptr<c10::BFloat16>();
   for (int64_t b = 0; b < BT; ++b)
@@ -790,10 +877,13 @@ TORCH_LIBRARY(qwen35, m) {
         "Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hk, float eps) "
         "-> (Tensor, Tensor[], Tensor[])");
   m.def("decode_attn_layer(Tensor x, Tensor ln1, Tensor[] w_qkv, int[] k_qkv, Tensor q_norm, Tensor k_norm, "
-        "Tensor cos, Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, int[] pos, Tensor[] w_o, int[] k_o, "
+        "Tensor cos, Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, Tensor(c!)[] k_scale, "
+        "Tensor(d!)[] v_scale, int[] pos, Tensor[] w_o, int[] k_o, "
         "Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hq, float eps) "
         "-> Tensor");
   m.def("attn_decode(Tensor q, Tensor[] k, Tensor[] v, int[] lengths, float scale) -> Tensor");
+  m.def("attn_decode_q8(Tensor q, Tensor[] k, Tensor[] kd, Tensor[] v, Tensor[] vd, int[] lengths, float scale) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
@@ -802,6 +892,7 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("gdn_decode", &gdn_decode);
   m.impl("attn_decode", &attn_decode);
+  m.impl("attn_decode_q8", &attn_decode_q8);
   m.impl("conv_silu", &conv_silu);
   m.impl("decode_gdn_layer", &decode_gdn_layer);
   m.impl("decode_attn_layer", &decode_attn_layer);

@@ -1,0 +1,287 @@
+"""The q8_0 KV cache (kv_storage.py): its kernels against the dequantize-then-attend reference, its
+distance from a bf16 cache, and the cache contract (snapshots, prompt reuse, batching, speculation)
+unchanged with it."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qwen35
+from qwen35.cache import CacheError, HybridCache
+from qwen35.commands.replica import build_replica
+from qwen35.kv_storage import KVBuffer, Q8KVBuffer, attend_reference, dequantize_rows, quantize_rows
+from qwen35.ops import kernels
+from qwen35.prompt_cache import PromptCache
+from qwen35.quant.formats import QuantError, quantize_q8_0
+from qwen35.speculative import speculative_generate_step
+
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+GREEDY = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def tokens(model, ids, params=GREEDY, cache=None):
+    return [r.token for r in qwen35.generate_step(model, ids, cache=cache, params=params)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kv") / "tiny"
+    build_replica(d, "tiny", seed=3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from qwen35.commands.common import default_model
+
+    return default_model()
+
+
+def test_q8_0_rows_are_ggufs_q8_0_blocks():
+    """Keys are quantized with quant/formats.py's Q8_0 reference (the same bytes as a weight row), blocks
+    along the head dimension; dequantized within half a step of each block's scale, plus the fp16 rounding
+    of that scale (relative 2^-11) over at most 127 steps."""
+    x = torch.randn(2, 7, 64).bfloat16()
+    q, d = quantize_rows(x)
+    wq, wd = quantize_q8_0(x.reshape(-1, 64))
+    assert torch.equal(q.reshape(-1, 64), wq) and torch.equal(d.reshape(-1, 2), wd)
+    err = (dequantize_rows(q, d, torch.float32) - x.float()).abs()
+    assert (err <= d.float().repeat_interleave(32, -1) * (0.5 + 127 / 2048)).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("lengths", [[1], [70, 5], [1500, 3, 600]])
+@pytest.mark.parametrize("G,D", [(1, 64), (2, 256), (4, 256), (8, 128)])
+def test_q8_0_decode_attention_matches_its_reference(lengths, G, D):
+    """attn_decode_q8 reads the int8 blocks in place (and dots them with the query in Q8_0 blocks); the
+    reference dequantizes and attends in torch. Against the exact answer (the reference in fp32, the query
+    rounded through Q8_0 as the kernel does), the kernel's error must be no larger than the bf16 reference's
+    own (its rounding of the dequantized values, the probabilities and the output); and the query's rounding
+    costs about what the bf16 reference's own rounding does (at most 1.5x)."""
+    gen = torch.Generator().manual_seed(G * 1000 + D + len(lengths))
+    Hkv = 2
+    q = torch.randn(len(lengths), G * Hkv, D, generator=gen).bfloat16()
+    bufs = [Q8KVBuffer.from_values(torch.randn(Hkv, n + 9 * (b + 1), D, generator=gen),
+                                   torch.randn(Hkv, n + 9 * (b + 1), D, generator=gen), torch.bfloat16)
+            for b, n in enumerate(lengths)]
+    out = torch.ops.qwen35.attn_decode_q8(q, [b.k for b in bufs], [b.kd for b in bufs], [b.v for b in bufs],
+                                          [b.vd for b in bufs], lengths, D**-0.5)
+    exact = attend_reference(q, bufs, lengths, D**-0.5, torch.float32, quantize_query=True)
+    ref16 = attend_reference(q, bufs, lengths, D**-0.5, torch.bfloat16, quantize_query=True)
+    e_kernel, e_ref = rel(out, exact), rel(ref16, exact)
+    assert e_kernel <= 1.25 * e_ref, (e_kernel, e_ref)
+    unrounded = attend_reference(q, bufs, lengths, D**-0.5, torch.float32)
+    assert rel(exact, unrounded) <= 1.5 * e_ref, (rel(exact, unrounded), e_ref)
+
+
+@needs_kernels
+def test_decode_step_writes_the_reference_bytes(tiny_dir):
+    """The whole-layer decode kernel quantizes each new key and value itself: the bytes must be what the
+    torch reference quantizer makes of the bf16 key the same kernel writes into a bf16 cache."""
+    model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, kernels=True)
+    assert "attn_layer" in qwen35.bind_kernels(model, True).bound
+    ids = torch.randint(0, 4000, (1, 21), generator=torch.Generator().manual_seed(0))
+    caches = {fmt: model.make_cache(kv_cache=fmt) for fmt in ("bf16", "q8_0")}
+    with torch.inference_mode():
+        for c in caches.values():
+            model(ids[:, :20], cache=c)  # prefill: the reference path
+            model(ids[:, 20:], cache=c)  # one decode step: the kernel
+    # the first attention layer: its input does not depend on any KV, so both caches saw the same key
+    bb, qb = caches["bf16"].rows[0].kv[0], caches["q8_0"].rows[0].kv[0]
+    assert isinstance(qb, Q8KVBuffer) and type(bb) is KVBuffer
+    for vals, q, d in ((bb.k, qb.k, qb.kd), (bb.v, qb.v, qb.vd)):
+        want_q, want_d = quantize_rows(vals[:, :21])
+        assert torch.equal(q[:, :21], want_q) and torch.equal(d[:, :21], want_d)
+
+
+def decode_logits(model, prompts, steps, kv_cache):
+    """Prefill each prompt alone, merge the rows into one batch, decode the last `steps` tokens together."""
+    caches = []
+    with torch.inference_mode():
+        for p in prompts:
+            c = model.make_cache(kv_cache=kv_cache)
+            model(p[None, : len(p) - steps], cache=c)
+            caches.append(c)
+        cache = HybridCache.merge(caches)
+        return torch.cat([model(torch.stack([p[len(p) - steps + i] for p in prompts])[:, None], cache=cache)
+                          for i in range(steps)], 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("whole_layers", [True, False])
+def test_fast_q8_0_decode_error_is_that_of_the_reference(tiny_dir, whole_layers):
+    """The model with kernels bound and a q8_0 cache vs the fp32 reference with a q8_0 cache: no further from
+    it than the bf16 reference path (kernels off) with a q8_0 cache, on rows of different lengths."""
+    from qwen35.ops.fast import bind_kernels
+
+    fast = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, kernels=False)
+    kinds = {"attn_layer"} if whole_layers else {"attn_step"}
+    assert kinds <= set(bind_kernels(fast, True, whole_layers=whole_layers).bound)
+    ref16 = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, kernels=False)
+    ref32 = qwen35.load_model(tiny_dir, dtype=torch.float32, kernels=False)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 4096, (n,), generator=gen) for n in (40, 9, 23)]
+    exact = decode_logits(ref32, prompts, 4, "q8_0")
+    e_fast = rel(decode_logits(fast, prompts, 4, "q8_0"), exact)
+    e_ref = rel(decode_logits(ref16, prompts, 4, "q8_0"), exact)
+    assert e_fast <= 1.25 * e_ref + 1e-3, (e_fast, e_ref)
+
+
+MAX_MEAN_KL = 0.002  # the issue's target for the q8_0 KV cache against the bf16 one
+
+
+@needs_kernels
+def test_long_generation_with_q8_0_kv_stays_within_the_kl_of_bf16_kv(bundled):
+    """300 tokens generated greedily with a bf16 cache, then the same tokens fed one decode step at a time
+    (the kernels, as users run it) with a bf16 and a q8_0 cache: the next-token distributions differ by a
+    mean KL of at most MAX_MEAN_KL nats."""
+    model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=True)
+    prompt = tok.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+    params = qwen35.SamplingParams(temperature=0, max_tokens=300, stop_token_ids=(-1,))
+    seq = prompt + tokens(model, prompt, params)
+    logp = {}
+    with torch.inference_mode():
+        for fmt in ("bf16", "q8_0"):
+            c = model.make_cache(kv_cache=fmt)
+            model(torch.tensor([prompt[:-1]]), cache=c)
+            steps = [model(torch.tensor([[t]]), cache=c)[0, -1] for t in seq[len(prompt) - 1 : -1]]
+            logp[fmt] = torch.log_softmax(torch.stack(steps).float(), -1)
+    kl = (logp["bf16"].exp() * (logp["bf16"] - logp["q8_0"])).sum(-1)
+    assert len(kl) == 300 and kl.mean().item() <= MAX_MEAN_KL, kl.mean().item()
+
+
+@needs_kernels
+def test_snapshot_restore_and_prompt_reuse_are_exact_with_q8_0(bundled):
+    """A q8_0 cache snapshotted, sent down another path and restored continues token for token like a run
+    never interrupted; a prompt cache restores q8_0 prefixes the same way."""
+    model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=True, kv_cache="q8_0")
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog. Then the dog")
+    want = tokens(model, prompt)
+    cache = model.make_cache()
+    assert cache.layout.kv_cache == "q8_0"
+    with torch.inference_mode():
+        model(torch.tensor([prompt[:-1]]), cache=cache)
+        snap = cache.snapshot()
+        for t in tok.encode(" something else entirely, for a while"):  # overwrites slots past the snapshot
+            model(torch.tensor([[t]]), cache=cache)
+    cache.restore(snap)
+    assert tokens(model, prompt[-1:], cache=cache) == want
+    cache.restore(snap)
+    assert tokens(model, prompt[-1:], cache=cache) == want  # the snapshot stays usable
+    pc = PromptCache(model)
+    first = [r.token for r in qwen35.stream_generate(model, tok, prompt, GREEDY, prompt_cache=pc)]
+    again = list(qwen35.stream_generate(model, tok, prompt + first[:5], GREEDY, prompt_cache=pc))
+    assert first == want and again[0].cached_tokens == len(prompt)
+    assert [r.token for r in again] == tokens(model, prompt + first[:5])
+
+
+@needs_kernels
+def test_rows_joining_and_leaving_a_q8_0_batch_decode_as_alone(bundled):
+    """Rows prefilled alone join a running batch at different steps and leave it: each row's greedy tokens
+    are those it decodes alone."""
+    model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=True, kv_cache="q8_0")
+    texts = ("Once upon a time", "import numpy as np\n", "The capital of France is")
+    prompts = [tok.encode(t) for t in texts]
+    steps = 12
+    alone = [tokens(model, p, qwen35.SamplingParams(temperature=0, max_tokens=steps, stop_token_ids=(-1,)))
+             for p in prompts]
+
+    def start(p):
+        c = model.make_cache()
+        logits = model(torch.tensor([p]), cache=c)[:, -1]
+        return c, [int(logits.argmax())]
+
+    got = [[] for _ in prompts]
+    with torch.inference_mode():
+        batch, got[0] = start(prompts[0])
+        live = [0]
+        for step in range(2 * steps):
+            if step in (3, 6):  # row 1 joins at step 3, row 2 at step 6
+                c, first = start(prompts[len(live)])
+                got[len(live)] = first
+                batch = HybridCache.merge([batch, c])
+                live.append(len(live))
+            done = [i for i, r in enumerate(live) if len(got[r]) == steps]
+            if done:  # rows that have all their tokens leave the batch
+                batch.filter([i for i in range(len(live)) if i not in done])
+                live = [r for i, r in enumerate(live) if i not in done]
+            if not live:
+                break
+            nxt = torch.tensor([[got[r][-1]] for r in live])
+            logits = model(nxt, cache=batch)[:, -1]
+            for i, r in enumerate(live):
+                got[r].append(int(logits[i].argmax()))
+    assert got == alone
+
+
+@needs_kernels
+def test_speculative_decoding_with_q8_0_is_plain_decoding_with_q8_0(tiny_dir):
+    """Drafts verified against a q8_0 cache and rolled back (keep_steps / rewind, the MTP cache's truncate):
+    the same tokens as plain greedy decoding with a q8_0 cache, on random weights (near-ties everywhere)."""
+    model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, kernels=True, kv_cache="q8_0")
+    ids = torch.randint(0, 4000, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = qwen35.SamplingParams(temperature=0, max_tokens=40, stop_token_ids=(-1,))
+    want = tokens(model, ids, params)
+    for k in (1, 3):
+        assert [r.token for r in speculative_generate_step(model, ids, params, k)] == want
+
+
+def test_bad_kv_cache_values_are_clear_errors(bundled):
+    with pytest.raises(QuantError, match=r"unknown KV cache format 'q4' \(known: bf16, q8_0\)"):
+        qwen35.load_model(bundled, kv_cache="q4")
+    model = qwen35.load_model(bundled, kernels=False)
+    with pytest.raises(QuantError, match="unknown KV cache format 'fp8'"):
+        model.make_cache(kv_cache="fp8")
+    q8 = model.make_cache(kv_cache="q8_0")
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), cache=q8)
+    with pytest.raises(CacheError, match="snapshot holds a q8_0 KV cache; this cache stores bf16"):
+        model.make_cache().restore(q8.snapshot())
+    with pytest.raises(CacheError, match="different KV formats"):
+        HybridCache.merge([q8, model.make_cache()])
+    cmd = [sys.executable, "-m", "qwen35", "generate", bundled, "--kv-cache", "q4", "--prompt", "hi"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "qwen35 generate: error: argument --kv-cache: invalid choice: 'q4' (choose from 'bf16', 'q8_0') "
+        "(see qwen35 generate --help)"]
+
+
+def test_q8_0_cache_reports_its_bytes(bundled):
+    """nbytes and snapshot sizes count 8.5 bits per value (34 bytes per 32), against 64 for bf16."""
+    model = qwen35.load_model(bundled, dtype=torch.bfloat16, kernels=False)
+    ids = torch.tensor([list(range(1, 41))])
+    sizes = {}
+    with torch.inference_mode():
+        for fmt in ("bf16", "q8_0"):
+            c = model.make_cache(kv_cache=fmt)
+            model(ids, cache=c)
+            state = sum(s.nbytes for s in c.deltanet)
+            sizes[fmt] = (c.nbytes - state, c.snapshot().nbytes - state)
+    cfg = model.config
+    values = 40 * len(cfg.full_attention_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim
+    assert sizes["bf16"] == (2 * values, 2 * values)
+    assert sizes["q8_0"] == (values * 34 // 32, values * 34 // 32)
+
+
+def test_info_plans_memory_for_a_kv_format(bundled):
+    """`qwen35 info --kv-cache q8_0 --context N --memory M`: KV, state, total, and the largest context."""
+    cmd = [sys.executable, "-m", "qwen35", "info", bundled, "--context", "4096"]
+    out = {fmt: subprocess.run(cmd + ["--kv-cache", fmt, "--memory", "64MB"], capture_output=True, text=True,
+                               check=True).stdout for fmt in ("bf16", "q8_0")}
+    from qwen35.config import ModelConfig
+
+    cfg = ModelConfig.from_file(bundled)
+    per_token = len(cfg.full_attention_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim
+    for fmt, nbytes in (("q8_0", per_token * 34 / 32), ("bf16", per_token * 2)):
+        assert f"KV ({fmt}) {nbytes * 4096 / 2**30:.2f} GiB ({nbytes / 1024:.1f} KiB/token)" in out[fmt]
+    fits = {f: int(next(ln for ln in o.splitlines() if ln.startswith("fits")).split("up to ")[1].split()[0])
+            for f, o in out.items()}
+    assert 1.85 < fits["q8_0"] / fits["bf16"] < 1.9  # 64/34 = 1.88 more tokens in the same room
