@@ -348,6 +348,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                 piece["function"]["name"] = d.name
                             yield chunk({"tool_calls": [piece]})
                         ncalls += len(delta.tool_calls)
+                        if delta.errors:  # a malformed call stays as text; say why beside it
+                            yield chunk({"tool_call_errors": delta.errors})
                         if item.finish_reason is not None:
                             yield chunk({}, finish_reason(item.finish_reason, ncalls > 0), cut=cut)
                 except APIError as e:
@@ -371,6 +373,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         message = {"role": "assistant", "content": out.content or (None if out.tool_calls else "")}
         if out.reasoning:
             message["reasoning_content"] = out.reasoning
+        if out.errors:  # a malformed call stays in the content as text; this says why
+            message["tool_call_errors"] = out.errors
         if out.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments_json()}}
