@@ -119,8 +119,12 @@ class Matcher:
         return torch.from_numpy(unpacked.view(np.bool_))
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [1, V] with every token the grammar forbids at -inf (a new tensor)."""
-        return logits.masked_fill(~self.allowed(), float("-inf"))
+        """fp32 logits [1, V] with every token the grammar forbids at -inf (a new tensor). In numpy, on one
+        thread: a torch op over 248K entries wakes the OpenMP team, which on a loaded machine cost 60 ms per
+        token here against 0.5 ms for this (benchmarks/bench_structured.py)."""
+        allowed = np.unpackbits(self.fill_mask().view(np.uint8), bitorder="little")[: self.vocab_size]
+        x = logits.detach().float().cpu().numpy()
+        return torch.from_numpy(np.where(allowed.view(np.bool_), x, np.float32(-np.inf)))
 
     def advance(self, token: int) -> None:
         if not self.m.consume_token(int(token)):
