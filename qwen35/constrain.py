@@ -228,7 +228,7 @@ def _param_rule(key: str, schema: dict) -> str:
         return "/" + _rx(head) + "(" + "|".join(_rx(v) for v in enum) + ")" + _rx(tail) + "/"
     if schema.get("type") == "string" and "pattern" not in schema and "format" not in schema:
         lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
-        count = "{%d,%d}" % (lo, int(hi)) if hi is not None else ("{%d,}" % lo if lo else "*")
+        count = f"{{{lo},{int(hi)}}}" if hi is not None else (f"{{{lo},}}" if lo else "*")
         return "/" + _rx(head) + "[^<]" + count + _rx(tail) + "/"
     return f"{_lark_str(head)} %json{json.dumps(schema)} {_lark_str(tail)}"
 
