@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .constrain import Grammar, engine_for
@@ -101,10 +102,10 @@ class Guide:
         if self.reasoning:
             if self.matcher is None:
                 return logits
-            # the constrained answer must come: no end of turn inside the reasoning
-            x = logits.clone()
-            x[:, list(self.spec.stop_ids)] = float("-inf")
-            return x
+            # the constrained answer must come: no end of turn inside the reasoning (numpy: see Matcher.mask_logits)
+            x = logits.detach().float().cpu().numpy().copy()
+            x[:, list(self.spec.stop_ids)] = -np.inf
+            return torch.from_numpy(x)
         return logits if self.matcher is None else self.matcher.mask_logits(logits)
 
     def advance(self, token: int) -> None:
