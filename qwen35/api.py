@@ -106,8 +106,11 @@ def _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_si
     text = tokenizer.text_stream()
     t0 = time.perf_counter()
     t_first = None
+    from .guide import make_guide
+
+    guide = make_guide(params, tokenizer, model.config.vocab_size)
     for r in generate_step(model, feed, cache=cache, params=params, prefill_chunk_size=prefill_chunk_size,
-                           sampler=sampler):
+                           sampler=sampler, guide=guide):
         now = time.perf_counter()
         if t_first is None:
             t_first = now

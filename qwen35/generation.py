@@ -48,6 +48,7 @@ class Response:
     finish_reason: str | None = None
     text: str = ""
     error: str | None = None
+    reasoning_cut: str | None = None  # on an inserted </think>: "budget" or "loop" (guide.py)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens restored from a snapshot instead of prefilled
     generation_tokens: int = 0
@@ -68,16 +69,23 @@ def finish_reason(token: int, index: int, params: SamplingParams) -> str | None:
 
 
 class Stream:
-    """One sequence being generated: samples its next token from logits and applies the stop rule."""
+    """One sequence being generated: samples its next token from logits and applies the stop rule.
+    guide: this row's steering (guide.Guide: grammar mask, inserted </think>), or None."""
 
-    def __init__(self, params: SamplingParams, sampler: Sampler):
-        self.params, self.sampler = params, sampler
+    def __init__(self, params: SamplingParams, sampler: Sampler, guide=None):
+        if guide is None and params.constrained:
+            raise Qwen35Error("these SamplingParams constrain the output (structured, max_thinking_tokens or "
+                              "break_thinking_loops), which needs the tokenizer: generate through stream_generate, "
+                              "or pass guide=qwen35.guide.make_guide(params, tokenizer, vocab_size).start(prompt)")
+        self.params, self.sampler, self.guide = params, sampler, guide
         self.generated: list[int] = []
         self.finish: str | None = None
 
     @classmethod
-    def start(cls, model, prompt: Sequence[int], params: SamplingParams, generator=None) -> Stream:
-        return cls(params, Sampler(params, model.config.vocab_size, 1, [list(prompt)], generator=generator))
+    def start(cls, model, prompt: Sequence[int], params: SamplingParams, generator=None, guide=None) -> Stream:
+        """guide: the request's guide.GuideSpec (each stream gets its own state from it), or None."""
+        return cls(params, Sampler(params, model.config.vocab_size, 1, [list(prompt)], generator=generator),
+                   None if guide is None else guide.start(prompt))
 
     @property
     def last(self) -> int:
@@ -87,13 +95,21 @@ class Stream:
         """logits [1, vocab] -> the next token's Response (finish_reason set when it ends the stream)."""
         if self.finish is not None:
             raise Qwen35Error(f"stream already finished ({self.finish})")
-        tok = self.sampler(logits)
+        g, cut = self.guide, None
+        forced = None if g is None else g.forced()
+        if forced is not None:
+            tok = torch.tensor([forced])
+        else:
+            tok = self.sampler(logits if g is None else g.mask(logits))
         self.sampler.observe(tok)
         t = int(tok[0])
+        if g is not None:
+            g.advance(t)
+            cut = g.cut if forced is not None and forced == g.spec.think_close else None
         self.finish = finish_reason(t, len(self.generated), self.params)
         self.generated.append(t)
         lp, top = step_logprobs(logits, tok, self.params)
-        return Response(t, lp, top, self.finish, generation_tokens=len(self.generated))
+        return Response(t, lp, top, self.finish, reasoning_cut=cut, generation_tokens=len(self.generated))
 
 
 def step(model, cache: HybridCache, streams: Sequence[Stream], isolate: bool = False) -> list[list[Response]]:
@@ -165,6 +181,7 @@ def generate_step(
     sampler: Sampler | None = None,
     params: SamplingParams | None = None,
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    guide=None,
 ) -> Iterator[Response]:
     """Yield generated tokens one by one for a single sequence.
 
@@ -172,6 +189,7 @@ def generate_step(
     sampler / params: a Sampler, or SamplingParams to build one (default SamplingParams()).
     Stops after a stop token (yielded with finish_reason "stop") or max_tokens ("length"). On return the
     cache holds the prompt and every yielded token except the last one.
+    guide: a guide.GuideSpec for constrained params (stream_generate makes it from the tokenizer).
     """
     if sampler is not None and params is None:
         params = sampler.params
@@ -184,7 +202,10 @@ def generate_step(
     if cache.batch_size != 1:
         raise ValueError(f"generate_step runs one sequence; the cache has batch size {cache.batch_size}")
     check_context(model, cache.offset, len(ids), params.max_tokens)
-    stream = Stream(params, sampler) if sampler is not None else Stream.start(model, ids, params)
+    if sampler is not None:
+        stream = Stream(params, sampler, None if guide is None else guide.start(ids))
+    else:
+        stream = Stream.start(model, ids, params, guide=guide)
     logits = prefill(model, torch.tensor([ids], device=model.device), cache, prefill_chunk_size)
     with torch.no_grad():
         r = stream.sample(logits)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .constrain import Structured
 from .errors import Qwen35Error
 
 
@@ -37,6 +38,11 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # generate to max_tokens: no default stop ids
+    # what the answer must be (constrain.Structured: JSON schema, JSON object, regex, Lark, tool calls); the
+    # reasoning before </think> stays free (guide.py)
+    structured: Structured | None = None
+    max_thinking_tokens: int | None = None  # close the reasoning with </think> after this many tokens
+    break_thinking_loops: bool = False  # close the reasoning when its tail repeats one span (guide.loop_span)
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -60,12 +66,25 @@ class SamplingParams:
             bad("max_tokens", "must be >= 1")
         if not 0 <= self.top_logprobs <= 20:
             bad("top_logprobs", "must be in [0, 20]")
+        if self.structured is not None and not isinstance(self.structured, Structured):
+            bad("structured", "must be a qwen35.constrain.Structured (e.g. Structured.json_schema(schema))")
+        if self.structured is not None and self.ignore_eos:
+            bad("ignore_eos", "cannot be combined with structured output (the grammar ends the answer)")
+        if self.max_thinking_tokens is not None and self.max_thinking_tokens < 0:
+            bad("max_thinking_tokens", "must be >= 0")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in dict(self.logit_bias).items()})
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def constrained(self) -> bool:
+        """A guide steers this request token by token (grammar, thinking budget, loop breaking): its tokens
+        depend on its own position in the grammar and the reasoning, so speculative decoding must not draft
+        for it (a draft would skip the mask and the inserted </think>)."""
+        return self.structured is not None or self.max_thinking_tokens is not None or self.break_thinking_loops
 
     def with_stops(self, eos_token_ids) -> SamplingParams:
         """These params with the tokenizer's end-of-turn ids as stop ids, unless stop ids were given or

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from .generation import generate_step, prefill
+from .guide import make_guide
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, preset
 from .toolcalls import OutputParser, ParsedDelta, ToolCall
@@ -26,6 +27,7 @@ class TurnStats:
     prefilled_tokens: int = 0  # actually run through the model for this prompt
     generated_tokens: int = 0
     finish_reason: str | None = None
+    reasoning_cut: str | None = None  # "budget" or "loop" when </think> was inserted (guide.py)
 
 
 @dataclass
@@ -80,19 +82,21 @@ class ChatSession:
         if max_tokens is not None:
             params = replace(params, max_tokens=max_tokens)
         self.last = TurnStats(prompt_tokens=len(ids), cached_tokens=cached, prefilled_tokens=len(ids) - cached)
+        guide = make_guide(params, self.tokenizer, self.model.config.vocab_size)
         parser = OutputParser(self.tools, thinking_open=thinking)
         text_stream = self.tokenizer.text_stream()
         answer = ParsedDelta()
         stored = False
         generated: list[int] = []
         try:
-            for step in generate_step(self.model, ids[done:], cache=cache, params=params):
+            for step in generate_step(self.model, ids[done:], cache=cache, params=params, guide=guide):
                 if not stored:
                     self.prompt_cache.store(ids, cache)
                     stored = True
                 generated.append(step.token)
                 self.last.generated_tokens += 1
                 self.last.finish_reason = step.finish_reason
+                self.last.reasoning_cut = self.last.reasoning_cut or step.reasoning_cut
                 delta = parser.feed(text_stream.add(step.token, step.finish_reason))
                 if step.finish_reason:
                     delta += parser.finish()

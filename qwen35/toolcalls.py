@@ -27,6 +27,7 @@ from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+FUNC_OPEN, FUNC_CLOSE = "<function=", "</function>"  # a bare call (no <tool_call> around it), when tools were offered
 
 
 @dataclass
@@ -78,10 +79,16 @@ def _schemas(tools: list[dict] | None) -> dict[str, dict] | None:
     return out
 
 
+# type names real tool definitions use beside JSON Schema's own (Python's, from generated schemas)
+TYPE_ALIASES = {"int": "integer", "float": "number", "double": "number", "dict": "object", "list": "array",
+                "bool": "boolean", "str": "string", "none": "null"}
+
+
 def coerce(value: str, schema: dict | None) -> Any:
     """A raw parameter string turned into the type its JSON schema names (kept as text if it won't go)."""
-    types = (schema or {}).get("type")
+    types = (schema or {}).get("type") if isinstance(schema, dict) else None
     types = types if isinstance(types, list) else [types]
+    types = [TYPE_ALIASES.get(t, t) if isinstance(t, str) else t for t in types]
     stripped = value.strip()
     for t in types:
         try:
@@ -104,16 +111,37 @@ def coerce(value: str, schema: dict | None) -> Any:
 
 
 _FUNC = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
-_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)", re.S)
+# A value ends at a </parameter> that the next parameter, </function> or the end follows (so code holding
+# "</parameter" or "<" stays in the value), or, when </parameter> is missing, where the next parameter or
+# </function> starts. _PARAM_DONE: the same, only values whose end has been seen (for streaming).
+_NEXT = r"(?=\s*(?:<parameter=[^>\n]+>|</function>|$))"
+_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>" + _NEXT + r"|(?=<parameter=[^>\n]+>)|(?=</function>)|$)",
+                    re.S)
+_PARAM_DONE = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>(?=\s*(?:<parameter=[^>\n]+>|</function>))"
+                         r"|(?=<parameter=[^>\n]+>)|(?=</function>))", re.S)
 _FUNC_OPEN = re.compile(r"<function=([^>\n]+)>")
-_PARAM_DONE = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
 
 
 def _param_value(raw: str, schema: dict | None) -> Any:
-    # the format puts the value on its own lines: drop exactly one newline on each side
+    # the format puts the value on its own lines: drop exactly one newline on each side (with </parameter>
+    # missing, the newline before the next tag too)
     raw = raw[1:] if raw.startswith("\n") else raw
     raw = raw[:-1] if raw.endswith("\n") else raw
     return coerce(raw, schema)
+
+
+def _xml_args(body: str, props: dict, done_only: bool = False) -> list[tuple[str, Any]]:
+    """(name, value) of each parameter in a function body (the text after `<function=NAME>`), in order; a
+    name given twice keeps its first value (so streamed pieces and the final arguments always agree)."""
+    end = body.find("</function>")
+    body = body if end < 0 else body[: end + len("</function>")]
+    out, seen = [], set()
+    for m in (_PARAM_DONE if done_only else _PARAM).finditer(body):
+        key = m.group(1).strip()
+        if key not in seen:
+            seen.add(key)
+            out.append((key, _param_value(m.group(2), props.get(key) if isinstance(props, dict) else None)))
+    return out
 
 
 def parse_call_body(body: str, schemas: dict[str, dict] | None) -> tuple[ToolCall | None, str | None]:
@@ -136,14 +164,12 @@ def parse_call_body(body: str, schemas: dict[str, dict] | None) -> tuple[ToolCal
             return None, f"arguments of tool call '{obj['name']}' must be an object"
         name = obj["name"]
     else:
-        m = _FUNC.search(text)
+        m = _FUNC_OPEN.search(text)
         if not m:
             return None, "tool call has no <function=NAME> block"
         name = m.group(1).strip()
         params = (schemas or {}).get(name, {}).get("properties", {}) if schemas else {}
-        args = {}
-        for p in _PARAM.finditer(m.group(2)):
-            args[p.group(1).strip()] = _param_value(p.group(2), params.get(p.group(1).strip()))
+        args = dict(_xml_args(text[m.end():], params))
     if schemas is not None and name not in schemas:
         return None, f"model called unknown function '{name}'"
     return ToolCall(name, args), None
@@ -162,13 +188,15 @@ class OutputParser:
         self.at_start = True  # strip leading whitespace at the start of a segment
         self.calls = 0  # index of the next tool call
         self.partial: dict | None = None  # the XML call being streamed: id, name, fragments sent
+        self.bare = False  # the call in progress is a <function=...> block without <tool_call>
 
     def _tags(self) -> tuple[str, ...]:
         if self.mode == "call":
-            return (CALL_CLOSE,)
+            return (FUNC_CLOSE,) if self.bare else (CALL_CLOSE,)
+        bare = (FUNC_OPEN,) if self.schemas is not None else ()
         if self.mode == "reasoning":
-            return (THINK_CLOSE, CALL_OPEN)
-        return (THINK_OPEN, CALL_OPEN)
+            return (THINK_CLOSE, CALL_OPEN) + bare
+        return (THINK_OPEN, CALL_OPEN) + bare
 
     def _emit(self, out: ParsedDelta, text: str, final: bool = False) -> None:
         if self.at_start:
@@ -201,13 +229,15 @@ class OutputParser:
                 i, tag = min(hits)
                 before, self.buf = self.buf[:i], self.buf[i + len(tag):]
                 if self.mode == "call":
-                    self.call_text += before
+                    self.call_text += before + (FUNC_CLOSE if self.bare else "")
                     self._stream_partial(out)
                     self._close_call(out)
                     continue
                 self._emit(out, before)
-                if tag == CALL_OPEN:
-                    self.call_return, self.mode, self.call_text = self.mode, "call", ""
+                if tag in (CALL_OPEN, FUNC_OPEN):
+                    self.call_return, self.mode = self.mode, "call"
+                    self.bare = tag == FUNC_OPEN
+                    self.call_text = FUNC_OPEN if self.bare else ""
                 elif tag == THINK_OPEN:
                     self._switch("reasoning")
                 else:  # THINK_CLOSE
@@ -237,11 +267,10 @@ class OutputParser:
             out.call_deltas.append(CallDelta(self.calls, self.partial["id"], name, ""))
         p = self.partial
         props = (self.schemas or {}).get(p["name"], {}).get("properties", {}) if self.schemas else {}
-        done = list(_PARAM_DONE.finditer(self.call_text, p["start"]))
-        for m in done[len(p["sent"]):]:
-            key = m.group(1).strip()
+        done = _xml_args(self.call_text[p["start"]:], props, done_only=True)
+        for key, value in done[len(p["sent"]):]:
             piece = ("{" if not p["sent"] else ", ") + json.dumps(key, ensure_ascii=False) + ": " + \
-                json.dumps(_param_value(m.group(2), props.get(key)), ensure_ascii=False)
+                json.dumps(value, ensure_ascii=False)
             p["sent"].append(piece)
             out.call_deltas.append(CallDelta(self.calls, arguments=piece))
 
@@ -277,8 +306,8 @@ class OutputParser:
             out.errors.append(err)
             self._abandon(out)
             self.mode = back
-            self._emit(out, CALL_OPEN + self.call_text + CALL_CLOSE)
-        self.call_text = ""
+            self._emit(out, self.call_text if self.bare else CALL_OPEN + self.call_text + CALL_CLOSE)
+        self.call_text, self.bare = "", False
 
     def finish(self) -> ParsedDelta:
         out = ParsedDelta()
@@ -293,10 +322,10 @@ class OutputParser:
                 self._deliver(out, call)
                 out.errors.append("tool call was not closed with </tool_call>; parsed anyway")
             else:
-                out.errors.append(err or "tool call was not closed with </tool_call>")
+                out.errors.append(err or f"tool call was not closed with {FUNC_CLOSE if self.bare else CALL_CLOSE}")
                 self._abandon(out)
-                self._emit(out, CALL_OPEN + self.call_text, final=True)
-            self.call_text = ""
+                self._emit(out, ("" if self.bare else CALL_OPEN) + self.call_text, final=True)
+            self.call_text, self.bare = "", False
             return out
         if rest:
             self._emit(out, rest, final=True)

@@ -50,6 +50,27 @@ def test_generate_chat_mode_splits_reasoning(chat_model_dir):
     assert res["reasoning"] == "" and res["content"] == res["text"].strip()
 
 
+def test_generate_structured_output_and_thinking_budget(chat_model_dir, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["a", "b"], "properties": {
+        "a": {"type": "string", "maxLength": 5}, "b": {"enum": ["x", "y"]}}}
+    f = tmp_path / "schema.json"
+    f.write_text(json.dumps(schema))
+    out = run("generate", str(chat_model_dir), "--prompt", "Hi", "--chat", "--think", "--max-thinking-tokens", "5",
+              "--json-schema", str(f), "--max-tokens", "120", "--temperature", "1", "--seed", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["finish_reason"] == "stop" and res["reasoning_cut"] == "budget"
+    assert "[reasoning cut: the budget of 5 tokens; </think> inserted]" in out.stderr
+    jsonschema.validate(json.loads(res["content"]), schema)
+    missing = run("generate", str(chat_model_dir), "--prompt", "Hi", "--json-schema", str(tmp_path / "no.json"))
+    assert missing.returncode == 1 and "--json-schema" in missing.stderr and "cannot read it" in missing.stderr
+    f.write_text("{nope")
+    broken = run("generate", str(chat_model_dir), "--prompt", "Hi", "--json-schema", str(f))
+    assert broken.returncode == 1 and "not valid JSON" in broken.stderr and "Traceback" not in broken.stderr
+
+
 def test_generate_errors_are_clear(tmp_path):
     out = run("generate", str(tmp_path / "nope"), "--prompt", "x")
     assert out.returncode == 1 and "qwen35: error: checkpoint not found" in out.stderr
@@ -220,6 +241,8 @@ BAD_FLAGS = [
     (["generate", "--prompt", ""], "--prompt"), (["bench", "m", "--prompt-tokens", "0"], "--prompt-tokens"),
     (["generate", "--temperature", "inf"], "--temperature"), (["chat", "--top-p", "nan"], "--top-p"),
     (["info", "m", "--context", "-5"], "--context"), (["generate", "--max-tokens", "0"], "--max-tokens"),
+    (["generate", "--max-thinking-tokens", "-1"], "--max-thinking-tokens"),
+    (["generate", "--json-object", "--regex", "a"], "--regex"),
 ]
 
 

@@ -144,8 +144,9 @@ def test_errors(client, server):
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}],
-                                       response_format={"type": "json_object"})
-    assert e.value.body["param"] == "response_format" and "not supported yet" in e.value.body["message"]
+                                       response_format={"type": "xml"})
+    assert e.value.body["param"] == "response_format" and "must be text, json_object or json_schema" in \
+        e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=10**7)

@@ -142,7 +142,8 @@ def test_streamed_call_pieces_join_to_the_final_arguments(i):
 
 def test_xml_arguments_stream_before_the_call_closes():
     p = OutputParser(TOOLS)
-    head = XML_CALL[: XML_CALL.index("<parameter=city>")]
+    # a value is certain once the tag after its </parameter> arrives (a "</parameter" inside code is not its end)
+    head = XML_CALL[: XML_CALL.index("<parameter=city>") + len("<parameter=city>")]
     d = p.feed("Checking.\n\n" + head)
     assert [x.name for x in d.call_deltas if x.name] == ["get_weather"]
     assert d.call_deltas[1].arguments == '{"days": 3'
@@ -155,3 +156,82 @@ def test_abandoned_streamed_call_is_reported():
     d = parse_output("<tool_call><function=note><parameter=text>\nx\n</parameter>", TOOLS)
     assert d.call_deltas and d.tool_calls == []
     assert any("streamed in part and then abandoned" in e for e in d.errors)
+
+
+# ---- robustness: the failure shapes users report, whole and streamed token by token (real tokenizer) ----
+
+RTOOLS = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object", "properties": {
+    "x": {"type": "float"}, "n": {"type": "int"}, "opts": {"type": "dict"}, "items": {"type": "list"},
+    "code": {"type": "string"}}}}},
+          {"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {
+              "text": {"type": "str"}}}}}]
+CODE = "if a < b and b<c:\n    s = '</parameter>'  # a closing tag inside code\n    t = '<p>'"
+ROBUST = {  # name: (text, thinking_open, [(name, arguments)], content, reasoning, error substring or None)
+    "missing_close_mid": ("<tool_call>\n<function=calc>\n<parameter=x>\n1.5\n<parameter=n>\n3\n</parameter>\n"
+                          "</function>\n</tool_call>", False, [("calc", {"x": 1.5, "n": 3})], "", "", None),
+    "missing_close_last": ("<tool_call>\n<function=calc>\n<parameter=n>\n3\n</parameter>\n<parameter=x>\n-2\n"
+                           "</function>\n</tool_call>", False, [("calc", {"n": 3, "x": -2})], "", "", None),
+    "bare_function": ("Sure.\n<function=note>\n<parameter=text>\nhi there\n</parameter>\n</function>", False,
+                      [("note", {"text": "hi there"})], "Sure.", "", None),
+    "python_types": ("<tool_call>\n<function=calc>\n<parameter=x>\n2\n</parameter>\n<parameter=n>\n7\n</parameter>\n"
+                     "<parameter=opts>\n{\"deep\": [1, {\"k\": null}]}\n</parameter>\n<parameter=items>\n[\"a\", 2.5]"
+                     "\n</parameter>\n</function>\n</tool_call>", False,
+                     [("calc", {"x": 2, "n": 7, "opts": {"deep": [1, {"k": None}]}, "items": ["a", 2.5]})], "", "",
+                     None),
+    "code_with_tags": (f"<tool_call>\n<function=calc>\n<parameter=code>\n{CODE}\n</parameter>\n</function>\n"
+                       "</tool_call>", False, [("calc", {"code": CODE})], "", "", None),
+    "several_calls": ("Two.\n<tool_call>\n<function=note>\n<parameter=text>\none\n</parameter>\n</function>\n"
+                      "</tool_call>\n<tool_call>\n<function=calc>\n<parameter=n>\n2\n</parameter>\n</function>\n"
+                      "</tool_call>", False, [("note", {"text": "one"}), ("calc", {"n": 2})], "Two.", "", None),
+    "in_reasoning": ("Let me call it.\n<tool_call>\n<function=note>\n<parameter=text>\nr\n</parameter>\n</function>\n"
+                     "</tool_call>\n</think>\n\nAnd done.", True, [("note", {"text": "r"})], "And done.",
+                     "Let me call it.", None),
+    "unknown_function": ("<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>", False, [],
+                         "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>", "", "unknown function 'rm_rf'"),
+    "no_function": ("<tool_call>\njust words\n</tool_call>", False, [], "<tool_call>\njust words\n</tool_call>", "",
+                    "no <function=NAME> block"),
+    "bare_unclosed": ("<function=note>\n<parameter=text>\ncut", False, [], "<function=note>\n<parameter=text>\ncut",
+                      "", "not closed with </function>"),
+}
+
+
+@pytest.fixture(scope="module")
+def qwen_tok():
+    import tokenizer_fixture
+
+    from qwen35.tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_fixture.build())
+
+
+@pytest.mark.parametrize("name", sorted(ROBUST))
+def test_robust_shapes_whole_and_token_by_token(name, qwen_tok):
+    text, thinking, calls, content, reasoning, error = ROBUST[name]
+    d = parse_output(text, RTOOLS, thinking_open=thinking)
+    assert [(c.name, c.arguments) for c in d.tool_calls] == calls
+    assert d.content == content and d.reasoning == reasoning
+    assert (error is None and d.errors == []) or any(error in e for e in d.errors), d.errors
+    # the same text as the model would stream it: real Qwen3.5 tokens, one at a time
+    ids = qwen_tok.encode(text)
+    stream, p, acc = qwen_tok.text_stream(), OutputParser(RTOOLS, thinking_open=thinking), ParsedDelta()
+    for i, t in enumerate(ids):
+        acc += p.feed(stream.add(t, "length" if i == len(ids) - 1 else None))
+    acc += p.finish()
+    assert key(acc) == key(d)
+    for n, call in enumerate(acc.tool_calls):
+        pieces = [x for x in acc.call_deltas if x.index == n]
+        assert pieces[0].name == call.name and pieces[0].id == call.id
+        assert "".join(x.arguments for x in pieces) == call.arguments_json()
+    assert not any("differ" in e or "abandoned" in e for e in acc.errors if error is None)
+
+
+def test_python_type_names_coerce():
+    assert coerce("2.5", {"type": "float"}) == 2.5 and coerce("4", {"type": "int"}) == 4
+    assert coerce('{"a": 1}', {"type": "dict"}) == {"a": 1} and coerce("[1]", {"type": "list"}) == [1]
+    assert coerce("True", {"type": "bool"}) is True
+
+
+def test_bare_function_is_text_when_no_tools_were_offered():
+    text = "<function=note>\n<parameter=text>\nx\n</parameter>\n</function>"
+    d = parse_output(text, None)
+    assert d.tool_calls == [] and d.content == text

@@ -118,6 +118,8 @@ def main(args: argparse.Namespace) -> int:
         if in_reasoning and tty:
             sys.stdout.write(RESET)
         st = session.last
+        cut = f"; reasoning cut at the {'budget' if st.reasoning_cut == 'budget' else 'loop'}" \
+            if st.reasoning_cut else ""
         sys.stdout.write(f"\n{DIM if tty else ''}[{st.generated_tokens} tokens; prompt {st.prompt_tokens}, "
-                         f"prefilled {st.prefilled_tokens}, reused {st.cached_tokens}]{RESET if tty else ''}\n")
+                         f"prefilled {st.prefilled_tokens}, reused {st.cached_tokens}{cut}]{RESET if tty else ''}\n")
         sys.stdout.flush()

@@ -98,6 +98,19 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=SEED, default=None)
     g.add_argument("--max-tokens", type=POSITIVE, default=512)
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-turn tokens")
+    s = p.add_argument_group("structured output and thinking budget (see the README)")
+    shape = s.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", default=None,
+                       help="the answer is JSON valid for this JSON schema (reasoning stays free)")
+    shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
+    shape.add_argument("--regex", default=None, help="the answer matches this regular expression")
+    shape.add_argument("--grammar", metavar="FILE", default=None, help="the answer follows this Lark grammar")
+    s.add_argument("--max-thinking-tokens", type=integer(0), default=None,
+                   help="close the reasoning with </think> after N tokens; the answer follows")
+    s.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None,
+                   help="a thinking budget by name (low 1024, medium 8192, high: none); --max-thinking-tokens wins")
+    s.add_argument("--break-thinking-loops", action="store_true",
+                   help="close the reasoning when it repeats the same span")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None, help="thinking mode on")
     think.add_argument("--no-think", dest="think", action="store_false", help="thinking mode off")
@@ -108,7 +121,45 @@ def sampling_from_args(args: argparse.Namespace, base: SamplingParams) -> Sampli
                                           "frequency_penalty", "repetition_penalty", "seed")
             if getattr(args, k, None) is not None}
     over["max_tokens"] = args.max_tokens
+    over.update(structured_from_args(args))
     return replace(base, **over)
+
+
+def structured_from_args(args: argparse.Namespace) -> dict:
+    """SamplingParams fields for --json-schema / --json-object / --regex / --grammar and the thinking budget."""
+    import json
+    from pathlib import Path
+
+    from ..constrain import Structured
+    from ..guide import EFFORT_BUDGETS
+
+    def read(flag: str, path: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise Qwen35Error(f"{flag} {path}: cannot read it ({e.strerror})") from None
+
+    out: dict = {}
+    if getattr(args, "json_schema", None):
+        text = read("--json-schema", args.json_schema)
+        try:
+            out["structured"] = Structured.json_schema(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise Qwen35Error(f"--json-schema {args.json_schema}: not valid JSON ({e})") from None
+    elif getattr(args, "json_object", False):
+        out["structured"] = Structured.json_object()
+    elif getattr(args, "regex", None):
+        out["structured"] = Structured.regex(args.regex)
+    elif getattr(args, "grammar", None):
+        out["structured"] = Structured.grammar(read("--grammar", args.grammar))
+    budget = getattr(args, "max_thinking_tokens", None)
+    if budget is None and getattr(args, "reasoning_effort", None):
+        budget = EFFORT_BUDGETS[args.reasoning_effort]
+    if budget is not None:
+        out["max_thinking_tokens"] = budget
+    if getattr(args, "break_thinking_loops", False):
+        out["break_thinking_loops"] = True
+    return out
 
 
 def default_model() -> str:

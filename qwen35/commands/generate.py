@@ -46,9 +46,13 @@ def main(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
     parser = OutputParser(thinking_open=thinking) if args.chat else None
     parsed = ParsedDelta()
-    text, last, in_reasoning = [], None, False
+    text, last, in_reasoning, cut = [], None, False, None
     for r in stream_generate(model, tokenizer, prompt, params, prefill_chunk_size=args.prefill_chunk):
         last = r
+        if r.reasoning_cut:
+            cut = r.reasoning_cut
+            why = f"the budget of {params.max_thinking_tokens} tokens" if cut == "budget" else "a reasoning loop"
+            print(f"[reasoning cut: {why}; </think> inserted]", file=sys.stderr, flush=True)
         piece = r.text
         text.append(piece)
         if parser is None:
@@ -77,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json and last is not None:
         out = {"text": "".join(text), "tokens": last.generation_tokens, "prompt_tokens": last.prompt_tokens,
                "finish_reason": last.finish_reason, "prefill_tok_s": round(last.prefill_tok_s, 2),
-               "decode_tok_s": round(last.decode_tok_s, 2), "peak_rss_mb": round(last.peak_rss_mb, 1)}
+               "decode_tok_s": round(last.decode_tok_s, 2), "peak_rss_mb": round(last.peak_rss_mb, 1),
+               "reasoning_cut": cut}
         if parser is not None:
             out.update(reasoning=parsed.reasoning, content=parsed.content,
                        tool_calls=[{"name": c.name, "arguments": c.arguments} for c in parsed.tool_calls])

@@ -30,8 +30,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import ChatTemplateError
+from ..constrain import GrammarError
 from ..errors import Qwen35Error
 from ..generation import ContextLengthError
+from ..guide import make_guide
 from ..toolcalls import OutputParser, ParsedDelta
 from .engine import Engine, QueueFull
 from .engine import Request as EngineRequest
@@ -205,9 +207,18 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         ]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    def submit(prompt_ids: list[int], opts, boundary: int = 0, param: str = "messages") -> EngineRequest:
+    def guide_for(opts, body: dict):
+        """The request's guide (grammar compiled here, on the prepare thread), or None."""
         try:
-            return engine.submit(EngineRequest(prompt_ids, opts.params, boundary=boundary, timeout_s=request_timeout))
+            return make_guide(opts.params, tokenizer, engine.model.config.vocab_size)
+        except GrammarError as e:
+            param = next((k for k in ("response_format", "structured_outputs") if body.get(k)), "tool_choice")
+            raise bad(param, str(e)) from None
+
+    def submit(prompt_ids: list[int], opts, boundary: int = 0, param: str = "messages", guide=None) -> EngineRequest:
+        try:
+            return engine.submit(EngineRequest(prompt_ids, opts.params, boundary=boundary, timeout_s=request_timeout,
+                                               guide=guide))
         except ContextLengthError as e:
             raise bad(param, str(e), "context_length_exceeded") from None
         except QueueFull as e:
@@ -296,17 +307,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         ids, prompt = encode_chat(messages, opts, True)
         hist, _ = encode_chat(messages, opts, False)
         boundary = len(hist) if ids[: len(hist)] == hist else 0
-        return opts, ids, boundary, prompt.rstrip().endswith("<think>")
+        return opts, ids, boundary, prompt.rstrip().endswith("<think>"), guide_for(opts, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        opts, ids, boundary, thinking_open = await prepared(request, prepare_chat)
-        req = submit(ids, opts, boundary)
+        opts, ids, boundary, thinking_open, guide = await prepared(request, prepare_chat)
+        req = submit(ids, opts, boundary, guide=guide)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
 
-        def chunk(delta: dict, finish=None, lp=None) -> str:
+        def chunk(delta: dict, finish=None, lp=None, cut=None) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if cut is not None:
+                choice["reasoning_cut"] = cut
             if lp is not None:
                 choice["logprobs"] = {"content": lp}
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -315,11 +328,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         parser = OutputParser(opts.tools, thinking_open=thinking_open)
         if opts.stream:
             async def events():
-                n, ncalls = 0, 0
+                n, ncalls, cut = 0, 0, None
                 yield chunk({"role": "assistant", "content": ""})
                 try:
                     async for delta, item in run(req, request, opts, parser):
                         n += item.token is not None
+                        cut = cut or item.reasoning_cut
                         lp = [logprob_entry(item)] if opts.params.logprobs and item.token is not None else None
                         if delta.reasoning:
                             yield chunk({"reasoning_content": delta.reasoning}, lp=lp)
@@ -334,8 +348,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                 piece["function"]["name"] = d.name
                             yield chunk({"tool_calls": [piece]})
                         ncalls += len(delta.tool_calls)
+                        if delta.errors:  # a malformed call stays as text; say why beside it
+                            yield chunk({"tool_call_errors": delta.errors})
                         if item.finish_reason is not None:
-                            yield chunk({}, finish_reason(item.finish_reason, ncalls > 0))
+                            yield chunk({}, finish_reason(item.finish_reason, ncalls > 0), cut=cut)
                 except APIError as e:
                     yield sse(e.body())
                 except Exception:  # the stream ends with an error event, never a traceback
@@ -346,16 +362,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        out, n, last, lps = ParsedDelta(), 0, None, []
+        out, n, last, lps, cut = ParsedDelta(), 0, None, [], None
         async for delta, item in run(req, request, opts, parser):
             out += delta
             n += item.token is not None
+            cut = cut or item.reasoning_cut
             last = item
             if opts.params.logprobs and item.token is not None:
                 lps.append(logprob_entry(item))
         message = {"role": "assistant", "content": out.content or (None if out.tool_calls else "")}
         if out.reasoning:
             message["reasoning_content"] = out.reasoning
+        if out.errors:  # a malformed call stays in the content as text; this says why
+            message["tool_call_errors"] = out.errors
         if out.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments_json()}}
@@ -363,6 +382,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         choice = {"index": 0, "message": message,
                   "finish_reason": finish_reason(last.finish_reason if last else None, bool(out.tool_calls)),
                   "logprobs": {"content": lps} if opts.params.logprobs else None}
+        if cut is not None:
+            choice["reasoning_cut"] = cut
         return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [choice], "usage": usage(req, n)}
 
@@ -373,32 +394,36 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str) and prompt:
-            return opts, tokenizer.encode(prompt)  # a raw prompt: the client writes its own control tokens
+            # a raw prompt: the client writes its own control tokens
+            return opts, tokenizer.encode(prompt), guide_for(opts, body)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             if not all(0 <= t < vocab for t in prompt):
                 raise bad("prompt", f"'prompt' holds token ids outside the vocabulary (0 to {vocab - 1})")
-            return opts, list(prompt)
+            return opts, list(prompt), guide_for(opts, body)
         if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
             raise bad("prompt", "'prompt' holds several prompts; send one per request")
         raise bad("prompt", "'prompt' must be a non-empty string or a non-empty list of token ids")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        opts, ids = await prepared(request, prepare_completion)
-        req = submit(ids, opts, param="prompt")
+        opts, ids, guide = await prepared(request, prepare_completion)
+        req = submit(ids, opts, param="prompt", guide=guide)
         cid = "cmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         if opts.stream:
             async def events():
-                n = 0
+                n, cut = 0, None
                 try:
                     async for delta, item in run(req, request, opts, None):
                         n += item.token is not None
+                        cut = cut or item.reasoning_cut
                         fin = None if item.finish_reason is None else finish_reason(item.finish_reason, False)
                         if delta.content or fin:
+                            choice = {"index": 0, "text": delta.content, "logprobs": None, "finish_reason": fin}
+                            if fin and cut:
+                                choice["reasoning_cut"] = cut
                             yield sse({"id": cid, "object": "text_completion", "created": created,
-                                       "model": model_name, "choices": [{"index": 0, "text": delta.content,
-                                                                         "logprobs": None, "finish_reason": fin}]})
+                                       "model": model_name, "choices": [choice]})
                 except APIError as e:
                     yield sse(e.body())
                 except Exception:  # (as above)
@@ -408,14 +433,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     yield line
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        text, n, last = [], 0, None
+        text, n, last, cut = [], 0, None, None
         async for delta, item in run(req, request, opts, None):
             text.append(delta.content)
             n += item.token is not None
+            cut = cut or item.reasoning_cut
             last = item
+        choice = {"index": 0, "text": "".join(text), "logprobs": None,
+                  "finish_reason": finish_reason(last.finish_reason if last else None, False)}
+        if cut is not None:
+            choice["reasoning_cut"] = cut
         return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "text": "".join(text), "logprobs": None,
-                             "finish_reason": finish_reason(last.finish_reason if last else None, False)}],
-                "usage": usage(req, n)}
+                "choices": [choice], "usage": usage(req, n)}
 
     return app

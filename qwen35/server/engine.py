@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Request:
     params: SamplingParams
     boundary: int = 0  # a turn boundary inside the prompt worth a snapshot (0 = none)
     timeout_s: float | None = None
+    guide: Any = None  # guide.GuideSpec of a constrained request: each row starts its own state from it
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0
@@ -131,7 +133,7 @@ class Engine:
         req.cached_tokens = cached
         self.stats["prompt_tokens"] += len(req.prompt)
         self.stats["cached_tokens"] += cached
-        stream = Stream.start(model, req.prompt, req.params)
+        stream = Stream.start(model, req.prompt, req.params, guide=req.guide)
         self._deliver(req, stream.sample(logits))
         if stream.finish is None:
             self.cache = cache if self.cache is None else HybridCache.merge([self.cache, cache])

@@ -1,8 +1,14 @@
 """OpenAI request validation and error bodies.
 
 Every rejected request gets OpenAI's JSON error shape with the offending parameter named. Parameters we
-cannot honour yet (response_format, n > 1, echo, images) are refused with 400, never silently ignored; a
-value of the wrong type is refused, never coerced (`"stream": "no"` is an error, not a stream).
+cannot honour yet (n > 1, echo, images) are refused with 400, never silently ignored; a value of the wrong
+type is refused, never coerced (`"stream": "no"` is an error, not a stream).
+
+Structured output (`structured()`): OpenAI's `response_format` (json_schema with strict, json_object), our
+extension `structured_outputs` ({"regex": ...} or {"grammar": Lark}), and `tool_choice` "required" or a
+named function (XML tool calls whose parameters fit the schema); at most one of them per request.
+Thinking budget: `max_thinking_tokens`, or `reasoning_effort` low / medium / high mapped to budgets by
+guide.EFFORT_BUDGETS ("none" / "minimal" turn thinking off); `break_thinking_loops`.
 
 The body itself is checked before any field is read (`parse_json`): valid UTF-8 JSON without NaN/Infinity,
 nested at most MAX_DEPTH deep, no lone surrogate in any string (it cannot be encoded, so the tokenizer and
@@ -17,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..constrain import GrammarError, Structured
+from ..guide import EFFORT_BUDGETS
 from ..sampling import SamplingError, SamplingParams
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # ~2M tokens of text: above any context Qwen3.5 runs, far below harm
@@ -158,8 +166,6 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
                   default_template_kwargs: dict | None = None, vocab_size: int = 2**31) -> GenerationOptions:
     if not isinstance(body, dict):
         raise bad("body", "the request body must be a JSON object")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise bad("response_format", "'response_format' (structured output) is not supported yet")
     if _num(body, "n", int, 1, None, 1) != 1:
         raise bad("n", "only n=1 is supported")
     if _bool(body, "echo"):
@@ -182,6 +188,17 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
         top_logprobs = _num(body, "logprobs", int, 0, 5, 0) if logprobs not in (None, False) else 0
         logprobs = logprobs not in (None, False)
     bias = _logit_bias(body.get("logit_bias"), vocab_size)
+    tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
+    structured = parse_structured(body, tools if tool_choice == "required" or isinstance(tool_choice, dict) else None)
+    if structured is not None and stop:
+        raise bad("stop", "'stop' cannot be combined with structured output: a stop string could cut the answer "
+                  "short of its grammar")
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in ("none", "minimal", "low", "medium", "high"):
+        raise bad("reasoning_effort", "'reasoning_effort' must be none, minimal, low, medium or high")
+    budget = _num(body, "max_thinking_tokens", int, 0, None)
+    if budget is None and effort is not None:
+        budget = EFFORT_BUDGETS.get(effort)
     try:
         params = SamplingParams(
             temperature=_num(body, "temperature", float, 0, 2, 1.0),
@@ -193,7 +210,8 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
             repetition_penalty=_num(body, "repetition_penalty", float, 0.01, 10, 1.0),
             logit_bias=bias, seed=_num(body, "seed", int, *SEED_RANGE),
             max_tokens=max_tokens, stop_token_ids=tuple(eos_ids), logprobs=bool(logprobs) or top_logprobs > 0,
-            top_logprobs=top_logprobs,
+            top_logprobs=top_logprobs, structured=structured, max_thinking_tokens=budget,
+            break_thinking_loops=_bool(body, "break_thinking_loops"),
         )
     except SamplingError as e:
         raise bad(str(e).split("=")[0], str(e)) from None
@@ -207,10 +225,7 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
     if not isinstance(include_usage, bool):
         raise bad("stream_options", "'stream_options.include_usage' must be true or false")
     thinking = default_thinking
-    effort = body.get("reasoning_effort")
     if effort is not None:
-        if effort not in ("none", "minimal", "low", "medium", "high"):
-            raise bad("reasoning_effort", "'reasoning_effort' must be none, minimal, low, medium or high")
         thinking = effort not in ("none", "minimal")
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
@@ -225,8 +240,49 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
         if key in kwargs:
             raise bad("chat_template_kwargs", f"'chat_template_kwargs.{key}' is set by the request itself")
     template_kwargs = {**(default_template_kwargs or {}), **kwargs}
-    tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
     return GenerationOptions(params, stop, stream, include_usage, thinking, tools, tool_choice, template_kwargs)
+
+
+def parse_structured(body: dict, required_tools: list[dict] | None) -> Structured | None:
+    """The one constraint of the request: response_format, structured_outputs, or the tools when tool_choice
+    requires a call (required_tools); two of them at once is an error."""
+    given = [k for k in ("response_format", "structured_outputs") if body.get(k) not in (None, {"type": "text"})]
+    if required_tools is not None:
+        given.append("tool_choice")
+    if len(given) > 1:
+        raise bad(given[1], f"'{given[0]}' and '{given[1]}' both constrain the answer; send one of them")
+    if not given:
+        return None
+    try:
+        if given[0] == "tool_choice":
+            return Structured.tool_calls(required_tools)
+        if given[0] == "response_format":
+            return _response_format(body["response_format"])
+        ext = body["structured_outputs"]
+        if not (isinstance(ext, dict) and len(ext) == 1 and next(iter(ext)) in ("regex", "grammar")
+                and isinstance(next(iter(ext.values())), str)):
+            raise bad("structured_outputs", "'structured_outputs' must be {\"regex\": \"...\"} or "
+                      "{\"grammar\": \"<Lark grammar>\"}")
+        kind, source = next(iter(ext.items()))
+        return Structured(kind, source)
+    except GrammarError as e:
+        raise bad(given[0], str(e)) from None
+
+
+def _response_format(rf: Any) -> Structured:
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "json_object":
+        return Structured.json_object()
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad("response_format", "'response_format.json_schema' must be an object with a 'schema' object")
+        strict = spec.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise bad("response_format", "'response_format.json_schema.strict' must be true or false")
+        return Structured.json_schema(spec.get("schema", {}), strict=bool(strict))
+    raise bad("response_format", "'response_format.type' must be text, json_object or json_schema, got "
+              f"{_show(kind)}")
 
 
 def parse_tools(tools: Any, tool_choice: Any) -> tuple[list[dict] | None, Any]:
