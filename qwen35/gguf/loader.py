@@ -2,12 +2,16 @@
 
 Tensor by tensor, into the storage placement.allocate gives each parameter (the same arena, fused groups and
 weight objects as a checkpoint directory):
-- Q8_0 / Q4_0 matrices are our q8_0 / q4_0 layouts value for value: their blocks are split into (qs, d)
-  and run on our kernels as they are, never requantized (rows and block-aligned columns that llama.cpp
-  reordered are moved back on the packed form);
-- F32 / F16 / BF16 tensors are read as they are and cast to the model dtype (norms, A_log, dt_bias: fp32);
-- any other type (Q4_1, Q5_x, K-quants, ...) is dequantized by the gguf package and cast to the model dtype:
-  no kernel of ours runs it yet, so it costs its float size in memory (a warning says which).
+- Q8_0 / Q4_0 / Q4_K / Q6_K matrices are our q8_0 / q4_0 / q4_k / q6_k layouts value for value: Q8_0 / Q4_0
+  blocks are split into (qs, d), K-quant rows copied as they are, and they run on our kernels, never
+  requantized (rows and block-aligned columns that llama.cpp reordered are moved back on the packed form);
+- F32 / BF16 tensors are read as they are, F16 ones cast to the model dtype (norms, A_log, dt_bias: fp32);
+- any other quantized matrix (Q4_1, Q5_0, Q5_1, Q5_K, Q2_K, Q3_K, ...; or a K-quant out_proj whose value-head
+  column reorder splits super-blocks) is converted to q8_0: dequantized by the gguf package a band of rows
+  at a time and requantized, so it runs on the int8 kernels. That costs 8.5 bits per weight instead of its
+  5-6 (the file's 4-bit types are not requantized to 4 bits: that would round twice), and the 8-bit rounding
+  on top of the file's own is ~10x smaller than it (measured: README "GGUF"); a warning says which tensors;
+- other quantized tensors (an untied embedding, only ever looked up) are dequantized to the model dtype.
 llama.cpp's layout transforms are undone exactly (names.py). With quant=, float tensors are quantized at
 load as for a checkpoint directory; a GGUF that is already quantized is refused.
 """
@@ -18,15 +22,19 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf.quants import dequantize
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..quant import formats
 from . import blocks, names
 from .metadata import config_dict
 from .reader import FLOAT_TYPES, open_gguf, to_torch
 
 log = logging.getLogger("qwen35")
+CONVERT_TO = "q8_0"  # the layout quantized types without a kernel of ours are converted to (None: dequantized)
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -67,20 +75,24 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
                                   f"the metadata implies {list(reversed(want))}")
 
     native = {n: s for n, t in by_name.items() if (s := _native(n, t, shapes[n], config))}
-    plan = dict(native)
+    converted = {n: CONVERT_TO for n, t in by_name.items() if CONVERT_TO and n not in native
+                 and t.tensor_type not in FLOAT_TYPES and _convertible(n, shapes[n], config)}
+    plan = {**native, **converted}
     if quant is not None:
         from ..quant import policy
 
-        plan = policy.plan(quant, shapes, config.tie_word_embeddings)
-        if native and native != plan:  # quant= naming what the file already holds is fine
-            raise CheckpointError(f"{f.path} is already quantized ({', '.join(sorted(set(native.values())))}); "
-                                  f"load it without quant=")
-    converted = Counter(t.tensor_type.name for n, t in by_name.items()
-                        if n not in native and t.tensor_type not in FLOAT_TYPES)
-    if converted:
-        what = ", ".join(f"{c} {k} tensors" for k, c in sorted(converted.items()))
-        log.warning("%s: %s dequantized to %s (no qwen35 kernel for these types yet)", f.path.name, what,
-                    str(dtype).removeprefix("torch."))
+        wanted = policy.plan(quant, shapes, config.tie_word_embeddings)
+        held = sorted({by_name[n].tensor_type.name for n in plan})
+        if plan and (converted or plan != wanted):  # quant= naming what the file already holds is fine
+            raise CheckpointError(f"{f.path} is already quantized ({', '.join(held)}); load it without quant=")
+        plan = wanted
+    for what, kinds in (("converted to q8_0", converted),
+                        ("dequantized to " + str(dtype).removeprefix("torch."),
+                         [n for n, t in by_name.items() if n not in plan and t.tensor_type not in FLOAT_TYPES])):
+        count = Counter(by_name[n].tensor_type.name for n in kinds)
+        if count:
+            log.warning("%s: %s %s (no qwen35 kernel runs these as they are)", f.path.name,
+                        ", ".join(f"{c} {k} tensors" for k, c in sorted(count.items())), what)
 
     sinks = allocate(model, dtype, plan)
     bar = None
@@ -91,7 +103,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     try:
         for n, sink in sinks.items():
             t = by_name[n]
-            if n in native:
+            if n in converted:
+                quantize_into(sink, lambda a, b, n=n, t=t: _float_rows(n, t, a, b, config))
+            elif n in native:
                 qw, row, rows = sink
                 if names.row_index(n, config) is None and names.col_index(n, config) is None:
                     blocks.split_into(t.data, native[n], qw.qs[row : row + rows], qw.d[row : row + rows])
@@ -126,14 +140,30 @@ def _gguf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _native(name: str, t, shape: tuple[int, ...], config: ModelConfig) -> str | None:
     """Our layout for a GGUF tensor that can run as it is, or None (it is converted)."""
     scheme = blocks.SCHEMES.get(t.tensor_type.name)
-    if scheme is None or len(shape) != 2 or name.endswith("conv1d.weight"):
+    if scheme is None or not _convertible(name, shape, config):
         return None
-    if name == "model.embed_tokens.weight" and not config.tie_word_embeddings:
-        return None  # an untied embedding is only looked up: kept as a plain matrix, like quant= does
     cols = names.col_index(name, config)
-    if cols is not None and blocks.block_order(names.inverse(cols)) is None:
+    if cols is not None and blocks.block_order(names.inverse(cols), formats.layout(scheme).block) is None:
         return None
     return scheme
+
+
+def _convertible(name: str, shape: tuple[int, ...], config: ModelConfig) -> bool:
+    """A matrix that can hold a quantized layout (K a multiple of 32; not conv1d; not an untied embedding,
+    which is only looked up: kept as a plain matrix, as quant= does)."""
+    if len(shape) != 2 or name.endswith("conv1d.weight") or shape[1] % formats.BLOCK:
+        return False
+    return not (name == "model.embed_tokens.weight" and not config.tie_word_embeddings)
+
+
+def _float_rows(name: str, t, a: int, b: int, config: ModelConfig) -> torch.Tensor:
+    """Rows a..b-1 of our matrix `name`, dequantized (fp32) from the GGUF tensor `t` (value heads moved back)."""
+    rows = names.row_index(name, config)
+    idx = slice(a, b) if rows is None else names.inverse(rows)[a:b].numpy()
+    raw = t.data[idx]
+    w = torch.from_numpy(dequantize(np.ascontiguousarray(raw), t.tensor_type).astype(np.float32, copy=False))
+    cols = names.col_index(name, config)
+    return w if cols is None else w[:, names.inverse(cols)]
 
 
 def _native_blocks(name: str, t, scheme: str, shape: tuple[int, int], config: ModelConfig):
@@ -145,5 +175,6 @@ def _native_blocks(name: str, t, scheme: str, shape: tuple[int, int], config: Mo
         qs, d = qs[inv], d[inv]
     cols = names.col_index(name, config)
     if cols is not None:
-        qs, d = blocks.permute_blocks(qs, d, scheme, blocks.block_order(names.inverse(cols)))
+        order = blocks.block_order(names.inverse(cols), formats.layout(scheme).block)
+        qs, d = blocks.permute_blocks(qs, d, scheme, order)
     return qs, d
