@@ -186,3 +186,20 @@ def test_f16_tensors_are_cast_to_the_model_dtype(bundled_bf16, tmp_path):
     # bf16 -> F16 -> bf16 is exact for these weights (small: inside F16's range, bf16's 8 bits fit in its 11)
     ref = load_model(BUNDLED, dtype=torch.bfloat16, kernels=False)
     assert torch.equal(model(IDS), ref(IDS))
+
+
+def test_info_shows_architecture_types_and_what_loading_does(bundled_bf16, tmp_path, capsys):
+    from qwen35.cli import main
+
+    f = tmp_path / "q5.gguf"
+    done = retype(bundled_bf16, f, GGMLQuantizationType.Q5_1, lambda n, s: MATRIX(n, s) and "ffn_" in n)
+    assert main(["info", str(f), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "architecture qwen35, name 'bf16', file type BF16" in out
+    g = open_gguf(f)
+    q5 = [t for t in g.tensors.values() if t.tensor_type.name == "Q5_1"]
+    assert len(q5) == len(done) == 27  # gate, up, down of 8 layers and the MTP layer
+    n, nbytes = sum(t.n_elements for t in q5), sum(t.n_bytes for t in q5)
+    assert f"{'Q5_1':<7} {len(q5):6d} {n / 1e6:8.2f}M {nbytes / 2**20:9.2f}    6.000  converted to q8_0" in out
+    assert "F32 " in out and "as it is" in out
+    assert "blk.0.ffn_up.weight" in out and "Q5_1   256x768" in out
