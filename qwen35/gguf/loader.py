@@ -56,23 +56,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         model = Qwen35ForCausalLM(config, mtp_layers=config.mtp_num_hidden_layers)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
 
-    by_name = {}
-    for gname, t in f.tensors.items():
-        n = names.our_name(gname, L)
-        if n is None or n not in shapes:
-            raise CheckpointError(f"{f.path}: unexpected tensor '{gname}' for a qwen35 model with {L} layers"
-                                  f"{' and an MTP head' if config.mtp_num_hidden_layers else ''}")
-        by_name[n] = t
-    missing = [n for n in shapes if n not in by_name]
-    if missing:
-        raise CheckpointError(f"{f.path}: missing tensor '{names.gguf_name(missing[0], L)}'"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for n, t in by_name.items():
-        want = _gguf_shape(n, shapes[n])
-        got = tuple(int(s) for s in reversed(t.shape.tolist()))
-        if got != want:
-            raise CheckpointError(f"{f.path}: tensor '{t.name}' has shape {list(reversed(got))} (GGUF order), "
-                                  f"the metadata implies {list(reversed(want))}")
+    by_name, problems = _match(f, config, shapes)
+    if problems:
+        raise CheckpointError(f"{f.path}: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
 
     native = {n: s for n, t in by_name.items() if (s := _native(n, t, shapes[n], config))}
     converted = {n: CONVERT_TO for n, t in by_name.items() if CONVERT_TO and n not in native
@@ -131,6 +118,42 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     model.quant = quant if quant is not None else (kinds.pop() if len(kinds) == 1 else ("gguf" if kinds else None))
     bind_kernels(model, kernels)
     return model
+
+
+def _match(f, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
+    """The file's tensors by our parameter name, and every way they differ from what the config implies
+    (unexpected names, missing tensors, shapes)."""
+    L = config.num_hidden_layers
+    by_name, problems = {}, []
+    for gname, t in f.tensors.items():
+        n = names.our_name(gname, L)
+        if n is None or n not in shapes:
+            problems.append(f"unexpected tensor '{gname}' for a qwen35 model with {L} layers"
+                            f"{' and an MTP head' if config.mtp_num_hidden_layers else ''}")
+        else:
+            by_name[n] = t
+    missing = [n for n in shapes if n not in by_name]
+    if missing:
+        problems.append(f"missing tensor '{names.gguf_name(missing[0], L)}'"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for n, t in by_name.items():
+        want = _gguf_shape(n, shapes[n])
+        got = tuple(int(s) for s in reversed(t.shape.tolist()))
+        if got != want:
+            problems.append(f"tensor '{t.name}' has shape {list(reversed(got))} (GGUF order), the metadata "
+                            f"implies {list(reversed(want))}")
+    return by_name, problems
+
+
+def check_tensors(f) -> list[str]:
+    """`qwen35 verify`'s shape check of an opened GGUF: what _match finds against its own metadata."""
+    from ..model.qwen35 import Qwen35ForCausalLM
+    from ..weights import _skip_init
+
+    config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
+    with torch.device("meta"), _skip_init():
+        model = Qwen35ForCausalLM(config, mtp_layers=config.mtp_num_hidden_layers)
+    return _match(f, config, {n: tuple(p.shape) for n, p in model.named_parameters()})[1]
 
 
 def _gguf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
