@@ -3,9 +3,12 @@
 and both give the same logits and greedy tokens.
 
 Tolerances are calibrated on the reference's own rounding: llama.cpp computes in fp32 with its activations
-rounded to bf16 (bf16 weights) or quantized per block (q8_0 / q4_0 / K-quant weights) at every matmul, and
-an F16 KV cache, so it is compared with qwen35's fp32 run of the same file, and allowed a small multiple of
-the distance between qwen35's own bf16 and fp32 runs of that file."""
+rounded to bf16 (bf16 weights) or quantized to 8 bits per block (q8_0 / q4_0: per 32, like our kernels;
+K-quants: per 256, Q8_K) at every matmul, and an F16 KV cache, so it is compared with qwen35's fp32 run of
+the same file (max |difference| of log-probs over every position and vocabulary entry), and allowed a
+multiple of the distance between qwen35's own bf16 and fp32 runs of that file: 2x, and 3x for K-quant files
+(measured: 0.4-0.5x for bf16, 1.3-1.5x for q8_0 / q4_0, 2.1x for Q4_K_M, whose per-256 activation rounding
+is coarser than anything qwen35 does). The weights themselves are held to ggml's dequantization exactly."""
 
 import json
 from pathlib import Path
@@ -98,26 +101,51 @@ def test_llama_cpp_runs_our_quantized_export(llamacpp, small, scheme, tmp_path):
 def test_llama_cpp_made_files_load_and_match_llama_cpp(llamacpp, theirs, which, kind, tmp_path):
     """llama.cpp's converter + quantizer files load in qwen35 (Q8_0, Q4_K and Q6_K blocks as they are), and
     qwen35's logits on them are llama.cpp's."""
+    from gguf.quants import dequantize
+
+    from qwen35.gguf import names
+    from qwen35.gguf.blocks import SCHEMES
+    from qwen35.quant import QuantizedWeight
+
     f = theirs[which][kind]
-    types = {t.tensor_type.name for t in open_gguf(f).tensors.values()}
+    g = open_gguf(f)
+    types = {t.tensor_type.name for t in g.tensors.values()}
     assert types - {"F32"} == ({"Q8_0"} if kind == "q8_0" else {"Q4_K", "Q6_K"}), types
-    model = load_model(f, dtype=torch.bfloat16, kernels=False)
+    model = load_model(f, dtype=torch.float32, kernels=False)
     assert model.quant == ("q8_0" if kind == "q8_0" else "gguf")
-    got, allowed = close_to_llama(llama_logprobs(llamacpp, f, tmp_path), f, slack=2.0, floor=0.02)
+    L, held = model.config.num_hidden_layers, 0
+    for n, w in model.named_weights():
+        t = g.tensors[names.gguf_name(n, L)]
+        if t.tensor_type.name == "F32" or (isinstance(w, QuantizedWeight) and w.scheme != SCHEMES[t.tensor_type.name]):
+            continue  # float, or converted to q8_0 (value heads of 64 split a K-quant's super-blocks)
+        held += isinstance(w, QuantizedWeight)
+        want = names.from_gguf(n, torch.from_numpy(dequantize(np.asarray(t.data), t.tensor_type)), model.config,
+                               tuple(w.shape))
+        got_w = w.dequantize(torch.float32) if isinstance(w, QuantizedWeight) else w
+        assert torch.equal(got_w, want), n
+    assert held >= 40
+    got, allowed = close_to_llama(llama_logprobs(llamacpp, f, tmp_path), f, slack=2.0 if kind == "q8_0" else 3.0,
+                                  floor=0.02)
     assert got <= allowed, (got, allowed)
 
 
 @pytest.mark.parametrize("which", ["bundled", "small"])
 def test_our_export_equals_llama_cpp_converter(theirs, small, which, tmp_path):
     """Names, shapes, types and metadata (tokenizer included) of our bf16 / q8_0 exports equal llama.cpp's
-    converter + quantizer files, tensor bytes included; its bf16 file loads as the source model exactly."""
+    converter + quantizer files, tensor bytes included; its bf16 file loads as the source model exactly.
+    (q8_0 of the replica differs by design: its untied embedding, only ever looked up, stays BF16 in ours as
+    under quant=q8_0; llama.cpp's quantizer makes it Q8_0.)"""
     src = BUNDLED if which == "bundled" else small
     model = load_model(src, dtype=torch.bfloat16, kernels=False)
-    for kind in ("bf16", "q8_0"):
+    for kind in ("bf16", "q8_0") if which == "bundled" else ("bf16",):
         out = tmp_path / f"{kind}.gguf"
         export_gguf(model, out, kind, tokenizer_from=src, name=which)
         a, b = open_gguf(out), open_gguf(theirs[which][kind])
-        assert diff_gguf(a, b) == [], kind
+        # ours always lists which layers are recurrent; llama.cpp's converter only when config.json spells out
+        # layer_types (the bundled model's does, the replica's gives full_attention_interval)
+        diffs = [d for d in diff_gguf(a, b) if not (which == "small" and d.startswith(
+            "key qwen35.attention.recurrent_layers: only ours"))]
+        assert diffs == [], kind
         assert [n for n, t in a.tensors.items() if not np.array_equal(t.data, b.tensors[n].data)] == [], kind
     back = load_model(theirs[which]["bf16"], dtype=torch.bfloat16, kernels=False)
     ids = torch.tensor(ROWS)

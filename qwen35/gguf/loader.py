@@ -73,13 +73,14 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         if plan and (converted or plan != wanted):  # quant= naming what the file already holds is fine
             raise CheckpointError(f"{f.path} is already quantized ({', '.join(held)}); load it without quant=")
         plan = wanted
-    for what, kinds in (("converted to q8_0", converted),
-                        ("dequantized to " + str(dtype).removeprefix("torch."),
-                         [n for n, t in by_name.items() if n not in plan and t.tensor_type not in FLOAT_TYPES])):
+    for what, why, kinds in (
+            ("converted to q8_0", "no qwen35 kernel runs these as they are", converted),
+            ("dequantized to " + str(dtype).removeprefix("torch."), "only looked up (an untied embedding), or no quantized layout fits",
+             [n for n, t in by_name.items() if n not in plan and t.tensor_type not in FLOAT_TYPES])):
         count = Counter(by_name[n].tensor_type.name for n in kinds)
         if count:
-            log.warning("%s: %s %s (no qwen35 kernel runs these as they are)", f.path.name,
-                        ", ".join(f"{c} {k} tensors" for k, c in sorted(count.items())), what)
+            log.warning("%s: %s %s (%s)", f.path.name, ", ".join(f"{c} {k} tensors" for k, c in sorted(count.items())),
+                        what, why)
 
     sinks = allocate(model, dtype, plan)
     bar = None
