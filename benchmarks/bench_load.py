@@ -134,6 +134,7 @@ def gguf_vs_safetensors(path: Path, args, ckpt_mb: float) -> None:
     for _ in range(args.repeats):
         for name, (which, p) in cases.items():
             runs[name].append(run_child(which, p, args.dtype))
+            print(f"{name}: {runs[name][-1]}", file=sys.stderr, flush=True)
     others = others_cores(mark)
     print(f"\n{path.name}: {ckpt_mb:.0f} MiB of safetensors; bf16 GGUF {files['bf16'].stat().st_size / 2**20:.0f} MiB, "
           f"q8_0 GGUF {files['q8_0'].stat().st_size / 2**20:.0f} MiB; {args.repeats} alternating runs, "

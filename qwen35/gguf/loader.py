@@ -31,7 +31,7 @@ from ..errors import CheckpointError
 from ..quant import formats
 from . import blocks, names
 from .metadata import config_dict
-from .reader import FLOAT_TYPES, open_gguf, to_torch
+from .reader import FLOAT_TYPES, copy_float_into, open_gguf, release, to_torch
 
 log = logging.getLogger("qwen35")
 CONVERT_TO = "q8_0"  # the layout quantized types without a kernel of ours are converted to (None: dequantized)
@@ -101,12 +101,15 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
                     qs, d = _native_blocks(n, t, native[n], shapes[n], config)
                     qw.qs[row : row + rows] = qs
                     qw.d[row : row + rows] = d
+            elif isinstance(sink, torch.Tensor) and t.tensor_type in FLOAT_TYPES and _as_is(n, config):
+                copy_float_into(t, sink)  # most tensors: straight from the map, no intermediate copy
             else:
                 w = names.from_gguf(n, to_torch(t, f.path), config, shapes[n])
                 if isinstance(sink, torch.Tensor):
                     sink.copy_(w)
                 else:
                     quantize_into(sink, lambda a, b, w=w: w[a:b])
+            release(t)
             if bar is not None:
                 bar.update(t.n_bytes)
     finally:
@@ -170,6 +173,12 @@ def _native(name: str, t, shape: tuple[int, ...], config: ModelConfig) -> str | 
     if cols is not None and blocks.block_order(names.inverse(cols), formats.layout(scheme).block) is None:
         return None
     return scheme
+
+
+def _as_is(name: str, config: ModelConfig) -> bool:
+    """A tensor whose values and element order are ours as they are (no reorder, no +1, no -exp)."""
+    return (names.row_index(name, config) is None and names.col_index(name, config) is None
+            and not name.endswith("A_log") and not names.is_centred_norm(name))
 
 
 def _convertible(name: str, shape: tuple[int, ...], config: ModelConfig) -> bool:
