@@ -13,7 +13,8 @@
     python benchmarks/check_gguf_vs_llamacpp.py [--skip-0.8b]
     python benchmarks/check_gguf_vs_llamacpp.py --write-manifest   # tests/llamacpp_0.8b_manifest.json
 
-Prints a table and a final JSON line. Needs benchmarks/.cache (replicas, llama.cpp's GGUFs, the venv).
+Prints a table and a final JSON line. Needs benchmarks/.cache/replica-0.8b-tok (`qwen35 replica`); builds
+llama-cpp-python and llama.cpp's GGUFs through benchmarks/llamacpp.py where they are missing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
-VENV_PY = CACHE / "llamacpp-venv" / "bin" / "python"
+sys.path.insert(0, str(HERE))
+import llamacpp  # noqa: E402  the one place that builds llama-cpp-python (and makes its GGUFs)
 TEXTS = ["Hello, world! How are you today?", "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
          "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n",
          "naïve café — 東京 🙂 1234567", "   spaces\t\ttabs\n\n\nnewlines"]
@@ -78,7 +80,7 @@ WORKERS = {"logits": _w_logits, "tokens": _w_tokens}
 
 
 def worker(*args: str) -> dict:
-    r = subprocess.run([str(VENV_PY), __file__, "worker", *args], capture_output=True, text=True, check=False)
+    r = subprocess.run([str(llamacpp.venv_python()), __file__, "worker", *args], capture_output=True, text=True, check=False)
     lines = r.stdout.strip().splitlines()
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"llama.cpp worker {args[0]} failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
@@ -126,7 +128,9 @@ def check_0_8b(work: Path, rows: list[list[int]], table: list, result: dict) -> 
     from qwen35.gguf import export_gguf, open_gguf
     from qwen35.gguf.compare import diff_gguf
 
-    src, theirs = CACHE / "replica-0.8b-tok", CACHE / "gguf" / "replica-0.8b" / "model-bf16.gguf"
+    src = CACHE / "replica-0.8b-tok"
+    made = llamacpp.made_ggufs(src, "replica-0.8b", ("q8_0",))
+    theirs = made["bf16"]
     t0 = time.perf_counter()
     model = qwen35.load_model(src, dtype=torch.bfloat16, kernels=False)
     ours = work / "replica-0.8b-bf16.gguf"
@@ -148,7 +152,7 @@ def check_0_8b(work: Path, rows: list[list[int]], table: list, result: dict) -> 
 
     # llama.cpp's own q8_0 file: its blocks load as they are, and are the bytes our quantizer writes
     t0 = time.perf_counter()
-    q8 = qwen35.load_model(CACHE / "gguf" / "replica-0.8b" / "model-q8_0.gguf", dtype=torch.bfloat16, kernels=False)
+    q8 = qwen35.load_model(made["q8_0"], dtype=torch.bfloat16, kernels=False)
     load_s = time.perf_counter() - t0
     mine = qwen35.load_model(src, dtype=torch.bfloat16, kernels=False, quant="q8_0")
     exact = bool(torch.equal(ours_logits(q8, rows), ours_logits(mine, rows)))
@@ -239,7 +243,7 @@ def write_manifest() -> None:
 
     out = {}
     for kind in ("bf16", "q8_0"):
-        f = open_gguf(CACHE / "gguf" / "replica-0.8b" / f"model-{kind}.gguf")
+        f = open_gguf(llamacpp.made_ggufs(CACHE / "replica-0.8b-tok", "replica-0.8b", ("q8_0",))[kind])
         out[kind] = {n: [t.tensor_type.name, [int(x) for x in t.shape]] for n, t in f.tensors.items()}
         if kind == "bf16":
             out["metadata"] = {k: v for k, v in f.fields.items() if k.startswith("qwen35.")}
@@ -263,6 +267,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
+    llamacpp.ensure_installed()
     table: list = []
     result: dict = {}
     rows = [[9707, 11, 1879, 0, 2585, 525, 498, 3351, 30, 576, 374, 264, 1273, 13, 220, 16],

@@ -24,6 +24,8 @@ COMMANDS = {
     "replica": "qwen35.commands.replica",
     "quantize": "qwen35.commands.quantize",
     "export": "qwen35.commands.export",
+    "verify": "qwen35.commands.verify",
+    "download": "qwen35.commands.download",
 }
 
 

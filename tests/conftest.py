@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -28,3 +29,44 @@ def tied_replica(tmp_path_factory):
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory):
     return replica.build_chat_model(tmp_path_factory.mktemp("chat") / "model")
+
+
+# ---- llama.cpp, the real thing: built once per machine, in the background, while the other tests run ----
+# benchmarks/llamacpp.py is the one place that builds llama-cpp-python (from source, its own venv, a
+# machine-wide cache) and has it convert, quantize and run GGUFs; the tests marked `llamacpp` use it. Such
+# tests are moved to the end of the run, and the build starts at collection (niced), so on a fresh machine
+# its 10-15 minutes overlap the rest of the suite. QWEN35_LLAMACPP=0 skips them instead (a machine without
+# PyPI access, or a quick local run).
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "llamacpp: compares with llama.cpp itself (builds llama-cpp-python once)")
+
+
+def pytest_collection_modifyitems(config, items):
+    ours = [i for i in items if i.get_closest_marker("llamacpp") is None]
+    theirs = [i for i in items if i.get_closest_marker("llamacpp") is not None]
+    items[:] = ours + theirs
+    config._llamacpp_build = None
+    if theirs and os.environ.get("QWEN35_LLAMACPP", "1") != "0":
+        config._llamacpp_build = _llamacpp_module().start_install()
+
+
+def _llamacpp_module():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import llamacpp
+
+    return llamacpp
+
+
+@pytest.fixture(scope="session")
+def llamacpp(pytestconfig):
+    """benchmarks/llamacpp.py, once llama-cpp-python is built (waits for the build collection started)."""
+    if os.environ.get("QWEN35_LLAMACPP", "1") == "0":
+        pytest.skip("QWEN35_LLAMACPP=0")
+    mod = _llamacpp_module()
+    mod.wait_install(getattr(pytestconfig, "_llamacpp_build", None) or mod.start_install(),
+                     say=lambda m: print(m, file=sys.__stderr__, flush=True))
+    return mod

@@ -1,8 +1,9 @@
-"""Write a model as a GGUF file llama.cpp loads: `qwen35 export MODEL OUT.gguf --type bf16|q8_0|q4_0`.
+"""Write a model as a GGUF file llama.cpp loads: `qwen35 export MODEL OUT.gguf --type bf16|q8_0|q4_0|q4_k_m`.
 
 MODEL is a checkpoint directory (its tokenizer and chat template go in too), a hub repo id, or a GGUF file
-(re-export, e.g. to another type; its tokenizer metadata is copied). q8_0 / q4_0 are quantized with our
-quantizer (the bytes llama.cpp's would write), tensor by tensor as the model is read.
+(re-export, e.g. to another type; its tokenizer metadata is copied). q8_0 / q4_0 / q4_k_m are quantized with
+our quantizer (the bytes llama.cpp's would write; q4_k_m is our `int4` policy), tensor by tensor as the
+model is read.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory, Hugging Face repo id or GGUF file")
     p.add_argument("out", type=Path, help="output .gguf file")
     p.add_argument("--type", dest="file_type", choices=EXPORT_TYPES, default="bf16",
-                   help="bf16 (default), f32, or q8_0 / q4_0 (every matrix the quantization policy of that name "
-                        "quantizes; norms, conv1d, ssm_a, dt bias stay F32)")
+                   help="bf16 (default), f32, or q8_0 / q4_0 / q4_k_m (every matrix the quantization policy of "
+                        "that name, int4 for q4_k_m, quantizes; norms, conv1d, ssm_a, dt bias stay F32)")
     p.add_argument("--no-mtp", dest="mtp", action="store_false", help="drop the MTP (multi-token prediction) head")
     p.add_argument("--name", default=None, help="general.name (default: the output file's stem)")
     p.add_argument("--split-max-gb", type=float, default=0.0,
@@ -30,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..api import resolve
     from ..gguf import export_gguf, open_gguf
-    from ..quant.formats import LAYOUTS
+    from ..gguf.writer import POLICY
     from ..weights import load_model
 
     if args.out.suffix != ".gguf":
@@ -38,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
 
         raise Qwen35Error(f"{args.out}: the output file name must end in .gguf")
     src = resolve(args.model)
-    quant = args.file_type if args.file_type in LAYOUTS else None
+    quant = POLICY.get(args.file_type)
     dtype = torch.float32 if args.file_type == "f32" else torch.bfloat16
     source_gguf = open_gguf(src) if src.suffix == ".gguf" else None
     if source_gguf is not None and quant is not None:

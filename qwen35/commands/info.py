@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections import Counter
 from pathlib import Path
 
 from ..config import ModelConfig
@@ -23,6 +24,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=memory_size, default=None,
                    help="memory to fit in, e.g. 16GB or 512MB (binary units, as RAM is sold: 16GB = 16 GiB): "
                         "prints the largest context one sequence can hold in it")
+    p.add_argument("--tensors", action="store_true", help="GGUF: list every tensor's type, shape and size")
     add_quant_arg(p)
     add_kv_cache_arg(p)
 
@@ -71,28 +73,64 @@ def print_plan(config: ModelConfig, context: int, weight_bytes: float, args: arg
 
 
 def gguf_info(path: Path, args: argparse.Namespace) -> int:
-    from collections import Counter
-
+    """A GGUF's architecture, and per tensor type: how many tensors, weights, bytes, bits per weight and what
+    `load_model` makes of them (our kernels' layout as it is, converted to q8_0, or cast to a float dtype)."""
     from ..gguf import open_gguf
-    from ..gguf.loader import read_config
+    from ..gguf.loader import CONVERT_TO, _convertible, _native, _gguf_shape
+    from ..gguf.metadata import config_dict
+    from ..gguf import names
 
-    config, f = read_config(path), open_gguf(path)
+    f = open_gguf(path)
+    config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
     L = config.num_hidden_layers
-    params = sum(t.n_elements for t in f.tensors.values())
-    mtp = sum(t.n_elements for n, t in f.tensors.items() if n.startswith(f"blk.{L}.") or
-              (n.startswith("blk.") and int(n.split(".")[1]) > L))
-    types = Counter(t.tensor_type.name for t in f.tensors.values())
+    mtp = sum(t.n_elements for n, t in f.tensors.items() if n.startswith("blk.") and int(n.split(".")[1]) >= L)
+    rows: dict[str, list] = {}
+    for gname, t in f.tensors.items():
+        n = names.our_name(gname, L)
+        shape = tuple(reversed([int(s) for s in t.shape.tolist()]))
+        if t.tensor_type.name in ("F32", "BF16"):
+            fate = "as it is"
+        elif t.tensor_type.name == "F16":
+            fate = "cast to the model dtype"
+        elif n is not None and (s := _native(n, t, _gguf_shape(n, shape), config)):
+            fate = f"runs as {s}"
+        elif n is not None and CONVERT_TO and _convertible(n, shape, config):
+            fate = f"converted to {CONVERT_TO}"
+        else:
+            fate = "dequantized to the model dtype"
+        r = rows.setdefault(t.tensor_type.name, [0, 0, 0, Counter()])
+        r[0] += 1
+        r[1] += t.n_elements
+        r[2] += t.n_bytes
+        r[3][fate] += 1
+    params = sum(r[1] for r in rows.values())
     context = args.context or config.max_position_embeddings
     gib = 1024**3
-    print(f"model        {path}  (GGUF {f.get('general.architecture')}, {len(f.parts)} file(s))")
+    file_type = f.get("general.file_type")
+    print(f"model        {path}  ({len(f.parts)} file(s), {sum(p.stat().st_size for p in f.parts) / gib:.2f} GiB)")
+    print(f"architecture {f.get('general.architecture')}, name {f.get('general.name')!r}, "
+          f"file type {FILE_TYPE_NAMES.get(file_type, file_type)}")
     print(f"layers       {L}: {len(config.linear_attention_layers)} Gated DeltaNet, "
           f"{len(config.full_attention_layers)} gated attention; hidden {config.hidden_size}, "
           f"vocab {config.vocab_size}, tied head: {config.tie_word_embeddings}")
     print(f"parameters   {params / 1e6:.1f}M (of which MTP {mtp / 1e6:.1f}M)")
-    print(f"tensors      {', '.join(f'{c} {k}' for k, c in types.most_common())}; "
-          f"weights {f.nbytes / gib:.2f} GiB")
+    print(f"weights      {f.nbytes / 2**20:.1f} MiB, {f.nbytes * 8 / max(params, 1):.2f} bits per weight")
+    print("tensors      type     count   weights       MiB   bits/w  in qwen35")
+    for kind, (count, n, nbytes, fates) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
+        fate = "; ".join(f"{c} {what}" if len(fates) > 1 else what for what, c in fates.most_common())
+        print(f"             {kind:<7} {count:6d} {n / 1e6:8.2f}M {nbytes / 2**20:9.2f}  {nbytes * 8 / n:7.3f}  {fate}")
+    if getattr(args, "tensors", False):
+        for gname, t in f.tensors.items():
+            shape = "x".join(str(int(s)) for s in t.shape.tolist())
+            print(f"  {gname:<40} {t.tensor_type.name:<6} {shape:<16} {t.n_bytes:>12,d} bytes")
     print_plan(config, context, f.nbytes, args)
     return 0
+
+
+# llama.cpp's llama_ftype values (llama.h) for the file types common files carry
+FILE_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                   11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+                   17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 
 
 def main(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ its reader builds a Python object per array element (~50 s for a 250k-token voca
 from __future__ import annotations
 
 import codecs
+import mmap
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,8 @@ class GGUFTensor:
     n_bytes: int
     data: np.ndarray
     type_offset: int  # file offset of its type id
+    buf: np.ndarray | None = None  # the part's map (for release)
+    offset: int = 0  # file offset of its data
 
 
 @dataclass
@@ -215,7 +219,43 @@ def _tensor(p: Path, buf: np.ndarray, start: int, name: str, dims: list[int], ty
         data = raw.view(NUMPY_TYPES[kind]).reshape(shape)
     else:
         data = raw.reshape(*shape[:-1], row // block * size)
-    return GGUFTensor(name, kind, np.array(dims, dtype=np.uint64), n, nbytes, data, type_offset)
+    return GGUFTensor(name, kind, np.array(dims, dtype=np.uint64), n, nbytes, data, type_offset, buf, at)
+
+
+SLICE_BYTES = 64 * 2**20
+
+
+def release(t: GGUFTensor, start: int = 0, length: int | None = None) -> None:
+    """Drop the mapped pages of bytes [start, start + length) of `t` from this process (MADV_DONTNEED): they
+    stay in the page cache, but stop counting as its memory, so a load peaks at the model plus one slice (as
+    safetensors_io does), not at the model plus the whole mapped file."""
+    mm = getattr(t.buf, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    length = t.n_bytes - start if length is None else length
+    page = mmap.PAGESIZE
+    lo = (t.offset + start) // page * page
+    hi = min(-(-(t.offset + start + length) // page) * page, len(mm))
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def copy_float_into(t: GGUFTensor, out: torch.Tensor) -> None:
+    """An F32 / F16 / BF16 tensor straight from the map into `out` (same number of elements, any float dtype),
+    a slice at a time, each slice's pages released after it is read: no intermediate copy."""
+    kind = t.tensor_type
+    with warnings.catch_warnings():  # the map is read-only, and is only read from here
+        warnings.simplefilter("ignore", UserWarning)
+        if kind == GGMLQuantizationType.BF16:
+            src = torch.from_numpy(t.data.reshape(-1).view(np.int16)).view(torch.bfloat16)
+        else:
+            src = torch.from_numpy(t.data.reshape(-1))
+    dst = out.view(-1)
+    size = src.element_size()
+    step = max(1, SLICE_BYTES // size)
+    for a in range(0, src.numel(), step):
+        dst[a : a + step].copy_(src[a : a + step])
+        release(t, a * size, min(step, src.numel() - a) * size)
 
 
 def to_torch(t: GGUFTensor, path: Path | None = None) -> torch.Tensor:

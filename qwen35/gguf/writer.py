@@ -2,8 +2,8 @@
 keys and layout transforms (names.py), the tokenizer and chat template, and the MTP head as `blk.{L}.nextn.*`.
 
 Tensor types per file type, as llama.cpp's converter and quantizer choose them: 1-D tensors, norms, conv1d,
-ssm_a and ssm_dt.bias are F32 always; the matrices are BF16 (`bf16`) or, for `q8_0` / `q4_0`, the layout
-our quantization policy of that name gives them (quant/policy.py: the same tensors `load_model(quant=...)`
+ssm_a and ssm_dt.bias are F32 always; the matrices are BF16 (`bf16`) or, for `q8_0` / `q4_0` / `q4_k_m`, the
+layout our quantization policy of that name (`int4` for q4_k_m: Q4_K, Q6_K and Q8_0 tensors) gives them (quant/policy.py: the same tensors `load_model(quant=...)`
 quantizes; an untied embedding stays BF16). A matrix the model already holds in that layout is written from
 its own bytes; any other is quantized here with quantize_fast (GGUF-exact bytes), so export -> import gives
 back exactly the model that `quant=` would have loaded.
@@ -22,8 +22,11 @@ from . import blocks, names, vocab
 from .metadata import ARCH, write_config
 
 log = logging.getLogger("qwen35")
-FILE_TYPES = {"f32": 0, "bf16": 32, "q8_0": 7, "q4_0": 2}  # llama.cpp's LlamaFileType values
+FILE_TYPES = {"f32": 0, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama.cpp's LlamaFileType values
 EXPORT_TYPES = tuple(FILE_TYPES)
+# the quantization policy (quant/policy.py) each quantized file type writes; q4_k_m is our `int4` (K-quants with
+# llama.cpp's Q4_K_M choice of 6-bit tensors), the file type llama.cpp names that mix
+POLICY = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "int4"}
 
 
 def kept_f32(name: str, shape: tuple[int, ...]) -> bool:
@@ -39,7 +42,7 @@ def tensor_plan(config, shapes: dict[str, tuple[int, ...]], file_type: str) -> l
 
     if file_type not in FILE_TYPES:
         raise CheckpointError(f"unknown GGUF type {file_type!r}; use one of {', '.join(FILE_TYPES)}")
-    plan = policy.plan(file_type, shapes, config.tie_word_embeddings) if file_type in blocks.GGUF_TYPES else {}
+    plan = policy.plan(POLICY[file_type], shapes, config.tie_word_embeddings) if file_type in POLICY else {}
     out = []
     for n in _order(shapes, config.num_hidden_layers):
         if n in plan:
@@ -133,7 +136,9 @@ def _gguf_blocks(name: str, qs, d, scheme: str, config):
         qs, d = qs[rows], d[rows]
     cols = names.col_index(name, config)
     if cols is not None:
-        order = blocks.block_order(cols)
+        from ..quant import formats
+
+        order = blocks.block_order(cols, formats.layout(scheme).block)
         if order is None:
             return None, None
         qs, d = blocks.permute_blocks(qs, d, scheme, order)

@@ -1,0 +1,63 @@
+"""Download a checkpoint from the Hugging Face hub and record its hashes: `qwen35 download REPO DIR`.
+
+A thin wrapper over huggingface_hub: the file list and the hub's own hashes come first (model_info with
+files_metadata: sha256 for LFS files, the git blob SHA-1 for the small ones) and are written to
+DIR/qwen35-manifest.json before any download, then each file is fetched with hf_hub_download (which resumes
+a partial file), then `qwen35 verify DIR` checks the result. Run it again to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+from pathlib import Path
+
+
+def setup_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("repo", help="Hugging Face repo id, e.g. Qwen/Qwen3.5-0.8B")
+    p.add_argument("dir", type=Path, help="directory to download into (created)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    p.add_argument("--include", action="append", default=None, metavar="GLOB",
+                   help="only files matching this pattern (repeatable), e.g. '*Q4_K_M*.gguf' in a GGUF repo")
+
+
+def main(args: argparse.Namespace) -> int:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from ..errors import CheckpointError
+    from ..manifest import MANIFEST, hub_manifest, write_manifest
+    from ..verify import verify
+
+    try:
+        info = HfApi().model_info(args.repo, revision=args.revision, files_metadata=True)
+    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all mean: nothing to fetch
+        raise CheckpointError(f"could not read '{args.repo}' from the Hugging Face hub: {e}") from None
+    siblings = [s for s in info.siblings or []
+                if not args.include or any(fnmatch.fnmatch(s.rfilename, g) for g in args.include)]
+    if not siblings:
+        raise CheckpointError(f"'{args.repo}' has no files" + (f" matching {args.include}" if args.include else ""))
+    files = hub_manifest(siblings)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    manifest = write_manifest(args.dir / MANIFEST, files, f"hub:{args.repo}@{info.sha}")
+    total = sum(v["size"] for v in files.values())
+    print(f"{args.repo}@{info.sha}: {len(files)} files, {total / 2**30:.2f} GiB; hashes in {manifest}")
+    for name in files:
+        try:
+            hf_hub_download(args.repo, name, revision=info.sha, local_dir=args.dir)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"downloading {name} from '{args.repo}' failed: {e} (run again to resume)") from None
+    gguf = [n for n in files if n.endswith(".gguf")]
+    target = args.dir / gguf[0] if gguf and len({n.split("-0000")[0] for n in gguf}) == 1 else args.dir
+    if target == args.dir and gguf:  # several GGUF models: hashes only (each is checked by `verify FILE`)
+        from ..manifest import check_files, read_manifest
+
+        problems = check_files(args.dir, read_manifest(manifest))
+    else:
+        problems = verify(target, manifest).problems
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s) after download")
+        return 1
+    print(f"{args.dir}: downloaded and verified ({len(files)} files match the hub's hashes)")
+    return 0

@@ -1,0 +1,186 @@
+"""Check a preserved checkpoint end to end, without loading it: `qwen35 verify PATH` (a Hugging Face directory
+or a GGUF file, one part of a split naming all of them).
+
+- Files: every shard the safetensors index names is present (every part of a split GGUF).
+- Headers: every file's header parses, each tensor's byte range lies inside its file (a truncated file shows
+  here) and matches its dtype and shape; every tensor the index maps to a shard is in that shard.
+- Shapes: the tensors are exactly those the config implies (none missing, none unexpected), of its shapes.
+- Hashes: each file's size and hash match the manifest (manifest.py): `--manifest FILE`, or the
+  qwen35-manifest.json `qwen35 download` wrote beside the weights. Without one, hashes are not checked (said).
+Returns every problem found, not only the first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Qwen35Error
+from .manifest import MANIFEST, check_files, read_manifest
+
+
+@dataclass
+class Report:
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # weight files found (and checked)
+    tensors: int = 0
+    hashed: int = 0  # files checked against a manifest
+    manifest: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str | Path, manifest: str | Path | None = None, say=None) -> Report:
+    path = Path(path)
+    rep = Report(path)
+    if not path.exists():
+        rep.problems.append(f"missing: {path} does not exist")
+        return rep
+    if path.suffix == ".gguf":
+        _gguf(path, rep)
+        root = path.parent
+    elif path.is_dir():
+        _directory(path, rep)
+        root = path
+    else:
+        rep.problems.append(f"{path}: neither a checkpoint directory nor a .gguf file")
+        return rep
+    m = Path(manifest) if manifest is not None else (root / MANIFEST if (root / MANIFEST).is_file() else None)
+    if m is not None:
+        rep.manifest = m
+        try:
+            man = read_manifest(m)
+        except Qwen35Error as e:
+            rep.problems.append(str(e))
+            return rep
+        if path.suffix == ".gguf":  # only this model's parts (a GGUF repo holds many quantizations)
+            names = {p.name for p in rep.files} | {path.name}
+            man = {**man, "files": {k: v for k, v in man["files"].items() if k in names}}
+            if not man["files"]:
+                rep.problems.append(f"{m} lists no file of {path.name}")
+        rep.problems += check_files(root, man, say)
+        rep.hashed = len(man["files"])
+    return rep
+
+
+def _directory(path: Path, rep: Report) -> None:
+    from .config import ModelConfig
+    from .safetensors_io import read_header
+    from .weights import INDEX_FILE, SINGLE_FILE, count_mtp_layers, to_module_name
+
+    config = None
+    try:
+        config = ModelConfig.from_file(path)
+    except Qwen35Error as e:
+        rep.problems.append(f"config: {e}")
+    index, weight_map = path / INDEX_FILE, None
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            rep.problems.append(f"corrupt: {INDEX_FILE} is not a safetensors index (needs a 'weight_map' object)")
+            weight_map = None
+    if weight_map is not None:
+        names = list(dict.fromkeys(weight_map.values()))
+    elif (path / SINGLE_FILE).is_file():
+        names = [SINGLE_FILE]
+    else:
+        names = sorted(p.name for p in path.glob("*.safetensors"))
+    if not names:
+        rep.problems.append(f"missing: no weights in {path} ({SINGLE_FILE} or {INDEX_FILE})")
+    entries, held, unreadable = {}, {}, 0
+    for name in names:
+        f = path / name
+        if not f.is_file():
+            rep.problems.append(f"missing: {name}" + (f" (named by {INDEX_FILE})" if weight_map is not None else ""))
+            unreadable += 1
+            continue
+        rep.files.append(f)
+        try:
+            header = read_header(f)
+        except Qwen35Error as e:
+            rep.problems.append(f"corrupt: {e}")
+            unreadable += 1
+            continue
+        held[name] = set(header)
+        for k, e in header.items():
+            if k in entries:
+                rep.problems.append(f"corrupt: tensor '{k}' is in both {entries[k].file.name} and {name}")
+            entries[k] = e
+    rep.tensors = len(entries)
+    for k, shard in (weight_map or {}).items():
+        if shard in held and k not in held[shard]:
+            rep.problems.append(f"corrupt: {INDEX_FILE} maps '{k}' to {shard}, which does not hold it")
+    if config is None or not entries:
+        return
+    layout = "vlm" if any(k.startswith("model.language_model.") for k in entries) else "text"
+    shapes = {}
+    for k, e in entries.items():
+        n = to_module_name(k, layout)
+        if n is not None:
+            shapes[n] = (k, tuple(e.shape))
+    want = _expected_shapes(config, count_mtp_layers(shapes))
+    stored = _stored_quant(path)
+    complete = unreadable == 0
+    for n, shape in want.items():
+        if n in stored:
+            continue
+        if n == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if n not in shapes:
+            if complete:  # a missing or unreadable shard already explains missing tensors
+                rep.problems.append(f"missing tensor: '{n}' (the config implies it)")
+        elif shapes[n][1] != shape:
+            rep.problems.append(f"shape: '{shapes[n][0]}' is {list(shapes[n][1])}, the config implies {list(shape)}")
+    for n, (k, _) in shapes.items():
+        base = n.removesuffix(".qs").removesuffix(".d")
+        if n not in want and not (base in stored and base != n):
+            rep.problems.append(f"unexpected tensor: '{k}' (not part of this config's model)")
+
+
+def _expected_shapes(config, mtp_layers: int) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    from .model.qwen35 import Qwen35ForCausalLM
+    from .weights import _skip_init
+
+    with torch.device("meta"), _skip_init():
+        model = Qwen35ForCausalLM(config, mtp_layers=mtp_layers)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _stored_quant(path: Path) -> dict:
+    from .quant.checkpoint import read_quant_config
+
+    try:
+        q = read_quant_config(path)
+    except Qwen35Error:
+        return {}
+    return q["tensors"] if q else {}
+
+
+def _gguf(path: Path, rep: Report) -> None:
+    from .gguf import open_gguf
+    from .gguf.loader import check_tensors
+    from .gguf.reader import split_parts
+
+    try:
+        rep.files = split_parts(path)
+    except Qwen35Error as e:
+        rep.problems.append(f"missing: {e}")
+        return
+    try:
+        f = open_gguf(path)
+    except Qwen35Error as e:
+        rep.problems.append(f"corrupt: {e}")
+        return
+    rep.tensors = len(f.tensors)
+    try:
+        rep.problems += check_tensors(f)
+    except Qwen35Error as e:
+        rep.problems.append(f"config: {e}")
