@@ -7,7 +7,7 @@ import qwen35
 from qwen35.cache import CacheError
 from qwen35.commands.replica import build_replica
 from qwen35.ops import kernels
-from qwen35.speculative import SpeculativeStats, speculative_generate_step
+from qwen35.speculative import SpeculativeError, SpeculativeStats, speculative_generate_step
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="C++ kernels unavailable")
 GREEDY = qwen35.SamplingParams(temperature=0, max_tokens=40, stop_token_ids=(-1,))
@@ -121,5 +121,5 @@ def test_rewind_errors(tiny_dir):
         cache.rewind([3])
     with pytest.raises(CacheError, match="truncate: Gated DeltaNet"):
         cache.truncate([1])
-    with pytest.raises(qwen35.model.qwen35.InputError, match="draft_tokens must be 1..7"):
+    with pytest.raises(SpeculativeError, match="draft_tokens must be 1..7"):
         list(speculative_generate_step(model, [1, 2], GREEDY, 9))

@@ -204,10 +204,11 @@ class Qwen35ForCausalLM(nn.Module):
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: HybridCache | None = None,
                     positions: torch.Tensor | None = None, step: int = 0,
-                    segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    segments: torch.Tensor | None = None, logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One MTP draft step. hidden: target hidden states [B, T, H] at positions p; next_ids: the tokens
         at p+1 [B, T]; cache: from `make_mtp_cache` (advanced by T); segments: document ids of the rows p
-        (packed training). Returns (logits for p+2 [B, T, vocab] fp32, MTP hidden [B, T, H])."""
+        (packed training). Returns (logits for p+2 [B, T, vocab] fp32, or None with logits=False (speculative
+        decoding projects the drafts itself, over a reduced vocabulary), MTP hidden [B, T, H])."""
         if self.mtp is None:
             raise InputError("this checkpoint has no MTP head (no mtp.* tensors)")
         self._check_inputs(next_ids, cache)
@@ -220,7 +221,7 @@ class Qwen35ForCausalLM(nn.Module):
         h = self.mtp(self.model.embed_tokens(next_ids), hidden.to(self.dtype), ctx, cache, step)
         if cache is not None:
             cache.advance(T)
-        return self.logits(h), h
+        return (self.logits(h) if logits else None), h
 
     def _check_inputs(self, input_ids: torch.Tensor, cache: HybridCache | None) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
