@@ -5,9 +5,9 @@ A round with k drafts costs the MTP head's k steps plus a verify forward of k+1 
 1 + a1 + a1*a2 + ... tokens (a_i: the chance that draft i is accepted once drafts 1..i-1 were). Both sides
 are measured while generating: the acceptance per position for each request (a Beta(1, 1) prior, so an
 unseen position counts as a coin flip), and the wall time of a round for each (batch size, k), k = 0 being
-a plain decode step. The first rounds try each k once; afterwards each round takes the k with the most
-tokens per second. A request whose best k is slower than plain decoding has drafting turned off for its
-remaining tokens, and its stats say why.
+a plain decode step. The first rounds try each k once (and one plain step); afterwards each round takes the
+k with the most tokens per second. After MIN_ROUNDS_TO_TURN_OFF drafting rounds, a request whose best k is
+slower than plain decoding has drafting turned off for its remaining tokens, and its stats say why.
 """
 
 from __future__ import annotations
@@ -71,6 +71,22 @@ class SpeculativeStats:
             out["requests_turned_off"] = dict(self.requests_off)
         return out
 
+    def metrics(self, prefix: str = "qwen35_speculative") -> list[str]:
+        """Prometheus text lines: drafted and accepted counters and the acceptance per draft position (1-based
+        label), rounds, tokens emitted by drafting rounds, requests whose drafting was turned off by reason."""
+        lines = [f"# TYPE {prefix}_rounds_total counter", f"{prefix}_rounds_total {self.rounds}",
+                 f"# TYPE {prefix}_tokens_total counter", f"{prefix}_tokens_total {self.tokens}"]
+        for name, values in (("drafted", self.drafted), ("accepted", self.accepted)):
+            lines.append(f"# TYPE {prefix}_{name}_total counter")
+            lines += [f'{prefix}_{name}_total{{position="{i + 1}"}} {v}' for i, v in enumerate(values)]
+        lines.append(f"# TYPE {prefix}_acceptance gauge")
+        lines += [f'{prefix}_acceptance{{position="{i + 1}"}} {a:.4f}' for i, a in enumerate(self.acceptance)]
+        lines.append(f"# TYPE {prefix}_requests_turned_off_total counter")
+        for reason, n in sorted(self.requests_off.items()):
+            reason = reason.replace("\\", " ").replace('"', "'")
+            lines.append(f'{prefix}_requests_turned_off_total{{reason="{reason}"}} {n}')
+        return lines
+
     def summary(self) -> str:
         """One line for --verbose."""
         acc = " ".join(f"{a:.2f}" for a in self.acceptance) or "-"
@@ -110,8 +126,10 @@ class RoundCosts:
 
 
 def choose_k(costs: RoundCosts, rows: list[SpeculativeStats], limits: list[int], max_k: int) -> int:
-    """The drafts per row for the next round of a batch: an untried k first (1..max_k, then 0), else the k
-    with the most expected tokens per second over the rows still drafting (limits[b]: row b's own cap)."""
+    """The drafts per row for the next round of a batch: an untried k first (1..max_k, then 0 once, to know
+    what plain decoding costs), else the k >= 1 with the most expected tokens per second over the batch's
+    rows (limits[b]: row b's own cap, 0 when it does not draft). Whether drafting pays at all is `loses`'s
+    call, per request."""
     B = len(rows)
     top = min(max_k, max(limits, default=0))
     if top <= 0:
@@ -119,7 +137,7 @@ def choose_k(costs: RoundCosts, rows: list[SpeculativeStats], limits: list[int],
     for k in [*range(1, top + 1), 0]:
         if costs.get(B, k) is None:
             return k
-    best, best_rate = 0, len(rows) / costs.get(B, 0)
+    best, best_rate = 1, 0.0
     for k in range(1, top + 1):
         tokens = sum(expected_tokens(conditional_acceptance(s, min(k, lim)), min(k, lim))
                      for s, lim in zip(rows, limits))

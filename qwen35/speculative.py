@@ -25,7 +25,7 @@ round costs measured across requests), not to a request.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +62,9 @@ class Speculation:
     draft_vocab: draft over only the first N token ids (BPE merge order, so roughly the most frequent tokens of
     the tokenizer's training text) plus `always_draft` (e.g. the end-of-turn ids); None: the full vocabulary.
     The verify pass always uses the full head, so the output is unaffected; only acceptance can drop.
-    stats: totals over every request; last: the most recent request's own stats."""
+    stats: totals over every request; last: the most recent request's own stats.
+    propose: benchmarks and tests only: (tokens so far, the head's greedy draft) -> the draft to verify
+    instead (a controlled acceptance rate through the real draft/verify/rollback path; greedy requests)."""
 
     draft_tokens: int | None = None
     draft_vocab: int | None = None
@@ -70,6 +72,7 @@ class Speculation:
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
     last: SpeculativeStats = field(default_factory=SpeculativeStats)
     costs: RoundCosts = field(default_factory=RoundCosts)
+    propose: Callable[[list[int], int], int] | None = None
 
     def __post_init__(self):
         if self.draft_tokens is not None and not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
@@ -94,9 +97,11 @@ class Speculation:
     def new_row(self, params: SamplingParams) -> DraftRow:
         """The drafting state of one new request (drafting_allowed decides whether it drafts at all)."""
         ok, why = drafting_allowed(params)
+        if self.propose is not None and not params.greedy:
+            raise SpeculativeError("Speculation.propose replaces greedy drafts only (temperature 0)")
         row = DraftRow(SpeculativeStats())
         if not ok:
-            row.turn_off(why, self.stats)
+            row.turn_off(why, self.stats, "not_allowed")
         self.last = row.stats
         return row
 
@@ -150,11 +155,13 @@ class DraftRow:
         self.pending_h: list[torch.Tensor] = []  # [H] each
         self.pending_ids: list[int] = []
 
-    def turn_off(self, reason: str, totals: SpeculativeStats) -> None:
+    def turn_off(self, reason: str, totals: SpeculativeStats, kind: str) -> None:
+        """No more drafting for this request: `reason` goes into its stats, `kind` (a short label: "loss",
+        "not_allowed", "error") into the totals' count of requests turned off."""
         if self.on:
             self.on = False
             self.stats.turn_off(reason)
-            totals.requests_off[reason.split(" (")[0]] = totals.requests_off.get(reason.split(" (")[0], 0) + 1
+            totals.requests_off[kind] = totals.requests_off.get(kind, 0) + 1
         self.pending_h, self.pending_ids = [], []
 
 
@@ -190,6 +197,12 @@ def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Strea
          spec: Speculation, isolate: bool = False) -> list[list[Response]]:
     """One speculative round for a batch (row b of `cache` and `mcache` belongs to streams[b], rows[b]):
     draft, verify, accept, roll back. Returns, per stream, the tokens it produced (1..k+1)."""
+    if not any(r.on for r in rows):
+        from .generation import step as plain_step
+
+        for r, rs in zip(rows, out := plain_step(model, cache, streams, isolate)):
+            r.stats.record(0, 0, len(rs))
+        return out
     t0 = time.perf_counter()
     head = spec.head(model)
     B = len(streams)
@@ -204,7 +217,7 @@ def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Strea
     dev = model.device
     with torch.no_grad():
         if K:
-            _draft(model, mcache, streams, rows, ks, K, head, drafts, qs)
+            _draft(model, mcache, streams, rows, ks, K, head, drafts, qs, spec.propose)
         tokens = torch.tensor([[s.last] + d + [s.last] * (K - len(d)) for s, d in zip(streams, drafts)], device=dev)
         cache.keep_steps(True)
         vh = model.hidden_states(tokens, cache)
@@ -238,7 +251,7 @@ def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Strea
         for s, r in zip(streams, rows):
             why = loses(spec.costs, r.stats, B, cap) if r.on else None
             if why:
-                r.turn_off(why, spec.stats)
+                r.turn_off(why, spec.stats, "loss")
     return out
 
 
@@ -255,7 +268,7 @@ def _verify_logits(model, vh: torch.Tensor) -> torch.Tensor:
     return torch.cat([model.logits(flat[i : i + GEMV_MAX_ROWS]) for i in range(0, B * T, GEMV_MAX_ROWS)]).view(B, T, -1)
 
 
-def _draft(model, mcache, streams, rows, ks, K, head, drafts, qs) -> None:
+def _draft(model, mcache, streams, rows, ks, K, head, drafts, qs, propose) -> None:
     """Feed each drafting row's pending MTP pairs (padded to one length; the padding is cut off again), then
     draft up to K tokens per row, chained on the head's own hidden; the head's KV keeps only true pairs."""
     B, dev = len(streams), model.device
@@ -281,6 +294,8 @@ def _draft(model, mcache, streams, rows, ks, K, head, drafts, qs) -> None:
         for b, s in enumerate(streams):
             if j < ks[b]:
                 tok, q = _draw(s, head, logits[b : b + 1], drafts[b])
+                if propose is not None:
+                    tok = propose(s.generated + drafts[b], tok)
                 drafts[b].append(tok)
                 if q is not None:
                     qs[b].append(q)
