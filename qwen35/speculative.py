@@ -208,7 +208,9 @@ def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Strea
     B = len(streams)
     limits = [min(spec.max_k, s.params.max_tokens - len(s.generated) - 1) if r.on else 0
               for s, r in zip(streams, rows)]
-    cap = min(spec.max_k, MAX_VERIFY_ROWS // B - 1)  # past the kernels' rows the verify would round differently
+    cap = spec.max_k
+    if model.kernels:  # past the whole-layer kernels' rows the verify would round differently from decode steps
+        cap = min(cap, MAX_VERIFY_ROWS // B - 1)
     K = min(cap, max(limits)) if spec.draft_tokens else choose_k(spec.costs, [r.stats for r in rows], limits, cap)
     ks = [max(0, min(K, lim)) for lim in limits]
     K = max(ks, default=0)
@@ -226,7 +228,7 @@ def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Strea
     for b, (s, r) in enumerate(zip(streams, rows)):
         try:
             rs = _accept(s, vlogits[b], drafts[b], qs[b])
-        except Exception as e:  # noqa: BLE001 - with isolate, one row's failure is that row's answer
+        except Exception as e:
             if not isolate:
                 raise
             s.finish = "error"

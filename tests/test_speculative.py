@@ -6,9 +6,9 @@ import torch
 import qwen35
 from qwen35.cache import CacheError
 from qwen35.commands.replica import build_replica
-from qwen35.ops import kernels
 from qwen35.generation import batch_generate
-from qwen35.speculative import Speculation, SpeculativeError, SpeculativeStats, speculative_generate_step
+from qwen35.ops import kernels
+from qwen35.speculative import Speculation, SpeculativeError, speculative_generate_step
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="C++ kernels unavailable")
 GREEDY = qwen35.SamplingParams(temperature=0, max_tokens=40, stop_token_ids=(-1,))
@@ -200,7 +200,7 @@ def test_context_boundary(tiny_dir, tmp_path):
     d = tmp_path / "short"
     shutil.copytree(tiny_dir, d)
     cfg = json.loads((d / "config.json").read_text())
-    (cfg["text_config"] if "text_config" in cfg else cfg)["max_position_embeddings"] = 48
+    cfg.get("text_config", cfg)["max_position_embeddings"] = 48
     (d / "config.json").write_text(json.dumps(cfg))
     model = qwen35.load_model(d, dtype=torch.bfloat16, kernels=True)
     ids = torch.randint(0, 4000, (30,), generator=torch.Generator().manual_seed(5)).tolist()

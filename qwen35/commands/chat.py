@@ -11,8 +11,15 @@ import argparse
 import sys
 import time
 
-from .common import (add_model_args, add_sampling_args, add_speculative_args, check_speculative_flags,
-                     load_from_args, sampling_from_args, speculation_from_args)
+from .common import (
+    add_model_args,
+    add_sampling_args,
+    add_speculative_args,
+    check_speculative_flags,
+    load_from_args,
+    sampling_from_args,
+    speculation_from_args,
+)
 
 DIM, RESET = "\033[2m", "\033[0m"
 

@@ -12,8 +12,17 @@ import sys
 from dataclasses import replace
 
 from ..errors import Qwen35Error
-from .common import (POSITIVE, add_model_args, add_sampling_args, add_speculative_args, check_speculative_flags,
-                     load_from_args, nonempty, sampling_from_args, speculation_from_args)
+from .common import (
+    POSITIVE,
+    add_model_args,
+    add_sampling_args,
+    add_speculative_args,
+    check_speculative_flags,
+    load_from_args,
+    nonempty,
+    sampling_from_args,
+    speculation_from_args,
+)
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:

@@ -11,8 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (POSITIVE, add_model_args, add_speculative_args, check_speculative_flags, integer, nonempty,
-                     number, speculation_from_args)
+from .common import (
+    POSITIVE,
+    add_model_args,
+    add_speculative_args,
+    check_speculative_flags,
+    integer,
+    nonempty,
+    number,
+    speculation_from_args,
+)
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:

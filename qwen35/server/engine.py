@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import speculative
 from ..cache import HybridCache
 from ..generation import Response, Stream, check_context, prefill, step
 from ..prompt_cache import PromptCache
 from ..sampling import SamplingParams
-from .. import speculative
 
 
 class QueueFull(Exception):
