@@ -87,10 +87,14 @@ def _restored(model, snap, mtp: bool) -> HybridCache:
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
-    """(statistic, degrees of freedom), cells expected below 5 pooled into one."""
+    """(statistic, degrees of freedom), cells expected below 5 pooled into one; a cell of probability 0 (cut
+    by top-k) must stay empty."""
     n = counts.sum()
     exp = probs.flatten() * n
     obs = counts.flatten().double()
+    impossible = probs.flatten() == 0
+    assert obs[impossible].sum() == 0, "a token outside top-k was sampled"
+    exp, obs = exp[~impossible], obs[~impossible]
     small = exp < 5
     exp = torch.cat([exp[~small], exp[small].sum()[None]]) if small.any() else exp
     obs = torch.cat([obs[~small], obs[small].sum()[None]]) if small.any() else obs
