@@ -80,6 +80,7 @@ def stream_generate(
     prompt_cache: PromptCache | None = None,
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     sampler=None,
+    speculative=None,
 ) -> Iterator[Response]:
     """Yield a Response per generated token, with its text delta (the stop token's own text excluded when
     it is a control token) and timings. `prompt` is text (encoded as is, no BOS) or token ids.
@@ -87,16 +88,18 @@ def stream_generate(
     cache: continue from this cache (it must not be combined with prompt_cache). With `prompt_cache`, the
     longest snapshotted prefix of the prompt is restored and only the rest is prefilled; the prompt's own
     end is snapshotted for next time. Stop ids default to the tokenizer's end-of-turn ids.
+    speculative: a speculative.Speculation (drafts from the MTP head; its `.last` holds this call's stats).
     """
     if cache is not None and prompt_cache is not None:  # checked here, at the call, not at the first token
         raise ValueError("stream_generate takes cache= or prompt_cache=, not both: a prompt cache restores into "
                          "a cache of its own")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     params = (params or SamplingParams()).with_stops(tokenizer.eos_token_ids)
-    return _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_size, sampler)
+    return _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_size, sampler, speculative)
 
 
-def _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_size, sampler) -> Iterator[Response]:
+def _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_size, sampler,
+            speculative) -> Iterator[Response]:
     cached = 0
     if prompt_cache is not None:
         cache, cached = prompt_cache.lookup(ids)
@@ -110,7 +113,7 @@ def _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_si
 
     guide = make_guide(params, tokenizer, model.config.vocab_size)
     for r in generate_step(model, feed, cache=cache, params=params, prefill_chunk_size=prefill_chunk_size,
-                           sampler=sampler, guide=guide):
+                           sampler=sampler, guide=guide, speculative=speculative):
         now = time.perf_counter()
         if t_first is None:
             t_first = now

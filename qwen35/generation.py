@@ -101,15 +101,24 @@ class Stream:
             tok = torch.tensor([forced])
         else:
             tok = self.sampler(logits if g is None else g.mask(logits))
-        self.sampler.observe(tok)
         t = int(tok[0])
         if g is not None:
             g.advance(t)
             cut = g.cut if forced is not None and forced == g.spec.think_close else None
-        self.finish = finish_reason(t, len(self.generated), self.params)
-        self.generated.append(t)
+        return self.emit(t, logits, reasoning_cut=cut)
+
+    def emit(self, token: int, logits: torch.Tensor, reasoning_cut: str | None = None) -> Response:
+        """Take `token` as the next one (sampled from `logits` [1, vocab], or kept by speculative sampling's
+        rule, which draws from the same distribution): penalty counts, stop rule, logprobs."""
+        if self.finish is not None:
+            raise Qwen35Error(f"stream already finished ({self.finish})")
+        tok = torch.tensor([token])
+        self.sampler.observe(tok)
+        self.finish = finish_reason(token, len(self.generated), self.params)
+        self.generated.append(token)
         lp, top = step_logprobs(logits, tok, self.params)
-        return Response(t, lp, top, self.finish, reasoning_cut=cut, generation_tokens=len(self.generated))
+        return Response(token, lp, top, self.finish, reasoning_cut=reasoning_cut,
+                        generation_tokens=len(self.generated))
 
 
 def step(model, cache: HybridCache, streams: Sequence[Stream], isolate: bool = False) -> list[list[Response]]:
@@ -123,7 +132,7 @@ def step(model, cache: HybridCache, streams: Sequence[Stream], isolate: bool = F
     for b, s in enumerate(streams):
         try:
             out.append([s.sample(logits[b : b + 1])])
-        except Exception as e:  # noqa: BLE001 - with isolate, one row's failure is that row's answer
+        except Exception as e:
             if not isolate:
                 raise
             s.finish = "error"
@@ -182,6 +191,7 @@ def generate_step(
     params: SamplingParams | None = None,
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     guide=None,
+    speculative=None,
 ) -> Iterator[Response]:
     """Yield generated tokens one by one for a single sequence.
 
@@ -190,6 +200,8 @@ def generate_step(
     Stops after a stop token (yielded with finish_reason "stop") or max_tokens ("length"). On return the
     cache holds the prompt and every yielded token except the last one.
     guide: a guide.GuideSpec for constrained params (stream_generate makes it from the tokenizer).
+    speculative: a speculative.Speculation to draft with the MTP head (greedy: the same tokens; sampling: the
+    same distribution), or None.
     """
     if sampler is not None and params is None:
         params = sampler.params
@@ -202,6 +214,14 @@ def generate_step(
     if cache.batch_size != 1:
         raise ValueError(f"generate_step runs one sequence; the cache has batch size {cache.batch_size}")
     check_context(model, cache.offset, len(ids), params.max_tokens)
+    if speculative is not None and params.constrained:
+        speculative.new_row(params)  # drafting off for this request, and its stats say why
+        speculative = None
+    if speculative is not None:
+        from . import speculative as spec
+
+        yield from spec.generate(model, ids, cache, params, speculative, prefill_chunk_size, sampler)
+        return
     if sampler is not None:
         stream = Stream(params, sampler, None if guide is None else guide.start(ids))
     else:
@@ -221,25 +241,39 @@ def batch_generate(
     prompts: Sequence[Sequence[int]],
     params: SamplingParams | None = None,
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    speculative=None,
 ) -> list[list[Response]]:
     """Generate for several prompts at once: each is prefilled alone (no padding anywhere), then all
     decode in one batch, rows leaving as they finish. Each row has its own sampler (same seed), so every
     row's output equals running its prompt alone. Returns one list of Response per prompt, each ending
-    with its finish_reason."""
+    with its finish_reason. speculative: a speculative.Speculation (rows then accept different numbers of
+    drafts per round)."""
     params = params or SamplingParams()
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("batch_generate needs at least one prompt, each with >= 1 token")
     for p in prompts:
         check_context(model, 0, len(p), params.max_tokens)
+    if speculative is not None:
+        speculative.head(model)  # no MTP head: fail before any work
     outputs: list[list[Response]] = [[] for _ in prompts]
-    caches, streams, rows = [], [], []
+    caches, mcaches, streams, drafting, rows = [], [], [], [], []
     for b, p in enumerate(prompts):
         cache = model.make_cache(batch_size=1)
-        logits = prefill(model, torch.tensor([p], device=model.device), cache, prefill_chunk_size)
         stream = Stream.start(model, p, params)
+        if speculative is None:
+            logits = prefill(model, torch.tensor([p], device=model.device), cache, prefill_chunk_size)
+        else:
+            from . import speculative as spec
+
+            mcache, row = model.make_mtp_cache(batch_size=1), speculative.new_row(params)
+            logits, last_h = spec.prefill(model, p, cache, mcache, prefill_chunk_size)
         with torch.no_grad():
             outputs[b].append(stream.sample(logits))
+        if speculative is not None:
+            spec.start(row, outputs[b][-1], last_h)
+            mcaches.append(mcache)
+            drafting.append(row)
         if stream.finish is None:
             caches.append(cache)
             streams.append(stream)
@@ -247,9 +281,15 @@ def batch_generate(
     if not streams:
         return outputs
     cache = HybridCache.merge(caches)
+    if speculative is not None:
+        drafting = [drafting[b] for b in rows]
+        mcache = HybridCache.merge([mcaches[b] for b in rows])
     while streams:
         with torch.no_grad():
-            produced = step(model, cache, streams)
+            if speculative is None:
+                produced = step(model, cache, streams)
+            else:
+                produced = spec.step(model, cache, mcache, streams, drafting, speculative)
         keep = []
         for i, rs in enumerate(produced):
             outputs[rows[i]].extend(rs)
@@ -258,4 +298,7 @@ def batch_generate(
         if len(keep) < len(streams):
             cache.filter(keep)
             streams, rows = [streams[i] for i in keep], [rows[i] for i in keep]
+            if speculative is not None:
+                mcache.filter(keep)
+                drafting = [drafting[i] for i in keep]
     return outputs

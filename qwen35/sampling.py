@@ -10,6 +10,7 @@ Logprobs are those of the model's own distribution (log_softmax of the raw logit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -131,28 +132,34 @@ class Sampler:
             for tok, v in params.logit_bias.items():
                 self.bias[tok] = v
 
-    def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """Biases and penalties applied to fp32 logits [B, V] (a new tensor)."""
+    def process(self, logits: torch.Tensor, pending: Sequence[int] = ()) -> torch.Tensor:
+        """Biases and penalties applied to fp32 logits [B, V] (a new tensor). pending: tokens counted as if
+        observed (a speculative draft's earlier tokens), for one row (B = 1)."""
         p = self.params
         x = logits.float().clone()
         if self.bias is not None:
             x += self.bias
+        penalised = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        counts, seen = self.counts, self.seen
+        if pending and penalised:
+            counts, seen = counts.clone(), seen.clone()
+            for t in pending:
+                counts[0, t] += 1
+                seen[0, t] = True
         if p.repetition_penalty != 1.0:
             pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
-            x = torch.where(self.seen, pen, x)
+            x = torch.where(seen, pen, x)
         if p.presence_penalty:
-            x -= p.presence_penalty * (self.counts > 0)
+            x -= p.presence_penalty * (counts > 0)
         if p.frequency_penalty:
-            x -= p.frequency_penalty * self.counts
+            x -= p.frequency_penalty * counts
         return x
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> tokens [B] (long). Call `observe(tokens)` after accepting them."""
+    def distribution(self, logits: torch.Tensor, pending: Sequence[int] = ()) -> torch.Tensor:
+        """The probabilities [B, V] a (non-greedy) draw takes its token from: processed logits, temperature,
+        top_k, top_p, min_p, softmax. Speculative sampling applies the same to the draft and the target."""
         p = self.params
-        x = self.process(logits)
-        if p.greedy:
-            return x.argmax(-1)
-        x = x / p.temperature
+        x = self.process(logits, pending) / p.temperature
         if p.top_k and p.top_k < x.shape[-1]:
             kth = x.topk(p.top_k, dim=-1).values[..., -1:]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -165,8 +172,13 @@ class Sampler:
         if p.min_p > 0:
             probs = x.softmax(-1)
             x = x.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-        probs = x.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        return x.softmax(-1)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> tokens [B] (long). Call `observe(tokens)` after accepting them."""
+        if self.params.greedy:
+            return self.process(logits).argmax(-1)
+        return torch.multinomial(self.distribution(logits), 1, generator=self.generator)[:, 0]
 
     def observe(self, tokens: torch.Tensor) -> None:
         """Count accepted tokens [B] for the penalties."""
@@ -192,3 +204,18 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
         vals, ids = logp.topk(top, dim=-1)
         return chosen, (ids, vals)
     return chosen, None
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None) -> tuple[bool, int]:
+    """The speculative sampling rule for one drafted token: p, q [V] the target's and the draft's probabilities
+    (the same processing, Sampler.distribution), `draft` drawn from q. Keep it with probability
+    min(1, p/q); else draw from the normalized residual max(0, p - q). Either way the token is distributed
+    exactly as p. Returns (kept, token)."""
+    pd, qd = float(p[draft]), float(q[draft])
+    u = float(torch.rand((), generator=generator))
+    if qd > 0 and u * qd < pd:
+        return True, draft
+    residual = (p - q).clamp_min(0)
+    if not float(residual.sum()) > 0:  # p == q up to rounding: no residual mass, p itself is the answer
+        residual = p
+    return False, int(torch.multinomial(residual, 1, generator=generator))

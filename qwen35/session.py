@@ -40,7 +40,7 @@ class Event:
 class ChatSession:
     def __init__(self, model, tokenizer, system: str | None = None, tools: list[dict] | None = None,
                  enable_thinking: bool | None = None, params: SamplingParams | None = None,
-                 max_cache_bytes: int = 2 * 2**30, preserve_thinking: bool = True):
+                 max_cache_bytes: int = 2 * 2**30, preserve_thinking: bool = True, speculation=None):
         self.model, self.tokenizer = model, tokenizer
         self.template = tokenizer.chat_template
         self.system, self.tools = system, tools
@@ -48,6 +48,7 @@ class ChatSession:
         # past answers keep their think block as generated, so the next turn reuses them (see server/app.py)
         self.preserve_thinking = preserve_thinking
         self.params = params
+        self.speculation = speculation  # a speculative.Speculation: each turn drafts with the MTP head
         self.prompt_cache = PromptCache(model, max_cache_bytes)
         self.messages: list[dict] = []
         self.last = TurnStats()
@@ -89,7 +90,8 @@ class ChatSession:
         stored = False
         generated: list[int] = []
         try:
-            for step in generate_step(self.model, ids[done:], cache=cache, params=params, guide=guide):
+            for step in generate_step(self.model, ids[done:], cache=cache, params=params, guide=guide,
+                                      speculative=self.speculation):
                 if not stored:
                     self.prompt_cache.store(ids, cache)
                     stored = True

@@ -1,126 +1,374 @@
 """Speculative decoding with the checkpoint's own MTP head: draft k tokens, verify them in one forward.
 
-Each round: the MTP head drafts k tokens (its first draft from the target model's true hidden states, the
-next ones chained on its own output hidden), then the target model runs [last token, draft 1..k] in one
-forward of k+1 tokens (the whole-layer kernels read every matrix once for all of them, and compute each
-token exactly as its own decode step would). Tokens are then sampled from the verify logits in order, with
-the stream's own sampler, and drafting stops at the first sampled token that differs from its draft: every
-emitted token is what plain decoding would have sampled from the same logits with the same random draws, so
-the output is identical to `generation.generate_step` token for token, greedy or sampled with a seed (the
-acceptance rule is "the sample equals the draft", exact for any sampler; the min(1, p/q) rule would accept
-more sampled drafts, not greedy ones).
+Each round, for every row of a batch: the MTP head drafts k tokens (its first draft from the target model's
+true hidden states, the next ones chained on its own output hidden), then the target model runs [last token,
+draft 1..k] in one forward of k+1 tokens per row (the whole-layer kernels read every matrix once for all of
+them and compute each token exactly as its own decode step would). Then, position by position:
+- greedy: the target token is the argmax of the processed verify logits, exactly what plain decoding takes;
+  a draft is kept while it equals it;
+- sampling: the draft was drawn from the MTP head's distribution q, processed like the target's
+  (penalties, temperature, top-k/top-p/min-p: `Sampler.distribution`); it is kept with probability
+  min(1, p/q), else the token is drawn from the normalized residual max(0, p - q) (`speculative_accept`),
+  so every token follows exactly the distribution plain sampling would draw from (not the same draws).
+Rows accept different numbers of tokens. Rollback costs nothing: the verify forward keeps the Gated DeltaNet
+state after each token (`HybridCache.keep_steps`) and `rewind` lands each row on its last kept token, the KV
+cut by length; the MTP head's own KV is cut back to the entries built from true hidden states (`truncate`).
+The cache is only ever left at an accepted position, so snapshots and prompt reuse see plain decoding's state.
 
-Rollback costs nothing: the verify forward keeps the Gated DeltaNet state after each token
-(`HybridCache.keep_steps`), `rewind` picks the one after the last kept token and cuts the KV by length; the
-MTP head's own KV is cut back to the entries built from true hidden states (`truncate`).
+`Speculation` is how callers ask for it (generate_step, stream_generate, ChatSession, the server engine):
+k fixed or adaptive (draft_policy), an optional reduced draft vocabulary, and the acceptance statistics.
+It is an argument of its own, not a SamplingParams field: it changes how tokens are computed, never which
+distribution they come from, and it belongs to the deployment (an MTP head, a draft vocabulary built once,
+round costs measured across requests), not to a request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .cache import HybridCache
-from .model.qwen35 import InputError
-from .generation import DEFAULT_PREFILL_CHUNK, Response, Stream, _as_ids, check_context
-from .sampling import SamplingParams
+from .draft_policy import ADAPTIVE_MAX_DRAFTS, RoundCosts, SpeculativeStats, choose_k, loses
+from .errors import Qwen35Error
+from .generation import Response, Stream
+from .ops.linear import linear
+from .sampling import SamplingParams, speculative_accept
 
 MAX_DRAFT_TOKENS = 7  # k + 1 verify tokens per row must fit the whole-layer kernels (ops/fast.LAYER_MAX_TOKENS)
+MAX_VERIFY_ROWS = 64  # rows x tokens the whole-layer kernels take in one call (ops/fast._layer_decoding)
+
+
+class SpeculativeError(Qwen35Error, ValueError):
+    """Speculative decoding cannot run as asked (no MTP head, k out of range, a bad draft vocabulary)."""
+
+
+def drafting_allowed(params: SamplingParams) -> tuple[bool, str]:
+    """Whether a request with these params may draft, and if not why (its stats say so). Every speculative
+    entry point asks this once per request. Constrained decoding (response_format, a forced tool call, a
+    thinking budget) must turn drafting off here until the grammar state advances and rolls back with the
+    verified positions."""
+    if params.constrained:
+        return False, ("constrained decoding (structured output, a forced tool call, a thinking budget or loop "
+                       "breaking): drafts would skip the grammar mask and the inserted </think>")
+    return True, ""
 
 
 @dataclass
-class SpeculativeStats:
-    """Per draft position i (0-based): how many rounds drafted a token there and how many were accepted."""
+class Speculation:
+    """How to draft, and what drafting measured.
 
-    drafted: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    rounds: int = 0
+    draft_tokens: k fixed (1..7), or None for adaptive k in 1..4 (draft_policy), which also turns drafting off
+    for a request when its measured acceptance makes drafting slower than plain decoding.
+    draft_vocab: draft over only the first N token ids (BPE merge order, so roughly the most frequent tokens of
+    the tokenizer's training text) plus `always_draft` (e.g. the end-of-turn ids); None: the full vocabulary.
+    The verify pass always uses the full head, so the output is unaffected; only acceptance can drop.
+    stats: totals over every request; last: the most recent request's own stats.
+    propose: benchmarks and tests only: (tokens so far, the head's greedy draft) -> the draft to verify
+    instead (a controlled acceptance rate through the real draft/verify/rollback path; greedy requests)."""
 
-    def record(self, k: int, accepted: int) -> None:
-        while len(self.drafted) < k:
-            self.drafted.append(0)
-            self.accepted.append(0)
-        self.rounds += 1
-        for i in range(k):
-            self.drafted[i] += 1
-            self.accepted[i] += int(i < accepted)
+    draft_tokens: int | None = None
+    draft_vocab: int | None = None
+    always_draft: tuple[int, ...] = ()
+    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+    last: SpeculativeStats = field(default_factory=SpeculativeStats)
+    costs: RoundCosts = field(default_factory=RoundCosts)
+    propose: Callable[[list[int], int], int] | None = None
+
+    def __post_init__(self):
+        if self.draft_tokens is not None and not 1 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise SpeculativeError(f"draft_tokens must be 1..{MAX_DRAFT_TOKENS}, got {self.draft_tokens}")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise SpeculativeError(f"draft_vocab must be >= 1 tokens, got {self.draft_vocab}")
+        self._heads: dict[int, DraftHead] = {}
 
     @property
-    def acceptance(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted)]
+    def max_k(self) -> int:
+        return self.draft_tokens or ADAPTIVE_MAX_DRAFTS
 
-    def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance_per_position": [round(a, 4) for a in self.acceptance]}
+    def head(self, model) -> DraftHead:
+        if model.mtp is None:
+            raise SpeculativeError("speculative decoding drafts with the checkpoint's MTP head (mtp.* tensors), "
+                                   "and this checkpoint has none")
+        key = id(model)
+        if key not in self._heads:
+            self._heads[key] = DraftHead(model, self.draft_vocab, self.always_draft)
+        return self._heads[key]
+
+    def new_row(self, params: SamplingParams) -> DraftRow:
+        """The drafting state of one new request (drafting_allowed decides whether it drafts at all)."""
+        ok, why = drafting_allowed(params)
+        if self.propose is not None and not params.greedy:
+            raise SpeculativeError("Speculation.propose replaces greedy drafts only (temperature 0)")
+        row = DraftRow(SpeculativeStats())
+        if not ok:
+            row.turn_off(why, self.stats, "not_allowed")
+        self.last = row.stats
+        return row
 
 
-def _hidden_chunks(model, ids: torch.Tensor, cache: HybridCache, chunk: int) -> torch.Tensor:
-    """The prompt's final hidden states [1, T, H] (the MTP head needs every position), prefilled in chunks."""
-    return torch.cat([model.hidden_states(ids[:, s : s + chunk], cache) for s in range(0, ids.shape[1], chunk)], 1)
+class DraftHead:
+    """The vocabulary projection the drafts use: the model's head, or its rows of the draft vocabulary (a
+    copy in the same format, so a bf16 or quantized head keeps its fast GEMV)."""
+
+    def __init__(self, model, n: int | None, always: Sequence[int] = ()):
+        self.model, self.ids, self.weight = model, None, None
+        V = model.config.vocab_size
+        if n is None or n >= V:
+            return
+        ids = sorted(set(range(n)) | {int(t) for t in always if 0 <= int(t) < V})
+        self.ids = torch.tensor(ids, dtype=torch.long, device=model.device)
+        head = model.head_runtime if model.head_runtime is not None else model.head_weight
+        from .ops.fast import GemvWeight
+        from .quant.weight import QuantizedWeight
+
+        if isinstance(head, QuantizedWeight):
+            w = QuantizedWeight(head.scheme, head.qs[self.ids].contiguous(), head.d[self.ids].contiguous(),
+                                head.shape[1])
+            w.kernels, w.dtype = head.kernels, head.dtype
+            self.weight = w
+        else:
+            rows = (head.weight if isinstance(head, GemvWeight) else head)[self.ids].contiguous()
+            self.weight = GemvWeight(rows) if isinstance(head, GemvWeight) else rows
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 draft logits [..., N] (N: the draft vocabulary) of MTP hidden states [..., H]."""
+        return self.model.logits(h) if self.ids is None else linear(h, self.weight, out_fp32=True)
+
+    def full(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits [1, N] as [1, vocab], -inf outside the draft vocabulary (for the sampler's processing)."""
+        if self.ids is None:
+            return logits
+        out = logits.new_full((logits.shape[0], self.model.config.vocab_size), float("-inf"))
+        return out.index_copy_(1, self.ids, logits)
+
+    def token(self, i: int) -> int:
+        return i if self.ids is None else int(self.ids[i])
 
 
-def speculative_generate_step(
-    model,
-    prompt_ids,
-    params: SamplingParams | None = None,
-    draft_tokens: int = 2,
-    stats: SpeculativeStats | None = None,
-    prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
-) -> Iterator[Response]:
-    """`generation.generate_step` with MTP drafting (same tokens, same Responses); `stats` collects the
-    acceptance per draft position."""
-    if model.mtp is None:
-        raise InputError("speculative decoding drafts with the checkpoint's MTP head, and this one has none")
-    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
-        raise InputError(f"draft_tokens must be 1..{MAX_DRAFT_TOKENS}, got {draft_tokens}")
-    params = params or SamplingParams()
-    ids = _as_ids(prompt_ids)
-    if not ids:
-        raise ValueError("prompt_ids is empty: at least one token is needed to predict the next")
-    check_context(model, 0, len(ids), params.max_tokens + draft_tokens)  # a verify pass may run k past the end
-    stats = stats if stats is not None else SpeculativeStats()
-    cache, mcache = model.make_cache(batch_size=1), model.make_mtp_cache(batch_size=1)
-    stream = Stream.start(model, ids, params)
-    prompt = torch.tensor([ids], device=model.device)
+class DraftRow:
+    """One request's drafting state: the MTP pairs (true hidden at p, token p+1) not yet fed to the head,
+    whether it still drafts, and its stats."""
+
+    def __init__(self, stats: SpeculativeStats):
+        self.stats = stats
+        self.on = True
+        self.pending_h: list[torch.Tensor] = []  # [H] each
+        self.pending_ids: list[int] = []
+
+    def turn_off(self, reason: str, totals: SpeculativeStats, kind: str) -> None:
+        """No more drafting for this request: `reason` goes into its stats, `kind` (a short label: "loss",
+        "not_allowed", "error") into the totals' count of requests turned off."""
+        if self.on:
+            self.on = False
+            self.stats.turn_off(reason)
+            totals.requests_off[kind] = totals.requests_off.get(kind, 0) + 1
+        self.pending_h, self.pending_ids = [], []
+
+
+def prefill(model, ids: Sequence[int], cache: HybridCache, mcache: HybridCache, chunk_size: int) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """generation.prefill for one row that also builds the MTP head's KV over the pairs it can see (hidden
+    at p, token p+1), chunk by chunk. The MTP cache starts at the main cache's position (its rotary offset
+    set to match): a prefix restored from a snapshot has no MTP entries, which only makes early drafts
+    weaker. Returns (fp32 logits [1, vocab] of the last token, its hidden state [H])."""
+    if chunk_size < 1:
+        raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
+    mrow, row = mcache.rows[0], cache.rows[0]
+    mrow.rope_delta = row.length + row.rope_delta - mrow.length
+    t = torch.tensor([list(ids)], device=model.device)
+    T = t.shape[1]
     with torch.no_grad():
-        hidden = _hidden_chunks(model, prompt, cache, prefill_chunk_size)
-        r = stream.sample(model.logits(hidden[:, -1:])[:, -1])
-        for s in range(0, len(ids) - 1, prefill_chunk_size):  # the MTP head's KV over the prompt's pairs
-            e = min(len(ids) - 1, s + prefill_chunk_size)
-            model.mtp_forward(hidden[:, s:e], prompt[:, s + 1 : e + 1], mcache)
-    yield r
-    pend_h, pend_ids = hidden[:, -1:], [r.token]  # MTP pairs (true hidden at p, token p+1) not yet fed
-    del hidden
-    cache.keep_steps(True)
-    while r.finish_reason is None:
-        k = min(draft_tokens, params.max_tokens - len(stream.generated) - 1)
-        with torch.no_grad():
-            drafts = []
-            if k > 0:
-                logits, h = model.mtp_forward(pend_h, torch.tensor([pend_ids], device=model.device), mcache)
-                exact = mcache.lengths
-                drafts.append(int(logits[0, -1].argmax()))
-                for _ in range(k - 1):
-                    logits, h = model.mtp_forward(h[:, -1:], torch.tensor([[drafts[-1]]], device=model.device),
-                                                  mcache)
-                    drafts.append(int(logits[0, -1].argmax()))
-                mcache.truncate(exact)  # chained drafts used the head's own hidden: not kept
-            tokens = [stream.last] + drafts
-            vh = model.hidden_states(torch.tensor([tokens], device=model.device), cache)
-            vlogits = model.logits(vh)
-        kept = accepted = 0  # verify tokens the cache keeps; drafts equal to what was sampled
-        for i in range(len(tokens)):
-            r = stream.sample(vlogits[:, i])
-            kept += 1
-            hit = i < len(drafts) and r.token == drafts[i]
-            accepted += hit
-            yield r
-            if r.finish_reason is not None or not hit:
-                break
-        stats.record(len(drafts), accepted)
-        if r.finish_reason is not None:
+        for s in range(0, T, chunk_size):
+            e = min(T, s + chunk_size)
+            h = model.hidden_states(t[:, s:e], cache)
+            n = e - s if e < T else e - s - 1  # the last hidden waits for the first generated token
+            if n:
+                model.mtp_forward(h[:, :n], t[:, s + 1 : s + 1 + n], mcache, logits=False)
+        return model.logits(h[:, -1:])[:, -1], h[0, -1]
+
+
+def start(row: DraftRow, first: Response, last_hidden: torch.Tensor) -> None:
+    """After a prefill: the first MTP pair (the prompt's last hidden, the first generated token)."""
+    if row.on and first.finish_reason is None:
+        row.pending_h, row.pending_ids = [last_hidden], [first.token]
+
+
+def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Stream], rows: Sequence[DraftRow],
+         spec: Speculation, isolate: bool = False) -> list[list[Response]]:
+    """One speculative round for a batch (row b of `cache` and `mcache` belongs to streams[b], rows[b]):
+    draft, verify, accept, roll back. Returns, per stream, the tokens it produced (1..k+1)."""
+    if not any(r.on for r in rows):
+        from .generation import step as plain_step
+
+        for r, rs in zip(rows, out := plain_step(model, cache, streams, isolate)):
+            r.stats.record(0, 0, len(rs))
+        return out
+    t0 = time.perf_counter()
+    head = spec.head(model)
+    B = len(streams)
+    limits = [min(spec.max_k, s.params.max_tokens - len(s.generated) - 1) if r.on else 0
+              for s, r in zip(streams, rows)]
+    cap = spec.max_k
+    if model.kernels:  # past the whole-layer kernels' rows the verify would round differently from decode steps
+        cap = min(cap, MAX_VERIFY_ROWS // B - 1)
+    K = min(cap, max(limits)) if spec.draft_tokens else choose_k(spec.costs, [r.stats for r in rows], limits, cap)
+    ks = [max(0, min(K, lim)) for lim in limits]
+    K = max(ks, default=0)
+    drafts: list[list[int]] = [[] for _ in range(B)]
+    qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    dev = model.device
+    with torch.no_grad():
+        if K:
+            _draft(model, mcache, streams, rows, ks, K, head, drafts, qs, spec.propose)
+        tokens = torch.tensor([[s.last] + d + [s.last] * (K - len(d)) for s, d in zip(streams, drafts)], device=dev)
+        cache.keep_steps(True)
+        vh = model.hidden_states(tokens, cache)
+        vlogits = _verify_logits(model, vh)
+    out, keep = [], []
+    for b, (s, r) in enumerate(zip(streams, rows)):
+        try:
+            rs = _accept(s, vlogits[b], drafts[b], qs[b])
+        except Exception as e:
+            if not isolate:
+                raise
+            s.finish = "error"
+            rs = [Response(None, error=f"{type(e).__name__}: {e}")]
+        out.append(rs)
+        n = max(1, sum(x.token is not None for x in rs))
+        keep.append(n)
+        accepted = sum(1 for i, x in enumerate(rs[: len(drafts[b])]) if x.token == drafts[b][i])  # a prefix:
+        # a round ends at its first replaced draft, and a replacement never equals its draft
+        if ks[b]:
+            r.stats.record(ks[b], accepted, n)
+            spec.stats.record(ks[b], accepted, n)
+        else:
+            r.stats.record(0, 0, n)
+        if r.on and s.finish is None:  # appended: a row that did not draft this round still holds its pairs
+            r.pending_h += list(vh[b, :n])
+            r.pending_ids += tokens[b, 1:n].tolist() + [s.last]
+    cache.rewind(keep)
+    cache.keep_steps(False)
+    spec.costs.add(B, K, time.perf_counter() - t0)
+    if not spec.draft_tokens:
+        for s, r in zip(streams, rows):
+            why = loses(spec.costs, r.stats, B, cap) if r.on else None
+            if why:
+                r.turn_off(why, spec.stats, "loss")
+    return out
+
+
+def _verify_logits(model, vh: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [B, T, vocab] of the verify hidden states, projected GEMV_MAX_ROWS rows at a time: past
+    that the head switches to torch's GEMM, which rounds differently from a decode step's GEMV (the GEMV
+    reads the head once per 4 rows either way, so the chunks cost what one call would)."""
+    from .ops.fast import GEMV_MAX_ROWS
+
+    B, T, H = vh.shape
+    flat = vh.reshape(B * T, H)
+    if B * T <= GEMV_MAX_ROWS:
+        return model.logits(flat).view(B, T, -1)
+    return torch.cat([model.logits(flat[i : i + GEMV_MAX_ROWS]) for i in range(0, B * T, GEMV_MAX_ROWS)]).view(B, T, -1)
+
+
+def _draft(model, mcache, streams, rows, ks, K, head, drafts, qs, propose) -> None:
+    """Feed each drafting row's pending MTP pairs (padded to one length; the padding is cut off again), then
+    draft up to K tokens per row, chained on the head's own hidden; the head's KV keeps only true pairs."""
+    B, dev = len(streams), model.device
+    base = mcache.lengths
+    n = [len(r.pending_ids) if k else 0 for r, k in zip(rows, ks)]
+    N = max(n)
+    H = model.config.hidden_size
+    hs = torch.zeros(B, N, H, dtype=model.dtype, device=dev)
+    ids = torch.zeros(B, N, dtype=torch.long, device=dev)
+    for b, r in enumerate(rows):
+        if n[b]:
+            hs[b, : n[b]] = torch.stack(r.pending_h)
+            ids[b, : n[b]] = torch.tensor(r.pending_ids)
+    _, h = model.mtp_forward(hs, ids, mcache, logits=False)
+    exact = [L + m for L, m in zip(base, n)]
+    for b, r in enumerate(rows):
+        if n[b]:
+            r.pending_h, r.pending_ids = [], []
+    h = torch.stack([h[b, max(m, 1) - 1] for b, m in enumerate(n)])[:, None]  # [B, 1, H]
+    for j in range(K):
+        logits = head.logits(h)[:, -1]
+        nxt = []
+        for b, s in enumerate(streams):
+            if j < ks[b]:
+                tok, q = _draw(s, head, logits[b : b + 1], drafts[b])
+                if propose is not None:
+                    tok = propose(s.generated + drafts[b], tok)
+                drafts[b].append(tok)
+                if q is not None:
+                    qs[b].append(q)
+            nxt.append(drafts[b][-1] if drafts[b] else s.last)
+        if j + 1 < K:
+            _, h = model.mtp_forward(h, torch.tensor([[t] for t in nxt], device=dev), mcache, logits=False)
+    mcache.truncate(exact)
+
+
+def _draw(stream: Stream, head: DraftHead, logits: torch.Tensor, pending: list[int]) -> tuple[int, torch.Tensor | None]:
+    """One row's draft from draft logits [1, N]: greedy, the argmax after the same biases and penalties the
+    target gets (the earlier drafts counted as generated); sampling, a draw from q = the processed draft
+    distribution, returned for the acceptance rule."""
+    sampler, p = stream.sampler, stream.params
+    plain = sampler.bias is None and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+    if p.greedy:
+        if plain:
+            return head.token(int(logits.argmax(-1))), None
+        return int(sampler.process(head.full(logits), pending).argmax(-1)), None
+    q = sampler.distribution(head.full(logits), pending)[0]
+    return int(torch.multinomial(q, 1, generator=sampler.generator)), q
+
+
+def _accept(stream: Stream, vlogits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor]) -> list[Response]:
+    """Tokens of one row from its verify logits [T, vocab]: each drafted position keeps its draft or
+    replaces it (and ends the round); after k accepted drafts the bonus token is sampled as plain decoding
+    would."""
+    out = []
+    for i in range(len(drafts) + 1):
+        logits = vlogits[i : i + 1]
+        if i == len(drafts):
+            out.append(stream.sample(logits))
             break
-        cache.rewind([kept])
-        pend_h, pend_ids = vh[:, :kept], tokens[1:kept] + [r.token]
+        if stream.params.greedy:
+            tok = int(stream.sampler.process(logits).argmax(-1))
+        else:
+            _, tok = speculative_accept(stream.sampler.distribution(logits)[0], qs[i], drafts[i],
+                                        stream.sampler.generator)
+        out.append(stream.emit(tok, logits))
+        if stream.finish is not None or tok != drafts[i]:
+            break
+    return out
+
+
+def generate(model, ids: list[int], cache: HybridCache, params: SamplingParams, spec: Speculation,
+             prefill_chunk_size: int, sampler=None) -> Iterator[Response]:
+    """generation.generate_step's body with drafting (one row)."""
+    spec.head(model)  # a checkpoint without an MTP head fails here, before any work
+    stream = Stream(params, sampler) if sampler is not None else Stream.start(model, ids, params)
+    row = spec.new_row(params)
+    mcache = model.make_mtp_cache(batch_size=1)
+    logits, last_h = prefill(model, ids, cache, mcache, prefill_chunk_size)
+    with torch.no_grad():
+        r = stream.sample(logits)
+    start(row, r, last_h)
+    yield r
+    while stream.finish is None:
+        for r in step(model, cache, mcache, [stream], [row], spec)[0]:
+            yield r
+
+
+def speculative_generate_step(model, prompt_ids, params: SamplingParams | None = None, draft_tokens: int = 2,
+                              stats: SpeculativeStats | None = None, **kw) -> Iterator[Response]:
+    """`generation.generate_step` with MTP drafting of `draft_tokens` per round (kept for the first step's
+    callers; `generate_step(..., speculative=Speculation(...))` is the general form)."""
+    from .generation import generate_step
+
+    spec = Speculation(draft_tokens=draft_tokens)
+    if stats is not None:
+        spec.stats = stats
+    return generate_step(model, prompt_ids, params=params, speculative=spec, **kw)

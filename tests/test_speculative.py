@@ -6,8 +6,9 @@ import torch
 import qwen35
 from qwen35.cache import CacheError
 from qwen35.commands.replica import build_replica
+from qwen35.generation import batch_generate
 from qwen35.ops import kernels
-from qwen35.speculative import SpeculativeStats, speculative_generate_step
+from qwen35.speculative import Speculation, SpeculativeError, speculative_generate_step
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="C++ kernels unavailable")
 GREEDY = qwen35.SamplingParams(temperature=0, max_tokens=40, stop_token_ids=(-1,))
@@ -35,17 +36,181 @@ def bundled():
     return default_model()
 
 
+@pytest.fixture(scope="module")
+def bundled_bf16(bundled):
+    return qwen35.load(bundled, dtype=torch.bfloat16, kernels=True)
+
+
+TEXTS = ("import os\n\n\ndef main(argv):\n", "class Stack:\n    def push(self, item):\n")
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [1, 2, 3, 4, None])
+def test_greedy_with_drafts_is_greedy_without_on_the_bundled_model(bundled_bf16, k):
+    """As users run it (bf16, whole-layer kernels: the verify pass computes each token as its decode step);
+    k None is the adaptive policy."""
+    model, tok = bundled_bf16
+    spec = Speculation(draft_tokens=k)
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert [r.token for r in qwen35.generate_step(model, ids, params=GREEDY, speculative=spec)] == \
+            plain(model, ids, GREEDY)
+    stats = spec.stats
+    assert stats.rounds and len(stats.drafted) == (k or 4)
+    assert 0 < stats.accepted[0] < stats.drafted[0]  # mixed: some drafts accepted, some rejected
+
+
+def oracle(want: list[int], wrong: bool):
+    """A draft source that proposes the plain run's next token (every draft accepted) or a token that is
+    surely not it (every draft rejected), through the real draft/verify/rollback path."""
+    def propose(so_far: list[int], _draft: int) -> int:
+        t = want[len(so_far)] if len(so_far) < len(want) else 0
+        return (t + 1) % 8192 if wrong else t
+    return propose
+
+
 @needs_kernels
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_greedy_with_drafts_is_greedy_without_on_the_bundled_model(bundled, k):
-    """As users run it (bf16, whole-layer kernels: the verify pass computes each token as its decode step)."""
-    model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=True)
-    stats = SpeculativeStats()
-    for text in ("import os\n\n\ndef main(argv):\n", "class Stack:\n    def push(self, item):\n"):
-        ids = tok.encode(text)
-        assert speculative(model, ids, GREEDY, k, stats) == plain(model, ids, GREEDY)
-    assert stats.rounds and len(stats.drafted) == k
-    assert 0 < stats.accepted[0] < stats.drafted[0]  # mixed: some drafts accepted, some rejected
+@pytest.mark.parametrize("wrong", [False, True])
+def test_forced_full_acceptance_and_full_rejection(bundled_bf16, k, wrong):
+    model, tok = bundled_bf16
+    ids = tok.encode(TEXTS[0])
+    want = plain(model, ids, GREEDY)
+    spec = Speculation(draft_tokens=k, propose=oracle(want, wrong))
+    got = [r.token for r in qwen35.generate_step(model, ids, params=GREEDY, speculative=spec)]
+    assert got == want
+    s = spec.stats
+    if wrong:
+        assert sum(s.accepted) == 0 and s.tokens_per_round == 1
+    else:
+        assert s.accepted == s.drafted and s.rounds_by_k.get(k, 0) >= (len(want) - 1) // (k + 1) - 1
+
+
+@needs_kernels
+def test_reduced_draft_vocabulary_same_tokens(bundled_bf16):
+    model, tok = bundled_bf16
+    ids = tok.encode(TEXTS[1])
+    spec = Speculation(draft_tokens=3, draft_vocab=1000, always_draft=tok.eos_token_ids)
+    got = [r.token for r in qwen35.generate_step(model, ids, params=GREEDY, speculative=spec)]
+    assert got == plain(model, ids, GREEDY)
+    assert spec.stats.accepted[0] > 0
+    head = spec.head(model)
+    assert len(head.ids) == 1000 + sum(t >= 1000 for t in set(tok.eos_token_ids))
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [2, None])
+def test_batch_rows_accept_different_counts(bundled_bf16, k):
+    """Rows of one batch keep different numbers of drafts each round (one rewind with a count per row),
+    rows leave at different rounds; every row equals its prompt run alone without drafting."""
+    model, tok = bundled_bf16
+    prompts = [tok.encode(t) for t in (*TEXTS, "The quick brown", "def f(x):\n    return")]
+    params = qwen35.SamplingParams(temperature=0, max_tokens=30, stop_token_ids=tok.eos_token_ids)
+    want = [[r.token for r in rs] for rs in batch_generate(model, prompts, params)]
+    assert want == [plain(model, p, params) for p in prompts]
+    spec = Speculation(draft_tokens=k)
+    calls = []
+    import qwen35.speculative as sp
+
+    real = sp.HybridCache.rewind
+
+    def spy(self, keep):
+        calls.append(list(keep))
+        return real(self, keep)
+
+    sp.HybridCache.rewind = spy
+    try:
+        got = [[r.token for r in rs] for rs in batch_generate(model, prompts, params, speculative=spec)]
+    finally:
+        sp.HybridCache.rewind = real
+    assert got == want
+    assert any(len(set(c)) > 1 for c in calls if len(c) > 1)  # rows kept different counts in one round
+
+
+@needs_kernels
+def test_prompt_reuse_and_snapshots_with_drafting(bundled_bf16):
+    """stream_generate with a prompt cache: the second prompt restores the first one's snapshot (taken at an
+    accepted position) and drafts on; tokens equal plain decoding with the same reuse (a prefill split at
+    another place rounds differently, so plain-with-reuse is the reference)."""
+    from qwen35.prompt_cache import PromptCache
+
+    model, tok = bundled_bf16
+    spec = Speculation(draft_tokens=3)
+    params = qwen35.SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    first, second = TEXTS[0], TEXTS[0] + "    parser = argparse.ArgumentParser()\n"
+    runs = {}
+    for name, sp in (("plain", None), ("spec", spec)):
+        pc = PromptCache(model)
+        runs[name] = [list(qwen35.stream_generate(model, tok, t, params, prompt_cache=pc, speculative=sp))
+                      for t in (first, second)]
+        assert pc.hits == 1 and runs[name][1][-1].cached_tokens == len(tok.encode(first))
+    assert [[r.token for r in rs] for rs in runs["spec"]] == [[r.token for r in rs] for rs in runs["plain"]]
+    assert spec.last.accepted[0] > 0
+
+
+@needs_kernels
+def test_server_engine_drafting_with_prompt_reuse(bundled_bf16):
+    """The engine with a Speculation: requests batched together, a follow-up turn reusing the first answer's
+    snapshot; the same tokens as the engine without drafting (which equals plain decoding per row)."""
+    model, tok = bundled_bf16
+    spec = Speculation(draft_tokens=2)
+    plain_run = _engine_run(model, tok, None)
+    assert plain_run[:2] == [plain(model, tok.encode(t), _ENGINE_PARAMS(tok)) for t in TEXTS]
+    assert _engine_run(model, tok, spec) == plain_run
+    assert spec.stats.rounds > 0 and spec.stats.accepted[0] > 0
+
+
+def _ENGINE_PARAMS(tok):
+    return qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=tok.eos_token_ids)
+
+
+def _engine_run(model, tok, spec) -> list[list[int]]:
+    from qwen35.server.engine import Engine, Request
+
+    params = _ENGINE_PARAMS(tok)
+    engine = Engine(model, max_batch=4, speculation=spec)
+    try:
+        prompts = [tok.encode(t) for t in TEXTS]
+        outs = [_drain(r) for r in [engine.submit(Request(p, params)) for p in prompts]]
+        follow = prompts[0] + outs[0][:-1] + tok.encode("\n\nclass App:\n")
+        outs.append(_drain(engine.submit(Request(follow, params))))
+    finally:
+        engine.shutdown()
+    assert engine.stats["cached_tokens"] >= len(prompts[0])  # the follow-up reused the first answer
+    return outs
+
+
+def _drain(req) -> list[int]:
+    out = []
+    while True:
+        r = req.out.get(timeout=120)
+        assert r.error is None, r.error
+        out.append(r.token)
+        if r.finish_reason is not None:
+            return out
+
+
+@needs_kernels
+def test_context_boundary(tiny_dir, tmp_path):
+    """prompt + max_tokens exactly fills the context: the last rounds' drafts are cut so no verify token
+    passes the context; same tokens as plain decoding, and the same requests are refused."""
+    import json
+    import shutil
+
+    d = tmp_path / "short"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.get("text_config", cfg)["max_position_embeddings"] = 48
+    (d / "config.json").write_text(json.dumps(cfg))
+    model = qwen35.load_model(d, dtype=torch.bfloat16, kernels=True)
+    ids = torch.randint(0, 4000, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = qwen35.SamplingParams(temperature=0, max_tokens=18, stop_token_ids=(-1,))
+    want = plain(model, ids, params)
+    propose = oracle(want, wrong=False)  # every draft accepted: rounds run right up to the boundary
+    spec = Speculation(draft_tokens=4, propose=propose)
+    assert [r.token for r in qwen35.generate_step(model, ids, params=params, speculative=spec)] == want
+    with pytest.raises(qwen35.generation.ContextLengthError):
+        list(qwen35.generate_step(model, ids + [1], params=params, speculative=spec))
 
 
 @needs_kernels
@@ -68,16 +233,6 @@ def test_reference_path_fp32_exact_with_more_value_heads(vlm_replicas):
     want = plain(model, ids, GREEDY)
     for k in (1, 2, 4):
         assert speculative(model, ids, GREEDY, k) == want
-
-
-@needs_kernels
-def test_sampling_with_a_seed_gives_the_same_tokens(bundled):
-    """Tokens are sampled from the verify logits with the stream's own sampler, one draw per emitted token
-    in the same order: seeded sampling gives exactly the plain run's tokens."""
-    model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=True)
-    params = qwen35.SamplingParams(temperature=0.8, top_p=0.95, seed=5, max_tokens=40, stop_token_ids=(-1,))
-    ids = tok.encode("def parse(path):\n")
-    assert speculative(model, ids, params, 3) == plain(model, ids, params)
 
 
 @pytest.mark.parametrize("use_kernels", [False, True])
@@ -121,5 +276,11 @@ def test_rewind_errors(tiny_dir):
         cache.rewind([3])
     with pytest.raises(CacheError, match="truncate: Gated DeltaNet"):
         cache.truncate([1])
-    with pytest.raises(qwen35.model.qwen35.InputError, match="draft_tokens must be 1..7"):
+    with pytest.raises(SpeculativeError, match="draft_tokens must be 1..7"):
         list(speculative_generate_step(model, [1, 2], GREEDY, 9))
+    with pytest.raises(SpeculativeError, match="has none"):
+        nomtp = qwen35.load_model(tiny_dir, dtype=torch.float32, kernels=False)
+        nomtp.mtp = None
+        list(qwen35.generate_step(nomtp, [1, 2], params=GREEDY, speculative=Speculation()))
+    with pytest.raises(SpeculativeError, match="greedy drafts only"):
+        Speculation(propose=lambda s, t: t).new_row(qwen35.SamplingParams(temperature=1))

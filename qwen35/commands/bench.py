@@ -31,6 +31,9 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     add_quant_arg(p)
     add_kv_cache_arg(p)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
+    from .common import add_speculative_args
+
+    add_speculative_args(p)
 
 
 def read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
@@ -72,6 +75,10 @@ def main(args: argparse.Namespace) -> int:
     import qwen35
     from qwen35 import threads as governor
     from qwen35.generation import generate_step
+
+    from .common import check_speculative_flags, speculation_from_args
+
+    check_speculative_flags(args)
     from qwen35.runtime import peak_rss_mb, set_threads, tune_allocator
 
     threads = set_threads(args.threads)
@@ -89,12 +96,15 @@ def main(args: argparse.Namespace) -> int:
     prompt = torch.randint(0, min(vocab, 248044), (args.prompt_tokens,), generator=gen).tolist()
     params = qwen35.SamplingParams(temperature=0, max_tokens=args.gen_tokens)
 
+    spec = speculation_from_args(args)
     # warm-up: builds the kernels once and touches every weight, outside the timings
-    for _ in generate_step(model, prompt[:8], params=qwen35.SamplingParams(temperature=0, max_tokens=2)):
+    for _ in generate_step(model, prompt[:8], params=qwen35.SamplingParams(temperature=0, max_tokens=6),
+                           speculative=spec):
         pass
 
     cache = model.make_cache()
-    steps = generate_step(model, prompt, cache=cache, params=params, prefill_chunk_size=args.prefill_chunk)
+    steps = generate_step(model, prompt, cache=cache, params=params, prefill_chunk_size=args.prefill_chunk,
+                          speculative=spec)
     t0 = time.perf_counter()
     next(steps)
     t1 = time.perf_counter()
@@ -120,6 +130,8 @@ def main(args: argparse.Namespace) -> int:
         "adaptive_threads": governor.governor().summary() if governor.governor() else None,
         "kv_cache": args.kv_cache,
     }
+    if spec is not None:  # a random prompt: acceptance here says little; benchmarks/bench_speculative.py does
+        result["speculative"] = spec.last.as_dict()
     print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {'on' if model.kernels else 'off'}, "
           f"KV cache {args.kv_cache}), "
           f"loaded in {load_s:.2f}s")
@@ -128,6 +140,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"{args.prompt_tokens:>8}{n:>6}{prefill_tok_s:>15.1f}{decode_tok_s:>14.2f}{bound:>13.2f}"
           f"{decode_tok_s / bound:>12.1%}{result['peak_rss_mb']:>14.0f}")
     print(f"memory read bandwidth {bw:.1f} GB/s; {per_token / 2**20:.0f} MiB streamed per decoded token")
+    if spec is not None:
+        print(spec.last.summary())
     if args.json:
         print(json.dumps(result))
     return 0

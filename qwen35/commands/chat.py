@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
-from .common import add_model_args, add_sampling_args, load_from_args, sampling_from_args
+from .common import (
+    add_model_args,
+    add_sampling_args,
+    add_speculative_args,
+    check_speculative_flags,
+    load_from_args,
+    sampling_from_args,
+    speculation_from_args,
+)
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -20,7 +29,9 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--no-preserve-thinking", dest="preserve_thinking", action="store_false", default=True,
                    help="render past answers without their think block (each turn then re-prefills the last answer)")
+    p.add_argument("--verbose", action="store_true", help="after each answer, its speeds and speculative acceptance")
     add_sampling_args(p)
+    add_speculative_args(p)
 
 
 def read_message(prompt: str = ">>> ") -> str | None:
@@ -52,10 +63,12 @@ def main(args: argparse.Namespace) -> int:
     from ..sampling import preset
     from ..session import ChatSession
 
+    check_speculative_flags(args)
     model, tokenizer = load_from_args(args)
     tty = sys.stdout.isatty()
+    spec = speculation_from_args(args, tokenizer)
     session = ChatSession(model, tokenizer, system=args.system, enable_thinking=args.think,
-                          preserve_thinking=args.preserve_thinking)
+                          preserve_thinking=args.preserve_thinking, speculation=spec)
 
     def params_for(thinking: bool):
         return sampling_from_args(args, preset(thinking))
@@ -99,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
         thinking = session.enable_thinking if session.enable_thinking is not None else True
         session.params = params_for(thinking)
         in_reasoning = False
+        t0 = time.perf_counter()
         try:
             for ev in session.send(text):
                 if ev.kind == "reasoning":
@@ -122,4 +136,8 @@ def main(args: argparse.Namespace) -> int:
             if st.reasoning_cut else ""
         sys.stdout.write(f"\n{DIM if tty else ''}[{st.generated_tokens} tokens; prompt {st.prompt_tokens}, "
                          f"prefilled {st.prefilled_tokens}, reused {st.cached_tokens}{cut}]{RESET if tty else ''}\n")
+        if args.verbose:
+            line = f"[{st.generated_tokens / (time.perf_counter() - t0):.2f} tok/s including prefill"
+            line += f"; {spec.last.summary()}]" if spec is not None else "]"
+            sys.stdout.write(f"{DIM if tty else ''}{line}{RESET if tty else ''}\n")
         sys.stdout.flush()

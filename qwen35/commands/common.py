@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import replace
 
 import torch
@@ -114,6 +115,36 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None, help="thinking mode on")
     think.add_argument("--no-think", dest="think", action="store_false", help="thinking mode off")
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (drafts from the checkpoint's MTP head; greedy output unchanged, "
+                             "sampled output from the same distribution)")
+    g.add_argument("--speculative", action="store_true", help="draft tokens with the MTP head, verify them in one forward")
+    g.add_argument("--draft-tokens", type=integer(1, 7), default=None,
+                   help="drafts per round (default: adaptive 1..4, off for a request when drafting is a loss)")
+    g.add_argument("--draft-vocab", type=POSITIVE, default=None,
+                   help="draft over the first N token ids only (BPE merge order: the most frequent tokens) plus the "
+                        "end-of-turn ids: a cheaper draft head, same output (default: the full vocabulary)")
+
+
+def check_speculative_flags(args: argparse.Namespace) -> None:
+    """A bad flag combination is a bad flag: one line, exit 2, before the model loads."""
+    if not getattr(args, "speculative", False):
+        for flag in ("draft_tokens", "draft_vocab"):
+            if getattr(args, flag, None) is not None:
+                print(f"qwen35 {args.command}: error: --{flag.replace('_', '-')} needs --speculative", file=sys.stderr)
+                raise SystemExit(2)
+
+
+def speculation_from_args(args: argparse.Namespace, tokenizer=None):
+    """A speculative.Speculation for --speculative (None without it); --draft-* without it is an error."""
+    if not getattr(args, "speculative", False):
+        return None
+    from ..speculative import Speculation
+
+    eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ()) if tokenizer is not None else ()
+    return Speculation(draft_tokens=args.draft_tokens, draft_vocab=args.draft_vocab, always_draft=eos)
 
 
 def sampling_from_args(args: argparse.Namespace, base: SamplingParams) -> SamplingParams:

@@ -12,7 +12,17 @@ import sys
 from dataclasses import replace
 
 from ..errors import Qwen35Error
-from .common import POSITIVE, add_model_args, add_sampling_args, load_from_args, nonempty, sampling_from_args
+from .common import (
+    POSITIVE,
+    add_model_args,
+    add_sampling_args,
+    add_speculative_args,
+    check_speculative_flags,
+    load_from_args,
+    nonempty,
+    sampling_from_args,
+    speculation_from_args,
+)
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
@@ -21,8 +31,10 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--prefill-chunk", type=POSITIVE, default=512)
-    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--json", action="store_true", help="end with one JSON line (text, token_ids, speeds, ...)")
+    p.add_argument("--verbose", action="store_true", help="print speeds (and speculative acceptance) to stderr")
     add_sampling_args(p)
+    add_speculative_args(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -30,10 +42,12 @@ def main(args: argparse.Namespace) -> int:
     from ..sampling import preset
     from ..toolcalls import OutputParser, ParsedDelta
 
+    check_speculative_flags(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise Qwen35Error("the prompt is empty (pass --prompt TEXT or pipe text to stdin)")
     model, tokenizer = load_from_args(args)
+    spec = speculation_from_args(args, tokenizer)
     thinking = bool(args.think)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -46,9 +60,11 @@ def main(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
     parser = OutputParser(thinking_open=thinking) if args.chat else None
     parsed = ParsedDelta()
-    text, last, in_reasoning, cut = [], None, False, None
-    for r in stream_generate(model, tokenizer, prompt, params, prefill_chunk_size=args.prefill_chunk):
+    text, token_ids, last, in_reasoning, cut = [], [], None, False, None
+    for r in stream_generate(model, tokenizer, prompt, params, prefill_chunk_size=args.prefill_chunk,
+                             speculative=spec):
         last = r
+        token_ids.append(r.token)
         if r.reasoning_cut:
             cut = r.reasoning_cut
             why = f"the budget of {params.max_thinking_tokens} tokens" if cut == "budget" else "a reasoning loop"
@@ -78,11 +94,20 @@ def main(args: argparse.Namespace) -> int:
     if in_reasoning and tty:
         sys.stdout.write("\033[0m")
     sys.stdout.write("\n")
+    if args.verbose and last is not None:
+        sys.stdout.flush()
+        print(f"[{last.generation_tokens} tokens, prompt {last.prompt_tokens}; prefill {last.prefill_tok_s:.1f} tok/s, "
+              f"decode {last.decode_tok_s:.2f} tok/s]", file=sys.stderr)
+        if spec is not None:
+            print(f"[{spec.last.summary()}]", file=sys.stderr)
     if args.json and last is not None:
-        out = {"text": "".join(text), "tokens": last.generation_tokens, "prompt_tokens": last.prompt_tokens,
+        out = {"text": "".join(text), "token_ids": token_ids, "tokens": last.generation_tokens,
+               "prompt_tokens": last.prompt_tokens,
                "finish_reason": last.finish_reason, "prefill_tok_s": round(last.prefill_tok_s, 2),
                "decode_tok_s": round(last.decode_tok_s, 2), "peak_rss_mb": round(last.peak_rss_mb, 1),
                "reasoning_cut": cut}
+        if spec is not None:
+            out["speculative"] = spec.last.as_dict()
         if parser is not None:
             out.update(reasoning=parsed.reasoning, content=parsed.content,
                        tool_calls=[{"name": c.name, "arguments": c.arguments} for c in parsed.tool_calls])

@@ -11,7 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-from .common import POSITIVE, add_model_args, integer, nonempty, number
+from .common import (
+    POSITIVE,
+    add_model_args,
+    add_speculative_args,
+    check_speculative_flags,
+    integer,
+    nonempty,
+    number,
+    speculation_from_args,
+)
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
@@ -36,6 +45,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-preserve-thinking", dest="preserve_thinking", action="store_false", default=True,
                    help="render past assistant turns without their think block (the Qwen3.5 card's advice; the "
                         "next turn then re-prefills the previous answer). Default: keep it, so turns reuse it")
+    add_speculative_args(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -48,12 +58,14 @@ def main(args: argparse.Namespace) -> int:
     from ..server.engine import Engine
     from .common import load_from_args
 
+    check_speculative_flags(args)
     model, tokenizer = load_from_args(args)
     name = args.model_name or Path(str(args.model or "qwen35")).name
     # The engine runs on this (the main) thread, HTTP on a second one: the model's OpenMP work is faster
     # from the thread that loaded it (see Engine).
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
-                    prompt_cache_bytes=int(args.prompt_cache_gb * 2**30), thread=False)
+                    prompt_cache_bytes=int(args.prompt_cache_gb * 2**30), thread=False,
+                    speculation=speculation_from_args(args, tokenizer))
     app = create_app(engine, tokenizer, name, api_key=args.api_key, default_thinking=args.think,
                      request_timeout=args.request_timeout, preserve_thinking=args.preserve_thinking,
                      max_request_bytes=args.max_request_bytes)

@@ -209,12 +209,13 @@ class Qwen35ForCausalLM(nn.Module):
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: HybridCache | None = None,
                     positions: torch.Tensor | None = None, step: int = 0,
-                    segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    segments: torch.Tensor | None = None, logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One MTP draft step. hidden: target hidden states [B, T, H] at positions p; next_ids: the tokens
         at p+1 [B, T]; cache: from `make_mtp_cache` (advanced by T); segments: document ids of the rows p
-        (packed training). Returns (logits for p+2 [B, T, vocab] fp32, MTP hidden [B, T, H])."""
+        (packed training). Returns (logits for p+2 [B, T, vocab] fp32, or None with logits=False (speculative
+        decoding projects the drafts itself, over a reduced vocabulary), MTP hidden [B, T, H])."""
         h = self.mtp_hidden(hidden, next_ids, cache, positions, step, segments)
-        return self.logits(h), h
+        return (self.logits(h) if logits else None), h
 
     def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: HybridCache | None = None,
                    positions: torch.Tensor | None = None, step: int = 0,

@@ -204,7 +204,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             f"qwen35_time_to_first_token_seconds_count {s['ttft_count']}",
             "# TYPE qwen35_decode_tokens_per_second gauge",
             f"qwen35_decode_tokens_per_second {s['decode_steps'] / s['decode_time'] if s['decode_time'] else 0:.3f}",
-        ]
+        ] + (engine.speculation.stats.metrics() if engine.speculation is not None else [])
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     def guide_for(opts, body: dict):

@@ -4,8 +4,10 @@ Requests wait in a bounded queue (full -> QueueFull, the HTTP layer answers 429)
 admits waiting requests (prefilled alone, restoring the longest snapshotted prefix from the prompt cache,
 then merged into the batch: its rows are moved in, no other row's KV is touched) and drops finished,
 cancelled or timed-out ones (`HybridCache.filter`). Decoding is generation.step, the loop every generator
-uses. Each request reads its results (generation.Response) from its own queue; a failure in one request is
-delivered to that request only.
+uses, or with a `Speculation` speculative.step (the MTP head's KV rows ride along with the main cache's;
+rows accept different numbers of drafts; snapshots for prompt reuse are taken only at prompt ends and
+answer ends, which are accepted positions). Each request reads its results (generation.Response) from its
+own queue; a failure in one request is delivered to that request only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .. import speculative
 from ..cache import HybridCache
 from ..generation import Response, Stream, check_context, prefill, step
 from ..prompt_cache import PromptCache
@@ -51,8 +54,9 @@ Token = Response  # what a request's queue carries: a generated token, or an end
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prompt_cache_bytes: int = 2 * 2**30,
-                 prefill_chunk_size: int = 512, thread: bool = True):
-        """thread=False: no worker thread; the caller runs `run()` itself (qwen35 serve runs it on the main
+                 prefill_chunk_size: int = 512, thread: bool = True,
+                 speculation: speculative.Speculation | None = None):
+        """speculation: draft with the MTP head (qwen35 serve --speculative). thread=False: no worker thread; the caller runs `run()` itself (qwen35 serve runs it on the main
         thread: torch's OpenMP work is ~12% slower from a second thread once the main thread has its own
         OpenMP team, measured on prefill)."""
         self.model = model
@@ -62,6 +66,11 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: list[tuple[Request, Stream]] = []  # row b of self.cache belongs to active[b]
         self.cache: HybridCache | None = None
+        self.speculation = speculation
+        if speculation is not None:
+            speculation.head(model)  # no MTP head: refuse at start, not at the first request
+        self.mcache: HybridCache | None = None  # the MTP head's KV, row b for active[b] (with speculation)
+        self.drafting: list[speculative.DraftRow] = []  # row b's drafting state (with speculation)
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                       "ttft_sum": 0.0, "ttft_count": 0, "decode_steps": 0, "decode_time": 0.0, "errors": 0}
         self._wake = threading.Event()
@@ -125,19 +134,33 @@ class Engine:
     def _start(self, req: Request) -> None:
         model = self.model
         cache, cached = self.prompt_cache.lookup(req.prompt)
+        spec = self.speculation
+        mcache = model.make_mtp_cache(batch_size=1) if spec is not None else None
+
+        def feed(ids: list[int]):
+            if spec is None:
+                return prefill(model, torch.tensor([ids]), cache, self.prefill_chunk_size), None
+            return speculative.prefill(model, ids, cache, mcache, self.prefill_chunk_size)
+
         if req.boundary and cached < req.boundary < len(req.prompt):
-            prefill(model, torch.tensor([req.prompt[cached:req.boundary]]), cache, self.prefill_chunk_size)
+            feed(req.prompt[cached:req.boundary])
             self.prompt_cache.store(req.prompt[: req.boundary], cache)
-        logits = prefill(model, torch.tensor([req.prompt[cache.offset:]]), cache, self.prefill_chunk_size)
+        logits, last_h = feed(req.prompt[cache.offset:])
         self.prompt_cache.store(req.prompt, cache)
         req.cached_tokens = cached
         self.stats["prompt_tokens"] += len(req.prompt)
         self.stats["cached_tokens"] += cached
         stream = Stream.start(model, req.prompt, req.params, guide=req.guide)
-        self._deliver(req, stream.sample(logits))
+        first = stream.sample(logits)
+        self._deliver(req, first)
         if stream.finish is None:
             self.cache = cache if self.cache is None else HybridCache.merge([self.cache, cache])
             self.active.append((req, stream))
+            if spec is not None:
+                row = spec.new_row(req.params)
+                speculative.start(row, first, last_h)
+                self.mcache = mcache if self.mcache is None else HybridCache.merge([self.mcache, mcache])
+                self.drafting.append(row)
 
     def _deliver(self, req: Request, r: Response) -> None:
         if r.error is not None:
@@ -186,9 +209,14 @@ class Engine:
         streams = [s for _, s in self.active]
         before = self.cache.snapshot()
         try:
+            if self.speculation is not None:
+                return speculative.step(self.model, self.cache, self.mcache, streams, self.drafting,
+                                        self.speculation, isolate=True)
             return step(self.model, self.cache, streams, isolate=True)
-        except Exception:  # noqa: BLE001 - find the request(s) at fault, keep serving the rest
+        except Exception as e:  # noqa: BLE001 - find the request(s) at fault, keep serving the rest
             self.cache.restore(before)
+            for row in self.drafting:  # these rows go on without drafting (their MTP state is not trusted)
+                row.turn_off(f"a speculative round failed ({type(e).__name__})", self.speculation.stats, "error")
         out, rows = [], []
         for i, stream in enumerate(streams):
             row = self.model.make_cache(batch_size=1)
@@ -203,6 +231,8 @@ class Engine:
         # rows that failed alone leave the batch; the others are merged back (moved, not copied)
         keep = [i for i, r in enumerate(rows) if r is not None]
         self.cache = HybridCache.merge([rows[i] for i in keep]) if keep else None
+        if self.speculation is not None:
+            self._keep_drafting(keep)
         failed = [(self.active[i], out[i]) for i in range(len(rows)) if rows[i] is None]
         self.active = [self.active[i] for i in keep]
         for (req, _), rs in failed:
@@ -230,3 +260,12 @@ class Engine:
             self.cache = None
         else:
             self.cache.filter(keep)
+        if self.speculation is not None:
+            self._keep_drafting(keep)
+
+    def _keep_drafting(self, keep: list[int]) -> None:
+        self.drafting = [self.drafting[i] for i in keep]
+        if not keep:
+            self.mcache = None
+        elif self.mcache is not None:
+            self.mcache.filter(keep)
