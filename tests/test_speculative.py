@@ -284,3 +284,19 @@ def test_rewind_errors(tiny_dir):
         list(qwen35.generate_step(nomtp, [1, 2], params=GREEDY, speculative=Speculation()))
     with pytest.raises(SpeculativeError, match="greedy drafts only"):
         Speculation(propose=lambda s, t: t).new_row(qwen35.SamplingParams(temperature=1))
+
+
+def test_constrained_request_does_not_draft_and_says_why(bundled_bf16):
+    """A thinking budget (any guide) makes drafting skip the mask and the inserted </think>: such a request
+    decodes on the guided path, its tokens equal the same request without --speculative, and its stats say
+    drafting was off and why."""
+    model, tok = bundled_bf16
+    prompt = tok.chat_template.render([{"role": "user", "content": "Count to ten."}], enable_thinking=True)
+    params = qwen35.SamplingParams(temperature=0, max_tokens=40, max_thinking_tokens=8)
+    assert params.constrained
+    plain = [r.token for r in qwen35.stream_generate(model, tok, prompt, params)]
+    spec = Speculation(draft_tokens=2)
+    drafted = [r.token for r in qwen35.stream_generate(model, tok, prompt, params, speculative=spec)]
+    assert drafted == plain
+    stats = spec.last.as_dict()
+    assert "constrained decoding" in str(stats), stats
