@@ -69,8 +69,11 @@ def main() -> int:
     if have_llama:
         gguf = HERE / ".cache" / f"{args.model.name}-qwen35-bf16.gguf"
         if not gguf.is_file():
-            subprocess.run([sys.executable, "-m", "qwen35", "export", str(args.model), str(gguf), "--type", "bf16"],
-                           check=True)
+            r = subprocess.run([sys.executable, "-m", "qwen35", "export", str(args.model), str(gguf), "--type", "bf16"],
+                               capture_output=True, text=True, check=False)
+            if r.returncode != 0:  # e.g. a replica without a tokenizer: qwen35 rows only, and say why
+                print(f"llama.cpp skipped: export failed: {r.stderr.strip().splitlines()[-1]}", flush=True)
+                gguf = None
     cores = os.cpu_count() or 2
     rows = []
     for busy in (0, 1, 2):

@@ -54,6 +54,7 @@ class Governor:
         self.warm: set[str] = set()  # the first step of a kind is a warm-up (allocations, kernel builds)
         self.current: dict[str, int] = {}
         self.countdown: dict[str, int] = {}
+        self.undecided: set[str] = set()  # probed before the chosen count had a clean timing: judge after it has
         self.switches = 0
 
     def _other(self, n: int) -> int | None:
@@ -65,8 +66,13 @@ class Governor:
             if other is not None:
                 self.current[kind], self.countdown[kind] = self.current[other], PROBE_EVERY
             else:
+                # The small op misjudges a busy core now and then (measured: it kept two threads with one core
+                # busy, whose decode steps then took 24x one thread's). Trying one thread right after the
+                # warm-up costs at most ~1.5x one step, so that is checked at once; a choice of one thread is
+                # trusted for as long as the probe's ratio budgets.
                 best, ratio = self.probe()
-                self.current[kind], self.countdown[kind] = best, probe_interval(ratio)
+                self.current[kind] = best
+                self.countdown[kind] = 1 if best == self.max_threads else probe_interval(ratio)
         return self.current[kind]
 
     def run(self, kind: str, fn: Callable[[], T], work: float = 1.0) -> T:
@@ -90,15 +96,17 @@ class Governor:
                 old = self.est.get((kind, use))
                 self.est[(kind, use)] = dt if old is None or probing else (1 - ALPHA) * old + ALPHA * dt
             self.countdown[kind] -= 1
-            if probing:
+            if probing or kind in self.undecided:
+                self.undecided.discard(kind)
                 self._decide(kind)
 
     def _decide(self, kind: str) -> None:
         n = self.current[kind]
         alt = self._other(n)
         a, b = self.est.get((kind, n)), self.est.get((kind, alt))
-        if a is None:  # the chosen count has no clean timing yet: measure it before judging
+        if a is None:  # the chosen count has no clean timing yet: judge after its next step
             self.countdown[kind] = PROBE_EVERY
+            self.undecided.add(kind)
         elif b * HYSTERESIS < a:
             self.current[kind] = alt
             self.switches += 1
