@@ -63,8 +63,9 @@ class Governor:
     def choice(self, kind: str) -> int:
         if kind not in self.current:
             other = next((k for k in self.current if k != kind), None)
-            if other is not None:
-                self.current[kind], self.countdown[kind] = self.current[other], PROBE_EVERY
+            if other is not None:  # start from the other kind's choice; check one thread at once as below
+                self.current[kind] = self.current[other]
+                self.countdown[kind] = 1 if self.current[kind] == self.max_threads else PROBE_EVERY
             else:
                 # The small op misjudges a busy core now and then (measured: it kept two threads with one core
                 # busy, whose decode steps then took 24x one thread's). Trying one thread right after the
