@@ -59,25 +59,34 @@ def check_stored(path: Path, name: str, qs_entry, d_entry, scheme: str, N: int, 
                 f"{str(entry.dtype).removeprefix('torch.')} {list(entry.shape)}")
 
 
-def save_quantized(model, source: Path, out: Path, max_shard_bytes: int = 2 * 2**30) -> Path:
-    """Write `model` (loaded with quant=) as a quantized checkpoint in `out`; tokenizer, template and other
-    side files are copied from `source`."""
-    from ..checkpoint import write_checkpoint
+def stored_tensors(named_weights, policy: str, config: dict) -> dict[str, torch.Tensor]:
+    """The tensors a quantized checkpoint stores (NAME.qs / NAME.d for each quantized matrix, the rest as they
+    are), and its `quantization_config` set in `config`. `qwen35 quantize` and a re-quantized QLoRA merge both
+    write through this, so the two files have one layout."""
     from .weight import QuantizedWeight
 
-    if getattr(model, "quant", None) is None:
-        raise CheckpointError("save_quantized needs a model loaded with quant=")
     tensors: dict[str, torch.Tensor] = {}
     layouts: dict[str, str] = {}
-    for name, w in model.named_weights():
+    for name, w in named_weights:
         if isinstance(w, QuantizedWeight):
             tensors[name + ".qs"], tensors[name + ".d"] = w.qs, w.d
             layouts[name] = w.scheme
         else:
             tensors[name] = w.detach()
-    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    config["quantization_config"] = {"quant_method": METHOD, "policy": model.quant, "block_size": formats.BLOCK,
+    config["quantization_config"] = {"quant_method": METHOD, "policy": policy, "block_size": formats.BLOCK,
                                      "tensors": dict(sorted(layouts.items()))}
+    return tensors
+
+
+def save_quantized(model, source: Path, out: Path, max_shard_bytes: int = 2 * 2**30) -> Path:
+    """Write `model` (loaded with quant=) as a quantized checkpoint in `out`; tokenizer, template and other
+    side files are copied from `source`."""
+    from ..checkpoint import write_checkpoint
+
+    if getattr(model, "quant", None) is None:
+        raise CheckpointError("save_quantized needs a model loaded with quant=")
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    tensors = stored_tensors(model.named_weights(), model.quant, config)
     out = Path(out)
     write_checkpoint(tensors, config, out, max_shard_bytes)
     for f in source.iterdir():

@@ -182,8 +182,7 @@ def write_merged(model, out: Path, quant: str = MERGE_BF16, tokenizer_dir: Path 
     the `qwen35 quantize` layout (quant a policy), which load_model reads back without requantizing."""
     from ..checkpoint import _write_shards, write_checkpoint
     from ..model.qwen35 import keeps_fp32
-    from ..quant import formats
-    from ..quant.checkpoint import METHOD
+    from ..quant.checkpoint import stored_tensors
     from ..quant.weight import QuantizedWeight
     from .loop import config_dict
 
@@ -202,16 +201,7 @@ def write_merged(model, out: Path, quant: str = MERGE_BF16, tokenizer_dir: Path 
         specs = [(n, tuple(weights[n].shape), dtype_of(n)) for n in sorted(weights)]
         _write_shards(specs, tensor_of, config, out, 2 * 2**30)
     else:
-        tensors, layouts = {}, {}
-        for name, w in weights.items():
-            if isinstance(w, QuantizedWeight):
-                tensors[name + ".qs"], tensors[name + ".d"] = w.qs, w.d
-                layouts[name] = w.scheme
-            else:
-                tensors[name] = w.detach()
-        config["quantization_config"] = {"quant_method": METHOD, "policy": quant, "block_size": formats.BLOCK,
-                                         "tensors": dict(sorted(layouts.items()))}
-        write_checkpoint(tensors, config, out, 2 * 2**30)
+        write_checkpoint(stored_tensors(weights.items(), quant, config), config, out, 2 * 2**30)
     if tokenizer_dir is not None:
         import shutil
 
