@@ -50,15 +50,16 @@ class Row:
             if buf is not None:
                 buf.holders.add(self)
 
-    def writable(self, j: int, needed: int, make: Callable[[int], KVBuffer]) -> KVBuffer:
+    def writable(self, j: int, needed: int, make: Callable[[int], KVBuffer], exact: bool = False) -> KVBuffer:
         """Row's buffer of attention layer j, able to hold `needed` tokens and be written from `length` on:
-        grown (doubling, in KV_GROWTH_STEP units) or copied when another holder relies on tokens past
-        `length`. make(capacity): an empty buffer of the cache's format."""
+        grown (doubling, in KV_GROWTH_STEP units; exact: to `needed` rounded up to that unit) or copied
+        when another holder relies on tokens past `length`. make(capacity): an empty buffer of the cache's
+        format."""
         buf = self.kv[j]
         if buf is not None and needed <= buf.capacity and buf.held_by_others(self) <= self.length:
             return buf
         old_cap = 0 if buf is None else buf.capacity
-        cap = max(needed, 2 * old_cap if needed > old_cap else old_cap)
+        cap = needed if exact else max(needed, 2 * old_cap if needed > old_cap else old_cap)
         cap = -(-cap // KV_GROWTH_STEP) * KV_GROWTH_STEP
         new = make(cap)
         if self.length and buf is not None:
@@ -108,9 +109,9 @@ class KVCache:
     def _make(self, capacity: int) -> KVBuffer:
         return self._buffer.empty(self.num_kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
-    def buffers(self, new_tokens: int) -> list[KVBuffer]:
+    def buffers(self, new_tokens: int, exact: bool = False) -> list[KVBuffer]:
         """Each row's buffer, writable for `new_tokens` tokens from the row's length on."""
-        return [r.writable(self.j, r.length + new_tokens, self._make) for r in self.rows]
+        return [r.writable(self.j, r.length + new_tokens, self._make, exact) for r in self.rows]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> list[KVBuffer]:
         """Write k, v [B, Hkv, T, D] after each row's tokens (quantized on write for q8_0); return each row's
@@ -321,12 +322,14 @@ class HybridCache:
             r.length = n
         self.last_forward = 0
 
-    def reserve(self, n: int) -> None:
+    def reserve(self, n: int, exact: bool = False) -> None:
         """Make room for n more tokens per row now, so the next forwards of up to n tokens allocate and
-        copy nothing (speculative verification, a known generation length)."""
+        copy nothing (speculative verification, a known generation length). exact: a buffer that must grow
+        gets just that room (rounded up to KV_GROWTH_STEP), not double its old size: what the server's
+        memory budget counts for a request's whole prompt + max_tokens."""
         for layer in self.layers:
             if isinstance(layer, KVCache):
-                layer.buffers(n)
+                layer.buffers(n, exact)
 
     @property
     def nbytes(self) -> int:

@@ -176,18 +176,32 @@ def prefill(model, ids: Sequence[int], cache: HybridCache, mcache: HybridCache, 
     weaker. Returns (fp32 logits [1, vocab] of the last token, its hidden state [H])."""
     if chunk_size < 1:
         raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
-    mrow, row = mcache.rows[0], cache.rows[0]
-    mrow.rope_delta = row.length + row.rope_delta - mrow.length
+    prefill_start(cache, mcache)
     t = torch.tensor([list(ids)], device=model.device)
     T = t.shape[1]
     with torch.no_grad():
         for s in range(0, T, chunk_size):
-            e = min(T, s + chunk_size)
-            h = model.hidden_states(t[:, s:e], cache)
-            n = e - s if e < T else e - s - 1  # the last hidden waits for the first generated token
-            if n:
-                model.mtp_forward(h[:, :n], t[:, s + 1 : s + 1 + n], mcache, logits=False)
+            h = prefill_chunk(model, t, s, min(T, s + chunk_size), cache, mcache)
         return model.logits(h[:, -1:])[:, -1], h[0, -1]
+
+
+def prefill_start(cache: HybridCache, mcache: HybridCache) -> None:
+    """Line the (empty) MTP cache's rotary positions up with the main cache's next position."""
+    mrow, row = mcache.rows[0], cache.rows[0]
+    mrow.rope_delta = row.length + row.rope_delta - mrow.length
+
+
+def prefill_chunk(model, t: torch.Tensor, s: int, e: int, cache: HybridCache, mcache: HybridCache) -> torch.Tensor:
+    """Feed t[:, s:e] of the ids t [1, T] still to prefill (the server's chunk-at-a-time prefill calls this
+    between decode steps); the MTP head sees each hidden with the next token, which for a chunk's last
+    position is the next chunk's first (the prompt's last hidden waits for the first generated token).
+    Returns the chunk's hidden states [1, e - s, H]."""
+    T = t.shape[1]
+    h = model.hidden_states(t[:, s:e], cache)
+    n = e - s if e < T else e - s - 1
+    if n:
+        model.mtp_forward(h[:, :n], t[:, s + 1 : s + 1 + n], mcache, logits=False)
+    return h
 
 
 def start(row: DraftRow, first: Response, last_hidden: torch.Tensor) -> None:

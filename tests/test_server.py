@@ -330,6 +330,7 @@ def test_failing_row_spares_the_rest_of_the_batch(local):
             super().__init__()
             self.inner = model
             self.config, self.make_cache, self.hidden_states = model.config, model.make_cache, model.hidden_states
+            self.cache_layout, self.device = model.cache_layout, model.device
 
         def forward(self, ids, **kw):
             if (ids == poison).any():
@@ -341,7 +342,7 @@ def test_failing_row_spares_the_rest_of_the_batch(local):
         eng.shutdown()  # drive the worker's steps by hand: both requests join the same batch
         for r in requests:
             eng.submit(r)
-        eng._admit()
+        admit(eng)
         assert len(eng.active) == len(requests)
         while eng.active:
             eng._step()
@@ -377,6 +378,14 @@ def test_rows_join_and_leave_a_bf16_batch_with_the_kernels_on(tmp_path_factory):
     assert join_and_leave(model, prompts, params) == alone
 
 
+def admit(eng):
+    """Admit the waiting requests and feed their prompts to the end (the worker's turns, by hand, without
+    decode steps in between)."""
+    eng._admit()
+    while eng.feeding:
+        eng._prefill_turn()
+
+
 def join_and_leave(model, prompts, params):
     """Two requests start, the shortest leaves, two more join a batch already holding the first's tokens;
     returns each request's tokens."""
@@ -388,12 +397,12 @@ def join_and_leave(model, prompts, params):
     with torch.inference_mode():
         for r in reqs[:2]:
             eng.submit(r)
-        eng._admit()
+        admit(eng)
         for _ in range(3):  # the 4-token request: 1 token at admission, 3 steps
             eng._step()
         for r in reqs[2:]:  # join a batch whose first row already holds its prompt and tokens
             eng.submit(r)
-        eng._admit()
+        admit(eng)
         assert len(eng.active) == 3  # the 4-token request has left
         while eng.active:
             eng._step()
@@ -438,8 +447,13 @@ def test_failure_is_500_without_traceback_and_spares_the_server(inprocess, local
     class Broken(torch.nn.Module):
         config = model.config
 
+        device = model.device
+
         def make_cache(self, batch_size=1):
             return model.make_cache(batch_size)
+
+        def cache_layout(self, **kw):
+            return model.cache_layout(**kw)
 
         def hidden_states(self, *a, **k):
             raise RuntimeError("kernel exploded at /secret/path.py line 3")

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..config import ModelConfig
+from ..memory import memory_plan, memory_size
 from ..weights import read_checkpoint_entries
 
 
@@ -27,31 +28,6 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensors", action="store_true", help="GGUF: list every tensor's type, shape and size")
     add_quant_arg(p)
     add_kv_cache_arg(p)
-
-
-def memory_size(text: str) -> int:
-    """An argparse type: '16GB', '16G', '16GiB', '512MB' or a byte count -> bytes (K/M/G/T: powers of 1024)."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"must be a size like 16GB or 512MB, got {text!r}")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
-
-
-def memory_plan(config: ModelConfig, context: int, kv_cache: str = "bf16") -> dict[str, float]:
-    """Per-sequence state in bytes (a bf16 model): KV of the full-attention layers in format `kv_cache`
-    (kv_storage.py) and the constant Gated DeltaNet state (fp32 recurrent state, bf16 conv state)."""
-    import torch
-
-    from ..kv_storage import kv_bytes_per_token
-
-    kv_per_token = len(config.full_attention_layers) * kv_bytes_per_token(
-        kv_cache, config.num_key_value_heads, config.head_dim, torch.bfloat16)
-    gdn = len(config.linear_attention_layers) * (
-        config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
-        + (config.linear_conv_kernel_dim - 1) * config.linear_conv_dim * 2)
-    return {"kv_bytes_per_token": kv_per_token, "kv_bytes": kv_per_token * context, "deltanet_state_bytes": gdn}
 
 
 def print_plan(config: ModelConfig, context: int, weight_bytes: float, args: argparse.Namespace) -> None:

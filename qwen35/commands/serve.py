@@ -24,6 +24,7 @@ from .common import (
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
+    from ..memory import memory_size
     from ..server.protocol import DEFAULT_MAX_REQUEST_BYTES
 
     add_model_args(p)
@@ -39,6 +40,13 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the folder name)")
     p.add_argument("--prompt-cache-gb", type=number(0), default=2.0,
                    help="memory for prompt-reuse snapshots (0 disables reuse)")
+    p.add_argument("--memory-budget", type=memory_size, default=None,
+                   help="KV + state the requests in flight may hold together, e.g. 4GB; a request reserves "
+                        "prompt + max_tokens when it starts, waits while it does not fit and gets 503 if it "
+                        "never could (default: 90%% of the memory available at start, less the prompt cache)")
+    p.add_argument("--prefill-chunk", type=POSITIVE, default=512,
+                   help="prompt tokens fed per turn, between the running requests' decode steps (smaller: "
+                        "steadier streams and quicker first tokens for short prompts beside long ones)")
     think = p.add_mutually_exclusive_group()
     think.add_argument("--think", dest="think", action="store_true", default=None)
     think.add_argument("--no-think", dest="think", action="store_false")
@@ -54,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from ..memory import default_budget, format_bytes
     from ..server.app import create_app
     from ..server.engine import Engine
     from .common import load_from_args
@@ -63,9 +72,11 @@ def main(args: argparse.Namespace) -> int:
     name = args.model_name or Path(str(args.model or "qwen35")).name
     # The engine runs on this (the main) thread, HTTP on a second one: the model's OpenMP work is faster
     # from the thread that loaded it (see Engine).
+    prompt_cache_bytes = int(args.prompt_cache_gb * 2**30)
+    budget = args.memory_budget if args.memory_budget is not None else default_budget(prompt_cache_bytes)
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue,
-                    prompt_cache_bytes=int(args.prompt_cache_gb * 2**30), thread=False,
-                    speculation=speculation_from_args(args, tokenizer))
+                    prompt_cache_bytes=prompt_cache_bytes, thread=False, prefill_chunk_size=args.prefill_chunk,
+                    speculation=speculation_from_args(args, tokenizer), memory_budget=budget)
     app = create_app(engine, tokenizer, name, api_key=args.api_key, default_thinking=args.think,
                      request_timeout=args.request_timeout, preserve_thinking=args.preserve_thinking,
                      max_request_bytes=args.max_request_bytes)
@@ -91,7 +102,9 @@ def main(args: argparse.Namespace) -> int:
     while not server.started and web.is_alive():
         time.sleep(0.02)
     if server.started:
-        print(f"qwen35 serving '{name}' on http://{args.host}:{args.port}/v1", flush=True)
+        mem = f"memory budget {format_bytes(budget)}" if budget is not None else "no memory budget (unknown RAM)"
+        print(f"qwen35 serving '{name}' on http://{args.host}:{args.port}/v1 ({mem} for requests in flight)",
+              flush=True)
     try:
         engine.run()
     except KeyboardInterrupt:

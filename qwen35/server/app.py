@@ -35,7 +35,7 @@ from ..errors import Qwen35Error
 from ..generation import ContextLengthError
 from ..guide import make_guide
 from ..toolcalls import OutputParser, ParsedDelta
-from .engine import Engine, QueueFull
+from .engine import Engine, MemoryBudgetExceeded, QueueFull
 from .engine import Request as EngineRequest
 from .protocol import DEFAULT_MAX_REQUEST_BYTES, APIError, bad, parse_json, parse_messages, parse_options
 
@@ -199,6 +199,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             "# TYPE qwen35_generated_tokens_total counter", f"qwen35_generated_tokens_total {s['generated_tokens']}",
             "# TYPE qwen35_queue_depth gauge", f"qwen35_queue_depth {engine.queue_depth}",
             "# TYPE qwen35_active_sequences gauge", f"qwen35_active_sequences {len(engine.active)}",
+            "# TYPE qwen35_prefilling_sequences gauge", f"qwen35_prefilling_sequences {len(engine.feeding)}",
+            "# TYPE qwen35_memory_reserved_bytes gauge", f"qwen35_memory_reserved_bytes {engine.reserved_bytes}",
+        ] + ([
+            "# TYPE qwen35_memory_budget_bytes gauge", f"qwen35_memory_budget_bytes {engine.memory_budget}",
+        ] if engine.memory_budget is not None else []) + [
             "# TYPE qwen35_time_to_first_token_seconds summary",
             f"qwen35_time_to_first_token_seconds_sum {s['ttft_sum']:.6f}",
             f"qwen35_time_to_first_token_seconds_count {s['ttft_count']}",
@@ -223,6 +228,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise bad(param, str(e), "context_length_exceeded") from None
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full") from None
+        except MemoryBudgetExceeded as e:
+            raise APIError(503, str(e), code="insufficient_memory") from None
 
     async def tokens(req: EngineRequest, request: Request):
         """The engine's tokens for `req`, cancelling it when the client goes away."""

@@ -1,9 +1,17 @@
 """The serving engine: one worker thread that batches every active request into each decode step.
 
 Requests wait in a bounded queue (full -> QueueFull, the HTTP layer answers 429). Between steps the worker
-admits waiting requests (prefilled alone, restoring the longest snapshotted prefix from the prompt cache,
-then merged into the batch: its rows are moved in, no other row's KV is touched) and drops finished,
-cancelled or timed-out ones (`HybridCache.filter`). Decoding is generation.step, the loop every generator
+admits waiting requests in order while the batch has room and their memory fits the budget (below), feeds
+their prompts a chunk per turn of the loop, interleaved with the batch's decode steps (prefill.py says the
+policy; each restores the longest snapshotted prefix from the prompt cache first), then merges each
+prefilled row into the batch (its rows are moved in, no other row's KV is touched) and drops finished,
+cancelled or timed-out ones (`HybridCache.filter`). A cancelled request stops within one prefill chunk.
+
+Memory: each request reserves its KV for prompt + max_tokens and its constant Gated DeltaNet state
+(memory.sequence_bytes) when admitted, and gives it back when it ends. With a `memory_budget`, a request
+that could never fit is refused at submit (MemoryBudgetExceeded, the HTTP layer answers 503 with the
+numbers), and one that does not fit beside the running ones waits in the queue until they finish. The
+prompt cache has its own cap (`prompt_cache_bytes`) on top of the budget. Decoding is generation.step, the loop every generator
 uses, or with a `Speculation` speculative.step (the MTP head's KV rows ride along with the main cache's;
 rows accept different numbers of drafts; snapshots for prompt reuse are taken only at prompt ends and
 answer ends, which are accepted positions). Each request reads its results (generation.Response) from its
@@ -15,6 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +31,19 @@ import torch
 
 from .. import speculative
 from ..cache import HybridCache
-from ..generation import Response, Stream, check_context, prefill, step
+from ..generation import Response, Stream, check_context, step
+from ..memory import format_bytes, sequence_bytes
 from ..prompt_cache import PromptCache
 from ..sampling import SamplingParams
+from .prefill import DRAFT_SLACK, PromptFeed
 
 
 class QueueFull(Exception):
     pass
+
+
+class MemoryBudgetExceeded(Exception):
+    """The request's state alone is larger than the server's memory budget: it could never run."""
 
 
 @dataclass
@@ -44,6 +59,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    reserved_bytes: int = 0  # KV + state this request holds against the memory budget (set at submit)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -55,15 +71,22 @@ Token = Response  # what a request's queue carries: a generated token, or an end
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prompt_cache_bytes: int = 2 * 2**30,
                  prefill_chunk_size: int = 512, thread: bool = True,
-                 speculation: speculative.Speculation | None = None):
-        """speculation: draft with the MTP head (qwen35 serve --speculative). thread=False: no worker thread; the caller runs `run()` itself (qwen35 serve runs it on the main
-        thread: torch's OpenMP work is ~12% slower from a second thread once the main thread has its own
-        OpenMP team, measured on prefill)."""
+                 speculation: speculative.Speculation | None = None, memory_budget: int | None = None):
+        """speculation: draft with the MTP head (qwen35 serve --speculative). memory_budget: bytes of KV +
+        state the requests in flight may reserve together (None: no limit). thread=False: no worker
+        thread; the caller runs `run()` itself (qwen35 serve runs it on the main thread: torch's OpenMP
+        work is ~12% slower from a second thread once the main thread has its own OpenMP team, measured
+        on prefill)."""
+        if max_batch < 1 or prefill_chunk_size < 1:  # either would hang every request
+            raise ValueError(f"max_batch and prefill_chunk_size must be >= 1, got {max_batch}, {prefill_chunk_size}")
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_chunk_size = prefill_chunk_size
+        self.memory_budget, self.reserved_bytes = memory_budget, 0
         self.prompt_cache = PromptCache(model, prompt_cache_bytes)
-        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.waiting: deque[Request] = deque()  # guarded by _lock (submit runs on HTTP threads)
+        self.feeding: list[PromptFeed] = []  # admitted requests whose prompts are being prefilled
+        self._next_feed = 0  # round robin over `feeding`
         self.active: list[tuple[Request, Stream]] = []  # row b of self.cache belongs to active[b]
         self.cache: HybridCache | None = None
         self.speculation = speculation
@@ -84,17 +107,31 @@ class Engine:
     # ---- API for the HTTP layer ----
     def submit(self, req: Request) -> Request:
         check_context(self.model, 0, len(req.prompt), req.params.max_tokens)
+        req.reserved_bytes = self.request_bytes(len(req.prompt), req.params.max_tokens)
+        if self.memory_budget is not None and req.reserved_bytes > self.memory_budget:
+            raise MemoryBudgetExceeded(
+                f"this request needs {format_bytes(req.reserved_bytes)} of KV and state (prompt of "
+                f"{len(req.prompt)} tokens + max_tokens {req.params.max_tokens}) but the server's memory budget "
+                f"is {format_bytes(self.memory_budget)}; lower max_tokens or shorten the prompt")
         with self._lock:
-            if self.waiting.qsize() >= self.max_queue:
+            if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
-            self.waiting.put(req)
+            self.waiting.append(req)
             self.stats["requests"] += 1
         self._wake.set()
         return req
 
+    def request_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
+        """What a request reserves against the memory budget: its row's KV for prompt + max_tokens and
+        its Gated DeltaNet state (plus the MTP head's KV when drafting)."""
+        if self.speculation is None:
+            return sequence_bytes(self.model.cache_layout(), prompt_tokens + max_tokens)
+        n = prompt_tokens + max_tokens + DRAFT_SLACK
+        return sequence_bytes(self.model.cache_layout(), n) + sequence_bytes(self.model.cache_layout(mtp=True), n)
+
     @property
     def queue_depth(self) -> int:
-        return self.waiting.qsize()
+        return len(self.waiting)
 
     def stop(self) -> None:
         """Ask `run()` to return (safe from any thread or a signal handler)."""
@@ -108,59 +145,107 @@ class Engine:
 
     # ---- worker ----
     def run(self) -> None:
-        """The worker loop, until stop()."""
+        """The worker loop, until stop(): admit, one decode step for the batch, one prefill chunk."""
         torch.set_grad_enabled(False)
         while not self._stop:
-            if not self.active and self.waiting.empty():
+            if not self.active and not self.feeding and not self.waiting:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             with torch.inference_mode():
-                self._admit()
-                if self.active:
-                    self._step()
+                self._turn_once()
+
+    def _turn_once(self) -> None:
+        """One turn of the loop: admit what fits, one decode step for the batch, one prefill chunk."""
+        self._admit()
+        if self.active:
+            self._step()
+        if self.feeding:
+            self._prefill_turn()
 
     def _admit(self) -> None:
-        while len(self.active) < self.max_batch and not self.waiting.empty():
-            req = self.waiting.get()
+        """Start waiting requests, oldest first, while the batch has room and the oldest one's memory fits
+        (a later, smaller request does not overtake it: it would starve a big one)."""
+        while len(self.active) + len(self.feeding) < self.max_batch:
+            with self._lock:
+                if not self.waiting:
+                    return
+                req = self.waiting[0]
+                if not req.cancelled.is_set() and self.memory_budget is not None and \
+                        self.reserved_bytes + req.reserved_bytes > self.memory_budget:
+                    return  # waits for running requests to give memory back
+                self.waiting.popleft()
             if req.cancelled.is_set():
                 req.out.put(Token(None, finish_reason="cancelled"))
                 continue
+            self.reserved_bytes += req.reserved_bytes
             try:
-                self._start(req)
+                self.feeding.append(PromptFeed(self.model, req, self.prompt_cache, self.prefill_chunk_size,
+                                               self.speculation))
+                req.cached_tokens = self.feeding[-1].cached
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                self._release(req)
                 self._fail(req, e)
 
-    def _start(self, req: Request) -> None:
-        model = self.model
-        cache, cached = self.prompt_cache.lookup(req.prompt)
-        spec = self.speculation
-        mcache = model.make_mtp_cache(batch_size=1) if spec is not None else None
+    def _prefill_turn(self) -> None:
+        """One chunk of one prompt (the prompts in turn); a prompt fed to its end joins the batch."""
+        self._next_feed %= len(self.feeding)
+        job = self.feeding[self._next_feed]
+        req = job.req
+        ended = self._ended(req, time.monotonic())
+        if ended is not None:
+            self.feeding.pop(self._next_feed)
+            self._release(req)
+            req.out.put(Token(None, finish_reason=ended))
+            return
+        try:
+            job.feed()
+        except Exception as e:  # noqa: BLE001
+            self.feeding.pop(self._next_feed)
+            self._release(req)
+            self._fail(req, e)
+            return
+        if not job.done:
+            self._next_feed += 1
+            return
+        self.feeding.pop(self._next_feed)
+        try:
+            self._join(job)
+        except Exception as e:  # noqa: BLE001
+            self._release(req)
+            self._fail(req, e)
 
-        def feed(ids: list[int]):
-            if spec is None:
-                return prefill(model, torch.tensor([ids]), cache, self.prefill_chunk_size), None
-            return speculative.prefill(model, ids, cache, mcache, self.prefill_chunk_size)
-
-        if req.boundary and cached < req.boundary < len(req.prompt):
-            feed(req.prompt[cached:req.boundary])
-            self.prompt_cache.store(req.prompt[: req.boundary], cache)
-        logits, last_h = feed(req.prompt[cache.offset:])
-        self.prompt_cache.store(req.prompt, cache)
-        req.cached_tokens = cached
+    def _join(self, job: PromptFeed) -> None:
+        """A prompt fed to its end: sample its first token, then move its row into the batch."""
+        req = job.req
         self.stats["prompt_tokens"] += len(req.prompt)
-        self.stats["cached_tokens"] += cached
-        stream = Stream.start(model, req.prompt, req.params, guide=req.guide)
-        first = stream.sample(logits)
+        self.stats["cached_tokens"] += job.cached
+        stream = Stream.start(self.model, req.prompt, req.params, guide=req.guide)
+        first = stream.sample(job.logits)
         self._deliver(req, first)
-        if stream.finish is None:
-            self.cache = cache if self.cache is None else HybridCache.merge([self.cache, cache])
-            self.active.append((req, stream))
-            if spec is not None:
-                row = spec.new_row(req.params)
-                speculative.start(row, first, last_h)
-                self.mcache = mcache if self.mcache is None else HybridCache.merge([self.mcache, mcache])
-                self.drafting.append(row)
+        if stream.finish is not None:
+            self._release(req)
+            return
+        self.cache = job.cache if self.cache is None else HybridCache.merge([self.cache, job.cache])
+        self.active.append((req, stream))
+        if self.speculation is not None:
+            row = self.speculation.new_row(req.params)
+            speculative.start(row, first, job.last_hidden)
+            self.mcache = job.mcache if self.mcache is None else HybridCache.merge([self.mcache, job.mcache])
+            self.drafting.append(row)
+
+    def _release(self, req: Request) -> None:
+        """Give a request's reserved memory back (it ended, failed or was cancelled)."""
+        self.reserved_bytes -= req.reserved_bytes
+        req.reserved_bytes = 0
+
+    @staticmethod
+    def _ended(req: Request, now: float) -> str | None:
+        if req.cancelled.is_set():
+            return "cancelled"
+        if req.timeout_s is not None and now - req.created > req.timeout_s:
+            return "timeout"
+        return None
 
     def _deliver(self, req: Request, r: Response) -> None:
         if r.error is not None:
@@ -179,12 +264,11 @@ class Engine:
         now = time.monotonic()
         keep = []
         for i, (req, _) in enumerate(self.active):
-            if req.cancelled.is_set():
-                req.out.put(Token(None, finish_reason="cancelled"))
-            elif req.timeout_s is not None and now - req.created > req.timeout_s:
-                req.out.put(Token(None, finish_reason="timeout"))
-            else:
+            ended = self._ended(req, now)
+            if ended is None:
                 keep.append(i)
+            else:
+                req.out.put(Token(None, finish_reason=ended))
         self._keep(keep)
         if not self.active:
             return
@@ -236,6 +320,7 @@ class Engine:
         failed = [(self.active[i], out[i]) for i in range(len(rows)) if rows[i] is None]
         self.active = [self.active[i] for i in keep]
         for (req, _), rs in failed:
+            self._release(req)
             self._deliver(req, rs[0])
         return [out[i] for i in keep]
 
@@ -255,6 +340,10 @@ class Engine:
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.active):
             return
+        kept = set(keep)
+        for i, (req, _) in enumerate(self.active):
+            if i not in kept:
+                self._release(req)
         self.active = [self.active[i] for i in keep]
         if not self.active:
             self.cache = None
