@@ -25,6 +25,7 @@ from ..checkpoint import write_checkpoint
 from ..config import ModelConfig
 from ..model.qwen35 import Qwen35ForCausalLM
 from .data import IGNORE, PackedRow
+from .vocab_loss import banded_cross_entropy
 
 STATE_FILE = "trainer_state.pt"
 
@@ -147,9 +148,13 @@ def _chunk_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def summed_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of the logits of hidden [B, T, H] against labels [B, T].
-    With gradient checkpointing, in chunks of rows whose logits are recomputed in backward: the [B*T, vocab]
+    A frozen head (LoRA, QLoRA) goes through vocab_loss.banded_cross_entropy (no [rows, vocab] tensor at
+    all). A trainable one: with gradient checkpointing, in chunks of rows whose logits are recomputed in backward: the [B*T, vocab]
     fp32 logits, their softmax and gradient (3 GB at 1024 tokens of the 248K vocabulary) never exist at once."""
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    w = model.head_weight
+    if not (isinstance(w, torch.Tensor) and w.requires_grad):  # a frozen head (LoRA, QLoRA): vocabulary bands
+        return banded_cross_entropy(h, w, y)
     rows = max(1, LOSS_CHUNK_BYTES // (4 * model.config.vocab_size))
     if not (model.gradient_checkpointing and torch.is_grad_enabled()) or h.shape[0] <= rows:
         return _chunk_loss(model, h, y)
