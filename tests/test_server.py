@@ -11,32 +11,13 @@ import time
 import httpx
 import pytest
 import torch
+from inprocess import free_port, serving, wait_healthy  # noqa: F401 - re-exported for other test files
 from openai import OpenAI
 
 import qwen35
 from qwen35.sampling import SamplingParams
 
 KEY = "sekret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base: str, proc=None, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server did not come up")
 
 
 @pytest.fixture(scope="module")
@@ -228,35 +209,23 @@ class ScriptedSampler:
 
 @pytest.fixture()
 def inprocess(local, monkeypatch):
-    import uvicorn
+    from contextlib import ExitStack
 
     from qwen35 import generation
     from qwen35.server import engine as engine_mod
     from qwen35.server.app import create_app
 
-    servers = []
+    with ExitStack() as stack:
+        def start(max_queue=8, model=None, scripted=None, tokenizer=None, engine_kwargs=None, **app_kwargs):
+            if scripted is not None:
+                monkeypatch.setattr(generation, "Sampler", ScriptedSampler)
+                ScriptedSampler.script = scripted
+            m, tok = local
+            eng = engine_mod.Engine(model or m, max_batch=2, max_queue=max_queue, **(engine_kwargs or {}))
+            app = create_app(eng, tokenizer or tok, "model", default_thinking=False, **app_kwargs)
+            return stack.enter_context(serving(app, eng)), eng
 
-    def start(max_queue=8, model=None, scripted=None, tokenizer=None, **app_kwargs):
-        if scripted is not None:
-            monkeypatch.setattr(generation, "Sampler", ScriptedSampler)
-            ScriptedSampler.script = scripted
-        m, tok = local
-        eng = engine_mod.Engine(model or m, max_batch=2, max_queue=max_queue)
-        app = create_app(eng, tokenizer or tok, "model", default_thinking=False, **app_kwargs)
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-        th = threading.Thread(target=srv.run, daemon=True)
-        th.start()
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(base)
-        servers.append((srv, th, eng))
-        return base, eng
-
-    yield start
-    for srv, th, eng in servers:
-        srv.should_exit = True
-        th.join(timeout=10)
-        eng.shutdown()
+        yield start
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
@@ -447,8 +416,6 @@ def test_failure_is_500_without_traceback_and_spares_the_server(inprocess, local
     class Broken(torch.nn.Module):
         config = model.config
 
-        device = model.device
-
         def make_cache(self, batch_size=1):
             return model.make_cache(batch_size)
 
@@ -478,24 +445,14 @@ def test_failure_is_500_without_traceback_and_spares_the_server(inprocess, local
 @pytest.fixture(scope="module")
 def plain(local):
     """One in-process server (real model, greedy-checkable) for the input-handling tests: (base, engine)."""
-    import uvicorn
-
     from qwen35.server.app import create_app
     from qwen35.server.engine import Engine
 
     model, tok = local
     eng = Engine(model, max_batch=2, max_queue=8)
     app = create_app(eng, tok, "model", default_thinking=False, max_request_bytes=2**20)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    base = f"http://127.0.0.1:{port}"
-    wait_healthy(base)
-    yield base, eng
-    srv.should_exit = True
-    th.join(timeout=10)
-    eng.shutdown()
+    with serving(app, eng, log_level="critical") as base:
+        yield base, eng
 
 
 def connection_of(r: httpx.Response):

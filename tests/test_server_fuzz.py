@@ -3,14 +3,14 @@ tokens each): no 500, no traceback or file path in any answer, the keep-alive co
 request, and a valid request afterwards is still answered exactly."""
 
 import json
-import threading
 
 import httpx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server import connection_of, free_port, wait_healthy
+from inprocess import serving
+from test_server import connection_of
 
 import qwen35
 from qwen35.sampling import SamplingParams
@@ -86,25 +86,14 @@ def requests(draw):
 
 @pytest.fixture(scope="module")
 def served(chat_model_dir):
-    import uvicorn
-
     from qwen35.server.app import create_app
     from qwen35.server.engine import Engine
 
     model, tok = qwen35.load(chat_model_dir, dtype=torch.float32)
     eng = Engine(model, max_batch=2, max_queue=8)
     app = create_app(eng, tok, "model", default_thinking=False, request_timeout=20, max_request_bytes=2**16)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    base = f"http://127.0.0.1:{port}"
-    wait_healthy(base)
-    with httpx.Client(base_url=base, timeout=60) as h:
+    with serving(app, eng, log_level="critical") as base, httpx.Client(base_url=base, timeout=60) as h:
         yield h, model, tok
-    srv.should_exit = True
-    th.join(timeout=10)
-    eng.shutdown()
 
 
 def test_fuzzed_requests_never_break_the_server(served):

@@ -2,14 +2,14 @@
 model with the real Qwen3.5 tokenizer, driven with the official `openai` client (in-process server)."""
 
 import json
-import threading
 
 import httpx
 import jsonschema
 import pytest
 import torch
+from inprocess import serving
 from openai import BadRequestError, OpenAI
-from test_server import ScriptedSampler, free_port, wait_healthy
+from test_server import ScriptedSampler
 
 import qwen35
 
@@ -37,35 +37,22 @@ def local(chat_model_dir):
 
 @pytest.fixture()
 def serve(local, monkeypatch):
-    import uvicorn
+    from contextlib import ExitStack
 
     from qwen35 import generation
     from qwen35.server.app import create_app
     from qwen35.server.engine import Engine
 
-    servers = []
+    with ExitStack() as stack:
+        def start(scripted=None):
+            if scripted is not None:
+                monkeypatch.setattr(generation, "Sampler", ScriptedSampler)
+                ScriptedSampler.script = scripted
+            model, tok = local
+            eng = Engine(model, max_batch=4, max_queue=8)
+            return stack.enter_context(serving(create_app(eng, tok, "model", default_thinking=False), eng))
 
-    def start(scripted=None):
-        if scripted is not None:
-            monkeypatch.setattr(generation, "Sampler", ScriptedSampler)
-            ScriptedSampler.script = scripted
-        model, tok = local
-        eng = Engine(model, max_batch=4, max_queue=8)
-        app = create_app(eng, tok, "model", default_thinking=False)
-        port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-        th = threading.Thread(target=srv.run, daemon=True)
-        th.start()
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(base)
-        servers.append((srv, th, eng))
-        return base
-
-    yield start
-    for srv, th, eng in servers:
-        srv.should_exit = True
-        th.join(timeout=10)
-        eng.shutdown()
+        yield start
 
 
 def test_response_format_json_schema_batched_rows_each_validate(serve):
