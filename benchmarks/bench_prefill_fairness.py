@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import threading
 import time
@@ -26,15 +27,17 @@ from baseline import checkout
 from bench_server import prepare, start, stream_once, words
 
 
-def long_text(model: Path, tokens: int) -> str:
+def long_text(model: Path, tokens: int, seed: int) -> str:
     from qwen35.tokenizer import Tokenizer
 
     tok = Tokenizer(model)
     per_word = len(tok.encode(words(random.Random(8), 1000))) / 1000
-    return words(random.Random(9), int(tokens / per_word))
+    return words(random.Random(seed), int(tokens / per_word))
 
 
-def phases(model: Path, text: str, args, code: Path | None = None) -> dict:
+def phases(model: Path, text: str, other: str, args, code: Path | None = None) -> dict:
+    """text: the long prompt beside the short ones; other: the abandoned one (a different text, so the
+    prompt cache cannot answer it from the first phase's snapshot)."""
     from openai import OpenAI
 
     proc, base = start(model, ["--max-batch", "8"], code)
@@ -61,7 +64,7 @@ def phases(model: Path, text: str, args, code: Path | None = None) -> dict:
         def abandon():
             try:
                 with client.chat.completions.with_streaming_response.create(
-                        model="m", messages=[{"role": "user", "content": text}], max_tokens=4, stream=True,
+                        model="m", messages=[{"role": "user", "content": other}], max_tokens=4, stream=True,
                         timeout=2.0) as resp:
                     for _ in resp.iter_lines():
                         pass
@@ -84,19 +87,19 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="also run at this git revision (before the change)")
     args = ap.parse_args()
     model = prepare(args.model)
-    text = long_text(model, args.long_tokens)
+    text, other = long_text(model, args.long_tokens, 9), long_text(model, args.long_tokens, 10)
     runs = {}
     if args.baseline:
         with checkout(args.baseline) as code:
-            runs[f"qwen35@{args.baseline}"] = phases(model, text, args, code)
-    runs["qwen35"] = phases(model, text, args)
+            runs[f"qwen35@{args.baseline}"] = phases(model, text, other, args, code)
+    runs["qwen35"] = phases(model, text, other, args)
     print(f"{'engine':<18}{'long prompt':>12}{'long TTFT s':>12}{'short TTFTs s (while long prefills)':>38}"
           f"{'after abandon s':>17}")
     for name, res in runs.items():
         b = res["beside"]
         print(f"{name:<18}{b['long_prompt_tokens']:>12}{b['long_ttft_s']:>12.1f}"
               f"{', '.join(f'{t:.2f}' for t in b['short_ttft_s']):>38}{res['abandoned']['next_short_ttft_s']:>17.2f}")
-    print(json.dumps({"bench": "prefill_fairness", "model": str(model), "runs": runs}))
+    print(json.dumps({"bench": "prefill_fairness", "model": str(model), "load_avg": os.getloadavg(), "runs": runs}))
 
 
 if __name__ == "__main__":
