@@ -9,9 +9,12 @@ against 655-2184 tok/s. A fixed thread count is wrong either way (idle, two thre
 `Governor` times the steps it runs and keeps, per kind of step ("decode", "prefill"), a moving average of
 seconds per unit of work for each candidate thread count (all threads, and one). It runs the faster one and
 re-measures the other now and then, as often as a 5% time budget allows (a probe of a choice 33x slower is
-a 32-step loss, so it comes every 640 steps; a close one every 32), so it follows the load as it comes and
-goes. Before any step has been timed, `probe()` times a small parallel op both ways to pick the first
-choice and the first probe's distance (a few ms).
+a 32-step loss, so it comes every 640 steps; a close one every 32), and half as often after each probe that
+loses in a row (so a steady machine pays well under 1%: with one core busy the budget's 5% showed as a
+0.9x decode). A change in the chosen count's own step time (1.5x its time at the last decision: load
+arriving) brings the next probe forward at once, so backing off never delays noticing new load. Before any
+step has been timed, `probe()` times a small parallel op both ways to pick the first choice and the first
+probe's distance (a few ms).
 
 Process-wide (torch's thread count is): the CLI and server enable it (`enable`) unless `--threads` pins a
 count; library calls leave it off, and then `run` just calls the step. Decode gives the same bits on any
@@ -35,6 +38,8 @@ BUDGET = 0.05  # time a re-measurement of the slower choice may cost, as a fract
 PROBE_EVERY = 32  # the fewest steps between re-measurements (a probe 1.5x slower: 1.6% of the time)
 PROBE_MAX = 1024
 HYSTERESIS = 1.1  # the other choice must be this much faster to take over
+BACKOFF_MAX = 5  # a probe interval doubles per losing probe in a row, up to 32x (and PROBE_MAX)
+CHANGED = 1.5  # the chosen count's moving average this many times its time at the last decision: probe now
 
 
 def probe_interval(ratio: float) -> int:
@@ -55,6 +60,8 @@ class Governor:
         self.current: dict[str, int] = {}
         self.countdown: dict[str, int] = {}
         self.undecided: set[str] = set()  # probed before the chosen count had a clean timing: judge after it has
+        self.lost: dict[str, int] = {}  # probes of the other count lost in a row (the backoff's exponent)
+        self.ref: dict[str, float] = {}  # the chosen count's seconds per unit when last decided
         self.switches = 0
 
     def _other(self, n: int) -> int | None:
@@ -96,6 +103,11 @@ class Governor:
             else:
                 old = self.est.get((kind, use))
                 self.est[(kind, use)] = dt if old is None or probing else (1 - ALPHA) * old + ALPHA * dt
+                ref = self.ref.get(kind)
+                if not probing and ref is not None and self.est[(kind, use)] > CHANGED * ref:
+                    self.countdown[kind] = min(self.countdown[kind], 1)  # the load changed: look again now
+                    self.lost[kind] = 0
+                    self.ref[kind] = self.est[(kind, use)]
             self.countdown[kind] -= 1
             if probing or kind in self.undecided:
                 self.undecided.discard(kind)
@@ -111,9 +123,13 @@ class Governor:
         elif b * HYSTERESIS < a:
             self.current[kind] = alt
             self.switches += 1
+            self.lost[kind] = 0
+            self.ref[kind] = b
             self.countdown[kind] = probe_interval(a / b)
         else:
-            self.countdown[kind] = probe_interval(b / a)
+            lost = self.lost[kind] = self.lost.get(kind, 0) + 1
+            self.ref[kind] = a
+            self.countdown[kind] = min(PROBE_MAX, probe_interval(b / a) << min(lost - 1, BACKOFF_MAX))
 
     def probe(self, repeats: int = 7) -> tuple[int, float]:
         """The faster of all threads and one on a small parallel op (median of `repeats`), and how many

@@ -140,3 +140,32 @@ def test_generation_under_the_governor_gives_the_pinned_tokens(monkeypatch):
     adaptive = [r.token for r in qwen35.generate_step(model, prompt, params=params)]
     assert adaptive == pinned
     assert set(used) == {1, 2}  # both counts really ran
+
+
+def test_losing_probes_back_off_to_well_under_the_budget():
+    # one core busy: two threads take 5x one thread's time (the bundled model's decode, measured)
+    g, step = make({2: 0.05, 1: 0.01}, start=1, ratio=5)
+    used = []
+    for _ in range(5000):
+        g.run("decode", lambda: (used.append(torch.get_num_threads()), step()))
+    assert g.current["decode"] == 1 and g.switches == 0
+    extra = used.count(2) * (0.05 - 0.01)
+    assert extra / (len(used) * 0.01) < 0.01  # without the backoff: 5% (one probe per 80 steps)
+    assert used[-PROBE_MAX_STEPS:].count(2) >= 1  # it still looks
+
+
+PROBE_MAX_STEPS = threads.PROBE_MAX + 1
+
+
+def test_load_arriving_after_a_long_backoff_is_noticed_at_once():
+    cost = {2: 0.010, 1: 0.015}
+    g, step = make(cost, start=2, ratio=1.5)
+    for _ in range(3000):  # many losing probes of one thread: the next one is ~1000 steps away
+        g.run("decode", step)
+    assert g.lost["decode"] >= 4  # probes now 32 x 2**4 = 512 or more steps apart
+    cost[2] = 0.5  # another program takes a core
+    n = 0
+    while g.current["decode"] == 2:
+        g.run("decode", step)
+        n += 1
+    assert n <= 4  # the moving average crosses 1.5x after one step; the probe of one thread follows
