@@ -49,12 +49,13 @@ def worker(path: str, seq_len: int, steps: int) -> dict:
     import qwen35
     from qwen35.ops import kernels
     from qwen35.quant.weight import QuantizedWeight
-    from qwen35.runtime import set_threads
+    from qwen35.runtime import set_threads, tune_allocator
     from qwen35.train.data import PackedRow
     from qwen35.train.loop import TrainConfig, train
     from qwen35.train.lora import apply_lora
 
-    threads = set_threads(None)  # as `qwen35 train` runs: no allocator tuning (it keeps freed blocks)
+    threads = set_threads(None)
+    tune_allocator(training=True)  # as `qwen35 train` does
     kernels.available()
     before = status()
     t0 = time.perf_counter()

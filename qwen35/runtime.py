@@ -6,7 +6,11 @@
   allocation; decode allocates the same few-MB tensors every step, and on virtual machines a page fault
   costs microseconds. `tune_allocator` raises glibc's mmap and trim thresholds so those blocks are reused.
   It changes process-wide behaviour, so the engine entry points call it, not `import qwen35`; set
-  QWEN35_MALLOC_TUNING=0 to leave malloc alone.
+  QWEN35_MALLOC_TUNING=0 to leave malloc alone. Training wants the opposite (`tune_allocator(training=
+  True)`, which `qwen35 train` calls): a step frees gigabytes of activations of every size, glibc's dynamic
+  mmap threshold climbs to 32 MiB after the first large free, and from then on blocks below it come from
+  heap arenas that fragment and are never returned, so resident memory grows far past what is live. A
+  fixed 1 MiB threshold maps every large tensor on its own and unmaps it when freed.
 - Weights live in transparent huge pages where Linux offers them (`WeightArena`): decode streams every
   weight once per token, and with 4 KiB pages that is a TLB miss (a two-level page walk on a virtual
   machine) and a hardware-prefetcher restart every 4 KiB. Measured on the 248320x1024 head here: 30.2 GB/s
@@ -24,7 +28,7 @@ import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_tuned = False
+_tuned: str | bool = False  # the mode in effect
 
 
 def set_threads(n: int | None = None) -> int:
@@ -36,19 +40,22 @@ def set_threads(n: int | None = None) -> int:
     return torch.get_num_threads()
 
 
-def tune_allocator() -> bool:
-    """Keep large freed blocks in the heap (glibc only). Returns whether tuning is in effect."""
+def tune_allocator(training: bool = False) -> bool:
+    """Inference: keep large freed blocks in the heap. training: return every block of 1 MiB or more to
+    the OS when freed (glibc only). Returns whether tuning is in effect."""
     global _tuned
-    if _tuned:
+    mode = "training" if training else "inference"
+    if _tuned == mode:
         return True
     if os.environ.get("QWEN35_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
+    mmap_at, trim_at = (2**20, 64 * 2**20) if training else (32 * 2**20, 2**30)
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_at) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim_at) == 1
     except (OSError, AttributeError):
         return False
-    _tuned = ok
+    _tuned = mode if ok else False
     return ok
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .data import IGNORE
 
-BAND_BYTES = 128 * 2**20  # fp32 logits of one band for all rows
+BAND_BYTES = 32 * 2**20  # fp32 logits of one band for all rows (the band's softmax and weights come beside them)
 
 
 def _band(w, s: int, e: int, dtype: torch.dtype) -> torch.Tensor:
