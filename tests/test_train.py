@@ -317,3 +317,31 @@ def test_moving_a_lora_model_keeps_its_adapted_groups_unfused(tied_replica):
     F.cross_entropy(model(x)[:, :-1].reshape(-1, 320), x[:, 1:].reshape(-1)).backward()
     adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert adapters and all(m.lora_B.grad is not None and m.lora_B.grad.any() for m in adapters)
+
+
+def test_lora_adapters_reach_the_decode_kernels():
+    """Whole-layer decode kernels read a layer's matrices directly; a layer holding adapters must run per op
+    (its projections as modules), or decode would silently drop the adapters (it did, for adapters on
+    out_proj / o_proj / down_proj only, whose fused input groups stay fused)."""
+    from qwen35.ops import kernels
+    from qwen35.train.lora import apply_lora
+
+    if not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    path = qwen35.__path__[0] + "/assets/model"
+    logits = {}
+    for on in (True, False):
+        model = qwen35.load_model(path, dtype=torch.bfloat16, kernels=on)
+        apply_lora(model, 4, targets=("out_proj", "o_proj", "down_proj"))
+        g = torch.Generator().manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data = torch.randn(p.shape, generator=g) * 0.1
+        with torch.no_grad():
+            cache = model.make_cache(1)
+            model(torch.tensor([list(range(10, 30))]), cache=cache)
+            logits[on] = torch.cat([model(torch.tensor([[t]]), cache=cache)[:, -1] for t in (5, 6, 7)])
+        if on:
+            assert not any(hasattr(layer, "layer_weights") for layer in model.model.layers)
+    # the kernels vs the reference ops in bf16: measured 0.03-0.04; with the adapters dropped: 0.35+
+    assert (logits[True] - logits[False]).abs().max() < 0.15

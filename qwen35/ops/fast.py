@@ -213,7 +213,10 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
             continue
         mixer = layer.mixer
         norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        mlp = _mlp_weights(layer.mlp) if whole_layers and norms else None
+        # LoRA adapters (train/lora.py) live in their projections' forward, which a whole-layer kernel never
+        # calls: a layer holding one runs per op (the mixer kernels call out_proj / o_proj as modules)
+        adapted = any(hasattr(mod, "lora_A") for mod in layer.modules())
+        mlp = _mlp_weights(layer.mlp) if whole_layers and norms and not adapted else None
         if isinstance(mixer, GatedDeltaNet) and _gdn_fits(mixer):
             mats = mlp and [_packed(mixer._in_proj), _packed(mixer.out_proj.weight)]
             if mats and all(mats):
