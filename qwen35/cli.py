@@ -28,6 +28,7 @@ COMMANDS = {
     "download": "qwen35.commands.download",
     # ONNX export and the client-side web chat (qwen35/export/)
     "export-onnx": "qwen35.commands.export_onnx",
+    "web": "qwen35.commands.web",
 }
 
 
