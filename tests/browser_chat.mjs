@@ -14,9 +14,11 @@ try {
   const page = await browser.newPage({ viewport: { width: 900, height: 700 } });
   page.on('console', (m) => log.push(`${m.type()}: ${m.text()}`));
   page.on('pageerror', (e) => log.push(`pageerror: ${e.message}`));
+  const t0 = Date.now();
   await page.goto(url);
   await page.waitForFunction(() => window.qwen35 && (window.qwen35.ready || window.qwen35.error), null,
                              { timeout: 120000 });
+  const loadMs = Date.now() - t0; // page, wasm, tokenizer, weights, both sessions
   const isolated = await page.evaluate(() => self.crossOriginIsolated);
   await page.click('#settings > summary'); // settings start folded
   await page.fill('#max-tokens', String(maxTokens));
@@ -28,7 +30,7 @@ try {
   const shown = await page.textContent('.msg.assistant');
   await page.screenshot({ path: screenshot, fullPage: true });
   const r = state.results[0] || {};
-  console.log(JSON.stringify({ error: state.error, backend: state.backend, crossOriginIsolated: isolated,
+  console.log(JSON.stringify({ error: state.error, backend: state.backend, crossOriginIsolated: isolated, loadMs,
                                ids: r.ids, text: r.text, shown, finish: r.finish, promptTokens: r.promptTokens,
                                prefillTokS: r.prefillTokS, decodeTokS: r.decodeTokS, log: log.slice(-20) }));
 } finally {

@@ -26,10 +26,18 @@ def playwright_dir() -> Path:
     return cache_dir().parent / "playwright-core@{}".format(PLAYWRIGHT["playwright-core"])
 
 
+def node_major() -> int:
+    """Node.js's major version (0: none)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return 0
+    out = subprocess.run(["node", "--version"], capture_output=True, text=True, check=False).stdout
+    return int(out.strip().lstrip("v").split(".")[0] or 0)
+
+
 def missing() -> list[str]:
     """What the browser tests still need: 'chromium', 'node', 'playwright-core'."""
     out = [] if Path(CHROMIUM).is_file() else ["chromium"]
-    out += [] if shutil.which("node") and shutil.which("npm") else ["node"]
+    out += [] if node_major() else ["node"]
     stamp = playwright_dir() / "installed.json"
     return out + ([] if stamp.is_file() else ["playwright-core"])
 
@@ -65,6 +73,8 @@ def _install() -> None:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
         subprocess.run(["apt-get", "install", "-y", "-qq", *apt], check=True, env=env)  # (fonts come recommended)
+    if node_major() < 20:  # playwright-core 1.65 declares node >= 20 (Debian 12's own nodejs is 18)
+        raise SystemExit(f"playwright-core needs Node.js >= 20, found {node_major()}: install a newer nodejs")
     npm_modules(PLAYWRIGHT, playwright_dir())
     print("browser test setup done", flush=True)
 
