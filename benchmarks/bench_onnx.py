@@ -55,15 +55,13 @@ def export_worker(model: Path, out: Path, quants: tuple) -> None:
     if todo:
         import torch
 
-        from qwen35.chat_template import find_template
-        from qwen35.export.onnx import export_graphs, save_export
+        from qwen35.export.onnx import export_model
         from qwen35.weights import load_model
 
         t0 = time.perf_counter()
         m = load_model(model, dtype=torch.float32, kernels=False)
-        protos = export_graphs(m, head_matmul=True)
-        for q in todo:  # the tokenizer is the bundled one: timings never read it
-            save_export(protos, m.config, BUNDLED, dirs[q], q, 21, find_template(BUNDLED)[0])
+        # the tokenizer is the bundled one: timings never read it
+        export_model(m, [(dirs[q], q, None) for q in todo], BUNDLED)
         print(f"exported {model} ({', '.join(q or 'fp32' for q in todo)}) in {time.perf_counter() - t0:.0f}s",
               file=sys.stderr)
 

@@ -18,8 +18,7 @@ import pytest
 import replica
 import torch
 
-from qwen35.chat_template import find_template
-from qwen35.export.onnx import export_graphs, save_export
+from qwen35.export.onnx import export_model
 from qwen35.export.onnx_runtime import OnnxModel
 from qwen35.weights import load_model
 
@@ -39,14 +38,12 @@ def exported_replica(tmp_path_factory):
     model = load_model(path, dtype=torch.float32, kernels=False)
     assert model.config.linear_num_value_heads == 2 * model.config.linear_num_key_heads
     assert set(model.config.layer_types) == {"linear_attention", "full_attention"}
-    protos = export_graphs(model, head_matmul=True)  # a MatMul head: what the quantized variants need
-    dirs = {}
     # int8 / int4 as exported (MatMulNBits accuracy_level 4: int8 activations, the fast kernels) and "-exact"
-    # (level 0: fp32 activations, so the graph is exactly qwen35 on the rounded weights)
-    for name, quant, level in ((None, None, None), ("int8", "int8", None), ("int4", "int4", None),
-                               ("int8-exact", "int8", 0), ("int4-exact", "int4", 0)):
-        dirs[name] = tmp_path_factory.mktemp(f"onnx_rep_{name}")
-        save_export(protos, model.config, path, dirs[name], quant, 21, find_template(path)[0], accuracy_level=level)
+    # (level 0: fp32 activations, so the graph is exactly qwen35 on the rounded weights), all from one export
+    variants = ((None, None, None), ("int8", "int8", None), ("int4", "int4", None), ("int8-exact", "int8", 0),
+                ("int4-exact", "int4", 0))
+    dirs = {name: tmp_path_factory.mktemp(f"onnx_rep_{name}") for name, _, _ in variants}
+    export_model(model, [(dirs[name], quant, level) for name, quant, level in variants], path)
     return model, path, dirs
 
 

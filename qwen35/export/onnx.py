@@ -49,7 +49,6 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
     import torch
 
     from ..api import resolve
-    from ..chat_template import find_template
     from ..weights import load_model
 
     if quant is not None and quant not in QUANT_BITS:
@@ -69,33 +68,43 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
     if not (src / "tokenizer.json").is_file():  # before minutes of export
         raise ExportError(f"{src}: no tokenizer.json to put beside the graphs")
     model = load_model(src, dtype=torch.float32, kernels=False, progress=progress)
-    protos = export_graphs(model, opset, head_matmul=quant is not None)
-    return save_export(protos, model.config, src, out_dir, quant, opset, find_template(src)[0])
+    return export_model(model, [(Path(out_dir), quant, None)], src, opset)[0]
 
 
-def export_graphs(model, opset: int = 21, head_matmul: bool = False) -> dict:
-    """{"prefill": ModelProto, "decode": ModelProto} of a loaded fp32 model (weights in memory; the model's
-    projections are left unfused). head_matmul: the vocabulary projection as a MatMul on its own copy, which quantization needs (fp32
-    exports keep a Gemm reading the tied embedding table in place)."""
+def export_model(model, targets: list[tuple[Path, str | None, int | None]], tokenizer_from: Path,
+                 opset: int = 21) -> list[dict]:
+    """Export a loaded fp32 model once per graph and write every target (out_dir, quant, accuracy_level: see
+    `quantize`) from that one export; returns their manifests. The tokenizer and chat template come from
+    `tokenizer_from`. One graph at a time: peak memory is the model, one graph's weights and one written copy
+    (at 0.8B, both graphs and their copies at once were ~16 GB). The model's projections are left unfused."""
+    from ..chat_template import find_template
+
     if model.fused:
         model.unfuse_projections()  # the graph reads each projection by its own name
-    return {name: _export_graph(GraphModel(model, decode=decode, head_matmul=head_matmul).eval(), opset)
-            for name, decode in (("prefill", False), ("decode", True))}
-
-
-def save_export(protos: dict, config, src: Path, out_dir: str | Path, quant: str | None, opset: int,
-                template: str, accuracy_level: int | None = None) -> dict:
-    """Quantize (quant: None, "int8" or "int4"; accuracy_level as `quantize`) and write the graphs, tokenizer
-    and manifest into out_dir; returns the manifest. The protos are not modified."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    protos = {n: quantize(p, QUANT_BITS[quant], config.linear_num_value_heads, accuracy_level) if quant
-              else _copy(p) for n, p in protos.items()}
-    write_graphs(protos, out)
-    _copy_tokenizer(Path(src), out, template)
-    manifest = make_manifest(config, quant, opset)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
+    config = model.config
+    # a quantized head must be a MatMul (MatMulNBits replaces MatMuls); fp32 alone keeps a Gemm reading the
+    # tied embedding table in place
+    head_matmul = any(quant is not None for _, quant, _ in targets)
+    writers = [GraphWriter(Path(out)) for out, _, _ in targets]
+    try:
+        for name, decode in (("prefill", False), ("decode", True)):
+            proto = _export_graph(GraphModel(model, decode=decode, head_matmul=head_matmul).eval(), opset)
+            for i, ((_, quant, level), writer) in enumerate(zip(targets, writers)):
+                if quant is not None:
+                    writer.write(name, quantize(proto, QUANT_BITS[quant], config.linear_num_value_heads, level))
+                else:  # the writer empties the weights it moves out: the last target may have the original
+                    writer.write(name, proto if i == len(targets) - 1 else _copy(proto))
+            del proto
+    finally:
+        for w in writers:
+            w.close()
+    template = find_template(tokenizer_from)[0]
+    manifests = []
+    for out, quant, _ in targets:
+        _copy_tokenizer(Path(tokenizer_from), Path(out), template)
+        manifests.append(make_manifest(config, quant, opset))
+        (Path(out) / "manifest.json").write_text(json.dumps(manifests[-1], indent=1))
+    return manifests
 
 
 def _copy(proto):
@@ -162,37 +171,44 @@ def quantize(proto, bits: int, gate_columns: int, accuracy_level: int | None = N
     return out
 
 
-def write_graphs(protos: dict, out: Path) -> None:
-    """Save each graph as OUT/NAME.onnx with every initializer over 1 KB in one shared DATA_FILE: a tensor
-    both graphs hold is written once (matched by content: the exporter names folded constants differently
-    in each graph)."""
-    from onnx import TensorProto
+class GraphWriter:
+    """Saves graphs as OUT/NAME.onnx with every initializer over 1 KB in one shared DATA_FILE: a tensor
+    several graphs hold is written once (matched by content: the exporter names folded constants differently
+    in each graph). `write` moves the weights out of the proto it is given."""
 
-    written: dict[tuple, tuple[int, int]] = {}
-    with open(out / DATA_FILE, "wb") as data:
-        for name, proto in protos.items():
-            for node in proto.graph.node:  # the exporter's per-node debug notes (fx nodes, stack traces): 70%
-                del node.metadata_props[:]  # of a graph file, useless to a runtime or a browser download
-            for t in proto.graph.initializer:
-                raw = _raw(t)
-                if len(raw) < 1024:
-                    continue
-                key = (t.data_type, tuple(t.dims), _digest(raw))
-                if key not in written:
-                    offset = -(-data.tell() // ALIGN) * ALIGN
-                    data.seek(offset)
-                    data.write(raw)
-                    written[key] = (offset, len(raw))
-                offset, length = written[key]
-                t.ClearField("raw_data")
-                for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    t.ClearField(f)
-                del t.external_data[:]
-                for k, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-                t.data_location = TensorProto.EXTERNAL
-            (out / f"{name}.onnx").write_bytes(proto.SerializeToString())
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.data = open(out / DATA_FILE, "wb")  # noqa: SIM115 (open across graphs; export_model closes it)
+        self.written: dict[tuple, tuple[int, int]] = {}
+
+    def write(self, name: str, proto) -> None:
+        from onnx import TensorProto
+
+        for node in proto.graph.node:  # the exporter's per-node debug notes (fx nodes, stack traces): 70% of
+            del node.metadata_props[:]  # a graph file, useless to a runtime or a browser download
+        for t in proto.graph.initializer:
+            raw = _raw(t)
+            if len(raw) < 1024:
+                continue
+            key = (t.data_type, tuple(t.dims), _digest(raw))
+            if key not in self.written:
+                offset = -(-self.data.tell() // ALIGN) * ALIGN
+                self.data.seek(offset)
+                self.data.write(raw)
+                self.written[key] = (offset, len(raw))
+            offset, length = self.written[key]
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(f)
+            del t.external_data[:]
+            for k, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            t.data_location = TensorProto.EXTERNAL
+        (self.out / f"{name}.onnx").write_bytes(proto.SerializeToString())
+
+    def close(self) -> None:
+        self.data.close()
 
 
 def _raw(t) -> bytes:
