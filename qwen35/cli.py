@@ -26,6 +26,9 @@ COMMANDS = {
     "export": "qwen35.commands.export",
     "verify": "qwen35.commands.verify",
     "download": "qwen35.commands.download",
+    # ONNX export and the client-side web chat (qwen35/export/)
+    "export-onnx": "qwen35.commands.export_onnx",
+    "web": "qwen35.commands.web",
 }
 
 

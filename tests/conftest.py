@@ -42,6 +42,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "llamacpp: compares with llama.cpp itself (builds llama-cpp-python once)")
+    config.addinivalue_line("markers", "browser: drives headless Chromium (tests/browser_setup.py installs it once)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,6 +52,12 @@ def pytest_collection_modifyitems(config, items):
     config._llamacpp_build = None
     if theirs and os.environ.get("QWEN35_LLAMACPP", "1") != "0":
         config._llamacpp_build = _llamacpp_module().start_install()
+    # Chromium (apt) and playwright-core (npm) for the browser tests, in the background like llama.cpp
+    config._browser_install = None
+    if any(i.get_closest_marker("browser") for i in items) and os.environ.get("QWEN35_BROWSER", "1") != "0":
+        import browser_setup
+
+        config._browser_install = browser_setup.start_install()
 
 
 def _llamacpp_module():

@@ -1,0 +1,271 @@
+"""`qwen35 export-onnx`: a checkpoint as two ONNX graphs any onnxruntime drives, plus what a runtime needs.
+
+OUT_DIR gets:
+  prefill.onnx   a chunk of T tokens (T >= 1) after P cached ones: input_ids [B, T] and the cache in,
+                 logits [B, vocab] of the last position and the cache advanced by T out;
+  decode.onnx    the same for exactly one token (no causal mask);
+  model.onnx.data the weights of both graphs, stored once (external data: a graph file stays small, and
+                 protobuf's 2 GB limit never applies to the weights);
+  manifest.json  input/output names, dtypes and symbolic shapes, the cache's order and meaning, the EOS ids;
+  tokenizer.json, tokenizer_config.json (with the chat template), chat_template.jinja.
+The cache and its layout are described in onnx_graph.py. --quant int8 / int4 turns every large MatMul into
+onnxruntime's MatMulNBits (symmetric blocks of 32, q8_0 / q4_0-like), which its CPU provider and
+onnxruntime-web both run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import Qwen35Error
+from .onnx_graph import MS_DOMAIN, GraphModel, cache_spec, gated_delta_onnx
+
+OPSETS = range(18, 24)  # what torch's exporter emits and onnxruntime(-web) 1.31+ runs
+QUANT_BITS = {"int8": 8, "int4": 4}  # qwen35's --quant names; block 32 like q8_0 / q4_0
+DATA_FILE = "model.onnx.data"
+ALIGN = 4096  # external tensors start on page boundaries, so a runtime may mmap them
+IR_VERSION = 10  # onnxruntime-web 1.31 refuses newer IR versions than it knows
+# MatMulNBits accuracy_level 4: activations rounded to int8 per block inside the kernel, as qwen35's own q8_0 /
+# q4_0 kernels do. Measured on the bundled model (onnxruntime CPU, 2 threads): int8 decode 94 tok/s at level
+# 4 against 21 at level 0 (exact fp32 activations), whose 8-bit path is slower than fp32 weights (64).
+ACCURACY_LEVEL = 4
+
+
+class ExportError(Qwen35Error):
+    """The model cannot be exported as asked (flag out of range, missing package, unsupported model)."""
+
+
+def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None = None, opset: int = 21,
+                progress: bool = False) -> dict:
+    """Export the text model at `model_path` into `out_dir`; returns the manifest (also written there)."""
+    import torch
+
+    from ..api import resolve
+    from ..weights import load_model
+
+    if quant is not None and quant not in QUANT_BITS:
+        raise ExportError(f"unknown --quant {quant!r} for ONNX: use int8 or int4")
+    if opset not in OPSETS:
+        raise ExportError(f"--opset {opset} is not supported: use {OPSETS.start}..{OPSETS.stop - 1}")
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs the onnx and onnxscript packages ({e}): "
+                          "pip install onnx onnxscript onnxruntime") from None
+    src = resolve(model_path)
+    if src.suffix == ".gguf":
+        raise ExportError(f"{src}: export a checkpoint directory (GGUF files carry quantized blocks that ONNX "
+                          "graphs would have to dequantize)")
+    if not (src / "tokenizer.json").is_file():  # before minutes of export
+        raise ExportError(f"{src}: no tokenizer.json to put beside the graphs")
+    model = load_model(src, dtype=torch.float32, kernels=False, progress=progress)
+    return export_model(model, [(Path(out_dir), quant, None)], src, opset)[0]
+
+
+def export_model(model, targets: list[tuple[Path, str | None, int | None]], tokenizer_from: Path,
+                 opset: int = 21) -> list[dict]:
+    """Export a loaded fp32 model once per graph and write every target (out_dir, quant, accuracy_level: see
+    `quantize`) from that one export; returns their manifests. The tokenizer and chat template come from
+    `tokenizer_from`. One graph at a time: peak memory is the model, one graph's weights and one written copy
+    (at 0.8B, both graphs and their copies at once were ~16 GB). The model's projections are left unfused."""
+    from ..chat_template import find_template
+
+    if model.fused:
+        model.unfuse_projections()  # the graph reads each projection by its own name
+    config = model.config
+    # a quantized head must be a MatMul (MatMulNBits replaces MatMuls); fp32 alone keeps a Gemm reading the
+    # tied embedding table in place
+    head_matmul = any(quant is not None for _, quant, _ in targets)
+    writers = [GraphWriter(Path(out)) for out, _, _ in targets]
+    try:
+        for name, decode in (("prefill", False), ("decode", True)):
+            proto = _export_graph(GraphModel(model, decode=decode, head_matmul=head_matmul).eval(), opset)
+            for i, ((_, quant, level), writer) in enumerate(zip(targets, writers)):
+                if quant is not None:
+                    writer.write(name, quantize(proto, QUANT_BITS[quant], config.linear_num_value_heads, level))
+                else:  # the writer empties the weights it moves out: the last target may have the original
+                    writer.write(name, proto if i == len(targets) - 1 else _copy(proto))
+            del proto
+    finally:
+        for w in writers:
+            w.close()
+    template = find_template(tokenizer_from)[0]
+    manifests = []
+    for out, quant, _ in targets:
+        _copy_tokenizer(Path(tokenizer_from), Path(out), template)
+        manifests.append(make_manifest(config, quant, opset))
+        (Path(out) / "manifest.json").write_text(json.dumps(manifests[-1], indent=1))
+    return manifests
+
+
+def _copy(proto):
+    from onnx import ModelProto
+
+    c = ModelProto()
+    c.CopyFrom(proto)
+    return c
+
+
+def _export_graph(graph: GraphModel, opset: int):
+    """torch.onnx (dynamo) export of one graph; returns its ModelProto with the weights in memory."""
+    import torch
+
+    c = graph.config
+    spec = cache_spec(c)
+    # example sizes other than 0 and 1 (torch.export specialises those): batch 2, 3 new tokens, 4 cached
+    B, T, P = 2, 1 if graph.decode else 3, 4
+    size = {"batch": B, "past": P}
+    args = [torch.zeros(B, T, dtype=torch.long)] + [torch.zeros(*[size.get(s, s) for s in shape])
+                                                    for _, _, shape in spec]
+    batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    ids_dims = {0: batch} if graph.decode else {0: batch, 1: seq}
+    past_dims = tuple({0: batch, **({2: past} if "past" in shape else {})} for _, _, shape in spec)
+    # The exporter prints its progress on stdout, which belongs to the command's own report, and warns about
+    # optional packages and the axis names it merged: noise for our users. Its failures still raise.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals (LeafSpec)
+        program = torch.onnx.export(
+            graph, tuple(args), dynamo=True, opset_version=opset, verbose=False,
+            input_names=["input_ids"] + [f"past.{n}" for n, _, _ in spec],
+            output_names=["logits"] + [f"present.{n}" for n, _, _ in spec],
+            dynamic_shapes={"input_ids": ids_dims, "past": past_dims},
+            custom_translation_table={torch.ops.qwen35_onnx.gated_delta.default: gated_delta_onnx})
+    proto = program.model_proto
+    proto.ir_version = min(proto.ir_version, IR_VERSION)
+    return proto
+
+
+def quantize(proto, bits: int, gate_columns: int, accuracy_level: int | None = None):
+    """Every MatMul with a constant weight becomes MatMulNBits (symmetric, blocks of 32), except the Gated
+    DeltaNet gate projections in_proj_a / in_proj_b: Hv columns each, so tiny, and the decay they feed
+    compounds error along the whole sequence (qwen35's own policies keep them at 8 bits or more). They are
+    found by their width, `gate_columns` = Hv: the exporter renames the transposed weights (val_N), and no
+    other projection is that narrow. accuracy_level: MatMulNBits' (default ACCURACY_LEVEL; 0 keeps fp32
+    activations, exact but slow)."""
+    # Importing the quantizer calls logging.basicConfig(level=INFO): every library's INFO lines (a line per
+    # node from the quantizer itself) would reach the user's terminal. Undo that side effect.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    root.handlers[:], root.level = handlers, level
+    widths = {t.name: t.dims[-1] for t in proto.graph.initializer if len(t.dims) == 2}
+    keep = {n.name for n in proto.graph.node if n.op_type == "MatMul" and widths.get(n.input[1]) == gate_columns}
+    q = MatMulNBitsQuantizer(_copy(proto), bits=bits, block_size=32, is_symmetric=True, nodes_to_exclude=sorted(keep),
+                             op_types_to_quantize=("MatMul",),
+                             accuracy_level=ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
+    q.process()
+    out = q.model.model
+    out.ir_version = min(out.ir_version, IR_VERSION)
+    return out
+
+
+class GraphWriter:
+    """Saves graphs as OUT/NAME.onnx with every initializer over 1 KB in one shared DATA_FILE: a tensor
+    several graphs hold is written once (matched by content: the exporter names folded constants differently
+    in each graph). `write` moves the weights out of the proto it is given."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.data = open(out / DATA_FILE, "wb")  # noqa: SIM115 (open across graphs; export_model closes it)
+        self.written: dict[tuple, tuple[int, int]] = {}
+
+    def write(self, name: str, proto) -> None:
+        from onnx import TensorProto
+
+        for node in proto.graph.node:  # the exporter's per-node debug notes (fx nodes, stack traces): 70% of
+            del node.metadata_props[:]  # a graph file, useless to a runtime or a browser download
+        for t in proto.graph.initializer:
+            raw = _raw(t)
+            if len(raw) < 1024:
+                continue
+            key = (t.data_type, tuple(t.dims), _digest(raw))
+            if key not in self.written:
+                offset = -(-self.data.tell() // ALIGN) * ALIGN
+                self.data.seek(offset)
+                self.data.write(raw)
+                self.written[key] = (offset, len(raw))
+            offset, length = self.written[key]
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(f)
+            del t.external_data[:]
+            for k, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            t.data_location = TensorProto.EXTERNAL
+        (self.out / f"{name}.onnx").write_bytes(proto.SerializeToString())
+
+    def close(self) -> None:
+        self.data.close()
+
+
+def _raw(t) -> bytes:
+    from onnx import numpy_helper
+
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return numpy_helper.to_array(t).tobytes()
+
+
+def _digest(raw: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _copy_tokenizer(src: Path, out: Path, template: str) -> None:
+    """tokenizer.json as is; tokenizer_config.json with the chat template inside (where JS tokenizers such
+    as transformers.js look for it), and the template as chat_template.jinja too."""
+    if not (src / "tokenizer.json").is_file():
+        raise ExportError(f"{src}: no tokenizer.json to put beside the graphs")
+    shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
+    cfg_path = src / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    cfg["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+
+
+def make_manifest(config, quant: str | None, opset: int) -> dict:
+    """What any runtime needs to drive the graphs, without reading them."""
+    spec = cache_spec(config)
+    cache = [{"name": n, "kind": kind, "layer": int(n.split(".")[0]), "dtype": "float32", "shape": list(shape)}
+             for n, kind, shape in spec]
+    return {
+        "format": "qwen35-onnx", "version": 1, "quant": quant, "opset": opset,
+        "graphs": {"prefill": {"file": "prefill.onnx", "tokens": "seq"},
+                   "decode": {"file": "decode.onnx", "tokens": 1}},
+        "external_data": DATA_FILE,
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+                  + [dict(c, name=f"past.{c['name']}") for c in cache],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", config.vocab_size],
+                     "note": "the last position only"}]
+                   + [dict(c, name=f"present.{c['name']}") for c in cache],
+        "cache": "feed each present.X back as past.X; start with zeros and past = 0 (key/value [batch, Hkv, 0, "
+                 "head_dim]); conv holds the last K-1 pre-convolution inputs, recurrent the Gated DeltaNet state "
+                 "[Hv, Dk, Dv] in fp32, key/value the attention layers' rotated keys and values",
+        "contrib_ops": [f"{MS_DOMAIN}.LinearAttention"] + ([f"{MS_DOMAIN}.MatMulNBits"] if quant else []),
+        "vocab_size": config.vocab_size,
+        "eos_token_ids": list(config.eos_token_ids),
+        "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
+        "chat_template": "chat_template.jinja",
+    }
+
+
+def cache_zeros(manifest: dict, batch: int = 1) -> dict[str, np.ndarray]:
+    """The empty cache as onnxruntime feeds: {past.NAME: zeros}."""
+    return {i["name"]: np.zeros([batch if s == "batch" else 0 if s == "past" else s for s in i["shape"]],
+                                np.float32)
+            for i in manifest["inputs"] if i["name"].startswith("past.")}

@@ -1,0 +1,62 @@
+"""Driving an exported model with onnxruntime from Python: `OnnxModel` (the tests, the benchmark, and a
+worked example of the manifest's contract that the web worker follows in JavaScript)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .onnx import ExportError, cache_zeros
+
+
+class OnnxModel:
+    """OnnxModel(OUT_DIR): the prefill and decode sessions of an `export-onnx` directory.
+    threads: onnxruntime intra-op threads (None: its default, one per core)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            raise ExportError(f"{self.path}: no manifest.json (not a qwen35 export-onnx directory)")
+        self.manifest = json.loads(mf.read_text())
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        self.sessions = {name: ort.InferenceSession(str(self.path / g["file"]), opts,
+                                                    providers=["CPUExecutionProvider"])
+                         for name, g in self.manifest["graphs"].items()}
+        self.cache_names = [i["name"][len("past."):] for i in self.manifest["inputs"]
+                            if i["name"].startswith("past.")]
+
+    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+        return cache_zeros(self.manifest, batch)
+
+    def step(self, graph: str, ids: np.ndarray, cache: dict[str, np.ndarray]):
+        """Run `graph` ("prefill" or "decode") on ids [B, T]; returns (logits [B, vocab], new cache)."""
+        out = self.sessions[graph].run(None, {"input_ids": ids.astype(np.int64), **cache})
+        return out[0], {f"past.{n}": v for n, v in zip(self.cache_names, out[1:])}
+
+    def prefill(self, ids: np.ndarray, cache=None, chunk: int = 512):
+        """ids [B, T] in chunks of `chunk` tokens through the prefill graph."""
+        cache = self.empty_cache(ids.shape[0]) if cache is None else cache
+        for s in range(0, ids.shape[1], chunk):
+            logits, cache = self.step("prefill", ids[:, s : s + chunk], cache)
+        return logits, cache
+
+    def greedy(self, prompt_ids: list[int], max_tokens: int, chunk: int = 512, stop: bool = True) -> list[int]:
+        """Greedy continuation of one prompt: prefill graph for the prompt, decode graph per token; stops
+        after an EOS id (included) unless stop=False."""
+        eos = set(self.manifest["eos_token_ids"]) if stop else set()
+        logits, cache = self.prefill(np.array([prompt_ids], dtype=np.int64), chunk=chunk)
+        out = []
+        while len(out) < max_tokens:
+            tok = int(logits[0].argmax())
+            out.append(tok)
+            if tok in eos or len(out) == max_tokens:
+                break
+            logits, cache = self.step("decode", np.array([[tok]], dtype=np.int64), cache)
+        return out

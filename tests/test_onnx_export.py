@@ -1,0 +1,223 @@
+"""qwen35 export-onnx: onnxruntime (CPU) running the exported graphs reproduces qwen35.
+
+The replica has both layer types (Gated DeltaNet at 0-2, attention at 3), Hv = 2 Hk and an untied head; the
+bundled model is tied and has a real tokenizer. Each model is exported once per module (torch's exporter
+takes ~20 s a graph here) and written in the variants the tests need.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import replica
+import torch
+
+from qwen35.export.onnx import export_model
+from qwen35.export.onnx_runtime import OnnxModel
+from qwen35.weights import load_model
+
+onnx = pytest.importorskip("onnx")  # the test extra: onnx, onnxscript, onnxruntime
+pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+
+BUNDLED = Path(__file__).resolve().parents[1] / "qwen35" / "assets" / "model"
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def exported_replica(tmp_path_factory):
+    """(fp32 qwen35 model, checkpoint path, {quant: export dir}) for a 4-layer replica with Hv != Hk."""
+    _, path = replica.build_text(tmp_path_factory.mktemp("onnx_rep"), tie=False, seed=3, num_layers=4)
+    shutil.copy(BUNDLED / "tokenizer.json", path / "tokenizer.json")  # the export puts a tokenizer beside it
+    model = load_model(path, dtype=torch.float32, kernels=False)
+    assert model.config.linear_num_value_heads == 2 * model.config.linear_num_key_heads
+    assert set(model.config.layer_types) == {"linear_attention", "full_attention"}
+    # int8 / int4 as exported (MatMulNBits accuracy_level 4: int8 activations, the fast kernels) and "-exact"
+    # (level 0: fp32 activations, so the graph is exactly qwen35 on the rounded weights), all from one export
+    variants = ((None, None, None), ("int8", "int8", None), ("int4", "int4", None), ("int8-exact", "int8", 0),
+                ("int4-exact", "int4", 0))
+    dirs = {name: tmp_path_factory.mktemp(f"onnx_rep_{name}") for name, _, _ in variants}
+    export_model(model, [(dirs[name], quant, level) for name, quant, level in variants], path)
+    return model, path, dirs
+
+
+def _reference(model, ids: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(ids)[:, -1].numpy()
+
+
+def test_prefill_in_one_and_several_chunks_and_decode_match_qwen35(exported_replica):
+    model, _, dirs = exported_replica
+    om = OnnxModel(dirs[None])
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 150), generator=gen)  # two rows: batch is dynamic
+    ref = _reference(model, ids)
+    one, _ = om.prefill(ids.numpy(), chunk=150)
+    assert np.abs(one - ref).max() <= 1e-3
+    # chunks of 64 then 64 then 22: the cache (conv window, recurrent state, KV) carries across calls
+    several, cache = om.prefill(ids.numpy(), chunk=64)
+    assert np.abs(several - ref).max() <= 1e-3
+    nxt = torch.randint(0, model.config.vocab_size, (2, 5), generator=gen)
+    for t in range(5):
+        logits, cache = om.step("decode", nxt[:, t : t + 1].numpy(), cache)
+        assert np.abs(logits - _reference(model, torch.cat([ids, nxt[:, : t + 1]], 1))).max() <= 1e-3
+    assert cache["past.3.key"].shape == (2, model.config.num_key_value_heads, 155, model.config.head_dim)
+    # a one-token chunk through the prefill graph is also valid (the web page may use it for decode)
+    logits, _ = om.step("prefill", nxt[:, :1].numpy(), om.prefill(ids.numpy())[1])
+    assert np.abs(logits - _reference(model, torch.cat([ids, nxt[:, :1]], 1))).max() <= 1e-3
+
+
+def test_manifest_names_the_graph_inputs_and_outputs(exported_replica):
+    model, _, dirs = exported_replica
+    d = dirs[None]
+    manifest = json.loads((d / "manifest.json").read_text())
+    om = OnnxModel(d)
+    for graph in ("prefill", "decode"):
+        sess = om.sessions[graph]
+        assert [i.name for i in sess.get_inputs()] == [i["name"] for i in manifest["inputs"]]
+        assert [o.name for o in sess.get_outputs()] == [o["name"] for o in manifest["outputs"]]
+    kinds = [i["kind"] for i in manifest["inputs"][1:]]
+    assert kinds == ["conv", "recurrent"] * 3 + ["key", "value"]
+    assert manifest["inputs"][2]["shape"] == ["batch", 4, 16, 24]  # recurrent [B, Hv, Dk, Dv]
+    # the weights are stored once for both graphs (external data), not inside the graph files
+    data = (d / manifest["external_data"]).stat().st_size
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert weights <= data < 1.3 * weights + 2**16
+    assert (d / "prefill.onnx").stat().st_size < 0.2 * data
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (d / f).is_file()
+    assert "chat_template" in json.loads((d / "tokenizer_config.json").read_text())
+
+
+def _rms(a, b) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
+
+
+def _dequantize(node, inits) -> tuple[str, np.ndarray, np.ndarray]:
+    """(the fp32 weight's initializer name, W [N, K] as the MatMulNBits node computes with it, the scale of each
+    element's block [N, K]). Symmetric: no zero-point input, so the zero point is 2^(bits-1); 4-bit blocks
+    hold element 2j in the low nibble of byte j."""
+    attr = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    K, N, bits, block = attr["K"], attr["N"], attr["bits"], attr["block_size"]
+    assert len(node.input) == 3 and block == 32
+    B = onnx.numpy_helper.to_array(inits[node.input[1]])
+    scales = onnx.numpy_helper.to_array(inits[node.input[2]]).reshape(N, -1).astype(np.float32)
+    q = np.stack([B & 15, B >> 4], -1).reshape(N, -1, block) if bits == 4 else B.reshape(N, -1, block)
+    w = (q.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
+    step = np.broadcast_to(scales[..., None], w.shape)
+    return node.input[1].rsplit("_Q", 1)[0], w.reshape(N, -1)[:, :K], step.reshape(N, -1)[:, :K]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_graph_is_qwen35_on_its_rounded_weights(exported_replica, quant):
+    """The quantization tolerance, stated: every weight MatMulNBits holds is within half a quantization step of
+    the fp32 weight (round to nearest, symmetric blocks of 32; one step where the top of the range clamps),
+    and with fp32 activations the graph's logits equal qwen35's on those rounded weights to 1e-3, so all the
+    error is the weights' rounding. (Measured on the bundled model, logit RMS error against fp32: int8 0.0077
+    with fp32 activations, 0.021 as exported; int4 0.29 / 0.30; qwen35's own q8_0 0.038, q4_0 0.43; logit RMS
+    2.39.)"""
+    model, path, dirs = exported_replica
+    fp32 = {t.name: t for t in onnx.load(str(dirs[None] / "prefill.onnx")).graph.initializer}
+    qgraph = onnx.load(str(dirs[f"{quant}-exact"] / "prefill.onnx")).graph
+    inits = {t.name: t for t in qgraph.initializer}
+    params = {p.detach().T.contiguous().numpy().tobytes(): name for name, p in model.named_parameters() if p.dim() == 2}
+    rounded = load_model(path, dtype=torch.float32, kernels=False)
+    swapped = set()
+    for node in qgraph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        assert {a.name: a.i for a in node.attribute}["bits"] == {"int8": 8, "int4": 4}[quant]
+        name, w, step = _dequantize(node, inits)
+        original = onnx.numpy_helper.to_array(fp32[name]).T  # the fp32 graph holds W^T [K, N]
+        # round to nearest (fp16 scales: 1e-3), except that the scale maps the block's signed extreme to
+        # -2^(bits-1), so a block holding +max too clamps it to 2^(bits-1)-1: one step off (as in q4_0 / q8_0)
+        err, top = np.abs(w - original) / np.abs(step), 2 ** ({"int8": 8, "int4": 4}[quant] - 1) - 1
+        clamped = np.isclose(np.abs(w / step), top)
+        assert np.all(err[~clamped] <= 0.5 + 1e-3) and np.all(err[clamped] <= 1 + 1e-3)
+        param = params[np.ascontiguousarray(original.T).tobytes()]
+        rounded.get_parameter(param).data.copy_(torch.from_numpy(w))
+        swapped.add(param)
+    # every matrix but the Gated DeltaNet gate projections (Hv columns, kept fp32) and the embedding lookup
+    expected = {n for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
+                and "in_proj_a" not in n and "in_proj_b" not in n}
+    assert swapped == expected
+    om = OnnxModel(dirs[f"{quant}-exact"])
+    ids = torch.randint(0, model.config.vocab_size, (1, 90), generator=torch.Generator().manual_seed(2))
+    got, cache = om.prefill(ids.numpy(), chunk=64)
+    ref = _reference(rounded, ids)
+    assert np.abs(got - ref).max() <= 1e-3
+    nxt = torch.tensor([[5]])
+    got, _ = om.step("decode", nxt.numpy(), cache)
+    assert np.abs(got - _reference(rounded, torch.cat([ids, nxt], 1))).max() <= 1e-3
+    assert np.abs(got - _reference(model, torch.cat([ids, nxt], 1))).max() > 1e-3  # the rounding shows
+    # As exported (accuracy_level 4): the same rounded weights, activations rounded to int8 blocks in the
+    # kernels. Stated tolerance: that adds at most 10% of the logits' RMS (measured 4.5% on this replica,
+    # 0.8% on the bundled model; a wrong weight or layout costs ~100%).
+    fast = onnx.load(str(dirs[quant] / "prefill.onnx")).graph
+    fast_inits = {t.name: t for t in fast.initializer}
+    for node in (n for n in fast.node if n.op_type == "MatMulNBits"):
+        assert {a.name: a.i for a in node.attribute}["accuracy_level"] == 4
+        assert fast_inits[node.input[1]].raw_data == inits[node.input[1]].raw_data
+    got, _ = OnnxModel(dirs[quant]).prefill(ids.numpy(), chunk=64)
+    assert _rms(got, ref) <= 0.1 * _rms(ref, 0)
+    manifest = json.loads((dirs[quant] / "manifest.json").read_text())
+    assert manifest["quant"] == quant and "com.microsoft.MatMulNBits" in manifest["contrib_ops"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwen35", *args], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def bundled_export(tmp_path_factory):
+    """`qwen35 export-onnx` of the bundled model, through the CLI (fp32)."""
+    out = tmp_path_factory.mktemp("onnx_bundled")
+    r = _cli("export-onnx", str(BUNDLED), str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"wrote {out}: manifest.json, model.onnx.data, prefill.onnx, decode.onnx (fp32")
+    return out
+
+
+def generate_ids(model: Path, prompt: str, n: int, *extra: str) -> list[int]:
+    """`qwen35 generate` greedy token ids (no presence penalty: plain argmax, n tokens past any EOS)."""
+    r = _cli("generate", str(model), "--prompt", prompt, "--temperature", "0", "--presence-penalty", "0",
+             "--max-tokens", str(n), "--ignore-eos", "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])["token_ids"]
+
+
+def test_greedy_64_tokens_on_the_bundled_model_equal_qwen35_generate(bundled_export):
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(bundled_export / "tokenizer.json")).encode(PROMPT).ids
+    om = OnnxModel(bundled_export)
+    expected = generate_ids(BUNDLED, PROMPT, 64)
+    assert om.greedy(ids, 64, stop=False) == expected
+    assert om.greedy(ids, 64, stop=False, chunk=2) == expected  # the prompt in 2-token chunks
+    assert len(set(expected)) > 10  # a real continuation, not one token repeated
+
+
+def test_cli_rejects_bad_flags_in_one_line(tmp_path):
+    for args, needle in ((["--opset", "5"], "--opset: must be between 18 and 23, got 5"),
+                         (["--quant", "q4_k"], "--quant: invalid choice: 'q4_k'")):
+        r = _cli("export-onnx", str(BUNDLED), str(tmp_path / "o"), *args)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_export_without_a_tokenizer_names_the_problem(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(BUNDLED, ckpt)
+    (ckpt / "tokenizer.json").unlink()
+    from qwen35.export.onnx import ExportError, export_onnx
+
+    with pytest.raises(ExportError, match="ckpt: no tokenizer.json to put beside the graphs"):
+        export_onnx(ckpt, tmp_path / "out")
+    with pytest.raises(ExportError, match="unknown --quant 'q4_k' for ONNX: use int8 or int4"):
+        export_onnx(BUNDLED, tmp_path / "out", quant="q4_k")
