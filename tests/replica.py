@@ -46,6 +46,8 @@ def text_config(value_mult: int = 2, tie: bool = False, num_layers: int = 8, **o
 
 VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, patch_size=4,
               temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
+# placeholder ids inside the replicas' 320-token vocabulary (the official ones are 248053..248057)
+VISION_TOKENS = {"image_token_id": 316, "video_token_id": 317, "vision_start_token_id": 318, "vision_end_token_id": 319}
 
 
 def _randomize(model: torch.nn.Module, seed: int, std: float = 0.08) -> None:
@@ -66,18 +68,39 @@ def _randomize(model: torch.nn.Module, seed: int, std: float = 0.08) -> None:
                 p.copy_(p.to(torch.bfloat16).float())
 
 
+def _randomize_visual(model: torch.nn.Module, seed: int) -> None:
+    """The vision tower's LayerNorms, biases and learned positions get non-trivial values and its matrices a
+    scale that makes attention non-uniform (HF's init leaves norms at 1 and biases at 0, which hide bugs).
+    Its own generator: the text weights stay what they were."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "visual" not in name:
+                continue
+            if "norm" in name.split(".")[-2] and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "pos_embed" in name else 0.15))
+            p.copy_(p.to(torch.bfloat16).float())
+
+
 def _disk_dtypes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.float() if k.endswith(F32_ON_DISK) else v.to(torch.bfloat16)) for k, v in sd.items()}
 
 
-def build_vlm(out: Path, value_mult: int = 2, seed: int = 0, std: float = 0.08, **text_over):
-    """Untied composite Qwen3_5ForConditionalGeneration with a tiny vision tower, sharded with the
-    official shard names, BF16 + F32 A_log/norm, plus `mtp.*` tensors. Returns (hf_model, path)."""
+def build_vlm(out: Path, value_mult: int = 2, seed: int = 0, std: float = 0.08, vision: dict | None = None,
+              **text_over):
+    """Untied composite Qwen3_5ForConditionalGeneration with a tiny vision tower (`vision`: a vision_config,
+    default VISION), sharded with the official shard names, BF16 + F32 A_log/norm, plus `mtp.*` tensors.
+    Returns (hf_model, path)."""
     text = text_config(value_mult, tie=False, **text_over)
-    cfg = Qwen3_5Config(text_config=text, vision_config=VISION, tie_word_embeddings=False)
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision or VISION, tie_word_embeddings=False, **VISION_TOKENS)
     torch.manual_seed(seed)
     hf = Qwen3_5ForConditionalGeneration(cfg).eval()
     _randomize(hf, seed, std)
+    _randomize_visual(hf, seed)
     sd = {k: v for k, v in hf.state_dict().items()}
     config_dict = cfg.to_dict()
     config_dict["text_config"]["mtp_num_hidden_layers"] = 1

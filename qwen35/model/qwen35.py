@@ -49,6 +49,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.mtp = MTPHead(config, mtp_layers) if mtp_layers > 0 else None
+        self.visual = None  # the vision tower (model/vision.py), set by the loader outside the module tree
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False  # training: recompute each layer's activations in backward
         self.head_runtime = None  # a weight object for the vocabulary projection, bound by ops/fast
