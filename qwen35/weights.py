@@ -291,6 +291,9 @@ def _load_vision(path: Path, config: ModelConfig, entries: dict[str, TensorEntry
         t = read(e).to(keep)
         mod_name, _, attr = name.rpartition(".")
         setattr(tower.get_submodule(mod_name), attr, nn.Parameter(t, requires_grad=False))
+    from .vision_input import ImageProcessor
+
+    tower.processor = ImageProcessor.from_model_dir(path, vcfg)  # the checkpoint's preprocessor_config.json
     return tower.eval()
 
 

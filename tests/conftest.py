@@ -29,6 +29,12 @@ def vision_replica(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vision_chat_model(tmp_path_factory):
+    """(hf_model, path): a composite replica with the real tokenizer (image input through API, CLI, server)."""
+    return replica.build_vision_chat_model(tmp_path_factory.mktemp("vision_chat") / "model")
+
+
+@pytest.fixture(scope="session")
 def tied_replica(tmp_path_factory):
     return replica.build_text(tmp_path_factory.mktemp("tied"), tie=True, seed=7)
 

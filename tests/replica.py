@@ -3,6 +3,7 @@ official checkpoint layouts, so tests compare qwen35 against the reference on th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -46,6 +47,11 @@ def text_config(value_mult: int = 2, tie: bool = False, num_layers: int = 8, **o
 
 VISION = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, patch_size=4,
               temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)
+# the official preprocessor_config.json's fields at the tiny tower's patch size, with pixel limits that keep
+# images at a few dozen patches (the official limits are 65536 .. 16777216 pixels)
+PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessorFast", "patch_size": 4, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                "size": {"shortest_edge": 256, "longest_edge": 2048}}
 # placeholder ids inside the replicas' 320-token vocabulary (the official ones are 248053..248057)
 VISION_TOKENS = {"image_token_id": 316, "video_token_id": 317, "vision_start_token_id": 318, "vision_end_token_id": 319}
 
@@ -91,12 +97,13 @@ def _disk_dtypes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_vlm(out: Path, value_mult: int = 2, seed: int = 0, std: float = 0.08, vision: dict | None = None,
-              **text_over):
+              tokens: dict | None = None, **text_over):
     """Untied composite Qwen3_5ForConditionalGeneration with a tiny vision tower (`vision`: a vision_config,
-    default VISION), sharded with the official shard names, BF16 + F32 A_log/norm, plus `mtp.*` tensors.
-    Returns (hf_model, path)."""
+    default VISION; `tokens`: its placeholder token ids, default VISION_TOKENS), sharded with the official
+    shard names, BF16 + F32 A_log/norm, plus `mtp.*` tensors. Returns (hf_model, path)."""
     text = text_config(value_mult, tie=False, **text_over)
-    cfg = Qwen3_5Config(text_config=text, vision_config=vision or VISION, tie_word_embeddings=False, **VISION_TOKENS)
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision or VISION, tie_word_embeddings=False,
+                        **(tokens or VISION_TOKENS))
     torch.manual_seed(seed)
     hf = Qwen3_5ForConditionalGeneration(cfg).eval()
     _randomize(hf, seed, std)
@@ -110,6 +117,7 @@ def build_vlm(out: Path, value_mult: int = 2, seed: int = 0, std: float = 0.08, 
     tensors = _disk_dtypes(sd) | mtp
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_checkpoint(tensors, config_dict, out, max_shard_bytes=total // 3 + 1)
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     return hf, out
 
 
@@ -117,7 +125,6 @@ def build_text(out: Path, tie: bool = True, seed: int = 0, value_mult: int = 2, 
     """Text-only Qwen3_5ForCausalLM (`model.*` keys), tied by default (no lm_head.weight on disk), in a
     single model.safetensors, all F32. Returns (hf_model, path)."""
     from safetensors.torch import save_file
-    import json
 
     cfg = Qwen3_5TextConfig(**text_config(value_mult, tie=tie, **text_over))
     torch.manual_seed(seed)
@@ -148,3 +155,20 @@ def build_chat_model(out: Path, seed: int = 0) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / name, out / name)
     return out
+
+
+def build_vision_chat_model(out: Path, seed: int = 0):
+    """A tiny composite Qwen3.5 with a vision tower, the full 248,320 vocabulary, the official placeholder
+    token ids and the real Qwen3.5 tokenizer: for image input through the text-level API, CLI and server.
+    Returns (hf_model, path)."""
+    import shutil
+
+    import tokenizer_fixture
+
+    official = {"image_token_id": 248056, "video_token_id": 248057, "vision_start_token_id": 248053,
+                "vision_end_token_id": 248054}
+    hf, path = build_vlm(out, seed=seed, std=0.08, vocab_size=248320, tokens=official, eos_token_id=248046)
+    tok = tokenizer_fixture.build()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / name, path / name)
+    return hf, path

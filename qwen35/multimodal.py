@@ -1,0 +1,193 @@
+"""A prompt with images: placeholder expansion, feature scatter, 3-D rotary positions, chunked prefill.
+
+The chat template writes `<|vision_start|><|image_pad|><|vision_end|>` per image. Each run of
+`<|image_pad|>` is one image: a single pad is expanded to the image's merged patch count (a run that already
+has that length is kept). The tower's embeddings replace the pads' embeddings one for one.
+
+Positions (interleaved mRoPE, three axes T/H/W; the text model reads them as [3, B, T]): text tokens take
+consecutive positions, equal on all axes. An image starting at position p takes (p + frame, p + row,
+p + column) on its merged grid, and the text after it resumes at p + max(rows, columns): so a row's next
+position is no longer its token count, and the difference (`rope_delta`) is stored on the cache row, where
+decode, snapshots, prompt reuse and batching already carry it.
+
+A prompt is prefilled after whatever the cache holds: its positions start at the cache's next position
+(length + rope_delta), which is what they would be had the whole conversation been prefilled at once. Only
+images whose pads are in the tokens being fed are encoded: a prefix restored from a snapshot costs nothing.
+Prompt reuse keys (`cache_key`) replace each image's pads with a marker derived from its content hash, so
+two different pictures of the same size never share a snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import threads
+from .vision_input import ImageError, image_hash, open_image
+
+
+@dataclass(frozen=True)
+class VisionInput:
+    """One image (or video), preprocessed: patches [t*h*w, patch_dim] and grid (t, h, w)."""
+
+    patches: torch.Tensor
+    grid: tuple[int, int, int]
+    key: str  # content hash (prompt reuse)
+    merge: int = 2
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w // self.merge**2
+
+
+def vision_tower(model):
+    tower = getattr(model, "visual", None)
+    if tower is None:
+        raise ImageError("this checkpoint has no vision tower (no model.visual.* weights): image input needs a "
+                         "vision-language checkpoint such as the official Qwen3.5 releases")
+    return tower
+
+
+def prepare_images(model, images: Sequence, max_pixels: int | None = None) -> list[VisionInput]:
+    """Decode and preprocess `images` (PIL images, paths, bytes or data: URLs) with the checkpoint's image
+    processor. max_pixels: refuse inputs larger than this before decoding them (the server's cap)."""
+    tower = vision_tower(model)
+    out = []
+    for src in images:
+        img = open_image(src, max_pixels=max_pixels)
+        patches, grid = tower.processor.preprocess(img)
+        out.append(VisionInput(patches, grid, image_hash(img), tower.config.spatial_merge_size))
+    return out
+
+
+def prepare_prompt(model, ids: Sequence[int], images: Sequence, max_pixels: int | None = None
+                   ) -> tuple[list[int], list[VisionInput], list[int]]:
+    """(expanded ids, preprocessed images, prompt-reuse key) for a prompt with one placeholder per image."""
+    inputs = prepare_images(model, images, max_pixels)
+    pad = vision_tower(model).config.image_token_id
+    ids = expand_prompt(ids, inputs, pad)
+    return ids, inputs, cache_key(ids, inputs, pad)
+
+
+def image_runs(ids: Sequence[int], pad: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of `pad` tokens in ids."""
+    runs, i = [], 0
+    while i < len(ids):
+        if ids[i] == pad:
+            j = i
+            while j < len(ids) and ids[j] == pad:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+def expand_prompt(ids: Sequence[int], images: Sequence[VisionInput], pad: int) -> list[int]:
+    """ids with each image's run of pads at its full length (one pad per image, as the template writes it,
+    or already expanded)."""
+    runs = image_runs(ids, pad)
+    if len(runs) != len(images):
+        raise ImageError(f"the prompt has {len(runs)} image placeholder(s) (<|image_pad|>) for {len(images)} "
+                         "image(s); put one {'type': 'image'} content part per image in the chat messages")
+    out, prev = [], 0
+    for (a, b), img in zip(runs, images):
+        if b - a not in (1, img.num_tokens):
+            raise ImageError(f"an image placeholder run of {b - a} tokens does not fit an image of "
+                             f"{img.num_tokens} tokens (grid {img.grid})")
+        out += list(ids[prev:a]) + [pad] * img.num_tokens
+        prev = b
+    return out + list(ids[prev:])
+
+
+def cache_key(ids: Sequence[int], images: Sequence[VisionInput], pad: int) -> list[int]:
+    """ids (expanded) with each image's pads replaced by a negative marker from its content hash: the token
+    sequence prompt reuse matches on."""
+    key = list(ids)
+    for (a, b), img in zip(image_runs(ids, pad), images):
+        key[a:b] = [-1 - int(img.key[:15], 16)] * (b - a)
+    return key
+
+
+def rope_positions(ids: Sequence[int], images: Sequence[VisionInput], pad: int, start: int) -> tuple[torch.Tensor, int]:
+    """Rotary positions [3, T] of `ids` (expanded; its image runs belong to `images` in order), the first
+    token at position `start`, and the position the token after them takes."""
+    pos = torch.empty(3, len(ids), dtype=torch.long)
+    runs = image_runs(ids, pad)
+    cur, prev = start, 0
+    for (a, b), img in zip(runs, images):
+        pos[:, prev:a] = torch.arange(cur, cur + a - prev)
+        cur += a - prev
+        t, h, w = img.grid
+        m = img.merge
+        gt, gh, gw = torch.meshgrid(torch.arange(t), torch.arange(h // m), torch.arange(w // m), indexing="ij")
+        pos[:, a:b] = torch.stack([gt, gh, gw]).reshape(3, -1) + cur
+        cur += max(h, w) // m
+        prev = b
+    pos[:, prev:] = torch.arange(cur, cur + len(ids) - prev)
+    return pos, cur + len(ids) - prev
+
+
+class VisionPrompt:
+    """The tokens to feed after a cache's content, with the images whose pads they hold (`feed`, `images`),
+    ready to prefill (`prefill`). Build it with `VisionPrompt.build`."""
+
+    def __init__(self, feed: list[int], images: list[VisionInput], pad: int):
+        self.feed, self.images, self.pad = feed, images, pad
+
+    @classmethod
+    def build(cls, model, ids: Sequence[int], images: Sequence[VisionInput], cached: int = 0) -> VisionPrompt:
+        """ids: the whole prompt (expanded) with one run of pads per image in `images`; cached: how many of
+        its tokens the cache already holds (a restored prefix: it must end outside an image)."""
+        pad = vision_tower(model).config.image_token_id
+        runs = image_runs(ids, pad)
+        if any(a < cached < b for a, b in runs):
+            raise ImageError(f"a cached prefix of {cached} tokens ends inside an image")
+        done = sum(1 for _, b in runs if b <= cached)
+        return cls(list(ids[cached:]), list(images[done:]), pad)
+
+    def embeddings(self, model) -> torch.Tensor:
+        """Input embeddings [1, T, hidden] of the feed: token embeddings with the images' features in place
+        of their pads (each image encoded once, here)."""
+        x = model.model.embed_tokens(torch.tensor([self.feed], device=model.device))
+        if not self.images:
+            return x
+        tower = vision_tower(model)
+        patches = torch.cat([i.patches for i in self.images])
+        # a kind of its own for the thread governor: seconds per patch, not per token
+        feats = threads.run("vision", lambda: tower(patches, [i.grid for i in self.images]), patches.shape[0])
+        mask = torch.tensor(self.feed, device=x.device) == self.pad
+        if int(mask.sum()) != feats.shape[0]:
+            raise ImageError(f"{int(mask.sum())} image placeholder tokens for {feats.shape[0]} image features")
+        x = x.clone()
+        x[0, mask] = feats.to(x.dtype)
+        return x
+
+    def prefill(self, model, cache, chunk_size: int) -> torch.Tensor:
+        """Feed the prompt after what `cache` (batch 1) holds, in chunks; leave the cache's rope_delta so
+        that decode continues at the right position. Returns fp32 logits [1, vocab] of the last token."""
+        if cache.batch_size != 1:
+            raise ValueError(f"an image prompt is prefilled one row at a time; the cache has {cache.batch_size}")
+        row = cache.rows[0]
+        pos, nxt = rope_positions(self.feed, self.images, self.pad, row.length + row.rope_delta)
+        pos = pos[:, None].to(model.device)
+        T = len(self.feed)
+        ids = torch.tensor([self.feed], device=model.device)
+        logits = None
+        with torch.no_grad():
+            emb = self.embeddings(model)
+            for a in range(0, T, chunk_size):
+                b = min(T, a + chunk_size)
+                kw = {"cache": cache, "positions": pos[..., a:b], "inputs_embeds": emb[:, a:b]}
+                if b < T:
+                    threads.run("prefill", lambda kw=kw, a=a, b=b: model.hidden_states(ids[:, a:b], **kw), b - a)
+                else:
+                    logits = threads.run("prefill", lambda kw=kw, a=a, b=b: model(ids[:, a:b], logits_to_keep=1,
+                                                                                   **kw)[:, -1], b - a)
+        row = cache.rows[0]
+        row.rope_delta = nxt - row.length
+        return logits
