@@ -52,11 +52,14 @@ def vision_tower(model):
 
 
 def prepare_images(model, images: Sequence, max_pixels: int | None = None) -> list[VisionInput]:
-    """Decode and preprocess `images` (PIL images, paths, bytes or data: URLs) with the checkpoint's image
-    processor. max_pixels: refuse inputs larger than this before decoding them (the server's cap)."""
+    """Decode and preprocess `images` (PIL images, paths, bytes, data: URLs, or VisionInputs passed through)
+    with the checkpoint's image processor. max_pixels: refuse inputs larger than this before decoding them (the server's cap)."""
     tower = vision_tower(model)
     out = []
     for src in images:
+        if isinstance(src, VisionInput):  # prepared before (a chat session keeps its pictures prepared)
+            out.append(src)
+            continue
         img = open_image(src, max_pixels=max_pixels)
         patches, grid = tower.processor.preprocess(img)
         out.append(VisionInput(patches, grid, image_hash(img), tower.config.spatial_merge_size))
@@ -148,7 +151,8 @@ class VisionPrompt:
         if any(a < cached < b for a, b in runs):
             raise ImageError(f"a cached prefix of {cached} tokens ends inside an image")
         done = sum(1 for _, b in runs if b <= cached)
-        return cls(list(ids[cached:]), list(images[done:]), pad)
+        # `images` may run past `ids` (a prefix of a prompt, fed up to a turn boundary): only those it holds
+        return cls(list(ids[cached:]), list(images[done:len(runs)]), pad)
 
     def embeddings(self, model) -> torch.Tensor:
         """Input embeddings [1, T, hidden] of the feed: token embeddings with the images' features in place

@@ -252,7 +252,7 @@ def run_cli(*args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "qwen35", "generate", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "qwen35", "generate", *args], capture_output=True, text=True, check=False,
                           timeout=300)
 
 
@@ -278,3 +278,36 @@ def test_cli_image_errors(pictures, tmp_path):
     (tmp_path / "notes.txt").write_text("not a picture")
     p = run_cli("--image", str(tmp_path / "notes.txt"), "--prompt", "hi", "--max-tokens", "2")
     assert p.returncode == 1 and "notes.txt is not an image" in p.stderr
+
+
+def test_chat_image_command(vision_chat_model, pictures, monkeypatch, capsys):
+    """`/image PATH` in qwen35 chat: the picture goes with the next message, whose answer is the library's;
+    the turn after it reuses the cached prefix (picture included); a bad path is a message, not a crash."""
+    import sys
+    from dataclasses import replace
+
+    from test_cli import STATS, ScriptedStdin
+
+    from qwen35 import cli
+    from qwen35.commands import chat
+    from qwen35.sampling import preset
+
+    _, path = vision_chat_model
+    model, tok = qwen35.load(path, dtype=torch.float32)
+    monkeypatch.setattr(chat, "load_from_args", lambda args: (model, tok))
+    lines = [f"/image {pictures[0]}", "/image /nowhere/x.png", "What is it?", "And now?", "/quit"]
+    monkeypatch.setattr(sys, "stdin", ScriptedStdin(lines))
+    code = cli.main(["chat", str(path), "--max-tokens", "5", "--temperature", "0", "--no-think"])
+    out = capsys.readouterr().out
+    stats = [tuple(map(int, m)) for m in STATS.findall(out)]
+    assert code == 0 and len(stats) == 2
+    assert f"(image {pictures[0]} attached to your next message (1 waiting))" in out
+    assert "(cannot use the image: image not found: /nowhere/x.png)" in out
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = tok.chat_template.render(msgs, add_generation_prompt=True, enable_thinking=False)
+    params = replace(preset(False), temperature=0, max_tokens=5)  # what the REPL samples with
+    expected = "".join(r.text for r in qwen35.stream_generate(model, tok, prompt, params, images=[pictures[0]]))
+    assert f">>> {expected}\n[5 tokens;" in out
+    (_, prompt1, _, _), (_, prompt2, prefilled2, reused2) = stats
+    image_tokens = model.visual.processor.num_tokens(40, 72)
+    assert prompt1 > image_tokens and reused2 >= prompt1 and prefilled2 == prompt2 - reused2

@@ -150,3 +150,20 @@ def test_vision_checkpoint_errors_name_the_tensor(vision_replica, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"missing tensor 'model\.visual\.blocks\.2\."):
         load_model(bad)
+
+
+def test_replica_writer_includes_the_tower(tmp_path):
+    """`qwen35 replica --vision`: model.visual.* at the shape's sizes, loadable, and the tower runs."""
+    from qwen35.commands.replica import build_replica
+    from qwen35.shapes import VISION_SHAPES
+
+    build_replica(tmp_path, "tiny", vision=True)
+    model = load_model(tmp_path, dtype=torch.bfloat16)
+    c = model.visual.config
+    assert (c.depth, c.hidden_size, c.num_heads, c.out_hidden_size) == (*[VISION_SHAPES["tiny"][k] for k in (
+        "depth", "hidden_size", "num_heads")], model.config.hidden_size)
+    assert c.image_token_id == 248056 and c.patch_size == 16
+    patches, grid = model.visual.processor.preprocess(noise(50, 70))
+    with torch.no_grad():
+        out = model.visual(patches, [grid])
+    assert out.shape == (grid[1] * grid[2] // 4, model.config.hidden_size) and torch.isfinite(out).all()
