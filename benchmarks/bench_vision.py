@@ -4,7 +4,7 @@ The checkpoint is a 0.8B-shaped composite replica (random weights, official layo
 tower at the official 0.8B dimensions (12 blocks, 768 wide, 16 px patches): `qwen35 replica --vision`.
 Each side runs in a fresh subprocess (its own peak RSS, VmHWM), loads the model, warms up once on a small
 picture (allocator, kernels, thread pools), then answers the screenshot `--repeats` times; the best time is
-reported, split into preprocessing (decode, resize, patches), the vision encoder, and the language model's
+reported (qwen35 with its thread governor, as `qwen35 serve` and the CLI run, unless --threads pins a count), split into preprocessing (decode, resize, patches), the vision encoder, and the language model's
 prefill up to the first token (ttft = the three). Both sides get the same prompt ids and pixel values
 (ours are bit-equal to transformers' processor: tests/test_vision.py).
 
@@ -64,7 +64,12 @@ def prompt_ids(n_pad):
 timings = []
 if which == 'qwen35':
     import qwen35
+    from qwen35 import threads as governor
     from qwen35.multimodal import VisionPrompt, prepare_prompt
+    from qwen35.runtime import tune_allocator
+    if not threads:  # as the CLI and the server run: threads per step adapt to a busy machine
+        governor.enable()
+    tune_allocator()
     model = qwen35.load_model(path, dtype=torch.bfloat16)
     tower = model.visual
     enc = []

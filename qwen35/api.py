@@ -82,13 +82,15 @@ def stream_generate(
     sampler=None,
     speculative=None,
     images=None,
+    videos=None,
 ) -> Iterator[Response]:
     """Yield a Response per generated token, with its text delta (the stop token's own text excluded when
     it is a control token) and timings. `prompt` is text (encoded as is, no BOS) or token ids.
 
     images: the prompt's images in order (PIL images, file paths, bytes or data: URLs), one per
     `<|vision_start|><|image_pad|><|vision_end|>` the chat template wrote for an {"type": "image"} content
-    part. A checkpoint without a vision tower raises ImageError ("no vision tower").
+    part. videos: likewise for {"type": "video"} parts: video_input.Video (frames + rate) or an animated
+    GIF/WebP/PNG file. A checkpoint without a vision tower raises ImageError ("no vision tower").
 
     cache: continue from this cache (it must not be combined with prompt_cache). With `prompt_cache`, the
     longest snapshotted prefix of the prompt is restored and only the rest is prefilled; the prompt's own
@@ -101,10 +103,11 @@ def stream_generate(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     params = (params or SamplingParams()).with_stops(tokenizer.eos_token_ids)
     key, inputs = ids, None
-    if images:  # decoded and checked here, at the call, not at the first token
+    if images or videos:  # decoded and checked here, at the call, not at the first token
         from .multimodal import prepare_prompt
 
-        ids, inputs, key = prepare_prompt(model, ids, images)
+        ids, inputs, key = prepare_prompt(model, ids, images or [], videos=videos or [],
+                                          encode=lambda t: tokenizer.encode(t))
     return _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_size, sampler, speculative,
                    inputs, key)
 

@@ -19,6 +19,7 @@ two different pictures of the same size never share a snapshot.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,12 +31,16 @@ from .vision_input import ImageError, image_hash, open_image
 
 @dataclass(frozen=True)
 class VisionInput:
-    """One image (or video), preprocessed: patches [t*h*w, patch_dim] and grid (t, h, w)."""
+    """One image, or one temporal patch (two frames) of a video, preprocessed: patches [t*h*w, patch_dim],
+    grid (t, h, w), and the placeholder token its run of pads is made of (<|image_pad|> or <|video_pad|>).
+    A video is a VisionInput per temporal patch: the tower attends within each frame group anyway, and the
+    language model places each group like an image."""
 
     patches: torch.Tensor
     grid: tuple[int, int, int]
     key: str  # content hash (prompt reuse)
     merge: int = 2
+    token: int = -1  # placeholder token id
 
     @property
     def num_tokens(self) -> int:
@@ -62,26 +67,65 @@ def prepare_images(model, images: Sequence, max_pixels: int | None = None) -> li
             continue
         img = open_image(src, max_pixels=max_pixels)
         patches, grid = tower.processor.preprocess(img)
-        out.append(VisionInput(patches, grid, image_hash(img), tower.config.spatial_merge_size))
+        out.append(VisionInput(patches, grid, image_hash(img), tower.config.spatial_merge_size,
+                               tower.config.image_token_id))
     return out
 
 
-def prepare_prompt(model, ids: Sequence[int], images: Sequence, max_pixels: int | None = None
-                   ) -> tuple[list[int], list[VisionInput], list[int]]:
-    """(expanded ids, preprocessed images, prompt-reuse key) for a prompt with one placeholder per image."""
-    inputs = prepare_images(model, images, max_pixels)
-    pad = vision_tower(model).config.image_token_id
-    ids = expand_prompt(ids, inputs, pad)
-    return ids, inputs, cache_key(ids, inputs, pad)
+def prepare_video(model, video) -> tuple[list[VisionInput], list[float]]:
+    """A video_input.Video (or an animated image file) -> one VisionInput per temporal patch, and the
+    seconds each one is announced with."""
+    from .video_input import Video, preprocess_video
+
+    tower = vision_tower(model)
+    video = video if isinstance(video, Video) else Video.open(video)
+    patches, (t, h, w), seconds, key = preprocess_video(video, tower.processor)
+    n = h * w
+    return [VisionInput(patches[i * n:(i + 1) * n], (1, h, w), hashlib.sha256(f"{key}:{i}".encode()).hexdigest(),
+                        tower.config.spatial_merge_size, tower.config.video_token_id) for i in range(t)], seconds
 
 
-def image_runs(ids: Sequence[int], pad: int) -> list[tuple[int, int]]:
-    """(start, end) of each run of `pad` tokens in ids."""
+def prepare_prompt(model, ids: Sequence[int], images: Sequence, max_pixels: int | None = None, videos=(),
+                   encode=None) -> tuple[list[int], list[VisionInput], list[int]]:
+    """(expanded ids, preprocessed inputs in prompt order, prompt-reuse key) for a prompt with one
+    placeholder per image and per video. Each video's single <|video_pad|> becomes, per temporal patch,
+    `<{s:.1f} seconds>` (text, tokenized with `encode`) + <|vision_start|> + its pads + <|vision_end|>."""
+    cfg = vision_tower(model).config
+    pics = prepare_images(model, images, max_pixels)
+    clips = [prepare_video(model, v) for v in videos]
+    if clips:
+        if encode is None:
+            raise ImageError("a prompt with a video needs the tokenizer (`encode`) for its frames' timestamps")
+        vruns = image_runs(ids, (cfg.video_token_id,))
+        if len(vruns) != len(clips) or any(b - a != 1 for a, b in vruns):
+            raise ImageError(f"the prompt has {len(vruns)} video placeholder run(s) for {len(clips)} video(s); "
+                             "put one {'type': 'video'} content part per video in the chat messages")
+        out, prev = [], 0
+        for (a, _), (segs, seconds) in zip(vruns, clips):
+            out += list(ids[prev:a])
+            for seg, sec in zip(segs, seconds):
+                out += [*encode(f"<{sec:.1f} seconds>"), cfg.vision_start_token_id, cfg.video_token_id,
+                        cfg.vision_end_token_id]
+            prev = a + 1
+        ids = out + list(ids[prev:])
+    queues = {cfg.image_token_id: list(pics), cfg.video_token_id: [s for segs, _ in clips for s in segs]}
+    runs = image_runs(ids, (cfg.image_token_id,))
+    if len(runs) != len(pics):
+        raise ImageError(f"the prompt has {len(runs)} image placeholder(s) (<|image_pad|>) for {len(pics)} "
+                         "image(s); put one {'type': 'image'} content part per image in the chat messages")
+    inputs = [queues[ids[a]].pop(0) for a, _ in image_runs(ids, tuple(queues))]  # prompt order
+    ids = expand_prompt(ids, inputs, tuple(queues))
+    return ids, inputs, cache_key(ids, inputs, tuple(queues))
+
+
+def image_runs(ids: Sequence[int], pads) -> list[tuple[int, int]]:
+    """(start, end) of each run of one of the `pads` tokens (a run is one token repeated) in ids."""
+    pads = set(pads) if not isinstance(pads, int) else {pads}
     runs, i = [], 0
     while i < len(ids):
-        if ids[i] == pad:
+        if ids[i] in pads:
             j = i
-            while j < len(ids) and ids[j] == pad:
+            while j < len(ids) and ids[j] == ids[i]:
                 j += 1
             runs.append((i, j))
             i = j
@@ -90,37 +134,39 @@ def image_runs(ids: Sequence[int], pad: int) -> list[tuple[int, int]]:
     return runs
 
 
-def expand_prompt(ids: Sequence[int], images: Sequence[VisionInput], pad: int) -> list[int]:
-    """ids with each image's run of pads at its full length (one pad per image, as the template writes it,
+def expand_prompt(ids: Sequence[int], images: Sequence[VisionInput], pads) -> list[int]:
+    """ids with each input's run of pads at its full length (one pad per input, as the template writes it,
     or already expanded)."""
-    runs = image_runs(ids, pad)
+    runs = image_runs(ids, pads)
     if len(runs) != len(images):
         raise ImageError(f"the prompt has {len(runs)} image placeholder(s) (<|image_pad|>) for {len(images)} "
                          "image(s); put one {'type': 'image'} content part per image in the chat messages")
     out, prev = [], 0
     for (a, b), img in zip(runs, images):
+        if ids[a] != img.token:
+            raise ImageError("the prompt's image and video placeholders are not in the order of its inputs")
         if b - a not in (1, img.num_tokens):
             raise ImageError(f"an image placeholder run of {b - a} tokens does not fit an image of "
                              f"{img.num_tokens} tokens (grid {img.grid})")
-        out += list(ids[prev:a]) + [pad] * img.num_tokens
+        out += list(ids[prev:a]) + [img.token] * img.num_tokens
         prev = b
     return out + list(ids[prev:])
 
 
-def cache_key(ids: Sequence[int], images: Sequence[VisionInput], pad: int) -> list[int]:
-    """ids (expanded) with each image's pads replaced by a negative marker from its content hash: the token
+def cache_key(ids: Sequence[int], images: Sequence[VisionInput], pads) -> list[int]:
+    """ids (expanded) with each input's pads replaced by a negative marker from its content hash: the token
     sequence prompt reuse matches on."""
     key = list(ids)
-    for (a, b), img in zip(image_runs(ids, pad), images):
+    for (a, b), img in zip(image_runs(ids, pads), images):
         key[a:b] = [-1 - int(img.key[:15], 16)] * (b - a)
     return key
 
 
-def rope_positions(ids: Sequence[int], images: Sequence[VisionInput], pad: int, start: int) -> tuple[torch.Tensor, int]:
-    """Rotary positions [3, T] of `ids` (expanded; its image runs belong to `images` in order), the first
+def rope_positions(ids: Sequence[int], images: Sequence[VisionInput], pads, start: int) -> tuple[torch.Tensor, int]:
+    """Rotary positions [3, T] of `ids` (expanded; its pad runs belong to `images` in order), the first
     token at position `start`, and the position the token after them takes."""
     pos = torch.empty(3, len(ids), dtype=torch.long)
-    runs = image_runs(ids, pad)
+    runs = image_runs(ids, pads)
     cur, prev = start, 0
     for (a, b), img in zip(runs, images):
         pos[:, prev:a] = torch.arange(cur, cur + a - prev)
@@ -139,20 +185,21 @@ class VisionPrompt:
     """The tokens to feed after a cache's content, with the images whose pads they hold (`feed`, `images`),
     ready to prefill (`prefill`). Build it with `VisionPrompt.build`."""
 
-    def __init__(self, feed: list[int], images: list[VisionInput], pad: int):
-        self.feed, self.images, self.pad = feed, images, pad
+    def __init__(self, feed: list[int], images: list[VisionInput], pads: tuple[int, ...]):
+        self.feed, self.images, self.pads = feed, images, pads
 
     @classmethod
     def build(cls, model, ids: Sequence[int], images: Sequence[VisionInput], cached: int = 0) -> VisionPrompt:
         """ids: the whole prompt (expanded) with one run of pads per image in `images`; cached: how many of
         its tokens the cache already holds (a restored prefix: it must end outside an image)."""
-        pad = vision_tower(model).config.image_token_id
-        runs = image_runs(ids, pad)
+        cfg = vision_tower(model).config
+        pads = (cfg.image_token_id, cfg.video_token_id)
+        runs = image_runs(ids, pads)
         if any(a < cached < b for a, b in runs):
             raise ImageError(f"a cached prefix of {cached} tokens ends inside an image")
         done = sum(1 for _, b in runs if b <= cached)
         # `images` may run past `ids` (a prefix of a prompt, fed up to a turn boundary): only those it holds
-        return cls(list(ids[cached:]), list(images[done:len(runs)]), pad)
+        return cls(list(ids[cached:]), list(images[done:len(runs)]), pads)
 
     def embeddings(self, model) -> torch.Tensor:
         """Input embeddings [1, T, hidden] of the feed: token embeddings with the images' features in place
@@ -164,7 +211,7 @@ class VisionPrompt:
         patches = torch.cat([i.patches for i in self.images])
         # a kind of its own for the thread governor: seconds per patch, not per token
         feats = threads.run("vision", lambda: tower(patches, [i.grid for i in self.images]), patches.shape[0])
-        mask = torch.tensor(self.feed, device=x.device) == self.pad
+        mask = torch.isin(torch.tensor(self.feed, device=x.device), torch.tensor(self.pads, device=x.device))
         if int(mask.sum()) != feats.shape[0]:
             raise ImageError(f"{int(mask.sum())} image placeholder tokens for {feats.shape[0]} image features")
         x = x.clone()
@@ -177,7 +224,7 @@ class VisionPrompt:
         if cache.batch_size != 1:
             raise ValueError(f"an image prompt is prefilled one row at a time; the cache has {cache.batch_size}")
         row = cache.rows[0]
-        pos, nxt = rope_positions(self.feed, self.images, self.pad, row.length + row.rope_delta)
+        pos, nxt = rope_positions(self.feed, self.images, self.pads, row.length + row.rope_delta)
         pos = pos[:, None].to(model.device)
         T = len(self.feed)
         ids = torch.tensor([self.feed], device=model.device)

@@ -48,7 +48,7 @@ def hf_inputs(ids, inputs):
 
 def full_logits(model, ids, inputs):
     """Our logits for every position of a prompt, with no cache."""
-    vp = VisionPrompt(list(ids), list(inputs), PAD)
+    vp = VisionPrompt(list(ids), list(inputs), (PAD,))
     pos, _ = rope_positions(ids, inputs, PAD, 0)
     with torch.no_grad():
         return model(torch.tensor([ids]), positions=pos[:, None], inputs_embeds=vp.embeddings(model))
@@ -311,3 +311,79 @@ def test_chat_image_command(vision_chat_model, pictures, monkeypatch, capsys):
     (_, prompt1, _, _), (_, prompt2, prefilled2, reused2) = stats
     image_tokens = model.visual.processor.num_tokens(40, 72)
     assert prompt1 > image_tokens and reused2 >= prompt1 and prefilled2 == prompt2 - reused2
+
+
+# ---- video: a list of frames (or an animated image), one temporal patch per <|video_pad|> run ----
+
+def test_video_sampling_sizes_and_timestamps_follow_the_reference_rules():
+    from qwen35.video_input import resized_size, sample_indices, timestamps
+
+    # k = int(n / fps * 2) clamped to [4, 768] and n; round(linspace(0, n - 1, k))
+    assert sample_indices(100, 25) == [0, 14, 28, 42, 57, 71, 85, 99]
+    assert sample_indices(5, 4) == [0, 1, 3, 4]  # 2 -> at least 4
+    assert sample_indices(3, 30) == [0, 1, 2]  # never more than there are
+    assert sample_indices(48, None) == [0, 16, 31, 47]  # unknown rate: 24 fps, so 4 frames
+    assert timestamps([0, 14, 28, 42, 57], 25) == pytest.approx([0.28, 1.4, 2.28])  # last frame repeated
+    # 8 x 736 x 1280 > 768*32*32: beta = sqrt(8*720*1280 / 786432) = 3.06, floor(720/beta/32)*32 = 224
+    assert resized_size(8, 720, 1280) == (224, 416)
+    # 4 x 32 x 64 < 128*32*32: beta = sqrt(131072 / (4*40*56)) = 3.82, ceil(40*beta/32)*32 = 160
+    assert resized_size(4, 40, 56) == (160, 224)
+    assert resized_size(4, 40, 56, factor=8) == (40, 56)
+
+
+def test_animated_image_is_a_video(tmp_path):
+    from qwen35.video_input import Video
+
+    frames = [picture(20, 30, i) for i in range(6)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=250, loop=0)
+    v = Video.open(tmp_path / "clip.gif")
+    assert len(v.frames) == 6 and v.fps == pytest.approx(4.0) and v.frames[0].size == (30, 20)
+
+
+def test_video_logits_match_transformers(pair):
+    """Frames -> temporal patches with timestamps in the prompt; logits equal transformers' given the same
+    pixel_values_videos (its reference resize needs torchvision, which does not install here)."""
+    from qwen35.video_input import Video
+
+    hf, model = pair
+    video_pad = VISION_TOKENS["video_token_id"]
+    clip = Video([picture(40, 56, i) for i in range(5)], fps=4)
+
+    def encode(text):
+        return [ord(c) % 300 for c in text]
+
+    ids, inputs, _ = prepare_prompt(model, text(4, 1) + [START, video_pad, END] + text(5, 2), [], videos=[clip],
+                                    encode=encode)
+    assert [i.grid for i in inputs] == [(1, 10, 14)] * 2  # 4 sampled frames -> 2 temporal patches of 10 x 14
+    assert ids.count(video_pad) == 2 * 35 and ids[5:5 + len("<0.1 seconds>")] == encode("<0.1 seconds>")
+    vp = VisionPrompt(list(ids), inputs, (PAD, video_pad))
+    pos, _ = rope_positions(ids, inputs, (PAD, video_pad), 0)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]), positions=pos[:, None], inputs_embeds=vp.embeddings(model))
+    ids_t = torch.tensor([ids])
+    kw = {"mm_token_type_ids": (ids_t == video_pad).int() * 2, "video_grid_thw": torch.tensor([[2, 10, 14]]),
+          "pixel_values_videos": torch.cat([i.patches for i in inputs])}
+    assert_logits_match_oracle(ours, hf, ids_t, **kw)
+
+
+def test_stream_generate_with_a_video_matches_transformers(vision_chat_model, tmp_path):
+    """An animated GIF through stream_generate(videos=): the real tokenizer writes the timestamps; the greedy
+    answer equals transformers' on the same ids and pixel_values_videos."""
+    hf, path = vision_chat_model
+    model, tok = qwen35.load(path, dtype=torch.float32)
+    frames = [picture(24, 40, i) for i in range(7)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=500, loop=0)
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    prompt = tok.chat_template.render(msgs, add_generation_prompt=True, enable_thinking=False)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    out = list(qwen35.stream_generate(model, tok, prompt, params, videos=[tmp_path / "clip.gif"]))
+    ids, inputs, _ = prepare_prompt(model, tok.encode(prompt), [], videos=[tmp_path / "clip.gif"], encode=tok.encode)
+    # 7 frames of 0.5 s at 2 fps: all 7, padded to 8 (the last repeated), 4 temporal patches at 0.25 .. 3.0 s
+    assert len(inputs) == 4 and "<0.2 seconds><|vision_start|>" in tok.decode(ids) and "<3.0 seconds>" in tok.decode(ids)
+    t, h, w = len(inputs), *inputs[0].grid[1:]
+    ids_t = torch.tensor([ids])
+    kw = {"mm_token_type_ids": (ids_t == 248057).int() * 2, "video_grid_thw": torch.tensor([[t, h, w]]),
+          "pixel_values_videos": torch.cat([i.patches for i in inputs])}
+    with torch.no_grad():
+        ref = hf.float().generate(ids_t, max_new_tokens=6, do_sample=False, eos_token_id=None, **kw)
+    assert [r.token for r in out] == ref[0, len(ids):].tolist()

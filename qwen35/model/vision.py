@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..ops.linear import linear
 
 TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
@@ -96,13 +95,14 @@ class VisionConfig:
 
 
 def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm in fp32 (its parameters are kept fp32), result in x's dtype."""
-    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps).to(x.dtype)
+    """LayerNorm with fp32 parameters on x in its own dtype (torch's CPU kernel accumulates in fp32 whatever
+    the input: one pass over x, where casting x to fp32 and back would cost two more)."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
 
 
 def dense(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """A biased Linear through ops.linear (2-D GEMM, bf16 on the fast path)."""
-    return linear(x, layer.weight).add_(layer.bias)
+    """A biased Linear on 2-D x (the bias added inside the GEMM: no second pass over the output)."""
+    return F.linear(x, layer.weight, layer.bias)
 
 
 class PatchEmbed(nn.Module):
@@ -114,7 +114,7 @@ class PatchEmbed(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """patches [N, C*T*P*P] -> [N, hidden]. The kernel covers the whole patch: a matrix product."""
         w = self.proj.weight
-        return linear(patches.to(w.dtype), w.view(w.shape[0], -1)).add_(self.proj.bias)
+        return F.linear(patches.to(w.dtype), w.view(w.shape[0], -1), self.proj.bias)
 
 
 class VisionAttention(nn.Module):
