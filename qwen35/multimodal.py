@@ -218,27 +218,43 @@ class VisionPrompt:
         x[0, mask] = feats.to(x.dtype)
         return x
 
-    def prefill(self, model, cache, chunk_size: int) -> torch.Tensor:
-        """Feed the prompt after what `cache` (batch 1) holds, in chunks; leave the cache's rope_delta so
-        that decode continues at the right position. Returns fp32 logits [1, vocab] of the last token."""
+    def prepare(self, model, cache) -> None:
+        """Positions (from the next position of `cache`, batch 1) and input embeddings (the images encoded)
+        of the whole feed, before its first chunk."""
         if cache.batch_size != 1:
             raise ValueError(f"an image prompt is prefilled one row at a time; the cache has {cache.batch_size}")
         row = cache.rows[0]
-        pos, nxt = rope_positions(self.feed, self.images, self.pads, row.length + row.rope_delta)
-        pos = pos[:, None].to(model.device)
-        T = len(self.feed)
-        ids = torch.tensor([self.feed], device=model.device)
-        logits = None
+        pos, self.next_position = rope_positions(self.feed, self.images, self.pads, row.length + row.rope_delta)
+        self.positions = pos[:, None].to(model.device)
+        self.ids = torch.tensor([self.feed], device=model.device)
         with torch.no_grad():
-            emb = self.embeddings(model)
-            for a in range(0, T, chunk_size):
-                b = min(T, a + chunk_size)
-                kw = {"cache": cache, "positions": pos[..., a:b], "inputs_embeds": emb[:, a:b]}
-                if b < T:
-                    threads.run("prefill", lambda kw=kw, a=a, b=b: model.hidden_states(ids[:, a:b], **kw), b - a)
-                else:
-                    logits = threads.run("prefill", lambda kw=kw, a=a, b=b: model(ids[:, a:b], logits_to_keep=1,
-                                                                                   **kw)[:, -1], b - a)
+            self.embeds = self.embeddings(model)
+
+    def feed_chunk(self, model, cache, a: int, b: int) -> torch.Tensor | None:
+        """Feed tokens a..b-1 of the feed (after `prepare`, in order); fp32 logits [1, vocab] of the last
+        token when b ends the feed, else None. The row's rope_delta is left right for the token after b, so
+        a snapshot taken here (a turn boundary, the prompt's end) continues exactly."""
+        kw = {"cache": cache, "positions": self.positions[..., a:b], "inputs_embeds": self.embeds[:, a:b]}
+        T = len(self.feed)
+        with torch.no_grad():
+            if b < T:
+                threads.run("prefill", lambda: model.hidden_states(self.ids[:, a:b], **kw), b - a)
+                logits = None
+            else:
+                logits = threads.run("prefill", lambda: model(self.ids[:, a:b], logits_to_keep=1, **kw)[:, -1],
+                                     b - a)
         row = cache.rows[0]
-        row.rope_delta = nxt - row.length
+        after = self.next_position if b == T else int(self.positions[0, 0, b])  # text: every axis the same
+        row.rope_delta = after - row.length
+        return logits
+
+    def prefill(self, model, cache, chunk_size: int) -> torch.Tensor:
+        """Feed the whole prompt after what `cache` (batch 1) holds, in chunks of `chunk_size`; decode then
+        continues at the right position. Returns fp32 logits [1, vocab] of the last token."""
+        if chunk_size < 1:
+            raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
+        self.prepare(model, cache)
+        T = len(self.feed)
+        for a in range(0, T, chunk_size):
+            logits = self.feed_chunk(model, cache, a, min(T, a + chunk_size))
         return logits
