@@ -40,7 +40,7 @@ def serve(model, tok, **kw):
     from qwen35.server.app import create_app
     from qwen35.server.engine import Engine
 
-    eng = Engine(model, max_batch=2, max_queue=8)
+    eng = Engine(model, max_batch=2, max_queue=8, prefill_chunk_size=kw.pop("chunk", 512))
     app = create_app(eng, tok, "model", default_thinking=False, **kw)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
@@ -145,6 +145,32 @@ def test_text_only_checkpoint_refuses_images(chat_model_dir):
         ok = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                              "max_tokens": 3, "temperature": 0}, timeout=60)
         assert ok.status_code == 200
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+        eng.shutdown()
+
+
+def test_image_prompt_fed_in_chunks_beside_another_request(vision_chat_model):
+    """Prefill chunks of 16 tokens (an image's pads split across chunks, interleaved with another prompt's
+    chunks and decode steps): both answers equal the library's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, path = vision_chat_model
+    model, tok = qwen35.load(path, dtype=torch.float32)
+    base, srv, th, eng = serve(model, tok, chunk=16)
+    img = picture(64, 56, 9)
+    text = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and the sea. " * 3}]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futs = [pool.submit(httpx.post, base + "/v1/chat/completions", timeout=300,
+                                json={"messages": m, "max_tokens": 5, "temperature": 0}) for m in (ask(data_url(img)), text)]
+            r_img, r_text = (f.result() for f in futs)
+        assert r_img.status_code == r_text.status_code == 200
+        assert r_img.json()["choices"][0]["message"]["content"] == library(model, tok, ask("x"), [img], 5).strip()
+        prompt = tok.chat_template.render(text, add_generation_prompt=True, enable_thinking=False)
+        ref = qwen35.generate(model, tok, prompt, SamplingParams(temperature=0, max_tokens=5))
+        assert r_text.json()["choices"][0]["message"]["content"] == ref.strip()
     finally:
         srv.should_exit = True
         th.join(timeout=10)
