@@ -81,9 +81,16 @@ def stream_generate(
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     sampler=None,
     speculative=None,
+    images=None,
+    videos=None,
 ) -> Iterator[Response]:
     """Yield a Response per generated token, with its text delta (the stop token's own text excluded when
     it is a control token) and timings. `prompt` is text (encoded as is, no BOS) or token ids.
+
+    images: the prompt's images in order (PIL images, file paths, bytes or data: URLs), one per
+    `<|vision_start|><|image_pad|><|vision_end|>` the chat template wrote for an {"type": "image"} content
+    part. videos: likewise for {"type": "video"} parts: video_input.Video (frames + rate) or an animated
+    GIF/WebP/PNG file. A checkpoint without a vision tower raises ImageError ("no vision tower").
 
     cache: continue from this cache (it must not be combined with prompt_cache). With `prompt_cache`, the
     longest snapshotted prefix of the prompt is restored and only the rest is prefilled; the prompt's own
@@ -95,17 +102,30 @@ def stream_generate(
                          "a cache of its own")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     params = (params or SamplingParams()).with_stops(tokenizer.eos_token_ids)
-    return _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_size, sampler, speculative)
+    key, inputs = ids, None
+    if images or videos:  # decoded and checked here, at the call, not at the first token
+        from .multimodal import prepare_prompt
+
+        ids, inputs, key = prepare_prompt(model, ids, images or [], videos=videos or [],
+                                          encode=lambda t: tokenizer.encode(t))
+    return _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_size, sampler, speculative,
+                   inputs, key)
 
 
 def _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_size, sampler,
-            speculative) -> Iterator[Response]:
+            speculative, images=None, key=None) -> Iterator[Response]:
     cached = 0
+    key = ids if key is None else key  # what prompt reuse matches: image pads stand for their content hash
     if prompt_cache is not None:
-        cache, cached = prompt_cache.lookup(ids)
+        cache, cached = prompt_cache.lookup(key)
     if cache is None:
         cache = model.make_cache(batch_size=1)
     feed = ids[cached:]
+    vision = None
+    if images is not None:
+        from .multimodal import VisionPrompt
+
+        vision = VisionPrompt.build(model, ids, images, cached)
     text = tokenizer.text_stream()
     t0 = time.perf_counter()
     t_first = None
@@ -113,13 +133,13 @@ def _stream(model, tokenizer, ids, params, cache, prompt_cache, prefill_chunk_si
 
     guide = make_guide(params, tokenizer, model.config.vocab_size)
     for r in generate_step(model, feed, cache=cache, params=params, prefill_chunk_size=prefill_chunk_size,
-                           sampler=sampler, guide=guide, speculative=speculative):
+                           sampler=sampler, guide=guide, speculative=speculative, vision=vision):
         now = time.perf_counter()
         if t_first is None:
             t_first = now
             if prompt_cache is not None:
                 # the cache now holds exactly the prompt (the first token is not fed yet)
-                prompt_cache.store(ids, cache)
+                prompt_cache.store(key, cache)
         n = r.generation_tokens
         yield replace(r, text=text.add(r.token, r.finish_reason), prompt_tokens=len(ids), cached_tokens=cached,
                       prefill_tok_s=len(feed) / max(t_first - t0, 1e-9),

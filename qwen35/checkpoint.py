@@ -91,16 +91,25 @@ CHUNK = 2**22  # elements drawn at once (a multiple of 16, see random_tensor): a
 
 def tensor_specs(config: ModelConfig, mtp_layers: int = 0,
                  dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(checkpoint key, shape, dtype) of every tensor of a checkpoint, in the order random weights are drawn.
-    A_log and linear_attn.norm are F32, as in the official checkpoints; the rest `dtype`."""
+    """(checkpoint key, shape, dtype) of every tensor of a checkpoint, in the order random weights are drawn
+    (the vision tower's last, when the config has one). A_log and linear_attn.norm are F32, as in the official
+    checkpoints; the rest `dtype`."""
     from .model.qwen35 import Qwen35ForCausalLM
     from .weights import _skip_init
 
     with torch.device("meta"), _skip_init():
         params = Qwen35ForCausalLM(config, mtp_layers=mtp_layers).named_parameters()
         shapes = [(n, tuple(p.shape)) for n, p in params]
-    return [(vlm_key(n), shape, torch.float32 if n.endswith(("A_log", "linear_attn.norm.weight")) else dtype)
-            for n, shape in shapes]
+    specs = [(vlm_key(n), shape, torch.float32 if n.endswith(("A_log", "linear_attn.norm.weight")) else dtype)
+             for n, shape in shapes]
+    if config.vision_config is not None:  # the tower's tensors, `model.visual.*` as the official checkpoints
+        from .model.vision import VisionConfig, VisionModel
+        from .weights import VISION_PREFIX
+
+        with torch.device("meta"), _skip_init():
+            tower = VisionModel(VisionConfig.from_hf(config.vision_config))
+        specs += [(VISION_PREFIX + n, tuple(p.shape), dtype) for n, p in tower.named_parameters()]
+    return specs
 
 
 def random_tensor(key: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator,

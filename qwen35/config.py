@@ -59,7 +59,7 @@ class ModelConfig:
     mtp_num_hidden_layers: int = 0
     eos_token_ids: tuple[int, ...] = ()
     model_type: str = "qwen3_5_text"
-    # The vision tower is not run yet; its settings are kept so a later vision module can address them.
+    # The vision tower's settings (model/vision.py VisionConfig.from_hf), with the top-level image/video token ids.
     vision_config: dict[str, Any] | None = field(default=None, compare=False, hash=False, repr=False)
 
     # ---- derived sizes (computed, never stored in config.json) ----
@@ -102,6 +102,9 @@ class ModelConfig:
                 raise ConfigError(f"{source}: model_type 'qwen3_5' needs a 'text_config' object")
             _check_model_type(text.get("model_type", "qwen3_5_text"), f"{source} text_config")
             vision = cfg.get("vision_config")
+            if isinstance(vision, dict):  # the placeholder token ids live at the top level; the tower needs them
+                ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+                vision = {**vision, **{k: cfg[k] for k in ids if cfg.get(k) is not None}}
             # HF's composite model ties by the top-level flag; fall back to the text config's.
             tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
         else:

@@ -192,6 +192,7 @@ def generate_step(
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     guide=None,
     speculative=None,
+    vision=None,
 ) -> Iterator[Response]:
     """Yield generated tokens one by one for a single sequence.
 
@@ -202,6 +203,8 @@ def generate_step(
     guide: a guide.GuideSpec for constrained params (stream_generate makes it from the tokenizer).
     speculative: a speculative.Speculation to draft with the MTP head (greedy: the same tokens; sampling: the
     same distribution), or None.
+    vision: a multimodal.VisionPrompt whose `feed` is prompt_ids (a prompt with images: the images' features
+    and 3-D positions are prefilled, then decoding goes on as for text).
     """
     if sampler is not None and params is None:
         params = sampler.params
@@ -214,6 +217,13 @@ def generate_step(
     if cache.batch_size != 1:
         raise ValueError(f"generate_step runs one sequence; the cache has batch size {cache.batch_size}")
     check_context(model, cache.offset, len(ids), params.max_tokens)
+    if vision is not None and vision.feed != ids:
+        raise ValueError("vision.feed must be the prompt_ids being fed")
+    if vision is not None and speculative is not None:
+        # the MTP head's own cache has no images' 3-D positions: no drafting for an image prompt (its stats say so)
+        speculative.new_row(params).turn_off("image prompt: the MTP head has no image positions",
+                                             speculative.stats, "not_allowed")
+        speculative = None
     if speculative is not None and params.constrained:
         speculative.new_row(params)  # drafting off for this request, and its stats say why
         speculative = None
@@ -226,7 +236,10 @@ def generate_step(
         stream = Stream(params, sampler, None if guide is None else guide.start(ids))
     else:
         stream = Stream.start(model, ids, params, guide=guide)
-    logits = prefill(model, torch.tensor([ids], device=model.device), cache, prefill_chunk_size)
+    if vision is not None:
+        logits = vision.prefill(model, cache, prefill_chunk_size)
+    else:
+        logits = prefill(model, torch.tensor([ids], device=model.device), cache, prefill_chunk_size)
     with torch.no_grad():
         r = stream.sample(logits)
     yield r

@@ -56,28 +56,49 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.images: list = []  # every picture of the conversation, prepared (multimodal.VisionInput), in order
         self.prompt_cache.clear()
 
     def _render(self, generation: bool) -> str:
         return self.template.render(self.messages, tools=self.tools, add_generation_prompt=generation,
                                     enable_thinking=self.enable_thinking, preserve_thinking=self.preserve_thinking)
 
-    def send(self, user_text: str, max_tokens: int | None = None) -> Iterator[Event]:
+    def send(self, user_text: str, max_tokens: int | None = None, images=None) -> Iterator[Event]:
         """Add a user turn and stream the answer as events; the answer joins the history at the end (or
-        where the caller stops iterating, e.g. on Ctrl-C)."""
-        self.messages.append({"role": "user", "content": user_text})
+        where the caller stops iterating, e.g. on Ctrl-C). images: pictures for this turn (paths, PIL images,
+        bytes or data: URLs), placed before its text."""
+        content = user_text
+        if images:
+            from .multimodal import prepare_images
+
+            new = prepare_images(self.model, images)  # a bad picture fails before the turn joins the history
+            content = [*({"type": "image"} for _ in new), {"type": "text", "text": user_text}]
+            self.images += new
+        self.messages.append({"role": "user", "content": content})
         prompt = self._render(True)
         ids = self.tokenizer.encode(prompt)
         boundary = self.tokenizer.encode(self._render(False))
         if ids[: len(boundary)] != boundary:
             boundary = []  # tokenisation merged across the boundary: skip that snapshot
-        cache, cached = self.prompt_cache.lookup(ids)
+        key = vision = None
+        if self.images:  # pads expanded; prompt reuse keyed on the pictures' content
+            from .multimodal import VisionPrompt, expand_prompt, prepare_prompt
+
+            ids, inputs, key = prepare_prompt(self.model, ids, self.images)
+            if boundary:
+                boundary = key[: len(expand_prompt(boundary, inputs, self.model.visual.config.image_token_id))]
+        cache, cached = self.prompt_cache.lookup(key or ids)
         if boundary and cached < len(boundary):
-            prefill(self.model, _tensor(boundary[cached:]), cache)
+            if key is None:
+                prefill(self.model, _tensor(boundary[cached:]), cache)
+            else:
+                VisionPrompt.build(self.model, ids[: len(boundary)], inputs, cached).prefill(self.model, cache, 512)
             self.prompt_cache.store(boundary, cache)
             done = len(boundary)
         else:
             done = cached
+        if key is not None:
+            vision = VisionPrompt.build(self.model, ids, inputs, done)
         thinking = prompt.rstrip().endswith("<think>")
         params = (self.params or preset(thinking)).with_stops(self.tokenizer.eos_token_ids)
         if max_tokens is not None:
@@ -91,9 +112,9 @@ class ChatSession:
         generated: list[int] = []
         try:
             for step in generate_step(self.model, ids[done:], cache=cache, params=params, guide=guide,
-                                      speculative=self.speculation):
+                                      speculative=self.speculation, vision=vision):
                 if not stored:
-                    self.prompt_cache.store(ids, cache)
+                    self.prompt_cache.store(key or ids, cache)
                     stored = True
                 generated.append(step.token)
                 self.last.generated_tokens += 1
@@ -106,7 +127,7 @@ class ChatSession:
                 yield from _events(delta)
         finally:
             # the answer's end (its last token was sampled, never fed): where the next turn diverges
-            answered = ids + generated[:-1]
+            answered = (key or ids) + generated[:-1]
             if len(generated) > 1 and cache.offset == len(answered):  # (one token: the prompt is stored)
                 self.prompt_cache.store(answered, cache)
             if self.last.finish_reason is None:  # stopped early (Ctrl-C, error): flush the parser

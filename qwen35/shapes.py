@@ -29,6 +29,25 @@ SHAPES: dict[str, dict] = {
 }
 
 
+# The vision tower per size (architecture reference section 1.3; 2B assumed equal to 0.8B, UNVERIFIED there).
+VISION_SHAPES: dict[str, dict] = {
+    "0.8b": dict(depth=12, hidden_size=768, num_heads=12, intermediate_size=3072),
+    "2b": dict(depth=12, hidden_size=768, num_heads=12, intermediate_size=3072),
+    "4b": dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096),
+    "9b": dict(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304),
+    "tiny": dict(depth=2, hidden_size=128, num_heads=2, intermediate_size=256),
+}
+VISION_TOKENS = dict(image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
+                     vision_end_token_id=248054)
+
+
+def vision_config(shape: str, out_hidden_size: int) -> dict:
+    """The `vision_config` dict of a named shape (constants common to every size, then its own sizes)."""
+    return {"model_type": "qwen3_5_vision", "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16,
+            "temporal_patch_size": 2, "spatial_merge_size": 2, "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [], "out_hidden_size": out_hidden_size, **VISION_SHAPES[shape]}
+
+
 def text_config(shape: str, **over) -> dict:
     """The `text_config` dict (model_type qwen3_5_text) of a named shape."""
     if shape not in SHAPES:
@@ -36,8 +55,11 @@ def text_config(shape: str, **over) -> dict:
     return {"model_type": "qwen3_5_text", **COMMON, **SHAPES[shape], **over}
 
 
-def composite_config(shape: str, **over) -> dict:
-    """An official-style composite config (model_type qwen3_5) without a vision tower."""
+def composite_config(shape: str, vision: bool = False, **over) -> dict:
+    """An official-style composite config (model_type qwen3_5), with the size's vision tower when `vision`."""
     text = text_config(shape, **over)
-    return {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"],
-            "text_config": text, "tie_word_embeddings": text["tie_word_embeddings"]}
+    cfg = {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"],
+           "text_config": text, "tie_word_embeddings": text["tie_word_embeddings"]}
+    if vision:
+        cfg.update(vision_config=vision_config(shape, text["hidden_size"]), **VISION_TOKENS)
+    return cfg

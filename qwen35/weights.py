@@ -146,12 +146,15 @@ def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | 
     layout = "vlm" if any(k.startswith(VLM_TEXT_PREFIX) for k in entries) else "text"
     info = CheckpointInfo(path=path, files=files, layout=layout)
     by_name: dict[str, TensorEntry] = {}
+    vision: dict[str, TensorEntry] = {}
     for key, e in entries.items():
         name = to_module_name(key, layout)
-        if name is None:
-            info.skipped.append(key)
-        else:
+        if name is not None:
             by_name[name] = e
+        elif key.startswith(VISION_PREFIX) and config.vision_config is not None:
+            vision[key[len(VISION_PREFIX):]] = e
+        else:
+            info.skipped.append(key)
 
     mtp_layers = count_mtp_layers(by_name)
     if mtp_layers and config.mtp_num_hidden_layers and mtp_layers != config.mtp_num_hidden_layers:
@@ -242,6 +245,8 @@ def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | 
                 read(e, sink)
             else:  # band by band from the mapped file: never a whole bf16 copy of the matrix in memory
                 quantize_into(sink, lambda a, b, e=e: read_rows(e, a, b))
+        if vision:
+            attach_vision(model, _load_vision(path, config, vision, read, dtype))
     finally:
         if bar is not None:
             bar.close()
@@ -253,6 +258,43 @@ def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | 
     model.quant = quant if quant is not None else (qcfg or {}).get("policy")
     bind_kernels(model, kernels)
     return model
+
+
+def attach_vision(model: Qwen35ForCausalLM, tower) -> None:
+    """Give `model` its vision tower as `model.visual`, outside the module tree on purpose: what walks the
+    text model's parameters (projection fusion, quantization, LoRA, checkpoint writing, .to()) must not see
+    the tower, which keeps its own dtype and is only ever run for inference."""
+    object.__setattr__(model, "visual", tower)
+
+
+def _load_vision(path: Path, config: ModelConfig, entries: dict[str, TensorEntry], read, dtype: torch.dtype):
+    """The vision tower from the checkpoint's `model.visual.*` tensors (names without the prefix): in `dtype`,
+    its LayerNorm parameters in fp32 (they feed fp32 math, as the text model's norms do)."""
+    from .model.vision import VisionConfig, VisionModel
+
+    vcfg = VisionConfig.from_hf(config.vision_config, str(path / "config.json"))
+    with torch.device("meta"), _skip_init():
+        tower = VisionModel(vcfg)
+    params = dict(tower.named_parameters())
+    missing = [n for n in params if n not in entries]
+    unexpected = [n for n in entries if n not in params]
+    for names, what in ((missing, "missing tensor"), (unexpected, "unexpected tensor")):
+        if names:
+            raise CheckpointError(f"{path}: {what} '{VISION_PREFIX}{names[0]}'"
+                                  + (f" (and {len(names) - 1} more)" if len(names) > 1 else ""))
+    for name, p in params.items():
+        e = entries[name]
+        if tuple(e.shape) != tuple(p.shape):
+            raise CheckpointError(f"{path}: shape mismatch for '{e.name}': checkpoint has {list(e.shape)}, "
+                                  f"the vision config implies {list(p.shape)}")
+        keep = torch.float32 if "norm" in name.split(".")[-2] else dtype
+        t = read(e).to(keep)
+        mod_name, _, attr = name.rpartition(".")
+        setattr(tower.get_submodule(mod_name), attr, nn.Parameter(t, requires_grad=False))
+    from .vision_input import ImageProcessor
+
+    tower.processor = ImageProcessor.from_model_dir(path, vcfg)  # the checkpoint's preprocessor_config.json
+    return tower.eval()
 
 
 @contextlib.contextmanager

@@ -22,6 +22,19 @@ def vlm_replicas(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vision_replica(tmp_path_factory):
+    """(hf_model, path): a composite replica whose vision tower has two blocks (image tests)."""
+    return replica.build_vlm(tmp_path_factory.mktemp("vision"), value_mult=2, seed=5,
+                             vision={**replica.VISION, "depth": 2})
+
+
+@pytest.fixture(scope="session")
+def vision_chat_model(tmp_path_factory):
+    """(hf_model, path): a composite replica with the real tokenizer (image input through API, CLI, server)."""
+    return replica.build_vision_chat_model(tmp_path_factory.mktemp("vision_chat") / "model")
+
+
+@pytest.fixture(scope="session")
 def tied_replica(tmp_path_factory):
     return replica.build_text(tmp_path_factory.mktemp("tied"), tie=True, seed=7)
 

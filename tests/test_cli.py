@@ -170,7 +170,7 @@ def test_chat_repl_commands(repl):
                              "/think on", "Hello"])  # then end of input
     assert code == 0
     for msg in ("(usage: /think on|off)", "(usage: /max N, N >= 1)", "(answers up to 3 tokens)",
-                "(unknown command /nope; try /reset, /think on|off, /max N, /quit)", "(new conversation)",
+                "(unknown command /nope; try /reset, /think on|off, /max N, /image PATH, /quit)", "(new conversation)",
                 "(thinking on)"):
         assert msg in out, msg
     assert [s[0] for s in stats] == [3, 3, 3]  # /max applies to the answers after it

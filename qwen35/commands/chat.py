@@ -1,6 +1,7 @@
 """Chat interactively; the cache is kept across turns and only each new turn is prefilled.
 
-Commands: /reset (new conversation), /think on|off, /max N (answer length), /quit. End a line with \\ to continue it on the next,
+Commands: /reset (new conversation), /think on|off, /max N (answer length), /image PATH (a picture for the
+next message; vision-language checkpoints), /quit. End a line with \\ to continue it on the next,
 or wrap a block in triple quotes (\"\"\"). Ctrl-C interrupts an answer and returns to the prompt; Ctrl-D
 or /quit leaves.
 """
@@ -59,6 +60,20 @@ def read_message(prompt: str = ">>> ") -> str | None:
     return "\n".join(lines)
 
 
+def attach_image(model, path: str, pending: list) -> str:
+    """/image PATH: check the picture now (a bad path is a message, not a crash) and queue it prepared."""
+    from ..errors import Qwen35Error
+    from ..multimodal import prepare_images
+
+    if not path:
+        return "usage: /image PATH (the picture goes with your next message)"
+    try:
+        pending += prepare_images(model, [path])
+    except Qwen35Error as e:
+        return f"cannot use the image: {e}"
+    return f"image {path} attached to your next message ({len(pending)} waiting)"
+
+
 def main(args: argparse.Namespace) -> int:
     from ..sampling import preset
     from ..session import ChatSession
@@ -73,7 +88,9 @@ def main(args: argparse.Namespace) -> int:
     def params_for(thinking: bool):
         return sampling_from_args(args, preset(thinking))
 
-    print("qwen35 chat: /reset, /think on|off, /max N, /quit; Ctrl-C stops an answer, Ctrl-D exits.", flush=True)
+    print("qwen35 chat: /reset, /think on|off, /max N, /image PATH, /quit; Ctrl-C stops an answer, Ctrl-D exits.",
+          flush=True)
+    pending: list = []  # pictures attached (/image) to the next message
     while True:
         try:
             text = read_message()
@@ -106,15 +123,21 @@ def main(args: argparse.Namespace) -> int:
             args.max_tokens = int(parts[1])
             print(f"(answers up to {args.max_tokens} tokens)", flush=True)
             continue
+        if cmd.startswith("/image"):
+            msg = attach_image(model, cmd[len("/image"):].strip(), pending)
+            print(f"({msg})", flush=True)
+            continue
         if cmd.startswith("/"):
-            print(f"(unknown command {cmd.split()[0]}; try /reset, /think on|off, /max N, /quit)", flush=True)
+            print(f"(unknown command {cmd.split()[0]}; try /reset, /think on|off, /max N, /image PATH, /quit)",
+                  flush=True)
             continue
         thinking = session.enable_thinking if session.enable_thinking is not None else True
         session.params = params_for(thinking)
         in_reasoning = False
         t0 = time.perf_counter()
         try:
-            for ev in session.send(text):
+            images, pending = pending, []
+            for ev in session.send(text, images=images):
                 if ev.kind == "reasoning":
                     if not in_reasoning:
                         sys.stdout.write(DIM + "thinking: " if tty else "[thinking] ")

@@ -24,12 +24,24 @@ from .common import (
     speculation_from_args,
 )
 
+IMAGE_PAD = "<|image_pad|>"
+IMAGE_PART = f"<|vision_start|>{IMAGE_PAD}<|vision_end|>"  # what the chat template writes for an image part
+VIDEO_PAD = "<|video_pad|>"
+VIDEO_PART = f"<|vision_start|>{VIDEO_PAD}<|vision_end|>"
+
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--prompt", type=nonempty, default=None, help="prompt text (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file for the prompt (repeatable, in order): with --chat each goes before the "
+                        "text in the user turn; without, the prompt's <|image_pad|> placeholders take them, or "
+                        "they are put before the prompt when it has none")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="an animated GIF/WebP/PNG as a video (repeatable; with --chat, after the images); sampled "
+                        "at 2 frames per second")
     p.add_argument("--prefill-chunk", type=POSITIVE, default=512)
     p.add_argument("--json", action="store_true", help="end with one JSON line (text, token_ids, speeds, ...)")
     p.add_argument("--verbose", action="store_true", help="print speeds (and speculative acceptance) to stderr")
@@ -46,14 +58,23 @@ def main(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise Qwen35Error("the prompt is empty (pass --prompt TEXT or pipe text to stdin)")
+    if args.image or args.video:  # a missing or unreadable picture fails here, before the weights are read
+        from ..vision_input import open_image
+
+        for path in args.image + args.video:
+            open_image(path)
     model, tokenizer = load_from_args(args)
     spec = speculation_from_args(args, tokenizer)
     thinking = bool(args.think)
     if args.chat:
+        media = [{"type": "image"} for _ in args.image] + [{"type": "video"} for _ in args.video]
+        content = [*media, {"type": "text", "text": prompt}] if media else prompt
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": prompt}]
+                   [{"role": "user", "content": content}]
         prompt = tokenizer.chat_template.render(messages, add_generation_prompt=True, enable_thinking=args.think)
         thinking = prompt.rstrip().endswith("<think>")
+    elif (args.image or args.video) and IMAGE_PAD not in prompt and VIDEO_PAD not in prompt:
+        prompt = IMAGE_PART * len(args.image) + VIDEO_PART * len(args.video) + prompt
     params = sampling_from_args(args, preset(thinking))
     if args.ignore_eos:
         params = replace(params, ignore_eos=True)
@@ -62,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
     parsed = ParsedDelta()
     text, token_ids, last, in_reasoning, cut = [], [], None, False, None
     for r in stream_generate(model, tokenizer, prompt, params, prefill_chunk_size=args.prefill_chunk,
-                             speculative=spec):
+                             speculative=spec, images=args.image or None, videos=args.video or None):
         last = r
         token_ids.append(r.token)
         if r.reasoning_cut:

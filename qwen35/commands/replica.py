@@ -18,19 +18,21 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (reduced depth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-gb", type=float, default=None, help="max shard size in GB (default: one shard)")
+    p.add_argument("--vision", action="store_true", help="with the size's vision tower (model.visual.*)")
 
 
 def build_replica(out, shape: str = "0.8b", layers: int | None = None, seed: int = 0,
-                  shard_bytes: int | None = None, **config_over) -> None:
+                  shard_bytes: int | None = None, vision: bool = False, **config_over) -> None:
     over = {"num_hidden_layers": layers} if layers else {}
     over.update(config_over)
     # tensor by tensor, so a 9B replica (19 GB in bf16) is written in ~2 GB of memory
-    write_random_checkpoint(composite_config(shape, **over), out, max_shard_bytes=shard_bytes, seed=seed)
+    write_random_checkpoint(composite_config(shape, vision=vision, **over), out, max_shard_bytes=shard_bytes,
+                            seed=seed)
 
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     shard = int(args.shard_gb * 1e9) if args.shard_gb else None
-    build_replica(args.out, args.shape, args.layers, args.seed, shard)
+    build_replica(args.out, args.shape, args.layers, args.seed, shard, vision=args.vision)
     print(f"wrote {args.shape} replica to {args.out} in {time.perf_counter() - t0:.1f}s")
     return 0

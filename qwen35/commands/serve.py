@@ -25,6 +25,7 @@ from .common import (
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     from ..memory import memory_size
+    from ..server.images import DEFAULT_MAX_IMAGE_PIXELS
     from ..server.protocol import DEFAULT_MAX_REQUEST_BYTES
 
     add_model_args(p)
@@ -37,6 +38,12 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=POSITIVE, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
     p.add_argument("--request-timeout", type=number(0.001), default=600.0, help="seconds per request")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image_url parts (default: only inline data: URLs; fetching makes the server "
+                        "a client of any address a request names)")
+    p.add_argument("--max-image-pixels", type=POSITIVE, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help=f"largest image accepted, width x height as sent; larger ones get 400 "
+                        f"(default {DEFAULT_MAX_IMAGE_PIXELS})")
     p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: the folder name)")
     p.add_argument("--prompt-cache-gb", type=number(0), default=2.0,
                    help="memory for prompt-reuse snapshots (0 disables reuse)")
@@ -79,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
                     speculation=speculation_from_args(args, tokenizer), memory_budget=budget)
     app = create_app(engine, tokenizer, name, api_key=args.api_key, default_thinking=args.think,
                      request_timeout=args.request_timeout, preserve_thinking=args.preserve_thinking,
-                     max_request_bytes=args.max_request_bytes)
+                     max_request_bytes=args.max_request_bytes, allow_remote_images=args.allow_remote_images,
+                     max_image_pixels=args.max_image_pixels)
     if args.preserve_thinking and not tokenizer.chat_template.uses("preserve_thinking"):
         print("note: this model's chat template drops past think blocks (no 'preserve_thinking'): each turn "
               "reuses the conversation up to the previous user message and re-prefills the previous answer",

@@ -49,6 +49,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.mtp = MTPHead(config, mtp_layers) if mtp_layers > 0 else None
+        self.visual = None  # the vision tower (model/vision.py), set by the loader outside the module tree
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False  # training: recompute each layer's activations in backward
         self.head_runtime = None  # a weight object for the vocabulary projection, bound by ops/fast
@@ -169,9 +170,12 @@ class Qwen35ForCausalLM(nn.Module):
         return positions
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                      positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+                      positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, hidden] (what lm_head and the MTP head consume).
-        segments [B, T]: document ids of packed training rows (no cache): documents never see each other."""
+        segments [B, T]: document ids of packed training rows (no cache): documents never see each other.
+        inputs_embeds [B, T, hidden]: the input embeddings to use instead of looking up input_ids (image
+        features scattered in, multimodal.py); input_ids still give the shape and are checked."""
         self._check_inputs(input_ids, cache)
         T = input_ids.shape[1]
         masks = None
@@ -181,7 +185,9 @@ class Qwen35ForCausalLM(nn.Module):
             masks = SegmentMasks.build(segments, self.config.linear_conv_kernel_dim)
             positions = masks.positions if positions is None else positions
         ctx = LayerContext(self.rotary(self._positions(T, cache, positions)), masks)
-        x = self.model.embed_tokens(input_ids)
+        if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+            raise InputError(f"inputs_embeds {list(inputs_embeds.shape)} do not match input_ids {list(input_ids.shape)}")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, None, ctx, use_reentrant=False)
@@ -198,11 +204,12 @@ class Qwen35ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
                 positions: torch.Tensor | None = None, logits_to_keep: int | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: LongTensor [B, T]. With a cache, continues from cache.offset and advances it.
         positions: optional [T], [B, T] or [3, B, T] (mRoPE) overriding offset-based positions.
-        logits_to_keep: project only the last n positions. Returns fp32 logits [B, T or n, vocab]."""
-        h = self.hidden_states(input_ids, cache, positions, segments)
+        logits_to_keep: project only the last n positions. Returns fp32 logits [B, T or n, vocab].
+        inputs_embeds: as in hidden_states."""
+        h = self.hidden_states(input_ids, cache, positions, segments, inputs_embeds)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return self.logits(h)

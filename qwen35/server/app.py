@@ -35,8 +35,10 @@ from ..errors import Qwen35Error
 from ..generation import ContextLengthError
 from ..guide import make_guide
 from ..toolcalls import OutputParser, ParsedDelta
+from ..vision_input import ImageError
 from .engine import Engine, MemoryBudgetExceeded, QueueFull
 from .engine import Request as EngineRequest
+from .images import DEFAULT_MAX_IMAGE_PIXELS, image_parts, load_images
 from .protocol import DEFAULT_MAX_REQUEST_BYTES, APIError, bad, parse_json, parse_messages, parse_options
 
 log = logging.getLogger("qwen35.server")
@@ -101,7 +103,8 @@ def sse(obj: dict) -> str:
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                default_thinking: bool | None = None, request_timeout: float | None = 600.0,
-               preserve_thinking: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               preserve_thinking: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               allow_remote_images: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> FastAPI:
     # preserve_thinking: past assistant turns keep their think block (the reasoning the client sends back,
     # or an empty block), exactly as the model produced them, so turn N+1 restores the snapshot taken at the
     # end of turn N's answer. The Qwen3.6 templates and ours honour it; a template that ignores it drops past
@@ -220,10 +223,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             param = next((k for k in ("response_format", "structured_outputs") if body.get(k)), "tool_choice")
             raise bad(param, str(e)) from None
 
-    def submit(prompt_ids: list[int], opts, boundary: int = 0, param: str = "messages", guide=None) -> EngineRequest:
+    def submit(prompt_ids: list[int], opts, boundary: int = 0, param: str = "messages", guide=None,
+               vision=None) -> EngineRequest:
+        images, key = vision or (None, None)
         try:
             return engine.submit(EngineRequest(prompt_ids, opts.params, boundary=boundary, timeout_s=request_timeout,
-                                               guide=guide))
+                                               guide=guide, images=images, key=key))
         except ContextLengthError as e:
             raise bad(param, str(e), "context_length_exceeded") from None
         except QueueFull as e:
@@ -311,15 +316,32 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=True,
                              default_template_kwargs=template_defaults, vocab_size=engine.model.config.vocab_size)
         messages = parse_messages(body.get("messages"))
+        parts = image_parts(messages)
+        if parts and engine.speculation is not None:
+            raise bad(parts[0][0], "image input is not available on a server started with --speculative (the MTP "
+                      "head has no image positions)")
+        pictures = load_images(parts, engine.model, allow_remote_images, max_image_pixels, max_request_bytes) \
+            if parts else []
         ids, prompt = encode_chat(messages, opts, True)
         hist, _ = encode_chat(messages, opts, False)
         boundary = len(hist) if ids[: len(hist)] == hist else 0
-        return opts, ids, boundary, prompt.rstrip().endswith("<think>"), guide_for(opts, body)
+        vision = None
+        if pictures:  # pads expanded to each image's size; the boundary moves with them
+            from ..multimodal import expand_prompt, prepare_prompt
+
+            try:
+                ids, inputs, key = prepare_prompt(engine.model, ids, pictures)
+                pad = engine.model.visual.config.image_token_id
+                boundary = len(expand_prompt(hist, inputs, pad)) if boundary else 0
+            except ImageError as e:
+                raise bad(parts[0][0], str(e)) from None
+            vision = (inputs, key)
+        return opts, ids, boundary, prompt.rstrip().endswith("<think>"), guide_for(opts, body), vision
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        opts, ids, boundary, thinking_open, guide = await prepared(request, prepare_chat)
-        req = submit(ids, opts, boundary, guide=guide)
+        opts, ids, boundary, thinking_open, guide, vision = await prepared(request, prepare_chat)
+        req = submit(ids, opts, boundary, guide=guide, vision=vision)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
 

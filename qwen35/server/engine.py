@@ -53,6 +53,8 @@ class Request:
     boundary: int = 0  # a turn boundary inside the prompt worth a snapshot (0 = none)
     timeout_s: float | None = None
     guide: Any = None  # guide.GuideSpec of a constrained request: each row starts its own state from it
+    images: list | None = None  # multimodal.VisionInput per image run in `prompt` (pads expanded), or None
+    key: list[int] | None = None  # what prompt reuse matches (image pads as content hashes); None: `prompt`
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0
@@ -328,7 +330,7 @@ class Engine:
         """Snapshot a finished row at the end of its answer (prompt + every generated token but the last,
         which was sampled and never fed), so the next turn of the conversation reuses the answer too."""
         req = self.active[i][0]
-        tokens = req.prompt + req.generated[:-1]
+        tokens = (req.key or req.prompt) + req.generated[:-1]
         if self.prompt_cache.max_bytes <= 0 or self.cache.lengths[i] != len(tokens):
             return
         self.prompt_cache.store_snapshot(tokens, self.cache.snapshot(rows=[i]))

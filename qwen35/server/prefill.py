@@ -24,8 +24,14 @@ class PromptFeed:
         if chunk_size < 1:
             raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
         self.model, self.req, self.prompt_cache, self.chunk_size = model, req, prompt_cache, chunk_size
-        self.cache, self.cached = prompt_cache.lookup(req.prompt)
+        self.key = req.key or req.prompt  # what prompt reuse matches: an image's pads stand for its pixel hash
+        self.cache, self.cached = prompt_cache.lookup(self.key)
         self.pos = self.cache.offset
+        self.vision = None  # multimodal.VisionPrompt of a prompt with images (the app refuses them with drafting)
+        if req.images is not None:
+            from ..multimodal import VisionPrompt
+
+            self.vision = VisionPrompt.build(model, req.prompt, req.images, self.pos)
         T = len(req.prompt)
         # snapshot points: a turn boundary inside the uncached part (the next turn reuses up to it), the end
         self.stops = [b for b in (req.boundary,) if self.pos < b < T] + [T]
@@ -54,7 +60,12 @@ class PromptFeed:
         e = min(s + self.chunk_size, next(b for b in self.stops if b > s))
         last = e == T
         with torch.no_grad():
-            if self.mcache is not None:
+            if self.vision is not None:
+                base = len(self.req.prompt) - len(self.vision.feed)
+                if s == base:  # the first chunk: positions, and the images encoded once
+                    self.vision.prepare(self.model, self.cache)
+                self.logits = self.vision.feed_chunk(self.model, self.cache, s - base, e - base)
+            elif self.mcache is not None:
                 h = threads.run("prefill", lambda: speculative.prefill_chunk(
                     self.model, self.ids, s, e, self.cache, self.mcache), e - s)
                 if last:
@@ -66,4 +77,4 @@ class PromptFeed:
                 threads.run("prefill", lambda: self.model.hidden_states(self.ids[:, s:e], cache=self.cache), e - s)
         self.pos = e
         if e in self.stops:  # a turn boundary or the prompt's end: later requests restore from here
-            self.prompt_cache.store(self.req.prompt[:e], self.cache)
+            self.prompt_cache.store(self.key[:e], self.cache)

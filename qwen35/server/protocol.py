@@ -1,7 +1,7 @@
 """OpenAI request validation and error bodies.
 
 Every rejected request gets OpenAI's JSON error shape with the offending parameter named. Parameters we
-cannot honour yet (n > 1, echo, images) are refused with 400, never silently ignored; a value of the wrong
+cannot honour yet (n > 1, echo, audio) are refused with 400, never silently ignored; a value of the wrong
 type is refused, never coerced (`"stream": "no"` is an error, not a stream).
 
 Structured output (`structured()`): OpenAI's `response_format` (json_schema with strict, json_object), our
@@ -331,8 +331,8 @@ def parse_tools(tools: Any, tool_choice: Any) -> tuple[list[dict] | None, Any]:
 
 
 def parse_messages(messages: Any) -> list[dict]:
-    """The chat messages, checked: a known role each, text content (a string or text parts; images are
-    refused until the vision tower runs), tool messages answer a call by id, assistant tool calls name a
+    """The chat messages, checked: a known role each, text content (a string, text parts and image_url parts,
+    whose URLs server/images.py checks), tool messages answer a call by id, assistant tool calls name a
     function. "developer" (OpenAI's newer name) is taken as "system". Returns a copy safe to render."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list")
@@ -382,7 +382,9 @@ def _check_part(part: Any, at: str) -> None:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         return
+    if kind == "image_url":
+        return  # its URL is checked and decoded by server/images.py, whose 400s name the part
     if kind in MEDIA_PARTS or (isinstance(part, dict) and any(k in part for k in MEDIA_PARTS)):
-        raise bad(at, f"'{at}' is a {kind or 'media'} part: images, audio and files are not supported yet (this "
-                  "server runs the text model)")
+        raise bad(at, f"'{at}' is a {kind or 'media'} part: audio, video and files are not supported (images are "
+                  "{\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/...;base64,...\"}} parts)")
     raise bad(at, f"'{at}' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}")
