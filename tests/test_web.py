@@ -85,8 +85,10 @@ def test_page_answers_like_qwen35_generate(browser_driver, tmp_path):
             assert line, "qwen35 web --serve exited before printing its URL"
         url = line.split(" at ")[1].split()[0]
         shot = tmp_path / "chat.png"
-        out = subprocess.run(["node", str(ROOT / "tests" / "browser_chat.mjs"), str(browser_driver), url, PROMPT,
-                              str(MAX_TOKENS), str(shot)], capture_output=True, text=True, check=False, timeout=600)
+        import browser_setup
+
+        out = subprocess.run([browser_setup.node(), str(ROOT / "tests" / "browser_chat.mjs"), str(browser_driver),
+                              url, PROMPT, str(MAX_TOKENS), str(shot)], capture_output=True, text=True, check=False, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         page = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
