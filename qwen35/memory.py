@@ -41,9 +41,9 @@ def memory_plan(config, context: int, kv_cache: str = "bf16") -> dict[str, float
 
     kv_per_token = len(config.full_attention_layers) * kv_bytes_per_token(
         kv_cache, config.num_key_value_heads, config.head_dim, torch.bfloat16)
-    gdn = len(config.linear_attention_layers) * (
-        config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
-        + (config.linear_conv_kernel_dim - 1) * config.linear_conv_dim * 2)
+    gdn = len(config.linear_attention_layers) * deltanet_state_bytes(
+        config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim,
+        config.linear_conv_kernel_dim, config.linear_conv_dim, 2)
     return {"kv_bytes_per_token": kv_per_token, "kv_bytes": kv_per_token * context, "deltanet_state_bytes": gdn}
 
 
@@ -65,9 +65,16 @@ def sequence_bytes(layout, tokens: int) -> int:
     kv = layout.num_attention * kv_bytes_per_token(layout.kv_cache, layout.num_kv_heads, layout.head_dim,
                                                    layout.dtype) * kv_capacity(tokens)
     esize = torch.empty((), dtype=layout.dtype).element_size()
-    state = layout.num_deltanet * (layout.num_v_heads * layout.key_dim * layout.value_dim * 4
-                                   + (layout.kernel_size - 1) * layout.conv_dim * esize)
+    state = layout.num_deltanet * deltanet_state_bytes(layout.num_v_heads, layout.key_dim, layout.value_dim,
+                                                       layout.kernel_size, layout.conv_dim, esize)
     return kv + state
+
+
+def deltanet_state_bytes(heads: int, key_dim: int, value_dim: int, kernel: int, conv_dim: int,
+                         conv_esize: int) -> int:
+    """One Gated DeltaNet layer's state for one sequence: the fp32 recurrent state [heads, Dk, Dv] and the
+    conv window [kernel - 1, conv_dim] in the model's dtype (`conv_esize` bytes per value)."""
+    return heads * key_dim * value_dim * 4 + (kernel - 1) * conv_dim * conv_esize
 
 
 def available_bytes() -> int | None:

@@ -151,10 +151,7 @@ def test_losing_probes_back_off_to_well_under_the_budget():
     assert g.current["decode"] == 1 and g.switches == 0
     extra = used.count(2) * (0.05 - 0.01)
     assert extra / (len(used) * 0.01) < 0.01  # without the backoff: 5% (one probe per 80 steps)
-    assert used[-PROBE_MAX_STEPS:].count(2) >= 1  # it still looks
-
-
-PROBE_MAX_STEPS = threads.PROBE_MAX + 1
+    assert used[-(threads.PROBE_MAX + 1):].count(2) >= 1  # it still looks
 
 
 def test_load_arriving_after_a_long_backoff_is_noticed_at_once():

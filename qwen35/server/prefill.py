@@ -50,10 +50,6 @@ class PromptFeed:
     def done(self) -> bool:
         return self.logits is not None
 
-    @property
-    def remaining(self) -> int:
-        return len(self.req.prompt) - self.pos
-
     def feed(self) -> None:
         """Feed the next chunk (up to the next snapshot point); after the last one, `logits` is set."""
         T, s = len(self.req.prompt), self.pos
