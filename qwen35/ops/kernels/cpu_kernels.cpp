@@ -354,9 +354,11 @@ void softmax_block(int64_t G, int64_t n, const float* mx, float* scores, float* 
 }
 }  // namespace qwen35_attn
 namespace qwen35_kv {
-void attend_block_q8(int64_t G, const float* q, int64_t D, const int8_t* kb, const c10::Half* kdb,
-                     const int8_t* vb, const c10::Half* vdb, int64_t s0, int64_t s1, float scale, float* scores,
-                     float* out);
+void attend_blocks_q8(const c10::BFloat16* q, int64_t B, int64_t Hkv, int64_t G, int64_t D,
+                      const std::vector<const int8_t*>& k, const std::vector<const c10::Half*>& kd,
+                      const std::vector<const int8_t*>& v, const std::vector<const c10::Half*>& vd,
+                      const std::vector<int64_t>& cap, at::IntArrayRef lengths, int64_t nblocks, float scale,
+                      float* part);
 void quantize_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d);
 }  // namespace qwen35_kv
 namespace {
@@ -372,6 +374,9 @@ void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, 
     const c10::BFloat16* kr = kb + (s0 + s) * kstride;
     const char* vrow = reinterpret_cast<const char*>(vb + (s0 + s) * vstride);
     for (int64_t off = 0; off < D * 2; off += 64) _mm_prefetch(vrow + off, _MM_HINT_T1);
+    // and the key row a few ahead into L1: the hardware prefetcher alone leaves this loop waiting on memory
+    const char* knext = reinterpret_cast<const char*>(kr + 8 * kstride);
+    for (int64_t off = 0; off < D * 2; off += 64) _mm_prefetch(knext + off, _MM_HINT_T0);
     __m512 dots[G];
     for (int g = 0; g < G; ++g) dots[g] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nc; ++c) {
@@ -475,23 +480,17 @@ at::Tensor attn_decode_impl(const at::Tensor& q, at::TensorList k, at::TensorLis
   }
   const float fscale = static_cast<float>(scale);
   if (q8) {
-    at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> scores(G * kAttnBlock), qf(G * D);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / (Hkv * nblocks), h = (i / nblocks) % Hkv, blk = i % nblocks;
-        const int64_t s0 = blk * kAttnBlock, s1 = std::min(lengths[b], (blk + 1) * kAttnBlock);
-        float* out = pp + i * G * (D + 2);
-        if (s0 >= s1) {
-          for (int64_t g = 0; g < G; ++g) { out[g * (D + 2)] = -INFINITY; out[g * (D + 2) + 1] = 0.f; }
-          continue;
-        }
-        for (int64_t j = 0; j < G * D; ++j) qf[j] = to_f(qp[(b * Hq + h * G) * D + j]);
-        const int64_t cap = k[b].size(1);
-        qwen35_kv::attend_block_q8(G, qf.data(), D, k[b].data_ptr<int8_t>() + h * cap * D,
-                                   kd[b].data_ptr<c10::Half>() + h * cap * (D / 32), v[b].data_ptr<int8_t>() + h * cap * D,
-                                   vd[b].data_ptr<c10::Half>() + h * cap * (D / 32), s0, s1, fscale, scores.data(), out);
-      }
-    });
+    std::vector<const int8_t*> k8(B), v8(B);
+    std::vector<const c10::Half*> kd8(B), vd8(B);
+    std::vector<int64_t> cap(B);
+    for (int64_t b = 0; b < B; ++b) {
+      k8[b] = k[b].data_ptr<int8_t>();
+      v8[b] = v[b].data_ptr<int8_t>();
+      kd8[b] = kd[b].data_ptr<c10::Half>();
+      vd8[b] = vd[b].data_ptr<c10::Half>();
+      cap[b] = k[b].size(1);
+    }
+    qwen35_kv::attend_blocks_q8(qp, B, Hkv, G, D, k8, kd8, v8, vd8, cap, lengths, nblocks, fscale, pp);
   } else {
   at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(G * kAttnBlock);

@@ -2,7 +2,7 @@
 // fp16 scale per 32 values ([cap, D/32]), read in place, never expanded to bf16. Half the bytes of a bf16
 // cache stream through (272 vs 512 per head-row at D = 256), which is what bounds decode at long context.
 //
-// attend_block_q8 is attn_decode's per-block body (cpu_kernels.cpp: flash-decoding, blocks of kAttnBlock keys
+// attend_blocks_q8 is attn_decode's block pass (cpu_kernels.cpp: flash-decoding, blocks of kAttnBlock keys
 // processed in parallel and merged by their running max and sum) for q8_0 blocks:
 // - scores: integer dot products (AVX512-VNNI) of each int8 key block with the query in Q8_0 blocks (as
 //   llama.cpp's CPU path does against a Q8_0 K cache: the query's rounding costs about what a bf16 rounding
@@ -17,6 +17,7 @@
 // quantize_row: one row of D bf16 values to Q8_0, by quant/formats.py's rule (scale max|x|/127 in fp32,
 // x * (1/d) rounded half away from zero as floor(|v| + 0.5), fp16 scale rounded to nearest even): the
 // decode step writes the same bytes as the torch path does (tested).
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -100,9 +101,10 @@ void quantize_query(const float* q, int64_t G, int64_t D, QueryBlocks& qb) {
 // scores[g * kAttnBlock + s] for keys [s0, s1): sum over blocks of kd * dq * (integer dot of the int8 key and
 // query blocks). The key bytes enter vpdpbusd as unsigned (k ^ 0x80 = k + 128); the accumulator starts at
 // -128 * sum(q) to take the offset back out, exactly.
+constexpr int64_t KAHEAD = 8;
 template <int NG>
-void scores_q8(const QueryBlocks& qb, int64_t G, int64_t D, const int8_t* kb, const c10::Half* kdb, int64_t s0,
-               int64_t s1, float scale, float* scores, float* mx) {
+void scores_q8(const QueryBlocks& qb, int64_t G, int64_t D, const int8_t* kb, const c10::Half* kdb,
+               const int8_t* vb, int64_t s0, int64_t s1, float scale, float* scores, float* mx) {
   const int64_t nb = D / 32;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   alignas(64) float kdf[16];
@@ -110,7 +112,14 @@ void scores_q8(const QueryBlocks& qb, int64_t G, int64_t D, const int8_t* kb, co
   for (int64_t s = s0; s < s1; ++s) {
     const int8_t* kr = kb + s * D;
     const c10::Half* dr = kdb + s * nb;
-    for (int64_t c = 0; c < nb; ++c) kdf[c] = half_f(dr[c]);
+    // the value row into L2 while this pass is bound by the keys: pv_q8 then reads it from there
+    for (int64_t off = 0; off < D; off += 64) _mm_prefetch(reinterpret_cast<const char*>(vb + s * D + off), _MM_HINT_T1);
+    for (int64_t off = 0; off < D; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(kb + (s + KAHEAD) * D + off), _MM_HINT_T0);
+    int64_t c = 0;
+    for (; c + 8 <= nb; c += 8)
+      _mm256_store_ps(kdf + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dr + c))));
+    for (; c < nb; ++c) kdf[c] = half_f(dr[c]);
     __m512 acc[NG];
     for (int grp = 0; grp < NG; ++grp) acc[grp] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < nb; ++blk) {
@@ -142,51 +151,63 @@ void scores_q8(const QueryBlocks& qb, int64_t G, int64_t D, const int8_t* kb, co
 }
 
 // out[g * (D + 2) + 2 + d] = sum_s p[g][s] * vd[s][d / 32] * v[s][d]: the value scale folded into the probability
-// once per key (w), then 32 output dims at a time over the block's keys, fp32.
+// once per key (w[s][c][g]), then BL blocks of 32 output dims at a time over the block's keys, fp32: with BL = 2
+// each pass reads whole 64-byte lines of the value rows (prefetched into L2 by the score pass), so every line
+// comes in once; 4 * BL * G accumulators stay in registers (16 for G = 4 or 8 with BL = 2 or 1).
+template <int G, int BL>
+void pv_pass(const float* w, int64_t D, const int8_t* vb, int64_t s0, int64_t n, int64_t c0, float* out) {
+  const int64_t nb = D / 32;
+  __m512 acc[G][2 * BL];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < 2 * BL; ++j) acc[g][j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n; ++s) {
+    const int8_t* vr = vb + (s0 + s) * D + c0 * 32;
+    __m512 v[2 * BL];
+    for (int j = 0; j < 2 * BL; ++j) v[j] = widen16(vr + 16 * j);
+    const float* ws = w + (s * nb + c0) * G;
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < BL; ++c) {
+        const __m512 p = _mm512_set1_ps(ws[c * G + g]);
+        acc[g][2 * c] = _mm512_fmadd_ps(p, v[2 * c], acc[g][2 * c]);
+        acc[g][2 * c + 1] = _mm512_fmadd_ps(p, v[2 * c + 1], acc[g][2 * c + 1]);
+      }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < 2 * BL; ++j) _mm512_storeu_ps(out + g * (D + 2) + 2 + c0 * 32 + 16 * j, acc[g][j]);
+}
+
 template <int G>
 void pv_q8(const float* scores, int64_t D, const int8_t* vb, const c10::Half* vdb, int64_t s0, int64_t n,
            float* w, float* out) {
   const int64_t nb = D / 32;
+  alignas(64) float d[16];
   for (int64_t s = 0; s < n; ++s) {
     const c10::Half* dr = vdb + (s0 + s) * nb;
+    float pg[G];
+    for (int g = 0; g < G; ++g) pg[g] = scores[g * kAttnBlock + s];
+    int64_t c = 0;
+    for (; c + 8 <= nb; c += 8)
+      _mm256_store_ps(d + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dr + c))));
+    for (; c < nb; ++c) d[c] = half_f(dr[c]);
     float* ws = w + s * nb * G;
-    for (int64_t c = 0; c < nb; ++c) {
-      const float d = half_f(dr[c]);
-      for (int g = 0; g < G; ++g) ws[c * G + g] = scores[g * kAttnBlock + s] * d;
-    }
+    for (c = 0; c < nb; ++c)
+      for (int g = 0; g < G; ++g) ws[c * G + g] = pg[g] * d[c];
   }
-  for (int64_t c = 0; c < nb; ++c) {
-    __m512 lo[G], hi[G];
-    for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
-    for (int64_t s = 0; s < n; ++s) {
-      const int8_t* vr = vb + (s0 + s) * D + c * 32;
-      const __m512 v0 = widen16(vr), v1 = widen16(vr + 16);
-      const float* ws = w + (s * nb + c) * G;
-      for (int g = 0; g < G; ++g) {
-        const __m512 p = _mm512_set1_ps(ws[g]);
-        lo[g] = _mm512_fmadd_ps(p, v0, lo[g]);
-        hi[g] = _mm512_fmadd_ps(p, v1, hi[g]);
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-      float* o = out + g * (D + 2) + 2 + c * 32;
-      _mm512_storeu_ps(o, lo[g]);
-      _mm512_storeu_ps(o + 16, hi[g]);
-    }
-  }
+  constexpr int BL = G <= 4 ? 2 : 1;
+  int64_t c0 = 0;
+  for (; c0 + BL <= nb; c0 += BL) pv_pass<G, BL>(w, D, vb, s0, n, c0, out);
+  for (; c0 < nb; ++c0) pv_pass<G, 1>(w, D, vb, s0, n, c0, out);
 }
 
 template <int G>
-void attend_q8(const float* q, int64_t D, const int8_t* kb, const c10::Half* kdb, const int8_t* vb,
+void attend_q8(const QueryBlocks& qb, int64_t D, const int8_t* kb, const c10::Half* kdb, const int8_t* vb,
                const c10::Half* vdb, int64_t s0, int64_t s1, float scale, float* scores, float* out) {
-  thread_local QueryBlocks qb;
   thread_local std::vector<float> w;
   w.resize(kAttnBlock * (D / 32) * G);
-  quantize_query(q, G, D, qb);
   float mx[G];
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
   constexpr int NG = (G + 3) / 4;
-  scores_q8<NG>(qb, G, D, kb, kdb, s0, s1, scale, scores, mx);
+  scores_q8<NG>(qb, G, D, kb, kdb, vb, s0, s1, scale, scores, mx);
   const int64_t n = s1 - s0;
   qwen35_attn::softmax_block(G, n, mx, scores, out, D);
   pv_q8<G>(scores, D, vb, vdb, s0, n, w.data(), out);
@@ -194,18 +215,48 @@ void attend_q8(const float* q, int64_t D, const int8_t* kb, const c10::Half* kdb
 
 }  // namespace
 
-// One (row, KV head, key block) of decode attention over q8_0 keys/values: q [G, D] fp32 (the query heads of
-// this KV head), kb/vb the head's int8 rows [cap, D], kdb/vdb its scales [cap, D/32]; keys [s0, s1).
-// out: per query head (max score, sum of probabilities, D unnormalised outputs), as attn_decode merges them.
-void attend_block_q8(int64_t G, const float* q, int64_t D, const int8_t* kb, const c10::Half* kdb,
-                     const int8_t* vb, const c10::Half* vdb, int64_t s0, int64_t s1, float scale, float* scores,
-                     float* out) {
-  switch (G) {
-    case 1: attend_q8<1>(q, D, kb, kdb, vb, vdb, s0, s1, scale, scores, out); break;
-    case 2: attend_q8<2>(q, D, kb, kdb, vb, vdb, s0, s1, scale, scores, out); break;
-    case 4: attend_q8<4>(q, D, kb, kdb, vb, vdb, s0, s1, scale, scores, out); break;
-    default: attend_q8<8>(q, D, kb, kdb, vb, vdb, s0, s1, scale, scores, out); break;
-  }
+// attn_decode's blocks over q8_0 keys/values (flash-decoding: cpu_kernels.cpp merges them): q [B, Hkv * G, D]
+// bf16; k[b], v[b] row b's int8 buffers [Hkv, cap[b], D], kd[b], vd[b] their scales [Hkv, cap[b], D/32];
+// part [B * Hkv * nblocks, G, D + 2] gets, per (row, KV head, block of kAttnBlock keys) and query head, the
+// block's max score, sum of probabilities and D unnormalised outputs. Each row's query is put in Q8_0 blocks
+// once, not once per key block.
+void attend_blocks_q8(const c10::BFloat16* q, int64_t B, int64_t Hkv, int64_t G, int64_t D,
+                      const std::vector<const int8_t*>& k, const std::vector<const c10::Half*>& kd,
+                      const std::vector<const int8_t*>& v, const std::vector<const c10::Half*>& vd,
+                      const std::vector<int64_t>& cap, at::IntArrayRef lengths, int64_t nblocks, float scale,
+                      float* part) {
+  std::vector<QueryBlocks> qbs(B * Hkv);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qf(G * D);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = 0; j < G * D; ++j) qf[j] = static_cast<float>(q[i * G * D + j]);
+      quantize_query(qf.data(), G, D, qbs[i]);
+    }
+  });
+  at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(G * kAttnBlock);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (Hkv * nblocks), h = (i / nblocks) % Hkv, blk = i % nblocks;
+      const int64_t s0 = blk * kAttnBlock, s1 = std::min(lengths[b], (blk + 1) * kAttnBlock);
+      float* out = part + i * G * (D + 2);
+      if (s0 >= s1) {  // past this row's length
+        for (int64_t g = 0; g < G; ++g) { out[g * (D + 2)] = -INFINITY; out[g * (D + 2) + 1] = 0.f; }
+        continue;
+      }
+      const QueryBlocks& qb = qbs[b * Hkv + h];
+      const int8_t* kb = k[b] + h * cap[b] * D;
+      const int8_t* vb = v[b] + h * cap[b] * D;
+      const c10::Half* kdb = kd[b] + h * cap[b] * (D / 32);
+      const c10::Half* vdb = vd[b] + h * cap[b] * (D / 32);
+      float* sc = scores.data();
+      switch (G) {
+        case 1: attend_q8<1>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out); break;
+        case 2: attend_q8<2>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out); break;
+        case 4: attend_q8<4>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out); break;
+        default: attend_q8<8>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out); break;
+      }
+    }
+  });
 }
 
 void quantize_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d) {
