@@ -58,7 +58,7 @@ def test_q8_0_rows_are_ggufs_q8_0_blocks():
 
 @needs_kernels
 @pytest.mark.parametrize("lengths", [[1], [70, 5], [1500, 3, 600]])
-@pytest.mark.parametrize("G,D", [(1, 64), (2, 256), (4, 256), (8, 128)])
+@pytest.mark.parametrize("G,D", [(1, 64), (2, 256), (4, 256), (8, 128), (4, 96)])  # 96: an odd block count
 def test_q8_0_decode_attention_matches_its_reference(lengths, G, D):
     """attn_decode_q8 reads the int8 blocks in place (and dots them with the query in Q8_0 blocks); the
     reference dequantizes and attends in torch. Against the exact answer (the reference in fp32, the query
