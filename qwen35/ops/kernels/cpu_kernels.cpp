@@ -22,6 +22,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "quant_common.h"
+
 namespace {
 
 constexpr int64_t kMaxM = 4;
@@ -34,8 +36,13 @@ inline void dot_row(const c10::BFloat16* __restrict x, int64_t ldx, const c10::B
     a0[m] = _mm512_setzero_ps();
     a1[m] = _mm512_setzero_ps();
   }
+  const bool pf = qwen35_qc::gemv_prefetch();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
+    if (pf) {  // quant_common.h: where software prefetch helps
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + qwen35_qc::kGemvPrefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + qwen35_qc::kGemvPrefetch + 64, _MM_HINT_T0);
+    }
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
     for (int m = 0; m < M; ++m) {

@@ -123,6 +123,7 @@ void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   // chunk c of a group holds blocks 2c (lanes 0-7) and 2c+1 (lanes 8-15): their scales are s16[pair + 2c]
   const __m512i pair = _mm512_mask_blend_epi32(0xFF00, _mm512_setzero_si512(), _mm512_set1_epi32(1));
+  const bool pf = gemv_prefetch();
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = qs + n * K;
     const c10::Half* dn = d + n * nb;
@@ -133,6 +134,8 @@ void q8_rows(const int8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int64
       __m512 s16[M];
       group_scales<M>(dn, g, nblk, dx, sx, nbp, s16, corr);
       if (nblk == 16) {  // a whole group: unmasked and fully unrolled (what the compiler keeps in registers)
+        if (pf)
+          for (int l = 0; l < 8; ++l) _mm_prefetch(reinterpret_cast<const char*>(w + g * QB) + kGemvPrefetch + 64 * l, _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int c = 0; c < 8; ++c) {
           const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + (g + 2 * c) * QB), flip);
@@ -171,6 +174,7 @@ void q4_rows(const uint8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int6
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   // chunk c of a group holds blocks 4c..4c+3, four lanes each: their scales are s16[quad + 4c]
   const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const bool pf = gemv_prefetch();
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = qs + n * (K / 2);
     const c10::Half* dn = d + n * nb;
@@ -181,6 +185,8 @@ void q4_rows(const uint8_t* qs, const c10::Half* d, int64_t n0, int64_t n1, int6
       __m512 s16[M];
       group_scales<M>(dn, g, nblk, dx, sx, nbp, s16, corr);
       const int64_t chunks = nblk == 16 ? 4 : (nblk + 3) / 4;
+      if (pf)
+        for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(w + g * 16) + kGemvPrefetch + 64 * l, _MM_HINT_T0);
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t b = g + 4 * c, left = std::min<int64_t>(4, nb - b);
         const __m512i v = left == 4 ? _mm512_loadu_si512(w + b * 16)
