@@ -137,25 +137,29 @@ def cost_model(path: str, tokens: int, draft_vocab: int, rates: list[float]) -> 
     params = qwen35.SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     decode_rate(model, prompt[:8], qwen35.SamplingParams(temperature=0, max_tokens=8), Speculation(draft_tokens=2))
     plain, ref = decode_rate(model, prompt, params)
+    plains = [plain]
     out = {"plain_tok_s": round(plain, 2), "runs": []}
-    print(f"\n0.8B shape ({path}, bf16, kernels), {tokens} tokens: plain decode {plain:.2f} tok/s")
-    print(f"{'vocab':>8}{'k':>3}" + "".join(f"{f'r={r:.1f}':>9}" for r in rates) + f"{'round ms':>10}{'break-even':>12}")
+    print(f"\n0.8B shape ({path}, bf16, kernels), {tokens} tokens: plain decode {plain:.2f} tok/s; each drafting run "
+          "is compared with a plain run just before it (A/B alternated: this machine's speed drifts by ~10%)")
+    print(f"{'vocab':>8}{'k':>3}" + "".join(f"{f'r={r:.1f}':>9}" for r in rates) + f"{'round ms':>10}{'in steps':>10}{'break-even':>12}")
     for vocab in (None, draft_vocab):
         for k in (1, 2, 3, 4):
             line, round_s = [], []
             for r in rates:
+                plain = decode_rate(model, prompt, params)[0]
+                plains.append(plain)
                 spec = Speculation(draft_tokens=k, draft_vocab=vocab, propose=corrupted(ref, r, V, 1))
-                t0 = time.perf_counter()
                 rate, toks = decode_rate(model, prompt, params, spec)
                 assert toks == ref, "the corrupted source changed the output"
                 st = spec.stats
-                round_s.append((time.perf_counter() - t0) / max(st.rounds, 1))
-                line.append(rate)
+                round_s.append((len(toks) - 1) / rate / max(st.rounds, 1) * plain)  # in plain steps; no prefill
+                line.append(rate / plain)
                 out["runs"].append({"vocab": vocab or V, "k": k, "r": r, "tok_s": round(rate, 2),
-                                    "speedup": round(rate / plain, 3), "acceptance": [round(a, 3) for a in st.acceptance]})
-            t_round = sorted(round_s)[len(round_s) // 2]
+                                    "plain_tok_s": round(plain, 2), "speedup": round(rate / plain, 3),
+                                    "acceptance": [round(a, 3) for a in st.acceptance]})
             # break-even: the acceptance a where 1 + a + ... + a^k tokens per round pay for the round
-            ratio = t_round * plain
+            ratio = sorted(round_s)[len(round_s) // 2]
+            t_round = ratio / plain
             lo, hi = 0.0, 1.0
             for _ in range(40):
                 mid = (lo + hi) / 2
@@ -163,8 +167,11 @@ def cost_model(path: str, tokens: int, draft_vocab: int, rates: list[float]) -> 
             be = hi if expected_tokens([1.0] * k, k) >= ratio else None
             out["runs"].append({"vocab": vocab or V, "k": k, "round_ms": round(t_round * 1e3, 2),
                                 "round_in_decode_steps": round(ratio, 3), "break_even": None if be is None else round(be, 3)})
-            print(f"{vocab or V:>8}{k:>3}" + "".join(f"{x / plain:>8.2f}x" for x in line)
-                  + f"{t_round * 1e3:>10.1f}{'never' if be is None else f'{be:.2f}':>12}")
+            print(f"{vocab or V:>8}{k:>3}" + "".join(f"{x:>8.2f}x" for x in line)
+                  + f"{t_round * 1e3:>10.1f}{ratio:>10.2f}{'never' if be is None else f'{be:.2f}':>12}")
+    plain = sorted(plains)[len(plains) // 2]
+    out["plain_tok_s_median"], out["plain_tok_s_range"] = round(plain, 2), [round(min(plains), 2), round(max(plains), 2)]
+    print(f"plain decode over the run: median {plain:.2f} tok/s, range {min(plains):.2f}-{max(plains):.2f}")
     out["rollback"] = rollback_cost(model, prompt, plain)
     print(f"rollback (rewind of a 5-token verify + MTP truncate): {out['rollback']['ms']:.3f} ms = "
           f"{out['rollback']['fraction_of_decode_step']:.2%} of a decode step")
