@@ -49,6 +49,17 @@ def test_gemv_matches_matmul(M, N, K):
 
 
 @needs_kernels
+@pytest.mark.parametrize("N,K", [(1000, 1024), (77, 96), (40, 33)])
+def test_gemv_rows_round_as_alone(N, K):
+    """Each input row of a multi-row call (a speculative verify, a batch) gets exactly the bits it gets alone
+    (a one-row decode step): greedy speculative decoding's exactness rests on it."""
+    x, w = torch.randn(9, K).bfloat16(), torch.randn(N, K).bfloat16()
+    together = torch.ops.qwen35.gemv_bf16(x, w, True)
+    for m in range(9):
+        assert torch.equal(together[m], torch.ops.qwen35.gemv_bf16(x[m : m + 1], w, True)[0])
+
+
+@needs_kernels
 @pytest.mark.parametrize("add_one", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm(add_one, dtype):
