@@ -128,6 +128,17 @@ def current_rss_mb() -> float:
     return float("nan") if v is None else v
 
 
+def reset_peak_rss() -> bool:
+    """Start VmHWM again from the current resident size (Linux: clear_refs 5), so a later peak_rss_mb() covers
+    only what follows (e.g. not a benchmark's own probe buffer). Returns whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (VmHWM), in MiB."""
     v = _status_mb("VmHWM")

@@ -107,12 +107,13 @@ def main(args: argparse.Namespace) -> int:
     from .common import check_speculative_flags, speculation_from_args
 
     check_speculative_flags(args)
-    from qwen35.runtime import peak_rss_mb, set_threads, tune_allocator
+    from qwen35.runtime import peak_rss_mb, reset_peak_rss, set_threads, tune_allocator
 
     threads = set_threads(args.threads)
     if args.threads is None:  # bench what generate runs
         governor.enable(threads)
-    bw = read_bandwidth_gbs()  # before the model exists, so its buffer never adds to the peak below
+    bw = read_bandwidth_gbs()  # before the model exists; its buffer (GBs) is then taken out of the peak
+    reset_peak_rss()
     tune_allocator()
     t0 = time.perf_counter()
     kernels = {"auto": None, "on": True, "off": False}[args.kernels]
