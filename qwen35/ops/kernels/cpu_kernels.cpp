@@ -855,6 +855,28 @@ bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_
 
 // How many threads a parallel_for in this library really runs on: 1 when it was built without OpenMP (the
 // pragma inside at::parallel_for is compiled here, not in libtorch), whatever torch.get_num_threads() says.
+// Flush-to-zero and denormals-are-zero (MXCSR bits 15 and 6) on the calling thread and on every thread of
+// the OpenMP team torch's parallel ops use (MXCSR is per thread; threads created later inherit the creating
+// thread's). Returns the number of threads set.
+int64_t set_flush_denormals(bool on) {
+  constexpr unsigned kBits = 0x8040;
+  auto apply = [on] {
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(on ? (csr | kBits) : (csr & ~kBits));
+  };
+  apply();
+  std::atomic<int64_t> n{1};
+#ifdef _OPENMP
+  n = 0;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    apply();
+    n.fetch_add(1);
+  }
+#endif
+  return n.load();
+}
+
 int64_t parallel_threads() {
   std::atomic<uint64_t> seen{0};
   at::parallel_for(0, 256, 1, [&](int64_t i0, int64_t i1) {
@@ -872,6 +894,7 @@ TORCH_LIBRARY(qwen35, m) {
   m.def("gemv_bf16(Tensor x, Tensor w, bool out_fp32) -> Tensor");
   m.def("cpu_supported() -> bool");
   m.def("parallel_threads() -> int");
+  m.def("set_flush_denormals(bool on) -> int");
   m.def("rmsnorm(Tensor x, Tensor w, float eps, bool add_one) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("gdn_decode(Tensor proj, Tensor conv_state, Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, "
@@ -906,4 +929,5 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
 TORCH_LIBRARY_IMPL(qwen35, CompositeExplicitAutograd, m) {
   m.impl("cpu_supported", &cpu_supported);
   m.impl("parallel_threads", &parallel_threads);
+  m.impl("set_flush_denormals", &set_flush_denormals);
 }
