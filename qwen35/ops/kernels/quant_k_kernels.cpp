@@ -282,25 +282,41 @@ __attribute__((optimize("fp-contract=off"))) void dequant_superblock(int64_t kin
     const float d = half_at(b), dmin = half_at(b + 2);
     uint8_t sm[16];
     _mm_storeu_si128(reinterpret_cast<__m128i*>(sm), q4k_scales_mins(b + 4));
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int k = 0; k < 8; ++k) {  // sm is in kernel order: position k is sub-block Q4K_ORDER[k]
       const int j = Q4K_ORDER[k];
       const float dj = d * static_cast<float>(sm[k]), mj = dmin * static_cast<float>(sm[8 + k]);
-      const uint8_t* q = b + 16 + (j / 2) * 32;
-      const int shift = (j % 2) * 4;
-      for (int l = 0; l < 32; ++l) y[j * 32 + l] = dj * static_cast<float>((q[l] >> shift) & 0xF) - mj;
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + (j / 2) * 32));
+      const __m256i q = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
+      // dj * q - mj in two roundings (a multiply, then a subtract: no FMA), as the reference computes it
+      const __m512 vd = _mm512_set1_ps(dj), vm = _mm512_set1_ps(mj);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
+      _mm512_store_ps(y + j * 32, _mm512_sub_ps(_mm512_mul_ps(vd, lo), vm));
+      _mm512_store_ps(y + j * 32 + 16, _mm512_sub_ps(_mm512_mul_ps(vd, hi), vm));
     }
   } else {
     const float d = half_at(b + 208);
     const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
     for (int h = 0; h < 2; ++h) {
-      const uint8_t* ql = b + 64 * h;
-      const uint8_t* qh = b + 128 + 32 * h;
-      for (int l = 0; l < 32; ++l) {
-        const int q[4] = {(ql[l] & 0xF) | ((qh[l] & 3) << 4), (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
-                          (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4), (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)};
-        for (int g = 0; g < 4; ++g) {
-          const int e = h * 128 + g * 32 + l;
-          y[e] = d * static_cast<float>(sc[e / 16]) * static_cast<float>(q[g] - 32);
+      // 32 lanes l at once: value g*32 + l of this half is (4 low bits from ql, 2 high bits from qh) - 32
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h));
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+      const __m256i top[4] = {_mm256_and_si256(qh, two), _mm256_and_si256(_mm256_srli_epi16(qh, 2), two),
+                              _mm256_and_si256(_mm256_srli_epi16(qh, 4), two), _mm256_and_si256(_mm256_srli_epi16(qh, 6), two)};
+      const __m256i bottom[4] = {_mm256_and_si256(lo, low4), _mm256_and_si256(hi, low4),
+                                 _mm256_and_si256(_mm256_srli_epi16(lo, 4), low4), _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4)};
+      for (int g = 0; g < 4; ++g) {
+        // bytes 0..63 - 32, then sign-extended: the q - 32 of the scalar form
+        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(bottom[g], _mm256_slli_epi16(top[g], 4)), off);
+        for (int half = 0; half < 2; ++half) {
+          const int e = h * 128 + g * 32 + half * 16;
+          const __m128i q16 = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+          // (d * sc) * (q - 32), two roundings in that order, as the scalar reference computes it
+          const __m512 t = _mm512_set1_ps(d * static_cast<float>(sc[e / 16]));
+          _mm512_store_ps(y + e, _mm512_mul_ps(t, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q16))));
         }
       }
     }
