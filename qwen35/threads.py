@@ -14,7 +14,9 @@ loses in a row (so a steady machine pays well under 1%: with one core busy the b
 0.9x decode). A change in the chosen count's own step time (1.5x its time at the last decision: load
 arriving) brings the next probe forward at once, so backing off never delays noticing new load. Before any
 step has been timed, `probe()` times a small parallel op both ways to pick the first choice and the first
-probe's distance (a few ms).
+probe's distance (a few ms); the probe times the two counts in turn and picks one thread only when it is
+clearly (1.3x) faster. Decode checks one thread right after its warm-up (a step costs milliseconds); prefill
+does not (its step is a prompt chunk: seconds), and follows decode when decode switches.
 
 Process-wide (torch's thread count is): the CLI and server enable it (`enable`) unless `--threads` pins a
 count; library calls leave it off, and then `run` just calls the step. Decode gives the same bits on any
@@ -39,6 +41,7 @@ PROBE_EVERY = 32  # the fewest steps between re-measurements (a probe 1.5x slowe
 PROBE_MAX = 1024
 HYSTERESIS = 1.1  # the other choice must be this much faster to take over
 BACKOFF_MAX = 5  # a probe interval doubles per losing probe in a row, up to 32x (and PROBE_MAX)
+PROBE_MARGIN = 1.3  # the first probe picks one thread only when it is this much faster than all
 CHANGED = 1.5  # the chosen count's moving average this many times its time at the last decision: probe now
 
 
@@ -72,16 +75,22 @@ class Governor:
             other = next((k for k in self.current if k != kind), None)
             if other is not None:  # start from the other kind's choice; check one thread at once as below
                 self.current[kind] = self.current[other]
-                self.countdown[kind] = 1 if self.current[kind] == self.max_threads else PROBE_EVERY
+                self.countdown[kind] = 1 if self._check_at_once(kind) else PROBE_EVERY
             else:
                 # The small op misjudges a busy core now and then (measured: it kept two threads with one core
                 # busy, whose decode steps then took 24x one thread's). Trying one thread right after the
-                # warm-up costs at most ~1.5x one step, so that is checked at once; a choice of one thread is
-                # trusted for as long as the probe's ratio budgets.
+                # warm-up costs at most ~1.5x one decode step, so that is checked at once; a choice of one
+                # thread is trusted for as long as the probe's ratio budgets.
                 best, ratio = self.probe()
                 self.current[kind] = best
-                self.countdown[kind] = 1 if best == self.max_threads else probe_interval(ratio)
+                self.countdown[kind] = 1 if self._check_at_once(kind) else probe_interval(ratio)
         return self.current[kind]
+
+    def _check_at_once(self, kind: str) -> bool:
+        """Whether to time one thread right after the warm-up: for decode steps (milliseconds each), when all
+        threads were chosen. Not for prefill: its step is a whole chunk of the prompt (seconds), and a probe
+        there ran a 512-token prompt on one thread (1.7x slower) in every fresh `generate`."""
+        return kind == "decode" and self.current[kind] == self.max_threads
 
     def run(self, kind: str, fn: Callable[[], T], work: float = 1.0) -> T:
         """Run fn() with the thread count chosen for `kind`, timing it as `work` units."""
@@ -126,6 +135,13 @@ class Governor:
             self.lost[kind] = 0
             self.ref[kind] = b
             self.countdown[kind] = probe_interval(a / b)
+            for other in self.current:  # the load changed for every kind: the others follow (their timings
+                if other != kind and self.current[other] != alt:  # of the old count predate the change)
+                    self.est.pop((other, self.current[other]), None)
+                    self.current[other] = alt
+                    self.countdown[other] = PROBE_EVERY
+                    self.lost[other] = 0
+                    self.ref.pop(other, None)
         else:
             lost = self.lost[kind] = self.lost.get(kind, 0) + 1
             self.ref[kind] = a
@@ -133,26 +149,33 @@ class Governor:
 
     def probe(self, repeats: int = 7) -> tuple[int, float]:
         """The faster of all threads and one on a small parallel op (median of `repeats`), and how many
-        times as long the other took."""
+        times as long the other took. The counts are timed in turn, not one after the other: a core waking
+        from idle runs its first milliseconds slowly, which timed all-threads first made one thread look
+        faster in 2 of 5 probes on an idle 2-core machine (the first prefill then ran on one thread, 1.7x
+        slower); interleaved, 5 of 5 chose two threads (1.7-1.9x faster)."""
         if len(self.choices) == 1:
             return 1, 1.0
         x = torch.rand(1 << 20)
+        y = torch.empty_like(x)  # no allocation inside the timings
         before = torch.get_num_threads()
-        times = {}
+        times: dict[int, list[float]] = {n: [] for n in self.choices}
         try:
-            for n in self.choices:
+            for n in self.choices:  # warm each count's team
                 torch.set_num_threads(n)
-                torch.exp(x)  # warm
-                ts = []
-                for _ in range(repeats):
+                torch.exp(x, out=y)
+            for _ in range(repeats):
+                for n in self.choices:
+                    torch.set_num_threads(n)
                     t = self.clock()
-                    torch.exp(x)
-                    ts.append(self.clock() - t)
-                times[n] = sorted(ts)[len(ts) // 2]
+                    torch.exp(x, out=y)
+                    times[n].append(self.clock() - t)
         finally:
             torch.set_num_threads(before)
-        best = min(times, key=times.get)
-        return best, max(times.values()) / max(times[best], 1e-9)
+        med = {n: sorted(ts)[len(ts) // 2] for n, ts in times.items()}
+        # one thread only when clearly faster: a busy core makes all threads many times slower (24x measured),
+        # while an idle machine's noise put all threads at 1.1x one thread in 1 of ~10 probes
+        best = 1 if med[1] * PROBE_MARGIN < med[self.max_threads] else self.max_threads
+        return best, max(med.values()) / max(med[best], 1e-9)
 
     def summary(self) -> dict:
         return {"threads": dict(self.current), "switches": self.switches,

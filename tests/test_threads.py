@@ -166,3 +166,31 @@ def test_load_arriving_after_a_long_backoff_is_noticed_at_once():
         g.run("decode", step)
         n += 1
     assert n <= 4  # the moving average crosses 1.5x after one step; the probe of one thread follows
+
+
+def test_an_idle_probe_keeps_prefill_on_all_threads_and_decode_load_reaches_it():
+    """Prefill's step is a whole prompt chunk: after a probe that picked all threads it is not re-timed on one
+    thread at once (that ran a fresh `generate`'s prompt 1.7x slower). Decode, whose steps are cheap, checks
+    one thread at once; when it switches (load arrived), prefill follows from its next chunk."""
+    g, step = make({2: 0.03, 1: 0.05}, start=2, ratio=1.7)
+    used = []
+
+    def timed(n):
+        def s():
+            used.append(torch.get_num_threads())
+            step()
+        return s
+
+    for _ in range(3):  # warm-up + two real prefill chunks: all on two threads
+        g.run("prefill", timed(2), work=512)
+    assert used == [2, 2, 2]
+    # load arrives: two threads now cost 30x one
+    g2, busy = make({2: 1.0, 1: 0.05}, start=2, ratio=1.7)
+    g.clock, step = g2.clock, busy
+    for _ in range(4):
+        g.run("decode", step)
+    assert g.current["decode"] == 1 and g.switches == 1
+    used.clear()
+    g.run("prefill", timed(1), work=512)
+    assert used == [1]  # the next chunk follows decode to one thread
+    assert g.current["prefill"] == 1
