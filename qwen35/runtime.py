@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -41,7 +42,9 @@ def set_threads(n: int | None = None) -> int:
 
 
 def flush_denormals(on: bool = True) -> bool:
-    """Flush denormal floats to zero (FTZ/DAZ) on the calling thread and on every thread of torch's CPU pool.
+    """Flush denormal floats to zero (FTZ/DAZ) on the calling thread and on every thread of torch's CPU pool,
+    for the rest of the process: the CLI commands do this (their process is ours); library calls get the same
+    speed from `denormals_flushed` around the model's forward passes, which restores the setting after.
     Why: the Gated DeltaNet's per-token decays exp(g) multiply into the chunked prefill's decay matrices and
     the recurrent state, and where a head decays fast those products fall below 1.2e-38, the denormal range,
     in which x86 cores take a microcode assist on every operation (the 0.8B shape's 512-token prefill spent
@@ -56,6 +59,25 @@ def flush_denormals(on: bool = True) -> bool:
     if ok and kernels.available():  # MXCSR is per thread: set it on the pool's threads too
         torch.ops.qwen35.set_flush_denormals(on)
     return ok
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Denormals flushed (as flush_denormals) for the duration of the block, then left as they were: a library
+    call does not change how the caller's own floating-point code behaves (e.g. hypothesis refuses to run with
+    subnormals flushed). A no-op where they are flushed already (the CLI), without the C++ kernels, or with
+    QWEN35_FLUSH_DENORMALS=0. Costs two parallel regions (microseconds) per block."""
+    from .ops import kernels
+
+    if (os.environ.get("QWEN35_FLUSH_DENORMALS", "1") == "0" or not kernels.available()
+            or torch.ops.qwen35.flushing_denormals()):
+        yield
+        return
+    torch.ops.qwen35.set_flush_denormals(True)
+    try:
+        yield
+    finally:
+        torch.ops.qwen35.set_flush_denormals(False)
 
 
 def tune_allocator(training: bool = False) -> bool:

@@ -118,10 +118,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     kv_cache: how caches made for this model (`model.make_cache`) store the attention layers' keys and values:
     "bf16" (the model's dtype) or "q8_0" (8-bit blocks, kv_storage.py); sets `model.kv_cache`.
 
-    Loading sets flush-to-zero for denormal floats on this process's CPU threads (runtime.flush_denormals;
-    QWEN35_FLUSH_DENORMALS=0 leaves them alone): the Gated DeltaNet's decays reach the denormal range, where the
-    CPU runs each operation ~100x slower (prefill measured 1.66x faster with them flushed).
-
     Raises ConfigError / CheckpointError (both Qwen35Error) naming the file or tensor at fault.
     """
     if dtype not in FLOAT_DTYPES:
@@ -129,9 +125,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     from .kv_storage import check_kv_cache
 
     check_kv_cache(kv_cache)  # before reading gigabytes
-    from .runtime import flush_denormals
-
-    flush_denormals()
     model = _load_model(Path(path), dtype, progress, kernels, quant)
     model.kv_cache = kv_cache
     return model

@@ -204,17 +204,19 @@ def default_model() -> str:
 
 def load_from_args(args: argparse.Namespace):
     """Load the model for a command. Process-wide tuning that a library call must not do behind its
-    caller's back happens here: threads, malloc thresholds, and gc.freeze() once the model is loaded."""
+    caller's back happens here: threads, malloc thresholds, denormals, and gc.freeze() once the model is
+    loaded."""
     import gc
 
     from .. import threads
     from ..api import load
-    from ..runtime import set_threads, tune_allocator
+    from ..runtime import flush_denormals, set_threads, tune_allocator
 
     n = set_threads(args.threads)
     if args.threads is None:
         threads.enable(n)
     tune_allocator()
+    flush_denormals()  # for the process (runtime.py); library calls flush around each forward instead
     kernels = {"auto": None, "on": True, "off": False}[getattr(args, "kernels", "auto")]
     model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True, kernels=kernels,
                             quant=getattr(args, "quant", None), kv_cache=getattr(args, "kv_cache", "bf16"))

@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     from ..chat_template import ChatTemplate
     from ..config import ModelConfig
     from ..errors import Qwen35Error
-    from ..runtime import set_threads, tune_allocator
+    from ..runtime import flush_denormals, set_threads, tune_allocator
     from ..tokenizer import Tokenizer
     from ..train.data import pack, read_documents
     from ..train.loop import TrainConfig, init_model, train
@@ -71,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
     check_flags(args)
     set_threads(args.threads)
     tune_allocator(training=True)  # resident memory = live tensors, not heap fragments (runtime.py)
+    flush_denormals()  # backward too (runtime.py): the process is ours
     out = Path(args.out)
     tok_dir = Path(args.tokenizer or args.init_from or "")
     if not (tok_dir / "tokenizer.json").is_file():

@@ -15,6 +15,7 @@ from ..cache import CacheLayout, HybridCache
 from ..config import ModelConfig
 from ..errors import Qwen35Error
 from ..ops.linear import Embedding, Linear, fuse_linears, linear, unfuse_linears
+from ..runtime import denormals_flushed
 from .decoder import DecoderLayer
 from .masks import LayerContext, SegmentMasks
 from .mtp import MTPHead
@@ -188,11 +189,12 @@ class Qwen35ForCausalLM(nn.Module):
         if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
             raise InputError(f"inputs_embeds {list(inputs_embeds.shape)} do not match input_ids {list(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
-        for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, None, ctx, use_reentrant=False)
-            else:
-                x = layer(x, None if cache is None else cache.layers[i], ctx)
+        with denormals_flushed():  # runtime.py: the decays' denormals would cost a microcode assist per op
+            for i, layer in enumerate(self.model.layers):
+                if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                    x = torch.utils.checkpoint.checkpoint(layer, x, None, ctx, use_reentrant=False)
+                else:
+                    x = layer(x, None if cache is None else cache.layers[i], ctx)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)
@@ -238,7 +240,8 @@ class Qwen35ForCausalLM(nn.Module):
             masks = SegmentMasks.build(segments, self.config.linear_conv_kernel_dim)
             positions = masks.positions if positions is None else positions
         ctx = LayerContext(self.rotary(self._positions(T, cache, positions)), masks)
-        h = self.mtp(self.model.embed_tokens(next_ids), hidden.to(self.dtype), ctx, cache, step)
+        with denormals_flushed():
+            h = self.mtp(self.model.embed_tokens(next_ids), hidden.to(self.dtype), ctx, cache, step)
         if cache is not None:
             cache.advance(T)
         return h

@@ -877,6 +877,8 @@ int64_t set_flush_denormals(bool on) {
   return n.load();
 }
 
+bool flushing_denormals() { return (_mm_getcsr() & 0x8040) == 0x8040; }  // the calling thread's setting
+
 int64_t parallel_threads() {
   std::atomic<uint64_t> seen{0};
   at::parallel_for(0, 256, 1, [&](int64_t i0, int64_t i1) {
@@ -895,6 +897,7 @@ TORCH_LIBRARY(qwen35, m) {
   m.def("cpu_supported() -> bool");
   m.def("parallel_threads() -> int");
   m.def("set_flush_denormals(bool on) -> int");
+  m.def("flushing_denormals() -> bool");
   m.def("rmsnorm(Tensor x, Tensor w, float eps, bool add_one) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("gdn_decode(Tensor proj, Tensor conv_state, Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, "
@@ -930,4 +933,5 @@ TORCH_LIBRARY_IMPL(qwen35, CompositeExplicitAutograd, m) {
   m.impl("cpu_supported", &cpu_supported);
   m.impl("parallel_threads", &parallel_threads);
   m.impl("set_flush_denormals", &set_flush_denormals);
+  m.impl("flushing_denormals", &flushing_denormals);
 }
