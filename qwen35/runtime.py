@@ -62,14 +62,15 @@ def flush_denormals(on: bool = True) -> bool:
 
 
 @contextlib.contextmanager
-def denormals_flushed():
+def denormals_flushed(active: bool = True):
     """Denormals flushed (as flush_denormals) for the duration of the block, then left as they were: a library
     call does not change how the caller's own floating-point code behaves (e.g. hypothesis refuses to run with
-    subnormals flushed). A no-op where they are flushed already (the CLI), without the C++ kernels, or with
-    QWEN35_FLUSH_DENORMALS=0. Costs two parallel regions (microseconds) per block."""
+    subnormals flushed). A no-op when not `active` (the model passes tokens > 4: the chunked Gated DeltaNet is
+    where denormals cost, decode steps measured the same either way), where they are flushed already (the CLI),
+    without the C++ kernels, or with QWEN35_FLUSH_DENORMALS=0. Costs two parallel regions (microseconds)."""
     from .ops import kernels
 
-    if (os.environ.get("QWEN35_FLUSH_DENORMALS", "1") == "0" or not kernels.available()
+    if (not active or os.environ.get("QWEN35_FLUSH_DENORMALS", "1") == "0" or not kernels.available()
             or torch.ops.qwen35.flushing_denormals()):
         yield
         return

@@ -303,9 +303,10 @@ def test_library_forwards_flush_denormals_only_while_they_run(tmp_path):
         layer = model.model.layers[0]
         hook = layer.register_forward_hook(lambda *a: seen.append(torch.ops.qwen35.flushing_denormals()))
         with torch.no_grad():
-            model(torch.tensor([[1, 2, 3]]))
+            model(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]))  # a prefill (> 4 tokens) flushes
+            model(torch.tensor([[1, 2]]))  # a decode-sized step does not (it measured the same either way)
         hook.remove()
-        assert seen == [True]
+        assert seen == [True, False]
         assert float((x * 1.0).abs().sum()) > 0.0 and float(torch.tensor(1e-39)) > 0.0
     finally:
         torch.set_num_threads(before)

@@ -189,7 +189,7 @@ class Qwen35ForCausalLM(nn.Module):
         if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
             raise InputError(f"inputs_embeds {list(inputs_embeds.shape)} do not match input_ids {list(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
-        with denormals_flushed():  # runtime.py: the decays' denormals would cost a microcode assist per op
+        with denormals_flushed(T > 4):  # runtime.py: the decays' denormals cost a microcode assist per op
             for i, layer in enumerate(self.model.layers):
                 if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                     x = torch.utils.checkpoint.checkpoint(layer, x, None, ctx, use_reentrant=False)
@@ -240,7 +240,7 @@ class Qwen35ForCausalLM(nn.Module):
             masks = SegmentMasks.build(segments, self.config.linear_conv_kernel_dim)
             positions = masks.positions if positions is None else positions
         ctx = LayerContext(self.rotary(self._positions(T, cache, positions)), masks)
-        with denormals_flushed():
+        with denormals_flushed(T > 4):
             h = self.mtp(self.model.embed_tokens(next_ids), hidden.to(self.dtype), ctx, cache, step)
         if cache is not None:
             cache.advance(T)
