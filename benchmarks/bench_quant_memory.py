@@ -54,8 +54,11 @@ def status() -> dict[str, float]:
 
 
 def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
+    """VmHWM := VmRSS (qwen35.runtime.reset_peak_rss), and loudly: a peak that was not reset is a wrong number."""
+    from qwen35.runtime import reset_peak_rss
+
+    if not reset_peak_rss():
+        raise OSError("cannot reset the peak RSS (/proc/self/clear_refs): the peaks would include earlier work")
 
 
 def worker(path: str, quant: str | None, prompt_tokens: int, gen_tokens: int) -> dict:
