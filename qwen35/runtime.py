@@ -41,6 +41,10 @@ def set_threads(n: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+def _denormals_left_alone() -> bool:
+    return os.environ.get("QWEN35_FLUSH_DENORMALS", "1") == "0"
+
+
 def flush_denormals(on: bool = True) -> bool:
     """Flush denormal floats to zero (FTZ/DAZ) on the calling thread and on every thread of torch's CPU pool,
     for the rest of the process: the CLI commands do this (their process is ours); library calls get the same
@@ -51,7 +55,7 @@ def flush_denormals(on: bool = True) -> bool:
     1.1 of its 2.4 s in bmm / triangular solves slowed that way; flushed: 1.4 s in all). A denormal's
     contribution is below fp32's resolution of any normal-sized sum it joins. QWEN35_FLUSH_DENORMALS=0 leaves
     the setting alone (on=True then does nothing). Returns whether the calling thread flushes."""
-    if on and os.environ.get("QWEN35_FLUSH_DENORMALS", "1") == "0":
+    if on and _denormals_left_alone():
         return False
     ok = torch.set_flush_denormal(on)
     from .ops import kernels
@@ -70,7 +74,7 @@ def denormals_flushed(active: bool = True):
     without the C++ kernels, or with QWEN35_FLUSH_DENORMALS=0. Costs two parallel regions (microseconds)."""
     from .ops import kernels
 
-    if (not active or os.environ.get("QWEN35_FLUSH_DENORMALS", "1") == "0" or not kernels.available()
+    if (not active or _denormals_left_alone() or not kernels.available()
             or torch.ops.qwen35.flushing_denormals()):
         yield
         return
