@@ -853,16 +853,15 @@ at::Tensor decode_attn_layer(
 
 bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
 
-// How many threads a parallel_for in this library really runs on: 1 when it was built without OpenMP (the
-// pragma inside at::parallel_for is compiled here, not in libtorch), whatever torch.get_num_threads() says.
 // Flush-to-zero and denormals-are-zero (MXCSR bits 15 and 6) on the calling thread and on every thread of
 // the OpenMP team torch's parallel ops use (MXCSR is per thread; threads created later inherit the creating
 // thread's). Returns the number of threads set.
+constexpr unsigned kFlushBits = 0x8040;
+
 int64_t set_flush_denormals(bool on) {
-  constexpr unsigned kBits = 0x8040;
   auto apply = [on] {
     const unsigned csr = _mm_getcsr();
-    _mm_setcsr(on ? (csr | kBits) : (csr & ~kBits));
+    _mm_setcsr(on ? (csr | kFlushBits) : (csr & ~kFlushBits));
   };
   apply();
   std::atomic<int64_t> n{1};
@@ -877,8 +876,10 @@ int64_t set_flush_denormals(bool on) {
   return n.load();
 }
 
-bool flushing_denormals() { return (_mm_getcsr() & 0x8040) == 0x8040; }  // the calling thread's setting
+bool flushing_denormals() { return (_mm_getcsr() & kFlushBits) == kFlushBits; }  // the calling thread's setting
 
+// How many threads a parallel_for in this library really runs on: 1 when it was built without OpenMP (the
+// pragma inside at::parallel_for is compiled here, not in libtorch), whatever torch.get_num_threads() says.
 int64_t parallel_threads() {
   std::atomic<uint64_t> seen{0};
   at::parallel_for(0, 256, 1, [&](int64_t i0, int64_t i1) {
