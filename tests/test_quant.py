@@ -90,8 +90,9 @@ def test_gemv_kernels_equal_the_reference(scheme, M, N, K):
 
 @needs_kernels
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_dequantize_kernel_equals_the_reference(scheme):
-    w = QuantizedWeight.quantize(scheme, torch.randn(40, 160, generator=torch.Generator().manual_seed(2)))
+@pytest.mark.parametrize("K", [160, 544, 1024])  # 5, 17 and 32 blocks: the kernel takes scales 16 blocks at a time
+def test_dequantize_kernel_equals_the_reference(scheme, K):
+    w = QuantizedWeight.quantize(scheme, torch.randn(40, K, generator=torch.Generator().manual_seed(2)))
     bits = 8 if scheme == "q8_0" else 4
     assert torch.equal(torch.ops.qwen35.dequant_bf16(w.qs, w.d, bits),
                        formats.dequantize(scheme, w.qs, w.d, torch.bfloat16))
