@@ -162,6 +162,9 @@ def prefill(model, ids: torch.Tensor, cache: HybridCache, chunk_size: int = DEFA
     T = ids.shape[1]
     logits = None
     with torch.no_grad():
+        if T > chunk_size and by_layer(model, cache):
+            h = threads.run("prefill", lambda: model.prefill_by_layer(ids, cache, chunk_size)[:, -1:], T)
+            return model.logits(h)[:, -1]
         for start in range(0, T, chunk_size):
             end = min(T, start + chunk_size)
             chunk = ids[:, start:end]
@@ -171,6 +174,17 @@ def prefill(model, ids: torch.Tensor, cache: HybridCache, chunk_size: int = DEFA
                 logits = threads.run("prefill", lambda c=chunk: model(c, cache=cache, logits_to_keep=1)[:, -1],
                                      end - start)
     return logits
+
+
+PREFILL_BY_LAYER = True
+
+
+def by_layer(model, cache: HybridCache) -> bool:
+    """Whether a prompt of several chunks is prefilled layer by layer (Qwen35ForCausalLM.prefill_by_layer:
+    the same result, bit for bit; quantized weights dequantized once per prompt instead of once per chunk).
+    Not while the cache keeps per-token states for speculative rewinds (a verify forward is one chunk)."""
+    return (PREFILL_BY_LAYER and hasattr(model, "prefill_by_layer")
+            and not any(s.keep_steps for s in getattr(cache, "deltanet", ())))
 
 
 def _as_ids(prompt) -> list[int]:

@@ -199,6 +199,41 @@ class Qwen35ForCausalLM(nn.Module):
             cache.advance(T)
         return self.model.norm(x)
 
+    def prefill_by_layer(self, input_ids: torch.Tensor, cache: HybridCache, chunk: int) -> torch.Tensor:
+        """What `hidden_states(input_ids[:, s:s+chunk])` for s = 0, chunk, ... computes, bit for bit, but layer
+        by layer: each layer takes every chunk in turn before the next layer starts. A layer's quantized
+        weights are then dequantized once per prompt instead of once per chunk (quant/weight.dequantized_once),
+        while every chunk still runs alone through the layer (the same bounded activation memory). Attention
+        KV and Gated DeltaNet state fill in the same order as chunk by chunk; each row's length (the position
+        counter the layers write at) is set to the chunk's start while a layer runs it. Returns the final
+        normed hidden states of the last chunk [B, T_last, hidden]."""
+        from ..ops.fast import _weight_objects
+        from ..quant.weight import dequantized_once
+
+        self._check_inputs(input_ids, cache)
+        # what the reused matrices may hold: 1/8 of the decoder's quantized bytes (a whole layer dequantized,
+        # for 24 layers or more at 4 to 8 bits), so a long prompt costs little memory over a short one
+        budget = sum(w.nbytes for m in self.model.layers.modules() for w in _weight_objects(m)) // 8
+        T = input_ids.shape[1]
+        spans = [(s, min(T, s + chunk)) for s in range(0, T, chunk)]
+        positions = cache.positions(T)
+        ctxs = [LayerContext(self.rotary(positions[:, s:e])) for s, e in spans]
+        base = cache.lengths
+        xs = [self.model.embed_tokens(input_ids[:, s:e]) for s, e in spans]
+        try:
+            for i, layer in enumerate(self.model.layers):
+                with dequantized_once(budget):
+                    for c, (s, e) in enumerate(spans):
+                        for row, b in zip(cache.rows, base):
+                            row.length = b + s
+                        with denormals_flushed(e - s > 4):  # per chunk, as hidden_states would
+                            xs[c] = layer(xs[c], cache.layers[i], ctxs[c])
+        finally:
+            for row, b in zip(cache.rows, base):
+                row.length = b
+        cache.advance(T)
+        return self.model.norm(xs[-1])
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [..., vocab] of hidden states [..., hidden]."""
         w = self.head_weight if self.head_runtime is None or torch.is_grad_enabled() else self.head_runtime

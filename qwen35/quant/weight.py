@@ -20,9 +20,32 @@ import torch.nn.functional as F
 
 from . import formats
 
+import contextlib
+import threading
+
 GEMV_MAX_ROWS = 8
 GEMV_OPS = {"q8_0": "gemv_q8_0", "q4_0": "gemv_q4_0", "q4_k": "gemv_q4_k", "q6_k": "gemv_q6_k"}
 BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM path
+
+
+_once = threading.local()
+
+
+@contextlib.contextmanager
+def dequantized_once(budget: int):
+    """Inside: each weight's GEMM path dequantizes it once and reuses that matrix for every call, until the
+    kept matrices hold `budget` bytes (past that, weights dequantize per call as outside). For a scope that
+    runs the same layer over several chunks of one prompt (Qwen35ForCausalLM.prefill_by_layer): the chunks
+    after the first skip the dequantization. The matrices are dropped on exit; scopes do not nest."""
+    _once.memo, _once.bytes, _once.budget = {}, 0, budget
+    try:
+        yield
+    finally:
+        _once.memo = None
+
+
+def _memo() -> dict | None:
+    return getattr(_once, "memo", None)
 
 
 class QuantizedWeight:
@@ -92,12 +115,36 @@ class QuantizedWeight:
 
     def _banded_matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
         dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) else torch.float32
+        w = self._kept(dtype)
+        if w is not None:
+            return self._cast(F.linear(x2.to(dtype), w), x2.dtype, out_fp32)
         bands = self._bands()
         if len(bands) == 1:
             y = F.linear(x2.to(dtype), self.dequantize(dtype))
         else:
             y = torch.cat([F.linear(x2.to(dtype), self.dequantize(dtype, s, s + bands.step)) for s in bands], -1)
-        return y.float() if out_fp32 else y.to(x2.dtype)
+        return self._cast(y, x2.dtype, out_fp32)
+
+    @staticmethod
+    def _cast(y: torch.Tensor, dtype: torch.dtype, out_fp32: bool) -> torch.Tensor:
+        return y.float() if out_fp32 else y.to(dtype)
+
+    def _kept(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """Inside dequantized_once(): this weight dequantized (the scope's copy, made on first use while
+        within its budget); None outside a scope or past the budget."""
+        memo = _memo()
+        if memo is None:
+            return None
+        key = (id(self), dtype)
+        if key in memo:
+            return memo[key][1]
+        nbytes = self.shape.numel() * torch.empty((), dtype=dtype).element_size()
+        if _once.bytes + nbytes > _once.budget:
+            return None
+        w = self.dequantize(dtype)
+        memo[key] = (self, w)  # the weight object kept alive with it, so its id is never reused meanwhile
+        _once.bytes += nbytes
+        return w
 
     def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
         """dY [M, N] -> dX = dY W [M, K], dequantizing W band by band in dY's dtype (fp32 accumulation
