@@ -163,8 +163,8 @@ def prefill(model, ids: torch.Tensor, cache: HybridCache, chunk_size: int = DEFA
     logits = None
     with torch.no_grad():
         if T > chunk_size and by_layer(model, cache):
-            h = threads.run("prefill", lambda: model.prefill_by_layer(ids, cache, chunk_size)[:, -1:], T)
-            return model.logits(h)[:, -1]
+            h = model.prefill_by_layer(ids, cache, chunk_size, run=lambda fn, work: threads.run("prefill", fn, work))
+            return model.logits(h[:, -1:])[:, -1]
         for start in range(0, T, chunk_size):
             end = min(T, start + chunk_size)
             chunk = ids[:, start:end]

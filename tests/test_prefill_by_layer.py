@@ -29,7 +29,7 @@ def test_by_layer_equals_by_chunk_bit_for_bit(model, monkeypatch, T, chunk):
     prefix, ids = torch.randint(0, 320, (2, 5), generator=gen), torch.randint(0, 320, (2, T), generator=gen)
     calls = []
     real = model.prefill_by_layer
-    monkeypatch.setattr(model, "prefill_by_layer", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(model, "prefill_by_layer", lambda *a, **k: calls.append(a) or real(*a, **k))
     a_logits, a_after, a_cache = _prefill(model, monkeypatch, False, prefix, ids, chunk)
     assert not calls
     b_logits, b_after, b_cache = _prefill(model, monkeypatch, True, prefix, ids, chunk)
@@ -83,3 +83,13 @@ def test_not_by_layer_while_the_cache_keeps_steps(model):
     assert G.by_layer(model, cache)
     cache.keep_steps()
     assert not G.by_layer(model, cache)
+
+
+def test_each_layer_pass_goes_through_run(model):
+    """generation.prefill hands `run` the thread governor: one call per layer, timed as its share of the tokens,
+    so a governor probe on the other thread count costs one layer of a long prompt, not the whole prompt."""
+    ids = torch.randint(0, 320, (1, 50), generator=torch.Generator().manual_seed(3))
+    works = []
+    h = model.prefill_by_layer(ids, model.make_cache(), 16, run=lambda fn, work: works.append(work) or fn())
+    assert len(works) == len(model.model.layers) and sum(works) == pytest.approx(50)
+    assert torch.equal(h, model.prefill_by_layer(ids, model.make_cache(), 16))

@@ -199,13 +199,15 @@ class Qwen35ForCausalLM(nn.Module):
             cache.advance(T)
         return self.model.norm(x)
 
-    def prefill_by_layer(self, input_ids: torch.Tensor, cache: HybridCache, chunk: int) -> torch.Tensor:
+    def prefill_by_layer(self, input_ids: torch.Tensor, cache: HybridCache, chunk: int, run=None) -> torch.Tensor:
         """What `hidden_states(input_ids[:, s:s+chunk])` for s = 0, chunk, ... computes, bit for bit, but layer
         by layer: each layer takes every chunk in turn before the next layer starts. A layer's quantized
         weights are then dequantized once per prompt instead of once per chunk (quant/weight.dequantized_once),
         while every chunk still runs alone through the layer (the same bounded activation memory). Attention
         KV and Gated DeltaNet state fill in the same order as chunk by chunk; each row's length (the position
-        counter the layers write at) is set to the chunk's start while a layer runs it. Returns the final
+        counter the layers write at) is set to the chunk's start while a layer runs it. run(fn, work): how each
+        layer's pass is called (generation.prefill: the thread governor, timing it as work = T / layers tokens,
+        so a probe of the other thread count costs one layer of the prompt, not all of it). Returns the final
         normed hidden states of the last chunk [B, T_last, hidden]."""
         from ..ops.fast import _weight_objects
         from ..quant.weight import dequantized_once
@@ -220,14 +222,18 @@ class Qwen35ForCausalLM(nn.Module):
         ctxs = [LayerContext(self.rotary(positions[:, s:e])) for s, e in spans]
         base = cache.lengths
         xs = [self.model.embed_tokens(input_ids[:, s:e]) for s, e in spans]
+        def one_layer(i: int, layer) -> None:
+            with dequantized_once(budget):
+                for c, (s, e) in enumerate(spans):
+                    for row, b in zip(cache.rows, base):
+                        row.length = b + s
+                    with denormals_flushed(e - s > 4):  # per chunk, as hidden_states would
+                        xs[c] = layer(xs[c], cache.layers[i], ctxs[c])
+
+        run = run or (lambda fn, work: fn())
         try:
             for i, layer in enumerate(self.model.layers):
-                with dequantized_once(budget):
-                    for c, (s, e) in enumerate(spans):
-                        for row, b in zip(cache.rows, base):
-                            row.length = b + s
-                        with denormals_flushed(e - s > 4):  # per chunk, as hidden_states would
-                            xs[c] = layer(xs[c], cache.layers[i], ctxs[c])
+                run(lambda i=i, layer=layer: one_layer(i, layer), T / len(self.model.layers))
         finally:
             for row, b in zip(cache.rows, base):
                 row.length = b
