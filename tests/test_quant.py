@@ -139,7 +139,7 @@ def test_quantized_replica_stays_close_to_bf16(tiny_dir, quant, limit):
 
 
 def _weight_objects(m):
-    from qwen35.ops.fast import _weight_objects as objects
+    from qwen35.ops.fast import weight_objects as objects
 
     return objects(m)
 

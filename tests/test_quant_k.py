@@ -156,11 +156,11 @@ def test_kernels_and_reference_generate_the_same_tokens(quant):
     """The bundled model (trained: real next-token margins, see test_quant.py), quantized: greedy tokens
     through the K-quant kernels equal those of the reference matmuls on the same quantized weights."""
     from qwen35.commands.common import default_model
-    from qwen35.ops.fast import _weight_objects
+    from qwen35.ops.fast import weight_objects
 
     fast, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
     slow, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
-    objects = [w for m in slow.modules() for w in _weight_objects(m)]
+    objects = [w for m in slow.modules() for w in weight_objects(m)]
     assert objects and all(w.kernels for w in objects) and "q4_k" in {w.scheme for w in objects}
     for w in objects:
         w.kernels = False

@@ -209,13 +209,13 @@ class Qwen35ForCausalLM(nn.Module):
         layer's pass is called (generation.prefill: the thread governor, timing it as work = T / layers tokens,
         so a probe of the other thread count costs one layer of the prompt, not all of it). Returns the final
         normed hidden states of the last chunk [B, T_last, hidden]."""
-        from ..ops.fast import _weight_objects
+        from ..ops.fast import weight_objects
         from ..quant.weight import dequantized_once
 
         self._check_inputs(input_ids, cache)
         # what the reused matrices may hold: 1/8 of the decoder's quantized bytes (a whole layer dequantized,
         # for 24 layers or more at 4 to 8 bits), so a long prompt costs little memory over a short one
-        budget = sum(w.nbytes for m in self.model.layers.modules() for w in _weight_objects(m)) // 8
+        budget = sum(w.nbytes for m in self.model.layers.modules() for w in weight_objects(m)) // 8
         T = input_ids.shape[1]
         spans = [(s, min(T, s + chunk)) for s in range(0, T, chunk)]
         positions = cache.positions(T)

@@ -139,7 +139,7 @@ def unbind_kernels(model) -> None:
             w = getattr(m, attr, None)
             if isinstance(w, GemvWeight):
                 setattr(m, attr, w.weight)
-        for w in _weight_objects(m):
+        for w in weight_objects(m):
             w.kernels = False
         if hasattr(m, "silu_mul"):
             m.silu_mul = silu_mul
@@ -147,7 +147,7 @@ def unbind_kernels(model) -> None:
             m.conv_silu = causal_conv1d_silu
 
 
-def _weight_objects(m):
+def weight_objects(m):
     """The quantized weight objects module m holds directly (its own weight, its fused matrices)."""
     from ..quant.weight import QuantizedWeight
     from .linear import StackedWeight
@@ -189,7 +189,7 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
         if isinstance(m, RMSNorm) and m.weight.dtype == torch.float32:
             _override(m, _rmsnorm)
             report.add("rmsnorm")
-        for w in _weight_objects(m):  # quantized weights run the VNNI kernels whatever the model dtype
+        for w in weight_objects(m):  # quantized weights run the VNNI kernels whatever the model dtype
             w.kernels = quantized
             if quantized:
                 report.add(w.scheme)
