@@ -163,7 +163,16 @@ def prefill(model, ids: torch.Tensor, cache: HybridCache, chunk_size: int = DEFA
     logits = None
     with torch.no_grad():
         if T > chunk_size and by_layer(model, cache):
-            h = model.prefill_by_layer(ids, cache, chunk_size, run=lambda fn, work: threads.run("prefill", fn, work))
+            # groups of BY_LAYER_CHUNKS chunks: the hidden states of a whole group are held at once, so a
+            # 262K-token prompt holds 8K tokens' worth, not all of them (2 GB at the 9B's width)
+            group = BY_LAYER_CHUNKS * chunk_size
+            for start in range(0, T, group):
+                part = ids[:, start : start + group]
+                run = lambda fn, work: threads.run("prefill", fn, work)  # noqa: E731
+                if part.shape[1] > chunk_size:
+                    h = model.prefill_by_layer(part, cache, chunk_size, run=run)
+                else:  # a last group of one chunk
+                    h = run(lambda p=part: model.hidden_states(p, cache=cache), part.shape[1])
             return model.logits(h[:, -1:])[:, -1]
         for start in range(0, T, chunk_size):
             end = min(T, start + chunk_size)
@@ -177,6 +186,7 @@ def prefill(model, ids: torch.Tensor, cache: HybridCache, chunk_size: int = DEFA
 
 
 PREFILL_BY_LAYER = True
+BY_LAYER_CHUNKS = 16  # chunks a layer takes in turn before the next layer starts (8,192 tokens at 512)
 
 
 def by_layer(model, cache: HybridCache) -> bool:

@@ -23,8 +23,11 @@ def _prefill(model, monkeypatch, by_layer: bool, prefix, ids, chunk):
     return logits, after, cache
 
 
-@pytest.mark.parametrize("T, chunk", [(70, 16), (33, 32), (40, 8)])
-def test_by_layer_equals_by_chunk_bit_for_bit(model, monkeypatch, T, chunk):
+@pytest.mark.parametrize("T, chunk, group", [(70, 16, 16), (33, 32, 16), (40, 8, 16), (75, 8, 3), (72, 8, 3)])
+def test_by_layer_equals_by_chunk_bit_for_bit(model, monkeypatch, T, chunk, group):
+    """group: chunks per layer-by-layer pass (generation.BY_LAYER_CHUNKS); 75 and 72 tokens in groups of 24
+    end on a group of one chunk and on a whole group."""
+    monkeypatch.setattr(G, "BY_LAYER_CHUNKS", group)
     gen = torch.Generator().manual_seed(T)
     prefix, ids = torch.randint(0, 320, (2, 5), generator=gen), torch.randint(0, 320, (2, T), generator=gen)
     calls = []
@@ -33,7 +36,9 @@ def test_by_layer_equals_by_chunk_bit_for_bit(model, monkeypatch, T, chunk):
     a_logits, a_after, a_cache = _prefill(model, monkeypatch, False, prefix, ids, chunk)
     assert not calls
     b_logits, b_after, b_cache = _prefill(model, monkeypatch, True, prefix, ids, chunk)
-    assert len(calls) == 1  # the 5-token prefix is one chunk: only the prompt went layer by layer
+    groups = -(-T // (group * chunk))
+    last_alone = (T - (groups - 1) * group * chunk) <= chunk
+    assert len(calls) == groups - last_alone  # the 5-token prefix is one chunk: only the prompt went by layer
     assert torch.equal(a_logits, b_logits) and torch.equal(a_after, b_after)
     assert a_cache.lengths == b_cache.lengths == [5 + T + 1] * 2
     for sa, sb in zip(a_cache.deltanet, b_cache.deltanet):

@@ -202,8 +202,9 @@ class Qwen35ForCausalLM(nn.Module):
     def prefill_by_layer(self, input_ids: torch.Tensor, cache: HybridCache, chunk: int, run=None) -> torch.Tensor:
         """What `hidden_states(input_ids[:, s:s+chunk])` for s = 0, chunk, ... computes, bit for bit, but layer
         by layer: each layer takes every chunk in turn before the next layer starts. A layer's quantized
-        weights are then dequantized once per prompt instead of once per chunk (quant/weight.dequantized_once),
-        while every chunk still runs alone through the layer (the same bounded activation memory). Attention
+        weights are then dequantized once per call instead of once per chunk (quant/weight.dequantized_once),
+        while every chunk still runs alone through the layer (the same bounded activation memory, plus the
+        hidden states of all of input_ids: generation.prefill passes groups of 16 chunks). Attention
         KV and Gated DeltaNet state fill in the same order as chunk by chunk; each row's length (the position
         counter the layers write at) is set to the chunk's start while a layer runs it. run(fn, work): how each
         layer's pass is called (generation.prefill: the thread governor, timing it as work = T / layers tokens,
