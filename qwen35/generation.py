@@ -155,8 +155,9 @@ def check_context(model, used: int, prompt_len: int, max_tokens: int) -> None:
 
 
 def prefill(model, ids: torch.Tensor, cache: HybridCache, chunk_size: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
-    """Feed ids [B, T] in chunks of `chunk_size` (bounded activation memory for very long prompts);
-    the vocabulary projection runs for the last position only. Returns fp32 logits [B, vocab]."""
+    """Feed ids [B, T] in chunks of `chunk_size` (bounded activation memory for very long prompts), layer by
+    layer over groups of chunks where `by_layer` allows; the vocabulary projection runs for the last position
+    only. Returns fp32 logits [B, vocab]."""
     if chunk_size < 1:
         raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
     T = ids.shape[1]
@@ -166,9 +167,9 @@ def prefill(model, ids: torch.Tensor, cache: HybridCache, chunk_size: int = DEFA
             # groups of BY_LAYER_CHUNKS chunks: the hidden states of a whole group are held at once, so a
             # 262K-token prompt holds 8K tokens' worth, not all of them (2 GB at the 9B's width)
             group = BY_LAYER_CHUNKS * chunk_size
+            run = lambda fn, work: threads.run("prefill", fn, work)
             for start in range(0, T, group):
                 part = ids[:, start : start + group]
-                run = lambda fn, work: threads.run("prefill", fn, work)  # noqa: E731
                 if part.shape[1] > chunk_size:
                     h = model.prefill_by_layer(part, cache, chunk_size, run=run)
                 else:  # a last group of one chunk
@@ -191,7 +192,7 @@ BY_LAYER_CHUNKS = 16  # chunks a layer takes in turn before the next layer start
 
 def by_layer(model, cache: HybridCache) -> bool:
     """Whether a prompt of several chunks is prefilled layer by layer (Qwen35ForCausalLM.prefill_by_layer:
-    the same result, bit for bit; quantized weights dequantized once per prompt instead of once per chunk).
+    the same result, bit for bit; quantized weights dequantized once per BY_LAYER_CHUNKS chunks, not per chunk).
     Not while the cache keeps per-token states for speculative rewinds (a verify forward is one chunk)."""
     return (PREFILL_BY_LAYER and hasattr(model, "prefill_by_layer")
             and not any(s.keep_steps for s in getattr(cache, "deltanet", ())))

@@ -8,7 +8,7 @@ import torch
 import qwen35
 from qwen35.commands.replica import build_replica
 from qwen35.ops import kernels
-from qwen35.ops.fast import bind_kernels
+from qwen35.ops.fast import bind_kernels, weight_objects
 from qwen35.quant import QuantError, QuantizedWeight, formats, policy
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
@@ -138,12 +138,6 @@ def test_quantized_replica_stays_close_to_bf16(tiny_dir, quant, limit):
     assert plan and all(isinstance(_weight(q, n), QuantizedWeight) for n in plan)
 
 
-def _weight_objects(m):
-    from qwen35.ops.fast import weight_objects as objects
-
-    return objects(m)
-
-
 def _weight(model, name):
     module, _, attr = name.rpartition(".")
     return getattr(model.get_submodule(module), attr)
@@ -163,7 +157,7 @@ def test_kernels_and_reference_generate_the_same_tokens(quant):
     report = bind_kernels(fast, True)  # the bundled model is below kernel_policy's size: bound by hand
     assert report.bound.get("gdn_layer") and report.bound.get("attn_layer"), report  # quantized layers whole
     bind_kernels(slow, True, quantized=False)
-    objects = [w for m in slow.modules() for w in _weight_objects(m)]
+    objects = [w for m in slow.modules() for w in weight_objects(m)]
     assert objects and not any(w.kernels for w in objects)
     assert "gdn_layer" not in bind_kernels(slow, True, quantized=False).bound
     prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(")]

@@ -223,6 +223,7 @@ class Qwen35ForCausalLM(nn.Module):
         ctxs = [LayerContext(self.rotary(positions[:, s:e])) for s, e in spans]
         base = cache.lengths
         xs = [self.model.embed_tokens(input_ids[:, s:e]) for s, e in spans]
+
         def one_layer(i: int, layer) -> None:
             with dequantized_once(budget):
                 for c, (s, e) in enumerate(spans):

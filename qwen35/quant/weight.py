@@ -15,13 +15,13 @@ The reference (`formats.reference_matmul`) is what the kernels compute and are t
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 
 from . import formats
-
-import contextlib
-import threading
 
 GEMV_MAX_ROWS = 8
 GEMV_OPS = {"q8_0": "gemv_q8_0", "q4_0": "gemv_q4_0", "q4_k": "gemv_q4_k", "q6_k": "gemv_q6_k"}
@@ -42,10 +42,6 @@ def dequantized_once(budget: int):
         yield
     finally:
         _once.memo = None
-
-
-def _memo() -> dict | None:
-    return getattr(_once, "memo", None)
 
 
 class QuantizedWeight:
@@ -115,30 +111,25 @@ class QuantizedWeight:
 
     def _banded_matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
         dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) else torch.float32
-        w = self._kept(dtype)
-        if w is not None:
-            return self._cast(F.linear(x2.to(dtype), w), x2.dtype, out_fp32)
-        bands = self._bands()
-        if len(bands) == 1:
+        kept, bands = self._kept(dtype), self._bands()
+        if kept is not None:
+            y = F.linear(x2.to(dtype), kept)
+        elif len(bands) == 1:
             y = F.linear(x2.to(dtype), self.dequantize(dtype))
         else:
             y = torch.cat([F.linear(x2.to(dtype), self.dequantize(dtype, s, s + bands.step)) for s in bands], -1)
-        return self._cast(y, x2.dtype, out_fp32)
-
-    @staticmethod
-    def _cast(y: torch.Tensor, dtype: torch.dtype, out_fp32: bool) -> torch.Tensor:
-        return y.float() if out_fp32 else y.to(dtype)
+        return y.float() if out_fp32 else y.to(x2.dtype)
 
     def _kept(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Inside dequantized_once(): this weight dequantized (the scope's copy, made on first use while
         within its budget); None outside a scope or past the budget."""
-        memo = _memo()
+        memo = getattr(_once, "memo", None)
         if memo is None:
             return None
         key = (id(self), dtype)
         if key in memo:
             return memo[key][1]
-        nbytes = self.shape.numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = self.shape.numel() * dtype.itemsize
         if _once.bytes + nbytes > _once.budget:
             return None
         w = self.dequantize(dtype)

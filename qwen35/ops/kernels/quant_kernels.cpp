@@ -92,8 +92,6 @@ QuantRows quantize_input(const at::Tensor& x, bool split) {
   return quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1), split);
 }
 
-inline float half_to_float(const c10::Half* p) { return static_cast<float>(*p); }
-
 // Built with -fPIC, gcc spills a loop that masks every load and picks scales from an array (measured 3x
 // slower); whole groups therefore run an unmasked, fully unrolled loop and only a row's tail is masked.
 // Scales are handled 16 blocks at a time: one fp16 load + conversion gives dw for 16 blocks, times the
