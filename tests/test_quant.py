@@ -100,6 +100,57 @@ def test_dequantize_kernel_equals_the_reference(scheme, K):
 
 @needs_kernels
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_dequantize_kernel_writes_into_a_row_block(scheme):
+    """dequant_bf16_out: straight into rows of a larger matrix (a stacked projection's), the rows around it
+    untouched; a wrong destination is refused with its shape named."""
+    w = QuantizedWeight.quantize(scheme, torch.randn(24, 544, generator=torch.Generator().manual_seed(3)))
+    bits = 8 if scheme == "q8_0" else 4
+    big = torch.full((40, 544), 7.0, dtype=torch.bfloat16)
+    torch.ops.qwen35.dequant_bf16_out(w.qs, w.d, bits, big[10:34])
+    assert torch.equal(big[10:34], formats.dequantize(scheme, w.qs, w.d, torch.bfloat16))
+    assert (big[:10] == 7).all() and (big[34:] == 7).all()
+    with pytest.raises(RuntimeError, match=r"out must be contiguous bf16 \[24, 544\], got \[24, 512\]"):
+        torch.ops.qwen35.dequant_bf16_out(w.qs, w.d, bits, torch.empty(24, 512, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="out must be contiguous bf16"):
+        torch.ops.qwen35.dequant_bf16_out(w.qs, w.d, bits, torch.empty(24, 544))
+
+
+@needs_kernels
+def test_stacked_weight_prefill_is_one_gemm_on_the_stacked_matrix():
+    """A fused projection whose parts differ (int4's q4_k/q6_k rows with q8_0 gates, or bf16 rows): prefill
+    dequantizes the parts into one matrix and runs one GEMM (no GEMM per part, no concatenated outputs); its
+    result is the GEMM on the reference dequantization, and kept once inside dequantized_once."""
+    from qwen35.ops.linear import StackedWeight
+    from qwen35.quant.weight import dequantized_once
+
+    g = torch.Generator().manual_seed(5)
+    parts = [QuantizedWeight.quantize("q4_k", torch.randn(64, 512, generator=g)),
+             QuantizedWeight.quantize("q8_0", torch.randn(16, 512, generator=g)),
+             torch.randn(8, 512, generator=g).bfloat16()]
+    for p in parts[:2]:
+        p.kernels = True
+    w = StackedWeight(parts)
+    dense = torch.cat([formats.dequantize(p.scheme, p.qs, p.d, torch.bfloat16) for p in parts[:2]] + [parts[2]])
+    x = torch.randn(20, 512, generator=g).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(w._dense(), dense)
+        assert torch.equal(w.matmul(x, False), torch.nn.functional.linear(x, dense))
+        assert torch.equal(w.matmul(x, True), torch.nn.functional.linear(x, dense).float())
+        per_part = torch.cat([p.matmul(x, True) if isinstance(p, QuantizedWeight) else x.float() @ p.float().t()
+                              for p in parts], -1)
+        assert torch.allclose(w.matmul(x, True), per_part, rtol=2e-2, atol=2e-1)
+        with dequantized_once(dense.numel() * 2):
+            y = w.matmul(x, False)
+            from qwen35.quant import weight as qw
+
+            assert len(qw._once.memo) == 1 and torch.equal(y, torch.nn.functional.linear(x, dense))
+        decode = w.matmul(x[:3], False)  # a few rows: each part's GEMV, then concatenated
+        assert torch.equal(decode, torch.cat([parts[0].matmul(x[:3], False), parts[1].matmul(x[:3], False),
+                                              torch.nn.functional.linear(x[:3], parts[2])], -1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_kernel_writes_the_reference_bytes(scheme, dtype):
     g = torch.Generator().manual_seed(8)

@@ -141,6 +141,12 @@ def test_dequantize_kernel_equals_the_reference(scheme):
     w = QuantizedWeight.quantize(scheme, awkward(13, 512, 4))
     kind = formats.K_KIND[scheme]
     assert torch.equal(torch.ops.qwen35.dequant_k_bf16(w.qs, kind), formats.dequantize(scheme, w.qs, w.d, torch.bfloat16))
+    big = torch.full((20, 512), 7.0, dtype=torch.bfloat16)  # into rows of a larger matrix, the others untouched
+    torch.ops.qwen35.dequant_k_bf16_out(w.qs, kind, big[4:17])
+    assert torch.equal(big[4:17], formats.dequantize(scheme, w.qs, w.d, torch.bfloat16))
+    assert (big[:4] == 7).all() and (big[17:] == 7).all()
+    with pytest.raises(RuntimeError, match=r"out must be contiguous bf16 \[13, 512\], got \[13, 256\]"):
+        torch.ops.qwen35.dequant_k_bf16_out(w.qs, kind, torch.empty(13, 256, dtype=torch.bfloat16))
 
 
 @pytest.fixture(scope="module")

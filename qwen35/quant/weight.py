@@ -44,6 +44,24 @@ def dequantized_once(budget: int):
         _once.memo = None
 
 
+def kept(obj, dtype: torch.dtype, make) -> torch.Tensor | None:
+    """Inside dequantized_once(): weight object `obj` as a dense matrix in `dtype` (the scope's copy, made by
+    make() on first use while within the scope's budget); None outside a scope or past the budget."""
+    memo = getattr(_once, "memo", None)
+    if memo is None:
+        return None
+    key = (id(obj), dtype)
+    if key in memo:
+        return memo[key][1]
+    nbytes = obj.shape.numel() * dtype.itemsize
+    if _once.bytes + nbytes > _once.budget:
+        return None
+    w = make()
+    memo[key] = (obj, w)  # the weight object kept alive with it, so its id is never reused meanwhile
+    _once.bytes += nbytes
+    return w
+
+
 class QuantizedWeight:
     """W [N, K] as (qs, d) in layout `scheme` (formats.LAYOUTS)."""
 
@@ -79,13 +97,20 @@ class QuantizedWeight:
         """The dequantized matrix (bf16), for code that needs a plain tensor (export, tests)."""
         return self.dequantize(torch.bfloat16)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start..end-1 in `dtype`; into `out` (contiguous, of that shape and dtype) when given."""
         qs, d = self.qs[start:end], self.d[start:end]
         if self.kernels and dtype == torch.bfloat16:
+            if out is None:
+                out = torch.empty(qs.shape[0], self.shape[1], dtype=dtype, device=qs.device)
             if self.scheme in formats.K_KIND:
-                return torch.ops.qwen35.dequant_k_bf16(qs.contiguous(), formats.K_KIND[self.scheme])
-            return torch.ops.qwen35.dequant_bf16(qs.contiguous(), d.contiguous(), 8 if self.scheme == "q8_0" else 4)
-        return formats.dequantize(self.scheme, qs, d, dtype)
+                torch.ops.qwen35.dequant_k_bf16_out(qs.contiguous(), formats.K_KIND[self.scheme], out)
+            else:
+                torch.ops.qwen35.dequant_bf16_out(qs.contiguous(), d.contiguous(), 8 if self.scheme == "q8_0" else 4, out)
+            return out
+        w = formats.dequantize(self.scheme, qs, d, dtype)
+        return w if out is None else out.copy_(w)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W[ids] dequantized: [*ids.shape, K]."""
@@ -121,21 +146,7 @@ class QuantizedWeight:
         return y.float() if out_fp32 else y.to(x2.dtype)
 
     def _kept(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Inside dequantized_once(): this weight dequantized (the scope's copy, made on first use while
-        within its budget); None outside a scope or past the budget."""
-        memo = getattr(_once, "memo", None)
-        if memo is None:
-            return None
-        key = (id(self), dtype)
-        if key in memo:
-            return memo[key][1]
-        nbytes = self.shape.numel() * dtype.itemsize
-        if _once.bytes + nbytes > _once.budget:
-            return None
-        w = self.dequantize(dtype)
-        memo[key] = (self, w)  # the weight object kept alive with it, so its id is never reused meanwhile
-        _once.bytes += nbytes
-        return w
+        return kept(self, dtype, lambda: self.dequantize(dtype))
 
     def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
         """dY [M, N] -> dX = dY W [M, K], dequantizing W band by band in dY's dtype (fp32 accumulation

@@ -323,12 +323,14 @@ __attribute__((optimize("fp-contract=off"))) void dequant_superblock(int64_t kin
   }
 }
 
-at::Tensor dequant_k_bf16(const at::Tensor& qs, int64_t kind) {
+// W [N, K] as bf16 into out (contiguous [N, K], e.g. a row block of a stacked matrix)
+void dequant_k_bf16_out(const at::Tensor& qs, int64_t kind, at::Tensor& out) {
   TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.scalar_type() == at::kByte, "dequant_k_bf16: layout");
   const int64_t bb = block_bytes(kind), N = qs.size(0);
   TORCH_CHECK(qs.size(1) % bb == 0, "dequant_k_bf16: ", qs.size(1), " bytes per row is not whole blocks");
   const int64_t ns = qs.size(1) / bb, K = ns * QK;
-  at::Tensor out = at::empty({N, K}, qs.options().dtype(at::kBFloat16));
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == N &&
+              out.size(1) == K, "dequant_k_bf16: out must be contiguous bf16 [", N, ", ", K, "], got ", out.sizes());
   auto* op = out.data_ptr<c10::BFloat16>();
   const uint8_t* q = qs.data_ptr<uint8_t>();
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
@@ -341,6 +343,13 @@ at::Tensor dequant_k_bf16(const at::Tensor& qs, int64_t kind) {
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(y + i)));
       }
   });
+}
+
+at::Tensor dequant_k_bf16(const at::Tensor& qs, int64_t kind) {
+  TORCH_CHECK(qs.dim() == 2 && qs.size(1) % block_bytes(kind) == 0, "dequant_k_bf16: ", qs.sizes(),
+              " is not rows of whole blocks");
+  at::Tensor out = at::empty({qs.size(0), qs.size(1) / block_bytes(kind) * QK}, qs.options().dtype(at::kBFloat16));
+  dequant_k_bf16_out(qs, kind, out);
   return out;
 }
 
@@ -596,6 +605,7 @@ TORCH_LIBRARY_FRAGMENT(qwen35, m) {
   m.def("gemv_q4_k(Tensor x, Tensor qs, Tensor d, bool out_fp32) -> Tensor");
   m.def("gemv_q6_k(Tensor x, Tensor qs, Tensor d, bool out_fp32) -> Tensor");
   m.def("dequant_k_bf16(Tensor qs, int kind) -> Tensor");
+  m.def("dequant_k_bf16_out(Tensor qs, int kind, Tensor(a!) out) -> ()");
   m.def("quantize_k(Tensor w, int kind) -> Tensor");
 }
 
@@ -603,5 +613,6 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
   m.impl("gemv_q4_k", &gemv_q4_k);
   m.impl("gemv_q6_k", &gemv_q6_k);
   m.impl("dequant_k_bf16", &dequant_k_bf16);
+  m.impl("dequant_k_bf16_out", &dequant_k_bf16_out);
   m.impl("quantize_k", &quantize_k);
 }

@@ -249,12 +249,15 @@ at::Tensor gemv_q4_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   return gemv_kind(2, x, qs, d, out_fp32);
 }
 
-// W [N, K] as bf16: bits 8 -> q8_0, 4 -> q4_0.
-at::Tensor dequant_bf16(const at::Tensor& qs, const at::Tensor& d, int64_t bits) {
+// W [N, K] as bf16 into out (contiguous [N, K], e.g. a row block of a stacked matrix): bits 8 -> q8_0, 4 -> q4_0.
+void dequant_bf16_out(const at::Tensor& qs, const at::Tensor& d, int64_t bits, at::Tensor& out) {
   TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf, "dequant_bf16: layout");
   TORCH_CHECK(bits == 8 || bits == 4, "dequant_bf16: bits must be 8 or 4");
   const int64_t N = qs.size(0), nb = d.size(1), K = nb * QB;
-  at::Tensor out = at::empty({N, K}, qs.options().dtype(at::kBFloat16));
+  TORCH_CHECK(qs.size(1) == (bits == 8 ? K : K / 2) && d.size(0) == N, "dequant_bf16: weights ", qs.sizes(),
+              " do not match scales ", d.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == N &&
+              out.size(1) == K, "dequant_bf16: out must be contiguous bf16 [", N, ", ", K, "], got ", out.sizes());
   auto* op = out.data_ptr<c10::BFloat16>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
   const int8_t* q8 = bits == 8 ? qs.data_ptr<int8_t>() : nullptr;
@@ -287,6 +290,11 @@ at::Tensor dequant_bf16(const at::Tensor& qs, const at::Tensor& d, int64_t bits)
         }
       }
   });
+}
+
+at::Tensor dequant_bf16(const at::Tensor& qs, const at::Tensor& d, int64_t bits) {
+  at::Tensor out = at::empty({qs.size(0), d.size(1) * QB}, qs.options().dtype(at::kBFloat16));
+  dequant_bf16_out(qs, d, bits, out);
   return out;
 }
 
@@ -361,6 +369,7 @@ TORCH_LIBRARY_FRAGMENT(qwen35, m) {
   m.def("gemv_q8_0(Tensor x, Tensor qs, Tensor d, bool out_fp32) -> Tensor");
   m.def("gemv_q4_0(Tensor x, Tensor qs, Tensor d, bool out_fp32) -> Tensor");
   m.def("dequant_bf16(Tensor qs, Tensor d, int bits) -> Tensor");
+  m.def("dequant_bf16_out(Tensor qs, Tensor d, int bits, Tensor(a!) out) -> ()");
   m.def("vnni_supported() -> bool");
   m.def("quantize_weights(Tensor w, int bits) -> (Tensor, Tensor)");
 }
@@ -369,6 +378,7 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
   m.impl("gemv_q8_0", &gemv_q8_0);
   m.impl("gemv_q4_0", &gemv_q4_0);
   m.impl("dequant_bf16", &dequant_bf16);
+  m.impl("dequant_bf16_out", &dequant_bf16_out);
   m.impl("quantize_weights", &quantize_weights);
 }
 
