@@ -276,8 +276,14 @@ at::Tensor gemv_q6_k(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   return gemv_k_tensor(4, x, qs, out_fp32);
 }
 
-// fp-contract off: d*sc*q - dmin*m must round as kquants.dequantize_* does (no FMA), so bf16 is the same.
-__attribute__((optimize("fp-contract=off"))) void dequant_superblock(int64_t kind, const uint8_t* b, float* y) {
+// 32 fp32 values (lo: elements 0-15, hi: 16-31) as 32 bf16 at o, rounded to nearest even: one 64-byte store
+inline void store_bf16x32(c10::BFloat16* o, __m512 lo, __m512 hi) {
+  _mm512_storeu_si512(o, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// One super-block of QK values straight to bf16 (no fp32 round trip through memory: that cost as much as the
+// unpacking). fp-contract off: d*sc*q - dmin*m must round as kquants.dequantize_* does (no FMA), so bf16 is the same.
+__attribute__((optimize("fp-contract=off"))) void dequant_superblock_bf16(int64_t kind, const uint8_t* b, c10::BFloat16* o) {
   if (kind == 3) {
     const float d = half_at(b), dmin = half_at(b + 2);
     uint8_t sm[16];
@@ -292,8 +298,7 @@ __attribute__((optimize("fp-contract=off"))) void dequant_superblock(int64_t kin
       const __m512 vd = _mm512_set1_ps(dj), vm = _mm512_set1_ps(mj);
       const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
       const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
-      _mm512_store_ps(y + j * 32, _mm512_sub_ps(_mm512_mul_ps(vd, lo), vm));
-      _mm512_store_ps(y + j * 32 + 16, _mm512_sub_ps(_mm512_mul_ps(vd, hi), vm));
+      store_bf16x32(o + j * 32, _mm512_sub_ps(_mm512_mul_ps(vd, lo), vm), _mm512_sub_ps(_mm512_mul_ps(vd, hi), vm));
     }
   } else {
     const float d = half_at(b + 208);
@@ -311,13 +316,13 @@ __attribute__((optimize("fp-contract=off"))) void dequant_superblock(int64_t kin
       for (int g = 0; g < 4; ++g) {
         // bytes 0..63 - 32, then sign-extended: the q - 32 of the scalar form
         const __m256i q = _mm256_sub_epi8(_mm256_or_si256(bottom[g], _mm256_slli_epi16(top[g], 4)), off);
-        for (int half = 0; half < 2; ++half) {
-          const int e = h * 128 + g * 32 + half * 16;
-          const __m128i q16 = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
-          // (d * sc) * (q - 32), two roundings in that order, as the scalar reference computes it
-          const __m512 t = _mm512_set1_ps(d * static_cast<float>(sc[e / 16]));
-          _mm512_store_ps(y + e, _mm512_mul_ps(t, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q16))));
-        }
+        const int e = h * 128 + g * 32;
+        // (d * sc) * (q - 32), two roundings in that order, as the scalar reference computes it
+        const __m512 t0 = _mm512_set1_ps(d * static_cast<float>(sc[e / 16]));
+        const __m512 t1 = _mm512_set1_ps(d * static_cast<float>(sc[e / 16 + 1]));
+        const __m512 v0 = _mm512_mul_ps(t0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))));
+        const __m512 v1 = _mm512_mul_ps(t1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))));
+        store_bf16x32(o + e, v0, v1);
       }
     }
   }
@@ -334,14 +339,8 @@ void dequant_k_bf16_out(const at::Tensor& qs, int64_t kind, at::Tensor& out) {
   auto* op = out.data_ptr<c10::BFloat16>();
   const uint8_t* q = qs.data_ptr<uint8_t>();
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    alignas(64) float y[QK];
     for (int64_t n = n0; n < n1; ++n)
-      for (int64_t s = 0; s < ns; ++s) {
-        dequant_superblock(kind, q + (n * ns + s) * bb, y);
-        auto* o = op + n * K + s * QK;
-        for (int i = 0; i < QK; i += 16)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(y + i)));
-      }
+      for (int64_t s = 0; s < ns; ++s) dequant_superblock_bf16(kind, q + (n * ns + s) * bb, op + n * K + s * QK);
   });
 }
 
