@@ -175,11 +175,12 @@ inline __m512 silu512(__m512 x) {
 
 // One value head of the delta rule: delta = beta * (v - (decay * S0)^T k), S1 = decay * S0 + k delta^T,
 // o = S1^T q. NV = Dv / 16 is a compile-time constant so the 2*NV accumulators stay in registers: with a
-// runtime count they lived in memory and every update waited on a store.
+// runtime count they lived in memory and every update waited on a store. next: the state this thread updates
+// after this one (prefetched meanwhile), or null.
 template <int NV>
 inline void delta_rule_head(const float* __restrict s0, float* __restrict s1, const float* __restrict k,
                             const float* __restrict q, const float* __restrict v, float kn, float qn, float decay,
-                            float beta, int64_t Dk, __m512* ov_out, bool aligned) {
+                            float beta, int64_t Dk, __m512* ov_out, bool aligned, const float* next) {
   constexpr int64_t Dv = NV * 16;
   __m512 dl[NV], ov[NV];
   for (int e = 0; e < NV; ++e) dl[e] = _mm512_setzero_ps();
@@ -200,6 +201,9 @@ inline void delta_rule_head(const float* __restrict s0, float* __restrict s1, co
       if (aligned) _mm512_stream_ps(s1 + d * Dv + e * 16, s);
       else _mm512_storeu_ps(s1 + d * Dv + e * 16, s);
       ov[e] = _mm512_fmadd_ps(s, qd, ov[e]);
+      // the next head's state into L2 while this pass only writes to memory (its reads hit L2): the next
+      // head's first pass then reads from L2, not DRAM (0.8B int4: the step 130 -> 117 us a layer)
+      if (next) _mm_prefetch(reinterpret_cast<const char*>(next + d * Dv + e * 16), _MM_HINT_T1);
     }
   }
   for (int e = 0; e < NV; ++e) ov_out[e] = ov[e];
@@ -300,10 +304,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(
       // stream would evict it before the next), so skipping the read-for-ownership of its 1 MiB per layer
       // saves a third of the state's memory traffic.
       const bool aligned = reinterpret_cast<uintptr_t>(s1) % 64 == 0;
+      const float* next = i + 1 < i1 ? s0 + Dk * Dv : nullptr;  // this thread's next head, prefetched
       switch (nv) {
-        case 4: delta_rule_head<4>(s0, s1, k, q, v, kn, qn, decay, beta, Dk, ov, aligned); break;
-        case 8: delta_rule_head<8>(s0, s1, k, q, v, kn, qn, decay, beta, Dk, ov, aligned); break;
-        default: delta_rule_head<16>(s0, s1, k, q, v, kn, qn, decay, beta, Dk, ov, aligned); break;
+        case 4: delta_rule_head<4>(s0, s1, k, q, v, kn, qn, decay, beta, Dk, ov, aligned, next); break;
+        case 8: delta_rule_head<8>(s0, s1, k, q, v, kn, qn, decay, beta, Dk, ov, aligned, next); break;
+        default: delta_rule_head<16>(s0, s1, k, q, v, kn, qn, decay, beta, Dk, ov, aligned, next); break;
       }
       // gated RMSNorm (not zero-centred): o * rsqrt(mean(o^2) + eps) * w * silu(z)
       __m512 ss = _mm512_setzero_ps();
