@@ -116,12 +116,16 @@ def test_dequantize_kernel_writes_into_a_row_block(scheme):
 
 
 @needs_kernels
-def test_stacked_weight_prefill_is_one_gemm_on_the_stacked_matrix():
+def test_stacked_weight_prefill_is_one_gemm_on_the_stacked_matrix(monkeypatch):
     """A fused projection whose parts differ (int4's q4_k/q6_k rows with q8_0 gates, or bf16 rows): prefill
     dequantizes the parts into one matrix and runs one GEMM (no GEMM per part, no concatenated outputs); its
-    result is the GEMM on the reference dequantization, and kept once inside dequantized_once."""
+    result is the GEMM on the reference dequantization, and kept once inside dequantized_once. With the
+    integer prefill GEMM each part runs its own (nothing to dequantize)."""
     from qwen35.ops.linear import StackedWeight
+    from qwen35.quant import weight as qw
     from qwen35.quant.weight import dequantized_once
+
+    monkeypatch.setattr(qw, "PREFILL_GEMM", "dequantize")
 
     g = torch.Generator().manual_seed(5)
     parts = [QuantizedWeight.quantize("q4_k", torch.randn(64, 512, generator=g)),
@@ -147,6 +151,9 @@ def test_stacked_weight_prefill_is_one_gemm_on_the_stacked_matrix():
         decode = w.matmul(x[:3], False)  # a few rows: each part's GEMV, then concatenated
         assert torch.equal(decode, torch.cat([parts[0].matmul(x[:3], False), parts[1].matmul(x[:3], False),
                                               torch.nn.functional.linear(x[:3], parts[2])], -1))
+        monkeypatch.setattr(qw, "PREFILL_GEMM", "integer")
+        assert torch.equal(w.matmul(x, False), torch.cat([parts[0].matmul(x, False), parts[1].matmul(x, False),
+                                                          torch.nn.functional.linear(x, parts[2])], -1))
 
 
 @needs_kernels
@@ -195,13 +202,88 @@ def _weight(model, name):
 
 
 @needs_kernels
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("M, N", [(1, 40), (6, 100), (37, 64)])  # tails of the 4-row tiles and 32-row panels
+def test_integer_gemm_equals_the_reference(scheme, M, N):
+    """gemm_quant (the prefill GEMM where bf16 has no AMX): formats.reference_matmul up to the order of its fp32
+    roundings (the integer block sums are exact), bf16 output its fp32 output rounded, fp32 inputs alike."""
+    g = torch.Generator().manual_seed(M * N)
+    K = 96 if scheme in ("q8_0", "q4_0") else 512  # 3 blocks of 32; 2 super-blocks of 256
+    w = QuantizedWeight.quantize(scheme, torch.randn(N, K, generator=g))
+    x = torch.randn(M, K, generator=g).bfloat16()
+    kind = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}[scheme]
+    y = torch.ops.qwen35.gemm_quant(x, w.qs, w.d, kind, True)
+    ref = formats.reference_matmul(scheme, x, w.qs, w.d)
+    assert y.shape == (M, N) and torch.allclose(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    assert torch.equal(torch.ops.qwen35.gemm_quant(x, w.qs, w.d, kind, False), y.bfloat16())
+    assert torch.equal(torch.ops.qwen35.gemm_quant(x.float(), w.qs, w.d, kind, True), y)
+    with pytest.raises(RuntimeError, match="gemm_quant: x has 64 columns"):
+        torch.ops.qwen35.gemm_quant(x[:, :64].contiguous(), w.qs, w.d, kind, True)
+
+
+@needs_kernels
+def test_prefill_gemm_follows_the_machine_and_its_overrides(monkeypatch):
+    from qwen35.ops import kernels as K
+    from qwen35.quant import weight as qw
+
+    def auto(flags, cap=None):
+        monkeypatch.setattr(qw, "_auto_gemm", [])
+        monkeypatch.setattr(K, "cpu_flags", lambda: flags)
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        return qw.prefill_gemm()
+
+    monkeypatch.delenv("QWEN35_QUANT_GEMM", raising=False)
+    assert auto({"avx512_vnni", "amx_bf16"}) == "dequantize"  # AMX tiles: dequantize + oneDNN's GEMM
+    assert auto({"avx512_vnni", "amx_bf16"}, "AVX10_1_512_AMX") == "dequantize"
+    assert auto({"avx512_vnni", "amx_bf16"}, "AVX512_CORE_BF16") == "integer"  # oneDNN capped below AMX
+    assert auto({"avx512_vnni", "avx512_bf16"}) == "integer"  # Zen 4
+    monkeypatch.setenv("QWEN35_QUANT_GEMM", "dequantize")
+    assert qw.prefill_gemm() == "dequantize"
+    monkeypatch.setenv("QWEN35_QUANT_GEMM", "int")
+    with pytest.raises(ValueError, match="QWEN35_QUANT_GEMM='int': expected 'integer' or 'dequantize'"):
+        qw.prefill_gemm()
+
+
+@needs_kernels
+@pytest.mark.parametrize("gemm", ["dequantize", "integer"])
+def test_weight_prefill_paths_compute_what_their_reference_does(monkeypatch, gemm):
+    """A weight object's many-row product, kernels against reference, under either prefill GEMM: "integer" is
+    reference_matmul (inputs quantized), "dequantize" a GEMM on the dequantized weights."""
+    from qwen35.quant import weight as qw
+
+    monkeypatch.setattr(qw, "PREFILL_GEMM", gemm)
+    g = torch.Generator().manual_seed(11)
+    w = QuantizedWeight.quantize("q4_k", torch.randn(72, 512, generator=g))
+    x = torch.randn(20, 512, generator=g).bfloat16()
+    with torch.no_grad():
+        ref = w.matmul(x, True)
+        w.kernels = True
+        fast = w.matmul(x, True)
+    exact = (formats.reference_matmul("q4_k", x, w.qs, w.d) if gemm == "integer"
+             else x.float() @ formats.dequantize("q4_k", w.qs, w.d).t())
+    assert torch.allclose(fast, exact, rtol=2e-2, atol=2e-1) and torch.allclose(ref, exact, rtol=2e-2, atol=2e-1)
+    if gemm == "integer":  # fp32 sums in two orders
+        assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-4)
+    else:  # the dequantizing kernel writes the reference's bf16 weights: the same GEMM
+        assert torch.equal(fast, ref)
+
+
+@needs_kernels
+@pytest.mark.parametrize("gemm", ["dequantize", "integer"])
 @pytest.mark.parametrize("quant", ["q8_0", "int4"])
-def test_kernels_and_reference_generate_the_same_tokens(quant):
+def test_kernels_and_reference_generate_the_same_tokens(quant, gemm, monkeypatch):
     """The bundled model (trained: its next-token margins are real), quantized: greedy answers through the
     VNNI kernels equal those of the same quantized model with its quantized matmuls on the reference (the
-    rest bound alike). Random replicas are no good here: their near-flat distributions turn the last-bit
+    rest bound alike), with either prefill GEMM (quant/weight.prefill_gemm: the machine picks one, the test
+    forces each). Random replicas are no good here: their near-flat distributions turn the last-bit
     differences of another summation order into other tokens, through the per-block input quantization."""
     from qwen35.commands.common import default_model
+    from qwen35.quant import weight as qw
+
+    monkeypatch.setattr(qw, "PREFILL_GEMM", gemm)
 
     fast, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
     slow, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
@@ -211,7 +293,9 @@ def test_kernels_and_reference_generate_the_same_tokens(quant):
     objects = [w for m in slow.modules() for w in weight_objects(m)]
     assert objects and not any(w.kernels for w in objects)
     assert "gdn_layer" not in bind_kernels(slow, True, quantized=False).bound
-    prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(")]
+    prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(",
+                                        "def parse(text):\n    # split text into words, drop the empty ones and "
+                                        "return them in lower case\n")]
     params = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
 
     def tokens(m):

@@ -32,8 +32,8 @@ class StackedWeight:
     """Weights of different kinds stacked along N (a fused projection whose parts are quantized
     differently): one weight object whose output is the concatenation of its parts'.
 
-    Prefill (more rows than a GEMV takes, no autograd): the parts are dequantized into one bf16 matrix and
-    multiplied by one GEMM, as a plain fused matrix would be: a GEMM per part, a tiny one for the 16-row
+    Prefill (more rows than a GEMV takes, no autograd) where it dequantizes (quant/weight.prefill_gemm): the
+    parts are dequantized into one bf16 matrix and multiplied by one GEMM, as a plain fused matrix would be: a GEMM per part, a tiny one for the 16-row
     gates among them, and concatenating their outputs cost the 0.8B's int4 prefill ~2% (torch.profiler)."""
 
     def __init__(self, parts: list):
@@ -42,10 +42,10 @@ class StackedWeight:
         self.dtype = parts[0].dtype
 
     def matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
-        from ..quant.weight import BAND_BYTES, GEMV_MAX_ROWS, kept
+        from ..quant.weight import BAND_BYTES, GEMV_MAX_ROWS, kept, prefill_gemm
 
         if (x2.shape[0] > GEMV_MAX_ROWS and x2.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-                and self.shape.numel() * 2 <= BAND_BYTES):
+                and self.shape.numel() * 2 <= BAND_BYTES and prefill_gemm() == "dequantize"):
             w = kept(self, torch.bfloat16, self._dense)
             y = F.linear(x2.contiguous(), self._dense() if w is None else w)
             return y.float() if out_fp32 else y

@@ -3,8 +3,10 @@ calls it, the MTP head and the vocabulary projection included, without a branch 
 
 - decode (<= 8 rows): the VNNI GEMV on the packed bytes (ops/kernels/quant_kernels.cpp for q8_0 / q4_0,
   quant_k_kernels.cpp for q4_k / q6_k), read once per token and never expanded in memory;
-- prefill (more rows), or without the kernels: the weights are dequantized to bf16 a band of rows at a time
-  and multiplied with torch's GEMM, so no full-size bf16 copy ever exists;
+- prefill (more rows), as `prefill_gemm()` picks for the machine: where torch's bf16 GEMM has AMX tiles, the
+  weights are dequantized to bf16 a band of rows at a time and multiplied with it (no full-size bf16 copy ever
+  exists); elsewhere (Zen 4, Ice Lake: a vdpbf16ps GEMM) the VNNI integer GEMM on the packed weights
+  (ops/kernels/quant_gemm.cpp, 3.5-3.9x that bf16 GEMM), which computes the GEMVs' rule, inputs quantized;
 - `rows(ids)`: dequantized rows (the embedding lookup of a tied, quantized embedding/head);
 - training on a frozen quantized base (QLoRA, train/qlora.py): when the input needs a gradient, the GEMM path
   runs as an autograd function (`QuantizedMatmul`) that saves nothing but a reference to the weight object;
@@ -16,6 +18,7 @@ The reference (`formats.reference_matmul`) is what the kernels compute and are t
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import torch
@@ -26,6 +29,31 @@ from . import formats
 GEMV_MAX_ROWS = 8
 GEMV_OPS = {"q8_0": "gemv_q8_0", "q4_0": "gemv_q4_0", "q4_k": "gemv_q4_k", "q6_k": "gemv_q6_k"}
 BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM path
+GEMM_KINDS = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}  # gemm_quant's layout codes
+PREFILL_GEMM: str | None = None  # "integer" / "dequantize" to override prefill_gemm() (tests)
+_auto_gemm: list[str] = []
+
+
+def prefill_gemm() -> str:
+    """How quantized weights meet many rows (prefill): "dequantize" (bf16 bands and torch's GEMM) where that GEMM
+    has AMX tiles, measured faster there than any integer kernel here (README); "integer" (the VNNI GEMM,
+    inputs quantized per block as the GEMVs do) where the kernels run and it has not. QWEN35_QUANT_GEMM=integer /
+    dequantize overrides; ONEDNN_MAX_CPU_ISA capping oneDNN below AMX counts as no AMX. Both paths of a
+    weight, kernels and reference, follow the same choice, so they compute the same thing."""
+    if PREFILL_GEMM is not None:
+        return PREFILL_GEMM
+    env = os.environ.get("QWEN35_QUANT_GEMM", "").strip().lower()
+    if env in ("integer", "dequantize"):
+        return env
+    if env:
+        raise ValueError(f"QWEN35_QUANT_GEMM={env!r}: expected 'integer' or 'dequantize'")
+    if not _auto_gemm:
+        from ..ops import kernels
+
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+        amx = "amx_bf16" in kernels.cpu_flags() and (cap in ("ALL", "DEFAULT") or "AMX" in cap)
+        _auto_gemm.append("dequantize" if amx or not kernels.available() else "integer")
+    return _auto_gemm[0]
 
 
 _once = threading.local()
@@ -129,7 +157,20 @@ class QuantizedWeight:
         if x2.requires_grad and torch.is_grad_enabled():
             # autograd would otherwise keep every dequantized band alive until backward: a full copy
             return QuantizedMatmul.apply(x2, self, out_fp32)
+        if (not torch.is_grad_enabled() and x2.dtype in (torch.bfloat16, torch.float32)
+                and prefill_gemm() == "integer"):
+            return self._integer_matmul(x2, out_fp32)
         return self._banded_matmul(x2, out_fp32)
+
+    def _integer_matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
+        """Inputs quantized per block, integer dot products (formats.reference_matmul): the VNNI GEMM, or that
+        reference a band of weight rows at a time (fp32 dequantized: 4 bytes a weight)."""
+        if self.kernels:
+            return torch.ops.qwen35.gemm_quant(x2.contiguous(), self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
+        step = max(1, BAND_BYTES // (4 * self.shape[1]))
+        y = torch.cat([formats.reference_matmul(self.scheme, x2, self.qs[s : s + step], self.d[s : s + step])
+                       for s in range(0, self.shape[0], step)], -1)
+        return y if out_fp32 else y.to(x2.dtype)
 
     def _bands(self) -> range:
         return range(0, self.shape[0], max(1, BAND_BYTES // (2 * self.shape[1])))

@@ -58,7 +58,6 @@ struct Scratch {
 };
 thread_local Scratch scratch;
 
-constexpr int Q4K_ORDER[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // kernel position k holds input block Q4K_ORDER[k]
 
 template <typename T>
 Rows quantize_rows(const T* x, int64_t M, int64_t K, int64_t kind) {
@@ -113,23 +112,6 @@ inline __m512 sum_acc(const __m512* a) {
   return s;
 }
 
-// Q4_K's 12 bytes -> its 8 scales (bytes 0-7) and 8 mins (bytes 8-15), each in kernel block order. Scalar
-// 64-bit arithmetic (it runs on the integer ports, beside the vector work): bytes 0-7 hold the low 6 bits of
-// scales 0-3 and mins 0-3 and, in their top 2 bits, the high bits of scales / mins 4-7, whose low nibbles are
-// bytes 8-11.
-inline __m128i q4k_scales_mins(const uint8_t* p) {
-  uint64_t u01;
-  uint32_t u2;
-  std::memcpy(&u01, p, 8);
-  std::memcpy(&u2, p + 8, 4);
-  const uint64_t lo = u01 & 0x3F3F3F3F3F3F3F3Full;  // sc0-3, mn0-3
-  const uint64_t top = (u01 >> 6) & 0x0303030303030303ull;
-  const uint64_t nib = (static_cast<uint64_t>((u2 >> 4) & 0x0F0F0F0Fu) << 32) | (u2 & 0x0F0F0F0Fu);
-  const uint64_t hi = nib | (top << 4);  // sc4-7, mn4-7
-  const __m128i v = _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
-  // bytes now: sc0-3, mn0-3, sc4-7, mn4-7 -> sc and mn, each in the order 0,2,1,3,4,6,5,7
-  return _mm_shuffle_epi8(v, _mm_setr_epi8(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15));
-}
 inline float half_bits_to_float(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
