@@ -226,25 +226,28 @@ def test_prefill_gemm_follows_the_machine_and_its_overrides(monkeypatch):
     from qwen35.ops import kernels as K
     from qwen35.quant import weight as qw
 
-    def auto(flags, cap=None):
+    def auto(flags, rows, cap=None):
         monkeypatch.setattr(qw, "_auto_gemm", [])
         monkeypatch.setattr(K, "cpu_flags", lambda: flags)
         if cap is None:
             monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
         else:
             monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-        return qw.prefill_gemm()
+        return qw.prefill_gemm(rows)
 
     monkeypatch.delenv("QWEN35_QUANT_GEMM", raising=False)
-    assert auto({"avx512_vnni", "amx_bf16"}) == "dequantize"  # AMX tiles: dequantize + oneDNN's GEMM
-    assert auto({"avx512_vnni", "amx_bf16"}, "AVX10_1_512_AMX") == "dequantize"
-    assert auto({"avx512_vnni", "amx_bf16"}, "AVX512_CORE_BF16") == "integer"  # oneDNN capped below AMX
-    assert auto({"avx512_vnni", "avx512_bf16"}) == "integer"  # Zen 4
+    amx = {"avx512_vnni", "amx_bf16"}
+    big = qw.AMX_INTEGER_MAX_ROWS + 1
+    assert auto(amx, big) == "dequantize"  # AMX tiles: dequantize + oneDNN's GEMM for long chunks
+    assert auto(amx, qw.AMX_INTEGER_MAX_ROWS) == "integer"  # and the integer GEMM for short ones
+    assert auto(amx, big, "AVX10_1_512_AMX") == "dequantize"
+    assert auto(amx, big, "AVX512_CORE_BF16") == "integer"  # oneDNN capped below AMX
+    assert auto({"avx512_vnni", "avx512_bf16"}, 4096) == "integer"  # Zen 4
     monkeypatch.setenv("QWEN35_QUANT_GEMM", "dequantize")
-    assert qw.prefill_gemm() == "dequantize"
+    assert qw.prefill_gemm(20) == "dequantize"
     monkeypatch.setenv("QWEN35_QUANT_GEMM", "int")
     with pytest.raises(ValueError, match="QWEN35_QUANT_GEMM='int': expected 'integer' or 'dequantize'"):
-        qw.prefill_gemm()
+        qw.prefill_gemm(20)
 
 
 @needs_kernels
@@ -262,6 +265,8 @@ def test_weight_prefill_paths_compute_what_their_reference_does(monkeypatch, gem
         ref = w.matmul(x, True)
         w.kernels = True
         fast = w.matmul(x, True)
+        if gemm == "integer":  # 9-16 rows: GEMVs of 8 rows, the same rule
+            assert torch.allclose(w.matmul(x[:13], True), ref[:13], rtol=1e-5, atol=1e-4)
     exact = (formats.reference_matmul("q4_k", x, w.qs, w.d) if gemm == "integer"
              else x.float() @ formats.dequantize("q4_k", w.qs, w.d).t())
     assert torch.allclose(fast, exact, rtol=2e-2, atol=2e-1) and torch.allclose(ref, exact, rtol=2e-2, atol=2e-1)

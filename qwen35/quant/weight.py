@@ -27,6 +27,13 @@ import torch.nn.functional as F
 from . import formats
 
 GEMV_MAX_ROWS = 8
+# Measured on the 0.8B's 8224x1024 in-projection, weights cold (q4_k / q8_0, 2 threads, Sapphire Rapids): 9-16
+# rows are fastest as GEMVs of 8 (0.8-1.3 ms: memory-bound passes) against the integer GEMM's 1.2-1.5 and
+# dequantize + AMX's 2.6; up to 64 rows the integer GEMM wins even with AMX (32 rows: 1.8-2.0 against 2.7-2.9;
+# 64: q8_0 2.6 against 3.1, q4_k even); past that dequantize + AMX (128 rows: 3.4-3.5 against 4.0-4.7).
+# Whole 0.8B: a 16-row decode step int4 290 -> 148 ms, int8 182 -> 147; a 40-token prefill int4 269 -> 242.
+GEMV_CHUNK_MAX_ROWS = 16
+AMX_INTEGER_MAX_ROWS = 64
 GEMV_OPS = {"q8_0": "gemv_q8_0", "q4_0": "gemv_q4_0", "q4_k": "gemv_q4_k", "q6_k": "gemv_q6_k"}
 BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM path
 GEMM_KINDS = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}  # gemm_quant's layout codes
@@ -34,12 +41,14 @@ PREFILL_GEMM: str | None = None  # "integer" / "dequantize" to override prefill_
 _auto_gemm: list[str] = []
 
 
-def prefill_gemm() -> str:
-    """How quantized weights meet many rows (prefill): "dequantize" (bf16 bands and torch's GEMM) where that GEMM
-    has AMX tiles, measured faster there than any integer kernel here (README); "integer" (the VNNI GEMM,
-    inputs quantized per block as the GEMVs do) where the kernels run and it has not. QWEN35_QUANT_GEMM=integer /
-    dequantize overrides; ONEDNN_MAX_CPU_ISA capping oneDNN below AMX counts as no AMX. Both paths of a
-    weight, kernels and reference, follow the same choice, so they compute the same thing."""
+def prefill_gemm(rows: int) -> str:
+    """How quantized weights meet `rows` (> GEMV_MAX_ROWS) input rows: "integer" (inputs quantized per block as
+    the GEMVs do: GEMVs of 8 rows up to GEMV_CHUNK_MAX_ROWS, the VNNI GEMM past that) or "dequantize" (bf16
+    bands and torch's GEMM). Where torch's GEMM has AMX tiles, integer up to AMX_INTEGER_MAX_ROWS rows and
+    dequantize past it (measured faster there than any integer kernel here, README); integer at any size where
+    the kernels run without AMX; dequantize without the kernels. QWEN35_QUANT_GEMM=integer / dequantize forces
+    one; ONEDNN_MAX_CPU_ISA capping oneDNN below AMX counts as no AMX. A weight's kernels and its reference
+    path follow the same choice, so they compute the same thing."""
     if PREFILL_GEMM is not None:
         return PREFILL_GEMM
     env = os.environ.get("QWEN35_QUANT_GEMM", "").strip().lower()
@@ -52,8 +61,11 @@ def prefill_gemm() -> str:
 
         cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
         amx = "amx_bf16" in kernels.cpu_flags() and (cap in ("ALL", "DEFAULT") or "AMX" in cap)
-        _auto_gemm.append("dequantize" if amx or not kernels.available() else "integer")
-    return _auto_gemm[0]
+        _auto_gemm.append("none" if not kernels.available() else "amx" if amx else "integer")
+    machine = _auto_gemm[0]
+    if machine == "amx":
+        return "integer" if rows <= AMX_INTEGER_MAX_ROWS else "dequantize"
+    return "integer" if machine == "integer" else "dequantize"
 
 
 _once = threading.local()
@@ -158,15 +170,20 @@ class QuantizedWeight:
             # autograd would otherwise keep every dequantized band alive until backward: a full copy
             return QuantizedMatmul.apply(x2, self, out_fp32)
         if (not torch.is_grad_enabled() and x2.dtype in (torch.bfloat16, torch.float32)
-                and prefill_gemm() == "integer"):
+                and prefill_gemm(x2.shape[0]) == "integer"):
             return self._integer_matmul(x2, out_fp32)
         return self._banded_matmul(x2, out_fp32)
 
     def _integer_matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
-        """Inputs quantized per block, integer dot products (formats.reference_matmul): the VNNI GEMM, or that
-        reference a band of weight rows at a time (fp32 dequantized: 4 bytes a weight)."""
+        """Inputs quantized per block, integer dot products (formats.reference_matmul): GEMVs of 8 rows or the
+        VNNI GEMM, or that reference a band of weight rows at a time (fp32 dequantized: 4 bytes a weight)."""
         if self.kernels:
-            return torch.ops.qwen35.gemm_quant(x2.contiguous(), self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
+            x2 = x2.contiguous()
+            if x2.shape[0] <= GEMV_CHUNK_MAX_ROWS:
+                op = getattr(torch.ops.qwen35, GEMV_OPS[self.scheme])
+                return torch.cat([op(x2[i : i + GEMV_MAX_ROWS], self.qs, self.d, out_fp32)
+                                  for i in range(0, x2.shape[0], GEMV_MAX_ROWS)])
+            return torch.ops.qwen35.gemm_quant(x2, self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
         step = max(1, BAND_BYTES // (4 * self.shape[1]))
         y = torch.cat([formats.reference_matmul(self.scheme, x2, self.qs[s : s + step], self.d[s : s + step])
                        for s in range(0, self.shape[0], step)], -1)
