@@ -8,15 +8,18 @@ medians. Prompts longer than a chunk (512 tokens) run both ways: layer by layer 
 each layer takes every chunk before the next layer, so a quantized weight is dequantized once per prompt) and
 chunk by chunk (every chunk through every layer, a quantized weight dequantized per chunk); the two give the
 same logits bit for bit (tests/test_prefill_by_layer.py). Threads pinned to --threads. Prints a table, then
-one JSON line.
+one JSON line. Which path quantized weights take (quant/weight.prefill_gemm: dequantize + torch's GEMM, or the
+integer VNNI GEMM) depends on the machine; with oneDNN capped below AMX this machine runs what a Zen 4 runs:
 
     python benchmarks/bench_quant_prefill.py [--tokens 512,4096] [--rounds 5] [--threads 2]
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/bench_quant_prefill.py --tokens 512
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -71,12 +74,18 @@ def main() -> None:
                 rows.append({"tokens": T, "weights": f, "order": "layer" if by else "chunk",
                              "tok_s": round(T / statistics.median(ts), 1), "min_tok_s": round(T / max(ts), 1),
                              "max_tok_s": round(T / min(ts), 1), "vs_bf16": round(statistics.median(ratios), 3)})
-    print(f"prefill, 0.8B replica, {args.threads} threads, {args.rounds} rounds, chunks of {args.chunk}")
+    from qwen35.quant.weight import prefill_gemm
+
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL")
+    paths = {T: prefill_gemm(min(T, args.chunk)) for T in lengths}
+    print(f"prefill, 0.8B replica, {args.threads} threads, {args.rounds} rounds, chunks of {args.chunk}, "
+          f"ONEDNN_MAX_CPU_ISA={isa}, quantized GEMM: " + ", ".join(f"{p} at {T}" for T, p in paths.items()))
     print(f"{'tokens':>7} {'order':<6} {'weights':<8}{'tok/s':>8}{'range':>16}{'x bf16':>9}")
     for r in rows:
         rng = f"{r['min_tok_s']:.0f}-{r['max_tok_s']:.0f}"
         print(f"{r['tokens']:>7} {r['order']:<6} {r['weights']:<8}{r['tok_s']:>8.1f}{rng:>16}{r['vs_bf16']:>9.3f}")
-    print(json.dumps({"bench": "quant_prefill", "threads": args.threads, "rounds": args.rounds, "rows": rows}))
+    print(json.dumps({"bench": "quant_prefill", "threads": args.threads, "rounds": args.rounds, "onednn_isa": isa,
+                      "quant_gemm": {str(T): p for T, p in paths.items()}, "rows": rows}))
 
 
 if __name__ == "__main__":
