@@ -237,9 +237,11 @@ def test_prefill_gemm_follows_the_machine_and_its_overrides(monkeypatch):
 
     monkeypatch.delenv("QWEN35_QUANT_GEMM", raising=False)
     amx = {"avx512_vnni", "amx_bf16"}
-    big = qw.AMX_INTEGER_MAX_ROWS + 1
+    big = qw.AMX_INTEGER_MAX_ROWS["q8_0"] + 1
     assert auto(amx, big) == "dequantize"  # AMX tiles: dequantize + oneDNN's GEMM for long chunks
-    assert auto(amx, qw.AMX_INTEGER_MAX_ROWS) == "integer"  # and the integer GEMM for short ones
+    assert auto(amx, big - 1) == "integer"  # and the integer GEMM for short ones
+    assert qw.prefill_gemm(big - 1, "q4_k") == "dequantize"  # the K-quants' unpacking costs more: fewer rows
+    assert qw.prefill_gemm(qw.AMX_INTEGER_MAX_ROWS["q4_k"], "q4_k") == "integer"
     assert auto(amx, big, "AVX10_1_512_AMX") == "dequantize"
     assert auto(amx, big, "AVX512_CORE_BF16") == "integer"  # oneDNN capped below AMX
     assert auto({"avx512_vnni", "avx512_bf16"}, 4096) == "integer"  # Zen 4

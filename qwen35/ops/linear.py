@@ -44,8 +44,10 @@ class StackedWeight:
     def matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
         from ..quant.weight import BAND_BYTES, GEMV_MAX_ROWS, kept, prefill_gemm
 
-        if (x2.shape[0] > GEMV_MAX_ROWS and x2.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-                and self.shape.numel() * 2 <= BAND_BYTES and prefill_gemm(x2.shape[0]) == "dequantize"):
+        rows = x2.shape[0]
+        if (rows > GEMV_MAX_ROWS and x2.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+                and self.shape.numel() * 2 <= BAND_BYTES
+                and all(prefill_gemm(rows, p.scheme) == "dequantize" for p in self.parts if hasattr(p, "scheme"))):
             w = kept(self, torch.bfloat16, self._dense)
             y = F.linear(x2.contiguous(), self._dense() if w is None else w)
             return y.float() if out_fp32 else y

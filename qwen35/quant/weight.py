@@ -27,13 +27,15 @@ import torch.nn.functional as F
 from . import formats
 
 GEMV_MAX_ROWS = 8
-# Measured on the 0.8B's 8224x1024 in-projection, weights cold (q4_k / q8_0, 2 threads, Sapphire Rapids): 9-16
-# rows are fastest as GEMVs of 8 (0.8-1.3 ms: memory-bound passes) against the integer GEMM's 1.2-1.5 and
-# dequantize + AMX's 2.6; up to 64 rows the integer GEMM wins even with AMX (32 rows: 1.8-2.0 against 2.7-2.9;
-# 64: q8_0 2.6 against 3.1, q4_k even); past that dequantize + AMX (128 rows: 3.4-3.5 against 4.0-4.7).
-# Whole 0.8B: a 16-row decode step int4 290 -> 148 ms, int8 182 -> 147; a 40-token prefill int4 269 -> 242.
+# Measured on the 0.8B's 8224x1024 in-projection, weights cold (2 threads, Sapphire Rapids): 9-16 rows are
+# fastest as GEMVs of 8 (0.8-1.3 ms: memory-bound passes) against the integer GEMM's 1.2-1.5 and dequantize +
+# AMX's 2.6; the integer GEMM then wins up to ~96 rows for q8_0 (64: 2.4 against 3.1 ms), ~64 for q4_k and ~56
+# for q6_k, whose unpacking costs more. In the whole 0.8B (bench_quant_prefill) the crossings come earlier:
+# int8 prefill of 64 tokens 0.83x bf16 integer against 0.79x dequantizing, 128 tokens 0.76x against 0.85x;
+# int4 32 tokens 0.78x against 0.75x, 64 tokens 0.72x against 0.79x. A 16-row decode step (many sequences):
+# int4 290 -> 148 ms, int8 182 -> 147 ms (it had dequantized the whole head every step).
 GEMV_CHUNK_MAX_ROWS = 16
-AMX_INTEGER_MAX_ROWS = 64
+AMX_INTEGER_MAX_ROWS = {"q8_0": 64, "q4_0": 64, "q4_k": 40, "q6_k": 40}
 GEMV_OPS = {"q8_0": "gemv_q8_0", "q4_0": "gemv_q4_0", "q4_k": "gemv_q4_k", "q6_k": "gemv_q6_k"}
 BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM path
 GEMM_KINDS = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}  # gemm_quant's layout codes
@@ -41,11 +43,11 @@ PREFILL_GEMM: str | None = None  # "integer" / "dequantize" to override prefill_
 _auto_gemm: list[str] = []
 
 
-def prefill_gemm(rows: int) -> str:
-    """How quantized weights meet `rows` (> GEMV_MAX_ROWS) input rows: "integer" (inputs quantized per block as
-    the GEMVs do: GEMVs of 8 rows up to GEMV_CHUNK_MAX_ROWS, the VNNI GEMM past that) or "dequantize" (bf16
-    bands and torch's GEMM). Where torch's GEMM has AMX tiles, integer up to AMX_INTEGER_MAX_ROWS rows and
-    dequantize past it (measured faster there than any integer kernel here, README); integer at any size where
+def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
+    """How a quantized weight in `scheme` meets `rows` (> GEMV_MAX_ROWS) input rows: "integer" (inputs quantized
+    per block as the GEMVs do: GEMVs of 8 rows up to GEMV_CHUNK_MAX_ROWS, the VNNI GEMM past that) or
+    "dequantize" (bf16 bands and torch's GEMM). Where torch's GEMM has AMX tiles, integer up to
+    AMX_INTEGER_MAX_ROWS[scheme] rows and dequantize past it (measured faster there than any integer kernel here, README); integer at any size where
     the kernels run without AMX; dequantize without the kernels. QWEN35_QUANT_GEMM=integer / dequantize forces
     one; ONEDNN_MAX_CPU_ISA capping oneDNN below AMX counts as no AMX. A weight's kernels and its reference
     path follow the same choice, so they compute the same thing."""
@@ -64,7 +66,7 @@ def prefill_gemm(rows: int) -> str:
         _auto_gemm.append("none" if not kernels.available() else "amx" if amx else "integer")
     machine = _auto_gemm[0]
     if machine == "amx":
-        return "integer" if rows <= AMX_INTEGER_MAX_ROWS else "dequantize"
+        return "integer" if rows <= AMX_INTEGER_MAX_ROWS[scheme] else "dequantize"
     return "integer" if machine == "integer" else "dequantize"
 
 
@@ -170,7 +172,7 @@ class QuantizedWeight:
             # autograd would otherwise keep every dequantized band alive until backward: a full copy
             return QuantizedMatmul.apply(x2, self, out_fp32)
         if (not torch.is_grad_enabled() and x2.dtype in (torch.bfloat16, torch.float32)
-                and prefill_gemm(x2.shape[0]) == "integer"):
+                and prefill_gemm(x2.shape[0], self.scheme) == "integer"):
             return self._integer_matmul(x2, out_fp32)
         return self._banded_matmul(x2, out_fp32)
 
