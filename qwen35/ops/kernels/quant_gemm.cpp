@@ -68,10 +68,10 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// Weight row n's block b as 32 unsigned values u, its scale(s) s (two for q6_k's halves) and offset o.
+// Weight row n's block b as 32 unsigned values u, its scale(s) s (two for q6_k's halves) and offset o (q4_k's
+// s and o come from q4k_scales, decoded by the caller once per super-block).
 template <int KIND>
 inline void unpack_block(const uint8_t* row, const c10::Half* d, int64_t b, uint8_t* u, float* s, float& o) {
-  o = 0.f;
   if (KIND == 1) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * QB));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))));
@@ -82,14 +82,9 @@ inline void unpack_block(const uint8_t* row, const c10::Half* d, int64_t b, uint
     _mm_storeu_si128(reinterpret_cast<__m128i*>(u), _mm_and_si128(v, m4));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(u + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
     s[0] = static_cast<float>(d[b]);
-  } else if (KIND == 3) {
+  } else if (KIND == 3) {  // s and o: from q4k_scales (decoded once per super-block by the caller)
     const uint8_t* sb = row + (b / 8) * 144;
     const int j = static_cast<int>(b % 8);
-    uint8_t sm[16];
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(sm), q4k_scales_mins(sb + 4));
-    const int k = Q4K_ORDER[j];  // the order is its own inverse: sub-block j sits at position Q4K_ORDER[j]
-    s[0] = half_at(sb) * static_cast<float>(sm[k]);
-    o = half_at(sb + 2) * static_cast<float>(sm[8 + k]);
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16 + (j / 2) * 32));
     const __m256i q = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), q);
@@ -113,10 +108,23 @@ constexpr int halves(int kind) { return kind == 4 ? 2 : 1; }
 
 // Panel of PN weight rows from n0 (rows past N are zeros): U[b][g][j] 64 bytes = 16 rows x 4 values of
 // k-group g; S[b][half][PN] scales; O[b][PN] offsets (q4_k).
+// Q4_K super-block header -> the 8 sub-blocks' scales d*sc and offsets dmin*m, in sub-block order
+inline void q4k_scales(const uint8_t* sb, float* sc, float* mn) {
+  uint8_t sm[16];
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(sm), q4k_scales_mins(sb + 4));
+  const float d = half_at(sb), dmin = half_at(sb + 2);
+  for (int j = 0; j < 8; ++j) {
+    const int k = Q4K_ORDER[j];  // the order is its own inverse: sub-block j sits at position Q4K_ORDER[j]
+    sc[j] = d * static_cast<float>(sm[k]);
+    mn[j] = dmin * static_cast<float>(sm[8 + k]);
+  }
+}
+
 template <int KIND>
 void pack_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, int64_t N, int64_t nb, int64_t n0,
                 uint8_t* U, float* S, float* O) {
   alignas(64) uint32_t rows[16][8];
+  float ksc[PN][8], kmn[PN][8];  // q4_k: the panel's current super-block scales, decoded once for its 8 blocks
   const __m512i idx = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
   for (int64_t b = 0; b < nb; ++b)
     for (int j = 0; j < NR; ++j) {
@@ -124,6 +132,11 @@ void pack_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, int64_
         const int64_t n = n0 + j * 16 + r;
         float s[2] = {0.f, 0.f}, o = 0.f;
         if (n < N) {
+          if (KIND == 3) {
+            if (b % 8 == 0) q4k_scales(qs + n * row_bytes + (b / 8) * 144, ksc[j * 16 + r], kmn[j * 16 + r]);
+            s[0] = ksc[j * 16 + r][b % 8];
+            o = kmn[j * 16 + r][b % 8];
+          }
           unpack_block<KIND>(qs + n * row_bytes, d ? d + n * nb : nullptr, b, reinterpret_cast<uint8_t*>(rows[r]), s, o);
         } else {
           std::memset(rows[r], 0, sizeof(rows[r]));
