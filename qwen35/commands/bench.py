@@ -161,9 +161,16 @@ def main(args: argparse.Namespace) -> int:
     }
     if spec is not None:  # a random prompt: acceptance here says little; benchmarks/bench_speculative.py does
         result["speculative"] = spec.last.as_dict()
+    if args.quant:  # which path a prompt chunk's quantized matrices took here (quant/weight.prefill_gemm)
+        from qwen35.quant.weight import prefill_gemm
+
+        rows = min(args.prompt_tokens, args.prefill_chunk)
+        scheme = {"int8": "q8_0", "int4": "q4_k"}.get(args.quant, args.quant)  # the policy's main layout
+        result["quant_prefill_gemm"] = prefill_gemm(rows, scheme) if rows > 8 else "gemv"
     print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {'on' if model.kernels else 'off'}, "
-          f"KV cache {args.kv_cache}), "
-          f"loaded in {load_s:.2f}s")
+          f"KV cache {args.kv_cache}"
+          + (f", {args.quant} prefill {result['quant_prefill_gemm']}" if args.quant else "")
+          + f"), loaded in {load_s:.2f}s")
     print(f"{'prompt':>8}{'gen':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'bound tok/s':>13}{'efficiency':>12}"
           f"{'peak RSS MiB':>14}")
     print(f"{args.prompt_tokens:>8}{n:>6}{prefill_tok_s:>15.1f}{decode_tok_s:>14.2f}{bound:>13.2f}"
