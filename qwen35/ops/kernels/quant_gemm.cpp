@@ -161,9 +161,13 @@ void tile(const uint8_t* U, const float* S, const float* O, const Inputs& x, int
   for (int64_t b = 0; b < x.nb; ++b) {
     const uint8_t* ub = U + b * 8 * NR * 64;
     for (int hf = 0; hf < H; ++hf) {
+      // each sum starts at -C * sum(xq): the offset of u comes off exactly, with no instruction of its own
       __m512i acc[R][NR];
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_si512();
+      for (int r = 0; r < R; ++r) {
+        const int32_t* s16 = &x.s16[((m0 + r) * x.nb + b) * 2];
+        const __m512i start = _mm512_set1_epi32(-C * (H == 2 ? s16[hf] : s16[0] + s16[1]));
+        for (int j = 0; j < NR; ++j) acc[r][j] = start;
+      }
       for (int g = hf * G; g < (hf + 1) * G; ++g) {
         __m512i w[NR];
         for (int j = 0; j < NR; ++j) w[j] = _mm512_load_si512(ub + (g * NR + j) * 64);
@@ -179,10 +183,9 @@ void tile(const uint8_t* U, const float* S, const float* O, const Inputs& x, int
         const int32_t* s16 = &x.s16[i * 2];
         const int32_t xsum = H == 2 ? s16[hf] : s16[0] + s16[1];
         const __m512 dx = _mm512_set1_ps(x.d[i]);
-        const __m512i corr = _mm512_set1_epi32(C * xsum);
         for (int j = 0; j < NR; ++j) {
           const __m512 sc = _mm512_mul_ps(_mm512_load_ps(S + (b * 2 + hf) * PN + j * 16), dx);
-          f[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(C ? _mm512_sub_epi32(acc[r][j], corr) : acc[r][j]), sc, f[r][j]);
+          f[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), sc, f[r][j]);
           if (KIND == 3)  // - dmin*m * dx * sum(xq)
             f[r][j] = _mm512_fnmadd_ps(_mm512_load_ps(O + b * PN + j * 16), _mm512_set1_ps(x.d[i] * static_cast<float>(xsum)), f[r][j]);
         }
