@@ -301,8 +301,8 @@ def test_kernels_and_reference_generate_the_same_tokens(quant, gemm, monkeypatch
     assert objects and not any(w.kernels for w in objects)
     assert "gdn_layer" not in bind_kernels(slow, True, quantized=False).bound
     prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(",
-                                        "def parse(text):\n    # split text into words, drop the empty ones and "
-                                        "return them in lower case\n")]
+                                        ("def parse(text):\n    # split text into words, drop the empty ones and "
+                                         "return them in lower case\n"))]
     params = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
 
     def tokens(m):

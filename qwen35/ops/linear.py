@@ -33,8 +33,9 @@ class StackedWeight:
     differently): one weight object whose output is the concatenation of its parts'.
 
     Prefill (more rows than a GEMV takes, no autograd) where it dequantizes (quant/weight.prefill_gemm): the
-    parts are dequantized into one bf16 matrix and multiplied by one GEMM, as a plain fused matrix would be: a GEMM per part, a tiny one for the 16-row
-    gates among them, and concatenating their outputs cost the 0.8B's int4 prefill ~2% (torch.profiler)."""
+    parts are dequantized into one bf16 matrix and multiplied by one GEMM, as a plain fused matrix would be: a
+    GEMM per part, a tiny one for the 16-row gates among them, and concatenating their outputs cost the 0.8B's
+    int4 prefill ~2% (torch.profiler)."""
 
     def __init__(self, parts: list):
         self.parts = parts

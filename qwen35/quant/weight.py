@@ -3,10 +3,10 @@ calls it, the MTP head and the vocabulary projection included, without a branch 
 
 - decode (<= 8 rows): the VNNI GEMV on the packed bytes (ops/kernels/quant_kernels.cpp for q8_0 / q4_0,
   quant_k_kernels.cpp for q4_k / q6_k), read once per token and never expanded in memory;
-- prefill (more rows), as `prefill_gemm()` picks for the machine: where torch's bf16 GEMM has AMX tiles, the
-  weights are dequantized to bf16 a band of rows at a time and multiplied with it (no full-size bf16 copy ever
-  exists); elsewhere (Zen 4, Ice Lake: a vdpbf16ps GEMM) the VNNI integer GEMM on the packed weights
-  (ops/kernels/quant_gemm.cpp, 3.5-3.9x that bf16 GEMM), which computes the GEMVs' rule, inputs quantized;
+- more rows (prefill, many sequences), as `prefill_gemm()` picks for the machine and the row count: the VNNI
+  integer GEMM on the packed weights (ops/kernels/quant_gemm.cpp: the GEMVs' rule, inputs quantized; 2.3-3.4x
+  the bf16 GEMM of a CPU without AMX) or, for long chunks where torch's bf16 GEMM has AMX tiles, the weights
+  dequantized to bf16 a band of rows at a time for that GEMM (no full-size bf16 copy ever exists);
 - `rows(ids)`: dequantized rows (the embedding lookup of a tied, quantized embedding/head);
 - training on a frozen quantized base (QLoRA, train/qlora.py): when the input needs a gradient, the GEMM path
   runs as an autograd function (`QuantizedMatmul`) that saves nothing but a reference to the weight object;
@@ -46,11 +46,11 @@ _auto_gemm: list[str] = []
 def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
     """How a quantized weight in `scheme` meets `rows` (> GEMV_MAX_ROWS) input rows: "integer" (inputs quantized
     per block as the GEMVs do: GEMVs of 8 rows up to GEMV_CHUNK_MAX_ROWS, the VNNI GEMM past that) or
-    "dequantize" (bf16 bands and torch's GEMM). Where torch's GEMM has AMX tiles, integer up to
-    AMX_INTEGER_MAX_ROWS[scheme] rows and dequantize past it (measured faster there than any integer kernel here, README); integer at any size where
-    the kernels run without AMX; dequantize without the kernels. QWEN35_QUANT_GEMM=integer / dequantize forces
-    one; ONEDNN_MAX_CPU_ISA capping oneDNN below AMX counts as no AMX. A weight's kernels and its reference
-    path follow the same choice, so they compute the same thing."""
+    "dequantize" (bf16 bands and torch's GEMM). Where torch's GEMM has AMX tiles: integer up to
+    AMX_INTEGER_MAX_ROWS[scheme] rows, dequantize past it (AMX-BF16 then beats every integer kernel measured
+    here, README). Integer at any size where the kernels run without AMX; dequantize without the kernels.
+    QWEN35_QUANT_GEMM=integer / dequantize forces one; ONEDNN_MAX_CPU_ISA capping oneDNN below AMX counts as no
+    AMX. A weight's kernels and its reference path follow the same choice, so they compute the same thing."""
     if PREFILL_GEMM is not None:
         return PREFILL_GEMM
     env = os.environ.get("QWEN35_QUANT_GEMM", "").strip().lower()
@@ -149,7 +149,8 @@ class QuantizedWeight:
             if self.scheme in formats.K_KIND:
                 torch.ops.qwen35.dequant_k_bf16_out(qs.contiguous(), formats.K_KIND[self.scheme], out)
             else:
-                torch.ops.qwen35.dequant_bf16_out(qs.contiguous(), d.contiguous(), 8 if self.scheme == "q8_0" else 4, out)
+                bits = 8 if self.scheme == "q8_0" else 4
+                torch.ops.qwen35.dequant_bf16_out(qs.contiguous(), d.contiguous(), bits, out)
             return out
         w = formats.dequantize(self.scheme, qs, d, dtype)
         return w if out is None else out.copy_(w)
