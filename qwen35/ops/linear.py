@@ -43,12 +43,13 @@ class StackedWeight:
         self.dtype = parts[0].dtype
 
     def matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
-        from ..quant.weight import BAND_BYTES, GEMV_MAX_ROWS, kept, prefill_gemm
+        from ..quant.weight import BAND_BYTES, GEMV_MAX_ROWS, QuantizedWeight, kept, prefill_gemm
 
         rows = x2.shape[0]
         if (rows > GEMV_MAX_ROWS and x2.dtype == torch.bfloat16 and not torch.is_grad_enabled()
                 and self.shape.numel() * 2 <= BAND_BYTES
-                and all(prefill_gemm(rows, p.scheme) == "dequantize" for p in self.parts if hasattr(p, "scheme"))):
+                and all(prefill_gemm(rows, p.scheme) == "dequantize"
+                        for p in self.parts if isinstance(p, QuantizedWeight))):
             w = kept(self, torch.bfloat16, self._dense)
             y = F.linear(x2.contiguous(), self._dense() if w is None else w)
             return y.float() if out_fp32 else y

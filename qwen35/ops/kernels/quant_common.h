@@ -63,6 +63,13 @@ inline Block32 quantize_block32(const T* x) {
           _mm512_cvtps_epi32(clamp127(round_away(_mm512_mul_ps(v1, vi))))};
 }
 
+// The fp16 stored (unaligned) at p, as fp32: the K-quants' d and dmin sit inside each super-block's bytes
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
 constexpr int Q4K_ORDER[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // kernel position k holds input block Q4K_ORDER[k]
 
 // Q4_K's 12 bytes -> its 8 scales (bytes 0-7) and 8 mins (bytes 8-15), each in kernel block order. Scalar

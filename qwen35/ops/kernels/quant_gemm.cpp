@@ -62,12 +62,6 @@ Inputs quantize_inputs(const T* x, int64_t M, int64_t K) {
   return r;
 }
 
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
 // Weight row n's block b as 32 unsigned values u, its scale(s) s (two for q6_k's halves) and offset o (q4_k's
 // s and o come from q4k_scales, decoded by the caller once per super-block).
 template <int KIND>

@@ -37,12 +37,6 @@ using namespace qwen35_qc;
 constexpr int64_t QK = 256;  // weights per super-block
 constexpr int64_t Q4K = 144, Q6K = 210;  // bytes per super-block
 
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-}
-
 // Input rows quantized per block of 32: xq int8 [M, K], dx / sx fp32 [M, K/32] (scale, scale * sum of xq), and for
 // q6_k xc int32 [M, K/4] = -32 * (sum of each 4 consecutive xq). q4_k's rows are in kernel block order.
 struct Rows {
@@ -110,12 +104,6 @@ inline __m512 sum_acc(const __m512* a) {
   __m512 s = a[0];
   for (int i = 1; i < NACC<M>; ++i) s = _mm512_add_ps(s, a[i]);
   return s;
-}
-
-inline float half_bits_to_float(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
 }
 
 template <int M>
@@ -187,7 +175,7 @@ void q6k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& 
     for (int64_t s = 0; s < ns; ++s) {
       const uint8_t* b = w + s * Q6K;
       for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + 64 * l), _MM_HINT_T0);
-      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_bits_to_float(b + 208)),
+      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_at(b + 208)),
                                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)))));
       __m512i ch[4];
       for (int h = 0; h < 2; ++h) {
