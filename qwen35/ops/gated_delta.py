@@ -89,17 +89,20 @@ def chunk_gated_delta_rule(
     Dv = v.shape[-1]
     C = chunk_size
     pad = (-T) % C
-    # [B, H, T, D] in fp32
-    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))
-    g, beta = (x.float().transpose(1, 2) for x in (g, beta))
-    if pad:
-        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (torch.nn.functional.pad(x, (0, pad)) for x in (g, beta))
     N = (T + pad) // C
-    q, k, v = (x.reshape(B, H, N, C, -1) for x in (q, k, v))
-    g, beta = g.reshape(B, H, N, C), beta.reshape(B, H, N, C)
 
-    seg = _segment_sums(g)  # [B, H, N, C, C], log decay from j to i
+    def chunk_major(x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, *d] -> fp32 [N, B, H, C, *d] in one copy: chunk-major from the start, so the sequential
+        scan below reads contiguous blocks with no re-copy of its six operands (those copies, and a second
+        one of q, k and v, were a seventh of a 512-token prefill)."""
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        x = x.reshape(B, N, C, H, *x.shape[3:]).movedim(3, 1).movedim(2, 0)  # [N, B, H, C, *d]
+        return x.to(torch.float32, memory_format=torch.contiguous_format)
+
+    q, k, v, g, beta = (chunk_major(x) for x in (q, k, v, g, beta))
+
+    seg = _segment_sums(g)  # [N, B, H, C, C], log decay from j to i
     decay_in = seg.exp()  # lower triangle incl. diagonal (= 1), zeros above
     from_start = g.cumsum(-1)  # log decay from chunk start through i
     to_end = seg[..., -1, :]  # log decay from j (exclusive) to chunk end
@@ -119,8 +122,6 @@ def chunk_gated_delta_rule(
     k_out = k * to_end.exp()[..., None]
     carry = chunk_total.exp()[..., None, None]
 
-    # Chunk-major [N, B, H, ...] so each step of the sequential scan reads contiguous blocks.
-    u, w, attn, q_in, k_out, carry = (x.movedim(2, 0).contiguous() for x in (u, w, attn, q_in, k_out, carry))
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.float()
     out = q.new_empty(N, B, H, C, Dv)
     for n in range(N):
