@@ -99,6 +99,22 @@ def test_dequantize_kernel_equals_the_reference(scheme, K):
 
 
 @needs_kernels
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_0", "q4_k", "q6_k"])
+def test_embedding_rows_with_kernels_are_the_reference_rows(scheme):
+    """QuantizedWeight.rows (a quantized embedding's lookup, once per decode step) takes the dequantizing kernels
+    when they are bound: the same bits as the reference's rows, in the ids' shape, repeats and bf16 included;
+    other dtypes stay on the reference."""
+    w = QuantizedWeight.quantize(scheme, torch.randn(50, 512, generator=torch.Generator().manual_seed(4)))
+    ids = torch.tensor([[3, 49, 0], [3, 7, 12]])
+    ref = formats.dequantize(scheme, w.qs[ids.reshape(-1)], w.d[ids.reshape(-1)], torch.bfloat16).view(2, 3, 512)
+    w.kernels = True
+    got = w.rows(ids, torch.bfloat16)
+    assert got.shape == (2, 3, 512) and torch.equal(got, ref)
+    ref32 = formats.dequantize(scheme, w.qs[ids.reshape(-1)], w.d[ids.reshape(-1)], torch.float32).view(2, 3, 512)
+    assert torch.equal(w.rows(ids, torch.float32), ref32)
+
+
+@needs_kernels
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_dequantize_kernel_writes_into_a_row_block(scheme):
     """dequant_bf16_out: straight into rows of a larger matrix (a stacked projection's), the rows around it
