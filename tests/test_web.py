@@ -23,6 +23,7 @@ pytest.importorskip("onnxscript")
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "qwen35" / "assets" / "model"
 PROMPT = "The capital of France is"
+SECOND = "And of Italy?"
 MAX_TOKENS = 40
 
 
@@ -88,7 +89,8 @@ def test_page_answers_like_qwen35_generate(browser_driver, tmp_path):
         import browser_setup
 
         out = subprocess.run([browser_setup.node(), str(ROOT / "tests" / "browser_chat.mjs"), str(browser_driver),
-                              url, PROMPT, str(MAX_TOKENS), str(shot)], capture_output=True, text=True, check=False, timeout=600)
+                              url, PROMPT, str(MAX_TOKENS), str(shot), SECOND], capture_output=True, text=True,
+                             check=False, timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
         page = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
@@ -106,5 +108,17 @@ def test_page_answers_like_qwen35_generate(browser_driver, tmp_path):
     assert expected["text"].strip() in page["shown"]  # what the page displays
     assert page["prefillTokS"] > 0 and page["decodeTokS"] > 0
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-    print(f"browser (WASM): prefill {page['prefillTokS']:.1f} tok/s, decode {page['decodeTokS']:.1f} tok/s; "
-          f"screenshot {shot}")
+    # the second turn starts from the first turn's cache: at least its whole prompt is not prefilled again (the
+    # answer is rendered back with its empty think block), and it answers as qwen35 does on that conversation
+    second = page["second"]
+    assert second is not None and second["finish"] in ("stop", "length"), page
+    assert second["prompt"].startswith(page["prompt"] + page["text"].strip())
+    assert page["promptTokens"] <= second["reusedTokens"] < second["promptTokens"], second
+    gen2 = _cli("generate", str(BUNDLED), "--prompt", second["prompt"], "--temperature", "0", "--presence-penalty",
+                "0", "--max-tokens", str(MAX_TOKENS), "--json")
+    assert gen2.returncode == 0, gen2.stderr
+    expected2 = json.loads(gen2.stdout.strip().splitlines()[-1])
+    assert expected2["prompt_tokens"] == second["promptTokens"]
+    assert second["ids"] == expected2["token_ids"]
+    print(f"browser (WASM): prefill {page['prefillTokS']:.1f} tok/s, decode {page['decodeTokS']:.1f} tok/s; second "
+          f"turn {second['reusedTokens']} of {second['promptTokens']} prompt tokens reused; screenshot {shot}")

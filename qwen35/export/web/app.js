@@ -3,7 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const worker = new Worker('worker.js', { type: 'module' });
-const history = []; // {role, content} of finished turns (answers without their thinking)
+const history = []; // {role, content[, reasoning_content]} of finished turns (the worker renders past think blocks)
 let current = null; // the reply being streamed: {raw, opened, thinkingEl, thinkingText, answerEl}
 let readyText = 'ready';
 window.qwen35 = { results: [], ready: false, error: null };
@@ -84,8 +84,10 @@ worker.onmessage = (e) => {
   } else if (m.type === 'done') {
     current.raw = m.text;
     render();
-    history.push({ role: 'assistant', content: split(m.text, current.opened).answer.trim() });
-    $('speed').textContent = `prompt ${m.promptTokens} tokens at ${m.prefillTokS.toFixed(1)} tok/s · ` +
+    const { thinking, answer } = split(m.text, current.opened);
+    history.push({ role: 'assistant', content: answer.trim(), reasoning_content: thinking.trim() });
+    const reused = m.reusedTokens ? ` (${m.reusedTokens} reused)` : '';
+    $('speed').textContent = `prompt ${m.promptTokens} tokens${reused} at ${m.prefillTokS.toFixed(1)} tok/s · ` +
       `${m.ids.length} tokens at ${m.decodeTokS.toFixed(1)} tok/s (${m.finish})`;
     window.qwen35.results.push(m);
     setStatus(readyText);

@@ -2,11 +2,16 @@
 // It drives the export-onnx graphs exactly as model/manifest.json says: the prompt through the prefill graph
 // in chunks, then one token at a time through the decode graph, every present.X fed back as past.X.
 // Messages in: {type: 'generate', messages, thinking, maxTokens, temperature} and {type: 'stop'}.
-// Messages out: status, ready, start, delta (text), done (ids, text, speeds), error.
+// Messages out: status, ready, start, delta (text), done (ids, text, speeds, reusedTokens), error.
+// Multi-turn reuse: the cache after three prefixes of the last turn is kept (the end of its last user message,
+// of its prompt, of its answer as fed); the next turn starts from the longest one its prompt begins with and
+// prefills only the rest. Past answers are rendered with their think block (preserve_thinking), so the previous
+// prompt is a prefix of the next; a template that drops it still reuses everything up to the last user message.
 
 const PREFILL_CHUNK = 512; // tokens per prefill call: bounds the attention scores a chunk builds
 let ort, tokenizer, template, manifest, sessions, backend;
 let stopRequested = false;
+let kept = []; // {ids, cache}: the graphs' cache after exactly these tokens (run() returns fresh tensors)
 
 async function pickBackend() {
   // WebGPU only where the browser has an adapter (headless and older browsers do not): WASM otherwise
@@ -84,18 +89,42 @@ function pick(logits, temperature) {
   return best;
 }
 
+function startsWith(ids, prefix) {
+  if (prefix.length > ids.length) return false;
+  for (let i = 0; i < prefix.length; i++) if (ids[i] !== prefix[i]) return false;
+  return true;
+}
+
 async function generate({ messages, thinking, maxTokens, temperature }) {
   stopRequested = false;
-  const prompt = template.render({ messages, add_generation_prompt: true, enable_thinking: thinking });
+  const vars = { messages, enable_thinking: thinking, preserve_thinking: true };
+  const prompt = template.render({ ...vars, add_generation_prompt: true });
   const promptIds = tokenizer.encode(prompt, { add_special_tokens: false }).ids;
+  // where the generation prompt (<|im_start|>assistant...) begins: the conversation so far ends there
+  const head = tokenizer.encode(template.render({ ...vars, add_generation_prompt: false }),
+                                { add_special_tokens: false }).ids;
+  const userEnd = head.length < promptIds.length && startsWith(promptIds, head) ? head.length : 0;
   // a prompt that ends by opening <think> makes the reply start inside the reasoning
   postMessage({ type: 'start', opened: prompt.trimEnd().endsWith('<think>'), promptTokens: promptIds.length });
   const eos = new Set(manifest.eos_token_ids);
   const t0 = performance.now();
-  let cache = emptyCache();
+  // the longest kept prefix of this prompt (at least one token must be left to prefill: its logits)
+  let base = null;
+  for (const k of kept) {
+    if (k.ids.length < promptIds.length && startsWith(promptIds, k.ids) && (!base || k.ids.length > base.ids.length)) base = k;
+  }
+  const reused = base ? base.ids.length : 0;
+  let cache = base ? base.cache : emptyCache();
   let logits;
-  for (let s = 0; s < promptIds.length; s += PREFILL_CHUNK) {
-    ({ logits, cache } = await run('prefill', promptIds.slice(s, s + PREFILL_CHUNK), cache));
+  const next = []; // what this turn leaves for the next one
+  let pos = reused;
+  for (const end of [userEnd, promptIds.length]) {
+    if (end <= pos) continue;
+    for (let s = pos; s < end; s += PREFILL_CHUNK) {
+      ({ logits, cache } = await run('prefill', promptIds.slice(s, Math.min(end, s + PREFILL_CHUNK)), cache));
+    }
+    pos = end;
+    next.push({ ids: promptIds.slice(0, end), cache });
   }
   const t1 = performance.now();
   const ids = [];
@@ -116,11 +145,14 @@ async function generate({ messages, thinking, maxTokens, temperature }) {
     ({ logits, cache } = await run('decode', [tok], cache));
   }
   const t2 = performance.now();
+  // every generated token but the last was fed: the cache now holds exactly these
+  if (ids.length > 1) next.push({ ids: promptIds.concat(ids.slice(0, -1)), cache });
+  kept = next.length ? next : kept;
   const full = tokenizer.decode(ids.filter((t) => !eos.has(t)), { skip_special_tokens: false });
   if (full !== text) postMessage({ type: 'delta', text: full.slice(text.length) });
   postMessage({
-    type: 'done', ids, text: full, finish, promptTokens: promptIds.length, prompt,
-    prefillTokS: promptIds.length / ((t1 - t0) / 1000),
+    type: 'done', ids, text: full, finish, promptTokens: promptIds.length, reusedTokens: reused, prompt,
+    prefillTokS: (promptIds.length - reused) / ((t1 - t0) / 1000),
     decodeTokS: ids.length > 1 ? (ids.length - 1) / ((t2 - t1) / 1000) : 0,
   });
 }
