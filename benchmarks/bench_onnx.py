@@ -82,7 +82,8 @@ def ort_worker(path: str, threads: int) -> None:
     t1 = time.perf_counter()
     tok = int(logits[0].argmax())
     for _ in range(GEN - 1):
-        logits, cache = om.step("decode", np.array([[tok]], dtype=np.int64), cache)
+        # through the prefill graph, as OnnxModel.greedy and the page do: one session, the weights held once
+        logits, cache = om.step("prefill", np.array([[tok]], dtype=np.int64), cache)
         tok = int(logits[0].argmax())
     t2 = time.perf_counter()
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak

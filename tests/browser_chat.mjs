@@ -19,7 +19,7 @@ try {
   await page.goto(url);
   await page.waitForFunction(() => window.qwen35 && (window.qwen35.ready || window.qwen35.error), null,
                              { timeout: 120000 });
-  const loadMs = Date.now() - t0; // page, wasm, tokenizer, weights, both sessions
+  const loadMs = Date.now() - t0; // page, wasm, tokenizer, weights, the session
   const isolated = await page.evaluate(() => self.crossOriginIsolated);
   await page.click('#settings > summary'); // settings start folded
   await page.fill('#max-tokens', String(maxTokens));

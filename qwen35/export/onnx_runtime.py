@@ -11,9 +11,22 @@ import numpy as np
 from .onnx import ExportError, cache_zeros
 
 
+class _Sessions(dict):
+    """Graph name -> onnxruntime session, opened on first use: each session holds its own copy of the weights
+    (and of their prepacked forms), so a driver that runs every step through the prefill graph opens one."""
+
+    def __init__(self, open_session):
+        super().__init__()
+        self._open = open_session
+
+    def __missing__(self, name: str):
+        session = self[name] = self._open(name)
+        return session
+
+
 class OnnxModel:
-    """OnnxModel(OUT_DIR): the prefill and decode sessions of an `export-onnx` directory.
-    threads: onnxruntime intra-op threads (None: its default, one per core)."""
+    """OnnxModel(OUT_DIR): the sessions of an `export-onnx` directory (`sessions[graph]`, opened when first
+    used). threads: onnxruntime intra-op threads (None: its default, one per core)."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime as ort
@@ -26,9 +39,9 @@ class OnnxModel:
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = threads
-        self.sessions = {name: ort.InferenceSession(str(self.path / g["file"]), opts,
-                                                    providers=["CPUExecutionProvider"])
-                         for name, g in self.manifest["graphs"].items()}
+        graphs = self.manifest["graphs"]
+        self.sessions = _Sessions(lambda name: ort.InferenceSession(str(self.path / graphs[name]["file"]), opts,
+                                                                    providers=["CPUExecutionProvider"]))
         self.cache_names = [i["name"][len("past."):] for i in self.manifest["inputs"]
                             if i["name"].startswith("past.")]
 
@@ -47,9 +60,12 @@ class OnnxModel:
             logits, cache = self.step("prefill", ids[:, s : s + chunk], cache)
         return logits, cache
 
-    def greedy(self, prompt_ids: list[int], max_tokens: int, chunk: int = 512, stop: bool = True) -> list[int]:
-        """Greedy continuation of one prompt: prefill graph for the prompt, decode graph per token; stops
-        after an EOS id (included) unless stop=False."""
+    def greedy(self, prompt_ids: list[int], max_tokens: int, chunk: int = 512, stop: bool = True,
+               graph: str = "prefill") -> list[int]:
+        """Greedy continuation of one prompt: the prefill graph for the prompt, then `graph` per token; stops
+        after an EOS id (included) unless stop=False. The prefill graph takes one token as well as the decode
+        graph (which only leaves out the causal mask) and was no slower (0.8B int8: 11.7 against 10.6 tok/s,
+        the same tokens), so by default one session, holding the weights once, runs everything."""
         eos = set(self.manifest["eos_token_ids"]) if stop else set()
         logits, cache = self.prefill(np.array([prompt_ids], dtype=np.int64), chunk=chunk)
         out = []
@@ -58,5 +74,5 @@ class OnnxModel:
             out.append(tok)
             if tok in eos or len(out) == max_tokens:
                 break
-            logits, cache = self.step("decode", np.array([[tok]], dtype=np.int64), cache)
+            logits, cache = self.step(graph, np.array([[tok]], dtype=np.int64), cache)
         return out

@@ -1,6 +1,6 @@
 // The model runs here, off the page's thread, so the page stays responsive while tokens are computed.
-// It drives the export-onnx graphs exactly as model/manifest.json says: the prompt through the prefill graph
-// in chunks, then one token at a time through the decode graph, every present.X fed back as past.X.
+// It drives the export-onnx prefill graph as model/manifest.json says: the prompt in chunks, then one token at a
+// time (one session, so the weights are held once), every present.X fed back as past.X.
 // Messages in: {type: 'generate', messages, thinking, maxTokens, temperature} and {type: 'stop'}.
 // Messages out: status, ready, start, delta (text), done (ids, text, speeds, reusedTokens), error.
 // Multi-turn reuse: the cache after three prefixes of the last turn is kept (the end of its last user message,
@@ -50,11 +50,10 @@ async function load() {
     executionProviders: backend === 'webgpu' ? ['webgpu', 'wasm'] : ['wasm'],
     externalData: [{ path: manifest.external_data, data }],
   };
-  sessions = {};
-  for (const [name, graph] of Object.entries(manifest.graphs)) {
-    postMessage({ type: 'status', text: `compiling ${name} graph…` });
-    sessions[name] = await ort.InferenceSession.create('model/' + graph.file, options);
-  }
+  // the prefill graph alone: it takes one token as well as the decode graph does (which only leaves out the
+  // causal mask), and a second session would hold a second copy of the weights in the WASM heap
+  postMessage({ type: 'status', text: 'compiling the graph…' });
+  sessions = { prefill: await ort.InferenceSession.create('model/' + manifest.graphs.prefill.file, options) };
   postMessage({ type: 'ready', backend, threads: ort.env.wasm.numThreads, quant: manifest.quant || 'fp32',
                 weightsMiB: data.byteLength / 2 ** 20 });
 }
@@ -142,7 +141,7 @@ async function generate({ messages, thinking, maxTokens, temperature }) {
     if (ids.length === maxTokens) break;
     await new Promise((r) => setTimeout(r, 0)); // let a stop message in
     if (stopRequested) { finish = 'cancelled'; break; }
-    ({ logits, cache } = await run('decode', [tok], cache));
+    ({ logits, cache } = await run('prefill', [tok], cache));
   }
   const t2 = performance.now();
   // every generated token but the last was fed: the cache now holds exactly these
