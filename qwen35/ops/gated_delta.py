@@ -122,14 +122,21 @@ def chunk_gated_delta_rule(
     k_out = k * to_end.exp()[..., None]
     carry = chunk_total.exp()[..., None, None]
 
-    S = q.new_zeros(B, H, Dk, Dv) if state is None else state.float()
-    out = q.new_empty(N, B, H, C, Dv)
+    # The scan, with B and H flattened into one batch so each step's products and their additions are single
+    # baddbmm calls (sums fused into the products: a 512-token chunk's scan of 8 steps took ~17 elementwise
+    # ops more than its 5 products).
+    BH = B * H
+    u, w, attn, q_in = (x.reshape(N, BH, C, -1) for x in (u, w, attn, q_in))
+    k_out_t = k_out.reshape(N, BH, C, Dk).transpose(-1, -2)
+    carry = carry.reshape(N, BH, 1, 1)
+    S = (q.new_zeros(B, H, Dk, Dv) if state is None else state.float()).reshape(BH, Dk, Dv)
+    out = q.new_empty(N, BH, C, Dv)
     for n in range(N):
-        v_new = u[n] - w[n] @ S
-        out[n] = q_in[n] @ S + attn[n] @ v_new
-        S = S * carry[n] + k_out[n].transpose(-1, -2) @ v_new
-    out = out.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, Dv)[:, :T]
-    return out, S
+        v_new = torch.baddbmm(u[n], w[n], S, alpha=-1)  # u - w S
+        out[n] = torch.baddbmm(torch.bmm(q_in[n], S), attn[n], v_new)
+        S = torch.baddbmm(S * carry[n], k_out_t[n], v_new)
+    out = out.view(N, B, H, C, Dv).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, Dv)[:, :T]
+    return out, S.view(B, H, Dk, Dv)
 
 
 def gated_delta_rule(
