@@ -134,10 +134,14 @@ def chunk_gated_delta_rule(
     carry = carry.reshape(N, BH, 1, 1)
     S = (q.new_zeros(B, H, Dk, Dv) if state is None else state.float()).reshape(BH, Dk, Dv)
     out = q.new_empty(N, BH, C, Dv)
+    grad = torch.is_grad_enabled()
     for n in range(N):
         v_new = torch.baddbmm(u[n], w[n], S, alpha=-1)  # u - w S
-        out[n] = torch.baddbmm(torch.bmm(q_in[n], S), attn[n], v_new)
-        S = torch.baddbmm(S * carry[n], k_out_t[n], v_new)
+        if grad:  # products written into `out` (out=) are not differentiable
+            out[n] = torch.baddbmm(torch.bmm(q_in[n], S), attn[n], v_new)
+        else:
+            torch.bmm(q_in[n], S, out=out[n]).baddbmm_(attn[n], v_new)
+        S = (S * carry[n]).baddbmm_(k_out_t[n], v_new)  # in place on the fresh product: no copy of the state
     out = out.view(N, B, H, C, Dv).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, Dv)[:, :T]
     return out, S.view(B, H, Dk, Dv)
 
