@@ -134,14 +134,17 @@ def chunk_gated_delta_rule(
     carry = carry.reshape(N, BH, 1, 1)
     S = (q.new_zeros(B, H, Dk, Dv) if state is None else state.float()).reshape(BH, Dk, Dv)
     out = q.new_empty(N, BH, C, Dv)
-    grad = torch.is_grad_enabled()
+    # in place where nothing records the ops: products written into `out` (out=) are not differentiable, and
+    # autocast's bf16 products don't go into fp32 slots
+    in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(q.device.type)
     for n in range(N):
         v_new = torch.baddbmm(u[n], w[n], S, alpha=-1)  # u - w S
-        if grad:  # products written into `out` (out=) are not differentiable
-            out[n] = torch.baddbmm(torch.bmm(q_in[n], S), attn[n], v_new)
-        else:
+        if in_place:  # each step's output into its slot, the state on its fresh decayed copy: two copies spared
             torch.bmm(q_in[n], S, out=out[n]).baddbmm_(attn[n], v_new)
-        S = (S * carry[n]).baddbmm_(k_out_t[n], v_new)  # in place on the fresh product: no copy of the state
+            S = (S * carry[n]).baddbmm_(k_out_t[n], v_new)
+        else:
+            out[n] = torch.baddbmm(torch.bmm(q_in[n], S), attn[n], v_new)
+            S = torch.baddbmm(S * carry[n], k_out_t[n], v_new)
     out = out.view(N, B, H, C, Dv).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, Dv)[:, :T]
     return out, S.view(B, H, Dk, Dv)
 
