@@ -200,7 +200,9 @@ def test_greedy_64_tokens_on_the_bundled_model_equal_qwen35_generate(bundled_exp
     om = OnnxModel(bundled_export)
     expected = generate_ids(BUNDLED, PROMPT, 64)
     assert om.greedy(ids, 64, stop=False) == expected
+    assert list(om.sessions) == ["prefill"]  # every step through the prefill graph: one session, weights once
     assert om.greedy(ids, 64, stop=False, chunk=2) == expected  # the prompt in 2-token chunks
+    assert om.greedy(ids, 64, stop=False, graph="decode") == expected  # the decode graph's steps agree
     assert len(set(expected)) > 10  # a real continuation, not one token repeated
 
 
