@@ -96,6 +96,20 @@ def test_conv_silu_matches_reference(T):
 
 
 @needs_kernels
+def test_conv_silu_reads_a_column_slice_in_place():
+    """Prefill hands conv_silu the qkv columns of the fused projection's output (rows at the wider stride): the
+    same bits as on a contiguous copy; a tensor whose channels are strided is refused by name."""
+    wide = torch.randn(2, 37, 160).bfloat16()
+    x = wide[..., 16:112]  # 96 channels, rows 160 apart
+    w, state = torch.randn(96, 4).bfloat16(), torch.randn(2, 3, 96).bfloat16()
+    y, new_state = torch.ops.qwen35.conv_silu(x, w, state)
+    y_ref, state_ref = torch.ops.qwen35.conv_silu(x.contiguous(), w, state)
+    assert y.is_contiguous() and torch.equal(y, y_ref) and torch.equal(new_state, state_ref)
+    with pytest.raises(RuntimeError, match="x with contiguous channels"):
+        torch.ops.qwen35.conv_silu(torch.randn(2, 37, 192).bfloat16()[..., ::2], w, state)
+
+
+@needs_kernels
 @pytest.mark.parametrize("lengths", [[1], [70, 5], [1500, 3, 600]])
 def test_attention_decode_matches_sdpa(lengths):
     """Each row's query against its own buffer (capacities differ), over its own length."""

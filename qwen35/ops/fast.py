@@ -306,7 +306,8 @@ def _conv_silu(x, weight, state=None, tap_mask=None):
         return causal_conv1d_silu(x, weight, state, tap_mask)
     B, _, C = x.shape
     prev = state if state is not None else x.new_zeros(B, weight.shape[-1] - 1, C)
-    return torch.ops.qwen35.conv_silu(x.contiguous(), weight.contiguous(), prev.contiguous())
+    x = x if x.stride(-1) == 1 else x.contiguous()  # a column slice of the fused projection is read in place
+    return torch.ops.qwen35.conv_silu(x, weight.contiguous(), prev.contiguous())
 
 
 def _rope_rows(rope):

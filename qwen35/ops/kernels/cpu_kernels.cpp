@@ -593,10 +593,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 std::tuple<at::Tensor, at::Tensor> conv_silu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& state) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
               state.scalar_type() == at::kBFloat16, "conv_silu: bf16");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && state.is_contiguous(), "conv_silu: contiguous");
+  // x may be a column slice of a wider matrix (the qkv part of the fused input projection): rows at any
+  // stride, channels contiguous, so prefill need not copy it out first
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && w.is_contiguous() && state.is_contiguous(),
+              "conv_silu: x with contiguous channels, w and state contiguous");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), K = w.size(1), Km1 = K - 1;
+  const int64_t sb = x.stride(0), st = x.stride(1);
   TORCH_CHECK(C % 16 == 0 && K >= 2 && K <= 8 && state.size(1) == Km1 && state.size(2) == C, "conv_silu: sizes");
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = at::empty({B, T, C}, x.options());
   at::Tensor new_state = at::empty_like(state);
   const auto* xp = x.data_ptr<c10::BFloat16>();
   const auto* wp = w.data_ptr<c10::BFloat16>();
@@ -605,7 +609,7 @@ std::tuple<at::Tensor, at::Tensor> conv_silu(const at::Tensor& x, const at::Tens
   auto* np = new_state.data_ptr<c10::BFloat16>();
   // input row j of the window (j < 0: from the state)
   auto row = [&](int64_t b, int64_t t) -> const c10::BFloat16* {
-    return t >= 0 ? xp + (b * T + t) * C : sp + (b * Km1 + Km1 + t) * C;
+    return t >= 0 ? xp + b * sb + t * st : sp + (b * Km1 + Km1 + t) * C;
   };
   const int64_t nc = C / 16;
   at::parallel_for(0, B * nc, 1, [&](int64_t i0, int64_t i1) {
