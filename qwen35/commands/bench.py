@@ -162,11 +162,11 @@ def main(args: argparse.Namespace) -> int:
     if spec is not None:  # a random prompt: acceptance here says little; benchmarks/bench_speculative.py does
         result["speculative"] = spec.last.as_dict()
     if args.quant:  # which path a prompt chunk's quantized matrices took here (quant/weight.prefill_gemm)
-        from qwen35.quant.weight import prefill_gemm
+        from qwen35.quant.weight import GEMV_MAX_ROWS, prefill_gemm
 
         rows = min(args.prompt_tokens, args.prefill_chunk)
         scheme = {"int8": "q8_0", "int4": "q4_k"}.get(args.quant, args.quant)  # the policy's main layout
-        result["quant_prefill_gemm"] = prefill_gemm(rows, scheme) if rows > 8 else "gemv"
+        result["quant_prefill_gemm"] = prefill_gemm(rows, scheme) if rows > GEMV_MAX_ROWS else "gemv"
     print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {'on' if model.kernels else 'off'}, "
           f"KV cache {args.kv_cache}"
           + (f", {args.quant} prefill {result['quant_prefill_gemm']}" if args.quant else "")

@@ -18,8 +18,8 @@ else runs the per-op path, where every weight object keeps its own matmul.
 `kernel_policy` is the one rule for when binding is worth it, used by every command; QWEN35_KERNELS=1/0
 overrides it.
 
-(Past ~300 lines on purpose: the eligibility rules and the bound forms they guard are read together; a
-fast path's shape limits live next to the code that relies on them.)
+(Past ~400 lines on purpose: the eligibility rules, the bound forms they guard and the arguments bind time
+builds for them are read together; a fast path's shape limits live next to the code that relies on them.)
 """
 
 from __future__ import annotations
@@ -132,7 +132,6 @@ def unbind_kernels(model) -> None:
     model.head_runtime = None
     for m in model.modules():
         m.__dict__.pop("forward", None)
-        m.__dict__.pop("layer_weights", None)
         m.__dict__.pop("layer_args", None)
         if isinstance(m, Linear):
             m.runtime_weight = None
@@ -221,8 +220,7 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
         if isinstance(mixer, GatedDeltaNet) and _gdn_fits(mixer):
             mats = mlp and [_packed(mixer._in_proj), _packed(mixer.out_proj.weight)]
             if mats and all(mats):
-                layer.layer_weights = (*mats, *mlp)
-                layer.layer_args = _gdn_layer_args(layer)
+                layer.layer_args = _gdn_layer_args(layer, (*mats, *mlp))
                 _override(layer, _gdn_layer_decode)
                 report.add("gdn_layer")
             else:
@@ -231,8 +229,7 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
         elif isinstance(mixer, GatedAttention) and _attn_fits(mixer, model.config.rotary_dim):
             mats = mlp and mixer._qkv is not None and [_packed(mixer._qkv), _packed(mixer.o_proj.weight)]
             if mats and all(mats):
-                layer.layer_weights = (*mats, *mlp)
-                layer.layer_args = _attn_layer_args(layer)
+                layer.layer_args = _attn_layer_args(layer, (*mats, *mlp))
                 _override(layer, _attn_layer_decode)
                 report.add("attn_layer")
             else:
@@ -348,13 +345,13 @@ def _attn_decode(attn, x, state=None, ctx=None):
     return attn.output(out.view(B, attn.num_heads, 1, attn.head_dim), gate)
 
 
-def _gdn_layer_args(layer) -> tuple[tuple, tuple, tuple]:
+def _gdn_layer_args(layer, weights) -> tuple[tuple, tuple, tuple]:
     """decode_gdn_layer's arguments that stay the same from step to step, in its order around the three that
     change (the input, the conv state, the recurrent state): built once at bind time. Looked up through the
     modules each step they cost more than their count suggests: the weights stream through the caches every
     step, so each Python lookup misses them (0.8B int4: ~1 ms a token, 1.03x, in an alternating A/B)."""
     gdn = layer.linear_attn
-    (w_in, k_in), (w_out, k_out), (w_gu, k_gu), (w_down, k_down) = layer.layer_weights
+    (w_in, k_in), (w_out, k_out), (w_gu, k_gu), (w_down, k_down) = weights  # packed at bind time (_packed)
     return ((layer.input_layernorm.weight, w_in, k_in),
             (gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias),  # a view: training updates show
             (gdn.norm.weight, w_out, k_out, layer.post_attention_layernorm.weight, w_gu, k_gu, w_down, k_down,
@@ -383,11 +380,11 @@ def _scales(state, bufs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [], []
 
 
-def _attn_layer_args(layer) -> tuple[tuple, tuple]:
+def _attn_layer_args(layer, weights) -> tuple[tuple, tuple]:
     """decode_attn_layer's arguments that stay the same from step to step, before and after the ones that
     change (input, rotary rows, each row's buffers and length): built once at bind time (_gdn_layer_args)."""
     attn = layer.self_attn
-    (w_qkv, k_qkv), (w_o, k_o), (w_gu, k_gu), (w_down, k_down) = layer.layer_weights
+    (w_qkv, k_qkv), (w_o, k_o), (w_gu, k_gu), (w_down, k_down) = weights
     return ((layer.input_layernorm.weight, w_qkv, k_qkv, attn.q_norm.weight, attn.k_norm.weight),
             (w_o, k_o, layer.post_attention_layernorm.weight, w_gu, k_gu, w_down, k_down, attn.num_heads,
              layer.input_layernorm.eps))

@@ -118,10 +118,11 @@ def chunk_gated_delta_rule(
     eye = torch.eye(C, dtype=A.dtype, device=A.device).expand_as(A)
     inv = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
     u = inv @ v_beta  # new values
-    w = inv @ (k_beta * from_start.exp()[..., None])  # keys that read the incoming state
+    decay_from_start = from_start.exp()[..., None]
+    w = inv @ (k_beta * decay_from_start)  # keys that read the incoming state
 
     attn = (q @ k.transpose(-1, -2)) * decay_in  # causal intra-chunk scores, diagonal included
-    q_in = q * from_start.exp()[..., None]
+    q_in = q * decay_from_start
     k_out = k * to_end.exp()[..., None]
     carry = chunk_total.exp()[..., None, None]
 
