@@ -54,6 +54,7 @@ class Qwen35ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False  # training: recompute each layer's activations in backward
         self.head_runtime = None  # a weight object for the vocabulary projection, bound by ops/fast
+        self.decode_stack = None  # every layer's decode step in one call (ops/decode_stack.py), bound by ops/fast
         self.kernels: bool | None = None  # what ops/fast.bind_kernels last bound (None: never bound)
         self.quant: str | None = None  # the quantization policy its weights were loaded with
         self.kv_cache = "bf16"  # the KV format make_cache uses by default (kv_storage.py; load_model sets it)
@@ -190,11 +191,15 @@ class Qwen35ForCausalLM(nn.Module):
             raise InputError(f"inputs_embeds {list(inputs_embeds.shape)} do not match input_ids {list(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
         with denormals_flushed(T > 4):  # runtime.py: the decays' denormals cost a microcode assist per op
-            for i, layer in enumerate(self.model.layers):
-                if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                    x = torch.utils.checkpoint.checkpoint(layer, x, None, ctx, use_reentrant=False)
-                else:
-                    x = layer(x, None if cache is None else cache.layers[i], ctx)
+            stacked = None if self.decode_stack is None or cache is None else self.decode_stack(x, cache, ctx)
+            if stacked is not None:
+                x = stacked
+            else:
+                for i, layer in enumerate(self.model.layers):
+                    if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                        x = torch.utils.checkpoint.checkpoint(layer, x, None, ctx, use_reentrant=False)
+                    else:
+                        x = layer(x, None if cache is None else cache.layers[i], ctx)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)

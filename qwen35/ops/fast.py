@@ -130,6 +130,7 @@ def unbind_kernels(model) -> None:
     from ..ops.causal_conv import causal_conv1d_silu
 
     model.head_runtime = None
+    model.decode_stack = None
     for m in model.modules():
         m.__dict__.pop("forward", None)
         m.__dict__.pop("layer_args", None)
@@ -235,6 +236,11 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
             else:
                 _override(mixer, _attn_decode)
                 report.add("attn_step")
+    if all("layer_args" in layer.__dict__ for layer in model.model.layers):
+        from .decode_stack import DecodeStack
+
+        model.decode_stack = DecodeStack(model)  # the layer loop of a decode step in one call
+        report.add("decode_stack")
     return report
 
 
