@@ -32,8 +32,9 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def exported_replica(tmp_path_factory):
-    """(fp32 qwen35 model, checkpoint path, {quant: export dir}) for a 4-layer replica with Hv != Hk."""
-    _, path = replica.build_text(tmp_path_factory.mktemp("onnx_rep"), tie=False, seed=3, num_layers=4)
+    """(fp32 qwen35 model, checkpoint path, {quant: export dir}) for a 4-layer replica with Hv != Hk, its
+    embedding tied to the head as in the released 0.8B-4B."""
+    _, path = replica.build_text(tmp_path_factory.mktemp("onnx_rep"), tie=True, seed=3, num_layers=4)
     shutil.copy(BUNDLED / "tokenizer.json", path / "tokenizer.json")  # the export puts a tokenizer beside it
     model = load_model(path, dtype=torch.float32, kernels=False)
     assert model.config.linear_num_value_heads == 2 * model.config.linear_num_key_heads
@@ -134,7 +135,10 @@ def test_quantized_graph_is_qwen35_on_its_rounded_weights(exported_replica, quan
             continue
         assert {a.name: a.i for a in node.attribute}["bits"] == {"int8": 8, "int4": 4}[quant]
         name, w, step = _dequantize(node, inits)
-        original = onnx.numpy_helper.to_array(fp32[name]).T  # the fp32 graph holds W^T [K, N]
+        # the fp32 graph holds W^T [K, N], but the tied head as Transpose(table [N, K])
+        table = name.removesuffix("__transposed")
+        original = onnx.numpy_helper.to_array(fp32[table])
+        original = original if table != name else original.T
         # round to nearest (fp16 scales: 1e-3), except that the scale maps the block's signed extreme to
         # -2^(bits-1), so a block holding +max too clamps it to 2^(bits-1)-1: one step off (as in q4_0 / q8_0)
         err, top = np.abs(w - original) / np.abs(step), 2 ** ({"int8": 8, "int4": 4}[quant] - 1) - 1
@@ -143,10 +147,14 @@ def test_quantized_graph_is_qwen35_on_its_rounded_weights(exported_replica, quan
         param = params[np.ascontiguousarray(original.T).tobytes()]
         rounded.get_parameter(param).data.copy_(torch.from_numpy(w))
         swapped.add(param)
-    # every matrix but the Gated DeltaNet gate projections (Hv columns, kept fp32) and the embedding lookup
-    expected = {n for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
-                and "in_proj_a" not in n and "in_proj_b" not in n}
-    assert swapped == expected
+    # every matrix but the Gated DeltaNet gate projections (Hv columns, kept fp32), the tied head among them;
+    # the embedding lookup reads the head's blocks (so `rounded`, tied, rounds both) and no fp32 table is left
+    expected = {n for n, p in model.named_parameters() if p.dim() == 2 and "in_proj_a" not in n
+                and "in_proj_b" not in n}
+    assert swapped == expected and "model.embed_tokens.weight" in swapped
+    V, H = model.config.vocab_size, model.config.hidden_size
+    assert not any(list(t.dims) in ([V, H], [H, V]) for t in qgraph.initializer)
+    assert {"BitwiseAnd", "BitShift"} <= {n.op_type for n in qgraph.node} or quant == "int8"
     om = OnnxModel(dirs[f"{quant}-exact"])
     ids = torch.randint(0, model.config.vocab_size, (1, 90), generator=torch.Generator().manual_seed(2))
     got, cache = om.prefill(ids.numpy(), chunk=64)

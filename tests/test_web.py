@@ -66,6 +66,29 @@ def browser_driver(pytestconfig):
                                       browser_setup.start_install())
 
 
+def _chat_in_browser(site: Path, browser_driver, shot: Path, *second: str) -> dict:
+    """Serve `site` (`qwen35 web --serve`), chat on it in headless Chromium (PROMPT, then `second` if given)
+    and return what tests/browser_chat.mjs reports."""
+    server = subprocess.Popen([sys.executable, "-m", "qwen35", "web", str(site / "model"), str(site), "--serve",
+                               "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = server.stdout.readline()
+            assert line, "qwen35 web --serve exited before printing its URL"
+        url = line.split(" at ")[1].split()[0]
+        import browser_setup
+
+        out = subprocess.run([browser_setup.node(), str(ROOT / "tests" / "browser_chat.mjs"), str(browser_driver),
+                              url, PROMPT, str(MAX_TOKENS), str(shot), *second], capture_output=True, text=True,
+                             check=False, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        server.terminate()
+        server.wait()
+
+
 @pytest.mark.browser
 def test_page_answers_like_qwen35_generate(browser_driver, tmp_path):
     site = tmp_path / "site"
@@ -77,25 +100,8 @@ def test_page_answers_like_qwen35_generate(browser_driver, tmp_path):
         assert (site / f).is_file(), f
     for f in ("index.html", "app.js", "worker.js"):  # nothing the page loads comes from another origin
         assert "://" not in (site / f).read_text(), f
-    server = subprocess.Popen([sys.executable, "-m", "qwen35", "web", str(site / "model"), str(site), "--serve",
-                               "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        line = ""
-        while "serving" not in line:
-            line = server.stdout.readline()
-            assert line, "qwen35 web --serve exited before printing its URL"
-        url = line.split(" at ")[1].split()[0]
-        shot = tmp_path / "chat.png"
-        import browser_setup
-
-        out = subprocess.run([browser_setup.node(), str(ROOT / "tests" / "browser_chat.mjs"), str(browser_driver),
-                              url, PROMPT, str(MAX_TOKENS), str(shot), SECOND], capture_output=True, text=True,
-                             check=False, timeout=900)
-        assert out.returncode == 0, out.stderr[-3000:]
-        page = json.loads(out.stdout.strip().splitlines()[-1])
-    finally:
-        server.terminate()
-        server.wait()
+    shot = tmp_path / "chat.png"
+    page = _chat_in_browser(site, browser_driver, shot, SECOND)
     assert page["error"] is None, page
     assert page["crossOriginIsolated"] is True and page["backend"] == "wasm"
     gen = _cli("generate", str(BUNDLED), "--chat", "--no-think", "--prompt", PROMPT, "--temperature", "0",
@@ -122,3 +128,22 @@ def test_page_answers_like_qwen35_generate(browser_driver, tmp_path):
     assert second["ids"] == expected2["token_ids"]
     print(f"browser (WASM): prefill {page['prefillTokS']:.1f} tok/s, decode {page['decodeTokS']:.1f} tok/s; second "
           f"turn {second['reusedTokens']} of {second['promptTokens']} prompt tokens reused; screenshot {shot}")
+
+
+@pytest.mark.browser
+def test_page_runs_a_4bit_export_as_onnxruntime_does(browser_driver, tmp_path):
+    """A quantized export in the page: MatMulNBits, and the tied embedding read from the head's 4-bit blocks
+    (export/onnx.py: Gather, BitwiseAnd, BitShift in onnxruntime-web's WASM build) give the tokens onnxruntime's
+    CPU provider gives on the same graphs."""
+    from tokenizers import Tokenizer
+
+    from qwen35.export.onnx_runtime import OnnxModel
+
+    site = tmp_path / "site"
+    r = _cli("web", str(BUNDLED), str(site), "--quant", "int4")
+    assert r.returncode == 0, r.stderr
+    page = _chat_in_browser(site, browser_driver, tmp_path / "chat.png")
+    assert page["error"] is None and page["backend"] == "wasm", page
+    ids = Tokenizer.from_file(str(site / "model" / "tokenizer.json")).encode(page["prompt"], add_special_tokens=False).ids
+    assert len(ids) == page["promptTokens"]
+    assert page["ids"] == OnnxModel(site / "model").greedy(ids, MAX_TOKENS)

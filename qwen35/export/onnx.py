@@ -91,7 +91,8 @@ def export_model(model, targets: list[tuple[Path, str | None, int | None]], toke
             proto = _export_graph(GraphModel(model, decode=decode, head_matmul=head_matmul).eval(), opset)
             for i, ((_, quant, level), writer) in enumerate(zip(targets, writers)):
                 if quant is not None:
-                    writer.write(name, quantize(proto, QUANT_BITS[quant], config.linear_num_value_heads, level))
+                    writer.write(name, quantize(proto, QUANT_BITS[quant], config.linear_num_value_heads, level,
+                                                tied=config.tie_word_embeddings))
                 else:  # the writer empties the weights it moves out: the last target may have the original
                     writer.write(name, proto if i == len(targets) - 1 else _copy(proto))
             del proto
@@ -146,13 +147,14 @@ def _export_graph(graph: GraphModel, opset: int):
     return proto
 
 
-def quantize(proto, bits: int, gate_columns: int, accuracy_level: int | None = None):
+def quantize(proto, bits: int, gate_columns: int, accuracy_level: int | None = None, tied: bool = False):
     """Every MatMul with a constant weight becomes MatMulNBits (symmetric, blocks of 32), except the Gated
     DeltaNet gate projections in_proj_a / in_proj_b: Hv columns each, so tiny, and the decay they feed
     compounds error along the whole sequence (qwen35's own policies keep them at 8 bits or more). They are
     found by their width, `gate_columns` = Hv: the exporter renames the transposed weights (val_N), and no
     other projection is that narrow. accuracy_level: MatMulNBits' (default ACCURACY_LEVEL; 0 keeps fp32
-    activations, exact but slow)."""
+    activations, exact but slow). tied: the embedding table is the head's matrix, so the lookup then reads
+    the head's quantized blocks (`_embedding_from_head`) and the fp32 table leaves the graph."""
     # Importing the quantizer calls logging.basicConfig(level=INFO): every library's INFO lines (a line per
     # node from the quantizer itself) would reach the user's terminal. Undo that side effect.
     root = logging.getLogger()
@@ -160,15 +162,105 @@ def quantize(proto, bits: int, gate_columns: int, accuracy_level: int | None = N
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     root.handlers[:], root.level = handlers, level
+    proto = _copy(proto)
+    if tied:
+        _constant_head(proto)
     widths = {t.name: t.dims[-1] for t in proto.graph.initializer if len(t.dims) == 2}
     keep = {n.name for n in proto.graph.node if n.op_type == "MatMul" and widths.get(n.input[1]) == gate_columns}
-    q = MatMulNBitsQuantizer(_copy(proto), bits=bits, block_size=32, is_symmetric=True, nodes_to_exclude=sorted(keep),
+    q = MatMulNBitsQuantizer(proto, bits=bits, block_size=32, is_symmetric=True, nodes_to_exclude=sorted(keep),
                              op_types_to_quantize=("MatMul",),
                              accuracy_level=ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
     q.process()
     out = q.model.model
     out.ir_version = min(out.ir_version, IR_VERSION)
+    if tied:
+        _embedding_from_head(out, bits)
     return out
+
+
+def _constant_head(proto) -> None:
+    """A tied model's head reaches the exporter as MatMul(h, Transpose(embedding table)): the table also feeds
+    the lookup, so the transpose is not folded, and a MatMul whose weight is computed is one the quantizer
+    skips (the 0.8B's int8 export had kept its 248,320 x 1024 head in fp32, read whole every token). Give that
+    MatMul the transposed table as a constant of its own, which the quantizer then rewrites."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    made = {o: n for n in g.node for o in n.output}
+    for node in [n for n in g.node if n.op_type == "MatMul"]:
+        t = made.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits or len(inits[t.input[0]].dims) != 2:
+            continue
+        perm = {a.name: helper.get_attribute_value(a) for a in t.attribute}.get("perm", [1, 0])
+        table = numpy_helper.to_array(inits[t.input[0]])
+        name = f"{t.input[0]}__transposed"
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.transpose(perm)), name))
+        node.input[1] = name
+        if not any(t.output[0] in n.input for n in g.node):
+            g.node.remove(t)
+
+
+def _embedding_from_head(proto, bits: int) -> None:
+    """A tied model's embedding lookup rewritten to read the head's MatMulNBits blocks: Gather the token's
+    rows of blocks and of scales, unpack (4 bits: low nibble first), subtract the zero point 2^(bits-1),
+    scale. The token's embedding is then exactly the head's dequantized row, as in qwen35's own quantized
+    models, where one quantized matrix serves both; the fp32 table (V x H x 4 bytes: 970 MiB of a 0.8B
+    export's 1508) is dropped. Plain ONNX ops (Gather, BitwiseAnd, BitShift, Cast, Sub, Mul, Reshape), which
+    onnxruntime-web's WASM build runs. Left as is where the graph has no such lookup or head."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    gathers = [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    if len(gathers) != 1:
+        return
+    gather = gathers[0]
+    V, H = inits[gather.input[0]].dims
+    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+    heads = [n for n in g.node if n.op_type == "MatMulNBits" and attrs(n)["N"] == V and attrs(n)["K"] == H
+             and attrs(n)["block_size"] == 32 and len(n.input) == 3 and H % 32 == 0]
+    if len(heads) != 1:
+        return
+    head = heads[0]
+    blocks, scales, ids, out = head.input[1], head.input[2], gather.input[1], gather.output[0]
+    nb = H // 32
+    p = f"{out}__from_head_"
+
+    def const(name, value):
+        g.initializer.append(numpy_helper.from_array(np.asarray(value, np.int64), p + name))
+        return p + name
+
+    nodes = [helper.make_node("Gather", [blocks, ids], [p + "q"], axis=0)]  # [B, T, nb, 32 or 16] uint8
+    q = p + "q"
+    if bits == 4:
+        g.initializer.append(numpy_helper.from_array(np.array(15, np.uint8), p + "mask"))
+        g.initializer.append(numpy_helper.from_array(np.array(4, np.uint8), p + "four"))
+        nodes += [helper.make_node("BitwiseAnd", [q, p + "mask"], [p + "lo"]),
+                  helper.make_node("BitShift", [q, p + "four"], [p + "hi"], direction="RIGHT"),
+                  helper.make_node("Unsqueeze", [p + "lo", const("last", [-1])], [p + "lo1"]),
+                  helper.make_node("Unsqueeze", [p + "hi", p + "last"], [p + "hi1"]),
+                  helper.make_node("Concat", [p + "lo1", p + "hi1"], [p + "pairs"], axis=-1),
+                  helper.make_node("Reshape", [p + "pairs", const("blocks", [0, 0, nb, 32])], [p + "q32"])]
+        q = p + "q32"
+    zero = np.array(2 ** (bits - 1), np.float32)
+    g.initializer.append(numpy_helper.from_array(zero, p + "zero"))
+    if p + "last" not in {t.name for t in g.initializer}:
+        const("last", [-1])
+    nodes += [helper.make_node("Cast", [q], [p + "qf"], to=TensorProto.FLOAT),
+              helper.make_node("Sub", [p + "qf", p + "zero"], [p + "centred"]),
+              helper.make_node("Gather", [scales, ids], [p + "s"], axis=0),  # [B, T, nb]
+              helper.make_node("Cast", [p + "s"], [p + "sf"], to=TensorProto.FLOAT),
+              helper.make_node("Unsqueeze", [p + "sf", p + "last"], [p + "s1"]),
+              helper.make_node("Mul", [p + "centred", p + "s1"], [p + "rows"]),
+              helper.make_node("Reshape", [p + "rows", const("hidden", [0, 0, H])], [out])]
+    at = list(g.node).index(gather)
+    g.node.remove(gather)
+    for i, n in enumerate(nodes):
+        g.node.insert(at + i, n)
+    table = gather.input[0]
+    if not any(table in n.input for n in g.node):
+        g.initializer.remove(inits[table])
 
 
 class GraphWriter:
