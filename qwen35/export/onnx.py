@@ -90,11 +90,12 @@ def export_model(model, targets: list[tuple[Path, str | None, int | None]], toke
         for name, decode in (("prefill", False), ("decode", True)):
             proto = _export_graph(GraphModel(model, decode=decode, head_matmul=head_matmul).eval(), opset)
             for i, ((_, quant, level), writer) in enumerate(zip(targets, writers)):
+                last = i == len(targets) - 1  # the last target takes the proto itself: one copy less at the peak
                 if quant is not None:
-                    writer.write(name, quantize(proto, QUANT_BITS[quant], config.linear_num_value_heads, level,
-                                                tied=config.tie_word_embeddings))
+                    writer.write(name, quantize(proto if last else _copy(proto), QUANT_BITS[quant],
+                                                config.linear_num_value_heads, level, tied=config.tie_word_embeddings))
                 else:  # the writer empties the weights it moves out: the last target may have the original
-                    writer.write(name, proto if i == len(targets) - 1 else _copy(proto))
+                    writer.write(name, proto if last else _copy(proto))
             del proto
     finally:
         for w in writers:
@@ -154,7 +155,8 @@ def quantize(proto, bits: int, gate_columns: int, accuracy_level: int | None = N
     found by their width, `gate_columns` = Hv: the exporter renames the transposed weights (val_N), and no
     other projection is that narrow. accuracy_level: MatMulNBits' (default ACCURACY_LEVEL; 0 keeps fp32
     activations, exact but slow). tied: the embedding table is the head's matrix, so the lookup then reads
-    the head's quantized blocks (`_embedding_from_head`) and the fp32 table leaves the graph."""
+    the head's quantized blocks (`_embedding_from_head`) and the fp32 table leaves the graph. Rewrites `proto`
+    (pass a copy to keep it)."""
     # Importing the quantizer calls logging.basicConfig(level=INFO): every library's INFO lines (a line per
     # node from the quantizer itself) would reach the user's terminal. Undo that side effect.
     root = logging.getLogger()
@@ -162,7 +164,6 @@ def quantize(proto, bits: int, gate_columns: int, accuracy_level: int | None = N
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     root.handlers[:], root.level = handlers, level
-    proto = _copy(proto)
     if tied:
         _constant_head(proto)
     widths = {t.name: t.dims[-1] for t in proto.graph.initializer if len(t.dims) == 2}
