@@ -13,7 +13,9 @@ another row's KV, so a join costs the same whether the other rows hold 10 tokens
 each row over its own length. Only the Gated DeltaNet states (constant size per row) are concatenated.
 
 Snapshots (`snapshot()` / `restore()`) return a cache to an exact token position in O(1): Gated DeltaNet
-state by reference (layers replace those tensors, never write into them; a test checks it), KV by length.
+state by reference, KV by length. A layer writes a new state tensor whenever anything else refers to the old
+one (a snapshot, kept steps, a caller's variable, a view: tested); only a recurrent state that nothing but its
+DeltaNetState holds is updated in place by a decode step (ops/fast.exclusive, 1.03x a token).
 A snapshot, like a row, *holds* the first `length` tokens of each buffer it references; a write into a
 buffer below what any other holder holds first copies the buffer (copy-on-write), so no snapshot or
 other row ever sees its tokens overwritten, and a row rolled back onto its own snapshot writes in place.
@@ -135,7 +137,8 @@ class KVCache:
 
 class DeltaNetState:
     """conv [B, K-1, conv_dim] (model dtype) and recurrent [B, Hv, Dk, Dv] (fp32) of one Gated DeltaNet
-    layer. Layers assign new tensors here and never write into the old ones (snapshots rely on it)."""
+    layer. Layers assign new tensors here; the one exception, a decode step updating `recurrent` in place, is
+    taken only while nothing else refers to that tensor (ops/fast.exclusive), so snapshots stay as taken."""
 
     def __init__(self, conv: torch.Tensor, recurrent: torch.Tensor):
         self.conv, self.recurrent = conv, recurrent

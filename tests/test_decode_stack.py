@@ -106,4 +106,35 @@ def test_decode_stack_names_a_state_count_mismatch(tiny_dir):
     bind_kernels(model, True)
     x = torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="one conv and one recurrent state per Gated DeltaNet layer"):
-        torch.ops.qwen35.decode_stack(model.decode_stack.plan, x, [], [], x, x, [], [], [], [], [0])
+        torch.ops.qwen35.decode_stack(model.decode_stack.plan, x, [], [], x, x, [], [], [], [], [0], [])
+
+
+@needs_kernels
+@pytest.mark.parametrize("stacked", [True, False])
+def test_recurrent_state_is_updated_in_place_only_when_nothing_else_holds_it(tiny_dir, stacked):
+    """A decode step writes the new recurrent state over the old one (ops/fast.exclusive) unless a snapshot,
+    a caller's reference or a view of its memory holds it: those keep the values they had."""
+    model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="int4", kernels=False)
+    bind_kernels(model, True)
+    if not stacked:
+        model.decode_stack = None
+    cache = model.make_cache()
+    step = torch.tensor([[7]])
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]), cache=cache)
+        model(step, cache=cache)
+        states = [layer for layer in cache.layers if hasattr(layer, "recurrent")]
+        ptrs = [s.recurrent.data_ptr() for s in states]
+        model(step, cache=cache)
+        assert [s.recurrent.data_ptr() for s in states] == ptrs  # nothing else held them: in place
+        snap = cache.snapshot()
+        held = states[1].recurrent
+        view = states[2].recurrent[0]
+        before = [t.clone() for t in (*(r for _, r in snap.deltanet), held, view)]
+        model(step, cache=cache)
+        after = [*(r for _, r in snap.deltanet), held, view]
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+        assert all(s.recurrent.data_ptr() != p for s, p in zip(states, ptrs))
+        del snap, held
+        model(step, cache=cache)  # states[2]'s view is still alive: its memory stays as it was
+        assert torch.equal(view, before[-1])

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .fast import _layer_decoding, _rope_rows, _scales
+from .fast import _layer_decoding, _rope_rows, _scales, exclusive
 
 
 class DecodeStack:
@@ -52,6 +52,7 @@ class DecodeStack:
             return None
         B, T, H = x.shape
         gdn = [states[i] for i in self.gdn]
+        in_place = [T == 1 and exclusive(s) for s in gdn]
         k_buf, v_buf, k_scale, v_scale = [], [], [], []
         for i in self.attn:
             bufs = states[i].buffers(T)
@@ -64,7 +65,7 @@ class DecodeStack:
         out, convs, recs = torch.ops.qwen35.decode_stack.default(
             self.plan, x.reshape(B * T, H).contiguous(), [s.conv.contiguous() for s in gdn],
             [s.recurrent.contiguous() for s in gdn], cos, sin, k_buf, v_buf, k_scale, v_scale,
-            [r.length for r in cache.rows])
+            [r.length for r in cache.rows], in_place)
         for j, s in enumerate(gdn):
             s.conv, s.recurrent = convs[(j + 1) * T - 1], recs[(j + 1) * T - 1]
             if s.keep_steps:

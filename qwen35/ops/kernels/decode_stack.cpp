@@ -9,6 +9,7 @@
 // Gated DeltaNet states, the attention rows' buffers and lengths) and runs the same layer functions in the
 // same order, so its results are those of the per-layer calls bit for bit (tested).
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -22,7 +23,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gdn(
     const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
     const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
     at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
-    double eps);
+    double eps, bool in_place);
 at::Tensor attn(const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv,
                 const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin,
                 at::TensorList k_buf, at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale,
@@ -95,12 +96,15 @@ struct DecodePlan : torch::CustomClassHolder {
 
 // x [B*T, H] through every layer. conv / rec: each Gated DeltaNet layer's states, in layer order. k_buf, v_buf
 // (and k_scale, v_scale for a q8_0 cache, else empty): B per attention layer, layer-major; pos: each row's
-// length. Returns (x', conv states, recurrent states), the states T per Gated DeltaNet layer (after each token).
+// length; in_place: per Gated DeltaNet layer, whether its recurrent state may be updated in place (nothing else
+// holds it: decode_stack.py). Returns (x', conv states, recurrent states), the states T per Gated DeltaNet layer
+// (after each token).
 std::tuple<at::Tensor, Tensors, Tensors> decode_stack(const c10::intrusive_ptr<DecodePlan>& plan, const at::Tensor& x,
                                                       at::TensorList conv, at::TensorList rec, const at::Tensor& cos,
                                                       const at::Tensor& sin, at::TensorList k_buf,
                                                       at::TensorList v_buf, at::TensorList k_scale,
-                                                      at::TensorList v_scale, at::IntArrayRef pos) {
+                                                      at::TensorList v_scale, at::IntArrayRef pos,
+                                                      const c10::List<bool>& in_place) {
   const int64_t G = static_cast<int64_t>(plan->gdn.size()), A = static_cast<int64_t>(plan->attn.size());
   const int64_t B = static_cast<int64_t>(pos.size());
   TORCH_CHECK(static_cast<int64_t>(conv.size()) == G && static_cast<int64_t>(rec.size()) == G,
@@ -108,6 +112,7 @@ std::tuple<at::Tensor, Tensors, Tensors> decode_stack(const c10::intrusive_ptr<D
               " and ", rec.size());
   TORCH_CHECK(static_cast<int64_t>(k_buf.size()) == A * B && static_cast<int64_t>(v_buf.size()) == A * B,
               "decode_stack: ", B, " key and value buffers per attention layer (", A, "), got ", k_buf.size());
+  TORCH_CHECK(static_cast<int64_t>(in_place.size()) == G, "decode_stack: one in_place flag per Gated DeltaNet layer");
   TORCH_CHECK(k_scale.empty() || (static_cast<int64_t>(k_scale.size()) == A * B &&
                                   static_cast<int64_t>(v_scale.size()) == A * B),
               "decode_stack: a q8_0 cache has one scale buffer per key and value buffer");
@@ -119,7 +124,7 @@ std::tuple<at::Tensor, Tensors, Tensors> decode_stack(const c10::intrusive_ptr<D
       const GdnArgs& l = plan->gdn[g];
       auto [out, c, r] = qwen35_layers::gdn(h, l.ln1, l.w_in, l.k_in, conv[g], l.conv_w, l.A_log, l.dt_bias, rec[g],
                                             l.norm_w, l.w_out, l.k_out, l.ln2, l.w_gate_up, l.k_gate_up, l.w_down,
-                                            l.k_down, l.Hk, l.eps);
+                                            l.k_down, l.Hk, l.eps, in_place.get(g));
       h = out;
       convs.insert(convs.end(), c.begin(), c.end());
       recs.insert(recs.end(), r.begin(), r.end());
@@ -146,7 +151,7 @@ TORCH_LIBRARY_FRAGMENT(qwen35, m) {
       .def("layers", &DecodePlan::layers);
   m.def("decode_stack(__torch__.torch.classes.qwen35.DecodePlan plan, Tensor x, Tensor[] conv, Tensor[] rec, "
         "Tensor cos, Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, Tensor(c!)[] k_scale, Tensor(d!)[] v_scale, "
-        "int[] pos) -> (Tensor, Tensor[], Tensor[])");
+        "int[] pos, bool[] in_place) -> (Tensor, Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(qwen35, CPU, m) { m.impl("decode_stack", &decode_stack); }
