@@ -129,3 +129,24 @@ def test_logprobs(model):
 def test_invalid_params_name_the_parameter(kw, name):
     with pytest.raises(SamplingError, match=rf"^{name}="):
         SamplingParams(**kw)
+
+
+def test_segmented_argmax_is_torch_argmax():
+    """sampling.argmax (the largest of 8 segments' maxima) picks torch's index: the first maximum, NaN first."""
+    from qwen35.sampling import argmax
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        V = (248320, 4096, 4100, 100)[trial % 4]
+        x = torch.randint(-3, 3, (3, V), generator=gen).float()  # many ties
+        if trial % 5 == 0:
+            x[0, torch.randint(0, V, (1,), generator=gen)] = float("nan")
+        if trial % 7 == 0:
+            x[1, torch.randint(0, V, (2,), generator=gen)] = float("nan")
+        if trial % 11 == 0:
+            x[2] = float("-inf")
+        if trial % 13 == 0:
+            x[2, 5] = x[2, V - 3] = float("inf")
+        assert torch.equal(argmax(x), x.argmax(-1)), trial
+    rows = torch.randn(4, 3, 248320, generator=gen)[:, -1]  # a strided view, as logits[:, -1] gives
+    assert torch.equal(argmax(rows), rows.argmax(-1))
