@@ -331,9 +331,8 @@ def _draw(stream: Stream, head: DraftHead, logits: torch.Tensor, pending: list[i
     target gets (the earlier drafts counted as generated); sampling, a draw from q = the processed draft
     distribution, returned for the acceptance rule."""
     sampler, p = stream.sampler, stream.params
-    plain = sampler.bias is None and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
     if p.greedy:
-        if plain:
+        if sampler.plain:
             return head.token(int(logits.argmax(-1))), None
         return int(sampler.process(head.full(logits), pending).argmax(-1)), None
     q = sampler.distribution(head.full(logits), pending)[0]

@@ -218,7 +218,7 @@ def _embedding_from_head(proto, bits: int) -> None:
         return
     gather = gathers[0]
     V, H = inits[gather.input[0]].dims
-    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+    attrs = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}
     heads = [n for n in g.node if n.op_type == "MatMulNBits" and attrs(n)["N"] == V and attrs(n)["K"] == H
              and attrs(n)["block_size"] == 32 and len(n.input) == 3 and H % 32 == 0]
     if len(heads) != 1:
@@ -232,6 +232,7 @@ def _embedding_from_head(proto, bits: int) -> None:
         g.initializer.append(numpy_helper.from_array(np.asarray(value, np.int64), p + name))
         return p + name
 
+    last = const("last", [-1])
     nodes = [helper.make_node("Gather", [blocks, ids], [p + "q"], axis=0)]  # [B, T, nb, 32 or 16] uint8
     q = p + "q"
     if bits == 4:
@@ -239,20 +240,18 @@ def _embedding_from_head(proto, bits: int) -> None:
         g.initializer.append(numpy_helper.from_array(np.array(4, np.uint8), p + "four"))
         nodes += [helper.make_node("BitwiseAnd", [q, p + "mask"], [p + "lo"]),
                   helper.make_node("BitShift", [q, p + "four"], [p + "hi"], direction="RIGHT"),
-                  helper.make_node("Unsqueeze", [p + "lo", const("last", [-1])], [p + "lo1"]),
-                  helper.make_node("Unsqueeze", [p + "hi", p + "last"], [p + "hi1"]),
+                  helper.make_node("Unsqueeze", [p + "lo", last], [p + "lo1"]),
+                  helper.make_node("Unsqueeze", [p + "hi", last], [p + "hi1"]),
                   helper.make_node("Concat", [p + "lo1", p + "hi1"], [p + "pairs"], axis=-1),
                   helper.make_node("Reshape", [p + "pairs", const("blocks", [0, 0, nb, 32])], [p + "q32"])]
         q = p + "q32"
     zero = np.array(2 ** (bits - 1), np.float32)
     g.initializer.append(numpy_helper.from_array(zero, p + "zero"))
-    if p + "last" not in {t.name for t in g.initializer}:
-        const("last", [-1])
     nodes += [helper.make_node("Cast", [q], [p + "qf"], to=TensorProto.FLOAT),
               helper.make_node("Sub", [p + "qf", p + "zero"], [p + "centred"]),
               helper.make_node("Gather", [scales, ids], [p + "s"], axis=0),  # [B, T, nb]
               helper.make_node("Cast", [p + "s"], [p + "sf"], to=TensorProto.FLOAT),
-              helper.make_node("Unsqueeze", [p + "sf", p + "last"], [p + "s1"]),
+              helper.make_node("Unsqueeze", [p + "sf", last], [p + "s1"]),
               helper.make_node("Mul", [p + "centred", p + "s1"], [p + "rows"]),
               helper.make_node("Reshape", [p + "rows", const("hidden", [0, 0, H])], [out])]
     at = list(g.node).index(gather)

@@ -718,6 +718,12 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& ln, const Matrix&
   return add_bf16(x, matmul(a, w_down));
 }
 
+}  // namespace
+
+// The two whole-layer decode steps, named outside this file's anonymous namespace so decode_stack.cpp (which
+// runs a model's layers in one call) calls them directly.
+namespace qwen35_layers {
+
 // Gated DeltaNet layer: x [B*T, H] bf16, T tokens per row in row order (b, t) -> (x', conv states, recurrent
 // states after each of the T tokens). T > 1 is a speculative verify pass (or a short prompt): the matrices are
 // read once for all B*T rows, the recurrence steps token by token through the same gdn_decode as T = 1, so
@@ -874,6 +880,9 @@ at::Tensor decode_attn_layer(
   return mlp_residual(x1, ln2, {w_gate_up, k_gate_up}, {w_down, k_down}, eps);
 }
 
+}  // namespace qwen35_layers
+namespace {
+
 bool cpu_supported() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"); }
 
 // Flush-to-zero and denormals-are-zero (MXCSR bits 15 and 6) on the calling thread and on every thread of
@@ -916,28 +925,6 @@ int64_t parallel_threads() {
 
 }  // namespace
 
-// The two whole-layer decode steps, for decode_stack.cpp (which runs a model's layers in one call).
-namespace qwen35_layers {
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gdn(
-    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in, const at::Tensor& conv_state,
-    const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
-    const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
-    at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
-    double eps, bool in_place) {
-  return decode_gdn_layer(x, ln1, w_in, k_in, conv_state, conv_w, A_log, dt_bias, state, norm_w, w_out, k_out, ln2,
-                          w_gate_up, k_gate_up, w_down, k_down, Hk, eps, in_place);
-}
-at::Tensor attn(const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv,
-                const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin,
-                at::TensorList k_buf, at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale,
-                at::IntArrayRef pos, at::TensorList w_o, at::IntArrayRef k_o, const at::Tensor& ln2,
-                at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down,
-                int64_t Hq, double eps) {
-  return decode_attn_layer(x, ln1, w_qkv, k_qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, k_scale, v_scale, pos, w_o,
-                           k_o, ln2, w_gate_up, k_gate_up, w_down, k_down, Hq, eps);
-}
-}  // namespace qwen35_layers
-
 TORCH_LIBRARY(qwen35, m) {
   m.def("gemv_bf16(Tensor x, Tensor w, bool out_fp32) -> Tensor");
   m.def("cpu_supported() -> bool");
@@ -972,8 +959,8 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
   m.impl("attn_decode", &attn_decode);
   m.impl("attn_decode_q8", &attn_decode_q8);
   m.impl("conv_silu", &conv_silu);
-  m.impl("decode_gdn_layer", &decode_gdn_layer);
-  m.impl("decode_attn_layer", &decode_attn_layer);
+  m.impl("decode_gdn_layer", &qwen35_layers::decode_gdn_layer);
+  m.impl("decode_attn_layer", &qwen35_layers::decode_attn_layer);
 }
 TORCH_LIBRARY_IMPL(qwen35, CompositeExplicitAutograd, m) {
   m.impl("cpu_supported", &cpu_supported);

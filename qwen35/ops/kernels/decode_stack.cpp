@@ -18,18 +18,18 @@
 #include <vector>
 
 namespace qwen35_layers {
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gdn(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_gdn_layer(
     const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in, const at::Tensor& conv_state,
     const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
     const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
     at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
     double eps, bool in_place);
-at::Tensor attn(const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv,
-                const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin,
-                at::TensorList k_buf, at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale,
-                at::IntArrayRef pos, at::TensorList w_o, at::IntArrayRef k_o, const at::Tensor& ln2,
-                at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down,
-                int64_t Hq, double eps);
+at::Tensor decode_attn_layer(
+    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv, const at::Tensor& q_norm,
+    const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
+    at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale, at::IntArrayRef pos, at::TensorList w_o,
+    at::IntArrayRef k_o, const at::Tensor& ln2, at::TensorList w_gate_up, at::IntArrayRef k_gate_up,
+    at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq, double eps);
 }  // namespace qwen35_layers
 
 namespace {
@@ -122,9 +122,9 @@ std::tuple<at::Tensor, Tensors, Tensors> decode_stack(const c10::intrusive_ptr<D
   for (const bool is_gdn : plan->is_gdn) {
     if (is_gdn) {
       const GdnArgs& l = plan->gdn[g];
-      auto [out, c, r] = qwen35_layers::gdn(h, l.ln1, l.w_in, l.k_in, conv[g], l.conv_w, l.A_log, l.dt_bias, rec[g],
-                                            l.norm_w, l.w_out, l.k_out, l.ln2, l.w_gate_up, l.k_gate_up, l.w_down,
-                                            l.k_down, l.Hk, l.eps, in_place.get(g));
+      auto [out, c, r] = qwen35_layers::decode_gdn_layer(
+          h, l.ln1, l.w_in, l.k_in, conv[g], l.conv_w, l.A_log, l.dt_bias, rec[g], l.norm_w, l.w_out, l.k_out,
+          l.ln2, l.w_gate_up, l.k_gate_up, l.w_down, l.k_down, l.Hk, l.eps, in_place.get(g));
       h = out;
       convs.insert(convs.end(), c.begin(), c.end());
       recs.insert(recs.end(), r.begin(), r.end());
@@ -132,9 +132,9 @@ std::tuple<at::Tensor, Tensors, Tensors> decode_stack(const c10::intrusive_ptr<D
     } else {
       const AttnArgs& l = plan->attn[a];
       const auto rows = [&](at::TensorList t) { return t.empty() ? t : t.slice(a * B, B); };
-      h = qwen35_layers::attn(h, l.ln1, l.w_qkv, l.k_qkv, l.q_norm, l.k_norm, cos, sin, rows(k_buf), rows(v_buf),
-                              rows(k_scale), rows(v_scale), pos, l.w_o, l.k_o, l.ln2, l.w_gate_up, l.k_gate_up,
-                              l.w_down, l.k_down, l.Hq, l.eps);
+      h = qwen35_layers::decode_attn_layer(h, l.ln1, l.w_qkv, l.k_qkv, l.q_norm, l.k_norm, cos, sin, rows(k_buf),
+                                           rows(v_buf), rows(k_scale), rows(v_scale), pos, l.w_o, l.k_o, l.ln2,
+                                           l.w_gate_up, l.k_gate_up, l.w_down, l.k_down, l.Hq, l.eps);
       ++a;
     }
   }
