@@ -15,7 +15,7 @@ each row over its own length. Only the Gated DeltaNet states (constant size per 
 Snapshots (`snapshot()` / `restore()`) return a cache to an exact token position in O(1): Gated DeltaNet
 state by reference, KV by length. A layer writes a new state tensor whenever anything else refers to the old
 one (a snapshot, kept steps, a caller's variable, a view: tested); only a recurrent state that nothing but its
-DeltaNetState holds is updated in place by a decode step (ops/fast.exclusive, 1.03x a token).
+DeltaNetState holds is updated in place by a decode step (ops/layer_decode.exclusive, 1.03x a token).
 A snapshot, like a row, *holds* the first `length` tokens of each buffer it references; a write into a
 buffer below what any other holder holds first copies the buffer (copy-on-write), so no snapshot or
 other row ever sees its tokens overwritten, and a row rolled back onto its own snapshot writes in place.
@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .deltanet_state import DeltaNetState
 from .kv_storage import KVBuffer, buffer_class, check_kv_cache, kv_bytes_per_token
 
 KV_GROWTH_STEP = 256  # tokens added per reallocation; amortised growth without a max-context buffer
@@ -42,7 +43,7 @@ class CacheError(ValueError):
 class Row:
     """One sequence: `length` tokens held, rotary offset `rope_delta`, one KV buffer per attention layer."""
 
-    __slots__ = ("length", "rope_delta", "kv", "__weakref__")
+    __slots__ = ("__weakref__", "kv", "length", "rope_delta")
 
     def __init__(self, num_attention_layers: int, length: int = 0, rope_delta: int = 0,
                  kv: Sequence[KVBuffer | None] | None = None):
@@ -76,7 +77,7 @@ class Row:
 class RowSnapshot:
     """A row frozen at `length`: holds that prefix of each of its KV buffers."""
 
-    __slots__ = ("length", "rope_delta", "kv", "__weakref__")
+    __slots__ = ("__weakref__", "kv", "length", "rope_delta")
 
     def __init__(self, row: Row):
         self.length, self.rope_delta, self.kv = row.length, row.rope_delta, tuple(row.kv)
@@ -135,34 +136,10 @@ class KVCache:
         return out
 
 
-class DeltaNetState:
-    """conv [B, K-1, conv_dim] (model dtype) and recurrent [B, Hv, Dk, Dv] (fp32) of one Gated DeltaNet
-    layer. Layers assign new tensors here; the one exception, a decode step updating `recurrent` in place, is
-    taken only while nothing else refers to that tensor (ops/fast.exclusive), so snapshots stay as taken."""
-
-    def __init__(self, conv: torch.Tensor, recurrent: torch.Tensor):
-        self.conv, self.recurrent = conv, recurrent
-        # Speculative verification (HybridCache.keep_steps): a forward of T tokens also leaves the state after
-        # each of them here, steps = ([conv after token t], [recurrent after token t]), so the cache can land
-        # on any of the T positions (HybridCache.rewind) without running a token again.
-        self.keep_steps = False
-        self.steps: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-
-    @classmethod
-    def zeros(cls, batch_size: int, conv_dim: int, kernel_size: int, num_heads: int, key_dim: int,
-              value_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> DeltaNetState:
-        return cls(torch.zeros(batch_size, kernel_size - 1, conv_dim, dtype=dtype, device=device),
-                   torch.zeros(batch_size, num_heads, key_dim, value_dim, dtype=torch.float32, device=device))
-
-    @property
-    def nbytes(self) -> int:
-        return self.conv.numel() * self.conv.element_size() + self.recurrent.numel() * 4
-
-
 class CacheSnapshot:
     """The state of some rows at their current positions; restorable any number of times."""
 
-    __slots__ = ("rows", "deltanet")
+    __slots__ = ("deltanet", "rows")
 
     def __init__(self, rows: tuple[RowSnapshot, ...], deltanet: tuple[tuple[torch.Tensor, torch.Tensor], ...]):
         self.rows, self.deltanet = rows, deltanet

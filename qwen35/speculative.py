@@ -38,7 +38,7 @@ from .ops.linear import linear
 from .sampling import SamplingParams, speculative_accept
 
 MAX_DRAFT_TOKENS = 7  # k + 1 verify tokens per row must fit the whole-layer kernels (ops/fast.LAYER_MAX_TOKENS)
-MAX_VERIFY_ROWS = 64  # rows x tokens the whole-layer kernels take in one call (ops/fast._layer_decoding)
+MAX_VERIFY_ROWS = 64  # rows x tokens the whole-layer kernels take in one call (ops/layer_decode.layer_decoding)
 
 
 class SpeculativeError(Qwen35Error, ValueError):

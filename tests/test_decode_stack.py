@@ -112,7 +112,7 @@ def test_decode_stack_names_a_state_count_mismatch(tiny_dir):
 @needs_kernels
 @pytest.mark.parametrize("stacked", [True, False])
 def test_recurrent_state_is_updated_in_place_only_when_nothing_else_holds_it(tiny_dir, stacked):
-    """A decode step writes the new recurrent state over the old one (ops/fast.exclusive) unless a snapshot,
+    """A decode step writes the new recurrent state over the old one (ops/layer_decode.exclusive) unless a snapshot,
     a caller's reference or a view of its memory holds it: those keep the values they had."""
     model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="int4", kernels=False)
     bind_kernels(model, True)

@@ -440,7 +440,7 @@ def test_quantized_mtp_head_drafts_like_its_reference():
     assert "attn_layer" in bind_kernels(fast, True).bound
     bind_kernels(slow, True, quantized=False)
     assert isinstance(fast.mtp.fc.weight, QuantizedWeight)
-    assert fast.mtp.layers[0].forward.kernel == "_attn_layer_decode"
+    assert fast.mtp.layers[0].forward.kernel == "attn_layer_decode"
     ids = torch.tensor([tok.encode("import os\n\n\ndef main(argv):\n    for name in os.listdir(argv[1]):\n")])
 
     def drafts(model):

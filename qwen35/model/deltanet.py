@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import DeltaNetState
 from ..config import ModelConfig
+from ..deltanet_state import DeltaNetState
 from ..ops.causal_conv import causal_conv1d_silu
 from ..ops.gated_delta import gated_delta_rule
 from ..ops.linear import Linear, linear

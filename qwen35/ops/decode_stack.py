@@ -10,7 +10,7 @@ and a step passes only what changes. The same layer functions run in the same or
 contents and the kept per-token states (speculative verification) are those of the per-layer path bit for
 bit (tests/test_decode_stack.py).
 
-It applies to the calls the whole-layer kernels take (`fast._layer_decoding`: up to 8 tokens a row, a cache,
+It applies to the calls the whole-layer kernels take (`layer_decode.layer_decoding`: up to 8 tokens a row, a cache,
 no autograd, no packed-document masks) when no layer has forward hooks (they would not run); otherwise the
 model's loop runs each layer as before.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .fast import _layer_decoding, _rope_rows, _scales, exclusive
+from .layer_decode import exclusive, kv_scales, layer_decoding, rope_rows
 
 
 class DecodeStack:
@@ -32,11 +32,11 @@ class DecodeStack:
         self.gdn, self.attn = [], []  # layer indices of each kind, in order
         for i, layer in enumerate(self.layers):
             kind = getattr(layer.forward, "kernel", None)
-            if kind == "_gdn_layer_decode":
+            if kind == "gdn_layer_decode":
                 pre, mid, post = layer.layer_args
                 self.plan.add_gdn(*pre, *mid, *post)
                 self.gdn.append(i)
-            elif kind == "_attn_layer_decode":
+            elif kind == "attn_layer_decode":
                 pre, post = layer.layer_args
                 self.plan.add_attn(*pre, *post)
                 self.attn.append(i)
@@ -47,7 +47,7 @@ class DecodeStack:
         """x [B, T, H] through every layer, cache updated as the per-layer calls would; None where this
         call is not one the whole-layer kernels take."""
         states = cache.layers
-        if not _layer_decoding(x, states[0], ctx) or any(
+        if not layer_decoding(x, states[0], ctx) or any(
                 m._forward_hooks or m._forward_pre_hooks for m in self.layers):
             return None
         B, T, H = x.shape
@@ -58,16 +58,14 @@ class DecodeStack:
             bufs = states[i].buffers(T)
             k_buf += [b.k for b in bufs]
             v_buf += [b.v for b in bufs]
-            ks, vs = _scales(states[i], bufs)
+            ks, vs = kv_scales(states[i], bufs)
             k_scale += ks
             v_scale += vs
-        cos, sin = _rope_rows(ctx.rope)
+        cos, sin = rope_rows(ctx.rope)
         out, convs, recs = torch.ops.qwen35.decode_stack.default(
             self.plan, x.reshape(B * T, H).contiguous(), [s.conv.contiguous() for s in gdn],
             [s.recurrent.contiguous() for s in gdn], cos, sin, k_buf, v_buf, k_scale, v_scale,
             [r.length for r in cache.rows], in_place)
         for j, s in enumerate(gdn):
-            s.conv, s.recurrent = convs[(j + 1) * T - 1], recs[(j + 1) * T - 1]
-            if s.keep_steps:
-                s.steps = (convs[j * T : (j + 1) * T], recs[j * T : (j + 1) * T])
+            s.take(convs[j * T : (j + 1) * T], recs[j * T : (j + 1) * T])
         return out.view(B, T, H)

@@ -18,20 +18,19 @@ else runs the per-op path, where every weight object keeps its own matmul.
 `kernel_policy` is the one rule for when binding is worth it, used by every command; QWEN35_KERNELS=1/0
 overrides it.
 
-(Past ~400 lines on purpose: the eligibility rules, the bound forms they guard and the arguments bind time
-builds for them are read together; a fast path's shape limits live next to the code that relies on them.)
+The whole-layer kernels' bound forms and the arguments bind time builds for them are in layer_decode.py.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .layer_decode import attn_layer_args, attn_layer_decode, gdn_layer_args, gdn_layer_decode
 from .linear import Linear, linear
 
 GEMV_MAX_ROWS = 8  # beyond this, torch's GEMM (compute-bound, oneDNN) wins
@@ -222,8 +221,8 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
         if isinstance(mixer, GatedDeltaNet) and _gdn_fits(mixer):
             mats = mlp and [_packed(mixer._in_proj), _packed(mixer.out_proj.weight)]
             if mats and all(mats):
-                layer.layer_args = _gdn_layer_args(layer, (*mats, *mlp))
-                _override(layer, _gdn_layer_decode)
+                layer.layer_args = gdn_layer_args(layer, (*mats, *mlp))
+                _override(layer, gdn_layer_decode)
                 report.add("gdn_layer")
             else:
                 _override(mixer, _gdn_decode)
@@ -231,8 +230,8 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
         elif isinstance(mixer, GatedAttention) and _attn_fits(mixer, model.config.rotary_dim):
             mats = mlp and mixer._qkv is not None and [_packed(mixer._qkv), _packed(mixer.o_proj.weight)]
             if mats and all(mats):
-                layer.layer_args = _attn_layer_args(layer, (*mats, *mlp))
-                _override(layer, _attn_layer_decode)
+                layer.layer_args = attn_layer_args(layer, (*mats, *mlp))
+                _override(layer, attn_layer_decode)
                 report.add("attn_layer")
             else:
                 _override(mixer, _attn_decode)
@@ -276,17 +275,6 @@ def _decoding(x: torch.Tensor, state) -> bool:
     return x.shape[1] == 1 and state is not None and not torch.is_grad_enabled()
 
 
-LAYER_MAX_TOKENS = 8  # the whole-layer kernels' tokens per row (speculative verification; GEMV rows)
-
-
-def _layer_decoding(x: torch.Tensor, state, ctx) -> bool:
-    """The calls the whole-layer kernels take: up to LAYER_MAX_TOKENS tokens per row (a decode step, or a
-    speculative verify pass: each token computed exactly as its own decode step would), with a cache, no
-    packed-document masks, no autograd."""
-    return (x.shape[1] <= LAYER_MAX_TOKENS and state is not None and not torch.is_grad_enabled()
-            and (ctx is None or ctx.segments is None) and x.shape[0] * x.shape[1] <= 64)
-
-
 # -- the bound forms -------------------------------------------------------------------------------
 
 def _rmsnorm(norm, x):
@@ -312,11 +300,6 @@ def _conv_silu(x, weight, state=None, tap_mask=None):
     prev = state if state is not None else x.new_zeros(B, weight.shape[-1] - 1, C)
     x = x if x.stride(-1) == 1 else x.contiguous()  # a column slice of the fused projection is read in place
     return torch.ops.qwen35.conv_silu(x, weight.contiguous(), prev.contiguous())
-
-
-def _rope_rows(rope):
-    cos, sin = rope  # [B or 1, T, R] -> [B*T or T, R], rows in token order per row
-    return cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
 
 
 def _gdn_decode(gdn, x, state=None, ctx=None, mode="auto"):
@@ -352,75 +335,4 @@ def _attn_decode(attn, x, state=None, ctx=None):
     return attn.output(out.view(B, attn.num_heads, 1, attn.head_dim), gate)
 
 
-def _gdn_layer_args(layer, weights) -> tuple[tuple, tuple, tuple]:
-    """decode_gdn_layer's arguments that stay the same from step to step, in its order around the three that
-    change (the input, the conv state, the recurrent state): built once at bind time. Looked up through the
-    modules each step they cost more than their count suggests: the weights stream through the caches every
-    step, so each Python lookup misses them (0.8B int4: ~1 ms a token, 1.03x, in an alternating A/B)."""
-    gdn = layer.linear_attn
-    (w_in, k_in), (w_out, k_out), (w_gu, k_gu), (w_down, k_down) = weights  # packed at bind time (_packed)
-    return ((layer.input_layernorm.weight, w_in, k_in),
-            (gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias),  # a view: training updates show
-            (gdn.norm.weight, w_out, k_out, layer.post_attention_layernorm.weight, w_gu, k_gu, w_down, k_down,
-             gdn.num_k_heads, layer.input_layernorm.eps))
-
-
-def exclusive(state) -> bool:
-    """Whether a decode step may update this Gated DeltaNet state's recurrent tensor in place: nothing but the
-    state refers to it (a snapshot, kept per-token steps, a caller's variable, another cache built from it all
-    add a reference; the kernel also checks that no view shares its memory). Otherwise the step writes a new
-    tensor, as every step did before (in place measured 1.03x a token on the 0.8B int4, 1.01-1.04x int8)."""
-    # two references while the check runs: the state's attribute and getrefcount's own argument
-    return not state.keep_steps and sys.getrefcount(state.recurrent) == 2
-
-
-def _gdn_layer_decode(layer, x, state=None, ctx=None):
-    """A whole Gated DeltaNet decoder layer's decode step in one C++ call (decode_gdn_layer); its matrices
-    (bf16 or quantized, packed once at bind time) are in layer.layer_args."""
-    if not _layer_decoding(x, state, ctx):
-        return None
-    pre, mid, post = layer.layer_args
-    B, T, H = x.shape
-    in_place = T == 1 and exclusive(state)
-    out, convs, recs = torch.ops.qwen35.decode_gdn_layer.default(
-        x.reshape(B * T, H).contiguous(), *pre, state.conv.contiguous(), *mid, state.recurrent.contiguous(), *post,
-        in_place)
-    state.conv, state.recurrent = convs[-1], recs[-1]
-    if state.keep_steps:
-        state.steps = (convs, recs)
-    return out.view(B, T, H)
-
-
-def _scales(state, bufs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The q8_0 scales of each row's keys and values (empty lists for a bf16 cache: the kernel's switch)."""
-    if state.kv_cache == "q8_0":
-        return [b.kd for b in bufs], [b.vd for b in bufs]
-    return [], []
-
-
-def _attn_layer_args(layer, weights) -> tuple[tuple, tuple]:
-    """decode_attn_layer's arguments that stay the same from step to step, before and after the ones that
-    change (input, rotary rows, each row's buffers and length): built once at bind time (_gdn_layer_args)."""
-    attn = layer.self_attn
-    (w_qkv, k_qkv), (w_o, k_o), (w_gu, k_gu), (w_down, k_down) = weights
-    return ((layer.input_layernorm.weight, w_qkv, k_qkv, attn.q_norm.weight, attn.k_norm.weight),
-            (w_o, k_o, layer.post_attention_layernorm.weight, w_gu, k_gu, w_down, k_down, attn.num_heads,
-             layer.input_layernorm.eps))
-
-
-def _attn_layer_decode(layer, x, state=None, ctx=None):
-    """A whole gated-attention decoder layer's decode step in one C++ call (decode_attn_layer): the new key
-    and value go straight into each row's buffer at its length (quantized on write for a q8_0 cache)."""
-    if not _layer_decoding(x, state, ctx):
-        return None
-    pre, post = layer.layer_args
-    B, T, H = x.shape
-    bufs = state.buffers(T)
-    cos, sin = _rope_rows(ctx.rope)
-    out = torch.ops.qwen35.decode_attn_layer.default(
-        x.reshape(B * T, H).contiguous(), *pre, cos, sin, [b.k for b in bufs], [b.v for b in bufs],
-        *_scales(state, bufs), [r.length for r in state.rows], *post)
-    return out.view(B, T, H)
-
-
-__all__ = ["bind_kernels", "unbind_kernels", "kernel_policy", "GemvWeight", "KernelReport"]
+__all__ = ["GemvWeight", "KernelReport", "bind_kernels", "kernel_policy", "unbind_kernels"]
