@@ -7,6 +7,7 @@ takes ~20 s a graph here) and written in the variants the tests need.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -176,6 +177,59 @@ def test_quantized_graph_is_qwen35_on_its_rounded_weights(exported_replica, quan
     assert _rms(got, ref) <= 0.1 * _rms(ref, 0)
     manifest = json.loads((dirs[quant] / "manifest.json").read_text())
     assert manifest["quant"] == quant and "com.microsoft.MatMulNBits" in manifest["contrib_ops"]
+
+
+@pytest.fixture(scope="module")
+def exported_untied(tmp_path_factory):
+    """(fp32 model, {quant: export dir}) for a replica whose embedding is not tied to the head (the 9B's
+    layout), exported with fp32 activations (accuracy_level 0: the graph is qwen35 on its rounded weights)."""
+    _, path = replica.build_text(tmp_path_factory.mktemp("onnx_untied"), tie=False, seed=4, num_layers=4)
+    shutil.copy(BUNDLED / "tokenizer.json", path / "tokenizer.json")
+    model = load_model(path, dtype=torch.float32, kernels=False)
+    assert not model.config.tie_word_embeddings
+    dirs = {quant: tmp_path_factory.mktemp(f"onnx_untied_{quant}") for quant in ("int8", "int4")}
+    export_model(model, [(d, quant, 0) for quant, d in dirs.items()], path)
+    return model, dirs
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_untied_embedding_is_looked_up_in_q8_0_blocks(exported_untied, quant):
+    """An untied embedding table (the 9B's: 3.8 GiB in fp32) leaves the graph and comes back as q8_0 blocks in
+    either export: the blocks are qwen35's own q8_0 quantization of the table, bit for bit, and the graph's
+    logits equal qwen35's with that embedding and every matrix rounded as its MatMulNBits node holds it, to
+    1e-3 (prefill and a decode step)."""
+    from qwen35.quant.formats import dequantize, quantize_q8_0
+
+    model, dirs = exported_untied
+    graph = onnx.load(str(dirs[quant] / "prefill.onnx")).graph
+    inits = {t.name: t for t in graph.initializer}
+    V, H = model.config.vocab_size, model.config.hidden_size
+    assert not any(list(t.dims) in ([V, H], [H, V]) and t.data_type == onnx.TensorProto.FLOAT for t in inits.values())
+    [blocks] = [onnx.numpy_helper.to_array(t) for n, t in inits.items() if n.endswith("__q8_0_blocks")]
+    [scales] = [onnx.numpy_helper.to_array(t) for n, t in inits.items() if n.endswith("__q8_0_scales")]
+    qs, d = quantize_q8_0(model.model.embed_tokens.weight.detach())
+    assert blocks.shape == (V, H // 32, 32) and np.array_equal(blocks.reshape(V, H).astype(np.int16) - 128, qs.numpy())
+    assert scales.dtype == np.float16 and np.array_equal(scales, d.numpy())
+    rounded = copy.deepcopy(model)
+    rounded.model.embed_tokens.weight.data.copy_(dequantize("q8_0", qs, d))
+    params = {n: p for n, p in rounded.named_parameters() if p.dim() == 2 and n != "model.embed_tokens.weight"}
+    swapped = set()
+    for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
+        _, w, _ = _dequantize(node, inits)
+        w = torch.from_numpy(np.ascontiguousarray(w))
+        # the parameter this node rounds: the one of its shape it is nearest to (random weights: far apart)
+        name = min((n for n, p in params.items() if p.shape == w.shape), key=lambda n: (params[n] - w).abs().max())
+        params[name].data.copy_(w)
+        swapped.add(name)
+    assert swapped == {n for n in params if "in_proj_a" not in n and "in_proj_b" not in n}
+    assert "lm_head.weight" in swapped
+    om = OnnxModel(dirs[quant])
+    ids = torch.randint(0, V, (1, 70), generator=torch.Generator().manual_seed(5))
+    got, cache = om.prefill(ids.numpy(), chunk=64)
+    assert np.abs(got - _reference(rounded, ids)).max() <= 1e-3
+    nxt = torch.tensor([[7]])
+    got, _ = om.step("decode", nxt.numpy(), cache)
+    assert np.abs(got - _reference(rounded, torch.cat([ids, nxt], 1))).max() <= 1e-3
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
