@@ -10,7 +10,8 @@ does not stall /health or the streams of other requests. No exception reaches uv
 did would make it close the keep-alive connection; every failure is a JSON error on a connection that
 stays usable. With an API key, everything but /health needs it (/metrics and /openapi.json included).
 
-The middleware (guard.py), the stop-string filter (stop_strings.py) and /metrics' text (metrics.py) live apart; the rest stays in one
+The middleware (guard.py), the stop-string filter (stop_strings.py), the responses' pieces (responses.py)
+and /metrics' text (metrics.py) live apart; the rest stays in one
 file past our ~300-line habit because the two endpoints share their streaming, usage and error helpers as
 closures over one app, and splitting them would pass that state around instead.
 """
@@ -18,7 +19,6 @@ closures over one app, and splitting them would pass that state around instead.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import time
@@ -43,14 +43,10 @@ from .guard import Guard
 from .images import DEFAULT_MAX_IMAGE_PIXELS, image_parts, load_images
 from .metrics import prometheus_text
 from .protocol import DEFAULT_MAX_REQUEST_BYTES, APIError, bad, parse_json, parse_messages, parse_options
+from .responses import finish_reason, logprob_entry, sse, usage
 from .stop_strings import StopStrings
 
 log = logging.getLogger("qwen35.server")
-
-
-def sse(obj: dict) -> str:
-    """One Server-Sent Events message."""
-    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
@@ -209,26 +205,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             if stops.hit:
                 return
 
-    def usage(req: EngineRequest, completion: int) -> dict:
-        return {"prompt_tokens": len(req.prompt), "completion_tokens": completion,
-                "total_tokens": len(req.prompt) + completion,
-                "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
-
     def closing(kind: str, cid: str, created: int, req: EngineRequest, n: int, include_usage: bool) -> list[str]:
         """The end of a stream: the usage chunk when asked for, then [DONE]."""
         tail = [sse({"id": cid, "object": kind, "created": created, "model": model_name, "choices": [],
                      "usage": usage(req, n)})] if include_usage else []
         return tail + ["data: [DONE]\n\n"]
-
-    def finish_reason(reason: str | None, calls: bool) -> str:
-        if calls and reason in ("stop", None):
-            return "tool_calls"
-        return {"timeout": "length", "cancelled": "stop"}.get(reason, reason or "stop")
-
-    def logprob_entry(item) -> dict:
-        tok = tokenizer.decode([item.token])
-        return {"token": tok, "logprob": item.logprob, "bytes": list(tok.encode()),
-                "top_logprobs": [{"token": tokenizer.decode([i]), "logprob": v} for i, v in item.top_logprobs or ()]}
 
     def encode_chat(messages: list[dict], opts, add_generation_prompt: bool) -> tuple[list[int], str]:
         """Token ids and text of the rendered conversation; client-written text is encoded as plain text
@@ -294,7 +275,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     async for delta, item in run(req, request, opts, parser):
                         n += item.token is not None
                         cut = cut or item.reasoning_cut
-                        lp = [logprob_entry(item)] if opts.params.logprobs and item.token is not None else None
+                        lp = [logprob_entry(tokenizer, item)] if opts.params.logprobs and item.token is not None else None
                         if delta.reasoning:
                             yield chunk({"reasoning_content": delta.reasoning}, lp=lp)
                             lp = None
@@ -329,7 +310,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             cut = cut or item.reasoning_cut
             last = item
             if opts.params.logprobs and item.token is not None:
-                lps.append(logprob_entry(item))
+                lps.append(logprob_entry(tokenizer, item))
         message = {"role": "assistant", "content": out.content or (None if out.tool_calls else "")}
         if out.reasoning:
             message["reasoning_content"] = out.reasoning

@@ -1,0 +1,33 @@
+"""Pieces of OpenAI-shaped responses that need no app state: Server-Sent Events framing, the usage object,
+finish reasons and logprob entries."""
+
+from __future__ import annotations
+
+import json
+
+
+def sse(obj: dict) -> str:
+    """One Server-Sent Events message."""
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+def usage(req, completion: int) -> dict:
+    """OpenAI's usage object for an engine request that produced `completion` tokens (cached: prompt tokens
+    reused from the prompt cache)."""
+    return {"prompt_tokens": len(req.prompt), "completion_tokens": completion,
+            "total_tokens": len(req.prompt) + completion,
+            "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
+
+
+def finish_reason(reason: str | None, calls: bool) -> str:
+    """The engine's reason in OpenAI's words: a stop with tool calls is "tool_calls", a timeout "length"."""
+    if calls and reason in ("stop", None):
+        return "tool_calls"
+    return {"timeout": "length", "cancelled": "stop"}.get(reason, reason or "stop")
+
+
+def logprob_entry(tokenizer, item) -> dict:
+    """One generated token's logprob entry, with its top alternatives."""
+    tok = tokenizer.decode([item.token])
+    return {"token": tok, "logprob": item.logprob, "bytes": list(tok.encode()),
+            "top_logprobs": [{"token": tokenizer.decode([i]), "logprob": v} for i, v in item.top_logprobs or ()]}
