@@ -136,12 +136,14 @@ def test_stacked_weight_prefill_is_one_gemm_on_the_stacked_matrix(monkeypatch):
     """A fused projection whose parts differ (int4's q4_k/q6_k rows with q8_0 gates, or bf16 rows): prefill
     dequantizes the parts into one matrix and runs one GEMM (no GEMM per part, no concatenated outputs); its
     result is the GEMM on the reference dequantization, and kept once inside dequantized_once. With the
-    integer prefill GEMM each part runs its own (nothing to dequantize)."""
+    integer prefill GEMM each part runs its own (nothing to dequantize). (The AMX panel kernel, which takes a
+    few hundred rows part by part without dequantizing any whole: test_amx_panels.py.)"""
     from qwen35.ops.linear import StackedWeight
     from qwen35.quant import weight as qw
     from qwen35.quant.weight import dequantized_once
 
     monkeypatch.setattr(qw, "PREFILL_GEMM", "dequantize")
+    monkeypatch.setattr(qw, "USE_PANELS", False)
 
     g = torch.Generator().manual_seed(5)
     parts = [QuantizedWeight.quantize("q4_k", torch.randn(64, 512, generator=g)),
@@ -253,6 +255,11 @@ def test_prefill_gemm_follows_the_machine_and_its_overrides(monkeypatch):
 
     monkeypatch.delenv("QWEN35_QUANT_GEMM", raising=False)
     amx = {"avx512_vnni", "amx_bf16"}
+    monkeypatch.setattr(qw, "USE_PANELS", True)  # the AMX panel kernel: dequantizing from 17 rows on
+    assert auto(amx, qw.GEMV_CHUNK_MAX_ROWS + 1) == "dequantize"
+    assert auto(amx, qw.GEMV_CHUNK_MAX_ROWS) == "integer"  # GEMVs of 8
+    assert qw.prefill_gemm(qw.GEMV_CHUNK_MAX_ROWS + 1, "q4_k") == "dequantize"
+    monkeypatch.setattr(qw, "USE_PANELS", False)  # without it, the integer GEMM up to AMX_INTEGER_MAX_ROWS
     big = qw.AMX_INTEGER_MAX_ROWS["q8_0"] + 1
     assert auto(amx, big) == "dequantize"  # AMX tiles: dequantize + oneDNN's GEMM for long chunks
     assert auto(amx, big - 1) == "integer"  # and the integer GEMM for short ones
@@ -290,6 +297,9 @@ def test_weight_prefill_paths_compute_what_their_reference_does(monkeypatch, gem
     assert torch.allclose(fast, exact, rtol=2e-2, atol=2e-1) and torch.allclose(ref, exact, rtol=2e-2, atol=2e-1)
     if gemm == "integer":  # fp32 sums in two orders
         assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-4)
+    elif qw.panels():  # the AMX panel kernel: the reference's bf16 weights, its fp32 sums in another order, so
+        # the same bf16 result within one rounding step
+        assert ((fast - ref).abs() <= ref.abs() * 2**-8).all() and not torch.equal(fast, exact)
     else:  # the dequantizing kernel writes the reference's bf16 weights: the same GEMM
         assert torch.equal(fast, ref)
 

@@ -43,10 +43,20 @@ class StackedWeight:
         self.dtype = parts[0].dtype
 
     def matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
-        from ..quant.weight import BAND_BYTES, GEMV_MAX_ROWS, QuantizedWeight, kept, prefill_gemm
+        from ..quant.weight import (
+            BAND_BYTES,
+            GEMV_MAX_ROWS,
+            PANEL_MAX_ROWS,
+            QuantizedWeight,
+            kept,
+            panels,
+            prefill_gemm,
+        )
 
         rows = x2.shape[0]
+        # (up to PANEL_MAX_ROWS on AMX each quantized part runs the panel kernel, which never dequantizes it whole)
         if (rows > GEMV_MAX_ROWS and x2.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+                and (rows > PANEL_MAX_ROWS or not panels())
                 and self.shape.numel() * 2 <= BAND_BYTES
                 and all(prefill_gemm(rows, p.scheme) == "dequantize"
                         for p in self.parts if isinstance(p, QuantizedWeight))):

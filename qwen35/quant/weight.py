@@ -41,14 +41,39 @@ BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM
 GEMM_KINDS = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}  # gemm_quant's layout codes
 PREFILL_GEMM: str | None = None  # "integer" / "dequantize" to override prefill_gemm() (tests)
 _auto_gemm: list[str] = []
+# The dequantizing path's kernel for up to PANEL_MAX_ROWS rows where oneDNN's micro-kernel has AMX tiles
+# (kernels/amx_panels.cpp: 32-row weight panels dequantized into L1/L2, F.linear's result up to the order of its
+# fp32 sums); past it, dequantized bands and oneDNN's own GEMM. Measured on the 0.8B's four shapes, weights
+# cold, 2 threads (Sapphire Rapids class): 17-128 rows 1.1-2.2x the integer GEMM and 1.3-3.2x dequantize +
+# oneDNN, at or below bf16 weights' own GEMM time in most; 256 rows level with dequantize + oneDNN (0.94-1.20x),
+# 512 rows 0.2-0.44x (the packed inputs outgrow L2). In the whole 0.8B (bench_quant_prefill, x bf16, panels
+# against without): 32 tokens int8 1.21 / 0.94, int4 1.20 / 0.89; 64: 1.19 / 0.89, 1.12 / 0.71; 128: 1.06 /
+# 0.84, 1.03 / 0.83; 192: 0.97 / 0.83, 0.92 / 0.86; 256: 0.96 / 0.90 but int4 0.87 / 0.92. So on AMX the
+# integer kernels keep only the GEMVs of 8 (up to GEMV_CHUNK_MAX_ROWS rows) and the panels take 17-192.
+PANEL_MAX_ROWS = 192
+USE_PANELS: bool | None = None  # force the panel kernel on / off (tests); None: where the CPU supports it
+_panels: list[bool] = []
+
+
+def panels() -> bool:
+    """Whether the dequantizing path may run the AMX panel kernel on this machine."""
+    if USE_PANELS is not None:
+        return USE_PANELS
+    if os.environ.get("QWEN35_GEMM_PANELS", "1") == "0":  # off by hand: the integer / dequantizing GEMMs alone
+        return False
+    if not _panels:
+        from ..ops import kernels
+
+        _panels.append(kernels.available() and prefill_gemm_machine() == "amx" and torch.ops.qwen35.panels_supported())
+    return _panels[0]
 
 
 def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
     """How a quantized weight in `scheme` meets `rows` (> GEMV_MAX_ROWS) input rows: "integer" (inputs quantized
     per block as the GEMVs do: GEMVs of 8 rows up to GEMV_CHUNK_MAX_ROWS, the VNNI GEMM past that) or
-    "dequantize" (bf16 bands and torch's GEMM). Where torch's GEMM has AMX tiles: integer up to
-    AMX_INTEGER_MAX_ROWS[scheme] rows, dequantize past it (AMX-BF16 then beats every integer kernel measured
-    here, README). Integer at any size where the kernels run without AMX; dequantize without the kernels.
+    "dequantize" (the AMX panel kernel up to PANEL_MAX_ROWS rows, bf16 bands and torch's GEMM past it). Where
+    torch's GEMM has AMX tiles: integer up to GEMV_CHUNK_MAX_ROWS rows (AMX_INTEGER_MAX_ROWS[scheme] where the
+    panel kernel is off), dequantize past it (AMX-BF16 then beats every integer kernel measured here, README). Integer at any size where the kernels run without AMX; dequantize without the kernels.
     QWEN35_QUANT_GEMM=integer / dequantize forces one; ONEDNN_MAX_CPU_ISA capping oneDNN below AMX counts as no
     AMX. A weight's kernels and its reference path follow the same choice, so they compute the same thing."""
     if PREFILL_GEMM is not None:
@@ -58,16 +83,22 @@ def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
         return env
     if env:
         raise ValueError(f"QWEN35_QUANT_GEMM={env!r}: expected 'integer' or 'dequantize'")
+    machine = prefill_gemm_machine()
+    if machine == "amx":  # with the panel kernel, dequantizing wins from 17 rows on (PANEL_MAX_ROWS' note)
+        limit = GEMV_CHUNK_MAX_ROWS if panels() else AMX_INTEGER_MAX_ROWS[scheme]
+        return "integer" if rows <= limit else "dequantize"
+    return "integer" if machine == "integer" else "dequantize"
+
+
+def prefill_gemm_machine() -> str:
+    """"amx" (oneDNN's GEMM has AMX tiles), "integer" (the kernels run, no AMX) or "none" (no kernels)."""
     if not _auto_gemm:
         from ..ops import kernels
 
         cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
         amx = "amx_bf16" in kernels.cpu_flags() and (cap in ("ALL", "DEFAULT") or "AMX" in cap)
         _auto_gemm.append("none" if not kernels.available() else "amx" if amx else "integer")
-    machine = _auto_gemm[0]
-    if machine == "amx":
-        return "integer" if rows <= AMX_INTEGER_MAX_ROWS[scheme] else "dequantize"
-    return "integer" if machine == "integer" else "dequantize"
+    return _auto_gemm[0]
 
 
 _once = threading.local()
@@ -204,6 +235,12 @@ class QuantizedWeight:
 
     def _banded_matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
         dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) else torch.float32
+        if self.kernels and dtype == torch.bfloat16 and x2.shape[0] <= PANEL_MAX_ROWS and panels():
+            # whether or not a dequantized_once scope keeps a copy: one kernel for these rows, so prefill by
+            # layer (which keeps copies) and chunk by chunk round alike
+            # rounded to bf16 as the reference's bf16 GEMM rounds its result, fp32 asked for or not
+            y = torch.ops.qwen35.gemm_panels(x2.contiguous(), self.qs, self.d, GEMM_KINDS[self.scheme], False)
+            return y.float() if out_fp32 else y
         kept, bands = self._kept(dtype), self._bands()
         if kept is not None:
             y = F.linear(x2.to(dtype), kept)

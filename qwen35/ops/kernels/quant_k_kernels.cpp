@@ -568,6 +568,11 @@ void gemv_k_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const 
   o.ld = ldo;
   gemv_k(kind, x, qs, o);
 }
+// For the panel GEMM (amx_panels.cpp): one weight row of K values dequantized to bf16 (3 = q4_k, 4 = q6_k)
+void dequant_k_row_bf16(int64_t kind, const uint8_t* row, int64_t K, c10::BFloat16* out) {
+  const int64_t bb = block_bytes(kind);
+  for (int64_t s = 0; s < K / QK; ++s) dequant_superblock_bf16(kind, row + s * bb, out + s * QK);
+}
 }  // namespace qwen35_quant
 
 TORCH_LIBRARY_FRAGMENT(qwen35, m) {

@@ -249,6 +249,35 @@ at::Tensor gemv_q4_0(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   return gemv_kind(2, x, qs, d, out_fp32);
 }
 
+// One row of nb blocks as bf16: bits 8 -> q8_0 (q int8), 4 -> q4_0 (GGUF nibble order). Per block: its scale
+// picked out of 16 converted at once (a scalar fp16 conversion per block cost as much as the block's vector
+// work), both halves widened and scaled, one 64-byte store of 32 bf16.
+void dequant_row(int64_t bits, const uint8_t* row, const c10::Half* d, int64_t nb, c10::BFloat16* out) {
+  alignas(64) float sc[16];
+  for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+    const int64_t nb16 = std::min<int64_t>(16, nb - b0);
+    const __mmask16 mk = nb16 == 16 ? 0xFFFF : static_cast<__mmask16>((1u << nb16) - 1);
+    _mm512_store_ps(sc, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, d + b0)));
+    for (int64_t j = 0; j < nb16; ++j) {
+      const int64_t b = b0 + j;
+      const __m512 s = _mm512_set1_ps(sc[j]);
+      __m512i q0, q1;  // 16 int32 each: elements 0-15 and 16-31 of the block
+      if (bits == 8) {
+        const auto* q = reinterpret_cast<const int8_t*>(row) + b * QB;
+        q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+      } else {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+        const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+        q0 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(v, m4), eight));
+        q1 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), eight));
+      }
+      _mm512_storeu_si512(out + b * QB, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(q1), s),
+                                                                    _mm512_mul_ps(_mm512_cvtepi32_ps(q0), s)));
+    }
+  }
+}
+
 // W [N, K] as bf16 into out (contiguous [N, K], e.g. a row block of a stacked matrix): bits 8 -> q8_0, 4 -> q4_0.
 void dequant_bf16_out(const at::Tensor& qs, const at::Tensor& d, int64_t bits, at::Tensor& out) {
   TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == at::kHalf, "dequant_bf16: layout");
@@ -260,35 +289,10 @@ void dequant_bf16_out(const at::Tensor& qs, const at::Tensor& d, int64_t bits, a
               out.size(1) == K, "dequant_bf16: out must be contiguous bf16 [", N, ", ", K, "], got ", out.sizes());
   auto* op = out.data_ptr<c10::BFloat16>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
-  const int8_t* q8 = bits == 8 ? qs.data_ptr<int8_t>() : nullptr;
-  const uint8_t* q4 = bits == 4 ? qs.data_ptr<uint8_t>() : nullptr;
-  // Per block: its scale picked out of 16 converted at once (a scalar fp16 conversion per block cost as much
-  // as the block's vector work), both halves widened and scaled, one 64-byte store of 32 bf16.
+  const auto* q = static_cast<const uint8_t*>(qs.data_ptr());
+  const int64_t row_bytes = bits == 8 ? K : K / 2;
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    alignas(64) float sc[16];
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t b0 = 0; b0 < nb; b0 += 16) {
-        const int64_t nb16 = std::min<int64_t>(16, nb - b0);
-        const __mmask16 mk = nb16 == 16 ? 0xFFFF : static_cast<__mmask16>((1u << nb16) - 1);
-        _mm512_store_ps(sc, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, dp + n * nb + b0)));
-        for (int64_t j = 0; j < nb16; ++j) {
-          const int64_t b = b0 + j;
-          const __m512 s = _mm512_set1_ps(sc[j]);
-          __m512i q0, q1;  // 16 int32 each: elements 0-15 and 16-31 of the block
-          if (bits == 8) {
-            const int8_t* q = q8 + n * K + b * QB;
-            q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-            q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-          } else {
-            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q4 + n * (K / 2) + b * 16));
-            const __m128i m4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-            q0 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(v, m4), eight));
-            q1 = _mm512_cvtepi8_epi32(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), m4), eight));
-          }
-          _mm512_storeu_si512(op + n * K + b * QB, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(q1), s),
-                                                                                _mm512_mul_ps(_mm512_cvtepi32_ps(q0), s)));
-        }
-      }
+    for (int64_t n = n0; n < n1; ++n) dequant_row(bits, q + n * row_bytes, dp + n * nb, nb, op + n * K);
   });
 }
 
@@ -362,6 +366,10 @@ namespace qwen35_quant {
 void gemv_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c10::BFloat16* out,
                int64_t ldo) {
   gemv_rows(kind, x, qs, d, Out(out, ldo));
+}
+// For the panel GEMM (amx_panels.cpp): one weight row dequantized to bf16 (kind 1 = q8_0, 2 = q4_0)
+void dequant_row_bf16(int64_t kind, const uint8_t* row, const c10::Half* d, int64_t K, c10::BFloat16* out) {
+  dequant_row(kind == 1 ? 8 : 4, row, d, K / QB, out);
 }
 }  // namespace qwen35_quant
 
