@@ -36,6 +36,19 @@ def test_panels_compute_f_linear_on_the_dequantized_weights(scheme, N, K, M):
     assert ((yb.double() - y.double()).abs() <= y.double().abs() * 2**-8 + 1e-30).all()
 
 
+@pytest.mark.parametrize(("N", "K", "M"), [(40, 256, 1), (64, 512, 17), (100, 1024, 33)])
+def test_panels_on_bf16_weights_read_them_in_place(N, K, M):
+    """Layout code 0: a bf16 matrix, its full panels read where they lie (a short last panel copied and padded)."""
+    g = torch.Generator().manual_seed(N + M)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    x = torch.randn(M, K, generator=g).bfloat16()
+    exact = x.double() @ w.double().t()
+    ref = F.linear(x.float(), w.float())
+    tol = 4 * (ref.double() - exact).abs().max().item() + 1e-6 * exact.abs().max().item()
+    y = torch.ops.qwen35.gemm_panels(x, w, torch.empty(0), 0, True)
+    assert (y.double() - exact).abs().max().item() <= tol
+
+
 def test_quantized_weights_take_the_panels_up_to_their_row_limit(monkeypatch):
     """QuantizedWeight.matmul on the dequantizing path: the panel kernel up to PANEL_MAX_ROWS rows, dequantized
     bands and torch's GEMM past it; a stacked projection (int4's q4_k rows with q8_0 gates) runs each part on it."""
@@ -69,3 +82,22 @@ def test_panels_name_bad_inputs():
         torch.ops.qwen35.gemm_panels(torch.zeros(2, 64), w.qs, w.d, 1, False)
     with pytest.raises(RuntimeError, match="gemm_panels: unknown layout code 7"):
         torch.ops.qwen35.gemm_panels(torch.zeros(2, 64, dtype=torch.bfloat16), w.qs, w.d, 7, False)
+
+
+def test_bf16_weights_take_the_panels_between_the_gemv_and_their_row_limit(monkeypatch):
+    """GemvWeight (a bf16 model's matrices): the GEMV up to GEMV_MAX_ROWS rows, the panel kernel up to
+    BF16_PANEL_MAX_ROWS, torch's GEMM past it or with the panels off."""
+    from qwen35.ops.fast import GEMV_MAX_ROWS, GemvWeight
+
+    g = torch.Generator().manual_seed(3)
+    w = GemvWeight(torch.randn(80, 256, generator=g).bfloat16())
+    with torch.no_grad():
+        for rows in (GEMV_MAX_ROWS + 1, qw.BF16_PANEL_MAX_ROWS):
+            x = torch.randn(rows, 256, generator=g).bfloat16()
+            y = torch.ops.qwen35.gemm_panels(x, w.weight, torch.empty(0), 0, False)
+            assert torch.equal(w.matmul(x, False), y) and torch.equal(w.matmul(x, True), y.float())
+        x = torch.randn(qw.BF16_PANEL_MAX_ROWS + 1, 256, generator=g).bfloat16()
+        assert torch.equal(w.matmul(x, False), F.linear(x, w.weight))
+        monkeypatch.setattr(qw, "USE_PANELS", False)
+        x = x[:20]
+        assert torch.equal(w.matmul(x, False), F.linear(x, w.weight))

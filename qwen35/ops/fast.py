@@ -50,16 +50,25 @@ def kernel_policy(model) -> bool:
 
 
 class GemvWeight:
-    """A bf16 matrix [N, K] multiplied by the AVX512-BF16 GEMV kernel when there are few rows (decode),
-    by torch's GEMM otherwise."""
+    """A bf16 matrix [N, K] multiplied by the AVX512-BF16 GEMV kernel when there are few rows (decode), by the
+    AMX panel kernel (kernels/amx_panels.cpp, the matrix read in place) up to BF16_PANEL_MAX_ROWS rows where the
+    CPU has AMX, by torch's GEMM otherwise."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.shape, self.dtype = weight.shape, weight.dtype
 
     def matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
-        if x2.shape[0] <= GEMV_MAX_ROWS and x2.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-            return torch.ops.qwen35.gemv_bf16(x2 if x2.stride(-1) == 1 else x2.contiguous(), self.weight, out_fp32)
+        from ..quant.weight import BF16_PANEL_MAX_ROWS, panels
+
+        rows = x2.shape[0]
+        if rows <= BF16_PANEL_MAX_ROWS and x2.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            if rows <= GEMV_MAX_ROWS:
+                return torch.ops.qwen35.gemv_bf16(x2 if x2.stride(-1) == 1 else x2.contiguous(), self.weight, out_fp32)
+            if panels() and self.weight.shape[1] % 32 == 0 and self.weight.is_contiguous():
+                # rounded to bf16 as torch's bf16 GEMM rounds its result, fp32 asked for or not
+                y = torch.ops.qwen35.gemm_panels(x2.contiguous(), self.weight, _NO_SCALES, 0, False)
+                return y.float() if out_fp32 else y
         y = F.linear(x2.contiguous(), self.weight)
         return y.float() if out_fp32 else y
 

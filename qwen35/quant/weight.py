@@ -51,6 +51,10 @@ _auto_gemm: list[str] = []
 # 0.84, 1.03 / 0.83; 192: 0.97 / 0.83, 0.92 / 0.86; 256: 0.96 / 0.90 but int4 0.87 / 0.92. So on AMX the
 # integer kernels keep only the GEMVs of 8 (up to GEMV_CHUNK_MAX_ROWS rows) and the panels take 17-192.
 PANEL_MAX_ROWS = 192
+# bf16 weights (ops/fast.GemvWeight) on the same kernel, read in place: 9-128 rows. Against oneDNN's bf16 GEMM
+# on the 0.8B's shapes, weights cold, 2 threads: 17 / 32 / 64 / 128 rows 1.03-1.33 / 1.06-1.44 / 1.13-1.47 /
+# 0.97-1.37x (the 248320-row head 1.30 / 1.30 / 1.47 / 1.09x); 192 rows 0.80-1.26x.
+BF16_PANEL_MAX_ROWS = 128
 USE_PANELS: bool | None = None  # force the panel kernel on / off (tests); None: where the CPU supports it
 _panels: list[bool] = []
 

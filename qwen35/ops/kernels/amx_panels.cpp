@@ -1,5 +1,5 @@
-// gemm_panels: prefill of a few dozen to a few hundred rows on block-quantized weights where oneDNN has AMX
-// tiles. y[M, N] = x[M, K] . W^T computed as F.linear(x, dequantize(W)) computes it (bf16 weights and inputs,
+// gemm_panels: prefill of a few dozen to a few hundred rows on block-quantized weights (or bf16 ones, kind 0:
+// read in place, nothing to dequantize) where oneDNN has AMX tiles. y[M, N] = x[M, K] . W^T computed as F.linear(x, dequantize(W)) computes it (bf16 weights and inputs,
 // exact products, fp32 sums: only the order of the sums differs), without a dequantized copy of W in memory:
 // panels of PN weight rows are dequantized into a buffer that stays in L1/L2 and are the A operand of torch's
 // exported oneDNN micro-kernel (at::native::cpublas::brgemm, which owns the AMX tile configuration and the
@@ -57,20 +57,23 @@ inline void transpose16(__m512i r[16]) {
 }
 
 int64_t row_bytes(int64_t kind, int64_t K) {
-  return kind == 1 ? K : kind == 2 ? K / 2 : K / 256 * (kind == 3 ? 144 : 210);
+  return kind == 0 ? 2 * K : kind == 1 ? K : kind == 2 ? K / 2 : K / 256 * (kind == 3 ? 144 : 210);
 }
 
 at::Tensor gemm_panels(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32) {
-  TORCH_CHECK(kind >= 1 && kind <= 4, "gemm_panels: unknown layout code ", kind);
+  TORCH_CHECK(kind >= 0 && kind <= 4, "gemm_panels: unknown layout code ", kind);
   TORCH_CHECK(at::native::cpublas::could_pack(at::kBFloat16),
               "gemm_panels: this CPU has no AMX-BF16 tiles for oneDNN's micro-kernel (use the integer or dequantizing GEMM)");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
               "gemm_panels: x must be a contiguous bf16 [M, K] matrix");
-  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1, "gemm_panels: qs must be contiguous bytes [N, row bytes]");
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && (qs.element_size() == 1 || kind == 0),
+              "gemm_panels: qs must be contiguous bytes [N, row bytes] (kind 0: a bf16 matrix [N, K])");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  TORCH_CHECK(K % (kind <= 2 ? 32 : 256) == 0 && qs.size(1) == row_bytes(kind, K), "gemm_panels: x has ", K,
-              " columns, weights ", qs.sizes());
-  if (kind <= 2)
+  TORCH_CHECK(kind == 0 ? qs.scalar_type() == at::kBFloat16 && qs.size(1) == K
+                        : K % (kind <= 2 ? 32 : 256) == 0 && qs.size(1) == row_bytes(kind, K),
+              "gemm_panels: x has ", K, " columns, weights ", qs.sizes());
+  TORCH_CHECK(K % 32 == 0, "gemm_panels: K = ", K, " is not a multiple of 32");
+  if (kind == 1 || kind == 2)
     TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == N && d.size(1) == K / 32,
                 "gemm_panels: scales must be fp16 [", N, ", ", K / 32, "], got ", d.sizes());
   at::Tensor y = at::empty({M, N}, x.options().dtype(out_fp32 ? at::kFloat : at::kBFloat16));
@@ -91,7 +94,7 @@ at::Tensor gemm_panels(const at::Tensor& x, const at::Tensor& qs, const at::Tens
       }
   });
   const auto* q = static_cast<const uint8_t*>(qs.data_ptr());
-  const c10::Half* dp = kind <= 2 ? d.data_ptr<c10::Half>() : nullptr;
+  const c10::Half* dp = kind == 1 || kind == 2 ? d.data_ptr<c10::Half>() : nullptr;
   const int64_t rb = row_bytes(kind, K), nbk = K / 32;
   auto* yb = out_fp32 ? nullptr : y.data_ptr<c10::BFloat16>();
   auto* yf = out_fp32 ? y.data_ptr<float>() : nullptr;
@@ -102,16 +105,21 @@ at::Tensor gemm_panels(const at::Tensor& x, const at::Tensor& qs, const at::Tens
     float* C = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(Cv.data()) + 63) & ~uintptr_t(63));
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * PN, rows = std::min(PN, N - n0), rows16 = (rows + 15) / 16 * 16;
-      for (int64_t r = 0; r < rows16; ++r) {
+      // kind 0 (bf16 weights): a whole panel is read where it lies, only a short last one is copied and padded
+      const bool in_place = kind == 0 && rows == rows16;
+      for (int64_t r = 0; r < rows16 && !in_place; ++r) {
         c10::BFloat16* a = A + r * K;
         if (r >= rows)
           std::fill(a, a + K, c10::BFloat16(0.f));
+        else if (kind == 0)
+          std::copy_n(reinterpret_cast<const c10::BFloat16*>(q + (n0 + r) * rb), K, a);
         else if (kind <= 2)
           qwen35_quant::dequant_row_bf16(kind, q + (n0 + r) * rb, dp + (n0 + r) * nbk, K, a);
         else
           qwen35_quant::dequant_k_row_bf16(kind, q + (n0 + r) * rb, K, a);
       }
-      at::native::cpublas::brgemm(rows16, Mp, K, K, Mp, Mp, false, A, reinterpret_cast<const c10::BFloat16*>(B), C, true);
+      const c10::BFloat16* Ap = in_place ? reinterpret_cast<const c10::BFloat16*>(q + n0 * rb) : A;
+      at::native::cpublas::brgemm(rows16, Mp, K, K, Mp, Mp, false, Ap, reinterpret_cast<const c10::BFloat16*>(B), C, true);
       // C [rows16, Mp] (weight row, input row) -> y[m, n0 + i], 16x16 at a time
       for (int64_t i0 = 0; i0 < rows; i0 += 16) {
         const int64_t cnt = std::min<int64_t>(16, rows - i0);
