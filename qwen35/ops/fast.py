@@ -57,15 +57,16 @@ class GemvWeight:
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
         self.shape, self.dtype = weight.shape, weight.dtype
+        self.panel_fits = weight.shape[1] % 32 == 0 and weight.is_contiguous()  # the panel kernel's layout
 
     def matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
-        from ..quant.weight import BF16_PANEL_MAX_ROWS, panels
-
         rows = x2.shape[0]
-        if rows <= BF16_PANEL_MAX_ROWS and x2.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        if x2.dtype == torch.bfloat16 and not torch.is_grad_enabled():
             if rows <= GEMV_MAX_ROWS:
                 return torch.ops.qwen35.gemv_bf16(x2 if x2.stride(-1) == 1 else x2.contiguous(), self.weight, out_fp32)
-            if panels() and self.weight.shape[1] % 32 == 0 and self.weight.is_contiguous():
+            from ..quant.weight import BF16_PANEL_MAX_ROWS, panels  # here: not on the decode steps' GEMV path
+
+            if self.panel_fits and rows <= BF16_PANEL_MAX_ROWS and panels():
                 # rounded to bf16 as torch's bf16 GEMM rounds its result, fp32 asked for or not
                 y = torch.ops.qwen35.gemm_panels(x2.contiguous(), self.weight, _NO_SCALES, 0, False)
                 return y.float() if out_fp32 else y

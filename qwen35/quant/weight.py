@@ -60,7 +60,8 @@ _panels: list[bool] = []
 
 
 def panels() -> bool:
-    """Whether the dequantizing path may run the AMX panel kernel on this machine."""
+    """Whether the AMX panel kernel may run on this machine (quantized weights' dequantizing path, bf16 weights'
+    GemvWeight)."""
     if USE_PANELS is not None:
         return USE_PANELS
     if os.environ.get("QWEN35_GEMM_PANELS", "1") == "0":  # off by hand: the integer / dequantizing GEMMs alone
@@ -77,7 +78,8 @@ def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
     per block as the GEMVs do: GEMVs of 8 rows up to GEMV_CHUNK_MAX_ROWS, the VNNI GEMM past that) or
     "dequantize" (the AMX panel kernel up to PANEL_MAX_ROWS rows, bf16 bands and torch's GEMM past it). Where
     torch's GEMM has AMX tiles: integer up to GEMV_CHUNK_MAX_ROWS rows (AMX_INTEGER_MAX_ROWS[scheme] where the
-    panel kernel is off), dequantize past it (AMX-BF16 then beats every integer kernel measured here, README). Integer at any size where the kernels run without AMX; dequantize without the kernels.
+    panel kernel is off), dequantize past it (AMX-BF16 then beats every integer kernel measured here, README).
+    Integer at any size where the kernels run without AMX; dequantize without the kernels.
     QWEN35_QUANT_GEMM=integer / dequantize forces one; ONEDNN_MAX_CPU_ISA capping oneDNN below AMX counts as no
     AMX. A weight's kernels and its reference path follow the same choice, so they compute the same thing."""
     if PREFILL_GEMM is not None:
@@ -240,9 +242,8 @@ class QuantizedWeight:
     def _banded_matmul(self, x2: torch.Tensor, out_fp32: bool) -> torch.Tensor:
         dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float32) else torch.float32
         if self.kernels and dtype == torch.bfloat16 and x2.shape[0] <= PANEL_MAX_ROWS and panels():
-            # whether or not a dequantized_once scope keeps a copy: one kernel for these rows, so prefill by
-            # layer (which keeps copies) and chunk by chunk round alike
-            # rounded to bf16 as the reference's bf16 GEMM rounds its result, fp32 asked for or not
+            # whether or not a dequantized_once scope keeps a copy (one kernel for these rows, so prefill by layer
+            # and chunk by chunk round alike); rounded to bf16 as the reference's bf16 GEMM rounds, fp32 or not
             y = torch.ops.qwen35.gemm_panels(x2.contiguous(), self.qs, self.d, GEMM_KINDS[self.scheme], False)
             return y.float() if out_fp32 else y
         kept, bands = self._kept(dtype), self._bands()

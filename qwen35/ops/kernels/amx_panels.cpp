@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "quant_common.h"
+
 namespace qwen35_quant {
 void dequant_row_bf16(int64_t kind, const uint8_t* row, const c10::Half* d, int64_t K, c10::BFloat16* out);
 void dequant_k_row_bf16(int64_t kind, const uint8_t* row, int64_t K, c10::BFloat16* out);
@@ -56,10 +58,6 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-int64_t row_bytes(int64_t kind, int64_t K) {
-  return kind == 0 ? 2 * K : kind == 1 ? K : kind == 2 ? K / 2 : K / 256 * (kind == 3 ? 144 : 210);
-}
-
 at::Tensor gemm_panels(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32) {
   TORCH_CHECK(kind >= 0 && kind <= 4, "gemm_panels: unknown layout code ", kind);
   TORCH_CHECK(at::native::cpublas::could_pack(at::kBFloat16),
@@ -70,7 +68,7 @@ at::Tensor gemm_panels(const at::Tensor& x, const at::Tensor& qs, const at::Tens
               "gemm_panels: qs must be contiguous bytes [N, row bytes] (kind 0: a bf16 matrix [N, K])");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   TORCH_CHECK(kind == 0 ? qs.scalar_type() == at::kBFloat16 && qs.size(1) == K
-                        : K % (kind <= 2 ? 32 : 256) == 0 && qs.size(1) == row_bytes(kind, K),
+                        : K % (kind <= 2 ? 32 : 256) == 0 && qs.size(1) == qwen35_qc::row_bytes(kind, K),
               "gemm_panels: x has ", K, " columns, weights ", qs.sizes());
   TORCH_CHECK(K % 32 == 0, "gemm_panels: K = ", K, " is not a multiple of 32");
   if (kind == 1 || kind == 2)
@@ -95,7 +93,7 @@ at::Tensor gemm_panels(const at::Tensor& x, const at::Tensor& qs, const at::Tens
   });
   const auto* q = static_cast<const uint8_t*>(qs.data_ptr());
   const c10::Half* dp = kind == 1 || kind == 2 ? d.data_ptr<c10::Half>() : nullptr;
-  const int64_t rb = row_bytes(kind, K), nbk = K / 32;
+  const int64_t rb = kind == 0 ? 2 * K : qwen35_qc::row_bytes(kind, K), nbk = K / 32;
   auto* yb = out_fp32 ? nullptr : y.data_ptr<c10::BFloat16>();
   auto* yf = out_fp32 ? y.data_ptr<float>() : nullptr;
   at::parallel_for(0, (N + PN - 1) / PN, 1, [&](int64_t p0, int64_t p1) {

@@ -70,6 +70,11 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
+// Bytes of one weight row of K values in a layout (the kernels' codes: 1 = q8_0, 2 = q4_0, 3 = q4_k, 4 = q6_k)
+inline int64_t row_bytes(int64_t kind, int64_t K) {
+  return kind == 1 ? K : kind == 2 ? K / 2 : K / 256 * (kind == 3 ? 144 : 210);
+}
+
 constexpr int Q4K_ORDER[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // kernel position k holds input block Q4K_ORDER[k]
 
 // Q4_K's 12 bytes -> its 8 scales (bytes 0-7) and 8 mins (bytes 8-15), each in kernel block order. Scalar

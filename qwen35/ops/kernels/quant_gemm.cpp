@@ -226,8 +226,8 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qs, const at::Tenso
   TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1, "gemm_quant: qs must be contiguous bytes [N, row bytes]");
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   const int64_t block = kind <= 2 ? QB : QK;
-  const int64_t row_bytes = kind == 1 ? K : kind == 2 ? K / 2 : K / QK * (kind == 3 ? 144 : 210);
-  TORCH_CHECK(K % block == 0 && qs.size(1) == row_bytes, "gemm_quant: x has ", K, " columns, weights ", qs.sizes());
+  const int64_t rb = row_bytes(kind, K);
+  TORCH_CHECK(K % block == 0 && qs.size(1) == rb, "gemm_quant: x has ", K, " columns, weights ", qs.sizes());
   if (kind <= 2)
     TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.dim() == 2 && d.size(0) == N && d.size(1) == K / QB,
                 "gemm_quant: scales must be fp16 [", N, ", ", K / QB, "], got ", d.sizes());
@@ -239,10 +239,10 @@ at::Tensor gemm_quant(const at::Tensor& x, const at::Tensor& qs, const at::Tenso
   const auto* q = static_cast<const uint8_t*>(qs.data_ptr());
   const c10::Half* dp = kind <= 2 ? d.data_ptr<c10::Half>() : nullptr;
   switch (kind) {
-    case 1: gemm<1>(xin, M, q, row_bytes, dp, N, o); break;
-    case 2: gemm<2>(xin, M, q, row_bytes, dp, N, o); break;
-    case 3: gemm<3>(xin, M, q, row_bytes, dp, N, o); break;
-    default: gemm<4>(xin, M, q, row_bytes, dp, N, o); break;
+    case 1: gemm<1>(xin, M, q, rb, dp, N, o); break;
+    case 2: gemm<2>(xin, M, q, rb, dp, N, o); break;
+    case 3: gemm<3>(xin, M, q, rb, dp, N, o); break;
+    default: gemm<4>(xin, M, q, rb, dp, N, o); break;
   }
   return out;
 }

@@ -290,9 +290,9 @@ void dequant_bf16_out(const at::Tensor& qs, const at::Tensor& d, int64_t bits, a
   auto* op = out.data_ptr<c10::BFloat16>();
   const c10::Half* dp = d.data_ptr<c10::Half>();
   const auto* q = static_cast<const uint8_t*>(qs.data_ptr());
-  const int64_t row_bytes = bits == 8 ? K : K / 2;
+  const int64_t rb = row_bytes(bits == 8 ? 1 : 2, K);
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) dequant_row(bits, q + n * row_bytes, dp + n * nb, nb, op + n * K);
+    for (int64_t n = n0; n < n1; ++n) dequant_row(bits, q + n * rb, dp + n * nb, nb, op + n * K);
   });
 }
 
