@@ -77,11 +77,10 @@ inline int64_t row_bytes(int64_t kind, int64_t K) {
 
 constexpr int Q4K_ORDER[8] = {0, 2, 1, 3, 4, 6, 5, 7};  // kernel position k holds input block Q4K_ORDER[k]
 
-// Q4_K's 12 bytes -> its 8 scales (bytes 0-7) and 8 mins (bytes 8-15), each in kernel block order. Scalar
-// 64-bit arithmetic (it runs on the integer ports, beside the vector work): bytes 0-7 hold the low 6 bits of
-// scales 0-3 and mins 0-3 and, in their top 2 bits, the high bits of scales / mins 4-7, whose low nibbles are
-// bytes 8-11.
-inline __m128i q4k_scales_mins(const uint8_t* p) {
+// Q4_K's 12 bytes -> its 8 scales and 8 mins as bytes sc0-3, mn0-3, sc4-7, mn4-7 (6 bits each). Scalar 64-bit
+// arithmetic (it runs on the integer ports, beside the vector work): bytes 0-7 hold the low 6 bits of scales 0-3
+// and mins 0-3 and, in their top 2 bits, the high bits of scales / mins 4-7, whose low nibbles are bytes 8-11.
+inline __m128i q4k_scales_mins_raw(const uint8_t* p) {
   uint64_t u01;
   uint32_t u2;
   std::memcpy(&u01, p, 8);
@@ -90,9 +89,12 @@ inline __m128i q4k_scales_mins(const uint8_t* p) {
   const uint64_t top = (u01 >> 6) & 0x0303030303030303ull;
   const uint64_t nib = (static_cast<uint64_t>((u2 >> 4) & 0x0F0F0F0Fu) << 32) | (u2 & 0x0F0F0F0Fu);
   const uint64_t hi = nib | (top << 4);  // sc4-7, mn4-7
-  const __m128i v = _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
-  // bytes now: sc0-3, mn0-3, sc4-7, mn4-7 -> sc and mn, each in the order 0,2,1,3,4,6,5,7
-  return _mm_shuffle_epi8(v, _mm_setr_epi8(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15));
+  return _mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo));
+}
+
+// The same as 8 scales (bytes 0-7) and 8 mins (bytes 8-15), each in kernel block order (Q4K_ORDER)
+inline __m128i q4k_scales_mins(const uint8_t* p) {
+  return _mm_shuffle_epi8(q4k_scales_mins_raw(p), _mm_setr_epi8(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15));
 }
 // Where results go: fp32 or bf16, out[m * ld + n], resolved once per call (not per element: Tensor
 // accessors cost more than a row's whole dot product). ld > N when the result is a column block of a wider
