@@ -15,8 +15,13 @@
 //   times dmin*m. The inputs are laid out per super-block in the matching order once per call
 //   (k4_position). On Zen 4 this is 1.16x the former kernel's rate with the weights in L2 (it had converted and
 //   scaled each of the 4 vectors apart, a lane permute each: the shuffle and multiply pipes both full).
-// - q6_k: a sub-block of 16 is d*sc*(q - 32) with q in 0..63 (4 low bits from ql, 2 from qh). The -32 offset
-//   is folded into the integer sum: vpdpbusd accumulates onto a precomputed -32 * (sum of each 4 inputs).
+// - q6_k: a sub-block of 16 is d*sc*(q - 32) with q in 0..63 (4 low bits from ql, 2 from qh). Each 64-byte
+//   chunk of 6-bit values holds 4 sub-blocks, one per 128-bit lane; two chunks interleaved by qwords
+//   (vpunpck[lh]qdq) keep one sub-block per 4-byte lane over both, so the four vpdpbusd chain into two
+//   accumulators, which one pairwise add and one blend merge into 16 lanes of 16 sub-blocks: one conversion
+//   and one FMA a super-block (the former kernel scaled each chunk apart, a lane permute each: Zen 4, weights
+//   in L2, 1.08x with one input row, 1.17x two, 1.27x four). The -32 offset is folded into the integer sums:
+//   the chains start from -32 * (sum of the inputs each lane meets), laid out with the inputs once per call.
 // quantize_k: W (bf16 / fp32) -> K-quant bytes, the same algorithm and fp32 operations, in the same order, as
 //   kquants.quantize_q4_k / quantize_q6_k; 16 sub-blocks run side by side, one per vector lane, so each
 //   lane's arithmetic is exactly the scalar sequence (tested byte for byte against the torch reference).
@@ -43,9 +48,9 @@ using namespace qwen35_qc;
 constexpr int64_t QK = 256;  // weights per super-block
 constexpr int64_t Q4K = 144, Q6K = 210;  // bytes per super-block
 
-// Input rows quantized per block of 32: xq int8 [M, K], dx / sx fp32 [M, K/32] (scale, scale * sum of xq), and for
-// q6_k xc int32 [M, K/4] = -32 * (sum of each 4 consecutive xq). q4_k's rows: xq in k4_position order, and per
-// super-block 16 lanes dx16 (fp32) and bs16 (int32) in its kernel's lane order (K4_LANE_BLOCK).
+// Input rows quantized per block of 32: xq int8 [M, K] (q4_k: k4_position order, q6_k: k6_position), dx / sx fp32
+// [M, K/32] (scale, scale * sum of xq); per super-block in each kernel's lane order: q4_k dx16 (fp32) and bs16
+// (int32) (K4_LANE_BLOCK), q6_k dx16 (K6_LANE_SUB) and xc (2 x 16 int32: -32 * the inputs each lane meets).
 struct Rows {
   int8_t* xq;
   float* dx;
@@ -71,53 +76,56 @@ constexpr int64_t k4_position(int64_t j, int64_t e) {
 }
 // The sub-block whose sum lane l (0-15) of q4k_rows' merged vector holds: lane pairs (sum, mins) per sub-block
 constexpr int K4_LANE_BLOCK[16] = {0, 0, 2, 2, 4, 4, 6, 6, 1, 1, 3, 3, 5, 5, 7, 7};
+// q6_k's kernel: input element e (0-255) of a super-block at byte k6_position(e): chunk c = e / 64 of the
+// 6-bit values, paired with its neighbour (c / 2) and interleaved by qwords (first halves of each 16, then
+// second halves; 128-bit lane q = sub-block 4c + q).
+constexpr int64_t k6_position(int64_t e) {
+  const int64_t c = e / 64;
+  return (c / 2) * 128 + ((e % 16) / 8) * 64 + ((e % 64) / 16) * 16 + (c % 2) * 8 + e % 8;
+}
+// The sub-block (of 16) whose sum lane l of q6k_rows' merged vector holds
+constexpr int K6_LANE_SUB[16] = {0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15};
 
 template <typename T>
 Rows quantize_rows(const T* x, int64_t M, int64_t K, int64_t kind) {
   const int64_t nb = K / QB, ns = K / QK;
   scratch.bytes.resize(static_cast<size_t>(M * K));
-  scratch.floats.resize(static_cast<size_t>(2 * M * nb + (kind == 3 ? 16 * M * ns : 0)));
-  Rows r{scratch.bytes.data(), scratch.floats.data(), scratch.floats.data() + M * nb, nullptr, nullptr, nullptr};
-  if (kind == 3) {
-    scratch.ints.resize(static_cast<size_t>(16 * M * ns));
-    r.dx16 = scratch.floats.data() + 2 * M * nb;
-    r.bs16 = scratch.ints.data();
-  }
+  scratch.floats.resize(static_cast<size_t>(2 * M * nb + 16 * M * ns));
+  Rows r{scratch.bytes.data(), scratch.floats.data(), scratch.floats.data() + M * nb, nullptr,
+         scratch.floats.data() + 2 * M * nb, nullptr};
+  scratch.ints.resize(static_cast<size_t>((kind == 3 ? 16 : 32) * M * ns));
+  (kind == 3 ? r.bs16 : r.xc) = scratch.ints.data();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const Block32 blk = quantize_block32(x + m * K + b * QB);
       const float d = blk.d;
-      const __m512i q0 = blk.q0, q1 = blk.q1;
-      const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(blk.q0, blk.q1));
       r.dx[m * nb + b] = d;
       r.sx[m * nb + b] = d * static_cast<float>(sum);
-      const __m128i b0 = _mm512_cvtepi32_epi8(q0), b1 = _mm512_cvtepi32_epi8(q1);
-      if (kind != 3) {
-        int8_t* dst = r.xq + m * K + b * QB;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b0);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), b1);
-        continue;
-      }
-      const int64_t s = b / 8, j = b % 8;
-      int8_t* dst = r.xq + m * K + s * QK;  // 8-byte runs: elements 0-7, 8-15, 16-23, 24-31
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + k4_position(j, 0)), b0);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + k4_position(j, 8)), _mm_unpackhi_epi64(b0, b0));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + k4_position(j, 16)), b1);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + k4_position(j, 24)), _mm_unpackhi_epi64(b1, b1));
-      // the high nibbles' sums are 16x (used in place): their lanes take dx / 16 (exact) and -16 * sum
-      for (int l = 0; l < 16; ++l)
-        if (K4_LANE_BLOCK[l] == j) {
-          r.dx16[(m * ns + s) * 16 + l] = j % 2 ? d * 0.0625f : d;
-          r.bs16[(m * ns + s) * 16 + l] = l % 2 ? -sum * (j % 2 ? 16 : 1) : 0;
+      const int64_t s = b / 8, j = b % 8, l16 = (m * ns + s) * 16;
+      // 8-byte runs of the block's 32 values (elements 0-7, 8-15, 16-23, 24-31) to their kernel positions
+      const __m128i b0 = _mm512_cvtepi32_epi8(blk.q0), b1 = _mm512_cvtepi32_epi8(blk.q1);
+      const __m128i run[4] = {b0, _mm_unpackhi_epi64(b0, b0), b1, _mm_unpackhi_epi64(b1, b1)};
+      int8_t* dst = r.xq + m * K + s * QK;
+      for (int t = 0; t < 4; ++t)
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (kind == 3 ? k4_position(j, 8 * t) : k6_position(32 * j + 8 * t))), run[t]);
+      for (int l = 0; l < 16; ++l) {
+        if (kind == 3 && K4_LANE_BLOCK[l] == j) {
+          // the high nibbles' sums are 16x (used in place): their lanes take dx / 16 (exact) and -16 * sum
+          r.dx16[l16 + l] = j % 2 ? d * 0.0625f : d;
+          r.bs16[l16 + l] = l % 2 ? -sum * (j % 2 ? 16 : 1) : 0;
+        } else if (kind == 4 && K6_LANE_SUB[l] / 2 == j) {
+          r.dx16[l16 + l] = d;
         }
+      }
     }
-  if (kind == 4) {
-    scratch.ints.resize(static_cast<size_t>(M * K / 4));
-    r.xc = scratch.ints.data();
+  if (kind == 4) {  // each lane's chain meets 8 inputs, 4 in each of its super-block half's two vectors
     const __m512i m32 = _mm512_set1_epi8(32);
-    for (int64_t i = 0; i < M * K; i += 64) {
-      const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), m32, _mm512_loadu_si512(r.xq + i));
-      _mm512_storeu_si512(r.xc + i / 4, _mm512_sub_epi32(_mm512_setzero_si512(), s));
+    for (int64_t i = 0; i < M * ns * 2; ++i) {
+      const int8_t* v = r.xq + i * 128;
+      const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), m32, _mm512_loadu_si512(v)), m32,
+                                            _mm512_loadu_si512(v + 64));
+      _mm512_storeu_si512(r.xc + i * 16, _mm512_sub_epi32(_mm512_setzero_si512(), s));
     }
   }
   return r;
@@ -130,22 +138,10 @@ Rows quantize_input(const at::Tensor& x, int64_t kind) {
   return quantize_rows(x.data_ptr<float>(), x.size(0), x.size(1), kind);
 }
 
-// q6_k's accumulators per input row: a super-block's 4 chunks would otherwise chain 4 dependent FMAs (16 cycles
-// of latency per 256 weights, measured the bound of the 1-row GEMV); fewer for more rows, which interleave
-// their own chains and need the registers.
 // Software prefetch this many bytes ahead of the weights being read: the super-blocks' 144 / 210 bytes straddle
 // cache lines, and without it the 1-thread head GEMV read ~20% slower than q4_0's aligned streams. (On Zen 4
 // too, unlike the bf16 / q8_0 / q4_0 GEMVs: cold q6_k on one thread 17.9 against 17.0 GB/s without.)
 constexpr int64_t PREFETCH = 2048;
-template <int M>
-constexpr int NACC = M == 1 ? 4 : (M <= 3 ? 2 : 1);
-template <int M>
-inline __m512 sum_acc(const __m512* a) {
-  __m512 s = a[0];
-  for (int i = 1; i < NACC<M>; ++i) s = _mm512_add_ps(s, a[i]);
-  return s;
-}
-
 template <int M>
 void q4k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& r, const Out& out) {
   const int64_t ns = K / QK;
@@ -194,24 +190,19 @@ void q4k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& 
 
 template <int M>
 void q6k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& r, const Out& out) {
-  const int64_t ns = K / QK, nb = K / QB;
+  const int64_t ns = K / QK;
   const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
-  // 16 sub-block scales -> lane j of the scale vector pairs sub-block j with input block j/2
-  const __m512i half_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  const __m512i qsel[4] = {quad, _mm512_add_epi32(quad, _mm512_set1_epi32(4)), _mm512_add_epi32(quad, _mm512_set1_epi32(8)),
-                           _mm512_add_epi32(quad, _mm512_set1_epi32(12))};
+  const __m128i sc_order = _mm_setr_epi8(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15);  // K6_LANE_SUB
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = qs + n * ns * Q6K;
-    __m512 acc[M][NACC<M>];
-    for (int m = 0; m < M; ++m)
-      for (int a = 0; a < NACC<M>; ++a) acc[m][a] = _mm512_setzero_ps();
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t s = 0; s < ns; ++s) {
       const uint8_t* b = w + s * Q6K;
       for (int l = 0; l < 4; ++l) _mm_prefetch(reinterpret_cast<const char*>(b + PREFETCH + 64 * l), _MM_HINT_T0);
-      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_at(b + 208)),
-                                      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)))));
-      __m512i ch[4];
+      const __m128i sc8 = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)), sc_order);
+      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(half_at(b + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc8)));
+      __m512i ch[4];  // the 6-bit values of elements 64c .. 64c+63
       for (int h = 0; h < 2; ++h) {
         const __m512i v = _mm512_loadu_si512(b + 64 * h);
         const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
@@ -219,20 +210,25 @@ void q6k_rows(const uint8_t* qs, int64_t n0, int64_t n1, int64_t K, const Rows& 
         ch[2 * h] = _mm512_or_si512(_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_slli_epi16(hh, 4), bits45));
         ch[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), _mm512_and_si512(hh, bits45));
       }
+      // 128-bit lane q: [sub-block q of chunk 2p: first 8, of chunk 2p+1: first 8], then the second 8s
+      const __m512i p0 = _mm512_unpacklo_epi64(ch[0], ch[1]), p1 = _mm512_unpackhi_epi64(ch[0], ch[1]);
+      const __m512i p2 = _mm512_unpacklo_epi64(ch[2], ch[3]), p3 = _mm512_unpackhi_epi64(ch[2], ch[3]);
       for (int m = 0; m < M; ++m) {
-        const __m512 dx = _mm512_permutexvar_ps(half_idx, _mm512_zextps256_ps512(_mm256_loadu_ps(r.dx + m * nb + s * 8)));
-        const __m512 s16 = _mm512_mul_ps(sc, dx);
         const int8_t* xm = r.xq + m * K + s * QK;
-        const int32_t* cm = r.xc + (m * K + s * QK) / 4;
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; ++c) {
-          const __m512i iv = _mm512_dpbusd_epi32(_mm512_loadu_si512(cm + 16 * c), ch[c], _mm512_loadu_si512(xm + 64 * c));
-          __m512& a = acc[m][c % NACC<M>];
-          a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iv), _mm512_permutexvar_ps(qsel[c], s16), a);
-        }
+        const int32_t* cm = r.xc + (m * ns + s) * 32;
+        // lanes [q, q, 4+q, 4+q] and [8+q, 8+q, 12+q, 12+q] (sub-blocks, per 128-bit lane q) ...
+        __m512i a = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_loadu_si512(cm), p0, _mm512_loadu_si512(xm)), p1,
+                                        _mm512_loadu_si512(xm + 64));
+        __m512i c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_loadu_si512(cm + 16), p2, _mm512_loadu_si512(xm + 128)),
+                                        p3, _mm512_loadu_si512(xm + 192));
+        // ... each pair summed, one lane of each kept: K6_LANE_SUB order
+        a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_CDAB));
+        c = _mm512_add_epi32(c, _mm512_shuffle_epi32(c, _MM_PERM_CDAB));
+        const __m512 S = _mm512_mul_ps(sc, _mm512_loadu_ps(r.dx16 + (m * ns + s) * 16));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_mask_blend_epi32(0xAAAA, a, c)), S, acc[m]);
       }
     }
-    for (int m = 0; m < M; ++m) out.store(m, n, _mm512_reduce_add_ps(sum_acc<M>(acc[m])));
+    for (int m = 0; m < M; ++m) out.store(m, n, _mm512_reduce_add_ps(acc[m]));
   }
 }
 
