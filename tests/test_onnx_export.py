@@ -260,7 +260,9 @@ def test_greedy_64_tokens_on_the_bundled_model_equal_qwen35_generate(bundled_exp
 
     ids = Tokenizer.from_file(str(bundled_export / "tokenizer.json")).encode(PROMPT).ids
     om = OnnxModel(bundled_export)
-    expected = generate_ids(BUNDLED, PROMPT, 64)
+    # fp32 against fp32: against qwen35's default bf16 the 64 tokens had matched on the Sapphire Rapids hosts
+    # and parted at token 42 on a Zen 4 host (a near tie that bf16 rounding breaks either way)
+    expected = generate_ids(BUNDLED, PROMPT, 64, "--dtype", "float32")
     assert om.greedy(ids, 64, stop=False) == expected
     assert list(om.sessions) == ["prefill"]  # every step through the prefill graph: one session, weights once
     assert om.greedy(ids, 64, stop=False, chunk=2) == expected  # the prompt in 2-token chunks
