@@ -49,16 +49,15 @@ using namespace qwen35_qc;
 constexpr int64_t QK = 256;  // weights per super-block
 constexpr int64_t Q4K = 144, Q6K = 210;  // bytes per super-block
 
-// Input rows quantized per block of 32: xq int8 [M, K] (q4_k: k4_position order, q6_k: k6_position), dx / sx fp32
-// [M, K/32] (scale, scale * sum of xq); per super-block in each kernel's lane order: q4_k dx16 (fp32) and bs16
-// (int32) (K4_LANE_BLOCK), q6_k dx16 (K6_LANE_SUB) and xc (2 x 16 int32: -32 * the inputs each lane meets).
+// Input rows quantized per block of 32, laid out for each kernel: xq int8 [M, K] (q4_k: k4_position order, q6_k:
+// k6_position), and per super-block 16 lanes in the kernel's lane order: the block scales dx16 (fp32; K4_LANE_BLOCK,
+// K6_LANE_SUB), for q4_k bs16 (int32: the mins' -sum of the block's inputs), for q6_k xc (2 x 16 int32: -32 * the
+// inputs each lane meets).
 struct Rows {
   int8_t* xq;
-  float* dx;
-  float* sx;
-  int32_t* xc;
   float* dx16;
   int32_t* bs16;
+  int32_t* xc;
 };
 struct Scratch {
   std::vector<int8_t> bytes;
@@ -91,18 +90,14 @@ template <typename T>
 Rows quantize_rows(const T* x, int64_t M, int64_t K, int64_t kind) {
   const int64_t nb = K / QB, ns = K / QK;
   scratch.bytes.resize(static_cast<size_t>(M * K));
-  scratch.floats.resize(static_cast<size_t>(2 * M * nb + 16 * M * ns));
-  Rows r{scratch.bytes.data(), scratch.floats.data(), scratch.floats.data() + M * nb, nullptr,
-         scratch.floats.data() + 2 * M * nb, nullptr};
+  scratch.floats.resize(static_cast<size_t>(16 * M * ns));
   scratch.ints.resize(static_cast<size_t>((kind == 3 ? 16 : 32) * M * ns));
+  Rows r{scratch.bytes.data(), scratch.floats.data(), nullptr, nullptr};
   (kind == 3 ? r.bs16 : r.xc) = scratch.ints.data();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < nb; ++b) {
       const Block32 blk = quantize_block32(x + m * K + b * QB);
       const float d = blk.d;
-      const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(blk.q0, blk.q1));
-      r.dx[m * nb + b] = d;
-      r.sx[m * nb + b] = d * static_cast<float>(sum);
       const int64_t s = b / 8, j = b % 8, l16 = (m * ns + s) * 16;
       // 8-byte runs of the block's 32 values (elements 0-7, 8-15, 16-23, 24-31) to their kernel positions
       const __m128i b0 = _mm512_cvtepi32_epi8(blk.q0), b1 = _mm512_cvtepi32_epi8(blk.q1);
@@ -110,6 +105,7 @@ Rows quantize_rows(const T* x, int64_t M, int64_t K, int64_t kind) {
       int8_t* dst = r.xq + m * K + s * QK;
       for (int t = 0; t < 4; ++t)
         _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (kind == 3 ? k4_position(j, 8 * t) : k6_position(32 * j + 8 * t))), run[t]);
+      const int32_t sum = kind == 3 ? _mm512_reduce_add_epi32(_mm512_add_epi32(blk.q0, blk.q1)) : 0;  // q4_k's mins
       for (int l = 0; l < 16; ++l) {
         if (kind == 3 && K4_LANE_BLOCK[l] == j) {
           // the high nibbles' sums are 16x (used in place): their lanes take dx / 16 (exact) and -16 * sum
