@@ -46,6 +46,26 @@ def build_base(rev: str) -> None:
          extra_ldflags=OPENMP, is_python_module=False, build_directory=str(out))
 
 
+def decode_model(path: Path, quant: str, threads: int):
+    """The replica at `path` (built if missing) loaded with `quant`, kernels on, and every quantized matrix a
+    decode step reads (the MTP head's aside), in decode order. Exits where the kernels cannot run."""
+    import qwen35
+    from qwen35.ops import kernels
+    from qwen35.quant.weight import QuantizedWeight
+
+    if not kernels.available():
+        raise SystemExit(f"the kernels are unavailable: {kernels.unavailable_reason()}")
+    if not (path / "config.json").is_file():
+        from qwen35.commands.replica import build_replica
+
+        build_replica(path, "0.8b")
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    model = qwen35.load_model(path, dtype=torch.bfloat16, quant=quant)
+    mats = [w for name, w in model.named_weights() if isinstance(w, QuantizedWeight) and not name.startswith("mtp.")]
+    return model, mats
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rev", default="2b580c7", help="the revision whose kernels are the baseline")
@@ -56,21 +76,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    import qwen35
-    from qwen35.ops import kernels
-    from qwen35.quant.weight import QuantizedWeight
-
-    if not kernels.available():
-        raise SystemExit(f"the kernels are unavailable: {kernels.unavailable_reason()}")
-    if not (args.model / "config.json").is_file():
-        from qwen35.commands.replica import build_replica
-
-        build_replica(args.model, "0.8b")
+    model, mats = decode_model(args.model, args.quant, args.threads)
     build_base(args.rev)
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    model = qwen35.load_model(args.model, dtype=torch.bfloat16, quant=args.quant)
-    mats = [w for name, w in model.named_weights() if isinstance(w, QuantizedWeight) and not name.startswith("mtp.")]
     nbytes = sum(w.nbytes for w in mats)
     k_bytes = sum(w.nbytes for w in mats if w.scheme in ("q4_k", "q6_k"))
     builds = {"base": torch.ops.qwen35_base, "this": torch.ops.qwen35}

@@ -34,23 +34,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    import qwen35
     import qwen35.generation as G
-    from qwen35.ops import kernels
-    from qwen35.quant.weight import QuantizedWeight
     from qwen35.runtime import WeightArena, tune_allocator
 
-    if not kernels.available():
-        raise SystemExit(f"the kernels are unavailable: {kernels.unavailable_reason()}")
-    if not (args.model / "config.json").is_file():
-        from qwen35.commands.replica import build_replica
+    from bench_gemv_ab import decode_model
 
-        build_replica(args.model, "0.8b")
     tune_allocator()
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    model = qwen35.load_model(args.model, dtype=torch.bfloat16, quant=args.quant)
-    mats = [w for n, w in model.named_weights() if isinstance(w, QuantizedWeight) and not n.startswith("mtp.")]
+    model, mats = decode_model(args.model, args.quant, args.threads)
     xs = [torch.randn(1, w.shape[1]).to(torch.bfloat16) for w in mats]
     nbytes = sum(w.nbytes for w in mats)
     buf = WeightArena(nbytes).take((nbytes // 8,), torch.int64)
