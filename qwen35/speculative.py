@@ -35,7 +35,7 @@ from .draft_policy import ADAPTIVE_MAX_DRAFTS, RoundCosts, SpeculativeStats, cho
 from .errors import Qwen35Error
 from .generation import Response, Stream
 from .ops.linear import linear
-from .sampling import SamplingParams, speculative_accept
+from .sampling import SamplingParams, draw, speculative_accept
 
 MAX_DRAFT_TOKENS = 7  # k + 1 verify tokens per row must fit the whole-layer kernels (ops/fast.LAYER_MAX_TOKENS)
 MAX_VERIFY_ROWS = 64  # rows x tokens the whole-layer kernels take in one call (ops/layer_decode.layer_decoding)
@@ -336,7 +336,7 @@ def _draw(stream: Stream, head: DraftHead, logits: torch.Tensor, pending: list[i
             return head.token(int(logits.argmax(-1))), None
         return int(sampler.process(head.full(logits), pending).argmax(-1)), None
     q = sampler.distribution(head.full(logits), pending)[0]
-    return int(torch.multinomial(q, 1, generator=sampler.generator)), q
+    return draw(q, sampler.generator), q
 
 
 def _accept(stream: Stream, vlogits: torch.Tensor, drafts: list[int], qs: list[torch.Tensor]) -> list[Response]:

@@ -131,10 +131,13 @@ def test_invalid_params_name_the_parameter(kw, name):
         SamplingParams(**kw)
 
 
-def test_segmented_argmax_is_torch_argmax():
-    """sampling.argmax (the largest of 8 segments' maxima) picks torch's index: the first maximum, NaN first."""
-    from qwen35.sampling import argmax
+@pytest.mark.parametrize("which", ["argmax", "segmented_argmax"])
+def test_argmax_is_torch_argmax(which):
+    """sampling.argmax (the top-1 kernel where it can run) and segmented_argmax (the largest of 8 segments'
+    maxima) pick torch's index: the first maximum, NaN first."""
+    from qwen35 import sampling
 
+    argmax = getattr(sampling, which)
     gen = torch.Generator().manual_seed(0)
     for trial in range(300):
         V = (248320, 4096, 4100, 100)[trial % 4]
@@ -150,3 +153,89 @@ def test_segmented_argmax_is_torch_argmax():
         assert torch.equal(argmax(x), x.argmax(-1)), trial
     rows = torch.randn(4, 3, 248320, generator=gen)[:, -1]  # a strided view, as logits[:, -1] gives
     assert torch.equal(argmax(rows), rows.argmax(-1))
+
+
+def _logits(gen, V, kind):
+    """Rows of logits of one kind: continuous, many ties, -inf masks (a grammar), a few finite values."""
+    if kind == "randn":
+        return torch.randn(1, V, generator=gen) * 3
+    if kind == "ties":
+        return torch.randint(-4, 4, (1, V), generator=gen).float()
+    x = torch.randn(1, V, generator=gen) * 2
+    keep = torch.rand(1, V, generator=gen) < (0.3 if kind == "masked" else 8 / V)
+    return x.masked_fill(~keep, float("-inf"))
+
+
+PARAMS = [dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=1.0, top_k=20, top_p=0.95, presence_penalty=1.5),
+          dict(temperature=0.6, top_p=0.9), dict(top_p=0.5, min_p=0.05), dict(min_p=0.1), dict(temperature=1.3),
+          dict(top_k=1), dict(top_k=5, min_p=0.2, repetition_penalty=1.3), dict(top_k=200, frequency_penalty=0.7),
+          dict(top_p=0.3, logit_bias={3: 2.5, 7: -100.0}, presence_penalty=-0.5)]
+
+
+@pytest.mark.parametrize("V", [10, 4100, 248320])
+def test_distribution_equals_the_whole_vocabulary_reference(V):
+    """Sampler.distribution (penalties at their ids, top-k / top-p / min-p from a top-k) gives the probabilities
+    of reference_distribution (the formulas over the whole vocabulary, a stable sort for top-p, float64),
+    with ties, -inf masks, penalties, biases and a speculative draft's pending tokens: the same support, the
+    same values to fp32 rounding. Where a top-p boundary falls inside a run of equal logits, rounding alone
+    decides how much of the run stays: there the supports may differ by a token of that run, nothing else."""
+    gen = torch.Generator().manual_seed(V)
+    for n, kw in enumerate(PARAMS):
+        for kind in ("randn", "ties", "masked", "few"):
+            s = Sampler(SamplingParams(**kw), V, prompt_tokens=[[1, 2, 2, 5]])
+            for t in torch.randint(0, V, (6,), generator=gen).tolist() + [2, 2]:
+                s.observe(torch.tensor([t]))
+            pending = torch.randint(0, V, (3,), generator=gen).tolist() + [2]
+            for pend in ((), pending):
+                x = _logits(gen, V, kind)
+                fast, ref = s.distribution(x, pend), s.reference_distribution(x, pend)
+                differ = (fast > 0) != (ref > 0)
+                if differ.any():
+                    y = s.process(x, pend) / s.params.temperature
+                    assert kind == "ties" and int(differ.sum()) == 1, (kw, kind, pend)
+                    assert bool((y[differ] == y[ref > 0].min()).all()), (kw, kind, pend)
+                else:
+                    assert torch.allclose(fast.double(), ref, rtol=2e-6, atol=1e-9), (kw, kind, pend)
+                assert torch.equal(s.process(x, pend), s.reference_process(x, pend)), (kw, kind, pend)
+
+
+def test_draws_follow_the_distribution():
+    """Sampler's draws (the kept tokens' running sum inverted at one uniform number) land on each token as
+    often as its probability says, never on a token the filters dropped: 20,000 draws, each count within
+    5 standard deviations of its expectation."""
+    V = 4100
+    x = torch.full((1, V), float("-inf"))
+    x[0, [7, 100, 101, 2048, 4099]] = torch.tensor([1.0, 0.5, 0.5, -1.0, 0.0])
+    s = Sampler(SamplingParams(top_k=4, seed=0), V)
+    p = s.distribution(x)[0]
+    counts = torch.zeros(V)
+    for _ in range(20000):
+        counts[int(s(x))] += 1
+    n = 20000
+    expected = p * n
+    assert set(counts.nonzero()[:, 0].tolist()) <= set(p.nonzero()[:, 0].tolist()) == {7, 100, 101, 4099}
+    assert bool(((counts - expected).abs() <= 5 * (expected * (1 - p)).sqrt() + 1).all()), (counts[p > 0], expected[p > 0])
+
+
+def test_top_k_is_a_stable_sort():
+    """sampling.top_k (the kernel up to KERNEL_TOP_K values, torch's topk beyond) gives the first k of a stable
+    descending sort: equal values by ascending id, -inf and inf in place; a row with a NaN as torch.topk."""
+    from qwen35.sampling import top_k
+
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        V = (248320, 4100, 37, 16)[trial % 4]
+        y = torch.randint(-6, 6, (V,), generator=gen).float() if trial % 2 else torch.randn(V, generator=gen)
+        if trial % 3 == 0:
+            y[torch.randint(0, V, (V // 3,), generator=gen)] = float("-inf")
+        if trial % 5 == 0:
+            y[torch.randint(0, V, (2,), generator=gen)] = float("inf")
+        k = (1, 2, 21, 64, 65, 300)[trial % 6] if V > 300 else min(V, (1, 3, 16)[trial % 3])
+        vals, ids = top_k(y, k)
+        ref_vals, ref_ids = y.sort(descending=True, stable=True)
+        assert torch.equal(vals, ref_vals[:k]) and torch.equal(ids, ref_ids[:k]), (trial, V, k)
+    y = torch.randn(4100, generator=gen)
+    y[17] = float("nan")
+    vals, ids = top_k(y, 3)
+    ref = y.topk(3)
+    assert int(ids[0]) == 17 and torch.equal(vals[1:], ref.values[1:]) and torch.equal(ids[1:], ref.indices[1:])

@@ -17,7 +17,8 @@ log = logging.getLogger("qwen35")
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 SOURCES = [SOURCE] + [Path(__file__).with_name(n) for n in ("quant_kernels.cpp", "quant_k_kernels.cpp",
                                                              "quant_gemm.cpp", "kv_kernels.cpp",
-                                                             "decode_stack.cpp", "amx_panels.cpp")]
+                                                             "decode_stack.cpp", "amx_panels.cpp",
+                                                             "topk_kernels.cpp")]
 # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into this library;
 # without the flag every parallel_for here silently runs on one thread (measured: 101% CPU on 2 cores).
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
