@@ -35,7 +35,7 @@ from .draft_policy import ADAPTIVE_MAX_DRAFTS, RoundCosts, SpeculativeStats, cho
 from .errors import Qwen35Error
 from .generation import Response, Stream
 from .ops.linear import linear
-from .sampling import SamplingParams, draw, speculative_accept
+from .sampling import SamplingParams, argmax, draw, speculative_accept
 
 MAX_DRAFT_TOKENS = 7  # k + 1 verify tokens per row must fit the whole-layer kernels (ops/fast.LAYER_MAX_TOKENS)
 MAX_VERIFY_ROWS = 64  # rows x tokens the whole-layer kernels take in one call (ops/layer_decode.layer_decoding)
@@ -333,8 +333,8 @@ def _draw(stream: Stream, head: DraftHead, logits: torch.Tensor, pending: list[i
     sampler, p = stream.sampler, stream.params
     if p.greedy:
         if sampler.plain:
-            return head.token(int(logits.argmax(-1))), None
-        return int(sampler.process(head.full(logits), pending).argmax(-1)), None
+            return head.token(int(argmax(logits.float()))), None
+        return int(argmax(sampler.process(head.full(logits), pending))), None
     q = sampler.distribution(head.full(logits), pending)[0]
     return draw(q, sampler.generator), q
 
@@ -350,7 +350,7 @@ def _accept(stream: Stream, vlogits: torch.Tensor, drafts: list[int], qs: list[t
             out.append(stream.sample(logits))
             break
         if stream.params.greedy:
-            tok = int(stream.sampler.process(logits).argmax(-1))
+            tok = int(argmax(stream.sampler.process(logits)))
         else:
             _, tok = speculative_accept(stream.sampler.distribution(logits)[0], qs[i], drafts[i],
                                         stream.sampler.generator)
