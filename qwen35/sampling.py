@@ -362,7 +362,7 @@ class Sampler:
         out = torch.empty(y.shape[0], dtype=torch.long)
         for b in range(y.shape[0]):
             vals, ids = self._kept(y[b])
-            i = draw(_softmax(vals), self.generator)
+            i = draw((vals - vals.max()).exp(), self.generator)  # draw needs no normalized weights
             out[b] = i if ids is None else int(ids[i])
         return out
 
@@ -398,14 +398,35 @@ def _ties_by_id(vals: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, to
     return vals, ids
 
 
+DRAW_BLOCK = 512  # weights per block of draw's two-level search
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
     """An index drawn with probability proportional to probs [n] (non-negative, zeros allowed, any positive
-    total) from one uniform number: the inverse of their running sum. torch.multinomial takes 5 ms over a 248,320-token vocabulary here;
-    this, a cumulative sum and a binary search."""
+    total) from one uniform number: the inverse of their running sum. torch.multinomial takes 5 ms over a
+    248,320-token vocabulary here, a cumulative sum of all of it ~0.3 ms; a long row is searched in two levels
+    instead: the block of DRAW_BLOCK weights the target falls in (from the blocks' sums), then the weight within
+    it (its running sum from the blocks before)."""
+    n = probs.numel()
+    u = torch.rand((), generator=generator, dtype=probs.dtype)
+    if n > 8 * DRAW_BLOCK:
+        full = n // DRAW_BLOCK * DRAW_BLOCK
+        sums = probs[:full].view(-1, DRAW_BLOCK).sum(1)
+        if full < n:
+            sums = torch.cat([sums, probs[full:].sum()[None]])
+        cdf = sums.cumsum(0)
+        target = u * cdf[-1]
+        b = min(int(torch.searchsorted(cdf, target[None], right=True)[0]), cdf.numel() - 1)
+        lo = b * DRAW_BLOCK
+        block = probs[lo : min(n, lo + DRAW_BLOCK)]
+        local = block.cumsum(0) + (cdf[b - 1] if b > 0 else 0)
+        i = int(torch.searchsorted(local, target[None], right=True)[0])
+        if i < block.numel() and bool(block[i] > 0):
+            return lo + i
+        # the two levels' rounding put the target past the block's last weight: the plain search decides
     cdf = probs.cumsum(0)
-    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
-    i = int(torch.searchsorted(cdf, u[None], right=True)[0])
-    if i >= probs.numel() or not bool(probs[i] > 0):  # u rounded up to the total: the last token that can be drawn
+    i = int(torch.searchsorted(cdf, (u * cdf[-1])[None], right=True)[0])
+    if i >= n or not bool(probs[i] > 0):  # u rounded up to the total: the last token that can be drawn
         i = int((probs > 0).nonzero()[-1, 0])
     return i
 
