@@ -441,12 +441,16 @@ def step_logprobs(logits: torch.Tensor, token: torch.Tensor, params: SamplingPar
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0):
-    """Log-probabilities of `tokens` [B] under logits [B, V], and the `top` best (ids, logprobs)."""
-    logp = logits.float().log_softmax(-1)
-    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+    """Log-probabilities of `tokens` [B] under logits [B, V], and the `top` best (ids, logprobs): each logit
+    minus the row's logsumexp, the best from `top_k` (equal values by id), not a log_softmax and a topk over the
+    whole vocabulary (~0.8 ms a 248,320-logit row here, every token of a request that asks for logprobs)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, -1)
+    chosen = x.gather(-1, tokens[:, None])[:, 0] - lse
     if top:
-        vals, ids = logp.topk(top, dim=-1)
-        return chosen, (ids, vals)
+        best = [top_k(row, top) for row in x]
+        ids = torch.stack([i for _, i in best])
+        return chosen, (ids, torch.stack([v for v, _ in best]) - lse[:, None])
     return chosen, None
 
 
