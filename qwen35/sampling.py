@@ -297,6 +297,8 @@ class Sampler:
         if vals is None:
             return y, None
         if vals.numel() == 0 or not bool(vals[0] > float("-inf")):
+            if bool(y.isnan().any()):
+                raise SamplingError("cannot draw a token: the logits hold NaN")
             raise SamplingError("no token can be drawn: every logit is -inf after the biases, penalties and mask")
         return vals, ids
 
@@ -362,7 +364,12 @@ class Sampler:
         out = torch.empty(y.shape[0], dtype=torch.long)
         for b in range(y.shape[0]):
             vals, ids = self._kept(y[b])
-            i = draw((vals - vals.max()).exp(), self.generator)  # draw needs no normalized weights
+            m = vals.max()
+            if not bool(m > float("-inf")):  # also a NaN maximum
+                if bool(vals.isnan().any()):
+                    raise SamplingError("cannot draw a token: the logits hold NaN")
+                raise SamplingError("no token can be drawn: every logit is -inf after the biases, penalties and mask")
+            i = draw((vals - m).exp(), self.generator)  # draw needs no normalized weights
             out[b] = i if ids is None else int(ids[i])
         return out
 
@@ -408,6 +415,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
     instead: the block of DRAW_BLOCK weights the target falls in (from the blocks' sums), then the weight within
     it (its running sum from the blocks before)."""
     n = probs.numel()
+    total = float(probs.sum())
+    if not (math.isfinite(total) and total > 0):
+        raise SamplingError(f"cannot draw a token: the probabilities sum to {total} (NaN or infinite logits, or "
+                            "every token masked)")
     u = torch.rand((), generator=generator, dtype=probs.dtype)
     if n > 8 * DRAW_BLOCK:
         full = n // DRAW_BLOCK * DRAW_BLOCK

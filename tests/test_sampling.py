@@ -259,3 +259,19 @@ def test_draw_over_a_long_row_follows_the_weights(n):
     expected = p * 20000
     assert float(counts[w == 0].sum()) == 0
     assert bool(((counts - expected).abs() <= 5 * (expected * (1 - p)).sqrt() + 1).all()), (counts[at], expected[at])
+
+
+def test_a_draw_from_broken_logits_names_the_problem():
+    """NaN or +inf logits give no distribution to draw from: a SamplingError that says so (torch.multinomial's
+    'invalid multinomial distribution' before), for the whole vocabulary and for a top-k / top-p set alike;
+    a fully masked row says that instead."""
+    x = torch.randn(1, 4100)
+    x[0, 7] = float("nan")
+    for kw in (dict(), dict(top_k=20), dict(top_p=0.9)):
+        with pytest.raises(SamplingError, match=r"^cannot draw a token: the (logits hold NaN|probabilities sum to nan)"):
+            Sampler(SamplingParams(seed=0, **kw), 4100)(x)
+    x = torch.full((1, 4100), float("-inf"))
+    with pytest.raises(SamplingError, match="^no token can be drawn: every logit is -inf"):
+        Sampler(SamplingParams(seed=0, top_k=20), 4100)(x)
+    with pytest.raises(SamplingError, match="^no token can be drawn: every logit is -inf"):
+        Sampler(SamplingParams(seed=0), 4100)(x)
