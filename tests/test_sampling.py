@@ -172,13 +172,18 @@ PARAMS = [dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=1.0, top_
           dict(top_p=0.3, logit_bias={3: 2.5, 7: -100.0}, presence_penalty=-0.5)]
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("V", [10, 4100, 248320])
-def test_distribution_equals_the_whole_vocabulary_reference(V):
+def test_distribution_equals_the_whole_vocabulary_reference(V, kernel, monkeypatch):
     """Sampler.distribution (penalties at their ids, top-k / top-p / min-p from a top-k) gives the probabilities
     of reference_distribution (the formulas over the whole vocabulary, a stable sort for top-p, float64),
     with ties, -inf masks, penalties, biases and a speculative draft's pending tokens: the same support, the
     same values to fp32 rounding. Where a top-p boundary falls inside a run of equal logits, rounding alone
     decides how much of the run stays: there the supports may differ by a token of that run, nothing else."""
+    from qwen35 import sampling
+
+    if not kernel:  # torch's topk where the kernels cannot run
+        monkeypatch.setattr(sampling, "_kernel_ready", lambda x: False)
     gen = torch.Generator().manual_seed(V)
     for n, kw in enumerate(PARAMS):
         for kind in ("randn", "ties", "masked", "few"):
@@ -217,10 +222,16 @@ def test_draws_follow_the_distribution():
     assert bool(((counts - expected).abs() <= 5 * (expected * (1 - p)).sqrt() + 1).all()), (counts[p > 0], expected[p > 0])
 
 
-def test_top_k_is_a_stable_sort():
-    """sampling.top_k (the kernel up to KERNEL_TOP_K values, torch's topk beyond) gives the first k of a stable
-    descending sort: equal values by ascending id, -inf and inf in place; a row with a NaN as torch.topk."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_top_k_is_a_stable_sort(kernel, monkeypatch):
+    """sampling.top_k (the kernel up to KERNEL_TOP_K values, torch's topk beyond, and always where the kernels
+    cannot run) gives the first k of a stable descending sort: equal values by ascending id, -inf and inf in
+    place; a row with a NaN as torch.topk."""
+    from qwen35 import sampling
     from qwen35.sampling import top_k
+
+    if not kernel:
+        monkeypatch.setattr(sampling, "_kernel_ready", lambda x: False)
 
     gen = torch.Generator().manual_seed(1)
     for trial in range(200):
