@@ -208,12 +208,21 @@ def test_chat_repl_ctrl_c(repl, monkeypatch):
     assert stats[1][1] == len(repl.tok.encode(again)) and stats[1][3] >= stats[0][1]
 
 
+def sigint_as_a_terminal_sends_it():
+    """For a child that must see Ctrl-C: SIGINT back to its default. A test run started in the background by a
+    shell without job control (`.ci/run &` in a script) inherits SIGINT ignored, and Python keeps an ignored
+    SIGINT ignored, so the child would never be interrupted (both tests below hung for their whole timeout)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_chat_repl_in_a_pty(chat_model_dir):
     """The REPL as a terminal drives it: prompt, an answer, a real SIGINT mid-answer, /quit. The logic is
     tested above without a terminal; the timeout only catches a hang and is far above any plausible run."""
     child = pexpect.spawn(sys.executable, ["-m", "qwen35", "chat", str(chat_model_dir), "--max-tokens", "6",
                                            "--temperature", "0", "--no-think"], env=ENV, encoding="utf-8",
-                          timeout=600)
+                          timeout=600, preexec_fn=sigint_as_a_terminal_sends_it)
     child.expect(">>> ")
     child.sendline("Hello")
     child.expect(r"\[6 tokens; prompt (\d+), prefilled (\d+), reused 0\]")
@@ -264,7 +273,7 @@ def test_output_piped_to_a_reader_that_leaves(chat_model_dir):
     """`qwen35 generate ... | head -c 1`: the reader goes away mid-answer; no traceback, exit 141."""
     p = subprocess.Popen([sys.executable, "-m", "qwen35", "generate", str(chat_model_dir), "--prompt", "Hello",
                           "--max-tokens", "100000", "--ignore-eos", "--temperature", "0"], env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_as_a_terminal_sends_it)
     assert p.stdout.read(1)
     p.stdout.close()
     _, err = p.communicate(timeout=300)
@@ -276,7 +285,7 @@ def test_ctrl_c_during_generate(chat_model_dir):
 
     p = subprocess.Popen([sys.executable, "-m", "qwen35", "generate", str(chat_model_dir), "--prompt", "Hello",
                           "--max-tokens", "100000", "--ignore-eos", "--temperature", "0"], env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_as_a_terminal_sends_it)
     assert p.stdout.read(1)  # generating
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
