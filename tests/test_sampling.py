@@ -286,3 +286,18 @@ def test_a_draw_from_broken_logits_names_the_problem():
         Sampler(SamplingParams(seed=0, top_k=20), 4100)(x)
     with pytest.raises(SamplingError, match="^no token can be drawn: every logit is -inf"):
         Sampler(SamplingParams(seed=0), 4100)(x)
+
+
+def test_penalties_per_row_of_a_batch():
+    """A batch Sampler keeps each row's own counts: process (penalties at each row's ids) equals the
+    whole-vocabulary formulas row by row, and the rows differ where their histories do."""
+    V = 4100
+    s = Sampler(SamplingParams(presence_penalty=1.5, frequency_penalty=0.25, repetition_penalty=1.2), V, 2,
+                prompt_tokens=[[1, 2, 3], [4000, 4001]])
+    for a, b in ((7, 9), (7, 7), (100, 4099), (2, 3)):
+        s.observe(torch.tensor([a, b]))
+    x = torch.randn(2, V, generator=torch.Generator().manual_seed(0))
+    out = s.process(x)
+    assert torch.equal(out, s.reference_process(x))
+    assert out[0, 7] != x[0, 7] and out[1, 7] != x[1, 7] and out[0, 100] != x[0, 100] and out[1, 100] == x[1, 100]
+    assert out[1, 4000] != x[1, 4000] and out[0, 4000] == x[0, 4000]  # the repetition penalty's prompt ids
