@@ -234,15 +234,20 @@ class Sampler:
             for i in at:
                 counts[i] += 1
                 seen[i] = True
-            v = x[b, ids]
-            if p.repetition_penalty != 1.0:
-                pen = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-                v = torch.where(seen, pen, v)
-            if p.presence_penalty:
-                v -= p.presence_penalty * (counts > 0)
-            if p.frequency_penalty:
-                v -= p.frequency_penalty * counts
-            x[b, ids] = v
+            x[b, ids] = self._penalised(x[b, ids], counts, seen)
+        return x
+
+    def _penalised(self, x: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """The three penalties on logits x given each one's count and seen flag (tensors of x's shape): the
+        formulas both `process` (at the touched ids) and `reference_process` (everywhere) apply."""
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            x = torch.where(seen, pen, x)
+        if p.presence_penalty:
+            x -= p.presence_penalty * (counts > 0)
+        if p.frequency_penalty:
+            x -= p.frequency_penalty * counts
         return x
 
     def _scaled(self, logits: torch.Tensor, pending: Sequence[int] = ()) -> torch.Tensor:
@@ -336,8 +341,7 @@ class Sampler:
         return x.softmax(-1)
 
     def reference_process(self, logits: torch.Tensor, pending: Sequence[int] = ()) -> torch.Tensor:
-        """`process` with whole-vocabulary tensors (the formulas as written; tests hold `process` to it)."""
-        p = self.params
+        """`process` with whole-vocabulary tensors (tests hold `process` to it)."""
         x = logits.float().clone()
         if self.bias is not None:
             x += self.bias
@@ -347,14 +351,7 @@ class Sampler:
             for t in pending:
                 counts[0, t] += 1
                 seen[0, t] = True
-        if p.repetition_penalty != 1.0:
-            pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
-            x = torch.where(seen, pen, x)
-        if p.presence_penalty:
-            x -= p.presence_penalty * (counts > 0)
-        if p.frequency_penalty:
-            x -= p.frequency_penalty * counts
-        return x
+        return self._penalised(x, counts, seen)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> tokens [B] (long). Call `observe(tokens)` after accepting them."""
@@ -415,18 +412,22 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
     instead: the block of DRAW_BLOCK weights the target falls in (from the blocks' sums), then the weight within
     it (its running sum from the blocks before)."""
     n = probs.numel()
-    total = float(probs.sum())
-    if not (math.isfinite(total) and total > 0):
-        raise SamplingError(f"cannot draw a token: the probabilities sum to {total} (NaN or infinite logits, or "
-                            "every token masked)")
-    u = torch.rand((), generator=generator, dtype=probs.dtype)
-    if n > 8 * DRAW_BLOCK:
+    blocks = n > 8 * DRAW_BLOCK
+    if blocks:  # the blocks' running sum, whose last entry is the total
         full = n // DRAW_BLOCK * DRAW_BLOCK
         sums = probs[:full].view(-1, DRAW_BLOCK).sum(1)
         if full < n:
             sums = torch.cat([sums, probs[full:].sum()[None]])
         cdf = sums.cumsum(0)
-        target = u * cdf[-1]
+    else:
+        cdf = probs.cumsum(0)
+    total = float(cdf[-1])
+    if not (math.isfinite(total) and total > 0):
+        raise SamplingError(f"cannot draw a token: the probabilities sum to {total} (NaN or infinite logits, or "
+                            "every token masked)")
+    u = torch.rand((), generator=generator, dtype=probs.dtype)
+    target = u * cdf[-1]
+    if blocks:
         b = min(int(torch.searchsorted(cdf, target[None], right=True)[0]), cdf.numel() - 1)
         lo = b * DRAW_BLOCK
         block = probs[lo : min(n, lo + DRAW_BLOCK)]
@@ -435,8 +436,9 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
         if i < block.numel() and bool(block[i] > 0):
             return lo + i
         # the two levels' rounding put the target past the block's last weight: the plain search decides
-    cdf = probs.cumsum(0)
-    i = int(torch.searchsorted(cdf, (u * cdf[-1])[None], right=True)[0])
+        cdf = probs.cumsum(0)
+        target = u * cdf[-1]
+    i = int(torch.searchsorted(cdf, target[None], right=True)[0])
     if i >= n or not bool(probs[i] > 0):  # u rounded up to the total: the last token that can be drawn
         i = int((probs > 0).nonzero()[-1, 0])
     return i
