@@ -65,7 +65,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="intra-op threads, pinned (default: one per core, dropping to one thread per step while "
                         "that measures faster, e.g. when another program keeps a core busy)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
-                   help="C++ CPU kernels: auto = qwen35.kernel_policy (on for models of 50M+ parameters)")
+                   help="C++ CPU kernels: auto = qwen35.kernel_policy (on for quantized models and for models of 50M+ parameters)")
     add_quant_arg(p)
     add_kv_cache_arg(p)
 
