@@ -156,7 +156,7 @@ def unbind_kernels(model) -> None:
             if isinstance(w, GemvWeight):
                 setattr(m, attr, w.weight)
         for w in weight_objects(m):
-            w.kernels = False
+            w.kernels = w.portable = False
         if hasattr(m, "silu_mul"):
             m.silu_mul = silu_mul
         if hasattr(m, "conv_silu"):
@@ -194,7 +194,17 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
     if not want:
         return KernelReport(False, "off by choice (kernel_policy or enabled=False)")
     if not kernels.available():
-        return KernelReport(False, kernels.unavailable_reason() or "kernels unavailable")
+        why = kernels.unavailable_reason() or "kernels unavailable"
+        # quantized matrices still get the portable kernels (kernels/portable_kernels.cpp, any CPU with a C++
+        # compiler): their torch path is the reference, which dequantizes each whole matrix at every call
+        objects = [w for m in model.modules() for w in weight_objects(m)] if quantized else []
+        if objects and kernels.portable_available():
+            report = KernelReport(False, why + "; quantized weights on the portable kernels")
+            for w in objects:
+                w.portable = True
+                report.add("portable_" + w.scheme)
+            return report
+        return KernelReport(False, why)
     if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float32):
         return KernelReport(False, f"kernels run {model.device.type} {model.dtype} models: no")
     report = KernelReport(True)

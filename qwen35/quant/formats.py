@@ -155,15 +155,20 @@ def quantize(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_fast(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize`, through the C++ kernel where it is built (the same bytes: tested; ~100x faster, which
-    is what makes quantizing a 9B at load a matter of seconds), the torch reference otherwise."""
+    """`quantize`, through the C++ kernels where they are built (the AVX512 or the portable ones: the same
+    bytes, tested; ~100x faster, which is what makes quantizing a 9B at load a matter of seconds), the torch
+    reference otherwise."""
     from ..ops import kernels
 
-    if (w.dtype in (torch.bfloat16, torch.float32) and w.dim() == 2 and name in LAYOUTS
-            and LAYOUTS[name].fits(w.shape[1]) and kernels.available()):
-        if name in K_KIND:
-            return torch.ops.qwen35.quantize_k(w.contiguous(), K_KIND[name]), torch.empty(w.shape[0], 0, dtype=torch.float16)
-        return torch.ops.qwen35.quantize_weights(w.contiguous(), 8 if name == "q8_0" else 4)
+    if w.dtype in (torch.bfloat16, torch.float32) and w.dim() == 2 and name in LAYOUTS and LAYOUTS[name].fits(w.shape[1]):
+        # the AVX512 build, else the portable one (the same quantizers.h): the torch reference quantizes q4_k at
+        # ~2 million weights a second, minutes for a 0.8B
+        prefix = "" if kernels.available() else "portable_" if kernels.portable_available() else None
+        if prefix is not None:
+            if name in K_KIND:
+                qs = getattr(torch.ops.qwen35, prefix + "quantize_k")(w.contiguous(), K_KIND[name])
+                return qs, torch.empty(w.shape[0], 0, dtype=torch.float16)
+            return getattr(torch.ops.qwen35, prefix + "quantize_weights")(w.contiguous(), 8 if name == "q8_0" else 4)
     return quantize(name, w)
 
 

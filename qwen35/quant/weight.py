@@ -151,6 +151,7 @@ class QuantizedWeight:
         self.shape = torch.Size((qs.shape[0], K))
         self.dtype = torch.bfloat16  # what it computes in
         self.kernels = False  # set by ops/fast.bind_kernels where the VNNI kernels can run
+        self.portable = False  # set by bind_kernels where they cannot: kernels/portable_kernels.cpp instead
 
     @classmethod
     def quantize(cls, scheme: str, w: torch.Tensor) -> QuantizedWeight:
@@ -180,7 +181,7 @@ class QuantizedWeight:
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start..end-1 in `dtype`; into `out` (contiguous, of that shape and dtype) when given."""
         qs, d = self.qs[start:end], self.d[start:end]
-        if self.kernels and dtype == torch.bfloat16:
+        if (self.kernels or self.portable) and dtype == torch.bfloat16:
             return self._dequantize_bf16(qs, d, out)
         w = formats.dequantize(self.scheme, qs, d, dtype)
         return w if out is None else out.copy_(w)
@@ -189,7 +190,9 @@ class QuantizedWeight:
         """Rows (qs, d) of this layout dequantized to bf16 by the kernels (the reference's bits, tested)."""
         if out is None:
             out = torch.empty(qs.shape[0], self.shape[1], dtype=torch.bfloat16, device=qs.device)
-        if self.scheme in formats.K_KIND:
+        if not self.kernels:  # the portable kernel: the same bits
+            torch.ops.qwen35.portable_dequant_bf16_out(qs.contiguous(), d.contiguous(), GEMM_KINDS[self.scheme], out)
+        elif self.scheme in formats.K_KIND:
             torch.ops.qwen35.dequant_k_bf16_out(qs.contiguous(), formats.K_KIND[self.scheme], out)
         else:
             bits = 8 if self.scheme == "q8_0" else 4
@@ -199,7 +202,7 @@ class QuantizedWeight:
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W[ids] dequantized: [*ids.shape, K]."""
         flat = ids.reshape(-1)
-        if self.kernels and dtype == torch.bfloat16:  # the reference's bits without its ~15 small torch ops:
+        if (self.kernels or self.portable) and dtype == torch.bfloat16:  # the reference's bits without its ~15 small torch ops:
             out = self._dequantize_bf16(self.qs[flat], self.d[flat])  # a q6_k embedding row 103 -> 15 us
         else:
             out = formats.dequantize(self.scheme, self.qs[flat], self.d[flat], dtype)
@@ -210,9 +213,9 @@ class QuantizedWeight:
             if self.kernels:
                 op = getattr(torch.ops.qwen35, GEMV_OPS[self.scheme])
                 return op(x2.contiguous(), self.qs, self.d, out_fp32)
-            # what the kernel computes (inputs quantized per block too), so both paths give the same tokens
-            y = formats.reference_matmul(self.scheme, x2, self.qs, self.d)
-            return y if out_fp32 else y.to(x2.dtype)
+            # what the kernel computes (inputs quantized per block too), so both paths give the same tokens:
+            # the portable kernel, or the reference a band of weight rows at a time
+            return self._integer_matmul(x2, out_fp32)
         if x2.requires_grad and torch.is_grad_enabled():
             # autograd would otherwise keep every dequantized band alive until backward: a full copy
             return QuantizedMatmul.apply(x2, self, out_fp32)
@@ -231,6 +234,9 @@ class QuantizedWeight:
                 return torch.cat([op(x2[i : i + GEMV_MAX_ROWS], self.qs, self.d, out_fp32)
                                   for i in range(0, x2.shape[0], GEMV_MAX_ROWS)])
             return torch.ops.qwen35.gemm_quant(x2, self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
+        if self.portable and x2.dtype in (torch.bfloat16, torch.float32):
+            return torch.ops.qwen35.portable_gemv(x2, self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
+        # fp32 bands: the whole 248,320-row head at once had peaked at ~10 GB for a 0.8B model
         step = max(1, BAND_BYTES // (4 * self.shape[1]))
         y = torch.cat([formats.reference_matmul(self.scheme, x2, self.qs[s : s + step], self.d[s : s + step])
                        for s in range(0, self.shape[0], step)], -1)

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "quant_common.h"
+#include "quantizers.h"
 
 namespace {
 
@@ -302,58 +303,8 @@ at::Tensor dequant_bf16(const at::Tensor& qs, const at::Tensor& d, int64_t bits)
   return out;
 }
 
-// W [N, K] (bf16 or fp32) -> (qs, d) exactly as formats.quantize_q8_0 / quantize_q4_0 (ggml's reference:
-// the same fp32 operations in the same order, roundf / truncation, fp16 scales rounded to nearest even).
-// fp-contract off: `v * inv + 8.5f` must round twice, as ggml's reference and ours do, not fuse into one FMA.
-template <typename T>
-__attribute__((optimize("fp-contract=off"))) void quantize_weights_impl(const T* w, int64_t N, int64_t K, int64_t bits, uint8_t* qs, c10::Half* d) {
-  const int64_t nb = K / QB;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t b = 0; b < nb; ++b) {
-        const T* x = w + n * K + b * QB;
-        float v[QB];
-        for (int64_t j = 0; j < QB; ++j) v[j] = static_cast<float>(x[j]);
-        if (bits == 8) {
-          float amax = 0.f;
-          for (int64_t j = 0; j < QB; ++j) amax = std::max(amax, std::fabs(v[j]));
-          const float dd = amax / 127.f, inv = dd != 0.f ? 1.f / dd : 0.f;
-          int8_t* q = reinterpret_cast<int8_t*>(qs) + n * K + b * QB;
-          for (int64_t j = 0; j < QB; ++j) q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::round(v[j] * inv))));
-          d[n * nb + b] = static_cast<c10::Half>(dd);
-        } else {
-          float amax = 0.f, mx = 0.f;
-          for (int64_t j = 0; j < QB; ++j)
-            if (amax < std::fabs(v[j])) { amax = std::fabs(v[j]); mx = v[j]; }
-          const float dd = mx / -8.f, inv = dd != 0.f ? 1.f / dd : 0.f;
-          uint8_t* q = qs + n * (K / 2) + b * 16;
-          for (int64_t j = 0; j < 16; ++j) {
-            const int lo = std::min(15, static_cast<int>(std::trunc(v[j] * inv + 8.5f)));
-            const int hi = std::min(15, static_cast<int>(std::trunc(v[16 + j] * inv + 8.5f)));
-            q[j] = static_cast<uint8_t>(lo | (hi << 4));
-          }
-          d[n * nb + b] = static_cast<c10::Half>(dd);
-        }
-      }
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_weights(const at::Tensor& w, int64_t bits) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % QB == 0,
-              "quantize_weights: contiguous [N, K], K % 32 == 0");
-  TORCH_CHECK(bits == 8 || bits == 4, "quantize_weights: bits must be 8 or 4");
-  const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor qs = at::empty({N, bits == 8 ? K : K / 2}, w.options().dtype(bits == 8 ? at::kChar : at::kByte));
-  at::Tensor d = at::empty({N, K / QB}, w.options().dtype(at::kHalf));
-  auto* q = static_cast<uint8_t*>(qs.data_ptr());
-  auto* dp = d.data_ptr<c10::Half>();
-  if (w.scalar_type() == at::kBFloat16)
-    quantize_weights_impl(w.data_ptr<c10::BFloat16>(), N, K, bits, q, dp);
-  else if (w.scalar_type() == at::kFloat)
-    quantize_weights_impl(w.data_ptr<float>(), N, K, bits, q, dp);
-  else
-    TORCH_CHECK(false, "quantize_weights: bf16 or fp32 weights");
-  return {qs, d};
+  return qfit::quantize_weights_tensor(w, bits);
 }
 
 bool vnni_supported() { return __builtin_cpu_supports("avx512vnni"); }

@@ -1,0 +1,115 @@
+"""The portable kernels for quantized weights (ops/kernels/portable_kernels.cpp): what runs quantized matrices on a
+CPU without AVX512-BF16 / VNNI. Each op against the torch reference it replaces (formats.reference_matmul, the
+dequantizers, the quantizers), and a quantized model bound to them, as such a machine binds it, against the same
+model on the reference path."""
+
+import pytest
+import torch
+
+import qwen35
+from qwen35.ops import fast, kernels
+from qwen35.quant import QuantizedWeight, formats
+from qwen35.quant import weight as qw
+
+from greedy_ties import assert_same_greedy_tokens
+from test_quant_k import awkward
+
+pytestmark = pytest.mark.skipif(not kernels.portable_available(),
+                                reason=f"portable kernels unavailable: {kernels.portable_reason()}")
+KIND = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}
+
+
+def bound(scheme, x, w):
+    """The same exact integer block sums combined in another fp32 order: within fp32 rounding of the sum of
+    |terms| (the bound the AVX512 kernels' tests use)."""
+    M, K = x.shape
+    xq, dx = formats.quantize_activations(x)
+    xs = (xq.float().reshape(M, -1, 32) * dx[..., None]).reshape(M, K)
+    return 1e-6 * (xs.abs() @ formats.dequantize(scheme, w.qs, w.d).abs().t()) + 1e-6
+
+
+@pytest.mark.parametrize("scheme", list(KIND))
+@pytest.mark.parametrize("M,N,K", [(1, 100, 256), (2, 33, 512), (3, 77, 768), (5, 1, 1024), (8, 130, 256),
+                                   (11, 17, 512)])
+def test_gemv_equals_the_reference(scheme, M, N, K):
+    g = torch.Generator().manual_seed(M * N + K)
+    w = QuantizedWeight.quantize(scheme, awkward(N, K, M) if N >= 5 else torch.randn(N, K, generator=g))
+    x = torch.randn(M, K, generator=g).bfloat16()
+    x[0, :32] = 0  # an all-zero input block (scale 0)
+    out = torch.ops.qwen35.portable_gemv(x, w.qs, w.d, KIND[scheme], True)
+    ref = formats.reference_matmul(scheme, x, w.qs, w.d)
+    assert ((out - ref).abs() <= bound(scheme, x, w)).all()
+    assert torch.equal(torch.ops.qwen35.portable_gemv(x, w.qs, w.d, KIND[scheme], False), out.bfloat16())
+    assert torch.equal(torch.ops.qwen35.portable_gemv(x.float(), w.qs, w.d, KIND[scheme], True), out)
+    # each row on its own accumulators: alone, in a batch or in a verify pass, the same bits
+    alone = torch.cat([torch.ops.qwen35.portable_gemv(x[i : i + 1], w.qs, w.d, KIND[scheme], True) for i in range(M)])
+    assert torch.equal(alone, out)
+
+
+def test_gemv_refuses_mismatched_operands():
+    w = QuantizedWeight.quantize("q4_k", torch.randn(8, 512))
+    with pytest.raises(RuntimeError, match=r"portable_gemv: 256 columns do not match weights \[8, 288\] of layout 3"):
+        torch.ops.qwen35.portable_gemv(torch.randn(1, 256), w.qs, w.d, 3, True)
+    with pytest.raises(RuntimeError, match="kind must be 1 \\(q8_0\\), 2 \\(q4_0\\), 3 \\(q4_k\\) or 4 \\(q6_k\\), got 7"):
+        torch.ops.qwen35.portable_gemv(torch.randn(1, 512), w.qs, w.d, 7, True)
+    q8 = QuantizedWeight.quantize("q8_0", torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match=r"d must be contiguous fp16 \[N, K/32\], got \[8, 1\]"):
+        torch.ops.qwen35.portable_gemv(torch.randn(1, 64), q8.qs, q8.d[:, :1].contiguous(), 1, True)
+
+
+@pytest.mark.parametrize("scheme", list(KIND))
+def test_dequantize_writes_the_reference_bits(scheme):
+    w = QuantizedWeight.quantize(scheme, awkward(13, 512, 4))
+    big = torch.full((20, 512), 7.0, dtype=torch.bfloat16)  # into rows of a larger matrix, the others untouched
+    torch.ops.qwen35.portable_dequant_bf16_out(w.qs, w.d, KIND[scheme], big[4:17])
+    assert torch.equal(big[4:17], formats.dequantize(scheme, w.qs, w.d, torch.bfloat16))
+    assert (big[:4] == 7).all() and (big[17:] == 7).all()
+    with pytest.raises(RuntimeError, match=r"out must be contiguous bf16 \[13, K\], got \[12, 512\]"):
+        torch.ops.qwen35.portable_dequant_bf16_out(w.qs, w.d, KIND[scheme], torch.empty(12, 512, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("scheme", list(KIND))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantizers_write_the_reference_bytes(scheme, dtype):
+    w = awkward(37, 768, 3).to(dtype)  # 111 super-blocks: q4_k's pairs end half-filled
+    ref_qs, ref_d = formats.quantize(scheme, w)
+    if scheme in formats.K_KIND:
+        qs, d = torch.ops.qwen35.portable_quantize_k(w, KIND[scheme]), ref_d
+    else:
+        qs, d = torch.ops.qwen35.portable_quantize_weights(w, 8 if scheme == "q8_0" else 4)
+    assert torch.equal(qs, ref_qs) and torch.equal(d, ref_d)
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "int4"])
+def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypatch):
+    """Where the AVX512 kernels cannot load, load_model quantizes with the portable quantizers (the same bytes as
+    the AVX512 build) and binds the portable kernels to every quantized matrix; greedy answers of the bundled
+    model (trained: real margins) equal those of the same quantized model on the reference path."""
+    from qwen35.commands.common import default_model
+    from qwen35.ops.fast import weight_objects
+
+    avx512, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "this CPU lacks AVX512-BF16 or AVX512-VNNI")
+    monkeypatch.setattr(qw, "_auto_gemm", ["none"])  # what prefill_gemm_machine finds on such a machine
+    model, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant)  # kernel_policy: quantized
+    objects = [w for m in model.modules() for w in weight_objects(m)]
+    assert objects and all(w.portable and not w.kernels for w in objects)
+    report = fast.bind_kernels(model)
+    assert not report.enabled and "quantized weights on the portable kernels" in report.reason
+    assert sum(report.bound.values()) == len(objects)
+    for a, b in zip(objects, [w for m in avx512.modules() for w in weight_objects(m)]):
+        assert a.scheme == b.scheme and torch.equal(a.qs, b.qs) and torch.equal(a.d, b.d)
+    ref, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
+    assert not any(w.portable or w.kernels for m in ref.modules() for w in weight_objects(m))
+    prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(",
+                                        ("def parse(text):\n    # split text into words, drop the empty ones and "
+                                         "return them in lower case\n"))]
+    params = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
+
+    def tokens(m):
+        return [[r.token for r in out] for out in qwen35.batch_generate(m, prompts, params)]
+
+    assert_same_greedy_tokens(ref, prompts, tokens(ref), tokens(model))
+    fast.bind_kernels(model, False)
+    assert not any(w.portable for w in objects)
