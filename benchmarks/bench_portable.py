@@ -1,0 +1,103 @@
+"""Quantized weights on a CPU without AVX512-BF16 / VNNI: the portable kernels (ops/kernels/portable_kernels.cpp)
+against the AVX512 ones, GEMV by GEMV, and a whole model decoding through them.
+
+Such a CPU is emulated on this one: `--march x86-64-v3` builds the portable kernels for an AVX2 laptop's
+instruction set (Haswell through Alder Lake / Zen 3), `native` for this machine's own; QWEN35_KERNELS=portable
+keeps the AVX512 library out of the model runs, as on a machine without it. Decode rows are `qwen35 bench` runs
+in fresh processes: int4 and int8 on the portable kernels, bf16 on the torch path (what such a machine runs for
+bf16), and, for scale, the AVX512 kernels. Prints a table, then one JSON line.
+
+    python benchmarks/bench_portable.py [--march x86-64-v3] [--model benchmarks/.cache/replica-0.8b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCHEMES = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}
+HERE = Path(__file__).resolve().parent
+
+
+def gemv_table(reps: int) -> dict:
+    import torch
+
+    from qwen35.ops import kernels
+    from qwen35.quant import formats
+
+    assert kernels.portable_available(), kernels.portable_reason()
+    avx512 = kernels.available()
+    g = torch.Generator().manual_seed(0)
+    rows = {}
+    print(f"GEMV, 1 input row, {torch.get_num_threads()} threads: GB/s of weights read (median of {reps})")
+    print(f"{'shape':<14}{'scheme':<8}{'portable':>10}{'avx512':>10}")
+    for N, K in ((2048, 1024), (7168, 1024), (248320, 1024)):
+        w = torch.randn(N, K, generator=g).bfloat16()
+        x = torch.randn(1, K, generator=g).bfloat16()
+        for s, kind in SCHEMES.items():
+            qs, d = formats.quantize_fast(s, w)
+            nbytes = qs.numel() * qs.element_size() + d.numel() * d.element_size()
+            calls = {"portable": lambda: torch.ops.qwen35.portable_gemv(x, qs, d, kind, False)}
+            if avx512:
+                op = getattr(torch.ops.qwen35, "gemv_" + s)
+                calls["avx512"] = lambda: op(x, qs, d, False)
+            times = {k: [] for k in calls}
+            n = reps if N < 100_000 else max(5, reps // 10)
+            for f in calls.values():
+                f()
+            for _ in range(n):
+                for k, f in calls.items():  # interleaved: both see the same machine
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
+            gbs = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+            rows[f"{N}x{K}/{s}"] = gbs
+            print(f"{f'{N}x{K}':<14}{s:<8}{gbs['portable']:>10.1f}{gbs.get('avx512', float('nan')):>10.1f}")
+    return rows
+
+
+def bench(model: str, args: list[str], env: dict) -> dict:
+    cmd = [sys.executable, "-m", "qwen35", "bench", model, "--prompt-tokens", "128", "--gen-tokens", "32",
+           "--threads", "2", "--json", *args]
+    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--march", default="x86-64-v3", help="portable kernels' target: x86-64-v3 (AVX2), native, ...")
+    ap.add_argument("--model", default=str(HERE / ".cache" / "replica-0.8b"))
+    ap.add_argument("--reps", type=int, default=100)
+    args = ap.parse_args()
+    march = {} if args.march == "native" else {"QWEN35_PORTABLE_MARCH": args.march}
+    os.environ.update(march)
+    if not Path(args.model).exists():
+        from qwen35.commands.replica import build_replica
+
+        build_replica(args.model, "0.8b")
+    result = {"bench": "portable", "march": args.march, "gemv_gbs": gemv_table(args.reps), "decode": {}}
+    runs = {"int4 portable": (["--quant", "int4"], {"QWEN35_KERNELS": "portable", **march}),
+            "int8 portable": (["--quant", "int8"], {"QWEN35_KERNELS": "portable", **march}),
+            "bf16 torch path": (["--kernels", "off"], {}),
+            "int4 avx512": (["--quant", "int4"], {})}
+    print(f"\n{Path(args.model).name}, 128-token prompt, 32 decoded, 2 threads")
+    print(f"{'weights / kernels':<18}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}")
+    for name, (extra, env) in runs.items():
+        r = bench(args.model, extra, env)
+        row = r["rows"][0] if "rows" in r else r
+        result["decode"][name] = {k: row.get(k) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
+        print(f"{name:<18}{row.get('prefill_tok_s', 0):>14.1f}{row.get('decode_tok_s', 0):>14.2f}"
+              f"{row.get('peak_rss_mb', 0):>14.0f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
