@@ -155,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
         "decode_tok_s": round(decode_tok_s, 2), "peak_rss_mb": round(peak, 1),
         "read_bandwidth_gbs": round(bw, 2), "bytes_per_token_mb": round(per_token / 2**20, 1),
         "decode_bound_tok_s": round(bound, 2), "decode_efficiency": round(decode_tok_s / bound, 3),
-        "cache_mb": round(cache.nbytes / 2**20, 1), "kernels": bool(model.kernels), "quant": args.quant,
+        "cache_mb": round(cache.nbytes / 2**20, 1), "kernels": kernels_in_use(model), "quant": args.quant,
         "adaptive_threads": governor.governor().summary() if governor.governor() else None,
         "kv_cache": args.kv_cache,
     }
@@ -167,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
         rows = min(args.prompt_tokens, args.prefill_chunk)
         scheme = {"int8": "q8_0", "int4": "q4_k"}.get(args.quant, args.quant)  # the policy's main layout
         result["quant_prefill_gemm"] = prefill_gemm(rows, scheme) if rows > GEMV_MAX_ROWS else "gemv"
-    print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {'on' if model.kernels else 'off'}, "
+    print(f"model {args.model} ({args.dtype}, {threads} threads, kernels {result['kernels']}, "
           f"KV cache {args.kv_cache}"
           + (f", {args.quant} prefill {result['quant_prefill_gemm']}" if args.quant else "")
           + f"), loaded in {load_s:.2f}s")
@@ -181,3 +181,20 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def kernels_in_use(model) -> str:
+    """"on" (the AVX512 kernels bound), "portable" (quantized matrices on the portable kernels only: a CPU
+    without AVX512, or QWEN35_KERNELS=portable) or "off"."""
+    from qwen35.ops.fast import weight_objects
+
+    objects = [w for m in model.modules() for w in weight_objects(m)]
+    if any(w.kernels for w in objects) or (model.kernels and not objects and _avx512()):
+        return "on"
+    return "portable" if any(w.portable for w in objects) else "off"
+
+
+def _avx512() -> bool:
+    from qwen35.ops import kernels
+
+    return kernels.available()
