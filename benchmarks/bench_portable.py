@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 SCHEMES = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}
@@ -43,10 +44,9 @@ def gemv_table(reps: int) -> dict:
         for s, kind in SCHEMES.items():
             qs, d = formats.quantize_fast(s, w)
             nbytes = qs.numel() * qs.element_size() + d.numel() * d.element_size()
-            calls = {"portable": lambda: torch.ops.qwen35.portable_gemv(x, qs, d, kind, False)}
+            calls = {"portable": partial(torch.ops.qwen35.portable_gemv, x, qs, d, kind, False)}
             if avx512:
-                op = getattr(torch.ops.qwen35, "gemv_" + s)
-                calls["avx512"] = lambda: op(x, qs, d, False)
+                calls["avx512"] = partial(getattr(torch.ops.qwen35, "gemv_" + s), x, qs, d, False)
             times = {k: [] for k in calls}
             n = reps if N < 100_000 else max(5, reps // 10)
             for f in calls.values():
@@ -65,7 +65,8 @@ def gemv_table(reps: int) -> dict:
 def bench(model: str, args: list[str], env: dict) -> dict:
     cmd = [sys.executable, "-m", "qwen35", "bench", model, "--prompt-tokens", "128", "--gen-tokens", "32",
            "--threads", "2", "--json", *args]
-    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800,
+                         check=False)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

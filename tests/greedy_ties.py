@@ -25,3 +25,22 @@ def assert_same_greedy_tokens(ref_model, prompts, ref, got):
             logits = ref_model(torch.tensor([list(p) + r[:k]]))[0, -1].float()
         assert logits[r[k]] - logits[g[k]] < TIE, (k, r[k], g[k], float(logits[r[k]]), float(logits[g[k]]))
     assert parted <= 1, f"{parted} of {len(prompts)} prompts parted from the reference"
+
+
+# Prompts of the kind the bundled model was trained on (Python source): its answers have real margins
+BUNDLED_PROMPTS = ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(",
+                   "def parse(text):\n    # split text into words, drop the empty ones and return them in lower case\n")
+
+
+def assert_same_greedy_answers(ref_model, model, tok, texts=BUNDLED_PROMPTS, max_tokens: int = 24):
+    """`model`'s greedy answers to `texts` (one batch_generate, max_tokens each) are `ref_model`'s, up to
+    assert_same_greedy_tokens' ties."""
+    import qwen35
+
+    prompts = [tok.encode(t) for t in texts]
+    params = qwen35.SamplingParams(temperature=0, max_tokens=max_tokens, stop_token_ids=(-1,))
+
+    def tokens(m):
+        return [[r.token for r in out] for out in qwen35.batch_generate(m, prompts, params)]
+
+    assert_same_greedy_tokens(ref_model, prompts, tokens(ref_model), tokens(model))

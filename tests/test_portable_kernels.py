@@ -11,7 +11,7 @@ from qwen35.ops import fast, kernels
 from qwen35.quant import QuantizedWeight, formats
 from qwen35.quant import weight as qw
 
-from greedy_ties import assert_same_greedy_tokens
+from greedy_ties import assert_same_greedy_answers
 from test_quant_k import awkward
 
 pytestmark = pytest.mark.skipif(not kernels.portable_available(),
@@ -86,30 +86,22 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     the AVX512 build) and binds the portable kernels to every quantized matrix; greedy answers of the bundled
     model (trained: real margins) equal those of the same quantized model on the reference path."""
     from qwen35.commands.common import default_model
-    from qwen35.ops.fast import weight_objects
+    from qwen35.ops.fast import quantized_weights
 
     avx512, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
     monkeypatch.setattr(kernels, "available", lambda: False)
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: "this CPU lacks AVX512-BF16 or AVX512-VNNI")
     monkeypatch.setattr(qw, "_auto_gemm", ["none"])  # what prefill_gemm_machine finds on such a machine
     model, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant)  # kernel_policy: quantized
-    objects = [w for m in model.modules() for w in weight_objects(m)]
+    objects = quantized_weights(model)
     assert objects and all(w.portable and not w.kernels for w in objects)
     report = fast.bind_kernels(model)
     assert not report.enabled and "quantized weights on the portable kernels" in report.reason
     assert sum(report.bound.values()) == len(objects)
-    for a, b in zip(objects, [w for m in avx512.modules() for w in weight_objects(m)]):
+    for a, b in zip(objects, quantized_weights(avx512)):
         assert a.scheme == b.scheme and torch.equal(a.qs, b.qs) and torch.equal(a.d, b.d)
     ref, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
-    assert not any(w.portable or w.kernels for m in ref.modules() for w in weight_objects(m))
-    prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(",
-                                        ("def parse(text):\n    # split text into words, drop the empty ones and "
-                                         "return them in lower case\n"))]
-    params = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
-
-    def tokens(m):
-        return [[r.token for r in out] for out in qwen35.batch_generate(m, prompts, params)]
-
-    assert_same_greedy_tokens(ref, prompts, tokens(ref), tokens(model))
+    assert not any(w.portable or w.kernels for w in quantized_weights(ref))
+    assert_same_greedy_answers(ref, model, tok)
     fast.bind_kernels(model, False)
     assert not any(w.portable for w in objects)

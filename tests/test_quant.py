@@ -8,10 +8,10 @@ import torch
 import qwen35
 from qwen35.commands.replica import build_replica
 from qwen35.ops import kernels
-from qwen35.ops.fast import bind_kernels, weight_objects
+from qwen35.ops.fast import bind_kernels, quantized_weights
 from qwen35.quant import QuantError, QuantizedWeight, formats, policy
 
-from greedy_ties import assert_same_greedy_tokens
+from greedy_ties import assert_same_greedy_answers
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 SCHEMES = ["q8_0", "q4_0"]
@@ -325,18 +325,10 @@ def test_kernels_and_reference_generate_the_same_tokens(quant, gemm, monkeypatch
     report = bind_kernels(fast, True)  # the bundled model is below kernel_policy's size: bound by hand
     assert report.bound.get("gdn_layer") and report.bound.get("attn_layer"), report  # quantized layers whole
     bind_kernels(slow, True, quantized=False)
-    objects = [w for m in slow.modules() for w in weight_objects(m)]
+    objects = quantized_weights(slow)
     assert objects and not any(w.kernels for w in objects)
     assert "gdn_layer" not in bind_kernels(slow, True, quantized=False).bound
-    prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(",
-                                        ("def parse(text):\n    # split text into words, drop the empty ones and "
-                                         "return them in lower case\n"))]
-    params = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
-
-    def tokens(m):
-        return [[r.token for r in out] for out in qwen35.batch_generate(m, prompts, params)]
-
-    assert_same_greedy_tokens(slow, prompts, tokens(slow), tokens(fast))
+    assert_same_greedy_answers(slow, fast, tok)
 
 
 

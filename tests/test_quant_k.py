@@ -11,7 +11,7 @@ from qwen35.commands.replica import build_replica
 from qwen35.ops import kernels
 from qwen35.quant import QuantError, QuantizedWeight, formats, kquants, policy
 
-from greedy_ties import assert_same_greedy_tokens
+from greedy_ties import BUNDLED_PROMPTS, assert_same_greedy_answers
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 SCHEMES = ["q4_k", "q6_k"]
@@ -180,21 +180,15 @@ def test_kernels_and_reference_generate_the_same_tokens(quant):
     """The bundled model (trained: real next-token margins, see test_quant.py), quantized: greedy tokens
     through the K-quant kernels equal those of the reference matmuls on the same quantized weights."""
     from qwen35.commands.common import default_model
-    from qwen35.ops.fast import weight_objects
+    from qwen35.ops.fast import quantized_weights
 
     fast, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
     slow, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=True)
-    objects = [w for m in slow.modules() for w in weight_objects(m)]
+    objects = quantized_weights(slow)
     assert objects and all(w.kernels for w in objects) and "q4_k" in {w.scheme for w in objects}
     for w in objects:
         w.kernels = False
-    prompts = [tok.encode(t) for t in ("def read_lines(path):\n", "import os\n\n\nclass ", "for i in range(")]
-    params = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
-
-    def tokens(m):
-        return [[r.token for r in out] for out in qwen35.batch_generate(m, prompts, params)]
-
-    assert_same_greedy_tokens(slow, prompts, tokens(slow), tokens(fast))
+    assert_same_greedy_answers(slow, fast, tok, BUNDLED_PROMPTS[:3])
 
 
 @needs_kernels

@@ -186,15 +186,9 @@ def main(args: argparse.Namespace) -> int:
 def kernels_in_use(model) -> str:
     """"on" (the AVX512 kernels bound), "portable" (quantized matrices on the portable kernels only: a CPU
     without AVX512, or QWEN35_KERNELS=portable) or "off"."""
-    from qwen35.ops.fast import weight_objects
-
-    objects = [w for m in model.modules() for w in weight_objects(m)]
-    if any(w.kernels for w in objects) or (model.kernels and not objects and _avx512()):
-        return "on"
-    return "portable" if any(w.portable for w in objects) else "off"
-
-
-def _avx512() -> bool:
     from qwen35.ops import kernels
+    from qwen35.ops.fast import quantized_weights
 
-    return kernels.available()
+    if model.kernels and kernels.available():
+        return "on"
+    return "portable" if any(w.portable for w in quantized_weights(model)) else "off"

@@ -48,7 +48,7 @@ def kernel_policy(model) -> bool:
     env = os.environ.get("QWEN35_KERNELS")
     if env in ("0", "1"):
         return env == "1"
-    if any(weight_objects(m) for m in model.modules()):
+    if quantized_weights(model):
         return True
     n = sum(w.shape.numel() for _, w in model.named_weights())
     return model.dtype == torch.bfloat16 and n >= SMALL_MODEL_PARAMS
@@ -177,6 +177,11 @@ def weight_objects(m):
     return out
 
 
+def quantized_weights(model) -> list:
+    """Every quantized weight object in `model`, module by module (weight_objects of each)."""
+    return [w for m in model.modules() for w in weight_objects(m)]
+
+
 def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, quantized: bool = True) -> KernelReport:
     """Bind the C++ kernels where they fit (enabled True), unbind them (False), or follow `kernel_policy`
     (None). whole_layers=False binds only the per-op kernels, quantized=False leaves quantized weights on
@@ -197,7 +202,7 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
         why = kernels.unavailable_reason() or "kernels unavailable"
         # quantized matrices still get the portable kernels (kernels/portable_kernels.cpp, any CPU with a C++
         # compiler): their torch path is the reference, which dequantizes each whole matrix at every call
-        objects = [w for m in model.modules() for w in weight_objects(m)] if quantized else []
+        objects = quantized_weights(model) if quantized else []
         if objects and kernels.portable_available():
             report = KernelReport(False, why + "; quantized weights on the portable kernels")
             for w in objects:
@@ -360,4 +365,4 @@ def _attn_decode(attn, x, state=None, ctx=None):
     return attn.output(out.view(B, attn.num_heads, 1, attn.head_dim), gate)
 
 
-__all__ = ["GemvWeight", "KernelReport", "bind_kernels", "kernel_policy", "unbind_kernels"]
+__all__ = ["GemvWeight", "KernelReport", "bind_kernels", "kernel_policy", "quantized_weights", "unbind_kernels"]

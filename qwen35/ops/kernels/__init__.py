@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -54,19 +55,63 @@ def _cpu_has_avx512_bf16() -> bool:
     return {"avx512_bf16", "avx512bw", "avx512_vnni", "f16c"} <= flags
 
 
+def _say(msg: str) -> None:
+    """Loudly: to the log and to stderr (a CLI user sees it whatever the logging setup)."""
+    log.warning(msg)
+    print(msg, flush=True, file=sys.stderr)
+
+
+def _once(state: dict, load, failure: str) -> bool:
+    """state["ok"], running load() -> (ok, why) on the first call only (under the lock); a failure is said once,
+    `failure` formatted with its reason."""
+    if "ok" not in state:
+        with _lock:
+            if "ok" not in state:
+                ok, why = load()
+                state["ok"], state["why"] = ok, why
+                if not ok:
+                    _say(failure.format(why=why))
+    return bool(state["ok"])
+
+
+def _registered(op: str) -> bool:
+    """Whether torch.ops.qwen35.<op> exists already (e.g. loaded by another import path)."""
+    import torch
+
+    try:
+        return getattr(torch.ops.qwen35, op) is not None
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _build(name: str, sources: list[Path], headers: list[Path], flags: list[str], what: str,
+           key: bytes = b"") -> tuple[bool, str]:
+    """Compile `sources` into the library `name`_<tag> and load it: with OpenMP, else without it (saying so).
+    The tag hashes the sources, their headers and `key`, so two qwen35 versions (an upgrade, a second checkout)
+    never share, and keep rebuilding, one cached library. Returns (ok, why)."""
+    import hashlib
+
+    from torch.utils.cpp_extension import load
+
+    tag = hashlib.sha256(b"".join(p.read_bytes() for p in sources + headers) + key).hexdigest()[:10]
+    try:
+        load(name=f"{name}_{tag}", sources=[str(p) for p in sources], extra_cflags=flags + OPENMP, extra_ldflags=OPENMP,
+             is_python_module=False, verbose=False)
+        return True, ""
+    except Exception as e:  # noqa: BLE001 - maybe only OpenMP is missing: try without it, and say so
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    try:
+        load(name=f"{name}_serial_{tag}", sources=[str(p) for p in sources], extra_cflags=flags, is_python_module=False,
+             verbose=False)
+        _say(f"qwen35: {what} built without OpenMP ({first}); they run on one thread")
+        return True, ""
+    except Exception:  # noqa: BLE001 - any build failure means: fall back, and say why
+        return False, f"could not build them: {first}"
+
+
 def available() -> bool:
     """True when torch.ops.qwen35 kernels are loaded (building them on the first call)."""
-    if "ok" in _state:
-        return bool(_state["ok"])
-    with _lock:
-        if "ok" not in _state:
-            ok, why = _load()
-            _state["ok"], _state["why"] = ok, why
-            if not ok:
-                msg = f"qwen35: fast CPU kernels unavailable ({why}); using the slower torch reference path"
-                log.warning(msg)
-                print(msg, flush=True, file=__import__("sys").stderr)
-    return bool(_state["ok"])
+    return _once(_state, _load, "qwen35: fast CPU kernels unavailable ({why}); using the slower torch reference path")
 
 
 def unavailable_reason() -> str | None:
@@ -81,35 +126,9 @@ def _load() -> tuple[bool, str]:
         return False, "QWEN35_KERNELS=portable: the portable kernels run the quantized weights"
     if not _cpu_has_avx512_bf16():
         return False, "this CPU lacks AVX512-BF16 or AVX512-VNNI"
-    import torch
-
-    try:
-        if torch.ops.qwen35.gemv_bf16 is not None:  # already registered (e.g. by another import path)
-            return True, ""
-    except (AttributeError, RuntimeError):
-        pass
-    import hashlib
-
-    from torch.utils.cpp_extension import load
-
-    # The build is named after its source, so two qwen35 versions (an upgrade, a second checkout) never
-    # share, and keep rebuilding, one cached library.
-    tag = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:10]
-    try:
-        load(name=f"qwen35_cpu_kernels_{tag}", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS + OPENMP, extra_ldflags=OPENMP,
-             is_python_module=False, verbose=False)
+    if _registered("gemv_bf16"):
         return True, ""
-    except Exception as e:  # noqa: BLE001 - maybe only OpenMP is missing: try without it, and say so
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    try:
-        load(name=f"qwen35_cpu_kernels_serial_{tag}", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS, is_python_module=False,
-             verbose=False)
-        msg = f"qwen35: kernels built without OpenMP ({first}); they run on one thread"
-        log.warning(msg)
-        print(msg, flush=True, file=__import__("sys").stderr)
-        return True, ""
-    except Exception:  # noqa: BLE001 - any build failure means: fall back, and say why
-        return False, f"could not build them: {first}"
+    return _build("qwen35_cpu_kernels", SOURCES, HEADERS, FLAGS, "kernels")
 
 
 PORTABLE_SOURCE = Path(__file__).with_name("portable_kernels.cpp")
@@ -135,48 +154,21 @@ def _portable_flags() -> list[str]:
 def portable_available() -> bool:
     """True when the portable quantized-weight ops (torch.ops.qwen35.portable_*) are loaded, building them on
     the first call; a failure is said once, loudly, and the torch reference runs."""
-    if "ok" in _portable:
-        return bool(_portable["ok"])
-    with _lock:
-        if "ok" not in _portable:
-            ok, why = _load_portable()
-            _portable["ok"], _portable["why"] = ok, why
-            if not ok:
-                msg = (f"qwen35: portable kernels for quantized weights unavailable ({why}); quantized matrices run "
-                       "the torch reference, which dequantizes them at every call: slow")
-                log.warning(msg)
-                print(msg, flush=True, file=__import__("sys").stderr)
-    return bool(_portable["ok"])
+    return _once(_portable, _load_portable,
+                 "qwen35: portable kernels for quantized weights unavailable ({why}); quantized matrices run the "
+                 "torch reference, which dequantizes them at every call: slow")
 
 
 def _load_portable() -> tuple[bool, str]:
     if os.environ.get("QWEN35_KERNELS", "1") == "0":
         return False, "disabled by QWEN35_KERNELS=0"
-    import hashlib
-
-    import torch
-    from torch.utils.cpp_extension import load
-
-    try:
-        if torch.ops.qwen35.portable_gemv is not None:
-            return True, ""
-    except (AttributeError, RuntimeError):
-        pass
+    if _registered("portable_gemv"):
+        return True, ""
     flags = _portable_flags()
     # -march=native code is this CPU's: the build is named after the CPU's features too, so a home directory
     # shared by two machines never hands one the other's instructions
-    key = b"".join(p.read_bytes() for p in [PORTABLE_SOURCE] + PORTABLE_HEADERS)
-    key += " ".join(flags + sorted(cpu_flags())).encode()
-    tag = hashlib.sha256(key).hexdigest()[:10]
-    first = ""
-    for name, extra in ((f"qwen35_portable_{tag}", OPENMP), (f"qwen35_portable_serial_{tag}", [])):
-        try:
-            load(name=name, sources=[str(PORTABLE_SOURCE)], extra_cflags=flags + extra, extra_ldflags=extra,
-                 is_python_module=False, verbose=False)
-            return True, ""
-        except Exception as e:  # noqa: BLE001 - without OpenMP next, then fall back and say why
-            first = first or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-    return False, f"could not build them: {first}"
+    key = " ".join(flags + sorted(cpu_flags())).encode()
+    return _build("qwen35_portable", [PORTABLE_SOURCE], PORTABLE_HEADERS, flags, "portable kernels", key)
 
 
 def portable_reason() -> str | None:

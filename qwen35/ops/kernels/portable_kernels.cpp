@@ -31,18 +31,13 @@
 
 namespace {
 
-constexpr int64_t QB = 32;   // inputs (and q8_0 / q4_0 weights) per block
-constexpr int64_t QK = 256;  // weights per K-quant super-block
-
-inline float half_bits_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return half_bits_to_float(h);
-}
+constexpr int64_t QB = 32;  // inputs (and q8_0 / q4_0 weights) per block
+using qfit::QK;             // weights per K-quant super-block
+using qfit::Q4K, qfit::Q6K;  // bytes per Q4_K / Q6_K super-block
+using qfit::kq_half_at;     // the fp16 stored (unaligned) at a byte pointer, as fp32
 
 int64_t row_bytes(int64_t kind, int64_t K) {
-  return kind == 1 ? K : kind == 2 ? K / 2 : K / QK * (kind == 3 ? 144 : 210);
+  return kind == 1 ? K : kind == 2 ? K / 2 : K / QK * (kind == 3 ? Q4K : Q6K);
 }
 
 // The input rows quantized per block of 32: values xq [M, K], scales dx [M, K/32], block sums sx [M, K/32]
@@ -160,8 +155,8 @@ void gemv_rows(int64_t kind, const uint8_t* qs, const c10::Half* d, int64_t n0, 
       }
     } else if (kind == 3) {  // sub-block j (32 weights) is input block j: dx * (d sc sum(q x) - dmin m sum(x))
       for (int64_t t = 0; t < K / QK; ++t) {
-        const uint8_t* blk = w + t * 144;
-        const float dd = half_at(blk), dmin = half_at(blk + 2);
+        const uint8_t* blk = w + t * Q4K;
+        const float dd = kq_half_at(blk), dmin = kq_half_at(blk + 2);
         int sc[8], mn[8];
         q4k_scales(blk + 4, sc, mn);
         i8x16 q[16];  // bytes 32c.. hold sub-block 2c in their low nibbles, 2c + 1 in their high ones
@@ -185,8 +180,8 @@ void gemv_rows(int64_t kind, const uint8_t* qs, const c10::Half* d, int64_t n0, 
     } else {  // q6_k: element 128h + 32g + l takes 4 bits of ql (bytes 64h + 32(g % 2) + l, low nibble for g < 2)
       // and 2 bits of qh (byte 128 + 32h + l, bits 2g..2g+1), minus 32; sub-blocks of 16, int8 scales
       for (int64_t t = 0; t < K / QK; ++t) {
-        const uint8_t* blk = w + t * 210;
-        const float dd = half_at(blk + 208);
+        const uint8_t* blk = w + t * Q6K;
+        const float dd = kq_half_at(blk + 208);
         const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
         i8x16 q[16];  // sub-block i = elements 16i..16i+15
         for (int h = 0; h < 2; ++h)
@@ -278,8 +273,8 @@ __attribute__((optimize("fp-contract=off"))) void dequant_row(int64_t kind, cons
     }
   } else if (kind == 3) {
     for (int64_t t = 0; t < K / QK; ++t) {
-      const uint8_t* blk = w + t * 144;
-      const float dd = half_at(blk), dmin = half_at(blk + 2);
+      const uint8_t* blk = w + t * Q4K;
+      const float dd = kq_half_at(blk), dmin = kq_half_at(blk + 2);
       int sc[8], mn[8];
       q4k_scales(blk + 4, sc, mn);
       for (int c = 0; c < 4; ++c) {
@@ -295,8 +290,8 @@ __attribute__((optimize("fp-contract=off"))) void dequant_row(int64_t kind, cons
     }
   } else {
     for (int64_t t = 0; t < K / QK; ++t) {
-      const uint8_t* blk = w + t * 210;
-      const float dd = half_at(blk + 208);
+      const uint8_t* blk = w + t * Q6K;
+      const float dd = kq_half_at(blk + 208);
       const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
       for (int h = 0; h < 2; ++h)
         for (int g = 0; g < 4; ++g) {
