@@ -87,13 +87,16 @@ def _registered(op: str) -> bool:
 def _build(name: str, sources: list[Path], headers: list[Path], flags: list[str], what: str,
            key: bytes = b"") -> tuple[bool, str]:
     """Compile `sources` into the library `name`_<tag> and load it: with OpenMP, else without it (saying so).
-    The tag hashes the sources, their headers and `key`, so two qwen35 versions (an upgrade, a second checkout)
-    never share, and keep rebuilding, one cached library. Returns (ok, why)."""
+    The tag hashes the sources, their headers, their directory and `key`, so two qwen35 versions (an upgrade)
+    or two checkouts never share, and keep rebuilding, one cached library: torch records the source paths in
+    a build, and a second checkout of the same sources rebuilt it (~35 s) each time either one loaded it.
+    Returns (ok, why)."""
     import hashlib
 
     from torch.utils.cpp_extension import load
 
-    tag = hashlib.sha256(b"".join(p.read_bytes() for p in sources + headers) + key).hexdigest()[:10]
+    where = str(sources[0].resolve().parent).encode()
+    tag = hashlib.sha256(b"".join(p.read_bytes() for p in sources + headers) + where + key).hexdigest()[:10]
     try:
         load(name=f"{name}_{tag}", sources=[str(p) for p in sources], extra_cflags=flags + OPENMP, extra_ldflags=OPENMP,
              is_python_module=False, verbose=False)
