@@ -11,3 +11,8 @@ class ConfigError(Qwen35Error):
 
 class CheckpointError(Qwen35Error):
     """Weights are missing, corrupt, truncated, or do not fit the configuration."""
+
+
+class SamplingError(Qwen35Error, ValueError):
+    """A sampling parameter is out of range, or logits that cannot be sampled (NaN, infinite, every token
+    masked); the message names it."""

@@ -35,7 +35,8 @@ from .draft_policy import ADAPTIVE_MAX_DRAFTS, RoundCosts, SpeculativeStats, cho
 from .errors import Qwen35Error
 from .generation import Response, Stream
 from .ops.linear import linear
-from .sampling import SamplingParams, argmax, draw, speculative_accept
+from .sampling import SamplingParams, speculative_accept
+from .selection import argmax, draw
 
 MAX_DRAFT_TOKENS = 7  # k + 1 verify tokens per row must fit the whole-layer kernels (ops/fast.LAYER_MAX_TOKENS)
 MAX_VERIFY_ROWS = 64  # rows x tokens the whole-layer kernels take in one call (ops/layer_decode.layer_decoding)

@@ -133,11 +133,11 @@ def test_invalid_params_name_the_parameter(kw, name):
 
 @pytest.mark.parametrize("which", ["argmax", "segmented_argmax"])
 def test_argmax_is_torch_argmax(which):
-    """sampling.argmax (the top-1 kernel where it can run) and segmented_argmax (the largest of 8 segments'
+    """selection.argmax (the top-1 kernel where it can run) and segmented_argmax (the largest of 8 segments'
     maxima) pick torch's index: the first maximum, NaN first."""
-    from qwen35 import sampling
+    from qwen35 import selection
 
-    argmax = getattr(sampling, which)
+    argmax = getattr(selection, which)
     gen = torch.Generator().manual_seed(0)
     for trial in range(300):
         V = (248320, 4096, 4100, 100)[trial % 4]
@@ -180,10 +180,10 @@ def test_distribution_equals_the_whole_vocabulary_reference(V, kernel, monkeypat
     with ties, -inf masks, penalties, biases and a speculative draft's pending tokens: the same support, the
     same values to fp32 rounding. Where a top-p boundary falls inside a run of equal logits, rounding alone
     decides how much of the run stays: there the supports may differ by a token of that run, nothing else."""
-    from qwen35 import sampling
+    from qwen35 import selection
 
     if not kernel:  # torch's topk where the kernels cannot run
-        monkeypatch.setattr(sampling, "_kernel_ready", lambda x: False)
+        monkeypatch.setattr(selection, "_kernel_ready", lambda x: False)
     gen = torch.Generator().manual_seed(V)
     for n, kw in enumerate(PARAMS):
         for kind in ("randn", "ties", "masked", "few"):
@@ -224,14 +224,14 @@ def test_draws_follow_the_distribution():
 
 @pytest.mark.parametrize("kernel", [True, False])
 def test_top_k_is_a_stable_sort(kernel, monkeypatch):
-    """sampling.top_k (the kernel up to KERNEL_TOP_K values, torch's topk beyond, and always where the kernels
+    """selection.top_k (the kernel up to KERNEL_TOP_K values, torch's topk beyond, and always where the kernels
     cannot run) gives the first k of a stable descending sort: equal values by ascending id, -inf and inf in
     place; a row with a NaN as torch.topk."""
-    from qwen35 import sampling
-    from qwen35.sampling import top_k
+    from qwen35 import selection
+    from qwen35.selection import top_k
 
     if not kernel:
-        monkeypatch.setattr(sampling, "_kernel_ready", lambda x: False)
+        monkeypatch.setattr(selection, "_kernel_ready", lambda x: False)
 
     gen = torch.Generator().manual_seed(1)
     for trial in range(200):
@@ -254,10 +254,10 @@ def test_top_k_is_a_stable_sort(kernel, monkeypatch):
 
 @pytest.mark.parametrize("n", [4100, 10007, 248320])
 def test_draw_over_a_long_row_follows_the_weights(n):
-    """sampling.draw over a whole vocabulary (two levels past 8 blocks: the block from the blocks' sums, then
+    """selection.draw over a whole vocabulary (two levels past 8 blocks: the block from the blocks' sums, then
     the weight within it) lands on each weight as often as its share says and never on a zero: weights in
     the first block, at a block's edges, in the partial last block; 20,000 draws, within 5 standard deviations."""
-    from qwen35.sampling import DRAW_BLOCK, draw
+    from qwen35.selection import DRAW_BLOCK, draw
 
     w = torch.zeros(n)
     at = sorted({0, DRAW_BLOCK - 1, DRAW_BLOCK, 3 * DRAW_BLOCK + 7, n - 1, n - 2})
