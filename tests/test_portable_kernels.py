@@ -3,6 +3,11 @@ CPU without AVX512-BF16 / VNNI. Each op against the torch reference it replaces 
 dequantizers, the quantizers), and a quantized model bound to them, as such a machine binds it, against the same
 model on the reference path."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -44,6 +49,17 @@ def test_gemv_equals_the_reference(scheme, M, N, K):
     # each row on its own accumulators: alone, in a batch or in a verify pass, the same bits
     alone = torch.cat([torch.ops.qwen35.portable_gemv(x[i : i + 1], w.qs, w.d, KIND[scheme], True) for i in range(M)])
     assert torch.equal(alone, out)
+
+
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("M,N,K", [(1, 19, 32), (3, 20, 96), (2, 9, 160), (9, 40, 224), (1, 64, 288)])
+def test_gemv_on_block_counts_the_kernel_does_not_group(scheme, M, N, K):
+    # the kernel takes q8_0 / q4_0 blocks four at a time, the last K/32 % 4 one by one
+    g = torch.Generator().manual_seed(M * N + K)
+    w = QuantizedWeight.quantize(scheme, torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g))
+    x = torch.randn(M, K, generator=g).bfloat16()
+    out = torch.ops.qwen35.portable_gemv(x, w.qs, w.d, KIND[scheme], True)
+    assert ((out - formats.reference_matmul(scheme, x, w.qs, w.d)).abs() <= bound(scheme, x, w)).all()
 
 
 def test_gemv_refuses_mismatched_operands():
@@ -105,3 +121,20 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     assert_same_greedy_answers(ref, model, tok)
     fast.bind_kernels(model, False)
     assert not any(w.portable for w in objects)
+
+
+@pytest.mark.skipif("QWEN35_PORTABLE_MARCH" in os.environ or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="checks other x86 builds from the default one")
+@pytest.mark.parametrize("march,needs", [("x86-64-v3", {"avx2", "fma", "f16c", "bmi2"}), ("x86-64", set())])
+def test_the_builds_for_other_instruction_sets(march, needs):
+    """-march=native on the AVX512 machines tests run on compiles the AVX2 dot products, not what a laptop
+    without AVX2 runs: the kernels built for an AVX2 laptop (x86-64-v3) and for any x86-64 (SSE2: the generic
+    vector code) each pass this file's kernel tests, in a process of their own (one build per process)."""
+    if not needs <= kernels.cpu_flags():
+        pytest.skip(f"this CPU cannot run {march} code")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__,
+                          "-k", "not machine_without and not other_instruction_sets"],
+                         env={**os.environ, "QWEN35_PORTABLE_MARCH": march}, capture_output=True, text=True,
+                         timeout=900, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " skipped" not in out.stdout and " failed" not in out.stdout
