@@ -135,7 +135,7 @@ def _load() -> tuple[bool, str]:
 
 
 PORTABLE_SOURCE = Path(__file__).with_name("portable_kernels.cpp")
-PORTABLE_HEADERS = [Path(__file__).with_name("quantizers.h")]
+PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "portable_simd.h")]
 _portable: dict[str, object] = {}
 
 

@@ -1,7 +1,8 @@
 // Portable kernels for quantized weights: what runs on CPUs without AVX512-BF16 / VNNI (most laptops: Intel Core
 // since Alder Lake, older Intel and AMD, ARM), where the AVX512 kernels cannot. Plain C++ loops, built apart from
-// them (a library of its own, ops named portable_*) for the machine they run on (-march=native / -mcpu=native:
-// the compiler vectorizes the integer dot products with what the CPU has: AVX2 vpmaddwd, NEON, ...).
+// them (a library of its own, ops named portable_*) for the machine they run on (-march=native / -mcpu=native),
+// in vector code the compiler lowers to what the CPU has, with hand-written int8 dot products for AVX2 and ARM's
+// sdot (portable_simd.h).
 // Without them a quantized model ran the torch reference, which dequantizes each whole matrix at every call:
 // the 0.8B in int4 decoded 0.11 tok/s at a 10 GB peak.
 //
@@ -27,14 +28,8 @@
 #include <cstring>
 #include <vector>
 
+#include "portable_simd.h"
 #include "quantizers.h"
-
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-#if defined(__ARM_FEATURE_DOTPROD)
-#include <arm_neon.h>
-#endif
 
 namespace {
 
@@ -92,129 +87,7 @@ inline void q4k_scales(const uint8_t* b, int* sc, int* mn) {
   }
 }
 
-// The arithmetic is written in GCC's vector extensions (clang has them too), which the compiler lowers to what
-// the target has (SSE / AVX2 / AVX512 / NEON), except the one operation no compiler finds by itself: the int8 dot
-// product, hand-written where the CPU has one (AVX2 vpmaddubsw + vpmaddwd; ARM's sdot), generic otherwise.
-// Measured on plain loops: once inlined, the nibble unpacking became byte-by-byte inserts, and unpacked bytes
-// stored then reloaded at another width stalled on store forwarding (perf: q4_0 at 1.1 and 2.1 GB/s against
-// q8_0's 17). Here 32 weights are unpacked in registers at a time, their 32 products folded into 8 int32 lanes
-// (exact) that are scaled and accumulated in 8 fp32 lanes: one horizontal sum per output, not one per block.
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef int8_t i8x16 __attribute__((vector_size(16)));
-typedef uint8_t u8x32 __attribute__((vector_size(32)));
-typedef int8_t i8x32 __attribute__((vector_size(32)));
-typedef int16_t i16x16 __attribute__((vector_size(32)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-
-template <typename V>
-inline V load_v(const void* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename H>
-inline V join(H lo, H hi) {  // two half vectors side by side
-#if defined(__AVX2__)
-  return (V)_mm256_set_m128i((__m128i)hi, (__m128i)lo);
-#else
-  V v;
-  std::memcpy(&v, &lo, sizeof(H));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(H), &hi, sizeof(H));
-  return v;
-#endif
-}
-
-// The 32 products w[i] * x[i] of int8 vectors, exact, in 8 int32 lanes: lanes 0-3 hold the sum over elements
-// 0-15 and lanes 4-7 over 16-31 (q6_k scales the halves apart). Weights and inputs are in [-128, 127] and
-// [-127, 127]: a pair of products fits vpmaddubsw's int16 (2 * 128 * 127 < 32767).
-inline i32x8 dot32(i8x32 w, i8x32 x) {
-#if defined(__AVX2__)
-  const __m256i a = (__m256i)w, b = (__m256i)x;
-  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));  // |w| * (x * sign w)
-  return (i32x8)_mm256_madd_epi16(p, _mm256_set1_epi16(1));
-#elif defined(__ARM_FEATURE_DOTPROD)
-  const int8x16_t* wp = reinterpret_cast<const int8x16_t*>(&w);
-  const int8x16_t* xp = reinterpret_cast<const int8x16_t*>(&x);
-  return join<i32x8>((i32x4)vdotq_s32(vdupq_n_s32(0), wp[0], xp[0]), (i32x4)vdotq_s32(vdupq_n_s32(0), wp[1], xp[1]));
-#else
-  i32x4 h[2];
-  for (int k = 0; k < 2; ++k) {
-    i8x16 wk, xk;
-    std::memcpy(&wk, reinterpret_cast<const char*>(&w) + 16 * k, 16);
-    std::memcpy(&xk, reinterpret_cast<const char*>(&x) + 16 * k, 16);
-    const i32x16 q = __builtin_convertvector(__builtin_convertvector(wk, i16x16) * __builtin_convertvector(xk, i16x16),
-                                             i32x16);  // |w x| <= 128 * 127
-    i32x4 part[4];
-    std::memcpy(part, &q, sizeof(q));
-    h[k] = part[0] + part[1] + part[2] + part[3];
-  }
-  return join<i32x8>(h[0], h[1]);
-#endif
-}
-// The same for weights in [0, 255] (q4_k's unsigned nibbles; its mins are subtracted apart): pairs of products
-// fit int16 for weights below 129, which nibbles are
-inline i32x8 dot32u(u8x32 w, i8x32 x) {
-#if defined(__AVX2__)
-  return (i32x8)_mm256_madd_epi16(_mm256_maddubs_epi16((__m256i)w, (__m256i)x), _mm256_set1_epi16(1));
-#else
-  return dot32((i8x32)w, x);  // nibbles are valid int8
-#endif
-}
-// Four dot32 results folded into one vector: lanes 0-3 hold the sums of the halves 0-15 of a, b, c, e, lanes 4-7
-// those of their halves 16-31 (vphaddd, ARM's addp). One conversion and one multiply-add then scale four blocks.
-inline i32x8 fold4(i32x8 a, i32x8 b, i32x8 c, i32x8 e) {
-#if defined(__AVX2__)
-  return (i32x8)_mm256_hadd_epi32(_mm256_hadd_epi32((__m256i)a, (__m256i)b), _mm256_hadd_epi32((__m256i)c, (__m256i)e));
-#elif defined(__ARM_FEATURE_DOTPROD)
-  int32x4_t h[8];
-  const i32x8 v[4] = {a, b, c, e};
-  std::memcpy(h, v, sizeof(v));  // h[2k] = lanes 0-3 of the k-th, h[2k + 1] = lanes 4-7
-  return join<i32x8>((i32x4)vpaddq_s32(vpaddq_s32(h[0], h[2]), vpaddq_s32(h[4], h[6])),
-                     (i32x4)vpaddq_s32(vpaddq_s32(h[1], h[3]), vpaddq_s32(h[5], h[7])));
-#else
-  const i32x8 v[4] = {a, b, c, e};
-  i32x8 r;
-  for (int k = 0; k < 4; ++k) {
-    r[k] = v[k][0] + v[k][1] + v[k][2] + v[k][3];
-    r[k + 4] = v[k][4] + v[k][5] + v[k][6] + v[k][7];
-  }
-  return r;
-#endif
-}
-inline f32x8 to_f(i32x8 v) { return __builtin_convertvector(v, f32x8); }
-// q4k_scales' 8 scales * d and 8 mins * dmin as fp32 lanes, computed in registers (see q6_k's scales)
-inline void q4k_scales8(const uint8_t* b, float d, float dmin, f32x8& scale, f32x8& minv) {
-  const u8x16 v = load_v<u8x16>(b);  // 12 bytes wanted; the 4 after them are the block's own quants
-  const i32x8 lo = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3), i32x8);
-  const i32x8 mid = __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7), i32x8);
-  const i32x8 hi = __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 8, 9, 10, 11), i32x8);
-  const i32x8 first = {-1, -1, -1, -1, 0, 0, 0, 0};  // lanes 0-3: the 6 low bits; 4-7: a nibble and 2 high bits
-  scale = to_f((first & (lo & 63)) | (~first & ((hi & 15) | ((lo >> 6) << 4)))) * d;
-  minv = to_f((first & (mid & 63)) | (~first & ((hi >> 4) | ((mid >> 6) << 4)))) * dmin;
-}
-inline f32x8 twice(f32x8 v, int h) {  // lanes 4h..4h+3 of v, twice: {v[4h..4h+3], v[4h..4h+3]}
-  return h ? __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7) : __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
-}
-// 4 fp16 scales as fp32, twice: {s0, s1, s2, s3, s0, s1, s2, s3}
-inline f32x8 halves4(const c10::Half* p) {
-#if defined(__F16C__)
-  typedef float f32x4 __attribute__((vector_size(16)));
-  const f32x4 v = (f32x4)_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
-#else
-  const float s0 = static_cast<float>(p[0]), s1 = static_cast<float>(p[1]), s2 = static_cast<float>(p[2]),
-              s3 = static_cast<float>(p[3]);
-  return f32x8{s0, s1, s2, s3, s0, s1, s2, s3};
-#endif
-}
-inline float hsum(f32x8 v) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
-}
+using namespace psimd;
 
 // Rows n0..n1 of W (layout kind) times the M quantized input rows; out[m * ldo + n] in fp32. Multiply-adds may
 // fuse here (they round once, better): the tests bound the GEMV by fp32 rounding, not by bits.
@@ -239,7 +112,7 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const
       int64_t b = 0;
       for (; b + 4 <= nb; b += 4) {  // four blocks: their four scales side by side, twice
         const i8x32 q0 = block(b), q1 = block(b + 1), q2 = block(b + 2), q3 = block(b + 3);
-        const f32x8 ws = halves4(wd + b);
+        const f32x8 ws = halves4(reinterpret_cast<const uint16_t*>(wd + b));
         for (int m = 0; m < M; ++m) {
           const int8_t* x = xq + m * K + b * QB;
           const i32x8 f = fold4(dot32(q0, load_v<i8x32>(x)), dot32(q1, load_v<i8x32>(x + 32)),

@@ -1,0 +1,112 @@
+// Each helper of qwen35/ops/kernels/portable_simd.h against its scalar definition, bit for bit, on random and
+// extreme operands: built by tests/test_portable_simd.py for several targets (x86-64, x86-64-v3, this CPU; ARM
+// with and without sdot, run under qemu). Prints the target's paths and "ok", or the first mismatch (exit 1).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "portable_simd.h"
+
+using namespace psimd;
+
+static uint64_t seed = 0x9E3779B97F4A7C15ull;
+static uint32_t next() {  // xorshift64*: the same operands on every target
+  seed ^= seed >> 12;
+  seed ^= seed << 25;
+  seed ^= seed >> 27;
+  return static_cast<uint32_t>((seed * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static int failures = 0;
+#define CHECK(cond, ...)                              \
+  do {                                                \
+    if (!(cond) && failures++ < 5) {                  \
+      std::printf("MISMATCH %s: ", #cond);            \
+      std::printf(__VA_ARGS__);                       \
+      std::printf("\n");                              \
+    }                                                 \
+  } while (0)
+
+static bool same_bits(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
+
+int main() {
+#if defined(__AVX2__)
+  std::printf("dot products: AVX2\n");
+#elif defined(__ARM_FEATURE_DOTPROD)
+  std::printf("dot products: sdot\n");
+#else
+  std::printf("dot products: generic\n");
+#endif
+  for (int trial = 0; trial < 20000; ++trial) {
+    // operands: random, or the extremes the comments promise (weights -128 / 127, inputs -127 / 127)
+    int8_t w[32], x[32];
+    uint8_t u[32];
+    const int mode = trial % 4;
+    for (int i = 0; i < 32; ++i) {
+      w[i] = mode == 1 ? -128 : mode == 2 ? 127 : static_cast<int8_t>(next());
+      x[i] = mode == 1 || mode == 2 ? (i % 2 ? 127 : -127) : static_cast<int8_t>(static_cast<int>(next() % 255) - 127);
+      u[i] = mode == 1 ? 127 : static_cast<uint8_t>(next() % (mode == 3 ? 16 : 128));
+    }
+    int32_t lo = 0, hi = 0, ulo = 0, uhi = 0;
+    for (int i = 0; i < 32; ++i) {
+      (i < 16 ? lo : hi) += w[i] * x[i];
+      (i < 16 ? ulo : uhi) += u[i] * x[i];
+    }
+    const i32x8 d = dot32(load_v<i8x32>(w), load_v<i8x32>(x));
+    const i32x8 du = dot32u(load_v<u8x32>(u), load_v<i8x32>(x));
+    CHECK(d[0] + d[1] + d[2] + d[3] == lo && d[4] + d[5] + d[6] + d[7] == hi, "dot32 trial %d", trial);
+    CHECK(du[0] + du[1] + du[2] + du[3] == ulo && du[4] + du[5] + du[6] + du[7] == uhi, "dot32u trial %d", trial);
+
+    i32x8 v[4];
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < 8; ++l) v[k][l] = static_cast<int32_t>(next() % 2000001) - 1000000;
+    const i32x8 f = fold4(v[0], v[1], v[2], v[3]);
+    for (int k = 0; k < 4; ++k) {
+      CHECK(f[k] == v[k][0] + v[k][1] + v[k][2] + v[k][3], "fold4 lane %d trial %d", k, trial);
+      CHECK(f[k + 4] == v[k][4] + v[k][5] + v[k][6] + v[k][7], "fold4 lane %d trial %d", k + 4, trial);
+    }
+
+    uint8_t sb[16];  // q4_k's 12 scale bytes (and 4 more read beside them)
+    for (int i = 0; i < 16; ++i) sb[i] = static_cast<uint8_t>(next());
+    const float dd = static_cast<float>(next() % 1000) / 977.f, dmin = static_cast<float>(next() % 1000) / 1013.f;
+    f32x8 scale, minv;
+    q4k_scales8(sb, dd, dmin, scale, minv);
+    for (int j = 0; j < 4; ++j) {  // kquants.q4_k_scales
+      const int sc[2] = {sb[j] & 63, (sb[j + 8] & 0xF) | ((sb[j] >> 6) << 4)};
+      const int mn[2] = {sb[j + 4] & 63, (sb[j + 8] >> 4) | ((sb[j + 4] >> 6) << 4)};
+      for (int h = 0; h < 2; ++h) {
+        CHECK(same_bits(scale[j + 4 * h], static_cast<float>(sc[h]) * dd), "q4k scale %d trial %d", j + 4 * h, trial);
+        CHECK(same_bits(minv[j + 4 * h], static_cast<float>(mn[h]) * dmin), "q4k min %d trial %d", j + 4 * h, trial);
+      }
+    }
+    f32x8 a;
+    for (int l = 0; l < 8; ++l) a[l] = static_cast<float>(next());
+    for (int h = 0; h < 2; ++h) {
+      const f32x8 t = twice(a, h);
+      for (int l = 0; l < 8; ++l) CHECK(same_bits(t[l], a[4 * h + l % 4]), "twice lane %d", l);
+    }
+  }
+  // every fp16 bit pattern, against the hardware's or the standard's conversion
+  for (uint32_t h = 0; h < 65536; h += 4) {
+    uint16_t p[4];
+    for (int k = 0; k < 4; ++k) p[k] = static_cast<uint16_t>(h + k);
+    const f32x8 s = halves4(p);
+    for (int k = 0; k < 8; ++k) {
+      const float want = half_to_float(p[k % 4]);
+      const uint32_t e = (p[k % 4] >> 10) & 31, m = p[k % 4] & 1023;
+      // the reference value by arithmetic: (-1)^s 2^(e-15) (1 + m/1024), subnormals 2^-14 m/1024
+      const double ref = (p[k % 4] & 0x8000 ? -1.0 : 1.0) *
+                         (e == 0 ? std::ldexp(static_cast<double>(m), -24) : std::ldexp(1.0 + m / 1024.0, static_cast<int>(e) - 15));
+      if (e == 31) {
+        CHECK(m ? std::isnan(s[k]) : (std::isinf(s[k]) && std::signbit(s[k]) == std::signbit(want)), "halves4 %x", p[k % 4]);
+      } else {
+        CHECK(same_bits(s[k], want) && static_cast<double>(want) == ref, "halves4 %x: %g vs %g", p[k % 4], s[k], ref);
+      }
+    }
+  }
+  if (failures) {
+    std::printf("%d mismatches\n", failures);
+    return 1;
+  }
+  std::printf("ok\n");
+  return 0;
+}

@@ -1,0 +1,83 @@
+"""The portable kernels' vector helpers (qwen35/ops/kernels/portable_simd.h) on every instruction set they have a
+path for, including ARM's, which no test machine here is: tests/portable_simd_check.cpp checks each helper
+against its scalar definition, built for x86-64 (the generic code), x86-64-v3 (AVX2) and this CPU, and cross-built
+for ARMv8.2 with sdot and plain ARMv8 (generic) and run under qemu. The whole portable_kernels.cpp is compiled for
+both ARM targets too (syntax and types, against torch's headers), so an ARM build never breaks unseen.
+
+The ARM tools are Debian's g++-aarch64-linux-gnu and qemu-user-static, installed (as root, Debian's registry
+only) when missing, as the browser tests install Chromium; QWEN35_CROSS=0 skips these tests instead."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qwen35.ops import kernels
+
+HERE = Path(__file__).resolve().parent
+KERNELS = HERE.parent / "qwen35" / "ops" / "kernels"
+CHECK = HERE / "portable_simd_check.cpp"
+FLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-Wno-psabi", f"-I{KERNELS}"]
+ARM = {"armv8.2-a+dotprod": "sdot", "armv8-a": "generic"}
+CROSS, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64-static"
+
+
+def build_and_run(compiler: str, march: str, out: Path, runner: list[str]) -> str:
+    exe = out / f"check-{march.replace('+', '_')}"
+    static = ["-static"] if runner else []  # run by qemu: no ARM shared libraries here
+    subprocess.run([compiler, *FLAGS, f"-march={march}", *static, str(CHECK), "-o", str(exe)], check=True,
+                   capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-2000:] + run.stderr[-1000:]
+    return run.stdout.splitlines()[0]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None,
+                    reason="x86 targets, built with g++")
+@pytest.mark.parametrize("march,needs,path", [("x86-64", set(), "generic"),
+                                              ("x86-64-v3", {"avx2", "fma", "f16c", "bmi2"}, "AVX2"),
+                                              ("native", set(), None)])
+def test_helpers_on_x86_targets(march, needs, path, tmp_path):
+    if not needs <= kernels.cpu_flags():
+        pytest.skip(f"this CPU cannot run {march} code")
+    line = build_and_run("g++", march, tmp_path, [])
+    if path:
+        assert line == f"dot products: {path}"
+
+
+@pytest.fixture(scope="module")
+def arm_tools():
+    if os.environ.get("QWEN35_CROSS") == "0":
+        pytest.skip("QWEN35_CROSS=0")
+    missing = [p for p, tool in (("g++-aarch64-linux-gnu", CROSS), ("qemu-user-static", QEMU)) if not shutil.which(tool)]
+    if missing:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.fail(f"need Debian packages {missing}: run `apt-get install -y {' '.join(missing)}` as root "
+                        "(or QWEN35_CROSS=0 to skip the ARM checks)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        lock = ["-o", "DPkg::Lock::Timeout=900"]  # the browser tests' installer may hold dpkg's lock meanwhile
+        if subprocess.run(["apt-get", *lock, "install", "-y", "-qq", *missing], env=env, capture_output=True,
+                          check=False).returncode:
+            subprocess.run(["apt-get", *lock, "update", "-qq"], env=env, check=True, capture_output=True)
+            subprocess.run(["apt-get", *lock, "install", "-y", "-qq", *missing], env=env, check=True, capture_output=True)
+    return True
+
+
+@pytest.mark.parametrize("march", list(ARM))
+def test_helpers_on_arm_under_qemu(march, arm_tools, tmp_path):
+    assert build_and_run(CROSS, march, tmp_path, [QEMU, "-cpu", "max"]) == f"dot products: {ARM[march]}"
+
+
+@pytest.mark.parametrize("march", list(ARM))
+def test_the_kernels_compile_for_arm(march, arm_tools):
+    from torch.utils.cpp_extension import include_paths
+
+    out = subprocess.run([CROSS, "-std=c++17", "-fsyntax-only", "-O3", f"-march={march}", "-ffp-contract=off",
+                          "-Werror=return-type", *[f"-I{p}" for p in include_paths()], str(KERNELS / "portable_kernels.cpp")],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
