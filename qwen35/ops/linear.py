@@ -10,6 +10,8 @@ block-quantized weight with its own kernels next. `Linear.runtime_weight` and th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,12 +22,42 @@ def linear(x: torch.Tensor, w, out_fp32: bool = False) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(w, torch.Tensor):
-        y = F.linear(x2.contiguous(), w)
+        y = dense_linear(x2.contiguous(), w)
         if out_fp32:
             y = y.float()
     else:
         y = w.matmul(x2, out_fp32)
     return y.view(*lead, w.shape[0])
+
+
+FP32_GEMM_MIN_ROWS = 16  # below it the bf16 product is memory-bound (decode, short verify passes): left as it is
+FP32_BAND_BYTES = 64 << 20  # fp32 copies of at most this many bytes of a weight at a time
+
+
+@functools.cache
+def _bf16_native() -> bool:
+    from .kernels import bf16_matmul_native
+
+    return bf16_matmul_native()
+
+
+def dense_linear(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x2, w) for a plain matrix. A bf16 product of many rows (prefill) on a CPU without bf16 matrix
+    instructions (most laptops: AVX2, no AVX512-BF16) runs in fp32 on the same bf16 values, a band of weight rows
+    at a time, and is rounded to bf16 as torch's bf16 product is: the same products (a bf16 times a bf16 is exact
+    in fp32), summed in another order, 4-7x faster there (ops/kernels.bf16_matmul_native). Not under autograd."""
+    rows = x2.shape[0]
+    if (rows < FP32_GEMM_MIN_ROWS or w.dtype != torch.bfloat16 or x2.dtype != torch.bfloat16
+            or x2.device.type != "cpu" or torch.is_grad_enabled() or _bf16_native()):
+        return F.linear(x2, w)
+    xf = x2.float()
+    step = max(1, FP32_BAND_BYTES // (4 * w.shape[1]))
+    if w.shape[0] <= step:
+        return F.linear(xf, w.float()).to(torch.bfloat16)
+    out = torch.empty(rows, w.shape[0], dtype=torch.bfloat16)
+    for s in range(0, w.shape[0], step):
+        out[:, s : s + step] = F.linear(xf, w[s : s + step].float())
+    return out
 
 
 class StackedWeight:
@@ -61,7 +93,7 @@ class StackedWeight:
                 and all(prefill_gemm(rows, p.scheme) == "dequantize"
                         for p in self.parts if isinstance(p, QuantizedWeight))):
             w = kept(self, torch.bfloat16, self._dense)
-            y = F.linear(x2.contiguous(), self._dense() if w is None else w)
+            y = dense_linear(x2.contiguous(), self._dense() if w is None else w)
             return y.float() if out_fp32 else y
         return torch.cat([linear(x2, p, out_fp32) for p in self.parts], dim=-1)
 

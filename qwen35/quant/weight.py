@@ -22,8 +22,8 @@ import os
 import threading
 
 import torch
-import torch.nn.functional as F
 
+from ..ops.linear import dense_linear
 from . import formats
 
 GEMV_MAX_ROWS = 8
@@ -254,11 +254,11 @@ class QuantizedWeight:
             return y.float() if out_fp32 else y
         kept, bands = self._kept(dtype), self._bands()
         if kept is not None:
-            y = F.linear(x2.to(dtype), kept)
+            y = dense_linear(x2.to(dtype), kept)
         elif len(bands) == 1:
-            y = F.linear(x2.to(dtype), self.dequantize(dtype))
+            y = dense_linear(x2.to(dtype), self.dequantize(dtype))
         else:
-            y = torch.cat([F.linear(x2.to(dtype), self.dequantize(dtype, s, s + bands.step)) for s in bands], -1)
+            y = torch.cat([dense_linear(x2.to(dtype), self.dequantize(dtype, s, s + bands.step)) for s in bands], -1)
         return y.float() if out_fp32 else y.to(x2.dtype)
 
     def _kept(self, dtype: torch.dtype) -> torch.Tensor | None:
