@@ -1,11 +1,14 @@
-"""Quantized weights on a CPU without AVX512-BF16 / VNNI: the portable kernels (ops/kernels/portable_kernels.cpp)
-against the AVX512 ones, GEMV by GEMV, and a whole model decoding through them.
+"""Quantized and bf16 weights on a CPU without AVX512-BF16 / VNNI (an AVX2 laptop): the portable kernels
+(ops/kernels/portable_kernels.cpp) against the AVX512 ones, GEMV by GEMV, and whole models prefilling and decoding.
 
 Such a CPU is emulated on this one: `--march x86-64-v3` builds the portable kernels for an AVX2 laptop's
 instruction set (Haswell through Alder Lake / Zen 3), `native` for this machine's own; QWEN35_KERNELS=portable
-keeps the AVX512 library out of the model runs, as on a machine without it. Decode rows are `qwen35 bench` runs
-in fresh processes: int4 and int8 on the portable kernels, bf16 on the torch path (what such a machine runs for
-bf16), and, for scale, the AVX512 kernels. Prints a table, then one JSON line.
+keeps the AVX512 library out of the model runs, and ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ATEN_CPU_CAPABILITY=avx2 hold torch's own matrix products and vector ops to AVX2, as on such a laptop. Model rows
+are `qwen35 bench` runs in fresh processes: bf16 (the torch path), int4 and int8 on the portable kernels, each
+prefill either in fp32 (ops/linear.dense_linear: what runs there now) or with torch's bf16 product (before,
+QWEN35_BF16_MATMUL=native); and, for scale, int4 on the AVX512 kernels without emulation. Prints tables, then one
+JSON line.
 
     python benchmarks/bench_portable.py [--march x86-64-v3] [--model benchmarks/.cache/replica-0.8b]
 """
@@ -62,8 +65,8 @@ def gemv_table(reps: int) -> dict:
     return rows
 
 
-def bench(model: str, args: list[str], env: dict) -> dict:
-    cmd = [sys.executable, "-m", "qwen35", "bench", model, "--prompt-tokens", "128", "--gen-tokens", "32",
+def bench(model: str, args: list[str], env: dict, prompt: int, gen: int) -> dict:
+    cmd = [sys.executable, "-m", "qwen35", "bench", model, "--prompt-tokens", str(prompt), "--gen-tokens", str(gen),
            "--threads", "2", "--json", *args]
     out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800,
                          check=False)
@@ -72,11 +75,16 @@ def bench(model: str, args: list[str], env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+AVX2_TORCH = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--march", default="x86-64-v3", help="portable kernels' target: x86-64-v3 (AVX2), native, ...")
     ap.add_argument("--model", default=str(HERE / ".cache" / "replica-0.8b"))
     ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=32)
     args = ap.parse_args()
     march = {} if args.march == "native" else {"QWEN35_PORTABLE_MARCH": args.march}
     os.environ.update(march)
@@ -85,17 +93,22 @@ def main() -> None:
 
         build_replica(args.model, "0.8b")
     result = {"bench": "portable", "march": args.march, "gemv_gbs": gemv_table(args.reps), "decode": {}}
-    runs = {"int4 portable": (["--quant", "int4"], {"QWEN35_KERNELS": "portable", **march}),
-            "int8 portable": (["--quant", "int8"], {"QWEN35_KERNELS": "portable", **march}),
-            "bf16 torch path": (["--kernels", "off"], {}),
-            "int4 avx512": (["--quant", "int4"], {})}
-    print(f"\n{Path(args.model).name}, 128-token prompt, 32 decoded, 2 threads")
-    print(f"{'weights / kernels':<18}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}")
+    laptop = {"QWEN35_KERNELS": "portable", **march, **(AVX2_TORCH if args.march == "x86-64-v3" else {})}
+    before = {**laptop, "QWEN35_BF16_MATMUL": "native"}
+    runs = {"bf16 torch path": (["--kernels", "off"], laptop),
+            "bf16 torch path, bf16 prefill (before)": (["--kernels", "off"], before),
+            "int4 portable": (["--quant", "int4"], laptop),
+            "int4 portable, bf16 prefill (before)": (["--quant", "int4"], before),
+            "int8 portable": (["--quant", "int8"], laptop),
+            "int4 avx512, no emulation": (["--quant", "int4"], {})}
+    print(f"\n{Path(args.model).name}, {args.prompt_tokens}-token prompt, {args.gen_tokens} decoded, 2 threads"
+          + (", torch held to AVX2" if args.march == "x86-64-v3" else ""))
+    print(f"{'weights / kernels':<40}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}")
     for name, (extra, env) in runs.items():
-        r = bench(args.model, extra, env)
+        r = bench(args.model, extra, env, args.prompt_tokens, args.gen_tokens)
         row = r["rows"][0] if "rows" in r else r
         result["decode"][name] = {k: row.get(k) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
-        print(f"{name:<18}{row.get('prefill_tok_s', 0):>14.1f}{row.get('decode_tok_s', 0):>14.2f}"
+        print(f"{name:<40}{row.get('prefill_tok_s', 0):>14.1f}{row.get('decode_tok_s', 0):>14.2f}"
               f"{row.get('peak_rss_mb', 0):>14.0f}")
     print(json.dumps(result))
 

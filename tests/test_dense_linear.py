@@ -30,6 +30,7 @@ def within_bf16_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> b
 def test_which_machines_have_bf16_products(monkeypatch):
     import platform
 
+    monkeypatch.delenv("QWEN35_BF16_MATMUL", raising=False)
     if platform.machine().lower() not in ("x86_64", "amd64"):
         assert kernels.bf16_matmul_native()
         return
@@ -37,6 +38,17 @@ def test_which_machines_have_bf16_products(monkeypatch):
     assert kernels.bf16_matmul_native() == bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # what oneDNN is then allowed: no bf16 instructions
     assert not kernels.bf16_matmul_native()
+
+
+def test_the_choice_can_be_forced(monkeypatch):
+    monkeypatch.setenv("QWEN35_BF16_MATMUL", "fp32")
+    assert not kernels.bf16_matmul_native()
+    monkeypatch.setenv("QWEN35_BF16_MATMUL", "native")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert kernels.bf16_matmul_native()
+    monkeypatch.setenv("QWEN35_BF16_MATMUL", "yes")
+    with pytest.raises(ValueError, match="QWEN35_BF16_MATMUL must be 'native' or 'fp32', got 'yes'"):
+        kernels.bf16_matmul_native()
 
 
 @pytest.mark.parametrize("rows,N,K,band_rows", [(16, 40, 64, 64), (37, 300, 128, 64), (300, 97, 256, 10)])

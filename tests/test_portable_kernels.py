@@ -113,14 +113,17 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     assert objects and all(w.portable and not w.kernels for w in objects)
     report = fast.bind_kernels(model)
     assert not report.enabled and "quantized weights on the portable kernels" in report.reason
-    assert sum(report.bound.values()) == len(objects)
+    assert sum(n for k, n in report.bound.items() if k != "portable_delta_rule") == len(objects)
+    mixers = [m for m in model.modules() if hasattr(m, "delta_rule")]
+    assert report.bound["portable_delta_rule"] == len(mixers) and all(m.delta_rule is fast.portable_delta_rule
+                                                                        for m in mixers)
     for a, b in zip(objects, quantized_weights(avx512)):
         assert a.scheme == b.scheme and torch.equal(a.qs, b.qs) and torch.equal(a.d, b.d)
     ref, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
     assert not any(w.portable or w.kernels for w in quantized_weights(ref))
     assert_same_greedy_answers(ref, model, tok)
     fast.bind_kernels(model, False)
-    assert not any(w.portable for w in objects)
+    assert not any(w.portable for w in objects) and not any(m.delta_rule is fast.portable_delta_rule for m in mixers)
 
 
 @pytest.mark.skipif("QWEN35_PORTABLE_MARCH" in os.environ or platform.machine() not in ("x86_64", "AMD64"),
@@ -138,3 +141,50 @@ def test_the_builds_for_other_instruction_sets(march, needs):
                          timeout=900, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and " skipped" not in out.stdout and " failed" not in out.stdout
+
+
+@pytest.mark.parametrize("B,T,H,Dk,Dv", [(1, 1, 4, 64, 64), (2, 1, 3, 128, 128), (1, 3, 2, 32, 96), (2, 4, 1, 128, 256)])
+@pytest.mark.parametrize("given_state", [True, False])
+def test_delta_rule_equals_the_reference(B, T, H, Dk, Dv, given_state):
+    from qwen35.ops.gated_delta import recurrent_gated_delta_rule
+
+    g = torch.Generator().manual_seed(B * T * H + Dk + Dv)
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, Dk, generator=g), dim=-1).bfloat16() * Dk**-0.5
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, Dk, generator=g), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, Dv, generator=g).bfloat16()
+    gate = -torch.rand(B, T, H, generator=g) * 3
+    gate[0, 0, 0] = float("-inf")  # a reset (packed documents): nothing carried over
+    beta = torch.rand(B, T, H, generator=g)
+    state = torch.randn(B, H, Dk, Dv, generator=g) if given_state else None
+    before = None if state is None else state.clone()
+    with torch.no_grad():
+        o, s = fast.portable_delta_rule(q, k, v, gate, beta, state)
+        o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, gate, beta, state)
+    assert o.dtype == s.dtype == torch.float32 and o.shape == o_ref.shape and s.shape == s_ref.shape
+    # fp32 rounding of sums over Dk terms of size |S| ~ 1 (state) and |k|, |q| <= 1
+    tol = 1e-5 * (1 + s_ref.abs().amax())
+    assert (o - o_ref).abs().max() <= tol and (s - s_ref).abs().max() <= tol
+    if before is not None:
+        assert torch.equal(state, before)  # snapshots that share it stay valid
+
+
+def test_delta_rule_leaves_prefill_and_autograd_to_torch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fast, "gated_delta_rule", lambda *a, **kw: calls.append(kw.get("mode")) or "torch")
+    q = torch.randn(1, 8, 2, 32)
+    args = (q, q, torch.randn(1, 8, 2, 32), -torch.rand(1, 8, 2), torch.rand(1, 8, 2))
+    with torch.no_grad():
+        assert fast.portable_delta_rule(*args) == "torch"  # 8 tokens: the chunked form
+    with torch.enable_grad():
+        assert fast.portable_delta_rule(*[a[:, :1] for a in args]) == "torch"
+    assert calls == ["auto", "auto"]
+    with torch.no_grad(), pytest.raises(ValueError, match="unknown gated delta rule mode 'fast'"):
+        fast.portable_delta_rule(*[a[:, :1] for a in args], mode="fast")
+
+
+def test_delta_rule_refuses_mismatched_shapes():
+    q = torch.randn(1, 1, 2, 32)
+    with pytest.raises(RuntimeError, match=r"portable_delta_rule: state must be \[B, H, Dk, Dv\]"):
+        torch.ops.qwen35.portable_delta_rule(q, q, q, torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1, 2, 32, 16))
+    with pytest.raises(RuntimeError, match="portable_delta_rule: g and beta must be"):
+        torch.ops.qwen35.portable_delta_rule(q, q, q, torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2, 32, 32))

@@ -50,8 +50,10 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, H, bias=False)
         self._in_proj = None  # fused [qkv | z | b | a] (a matrix or weight object), see fusion_group()
-        # The causal conv + SiLU of q|k|v: the reference here; ops/fast.bind_kernels may bind the C++ one.
+        # The causal conv + SiLU of q|k|v and the delta rule: the references here; ops/fast.bind_kernels may bind
+        # C++ ones.
         self.conv_silu = causal_conv1d_silu
+        self.delta_rule = gated_delta_rule
 
     def fusion_group(self):
         """The four input projections share their input: read them as one matrix `_in_proj`."""
@@ -93,7 +95,7 @@ class GatedDeltaNet(nn.Module):
         if state is not None and state.keep_steps:
             o, recurrent = self._stepwise(qkv_in, q, k, v, g, beta, state)
         else:
-            o, recurrent = gated_delta_rule(q, k, v, g, beta, None if state is None else state.recurrent, mode=mode)
+            o, recurrent = self.delta_rule(q, k, v, g, beta, None if state is None else state.recurrent, mode=mode)
         if state is not None:
             state.conv, state.recurrent = conv_state, recurrent
         z = z.reshape(B, T, self.num_v_heads, self.head_v_dim)
@@ -107,7 +109,7 @@ class GatedDeltaNet(nn.Module):
         window = torch.cat([state.conv, qkv_in], dim=1)  # the pre-conv inputs: token t's window ends at t
         rec, outs, convs, recs = state.recurrent, [], [], []
         for t in range(T):
-            o_t, rec = gated_delta_rule(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1],
+            o_t, rec = self.delta_rule(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1],
                                         beta[:, t : t + 1], rec, mode="recurrent")
             outs.append(o_t)
             recs.append(rec)

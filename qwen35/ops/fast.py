@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .gated_delta import gated_delta_rule
 from .layer_decode import attn_layer_args, attn_layer_decode, gdn_layer_args, gdn_layer_decode
 from .linear import Linear, linear
 
@@ -161,6 +162,21 @@ def unbind_kernels(model) -> None:
             m.silu_mul = silu_mul
         if hasattr(m, "conv_silu"):
             m.conv_silu = causal_conv1d_silu
+        if hasattr(m, "delta_rule"):
+            m.delta_rule = gated_delta_rule
+
+
+def portable_delta_rule(q, k, v, g, beta, state=None, mode: str = "auto"):
+    """ops/gated_delta.gated_delta_rule with its recurrent form on the portable kernel (two passes over the
+    state a token where the torch form makes eight); the chunked form and autograd stay on torch."""
+    if torch.is_grad_enabled() or (mode == "chunk" or (mode == "auto" and q.shape[1] > 4)):
+        return gated_delta_rule(q, k, v, g, beta, state, mode=mode)
+    if mode not in ("auto", "recurrent"):
+        raise ValueError(f"unknown gated delta rule mode {mode!r} (expected auto, recurrent or chunk)")
+    if state is None:
+        B, _, H, Dk = k.shape
+        state = torch.zeros(B, H, Dk, v.shape[-1])
+    return torch.ops.qwen35.portable_delta_rule(q, k, v, g, beta, state)
 
 
 def weight_objects(m):
@@ -202,12 +218,17 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
         why = kernels.unavailable_reason() or "kernels unavailable"
         # quantized matrices still get the portable kernels (kernels/portable_kernels.cpp, any CPU with a C++
         # compiler): their torch path is the reference, which dequantizes each whole matrix at every call
+        # and so does the delta rule's decode step, whose torch form makes eight passes over the state a token
         objects = quantized_weights(model) if quantized else []
-        if objects and kernels.portable_available():
-            report = KernelReport(False, why + "; quantized weights on the portable kernels")
+        mixers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)] if model.device.type == "cpu" else []
+        if (objects or mixers) and kernels.portable_available():
+            report = KernelReport(False, why + "; " + ("quantized weights on " if objects else "") + "the portable kernels")
             for w in objects:
                 w.portable = True
                 report.add("portable_" + w.scheme)
+            for m in mixers:
+                m.delta_rule = portable_delta_rule
+                report.add("portable_delta_rule")
             return report
         return KernelReport(False, why)
     if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float32):

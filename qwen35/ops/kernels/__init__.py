@@ -57,9 +57,15 @@ def bf16_matmul_native() -> bool:
     Without them oneDNN converts the operands to fp32 inside its GEMM, and slowly: 512 x 1024 x 3584 at 22-40
     GFLOP/s where the fp32 GEMM of the same two cores runs 137-160 (Zen 4 limited to AVX2, as an AVX2 laptop is,
     by ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2). A limit set that way counts as the machine's.
-    Other architectures: True (not measured; torch's bf16 product runs as it is)."""
+    Other architectures: True (not measured; torch's bf16 product runs as it is). QWEN35_BF16_MATMUL=native or
+    =fp32 decides instead (an ARM machine whose bf16 product is slow; benchmarks' before / after)."""
     import platform
 
+    forced = os.environ.get("QWEN35_BF16_MATMUL")
+    if forced:
+        if forced not in ("native", "fp32"):
+            raise ValueError(f"QWEN35_BF16_MATMUL must be 'native' or 'fp32', got {forced!r}")
+        return forced == "native"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _NO_BF16_ISAS:
