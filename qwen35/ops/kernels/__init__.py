@@ -4,9 +4,10 @@ Compiled on first use with the machine's C++ compiler (torch.utils.cpp_extension
 under TORCH_EXTENSIONS_DIR). Where that cannot work — no compiler, a CPU without AVX512-BF16, or
 QWEN35_KERNELS=0 — the reference torch paths run instead, and we say so once, loudly, with the reason.
 
-Quantized weights have a second, portable library (portable_kernels.cpp: plain C++ built for the machine it runs
-on, -march=native), used where the AVX512 one is unavailable: without it a quantized model would run the
-reference that dequantizes every matrix at every call. `portable_available()` builds it; QWEN35_KERNELS=portable
+Quantized weights have a second, portable library (portable_kernels.cpp: vector code built for the machine it
+runs on, -march=native, with hand-written int8 dot products for AVX2 and ARM in portable_simd.h), used where the
+AVX512 one is unavailable: without it a quantized model would run the reference that dequantizes every matrix at
+every call. It also holds the Gated DeltaNet decode recurrence such machines run (portable_delta_rule). `portable_available()` builds it; QWEN35_KERNELS=portable
 makes a machine with AVX512 behave as one without (tests, benchmarks); QWEN35_PORTABLE_MARCH picks the target
 (e.g. x86-64-v3, an AVX2 laptop's instruction set) instead of the build machine's own.
 """

@@ -1,6 +1,6 @@
 // Portable kernels for quantized weights: what runs on CPUs without AVX512-BF16 / VNNI (most laptops: Intel Core
-// since Alder Lake, older Intel and AMD, ARM), where the AVX512 kernels cannot. Plain C++ loops, built apart from
-// them (a library of its own, ops named portable_*) for the machine they run on (-march=native / -mcpu=native),
+// since Alder Lake, older Intel and AMD, ARM), where the AVX512 kernels cannot. Built apart from them (a library
+// of its own, ops named portable_*) for the machine they run on (-march=native / -mcpu=native),
 // in vector code the compiler lowers to what the CPU has, with hand-written int8 dot products for AVX2 and ARM's
 // sdot (portable_simd.h).
 // Without them a quantized model ran the torch reference, which dequantizes each whole matrix at every call:
@@ -13,7 +13,8 @@
 //   equal to the reference up to the order of the fp32 sums (tested);
 // - portable_dequant_bf16_out: rows of W as bf16, the reference's bits exactly (prefill: bands for a bf16
 //   GEMM; a tied embedding's rows);
-// - portable_quantize_weights / portable_quantize_k: quantizers.h, the reference's bytes exactly.
+// - portable_quantize_weights / portable_quantize_k: quantizers.h, the reference's bytes exactly;
+// - portable_delta_rule: the Gated DeltaNet recurrence token by token (decode), see there.
 // Layout codes as everywhere: 1 = q8_0, 2 = q4_0, 3 = q4_k, 4 = q6_k.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
