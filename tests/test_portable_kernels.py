@@ -113,10 +113,10 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     assert objects and all(w.portable and not w.kernels for w in objects)
     report = fast.bind_kernels(model)
     assert not report.enabled and "quantized weights on the portable kernels" in report.reason
-    assert sum(n for k, n in report.bound.items() if k != "portable_delta_rule") == len(objects)
+    assert sum(report.bound["portable_" + s] for s in KIND if "portable_" + s in report.bound) == len(objects)
     mixers = [m for m in model.modules() if hasattr(m, "delta_rule")]
-    assert report.bound["portable_delta_rule"] == len(mixers) and all(m.delta_rule is fast.portable_delta_rule
-                                                                        for m in mixers)
+    assert report.bound["portable_delta_rule"] == report.bound["portable_gdn_step"] == len(mixers)
+    assert all(m.delta_rule is fast.portable_delta_rule and m.forward.kernel == "_portable_gdn_decode" for m in mixers)
     for a, b in zip(objects, quantized_weights(avx512)):
         assert a.scheme == b.scheme and torch.equal(a.qs, b.qs) and torch.equal(a.d, b.d)
     ref, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
@@ -124,6 +124,7 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     assert_same_greedy_answers(ref, model, tok)
     fast.bind_kernels(model, False)
     assert not any(w.portable for w in objects) and not any(m.delta_rule is fast.portable_delta_rule for m in mixers)
+    assert not any("forward" in m.__dict__ for m in mixers)
 
 
 @pytest.mark.skipif("QWEN35_PORTABLE_MARCH" in os.environ or platform.machine() not in ("x86_64", "AMD64"),
@@ -188,3 +189,60 @@ def test_delta_rule_refuses_mismatched_shapes():
         torch.ops.qwen35.portable_delta_rule(q, q, q, torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1, 2, 32, 16))
     with pytest.raises(RuntimeError, match="portable_delta_rule: g and beta must be"):
         torch.ops.qwen35.portable_delta_rule(q, q, q, torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2, 32, 32))
+
+
+def gdn_layer(Hk: int, Hv: int, Dk: int, Dv: int, seed: int = 0):
+    """A bf16 Gated DeltaNet with fused input projections and fp32 gate parameters, as load_model builds it."""
+    from qwen35.config import ModelConfig
+    from qwen35.model.deltanet import GatedDeltaNet
+    from qwen35.ops.linear import fuse_linears
+    from qwen35.shapes import text_config
+
+    cfg = ModelConfig.from_hf(text_config("tiny", linear_num_key_heads=Hk, linear_num_value_heads=Hv,
+                                          linear_key_head_dim=Dk, linear_value_head_dim=Dv))
+    torch.manual_seed(seed)
+    layer = GatedDeltaNet(cfg)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+        layer.A_log.copy_(torch.rand(Hv).log())
+        layer.norm.weight.copy_(1 + 0.1 * torch.randn(Dv))
+    layer = layer.bfloat16()
+    layer.A_log.data, layer.dt_bias.data, layer.norm.weight.data = (
+        layer.A_log.float(), layer.dt_bias.float(), layer.norm.weight.float())
+    owner, attr, linears = layer.fusion_group()
+    setattr(owner, attr, fuse_linears(*linears))
+    return cfg, layer
+
+
+@pytest.mark.parametrize("Hk,Hv,Dk,Dv", [(2, 4, 128, 128), (2, 2, 64, 96), (1, 3, 32, 48)])
+def test_gdn_decode_step_equals_the_reference(Hk, Hv, Dk, Dv):
+    from qwen35.cache import DeltaNetState
+
+    cfg, layer = gdn_layer(Hk, Hv, Dk, Dv)
+    torch.manual_seed(1)
+    conv = torch.randn(2, layer.kernel_size - 1, layer.conv_dim).bfloat16()
+    rec = torch.randn(2, Hv, Dk, Dv) * 0.1
+    s_fast, s_ref = DeltaNetState(conv, rec), DeltaNetState(conv.clone(), rec.clone())
+    rec_before, conv_before = rec.clone(), conv.clone()
+    x = torch.randn(2, 1, cfg.hidden_size).bfloat16()
+    with torch.inference_mode():
+        out = fast._portable_gdn_decode(layer, x, s_fast)
+        ref = layer(x, s_ref)  # the layer is unbound: the reference forward
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    assert rel(out, ref) <= 1e-2  # the AVX512 gdn_decode's bound (tests/test_kernels.py)
+    assert torch.equal(s_fast.conv, s_ref.conv)
+    assert rel(s_fast.recurrent, s_ref.recurrent) <= 1e-3
+    assert torch.equal(rec, rec_before) and torch.equal(conv, conv_before)  # snapshots holding them stay valid
+
+
+def test_gdn_decode_step_refuses_what_does_not_fit():
+    _, layer = gdn_layer(2, 4, 64, 64)
+    proj = torch.zeros(1, layer.conv_dim + layer.value_dim + 2 * 4).bfloat16()
+    conv = torch.zeros(1, layer.kernel_size - 1, layer.conv_dim).bfloat16()
+    args = (layer.conv1d.weight[:, 0].contiguous(), layer.A_log, layer.dt_bias)
+    with pytest.raises(RuntimeError, match="portable_gdn_decode: sizes do not fit one layer"):
+        torch.ops.qwen35.portable_gdn_decode(proj, conv, *args, torch.zeros(1, 4, 64, 32), layer.norm.weight, 2, 1e-6)
+    with pytest.raises(RuntimeError, match="portable_gdn_decode: state, A_log, dt_bias and norm_w must be fp32"):
+        torch.ops.qwen35.portable_gdn_decode(proj, conv, *args, torch.zeros(1, 4, 64, 64).bfloat16(), layer.norm.weight,
+                                             2, 1e-6)

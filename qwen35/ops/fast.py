@@ -227,8 +227,11 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
                 w.portable = True
                 report.add("portable_" + w.scheme)
             for m in mixers:
-                m.delta_rule = portable_delta_rule
+                m.delta_rule = portable_delta_rule  # verification passes (several tokens a row) run it
                 report.add("portable_delta_rule")
+                if _portable_gdn_fits(m) and model.dtype == torch.bfloat16:
+                    _override(m, _portable_gdn_decode)  # the whole decode step after the projection
+                    report.add("portable_gdn_step")
             return report
         return KernelReport(False, why)
     if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float32):
@@ -307,6 +310,11 @@ def _gdn_fits(m) -> bool:
             and m.head_v_dim in (64, 128, 256) and 2 <= m.kernel_size <= 8)
 
 
+def _portable_gdn_fits(m) -> bool:
+    """portable_gdn_decode: any head sizes, a conv of 2+ taps, the fused projection, fp32 gate parameters."""
+    return _fp32(m.A_log, m.dt_bias, m.norm.weight) and m._in_proj is not None and m.kernel_size >= 2
+
+
 def _attn_fits(m, rotary_dim: int) -> bool:
     groups = m.num_heads // m.num_kv_heads
     return (_fp32(m.q_norm.weight, m.k_norm.weight) and m.head_dim % 32 == 0 and m.head_dim <= 512
@@ -353,17 +361,21 @@ def _conv_silu(x, weight, state=None, tap_mask=None):
     return torch.ops.qwen35.conv_silu(x, weight.contiguous(), prev.contiguous())
 
 
-def _gdn_decode(gdn, x, state=None, ctx=None, mode="auto"):
+def _gdn_decode(gdn, x, state=None, ctx=None, mode="auto", op: str = "gdn_decode"):
     """The Gated DeltaNet mixer's decode step: projections, then conv, gates, delta rule and gated norm in
-    one C++ call (gdn_decode)."""
+    one C++ call (gdn_decode, or portable_gdn_decode where the AVX512 library cannot load)."""
     if not _decoding(x, state):
         return None
     B = x.shape[0]
     proj = linear(x.reshape(B, -1), gdn._in_proj)
-    out, state.conv, state.recurrent = torch.ops.qwen35.gdn_decode(
+    out, state.conv, state.recurrent = getattr(torch.ops.qwen35, op)(
         proj, state.conv.contiguous(), gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias,
         state.recurrent.contiguous(), gdn.norm.weight, gdn.num_k_heads, gdn.norm.eps)
     return gdn.out_proj(out.view(B, 1, gdn.value_dim))
+
+
+def _portable_gdn_decode(gdn, x, state=None, ctx=None, mode="auto"):
+    return _gdn_decode(gdn, x, state, ctx, mode, op="portable_gdn_decode")
 
 
 def _attn_decode(attn, x, state=None, ctx=None):
