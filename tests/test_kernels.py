@@ -230,9 +230,11 @@ def test_missing_kernels_fall_back_loudly():
 
 
 def test_binding_without_kernels_keeps_the_reference(tiny_dir, monkeypatch):
-    """Where the kernels cannot load (no AVX512-BF16, no compiler), asking for them binds nothing, says why,
-    and the model still computes the reference logits."""
+    """Where no kernels can load (no compiler: neither the AVX512 library nor the portable one), asking for them
+    binds nothing, says why, and the model still computes the reference logits. (A machine with a compiler but
+    without AVX512-BF16 binds the portable ones: tests/test_portable_kernels.py.)"""
     monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(kernels, "portable_available", lambda: False)
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: "this CPU lacks AVX512-BF16")
     model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, kernels=False)
     report = bind_kernels(model, True)
