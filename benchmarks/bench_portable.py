@@ -5,7 +5,8 @@ Such a CPU is emulated on this one: `--march x86-64-v3` builds the portable kern
 instruction set (Haswell through Alder Lake / Zen 3), `native` for this machine's own; QWEN35_KERNELS=portable
 keeps the AVX512 library out of the model runs, and ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 ATEN_CPU_CAPABILITY=avx2 hold torch's own matrix products and vector ops to AVX2, as on such a laptop. Model rows
-are `qwen35 bench` runs in fresh processes: bf16 (the torch path), int4 and int8 on the portable kernels, each
+are `qwen35 bench` runs in fresh processes: bf16 (torch's GEMV, the portable Gated DeltaNet step: what such a
+machine binds for it), int4 and int8 on the portable kernels, each
 prefill either in fp32 (ops/linear.dense_linear: what runs there now) or with torch's bf16 product (before,
 QWEN35_BF16_MATMUL=native); and, for scale, int4 on the AVX512 kernels without emulation. Prints tables, then one
 JSON line.
@@ -95,8 +96,8 @@ def main() -> None:
     result = {"bench": "portable", "march": args.march, "gemv_gbs": gemv_table(args.reps), "decode": {}}
     laptop = {"QWEN35_KERNELS": "portable", **march, **(AVX2_TORCH if args.march == "x86-64-v3" else {})}
     before = {**laptop, "QWEN35_BF16_MATMUL": "native"}
-    runs = {"bf16 torch path": (["--kernels", "off"], laptop),
-            "bf16 torch path, bf16 prefill (before)": (["--kernels", "off"], before),
+    runs = {"bf16 (torch GEMV)": ([], laptop),
+            "bf16 (torch GEMV), bf16 prefill (before)": ([], before),
             "int4 portable": (["--quant", "int4"], laptop),
             "int4 portable, bf16 prefill (before)": (["--quant", "int4"], before),
             "int8 portable": (["--quant", "int8"], laptop),
