@@ -12,7 +12,7 @@ kernels' own shape limits, and binds what fits:
 A bound forward falls back to the module's reference forward whenever the call is not what the kernel
 does (more than one token, no cache, autograd on), so binding never changes what a call means. The
 whole-layer kernels take each matrix as parts of known kinds (`_packed`: bf16, or a quantized layout in
-LAYER_KINDS, which they multiply with the same GEMVs the weight objects use); a layer holding anything
+quant/formats.KERNEL_CODES, which they multiply with the same GEMVs the weight objects use); a layer holding anything
 else runs the per-op path, where every weight object keeps its own matmul.
 
 `kernel_policy` is the one rule for when binding is worth it, used by every command; QWEN35_KERNELS=1/0
@@ -96,8 +96,6 @@ def _plain_bf16(w) -> bool:
     return isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_contiguous()
 
 
-# The quantized layouts the whole-layer kernels run (cpu_kernels.cpp `Matrix`; 0 is a bf16 matrix).
-LAYER_KINDS = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}
 _NO_SCALES = torch.empty(0)
 
 
@@ -105,6 +103,7 @@ def _packed(w) -> tuple[list[torch.Tensor], list[int]] | None:
     """w as the whole-layer kernels take a matrix: (data, scales) per part and each part's kind, parts
     stacked along N (a fused group stored differently per member); None where a part is something else
     (fp32, a layout the layer kernels don't run, a quantized weight without its kernels)."""
+    from ..quant.formats import KERNEL_CODES  # the quantized layouts the whole-layer kernels run, 0 being bf16
     from ..quant.weight import QuantizedWeight
     from .linear import StackedWeight
 
@@ -114,10 +113,10 @@ def _packed(w) -> tuple[list[torch.Tensor], list[int]] | None:
         if _plain_bf16(p):
             data += [p, _NO_SCALES]
             kinds.append(0)
-        elif (isinstance(p, QuantizedWeight) and p.kernels and p.scheme in LAYER_KINDS and p.qs.is_contiguous()
+        elif (isinstance(p, QuantizedWeight) and p.kernels and p.scheme in KERNEL_CODES and p.qs.is_contiguous()
               and p.d.is_contiguous()):
             data += [p.qs, p.d]
-            kinds.append(LAYER_KINDS[p.scheme])
+            kinds.append(KERNEL_CODES[p.scheme])
         else:
             return None
     return data, kinds

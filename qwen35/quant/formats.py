@@ -62,7 +62,10 @@ class Layout:
 LAYOUTS = {"q8_0": Layout("q8_0", 8.5, 32), "q4_0": Layout("q4_0", 4.5, 16),
            "q4_k": Layout("q4_k", 4.5, kquants.Q4K_BYTES, kquants.QK, 0),
            "q6_k": Layout("q6_k", 6.5625, kquants.Q6K_BYTES, kquants.QK, 0)}
-K_KIND = {"q4_k": 3, "q6_k": 4}  # the code quant_k_kernels.cpp takes for each K-quant layout
+# The code each C++ kernel takes for a layout (gemm_quant, gemm_panels, the whole-layer kernels, the portable
+# kernels; 0 is a bf16 matrix there), and the K-quants' among them (quant_k_kernels.cpp)
+KERNEL_CODES = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}
+K_KIND = {s: KERNEL_CODES[s] for s in ("q4_k", "q6_k")}
 
 
 def layout(name: str) -> Layout:

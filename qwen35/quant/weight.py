@@ -38,7 +38,7 @@ GEMV_CHUNK_MAX_ROWS = 16
 AMX_INTEGER_MAX_ROWS = {"q8_0": 64, "q4_0": 64, "q4_k": 40, "q6_k": 40}
 GEMV_OPS = {"q8_0": "gemv_q8_0", "q4_0": "gemv_q4_0", "q4_k": "gemv_q4_k", "q6_k": "gemv_q6_k"}
 BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM path
-GEMM_KINDS = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}  # gemm_quant's layout codes
+GEMM_KINDS = formats.KERNEL_CODES  # the layout codes the GEMM / portable kernels take
 PREFILL_GEMM: str | None = None  # "integer" / "dequantize" to override prefill_gemm() (tests)
 _auto_gemm: list[str] = []
 # The dequantizing path's kernel for up to PANEL_MAX_ROWS rows where oneDNN's micro-kernel has AMX tiles
