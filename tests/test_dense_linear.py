@@ -5,14 +5,13 @@ against torch's bf16 product where it stays, and end to end: the bundled model's
 import pytest
 import torch
 import torch.nn.functional as F
+from greedy_ties import BUNDLED_PROMPTS, assert_same_greedy_tokens
 
 import qwen35
 from qwen35.ops import kernels
 from qwen35.ops import linear as lin
 from qwen35.quant import QuantizedWeight
 from qwen35.quant import weight as qw
-
-from greedy_ties import BUNDLED_PROMPTS, assert_same_greedy_tokens
 
 
 @pytest.fixture

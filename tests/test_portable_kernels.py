@@ -10,14 +10,13 @@ import sys
 
 import pytest
 import torch
+from greedy_ties import assert_same_greedy_answers
+from test_quant_k import awkward
 
 import qwen35
 from qwen35.ops import fast, kernels
 from qwen35.quant import QuantizedWeight, formats
 from qwen35.quant import weight as qw
-
-from greedy_ties import assert_same_greedy_answers
-from test_quant_k import awkward
 
 pytestmark = pytest.mark.skipif(not kernels.portable_available(),
                                 reason=f"portable kernels unavailable: {kernels.portable_reason()}")
@@ -229,7 +228,7 @@ def test_gdn_decode_step_equals_the_reference(Hk, Hv, Dk, Dv):
     with torch.inference_mode():
         out = fast._portable_gdn_decode(layer, x, s_fast)
         ref = layer(x, s_ref)  # the layer is unbound: the reference forward
-    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     assert rel(out, ref) <= 1e-2  # the AVX512 gdn_decode's bound (tests/test_kernels.py)
     assert torch.equal(s_fast.conv, s_ref.conv)
     assert rel(s_fast.recurrent, s_ref.recurrent) <= 1e-3

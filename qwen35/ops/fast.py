@@ -12,8 +12,8 @@ kernels' own shape limits, and binds what fits:
 A bound forward falls back to the module's reference forward whenever the call is not what the kernel
 does (more than one token, no cache, autograd on), so binding never changes what a call means. The
 whole-layer kernels take each matrix as parts of known kinds (`_packed`: bf16, or a quantized layout in
-quant/formats.KERNEL_CODES, which they multiply with the same GEMVs the weight objects use); a layer holding anything
-else runs the per-op path, where every weight object keeps its own matmul.
+quant/formats.KERNEL_CODES, which they multiply with the same GEMVs the weight objects use); a layer holding
+anything else runs the per-op path, where every weight object keeps its own matmul.
 
 `kernel_policy` is the one rule for when binding is worth it, used by every command; QWEN35_KERNELS=1/0
 overrides it.
@@ -103,7 +103,9 @@ def _packed(w) -> tuple[list[torch.Tensor], list[int]] | None:
     """w as the whole-layer kernels take a matrix: (data, scales) per part and each part's kind, parts
     stacked along N (a fused group stored differently per member); None where a part is something else
     (fp32, a layout the layer kernels don't run, a quantized weight without its kernels)."""
-    from ..quant.formats import KERNEL_CODES  # the quantized layouts the whole-layer kernels run, 0 being bf16
+    from ..quant.formats import (
+        KERNEL_CODES,  # the quantized layouts the whole-layer kernels run, 0 being bf16
+    )
     from ..quant.weight import QuantizedWeight
     from .linear import StackedWeight
 
@@ -221,7 +223,8 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
         objects = quantized_weights(model) if quantized else []
         mixers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)] if model.device.type == "cpu" else []
         if (objects or mixers) and kernels.portable_available():
-            report = KernelReport(False, why + "; " + ("quantized weights on " if objects else "") + "the portable kernels")
+            on = ("quantized weights on " if objects else "") + "the portable kernels"
+            report = KernelReport(False, f"{why}; {on}")
             for w in objects:
                 w.portable = True
                 report.add("portable_" + w.scheme)

@@ -7,9 +7,10 @@ QWEN35_KERNELS=0 — the reference torch paths run instead, and we say so once, 
 Quantized weights have a second, portable library (portable_kernels.cpp: vector code built for the machine it
 runs on, -march=native, with hand-written int8 dot products for AVX2 and ARM in portable_simd.h), used where the
 AVX512 one is unavailable: without it a quantized model would run the reference that dequantizes every matrix at
-every call. It also holds the Gated DeltaNet decode recurrence such machines run (portable_delta_rule). `portable_available()` builds it; QWEN35_KERNELS=portable
-makes a machine with AVX512 behave as one without (tests, benchmarks); QWEN35_PORTABLE_MARCH picks the target
-(e.g. x86-64-v3, an AVX2 laptop's instruction set) instead of the build machine's own.
+every call. It also holds the Gated DeltaNet decode step such machines run (portable_gdn_decode,
+portable_delta_rule). `portable_available()` builds it; QWEN35_KERNELS=portable makes a machine with AVX512 behave
+as one without (tests, benchmarks); QWEN35_PORTABLE_MARCH picks the target (e.g. x86-64-v3, an AVX2 laptop's
+instruction set) instead of the build machine's own.
 """
 
 from __future__ import annotations
