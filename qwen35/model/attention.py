@@ -13,7 +13,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..ops.attention import chunk_attention
+from ..ops.attention import chunk_attention, decode_attention
 from ..ops.linear import Linear, linear
 from .masks import LayerContext
 from .norm import RMSNorm
@@ -80,6 +80,8 @@ class GatedAttention(nn.Module):
             qb = q[b : b + 1]
             if past and T > 1:
                 outs.append(chunk_attention(qb, kb, vb, past, scale))
+            elif T == 1:
+                outs.append(decode_attention(qb, kb, vb, scale))
             else:
                 outs.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=past == 0 and T > 1, scale=scale,
                                                            enable_gqa=gqa))
