@@ -10,7 +10,6 @@ multiple of the distance between qwen35's own bf16 and fp32 runs of that file: 2
 (measured: 0.4-0.5x for bf16, 1.3-1.5x for q8_0 / q4_0, 2.1x for Q4_K_M, whose per-256 activation rounding
 is coarser than anything qwen35 does). The weights themselves are held to ggml's dequantization exactly."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -166,4 +165,8 @@ def test_greedy_tokens_agree_on_the_bundled_model(llamacpp, tmp_path):
     model2, tok2 = qwen35.load(out, dtype=torch.bfloat16)
     ours = [s.token for s in generate_step(model2, tok2.encode(TEXTS[0]), params=SamplingParams(temperature=0.0,
                                                                                                   max_tokens=32))]
-    assert ours == r["greedy"], json.dumps({"ours": ours, "llama.cpp": r["greedy"]})
+    # two engines summing in other orders may part at a tie: at step 19 of this prompt the fp32 model's logits
+    # of llama.cpp's token and of qwen35's bf16 choice are 6.273 / 6.253, one bf16 ulp apart in the bf16 model
+    from greedy_ties import assert_same_greedy_tokens
+
+    assert_same_greedy_tokens(model2, [tok2.encode(TEXTS[0])], [r["greedy"]], [ours])
