@@ -80,16 +80,6 @@ void quantize_rows(const T* x, int64_t M, int64_t K, Rows& r) {
     }
 }
 
-// Q4_K's 12 bytes -> 8 scales and 8 mins (kquants.q4_k_scales)
-inline void q4k_scales(const uint8_t* b, int* sc, int* mn) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = b[j] & 63;
-    mn[j] = b[j + 4] & 63;
-    sc[j + 4] = (b[j + 8] & 0xF) | ((b[j] >> 6) << 4);
-    mn[j + 4] = (b[j + 8] >> 4) | ((b[j + 4] >> 6) << 4);
-  }
-}
-
 using namespace psimd;
 
 // Rows n0..n1 of W (layout kind) times the M quantized input rows; out[m * ldo + n] in fp32. Multiply-adds may
@@ -261,12 +251,11 @@ __attribute__((optimize("fp-contract=off"))) void dequant_row(int64_t kind, cons
     for (int64_t t = 0; t < K / QK; ++t) {
       const uint8_t* blk = w + t * Q4K;
       const float dd = kq_half_at(blk), dmin = kq_half_at(blk + 2);
-      int sc[8], mn[8];
-      q4k_scales(blk + 4, sc, mn);
+      f32x8 sc, mn;  // d * scale and dmin * min of each sub-block (one multiply each, as the reference)
+      q4k_scales8(blk + 4, dd, dmin, sc, mn);
       for (int c = 0; c < 4; ++c) {
         const uint8_t* q = blk + 16 + 32 * c;
-        const float d0 = dd * static_cast<float>(sc[2 * c]), m0 = dmin * static_cast<float>(mn[2 * c]);
-        const float d1 = dd * static_cast<float>(sc[2 * c + 1]), m1 = dmin * static_cast<float>(mn[2 * c + 1]);
+        const float d0 = sc[2 * c], m0 = mn[2 * c], d1 = sc[2 * c + 1], m1 = mn[2 * c + 1];
         float* o = out + t * QK + 64 * c;
         for (int l = 0; l < 32; ++l) {
           o[l] = d0 * static_cast<float>(q[l] & 15) - m0;

@@ -109,7 +109,8 @@ inline i32x8 fold4(i32x8 a, i32x8 b, i32x8 c, i32x8 e) {
 #endif
 }
 inline f32x8 to_f(i32x8 v) { return __builtin_convertvector(v, f32x8); }
-// q4k_scales' 8 scales * d and 8 mins * dmin as fp32 lanes, computed in registers (see q6_k's scales)
+// Q4_K's 12 scale bytes -> its 8 sub-block scales * d and 8 mins * dmin (kquants.q4_k_scales), as fp32 lanes,
+// computed in registers: lanes stored one by one and reloaded as a vector stall on store forwarding
 inline void q4k_scales8(const uint8_t* b, float d, float dmin, f32x8& scale, f32x8& minv) {
   const u8x16 v = load_v<u8x16>(b);  // 12 bytes wanted; the 4 after them are the block's own quants
   const i32x8 lo = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3), i32x8);
