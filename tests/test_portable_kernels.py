@@ -169,15 +169,18 @@ def test_delta_rule_equals_the_reference(B, T, H, Dk, Dv, given_state):
 
 
 def test_delta_rule_leaves_prefill_and_autograd_to_torch(monkeypatch):
+    from qwen35.ops import gated_delta
+
     calls = []
-    monkeypatch.setattr(fast, "gated_delta_rule", lambda *a, **kw: calls.append(kw.get("mode")) or "torch")
+    monkeypatch.setattr(gated_delta, "chunk_gated_delta_rule", lambda *a: calls.append("chunk") or "torch")
+    monkeypatch.setattr(fast, "recurrent_gated_delta_rule", lambda *a: calls.append("recurrent") or "torch")
     q = torch.randn(1, 8, 2, 32)
     args = (q, q, torch.randn(1, 8, 2, 32), -torch.rand(1, 8, 2), torch.rand(1, 8, 2))
     with torch.no_grad():
         assert fast.portable_delta_rule(*args) == "torch"  # 8 tokens: the chunked form
     with torch.enable_grad():
         assert fast.portable_delta_rule(*[a[:, :1] for a in args]) == "torch"
-    assert calls == ["auto", "auto"]
+    assert calls == ["chunk", "recurrent"]
     with torch.no_grad(), pytest.raises(ValueError, match="unknown gated delta rule mode 'fast'"):
         fast.portable_delta_rule(*[a[:, :1] for a in args], mode="fast")
 

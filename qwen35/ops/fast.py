@@ -23,6 +23,7 @@ The whole-layer kernels' bound forms and the arguments bind time builds for them
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .gated_delta import gated_delta_rule
+from .gated_delta import gated_delta_rule, recurrent_gated_delta_rule
 from .layer_decode import attn_layer_args, attn_layer_decode, gdn_layer_args, gdn_layer_decode
 from .linear import Linear, linear
 
@@ -167,17 +168,19 @@ def unbind_kernels(model) -> None:
             m.delta_rule = gated_delta_rule
 
 
-def portable_delta_rule(q, k, v, g, beta, state=None, mode: str = "auto"):
-    """ops/gated_delta.gated_delta_rule with its recurrent form on the portable kernel (two passes over the
-    state a token where the torch form makes eight); the chunked form and autograd stay on torch."""
-    if torch.is_grad_enabled() or (mode == "chunk" or (mode == "auto" and q.shape[1] > 4)):
-        return gated_delta_rule(q, k, v, g, beta, state, mode=mode)
-    if mode not in ("auto", "recurrent"):
-        raise ValueError(f"unknown gated delta rule mode {mode!r} (expected auto, recurrent or chunk)")
+def _portable_recurrent(q, k, v, g, beta, state=None):
+    """recurrent_gated_delta_rule on the portable kernel (two passes over the state a token where the torch form
+    makes eight); under autograd, the torch form."""
+    if torch.is_grad_enabled():
+        return recurrent_gated_delta_rule(q, k, v, g, beta, state)
     if state is None:
         B, _, H, Dk = k.shape
         state = torch.zeros(B, H, Dk, v.shape[-1])
     return torch.ops.qwen35.portable_delta_rule(q, k, v, g, beta, state)
+
+
+# ops/gated_delta.gated_delta_rule with its recurrent form on the portable kernel; the chunked form stays on torch
+portable_delta_rule = functools.partial(gated_delta_rule, recurrent=_portable_recurrent)
 
 
 def weight_objects(m):

@@ -158,13 +158,15 @@ def gated_delta_rule(
     beta: torch.Tensor,
     state: torch.Tensor | None = None,
     mode: str = "auto",
+    recurrent=recurrent_gated_delta_rule,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one dispatcher. mode: "auto" (recurrent for a few tokens, chunked otherwise),
-    "recurrent" or "chunk". Shapes as in `recurrent_gated_delta_rule`."""
+    "recurrent" or "chunk". Shapes as in `recurrent_gated_delta_rule`. recurrent: the token-by-token form to run
+    (ops/fast.portable_delta_rule passes the portable kernel's)."""
     if mode == "auto":
         mode = "recurrent" if q.shape[1] <= 4 else "chunk"
     if mode == "recurrent":
-        return recurrent_gated_delta_rule(q, k, v, g, beta, state)
+        return recurrent(q, k, v, g, beta, state)
     if mode == "chunk":
         return chunk_gated_delta_rule(q, k, v, g, beta, state)
     raise ValueError(f"unknown gated delta rule mode {mode!r} (expected auto, recurrent or chunk)")
