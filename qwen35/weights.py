@@ -130,14 +130,24 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     return model
 
 
-def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | None, quant: str | None):
-    path = Path(path)
+@dataclass
+class _Index:
+    """A checkpoint directory's tensors checked against its config: our parameter names -> file entries."""
+
+    config: ModelConfig
+    info: CheckpointInfo
+    model: Qwen35ForCausalLM  # on the meta device: names and shapes
+    by_name: dict[str, TensorEntry]
+    vision: dict[str, TensorEntry]
+    qcfg: dict | None
+    stored: dict[str, str]  # parameter -> layout, for a quantized checkpoint's matrices
+    shapes: dict[str, tuple[int, ...]]
+    wanted: list[str]  # the entries to read (NAME.qs / NAME.d for the stored matrices)
+
+
+def _index(path: Path) -> _Index:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".gguf":  # one GGUF file, or any part of a split one
-        from .gguf import load_gguf
-
-        return load_gguf(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; point at the folder holding config.json and weights")
     config = ModelConfig.from_file(path)
@@ -170,13 +180,10 @@ def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | 
     with torch.device("meta"), _skip_init():
         model = Qwen35ForCausalLM(config, mtp_layers=mtp_layers)
 
-    from .quant.checkpoint import check_stored, read_quant_config
+    from .quant.checkpoint import read_quant_config
 
     qcfg = read_quant_config(path)
     stored = qcfg["tensors"] if qcfg else {}
-    if qcfg and quant not in (None, qcfg.get("policy")):
-        raise CheckpointError(f"{path} is already quantized ({qcfg.get('policy')}); load it without quant=, or "
-                              f"quantize the original checkpoint with {quant}")
     expected = dict(model.named_parameters())
     bad = [n for n in stored if n not in expected]
     if bad:
@@ -191,8 +198,68 @@ def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | 
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensor '{_disk_key(unexpected[0], by_name)}'"
                               + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-
     shapes = {n: tuple(p.shape) for n, p in expected.items()}
+    return _Index(config, info, model, by_name, vision, qcfg, stored, shapes, wanted)
+
+
+def _check_entry(path: Path, e: TensorEntry, shape: tuple[int, ...]) -> None:
+    if tuple(e.shape) != shape:
+        raise CheckpointError(f"{path}: shape mismatch for '{e.name}': checkpoint has {list(e.shape)}, "
+                              f"the config implies {list(shape)}")
+    if not e.dtype.is_floating_point:
+        raise CheckpointError(f"{path}: tensor '{e.name}' has non-float dtype {e.dtype}")
+
+
+class CheckpointTensors:
+    """A checkpoint directory's text-model parameters read on demand, a band of rows at a time, without
+    loading the model (the ONNX export's source: peak memory one band, whatever the model's size).
+    `shapes`: parameter name -> shape; `rows(name, a, b)`: rows a..b-1 as stored (a quantized checkpoint's
+    matrices dequantized to fp32). Checked like `load_model` (names, shapes, dtypes)."""
+
+    def __init__(self, path: str | Path):
+        idx = _index(Path(path))
+        self.path, self.config, self._idx = Path(path), idx.config, idx
+        self.shapes = {n: s for n, s in idx.shapes.items() if not n.startswith("mtp.")}
+        self._readers: dict[Path, SafetensorsReader] = {}
+
+    def _read(self, e: TensorEntry) -> torch.Tensor:
+        reader = self._readers.get(e.file) or self._readers.setdefault(e.file, SafetensorsReader(e.file))
+        return reader.read(e)
+
+    def rows(self, name: str, a: int, b: int) -> torch.Tensor:
+        idx = self._idx
+        if name in idx.stored:
+            from .quant.checkpoint import check_stored
+            from .quant.formats import dequantize
+
+            e_qs, e_d = idx.by_name[name + ".qs"], idx.by_name[name + ".d"]
+            check_stored(self.path, name, e_qs, e_d, idx.stored[name], *idx.shapes[name])
+            d = self._read(_rows(e_d, a, b)) if e_d.nbytes else torch.empty(b - a, 0, dtype=torch.float16)
+            return dequantize(idx.stored[name], self._read(_rows(e_qs, a, b)), d)
+        e = idx.by_name[name]
+        _check_entry(self.path, e, idx.shapes[name])
+        return self._read(_rows(e, a, b))
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+
+def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | None, quant: str | None):
+    path = Path(path)
+    if path.suffix == ".gguf" and path.exists():  # one GGUF file, or any part of a split one
+        from .gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant)
+    idx = _index(path)
+    config, info, model, by_name, vision = idx.config, idx.info, idx.model, idx.by_name, idx.vision
+    qcfg, stored, wanted, shapes = idx.qcfg, idx.stored, idx.wanted, idx.shapes
+    if qcfg and quant not in (None, qcfg.get("policy")):
+        raise CheckpointError(f"{path} is already quantized ({qcfg.get('policy')}); load it without quant=, or "
+                              f"quantize the original checkpoint with {quant}")
+    from .quant.checkpoint import check_stored
+
     plan = dict(stored)
     if quant is not None and not stored:
         from .quant import policy
@@ -236,11 +303,7 @@ def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | 
                 read(e_d, qw.d[row : row + n])
                 continue
             e = by_name[name]
-            if tuple(e.shape) != shapes[name]:
-                raise CheckpointError(f"{path}: shape mismatch for '{e.name}': checkpoint has {list(e.shape)}, "
-                                      f"the config implies {list(shapes[name])}")
-            if not e.dtype.is_floating_point:
-                raise CheckpointError(f"{path}: tensor '{e.name}' has non-float dtype {e.dtype}")
+            _check_entry(path, e, shapes[name])
             if isinstance(sink, torch.Tensor):
                 read(e, sink)
             else:  # band by band from the mapped file: never a whole bf16 copy of the matrix in memory

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from ..errors import Qwen35Error
-from .onnx_graph import MS_DOMAIN, GraphModel, cache_spec, gated_delta_onnx
+from .onnx_graph import MS_DOMAIN, GraphModel, cache_spec, gated_delta_onnx, graph_weights
 from .onnx_quant import IR_VERSION, quantize
+from .onnx_weights import CheckpointWeights, Maker, ModelWeights, Param, Recipe, shape_of
 
 OPSETS = range(18, 24)  # what torch's exporter emits and onnxruntime(-web) 1.31+ runs
 QUANT_BITS = {"int8": 8, "int4": 4}  # qwen35's --quant names; block 32 like q8_0 / q4_0
@@ -42,10 +43,10 @@ class ExportError(Qwen35Error):
 
 def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None = None, opset: int = 21,
                 progress: bool = False) -> dict:
-    """Export the text model at `model_path` into `out_dir`; returns the manifest (also written there)."""
+    """Export the text model at `model_path` into `out_dir`; returns the manifest (also written there). The
+    weights are read from the checkpoint as they are written (onnx_weights.py): the model is never loaded."""
 
     from ..api import resolve
-    from ..weights import load_model
 
     if quant is not None and quant not in QUANT_BITS:
         raise ExportError(f"unknown --quant {quant!r} for ONNX: use int8 or int4")
@@ -63,36 +64,41 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
                           "graphs would have to dequantize)")
     if not (src / "tokenizer.json").is_file():  # before minutes of export
         raise ExportError(f"{src}: no tokenizer.json to put beside the graphs")
-    model = load_model(src, dtype=torch.float32, kernels=False, progress=progress)
-    return export_model(model, [(Path(out_dir), quant, None)], src, opset)[0]
+    source = CheckpointWeights(src)
+    try:
+        return _export(source, [(Path(out_dir), quant, None)], src, opset, progress)[0]
+    finally:
+        source.close()
 
 
 def export_model(model, targets: list[tuple[Path, str | None, int | None]], tokenizer_from: Path,
                  opset: int = 21) -> list[dict]:
-    """Export a loaded fp32 model once per graph and write every target (out_dir, quant, accuracy_level: see
-    `quantize`) from that one export; returns their manifests. The tokenizer and chat template come from
-    `tokenizer_from`. One graph at a time: peak memory is the model, one graph's weights and one written copy
-    (at 0.8B, both graphs and their copies at once were ~16 GB). The model's projections are left unfused."""
+    """Export a loaded model (its parameters in any float dtype, not quantized) once per graph and write every
+    target (out_dir, quant, accuracy_level: see `quantize`) from that one export; returns their manifests. The
+    tokenizer and chat template come from `tokenizer_from`."""
+    return _export(ModelWeights(model), targets, tokenizer_from, opset)
+
+
+def _export(source, targets: list[tuple[Path, str | None, int | None]], tokenizer_from: Path, opset: int,
+            progress: bool = False) -> list[dict]:
     from ..chat_template import find_template
 
-    if model.fused:
-        model.unfuse_projections()  # the graph reads each projection by its own name
-    config = model.config
+    config = source.config
     # a quantized head must be a MatMul (MatMulNBits replaces MatMuls); fp32 alone keeps a Gemm reading the
     # tied embedding table in place
     head_matmul = any(quant is not None for _, quant, _ in targets)
-    writers = [GraphWriter(Path(out)) for out, _, _ in targets]
+    recipes: dict[str, Recipe] = {name: Param(*made) for name, made in graph_weights(config, head_matmul).items()}
+    shapes = {name: shape_of(r, source) for name, r in recipes.items()}
+    weights = dict(shapes)  # the graph's own (quantize adds the shapes of what it makes to `shapes`)
+    writers = [GraphWriter(Path(out), Maker(source)) for out, _, _ in targets]
     try:
         for name, decode in (("prefill", False), ("decode", True)):
-            proto = _export_graph(GraphModel(model, decode=decode, head_matmul=head_matmul).eval(), opset)
-            for i, ((_, quant, level), writer) in enumerate(zip(targets, writers)):
-                last = i == len(targets) - 1  # the last target takes the proto itself: one copy less at the peak
+            proto = export_graph(config, weights, decode, head_matmul, opset)
+            for (_, quant, level), writer in zip(targets, writers):
+                graph = _copy(proto)
                 if quant is not None:
-                    writer.write(name, quantize(proto if last else _copy(proto), QUANT_BITS[quant],
-                                                config.linear_num_value_heads, level, tied=config.tie_word_embeddings))
-                else:  # the writer empties the weights it moves out: the last target may have the original
-                    writer.write(name, proto if last else _copy(proto))
-            del proto
+                    quantize(graph, recipes, shapes, QUANT_BITS[quant], level, tied=config.tie_word_embeddings)
+                writer.write(name, graph, recipes, progress)
     finally:
         for w in writers:
             w.close()
@@ -113,18 +119,28 @@ def _copy(proto):
     return c
 
 
-def _export_graph(graph: GraphModel, opset: int):
-    """torch.onnx (dynamo) export of one graph; returns its ModelProto with the weights in memory."""
+# What the weights hold while traced: one value each, none that an optimizer rule special-cases (0 or 1), and
+# no two alike (the optimizer merges initializers of equal content)
+PLACEHOLDER, PLACEHOLDER_STEP = 0.4375, 2.0**-16
 
-    c = graph.config
-    spec = cache_spec(c)
+
+def export_graph(config, shapes: dict[str, tuple[int, ...]], decode: bool, head_matmul: bool, opset: int):
+    """torch.onnx (dynamo) export of one graph on placeholder weights (one float each, expanded to the
+    weight's shape: no memory); returns its ModelProto whose weight initializers are `deferred`, named as
+    `graph_weights` names them, for the writer to make from the checkpoint."""
+    import onnx_ir as ir
+
+    weights = {n: torch.full((), PLACEHOLDER + i * PLACEHOLDER_STEP).expand(shape)
+               for i, (n, shape) in enumerate(shapes.items())}
+    graph = GraphModel(config, weights, decode=decode, head_matmul=head_matmul).eval()
+    spec = cache_spec(config)
     # example sizes other than 0 and 1 (torch.export specialises those): batch 2, 3 new tokens, 4 cached
-    B, T, P = 2, 1 if graph.decode else 3, 4
+    B, T, P = 2, 1 if decode else 3, 4
     size = {"batch": B, "past": P}
     args = [torch.zeros(B, T, dtype=torch.long)] + [torch.zeros(*[size.get(s, s) for s in shape])
                                                     for _, _, shape in spec]
     batch, seq, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    ids_dims = {0: batch} if graph.decode else {0: batch, 1: seq}
+    ids_dims = {0: batch} if decode else {0: batch, 1: seq}
     past_dims = tuple({0: batch, **({2: past} if "past" in shape else {})} for _, _, shape in spec)
     # The exporter prints its progress on stdout, which belongs to the command's own report, and warns about
     # optional packages and the axis names it merged: noise for our users. Its failures still raise.
@@ -138,37 +154,97 @@ def _export_graph(graph: GraphModel, opset: int):
             output_names=["logits"] + [f"present.{n}" for n, _, _ in spec],
             dynamic_shapes={"input_ids": ids_dims, "past": past_dims},
             custom_translation_table={torch.ops.qwen35_onnx.gated_delta.default: gated_delta_onnx})
-    proto = program.model_proto
+    model = program.model
+    inits = model.graph.initializers
+    # every weight must reach the graph as the initializer it was given: had the optimizer folded one into a
+    # constant, that constant would hold placeholder values (a bug in GraphModel: an op on weights alone)
+    for name, key in graph.keys.items():
+        if key not in inits:
+            raise AssertionError(f"the ONNX exporter folded weight {name} into a constant")
+    big = [v.name for v in inits.values() if v.name not in graph.keys.values() and v.const_value is not None
+           and v.const_value.size > 4096]
+    if big:
+        raise AssertionError(f"the ONNX exporter made constants {big} from weights")
+    weights = []
+    for name, key in graph.keys.items():
+        value = inits.pop(key)  # nodes keep reading the value; the proto gets a deferred initializer instead
+        value.name = name
+        weights.append(deferred(name, shapes[name], "float32"))
+    proto = ir.serde.serialize_model(model)
+    proto.graph.initializer.extend(weights)
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     return proto
 
 
-class GraphWriter:
-    """Saves graphs as OUT/NAME.onnx with every initializer over 1 KB in one shared DATA_FILE: a tensor
-    several graphs hold is written once (matched by content: the exporter names folded constants differently
-    in each graph). `write` moves the weights out of the proto it is given."""
+def deferred(name: str, shape: tuple[int, ...], dtype: str):
+    """A TensorProto with no data: the writer makes it from its recipe (`recipes[name]`)."""
+    from onnx import TensorProto, helper
 
-    def __init__(self, out: Path):
-        self.out = out
+    t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(shape))
+    t.data_location = TensorProto.EXTERNAL
+    e = t.external_data.add()
+    e.key, e.value = "location", DEFERRED
+    return t
+
+
+DEFERRED = "qwen35:deferred"  # the location of a deferred initializer's data until it is written
+
+
+def _is_deferred(t) -> bool:
+    return t.data_location == t.EXTERNAL and any(e.key == "location" and e.value == DEFERRED for e in t.external_data)
+
+
+class GraphWriter:
+    """Saves graphs as OUT/NAME.onnx with every initializer over 1 KB in one shared DATA_FILE: a weight
+    several graphs hold is written once (deferred weights by name: the name is the recipe; the exporter's
+    own constants by content, which it names differently in each graph). `write` makes each deferred weight
+    from its recipe, a band at a time, and moves every other large initializer out of the proto."""
+
+    def __init__(self, out: Path, maker: Maker):
+        self.out, self.maker = out, maker
         out.mkdir(parents=True, exist_ok=True)
         self.data = open(out / DATA_FILE, "wb")  # noqa: SIM115 (open across graphs; export_model closes it)
-        self.written: dict[tuple, tuple[int, int]] = {}
+        self.written: dict[object, tuple[int, int]] = {}
 
-    def write(self, name: str, proto) -> None:
-        from onnx import TensorProto
+    def _start(self) -> int:
+        offset = -(-self.data.tell() // ALIGN) * ALIGN
+        self.data.seek(offset)
+        return offset
+
+    def write(self, name: str, proto, recipes: dict[str, Recipe], progress: bool = False) -> None:
+        from onnx import TensorProto, helper
 
         for node in proto.graph.node:  # the exporter's per-node debug notes (fx nodes, stack traces): 70% of
             del node.metadata_props[:]  # a graph file, useless to a runtime or a browser download
-        for t in proto.graph.initializer:
-            raw = _raw(t)
-            if len(raw) < 1024:
-                continue
-            key = (t.data_type, tuple(t.dims), _digest(raw))
-            if key not in self.written:
-                offset = -(-self.data.tell() // ALIGN) * ALIGN
-                self.data.seek(offset)
-                self.data.write(raw)
-                self.written[key] = (offset, len(raw))
+        todo = list(proto.graph.initializer)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"writing {self.out.name}/{name}.onnx", unit="tensor", leave=False)
+        for t in todo:
+            if _is_deferred(t):
+                key = ("deferred", t.name)
+                if key not in self.written:
+                    offset = self._start()
+                    for chunk in self.maker.chunks(recipes[t.name]):
+                        self.data.write(np.ascontiguousarray(chunk).data)
+                    length = self.data.tell() - offset
+                    size = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                    if length != size:
+                        raise AssertionError(f"{t.name}: wrote {length} bytes for a {list(t.dims)} tensor")
+                    self.written[key] = (offset, length)
+            else:
+                raw = _raw(t)
+                if len(raw) < 1024:
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                key = (t.data_type, tuple(t.dims), _digest(raw))
+                if key not in self.written:
+                    offset = self._start()
+                    self.data.write(raw)
+                    self.written[key] = (offset, len(raw))
             offset, length = self.written[key]
             for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 t.ClearField(f)
@@ -177,6 +253,10 @@ class GraphWriter:
                 e = t.external_data.add()
                 e.key, e.value = k, v
             t.data_location = TensorProto.EXTERNAL
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         (self.out / f"{name}.onnx").write_bytes(proto.SerializeToString())
 
     def close(self) -> None:

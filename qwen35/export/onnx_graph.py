@@ -1,7 +1,8 @@
 """The export-friendly forward of a Qwen3.5 text model: every piece of state is an explicit tensor.
 
-`GraphModel(model, decode)` wraps a loaded `Qwen35ForCausalLM` (fp32, reference ops, no fused weights) and
-runs `forward(input_ids, *past) -> (logits of the last position, *present)`, where `past` / `present` are,
+`GraphModel(config, weights, decode)` runs a Qwen3.5 text model on the initializers `graph_weights` names
+(each made from one checkpoint parameter by `transform`): `forward(input_ids, *past) -> (logits of the last
+position, *present)`, where `past` / `present` are,
 layer by layer in order (`cache_spec`):
   Gated DeltaNet layer i: conv [B, K-1, conv_dim] (the last K-1 pre-convolution inputs) and
                           recurrent [B, Hv, Dk, Dv] (fp32), exactly qwen35's DeltaNetState;
@@ -77,9 +78,10 @@ def _register_linear_attention_schema() -> None:
     onnx.defs.register_schema(schema)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float = 1.0) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * (offset + w): offset 1 for the zero-centred norms, 0 for the gated one."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + w)
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * w, w the norm's whole multiplier (`graph_weights` adds the zero-centred
+    norms' 1 to their weight beforehand: no op in the graph may have only weights as inputs, see there)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
 def cache_spec(config) -> list[tuple[str, str, tuple]]:
@@ -97,86 +99,161 @@ def cache_spec(config) -> list[tuple[str, str, tuple]]:
     return spec
 
 
+# How a graph initializer is made from a checkpoint parameter (`graph_weights`): the name suffix says which.
+TRANSPOSED = "__T"  # [K, N] for MatMul (the checkpoint holds [N, K])
+PLUS_ONE = "__plus_one"  # 1 + w: a zero-centred norm's multiplier
+NEG_EXP = "__neg_exp"  # -exp(A_log): the Gated DeltaNet's decay rate
+TAP = "__tap"  # conv1d.weight[:, 0, j] (suffix + j): one tap of the depthwise causal conv
+
+
+def graph_weights(config, head_matmul: bool) -> dict[str, tuple[str, str]]:
+    """Every initializer GraphModel reads that comes from a parameter: graph name -> (parameter name, suffix),
+    in graph order. The graph computes nothing from weights alone (no transpose, no 1 + w, no slice of a
+    weight): the exporter's optimizer folds such ops into constants it computes itself, and the weights it
+    sees are placeholders (`export_graph`), so each of those steps is done here once, while the initializer
+    is written from the checkpoint (onnx_weights.py)."""
+    c, w = config, {}
+
+    def add(param: str, suffix: str = "") -> None:
+        w[param + suffix] = (param, suffix)
+
+    add("model.embed_tokens.weight")
+    for i, kind in enumerate(c.layer_types):
+        p = f"model.layers.{i}."
+        add(p + "input_layernorm.weight", PLUS_ONE)
+        if kind == "linear_attention":
+            a = p + "linear_attn."
+            add(a + "in_proj_qkv.weight", TRANSPOSED)
+            for j in range(c.linear_conv_kernel_dim):
+                add(a + "conv1d.weight", f"{TAP}{j}")
+            add(a + "in_proj_b.weight", TRANSPOSED)
+            add(a + "in_proj_a.weight", TRANSPOSED)
+            add(a + "dt_bias")
+            add(a + "A_log", NEG_EXP)
+            add(a + "in_proj_z.weight", TRANSPOSED)
+            add(a + "norm.weight")  # the gated norm's weight is its multiplier as it is
+            add(a + "out_proj.weight", TRANSPOSED)
+        else:
+            a = p + "self_attn."
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                add(a + proj + ".weight", TRANSPOSED)
+            add(a + "q_norm.weight", PLUS_ONE)
+            add(a + "k_norm.weight", PLUS_ONE)
+            add(a + "o_proj.weight", TRANSPOSED)
+        add(p + "post_attention_layernorm.weight", PLUS_ONE)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            add(p + f"mlp.{proj}.weight", TRANSPOSED)
+    add("model.norm.weight", PLUS_ONE)
+    head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+    # a MatMul on its own [hidden, vocab] copy (what weight quantizers rewrite), or a Gemm reading the
+    # [vocab, hidden] matrix in place (the tied table then serves the lookup and the head once)
+    add(head, TRANSPOSED if head_matmul else "")
+    return w
+
+
+def transform(w: torch.Tensor, suffix: str) -> torch.Tensor:
+    """The initializer `suffix` names, from its parameter's values (any float dtype) -> fp32."""
+    w = w.float()
+    if suffix == "":
+        return w
+    if suffix == TRANSPOSED:
+        return w.T.contiguous()
+    if suffix == PLUS_ONE:
+        return 1.0 + w
+    if suffix == NEG_EXP:
+        return -w.exp()
+    if suffix.startswith(TAP):
+        return w[:, 0, int(suffix[len(TAP):])].contiguous()
+    raise AssertionError(suffix)
+
+
 class GraphModel(nn.Module):
     """forward(input_ids [B, T] int64, *past) -> (logits [B, vocab] fp32 of the last position, *present).
-    decode=True: the one-token graph (T = 1: no causal mask to build). head_matmul=True: the vocabulary
-    projection as a MatMul on its own [hidden, vocab] copy (what weight quantizers rewrite) instead of a Gemm
-    that reads the tied embedding table in place."""
+    weights: `graph_weights(config, head_matmul)`'s names -> tensors (their values, or placeholders of their
+    shapes for an export). decode=True: the one-token graph (T = 1: no causal mask to build). head_matmul=True:
+    the vocabulary projection as a MatMul on its [hidden, vocab] copy instead of a Gemm on the table."""
 
-    def __init__(self, model, decode: bool = False, head_matmul: bool = False):
+    def __init__(self, config, weights: dict[str, torch.Tensor], decode: bool = False, head_matmul: bool = False):
         super().__init__()
-        self.model, self.config, self.decode, self.head_matmul = model, model.config, decode, head_matmul
-        inv_freq, self.rope_scale = rope_inv_freq(model.config)
+        self.config, self.decode, self.head_matmul = config, decode, head_matmul
+        self.keys = {}  # graph name -> attribute name (parameter names cannot hold dots)
+        for i, (name, t) in enumerate(weights.items()):
+            self.keys[name] = f"w{i}"
+            self.register_parameter(f"w{i}", nn.Parameter(t, requires_grad=False))
+        inv_freq, self.rope_scale = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def w(self, name: str) -> torch.Tensor:
+        return getattr(self, self.keys[name])
+
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
-        c, m = self.config, self.model.model
+        c, w = self.config, self.w
         T = input_ids.shape[1]
-        x = F.embedding(input_ids, m.embed_tokens.weight)
+        x = F.embedding(input_ids, w("model.embed_tokens.weight"))
         attn_layers = c.full_attention_layers
         rope = None
         if attn_layers:  # P = tokens already in the cache, from the first attention layer's keys
-            P = past[self._index(attn_layers[0])].shape[2]
+            P = past[2 * attn_layers[0]].shape[2]  # every layer holds two cache tensors
             pos = (torch.arange(T, device=x.device) + P).float()
             freqs = pos[:, None] * self.inv_freq
             emb = torch.cat([freqs, freqs], dim=-1)
             rope = (emb.cos() * self.rope_scale, emb.sin() * self.rope_scale, P)
-        present, j = [], 0
-        for layer, kind in zip(m.layers, c.layer_types):
-            h = rms_norm(x, layer.input_layernorm.weight, c.rms_norm_eps)
+        present = []
+        for i, kind in enumerate(c.layer_types):
+            p = f"model.layers.{i}."
+            h = rms_norm(x, w(p + "input_layernorm.weight" + PLUS_ONE), c.rms_norm_eps)
             if kind == "linear_attention":
-                y, s1, s2 = self._deltanet(layer.linear_attn, h, past[j], past[j + 1])
+                y, s1, s2 = self._deltanet(p + "linear_attn.", h, past[2 * i], past[2 * i + 1])
             else:
-                y, s1, s2 = self._attention(layer.self_attn, h, past[j], past[j + 1], rope)
+                y, s1, s2 = self._attention(p + "self_attn.", h, past[2 * i], past[2 * i + 1], rope)
             present += [s1, s2]
-            j += 2
             x = x + y
-            mlp = layer.mlp
-            h = rms_norm(x, layer.post_attention_layernorm.weight, c.rms_norm_eps)
-            x = x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
-                             mlp.down_proj.weight)
-        h = rms_norm(x[:, -1:], m.norm.weight, c.rms_norm_eps)  # the vocabulary projection: last position only
-        logits = F.linear(h if self.head_matmul else h[:, 0], self.model.head_weight)  # 3-D input: a MatMul
+            h = rms_norm(x, w(p + "post_attention_layernorm.weight" + PLUS_ONE), c.rms_norm_eps)
+            m = p + "mlp."
+            x = x + (F.silu(h @ w(m + "gate_proj.weight" + TRANSPOSED)) * (h @ w(m + "up_proj.weight" + TRANSPOSED))
+                     ) @ w(m + "down_proj.weight" + TRANSPOSED)
+        h = rms_norm(x[:, -1:], w("model.norm.weight" + PLUS_ONE), c.rms_norm_eps)  # the last position only
+        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         if self.head_matmul:
-            logits = logits[:, 0]
-        return (logits, *present)
+            return ((h @ w(head + TRANSPOSED))[:, 0], *present)
+        return (F.linear(h[:, 0], w(head)), *present)
 
-    def _index(self, layer: int) -> int:
-        return 2 * layer  # every layer holds two cache tensors
-
-    def _deltanet(self, m, h, conv, rec):
+    def _deltanet(self, p, h, conv, rec):
+        c, w = self.config, self.w
         B, T, _ = h.shape
-        K, Hk, Hv, Dk, Dv = m.kernel_size, m.num_k_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
-        qkv = F.linear(h, m.in_proj_qkv.weight)
+        K, Hk, Hv = c.linear_conv_kernel_dim, c.linear_num_key_heads, c.linear_num_value_heads
+        Dk, Dv = c.linear_key_head_dim, c.linear_value_head_dim
+        qkv = h @ w(p + "in_proj_qkv.weight" + TRANSPOSED)
         window = torch.cat([conv, qkv], dim=1)  # [B, K-1+T, C]: token t's taps end at row t+K-1
-        w = m.conv1d.weight[:, 0]  # [C, K]
-        y = window[:, 0:T] * w[:, 0]
+        y = window[:, 0:T] * w(p + "conv1d.weight" + f"{TAP}0")
         for j in range(1, K):
-            y = y + window[:, j : j + T] * w[:, j]
+            y = y + window[:, j : j + T] * w(p + "conv1d.weight" + f"{TAP}{j}")
         new_conv = window[:, -(K - 1):]
-        q, k, v = F.silu(y).split([m.key_dim, m.key_dim, m.value_dim], dim=-1)
+        q, k, v = F.silu(y).split([c.linear_key_dim, c.linear_key_dim, c.linear_value_dim], dim=-1)
 
         def heads(x):  # l2-normalised, each key head repeated to its Hv/Hk consecutive value heads
             x = x.reshape(B, T, Hk, 1, Dk)
             x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
             return x.expand(B, T, Hk, Hv // Hk, Dk).reshape(B, T, Hv * Dk)
 
-        beta = torch.sigmoid(F.linear(h, m.in_proj_b.weight))
-        g = -m.A_log.exp() * F.softplus(F.linear(h, m.in_proj_a.weight) + m.dt_bias)
+        beta = torch.sigmoid(h @ w(p + "in_proj_b.weight" + TRANSPOSED))
+        g = w(p + "A_log" + NEG_EXP) * F.softplus(h @ w(p + "in_proj_a.weight" + TRANSPOSED) + w(p + "dt_bias"))
         o, new_rec = torch.ops.qwen35_onnx.gated_delta(heads(q), heads(k), v, rec, g, beta, Hv, Dk**-0.5)
-        z = F.linear(h, m.in_proj_z.weight).reshape(B, T, Hv, Dv)
-        o = rms_norm(o.reshape(B, T, Hv, Dv), m.norm.weight, m.norm.eps, offset=0.0) * F.silu(z)
-        return F.linear(o.reshape(B, T, Hv * Dv), m.out_proj.weight), new_conv, new_rec
+        z = (h @ w(p + "in_proj_z.weight" + TRANSPOSED)).reshape(B, T, Hv, Dv)
+        o = rms_norm(o.reshape(B, T, Hv, Dv), w(p + "norm.weight"), c.rms_norm_eps) * F.silu(z)
+        return o.reshape(B, T, Hv * Dv) @ w(p + "out_proj.weight" + TRANSPOSED), new_conv, new_rec
 
-    def _attention(self, m, h, past_k, past_v, rope):
+    def _attention(self, p, h, past_k, past_v, rope):
+        c, w = self.config, self.w
         B, T, _ = h.shape
-        Hq, Hkv, D = m.num_heads, m.num_kv_heads, m.head_dim
-        eps = m.q_norm.eps
-        qg = F.linear(h, m.q_proj.weight).reshape(B, T, Hq, 2 * D)
+        Hq, Hkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        eps = c.rms_norm_eps
+        qg = (h @ w(p + "q_proj.weight" + TRANSPOSED)).reshape(B, T, Hq, 2 * D)
         q, gate = qg[..., :D], qg[..., D:]
-        q = rms_norm(q, m.q_norm.weight, eps).transpose(1, 2)
-        k = rms_norm(F.linear(h, m.k_proj.weight).reshape(B, T, Hkv, D), m.k_norm.weight, eps).transpose(1, 2)
-        v = F.linear(h, m.v_proj.weight).reshape(B, T, Hkv, D).transpose(1, 2)
+        q = rms_norm(q, w(p + "q_norm.weight" + PLUS_ONE), eps).transpose(1, 2)
+        k = rms_norm((h @ w(p + "k_proj.weight" + TRANSPOSED)).reshape(B, T, Hkv, D), w(p + "k_norm.weight" + PLUS_ONE),
+                     eps).transpose(1, 2)
+        v = (h @ w(p + "v_proj.weight" + TRANSPOSED)).reshape(B, T, Hkv, D).transpose(1, 2)
         cos, sin, P = rope
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k_all, v_all = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
@@ -191,7 +268,7 @@ class GraphModel(nn.Module):
             scores = (scores.reshape(B, Hkv, G, T, S) + bias).reshape(B, Hkv, G * T, S)
         out = (torch.softmax(scores, dim=-1) @ v_all).reshape(B, Hq, T, D)
         out = out.transpose(1, 2).reshape(B, T, Hq * D) * torch.sigmoid(gate.reshape(B, T, Hq * D))
-        return F.linear(out, m.o_proj.weight), k_all, v_all
+        return out @ w(p + "o_proj.weight" + TRANSPOSED), k_all, v_all
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,76 +1,78 @@
-"""The quantized ONNX graphs (`qwen35 export-onnx --quant int8 / int4`): a graph's constant MatMuls rewritten
+"""The quantized ONNX graphs (`qwen35 export-onnx --quant int8 / int4`): a graph's MatMuls on weights rewritten
 into onnxruntime's MatMulNBits, and its embedding lookup into a Gather of quantized rows (the head's blocks for
 a tied model, q8_0 blocks of its own for an untied one), so no fp32 vocabulary table stays in a quantized export.
+The weights stay deferred (onnx.py): this rewrites the graph and names the recipes (onnx_weights.py) that make
+the new initializers when they are written.
 """
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
-import torch
 
 IR_VERSION = 10  # onnxruntime-web 1.31 refuses newer IR versions than it knows
 # MatMulNBits accuracy_level 4: activations rounded to int8 per block inside the kernel, as qwen35's own q8_0 /
 # q4_0 kernels do. Measured on the bundled model (onnxruntime CPU, 2 threads): int8 decode 94 tok/s at level
 # 4 against 21 at level 0 (exact fp32 activations), whose 8-bit path is slower than fp32 weights (64).
 ACCURACY_LEVEL = 4
+GATES = ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight")
 
 
-def quantize(proto, bits: int, gate_columns: int, accuracy_level: int | None = None, tied: bool = False):
-    """Every MatMul with a constant weight becomes MatMulNBits (symmetric, blocks of 32), except the Gated
+def quantize(proto, recipes: dict, shapes: dict[str, tuple[int, ...]], bits: int, accuracy_level: int | None = None,
+             tied: bool = False) -> None:
+    """Every MatMul on a weight (a transposed parameter: `onnx_graph.TRANSPOSED`) becomes MatMulNBits
+    (symmetric blocks of 32: qwen35's q8_0 / q4_0 of the parameter, `onnx_weights.Blocks`), except the Gated
     DeltaNet gate projections in_proj_a / in_proj_b: Hv columns each, so tiny, and the decay they feed
-    compounds error along the whole sequence (qwen35's own policies keep them at 8 bits or more). They are
-    found by their width, `gate_columns` = Hv: the exporter renames the transposed weights (val_N), and no
-    other projection is that narrow. accuracy_level: MatMulNBits' (default ACCURACY_LEVEL; 0 keeps fp32
-    activations, exact but slow). tied: the embedding table is the head's matrix, so the lookup then reads
-    the head's quantized blocks (`_embedding_from_head`) and the fp32 table leaves the graph; an untied table
-    becomes 8-bit blocks of its own (`_embedding_blocks`). Rewrites `proto` (pass a copy to keep it)."""
-    # Importing the quantizer calls logging.basicConfig(level=INFO): every library's INFO lines (a line per
-    # node from the quantizer itself) would reach the user's terminal. Undo that side effect.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    compounds error along the whole sequence (qwen35's own policies keep them at 8 bits or more), and any
+    matrix whose input dimension is not whole blocks. accuracy_level: MatMulNBits' (default ACCURACY_LEVEL;
+    0 keeps fp32 activations, exact but slow). tied: the embedding table is the head's matrix, so the lookup
+    then reads the head's blocks (`_embedding_from_head`) and the fp32 table leaves the graph; an untied table
+    becomes 8-bit blocks of its own (`_embedding_blocks`). Rewrites `proto`, adding the recipes and shapes of
+    the initializers it makes to `recipes` and `shapes`."""
+    from onnx import helper
 
-    root.handlers[:], root.level = handlers, level
-    if tied:
-        _constant_head(proto)
-    widths = {t.name: t.dims[-1] for t in proto.graph.initializer if len(t.dims) == 2}
-    keep = {n.name for n in proto.graph.node if n.op_type == "MatMul" and widths.get(n.input[1]) == gate_columns}
-    q = MatMulNBitsQuantizer(proto, bits=bits, block_size=32, is_symmetric=True, nodes_to_exclude=sorted(keep),
-                             op_types_to_quantize=("MatMul",),
-                             accuracy_level=ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
-    q.process()
-    out = q.model.model
-    out.ir_version = min(out.ir_version, IR_VERSION)
-    if tied:
-        _embedding_from_head(out, bits)
-    else:
-        _embedding_blocks(out)
-    return out
-
-
-def _constant_head(proto) -> None:
-    """A tied model's head reaches the exporter as MatMul(h, Transpose(embedding table)): the table also feeds
-    the lookup, so the transpose is not folded, and a MatMul whose weight is computed is one the quantizer
-    skips (the 0.8B's int8 export had kept its 248,320 x 1024 head in fp32, read whole every token). Give that
-    MatMul the transposed table as a constant of its own, which the quantizer then rewrites."""
-    from onnx import helper, numpy_helper
+    from .onnx_graph import MS_DOMAIN, TRANSPOSED
+    from .onnx_weights import Blocks, Param, Scales
 
     g = proto.graph
-    inits = {t.name: t for t in g.initializer}
-    made = {o: n for n in g.node for o in n.output}
-    for node in [n for n in g.node if n.op_type == "MatMul"]:
-        t = made.get(node.input[1])
-        if t is None or t.op_type != "Transpose" or t.input[0] not in inits or len(inits[t.input[0]].dims) != 2:
+    level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
+    have = {t.name for t in g.initializer}
+    for at, node in enumerate(list(g.node)):
+        r = recipes.get(node.input[1]) if node.op_type == "MatMul" and node.input[1] in have else None
+        if not (isinstance(r, Param) and r.suffix == TRANSPOSED) or r.param.endswith(GATES):
             continue
-        perm = {a.name: helper.get_attribute_value(a) for a in t.attribute}.get("perm", [1, 0])
-        table = numpy_helper.to_array(inits[t.input[0]])
-        name = f"{t.input[0]}__transposed"
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.transpose(perm)), name))
-        node.input[1] = name
-        if not any(t.output[0] in n.input for n in g.node):
-            g.node.remove(t)
+        K, N = shapes[node.input[1]]
+        if K % 32:
+            continue
+        blocks, scales = f"{r.param}__q{bits}", f"{r.param}__q{bits}_scales"
+        made = {blocks: (Blocks(r.param, bits), (N, K // 32, 32 * bits // 8), "uint8"),
+                scales: (Scales(r.param, bits), (N, K // 32), "float32")}
+        for name, (recipe, shape, dtype) in made.items():  # blocks then scales, side by side: the writer
+            if name not in have:  # quantizes the matrix once for both
+                _add(g, recipes, shapes, name, recipe, shape, dtype)
+                have.add(name)
+        g.node.remove(node)
+        g.node.insert(at, helper.make_node("MatMulNBits", [node.input[0], blocks, scales], list(node.output),
+                                           name=node.name, domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=32,
+                                           accuracy_level=level))
+    _drop_unused(g)
+    if tied:
+        _embedding_from_head(proto, bits)
+    else:
+        _embedding_blocks(proto, recipes, shapes)
+    _drop_unused(g)
+
+
+def _add(g, recipes: dict, shapes: dict, name: str, recipe, shape: tuple[int, ...], dtype: str) -> None:
+    from .onnx import deferred
+
+    recipes[name], shapes[name] = recipe, shape
+    g.initializer.append(deferred(name, shape, dtype))
+
+
+def _drop_unused(g) -> None:
+    used = {i for n in g.node for i in n.input}
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
 
 
 def _lookup(g):
@@ -100,33 +102,27 @@ def _embedding_from_head(proto, bits: int) -> None:
 
 
 EMBEDDING_BITS = 8  # an untied table's blocks: a lookup reads a few rows a token, so bits cost file and memory only
-EMBEDDING_BAND = 16384  # rows quantized at a time (the 9B's fp32 table is 3.8 GiB; its temporaries stay small)
 
 
-def _embedding_blocks(proto) -> None:
+def _embedding_blocks(proto, recipes: dict, shapes: dict) -> None:
     """An untied model's embedding table (the 9B's 248,320 x 4,096: 3.8 GiB in fp32, most of a 4-bit export)
     stored as q8_0 blocks in MatMulNBits' unsigned form (uint8 q + 128 [V, H/32, 32], fp16 scales [V, H/32]:
-    qwen35's q8_0 rounding, so a row dequantizes to qwen35's q8_0 row exactly), which the lookup dequantizes for
-    the gathered rows only: 1.06 bytes a weight instead of 4, in 8 bits whatever the matrices' bits, since the
+    qwen35's q8_0, so a row dequantizes to qwen35's q8_0 row exactly), which the lookup dequantizes for the
+    gathered rows only: 1.06 bytes a weight instead of 4, in 8 bits whatever the matrices' bits, since the
     table is never streamed. Left as is where the graph has no lookup or H is not whole blocks."""
-    from onnx import numpy_helper
-
-    from ..quant.formats import BLOCK, quantize_q8_0
+    from .onnx_weights import Blocks, Param, Scales
 
     g = proto.graph
     gather, table = _lookup(g)
-    if gather is None or table.dims[1] % BLOCK or any(table.name in n.input for n in g.node if n is not gather):
+    if gather is None or table.dims[1] % 32 or any(table.name in n.input for n in g.node if n is not gather):
         return
-    w = numpy_helper.to_array(table)
-    V, H = w.shape
-    blocks, scales = np.empty((V, H // BLOCK, BLOCK), np.uint8), np.empty((V, H // BLOCK), np.float16)
-    for s in range(0, V, EMBEDDING_BAND):
-        qs, d = quantize_q8_0(torch.from_numpy(np.array(w[s : s + EMBEDDING_BAND])))  # a writable copy
-        blocks[s : s + EMBEDDING_BAND] = (qs.numpy().astype(np.int16) + 128).astype(np.uint8).reshape(-1, H // BLOCK, BLOCK)
-        scales[s : s + EMBEDDING_BAND] = d.numpy()
-    del w
+    param = recipes.get(table.name)
+    if not (isinstance(param, Param) and param.suffix == ""):
+        return
+    V, H = table.dims
     name = f"{table.name}__q8_0"
-    g.initializer.extend([numpy_helper.from_array(blocks, name + "_blocks"), numpy_helper.from_array(scales, name + "_scales")])
+    _add(g, recipes, shapes, name + "_blocks", Blocks(param.param, EMBEDDING_BITS), (V, H // 32, 32), "uint8")
+    _add(g, recipes, shapes, name + "_scales", Scales(param.param, EMBEDDING_BITS, "float16"), (V, H // 32), "float16")
     _gather_blocks(g, gather, name + "_blocks", name + "_scales", H, EMBEDDING_BITS)
 
 
