@@ -282,7 +282,7 @@ def test_export_without_a_tokenizer_names_the_problem(tmp_path):
 
     with pytest.raises(ExportError, match="ckpt: no tokenizer.json to put beside the graphs"):
         export_onnx(ckpt, tmp_path / "out")
-    with pytest.raises(ExportError, match="unknown --quant 'q4_k' for ONNX: use int8 or int4"):
+    with pytest.raises(ExportError, match="unknown --quant 'q4_k' for ONNX: use int8, int4, q8_0, q4_0"):
         export_onnx(BUNDLED, tmp_path / "out", quant="q4_k")
 
 

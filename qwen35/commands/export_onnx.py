@@ -1,4 +1,4 @@
-"""Export a model as ONNX graphs for onnxruntime: `qwen35 export-onnx MODEL OUT_DIR [--quant int8|int4]`.
+"""Export a model as ONNX graphs for onnxruntime: `qwen35 export-onnx MODEL OUT_DIR [--quant int8|int4|q8_0|q4_0]`.
 
 Writes prefill.onnx (a chunk of tokens) and decode.onnx (one token), the cache as explicit inputs and outputs,
 the weights once in model.onnx.data, the tokenizer and chat template, and manifest.json (names and shapes for
@@ -18,7 +18,8 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory or Hugging Face repo id")
     p.add_argument("out_dir", type=Path, help="output directory")
     p.add_argument("--quant", choices=tuple(QUANT_BITS), default=None,
-                   help="int8 / int4: matrices as onnxruntime MatMulNBits (symmetric blocks of 32); default fp32")
+                   help="q8_0 / q4_0 (aliases int8 / int4): matrices as onnxruntime MatMulNBits holding qwen35's "
+                   "q8_0 / q4_0 blocks; default fp32")
     p.add_argument("--opset", type=integer(OPSETS.start, OPSETS.stop - 1), default=21,
                    help=f"ONNX opset ({OPSETS.start}..{OPSETS.stop - 1}, default 21)")
 

@@ -9,8 +9,12 @@ OUT_DIR gets:
   manifest.json  input/output names, dtypes and symbolic shapes, the cache's order and meaning, the EOS ids;
   tokenizer.json, tokenizer_config.json (with the chat template), chat_template.jinja.
 The cache and its layout are described in onnx_graph.py. --quant int8 / int4 turns every large MatMul into
-onnxruntime's MatMulNBits (symmetric blocks of 32, q8_0 / q4_0-like), which its CPU provider and
+onnxruntime's MatMulNBits (symmetric blocks of 32: qwen35's q8_0 / q4_0), which its CPU provider and
 onnxruntime-web both run (onnx_quant.py).
+
+The model is never loaded: each graph is traced on placeholder weights (`export_graph`), its weight
+initializers stay deferred through the graph rewrites, and `GraphWriter` makes each from the checkpoint when it
+writes it, a band of rows at a time (onnx_weights.py), so peak memory does not grow with the model.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from .onnx_quant import IR_VERSION, quantize
 from .onnx_weights import CheckpointWeights, Maker, ModelWeights, Param, Recipe, shape_of
 
 OPSETS = range(18, 24)  # what torch's exporter emits and onnxruntime(-web) 1.31+ runs
-QUANT_BITS = {"int8": 8, "int4": 4}  # qwen35's --quant names; block 32 like q8_0 / q4_0
+# --quant: the layouts MatMulNBits holds exactly (qwen35's q8_0 / q4_0), and the policy names as their aliases
+# (MatMulNBits has no K-quant layout, so int4 is q4_0 throughout here, not qwen35's int4 policy)
+QUANT_BITS = {"int8": 8, "int4": 4, "q8_0": 8, "q4_0": 4}
 DATA_FILE = "model.onnx.data"
 ALIGN = 4096  # external tensors start on page boundaries, so a runtime may mmap them
 
@@ -49,7 +55,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
     from ..api import resolve
 
     if quant is not None and quant not in QUANT_BITS:
-        raise ExportError(f"unknown --quant {quant!r} for ONNX: use int8 or int4")
+        raise ExportError(f"unknown --quant {quant!r} for ONNX: use {', '.join(QUANT_BITS)}")
     if opset not in OPSETS:
         raise ExportError(f"--opset {opset} is not supported: use {OPSETS.start}..{OPSETS.stop - 1}")
     try:

@@ -4,7 +4,7 @@ The graphs are traced on placeholders (onnx.py's `export_graph`); each weight in
 is a recipe (`Param`, `Blocks`, `Scales`) over one parameter of a source (`CheckpointWeights`: the checkpoint's
 files, read a band of rows at a time; `ModelWeights`: a loaded model), computed when the graph writer reaches
 it and written in bands of rows. Peak memory is then one band (or one transposed matrix) whatever the size of
-the model: the 0.8B's int4 export had peaked at 11.8 GB when the fp32 model, the exporter's copy of every
+the model: the 0.8B's int4 export had peaked at 11.5 GiB when the fp32 model, the exporter's copy of every
 weight and the quantizer's copy were all in memory at once, which put a 4B or 9B export out of any laptop's
 reach.
 """
