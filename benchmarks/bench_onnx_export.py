@@ -38,7 +38,7 @@ def export_once(model: Path, out: Path, quant: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
-    ap.add_argument("--quant", nargs="+", default=["int4"], choices=["fp32", "int8", "int4"])
+    ap.add_argument("--quant", nargs="+", default=["int4"], choices=["fp32", "int8", "int4", "q8_0", "q4_0"])
     ap.add_argument("--out", type=Path, default=None, help="where the exports go (default: a temporary folder, "
                     "deleted after each export)")
     args = ap.parse_args()

@@ -228,6 +228,8 @@ class CheckpointTensors:
 
     def rows(self, name: str, a: int, b: int) -> torch.Tensor:
         idx = self._idx
+        if not 0 <= a <= b <= idx.shapes[name][0]:
+            raise IndexError(f"rows {a}..{b} of '{name}', which has {idx.shapes[name][0]}")
         if name in idx.stored:
             from .quant.checkpoint import check_stored
             from .quant.formats import dequantize

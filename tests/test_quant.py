@@ -458,3 +458,51 @@ def test_quantized_mtp_head_drafts_like_its_reference():
         return out
 
     assert drafts(fast) == drafts(slow)
+
+
+def test_checkpoint_tensors_reads_a_quantized_checkpoint_as_its_dequantized_weights(tiny_dir, tmp_path):
+    """weights.CheckpointTensors (the ONNX export's source: a checkpoint read band by band, never loaded) gives a
+    quantized checkpoint's matrices as the weights their layout stands for (`formats.dequantize` of the stored
+    bytes: the K-quants, q8_0, and plain tensors as stored), any band of rows alike; a corrupted quantized
+    tensor is the loader's clear error."""
+    import json
+    import shutil
+
+    from qwen35.errors import CheckpointError
+    from qwen35.quant.checkpoint import save_quantized
+    from qwen35.quant.formats import dequantize
+    from qwen35.weights import CheckpointTensors
+    from safetensors.torch import load_file, save_file
+
+    model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="int4", kernels=False)
+    out = save_quantized(model, tiny_dir, tmp_path / "q")
+    stored = json.loads((out / "config.json").read_text())["quantization_config"]["tensors"]
+    assert {"q4_k", "q6_k", "q8_0"} <= set(stored.values())
+    files = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    tensors = CheckpointTensors(out)
+    try:
+        for name, scheme in stored.items():
+            full = dequantize(scheme, files[name + ".qs"], files[name + ".d"])
+            N = full.shape[0]
+            assert torch.equal(tensors.rows(name, 0, N), full), name
+            a, b = N // 3, min(N, N // 3 + 5)
+            assert torch.equal(tensors.rows(name, a, b), full[a:b]), name
+        with pytest.raises(IndexError, match=r"rows 0\.\.3 of 'model.layers.0.linear_attn.in_proj_a.weight', which has 2"):
+            tensors.rows("model.layers.0.linear_attn.in_proj_a.weight", 0, 3)
+        plain = "model.layers.0.input_layernorm.weight"
+        assert torch.equal(tensors.rows(plain, 0, tensors.shapes[plain][0]), files[plain])
+    finally:
+        tensors.close()
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    shard = next(bad.glob("*.safetensors"))
+    t = load_file(shard)
+    key = "model.layers.0.mlp.down_proj.weight.qs"
+    t[key] = t[key][:, :-32].contiguous()
+    save_file(t, str(shard))
+    tensors = CheckpointTensors(bad)
+    try:
+        with pytest.raises(CheckpointError, match=rf"quantized tensor '{key}' does not match"):
+            tensors.rows("model.layers.0.mlp.down_proj.weight", 0, 1)
+    finally:
+        tensors.close()

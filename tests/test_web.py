@@ -132,15 +132,15 @@ def test_page_answers_like_qwen35_generate(browser_driver, tmp_path):
 
 @pytest.mark.browser
 def test_page_runs_a_4bit_export_as_onnxruntime_does(browser_driver, tmp_path):
-    """A quantized export in the page: MatMulNBits, and the tied embedding read from the head's 4-bit blocks
-    (export/onnx.py: Gather, BitwiseAnd, BitShift in onnxruntime-web's WASM build) give the tokens onnxruntime's
-    CPU provider gives on the same graphs."""
+    """A 4-bit export in the page: MatMulNBits, and (q4_0: the head in 4 bits too) the tied embedding read from
+    the head's 4-bit blocks (export/onnx_quant.py: Gather, BitwiseAnd, BitShift in onnxruntime-web's WASM build)
+    give the tokens onnxruntime's CPU provider gives on the same graphs."""
     from tokenizers import Tokenizer
 
     from qwen35.export.onnx_runtime import OnnxModel
 
     site = tmp_path / "site"
-    r = _cli("web", str(BUNDLED), str(site), "--quant", "int4")
+    r = _cli("web", str(BUNDLED), str(site), "--quant", "q4_0")
     assert r.returncode == 0, r.stderr
     page = _chat_in_browser(site, browser_driver, tmp_path / "chat.png")
     assert page["error"] is None and page["backend"] == "wasm", page

@@ -12,14 +12,14 @@ from pathlib import Path
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
-    from ..export.onnx import OPSETS, QUANT_BITS
+    from ..export.onnx import OPSETS, POLICIES
     from .common import integer
 
     p.add_argument("model", help="checkpoint directory or Hugging Face repo id")
     p.add_argument("out_dir", type=Path, help="output directory")
-    p.add_argument("--quant", choices=tuple(QUANT_BITS), default=None,
-                   help="q8_0 / q4_0 (aliases int8 / int4): matrices as onnxruntime MatMulNBits holding qwen35's "
-                   "q8_0 / q4_0 blocks; default fp32")
+    p.add_argument("--quant", choices=tuple(POLICIES), default=None,
+                   help="matrices as onnxruntime MatMulNBits holding qwen35's q8_0 / q4_0 blocks: q8_0 (or int8) "
+                   "everywhere, q4_0 everywhere, or int4: q4_0 with the head in q8_0; default fp32")
     p.add_argument("--opset", type=integer(OPSETS.start, OPSETS.stop - 1), default=21,
                    help=f"ONNX opset ({OPSETS.start}..{OPSETS.stop - 1}, default 21)")
 

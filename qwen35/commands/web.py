@@ -17,9 +17,9 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", help="checkpoint directory, Hugging Face repo id, or an export-onnx directory")
     p.add_argument("out_dir", type=Path, help="output directory (the site)")
-    p.add_argument("--quant", choices=("int8", "int4", "fp32"), default="int8",
-                   help="weights of a checkpoint's export: int8 (default), int4 or fp32 (ignored for an "
-                        "export-onnx directory, which is used as it is)")
+    p.add_argument("--quant", choices=("int8", "int4", "q8_0", "q4_0", "fp32"), default="int8",
+                   help="weights of a checkpoint's export (as export-onnx --quant): int8 (default), int4, q8_0, "
+                        "q4_0 or fp32 (ignored for an export-onnx directory, which is used as it is)")
     p.add_argument("--serve", action="store_true", help="serve the site on localhost after building it")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=integer(0, 65535), default=8000, help="port for --serve (0: any free port)")

@@ -32,13 +32,10 @@ import torch
 
 from ..errors import Qwen35Error
 from .onnx_graph import MS_DOMAIN, GraphModel, cache_spec, gated_delta_onnx, graph_weights
-from .onnx_quant import IR_VERSION, quantize
+from .onnx_quant import IR_VERSION, POLICIES, quantize
 from .onnx_weights import CheckpointWeights, Maker, ModelWeights, Param, Recipe, shape_of
 
 OPSETS = range(18, 24)  # what torch's exporter emits and onnxruntime(-web) 1.31+ runs
-# --quant: the layouts MatMulNBits holds exactly (qwen35's q8_0 / q4_0), and the policy names as their aliases
-# (MatMulNBits has no K-quant layout, so int4 is q4_0 throughout here, not qwen35's int4 policy)
-QUANT_BITS = {"int8": 8, "int4": 4, "q8_0": 8, "q4_0": 4}
 DATA_FILE = "model.onnx.data"
 ALIGN = 4096  # external tensors start on page boundaries, so a runtime may mmap them
 
@@ -54,8 +51,8 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
 
     from ..api import resolve
 
-    if quant is not None and quant not in QUANT_BITS:
-        raise ExportError(f"unknown --quant {quant!r} for ONNX: use {', '.join(QUANT_BITS)}")
+    if quant is not None and quant not in POLICIES:
+        raise ExportError(f"unknown --quant {quant!r} for ONNX: use {', '.join(POLICIES)}")
     if opset not in OPSETS:
         raise ExportError(f"--opset {opset} is not supported: use {OPSETS.start}..{OPSETS.stop - 1}")
     try:
@@ -103,7 +100,7 @@ def _export(source, targets: list[tuple[Path, str | None, int | None]], tokenize
             for (_, quant, level), writer in zip(targets, writers):
                 graph = _copy(proto)
                 if quant is not None:
-                    quantize(graph, recipes, shapes, QUANT_BITS[quant], level, tied=config.tie_word_embeddings)
+                    quantize(graph, recipes, shapes, quant, level, tied=config.tie_word_embeddings)
                 writer.write(name, graph, recipes, progress)
     finally:
         for w in writers:
