@@ -31,10 +31,9 @@ def quantize(proto, recipes: dict, shapes: dict[str, tuple[int, ...]], quant: st
              tied: bool = False) -> None:
     """Every MatMul on a weight (a transposed parameter: `onnx_graph.TRANSPOSED`) becomes MatMulNBits
     (symmetric blocks of 32 in the bits `POLICIES[quant]` gives it: qwen35's q8_0 / q4_0 of the parameter,
-    `onnx_weights.Blocks`), except the Gated
-    DeltaNet gate projections in_proj_a / in_proj_b: Hv columns each, so tiny, and the decay they feed
-    compounds error along the whole sequence (qwen35's own policies keep them at 8 bits or more), and any
-    matrix whose input dimension is not whole blocks. accuracy_level: MatMulNBits' (default ACCURACY_LEVEL;
+    `onnx_weights.Blocks`), except the Gated DeltaNet gate projections in_proj_a / in_proj_b: Hv columns
+    each, so tiny, and the decay they feed compounds error along the whole sequence (qwen35's own policies
+    keep them at 8 bits or more), and any matrix whose input dimension is not whole blocks. accuracy_level: MatMulNBits' (default ACCURACY_LEVEL;
     0 keeps fp32 activations, exact but slow). tied: the embedding table is the head's matrix, so the lookup
     then reads the head's blocks (`_embedding_from_head`) and the fp32 table leaves the graph; an untied table
     becomes 8-bit blocks of its own (`_embedding_blocks`). Rewrites `proto`, adding the recipes and shapes of
