@@ -19,7 +19,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", type=Path, help="output directory")
     p.add_argument("--quant", choices=tuple(POLICIES), default=None,
                    help="matrices as onnxruntime MatMulNBits holding qwen35's q8_0 / q4_0 blocks: q8_0 (or int8) "
-                   "everywhere, q4_0 everywhere, or int4: q4_0 with the head in q8_0; default fp32")
+                   "everywhere, q4_0 everywhere, or int4: qwen35's int4 mix in those two; default fp32")
     p.add_argument("--opset", type=integer(OPSETS.start, OPSETS.stop - 1), default=21,
                    help=f"ONNX opset ({OPSETS.start}..{OPSETS.stop - 1}, default 21)")
 

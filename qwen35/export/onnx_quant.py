@@ -17,14 +17,22 @@ ACCURACY_LEVEL = 4
 GATES = ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight")
 
 
-# --quant -> the bits of a matrix, given whether it is the head: the layouts MatMulNBits holds
-# exactly (qwen35's q8_0 / q4_0) everywhere, and the policies. MatMulNBits has no K-quant layout, so ONNX's int4
-# is q4_0 with the head (and a tied table's lookup, which reads the head's blocks) in q8_0: the head is the most
-# sensitive matrix by far (qwen35's int4 keeps it in 6 bits); measured on the bundled model
-# (benchmarks/bench_onnx_quality.py, held-out text): KL 0.0176 -> 0.0053, greedy
-# agreement 0.893 -> 0.939, weights 5.8 -> 6.8 MiB.
-POLICIES = {"int8": lambda head: 8, "int4": lambda head: 8 if head else 4, "q8_0": lambda head: 8,
-            "q4_0": lambda head: 4}
+# --quant -> the bits of a matrix (parameter name, tied, decoder depth): the layouts MatMulNBits holds exactly
+# (qwen35's q8_0 / q4_0) everywhere, and the policies. MatMulNBits has no K-quant layout, so ONNX's int4 is
+# qwen35's int4 mix in the two layouts it has: q8_0 where that gives a matrix more than 4 bits (the head, and
+# so the tied lookup that reads its blocks; every attention v_proj; the Gated DeltaNet in_proj_qkv / in_proj_z /
+# out_proj of the layers llama.cpp's Q4_K_M gives more bits), q4_0 elsewhere. Measured on the bundled model
+# (benchmarks/bench_onnx_quality.py, held-out text, KL / greedy agreement / weights): q4_0 everywhere 0.0176 /
+# 0.893 / 5.8 MiB, the head alone in q8_0 0.0053 / 0.939 / 6.8, int4 0.0023 / 0.960 / 7.2.
+def _int4_bits(param: str, tied: bool, num_layers: int) -> int:
+    """8 bits where qwen35's int4 gives a matrix more than 4 (`quant.policy`), 4 elsewhere."""
+    from ..quant.policy import _choose
+
+    return 4 if _choose("int4", param, tied, num_layers) == "q4_k" else 8
+
+
+POLICIES = {"int8": lambda param, tied, n: 8, "int4": _int4_bits, "q8_0": lambda param, tied, n: 8,
+            "q4_0": lambda param, tied, n: 4}
 
 
 def quantize(proto, recipes: dict, shapes: dict[str, tuple[int, ...]], quant: str, accuracy_level: int | None = None,
@@ -45,7 +53,7 @@ def quantize(proto, recipes: dict, shapes: dict[str, tuple[int, ...]], quant: st
 
     g = proto.graph
     level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    num_layers = 1 + max((int(n.split(".")[2]) for n in recipes if n.startswith("model.layers.")), default=-1)
     have = {t.name for t in g.initializer}
     for at, node in enumerate(list(g.node)):
         r = recipes.get(node.input[1]) if node.op_type == "MatMul" and node.input[1] in have else None
@@ -54,7 +62,7 @@ def quantize(proto, recipes: dict, shapes: dict[str, tuple[int, ...]], quant: st
         K, N = shapes[node.input[1]]
         if K % 32:
             continue
-        bits = POLICIES[quant](r.param == head)
+        bits = POLICIES[quant](r.param, tied, num_layers)
         blocks, scales = f"{r.param}__q{bits}", f"{r.param}__q{bits}_scales"
         made = {blocks: (Blocks(r.param, bits), (N, K // 32, 32 * bits // 8), "uint8"),
                 scales: (Scales(r.param, bits), (N, K // 32), "float32")}
