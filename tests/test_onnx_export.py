@@ -125,7 +125,7 @@ def test_quantized_graph_is_qwen35_on_its_rounded_weights(exported_replica, quan
     random token ids, logit RMS error against fp32: int8 0.0077 with fp32 activations, 0.021 as exported;
     4-bit everywhere 0.43, as qwen35's own q4_0; logit RMS 2.6.)"""
     from qwen35.quant.formats import dequantize, quantize
-    from qwen35.quant.policy import _choose
+    from qwen35.quant.policy import scheme_for
 
     model, path, dirs = exported_replica
     qgraph = onnx.load(str(dirs[f"{quant}-exact"] / "prefill.onnx")).graph
@@ -139,7 +139,7 @@ def test_quantized_graph_is_qwen35_on_its_rounded_weights(exported_replica, quan
         bits = {a.name: a.i for a in node.attribute}["bits"]
         # int4: 8 bits where qwen35's int4 gives more than 4 (the head, v_proj, the "more bits" layers' Gated
         # DeltaNet projections: layers 2 and 3 of 4), 4 elsewhere
-        more = _choose("int4", param, True, model.config.num_hidden_layers) != "q4_k"
+        more = scheme_for("int4", param, w.shape, True, model.config.num_hidden_layers) not in ("q4_k", "q4_0")
         assert bits == (8 if quant == "int8" or (quant == "int4" and more) else 4), param
         widths.setdefault(bits, set()).add(param)
         scheme = {8: "q8_0", 4: "q4_0"}[bits]

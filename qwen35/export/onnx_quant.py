@@ -17,22 +17,21 @@ ACCURACY_LEVEL = 4
 GATES = ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight")
 
 
-# --quant -> the bits of a matrix (parameter name, tied, decoder depth): the layouts MatMulNBits holds exactly
+# --quant -> the bits of a matrix (parameter name, [N, K], tied, decoder depth): the layouts MatMulNBits holds exactly
 # (qwen35's q8_0 / q4_0) everywhere, and the policies. MatMulNBits has no K-quant layout, so ONNX's int4 is
 # qwen35's int4 mix in the two layouts it has: q8_0 where that gives a matrix more than 4 bits (the head, and
 # so the tied lookup that reads its blocks; every attention v_proj; the Gated DeltaNet in_proj_qkv / in_proj_z /
 # out_proj of the layers llama.cpp's Q4_K_M gives more bits), q4_0 elsewhere. Measured on the bundled model
 # (benchmarks/bench_onnx_quality.py, held-out text, KL / greedy agreement / weights): q4_0 everywhere 0.0176 /
 # 0.893 / 5.8 MiB, the head alone in q8_0 0.0053 / 0.939 / 6.8, int4 0.0023 / 0.960 / 7.2.
-def _int4_bits(param: str, tied: bool, num_layers: int) -> int:
+def _int4_bits(param: str, shape: tuple[int, int], tied: bool, num_layers: int) -> int:
     """8 bits where qwen35's int4 gives a matrix more than 4 (`quant.policy`), 4 elsewhere."""
-    from ..quant.policy import _choose
+    from ..quant.policy import scheme_for
 
-    return 4 if _choose("int4", param, tied, num_layers) == "q4_k" else 8
+    return 4 if scheme_for("int4", param, shape, tied, num_layers) in ("q4_k", "q4_0") else 8
 
 
-POLICIES = {"int8": lambda param, tied, n: 8, "int4": _int4_bits, "q8_0": lambda param, tied, n: 8,
-            "q4_0": lambda param, tied, n: 4}
+POLICIES = {"int8": lambda *_: 8, "int4": _int4_bits, "q8_0": lambda *_: 8, "q4_0": lambda *_: 4}
 
 
 def quantize(proto, recipes: dict, shapes: dict[str, tuple[int, ...]], quant: str, accuracy_level: int | None = None,
@@ -62,7 +61,7 @@ def quantize(proto, recipes: dict, shapes: dict[str, tuple[int, ...]], quant: st
         K, N = shapes[node.input[1]]
         if K % 32:
             continue
-        bits = POLICIES[quant](r.param, tied, num_layers)
+        bits = POLICIES[quant](r.param, (N, K), tied, num_layers)
         blocks, scales = f"{r.param}__q{bits}", f"{r.param}__q{bits}_scales"
         made = {blocks: (Blocks(r.param, bits), (N, K // 32, 32 * bits // 8), "uint8"),
                 scales: (Scales(r.param, bits), (N, K // 32), "float32")}
