@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def _export(source, targets: list[tuple[Path, str | None, int | None]], tokenize
     writers = [GraphWriter(Path(out), Maker(source)) for out, _, _ in targets]
     try:
         for name, decode in (("prefill", False), ("decode", True)):
+            if progress:  # tracing is most of an export's time (~100 s a graph for a 9B) and shows no bar
+                print(f"tracing the {name} graph (torch.onnx)", file=sys.stderr, flush=True)
             proto = export_graph(config, weights, decode, head_matmul, opset)
             for (_, quant, level), writer in zip(targets, writers):
                 graph = _copy(proto)
