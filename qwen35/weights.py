@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model.qwen35 import Qwen35ForCausalLM, keeps_fp32
+from .model.qwen35 import Qwen35ForCausalLM
 from .ops.fast import bind_kernels
 from .placement import allocate, quantize_into
 from .safetensors_io import SafetensorsReader, TensorEntry, read_header

@@ -402,25 +402,34 @@ def test_quantize_command_output_reloads_bit_identically(tiny_dir, tmp_path):
         assert torch.equal(direct(ids), again(ids))
 
 
-def test_bad_quantized_checkpoints_are_clear_errors(tiny_dir, tmp_path):
-    import json
+def _with_a_truncated_matrix(out, bad):
+    """A copy of quantized checkpoint `out` at `bad` whose layer-0 down_proj has lost its last 32 columns of
+    packed values; returns (bad, the corrupted tensor's key)."""
     import shutil
 
-    from qwen35.errors import CheckpointError
-    from qwen35.quant.checkpoint import save_quantized
     from safetensors.torch import load_file, save_file
 
-    out = save_quantized(qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="q8_0", kernels=False),
-                         tiny_dir, tmp_path / "q")
-    with pytest.raises(CheckpointError, match=r"already quantized \(q8_0\); load it without quant="):
-        qwen35.load_model(out, quant="int4")
-    bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     shard = next(bad.glob("*.safetensors"))
     t = load_file(shard)
     key = "model.layers.0.mlp.down_proj.weight.qs"
     t[key] = t[key][:, :-32].contiguous()
     save_file(t, str(shard))
+    return bad, key
+
+
+def test_bad_quantized_checkpoints_are_clear_errors(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from qwen35.errors import CheckpointError
+    from qwen35.quant.checkpoint import save_quantized
+
+    out = save_quantized(qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="q8_0", kernels=False),
+                         tiny_dir, tmp_path / "q")
+    with pytest.raises(CheckpointError, match=r"already quantized \(q8_0\); load it without quant="):
+        qwen35.load_model(out, quant="int4")
+    bad, key = _with_a_truncated_matrix(out, tmp_path / "bad")
     with pytest.raises(CheckpointError, match=rf"quantized tensor '{key}' does not match q8_0 for a \[\d+, \d+\] "
                                               r"matrix: expected int8 \[\d+, \d+\], found int8"):
         qwen35.load_model(bad)
@@ -466,13 +475,13 @@ def test_checkpoint_tensors_reads_a_quantized_checkpoint_as_its_dequantized_weig
     bytes: the K-quants, q8_0, and plain tensors as stored), any band of rows alike; a corrupted quantized
     tensor is the loader's clear error."""
     import json
-    import shutil
+
+    from safetensors.torch import load_file
 
     from qwen35.errors import CheckpointError
     from qwen35.quant.checkpoint import save_quantized
     from qwen35.quant.formats import dequantize
     from qwen35.weights import CheckpointTensors
-    from safetensors.torch import load_file, save_file
 
     model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="int4", kernels=False)
     out = save_quantized(model, tiny_dir, tmp_path / "q")
@@ -487,19 +496,14 @@ def test_checkpoint_tensors_reads_a_quantized_checkpoint_as_its_dequantized_weig
             assert torch.equal(tensors.rows(name, 0, N), full), name
             a, b = N // 3, min(N, N // 3 + 5)
             assert torch.equal(tensors.rows(name, a, b), full[a:b]), name
-        with pytest.raises(IndexError, match=r"rows 0\.\.3 of 'model.layers.0.linear_attn.in_proj_a.weight', which has 2"):
-            tensors.rows("model.layers.0.linear_attn.in_proj_a.weight", 0, 3)
+        gate = "model.layers.0.linear_attn.in_proj_a.weight"
+        with pytest.raises(IndexError, match=rf"rows 0\.\.3 of '{gate}', which has 2"):
+            tensors.rows(gate, 0, 3)
         plain = "model.layers.0.input_layernorm.weight"
         assert torch.equal(tensors.rows(plain, 0, tensors.shapes[plain][0]), files[plain])
     finally:
         tensors.close()
-    bad = tmp_path / "bad"
-    shutil.copytree(out, bad)
-    shard = next(bad.glob("*.safetensors"))
-    t = load_file(shard)
-    key = "model.layers.0.mlp.down_proj.weight.qs"
-    t[key] = t[key][:, :-32].contiguous()
-    save_file(t, str(shard))
+    bad, key = _with_a_truncated_matrix(out, tmp_path / "bad")
     tensors = CheckpointTensors(bad)
     try:
         with pytest.raises(CheckpointError, match=rf"quantized tensor '{key}' does not match"):

@@ -34,7 +34,7 @@ import torch
 from ..errors import Qwen35Error
 from .onnx_graph import MS_DOMAIN, GraphModel, cache_spec, gated_delta_onnx, graph_weights
 from .onnx_quant import IR_VERSION, POLICIES, quantize
-from .onnx_weights import CheckpointWeights, Maker, ModelWeights, Param, Recipe, shape_of
+from .onnx_weights import Maker, ModelWeights, Param, Recipe, shape_of
 
 OPSETS = range(18, 24)  # what torch's exporter emits and onnxruntime(-web) 1.31+ runs
 DATA_FILE = "model.onnx.data"
@@ -68,7 +68,9 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
                           "graphs would have to dequantize)")
     if not (src / "tokenizer.json").is_file():  # before minutes of export
         raise ExportError(f"{src}: no tokenizer.json to put beside the graphs")
-    source = CheckpointWeights(src)
+    from ..weights import CheckpointTensors
+
+    source = CheckpointTensors(src)
     try:
         return _export(source, [(Path(out_dir), quant, None)], src, opset, progress)[0]
     finally:
@@ -171,13 +173,13 @@ def export_graph(config, shapes: dict[str, tuple[int, ...]], decode: bool, head_
            and v.const_value.size > 4096]
     if big:
         raise AssertionError(f"the ONNX exporter made constants {big} from weights")
-    weights = []
+    later = []
     for name, key in graph.keys.items():
         value = inits.pop(key)  # nodes keep reading the value; the proto gets a deferred initializer instead
         value.name = name
-        weights.append(deferred(name, shapes[name], "float32"))
+        later.append(deferred(name, shapes[name], "float32"))
     proto = ir.serde.serialize_model(model)
-    proto.graph.initializer.extend(weights)
+    proto.graph.initializer.extend(later)
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     return proto
 

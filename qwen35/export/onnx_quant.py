@@ -17,8 +17,8 @@ ACCURACY_LEVEL = 4
 GATES = ("linear_attn.in_proj_a.weight", "linear_attn.in_proj_b.weight")
 
 
-# --quant -> the bits of a matrix (parameter name, [N, K], tied, decoder depth): the layouts MatMulNBits holds exactly
-# (qwen35's q8_0 / q4_0) everywhere, and the policies. MatMulNBits has no K-quant layout, so ONNX's int4 is
+# --quant -> the bits of a matrix (parameter name, [N, K], tied, decoder depth): the layouts MatMulNBits holds
+# exactly (qwen35's q8_0 / q4_0) everywhere, and the policies. MatMulNBits has no K-quant layout, so ONNX's int4 is
 # qwen35's int4 mix in the two layouts it has: q8_0 where that gives a matrix more than 4 bits (the head, and
 # so the tied lookup that reads its blocks; every attention v_proj; the Gated DeltaNet in_proj_qkv / in_proj_z /
 # out_proj of the layers llama.cpp's Q4_K_M gives more bits), q4_0 elsewhere. Measured on the bundled model
@@ -40,19 +40,20 @@ def quantize(proto, recipes: dict, shapes: dict[str, tuple[int, ...]], quant: st
     (symmetric blocks of 32 in the bits `POLICIES[quant]` gives it: qwen35's q8_0 / q4_0 of the parameter,
     `onnx_weights.Blocks`), except the Gated DeltaNet gate projections in_proj_a / in_proj_b: Hv columns
     each, so tiny, and the decay they feed compounds error along the whole sequence (qwen35's own policies
-    keep them at 8 bits or more), and any matrix whose input dimension is not whole blocks. accuracy_level: MatMulNBits' (default ACCURACY_LEVEL;
-    0 keeps fp32 activations, exact but slow). tied: the embedding table is the head's matrix, so the lookup
+    keep them at 8 bits or more), and any matrix whose input dimension is not whole blocks. accuracy_level:
+    MatMulNBits' (default ACCURACY_LEVEL; 0 keeps fp32 activations, exact but slow). tied: the embedding table is the head's matrix, so the lookup
     then reads the head's blocks (`_embedding_from_head`) and the fp32 table leaves the graph; an untied table
     becomes 8-bit blocks of its own (`_embedding_blocks`). Rewrites `proto`, adding the recipes and shapes of
     the initializers it makes to `recipes` and `shapes`."""
     from onnx import helper
 
+    from ..quant.policy import num_layers_of
     from .onnx_graph import MS_DOMAIN, TRANSPOSED
     from .onnx_weights import Blocks, Param, Scales
 
     g = proto.graph
     level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    num_layers = 1 + max((int(n.split(".")[2]) for n in recipes if n.startswith("model.layers.")), default=-1)
+    num_layers = num_layers_of(shapes)  # the graph's names keep the parameters' "model.layers.N." prefix
     have = {t.name for t in g.initializer}
     for at, node in enumerate(list(g.node)):
         r = recipes.get(node.input[1]) if node.op_type == "MatMul" and node.input[1] in have else None

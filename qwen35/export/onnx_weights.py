@@ -1,8 +1,9 @@
 """An export's weights, made while they are written: never the whole model in memory.
 
 The graphs are traced on placeholders (onnx.py's `export_graph`); each weight initializer of the written graph
-is a recipe (`Param`, `Blocks`, `Scales`) over one parameter of a source (`CheckpointWeights`: the checkpoint's
-files, read a band of rows at a time; `ModelWeights`: a loaded model), computed when the graph writer reaches
+is a recipe (`Param`, `Blocks`, `Scales`) over one parameter of a source (`weights.CheckpointTensors`: the
+checkpoint's files, read a band of rows at a time; `ModelWeights`: a loaded model; both give `config`, `shapes`,
+`rows(name, a, b)` and `close()`), computed when the graph writer reaches
 it and written in bands of rows. Peak memory is then one band (or one transposed matrix) whatever the size of
 the model: the 0.8B's int4 export had peaked at 11.5 GiB when the fp32 model, the exporter's copy of every
 weight and the quantizer's copy were all in memory at once, which put a 4B or 9B export out of any laptop's
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,14 +68,12 @@ class ModelWeights:
     def __init__(self, model):
         self.config = model.config
         self.params = dict(model.named_parameters())
+        self.shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         for name, module in model.named_modules():  # quantized weights are objects, not parameters
             w = getattr(module, "weight", None)
             if w is not None and not isinstance(w, torch.Tensor):
                 raise ExportSourceError(f"{name}.weight is quantized ({type(w).__name__}): export a model loaded "
                                         "without quant= (export-onnx --quant quantizes for the graph)")
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.params[name].shape)
 
     def rows(self, name: str, a: int, b: int) -> torch.Tensor:
         return self.params[name].detach()[a:b]
@@ -84,32 +82,12 @@ class ModelWeights:
         pass
 
 
-class CheckpointWeights:
-    """The parameters of a checkpoint directory, read from its files a band of rows at a time (a quantized
-    checkpoint's matrices dequantized); `weights.CheckpointTensors` checks names, shapes and dtypes."""
-
-    def __init__(self, path: Path):
-        from ..weights import CheckpointTensors
-
-        self.tensors = CheckpointTensors(path)
-        self.config = self.tensors.config
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.tensors.shapes[name]
-
-    def rows(self, name: str, a: int, b: int) -> torch.Tensor:
-        return self.tensors.rows(name, a, b)
-
-    def close(self) -> None:
-        self.tensors.close()
-
-
 class ExportSourceError(Qwen35Error):
     """The weights given to an export cannot be exported."""
 
 
 def shape_of(recipe: Recipe, source) -> tuple[int, ...]:
-    shape = source.shape(recipe.param)
+    shape = source.shapes[recipe.param]
     if isinstance(recipe, Param):
         return recipe.shape(shape)
     N, K = shape
@@ -141,13 +119,13 @@ class Maker:
                 yield d.numpy().astype(recipe.dtype)
 
     def _bands(self, name: str) -> Iterator[tuple[int, int]]:
-        shape = self.source.shape(name)
+        shape = self.source.shapes[name]
         rows = max(1, BAND_BYTES // (4 * max(1, int(np.prod(shape[1:])))))
         for a in range(0, shape[0], rows):
             yield a, min(shape[0], a + rows)
 
     def _param(self, r: Param) -> Iterator[np.ndarray]:
-        shape = self.source.shape(r.param)
+        shape = self.source.shapes[r.param]
         if r.suffix == "" and len(shape) == 2:  # rows as they are: band by band (the 9B's table is 4 GB in fp32)
             for a, b in self._bands(r.param):
                 yield self.source.rows(r.param, a, b).float().numpy()
