@@ -12,6 +12,11 @@ QWEN35_BF16_MATMUL=native); and, for scale, int4 on the AVX512 kernels without e
 JSON line.
 
     python benchmarks/bench_portable.py [--march x86-64-v3] [--model benchmarks/.cache/replica-0.8b]
+    python benchmarks/bench_portable.py --gemv-only --rev HEAD~1   # this tree's GEMVs against another revision's
+
+`--rev` builds that revision's portable_kernels.cpp (with its headers) beside this tree's, for the same target,
+under another op namespace (torch.ops.qwen35_base), and times the two alternating call by call: processes here
+drift more than the kernels differ.
 """
 
 from __future__ import annotations
@@ -28,9 +33,31 @@ from pathlib import Path
 
 SCHEMES = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
-def gemv_table(reps: int) -> dict:
+def build_base(rev: str) -> None:
+    """Compile `rev`'s portable kernels as ops qwen35_base::portable_*, with the flags this tree's build uses."""
+    import subprocess
+    import tempfile
+
+    from torch.utils.cpp_extension import load
+
+    from qwen35.ops.kernels import OPENMP, _portable_flags
+
+    out = Path(tempfile.mkdtemp(prefix="qwen35-portable-base-"))
+    for name in ("portable_kernels.cpp", "portable_simd.h", "quantizers.h"):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:qwen35/ops/kernels/{name}"], check=True,
+                              capture_output=True, text=True).stdout
+        text = (text.replace("TORCH_LIBRARY_FRAGMENT(qwen35, m)", "TORCH_LIBRARY(qwen35_base, m)")
+                .replace("TORCH_LIBRARY_IMPL(qwen35, CPU, m)", "TORCH_LIBRARY_IMPL(qwen35_base, CPU, m)"))
+        (out / name).write_text(text)
+    load(name=f"qwen35_portable_base_{rev.replace('~', '_').replace('^', '_')}",
+         sources=[str(out / "portable_kernels.cpp")], extra_cflags=_portable_flags() + OPENMP,
+         extra_ldflags=OPENMP, is_python_module=False, build_directory=str(out))
+
+
+def gemv_table(reps: int, rev: str | None = None, rows_in: int = 1) -> dict:
     import torch
 
     from qwen35.ops import kernels
@@ -38,17 +65,22 @@ def gemv_table(reps: int) -> dict:
 
     assert kernels.portable_available(), kernels.portable_reason()
     avx512 = kernels.available()
+    if rev:
+        build_base(rev)
     g = torch.Generator().manual_seed(0)
     rows = {}
-    print(f"GEMV, 1 input row, {torch.get_num_threads()} threads: GB/s of weights read (median of {reps})")
-    print(f"{'shape':<14}{'scheme':<8}{'portable':>10}{'avx512':>10}")
+    cols = ["portable"] + ([rev] if rev else []) + (["avx512"] if avx512 else [])
+    print(f"GEMV, {rows_in} input row(s), {torch.get_num_threads()} threads: GB/s of weights read (median of {reps})")
+    print(f"{'shape':<14}{'scheme':<8}" + "".join(f"{c:>10}" for c in cols))
     for N, K in ((2048, 1024), (7168, 1024), (248320, 1024)):
         w = torch.randn(N, K, generator=g).bfloat16()
-        x = torch.randn(1, K, generator=g).bfloat16()
+        x = torch.randn(rows_in, K, generator=g).bfloat16()
         for s, kind in SCHEMES.items():
             qs, d = formats.quantize_fast(s, w)
             nbytes = qs.numel() * qs.element_size() + d.numel() * d.element_size()
             calls = {"portable": partial(torch.ops.qwen35.portable_gemv, x, qs, d, kind, False)}
+            if rev:
+                calls[rev] = partial(torch.ops.qwen35_base.portable_gemv, x, qs, d, kind, False)
             if avx512:
                 calls["avx512"] = partial(getattr(torch.ops.qwen35, "gemv_" + s), x, qs, d, False)
             times = {k: [] for k in calls}
@@ -62,7 +94,7 @@ def gemv_table(reps: int) -> dict:
                     times[k].append(time.perf_counter() - t)
             gbs = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
             rows[f"{N}x{K}/{s}"] = gbs
-            print(f"{f'{N}x{K}':<14}{s:<8}{gbs['portable']:>10.1f}{gbs.get('avx512', float('nan')):>10.1f}")
+            print(f"{f'{N}x{K}':<14}{s:<8}" + "".join(f"{gbs[c]:>10.1f}" for c in cols))
     return rows
 
 
@@ -86,6 +118,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--rev", help="also time this git revision's portable GEMVs, alternating with this tree's")
+    ap.add_argument("--gemv-rows", type=int, default=1, help="input rows of the GEMV table")
+    ap.add_argument("--gemv-only", action="store_true", help="the GEMV table alone, no model runs")
     args = ap.parse_args()
     march = {} if args.march == "native" else {"QWEN35_PORTABLE_MARCH": args.march}
     os.environ.update(march)
@@ -93,7 +128,11 @@ def main() -> None:
         from qwen35.commands.replica import build_replica
 
         build_replica(args.model, "0.8b")
-    result = {"bench": "portable", "march": args.march, "gemv_gbs": gemv_table(args.reps), "decode": {}}
+    result = {"bench": "portable", "march": args.march, "rev": args.rev,
+              "gemv_gbs": gemv_table(args.reps, args.rev, args.gemv_rows), "decode": {}}
+    if args.gemv_only:
+        print(json.dumps(result))
+        return
     laptop = {"QWEN35_KERNELS": "portable", **march, **(AVX2_TORCH if args.march == "x86-64-v3" else {})}
     before = {**laptop, "QWEN35_BF16_MATMUL": "native"}
     runs = {"bf16 (torch GEMV)": ([], laptop),

@@ -28,10 +28,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 VERSION = "0.3.36"  # the release this was built and measured with; its vendored llama.cpp has QWEN35
-CMAKE_ARGS = (
-    "-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX2=ON "
-    "-DGGML_FMA=ON -DGGML_F16C=ON"
-)
+# QWEN35_LLAMACPP_SIMD picks the build: "avx512" (the default: what the development machines have) or "avx2"
+# (x86-64-v3, what most laptops have: Intel Core since Alder Lake, AMD before Zen 4), to run beside qwen35's
+# portable kernels held to the same level (benchmarks/bench_portable.py --llama-cpp). Each has its own folder.
+SIMD_ARGS = {
+    "avx512": "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON",
+    "avx2": "-DGGML_AVX512=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON",
+}
+SIMD = os.environ.get("QWEN35_LLAMACPP_SIMD", "avx512")
+if SIMD not in SIMD_ARGS:
+    raise SystemExit(f"QWEN35_LLAMACPP_SIMD={SIMD!r}: expected one of {sorted(SIMD_ARGS)}")
+CMAKE_ARGS = "-DGGML_NATIVE=OFF " + SIMD_ARGS[SIMD]
 # vendor/llama.cpp/requirements/requirements-convert_hf_to_gguf.txt, except torch: the converter pins 2.11.0,
 # which here means a multi-GB CUDA download; the CPU 2.13.0 on this machine's disk does the same job.
 CONVERTER_DEPS = [

@@ -78,8 +78,24 @@ int main() {
         CHECK(same_bits(minv[j + 4 * h], static_cast<float>(mn[h]) * dmin), "q4k min %d trial %d", j + 4 * h, trial);
       }
     }
+    // q6_k: its 16 int8 sub-block scales, half h in fold4's order 8h + {0, 2, 4, 6, 1, 3, 5, 7}, times d
+    int8_t s6[16];
+    for (int i = 0; i < 16; ++i) s6[i] = mode == 1 ? -128 : mode == 2 ? 127 : static_cast<int8_t>(next());
+    const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+    for (int h = 0; h < 2; ++h) {
+      const f32x8 s = q6k_scales8(s6, h, dd);
+      for (int l = 0; l < 8; ++l)
+        CHECK(same_bits(s[l], static_cast<float>(s6[8 * h + order[l]]) * dd), "q6k scale %d half %d trial %d", l, h, trial);
+    }
+    uint64_t b8 = static_cast<uint64_t>(next()) << 32 | next();
+    if (mode == 1) b8 = ~0ull;
+    const f32x8 bf = bytes8_to_f(b8);
+    for (int l = 0; l < 8; ++l) CHECK(same_bits(bf[l], static_cast<float>((b8 >> (8 * l)) & 255)), "bytes8 lane %d", l);
     f32x8 a;
     for (int l = 0; l < 8; ++l) a[l] = static_cast<float>(next());
+    f32x8 hv;  // values of mixed sign and magnitude, so that any other order of the sum rounds differently
+    for (int l = 0; l < 8; ++l) hv[l] = static_cast<float>(static_cast<int32_t>(next())) * std::ldexp(1.f, static_cast<int>(next() % 40) - 20);
+    CHECK(same_bits(hsum(hv), ((hv[0] + hv[4]) + (hv[2] + hv[6])) + ((hv[1] + hv[5]) + (hv[3] + hv[7]))), "hsum trial %d", trial);
     for (int h = 0; h < 2; ++h) {
       const f32x8 t = twice(a, h);
       for (int l = 0; l < 8; ++l) CHECK(same_bits(t[l], a[4 * h + l % 4]), "twice lane %d", l);

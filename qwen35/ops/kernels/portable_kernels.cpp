@@ -45,11 +45,16 @@ int64_t row_bytes(int64_t kind, int64_t K) {
   return kind == 1 ? K : kind == 2 ? K / 2 : K / QK * (kind == 3 ? Q4K : Q6K);
 }
 
-// The input rows quantized per block of 32: values xq [M, K], scales dx [M, K/32], and dx times the block's sum of
-// values, dsx [M, K/32] (what q4_k's mins multiply)
+// The input rows quantized per block of 32: values xq [M, K], scales dx [M, K/32], dx times the block's sum of
+// values, dsx [M, K/32] (what q4_k's mins multiply), and the sums of the values of each 16 in the lane order fold4
+// leaves four blocks' halves in, hs [M, K/16]: for blocks 4g..4g+3, lanes 8g + k = the sum over elements 0-15 of
+// block 4g + k and 8g + 4 + k over 16-31 (the last K/32 % 4 blocks have none). Weights stored with an offset
+// (q4_0's nibbles - 8, q6_k's 6 bits - 32) multiply as unsigned bytes and take offset * hs off the exact integer
+// sums: the same integers as the signed products, without the two sign instructions a 32-weight product needs.
 struct Rows {
   std::vector<int8_t> xq;
   std::vector<float> dx, dsx;
+  std::vector<int32_t> hs;
   int64_t K = 0, nb = 0;
 };
 
@@ -60,6 +65,7 @@ void quantize_rows(const T* x, int64_t M, int64_t K, Rows& r) {
   r.xq.resize(static_cast<size_t>(M * K));
   r.dx.resize(static_cast<size_t>(M * r.nb));
   r.dsx.resize(static_cast<size_t>(M * r.nb));
+  r.hs.assign(static_cast<size_t>(M * r.nb * 2), 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < r.nb; ++b) {
       const T* v = x + m * K + b * QB;
@@ -74,6 +80,13 @@ void quantize_rows(const T* x, int64_t M, int64_t K, Rows& r) {
       for (int j = 0; j < QB; ++j) {
         q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::round(f[j] * inv))));  // C's roundf
         s += q[j];
+      }
+      if (b < r.nb / 4 * 4) {
+        int32_t h0 = 0;
+        for (int j = 0; j < 16; ++j) h0 += q[j];
+        int32_t* h = r.hs.data() + m * r.nb * 2 + b / 4 * 8 + b % 4;
+        h[0] = h0;
+        h[4] = s - h0;
       }
       r.dx[m * r.nb + b] = d;
       r.dsx[m * r.nb + b] = d * static_cast<float>(s);
@@ -91,27 +104,40 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const
   const int8_t* xq = r.xq.data();
   const float* dx = r.dx.data();
   const float* dsx = r.dsx.data();
+  const int32_t* hs = r.hs.data();
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = qs + n * rb;
     f32x8 acc[M], mins[M];
     for (int m = 0; m < M; ++m) acc[m] = mins[m] = f32x8{};
     if (kind == 1 || kind == 2) {
       const c10::Half* wd = d + n * nb;
-      auto block = [&](int64_t b) -> i8x32 {
-        if (kind == 1) return load_v<i8x32>(w + b * QB);
-        const u8x16 v = load_v<u8x16>(w + b * 16);  // byte j: element j in the low nibble, j + 16 in the high, +8
-        return (i8x32)join<u8x32>(v & 15, v >> 4) - 8;
+      auto nibbles = [&](int64_t b) -> u8x32 {  // byte j: element j in the low nibble, j + 16 in the high, +8
+        const u8x16 v = load_v<u8x16>(w + b * 16);
+        return join<u8x32>(v & 15, v >> 4);
       };
+      auto block = [&](int64_t b) -> i8x32 { return kind == 1 ? load_v<i8x32>(w + b * QB) : (i8x32)nibbles(b) - 8; };
       int64_t b = 0;
       for (; b + 4 <= nb; b += 4) {  // four blocks: their four scales side by side, twice
-        const i8x32 q0 = block(b), q1 = block(b + 1), q2 = block(b + 2), q3 = block(b + 3);
         const f32x8 ws = halves4(reinterpret_cast<const uint16_t*>(wd + b));
-        for (int m = 0; m < M; ++m) {
-          const int8_t* x = xq + m * K + b * QB;
-          const i32x8 f = fold4(dot32(q0, load_v<i8x32>(x)), dot32(q1, load_v<i8x32>(x + 32)),
-                                dot32(q2, load_v<i8x32>(x + 64)), dot32(q3, load_v<i8x32>(x + 96)));
+        auto scaled = [&](int m, i32x8 f) {
           const float* xs = dx + m * nb + b;
           acc[m] += to_f(f) * (ws * f32x8{xs[0], xs[1], xs[2], xs[3], xs[0], xs[1], xs[2], xs[3]});
+        };
+        if (kind == 1) {
+          const i8x32 q0 = block(b), q1 = block(b + 1), q2 = block(b + 2), q3 = block(b + 3);
+          for (int m = 0; m < M; ++m) {
+            const int8_t* x = xq + m * K + b * QB;
+            scaled(m, fold4(dot32(q0, load_v<i8x32>(x)), dot32(q1, load_v<i8x32>(x + 32)),
+                            dot32(q2, load_v<i8x32>(x + 64)), dot32(q3, load_v<i8x32>(x + 96))));
+          }
+        } else {  // the nibbles as stored, 8 * (sums of x) taken off: the same integers
+          const u8x32 q0 = nibbles(b), q1 = nibbles(b + 1), q2 = nibbles(b + 2), q3 = nibbles(b + 3);
+          for (int m = 0; m < M; ++m) {
+            const int8_t* x = xq + m * K + b * QB;
+            const i32x8 f = fold4(dot32u(q0, load_v<i8x32>(x)), dot32u(q1, load_v<i8x32>(x + 32)),
+                                  dot32u(q2, load_v<i8x32>(x + 64)), dot32u(q3, load_v<i8x32>(x + 96)));
+            scaled(m, f - (load_v<i32x8>(hs + m * nb * 2 + b * 2) << 3));
+          }
         }
       }
       for (; b < nb; ++b) {  // the last K / 32 % 4 blocks, one by one
@@ -152,35 +178,34 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const
         const uint8_t* blk = w + t * Q6K;
         const float dd = kq_half_at(blk + 208);
         const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-        i8x32 q[8];  // input block j = 4h + g: elements 32j..32j+31, sub-blocks 2j and 2j + 1
+        u8x32 q[8];  // input block j = 4h + g: elements 32j..32j+31, sub-blocks 2j and 2j + 1, + 32
         for (int h = 0; h < 2; ++h) {
           const u8x32 l0 = load_v<u8x32>(blk + 64 * h), l1 = load_v<u8x32>(blk + 64 * h + 32);
           const u8x32 qh = load_v<u8x32>(blk + 128 + 32 * h);
-          q[4 * h] = (i8x32)((l0 & 15) | ((qh & 3) << 4)) - 32;
-          q[4 * h + 1] = (i8x32)((l1 & 15) | (((qh >> 2) & 3) << 4)) - 32;
-          q[4 * h + 2] = (i8x32)((l0 >> 4) | (((qh >> 4) & 3) << 4)) - 32;
-          q[4 * h + 3] = (i8x32)((l1 >> 4) | (((qh >> 6) & 3) << 4)) - 32;
+          // bits 2g..2g+1 of qh moved to bits 4-5 by 16-bit shifts (x86 has no byte shift: GCC made each byte
+          // shift by 4 four byte adds); what crosses into the neighbouring byte is masked off
+          q[4 * h] = (l0 & 15) | (shl16<4>(qh) & 0x30);
+          q[4 * h + 1] = (l1 & 15) | (shl16<2>(qh) & 0x30);
+          q[4 * h + 2] = shr16<4>(l0) | (qh & 0x30);
+          q[4 * h + 3] = shr16<4>(l1) | (shr16<2>(qh) & 0x30);
         }
         // fold4 of blocks 4h..4h+3 holds sub-blocks 8h + {0, 2, 4, 6, 1, 3, 5, 7}: their scales in that order
-        const i8x16 scv = load_v<i8x16>(sc);  // built in registers: lanes stored one by one and reloaded as a
-        // vector stall on store forwarding (perf: half of q4_k's time when its scales were built so)
-        const f32x8 scale[2] = {
-            __builtin_convertvector(__builtin_shufflevector(scv, scv, 0, 2, 4, 6, 1, 3, 5, 7), f32x8) * dd,
-            __builtin_convertvector(__builtin_shufflevector(scv, scv, 8, 10, 12, 14, 9, 11, 13, 15), f32x8) * dd};
+        const f32x8 scale[2] = {q6k_scales8(sc, 0, dd), q6k_scales8(sc, 1, dd)};
         for (int m = 0; m < M; ++m) {
           const int8_t* x = xq + m * K + t * QK;
           const f32x8 s = load_v<f32x8>(dx + m * nb + t * 8);
           for (int h = 0; h < 2; ++h) {
             const int j = 4 * h;
-            const i32x8 f = fold4(dot32(q[j], load_v<i8x32>(x + 32 * j)), dot32(q[j + 1], load_v<i8x32>(x + 32 * j + 32)),
-                                  dot32(q[j + 2], load_v<i8x32>(x + 32 * j + 64)),
-                                  dot32(q[j + 3], load_v<i8x32>(x + 32 * j + 96)));
+            const i32x8 f = fold4(dot32u(q[j], load_v<i8x32>(x + 32 * j)), dot32u(q[j + 1], load_v<i8x32>(x + 32 * j + 32)),
+                                  dot32u(q[j + 2], load_v<i8x32>(x + 32 * j + 64)),
+                                  dot32u(q[j + 3], load_v<i8x32>(x + 32 * j + 96))) -
+                            (load_v<i32x8>(hs + m * nb * 2 + (t * 8 + j) * 2) << 5);  // - 32 * (sums of x)
             acc[m] += to_f(f) * (scale[h] * twice(s, h));
           }
         }
       }
     }
-    for (int m = 0; m < M; ++m) out[m * ldo + n] = hsum(acc[m]) - hsum(mins[m]);
+    for (int m = 0; m < M; ++m) out[m * ldo + n] = hsum(acc[m] - mins[m]);
   }
 }
 

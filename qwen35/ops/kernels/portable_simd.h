@@ -108,17 +108,51 @@ inline i32x8 fold4(i32x8 a, i32x8 b, i32x8 c, i32x8 e) {
   return r;
 #endif
 }
+// Bytes shifted by N bits as 16-bit lanes (x86 has no byte shift): bits that cross into the neighbouring byte are
+// the caller's to mask off; shr16<4> masks them itself (the high nibble of each byte)
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+template <int N>
+inline u8x32 shl16(u8x32 v) { return (u8x32)((u16x16)v << N); }
+template <int N>
+inline u8x32 shr16(u8x32 v) {
+  const u8x32 r = (u8x32)((u16x16)v >> N);
+  return N == 4 ? r & 15 : r;
+}
 inline f32x8 to_f(i32x8 v) { return __builtin_convertvector(v, f32x8); }
-// Q4_K's 12 scale bytes -> its 8 sub-block scales * d and 8 mins * dmin (kquants.q4_k_scales), as fp32 lanes,
-// computed in registers: lanes stored one by one and reloaded as a vector stall on store forwarding
+// 8 unsigned bytes (little-endian in a uint64) as 8 fp32 lanes
+inline f32x8 bytes8_to_f(uint64_t b) {
+#if defined(__AVX2__)
+  return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(b))));
+#else
+  typedef uint8_t u8x8 __attribute__((vector_size(8)));
+  return __builtin_convertvector(__builtin_convertvector(load_v<u8x8>(&b), i32x8), f32x8);
+#endif
+}
+// Q4_K's 12 scale bytes -> its 8 sub-block scales * d and 8 mins * dmin (kquants.q4_k_scales), as fp32 lanes.
+// The 6-bit fields are gathered four at a time in 32-bit words (bytes 0-3 hold scales 0-3 and the top 2 bits of
+// scales 4-7, bytes 4-7 the same for the mins, bytes 8-11 the low nibbles of scales and mins 4-7): per-lane
+// vector shuffles of 8-byte vectors compiled to ~40 scalar inserts a super-block, half of q4_k's GEMV time.
 inline void q4k_scales8(const uint8_t* b, float d, float dmin, f32x8& scale, f32x8& minv) {
-  const u8x16 v = load_v<u8x16>(b);  // 12 bytes wanted; the 4 after them are the block's own quants
-  const i32x8 lo = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3), i32x8);
-  const i32x8 mid = __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7), i32x8);
-  const i32x8 hi = __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 8, 9, 10, 11), i32x8);
-  const i32x8 first = {-1, -1, -1, -1, 0, 0, 0, 0};  // lanes 0-3: the 6 low bits; 4-7: a nibble and 2 high bits
-  scale = to_f((first & (lo & 63)) | (~first & ((hi & 15) | ((lo >> 6) << 4)))) * d;
-  minv = to_f((first & (mid & 63)) | (~first & ((hi >> 4) | ((mid >> 6) << 4)))) * dmin;
+  uint32_t a[3];
+  std::memcpy(a, b, 12);
+  const uint32_t sc_lo = a[0] & 0x3f3f3f3fu, sc_hi = (a[2] & 0x0f0f0f0fu) | ((a[0] >> 2) & 0x30303030u);
+  const uint32_t m_lo = a[1] & 0x3f3f3f3fu, m_hi = ((a[2] >> 4) & 0x0f0f0f0fu) | ((a[1] >> 2) & 0x30303030u);
+  scale = bytes8_to_f(sc_lo | static_cast<uint64_t>(sc_hi) << 32) * d;
+  minv = bytes8_to_f(m_lo | static_cast<uint64_t>(m_hi) << 32) * dmin;
+}
+// Q6_K's 16 int8 sub-block scales of one half h (8 of them, 8h..8h+7) in the order fold4 leaves its sub-blocks:
+// 8h + {0, 2, 4, 6, 1, 3, 5, 7}, as fp32 lanes times d
+inline f32x8 q6k_scales8(const int8_t* sc, int h, float d) {
+#if defined(__AVX2__)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc));
+  const __m128i idx = h ? _mm_setr_epi8(8, 10, 12, 14, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0)
+                        : _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 0, 0, 0, 0, 0, 0, 0, 0);
+  return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(v, idx))) * d;
+#else
+  const i8x16 v = load_v<i8x16>(sc);
+  return h ? __builtin_convertvector(__builtin_shufflevector(v, v, 8, 10, 12, 14, 9, 11, 13, 15), f32x8) * d
+           : __builtin_convertvector(__builtin_shufflevector(v, v, 0, 2, 4, 6, 1, 3, 5, 7), f32x8) * d;
+#endif
 }
 inline f32x8 twice(f32x8 v, int h) {  // lanes 4h..4h+3 of v, twice: {v[4h..4h+3], v[4h..4h+3]}
   return h ? __builtin_shufflevector(v, v, 4, 5, 6, 7, 4, 5, 6, 7) : __builtin_shufflevector(v, v, 0, 1, 2, 3, 0, 1, 2, 3);
@@ -149,10 +183,13 @@ inline f32x8 halves4(const uint16_t* p) {
   return f32x8{s0, s1, s2, s3, s0, s1, s2, s3};
 #endif
 }
+// The sum of 8 lanes as a tree, ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)): three dependent vector adds
+// where a lane-by-lane loop (fp order kept) chained eight scalar ones, ~50 cycles a GEMV output row that the
+// next row's work could not hide at K = 1024
 inline float hsum(f32x8 v) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
+  const f32x4 t = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  const f32x4 u = t + __builtin_shufflevector(t, t, 2, 3, 0, 1);
+  return u[0] + u[1];
 }
 
 }  // namespace psimd
