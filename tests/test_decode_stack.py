@@ -114,8 +114,12 @@ def test_decode_stack_names_a_state_count_mismatch(tiny_dir):
 def test_recurrent_state_is_updated_in_place_only_when_nothing_else_holds_it(tiny_dir, stacked):
     """A decode step writes the new recurrent state over the old one (ops/layer_decode.exclusive) unless a snapshot,
     a caller's reference or a view of its memory holds it: those keep the values they had."""
+    _in_place_check(tiny_dir, stacked, "decode_stack")
+
+
+def _in_place_check(tiny_dir, stacked, bound):
     model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="int4", kernels=False)
-    bind_kernels(model, True)
+    assert bound in bind_kernels(model, True).bound
     if not stacked:
         model.decode_stack = None
     cache = model.make_cache()
@@ -138,3 +142,68 @@ def test_recurrent_state_is_updated_in_place_only_when_nothing_else_holds_it(tin
         del snap, held
         model(step, cache=cache)  # states[2]'s view is still alive: its memory stays as it was
         assert torch.equal(view, before[-1])
+
+
+@pytest.fixture
+def without_avx512(monkeypatch):
+    """A CPU the AVX512 library cannot run on (most laptops): bind_kernels binds the portable library."""
+    from qwen35.ops import kernels
+
+    if not kernels.portable_available():
+        pytest.skip(f"portable kernels unavailable: {kernels.portable_reason()}")
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "this CPU lacks AVX512-BF16 or AVX512-VNNI")
+
+
+@pytest.mark.parametrize("quant", [None, "int4", "int8"])
+def test_portable_decode_stack_is_its_per_layer_path_bit_for_bit(tiny_dir, quant, without_avx512):
+    """Without AVX512 the layers' decode steps run as the portable library's whole-layer calls, the stack as one
+    (kernels/portable_layers.cpp): the stack gives the per-layer calls' logits and cache bit for bit, through
+    batches of rows at different lengths and a verify pass of several tokens."""
+    model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=False)
+    report = bind_kernels(model, True)
+    layers = model.model.layers
+    assert report.bound["portable_gdn_layer"] + report.bound["portable_attn_layer"] == len(layers), report
+    assert report.bound.get("portable_decode_stack") == 1 and model.decode_stack.portable, report
+    assert "decode_stack" not in report.bound
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 4096, (n,), generator=gen) for n in (37, 5, 20)]
+    calls = []
+    stack = model.decode_stack
+
+    def counted(*args):
+        out = stack(*args)
+        calls.append(out is not None)
+        return out
+
+    model.decode_stack = counted
+    fast, fast_cache = _run(model, prompts, 3, "bf16", verify=4)
+    assert calls == [False, True, False, True, True, True, True]
+    model.decode_stack = None
+    slow, slow_cache = _run(model, prompts, 3, "bf16", verify=4)
+    assert torch.equal(fast, slow)
+    a, b = _states(fast_cache), _states(slow_cache)
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_portable_layers_leave_a_q8_0_cache_to_the_per_op_path(tiny_dir, without_avx512):
+    """The portable attention layer reads a bf16 cache; with a q8_0 one the stack and the layers step aside and the
+    per-op path runs (the same logits as a model bound per op)."""
+    model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="int4", kernels=False)
+    bind_kernels(model, True)
+    stack = model.decode_stack
+    calls = []
+    model.decode_stack = lambda *a: calls.append(stack(*a)) or calls[-1]
+    prompts = [torch.randint(0, 4096, (n,), generator=torch.Generator().manual_seed(3)) for n in (9, 4)]
+    layered, _ = _run(model, prompts, 2, "q8_0", verify=2)
+    assert calls and all(c is None for c in calls)
+    bind_kernels(model, True, whole_layers=False)
+    assert model.decode_stack is None and not any("layer_args" in m.__dict__ for m in model.model.layers)
+    per_op, _ = _run(model, prompts, 2, "q8_0", verify=2)
+    assert torch.equal(layered, per_op)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_portable_recurrent_state_is_updated_in_place_only_when_nothing_else_holds_it(tiny_dir, stacked,
+                                                                                      without_avx512):
+    _in_place_check(tiny_dir, stacked, "portable_decode_stack")

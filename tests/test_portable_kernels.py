@@ -116,6 +116,9 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     mixers = [m for m in model.modules() if hasattr(m, "delta_rule")]
     assert report.bound["portable_delta_rule"] == report.bound["portable_gdn_step"] == len(mixers)
     assert all(m.delta_rule is fast.portable_delta_rule and m.forward.kernel == "_portable_gdn_decode" for m in mixers)
+    # and a decode step is one call of the portable library (kernels/portable_layers.cpp)
+    assert report.bound["portable_gdn_layer"] + report.bound["portable_attn_layer"] == len(model.model.layers)
+    assert report.bound["portable_decode_stack"] == 1 and model.decode_stack.portable
     for a, b in zip(objects, quantized_weights(avx512)):
         assert a.scheme == b.scheme and torch.equal(a.qs, b.qs) and torch.equal(a.d, b.d)
     ref, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
@@ -248,3 +251,34 @@ def test_gdn_decode_step_refuses_what_does_not_fit():
     with pytest.raises(RuntimeError, match="portable_gdn_decode: state, A_log, dt_bias and norm_w must be fp32"):
         torch.ops.qwen35.portable_gdn_decode(proj, conv, *args, torch.zeros(1, 4, 64, 64).bfloat16(), layer.norm.weight,
                                              2, 1e-6)
+
+
+@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (4, 4, 64), (6, 2, 40)])
+def test_attention_equals_the_reference(Hq, Hkv, D):
+    """portable_attn_decode (the portable attention layer's kernel: blocks of 256 keys merged by their maxima) against
+    ops/attention.decode_attention, the torch path's fp32 attention, row by row: rows of 1, 300 and 777 keys (one,
+    two and four blocks) in buffers longer than they are, query groups of 4, 1 and 3. Both are fp32 sums of the bf16
+    values, rounded once to bf16: at most one bf16 step apart, or fp32 noise where the output is near zero."""
+    from qwen35.ops.attention import decode_attention
+
+    g = torch.Generator().manual_seed(Hq * D)
+    lengths = [1, 300, 777]
+    q = torch.randn(len(lengths), Hq, D, generator=g).bfloat16()
+    ks = [torch.randn(Hkv, n + 5, D, generator=g).bfloat16() * 3 for n in lengths]
+    vs = [torch.randn(Hkv, n + 5, D, generator=g).bfloat16() for n in lengths]
+    out = torch.ops.qwen35.portable_attn_decode(q, ks, vs, lengths, D**-0.5)
+    for b, n in enumerate(lengths):
+        ref = decode_attention(q[b : b + 1, :, None].float(), ks[b][None, :, :n].float(), vs[b][None, :, :n].float(),
+                               D**-0.5)[0, :, 0]
+        err = (out[b].float() - ref).abs()
+        assert (err <= ref.abs() * 2**-8 + 1e-5 * vs[b].float().abs().max()).all(), err.max()
+
+
+def test_attention_names_bad_buffers():
+    q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
+    k = torch.zeros(2, 10, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="row 0's buffers"):
+        torch.ops.qwen35.portable_attn_decode(q, [k], [k], [11], 0.125)  # more keys than the buffer holds
+    k3 = torch.zeros(3, 10, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="4 query heads over 3 KV heads"):
+        torch.ops.qwen35.portable_attn_decode(q, [k3], [k3], [5], 0.125)

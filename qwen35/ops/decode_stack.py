@@ -26,17 +26,21 @@ class DecodeStack:
     """The constant arguments of every layer of `model.model.layers`, each bound to a whole-layer kernel
     (bind_kernels builds one only then), held by a C++ DecodePlan."""
 
-    def __init__(self, model):
+    def __init__(self, model, portable: bool = False):
         self.layers = list(model.model.layers)
-        self.plan = torch.classes.qwen35.DecodePlan()
+        # the portable library's plan and op where the AVX512 one cannot load (kernels/portable_layers.cpp)
+        self.portable = portable
+        self.plan = (torch.classes.qwen35.PortableDecodePlan if portable else torch.classes.qwen35.DecodePlan)()
+        self.op = torch.ops.qwen35.portable_decode_stack if portable else torch.ops.qwen35.decode_stack
+        prefix = "portable_" if portable else ""
         self.gdn, self.attn = [], []  # layer indices of each kind, in order
         for i, layer in enumerate(self.layers):
             kind = getattr(layer.forward, "kernel", None)
-            if kind == "gdn_layer_decode":
+            if kind == prefix + "gdn_layer_decode":
                 pre, mid, post = layer.layer_args
                 self.plan.add_gdn(*pre, *mid, *post)
                 self.gdn.append(i)
-            elif kind == "attn_layer_decode":
+            elif kind == prefix + "attn_layer_decode":
                 pre, post = layer.layer_args
                 self.plan.add_attn(*pre, *post)
                 self.attn.append(i)
@@ -50,6 +54,8 @@ class DecodeStack:
         if not layer_decoding(x, states[0], ctx) or any(
                 m._forward_hooks or m._forward_pre_hooks for m in self.layers):
             return None
+        if self.portable and any(states[i].kv_cache == "q8_0" for i in self.attn):
+            return None  # the portable attention layers take a bf16 cache; a q8_0 one runs per op there
         B, T, H = x.shape
         gdn = [states[i] for i in self.gdn]
         in_place = [T == 1 and exclusive(s) for s in gdn]
@@ -62,7 +68,7 @@ class DecodeStack:
             k_scale += ks
             v_scale += vs
         cos, sin = rope_rows(ctx.rope)
-        out, convs, recs = torch.ops.qwen35.decode_stack.default(
+        out, convs, recs = self.op.default(
             self.plan, x.reshape(B * T, H).contiguous(), [s.conv.contiguous() for s in gdn],
             [s.recurrent.contiguous() for s in gdn], cos, sin, k_buf, v_buf, k_scale, v_scale,
             [r.length for r in cache.rows], in_place)

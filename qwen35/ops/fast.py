@@ -100,10 +100,11 @@ def _plain_bf16(w) -> bool:
 _NO_SCALES = torch.empty(0)
 
 
-def _packed(w) -> tuple[list[torch.Tensor], list[int]] | None:
+def _packed(w, portable: bool = False) -> tuple[list[torch.Tensor], list[int]] | None:
     """w as the whole-layer kernels take a matrix: (data, scales) per part and each part's kind, parts
     stacked along N (a fused group stored differently per member); None where a part is something else
-    (fp32, a layout the layer kernels don't run, a quantized weight without its kernels)."""
+    (fp32, a layout the layer kernels don't run, a quantized weight without its kernels: the AVX512 ones, or
+    with portable=True the portable ones, whose bf16 GEMV takes rows of a multiple of 8)."""
     from ..quant.formats import (
         KERNEL_CODES,  # the quantized layouts the whole-layer kernels run, 0 being bf16
     )
@@ -113,11 +114,11 @@ def _packed(w) -> tuple[list[torch.Tensor], list[int]] | None:
     data, kinds = [], []
     for p in (w.parts if isinstance(w, StackedWeight) else [w]):
         p = p.weight if isinstance(p, GemvWeight) else p
-        if _plain_bf16(p):
+        if _plain_bf16(p) and not (portable and p.shape[1] % 8):
             data += [p, _NO_SCALES]
             kinds.append(0)
-        elif (isinstance(p, QuantizedWeight) and p.kernels and p.scheme in KERNEL_CODES and p.qs.is_contiguous()
-              and p.d.is_contiguous()):
+        elif (isinstance(p, QuantizedWeight) and (p.portable if portable else p.kernels) and p.scheme in KERNEL_CODES
+              and p.qs.is_contiguous() and p.d.is_contiguous()):
             data += [p.qs, p.d]
             kinds.append(KERNEL_CODES[p.scheme])
         else:
@@ -237,6 +238,8 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
                 if _portable_gdn_fits(m) and model.dtype == torch.bfloat16:
                     _override(m, _portable_gdn_decode)  # the whole decode step after the projection
                     report.add("portable_gdn_step")
+            if whole_layers and model.dtype == torch.bfloat16 and model.device.type == "cpu":
+                _bind_portable_layers(model, report)
             return report
         return KernelReport(False, why)
     if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float32):
@@ -303,6 +306,40 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
     return report
 
 
+def _bind_portable_layers(model, report: KernelReport) -> None:
+    """Where the AVX512 library cannot load: every decoder layer whose pieces fit runs its decode step as one call
+    of the portable library (portable_decode_gdn_layer / portable_decode_attn_layer, kernels/portable_layers.cpp),
+    and the whole stack as one call when all do; the mixers keep their per-op portable forms for the calls the
+    layers leave (prompts, a q8_0 KV cache in attention layers)."""
+    from ..model.attention import GatedAttention
+    from ..model.deltanet import GatedDeltaNet
+    from .layer_decode import portable_attn_layer_decode, portable_gdn_layer_decode
+
+    for layer in model.model.layers:
+        mixer = layer.mixer
+        norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        adapted = any(hasattr(mod, "lora_A") for mod in layer.modules())  # LoRA: see bind_kernels
+        mlp = _mlp_weights(layer.mlp, portable=True) if norms and not adapted else None
+        if isinstance(mixer, GatedDeltaNet) and _portable_gdn_fits(mixer):
+            mats = mlp and [_packed(mixer._in_proj, portable=True), _packed(mixer.out_proj.weight, portable=True)]
+            if mats and all(mats):
+                layer.layer_args = gdn_layer_args(layer, (*mats, *mlp))
+                _override(layer, portable_gdn_layer_decode)
+                report.add("portable_gdn_layer")
+        elif isinstance(mixer, GatedAttention) and _portable_attn_fits(mixer, model.config.rotary_dim):
+            mats = mlp and mixer._qkv is not None and [_packed(mixer._qkv, portable=True),
+                                                       _packed(mixer.o_proj.weight, portable=True)]
+            if mats and all(mats):
+                layer.layer_args = attn_layer_args(layer, (*mats, *mlp))
+                _override(layer, portable_attn_layer_decode)
+                report.add("portable_attn_layer")
+    if all("layer_args" in layer.__dict__ for layer in model.model.layers):
+        from .decode_stack import DecodeStack
+
+        model.decode_stack = DecodeStack(model, portable=True)
+        report.add("portable_decode_stack")
+
+
 # -- eligibility: the kernels' compiled-in shapes, checked once at bind time -------------------------
 
 def _fp32(*ts) -> bool:
@@ -320,17 +357,23 @@ def _portable_gdn_fits(m) -> bool:
     return _fp32(m.A_log, m.dt_bias, m.norm.weight) and m._in_proj is not None and m.kernel_size >= 2
 
 
+def _portable_attn_fits(m, rotary_dim: int) -> bool:
+    """portable_decode_attn_layer: any grouping, head sizes the 8-lane loops take, fp32 q/k norms."""
+    return (_fp32(m.q_norm.weight, m.k_norm.weight) and m.head_dim % 8 == 0 and m.num_heads % m.num_kv_heads == 0
+            and rotary_dim % 2 == 0 and rotary_dim <= m.head_dim)
+
+
 def _attn_fits(m, rotary_dim: int) -> bool:
     groups = m.num_heads // m.num_kv_heads
     return (_fp32(m.q_norm.weight, m.k_norm.weight) and m.head_dim % 32 == 0 and m.head_dim <= 512
             and groups in (1, 2, 4, 8) and rotary_dim % 2 == 0 and rotary_dim <= m.head_dim)
 
 
-def _mlp_weights(mlp):
+def _mlp_weights(mlp, portable: bool = False):
     """The MLP's (gate|up, down) as the layer kernels take them, or None where they can't."""
     if mlp._gate_up is None or mlp.gate_proj.weight.shape[0] % 16:
         return None
-    mats = _packed(mlp._gate_up), _packed(mlp.down_proj.weight)
+    mats = _packed(mlp._gate_up, portable), _packed(mlp.down_proj.weight, portable)
     return mats if all(mats) else None
 
 

@@ -52,15 +52,17 @@ def exclusive(state) -> bool:
     return not state.keep_steps and sys.getrefcount(state.recurrent) == 2
 
 
-def gdn_layer_decode(layer, x, state=None, ctx=None):
-    """A whole Gated DeltaNet decoder layer's decode step in one C++ call (decode_gdn_layer); its matrices
-    (bf16 or quantized, packed once at bind time) are in layer.layer_args."""
+def gdn_layer_decode(layer, x, state=None, ctx=None, portable: bool = False):
+    """A whole Gated DeltaNet decoder layer's decode step in one C++ call (decode_gdn_layer, or
+    portable_decode_gdn_layer on a CPU without AVX512); its matrices (bf16 or quantized, packed once at bind time)
+    are in layer.layer_args."""
     if not layer_decoding(x, state, ctx):
         return None
     pre, mid, post = layer.layer_args
     B, T, H = x.shape
     in_place = T == 1 and exclusive(state)
-    out, convs, recs = torch.ops.qwen35.decode_gdn_layer.default(
+    op = torch.ops.qwen35.portable_decode_gdn_layer if portable else torch.ops.qwen35.decode_gdn_layer
+    out, convs, recs = op.default(
         x.reshape(B * T, H).contiguous(), *pre, state.conv.contiguous(), *mid, state.recurrent.contiguous(), *post,
         in_place)
     state.take(convs, recs)
@@ -84,16 +86,27 @@ def attn_layer_args(layer, weights) -> tuple[tuple, tuple]:
              layer.input_layernorm.eps))
 
 
-def attn_layer_decode(layer, x, state=None, ctx=None):
-    """A whole gated-attention decoder layer's decode step in one C++ call (decode_attn_layer): the new key
-    and value go straight into each row's buffer at its length (quantized on write for a q8_0 cache)."""
-    if not layer_decoding(x, state, ctx):
+def attn_layer_decode(layer, x, state=None, ctx=None, portable: bool = False):
+    """A whole gated-attention decoder layer's decode step in one C++ call (decode_attn_layer, or
+    portable_decode_attn_layer on a CPU without AVX512, which takes a bf16 cache: a q8_0 one runs per op there):
+    the new key and value go straight into each row's buffer at its length (quantized on write for a q8_0
+    cache)."""
+    if not layer_decoding(x, state, ctx) or (portable and state.kv_cache == "q8_0"):
         return None
     pre, post = layer.layer_args
     B, T, H = x.shape
     bufs = state.buffers(T)
     cos, sin = rope_rows(ctx.rope)
-    out = torch.ops.qwen35.decode_attn_layer.default(
+    op = torch.ops.qwen35.portable_decode_attn_layer if portable else torch.ops.qwen35.decode_attn_layer
+    out = op.default(
         x.reshape(B * T, H).contiguous(), *pre, cos, sin, [b.k for b in bufs], [b.v for b in bufs],
         *kv_scales(state, bufs), [r.length for r in state.rows], *post)
     return out.view(B, T, H)
+
+
+def portable_gdn_layer_decode(layer, x, state=None, ctx=None):
+    return gdn_layer_decode(layer, x, state, ctx, portable=True)
+
+
+def portable_attn_layer_decode(layer, x, state=None, ctx=None):
+    return attn_layer_decode(layer, x, state, ctx, portable=True)

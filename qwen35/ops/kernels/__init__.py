@@ -32,7 +32,7 @@ SOURCES = [SOURCE] + [Path(__file__).with_name(n) for n in ("quant_kernels.cpp",
 # without the flag every parallel_for here silently runs on one thread (measured: 101% CPU on 2 cores).
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
          "-fno-math-errno"]
-HEADERS = [Path(__file__).with_name(n) for n in ("quant_common.h", "quantizers.h")]  # included by the sources: hashed with them
+HEADERS = [Path(__file__).with_name(n) for n in ("quant_common.h", "quantizers.h", "layer_steps.h", "decode_plan.h")]  # included by the sources: hashed with them
 OPENMP = ["-fopenmp"]  # linked: resolves to the libgomp.so.1 torch already loaded (same soname), one runtime
 
 _lock = threading.Lock()
@@ -161,8 +161,9 @@ def _load() -> tuple[bool, str]:
     return _build("qwen35_cpu_kernels", SOURCES, HEADERS, FLAGS, "kernels")
 
 
-PORTABLE_SOURCE = Path(__file__).with_name("portable_kernels.cpp")
-PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "portable_simd.h")]
+PORTABLE_SOURCES = [Path(__file__).with_name(n) for n in ("portable_kernels.cpp", "portable_layers.cpp")]
+PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "portable_simd.h", "layer_steps.h",
+                                                          "decode_plan.h")]
 _portable: dict[str, object] = {}
 
 
@@ -198,7 +199,7 @@ def _load_portable() -> tuple[bool, str]:
     # -march=native code is this CPU's: the build is named after the CPU's features too, so a home directory
     # shared by two machines never hands one the other's instructions
     key = " ".join(flags + sorted(cpu_flags())).encode()
-    return _build("qwen35_portable", [PORTABLE_SOURCE], PORTABLE_HEADERS, flags, "portable kernels", key)
+    return _build("qwen35_portable", PORTABLE_SOURCES, PORTABLE_HEADERS, flags, "portable kernels", key)
 
 
 def portable_reason() -> str | None:

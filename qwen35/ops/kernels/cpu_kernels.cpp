@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "layer_steps.h"
 #include "quant_common.h"
 
 namespace {
@@ -112,34 +113,8 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, bool out_fp32) {
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
-// RMSNorm over the last dim: y = x * rsqrt(mean(x^2) + eps) * (add_one ? 1 + w : w), computed in fp32.
-template <typename T>
-void rmsnorm_impl(const T* x, const float* w, T* y, int64_t rows, int64_t D, double eps, bool add_one) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * D;
-      T* yr = y + r * D;
-      float ss = 0.f;
-      for (int64_t d = 0; d < D; ++d) { const float v = to_f(xr[d]); ss += v * v; }
-      const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
-      for (int64_t d = 0; d < D; ++d) yr[d] = static_cast<T>(to_f(xr[d]) * inv * (add_one ? 1.f + w[d] : w[d]));
-    }
-  });
-}
-
-at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& w, double eps, bool add_one) {
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.scalar_type() == at::kFloat, "rmsnorm: layout");
-  const int64_t D = x.size(-1), rows = x.numel() / D;
-  TORCH_CHECK(w.numel() == D, "rmsnorm: weight size");
-  at::Tensor y = at::empty_like(x);
-  if (x.scalar_type() == at::kBFloat16)
-    rmsnorm_impl(x.data_ptr<c10::BFloat16>(), w.data_ptr<float>(), y.data_ptr<c10::BFloat16>(), rows, D, eps, add_one);
-  else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "rmsnorm: bf16 or fp32");
-    rmsnorm_impl(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rows, D, eps, add_one);
-  }
-  return y;
-}
+// RMSNorm: layer_steps.h (both libraries run it)
+using qwen35_steps::rmsnorm;
 
 // ---- AVX512 helpers ----
 inline __m512 bf16x16_to_f32(const c10::BFloat16* p) {
@@ -646,27 +621,8 @@ std::tuple<at::Tensor, at::Tensor> conv_silu(const at::Tensor& x, const at::Tens
 
 // ---------------------------------------------------------------------------------------------------
 // Whole decoder layers for decode (one token per sequence), so a decode step makes one call per layer
-// instead of ~20 small ops from Python. They chain the kernels above; the math and rounding are those
+// instead of ~20 small ops from Python: layer_steps.h, on the kernels above; the math and rounding are those
 // of the per-op fast path, which is tested against the torch reference.
-
-// a + b for bf16 tensors of one shape (fp32 add, one rounding, like torch)
-at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor out = at::empty_like(a);
-  const auto* ap = a.data_ptr<c10::BFloat16>();
-  const auto* bp = b.data_ptr<c10::BFloat16>();
-  auto* op = out.data_ptr<c10::BFloat16>();
-  for (int64_t i = 0; i < a.numel(); ++i) op[i] = static_cast<c10::BFloat16>(to_f(ap[i]) + to_f(bp[i]));
-  return out;
-}
-
-// A projection as the whole-layer kernels take it: parts stacked along N (a fused group whose members are
-// stored differently), each as (data, scales) with a kind: 0 = bf16 matrix (scales unused), 1 = q8_0,
-// 2 = q4_0 (quant_kernels.cpp), 3 = q4_k, 4 = q6_k (quant_k_kernels.cpp). The same kernels, and so the same
-// rounding, as the per-op path's weight objects (ops/fast.py GemvWeight, quant/weight.py QuantizedWeight).
-struct Matrix {
-  at::TensorList parts;  // data0, scales0, data1, scales1, ...
-  at::IntArrayRef kinds;
-};
 
 }  // namespace
 namespace qwen35_quant {
@@ -677,207 +633,60 @@ void gemv_k_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const 
 }
 namespace {
 
-// x [M, K] bf16 -> [M, N] bf16, N the parts' rows together
-at::Tensor matmul(const at::Tensor& x, const Matrix& w) {
-  TORCH_CHECK(static_cast<int64_t>(w.parts.size()) == 2 * static_cast<int64_t>(w.kinds.size()) && !w.kinds.empty(),
-              "layer kernel: a matrix is (data, scales) per kind");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "layer kernel: bf16 rows");
-  int64_t N = 0;
-  for (size_t i = 0; i < w.kinds.size(); ++i) N += w.parts[2 * i].size(0);
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor out = at::empty({M, N}, x.options());
-  auto* op = out.data_ptr<c10::BFloat16>();
-  int64_t col = 0;
-  for (size_t i = 0; i < w.kinds.size(); ++i) {
-    const at::Tensor& data = w.parts[2 * i];
-    const int64_t n = data.size(0);
-    if (w.kinds[i] == 0) {
-      TORCH_CHECK(data.scalar_type() == at::kBFloat16 && data.is_contiguous() && data.size(1) == K,
-                  "layer kernel: bf16 part");
-      gemv_all<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), K, data.data_ptr<c10::BFloat16>(), M, n, K, op + col, N);
-    } else {
-      TORCH_CHECK(w.kinds[i] >= 1 && w.kinds[i] <= 4, "layer kernel: unknown matrix kind ", w.kinds[i]);
-      for (int64_t m0 = 0; m0 < M; m0 += 8) {  // the quantized GEMVs take up to 8 rows at a time
-        const at::Tensor xm = x.narrow(0, m0, std::min<int64_t>(8, M - m0));
-        if (w.kinds[i] <= 2)
-          qwen35_quant::gemv_into(w.kinds[i], xm, data, w.parts[2 * i + 1], op + m0 * N + col, N);
-        else
-          qwen35_quant::gemv_k_into(w.kinds[i], xm, data, w.parts[2 * i + 1], op + m0 * N + col, N);
-      }
-    }
-    col += n;
+// The AVX512 library's kernels, as layer_steps.h's layers take them
+struct Avx512Ops {
+  static void gemv_bf16_into(const at::Tensor& x, const at::Tensor& w, c10::BFloat16* out, int64_t ldo) {
+    const int64_t K = x.size(1);
+    gemv_all<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), K, w.data_ptr<c10::BFloat16>(), x.size(0), w.size(0), K, out,
+                            ldo);
   }
-  return out;
-}
-
-// x + down(silu(gate(n)) * up(n)), n = rmsnorm(x)
-at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& ln, const Matrix& w_gate_up, const Matrix& w_down,
-                        double eps) {
-  at::Tensor h = rmsnorm(x, ln, eps, true);
-  at::Tensor a = silu_mul(matmul(h, w_gate_up));
-  return add_bf16(x, matmul(a, w_down));
-}
+  static void gemv_quant_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                              c10::BFloat16* out, int64_t ldo) {
+    if (kind <= 2)
+      qwen35_quant::gemv_into(kind, x, qs, d, out, ldo);
+    else
+      qwen35_quant::gemv_k_into(kind, x, qs, d, out, ldo);
+  }
+  static at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(
+      const at::Tensor& proj, const at::Tensor& conv_state, const at::Tensor& conv_w, const at::Tensor& A_log,
+      const at::Tensor& dt_bias, const at::Tensor& state, const at::Tensor& norm_w, int64_t Hk, double eps,
+      bool in_place) {
+    return gdn_decode_impl(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps, in_place);
+  }
+  static at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::TensorList kd,
+                                at::TensorList vd, at::IntArrayRef lengths, double scale) {
+    return attn_decode_impl(q, k, v, kd, vd, lengths, scale);
+  }
+  static void quantize_kv_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d) {
+    qwen35_kv::quantize_row(x, D, q, d);
+  }
+};
 
 }  // namespace
 
-// The two whole-layer decode steps, named outside this file's anonymous namespace so decode_stack.cpp (which
-// runs a model's layers in one call) calls them directly.
+// The two whole-layer decode steps (layer_steps.h on this library's kernels), named outside this file's anonymous
+// namespace so decode_stack.cpp (which runs a model's layers in one call) calls them directly.
 namespace qwen35_layers {
 
-// Gated DeltaNet layer: x [B*T, H] bf16, T tokens per row in row order (b, t) -> (x', conv states, recurrent
-// states after each of the T tokens). T > 1 is a speculative verify pass (or a short prompt): the matrices are
-// read once for all B*T rows, the recurrence steps token by token through the same gdn_decode as T = 1, so
-// every token's result equals what T separate decode steps give, and the cache can land on any position.
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_gdn_layer(
     const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in, const at::Tensor& conv_state,
     const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
     const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
     at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
     double eps, bool in_place) {
-  const int64_t B = state.size(0), T = x.size(0) / B;
-  TORCH_CHECK(T >= 1 && x.size(0) == B * T, "decode_gdn_layer: x holds T tokens for each of the state's rows");
-  at::Tensor h = rmsnorm(x, ln1, eps, true);
-  at::Tensor proj = matmul(h, {w_in, k_in});
-  std::vector<at::Tensor> convs, recs;
-  at::Tensor o;
-  if (T == 1) {
-    // in place only where no other tensor shares the state's memory (a view), whatever the caller checked
-    const bool own = in_place && state.storage().use_count() == 1;
-    auto [o1, conv, rec] = gdn_decode_impl(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps, own);
-    o = o1;
-    convs.push_back(conv);
-    recs.push_back(rec);
-  } else {
-    const int64_t P = proj.size(1);
-    at::Tensor conv = conv_state, rec = state;
-    std::vector<at::Tensor> outs;
-    for (int64_t t = 0; t < T; ++t) {
-      at::Tensor pt = proj.view({B, T, P}).select(1, t).contiguous();
-      auto [ot, c2, r2] = gdn_decode(pt, conv, conv_w, A_log, dt_bias, rec, norm_w, Hk, eps);
-      conv = c2;
-      rec = r2;
-      outs.push_back(ot);
-      convs.push_back(c2);
-      recs.push_back(r2);
-    }
-    const int64_t Vd = outs[0].size(1);
-    o = at::empty({B * T, Vd}, x.options());
-    auto* op = o.data_ptr<c10::BFloat16>();
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t b = 0; b < B; ++b)
-        std::memcpy(op + (b * T + t) * Vd, outs[t].data_ptr<c10::BFloat16>() + b * Vd, Vd * sizeof(c10::BFloat16));
-  }
-  at::Tensor x1 = add_bf16(x, matmul(o, {w_out, k_out}));
-  return {mlp_residual(x1, ln2, {w_gate_up, k_gate_up}, {w_down, k_down}, eps), convs, recs};
+  return qwen35_steps::gdn_layer<Avx512Ops>(x, ln1, w_in, k_in, conv_state, conv_w, A_log, dt_bias, state, norm_w,
+                                            w_out, k_out, ln2, w_gate_up, k_gate_up, w_down, k_down, Hk, eps, in_place);
 }
 
-// Gated attention layer, x [B*T, H]: T tokens per row, in row order (b, t). qkv projection rows per token:
-// [q0 g0 q1 g1 ... | k heads | v heads]. Token t of row b has its key and value written into the row's own cache
-// buffers k_buf[b], v_buf[b] [Hkv, cap_b, D] at slot pos[b] + t (capacity reserved by the caller), then its
-// query attends to slots [0, pos[b] + t] (each token as a row of its own in attn_decode: exactly what T
-// decode steps compute). cos/sin: [1, B or B*T (row order), R] rows fp32, or T rows shared by every row.
 at::Tensor decode_attn_layer(
     const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv, const at::Tensor& q_norm,
     const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
-    at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale, at::IntArrayRef pos, at::TensorList w_o, at::IntArrayRef k_o, const at::Tensor& ln2,
-    at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq,
-    double eps) {
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "decode_attn_layer: layout");
-  const int64_t B = static_cast<int64_t>(k_buf.size()), R = cos.size(-1), T = x.size(0) / std::max<int64_t>(B, 1);
-  TORCH_CHECK(B >= 1 && x.size(0) == B * T && static_cast<int64_t>(v_buf.size()) == B &&
-              static_cast<int64_t>(pos.size()) == B, "decode_attn_layer: one buffer and position per row");
-  TORCH_CHECK(cos.size(0) == 1 || cos.size(0) == B * T || cos.size(0) == T, "decode_attn_layer: rotary rows");
-  const int64_t Hkv = k_buf[0].size(0), D = k_buf[0].size(2);
-  const bool q8 = !k_scale.empty();  // a q8_0 cache: int8 buffers and their fp16 scales (kv_storage.py)
-  TORCH_CHECK(!q8 || (static_cast<int64_t>(k_scale.size()) == B && static_cast<int64_t>(v_scale.size()) == B),
-              "decode_attn_layer: one scale buffer per row");
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(k_buf[b].is_contiguous() && v_buf[b].is_contiguous() && pos[b] + T <= k_buf[b].size(1) &&
-                v_buf[b].sizes() == k_buf[b].sizes(), "decode_attn_layer: buffers");
-    TORCH_CHECK(k_buf[b].scalar_type() == (q8 ? at::kChar : at::kBFloat16), "decode_attn_layer: buffer dtype");
-    if (q8)
-      TORCH_CHECK(k_scale[b].is_contiguous() && v_scale[b].is_contiguous() && k_scale[b].scalar_type() == at::kHalf &&
-                  v_scale[b].scalar_type() == at::kHalf && k_scale[b].size(1) == k_buf[b].size(1) &&
-                  k_scale[b].size(2) * 32 == k_buf[b].size(2), "decode_attn_layer: scales");
-  }
-  TORCH_CHECK(R <= D && R % 2 == 0, "decode_attn_layer: sizes");
-  at::Tensor h = rmsnorm(x, ln1, eps, true);
-  at::Tensor qkv = matmul(h, {w_qkv, k_qkv});  // [B, 2*Hq*D + 2*Hkv*D]
-  const int64_t P = qkv.size(1);
-  TORCH_CHECK(P == 2 * Hq * D + 2 * Hkv * D, "decode_attn_layer: projection size");
-  const int64_t BT = B * T;
-  at::Tensor q = at::empty({BT, Hq, D}, x.options());
-  const auto* qp = qkv.data_ptr<c10::BFloat16>();
-  auto* qo = q.data_ptr<c10::BFloat16>();
-  const float* qn = q_norm.data_ptr<float>();
-  const float* kn = k_norm.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  std::vector<float> t(D), r(D);
-  std::vector<c10::BFloat16> krow(D);  // a q8_0 cache: the normed, rotated key before it is quantized
-  // zero-centred RMSNorm (rounded to bf16, as the per-op path) then partial NeoX RoPE (rounded again)
-  auto norm_rope = [&](const c10::BFloat16* src, const float* w, const float* c, const float* sn,
-                       c10::BFloat16* dst) {
-    float ss = 0.f;
-    for (int64_t d = 0; d < D; ++d) ss += to_f(src[d]) * to_f(src[d]);
-    const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
-    for (int64_t d = 0; d < D; ++d) t[d] = to_f(static_cast<c10::BFloat16>(to_f(src[d]) * inv * (1.f + w[d])));
-    const int64_t half = R / 2;
-    for (int64_t d = 0; d < R; ++d) {
-      const float rot = d < half ? -t[d + half] : t[d - half];
-      dst[d] = static_cast<c10::BFloat16>(t[d] * c[d] + rot * sn[d]);
-    }
-    for (int64_t d = R; d < D; ++d) dst[d] = static_cast<c10::BFloat16>(t[d]);
-  };
-  std::vector<at::Tensor> ks, vs, kds, vds;  // token (b, t) reads row b's buffers over its first pos[b] + t + 1 slots
-  std::vector<int64_t> lengths;
-  for (int64_t i = 0; i < BT; ++i) {
-    const int64_t b = i / T, t = i % T, slot = pos[b] + t;
-    const c10::BFloat16* row = qp + i * P;
-    const int64_t crow = cos.size(0) == 1 ? 0 : (cos.size(0) == BT ? i : t);
-    const float* c = cp + crow * R;
-    const float* sn = sp + crow * R;
-    for (int64_t hq = 0; hq < Hq; ++hq) norm_rope(row + hq * 2 * D, qn, c, sn, qo + (i * Hq + hq) * D);
-    const int64_t cap = k_buf[b].size(1);
-    if (q8) {  // quantized on write, with the reference rule (the bytes the torch path writes)
-      auto* kb = k_buf[b].data_ptr<int8_t>();
-      auto* vb = v_buf[b].data_ptr<int8_t>();
-      auto* kdp = k_scale[b].data_ptr<c10::Half>();
-      auto* vdp = v_scale[b].data_ptr<c10::Half>();
-      for (int64_t hk = 0; hk < Hkv; ++hk) {
-        const int64_t at_ = hk * cap + slot;
-        norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, krow.data());
-        qwen35_kv::quantize_row(krow.data(), D, kb + at_ * D, kdp + at_ * (D / 32));
-        qwen35_kv::quantize_row(row + 2 * Hq * D + Hkv * D + hk * D, D, vb + at_ * D, vdp + at_ * (D / 32));
-      }
-    } else {
-      auto* kb = k_buf[b].data_ptr<c10::BFloat16>();
-      auto* vb = v_buf[b].data_ptr<c10::BFloat16>();
-      for (int64_t hk = 0; hk < Hkv; ++hk) {
-        norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, kb + (hk * cap + slot) * D);
-        std::memcpy(vb + (hk * cap + slot) * D, row + 2 * Hq * D + Hkv * D + hk * D, D * sizeof(c10::BFloat16));
-      }
-    }
-    ks.push_back(k_buf[b]);
-    vs.push_back(v_buf[b]);
-    if (q8) {
-      kds.push_back(k_scale[b]);
-      vds.push_back(v_scale[b]);
-    }
-    lengths.push_back(slot + 1);
-  }
-  at::Tensor o = attn_decode_impl(q, ks, vs, kds, vds, lengths, 1.0 / std::sqrt(static_cast<double>(D)));
-  // output gate: o * sigmoid(gate), both bf16 like the per-op path
-  auto* op = o.data_ptr<c10::BFloat16>();
-  for (int64_t b = 0; b < BT; ++b)
-    for (int64_t hq = 0; hq < Hq; ++hq)
-      for (int64_t d = 0; d < D; ++d) {
-        const float g = to_f(qp[b * P + hq * 2 * D + D + d]);
-        const float sg = to_f(static_cast<c10::BFloat16>(1.f / (1.f + std::exp(-g))));
-        op[(b * Hq + hq) * D + d] = static_cast<c10::BFloat16>(to_f(op[(b * Hq + hq) * D + d]) * sg);
-      }
-  at::Tensor x1 = add_bf16(x, matmul(o.view({BT, Hq * D}), {w_o, k_o}));
-  return mlp_residual(x1, ln2, {w_gate_up, k_gate_up}, {w_down, k_down}, eps);
+    at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale, at::IntArrayRef pos, at::TensorList w_o,
+    at::IntArrayRef k_o, const at::Tensor& ln2, at::TensorList w_gate_up, at::IntArrayRef k_gate_up,
+    at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq, double eps) {
+  return qwen35_steps::attn_layer<Avx512Ops>(x, ln1, w_qkv, k_qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, k_scale,
+                                             v_scale, pos, w_o, k_o, ln2, w_gate_up, k_gate_up, w_down, k_down, Hq, eps);
 }
 
 }  // namespace qwen35_layers

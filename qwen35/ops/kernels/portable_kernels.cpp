@@ -95,11 +95,12 @@ void quantize_rows(const T* x, int64_t M, int64_t K, Rows& r) {
 
 using namespace psimd;
 
-// Rows n0..n1 of W (layout kind) times the M quantized input rows; out[m * ldo + n] in fp32. Multiply-adds may
-// fuse here (they round once, better): the tests bound the GEMV by fp32 rounding, not by bits.
-template <int M>
+// Rows n0..n1 of W (layout kind) times the M quantized input rows; out[m * ldo + n] in fp32 or rounded to bf16
+// (nearest even, as torch's .to). Multiply-adds may fuse here (they round once, better): the tests bound the GEMV
+// by fp32 rounding, not by bits.
+template <int M, typename Out>
 __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const uint8_t* qs, const c10::Half* d,
-                                                            int64_t n0, int64_t n1, const Rows& r, float* out, int64_t ldo) {
+                                                            int64_t n0, int64_t n1, const Rows& r, Out* out, int64_t ldo) {
   const int64_t K = r.K, nb = r.nb, rb = row_bytes(kind, K);
   const int8_t* xq = r.xq.data();
   const float* dx = r.dx.data();
@@ -205,7 +206,7 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const
         }
       }
     }
-    for (int m = 0; m < M; ++m) out[m * ldo + n] = hsum(acc[m] - mins[m]);
+    for (int m = 0; m < M; ++m) out[m * ldo + n] = static_cast<Out>(hsum(acc[m] - mins[m]));
   }
 }
 
@@ -219,37 +220,49 @@ void check_layout(const at::Tensor& qs, const at::Tensor& d, int64_t kind, int64
                     d.size(1) == K / QB, who, ": d must be contiguous fp16 [N, K/32], got ", d.sizes());
 }
 
-at::Tensor portable_gemv(const at::Tensor& x_, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32) {
-  TORCH_CHECK(x_.dim() == 2 && x_.size(0) >= 1, "portable_gemv: x must be [M, K] with M >= 1");
-  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 || x_.scalar_type() == at::kFloat, "portable_gemv: x must be bf16 or fp32");
-  const at::Tensor x = x_.contiguous();
+// out[m * ldo + n] = x . W^T for the M rows of x (bf16 or fp32, contiguous), 8 rows at a time: each weight
+// block read once for all of them
+template <typename Out>
+void gemv_out(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t kind, Out* o, int64_t ldo) {
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  check_layout(qs, d, kind, K, "portable_gemv");
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
   const uint8_t* q = static_cast<const uint8_t*>(qs.data_ptr());
   const c10::Half* dp = kind <= 2 ? d.data_ptr<c10::Half>() : nullptr;
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {  // 8 rows at a time: each weight block read once for all of them
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const int64_t rows = std::min<int64_t>(8, M - m0);
     Rows r;
     if (x.scalar_type() == at::kBFloat16)
       quantize_rows(x.data_ptr<c10::BFloat16>() + m0 * K, rows, K, r);
     else
       quantize_rows(x.data_ptr<float>() + m0 * K, rows, K, r);
-    float* om = o + m0 * N;
+    Out* om = o + m0 * ldo;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       switch (rows) {
-        case 1: gemv_rows<1>(kind, q, dp, n0, n1, r, om, N); break;
-        case 2: gemv_rows<2>(kind, q, dp, n0, n1, r, om, N); break;
-        case 3: gemv_rows<3>(kind, q, dp, n0, n1, r, om, N); break;
-        case 4: gemv_rows<4>(kind, q, dp, n0, n1, r, om, N); break;
-        case 5: gemv_rows<5>(kind, q, dp, n0, n1, r, om, N); break;
-        case 6: gemv_rows<6>(kind, q, dp, n0, n1, r, om, N); break;
-        case 7: gemv_rows<7>(kind, q, dp, n0, n1, r, om, N); break;
-        default: gemv_rows<8>(kind, q, dp, n0, n1, r, om, N); break;
+        case 1: gemv_rows<1>(kind, q, dp, n0, n1, r, om, ldo); break;
+        case 2: gemv_rows<2>(kind, q, dp, n0, n1, r, om, ldo); break;
+        case 3: gemv_rows<3>(kind, q, dp, n0, n1, r, om, ldo); break;
+        case 4: gemv_rows<4>(kind, q, dp, n0, n1, r, om, ldo); break;
+        case 5: gemv_rows<5>(kind, q, dp, n0, n1, r, om, ldo); break;
+        case 6: gemv_rows<6>(kind, q, dp, n0, n1, r, om, ldo); break;
+        case 7: gemv_rows<7>(kind, q, dp, n0, n1, r, om, ldo); break;
+        default: gemv_rows<8>(kind, q, dp, n0, n1, r, om, ldo); break;
       }
     });
   }
+}
+
+at::Tensor portable_gemv(const at::Tensor& x_, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32) {
+  TORCH_CHECK(x_.dim() == 2 && x_.size(0) >= 1, "portable_gemv: x must be [M, K] with M >= 1");
+  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 || x_.scalar_type() == at::kFloat, "portable_gemv: x must be bf16 or fp32");
+  const at::Tensor x = x_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
+  check_layout(qs, d, kind, K, "portable_gemv");
+  if (!out_fp32 && x.scalar_type() == at::kBFloat16) {  // rounded as it is written: what .to(bf16) gives
+    at::Tensor out = at::empty({M, N}, x.options());
+    gemv_out(x, qs, d, kind, out.data_ptr<c10::BFloat16>(), N);
+    return out;
+  }
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  gemv_out(x, qs, d, kind, out.data_ptr<float>(), N);
   return out_fp32 ? out : out.to(x.scalar_type());
 }
 
@@ -404,10 +417,14 @@ std::tuple<at::Tensor, at::Tensor> portable_delta_rule(const at::Tensor& q_, con
 inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_gdn_decode(const at::Tensor& proj, const at::Tensor& conv_state,
-                                                                   const at::Tensor& conv_w, const at::Tensor& A_log,
-                                                                   const at::Tensor& dt_bias, const at::Tensor& state,
-                                                                   const at::Tensor& norm_w, int64_t Hk, double eps) {
+// in_place: the new recurrent state is written over `state` (returned as the new state): each element of a head's
+// state is read before it is written (delta_rule_head), and heads are disjoint; the caller makes sure nothing
+// else holds it (ops/layer_decode.exclusive).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode_impl(const at::Tensor& proj, const at::Tensor& conv_state,
+                                                               const at::Tensor& conv_w, const at::Tensor& A_log,
+                                                               const at::Tensor& dt_bias, const at::Tensor& state,
+                                                               const at::Tensor& norm_w, int64_t Hk, double eps,
+                                                               bool in_place) {
   TORCH_CHECK(proj.scalar_type() == at::kBFloat16 && conv_state.scalar_type() == at::kBFloat16 &&
                   conv_w.scalar_type() == at::kBFloat16,
               "portable_gdn_decode: proj, conv_state and conv_w must be bf16");
@@ -429,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_gdn_decode(const at::Ten
               ", conv_w ", conv_w.sizes(), ", state ", state.sizes(), ", Hk ", Hk);
   const int64_t rep = Hv / Hk;
   at::Tensor new_conv = at::empty_like(conv_state);
-  at::Tensor new_state = at::empty_like(state);
+  at::Tensor new_state = in_place ? state : at::empty_like(state);
   at::Tensor out = at::empty({B, value_dim}, proj.options());
   std::vector<float> act(static_cast<size_t>(B * C));  // silu(conv), bf16-rounded
   const auto* pp = proj.data_ptr<c10::BFloat16>();
@@ -486,12 +503,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_gdn_decode(const at::Ten
   return {out, new_conv, new_state};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> portable_gdn_decode(const at::Tensor& proj, const at::Tensor& conv_state,
+                                                                   const at::Tensor& conv_w, const at::Tensor& A_log,
+                                                                   const at::Tensor& dt_bias, const at::Tensor& state,
+                                                                   const at::Tensor& norm_w, int64_t Hk, double eps) {
+  return gdn_decode_impl(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps, false);
+}
+
 std::tuple<at::Tensor, at::Tensor> portable_quantize_weights(const at::Tensor& w, int64_t bits) {
   return qfit::quantize_weights_tensor(w, bits);
 }
 at::Tensor portable_quantize_k(const at::Tensor& w, int64_t kind) { return qfit::quantize_k_tensor(w, kind); }
 
 }  // namespace
+
+// What portable_layers.cpp's whole-layer steps call (named outside the anonymous namespace)
+namespace qwen35_portable {
+void gemv_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c10::BFloat16* out,
+               int64_t ldo) {
+  check_layout(qs, d, kind, x.size(1), "portable layer");
+  gemv_out(x, qs, d, kind, out, ldo);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(const at::Tensor& proj, const at::Tensor& conv_state,
+                                                          const at::Tensor& conv_w, const at::Tensor& A_log,
+                                                          const at::Tensor& dt_bias, const at::Tensor& state,
+                                                          const at::Tensor& norm_w, int64_t Hk, double eps,
+                                                          bool in_place) {
+  return gdn_decode_impl(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps, in_place);
+}
+}  // namespace qwen35_portable
 
 TORCH_LIBRARY_FRAGMENT(qwen35, m) {
   m.def("portable_gemv(Tensor x, Tensor qs, Tensor d, int kind, bool out_fp32) -> Tensor");

@@ -1,0 +1,273 @@
+// Whole decoder layers for decode on CPUs without AVX512-BF16 / VNNI (most laptops), and the decoder stack of a
+// decode step in one call: layer_steps.h's two layer steps and decode_plan.h's plan, on the portable library's
+// kernels (portable_kernels.cpp: the quantized GEMVs, the Gated DeltaNet step) plus the two written here, a bf16
+// GEMV for matrices kept in bf16 and the decode attention over a bf16 KV cache.
+//
+// Before this a laptop ran a decode step per op from Python: on the 0.8B int4 replica held to AVX2 (2 threads)
+// ~500 small torch ops a token (norms, dtype casts, residual adds, the attention's blocks) took ~8 of its 28 ms
+// beside the GEMVs (torch.profiler). The AVX512 machines had run whole layers in C++ for a long time.
+//
+// Rounding is the per-op path's: the layer steps round where it rounds (layer_steps.h); the attention is fp32 from
+// the bf16 keys and values with one exact softmax, as ops/attention.decode_attention computes on the torch path,
+// block by block over the keys (flash-decoding: blocks of one KV head run in parallel, merged by their maxima).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "layer_steps.h"
+#include "portable_simd.h"
+
+namespace qwen35_portable {  // portable_kernels.cpp
+void gemv_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, c10::BFloat16* out,
+               int64_t ldo);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(const at::Tensor& proj, const at::Tensor& conv_state,
+                                                          const at::Tensor& conv_w, const at::Tensor& A_log,
+                                                          const at::Tensor& dt_bias, const at::Tensor& state,
+                                                          const at::Tensor& norm_w, int64_t Hk, double eps,
+                                                          bool in_place);
+}  // namespace qwen35_portable
+
+namespace {
+
+using namespace psimd;
+
+// 8 bf16 values as fp32 lanes (a bf16 is the top half of an fp32)
+inline f32x8 bf16x8(const c10::BFloat16* p) {
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  return (f32x8)(__builtin_convertvector(load_v<u16x8>(p), u32x8) << 16);
+}
+
+// sum_i a[i] * b[i] over n (a multiple of 8) bf16 values, 8 lanes at a time, then one tree sum
+__attribute__((optimize("fp-contract=fast"))) inline float dot_bf16(const float* a, const c10::BFloat16* b, int64_t n) {
+  f32x8 acc0{}, acc1{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 += load_v<f32x8>(a + i) * bf16x8(b + i);
+    acc1 += load_v<f32x8>(a + i + 8) * bf16x8(b + i + 8);
+  }
+  for (; i < n; i += 8) acc0 += load_v<f32x8>(a + i) * bf16x8(b + i);
+  return hsum(acc0 + acc1);
+}
+
+// out[m * ldo + j] = x[m] . w[j] for bf16 x [M, K], w [N, K] (K a multiple of 8): fp32 sums, rounded to bf16
+__attribute__((optimize("fp-contract=fast"))) void gemv_bf16(const at::Tensor& x, const at::Tensor& w,
+                                                            c10::BFloat16* out, int64_t ldo) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<float> xf(static_cast<size_t>(M * K));
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < M * K; ++i) xf[static_cast<size_t>(i)] = static_cast<float>(xp[i]);
+  const auto* wp = w.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        out[m * ldo + n] = static_cast<c10::BFloat16>(dot_bf16(xf.data() + m * K, wp + n * K, K));
+  });
+}
+
+constexpr int64_t kKeyBlock = 256;  // keys per block of the decode attention
+
+// One block of keys [s0, s1) of one KV head for its G query heads (fp32 q [G, D]): each query's running maximum,
+// sum of exp(score - max) and sum of exp(score - max) v, written to part [G, D + 2] as (acc..., max, sum)
+__attribute__((optimize("fp-contract=fast"))) void attend_block(const float* q, int64_t G, int64_t D,
+                                                               const c10::BFloat16* k, const c10::BFloat16* v,
+                                                               int64_t s0, int64_t s1, float scale, float* part,
+                                                               std::vector<float>& scores) {
+  const int64_t n = s1 - s0;
+  scores.resize(static_cast<size_t>(n));
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < n; ++s) {
+      scores[s] = dot_bf16(qg, k + (s0 + s) * D, D) * scale;
+      mx = std::max(mx, scores[s]);
+    }
+    float* acc = part + g * (D + 2);
+    std::fill(acc, acc + D, 0.f);
+    float sum = 0.f;
+    for (int64_t s = 0; s < n; ++s) {
+      const float p = std::exp(scores[s] - mx);
+      sum += p;
+      const c10::BFloat16* vs = v + (s0 + s) * D;
+      const f32x8 pv = f32x8{} + p;
+      for (int64_t d = 0; d < D; d += 8) {
+        f32x8 a = load_v<f32x8>(acc + d) + pv * bf16x8(vs + d);
+        std::memcpy(acc + d, &a, sizeof(a));
+      }
+    }
+    acc[D] = mx;
+    acc[D + 1] = sum;
+  }
+}
+
+// q [B, Hq, D] bf16 (normed and rotated), k[b], v[b] [Hkv, cap_b, D] bf16 of which the first lengths[b] are row
+// b's -> [B, Hq, D] bf16
+at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::TensorList kd, at::TensorList vd,
+                       at::IntArrayRef lengths, double scale) {
+  TORCH_CHECK(kd.empty() && vd.empty(), "portable decode layers: a q8_0 KV cache runs per op (bf16 caches only)");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.is_contiguous() && D % 8 == 0, "portable attention: q");
+  TORCH_CHECK(static_cast<int64_t>(k.size()) == B && static_cast<int64_t>(v.size()) == B &&
+                  static_cast<int64_t>(lengths.size()) == B, "portable attention: one buffer and length per row");
+  const int64_t Hkv = k[0].size(0), G = Hq / Hkv;
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "portable attention: ", Hq, " query heads over ", Hkv, " KV heads");
+  std::vector<float> qf(static_cast<size_t>(B * Hq * D));
+  const auto* qp = q.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < B * Hq * D; ++i) qf[static_cast<size_t>(i)] = static_cast<float>(qp[i]);
+  // work items (row, KV head, key block), each writing its own partial result
+  std::vector<int64_t> first(static_cast<size_t>(B + 1), 0);  // first[b]: row b's first block index
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(k[b].is_contiguous() && v[b].is_contiguous() && k[b].scalar_type() == at::kBFloat16 &&
+                    v[b].sizes() == k[b].sizes() && k[b].size(0) == Hkv && k[b].size(2) == D &&
+                    lengths[b] >= 1 && lengths[b] <= k[b].size(1),
+                "portable attention: row ", b, "'s buffers");
+    first[b + 1] = first[b] + (lengths[b] + kKeyBlock - 1) / kKeyBlock;
+  }
+  const int64_t per_head = first[B];  // blocks of all rows, for one KV head
+  std::vector<float> parts(static_cast<size_t>(per_head * Hkv * G * (D + 2)));
+  at::parallel_for(0, per_head * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t hk = i / per_head, blk = i % per_head;
+      const int64_t b = std::upper_bound(first.begin(), first.end(), blk) - first.begin() - 1;
+      const int64_t s0 = (blk - first[b]) * kKeyBlock, s1 = std::min(lengths[b], s0 + kKeyBlock);
+      const int64_t cap = k[b].size(1);
+      attend_block(qf.data() + (b * Hq + hk * G) * D, G, D, k[b].data_ptr<c10::BFloat16>() + hk * cap * D,
+                   v[b].data_ptr<c10::BFloat16>() + hk * cap * D, s0, s1, static_cast<float>(scale),
+                   parts.data() + i * G * (D + 2), scores);
+    }
+  });
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  auto* op = out.data_ptr<c10::BFloat16>();
+  std::vector<float> acc(static_cast<size_t>(D));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hk = 0; hk < Hkv; ++hk)
+      for (int64_t g = 0; g < G; ++g) {  // merge the row's blocks: each scaled by exp(its max - the max)
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t blk = first[b]; blk < first[b + 1]; ++blk)
+          mx = std::max(mx, parts[((hk * per_head + blk) * G + g) * (D + 2) + D]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float sum = 0.f;
+        for (int64_t blk = first[b]; blk < first[b + 1]; ++blk) {
+          const float* p = parts.data() + ((hk * per_head + blk) * G + g) * (D + 2);
+          const float w = std::exp(p[D] - mx);
+          sum += p[D + 1] * w;
+          for (int64_t d = 0; d < D; ++d) acc[d] += p[d] * w;
+        }
+        c10::BFloat16* o = op + (b * Hq + hk * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<c10::BFloat16>(acc[d] / sum);
+      }
+  return out;
+}
+
+// silu(gate) * up for gate_up [.., gate | up] bf16: silu rounded to bf16 (torch's F.silu on bf16), the product
+// rounded again
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous() && gate_up.scalar_type() == at::kBFloat16, "portable silu_mul: contiguous bf16");
+  const int64_t I2 = gate_up.size(-1), I = I2 / 2, rows = gate_up.numel() / I2;
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = I;
+  at::Tensor out = at::empty(sizes, gate_up.options());
+  const auto* g = gate_up.data_ptr<c10::BFloat16>();
+  auto* o = out.data_ptr<c10::BFloat16>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < I; ++c) {
+      const float a = static_cast<float>(g[r * I2 + c]);
+      const float s = static_cast<float>(static_cast<c10::BFloat16>(a / (1.f + std::exp(-a))));
+      o[r * I + c] = static_cast<c10::BFloat16>(s * static_cast<float>(g[r * I2 + I + c]));
+    }
+  return out;
+}
+
+// The portable library's kernels, as layer_steps.h's layers take them
+struct PortableOps {
+  static void gemv_bf16_into(const at::Tensor& x, const at::Tensor& w, c10::BFloat16* out, int64_t ldo) {
+    TORCH_CHECK(x.size(1) % 8 == 0, "portable decode layers: bf16 matrices need a multiple of 8 columns");
+    gemv_bf16(x, w, out, ldo);
+  }
+  static void gemv_quant_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                              c10::BFloat16* out, int64_t ldo) {
+    qwen35_portable::gemv_into(kind, x, qs, d, out, ldo);
+  }
+  static at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(
+      const at::Tensor& proj, const at::Tensor& conv_state, const at::Tensor& conv_w, const at::Tensor& A_log,
+      const at::Tensor& dt_bias, const at::Tensor& state, const at::Tensor& norm_w, int64_t Hk, double eps,
+      bool in_place) {
+    return qwen35_portable::gdn_decode(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps, in_place);
+  }
+  static at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::TensorList kd,
+                                at::TensorList vd, at::IntArrayRef lengths, double scale) {
+    return ::attn_decode(q, k, v, kd, vd, lengths, scale);
+  }
+  static void quantize_kv_row(const c10::BFloat16*, int64_t, int8_t*, c10::Half*) {
+    TORCH_CHECK(false, "portable decode layers: a q8_0 KV cache runs per op (bf16 caches only)");
+  }
+};
+
+}  // namespace
+
+namespace qwen35_portable_layers {
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_gdn_layer(
+    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in, const at::Tensor& conv_state,
+    const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
+    const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
+    at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
+    double eps, bool in_place) {
+  return qwen35_steps::gdn_layer<PortableOps>(x, ln1, w_in, k_in, conv_state, conv_w, A_log, dt_bias, state, norm_w,
+                                              w_out, k_out, ln2, w_gate_up, k_gate_up, w_down, k_down, Hk, eps,
+                                              in_place);
+}
+
+at::Tensor decode_attn_layer(
+    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv, const at::Tensor& q_norm,
+    const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
+    at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale, at::IntArrayRef pos, at::TensorList w_o,
+    at::IntArrayRef k_o, const at::Tensor& ln2, at::TensorList w_gate_up, at::IntArrayRef k_gate_up,
+    at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq, double eps) {
+  return qwen35_steps::attn_layer<PortableOps>(x, ln1, w_qkv, k_qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, k_scale,
+                                               v_scale, pos, w_o, k_o, ln2, w_gate_up, k_gate_up, w_down, k_down, Hq,
+                                               eps);
+}
+
+}  // namespace qwen35_portable_layers
+
+TORCH_LIBRARY_FRAGMENT(qwen35, m) {
+  m.def("portable_decode_gdn_layer(Tensor x, Tensor ln1, Tensor[] w_in, int[] k_in, Tensor conv_state, "
+        "Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, Tensor norm_w, Tensor[] w_out, int[] k_out, "
+        "Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hk, float eps, "
+        "bool in_place=False) -> (Tensor, Tensor[], Tensor[])");
+  m.def("portable_decode_attn_layer(Tensor x, Tensor ln1, Tensor[] w_qkv, int[] k_qkv, Tensor q_norm, "
+        "Tensor k_norm, Tensor cos, Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, Tensor(c!)[] k_scale, "
+        "Tensor(d!)[] v_scale, int[] pos, Tensor[] w_o, int[] k_o, Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, "
+        "Tensor[] w_down, int[] k_down, int Hq, float eps) -> Tensor");
+  m.def("portable_attn_decode(Tensor q, Tensor[] k, Tensor[] v, int[] lengths, float scale) -> Tensor");
+}
+
+namespace {
+at::Tensor portable_attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::IntArrayRef lengths,
+                                double scale) {
+  return attn_decode(q.contiguous(), k, v, {}, {}, lengths, scale);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
+  m.impl("portable_decode_gdn_layer", &qwen35_portable_layers::decode_gdn_layer);
+  m.impl("portable_decode_attn_layer", &qwen35_portable_layers::decode_attn_layer);
+  m.impl("portable_attn_decode", &portable_attn_decode);
+}
+
+#define QWEN35_PLAN_LAYERS qwen35_portable_layers
+#define QWEN35_PLAN_CLASS "PortableDecodePlan"
+#define QWEN35_PLAN_OP "portable_decode_stack"
+#include "decode_plan.h"
