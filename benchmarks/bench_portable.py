@@ -5,18 +5,24 @@ Such a CPU is emulated on this one: `--march x86-64-v3` builds the portable kern
 instruction set (Haswell through Alder Lake / Zen 3), `native` for this machine's own; QWEN35_KERNELS=portable
 keeps the AVX512 library out of the model runs, and ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 ATEN_CPU_CAPABILITY=avx2 hold torch's own matrix products and vector ops to AVX2, as on such a laptop. Model rows
-are `qwen35 bench` runs in fresh processes: bf16 (torch's GEMV, the portable Gated DeltaNet step: what such a
-machine binds for it), int4 and int8 on the portable kernels, each
+are `qwen35 bench` runs in fresh processes: bf16, int4 and int8 on the portable library (its whole-layer decode
+steps, kernels/portable_layers.cpp: what such a machine binds), each
 prefill either in fp32 (ops/linear.dense_linear: what runs there now) or with torch's bf16 product (before,
 QWEN35_BF16_MATMUL=native); and, for scale, int4 on the AVX512 kernels without emulation. Prints tables, then one
 JSON line.
 
     python benchmarks/bench_portable.py [--march x86-64-v3] [--model benchmarks/.cache/replica-0.8b]
     python benchmarks/bench_portable.py --gemv-only --rev HEAD~1   # this tree's GEMVs against another revision's
+    python benchmarks/bench_portable.py --llama-cpp                # and llama.cpp built for the same level
 
 `--rev` builds that revision's portable_kernels.cpp (with its headers) beside this tree's, for the same target,
 under another op namespace (torch.ops.qwen35_base), and times the two alternating call by call: processes here
 drift more than the kernels differ.
+
+`--llama-cpp` then times llama.cpp on the same weights, built for the same instruction set (benchmarks/llamacpp.py
+with QWEN35_LLAMACPP_SIMD=avx2 for x86-64-v3: no AVX512 anywhere in it), its Q8_0 and Q4_K_M files beside
+qwen35's int8 and int4, round by round (--rounds), each run in its own process, with the cores other processes
+used meanwhile.
 """
 
 from __future__ import annotations
@@ -111,6 +117,54 @@ def bench(model: str, args: list[str], env: dict, prompt: int, gen: int) -> dict
 AVX2_TORCH = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
+def llama_cpp_table(args, laptop: dict) -> dict:
+    """qwen35 int8 / int4 on the portable kernels and llama.cpp Q8_0 / Q4_K_M, alternating, `args.rounds` rounds."""
+    if args.march == "x86-64-v3":
+        os.environ["QWEN35_LLAMACPP_SIMD"] = "avx2"  # read when llamacpp is imported: its build folder
+    sys.path.insert(0, str(HERE))
+    import llamacpp
+    from bench_quant import replica_tokenizer
+
+    version = llamacpp.ensure_installed()
+    model = Path(args.model)
+    work = HERE / ".cache" / "gguf" / model.name
+    files = {k: work / f"model-{k}.gguf" for k in ("bf16", "q8_0", "q4_k_m")}
+    work.mkdir(parents=True, exist_ok=True)
+    c = llamacpp.convert(model, files["bf16"], "bf16", replica_tokenizer())
+    if "error" in c:
+        raise SystemExit(f"llama.cpp's converter failed: {c['error']}")
+    for k in ("q8_0", "q4_k_m"):
+        if not c.get("cached") or not files[k].is_file():
+            q = llamacpp.quantize(files["bf16"], files[k], k)
+            if "error" in q:
+                raise SystemExit(f"llama.cpp's quantizer failed ({k}): {q['error']}")
+    runs = {"qwen35 int8": ("int8", None), "qwen35 int4": ("int4", None),
+            "llama.cpp Q8_0": (None, "q8_0"), "llama.cpp Q4_K_M": (None, "q4_k_m")}
+    rows = {k: [] for k in runs}
+    print(f"\nbeside llama.cpp (llama-cpp-python {version}, SIMD {llamacpp.SIMD}, {llamacpp.CMAKE_ARGS}), "
+          f"{model.name}, {args.prompt_tokens}-token prompt, {args.gen_tokens} decoded, 2 threads")
+    print(f"{'round':<7}{'engine, weights':<20}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}{'others':>8}")
+    for rnd in range(args.rounds):
+        for name, (quant, kind) in runs.items():
+            mark = llamacpp.load_mark()
+            if quant:
+                r = bench(args.model, ["--quant", quant], laptop, args.prompt_tokens, args.gen_tokens)
+                r = r["rows"][0] if "rows" in r else r
+            else:
+                r = llamacpp.time_model(files[kind], args.prompt_tokens, args.gen_tokens, 2)
+                if "error" in r:
+                    raise SystemExit(f"llama.cpp {kind}: {r['error']}")
+            row = {k: r.get(k) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
+            row["others_cores"] = llamacpp.others_cores(mark)
+            rows[name].append(row)
+            print(f"{rnd:<7}{name:<20}{row['prefill_tok_s']:>14.1f}{row['decode_tok_s']:>14.2f}"
+                  f"{row['peak_rss_mb']:>14.0f}{row['others_cores']:>8.2f}", flush=True)
+    for a, b in (("qwen35 int8", "llama.cpp Q8_0"), ("qwen35 int4", "llama.cpp Q4_K_M")):
+        ratios = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(rows[a], rows[b])]
+        print(f"decode {a} / {b}: " + ", ".join(f"{v:.2f}" for v in ratios))
+    return {"llama_cpp_python": version, "simd": llamacpp.SIMD, "cmake_args": llamacpp.CMAKE_ARGS, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--march", default="x86-64-v3", help="portable kernels' target: x86-64-v3 (AVX2), native, ...")
@@ -121,6 +175,10 @@ def main() -> None:
     ap.add_argument("--rev", help="also time this git revision's portable GEMVs, alternating with this tree's")
     ap.add_argument("--gemv-rows", type=int, default=1, help="input rows of the GEMV table")
     ap.add_argument("--gemv-only", action="store_true", help="the GEMV table alone, no model runs")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="then llama.cpp built for the same instruction set beside qwen35, on the same weights")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the llama.cpp comparison")
+    ap.add_argument("--skip-models", action="store_true", help="no model table (the GEMVs, then --llama-cpp)")
     args = ap.parse_args()
     march = {} if args.march == "native" else {"QWEN35_PORTABLE_MARCH": args.march}
     os.environ.update(march)
@@ -135,21 +193,26 @@ def main() -> None:
         return
     laptop = {"QWEN35_KERNELS": "portable", **march, **(AVX2_TORCH if args.march == "x86-64-v3" else {})}
     before = {**laptop, "QWEN35_BF16_MATMUL": "native"}
-    runs = {"bf16 (torch GEMV)": ([], laptop),
-            "bf16 (torch GEMV), bf16 prefill (before)": ([], before),
+    runs = {"bf16 (portable layers)": ([], laptop),
+            "bf16, bf16 prefill (before)": ([], before),
             "int4 portable": (["--quant", "int4"], laptop),
             "int4 portable, bf16 prefill (before)": (["--quant", "int4"], before),
             "int8 portable": (["--quant", "int8"], laptop),
             "int4 avx512, no emulation": (["--quant", "int4"], {})}
-    print(f"\n{Path(args.model).name}, {args.prompt_tokens}-token prompt, {args.gen_tokens} decoded, 2 threads"
-          + (", torch held to AVX2" if args.march == "x86-64-v3" else ""))
-    print(f"{'weights / kernels':<40}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}")
+    if args.skip_models:
+        runs = {}
+    else:
+        print(f"\n{Path(args.model).name}, {args.prompt_tokens}-token prompt, {args.gen_tokens} decoded, 2 threads"
+              + (", torch held to AVX2" if args.march == "x86-64-v3" else ""))
+        print(f"{'weights / kernels':<40}{'prefill tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}")
     for name, (extra, env) in runs.items():
         r = bench(args.model, extra, env, args.prompt_tokens, args.gen_tokens)
         row = r["rows"][0] if "rows" in r else r
         result["decode"][name] = {k: row.get(k) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
         print(f"{name:<40}{row.get('prefill_tok_s', 0):>14.1f}{row.get('decode_tok_s', 0):>14.2f}"
               f"{row.get('peak_rss_mb', 0):>14.0f}")
+    if args.llama_cpp:
+        result["llama_cpp"] = llama_cpp_table(args, laptop)
     print(json.dumps(result))
 
 

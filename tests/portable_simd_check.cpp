@@ -95,7 +95,14 @@ int main() {
     for (int l = 0; l < 8; ++l) a[l] = static_cast<float>(next());
     f32x8 hv;  // values of mixed sign and magnitude, so that any other order of the sum rounds differently
     for (int l = 0; l < 8; ++l) hv[l] = static_cast<float>(static_cast<int32_t>(next())) * std::ldexp(1.f, static_cast<int>(next() % 40) - 20);
-    CHECK(same_bits(hsum(hv), ((hv[0] + hv[4]) + (hv[2] + hv[6])) + ((hv[1] + hv[5]) + (hv[3] + hv[7]))), "hsum trial %d", trial);
+    const float want = ((hv[0] + hv[1]) + (hv[2] + hv[3])) + ((hv[4] + hv[5]) + (hv[6] + hv[7]));
+    CHECK(same_bits(hsum(hv), want), "hsum trial %d", trial);
+    const f32x4 s4 = sum4(a, hv, a + hv, hv * hv);
+    const f32x8 four[4] = {a, hv, a + hv, hv * hv};
+    for (int i = 0; i < 4; ++i) {
+      const f32x8 u = four[i];
+      CHECK(same_bits(s4[i], ((u[0] + u[1]) + (u[2] + u[3])) + ((u[4] + u[5]) + (u[6] + u[7]))), "sum4 lane %d", i);
+    }
     for (int h = 0; h < 2; ++h) {
       const f32x8 t = twice(a, h);
       for (int l = 0; l < 8; ++l) CHECK(same_bits(t[l], a[4 * h + l % 4]), "twice lane %d", l);

@@ -78,7 +78,11 @@ void quantize_rows(const T* x, int64_t M, int64_t K, Rows& r) {
       int8_t* q = r.xq.data() + m * K + b * QB;
       int32_t s = 0;
       for (int j = 0; j < QB; ++j) {
-        q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::round(f[j] * inv))));  // C's roundf
+        // C's roundf (half away from zero) without its library call: t = trunc(v) (|v| <= ~127 fits an int), and
+        // v - t is exact, so comparing it with +-0.5 decides as roundf does
+        const float v = f[j] * inv, t = static_cast<float>(static_cast<int32_t>(v)), e = v - t;
+        const float rv = e >= 0.5f ? t + 1.f : e <= -0.5f ? t - 1.f : t;
+        q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, rv)));
         s += q[j];
       }
       if (b < r.nb / 4 * 4) {
@@ -106,107 +110,120 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const
   const float* dx = r.dx.data();
   const float* dsx = r.dsx.data();
   const int32_t* hs = r.hs.data();
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = qs + n * rb;
-    f32x8 acc[M], mins[M];
-    for (int m = 0; m < M; ++m) acc[m] = mins[m] = f32x8{};
-    if (kind == 1 || kind == 2) {
-      const c10::Half* wd = d + n * nb;
-      auto nibbles = [&](int64_t b) -> u8x32 {  // byte j: element j in the low nibble, j + 16 in the high, +8
-        const u8x16 v = load_v<u8x16>(w + b * 16);
-        return join<u8x32>(v & 15, v >> 4);
-      };
-      auto block = [&](int64_t b) -> i8x32 { return kind == 1 ? load_v<i8x32>(w + b * QB) : (i8x32)nibbles(b) - 8; };
-      int64_t b = 0;
-      for (; b + 4 <= nb; b += 4) {  // four blocks: their four scales side by side, twice
-        const f32x8 ws = halves4(reinterpret_cast<const uint16_t*>(wd + b));
-        auto scaled = [&](int m, i32x8 f) {
-          const float* xs = dx + m * nb + b;
-          acc[m] += to_f(f) * (ws * f32x8{xs[0], xs[1], xs[2], xs[3], xs[0], xs[1], xs[2], xs[3]});
+  // weight rows four at a time: each row's lanes are summed with its three neighbours' in one tree (sum4), the
+  // four results stored together; a row short of four sums zeros beside it, the same bits (perf: one row's own
+  // horizontal sum and store were ~15% of a q4_k GEMV at K = 1024)
+  for (int64_t n4 = n0; n4 < n1; n4 += 4) {
+    const int64_t rows = std::min<int64_t>(4, n1 - n4);
+    f32x8 tot[4][M];
+    for (int i = 0; i < 4; ++i)
+      for (int m = 0; m < M; ++m) tot[i][m] = f32x8{};
+    for (int64_t n = n4; n < n4 + rows; ++n) {
+      const uint8_t* w = qs + n * rb;
+      f32x8 acc[M], mins[M];
+      for (int m = 0; m < M; ++m) acc[m] = mins[m] = f32x8{};
+      if (kind == 1 || kind == 2) {
+        const c10::Half* wd = d + n * nb;
+        auto nibbles = [&](int64_t b) -> u8x32 {  // byte j: element j in the low nibble, j + 16 in the high, +8
+          const u8x16 v = load_v<u8x16>(w + b * 16);
+          return join<u8x32>(v & 15, v >> 4);
         };
-        if (kind == 1) {
-          const i8x32 q0 = block(b), q1 = block(b + 1), q2 = block(b + 2), q3 = block(b + 3);
-          for (int m = 0; m < M; ++m) {
-            const int8_t* x = xq + m * K + b * QB;
-            scaled(m, fold4(dot32(q0, load_v<i8x32>(x)), dot32(q1, load_v<i8x32>(x + 32)),
-                            dot32(q2, load_v<i8x32>(x + 64)), dot32(q3, load_v<i8x32>(x + 96))));
-          }
-        } else {  // the nibbles as stored, 8 * (sums of x) taken off: the same integers
-          const u8x32 q0 = nibbles(b), q1 = nibbles(b + 1), q2 = nibbles(b + 2), q3 = nibbles(b + 3);
-          for (int m = 0; m < M; ++m) {
-            const int8_t* x = xq + m * K + b * QB;
-            const i32x8 f = fold4(dot32u(q0, load_v<i8x32>(x)), dot32u(q1, load_v<i8x32>(x + 32)),
-                                  dot32u(q2, load_v<i8x32>(x + 64)), dot32u(q3, load_v<i8x32>(x + 96)));
-            scaled(m, f - (load_v<i32x8>(hs + m * nb * 2 + b * 2) << 3));
+        auto block = [&](int64_t b) -> i8x32 { return kind == 1 ? load_v<i8x32>(w + b * QB) : (i8x32)nibbles(b) - 8; };
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4) {  // four blocks: their four scales side by side, twice
+          const f32x8 ws = halves4(reinterpret_cast<const uint16_t*>(wd + b));
+          auto scaled = [&](int m, i32x8 f) {
+            const float* xs = dx + m * nb + b;
+            acc[m] += to_f(f) * (ws * f32x8{xs[0], xs[1], xs[2], xs[3], xs[0], xs[1], xs[2], xs[3]});
+          };
+          if (kind == 1) {
+            const i8x32 q0 = block(b), q1 = block(b + 1), q2 = block(b + 2), q3 = block(b + 3);
+            for (int m = 0; m < M; ++m) {
+              const int8_t* x = xq + m * K + b * QB;
+              scaled(m, fold4(dot32(q0, load_v<i8x32>(x)), dot32(q1, load_v<i8x32>(x + 32)),
+                              dot32(q2, load_v<i8x32>(x + 64)), dot32(q3, load_v<i8x32>(x + 96))));
+            }
+          } else {  // the nibbles as stored, 8 * (sums of x) taken off: the same integers
+            const u8x32 q0 = nibbles(b), q1 = nibbles(b + 1), q2 = nibbles(b + 2), q3 = nibbles(b + 3);
+            for (int m = 0; m < M; ++m) {
+              const int8_t* x = xq + m * K + b * QB;
+              const i32x8 f = fold4(dot32u(q0, load_v<i8x32>(x)), dot32u(q1, load_v<i8x32>(x + 32)),
+                                    dot32u(q2, load_v<i8x32>(x + 64)), dot32u(q3, load_v<i8x32>(x + 96)));
+              scaled(m, f - (load_v<i32x8>(hs + m * nb * 2 + b * 2) << 3));
+            }
           }
         }
-      }
-      for (; b < nb; ++b) {  // the last K / 32 % 4 blocks, one by one
-        const i8x32 q = block(b);
-        const float s = static_cast<float>(wd[b]);
-        for (int m = 0; m < M; ++m) acc[m] += to_f(dot32(q, load_v<i8x32>(xq + m * K + b * QB))) * (s * dx[m * nb + b]);
-      }
-    } else if (kind == 3) {  // sub-block j (32 weights) is input block j: dx * (d sc sum(q x) - dmin m sum(x))
-      for (int64_t t = 0; t < K / QK; ++t) {
-        const uint8_t* blk = w + t * Q4K;
-        const float dd = kq_half_at(blk), dmin = kq_half_at(blk + 2);
-        f32x8 scale, minv;
-        q4k_scales8(blk + 4, dd, dmin, scale, minv);
+        for (; b < nb; ++b) {  // the last K / 32 % 4 blocks, one by one
+          const i8x32 q = block(b);
+          const float s = static_cast<float>(wd[b]);
+          for (int m = 0; m < M; ++m) acc[m] += to_f(dot32(q, load_v<i8x32>(xq + m * K + b * QB))) * (s * dx[m * nb + b]);
+        }
+      } else if (kind == 3) {  // sub-block j (32 weights) is input block j: dx * (d sc sum(q x) - dmin m sum(x))
+        for (int64_t t = 0; t < K / QK; ++t) {
+          const uint8_t* blk = w + t * Q4K;
+          const float dd = kq_half_at(blk), dmin = kq_half_at(blk + 2);
+          f32x8 scale, minv;
+          q4k_scales8(blk + 4, dd, dmin, scale, minv);
         
-        u8x32 q[8];  // bytes 32c.. hold sub-block 2c in their low nibbles, 2c + 1 in their high ones
-        for (int c = 0; c < 4; ++c) {
-          const u8x32 v = load_v<u8x32>(blk + 16 + 32 * c);
-          q[2 * c] = v & 15;
-          q[2 * c + 1] = v >> 4;
-        }
-        for (int m = 0; m < M; ++m) {
-          const int8_t* x = xq + m * K + t * QK;
-          const int64_t b0 = m * nb + t * 8;
-          const f32x8 s = scale * load_v<f32x8>(dx + b0);
-          for (int h = 0; h < 2; ++h) {
-            const int j = 4 * h;
-            const i32x8 f = fold4(dot32u(q[j], load_v<i8x32>(x + 32 * j)), dot32u(q[j + 1], load_v<i8x32>(x + 32 * j + 32)),
-                                  dot32u(q[j + 2], load_v<i8x32>(x + 32 * j + 64)),
-                                  dot32u(q[j + 3], load_v<i8x32>(x + 32 * j + 96)));
-            acc[m] += to_f(f) * twice(s, h);
+          u8x32 q[8];  // bytes 32c.. hold sub-block 2c in their low nibbles, 2c + 1 in their high ones
+          for (int c = 0; c < 4; ++c) {
+            const u8x32 v = load_v<u8x32>(blk + 16 + 32 * c);
+            q[2 * c] = v & 15;
+            q[2 * c + 1] = v >> 4;
           }
-          mins[m] += minv * load_v<f32x8>(dsx + b0);
-        }
-      }
-    } else {  // q6_k: element 128h + 32g + l takes 4 bits of ql (bytes 64h + 32(g % 2) + l, low nibble for g < 2)
-      // and 2 bits of qh (byte 128 + 32h + l, bits 2g..2g+1), minus 32; sub-blocks of 16, int8 scales
-      for (int64_t t = 0; t < K / QK; ++t) {
-        const uint8_t* blk = w + t * Q6K;
-        const float dd = kq_half_at(blk + 208);
-        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-        u8x32 q[8];  // input block j = 4h + g: elements 32j..32j+31, sub-blocks 2j and 2j + 1, + 32
-        for (int h = 0; h < 2; ++h) {
-          const u8x32 l0 = load_v<u8x32>(blk + 64 * h), l1 = load_v<u8x32>(blk + 64 * h + 32);
-          const u8x32 qh = load_v<u8x32>(blk + 128 + 32 * h);
-          // bits 2g..2g+1 of qh moved to bits 4-5 by 16-bit shifts (x86 has no byte shift: GCC made each byte
-          // shift by 4 four byte adds); what crosses into the neighbouring byte is masked off
-          q[4 * h] = (l0 & 15) | (shl16<4>(qh) & 0x30);
-          q[4 * h + 1] = (l1 & 15) | (shl16<2>(qh) & 0x30);
-          q[4 * h + 2] = shr16<4>(l0) | (qh & 0x30);
-          q[4 * h + 3] = shr16<4>(l1) | (shr16<2>(qh) & 0x30);
-        }
-        // fold4 of blocks 4h..4h+3 holds sub-blocks 8h + {0, 2, 4, 6, 1, 3, 5, 7}: their scales in that order
-        const f32x8 scale[2] = {q6k_scales8(sc, 0, dd), q6k_scales8(sc, 1, dd)};
-        for (int m = 0; m < M; ++m) {
-          const int8_t* x = xq + m * K + t * QK;
-          const f32x8 s = load_v<f32x8>(dx + m * nb + t * 8);
-          for (int h = 0; h < 2; ++h) {
-            const int j = 4 * h;
-            const i32x8 f = fold4(dot32u(q[j], load_v<i8x32>(x + 32 * j)), dot32u(q[j + 1], load_v<i8x32>(x + 32 * j + 32)),
-                                  dot32u(q[j + 2], load_v<i8x32>(x + 32 * j + 64)),
-                                  dot32u(q[j + 3], load_v<i8x32>(x + 32 * j + 96))) -
-                            (load_v<i32x8>(hs + m * nb * 2 + (t * 8 + j) * 2) << 5);  // - 32 * (sums of x)
-            acc[m] += to_f(f) * (scale[h] * twice(s, h));
+          for (int m = 0; m < M; ++m) {
+            const int8_t* x = xq + m * K + t * QK;
+            const int64_t b0 = m * nb + t * 8;
+            const f32x8 s = scale * load_v<f32x8>(dx + b0);
+            for (int h = 0; h < 2; ++h) {
+              const int j = 4 * h;
+              const i32x8 f = fold4(dot32u(q[j], load_v<i8x32>(x + 32 * j)), dot32u(q[j + 1], load_v<i8x32>(x + 32 * j + 32)),
+                                    dot32u(q[j + 2], load_v<i8x32>(x + 32 * j + 64)),
+                                    dot32u(q[j + 3], load_v<i8x32>(x + 32 * j + 96)));
+              acc[m] += to_f(f) * twice(s, h);
+            }
+            mins[m] += minv * load_v<f32x8>(dsx + b0);
           }
         }
+      } else {  // q6_k: element 128h + 32g + l takes 4 bits of ql (bytes 64h + 32(g % 2) + l, low nibble for g < 2)
+        // and 2 bits of qh (byte 128 + 32h + l, bits 2g..2g+1), minus 32; sub-blocks of 16, int8 scales
+        for (int64_t t = 0; t < K / QK; ++t) {
+          const uint8_t* blk = w + t * Q6K;
+          const float dd = kq_half_at(blk + 208);
+          const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+          u8x32 q[8];  // input block j = 4h + g: elements 32j..32j+31, sub-blocks 2j and 2j + 1, + 32
+          for (int h = 0; h < 2; ++h) {
+            const u8x32 l0 = load_v<u8x32>(blk + 64 * h), l1 = load_v<u8x32>(blk + 64 * h + 32);
+            const u8x32 qh = load_v<u8x32>(blk + 128 + 32 * h);
+            // bits 2g..2g+1 of qh moved to bits 4-5 by 16-bit shifts (x86 has no byte shift: GCC made each byte
+            // shift by 4 four byte adds); what crosses into the neighbouring byte is masked off
+            q[4 * h] = (l0 & 15) | (shl16<4>(qh) & 0x30);
+            q[4 * h + 1] = (l1 & 15) | (shl16<2>(qh) & 0x30);
+            q[4 * h + 2] = shr16<4>(l0) | (qh & 0x30);
+            q[4 * h + 3] = shr16<4>(l1) | (shr16<2>(qh) & 0x30);
+          }
+          // fold4 of blocks 4h..4h+3 holds sub-blocks 8h + {0, 2, 4, 6, 1, 3, 5, 7}: their scales in that order
+          const f32x8 scale[2] = {q6k_scales8(sc, 0, dd), q6k_scales8(sc, 1, dd)};
+          for (int m = 0; m < M; ++m) {
+            const int8_t* x = xq + m * K + t * QK;
+            const f32x8 s = load_v<f32x8>(dx + m * nb + t * 8);
+            for (int h = 0; h < 2; ++h) {
+              const int j = 4 * h;
+              const i32x8 f = fold4(dot32u(q[j], load_v<i8x32>(x + 32 * j)), dot32u(q[j + 1], load_v<i8x32>(x + 32 * j + 32)),
+                                    dot32u(q[j + 2], load_v<i8x32>(x + 32 * j + 64)),
+                                    dot32u(q[j + 3], load_v<i8x32>(x + 32 * j + 96))) -
+                              (load_v<i32x8>(hs + m * nb * 2 + (t * 8 + j) * 2) << 5);  // - 32 * (sums of x)
+              acc[m] += to_f(f) * (scale[h] * twice(s, h));
+            }
+          }
+        }
       }
+      for (int m = 0; m < M; ++m) tot[n - n4][m] = acc[m] - mins[m];
     }
-    for (int m = 0; m < M; ++m) out[m * ldo + n] = static_cast<Out>(hsum(acc[m] - mins[m]));
+    for (int m = 0; m < M; ++m) {
+      const f32x4 v = sum4(tot[0][m], tot[1][m], tot[2][m], tot[3][m]);
+      for (int64_t i = 0; i < rows; ++i) out[m * ldo + n4 + i] = static_cast<Out>(v[i]);
+    }
   }
 }
 

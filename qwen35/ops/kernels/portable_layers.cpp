@@ -179,12 +179,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   at::Tensor out = at::empty(sizes, gate_up.options());
   const auto* g = gate_up.data_ptr<c10::BFloat16>();
   auto* o = out.data_ptr<c10::BFloat16>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < I; ++c) {
+  // both threads: an exp a value, 3,584 of them a 0.8B layer (~20 us alone, ~0.4 ms a token)
+  at::parallel_for(0, rows * I, 512, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / I, c = i % I;
       const float a = static_cast<float>(g[r * I2 + c]);
       const float s = static_cast<float>(static_cast<c10::BFloat16>(a / (1.f + std::exp(-a))));
-      o[r * I + c] = static_cast<c10::BFloat16>(s * static_cast<float>(g[r * I2 + I + c]));
+      o[i] = static_cast<c10::BFloat16>(s * static_cast<float>(g[r * I2 + I + c]));
     }
+  });
   return out;
 }
 

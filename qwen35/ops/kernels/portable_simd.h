@@ -129,16 +129,28 @@ inline f32x8 bytes8_to_f(uint64_t b) {
 #endif
 }
 // Q4_K's 12 scale bytes -> its 8 sub-block scales * d and 8 mins * dmin (kquants.q4_k_scales), as fp32 lanes.
-// The 6-bit fields are gathered four at a time in 32-bit words (bytes 0-3 hold scales 0-3 and the top 2 bits of
-// scales 4-7, bytes 4-7 the same for the mins, bytes 8-11 the low nibbles of scales and mins 4-7): per-lane
-// vector shuffles of 8-byte vectors compiled to ~40 scalar inserts a super-block, half of q4_k's GEMV time.
+// Bytes 0-3 hold scales 0-3 and the top 2 bits of scales 4-7, bytes 4-7 the same for the mins, bytes 8-11 the
+// low nibbles of scales (low) and mins (high) 4-7: the 16 six-bit values are gathered in one 16-byte vector by two
+// byte shuffles and masks ({scales 0-7, mins 0-7}), then widened 8 at a time. (Per-lane shuffles of 8-byte vectors
+// had compiled to ~40 scalar inserts a super-block, and 32-bit scalar words to ~30 instructions: a third of the
+// q4_k GEMV's instructions at one input row.)
 inline void q4k_scales8(const uint8_t* b, float d, float dmin, f32x8& scale, f32x8& minv) {
-  uint32_t a[3];
-  std::memcpy(a, b, 12);
-  const uint32_t sc_lo = a[0] & 0x3f3f3f3fu, sc_hi = (a[2] & 0x0f0f0f0fu) | ((a[0] >> 2) & 0x30303030u);
-  const uint32_t m_lo = a[1] & 0x3f3f3f3fu, m_hi = ((a[2] >> 4) & 0x0f0f0f0fu) | ((a[1] >> 2) & 0x30303030u);
-  scale = bytes8_to_f(sc_lo | static_cast<uint64_t>(sc_hi) << 32) * d;
-  minv = bytes8_to_f(m_lo | static_cast<uint64_t>(m_hi) << 32) * dmin;
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  const u8x16 v = load_v<u8x16>(b);  // 12 bytes wanted; the 4 after them are the block's own quants
+  const u8x16 z{};
+  // a: {b0-3, b8-11, b4-7, b8-11}: the six low bits (lanes 0-3, 8-11) or the nibble (4-7 low, 12-15 high)
+  const u8x16 a = __builtin_shufflevector(v, z, 0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11);
+  // t: {0, b0-3, 0, b4-7}: whose top two bits are bits 4-5 of scales and mins 4-7
+  const u8x16 t = __builtin_shufflevector(v, z, 16, 16, 16, 16, 0, 1, 2, 3, 16, 16, 16, 16, 4, 5, 6, 7);
+  const u8x16 low = a & u8x16{63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0};
+  const u8x16 high = (u8x16)((u16x8)a >> 4) & u8x16{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 15, 15, 15};
+  const u8x16 top = (u8x16)((u16x8)t >> 2) & u8x16{0, 0, 0, 0, 48, 48, 48, 48, 0, 0, 0, 0, 48, 48, 48, 48};
+  const u8x16 six = low | high | top;
+  uint64_t sc, mn;
+  std::memcpy(&sc, &six, 8);
+  std::memcpy(&mn, reinterpret_cast<const char*>(&six) + 8, 8);
+  scale = bytes8_to_f(sc) * d;
+  minv = bytes8_to_f(mn) * dmin;
 }
 // Q6_K's 16 int8 sub-block scales of one half h (8 of them, 8h..8h+7) in the order fold4 leaves its sub-blocks:
 // 8h + {0, 2, 4, 6, 1, 3, 5, 7}, as fp32 lanes times d
@@ -183,13 +195,18 @@ inline f32x8 halves4(const uint16_t* p) {
   return f32x8{s0, s1, s2, s3, s0, s1, s2, s3};
 #endif
 }
-// The sum of 8 lanes as a tree, ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)): three dependent vector adds
-// where a lane-by-lane loop (fp order kept) chained eight scalar ones, ~50 cycles a GEMV output row that the
-// next row's work could not hide at K = 1024
-inline float hsum(f32x8 v) {
-  const f32x4 t = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  const f32x4 u = t + __builtin_shufflevector(t, t, 2, 3, 0, 1);
-  return u[0] + u[1];
+// Pairwise sums of two vectors' neighbouring lanes, as AVX's vhaddps: {x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7,
+// y4+y5, y6+y7} (the compiler finds the instruction where there is one)
+inline f32x8 hadd(f32x8 x, f32x8 y) {
+  return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
 }
+// The sums of the lanes of four vectors, lane i of the result for the i-th: three pairwise steps for all four (a
+// GEMV's output rows are summed four at a time), each as ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7))
+inline f32x4 sum4(f32x8 a, f32x8 b, f32x8 c, f32x8 d) {
+  const f32x8 t = hadd(hadd(a, b), hadd(c, d));
+  return __builtin_shufflevector(t, t, 0, 1, 2, 3) + __builtin_shufflevector(t, t, 4, 5, 6, 7);
+}
+// One vector's sum in the same order as sum4's lanes: a row's result does not depend on the rows summed beside it
+inline float hsum(f32x8 v) { return sum4(v, f32x8{}, f32x8{}, f32x8{})[0]; }
 
 }  // namespace psimd
