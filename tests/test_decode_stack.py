@@ -57,10 +57,15 @@ def test_decode_stack_is_the_per_layer_path_bit_for_bit(tiny_dir, quant, kv_cach
     model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=False)
     report = bind_kernels(model, True)
     assert report.bound.get("decode_stack") == 1 and model.decode_stack is not None, report
+    _assert_stack_is_the_per_layer_path(model, kv_cache)
+
+
+def _assert_stack_is_the_per_layer_path(model, kv_cache):
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 4096, (n,), generator=gen) for n in (37, 5, 20)]
     calls = []
     stack = model.decode_stack
+
     def counted(*args):
         out = stack(*args)
         calls.append(out is not None)
@@ -166,24 +171,7 @@ def test_portable_decode_stack_is_its_per_layer_path_bit_for_bit(tiny_dir, quant
     assert report.bound["portable_gdn_layer"] + report.bound["portable_attn_layer"] == len(layers), report
     assert report.bound.get("portable_decode_stack") == 1 and model.decode_stack.portable, report
     assert "decode_stack" not in report.bound
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 4096, (n,), generator=gen) for n in (37, 5, 20)]
-    calls = []
-    stack = model.decode_stack
-
-    def counted(*args):
-        out = stack(*args)
-        calls.append(out is not None)
-        return out
-
-    model.decode_stack = counted
-    fast, fast_cache = _run(model, prompts, 3, "bf16", verify=4)
-    assert calls == [False, True, False, True, True, True, True]
-    model.decode_stack = None
-    slow, slow_cache = _run(model, prompts, 3, "bf16", verify=4)
-    assert torch.equal(fast, slow)
-    a, b = _states(fast_cache), _states(slow_cache)
-    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    _assert_stack_is_the_per_layer_path(model, "bf16")
 
 
 def test_portable_layers_leave_a_q8_0_cache_to_the_per_op_path(tiny_dir, without_avx512):

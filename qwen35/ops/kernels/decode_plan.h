@@ -12,19 +12,11 @@
 #include <tuple>
 #include <vector>
 
+#include "layer_steps.h"
+
 namespace QWEN35_PLAN_LAYERS {
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_gdn_layer(
-    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in, const at::Tensor& conv_state,
-    const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
-    const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
-    at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
-    double eps, bool in_place);
-at::Tensor decode_attn_layer(
-    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv, const at::Tensor& q_norm,
-    const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
-    at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale, at::IntArrayRef pos, at::TensorList w_o,
-    at::IntArrayRef k_o, const at::Tensor& ln2, at::TensorList w_gate_up, at::IntArrayRef k_gate_up,
-    at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq, double eps);
+QWEN35_GDN_LAYER(decode_gdn_layer);
+QWEN35_ATTN_LAYER(decode_attn_layer);
 }  // namespace QWEN35_PLAN_LAYERS
 
 namespace {

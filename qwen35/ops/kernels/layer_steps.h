@@ -27,6 +27,33 @@
 #include <tuple>
 #include <vector>
 
+// The two steps' signatures, written once: the templates below, each library's named entry points
+// (QWEN35_DECODE_LAYERS(Ops), in the namespace decode_plan.h calls) and decode_plan.h's declarations of them.
+#define QWEN35_GDN_LAYER(name)                                                                                      \
+  std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> name(                                    \
+      const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in,                        \
+      const at::Tensor& conv_state, const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias,    \
+      const at::Tensor& state, const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out,               \
+      const at::Tensor& ln2, at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down,            \
+      at::IntArrayRef k_down, int64_t Hk, double eps, bool in_place)
+#define QWEN35_ATTN_LAYER(name)                                                                                     \
+  at::Tensor name(const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv,          \
+                  const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, \
+                  at::TensorList k_buf, at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale,       \
+                  at::IntArrayRef pos, at::TensorList w_o, at::IntArrayRef k_o, const at::Tensor& ln2,              \
+                  at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down,                       \
+                  at::IntArrayRef k_down, int64_t Hq, double eps)
+#define QWEN35_DECODE_LAYERS(Ops)                                                                                   \
+  QWEN35_GDN_LAYER(decode_gdn_layer) {                                                                              \
+    return qwen35_steps::gdn_layer<Ops>(x, ln1, w_in, k_in, conv_state, conv_w, A_log, dt_bias, state, norm_w,      \
+                                        w_out, k_out, ln2, w_gate_up, k_gate_up, w_down, k_down, Hk, eps, in_place); \
+  }                                                                                                                 \
+  QWEN35_ATTN_LAYER(decode_attn_layer) {                                                                            \
+    return qwen35_steps::attn_layer<Ops>(x, ln1, w_qkv, k_qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, k_scale,     \
+                                         v_scale, pos, w_o, k_o, ln2, w_gate_up, k_gate_up, w_down, k_down, Hq,     \
+                                         eps);                                                                      \
+  }
+
 namespace qwen35_steps {
 
 template <typename T>
@@ -125,12 +152,7 @@ at::Tensor mlp_residual(const at::Tensor& x, const at::Tensor& ln, const Matrix&
 // read once for all B*T rows, the recurrence steps token by token through the same gdn_decode as T = 1, so
 // every token's result equals what T separate decode steps give, and the cache can land on any position.
 template <class Ops>
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gdn_layer(
-    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in, const at::Tensor& conv_state,
-    const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
-    const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
-    at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
-    double eps, bool in_place) {
+QWEN35_GDN_LAYER(gdn_layer) {
   const int64_t B = state.size(0), T = x.size(0) / B;
   TORCH_CHECK(T >= 1 && x.size(0) == B * T, "decode layer: x holds T tokens for each of the state's rows");
   at::Tensor h = rmsnorm(x, ln1, eps, true);
@@ -174,12 +196,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gdn_lay
 // query attends to slots [0, pos[b] + t] (each token as a row of its own in attn_decode: exactly what T
 // decode steps compute). cos/sin: [1, B or B*T (row order), R] rows fp32, or T rows shared by every row.
 template <class Ops>
-at::Tensor attn_layer(
-    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv, const at::Tensor& q_norm,
-    const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
-    at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale, at::IntArrayRef pos, at::TensorList w_o, at::IntArrayRef k_o, const at::Tensor& ln2,
-    at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq,
-    double eps) {
+QWEN35_ATTN_LAYER(attn_layer) {
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "decode layer: layout");
   const int64_t B = static_cast<int64_t>(k_buf.size()), R = cos.size(-1), T = x.size(0) / std::max<int64_t>(B, 1);
   TORCH_CHECK(B >= 1 && x.size(0) == B * T && static_cast<int64_t>(v_buf.size()) == B &&

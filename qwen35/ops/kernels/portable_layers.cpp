@@ -220,29 +220,7 @@ struct PortableOps {
 }  // namespace
 
 namespace qwen35_portable_layers {
-
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> decode_gdn_layer(
-    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_in, at::IntArrayRef k_in, const at::Tensor& conv_state,
-    const at::Tensor& conv_w, const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& state,
-    const at::Tensor& norm_w, at::TensorList w_out, at::IntArrayRef k_out, const at::Tensor& ln2,
-    at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down, at::IntArrayRef k_down, int64_t Hk,
-    double eps, bool in_place) {
-  return qwen35_steps::gdn_layer<PortableOps>(x, ln1, w_in, k_in, conv_state, conv_w, A_log, dt_bias, state, norm_w,
-                                              w_out, k_out, ln2, w_gate_up, k_gate_up, w_down, k_down, Hk, eps,
-                                              in_place);
-}
-
-at::Tensor decode_attn_layer(
-    const at::Tensor& x, const at::Tensor& ln1, at::TensorList w_qkv, at::IntArrayRef k_qkv, const at::Tensor& q_norm,
-    const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_buf,
-    at::TensorList v_buf, at::TensorList k_scale, at::TensorList v_scale, at::IntArrayRef pos, at::TensorList w_o,
-    at::IntArrayRef k_o, const at::Tensor& ln2, at::TensorList w_gate_up, at::IntArrayRef k_gate_up,
-    at::TensorList w_down, at::IntArrayRef k_down, int64_t Hq, double eps) {
-  return qwen35_steps::attn_layer<PortableOps>(x, ln1, w_qkv, k_qkv, q_norm, k_norm, cos, sin, k_buf, v_buf, k_scale,
-                                               v_scale, pos, w_o, k_o, ln2, w_gate_up, k_gate_up, w_down, k_down, Hq,
-                                               eps);
-}
-
+QWEN35_DECODE_LAYERS(PortableOps)
 }  // namespace qwen35_portable_layers
 
 TORCH_LIBRARY_FRAGMENT(qwen35, m) {
