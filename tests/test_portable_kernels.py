@@ -266,7 +266,7 @@ def test_attention_equals_the_reference(Hq, Hkv, D):
     q = torch.randn(len(lengths), Hq, D, generator=g).bfloat16()
     ks = [torch.randn(Hkv, n + 5, D, generator=g).bfloat16() * 3 for n in lengths]
     vs = [torch.randn(Hkv, n + 5, D, generator=g).bfloat16() for n in lengths]
-    out = torch.ops.qwen35.portable_attn_decode(q, ks, vs, lengths, D**-0.5)
+    out = torch.ops.qwen35.portable_attn_decode(q, ks, vs, [], [], lengths, D**-0.5)
     for b, n in enumerate(lengths):
         ref = decode_attention(q[b : b + 1, :, None].float(), ks[b][None, :, :n].float(), vs[b][None, :, :n].float(),
                                D**-0.5)[0, :, 0]
@@ -274,11 +274,41 @@ def test_attention_equals_the_reference(Hq, Hkv, D):
         assert (err <= ref.abs() * 2**-8 + 1e-5 * vs[b].float().abs().max()).all(), err.max()
 
 
+@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (6, 2, 64)])
+def test_attention_over_a_q8_0_cache_equals_the_torch_path(Hq, Hkv, D):
+    """Over a q8_0 cache (int8 blocks of 32 and their fp16 scales, read in place) the torch path reads the keys and
+    values back dequantized to bf16 (kv_storage.dequantize_rows) and attends in fp32: the kernel rounds each
+    dequantized value to bf16 the same way, so the two are one bf16 step apart at most."""
+    from qwen35.kv_storage import dequantize_rows, quantize_rows
+    from qwen35.ops.attention import decode_attention
+
+    g = torch.Generator().manual_seed(Hq + D)
+    lengths = [300, 1, 520]
+    q = torch.randn(len(lengths), Hq, D, generator=g).bfloat16()
+    kq, kd, vq, vd = [], [], [], []
+    for n in lengths:
+        for qs, ds, scale in ((kq, kd, 3), (vq, vd, 1)):
+            a, d = quantize_rows(torch.randn(Hkv, n + 3, D, generator=g).bfloat16() * scale)
+            qs.append(a)
+            ds.append(d)
+    out = torch.ops.qwen35.portable_attn_decode(q, kq, vq, kd, vd, lengths, D**-0.5)
+    for b, n in enumerate(lengths):
+        k = dequantize_rows(kq[b][:, :n], kd[b][:, :n], torch.bfloat16)
+        v = dequantize_rows(vq[b][:, :n], vd[b][:, :n], torch.bfloat16)
+        ref = decode_attention(q[b : b + 1, :, None].float(), k[None].float(), v[None].float(), D**-0.5)[0, :, 0]
+        err = (out[b].float() - ref).abs()
+        assert (err <= ref.abs() * 2**-8 + 1e-5 * v.float().abs().max()).all(), err.max()
+
+
 def test_attention_names_bad_buffers():
     q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
     k = torch.zeros(2, 10, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="row 0's buffers"):
-        torch.ops.qwen35.portable_attn_decode(q, [k], [k], [11], 0.125)  # more keys than the buffer holds
+        torch.ops.qwen35.portable_attn_decode(q, [k], [k], [], [], [11], 0.125)  # more keys than the buffer holds
     k3 = torch.zeros(3, 10, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="4 query heads over 3 KV heads"):
-        torch.ops.qwen35.portable_attn_decode(q, [k3], [k3], [5], 0.125)
+        torch.ops.qwen35.portable_attn_decode(q, [k3], [k3], [], [], [5], 0.125)
+    with pytest.raises(RuntimeError, match="row 0's q8_0 scales"):
+        k8 = torch.zeros(2, 10, 64, dtype=torch.int8)
+        torch.ops.qwen35.portable_attn_decode(q, [k8], [k8], [torch.zeros(2, 10, 1).half()], [torch.zeros(2, 10, 2).half()],
+                                              [5], 0.125)

@@ -54,8 +54,6 @@ class DecodeStack:
         if not layer_decoding(x, states[0], ctx) or any(
                 m._forward_hooks or m._forward_pre_hooks for m in self.layers):
             return None
-        if self.portable and any(states[i].kv_cache == "q8_0" for i in self.attn):
-            return None  # the portable attention layers take a bf16 cache; a q8_0 one runs per op there
         B, T, H = x.shape
         gdn = [states[i] for i in self.gdn]
         in_place = [T == 1 and exclusive(s) for s in gdn]

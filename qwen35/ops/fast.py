@@ -310,7 +310,7 @@ def _bind_portable_layers(model, report: KernelReport) -> None:
     """Where the AVX512 library cannot load: every decoder layer whose pieces fit runs its decode step as one call
     of the portable library (portable_decode_gdn_layer / portable_decode_attn_layer, kernels/portable_layers.cpp),
     and the whole stack as one call when all do; the mixers keep their per-op portable forms for the calls the
-    layers leave (prompts, a q8_0 KV cache in attention layers)."""
+    layers leave (prompts longer than LAYER_MAX_TOKENS, autograd)."""
     from ..model.attention import GatedAttention
     from ..model.deltanet import GatedDeltaNet
     from .layer_decode import portable_attn_layer_decode, portable_gdn_layer_decode

@@ -88,10 +88,9 @@ def attn_layer_args(layer, weights) -> tuple[tuple, tuple]:
 
 def attn_layer_decode(layer, x, state=None, ctx=None, portable: bool = False):
     """A whole gated-attention decoder layer's decode step in one C++ call (decode_attn_layer, or
-    portable_decode_attn_layer on a CPU without AVX512, which takes a bf16 cache: a q8_0 one runs per op there):
-    the new key and value go straight into each row's buffer at its length (quantized on write for a q8_0
-    cache)."""
-    if not layer_decoding(x, state, ctx) or (portable and state.kv_cache == "q8_0"):
+    portable_decode_attn_layer on a CPU without AVX512): the new key and value go straight into each row's buffer
+    at its length (quantized on write for a q8_0 cache)."""
+    if not layer_decoding(x, state, ctx):
         return None
     pre, post = layer.layer_args
     B, T, H = x.shape

@@ -14,9 +14,8 @@
 //   stay in L2 across the D/32 passes).
 // The reference is dequantize-then-attend in torch (kv_storage.attend_reference, quantize_query=True).
 //
-// quantize_row: one row of D bf16 values to Q8_0, by quant/formats.py's rule (scale max|x|/127 in fp32,
-// x * (1/d) rounded half away from zero as floor(|v| + 0.5), fp16 scale rounded to nearest even): the
-// decode step writes the same bytes as the torch path does (tested).
+// quantize_row: one row of D bf16 values to Q8_0 (layer_steps.h's q8_0_row, the rule the portable library writes
+// by too): the decode step writes the same bytes as the torch path does (tested).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -25,6 +24,8 @@
 #include <cstdint>
 #include <immintrin.h>
 #include <vector>
+
+#include "layer_steps.h"
 
 namespace qwen35_attn {
 constexpr int64_t kAttnBlock = 512;  // cpu_kernels.cpp's; checked there by a static_assert on the same name
@@ -259,19 +260,6 @@ void attend_blocks_q8(const c10::BFloat16* q, int64_t B, int64_t Hkv, int64_t G,
   });
 }
 
-void quantize_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d) {
-  for (int64_t b = 0; b < D / 32; ++b) {
-    const c10::BFloat16* xb = x + b * 32;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(static_cast<float>(xb[j])));
-    const float dd = amax / 127.f, inv = dd != 0.f ? 1.f / dd : 0.f;
-    for (int j = 0; j < 32; ++j) {
-      const float v = static_cast<float>(xb[j]) * inv;
-      const float r = std::min(127.f, std::floor(std::fabs(v) + 0.5f));
-      q[b * 32 + j] = static_cast<int8_t>(v < 0.f ? -r : r);
-    }
-    d[b] = static_cast<c10::Half>(dd);
-  }
-}
+void quantize_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d) { qwen35_steps::q8_0_row(x, D, q, d); }
 
 }  // namespace qwen35_kv

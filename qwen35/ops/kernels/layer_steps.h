@@ -59,6 +59,24 @@ namespace qwen35_steps {
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
+// One row of D bf16 values to Q8_0 blocks (a q8_0 KV cache's keys and values), by quant/formats.py's rule: scale
+// max|x|/127 in fp32, x * (1/d) rounded half away from zero as floor(|v| + 0.5), the fp16 scale rounded to nearest
+// even: what the torch path writes (kv_storage.quantize_rows), byte for byte (tested)
+inline void q8_0_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d) {
+  for (int64_t b = 0; b < D / 32; ++b) {
+    const c10::BFloat16* xb = x + b * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(static_cast<float>(xb[j])));
+    const float dd = amax / 127.f, inv = dd != 0.f ? 1.f / dd : 0.f;
+    for (int j = 0; j < 32; ++j) {
+      const float v = static_cast<float>(xb[j]) * inv;
+      const float r = std::min(127.f, std::floor(std::fabs(v) + 0.5f));
+      q[b * 32 + j] = static_cast<int8_t>(v < 0.f ? -r : r);
+    }
+    d[b] = static_cast<c10::Half>(dd);
+  }
+}
+
 // RMSNorm over the last dim: y = x * rsqrt(mean(x^2) + eps) * (add_one ? 1 + w : w), computed in fp32.
 template <typename T>
 inline void rmsnorm_impl(const T* x, const float* w, T* y, int64_t rows, int64_t D, double eps, bool add_one) {

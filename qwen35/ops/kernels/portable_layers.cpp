@@ -1,7 +1,7 @@
 // Whole decoder layers for decode on CPUs without AVX512-BF16 / VNNI (most laptops), and the decoder stack of a
 // decode step in one call: layer_steps.h's two layer steps and decode_plan.h's plan, on the portable library's
 // kernels (portable_kernels.cpp: the quantized GEMVs, the Gated DeltaNet step) plus the two written here, a bf16
-// GEMV for matrices kept in bf16 and the decode attention over a bf16 KV cache.
+// GEMV for matrices kept in bf16 and the decode attention over the KV cache (bf16 or q8_0).
 //
 // Before this a laptop ran a decode step per op from Python: on the 0.8B int4 replica held to AVX2 (2 threads)
 // ~500 small torch ops a token (norms, dtype casts, residual adds, the attention's blocks) took ~8 of its 28 ms
@@ -76,19 +76,48 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_bf16(const at::Tensor& x
 
 constexpr int64_t kKeyBlock = 256;  // keys per block of the decode attention
 
+// A row's keys or values as the attention reads them, 8 lanes of fp32 at a time: bf16 as stored, or a q8_0 cache's
+// int8 blocks times their fp16 scale (exact in fp32), rounded to bf16 as the torch path's read-back
+// (kv_storage.dequantize_rows to the model's dtype) rounds them
+struct Bf16Rows {
+  const c10::BFloat16* p;
+  int64_t D;
+  f32x8 at(int64_t s, int64_t d) const { return bf16x8(p + s * D + d); }
+};
+struct Q8Rows {
+  const int8_t* q;
+  const c10::Half* scale;
+  int64_t D;
+  f32x8 at(int64_t s, int64_t d) const {
+    typedef int8_t i8x8 __attribute__((vector_size(8)));
+    typedef uint32_t u32x8 __attribute__((vector_size(32)));
+    const f32x8 v = __builtin_convertvector(load_v<i8x8>(q + s * D + d), f32x8) *
+                    static_cast<float>(scale[s * (D / 32) + d / 32]);
+    const u32x8 u = (u32x8)v;  // round to nearest even at bit 16 (finite values: a product of int8 and fp16)
+    return (f32x8)((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+  }
+};
+
 // One block of keys [s0, s1) of one KV head for its G query heads (fp32 q [G, D]): each query's running maximum,
 // sum of exp(score - max) and sum of exp(score - max) v, written to part [G, D + 2] as (acc..., max, sum)
-__attribute__((optimize("fp-contract=fast"))) void attend_block(const float* q, int64_t G, int64_t D,
-                                                               const c10::BFloat16* k, const c10::BFloat16* v,
-                                                               int64_t s0, int64_t s1, float scale, float* part,
-                                                               std::vector<float>& scores) {
+template <typename Rows>
+__attribute__((optimize("fp-contract=fast"))) void attend_block(const float* q, int64_t G, int64_t D, const Rows& k,
+                                                               const Rows& v, int64_t s0, int64_t s1, float scale,
+                                                               float* part, std::vector<float>& scores) {
   const int64_t n = s1 - s0;
   scores.resize(static_cast<size_t>(n));
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = q + g * D;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t s = 0; s < n; ++s) {
-      scores[s] = dot_bf16(qg, k + (s0 + s) * D, D) * scale;
+      f32x8 a0{}, a1{};
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        a0 += load_v<f32x8>(qg + d) * k.at(s0 + s, d);
+        a1 += load_v<f32x8>(qg + d + 8) * k.at(s0 + s, d + 8);
+      }
+      for (; d < D; d += 8) a0 += load_v<f32x8>(qg + d) * k.at(s0 + s, d);
+      scores[s] = hsum(a0 + a1) * scale;
       mx = std::max(mx, scores[s]);
     }
     float* acc = part + g * (D + 2);
@@ -97,10 +126,9 @@ __attribute__((optimize("fp-contract=fast"))) void attend_block(const float* q, 
     for (int64_t s = 0; s < n; ++s) {
       const float p = std::exp(scores[s] - mx);
       sum += p;
-      const c10::BFloat16* vs = v + (s0 + s) * D;
       const f32x8 pv = f32x8{} + p;
       for (int64_t d = 0; d < D; d += 8) {
-        f32x8 a = load_v<f32x8>(acc + d) + pv * bf16x8(vs + d);
+        f32x8 a = load_v<f32x8>(acc + d) + pv * v.at(s0 + s, d);
         std::memcpy(acc + d, &a, sizeof(a));
       }
     }
@@ -109,15 +137,18 @@ __attribute__((optimize("fp-contract=fast"))) void attend_block(const float* q, 
   }
 }
 
-// q [B, Hq, D] bf16 (normed and rotated), k[b], v[b] [Hkv, cap_b, D] bf16 of which the first lengths[b] are row
-// b's -> [B, Hq, D] bf16
+// q [B, Hq, D] bf16 (normed and rotated); k[b], v[b] [Hkv, cap_b, D] of which the first lengths[b] are row b's:
+// bf16, or (kd, vd not empty) a q8_0 cache's int8 blocks with their fp16 scales kd[b], vd[b] [Hkv, cap_b, D/32]
+// -> [B, Hq, D] bf16
 at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::TensorList kd, at::TensorList vd,
                        at::IntArrayRef lengths, double scale) {
-  TORCH_CHECK(kd.empty() && vd.empty(), "portable decode layers: a q8_0 KV cache runs per op (bf16 caches only)");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.is_contiguous() && D % 8 == 0, "portable attention: q");
+  const bool q8 = !kd.empty();
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && q.is_contiguous() && D % (q8 ? 32 : 8) == 0, "portable attention: q");
   TORCH_CHECK(static_cast<int64_t>(k.size()) == B && static_cast<int64_t>(v.size()) == B &&
                   static_cast<int64_t>(lengths.size()) == B, "portable attention: one buffer and length per row");
+  TORCH_CHECK(!q8 || (static_cast<int64_t>(kd.size()) == B && static_cast<int64_t>(vd.size()) == B),
+              "portable attention: a q8_0 cache has one scale buffer per key and value buffer");
   const int64_t Hkv = k[0].size(0), G = Hq / Hkv;
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "portable attention: ", Hq, " query heads over ", Hkv, " KV heads");
   std::vector<float> qf(static_cast<size_t>(B * Hq * D));
@@ -126,10 +157,15 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
   // work items (row, KV head, key block), each writing its own partial result
   std::vector<int64_t> first(static_cast<size_t>(B + 1), 0);  // first[b]: row b's first block index
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(k[b].is_contiguous() && v[b].is_contiguous() && k[b].scalar_type() == at::kBFloat16 &&
-                    v[b].sizes() == k[b].sizes() && k[b].size(0) == Hkv && k[b].size(2) == D &&
-                    lengths[b] >= 1 && lengths[b] <= k[b].size(1),
+    TORCH_CHECK(k[b].is_contiguous() && v[b].is_contiguous() && k[b].scalar_type() == (q8 ? at::kChar : at::kBFloat16) &&
+                    v[b].scalar_type() == k[b].scalar_type() && v[b].sizes() == k[b].sizes() && k[b].dim() == 3 &&
+                    k[b].size(0) == Hkv && k[b].size(2) == D && lengths[b] >= 1 && lengths[b] <= k[b].size(1),
                 "portable attention: row ", b, "'s buffers");
+    if (q8)
+      TORCH_CHECK(kd[b].is_contiguous() && vd[b].is_contiguous() && kd[b].scalar_type() == at::kHalf &&
+                      vd[b].scalar_type() == at::kHalf && kd[b].numel() == k[b].numel() / 32 &&
+                      vd[b].numel() == kd[b].numel(),
+                  "portable attention: row ", b, "'s q8_0 scales");
     first[b + 1] = first[b] + (lengths[b] + kKeyBlock - 1) / kKeyBlock;
   }
   const int64_t per_head = first[B];  // blocks of all rows, for one KV head
@@ -140,10 +176,17 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
       const int64_t hk = i / per_head, blk = i % per_head;
       const int64_t b = std::upper_bound(first.begin(), first.end(), blk) - first.begin() - 1;
       const int64_t s0 = (blk - first[b]) * kKeyBlock, s1 = std::min(lengths[b], s0 + kKeyBlock);
-      const int64_t cap = k[b].size(1);
-      attend_block(qf.data() + (b * Hq + hk * G) * D, G, D, k[b].data_ptr<c10::BFloat16>() + hk * cap * D,
-                   v[b].data_ptr<c10::BFloat16>() + hk * cap * D, s0, s1, static_cast<float>(scale),
-                   parts.data() + i * G * (D + 2), scores);
+      const int64_t head = hk * k[b].size(1);  // the head's first slot
+      const float* qh = qf.data() + (b * Hq + hk * G) * D;
+      float* part = parts.data() + i * G * (D + 2);
+      if (q8) {
+        const Q8Rows kr{k[b].data_ptr<int8_t>() + head * D, kd[b].data_ptr<c10::Half>() + head * (D / 32), D};
+        const Q8Rows vr{v[b].data_ptr<int8_t>() + head * D, vd[b].data_ptr<c10::Half>() + head * (D / 32), D};
+        attend_block(qh, G, D, kr, vr, s0, s1, static_cast<float>(scale), part, scores);
+      } else {
+        const Bf16Rows kr{k[b].data_ptr<c10::BFloat16>() + head * D, D}, vr{v[b].data_ptr<c10::BFloat16>() + head * D, D};
+        attend_block(qh, G, D, kr, vr, s0, s1, static_cast<float>(scale), part, scores);
+      }
     }
   });
   at::Tensor out = at::empty({B, Hq, D}, q.options());
@@ -212,8 +255,8 @@ struct PortableOps {
                                 at::TensorList vd, at::IntArrayRef lengths, double scale) {
     return ::attn_decode(q, k, v, kd, vd, lengths, scale);
   }
-  static void quantize_kv_row(const c10::BFloat16*, int64_t, int8_t*, c10::Half*) {
-    TORCH_CHECK(false, "portable decode layers: a q8_0 KV cache runs per op (bf16 caches only)");
+  static void quantize_kv_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d) {
+    qwen35_steps::q8_0_row(x, D, q, d);
   }
 };
 
@@ -232,13 +275,14 @@ TORCH_LIBRARY_FRAGMENT(qwen35, m) {
         "Tensor k_norm, Tensor cos, Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, Tensor(c!)[] k_scale, "
         "Tensor(d!)[] v_scale, int[] pos, Tensor[] w_o, int[] k_o, Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, "
         "Tensor[] w_down, int[] k_down, int Hq, float eps) -> Tensor");
-  m.def("portable_attn_decode(Tensor q, Tensor[] k, Tensor[] v, int[] lengths, float scale) -> Tensor");
+  m.def("portable_attn_decode(Tensor q, Tensor[] k, Tensor[] v, Tensor[] kd, Tensor[] vd, int[] lengths, "
+        "float scale) -> Tensor");
 }
 
 namespace {
-at::Tensor portable_attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::IntArrayRef lengths,
-                                double scale) {
-  return attn_decode(q.contiguous(), k, v, {}, {}, lengths, scale);
+at::Tensor portable_attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::TensorList kd,
+                                at::TensorList vd, at::IntArrayRef lengths, double scale) {
+  return attn_decode(q.contiguous(), k, v, kd, vd, lengths, scale);
 }
 }  // namespace
 
