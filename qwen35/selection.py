@@ -15,10 +15,15 @@ from .errors import SamplingError
 KERNEL_TOP_K = 64
 
 
-def _kernel_ready(x: torch.Tensor) -> bool:
+def _kernel_ready(x: torch.Tensor):
+    """The top-k kernel for x (top_k_rows, or portable_top_k_rows where the AVX512 library cannot load), or None."""
     from .ops import kernels
 
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1 and kernels.available()
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1):
+        return None
+    if kernels.available():
+        return torch.ops.qwen35.top_k_rows
+    return torch.ops.qwen35.portable_top_k_rows if kernels.portable_available() else None
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
@@ -26,8 +31,9 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     torch). torch's argmax along one long row runs serially without SIMD (~0.2-0.45 ms for 248,320 logits
     here, 1-2% of a 0.8B int4 token); the top-1 kernel reads the row once (~20 us from cache). Rows holding a
     NaN, and machines without the kernels, take `segmented_argmax`. Both tested against torch.argmax."""
-    if x.dim() == 2 and _kernel_ready(x):
-        _, ids, ok = torch.ops.qwen35.top_k_rows(x, 1)
+    op = _kernel_ready(x) if x.dim() == 2 else None
+    if op is not None:
+        _, ids, ok = op(x, 1)
         if bool(ok.all()):
             return ids[:, 0]
     return segmented_argmax(x)
@@ -47,8 +53,9 @@ def segmented_argmax(x: torch.Tensor) -> torch.Tensor:
 def top_k(y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of one row y [V] and their ids, highest first, equal values by ascending id (the
     order a stable sort of the row gives). NaN counts as the largest, as in torch.topk."""
-    if k <= KERNEL_TOP_K and _kernel_ready(y):
-        vals, ids, ok = torch.ops.qwen35.top_k_rows(y[None], k)
+    op = _kernel_ready(y) if k <= KERNEL_TOP_K else None
+    if op is not None:
+        vals, ids, ok = op(y[None], k)
         if bool(ok[0]):
             return vals[0], ids[0]
     vals, ids = y.topk(k)

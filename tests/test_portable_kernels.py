@@ -312,3 +312,27 @@ def test_attention_names_bad_buffers():
         k8 = torch.zeros(2, 10, 64, dtype=torch.int8)
         torch.ops.qwen35.portable_attn_decode(q, [k8], [k8], [torch.zeros(2, 10, 1).half()], [torch.zeros(2, 10, 2).half()],
                                               [5], 0.125)
+
+
+def test_top_k_rows_is_a_stable_sort():
+    """portable_top_k_rows (topk_kernels.cpp in the portable library: 8-wide compares in vector code where the build
+    has no AVX512, as on an AVX2 laptop; this file runs again for such builds) against a stable descending sort:
+    equal values by ascending id, -inf and inf in place, k up to 64; a row holding a NaN is reported, not ranked."""
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(60):
+        V = (248320, 4100, 37, 9)[trial % 4]
+        x = torch.randint(-6, 6, (3, V), generator=gen).float() if trial % 2 else torch.randn(3, V, generator=gen)
+        if trial % 3 == 0:
+            x[1, torch.randint(0, V, (V // 3,), generator=gen)] = float("-inf")
+        if trial % 5 == 0:
+            x[2, torch.randint(0, V, (2,), generator=gen)] = float("inf")
+        k = min(V, (1, 2, 21, 64)[trial % 4])
+        vals, ids, ok = torch.ops.qwen35.portable_top_k_rows(x, k)
+        ref_vals, ref_ids = x.sort(dim=-1, descending=True, stable=True)
+        assert bool(ok.all()) and torch.equal(vals, ref_vals[:, :k]) and torch.equal(ids, ref_ids[:, :k]), (trial, V, k)
+    x = torch.randn(2, 4100, generator=gen)
+    x[1, 4099] = float("nan")  # in the scalar tail
+    x[0, 17] = float("nan")  # in the vector loop
+    assert not torch.ops.qwen35.portable_top_k_rows(x, 3)[2].any()
+    with pytest.raises(RuntimeError, match="portable_top_k_rows: k must be in"):
+        torch.ops.qwen35.portable_top_k_rows(x, 0)

@@ -131,13 +131,31 @@ def test_invalid_params_name_the_parameter(kw, name):
         SamplingParams(**kw)
 
 
-@pytest.mark.parametrize("which", ["argmax", "segmented_argmax"])
-def test_argmax_is_torch_argmax(which):
-    """selection.argmax (the top-1 kernel where it can run) and segmented_argmax (the largest of 8 segments'
-    maxima) pick torch's index: the first maximum, NaN first."""
+def _top_k_kernel(kernel, monkeypatch):
+    """Which top-k kernel selection runs: "avx512" (top_k_rows: the machine's default here), "portable"
+    (portable_top_k_rows, as on a CPU without AVX512), or "torch" (none: torch's own ops)."""
+    from qwen35 import selection
+    from qwen35.ops import kernels
+
+    if kernel == "portable":
+        if not kernels.portable_available():
+            pytest.skip("portable kernels unavailable")
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    elif kernel == "torch":
+        monkeypatch.setattr(selection, "_kernel_ready", lambda x: None)
+    elif not kernels.available():
+        pytest.skip("AVX512 kernels unavailable")
+
+
+@pytest.mark.parametrize("which", ["argmax", "portable argmax", "segmented_argmax"])
+def test_argmax_is_torch_argmax(which, monkeypatch):
+    """selection.argmax (the top-1 kernel where it can run: the AVX512 library's or the portable one's) and
+    segmented_argmax (the largest of 8 segments' maxima) pick torch's index: the first maximum, NaN first."""
     from qwen35 import selection
 
-    argmax = getattr(selection, which)
+    if which == "portable argmax":
+        _top_k_kernel("portable", monkeypatch)
+    argmax = getattr(selection, which.split()[-1])
     gen = torch.Generator().manual_seed(0)
     for trial in range(300):
         V = (248320, 4096, 4100, 100)[trial % 4]
@@ -172,7 +190,7 @@ PARAMS = [dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=1.0, top_
           dict(top_p=0.3, logit_bias={3: 2.5, 7: -100.0}, presence_penalty=-0.5)]
 
 
-@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("kernel", ["avx512", "portable", "torch"])
 @pytest.mark.parametrize("V", [10, 4100, 248320])
 def test_distribution_equals_the_whole_vocabulary_reference(V, kernel, monkeypatch):
     """Sampler.distribution (penalties at their ids, top-k / top-p / min-p from a top-k) gives the probabilities
@@ -180,10 +198,7 @@ def test_distribution_equals_the_whole_vocabulary_reference(V, kernel, monkeypat
     with ties, -inf masks, penalties, biases and a speculative draft's pending tokens: the same support, the
     same values to fp32 rounding. Where a top-p boundary falls inside a run of equal logits, rounding alone
     decides how much of the run stays: there the supports may differ by a token of that run, nothing else."""
-    from qwen35 import selection
-
-    if not kernel:  # torch's topk where the kernels cannot run
-        monkeypatch.setattr(selection, "_kernel_ready", lambda x: False)
+    _top_k_kernel(kernel, monkeypatch)
     gen = torch.Generator().manual_seed(V)
     for n, kw in enumerate(PARAMS):
         for kind in ("randn", "ties", "masked", "few"):
@@ -222,16 +237,14 @@ def test_draws_follow_the_distribution():
     assert bool(((counts - expected).abs() <= 5 * (expected * (1 - p)).sqrt() + 1).all()), (counts[p > 0], expected[p > 0])
 
 
-@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("kernel", ["avx512", "portable", "torch"])
 def test_top_k_is_a_stable_sort(kernel, monkeypatch):
-    """selection.top_k (the kernel up to KERNEL_TOP_K values, torch's topk beyond, and always where the kernels
-    cannot run) gives the first k of a stable descending sort: equal values by ascending id, -inf and inf in
-    place; a row with a NaN as torch.topk."""
-    from qwen35 import selection
+    """selection.top_k (a kernel up to KERNEL_TOP_K values: the AVX512 library's or the portable one's, torch's
+    topk beyond, and always where no kernel can run) gives the first k of a stable descending sort: equal values
+    by ascending id, -inf and inf in place; a row with a NaN as torch.topk."""
     from qwen35.selection import top_k
 
-    if not kernel:
-        monkeypatch.setattr(selection, "_kernel_ready", lambda x: False)
+    _top_k_kernel(kernel, monkeypatch)
 
     gen = torch.Generator().manual_seed(1)
     for trial in range(200):

@@ -161,7 +161,8 @@ def _load() -> tuple[bool, str]:
     return _build("qwen35_cpu_kernels", SOURCES, HEADERS, FLAGS, "kernels")
 
 
-PORTABLE_SOURCES = [Path(__file__).with_name(n) for n in ("portable_kernels.cpp", "portable_layers.cpp")]
+PORTABLE_SOURCES = [Path(__file__).with_name(n) for n in ("portable_kernels.cpp", "portable_layers.cpp",
+                                                          "topk_kernels.cpp")]
 PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "portable_simd.h", "layer_steps.h",
                                                           "decode_plan.h")]
 _portable: dict[str, object] = {}
@@ -179,7 +180,9 @@ def _portable_flags() -> list[str]:
         target = ["-march=native"]
     else:  # aarch64 and the rest: GCC and clang spell it -mcpu
         target = ["-mcpu=native"]
-    return ["-O3", "-ffp-contract=off", "-fno-math-errno"] + target
+    # QWEN35_PORTABLE_LIBRARY: a source both libraries compile (topk_kernels.cpp) registers its op under the
+    # portable name
+    return ["-O3", "-ffp-contract=off", "-fno-math-errno", "-DQWEN35_PORTABLE_LIBRARY"] + target
 
 
 def portable_available() -> bool:
