@@ -2,7 +2,8 @@
 path for, including ARM's, which no test machine here is: tests/portable_simd_check.cpp checks each helper
 against its scalar definition, built for x86-64 (the generic code), x86-64-v3 (AVX2) and this CPU, and cross-built
 for ARMv8.2 with sdot and plain ARMv8 (generic) and run under qemu. The whole portable library (portable_kernels.cpp,
-portable_layers.cpp) is compiled for both ARM targets too (syntax and types, against torch's headers), so an ARM build never breaks unseen.
+portable_layers.cpp, topk_kernels.cpp) is compiled for both ARM targets too (syntax and types, against torch's
+headers), so an ARM build never breaks unseen.
 
 The ARM tools are Debian's g++-aarch64-linux-gnu and qemu-user-static, installed (as root, Debian's registry
 only) when missing, as the browser tests install Chromium; QWEN35_CROSS=0 skips these tests instead."""
@@ -74,11 +75,11 @@ def test_helpers_on_arm_under_qemu(march, arm_tools, tmp_path):
 
 
 @pytest.mark.parametrize("march", list(ARM))
-@pytest.mark.parametrize("source", ["portable_kernels.cpp", "portable_layers.cpp"])
+@pytest.mark.parametrize("source", ["portable_kernels.cpp", "portable_layers.cpp", "topk_kernels.cpp"])
 def test_the_kernels_compile_for_arm(march, source, arm_tools):
     from torch.utils.cpp_extension import include_paths
 
     out = subprocess.run([CROSS, "-std=c++17", "-fsyntax-only", "-O3", f"-march={march}", "-ffp-contract=off",
-                          "-Werror=return-type", *[f"-I{p}" for p in include_paths()], str(KERNELS / source)],
+                          "-DQWEN35_PORTABLE_LIBRARY", "-Werror=return-type", *[f"-I{p}" for p in include_paths()], str(KERNELS / source)],
                          capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
