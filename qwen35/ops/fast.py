@@ -208,8 +208,6 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
     (None). whole_layers=False binds only the per-op kernels, quantized=False leaves quantized weights on
     their reference matmul (layers holding them then run per op): both to test kernels against the
     reference. Returns what was bound."""
-    from ..model.attention import GatedAttention
-    from ..model.decoder import DecoderLayer
     from ..model.deltanet import GatedDeltaNet
     from ..model.mlp import MLP
     from ..model.norm import RMSNorm
@@ -238,8 +236,8 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
                 if _portable_gdn_fits(m) and model.dtype == torch.bfloat16:
                     _override(m, _portable_gdn_decode)  # the whole decode step after the projection
                     report.add("portable_gdn_step")
-            if whole_layers and model.dtype == torch.bfloat16 and model.device.type == "cpu":
-                _bind_portable_layers(model, report)
+            if model.dtype == torch.bfloat16 and model.device.type == "cpu":
+                _bind_layers(model, report, whole_layers, portable=True)
             return report
         return KernelReport(False, why)
     if model.device.type != "cpu" or model.dtype not in (torch.bfloat16, torch.float32):
@@ -269,75 +267,58 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
             m.silu_mul = _silu_mul
         if isinstance(m, GatedDeltaNet) and m.conv_dim % 16 == 0 and 2 <= m.kernel_size <= 8:
             m.conv_silu = _conv_silu
-    if not bf16:
-        return report
-    for layer in model.modules():
-        if not isinstance(layer, DecoderLayer):
-            continue
+    if bf16:
+        _bind_layers(model, report, whole_layers, portable=False)
+    return report
+
+
+def _bind_layers(model, report: KernelReport, whole_layers: bool, portable: bool) -> None:
+    """Every decoder layer whose pieces fit runs its decode step as one C++ call of the library
+    (decode_gdn_layer / decode_attn_layer, the MTP head's layer too; portable_decode_*_layer where the AVX512 one
+    cannot load, kernels/portable_layers.cpp, the decoder's layers only: the MTP head's runs per op there), and
+    the whole stack as one call when all do. whole_layers=False, or a layer that does not fit, leaves the mixer's
+    own step: the AVX512 library's gdn_decode / attn_decode bound here, the portable Gated DeltaNet step bound by
+    the caller (the portable attention has no per-op form)."""
+    from ..model.attention import GatedAttention
+    from ..model.decoder import DecoderLayer
+    from ..model.deltanet import GatedDeltaNet
+    from .layer_decode import portable_attn_layer_decode, portable_gdn_layer_decode
+
+    if portable:
+        prefix, gdn_fits, attn_fits = "portable_", _portable_gdn_fits, _portable_attn_fits
+        gdn_layer, attn_layer, gdn_step, attn_step = portable_gdn_layer_decode, portable_attn_layer_decode, None, None
+    else:
+        prefix, gdn_fits, attn_fits = "", _gdn_fits, _attn_fits
+        gdn_layer, attn_layer, gdn_step, attn_step = gdn_layer_decode, attn_layer_decode, _gdn_decode, _attn_decode
+    layers = model.model.layers if portable else [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    for layer in layers:
         mixer = layer.mixer
         norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         # LoRA adapters (train/lora.py) live in their projections' forward, which a whole-layer kernel never
         # calls: a layer holding one runs per op (the mixer kernels call out_proj / o_proj as modules)
         adapted = any(hasattr(mod, "lora_A") for mod in layer.modules())
-        mlp = _mlp_weights(layer.mlp) if whole_layers and norms and not adapted else None
-        if isinstance(mixer, GatedDeltaNet) and _gdn_fits(mixer):
-            mats = mlp and [_packed(mixer._in_proj), _packed(mixer.out_proj.weight)]
-            if mats and all(mats):
-                layer.layer_args = gdn_layer_args(layer, (*mats, *mlp))
-                _override(layer, gdn_layer_decode)
-                report.add("gdn_layer")
-            else:
-                _override(mixer, _gdn_decode)
-                report.add("gdn_step")
-        elif isinstance(mixer, GatedAttention) and _attn_fits(mixer, model.config.rotary_dim):
-            mats = mlp and mixer._qkv is not None and [_packed(mixer._qkv), _packed(mixer.o_proj.weight)]
-            if mats and all(mats):
-                layer.layer_args = attn_layer_args(layer, (*mats, *mlp))
-                _override(layer, attn_layer_decode)
-                report.add("attn_layer")
-            else:
-                _override(mixer, _attn_decode)
-                report.add("attn_step")
+        mlp = _mlp_weights(layer.mlp, portable) if whole_layers and norms and not adapted else None
+        if isinstance(mixer, GatedDeltaNet) and gdn_fits(mixer):
+            mats = mlp and [_packed(mixer._in_proj, portable), _packed(mixer.out_proj.weight, portable)]
+            layer_form, args, step, kind = gdn_layer, gdn_layer_args, gdn_step, "gdn"
+        elif isinstance(mixer, GatedAttention) and attn_fits(mixer, model.config.rotary_dim):
+            mats = mlp and mixer._qkv is not None and [_packed(mixer._qkv, portable),
+                                                       _packed(mixer.o_proj.weight, portable)]
+            layer_form, args, step, kind = attn_layer, attn_layer_args, attn_step, "attn"
+        else:
+            continue
+        if mats and all(mats):
+            layer.layer_args = args(layer, (*mats, *mlp))
+            _override(layer, layer_form)
+            report.add(f"{prefix}{kind}_layer")
+        elif step is not None:
+            _override(mixer, step)
+            report.add(f"{kind}_step")
     if all("layer_args" in layer.__dict__ for layer in model.model.layers):
         from .decode_stack import DecodeStack
 
-        model.decode_stack = DecodeStack(model)  # the layer loop of a decode step in one call
-        report.add("decode_stack")
-    return report
-
-
-def _bind_portable_layers(model, report: KernelReport) -> None:
-    """Where the AVX512 library cannot load: every decoder layer whose pieces fit runs its decode step as one call
-    of the portable library (portable_decode_gdn_layer / portable_decode_attn_layer, kernels/portable_layers.cpp),
-    and the whole stack as one call when all do; the mixers keep their per-op portable forms for the calls the
-    layers leave (prompts longer than LAYER_MAX_TOKENS, autograd)."""
-    from ..model.attention import GatedAttention
-    from ..model.deltanet import GatedDeltaNet
-    from .layer_decode import portable_attn_layer_decode, portable_gdn_layer_decode
-
-    for layer in model.model.layers:
-        mixer = layer.mixer
-        norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        adapted = any(hasattr(mod, "lora_A") for mod in layer.modules())  # LoRA: see bind_kernels
-        mlp = _mlp_weights(layer.mlp, portable=True) if norms and not adapted else None
-        if isinstance(mixer, GatedDeltaNet) and _portable_gdn_fits(mixer):
-            mats = mlp and [_packed(mixer._in_proj, portable=True), _packed(mixer.out_proj.weight, portable=True)]
-            if mats and all(mats):
-                layer.layer_args = gdn_layer_args(layer, (*mats, *mlp))
-                _override(layer, portable_gdn_layer_decode)
-                report.add("portable_gdn_layer")
-        elif isinstance(mixer, GatedAttention) and _portable_attn_fits(mixer, model.config.rotary_dim):
-            mats = mlp and mixer._qkv is not None and [_packed(mixer._qkv, portable=True),
-                                                       _packed(mixer.o_proj.weight, portable=True)]
-            if mats and all(mats):
-                layer.layer_args = attn_layer_args(layer, (*mats, *mlp))
-                _override(layer, portable_attn_layer_decode)
-                report.add("portable_attn_layer")
-    if all("layer_args" in layer.__dict__ for layer in model.model.layers):
-        from .decode_stack import DecodeStack
-
-        model.decode_stack = DecodeStack(model, portable=True)
-        report.add("portable_decode_stack")
+        model.decode_stack = DecodeStack(model, portable)  # the layer loop of a decode step in one call
+        report.add(prefix + "decode_stack")
 
 
 # -- eligibility: the kernels' compiled-in shapes, checked once at bind time -------------------------
