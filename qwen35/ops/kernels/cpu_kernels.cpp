@@ -358,7 +358,6 @@ void attend_blocks_q8(const c10::BFloat16* q, int64_t B, int64_t Hkv, int64_t G,
                       const std::vector<const int8_t*>& v, const std::vector<const c10::Half*>& vd,
                       const std::vector<int64_t>& cap, at::IntArrayRef lengths, int64_t nblocks, float scale,
                       float* part);
-void quantize_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d);
 }  // namespace qwen35_kv
 namespace {
 
@@ -647,20 +646,9 @@ struct Avx512Ops {
     else
       qwen35_quant::gemv_k_into(kind, x, qs, d, out, ldo);
   }
-  static at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(
-      const at::Tensor& proj, const at::Tensor& conv_state, const at::Tensor& conv_w, const at::Tensor& A_log,
-      const at::Tensor& dt_bias, const at::Tensor& state, const at::Tensor& norm_w, int64_t Hk, double eps,
-      bool in_place) {
-    return gdn_decode_impl(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps, in_place);
-  }
-  static at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::TensorList kd,
-                                at::TensorList vd, at::IntArrayRef lengths, double scale) {
-    return attn_decode_impl(q, k, v, kd, vd, lengths, scale);
-  }
-  static void quantize_kv_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d) {
-    qwen35_kv::quantize_row(x, D, q, d);
-  }
+  static constexpr auto* silu_mul = &::silu_mul;
+  static constexpr auto* gdn_decode = &gdn_decode_impl;
+  static constexpr auto* attn_decode = &attn_decode_impl;
 };
 
 }  // namespace
@@ -726,15 +714,8 @@ TORCH_LIBRARY(qwen35, m) {
         "Tensor norm_w, int Hk, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("conv_silu(Tensor x, Tensor w, Tensor state) -> (Tensor, Tensor)");
   // each matrix: Tensor[] (data, scales per part) and int[] kinds (see Matrix)
-  m.def("decode_gdn_layer(Tensor x, Tensor ln1, Tensor[] w_in, int[] k_in, Tensor conv_state, Tensor conv_w, "
-        "Tensor A_log, Tensor dt_bias, Tensor state, Tensor norm_w, Tensor[] w_out, int[] k_out, Tensor ln2, "
-        "Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hk, float eps, "
-        "bool in_place=False) -> (Tensor, Tensor[], Tensor[])");
-  m.def("decode_attn_layer(Tensor x, Tensor ln1, Tensor[] w_qkv, int[] k_qkv, Tensor q_norm, Tensor k_norm, "
-        "Tensor cos, Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, Tensor(c!)[] k_scale, "
-        "Tensor(d!)[] v_scale, int[] pos, Tensor[] w_o, int[] k_o, "
-        "Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hq, float eps) "
-        "-> Tensor");
+  m.def("decode_gdn_layer" QWEN35_GDN_LAYER_SCHEMA);
+  m.def("decode_attn_layer" QWEN35_ATTN_LAYER_SCHEMA);
   m.def("attn_decode(Tensor q, Tensor[] k, Tensor[] v, int[] lengths, float scale) -> Tensor");
   m.def("attn_decode_q8(Tensor q, Tensor[] k, Tensor[] kd, Tensor[] v, Tensor[] vd, int[] lengths, float scale) "
         "-> Tensor");

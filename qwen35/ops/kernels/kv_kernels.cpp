@@ -14,8 +14,8 @@
 //   stay in L2 across the D/32 passes).
 // The reference is dequantize-then-attend in torch (kv_storage.attend_reference, quantize_query=True).
 //
-// quantize_row: one row of D bf16 values to Q8_0 (layer_steps.h's q8_0_row, the rule the portable library writes
-// by too): the decode step writes the same bytes as the torch path does (tested).
+// New keys and values are written by layer_steps.h's q8_0_row (both libraries): the same bytes as the torch path
+// writes (tested).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -24,8 +24,6 @@
 #include <cstdint>
 #include <immintrin.h>
 #include <vector>
-
-#include "layer_steps.h"
 
 namespace qwen35_attn {
 constexpr int64_t kAttnBlock = 512;  // cpu_kernels.cpp's; checked there by a static_assert on the same name
@@ -259,7 +257,5 @@ void attend_blocks_q8(const c10::BFloat16* q, int64_t B, int64_t Hkv, int64_t G,
     }
   });
 }
-
-void quantize_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d) { qwen35_steps::q8_0_row(x, D, q, d); }
 
 }  // namespace qwen35_kv

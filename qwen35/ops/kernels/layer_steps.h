@@ -11,7 +11,6 @@
 //   silu_mul(gate_up [.., 2I] bf16) -> [.., I] bf16                    silu(gate) rounded to bf16, times up
 //   gdn_decode(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps, in_place) -> (out, conv, state)
 //   attn_decode(q, k, v, kd, vd, lengths, scale) -> [B, Hq, D] bf16
-//   quantize_kv_row(x bf16 [D], D, int8 q [D], fp16 d [D / 32])        a q8_0 cache row, the reference's bytes
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -43,6 +42,17 @@
                   at::IntArrayRef pos, at::TensorList w_o, at::IntArrayRef k_o, const at::Tensor& ln2,              \
                   at::TensorList w_gate_up, at::IntArrayRef k_gate_up, at::TensorList w_down,                       \
                   at::IntArrayRef k_down, int64_t Hq, double eps)
+// ... and their op schemas, after the name each library registers them under
+#define QWEN35_GDN_LAYER_SCHEMA                                                                                     \
+  "(Tensor x, Tensor ln1, Tensor[] w_in, int[] k_in, Tensor conv_state, Tensor conv_w, Tensor A_log, "             \
+  "Tensor dt_bias, Tensor state, Tensor norm_w, Tensor[] w_out, int[] k_out, Tensor ln2, Tensor[] w_gate_up, "     \
+  "int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hk, float eps, bool in_place=False) "                       \
+  "-> (Tensor, Tensor[], Tensor[])"
+#define QWEN35_ATTN_LAYER_SCHEMA                                                                                    \
+  "(Tensor x, Tensor ln1, Tensor[] w_qkv, int[] k_qkv, Tensor q_norm, Tensor k_norm, Tensor cos, Tensor sin, "     \
+  "Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, Tensor(c!)[] k_scale, Tensor(d!)[] v_scale, int[] pos, Tensor[] w_o, "  \
+  "int[] k_o, Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hq, float eps) " \
+  "-> Tensor"
 #define QWEN35_DECODE_LAYERS(Ops)                                                                                   \
   QWEN35_GDN_LAYER(decode_gdn_layer) {                                                                              \
     return qwen35_steps::gdn_layer<Ops>(x, ln1, w_in, k_in, conv_state, conv_w, A_log, dt_bias, state, norm_w,      \
@@ -280,8 +290,8 @@ QWEN35_ATTN_LAYER(attn_layer) {
       for (int64_t hk = 0; hk < Hkv; ++hk) {
         const int64_t at_ = hk * cap + slot;
         norm_rope(row + 2 * Hq * D + hk * D, kn, c, sn, krow.data());
-        Ops::quantize_kv_row(krow.data(), D, kb + at_ * D, kdp + at_ * (D / 32));
-        Ops::quantize_kv_row(row + 2 * Hq * D + Hkv * D + hk * D, D, vb + at_ * D, vdp + at_ * (D / 32));
+        q8_0_row(krow.data(), D, kb + at_ * D, kdp + at_ * (D / 32));
+        q8_0_row(row + 2 * Hq * D + Hkv * D + hk * D, D, vb + at_ * D, vdp + at_ * (D / 32));
       }
     } else {
       auto* kb = k_buf[b].data_ptr<c10::BFloat16>();

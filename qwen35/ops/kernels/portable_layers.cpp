@@ -47,36 +47,7 @@ inline f32x8 bf16x8(const c10::BFloat16* p) {
   return (f32x8)(__builtin_convertvector(load_v<u16x8>(p), u32x8) << 16);
 }
 
-// sum_i a[i] * b[i] over n (a multiple of 8) bf16 values, 8 lanes at a time, then one tree sum
-__attribute__((optimize("fp-contract=fast"))) inline float dot_bf16(const float* a, const c10::BFloat16* b, int64_t n) {
-  f32x8 acc0{}, acc1{};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 += load_v<f32x8>(a + i) * bf16x8(b + i);
-    acc1 += load_v<f32x8>(a + i + 8) * bf16x8(b + i + 8);
-  }
-  for (; i < n; i += 8) acc0 += load_v<f32x8>(a + i) * bf16x8(b + i);
-  return hsum(acc0 + acc1);
-}
-
-// out[m * ldo + j] = x[m] . w[j] for bf16 x [M, K], w [N, K] (K a multiple of 8): fp32 sums, rounded to bf16
-__attribute__((optimize("fp-contract=fast"))) void gemv_bf16(const at::Tensor& x, const at::Tensor& w,
-                                                            c10::BFloat16* out, int64_t ldo) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  std::vector<float> xf(static_cast<size_t>(M * K));
-  const auto* xp = x.data_ptr<c10::BFloat16>();
-  for (int64_t i = 0; i < M * K; ++i) xf[static_cast<size_t>(i)] = static_cast<float>(xp[i]);
-  const auto* wp = w.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m)
-        out[m * ldo + n] = static_cast<c10::BFloat16>(dot_bf16(xf.data() + m * K, wp + n * K, K));
-  });
-}
-
-constexpr int64_t kKeyBlock = 256;  // keys per block of the decode attention
-
-// A row's keys or values as the attention reads them, 8 lanes of fp32 at a time: bf16 as stored, or a q8_0 cache's
+// Rows as the bf16 GEMV and the attention read them, 8 lanes of fp32 at a time: bf16 as stored, or a q8_0 cache's
 // int8 blocks times their fp16 scale (exact in fp32), rounded to bf16 as the torch path's read-back
 // (kv_storage.dequantize_rows to the model's dtype) rounds them
 struct Bf16Rows {
@@ -98,6 +69,35 @@ struct Q8Rows {
   }
 };
 
+// sum_d a[d] * row s of r over n values (a multiple of 8), 8 lanes at a time in two chains, then one tree sum
+template <typename Rows>
+__attribute__((optimize("fp-contract=fast"))) inline float dot(const float* a, const Rows& r, int64_t s, int64_t n) {
+  f32x8 acc0{}, acc1{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 += load_v<f32x8>(a + i) * r.at(s, i);
+    acc1 += load_v<f32x8>(a + i + 8) * r.at(s, i + 8);
+  }
+  for (; i < n; i += 8) acc0 += load_v<f32x8>(a + i) * r.at(s, i);
+  return hsum(acc0 + acc1);
+}
+
+// out[m * ldo + j] = x[m] . w[j] for bf16 x [M, K], w [N, K] (K a multiple of 8): fp32 sums, rounded to bf16
+__attribute__((optimize("fp-contract=fast"))) void gemv_bf16(const at::Tensor& x, const at::Tensor& w,
+                                                            c10::BFloat16* out, int64_t ldo) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<float> xf(static_cast<size_t>(M * K));
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < M * K; ++i) xf[static_cast<size_t>(i)] = static_cast<float>(xp[i]);
+  const Bf16Rows rows{w.data_ptr<c10::BFloat16>(), K};
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) out[m * ldo + n] = static_cast<c10::BFloat16>(dot(xf.data() + m * K, rows, n, K));
+  });
+}
+
+constexpr int64_t kKeyBlock = 256;  // keys per block of the decode attention
+
 // One block of keys [s0, s1) of one KV head for its G query heads (fp32 q [G, D]): each query's running maximum,
 // sum of exp(score - max) and sum of exp(score - max) v, written to part [G, D + 2] as (acc..., max, sum)
 template <typename Rows>
@@ -110,14 +110,7 @@ __attribute__((optimize("fp-contract=fast"))) void attend_block(const float* q, 
     const float* qg = q + g * D;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t s = 0; s < n; ++s) {
-      f32x8 a0{}, a1{};
-      int64_t d = 0;
-      for (; d + 16 <= D; d += 16) {
-        a0 += load_v<f32x8>(qg + d) * k.at(s0 + s, d);
-        a1 += load_v<f32x8>(qg + d + 8) * k.at(s0 + s, d + 8);
-      }
-      for (; d < D; d += 8) a0 += load_v<f32x8>(qg + d) * k.at(s0 + s, d);
-      scores[s] = hsum(a0 + a1) * scale;
+      scores[s] = dot(qg, k, s0 + s, D) * scale;
       mx = std::max(mx, scores[s]);
     }
     float* acc = part + g * (D + 2);
@@ -240,24 +233,10 @@ struct PortableOps {
     TORCH_CHECK(x.size(1) % 8 == 0, "portable decode layers: bf16 matrices need a multiple of 8 columns");
     gemv_bf16(x, w, out, ldo);
   }
-  static void gemv_quant_into(int64_t kind, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
-                              c10::BFloat16* out, int64_t ldo) {
-    qwen35_portable::gemv_into(kind, x, qs, d, out, ldo);
-  }
-  static at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(
-      const at::Tensor& proj, const at::Tensor& conv_state, const at::Tensor& conv_w, const at::Tensor& A_log,
-      const at::Tensor& dt_bias, const at::Tensor& state, const at::Tensor& norm_w, int64_t Hk, double eps,
-      bool in_place) {
-    return qwen35_portable::gdn_decode(proj, conv_state, conv_w, A_log, dt_bias, state, norm_w, Hk, eps, in_place);
-  }
-  static at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, at::TensorList kd,
-                                at::TensorList vd, at::IntArrayRef lengths, double scale) {
-    return ::attn_decode(q, k, v, kd, vd, lengths, scale);
-  }
-  static void quantize_kv_row(const c10::BFloat16* x, int64_t D, int8_t* q, c10::Half* d) {
-    qwen35_steps::q8_0_row(x, D, q, d);
-  }
+  static constexpr auto* gemv_quant_into = &qwen35_portable::gemv_into;
+  static constexpr auto* silu_mul = &::silu_mul;
+  static constexpr auto* gdn_decode = &qwen35_portable::gdn_decode;
+  static constexpr auto* attn_decode = &::attn_decode;
 };
 
 }  // namespace
@@ -267,14 +246,8 @@ QWEN35_DECODE_LAYERS(PortableOps)
 }  // namespace qwen35_portable_layers
 
 TORCH_LIBRARY_FRAGMENT(qwen35, m) {
-  m.def("portable_decode_gdn_layer(Tensor x, Tensor ln1, Tensor[] w_in, int[] k_in, Tensor conv_state, "
-        "Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, Tensor norm_w, Tensor[] w_out, int[] k_out, "
-        "Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, Tensor[] w_down, int[] k_down, int Hk, float eps, "
-        "bool in_place=False) -> (Tensor, Tensor[], Tensor[])");
-  m.def("portable_decode_attn_layer(Tensor x, Tensor ln1, Tensor[] w_qkv, int[] k_qkv, Tensor q_norm, "
-        "Tensor k_norm, Tensor cos, Tensor sin, Tensor(a!)[] k_buf, Tensor(b!)[] v_buf, Tensor(c!)[] k_scale, "
-        "Tensor(d!)[] v_scale, int[] pos, Tensor[] w_o, int[] k_o, Tensor ln2, Tensor[] w_gate_up, int[] k_gate_up, "
-        "Tensor[] w_down, int[] k_down, int Hq, float eps) -> Tensor");
+  m.def("portable_decode_gdn_layer" QWEN35_GDN_LAYER_SCHEMA);
+  m.def("portable_decode_attn_layer" QWEN35_ATTN_LAYER_SCHEMA);
   m.def("portable_attn_decode(Tensor q, Tensor[] k, Tensor[] v, Tensor[] kd, Tensor[] vd, int[] lengths, "
         "float scale) -> Tensor");
 }
