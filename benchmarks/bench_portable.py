@@ -127,17 +127,7 @@ def llama_cpp_table(args, laptop: dict) -> dict:
 
     version = llamacpp.ensure_installed()
     model = Path(args.model)
-    work = HERE / ".cache" / "gguf" / model.name
-    files = {k: work / f"model-{k}.gguf" for k in ("bf16", "q8_0", "q4_k_m")}
-    work.mkdir(parents=True, exist_ok=True)
-    c = llamacpp.convert(model, files["bf16"], "bf16", replica_tokenizer())
-    if "error" in c:
-        raise SystemExit(f"llama.cpp's converter failed: {c['error']}")
-    for k in ("q8_0", "q4_k_m"):
-        if not c.get("cached") or not files[k].is_file():
-            q = llamacpp.quantize(files["bf16"], files[k], k)
-            if "error" in q:
-                raise SystemExit(f"llama.cpp's quantizer failed ({k}): {q['error']}")
+    files = llamacpp.made_ggufs(model, model.name, ("q8_0", "q4_k_m"), replica_tokenizer())
     runs = {"qwen35 int8": ("int8", None), "qwen35 int4": ("int4", None),
             "llama.cpp Q8_0": (None, "q8_0"), "llama.cpp Q4_K_M": (None, "q4_k_m")}
     rows = {k: [] for k in runs}

@@ -12,6 +12,17 @@ import replica  # noqa: E402
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
+@pytest.fixture
+def without_avx512(monkeypatch):
+    """A CPU the AVX512 library cannot run on (most laptops): bind_kernels binds the portable library."""
+    from qwen35.ops import kernels
+
+    if not kernels.portable_available():
+        pytest.skip(f"portable kernels unavailable: {kernels.portable_reason()}")
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "this CPU lacks AVX512-BF16 or AVX512-VNNI")
+
+
 @pytest.fixture(scope="session")
 def vlm_replicas(tmp_path_factory):
     """value_mult -> (hf_model, checkpoint path), built once per session."""

@@ -149,17 +149,6 @@ def _in_place_check(tiny_dir, stacked, bound):
         assert torch.equal(view, before[-1])
 
 
-@pytest.fixture
-def without_avx512(monkeypatch):
-    """A CPU the AVX512 library cannot run on (most laptops): bind_kernels binds the portable library."""
-    from qwen35.ops import kernels
-
-    if not kernels.portable_available():
-        pytest.skip(f"portable kernels unavailable: {kernels.portable_reason()}")
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "this CPU lacks AVX512-BF16 or AVX512-VNNI")
-
-
 @pytest.mark.parametrize("quant,kv_cache", [(None, "bf16"), ("int4", "q8_0"), ("int8", "bf16"), ("int4", "bf16")])
 def test_portable_decode_stack_is_its_per_layer_path_bit_for_bit(tiny_dir, quant, kv_cache, without_avx512):
     """Without AVX512 the layers' decode steps run as the portable library's whole-layer calls, the stack as one

@@ -131,30 +131,29 @@ def test_invalid_params_name_the_parameter(kw, name):
         SamplingParams(**kw)
 
 
-def _top_k_kernel(kernel, monkeypatch):
+def _top_k_kernel(kernel, request):
     """Which top-k kernel selection runs: "avx512" (top_k_rows: the machine's default here), "portable"
-    (portable_top_k_rows, as on a CPU without AVX512), or "torch" (none: torch's own ops)."""
+    (portable_top_k_rows, as on a CPU without AVX512: conftest's without_avx512), or "torch" (none: torch's own
+    ops)."""
     from qwen35 import selection
     from qwen35.ops import kernels
 
     if kernel == "portable":
-        if not kernels.portable_available():
-            pytest.skip("portable kernels unavailable")
-        monkeypatch.setattr(kernels, "available", lambda: False)
+        request.getfixturevalue("without_avx512")
     elif kernel == "torch":
-        monkeypatch.setattr(selection, "_kernel_ready", lambda x: None)
+        request.getfixturevalue("monkeypatch").setattr(selection, "_kernel_ready", lambda x: None)
     elif not kernels.available():
         pytest.skip("AVX512 kernels unavailable")
 
 
 @pytest.mark.parametrize("which", ["argmax", "portable argmax", "segmented_argmax"])
-def test_argmax_is_torch_argmax(which, monkeypatch):
+def test_argmax_is_torch_argmax(which, request):
     """selection.argmax (the top-1 kernel where it can run: the AVX512 library's or the portable one's) and
     segmented_argmax (the largest of 8 segments' maxima) pick torch's index: the first maximum, NaN first."""
     from qwen35 import selection
 
     if which == "portable argmax":
-        _top_k_kernel("portable", monkeypatch)
+        _top_k_kernel("portable", request)
     argmax = getattr(selection, which.split()[-1])
     gen = torch.Generator().manual_seed(0)
     for trial in range(300):
@@ -192,13 +191,13 @@ PARAMS = [dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=1.0, top_
 
 @pytest.mark.parametrize("kernel", ["avx512", "portable", "torch"])
 @pytest.mark.parametrize("V", [10, 4100, 248320])
-def test_distribution_equals_the_whole_vocabulary_reference(V, kernel, monkeypatch):
+def test_distribution_equals_the_whole_vocabulary_reference(V, kernel, request):
     """Sampler.distribution (penalties at their ids, top-k / top-p / min-p from a top-k) gives the probabilities
     of reference_distribution (the formulas over the whole vocabulary, a stable sort for top-p, float64),
     with ties, -inf masks, penalties, biases and a speculative draft's pending tokens: the same support, the
     same values to fp32 rounding. Where a top-p boundary falls inside a run of equal logits, rounding alone
     decides how much of the run stays: there the supports may differ by a token of that run, nothing else."""
-    _top_k_kernel(kernel, monkeypatch)
+    _top_k_kernel(kernel, request)
     gen = torch.Generator().manual_seed(V)
     for n, kw in enumerate(PARAMS):
         for kind in ("randn", "ties", "masked", "few"):
@@ -238,13 +237,13 @@ def test_draws_follow_the_distribution():
 
 
 @pytest.mark.parametrize("kernel", ["avx512", "portable", "torch"])
-def test_top_k_is_a_stable_sort(kernel, monkeypatch):
+def test_top_k_is_a_stable_sort(kernel, request):
     """selection.top_k (a kernel up to KERNEL_TOP_K values: the AVX512 library's or the portable one's, torch's
     topk beyond, and always where no kernel can run) gives the first k of a stable descending sort: equal values
     by ascending id, -inf and inf in place; a row with a NaN as torch.topk."""
     from qwen35.selection import top_k
 
-    _top_k_kernel(kernel, monkeypatch)
+    _top_k_kernel(kernel, request)
 
     gen = torch.Generator().manual_seed(1)
     for trial in range(200):
