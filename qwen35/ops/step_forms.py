@@ -1,0 +1,77 @@
+"""The per-op bound forms that ops/fast.bind_kernels puts on modules (module.forward or a module's function
+attribute): RMSNorm, the MLP's SiLU*up, the Gated DeltaNet conv + SiLU, and the two mixers' decode steps. Each
+returns None (or the reference's result) for a call its kernel does not take, so binding never changes what a
+call means; the whole-layer forms are in layer_decode.py."""
+
+from __future__ import annotations
+
+import torch
+
+from .linear import linear
+
+
+def _decoding(x: torch.Tensor, state) -> bool:
+    """The calls the decode kernels take: one token per row, with a cache, no autograd."""
+    return x.shape[1] == 1 and state is not None and not torch.is_grad_enabled()
+
+
+def _rmsnorm(norm, x):
+    if torch.is_grad_enabled() or x.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return torch.ops.qwen35.rmsnorm(x.contiguous(), norm.weight, norm.eps, True)
+
+
+def _silu_mul(gate_up):
+    if torch.is_grad_enabled() or gate_up.dtype != torch.bfloat16:
+        from ..model.mlp import silu_mul
+
+        return silu_mul(gate_up)
+    return torch.ops.qwen35.silu_mul(gate_up)
+
+
+def _conv_silu(x, weight, state=None, tap_mask=None):
+    if tap_mask is not None or torch.is_grad_enabled() or x.dtype != torch.bfloat16:
+        from .causal_conv import causal_conv1d_silu
+
+        return causal_conv1d_silu(x, weight, state, tap_mask)
+    B, _, C = x.shape
+    prev = state if state is not None else x.new_zeros(B, weight.shape[-1] - 1, C)
+    x = x if x.stride(-1) == 1 else x.contiguous()  # a column slice of the fused projection is read in place
+    return torch.ops.qwen35.conv_silu(x, weight.contiguous(), prev.contiguous())
+
+
+def _gdn_decode(gdn, x, state=None, ctx=None, mode="auto", op: str = "gdn_decode"):
+    """The Gated DeltaNet mixer's decode step: projections, then conv, gates, delta rule and gated norm in
+    one C++ call (gdn_decode, or portable_gdn_decode where the AVX512 library cannot load)."""
+    if not _decoding(x, state):
+        return None
+    B = x.shape[0]
+    proj = linear(x.reshape(B, -1), gdn._in_proj)
+    out, state.conv, state.recurrent = getattr(torch.ops.qwen35, op)(
+        proj, state.conv.contiguous(), gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias,
+        state.recurrent.contiguous(), gdn.norm.weight, gdn.num_k_heads, gdn.norm.eps)
+    return gdn.out_proj(out.view(B, 1, gdn.value_dim))
+
+
+def _portable_gdn_decode(gdn, x, state=None, ctx=None, mode="auto"):
+    return _gdn_decode(gdn, x, state, ctx, mode, op="portable_gdn_decode")
+
+
+def _attn_decode(attn, x, state=None, ctx=None):
+    """The attention mixer's decode step: the reference projections, then each row's query against its
+    own keys (flash-decoding over per-row buffers, attn_decode)."""
+    if not _decoding(x, state):
+        return None
+    q, k, v, gate = attn.project(x, ctx.rope)
+    B = q.shape[0]
+    bufs = state.append(k, v)  # each row's buffer, holding length + 1 tokens now
+    lengths = [r.length + 1 for r in state.rows]
+    q = q.reshape(B, attn.num_heads, attn.head_dim).contiguous()
+    if state.kv_cache == "q8_0":  # the int8 blocks and their scales, read in place
+        out = torch.ops.qwen35.attn_decode_q8(q, [b.k for b in bufs], [b.kd for b in bufs],
+                                              [b.v for b in bufs], [b.vd for b in bufs], lengths,
+                                              attn.head_dim**-0.5)
+    else:
+        out = torch.ops.qwen35.attn_decode(q, [b.k for b in bufs], [b.v for b in bufs], lengths,
+                                           attn.head_dim**-0.5)
+    return attn.output(out.view(B, attn.num_heads, 1, attn.head_dim), gate)
