@@ -83,6 +83,18 @@ def test_dequantize_writes_the_reference_bits(scheme):
         torch.ops.qwen35.portable_dequant_bf16_out(w.qs, w.d, KIND[scheme], torch.empty(12, 512, dtype=torch.bfloat16))
 
 
+def test_dequantize_rounds_non_finite_scales_as_torch_does():
+    # a corrupted scale (inf, NaN) gives what torch's rounding of the reference gives
+    w = QuantizedWeight.quantize("q8_0", torch.randn(3, 64, generator=torch.Generator().manual_seed(6)))
+    d = w.d.clone()
+    d[0, 0], d[1, 1], d[2, 0] = float("inf"), float("nan"), -float("inf")
+    ref = formats.dequantize("q8_0", w.qs, d, torch.bfloat16)
+    out = torch.empty(3, 64, dtype=torch.bfloat16)
+    torch.ops.qwen35.portable_dequant_bf16_out(w.qs, d, 1, out)
+    assert ref.isnan().any() and ref.isinf().any() and torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.masked_fill(out.isnan(), 0), ref.masked_fill(ref.isnan(), 0))
+
+
 @pytest.mark.parametrize("scheme", list(KIND))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_quantizers_write_the_reference_bytes(scheme, dtype):
