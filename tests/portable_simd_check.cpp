@@ -28,6 +28,32 @@ static int failures = 0;
 
 static bool same_bits(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
 
+// exp8's definition in scalar fp32: the clamp, n = x log2(e) rounded to nearest even, the two-part reduction, the
+// polynomial, times 2^n
+static float exp_ref(float x) {
+  x = x > 88.3f ? 88.3f : x;
+  x = x < -87.3f ? -87.3f : x;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + (r + 1.f);
+  return p * std::ldexp(1.f, static_cast<int>(n));
+}
+// c10::BFloat16's rounding of an fp32 (nearest even; NaN to 0x7FC0), widened back to fp32
+static float bf16_ref(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = std::isnan(v) ? 0x7FC00000u : ((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
 int main() {
 #if defined(__AVX2__)
   std::printf("dot products: AVX2\n");
@@ -107,6 +133,39 @@ int main() {
       const f32x8 t = twice(a, h);
       for (int l = 0; l < 8; ++l) CHECK(same_bits(t[l], a[4 * h + l % 4]), "twice lane %d", l);
     }
+  }
+  // exp8 against its scalar definition bit for bit, and within 3 ulp of the C library's expf over the unclamped
+  // range; beyond it the clamp's values; NaN stays NaN
+  for (int trial = 0; trial < 20000; ++trial) {
+    f32x8 x;
+    for (int l = 0; l < 8; ++l) x[l] = -87.f + 175.f * static_cast<float>(next() >> 8) / 16777216.f;
+    if (trial % 3 == 1)
+      for (int l = 0; l < 8; ++l) x[l] = (x[l] - 0.5f) / 8.f;  // near 0, where SiLU's exponentials mostly are
+    const f32x8 e = exp8(x);
+    for (int l = 0; l < 8; ++l) {
+      CHECK(same_bits(e[l], exp_ref(x[l])), "exp8 lane %d x %.9g: %.9g vs %.9g", l, x[l], e[l], exp_ref(x[l]));
+      const double want = std::exp(static_cast<double>(x[l]));
+      CHECK(std::fabs(e[l] - want) <= 3 * want * 0x1p-24, "exp8 x %.9g: %.9g vs %.9g", x[l], e[l], want);
+    }
+  }
+  {
+    const f32x8 e = exp8(f32x8{-1e30f, -100.f, 100.f, 1e30f, NAN, -87.3f, 88.3f, 0.f});
+    CHECK(same_bits(e[0], exp_ref(-87.3f)) && same_bits(e[1], exp_ref(-87.3f)), "exp8 below the range");
+    CHECK(same_bits(e[2], exp_ref(88.3f)) && same_bits(e[3], exp_ref(88.3f)) && std::isfinite(e[3]), "exp8 above");
+    CHECK(std::isnan(e[4]) && e[7] == 1.f, "exp8 of NaN and 0");
+  }
+  // round_bf16x8 against c10's rule on random bit patterns (NaNs, infinities, ties and subnormals among them)
+  for (int trial = 0; trial < 20000; ++trial) {
+    f32x8 v;
+    for (int l = 0; l < 8; ++l) {
+      uint32_t u = next();
+      if (l == 1) u = (u & 0xFFFF0000u) | 0x8000u;          // a tie
+      if (l == 2) u = 0x7F800000u | (u & 0x807FFFFFu);      // inf or NaN
+      if (l == 3) u &= 0x807FFFFFu;                         // subnormal
+      std::memcpy(&v[l], &u, 4);
+    }
+    const f32x8 r = round_bf16x8(v);
+    for (int l = 0; l < 8; ++l) CHECK(same_bits(r[l], bf16_ref(v[l])), "round_bf16x8 lane %d trial %d", l, trial);
   }
   // every fp16 bit pattern, against the hardware's or the standard's conversion
   for (uint32_t h = 0; h < 65536; h += 4) {

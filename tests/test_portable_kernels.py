@@ -128,6 +128,8 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     mixers = [m for m in model.modules() if hasattr(m, "delta_rule")]
     assert report.bound["portable_delta_rule"] == report.bound["portable_gdn_step"] == len(mixers)
     assert all(m.delta_rule is fast.portable_delta_rule and m.forward.kernel == "_portable_gdn_decode" for m in mixers)
+    assert report.bound["portable_conv_silu"] == len(mixers)  # prefill's conv + SiLU
+    assert all(m.conv_silu is fast._portable_conv_silu for m in mixers)
     # and a decode step is one call of the portable library (kernels/portable_layers.cpp)
     assert report.bound["portable_gdn_layer"] + report.bound["portable_attn_layer"] == len(model.model.layers)
     assert report.bound["portable_decode_stack"] == 1 and model.decode_stack.portable
@@ -139,6 +141,7 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     fast.bind_kernels(model, False)
     assert not any(w.portable for w in objects) and not any(m.delta_rule is fast.portable_delta_rule for m in mixers)
     assert not any("forward" in m.__dict__ for m in mixers)
+    assert not any(m.conv_silu is fast._portable_conv_silu for m in mixers)
 
 
 @pytest.mark.skipif("QWEN35_PORTABLE_MARCH" in os.environ or platform.machine() not in ("x86_64", "AMD64"),
@@ -263,6 +266,48 @@ def test_gdn_decode_step_refuses_what_does_not_fit():
     with pytest.raises(RuntimeError, match="portable_gdn_decode: state, A_log, dt_bias and norm_w must be fp32"):
         torch.ops.qwen35.portable_gdn_decode(proj, conv, *args, torch.zeros(1, 4, 64, 64).bfloat16(), layer.norm.weight,
                                              2, 1e-6)
+
+
+@pytest.mark.parametrize("B,T,C,K", [(1, 1, 96, 4), (2, 5, 96, 4), (2, 70, 104, 4), (1, 300, 64, 2), (3, 9, 24, 8),
+                                     (1, 2, 16, 5)])
+def test_conv_silu_equals_the_reference(B, T, C, K):
+    """Prefill's causal conv + SiLU (T tokens, fewer than the taps too): the conv output is the reference's bit for
+    bit (the same exact products summed in its order), so its SiLU differs from torch's by at most one bf16 step
+    (the exponentials' last bits), and the state is the last K-1 inputs exactly."""
+    from qwen35.ops.causal_conv import causal_conv1d
+
+    g = torch.Generator().manual_seed(B * T * C + K)
+    x = (torch.randn(B, T, C, generator=g) * 3).bfloat16()
+    w, state = torch.randn(C, K, generator=g).bfloat16(), torch.randn(B, K - 1, C, generator=g).bfloat16()
+    y, new_state = torch.ops.qwen35.portable_conv_silu(x, w, state)
+    conv, ref_state = causal_conv1d(x, w, state)
+    ref = torch.nn.functional.silu(conv)
+    assert torch.equal(new_state, ref_state)
+    step = ref.float().abs() * 2**-7  # one bf16 step at the reference's magnitude (8 significant bits)
+    assert ((y.float() - ref.float()).abs() <= step).all()
+    assert (y == ref).float().mean() > 0.99
+    assert torch.equal(torch.ops.qwen35.portable_conv_silu(x, w, state)[0], y)  # the same bits each call
+
+
+def test_conv_silu_reads_a_column_slice_and_names_what_does_not_fit():
+    """Prefill hands it the qkv columns of the fused projection's output (rows at the wider stride): the same
+    bits as a contiguous copy. Strided channels, channel counts not a multiple of 8, a state of another shape and
+    other dtypes are refused by name."""
+    wide = torch.randn(2, 37, 160).bfloat16()
+    x = wide[..., 16:112]
+    w, state = torch.randn(96, 4).bfloat16(), torch.randn(2, 3, 96).bfloat16()
+    y, new_state = torch.ops.qwen35.portable_conv_silu(x, w, state)
+    y_ref, state_ref = torch.ops.qwen35.portable_conv_silu(x.contiguous(), w, state)
+    assert y.is_contiguous() and torch.equal(y, y_ref) and torch.equal(new_state, state_ref)
+    with pytest.raises(RuntimeError, match="portable_conv_silu: x \\[B, T, C\\] with contiguous channels"):
+        torch.ops.qwen35.portable_conv_silu(torch.randn(2, 37, 192).bfloat16()[..., ::2], w, state)
+    with pytest.raises(RuntimeError, match=r"sizes do not fit: x \[2, 37, 92\], w \[92, 4\], state \[2, 3, 92\] "
+                                           r"\(channels a multiple of 8, 2-8 taps\)"):
+        torch.ops.qwen35.portable_conv_silu(x[..., :92], w[:92].contiguous(), state[..., :92].contiguous())
+    with pytest.raises(RuntimeError, match="sizes do not fit"):
+        torch.ops.qwen35.portable_conv_silu(x, w, state[:, :2].contiguous())
+    with pytest.raises(RuntimeError, match="portable_conv_silu: x, w and state must be bf16"):
+        torch.ops.qwen35.portable_conv_silu(x.float(), w, state)
 
 
 @pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (4, 4, 64), (6, 2, 40)])

@@ -35,7 +35,15 @@ from . import kernels
 from .gated_delta import gated_delta_rule, recurrent_gated_delta_rule
 from .layer_decode import attn_layer_args, attn_layer_decode, gdn_layer_args, gdn_layer_decode
 from .linear import Linear
-from .step_forms import _attn_decode, _conv_silu, _gdn_decode, _portable_gdn_decode, _rmsnorm, _silu_mul
+from .step_forms import (
+    _attn_decode,
+    _conv_silu,
+    _gdn_decode,
+    _portable_conv_silu,
+    _portable_gdn_decode,
+    _rmsnorm,
+    _silu_mul,
+)
 
 GEMV_MAX_ROWS = 8  # beyond this, torch's GEMM (compute-bound, oneDNN) wins
 SMALL_MODEL_PARAMS = 50_000_000
@@ -238,6 +246,9 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
                 if _portable_gdn_fits(m) and model.dtype == torch.bfloat16:
                     _override(m, _portable_gdn_decode)  # the whole decode step after the projection
                     report.add("portable_gdn_step")
+                if model.dtype == torch.bfloat16 and m.conv_dim % 8 == 0 and 2 <= m.kernel_size <= 8:
+                    m.conv_silu = _portable_conv_silu  # prefill's conv + SiLU over a chunk
+                    report.add("portable_conv_silu")
             if model.dtype == torch.bfloat16 and model.device.type == "cpu":
                 _bind_layers(model, report, whole_layers, portable=True)
             return report

@@ -29,7 +29,9 @@ def _silu_mul(gate_up):
     return torch.ops.qwen35.silu_mul(gate_up)
 
 
-def _conv_silu(x, weight, state=None, tap_mask=None):
+def _conv_silu(x, weight, state=None, tap_mask=None, op: str = "conv_silu"):
+    """The Gated DeltaNet's causal conv + SiLU over a chunk: conv_silu, or portable_conv_silu where the AVX512
+    library cannot load."""
     if tap_mask is not None or torch.is_grad_enabled() or x.dtype != torch.bfloat16:
         from .causal_conv import causal_conv1d_silu
 
@@ -37,7 +39,11 @@ def _conv_silu(x, weight, state=None, tap_mask=None):
     B, _, C = x.shape
     prev = state if state is not None else x.new_zeros(B, weight.shape[-1] - 1, C)
     x = x if x.stride(-1) == 1 else x.contiguous()  # a column slice of the fused projection is read in place
-    return torch.ops.qwen35.conv_silu(x, weight.contiguous(), prev.contiguous())
+    return getattr(torch.ops.qwen35, op)(x, weight.contiguous(), prev.contiguous())
+
+
+def _portable_conv_silu(x, weight, state=None, tap_mask=None):
+    return _conv_silu(x, weight, state, tap_mask, op="portable_conv_silu")
 
 
 def _gdn_decode(gdn, x, state=None, ctx=None, mode="auto", op: str = "gdn_decode"):

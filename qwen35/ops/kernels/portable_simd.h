@@ -209,4 +209,32 @@ inline f32x4 sum4(f32x8 a, f32x8 b, f32x8 c, f32x8 d) {
 // One vector's sum in the same order as sum4's lanes: a row's result does not depend on the rows summed beside it
 inline float hsum(f32x8 v) { return sum4(v, f32x8{}, f32x8{}, f32x8{})[0]; }
 
+// e^x in 8 lanes: Cephes' expf (the AVX512 library's exp512: range reduction by ln 2 in two parts, a degree-7
+// polynomial, the exponent added in integer), here without fused multiply-adds; within ~2 ulp of expf. x is
+// clamped to [-87.3, 88.3], where 2^n stays a normal fp32.
+inline f32x8 exp8(f32x8 x) {
+  const f32x8 hi = f32x8{} + 88.3f, lo = f32x8{} - 87.3f;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const f32x8 magic = f32x8{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to nearest even
+  const f32x8 n = (x * 1.44269504088896341f + magic) - magic;
+  f32x8 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  f32x8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + (r + 1.f);
+  return p * (f32x8)((__builtin_convertvector(n, i32x8) + 127) << 23);
+}
+
+// fp32 lanes rounded to bf16 (nearest even, NaN to 0x7FC0: c10::BFloat16's rule), kept as fp32 lanes
+inline f32x8 round_bf16x8(f32x8 v) {
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  const u32x8 u = (u32x8)v;
+  const u32x8 r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return (f32x8)(v != v ? u32x8{} + 0x7FC00000u : r);
+}
+
 }  // namespace psimd
