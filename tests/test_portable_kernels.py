@@ -130,6 +130,8 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     assert all(m.delta_rule is fast.portable_delta_rule and m.forward.kernel == "_portable_gdn_decode" for m in mixers)
     assert report.bound["portable_conv_silu"] == len(mixers)  # prefill's conv + SiLU
     assert all(m.conv_silu is fast._portable_conv_silu for m in mixers)
+    mlps = [m for m in model.modules() if hasattr(m, "silu_mul")]
+    assert report.bound["portable_silu_mul"] == len(mlps) and all(m.silu_mul is fast._portable_silu_mul for m in mlps)
     # and a decode step is one call of the portable library (kernels/portable_layers.cpp)
     assert report.bound["portable_gdn_layer"] + report.bound["portable_attn_layer"] == len(model.model.layers)
     assert report.bound["portable_decode_stack"] == 1 and model.decode_stack.portable
@@ -142,6 +144,7 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     assert not any(w.portable for w in objects) and not any(m.delta_rule is fast.portable_delta_rule for m in mixers)
     assert not any("forward" in m.__dict__ for m in mixers)
     assert not any(m.conv_silu is fast._portable_conv_silu for m in mixers)
+    assert not any(m.silu_mul is fast._portable_silu_mul for m in mlps)
 
 
 @pytest.mark.skipif("QWEN35_PORTABLE_MARCH" in os.environ or platform.machine() not in ("x86_64", "AMD64"),
@@ -287,6 +290,20 @@ def test_conv_silu_equals_the_reference(B, T, C, K):
     assert ((y.float() - ref.float()).abs() <= step).all()
     assert (y == ref).float().mean() > 0.99
     assert torch.equal(torch.ops.qwen35.portable_conv_silu(x, w, state)[0], y)  # the same bits each call
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 3584), (2, 70, 2 * 96), (3, 2 * 13), (1, 2)])
+def test_silu_mul_equals_the_reference(shape):
+    """The MLP's silu(gate) * up (decode rows, prefill chunks, widths that are no multiple of 8): torch's bf16
+    roundings (silu, then the product), the exponentials' last bits aside: within one bf16 step, nearly all equal."""
+    from qwen35.model.mlp import silu_mul
+
+    g = torch.Generator().manual_seed(sum(shape))
+    gate_up = (torch.randn(*shape, generator=g) * 4).bfloat16()
+    out, ref = torch.ops.qwen35.portable_silu_mul(gate_up), silu_mul(gate_up)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all()
+    assert (out == ref).float().mean() > 0.99
 
 
 def test_conv_silu_reads_a_column_slice_and_names_what_does_not_fit():

@@ -41,6 +41,7 @@ from .step_forms import (
     _gdn_decode,
     _portable_conv_silu,
     _portable_gdn_decode,
+    _portable_silu_mul,
     _rmsnorm,
     _silu_mul,
 )
@@ -250,6 +251,10 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
                     m.conv_silu = _portable_conv_silu  # prefill's conv + SiLU over a chunk
                     report.add("portable_conv_silu")
             if model.dtype == torch.bfloat16 and model.device.type == "cpu":
+                for m in model.modules():
+                    if isinstance(m, MLP):
+                        m.silu_mul = _portable_silu_mul  # prefill's (and per-op decode's) silu(gate) * up
+                        report.add("portable_silu_mul")
                 _bind_layers(model, report, whole_layers, portable=True)
             return report
         return KernelReport(False, why)

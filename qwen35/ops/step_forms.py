@@ -21,12 +21,17 @@ def _rmsnorm(norm, x):
     return torch.ops.qwen35.rmsnorm(x.contiguous(), norm.weight, norm.eps, True)
 
 
-def _silu_mul(gate_up):
+def _silu_mul(gate_up, op: str = "silu_mul"):
+    """The MLP's silu(gate) * up: silu_mul, or portable_silu_mul where the AVX512 library cannot load."""
     if torch.is_grad_enabled() or gate_up.dtype != torch.bfloat16:
         from ..model.mlp import silu_mul
 
         return silu_mul(gate_up)
-    return torch.ops.qwen35.silu_mul(gate_up)
+    return getattr(torch.ops.qwen35, op)(gate_up.contiguous())
+
+
+def _portable_silu_mul(gate_up):
+    return _silu_mul(gate_up, op="portable_silu_mul")
 
 
 def _conv_silu(x, weight, state=None, tap_mask=None, op: str = "conv_silu"):
