@@ -156,7 +156,7 @@ def test_portable_decode_stack_is_its_per_layer_path_bit_for_bit(tiny_dir, quant
     batches of rows at different lengths and a verify pass of several tokens, over a bf16 or a q8_0 cache."""
     model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant=quant, kernels=False)
     report = bind_kernels(model, True)
-    layers = model.model.layers
+    layers = [*model.model.layers, *model.mtp.layers]  # the MTP head's layer whole too
     assert report.bound["portable_gdn_layer"] + report.bound["portable_attn_layer"] == len(layers), report
     assert report.bound.get("portable_decode_stack") == 1 and model.decode_stack.portable, report
     assert "decode_stack" not in report.bound

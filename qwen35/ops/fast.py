@@ -293,10 +293,10 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
 def _bind_layers(model, report: KernelReport, whole_layers: bool, portable: bool) -> None:
     """Every decoder layer whose pieces fit runs its decode step as one C++ call of the library
     (decode_gdn_layer / decode_attn_layer, the MTP head's layer too; portable_decode_*_layer where the AVX512 one
-    cannot load, kernels/portable_layers.cpp, the decoder's layers only: the MTP head's runs per op there), and
-    the whole stack as one call when all do. whole_layers=False, or a layer that does not fit, leaves the mixer's
-    own step: the AVX512 library's gdn_decode / attn_decode bound here, the portable Gated DeltaNet step bound by
-    the caller (the portable attention has no per-op form)."""
+    cannot load, kernels/portable_layers.cpp), and the decoder's stack as one call when all its layers do.
+    whole_layers=False, or a layer that does not fit, leaves the mixer's own step: the AVX512 library's
+    gdn_decode / attn_decode bound here, the portable Gated DeltaNet step bound by the caller (the portable
+    attention has no per-op form)."""
     from ..model.attention import GatedAttention
     from ..model.decoder import DecoderLayer
     from ..model.deltanet import GatedDeltaNet
@@ -308,7 +308,7 @@ def _bind_layers(model, report: KernelReport, whole_layers: bool, portable: bool
     else:
         prefix, gdn_fits, attn_fits = "", _gdn_fits, _attn_fits
         gdn_layer, attn_layer, gdn_step, attn_step = gdn_layer_decode, attn_layer_decode, _gdn_decode, _attn_decode
-    layers = model.model.layers if portable else [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]  # the MTP head's layer among them
     for layer in layers:
         mixer = layer.mixer
         norms = _fp32(layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
