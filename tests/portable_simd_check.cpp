@@ -81,6 +81,28 @@ int main() {
     const i32x8 du = dot32u(load_v<u8x32>(u), load_v<i8x32>(x));
     CHECK(d[0] + d[1] + d[2] + d[3] == lo && d[4] + d[5] + d[6] + d[7] == hi, "dot32 trial %d", trial);
     CHECK(du[0] + du[1] + du[2] + du[3] == ulo && du[4] + du[5] + du[6] + du[7] == uhi, "dot32u trial %d", trial);
+    {  // fold4u: fold4 of four dot32u, weights of 4 bits (nibbles) and of 6 (q6_k), extremes included
+      uint8_t q4[4][32], q6[4][32];
+      int8_t xs[4][32];
+      for (int k = 0; k < 4; ++k)
+        for (int i = 0; i < 32; ++i) {
+          q4[k][i] = mode == 1 ? 15 : static_cast<uint8_t>(next() % 16);
+          q6[k][i] = mode == 1 ? 63 : static_cast<uint8_t>(next() % 64);
+          xs[k][i] = mode == 1 ? 127 : mode == 2 ? -127 : static_cast<int8_t>(static_cast<int>(next() % 255) - 127);
+        }
+      const uint8_t(*qs[2])[32] = {q4, q6};
+      for (int b = 0; b < 2; ++b) {
+        i32x8 want{};
+        for (int k = 0; k < 4; ++k)
+          for (int i = 0; i < 32; ++i) want[k + (i < 16 ? 0 : 4)] += qs[b][k][i] * xs[k][i];
+        const u8x32 a0 = load_v<u8x32>(qs[b][0]), a1 = load_v<u8x32>(qs[b][1]), a2 = load_v<u8x32>(qs[b][2]),
+                    a3 = load_v<u8x32>(qs[b][3]);
+        const i8x32 y0 = load_v<i8x32>(xs[0]), y1 = load_v<i8x32>(xs[1]), y2 = load_v<i8x32>(xs[2]),
+                    y3 = load_v<i8x32>(xs[3]);
+        const i32x8 got = b == 0 ? fold4u<4>(a0, y0, a1, y1, a2, y2, a3, y3) : fold4u<6>(a0, y0, a1, y1, a2, y2, a3, y3);
+        for (int l = 0; l < 8; ++l) CHECK(got[l] == want[l], "fold4u<%d> lane %d trial %d", b ? 6 : 4, l, trial);
+      }
+    }
 
     i32x8 v[4];
     for (int k = 0; k < 4; ++k)

@@ -147,8 +147,8 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const
             const u8x32 q0 = nibbles(b), q1 = nibbles(b + 1), q2 = nibbles(b + 2), q3 = nibbles(b + 3);
             for (int m = 0; m < M; ++m) {
               const int8_t* x = xq + m * K + b * QB;
-              const i32x8 f = fold4(dot32u(q0, load_v<i8x32>(x)), dot32u(q1, load_v<i8x32>(x + 32)),
-                                    dot32u(q2, load_v<i8x32>(x + 64)), dot32u(q3, load_v<i8x32>(x + 96)));
+              const i32x8 f = fold4u<4>(q0, load_v<i8x32>(x), q1, load_v<i8x32>(x + 32), q2, load_v<i8x32>(x + 64), q3,
+                                        load_v<i8x32>(x + 96));
               scaled(m, f - (load_v<i32x8>(hs + m * nb * 2 + b * 2) << 3));
             }
           }
@@ -177,9 +177,9 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const
             const f32x8 s = scale * load_v<f32x8>(dx + b0);
             for (int h = 0; h < 2; ++h) {
               const int j = 4 * h;
-              const i32x8 f = fold4(dot32u(q[j], load_v<i8x32>(x + 32 * j)), dot32u(q[j + 1], load_v<i8x32>(x + 32 * j + 32)),
-                                    dot32u(q[j + 2], load_v<i8x32>(x + 32 * j + 64)),
-                                    dot32u(q[j + 3], load_v<i8x32>(x + 32 * j + 96)));
+              const i32x8 f = fold4u<4>(q[j], load_v<i8x32>(x + 32 * j), q[j + 1], load_v<i8x32>(x + 32 * j + 32),
+                                        q[j + 2], load_v<i8x32>(x + 32 * j + 64), q[j + 3],
+                                        load_v<i8x32>(x + 32 * j + 96));
               acc[m] += to_f(f) * twice(s, h);
             }
             mins[m] += minv * load_v<f32x8>(dsx + b0);
@@ -209,9 +209,9 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const
             const f32x8 s = load_v<f32x8>(dx + m * nb + t * 8);
             for (int h = 0; h < 2; ++h) {
               const int j = 4 * h;
-              const i32x8 f = fold4(dot32u(q[j], load_v<i8x32>(x + 32 * j)), dot32u(q[j + 1], load_v<i8x32>(x + 32 * j + 32)),
-                                    dot32u(q[j + 2], load_v<i8x32>(x + 32 * j + 64)),
-                                    dot32u(q[j + 3], load_v<i8x32>(x + 32 * j + 96))) -
+              const i32x8 f = fold4u<6>(q[j], load_v<i8x32>(x + 32 * j), q[j + 1], load_v<i8x32>(x + 32 * j + 32),
+                                        q[j + 2], load_v<i8x32>(x + 32 * j + 64), q[j + 3],
+                                        load_v<i8x32>(x + 32 * j + 96)) -
                               (load_v<i32x8>(hs + m * nb * 2 + (t * 8 + j) * 2) << 5);  // - 32 * (sums of x)
               acc[m] += to_f(f) * (scale[h] * twice(s, h));
             }

@@ -108,6 +108,29 @@ inline i32x8 fold4(i32x8 a, i32x8 b, i32x8 c, i32x8 e) {
   return r;
 #endif
 }
+// fold4 of four dot32u products, for weights of at most Bits bits (q4_0 / q4_k nibbles: 4; q6_k: 6): the same
+// integers, in the same lanes. With AVX2 the pairs vpmaddubsw leaves are summed in 16 bits while they fit, so fewer
+// instructions widen them: for nibbles three vphaddw (sums of 8 products, |.| <= 8 * 15 * 127 < 2^15) and one
+// vpmaddwd, for 6 bits one vphaddw each pair (4 products, <= 4 * 63 * 127), two vpmaddwd and one vphaddd; against
+// four vpmaddwd and three vphaddd.
+template <int Bits>
+inline i32x8 fold4u(u8x32 q0, i8x32 x0, u8x32 q1, i8x32 x1, u8x32 q2, i8x32 x2, u8x32 q3, i8x32 x3) {
+  static_assert(Bits <= 7, "fold4u: weights of at most 7 bits (vpmaddubsw's pairs must fit 16 bits)");
+#if defined(__AVX2__)
+  const __m256i p0 = _mm256_maddubs_epi16((__m256i)q0, (__m256i)x0), p1 = _mm256_maddubs_epi16((__m256i)q1, (__m256i)x1);
+  const __m256i p2 = _mm256_maddubs_epi16((__m256i)q2, (__m256i)x2), p3 = _mm256_maddubs_epi16((__m256i)q3, (__m256i)x3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (Bits <= 4) {
+    const __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(p0, p1), _mm256_hadd_epi16(p2, p3));
+    return (i32x8)_mm256_madd_epi16(h, ones);
+  } else if constexpr (Bits <= 6) {
+    return (i32x8)_mm256_hadd_epi32(_mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones),
+                                    _mm256_madd_epi16(_mm256_hadd_epi16(p2, p3), ones));
+  }
+#endif
+  return fold4(dot32u(q0, x0), dot32u(q1, x1), dot32u(q2, x2), dot32u(q3, x3));
+}
+
 // Bytes shifted by N bits as 16-bit lanes (x86 has no byte shift): bits that cross into the neighbouring byte are
 // the caller's to mask off; shr16<4> masks them itself (the high nibble of each byte)
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
