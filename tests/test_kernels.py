@@ -107,6 +107,12 @@ def test_conv_silu_reads_a_column_slice_in_place():
     assert y.is_contiguous() and torch.equal(y, y_ref) and torch.equal(new_state, state_ref)
     with pytest.raises(RuntimeError, match="x with contiguous channels"):
         torch.ops.qwen35.conv_silu(torch.randn(2, 37, 192).bfloat16()[..., ::2], w, state)
+    # a state or filter of another batch or channel count is named, not read past its end
+    with pytest.raises(RuntimeError, match=r"conv_silu: sizes do not fit: x \[2, 37, 96\], w \[96, 4\], "
+                                           r"state \[1, 3, 96\] \(channels a multiple of 16, 2-8 taps\)"):
+        torch.ops.qwen35.conv_silu(x, w, state[:1].contiguous())
+    with pytest.raises(RuntimeError, match="conv_silu: sizes do not fit"):
+        torch.ops.qwen35.conv_silu(x, w[:80].contiguous(), state)
 
 
 @needs_kernels

@@ -585,7 +585,10 @@ std::tuple<at::Tensor, at::Tensor> conv_silu(const at::Tensor& x, const at::Tens
               "conv_silu: x with contiguous channels, w and state contiguous");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), K = w.size(1), Km1 = K - 1;
   const int64_t sb = x.stride(0), st = x.stride(1);
-  TORCH_CHECK(C % 16 == 0 && K >= 2 && K <= 8 && state.size(1) == Km1 && state.size(2) == C, "conv_silu: sizes");
+  TORCH_CHECK(w.dim() == 2 && state.dim() == 3 && C % 16 == 0 && w.size(0) == C && K >= 2 && K <= 8 &&
+                  state.size(0) == B && state.size(1) == Km1 && state.size(2) == C,
+              "conv_silu: sizes do not fit: x ", x.sizes(), ", w ", w.sizes(), ", state ", state.sizes(),
+              " (channels a multiple of 16, 2-8 taps)");
   at::Tensor y = at::empty({B, T, C}, x.options());
   at::Tensor new_state = at::empty_like(state);
   const auto* xp = x.data_ptr<c10::BFloat16>();
