@@ -207,6 +207,18 @@ int main() {
       }
     }
   }
+  // half1 (one fp16: F16C's instruction or the same arithmetic) on every bit pattern: halves4's values
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float got = half1(static_cast<uint16_t>(h)), want = half_to_float(static_cast<uint16_t>(h));
+    CHECK(std::isnan(want) ? std::isnan(got) : same_bits(got, want), "half1 %x", h);
+  }
+  // widen8: every int8 value in every lane (the bytes rotated through the lanes)
+  for (int start = 0; start < 256; ++start) {
+    int8_t b[8];
+    for (int l = 0; l < 8; ++l) b[l] = static_cast<int8_t>(static_cast<uint8_t>(start + 37 * l));
+    const f32x8 w = widen8(b);
+    for (int l = 0; l < 8; ++l) CHECK(same_bits(w[l], static_cast<float>(b[l])), "widen8 lane %d byte %d", l, b[l]);
+  }
   if (failures) {
     std::printf("%d mismatches\n", failures);
     return 1;

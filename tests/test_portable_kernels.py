@@ -329,7 +329,7 @@ def test_conv_silu_reads_a_column_slice_and_names_what_does_not_fit():
         torch.ops.qwen35.portable_conv_silu(x.float(), w, state)
 
 
-@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (4, 4, 64), (6, 2, 40)])
+@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (4, 4, 64), (6, 2, 40), (10, 2, 96)])
 def test_attention_equals_the_reference(Hq, Hkv, D):
     """portable_attn_decode (the portable attention layer's kernel: blocks of 256 keys merged by their maxima) against
     ops/attention.decode_attention, the torch path's fp32 attention, row by row: rows of 1, 300 and 777 keys (one,
@@ -350,7 +350,7 @@ def test_attention_equals_the_reference(Hq, Hkv, D):
         assert (err <= ref.abs() * 2**-8 + 1e-5 * vs[b].float().abs().max()).all(), err.max()
 
 
-@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (6, 2, 64)])
+@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (6, 2, 64), (10, 2, 96)])
 def test_attention_over_a_q8_0_cache_equals_the_torch_path(Hq, Hkv, D):
     """Over a q8_0 cache (int8 blocks of 32 and their fp16 scales, read in place) the torch path reads the keys and
     values back dequantized to bf16 (kv_storage.dequantize_rows) and attends in fp32: the kernel rounds each
