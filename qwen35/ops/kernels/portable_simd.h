@@ -142,10 +142,28 @@ inline u8x32 shr16(u8x32 v) {
   return N == 4 ? r & 15 : r;
 }
 inline f32x8 to_f(i32x8 v) { return __builtin_convertvector(v, f32x8); }
+// 8 int8 values as fp32 lanes (exact). GCC 12 lowers __builtin_convertvector from 8 int8 lanes to 8 fp32 lanes
+// to eight scalar conversions, for x86-64-v3 and for ARM alike, which had made the portable attention over a q8_0
+// cache 5x slower than over bf16 keys: the sign extension and conversion are spelled out where the target has them.
+inline f32x8 widen8(const int8_t* p) {
+#if defined(__AVX2__)
+  return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__ARM_NEON)
+  const int16x8_t w = vmovl_s8(vld1_s8(p));
+  const float32x4_t lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), hi = vcvtq_f32_s32(vmovl_s16(vget_high_s16(w)));
+  return join<f32x8>((f32x4)lo, (f32x4)hi);
+#else
+  typedef int8_t i8x8 __attribute__((vector_size(8)));
+  return __builtin_convertvector(load_v<i8x8>(p), f32x8);
+#endif
+}
 // 8 unsigned bytes (little-endian in a uint64) as 8 fp32 lanes
 inline f32x8 bytes8_to_f(uint64_t b) {
 #if defined(__AVX2__)
   return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(b))));
+#elif defined(__ARM_NEON)  // (GCC's generic form is 8 scalar conversions there too, as widen8's note says)
+  const uint16x8_t w = vmovl_u8(vcreate_u8(b));
+  return join<f32x8>((f32x4)vcvtq_f32_u32(vmovl_u16(vget_low_u16(w))), (f32x4)vcvtq_f32_u32(vmovl_u16(vget_high_u16(w))));
 #else
   typedef uint8_t u8x8 __attribute__((vector_size(8)));
   return __builtin_convertvector(__builtin_convertvector(load_v<u8x8>(&b), i32x8), f32x8);
@@ -184,9 +202,13 @@ inline f32x8 q6k_scales8(const int8_t* sc, int h, float d) {
                         : _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 0, 0, 0, 0, 0, 0, 0, 0);
   return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_shuffle_epi8(v, idx))) * d;
 #else
+  typedef int8_t i8x8 __attribute__((vector_size(8)));
   const i8x16 v = load_v<i8x16>(sc);
-  return h ? __builtin_convertvector(__builtin_shufflevector(v, v, 8, 10, 12, 14, 9, 11, 13, 15), f32x8) * d
-           : __builtin_convertvector(__builtin_shufflevector(v, v, 0, 2, 4, 6, 1, 3, 5, 7), f32x8) * d;
+  const i8x8 s = h ? __builtin_shufflevector(v, v, 8, 10, 12, 14, 9, 11, 13, 15)
+                   : __builtin_shufflevector(v, v, 0, 2, 4, 6, 1, 3, 5, 7);
+  int8_t b[8];
+  std::memcpy(b, &s, 8);
+  return widen8(b) * d;
 #endif
 }
 inline f32x8 twice(f32x8 v, int h) {  // lanes 4h..4h+3 of v, twice: {v[4h..4h+3], v[4h..4h+3]}
@@ -208,21 +230,6 @@ inline float half_to_float(uint16_t h) {  // IEEE fp16 bits -> fp32, exact (subn
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
-}
-// 8 int8 values as fp32 lanes (exact). GCC lowers __builtin_convertvector from 8 int8 lanes to 8 fp32 lanes to
-// eight scalar conversions (GCC 12, x86-64-v3), which had made the portable attention over a q8_0 cache 5x slower
-// than over bf16 keys: the sign extension and conversion are spelled out where the target has them.
-inline f32x8 widen8(const int8_t* p) {
-#if defined(__AVX2__)
-  return (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__ARM_NEON)
-  const int16x8_t w = vmovl_s8(vld1_s8(p));
-  const float32x4_t lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), hi = vcvtq_f32_s32(vmovl_s16(vget_high_s16(w)));
-  return join<f32x8>((f32x4)lo, (f32x4)hi);
-#else
-  typedef int8_t i8x8 __attribute__((vector_size(8)));
-  return __builtin_convertvector(load_v<i8x8>(p), f32x8);
-#endif
 }
 inline float half1(uint16_t h) {  // one fp16 as fp32: F16C's instruction where the target has it
 #if defined(__F16C__)
