@@ -406,6 +406,12 @@ namespace qwen35_portable_layers {
 QWEN35_DECODE_LAYERS(PortableOps)
 }  // namespace qwen35_portable_layers
 
+namespace qwen35_portable {  // what portable_kernels.cpp's decode step calls
+std::tuple<at::Tensor, at::Tensor> conv_silu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& state) {
+  return ::conv_silu(x, w, state);
+}
+}  // namespace qwen35_portable
+
 TORCH_LIBRARY_FRAGMENT(qwen35, m) {
   m.def("portable_decode_gdn_layer" QWEN35_GDN_LAYER_SCHEMA);
   m.def("portable_decode_attn_layer" QWEN35_ATTN_LAYER_SCHEMA);
