@@ -10,6 +10,8 @@
 // Rounding is the per-op path's: the layer steps round where it rounds (layer_steps.h); the attention is fp32 from
 // the bf16 keys and values with one exact softmax, as ops/attention.decode_attention computes on the torch path,
 // block by block over the keys (flash-decoding: blocks of one KV head run in parallel, merged by their maxima).
+// Over a q8_0 cache it reads the stored values exactly (int8 times the fp16 scale, in fp32), where the torch path
+// reads them back rounded to bf16: the reference is kv_storage.attend_reference in fp32.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -48,8 +51,9 @@ inline f32x8 bf16x8(const c10::BFloat16* p) {
 }
 
 // Rows as the bf16 GEMV and the attention read them, 8 lanes of fp32 at a time: bf16 as stored, or a q8_0 cache's
-// int8 blocks times their fp16 scale (exact in fp32), rounded to bf16 as the torch path's read-back
-// (kv_storage.dequantize_rows to the model's dtype) rounds them
+// int8 blocks times their fp16 scale, exact in fp32. (Rounding those to bf16, as the torch path's read-back
+// kv_storage.dequantize_rows does, had cost 5 of the 7 instructions a vector took to widen: decode at 32K keys
+// held to AVX2, 18.2-19.3 tok/s against 19.8-20.5 without it, benchmarks/bench_kv_cache.py.)
 struct Bf16Rows {
   const c10::BFloat16* p;
   int64_t D;
@@ -64,12 +68,7 @@ struct Q8Rows {
   // at a time (converting it at every 8 had cost as much as the values' own widening)
   float scale(int64_t s, int64_t d) const { return half1(sc[s * (D / 32) + d / 32].x); }
   f32x8 at(int64_t s, int64_t d, float scale) const {
-    typedef uint32_t u32x8 __attribute__((vector_size(32)));
-    const f32x8 v = widen8(q + s * D + d) * scale;
-    // round to nearest even at bit 16: round_bf16x8 without its NaN select (finite values, a product of an int8
-    // and the cache's own fp16 scale; the select cost this loop 4-7%)
-    const u32x8 u = (u32x8)v;
-    return (f32x8)((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+    return widen8(q + s * D + d) * scale;
   }
 };
 
@@ -236,7 +235,8 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
     first[b + 1] = first[b] + (lengths[b] + kKeyBlock - 1) / kKeyBlock;
   }
   const int64_t per_head = first[B];  // blocks of all rows, for one KV head
-  std::vector<float> parts(static_cast<size_t>(per_head * Hkv * G * (D + 2)));
+  // every element written by its block (not zero-filled first: 1 MiB a layer at 32K keys)
+  const std::unique_ptr<float[]> parts(new float[static_cast<size_t>(per_head * Hkv * G * (D + 2))]);
   at::parallel_for(0, per_head * Hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     for (int64_t i = i0; i < i1; ++i) {
@@ -245,7 +245,7 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
       const int64_t s0 = (blk - first[b]) * kKeyBlock, s1 = std::min(lengths[b], s0 + kKeyBlock);
       const int64_t head = hk * k[b].size(1);  // the head's first slot
       const float* qh = qf.data() + (b * Hq + hk * G) * D;
-      float* part = parts.data() + i * G * (D + 2);
+      float* part = parts.get() + i * G * (D + 2);
       if (q8) {
         const Q8Rows kr{k[b].data_ptr<int8_t>() + head * D, kd[b].data_ptr<c10::Half>() + head * (D / 32), D};
         const Q8Rows vr{v[b].data_ptr<int8_t>() + head * D, vd[b].data_ptr<c10::Half>() + head * (D / 32), D};
@@ -258,24 +258,26 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
   });
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   auto* op = out.data_ptr<c10::BFloat16>();
-  std::vector<float> acc(static_cast<size_t>(D));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t hk = 0; hk < Hkv; ++hk)
-      for (int64_t g = 0; g < G; ++g) {  // merge the row's blocks: each scaled by exp(its max - the max)
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t blk = first[b]; blk < first[b + 1]; ++blk)
-          mx = std::max(mx, parts[((hk * per_head + blk) * G + g) * (D + 2) + D]);
-        std::fill(acc.begin(), acc.end(), 0.f);
-        float sum = 0.f;
-        for (int64_t blk = first[b]; blk < first[b + 1]; ++blk) {
-          const float* p = parts.data() + ((hk * per_head + blk) * G + g) * (D + 2);
-          const float w = std::exp(p[D] - mx);
-          sum += p[D + 1] * w;
-          for (int64_t d = 0; d < D; ++d) acc[d] += p[d] * w;
-        }
-        c10::BFloat16* o = op + (b * Hq + hk * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<c10::BFloat16>(acc[d] / sum);
+  // merge each row's blocks, a query head at a time (in parallel: serial, it had been ~4% of a 32K-key step)
+  at::parallel_for(0, B * Hq, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> acc(static_cast<size_t>(D));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hq, hk = i % Hq / G, g = i % G;
+      float mx = -std::numeric_limits<float>::infinity();  // each block scaled by exp(its max - the max)
+      for (int64_t blk = first[b]; blk < first[b + 1]; ++blk)
+        mx = std::max(mx, parts[((hk * per_head + blk) * G + g) * (D + 2) + D]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float sum = 0.f;
+      for (int64_t blk = first[b]; blk < first[b + 1]; ++blk) {
+        const float* p = parts.get() + ((hk * per_head + blk) * G + g) * (D + 2);
+        const float w = std::exp(p[D] - mx);
+        sum += p[D + 1] * w;
+        for (int64_t d = 0; d < D; ++d) acc[d] += p[d] * w;
       }
+      c10::BFloat16* o = op + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<c10::BFloat16>(acc[d] / sum);
+    }
+  });
   return out;
 }
 
