@@ -471,31 +471,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode_impl(const at::Tensor&
               "portable_gdn_decode: sizes do not fit one layer: proj ", proj.sizes(), ", conv_state ", conv_state.sizes(),
               ", conv_w ", conv_w.sizes(), ", state ", state.sizes(), ", Hk ", Hk);
   const int64_t rep = Hv / Hk;
-  at::Tensor new_conv = at::empty_like(conv_state);
+  at::Tensor new_conv;  // the conv step's new state
   at::Tensor new_state = in_place ? state : at::empty_like(state);
   at::Tensor out = at::empty({B, value_dim}, proj.options());
   std::vector<float> act(static_cast<size_t>(B * C));  // silu(conv), bf16-rounded
   const auto* pp = proj.data_ptr<c10::BFloat16>();
   const auto* cs = conv_state.data_ptr<c10::BFloat16>();
   const auto* cw = conv_w.data_ptr<c10::BFloat16>();
-  auto* ncs = new_conv.data_ptr<c10::BFloat16>();
   if (C % 8 == 0 && K <= 8) {  // prefill's kernel on one token: 8 channels a vector, its SiLU through exp8 (a
     // scalar expf a channel had cost about as much as the delta rule itself: perf, 0.8B layer held to AVX2)
-    const auto [y, ns] = qwen35_portable::conv_silu(proj.narrow(1, 0, C).unsqueeze(1), conv_w, conv_state);
-    new_conv.copy_(ns);
+    at::Tensor y;
+    std::tie(y, new_conv) = qwen35_portable::conv_silu(proj.narrow(1, 0, C).unsqueeze(1), conv_w, conv_state);
     const auto* yp = y.data_ptr<c10::BFloat16>();
     for (int64_t i = 0; i < B * C; ++i) act[static_cast<size_t>(i)] = static_cast<float>(yp[i]);
-  } else at::parallel_for(0, B * C, 256, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / C, c = i % C;
-      float acc = 0.f;
-      for (int64_t j = 0; j < Km1; ++j) acc += static_cast<float>(cs[(b * Km1 + j) * C + c]) * static_cast<float>(cw[c * K + j]);
-      acc += static_cast<float>(pp[b * P + c]) * static_cast<float>(cw[c * K + Km1]);
-      act[static_cast<size_t>(i)] = round_bf16(silu(round_bf16(acc)));
-      for (int64_t j = 0; j + 1 < Km1; ++j) ncs[(b * Km1 + j) * C + c] = cs[(b * Km1 + j + 1) * C + c];
-      ncs[(b * Km1 + Km1 - 1) * C + c] = pp[b * P + c];
-    }
-  });
+  } else {
+    new_conv = at::empty_like(conv_state);
+    auto* ncs = new_conv.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, B * C, 256, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / C, c = i % C;
+        float acc = 0.f;
+        for (int64_t j = 0; j < Km1; ++j)
+          acc += static_cast<float>(cs[(b * Km1 + j) * C + c]) * static_cast<float>(cw[c * K + j]);
+        acc += static_cast<float>(pp[b * P + c]) * static_cast<float>(cw[c * K + Km1]);
+        act[static_cast<size_t>(i)] = round_bf16(silu(round_bf16(acc)));
+        for (int64_t j = 0; j + 1 < Km1; ++j) ncs[(b * Km1 + j) * C + c] = cs[(b * Km1 + j + 1) * C + c];
+        ncs[(b * Km1 + Km1 - 1) * C + c] = pp[b * P + c];
+      }
+    });
+  }
   const float *A = A_log.data_ptr<float>(), *dtb = dt_bias.data_ptr<float>(), *nw = norm_w.data_ptr<float>();
   const float* S0 = state.data_ptr<float>();
   float* S1 = new_state.data_ptr<float>();
