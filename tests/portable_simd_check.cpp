@@ -219,6 +219,20 @@ int main() {
     const f32x8 w = widen8(b);
     for (int l = 0; l < 8; ++l) CHECK(same_bits(w[l], static_cast<float>(b[l])), "widen8 lane %d byte %d", l, b[l]);
   }
+  // bf16x8 and store_bf16x8 on random bit patterns (NaNs and infinities among them): a bf16's bits are the top
+  // half of its fp32, both ways
+  for (int trial = 0; trial < 4000; ++trial) {
+    uint16_t h[8], back[8];
+    for (int l = 0; l < 8; ++l) h[l] = static_cast<uint16_t>(next());
+    const f32x8 f = bf16x8(h);
+    for (int l = 0; l < 8; ++l) {
+      uint32_t u;
+      std::memcpy(&u, &f[l], 4);
+      CHECK(u == static_cast<uint32_t>(h[l]) << 16, "bf16x8 lane %d bits %x", l, h[l]);
+    }
+    store_bf16x8(back, f);
+    for (int l = 0; l < 8; ++l) CHECK(back[l] == h[l], "store_bf16x8 lane %d bits %x", l, h[l]);
+  }
   if (failures) {
     std::printf("%d mismatches\n", failures);
     return 1;

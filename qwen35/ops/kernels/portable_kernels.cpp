@@ -534,12 +534,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode_impl(const at::Tensor&
       const c10::BFloat16* z = zba + h * Dv;
       c10::BFloat16* oh = op + b * value_dim + h * Dv;
       int64_t e = 0;
-      for (; e + 8 <= Dv; e += 8) {
-        f32x8 zf;
-        for (int l = 0; l < 8; ++l) zf[l] = static_cast<float>(z[e + l]);
-        const f32x8 g = round_bf16x8(load_v<f32x8>(o + e) * inv * load_v<f32x8>(nw + e) * silu8(zf));
-        for (int l = 0; l < 8; ++l) oh[e + l] = c10::BFloat16(g[l]);
-      }
+      for (; e + 8 <= Dv; e += 8)
+        store_bf16x8(oh + e, round_bf16x8(load_v<f32x8>(o + e) * inv * load_v<f32x8>(nw + e) * silu8(bf16x8(z + e))));
       for (; e < Dv; ++e) oh[e] = c10::BFloat16(o[e] * inv * nw[e] * silu(static_cast<float>(z[e])));
     }
   });

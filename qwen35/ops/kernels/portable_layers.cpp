@@ -43,18 +43,6 @@ namespace {
 
 using namespace psimd;
 
-// 8 bf16 values as fp32 lanes (a bf16 is the top half of an fp32). On x86 GCC 12 spells the generic form in six
-// instructions (two 128-bit widenings, a lane insert, the shift); AVX2 widens 8 lanes from memory in one.
-inline f32x8 bf16x8(const c10::BFloat16* p) {
-#if defined(__AVX2__)
-  return (f32x8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-#else
-  typedef uint16_t u16x8 __attribute__((vector_size(16)));
-  typedef uint32_t u32x8 __attribute__((vector_size(32)));
-  return (f32x8)(__builtin_convertvector(load_v<u16x8>(p), u32x8) << 16);
-#endif
-}
-
 // Rows as the bf16 GEMV and the attention read them, 8 lanes of fp32 at a time: bf16 as stored, or a q8_0 cache's
 // int8 blocks times their fp16 scale, exact in fp32. (Rounding those to bf16, as the torch path's read-back
 // kv_storage.dequantize_rows does, had cost 5 of the 7 instructions a vector took to widen: decode at 32K keys
@@ -284,13 +272,6 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
     }
   });
   return out;
-}
-
-inline void store_bf16x8(c10::BFloat16* p, f32x8 v) {  // v already rounded to bf16 values
-  typedef uint32_t u32x8 __attribute__((vector_size(32)));
-  typedef uint16_t u16x8 __attribute__((vector_size(16)));
-  const u16x8 h = __builtin_convertvector((u32x8)v >> 16, u16x8);
-  std::memcpy(p, &h, sizeof h);
 }
 
 // silu(gate) * up for gate_up [.., gate | up] bf16: silu rounded to bf16 (torch's F.silu on bf16), the product
