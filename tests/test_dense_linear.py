@@ -77,11 +77,12 @@ def test_what_stays_on_the_bf16_product(without_bf16):
 
 
 def test_quantized_prefill_takes_it(without_bf16, monkeypatch):
-    # a quantized weight's dequantized bands (what a CPU without the AVX512 kernels runs for prefill)
+    # a quantized weight's dequantized bands (what a CPU without the AVX512 kernels or the portable AVX2 GEMM runs
+    # for prefill)
     g = torch.Generator().manual_seed(1)
     w = QuantizedWeight.quantize("q4_k", torch.randn(96, 512, generator=g))
     x = torch.randn(40, 512, generator=g).bfloat16()
-    monkeypatch.setattr(qw, "_auto_gemm", ["none"])  # what prefill_gemm_machine finds on such a machine
+    monkeypatch.setattr(qw, "_auto_gemm", ["none"])  # a CPU without the portable AVX2 GEMM (ARM, pre-AVX2 x86)
     calls = []
     monkeypatch.setattr(lin.F, "linear", lambda a, b: calls.append(a.dtype) or torch.matmul(a, b.t()))
     with torch.no_grad():

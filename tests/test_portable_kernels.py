@@ -61,6 +61,66 @@ def test_gemv_on_block_counts_the_kernel_does_not_group(scheme, M, N, K):
     assert ((out - formats.reference_matmul(scheme, x, w.qs, w.d)).abs() <= bound(scheme, x, w)).all()
 
 
+GEMM = {"q4_0": 2, "q4_k": 3, "q6_k": 4}
+
+
+@pytest.mark.parametrize("scheme", list(GEMM))
+@pytest.mark.parametrize("M,N,K", [(1, 5, 256), (4, 16, 256), (17, 33, 512), (37, 100, 768), (66, 17, 1024),
+                                   (130, 40, 256)])
+def test_gemm_equals_the_reference(scheme, M, N, K):
+    """The integer GEMM prefill runs on (portable_gemm.cpp): row counts around its tiles of 4, weight counts
+    around its panels of 16, blocks the awkward weights' super-blocks make hard (all zero, outliers)."""
+    g = torch.Generator().manual_seed(M * N + K)
+    w = QuantizedWeight.quantize(scheme, awkward(N, K, M) if N >= 5 else torch.randn(N, K, generator=g))
+    x = torch.randn(M, K, generator=g).bfloat16() * torch.rand(M, 1, generator=g).bfloat16() * 4
+    x[0, :32] = 0  # an all-zero input block (scale 0)
+    x[-1, 32:64] = -1e-3  # a block of one value: it rounds to -127s
+    out = torch.ops.qwen35.portable_gemm(x, w.qs, w.d, GEMM[scheme], True)
+    ref = formats.reference_matmul(scheme, x, w.qs, w.d)
+    assert ((out - ref).abs() <= bound(scheme, x, w)).all()
+    assert torch.equal(torch.ops.qwen35.portable_gemm(x, w.qs, w.d, GEMM[scheme], False), out.bfloat16())
+    assert torch.equal(torch.ops.qwen35.portable_gemm(x.float(), w.qs, w.d, GEMM[scheme], True), out)
+    # each row on its own accumulators, in the same order in every tile: a prompt's rows give the same bits
+    # whatever rows share their chunk
+    alone = torch.cat([torch.ops.qwen35.portable_gemm(x[i : i + 1], w.qs, w.d, GEMM[scheme], True) for i in range(M)])
+    assert torch.equal(alone, out)
+
+
+def test_gemm_refuses_what_it_does_not_take():
+    w = QuantizedWeight.quantize("q8_0", torch.randn(8, 256))
+    with pytest.raises(RuntimeError, match=r"portable_gemm: kind must be 2 \(q4_0\), 3 \(q4_k\) or 4 \(q6_k\), got 1 "
+                                           r"\(q8_0's products overflow vpmaddubsw's pairs"):
+        torch.ops.qwen35.portable_gemm(torch.randn(20, 256), w.qs, w.d, 1, True)
+    w = QuantizedWeight.quantize("q4_k", torch.randn(8, 512))
+    with pytest.raises(RuntimeError, match=r"portable_gemm: 256 columns do not match weights \[8, 288\] of layout 3"):
+        torch.ops.qwen35.portable_gemm(torch.randn(20, 256), w.qs, w.d, 3, True)
+    with pytest.raises(RuntimeError, match=r"portable_gemm: x must be bf16 or fp32"):
+        torch.ops.qwen35.portable_gemm(torch.randn(20, 512).half(), w.qs, w.d, 3, True)
+
+
+@pytest.mark.parametrize("scheme", ["q4_k", "q8_0"])
+def test_a_quantized_weight_takes_the_gemm_for_prefill(scheme, monkeypatch):
+    """On a machine with the AVX2 GEMM (prefill_gemm_machine "portable"), a portable-bound weight's prefill rows
+    go through it (q8_0: GEMVs up to GEMV_CHUNK_MAX_ROWS rows, then dequantized bands), decode rows through the
+    GEMV, and both give what the reference computes."""
+    monkeypatch.setattr(qw, "_auto_gemm", ["portable"])
+    g = torch.Generator().manual_seed(3)
+    w = QuantizedWeight.quantize(scheme, torch.randn(40, 512, generator=g))
+    w.portable = True
+    calls = []
+    for op in ("portable_gemm", "portable_gemv"):
+        real = getattr(torch.ops.qwen35, op)
+        monkeypatch.setattr(torch.ops.qwen35, op, lambda *a, _op=op, _real=real: calls.append(_op) or _real(*a))
+    with torch.no_grad():
+        for rows, want in [(8, "portable_gemv"), (16, "portable_gemv"), (17, "portable_gemm" if scheme == "q4_k" else None)]:
+            calls.clear()
+            x = torch.randn(rows, 512, generator=g).bfloat16()
+            y = w.matmul(x, True)
+            assert calls == ([want] if want else [])
+            if want:
+                assert ((y - formats.reference_matmul(scheme, x, w.qs, w.d)).abs() <= bound(scheme, x, w)).all()
+
+
 def test_gemv_refuses_mismatched_operands():
     w = QuantizedWeight.quantize("q4_k", torch.randn(8, 512))
     with pytest.raises(RuntimeError, match=r"portable_gemv: 256 columns do not match weights \[8, 288\] of layout 3"):
@@ -107,18 +167,25 @@ def test_quantizers_write_the_reference_bytes(scheme, dtype):
     assert torch.equal(qs, ref_qs) and torch.equal(d, ref_d)
 
 
-@pytest.mark.parametrize("quant", ["q8_0", "int4"])
-def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypatch):
+@pytest.mark.parametrize("quant,machine", [("q8_0", "portable"), ("int4", "portable"), ("int4", "none")])
+def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, machine, monkeypatch):
     """Where the AVX512 kernels cannot load, load_model quantizes with the portable quantizers (the same bytes as
     the AVX512 build) and binds the portable kernels to every quantized matrix; greedy answers of the bundled
-    model (trained: real margins) equal those of the same quantized model on the reference path."""
+    model (trained: real margins) equal those of the same quantized model on the reference path. machine: what
+    prefill_gemm_machine finds, an AVX2 laptop ("portable": its integer GEMM for prefill) or a CPU without it
+    ("none": prefill dequantizes)."""
     from qwen35.commands.common import default_model
     from qwen35.ops.fast import quantized_weights
 
+    if machine == "portable" and not kernels.portable_gemm_vectorized():
+        pytest.skip("the portable library has no AVX2 GEMM on this CPU")
     avx512, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
     monkeypatch.setattr(kernels, "available", lambda: False)
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: "this CPU lacks AVX512-BF16 or AVX512-VNNI")
-    monkeypatch.setattr(qw, "_auto_gemm", ["none"])  # what prefill_gemm_machine finds on such a machine
+    monkeypatch.setattr(qw, "_auto_gemm", [machine])
+    gemm_calls = []
+    real_gemm = torch.ops.qwen35.portable_gemm
+    monkeypatch.setattr(torch.ops.qwen35, "portable_gemm", lambda *a: gemm_calls.append(a[0].shape[0]) or real_gemm(*a))
     model, tok = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant)  # kernel_policy: quantized
     objects = quantized_weights(model)
     assert objects and all(w.portable and not w.kernels for w in objects)
@@ -142,6 +209,9 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, monkeypat
     ref, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
     assert not any(w.portable or w.kernels for w in quantized_weights(ref))
     assert_same_greedy_answers(ref, model, tok)
+    # the fourth prompt's prefill is longer than GEMV_CHUNK_MAX_ROWS: the 4-bit layouts' GEMM took it where it runs
+    assert bool(gemm_calls) == (machine == "portable" and quant == "int4")
+    assert all(rows > qw.GEMV_CHUNK_MAX_ROWS for rows in gemm_calls)
     fast.bind_kernels(model, False)
     assert not any(w.portable for w in objects) and not any(m.delta_rule is fast.portable_delta_rule for m in mixers)
     assert not any("forward" in m.__dict__ for m in mixers)

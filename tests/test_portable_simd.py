@@ -75,7 +75,7 @@ def test_helpers_on_arm_under_qemu(march, arm_tools, tmp_path):
 
 
 @pytest.mark.parametrize("march", list(ARM))
-@pytest.mark.parametrize("source", ["portable_kernels.cpp", "portable_layers.cpp", "topk_kernels.cpp"])
+@pytest.mark.parametrize("source", ["portable_kernels.cpp", "portable_layers.cpp", "portable_gemm.cpp", "topk_kernels.cpp"])
 def test_the_kernels_compile_for_arm(march, source, arm_tools):
     from torch.utils.cpp_extension import include_paths
 

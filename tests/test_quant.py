@@ -270,6 +270,14 @@ def test_prefill_gemm_follows_the_machine_and_its_overrides(monkeypatch):
     assert auto(amx, big, "AVX10_1_512_AMX") == "dequantize"
     assert auto(amx, big, "AVX512_CORE_BF16") == "integer"  # oneDNN capped below AMX
     assert auto({"avx512_vnni", "avx512_bf16"}, 4096) == "integer"  # Zen 4
+    monkeypatch.setattr(K, "available", lambda: False)  # a laptop: the portable library
+    monkeypatch.setattr(K, "portable_gemm_vectorized", lambda: True)  # with its AVX2 GEMM
+    assert auto({"avx2"}, qw.GEMV_CHUNK_MAX_ROWS) == "integer" and qw.prefill_gemm_machine() == "portable"
+    assert qw.prefill_gemm(4096, "q4_k") == qw.prefill_gemm(4096, "q6_k") == qw.prefill_gemm(17, "q4_0") == "integer"
+    assert qw.prefill_gemm(qw.GEMV_CHUNK_MAX_ROWS + 1, "q8_0") == "dequantize"  # not a layout the GEMM takes
+    monkeypatch.setattr(K, "portable_gemm_vectorized", lambda: False)  # ARM, x86 without AVX2: GEMVs only
+    assert auto(set(), 17) == "dequantize" and qw.prefill_gemm_machine() == "none"
+    assert qw.prefill_gemm(4096, "q4_k") == "dequantize" and qw.prefill_gemm(8, "q4_k") == "dequantize"
     monkeypatch.setenv("QWEN35_QUANT_GEMM", "dequantize")
     assert qw.prefill_gemm(20) == "dequantize"
     monkeypatch.setenv("QWEN35_QUANT_GEMM", "int")

@@ -64,9 +64,6 @@ def test_greedy_with_drafts_is_greedy_without_on_the_bundled_model(bundled_bf16,
 def test_greedy_with_drafts_on_a_machine_without_avx512(bundled, quant, without_avx512, monkeypatch):
     """A laptop's binding (the portable library; the MTP head's layer whole as well, as the decoder's): drafting
     gives plain greedy decoding's tokens, with drafts both accepted and rejected."""
-    from qwen35.quant import weight as qw
-
-    monkeypatch.setattr(qw, "_auto_gemm", ["none"])  # what prefill_gemm_machine finds on such a machine
     model, tok = qwen35.load(bundled, dtype=torch.bfloat16, quant=quant, kernels=True)
     assert model.decode_stack is not None and model.decode_stack.portable
     assert model.mtp.layers[0].forward.kernel == "portable_attn_layer_decode"

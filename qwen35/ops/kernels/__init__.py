@@ -162,9 +162,9 @@ def _load() -> tuple[bool, str]:
 
 
 PORTABLE_SOURCES = [Path(__file__).with_name(n) for n in ("portable_kernels.cpp", "portable_layers.cpp",
-                                                          "topk_kernels.cpp")]
-PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "portable_simd.h", "layer_steps.h",
-                                                          "decode_plan.h")]
+                                                          "portable_gemm.cpp", "topk_kernels.cpp")]
+PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "portable_simd.h", "portable_rows.h",
+                                                          "layer_steps.h", "decode_plan.h")]
 _portable: dict[str, object] = {}
 
 
@@ -203,6 +203,14 @@ def _load_portable() -> tuple[bool, str]:
     # shared by two machines never hands one the other's instructions
     key = " ".join(flags + sorted(cpu_flags())).encode()
     return _build("qwen35_portable", PORTABLE_SOURCES, PORTABLE_HEADERS, flags, "portable kernels", key)
+
+
+def portable_gemm_vectorized() -> bool:
+    """True when the portable library is loaded with its AVX2 integer GEMM (portable_gemm.cpp); elsewhere (ARM,
+    x86 without AVX2) that op runs a plain C++ form, correct but no faster than dequantizing (not measured)."""
+    import torch
+
+    return portable_available() and torch.ops.qwen35.portable_gemm_vectorized()
 
 
 def portable_reason() -> str | None:

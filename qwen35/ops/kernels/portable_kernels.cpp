@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "portable_simd.h"
+#include "portable_rows.h"
 #include "quantizers.h"
 
 namespace qwen35_portable {  // portable_layers.cpp
@@ -41,66 +42,7 @@ std::tuple<at::Tensor, at::Tensor> conv_silu(const at::Tensor& x, const at::Tens
 
 namespace {
 
-constexpr int64_t QB = 32;  // inputs (and q8_0 / q4_0 weights) per block
-using qfit::QK;             // weights per K-quant super-block
-using qfit::Q4K, qfit::Q6K;  // bytes per Q4_K / Q6_K super-block
-using qfit::kq_half_at;     // the fp16 stored (unaligned) at a byte pointer, as fp32
-
-int64_t row_bytes(int64_t kind, int64_t K) {
-  return kind == 1 ? K : kind == 2 ? K / 2 : K / QK * (kind == 3 ? Q4K : Q6K);
-}
-
-// The input rows quantized per block of 32: values xq [M, K], scales dx [M, K/32], dx times the block's sum of
-// values, dsx [M, K/32] (what q4_k's mins multiply), and the sums of the values of each 16 in the lane order fold4
-// leaves four blocks' halves in, hs [M, K/16]: for blocks 4g..4g+3, lanes 8g + k = the sum over elements 0-15 of
-// block 4g + k and 8g + 4 + k over 16-31 (the last K/32 % 4 blocks have none). Weights stored with an offset
-// (q4_0's nibbles - 8, q6_k's 6 bits - 32) multiply as unsigned bytes and take offset * hs off the exact integer
-// sums: the same integers as the signed products, without the two sign instructions a 32-weight product needs.
-struct Rows {
-  std::vector<int8_t> xq;
-  std::vector<float> dx, dsx;
-  std::vector<int32_t> hs;
-  int64_t K = 0, nb = 0;
-};
-
-template <typename T>
-void quantize_rows(const T* x, int64_t M, int64_t K, Rows& r) {
-  r.K = K;
-  r.nb = K / QB;
-  r.xq.resize(static_cast<size_t>(M * K));
-  r.dx.resize(static_cast<size_t>(M * r.nb));
-  r.dsx.resize(static_cast<size_t>(M * r.nb));
-  r.hs.assign(static_cast<size_t>(M * r.nb * 2), 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < r.nb; ++b) {
-      const T* v = x + m * K + b * QB;
-      float f[QB], amax = 0.f;
-      for (int j = 0; j < QB; ++j) {
-        f[j] = static_cast<float>(v[j]);
-        amax = std::max(amax, std::fabs(f[j]));
-      }
-      const float d = amax / 127.f, inv = d != 0.f ? 1.f / d : 0.f;
-      int8_t* q = r.xq.data() + m * K + b * QB;
-      int32_t s = 0;
-      for (int j = 0; j < QB; ++j) {
-        // C's roundf (half away from zero) without its library call: t = trunc(v) (|v| <= ~127 fits an int), and
-        // v - t is exact, so comparing it with +-0.5 decides as roundf does
-        const float v = f[j] * inv, t = static_cast<float>(static_cast<int32_t>(v)), e = v - t;
-        const float rv = e >= 0.5f ? t + 1.f : e <= -0.5f ? t - 1.f : t;
-        q[j] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, rv)));
-        s += q[j];
-      }
-      if (b < r.nb / 4 * 4) {
-        int32_t h0 = 0;
-        for (int j = 0; j < 16; ++j) h0 += q[j];
-        int32_t* h = r.hs.data() + m * r.nb * 2 + b / 4 * 8 + b % 4;
-        h[0] = h0;
-        h[4] = s - h0;
-      }
-      r.dx[m * r.nb + b] = d;
-      r.dsx[m * r.nb + b] = d * static_cast<float>(s);
-    }
-}
+using namespace qwen35_prows;
 
 using namespace psimd;
 
@@ -232,15 +174,6 @@ __attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const
   }
 }
 
-void check_layout(const at::Tensor& qs, const at::Tensor& d, int64_t kind, int64_t K, const char* who) {
-  TORCH_CHECK(kind >= 1 && kind <= 4, who, ": kind must be 1 (q8_0), 2 (q4_0), 3 (q4_k) or 4 (q6_k), got ", kind);
-  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1, who, ": qs must be contiguous bytes [N, row bytes]");
-  TORCH_CHECK(K % (kind <= 2 ? QB : QK) == 0 && qs.size(1) == row_bytes(kind, K), who, ": ", K, " columns do not match weights ",
-              qs.sizes(), " of layout ", kind);
-  if (kind <= 2)
-    TORCH_CHECK(d.dim() == 2 && d.is_contiguous() && d.scalar_type() == at::kHalf && d.size(0) == qs.size(0) &&
-                    d.size(1) == K / QB, who, ": d must be contiguous fp16 [N, K/32], got ", d.sizes());
-}
 
 // out[m * ldo + n] = x . W^T for the M rows of x (bf16 or fp32, contiguous), 8 rows at a time: each weight
 // block read once for all of them
