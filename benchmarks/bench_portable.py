@@ -52,9 +52,13 @@ def build_base(rev: str) -> None:
     from qwen35.ops.kernels import OPENMP, _portable_flags
 
     out = Path(tempfile.mkdtemp(prefix="qwen35-portable-base-"))
-    for name in ("portable_kernels.cpp", "portable_simd.h", "quantizers.h"):
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:qwen35/ops/kernels/{name}"], check=True,
-                              capture_output=True, text=True).stdout
+    for name in ("portable_kernels.cpp", "portable_simd.h", "quantizers.h", "portable_rows.h"):
+        shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:qwen35/ops/kernels/{name}"],
+                               capture_output=True, text=True)
+        if shown.returncode and name == "portable_rows.h":  # revisions before it kept the rows in the .cpp
+            continue
+        shown.check_returncode()
+        text = shown.stdout
         text = (text.replace("TORCH_LIBRARY_FRAGMENT(qwen35, m)", "TORCH_LIBRARY(qwen35_base, m)")
                 .replace("TORCH_LIBRARY_IMPL(qwen35, CPU, m)", "TORCH_LIBRARY_IMPL(qwen35_base, CPU, m)"))
         (out / name).write_text(text)
