@@ -61,7 +61,7 @@ def test_gemv_on_block_counts_the_kernel_does_not_group(scheme, M, N, K):
     assert ((out - formats.reference_matmul(scheme, x, w.qs, w.d)).abs() <= bound(scheme, x, w)).all()
 
 
-GEMM = {"q4_0": 2, "q4_k": 3, "q6_k": 4}
+GEMM = KIND
 
 
 @pytest.mark.parametrize("scheme", list(GEMM))
@@ -86,11 +86,23 @@ def test_gemm_equals_the_reference(scheme, M, N, K):
     assert torch.equal(alone, out)
 
 
-def test_gemm_refuses_what_it_does_not_take():
-    w = QuantizedWeight.quantize("q8_0", torch.randn(8, 256))
-    with pytest.raises(RuntimeError, match=r"portable_gemm: kind must be 2 \(q4_0\), 3 \(q4_k\) or 4 \(q6_k\), got 1 "
-                                           r"\(q8_0's products overflow vpmaddubsw's pairs"):
-        torch.ops.qwen35.portable_gemm(torch.randn(20, 256), w.qs, w.d, 1, True)
+def test_gemm_on_q8_0_bytes_the_quantizer_never_writes():
+    # GGUF's Q8_0 allows -128 (a file written elsewhere): |q| = 128 meets |x| = 127 in vpmaddubsw's pairs
+    g = torch.Generator().manual_seed(5)
+    w = QuantizedWeight.quantize("q8_0", torch.randn(24, 256, generator=g))
+    w.qs[:, :64] = -128
+    w.qs[3] = torch.randint(-128, 128, (256,), generator=g, dtype=torch.int8).view(torch.uint8)
+    x = torch.randn(21, 256, generator=g).bfloat16()
+    x[:, :32] = -x[:, :32].abs()  # blocks of -127s against the -128s: the largest pairs there are
+    out = torch.ops.qwen35.portable_gemm(x, w.qs, w.d, 1, True)
+    assert ((out - formats.reference_matmul("q8_0", x, w.qs, w.d)).abs() <= bound("q8_0", x, w)).all()
+
+
+def test_gemm_refuses_what_does_not_fit():
+    with pytest.raises(RuntimeError, match=r"portable_gemm: kind must be 1 \(q8_0\), 2 \(q4_0\), 3 \(q4_k\) or 4 "
+                                           r"\(q6_k\), got 7"):
+        torch.ops.qwen35.portable_gemm(torch.randn(20, 256), torch.zeros(8, 256, dtype=torch.uint8),
+                                       torch.zeros(8, 8).half(), 7, True)
     w = QuantizedWeight.quantize("q4_k", torch.randn(8, 512))
     with pytest.raises(RuntimeError, match=r"portable_gemm: 256 columns do not match weights \[8, 288\] of layout 3"):
         torch.ops.qwen35.portable_gemm(torch.randn(20, 256), w.qs, w.d, 3, True)
@@ -101,8 +113,7 @@ def test_gemm_refuses_what_it_does_not_take():
 @pytest.mark.parametrize("scheme", ["q4_k", "q8_0"])
 def test_a_quantized_weight_takes_the_gemm_for_prefill(scheme, monkeypatch):
     """On a machine with the AVX2 GEMM (prefill_gemm_machine "portable"), a portable-bound weight's prefill rows
-    go through it (q8_0: GEMVs up to GEMV_CHUNK_MAX_ROWS rows, then dequantized bands), decode rows through the
-    GEMV, and both give what the reference computes."""
+    go through it, up to GEMV_CHUNK_MAX_ROWS rows through GEMVs of 8, and both give what the reference computes."""
     monkeypatch.setattr(qw, "_auto_gemm", ["portable"])
     g = torch.Generator().manual_seed(3)
     w = QuantizedWeight.quantize(scheme, torch.randn(40, 512, generator=g))
@@ -112,13 +123,12 @@ def test_a_quantized_weight_takes_the_gemm_for_prefill(scheme, monkeypatch):
         real = getattr(torch.ops.qwen35, op)
         monkeypatch.setattr(torch.ops.qwen35, op, lambda *a, _op=op, _real=real: calls.append(_op) or _real(*a))
     with torch.no_grad():
-        for rows, want in [(8, "portable_gemv"), (16, "portable_gemv"), (17, "portable_gemm" if scheme == "q4_k" else None)]:
+        for rows, want in [(8, "portable_gemv"), (16, "portable_gemv"), (17, "portable_gemm"), (300, "portable_gemm")]:
             calls.clear()
             x = torch.randn(rows, 512, generator=g).bfloat16()
             y = w.matmul(x, True)
-            assert calls == ([want] if want else [])
-            if want:
-                assert ((y - formats.reference_matmul(scheme, x, w.qs, w.d)).abs() <= bound(scheme, x, w)).all()
+            assert calls == [want]
+            assert ((y - formats.reference_matmul(scheme, x, w.qs, w.d)).abs() <= bound(scheme, x, w)).all()
 
 
 def test_gemv_refuses_mismatched_operands():
@@ -209,8 +219,8 @@ def test_a_machine_without_avx512_runs_quantized_models_on_them(quant, machine, 
     ref, _ = qwen35.load(default_model(), dtype=torch.bfloat16, quant=quant, kernels=False)
     assert not any(w.portable or w.kernels for w in quantized_weights(ref))
     assert_same_greedy_answers(ref, model, tok)
-    # the fourth prompt's prefill is longer than GEMV_CHUNK_MAX_ROWS: the 4-bit layouts' GEMM took it where it runs
-    assert bool(gemm_calls) == (machine == "portable" and quant == "int4")
+    # the fourth prompt's prefill is longer than GEMV_CHUNK_MAX_ROWS: the GEMM took it where it runs
+    assert bool(gemm_calls) == (machine == "portable")
     assert all(rows > qw.GEMV_CHUNK_MAX_ROWS for rows in gemm_calls)
     fast.bind_kernels(model, False)
     assert not any(w.portable for w in objects) and not any(m.delta_rule is fast.portable_delta_rule for m in mixers)

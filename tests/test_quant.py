@@ -273,8 +273,7 @@ def test_prefill_gemm_follows_the_machine_and_its_overrides(monkeypatch):
     monkeypatch.setattr(K, "available", lambda: False)  # a laptop: the portable library
     monkeypatch.setattr(K, "portable_gemm_vectorized", lambda: True)  # with its AVX2 GEMM
     assert auto({"avx2"}, qw.GEMV_CHUNK_MAX_ROWS) == "integer" and qw.prefill_gemm_machine() == "portable"
-    assert qw.prefill_gemm(4096, "q4_k") == qw.prefill_gemm(4096, "q6_k") == qw.prefill_gemm(17, "q4_0") == "integer"
-    assert qw.prefill_gemm(qw.GEMV_CHUNK_MAX_ROWS + 1, "q8_0") == "dequantize"  # not a layout the GEMM takes
+    assert all(qw.prefill_gemm(rows, s) == "integer" for rows in (17, 4096) for s in ("q8_0", "q4_0", "q4_k", "q6_k"))
     monkeypatch.setattr(K, "portable_gemm_vectorized", lambda: False)  # ARM, x86 without AVX2: GEMVs only
     assert auto(set(), 17) == "dequantize" and qw.prefill_gemm_machine() == "none"
     assert qw.prefill_gemm(4096, "q4_k") == "dequantize" and qw.prefill_gemm(8, "q4_k") == "dequantize"

@@ -36,13 +36,14 @@ GEMV_MAX_ROWS = 8
 # int4 32 tokens 0.78x against 0.75x, 64 tokens 0.72x against 0.79x. A 16-row decode step (many sequences):
 # int4 290 -> 148 ms, int8 182 -> 147 ms (it had dequantized the whole head every step).
 GEMV_CHUNK_MAX_ROWS = 16
-# The layouts the portable library's integer GEMM takes (kernels/portable_gemm.cpp; q8_0's products overflow its
-# 16-bit pairs). Measured where the AVX512 kernels cannot run (a Zen 4 held to AVX2: QWEN35_PORTABLE_MARCH=x86-64-v3,
-# oneDNN at AVX2), 2 threads, the 0.8B's 7168 x 1024 / 1024 x 3584 in q4_k, ms, against dequantizing into bf16 and
-# torch's fp32 GEMM (what ran before): 16 rows 1.1 / 1.1 against 6.9 / 3.0, 64 rows 3.2 / 3.0 against 11.2 / 4.3,
-# 128 rows 6.4 / 4.0 against 17.1 / 6.7; q6_k alike (16 rows 1.4 / 0.9 against 8.0 / 2.9). GEMVs of 8 rows stay
-# slightly ahead up to 16 rows (1.2 / 1.0 ms at 16) and keep them.
-PORTABLE_GEMM = {"q4_0": 2, "q4_k": 3, "q6_k": 4}
+# The portable library's integer GEMM (kernels/portable_gemm.cpp) by layout code. Measured where the AVX512 kernels
+# cannot run (a Zen 4 held to AVX2: QWEN35_PORTABLE_MARCH=x86-64-v3, oneDNN at AVX2), 2 threads, the 0.8B's
+# 7168 x 1024 / 1024 x 3584, ms, against dequantizing into bf16 and torch's fp32 GEMM (what ran before): q4_k 16
+# rows 1.1 / 1.1 against 6.9 / 3.0, 64 rows 3.2 / 3.0 against 11.2 / 4.3, 128 rows 6.4 / 4.0 against 17.1 / 6.7;
+# q6_k alike (16 rows 1.4 / 0.9 against 8.0 / 2.9); q8_0 32 rows 3.4 / 1.6 against 9.7 / 3.3, 512 rows 31.8 / 17.4
+# against 48.2 / 21.5 (with vpdpbusd: 14.2 / 7.9). GEMVs of 8 rows stay slightly ahead up to 16 rows (q4_k 1.2 /
+# 1.0 ms at 16) and keep them.
+PORTABLE_GEMM = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}
 AMX_INTEGER_MAX_ROWS = {"q8_0": 64, "q4_0": 64, "q4_k": 40, "q6_k": 40}
 GEMV_OPS = {"q8_0": "gemv_q8_0", "q4_0": "gemv_q4_0", "q4_k": "gemv_q4_k", "q6_k": "gemv_q6_k"}
 BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM path
@@ -87,8 +88,8 @@ def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
     "dequantize" (the AMX panel kernel up to PANEL_MAX_ROWS rows, bf16 bands and torch's GEMM past it). Where
     torch's GEMM has AMX tiles: integer up to GEMV_CHUNK_MAX_ROWS rows (AMX_INTEGER_MAX_ROWS[scheme] where the
     panel kernel is off), dequantize past it (AMX-BF16 then beats every integer kernel measured here, README).
-    Integer at any size where the kernels run without AMX; on the portable library with its AVX2 GEMM, integer for
-    PORTABLE_GEMM's layouts (q8_0 past GEMV_CHUNK_MAX_ROWS rows dequantizes); dequantize without kernels.
+    Integer at any size where the kernels run without AMX, or the portable library with its AVX2 GEMM (GEMVs of 8
+    up to GEMV_CHUNK_MAX_ROWS rows, the GEMM past that); dequantize elsewhere.
     QWEN35_QUANT_GEMM=integer / dequantize forces one; ONEDNN_MAX_CPU_ISA capping oneDNN below AMX counts as no
     AMX. A weight's kernels and its reference path follow the same choice, so they compute the same thing."""
     if PREFILL_GEMM is not None:
@@ -103,7 +104,7 @@ def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
         limit = GEMV_CHUNK_MAX_ROWS if panels() else AMX_INTEGER_MAX_ROWS[scheme]
         return "integer" if rows <= limit else "dequantize"
     if machine == "portable":  # PORTABLE_GEMM's note
-        return "integer" if scheme in PORTABLE_GEMM or rows <= GEMV_CHUNK_MAX_ROWS else "dequantize"
+        return "integer"
     return "integer" if machine == "integer" else "dequantize"
 
 
@@ -253,7 +254,7 @@ class QuantizedWeight:
                                   for i in range(0, x2.shape[0], GEMV_MAX_ROWS)])
             return torch.ops.qwen35.gemm_quant(x2, self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
         if self.portable and x2.dtype in (torch.bfloat16, torch.float32):
-            if x2.shape[0] > GEMV_CHUNK_MAX_ROWS and self.scheme in PORTABLE_GEMM:
+            if x2.shape[0] > GEMV_CHUNK_MAX_ROWS:
                 return torch.ops.qwen35.portable_gemm(x2, self.qs, self.d, PORTABLE_GEMM[self.scheme], out_fp32)
             return torch.ops.qwen35.portable_gemv(x2, self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
         # fp32 bands: the whole 248,320-row head at once had peaked at ~10 GB for a 0.8B model

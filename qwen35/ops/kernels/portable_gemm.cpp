@@ -1,15 +1,17 @@
-// portable_gemm: prefill (many input rows) on 4- and 6-bit packed weights for CPUs without AVX512 (laptops: AVX2),
-// in integer arithmetic. What it computes is formats.reference_matmul, as portable_gemv does: the input rows
-// quantized per block of 32 (portable_rows.h), exact integer sums per block against the weights' integers,
-// combined in fp32 with the blocks' scales; only the order of the fp32 roundings differs from the reference.
+// portable_gemm: prefill (many input rows) on packed weights for CPUs without AVX512 (laptops: AVX2), in integer
+// arithmetic. What it computes is formats.reference_matmul, as portable_gemv does: the input rows quantized per
+// block of 32 (portable_rows.h), exact integer sums per block against the weights' integers, combined in fp32
+// with the blocks' scales; only the order of the fp32 roundings differs from the reference.
 //
 // Without it such a machine dequantized each weight to bf16, widened it to fp32 and ran torch's fp32 GEMM
 // (ops/linear.dense_linear): 8 multiply-adds a vector instruction. Here vpmaddubsw multiplies 32 byte pairs
-// an instruction (unsigned weights 0..63 by the signed inputs), summed in 16-bit lanes while they fit.
+// an instruction (unsigned weights by the signed inputs), summed in 16-bit lanes while they fit.
 //
-// A panel of NP = 16 weight rows is unpacked once (per thread) into unsigned bytes u in groups of 4 consecutive
-// k across the 16 rows, the layout a broadcast of 4 input bytes meets in one vpmaddubsw, with per block fp32
-// scale(s) s and offset o:
+// A panel of NP = 16 weight rows is unpacked once (per thread) into bytes u in groups of 4 consecutive k across
+// the 16 rows, the layout a broadcast of 4 input bytes meets in one vpmaddubsw, with per block fp32 scale(s) s
+// and offset o:
+// - q8_0: w = d q, u = q (signed): vpmaddubsw takes |q| and the input with q's sign (vpsignb); with vpdpbusd,
+//   u + 128 and o = 128 d;
 // - q4_0: w = d (u - 8)          -> s = d, o = 8 d;
 // - q4_k: w = d sc u - dmin m    -> s = d sc, o = dmin m;
 //   the block's dot product with the input block (dx, xq) is dx s sum(u xq) - o (dx sum(xq)) = ... - o dsx;
@@ -17,11 +19,9 @@
 //   each half's integer sum (exact), then one scale per half.
 // Then every tile of MR input rows runs over the panel's blocks: 8 groups of 4 k, each a broadcast and two
 // vpmaddubsw per row (16 rows = two vectors); the 16-bit sums widened by one vpmaddwd per block (nibbles: at most
-// 8 * 2 * 15 * 127 < 2^15) or per two groups (6 bits: 2 * 2 * 63 * 127 < 2^15), converted and scaled once per
-// block. Where the CPU has AVX-VNNI (Intel since Alder Lake, AMD since Zen 5) or AVX512-VNNI with 256-bit
-// vectors, vpdpbusd does the multiply and the 32-bit sum in one instruction instead. q8_0 (products of up to
-// 255 * 127 overflow vpmaddubsw's pairs) is not taken: such weights keep the dequantizing path
-// (quant/weight.prefill_gemm).
+// 8 * 2 * 15 * 127 < 2^15), per two groups (6 bits: 2 * 2 * 63 * 127 < 2^15) or per group (q8_0), converted and
+// scaled once per block. Where the CPU has AVX-VNNI (Intel since Alder Lake, AMD since Zen 5) or AVX512-VNNI with
+// 256-bit vectors, vpdpbusd does the multiply and the 32-bit sum in one instruction instead.
 //
 // Measured on a Zen 4 (2 threads, 512 input rows, the 0.8B's 7168 x 1024 / 1024 x 3584, GOP/s): built for AVX2
 // (x86-64-v3) q4_k 220-331 / 288-300, q6_k 320-330 / 202-293; with vpdpbusd (-march=native there) q4_k 540-563 /
@@ -55,6 +55,15 @@ constexpr int PB = 8 * NP * 4;  // bytes of one block of 32 weights across the p
 // rows spill the 16 AVX2 registers).
 constexpr int MR = 4;
 
+// Where the CPU multiplies bytes into 32-bit sums in one instruction (AVX-VNNI: Alder Lake and later, Zen 5; or
+// AVX512-VNNI with 256-bit vectors), vpdpbusd replaces vpmaddubsw + the 16-bit sums + vpmaddwd: no 16-bit
+// bound, one instruction a group and row vector.
+#if defined(__AVX2__) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+constexpr bool VNNI = true;
+#else
+constexpr bool VNNI = false;
+#endif
+
 // One panel of up to NP weight rows, unpacked (rows past the weight's last are zeros, never stored).
 struct Panel {
   std::vector<uint8_t> u;  // [nb][8][NP][4]
@@ -80,7 +89,15 @@ void unpack(int64_t kind, const uint8_t* qs, const c10::Half* d, int64_t K, int6
       uint8_t* u = p.u.data() + b * PB + c * 4;
       for (int g = 0; g < 8; ++g) std::memcpy(u + g * NP * 4, reinterpret_cast<const uint8_t*>(&v) + 4 * g, 4);
     };
-    if (kind == 2) {
+    if (kind == 1) {  // the signed bytes as they are (the AVX2 tile takes |q| and moves q's sign onto the input);
+      // vpdpbusd's unsigned operand is q + 128 (the tile flips the top bit), 128 d sum(xq) its offset (exact)
+      for (int64_t b = 0; b < nb; ++b) {
+        put(b, load_v<u8x32>(w + b * QB));
+        const float s = static_cast<float>(d[(n0 + c) * nb + b]);
+        p.s[b * 2 * NP + c] = s;
+        p.o[b * NP + c] = VNNI ? 128.f * s : 0.f;
+      }
+    } else if (kind == 2) {
       for (int64_t b = 0; b < nb; ++b) {
         const u8x16 v = load_v<u8x16>(w + b * 16);  // element j in the low nibble of byte j, j + 16 in the high
         put(b, join<u8x32>(v & 15, v >> 4));
@@ -144,11 +161,7 @@ inline __m256i bcast4(const int8_t* x) {  // 4 input bytes in every 32-bit lane
   return _mm256_set1_epi32(v);
 }
 
-// Where the CPU multiplies bytes into 32-bit sums in one instruction (AVX-VNNI: Alder Lake and later, Zen 5; or
-// AVX512-VNNI with 256-bit vectors), vpdpbusd replaces vpmaddubsw + the 16-bit sums + vpmaddwd: no 16-bit
-// bound, one instruction a group and row vector.
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
-constexpr bool VNNI = true;
 inline __m256i dpbusd(__m256i acc, __m256i u, __m256i x) {
 #if defined(__AVXVNNI__)
   return _mm256_dpbusd_avx_epi32(acc, u, x);
@@ -157,7 +170,6 @@ inline __m256i dpbusd(__m256i acc, __m256i u, __m256i x) {
 #endif
 }
 #else
-constexpr bool VNNI = false;
 inline __m256i dpbusd(__m256i, __m256i, __m256i) { return _mm256_setzero_si256(); }  // never called
 #endif
 
@@ -178,17 +190,26 @@ __attribute__((optimize("fp-contract=fast"))) void tile(const Panel& p, const Ro
       __m256i a[R][2];  // exact int32 sums of u * xq
       for (int i = 0; i < R; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
       // without VNNI, pairs of products summed in 16 bits: nibbles over all 8 groups (8 * 2 * 15 * 127 < 2^15),
-      // 6 bits over 2 (2 * 2 * 63 * 127 < 2^15), then widened by vpmaddwd
-      constexpr int G16 = KIND == 4 ? 2 : 8;
+      // 6 bits over 2 (2 * 2 * 63 * 127 < 2^15), q8_0's (|q| <= 128) one at a time, then widened by vpmaddwd
+      constexpr int G16 = KIND == 4 ? 2 : KIND == 1 ? 1 : 8;
       for (int gs = g0; gs < g1; gs += (VNNI ? g1 - g0 : G16)) {
         __m256i t[R][2];
         for (int i = 0; i < R; ++i) t[i][0] = t[i][1] = _mm256_setzero_si256();
         for (int g = gs; g < (VNNI ? g1 : gs + G16); ++g) {
-          const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + g * NP * 4));
-          const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + g * NP * 4 + 32));
+          __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + g * NP * 4));
+          __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + g * NP * 4 + 32));
+          const __m256i q0 = w0, q1 = w1;  // q8_0: the signed weights
+          if (KIND == 1) {
+            const __m256i top = _mm256_set1_epi8(static_cast<char>(0x80));
+            w0 = VNNI ? _mm256_xor_si256(q0, top) : _mm256_abs_epi8(q0);  // q + 128, or |q|
+            w1 = VNNI ? _mm256_xor_si256(q1, top) : _mm256_abs_epi8(q1);
+          }
           for (int i = 0; i < R; ++i) {
             const __m256i xb = bcast4(x + i * K + 4 * g);
-            if (VNNI) {
+            if (KIND == 1 && !VNNI) {  // |q| * (x with q's sign): q x, a pair at most 2 * 128 * 127 < 2^15
+              t[i][0] = _mm256_add_epi16(t[i][0], _mm256_maddubs_epi16(w0, _mm256_sign_epi8(xb, q0)));
+              t[i][1] = _mm256_add_epi16(t[i][1], _mm256_maddubs_epi16(w1, _mm256_sign_epi8(xb, q1)));
+            } else if (VNNI) {
               a[i][0] = dpbusd(a[i][0], w0, xb);
               a[i][1] = dpbusd(a[i][1], w1, xb);
             } else {
@@ -206,7 +227,7 @@ __attribute__((optimize("fp-contract=fast"))) void tile(const Panel& p, const Ro
       for (int i = 0; i < R; ++i) {
         const __m256 dx = _mm256_set1_ps(r.dx[(m0 + i) * nb + b]);
         for (int v = 0; v < 2; ++v) {
-          if (KIND != 4) {  // dx s sum(u xq) - o dsx
+          if (KIND != 4) {  // dx s sum(u xq) - o dsx (o = 0: q8_0 without VNNI)
             const __m256 f = _mm256_cvtepi32_ps(a[i][v]);
             acc[i][v] = _mm256_fmadd_ps(f, _mm256_mul_ps(_mm256_loadu_ps(s + 8 * v), dx), acc[i][v]);
             acc[i][v] = _mm256_fnmadd_ps(_mm256_loadu_ps(o + 8 * v), _mm256_set1_ps(r.dsx[(m0 + i) * nb + b]), acc[i][v]);
@@ -243,7 +264,10 @@ __attribute__((optimize("fp-contract=fast"))) void tile(const Panel& p, const Ro
       int32_t sum[2][NP] = {};
       for (int g = 0; g < 8; ++g)
         for (int c = 0; c < NP; ++c)
-          for (int k = 0; k < 4; ++k) sum[g / 4][c] += u[(g * NP + c) * 4 + k] * x[4 * g + k];
+          for (int k = 0; k < 4; ++k) {
+            const uint8_t v = u[(g * NP + c) * 4 + k];
+            sum[g / 4][c] += (KIND == 1 ? static_cast<int32_t>(static_cast<int8_t>(v)) : v) * x[4 * g + k];
+          }
       const float dx = r.dx[m * nb + b];
       for (int c = 0; c < NP; ++c) {
         if (KIND != 4) {
@@ -286,14 +310,16 @@ void gemm_out(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, in
     }
   });
   const uint8_t* q = static_cast<const uint8_t*>(qs.data_ptr());
-  const c10::Half* dp = kind == 2 ? d.data_ptr<c10::Half>() : nullptr;
+  const c10::Half* dp = kind <= 2 ? d.data_ptr<c10::Half>() : nullptr;
   at::parallel_for(0, (N + NP - 1) / NP, 1, [&](int64_t p0, int64_t p1) {
     Panel p;
     for (int64_t pi = p0; pi < p1; ++pi) {
       const int64_t n0 = pi * NP;
       const int nr = static_cast<int>(std::min<int64_t>(NP, N - n0));
       unpack(kind, q, dp, K, n0, nr, p);
-      if (kind == 2)
+      if (kind == 1)
+        panel_rows<1>(p, r, M, out + n0, N, nr);
+      else if (kind == 2)
         panel_rows<2>(p, r, M, out + n0, N, nr);
       else if (kind == 3)
         panel_rows<3>(p, r, M, out + n0, N, nr);
@@ -306,8 +332,6 @@ void gemm_out(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, in
 at::Tensor portable_gemm(const at::Tensor& x_, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32) {
   TORCH_CHECK(x_.dim() == 2 && x_.size(0) >= 1, "portable_gemm: x must be [M, K] with M >= 1");
   TORCH_CHECK(x_.scalar_type() == at::kBFloat16 || x_.scalar_type() == at::kFloat, "portable_gemm: x must be bf16 or fp32");
-  TORCH_CHECK(kind >= 2 && kind <= 4, "portable_gemm: kind must be 2 (q4_0), 3 (q4_k) or 4 (q6_k), got ", kind,
-              " (q8_0's products overflow vpmaddubsw's pairs: portable_gemv or the dequantizing path take it)");
   const at::Tensor x = x_.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
   check_layout(qs, d, kind, K, "portable_gemm");
