@@ -24,8 +24,9 @@
 // 256-bit vectors, vpdpbusd does the multiply and the 32-bit sum in one instruction instead.
 //
 // Measured on a Zen 4 (2 threads, 512 input rows, the 0.8B's 7168 x 1024 / 1024 x 3584, GOP/s): built for AVX2
-// (x86-64-v3) q4_k 220-331 / 288-300, q6_k 320-330 / 202-293; with vpdpbusd (-march=native there) q4_k 540-563 /
-// 431-486, q6_k 442-463 / 361-368; torch's fp32 GEMM on the dequantized weights (what ran before) 115-178 GFLOP/s.
+// (x86-64-v3) q4_k 390-422 / 354-400 (220-331 / 288-300 before in_register), q6_k 318-332 / 284-308; with vpdpbusd
+// (-march=native there) q4_k 429-563 / 415-486, q6_k 365-463 / 313-403; torch's fp32 GEMM on the dequantized
+// weights (what ran before) 115-178 GFLOP/s.
 //
 // Without AVX2 the same panels run a plain C++ form (correct everywhere, tested; prefill_gemm only picks this
 // kernel where portable_gemm_vectorized() says the AVX2 one is built).
@@ -161,6 +162,11 @@ inline __m256i bcast4(const int8_t* x) {  // 4 input bytes in every 32-bit lane
   return _mm256_set1_epi32(v);
 }
 
+// An accumulator pinned to a register at this point of its chain. Without it GCC 12 unrolled the 8 groups, ran all
+// their products first and stored each to the stack to add them up in a tree after (perf: ~1 instruction a cycle);
+// the empty asm keeps each sum a running chain in a register.
+inline void in_register(__m256i& v) { asm("" : "+x"(v)); }
+
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
 inline __m256i dpbusd(__m256i acc, __m256i u, __m256i x) {
 #if defined(__AVXVNNI__)
@@ -216,6 +222,8 @@ __attribute__((optimize("fp-contract=fast"))) void tile(const Panel& p, const Ro
               t[i][0] = _mm256_add_epi16(t[i][0], _mm256_maddubs_epi16(w0, xb));
               t[i][1] = _mm256_add_epi16(t[i][1], _mm256_maddubs_epi16(w1, xb));
             }
+            if (!VNNI)
+              for (int v = 0; v < 2; ++v) in_register(t[i][v]);
           }
         }
         if (!VNNI)
