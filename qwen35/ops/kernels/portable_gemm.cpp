@@ -235,10 +235,11 @@ __attribute__((optimize("fp-contract=fast"))) void tile(const Panel& p, const Ro
       for (int i = 0; i < R; ++i) {
         const __m256 dx = _mm256_set1_ps(r.dx[(m0 + i) * nb + b]);
         for (int v = 0; v < 2; ++v) {
-          if (KIND != 4) {  // dx s sum(u xq) - o dsx (o = 0: q8_0 without VNNI)
+          if (KIND != 4) {  // dx s sum(u xq) - o dsx (q8_0 without VNNI: o = 0, not applied)
             const __m256 f = _mm256_cvtepi32_ps(a[i][v]);
             acc[i][v] = _mm256_fmadd_ps(f, _mm256_mul_ps(_mm256_loadu_ps(s + 8 * v), dx), acc[i][v]);
-            acc[i][v] = _mm256_fnmadd_ps(_mm256_loadu_ps(o + 8 * v), _mm256_set1_ps(r.dsx[(m0 + i) * nb + b]), acc[i][v]);
+            if (KIND != 1 || VNNI)
+              acc[i][v] = _mm256_fnmadd_ps(_mm256_loadu_ps(o + 8 * v), _mm256_set1_ps(r.dsx[(m0 + i) * nb + b]), acc[i][v]);
           } else {  // dx s_h (sum(u xq) - 32 sum(xq)) over the half
             const __m256i off = _mm256_set1_epi32(32 * half_sum(r, m0 + i, b, h));
             const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(a[i][v], off));
