@@ -40,13 +40,18 @@ def test_gemv_equals_the_reference(scheme, M, N, K):
     w = QuantizedWeight.quantize(scheme, awkward(N, K, M) if N >= 5 else torch.randn(N, K, generator=g))
     x = torch.randn(M, K, generator=g).bfloat16()
     x[0, :32] = 0  # an all-zero input block (scale 0)
-    out = torch.ops.qwen35.portable_gemv(x, w.qs, w.d, KIND[scheme], True)
-    ref = formats.reference_matmul(scheme, x, w.qs, w.d)
-    assert ((out - ref).abs() <= bound(scheme, x, w)).all()
-    assert torch.equal(torch.ops.qwen35.portable_gemv(x, w.qs, w.d, KIND[scheme], False), out.bfloat16())
-    assert torch.equal(torch.ops.qwen35.portable_gemv(x.float(), w.qs, w.d, KIND[scheme], True), out)
-    # each row on its own accumulators: alone, in a batch or in a verify pass, the same bits
-    alone = torch.cat([torch.ops.qwen35.portable_gemv(x[i : i + 1], w.qs, w.d, KIND[scheme], True) for i in range(M)])
+    assert_integer_product(torch.ops.qwen35.portable_gemv, scheme, x, w)
+
+
+def assert_integer_product(op, scheme, x, w):
+    """op (portable_gemv / portable_gemm) on x against formats.reference_matmul within bound(); bf16 out equal to
+    the fp32 out rounded; fp32 inputs of the same values the same bits; each row on its own accumulators, in the
+    same order whatever rows share its call (alone, in a batch, in a verify pass or a prefill chunk): the same bits."""
+    out = op(x, w.qs, w.d, KIND[scheme], True)
+    assert ((out - formats.reference_matmul(scheme, x, w.qs, w.d)).abs() <= bound(scheme, x, w)).all()
+    assert torch.equal(op(x, w.qs, w.d, KIND[scheme], False), out.bfloat16())
+    assert torch.equal(op(x.float(), w.qs, w.d, KIND[scheme], True), out)
+    alone = torch.cat([op(x[i : i + 1], w.qs, w.d, KIND[scheme], True) for i in range(x.shape[0])])
     assert torch.equal(alone, out)
 
 
@@ -61,10 +66,7 @@ def test_gemv_on_block_counts_the_kernel_does_not_group(scheme, M, N, K):
     assert ((out - formats.reference_matmul(scheme, x, w.qs, w.d)).abs() <= bound(scheme, x, w)).all()
 
 
-GEMM = KIND
-
-
-@pytest.mark.parametrize("scheme", list(GEMM))
+@pytest.mark.parametrize("scheme", list(KIND))
 @pytest.mark.parametrize("M,N,K", [(1, 5, 256), (4, 16, 256), (17, 33, 512), (37, 100, 768), (66, 17, 1024),
                                    (130, 40, 256)])
 def test_gemm_equals_the_reference(scheme, M, N, K):
@@ -75,15 +77,7 @@ def test_gemm_equals_the_reference(scheme, M, N, K):
     x = torch.randn(M, K, generator=g).bfloat16() * torch.rand(M, 1, generator=g).bfloat16() * 4
     x[0, :32] = 0  # an all-zero input block (scale 0)
     x[-1, 32:64] = -1e-3  # a block of one value: it rounds to -127s
-    out = torch.ops.qwen35.portable_gemm(x, w.qs, w.d, GEMM[scheme], True)
-    ref = formats.reference_matmul(scheme, x, w.qs, w.d)
-    assert ((out - ref).abs() <= bound(scheme, x, w)).all()
-    assert torch.equal(torch.ops.qwen35.portable_gemm(x, w.qs, w.d, GEMM[scheme], False), out.bfloat16())
-    assert torch.equal(torch.ops.qwen35.portable_gemm(x.float(), w.qs, w.d, GEMM[scheme], True), out)
-    # each row on its own accumulators, in the same order in every tile: a prompt's rows give the same bits
-    # whatever rows share their chunk
-    alone = torch.cat([torch.ops.qwen35.portable_gemm(x[i : i + 1], w.qs, w.d, GEMM[scheme], True) for i in range(M)])
-    assert torch.equal(alone, out)
+    assert_integer_product(torch.ops.qwen35.portable_gemm, scheme, x, w)
 
 
 def test_gemm_on_q8_0_bytes_the_quantizer_never_writes():

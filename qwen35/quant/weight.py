@@ -36,14 +36,14 @@ GEMV_MAX_ROWS = 8
 # int4 32 tokens 0.78x against 0.75x, 64 tokens 0.72x against 0.79x. A 16-row decode step (many sequences):
 # int4 290 -> 148 ms, int8 182 -> 147 ms (it had dequantized the whole head every step).
 GEMV_CHUNK_MAX_ROWS = 16
-# The portable library's integer GEMM (kernels/portable_gemm.cpp) by layout code. Measured where the AVX512 kernels
-# cannot run (a Zen 4 held to AVX2: QWEN35_PORTABLE_MARCH=x86-64-v3, oneDNN at AVX2), 2 threads, the 0.8B's
-# 7168 x 1024 / 1024 x 3584, ms, against dequantizing into bf16 and torch's fp32 GEMM (what ran before): q4_k 16
-# rows 1.1 / 1.1 against 6.9 / 3.0, 64 rows 3.2 / 3.0 against 11.2 / 4.3, 128 rows 6.4 / 4.0 against 17.1 / 6.7;
-# q6_k alike (16 rows 1.4 / 0.9 against 8.0 / 2.9); q8_0 32 rows 3.4 / 1.6 against 9.7 / 3.3, 512 rows 31.8 / 17.4
-# against 48.2 / 21.5 (with vpdpbusd: 14.2 / 7.9). GEMVs of 8 rows stay slightly ahead up to 16 rows (q4_k 1.2 /
-# 1.0 ms at 16) and keep them.
-PORTABLE_GEMM = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}
+# The portable library's integer GEMM (kernels/portable_gemm.cpp, every layout: GEMM_KINDS' codes), measured
+# where the AVX512 kernels cannot run (a Zen 4 held to AVX2: QWEN35_PORTABLE_MARCH=x86-64-v3, oneDNN at AVX2),
+# 2 threads, the 0.8B's 7168 x 1024 / 1024 x 3584, ms, against dequantizing into bf16 and torch's fp32 GEMM
+# (what ran before): q4_k 16 rows 1.1 / 1.1 against 6.9 / 3.0, 64 rows 3.2 / 3.0 against 11.2 / 4.3, 128 rows
+# 6.4 / 4.0 against 17.1 / 6.7; q6_k alike (16 rows 1.4 / 0.9 against 8.0 / 2.9); q8_0 32 rows 3.4 / 1.6
+# against 9.7 / 3.3, 512 rows 31.8 / 17.4 against 48.2 / 21.5 (with vpdpbusd: 14.2 / 7.9). GEMVs of 8 rows
+# stay slightly ahead up to 16 rows (q4_k 1.2 / 1.0 ms at 16) and keep them: prefill_gemm() is "integer" at
+# any size on such a machine.
 AMX_INTEGER_MAX_ROWS = {"q8_0": 64, "q4_0": 64, "q4_k": 40, "q6_k": 40}
 GEMV_OPS = {"q8_0": "gemv_q8_0", "q4_0": "gemv_q4_0", "q4_k": "gemv_q4_k", "q6_k": "gemv_q6_k"}
 BAND_BYTES = 64 * 2**20  # bf16 bytes of weights dequantized at once on the GEMM path
@@ -103,9 +103,8 @@ def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
     if machine == "amx":  # with the panel kernel, dequantizing wins from 17 rows on (PANEL_MAX_ROWS' note)
         limit = GEMV_CHUNK_MAX_ROWS if panels() else AMX_INTEGER_MAX_ROWS[scheme]
         return "integer" if rows <= limit else "dequantize"
-    if machine == "portable":  # PORTABLE_GEMM's note
-        return "integer"
-    return "integer" if machine == "integer" else "dequantize"
+    # "portable": the note below GEMV_CHUNK_MAX_ROWS
+    return "integer" if machine in ("integer", "portable") else "dequantize"
 
 
 def prefill_gemm_machine() -> str:
@@ -255,7 +254,7 @@ class QuantizedWeight:
             return torch.ops.qwen35.gemm_quant(x2, self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
         if self.portable and x2.dtype in (torch.bfloat16, torch.float32):
             if x2.shape[0] > GEMV_CHUNK_MAX_ROWS:
-                return torch.ops.qwen35.portable_gemm(x2, self.qs, self.d, PORTABLE_GEMM[self.scheme], out_fp32)
+                return torch.ops.qwen35.portable_gemm(x2, self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
             return torch.ops.qwen35.portable_gemv(x2, self.qs, self.d, GEMM_KINDS[self.scheme], out_fp32)
         # fp32 bands: the whole 248,320-row head at once had peaked at ~10 GB for a 0.8B model
         step = max(1, BAND_BYTES // (4 * self.shape[1]))

@@ -149,7 +149,7 @@ inline int32_t half_sum(const Rows& r, int64_t m, int64_t b, int half) {
 }
 
 template <typename Out>
-inline void store(Out* o, int64_t ldo, int nr, const float* v) {
+inline void store(Out* o, int nr, const float* v) {
   for (int c = 0; c < nr; ++c) o[c] = static_cast<Out>(v[c]);  // bf16: nearest even, as torch's .to
 }
 
@@ -253,7 +253,7 @@ __attribute__((optimize("fp-contract=fast"))) void tile(const Panel& p, const Ro
     alignas(32) float v[NP];
     _mm256_store_ps(v, acc[i][0]);
     _mm256_store_ps(v + 8, acc[i][1]);
-    store(out + i * ldo, ldo, nr, v);
+    store(out + i * ldo, nr, v);
   }
 }
 #else
@@ -288,7 +288,7 @@ __attribute__((optimize("fp-contract=fast"))) void tile(const Panel& p, const Ro
         }
       }
     }
-    store(out + i * ldo, ldo, nr, acc);
+    store(out + i * ldo, nr, acc);
   }
 }
 #endif
@@ -338,20 +338,9 @@ void gemm_out(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, in
   });
 }
 
-at::Tensor portable_gemm(const at::Tensor& x_, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32) {
-  TORCH_CHECK(x_.dim() == 2 && x_.size(0) >= 1, "portable_gemm: x must be [M, K] with M >= 1");
-  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 || x_.scalar_type() == at::kFloat, "portable_gemm: x must be bf16 or fp32");
-  const at::Tensor x = x_.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  check_layout(qs, d, kind, K, "portable_gemm");
-  if (!out_fp32 && x.scalar_type() == at::kBFloat16) {  // rounded as it is written: what .to(bf16) gives
-    at::Tensor out = at::empty({M, N}, x.options());
-    gemm_out(x, qs, d, kind, out.data_ptr<c10::BFloat16>());
-    return out;
-  }
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  gemm_out(x, qs, d, kind, out.data_ptr<float>());
-  return out_fp32 ? out : out.to(x.scalar_type());
+at::Tensor portable_gemm(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32) {
+  return integer_product(x, qs, d, kind, out_fp32, "portable_gemm",
+                         [&](const at::Tensor& xc, auto* out) { gemm_out(xc, qs, d, kind, out); });
 }
 
 bool portable_gemm_vectorized() { return VECTORIZED; }

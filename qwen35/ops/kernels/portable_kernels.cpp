@@ -205,20 +205,9 @@ void gemv_out(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, in
   }
 }
 
-at::Tensor portable_gemv(const at::Tensor& x_, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32) {
-  TORCH_CHECK(x_.dim() == 2 && x_.size(0) >= 1, "portable_gemv: x must be [M, K] with M >= 1");
-  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 || x_.scalar_type() == at::kFloat, "portable_gemv: x must be bf16 or fp32");
-  const at::Tensor x = x_.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  check_layout(qs, d, kind, K, "portable_gemv");
-  if (!out_fp32 && x.scalar_type() == at::kBFloat16) {  // rounded as it is written: what .to(bf16) gives
-    at::Tensor out = at::empty({M, N}, x.options());
-    gemv_out(x, qs, d, kind, out.data_ptr<c10::BFloat16>(), N);
-    return out;
-  }
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  gemv_out(x, qs, d, kind, out.data_ptr<float>(), N);
-  return out_fp32 ? out : out.to(x.scalar_type());
+at::Tensor portable_gemv(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32) {
+  return integer_product(x, qs, d, kind, out_fp32, "portable_gemv",
+                         [&](const at::Tensor& xc, auto* out) { gemv_out(xc, qs, d, kind, out, qs.size(0)); });
 }
 
 // One row of K weights in fp32, the reference's operations (formats.dequantize / kquants.dequantize_*): fp-contract

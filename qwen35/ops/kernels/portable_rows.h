@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -124,6 +125,28 @@ inline void check_layout(const at::Tensor& qs, const at::Tensor& d, int64_t kind
   if (kind <= 2)
     TORCH_CHECK(d.dim() == 2 && d.is_contiguous() && d.scalar_type() == at::kHalf && d.size(0) == qs.size(0) &&
                     d.size(1) == K / QB, who, ": d must be contiguous fp16 [N, K/32], got ", d.sizes());
+}
+
+// An integer kernel's op around fill(x, out): x [M, K] (bf16 or fp32) checked and made contiguous, the weights'
+// layout checked, out [M, N] written by fill as bf16 (rounded as it is written: what .to(bf16) gives) where x is
+// bf16 and fp32 is not asked for, else as fp32 (then cast to x's dtype unless out_fp32). fill is called with a
+// c10::BFloat16* or a float*.
+template <typename Fill>
+at::Tensor integer_product(const at::Tensor& x_, const at::Tensor& qs, const at::Tensor& d, int64_t kind, bool out_fp32,
+                           const char* who, Fill fill) {
+  TORCH_CHECK(x_.dim() == 2 && x_.size(0) >= 1, who, ": x must be [M, K] with M >= 1");
+  TORCH_CHECK(x_.scalar_type() == at::kBFloat16 || x_.scalar_type() == at::kFloat, who, ": x must be bf16 or fp32");
+  const at::Tensor x = x_.contiguous();
+  const int64_t M = x.size(0), N = qs.size(0);
+  check_layout(qs, d, kind, x.size(1), who);
+  if (!out_fp32 && x.scalar_type() == at::kBFloat16) {
+    at::Tensor out = at::empty({M, N}, x.options());
+    fill(x, out.data_ptr<c10::BFloat16>());
+    return out;
+  }
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  fill(x, out.data_ptr<float>());
+  return out_fp32 ? out : out.to(x.scalar_type());
 }
 
 }  // namespace qwen35_prows
