@@ -335,3 +335,47 @@ def test_library_forwards_flush_denormals_only_while_they_run(tmp_path):
         assert float((x * 1.0).abs().sum()) > 0.0 and float(torch.tensor(1e-39)) > 0.0
     finally:
         torch.set_num_threads(before)
+
+
+# A library of one op: how many chunks at::parallel_for splits 64 items into, i.e. the threads it runs on (1 where
+# the library was built without OpenMP, whatever torch's setting)
+TINY = r"""
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#define STR2(x) #x
+#define STR(x) STR2(x)
+int64_t chunks() {
+  std::atomic<int64_t> n{0};
+  at::parallel_for(0, 64, 1, [&](int64_t, int64_t) { ++n; });
+  return n;
+}
+TORCH_LIBRARY_FRAGMENT(qwen35_build_test, m) { m.def(STR(OPNAME) "() -> int", &chunks); }
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
+def test_a_build_tries_each_openmp_way_then_none_and_names_the_compiler_error(tmp_path, monkeypatch, capsys):
+    """kernels._build tries each of openmp_variants() (macOS has two: Apple's clang and a GCC), then builds
+    without OpenMP, saying so with the compiler's own error line (torch's message starts with the whole command
+    line, which had been all a user saw)."""
+    src = tmp_path / "tiny.cpp"
+    src.write_text(TINY)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    bogus = (["-fno-such-openmp-flag"], [])
+    monkeypatch.setattr(kernels, "openmp_variants", lambda: [bogus, (kernels.OPENMP, kernels.OPENMP)])
+    assert kernels._build("qwen35_tiny", [src], [], ["-DOPNAME=second_way"], "tiny kernels") == (True, "")
+    assert "qwen35:" not in capsys.readouterr().err
+    monkeypatch.setattr(kernels, "openmp_variants", lambda: [bogus])
+    assert kernels._build("qwen35_tiny", [src], [], ["-DOPNAME=no_way"], "tiny kernels") == (True, "")
+    said = capsys.readouterr().err
+    assert said.startswith("qwen35: tiny kernels built without OpenMP (") and said.endswith("; they run on one thread\n")
+    assert "error" in said and "-fno-such-openmp-flag" in said and "[1/" not in said, said
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.qwen35_build_test.second_way() == 2
+        assert torch.ops.qwen35_build_test.no_way() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -485,3 +485,21 @@ def test_top_k_rows_is_a_stable_sort():
     assert not torch.ops.qwen35.portable_top_k_rows(x, 3)[2].any()
     with pytest.raises(RuntimeError, match="portable_top_k_rows: k must be in"):
         torch.ops.qwen35.portable_top_k_rows(x, 0)
+
+
+@pytest.mark.skipif("QWEN35_PORTABLE_MARCH" in os.environ or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="replaces the default build's target")
+def test_a_compiler_that_refuses_this_cpu_builds_the_baseline(tmp_path):
+    """Where the compiler refuses the CPU target (an older clang and -mcpu=native), the library is built for the
+    architecture's baseline and says so, instead of leaving quantized weights to the reference: here a target no
+    compiler knows, in a process of its own; the baseline x86-64 build has no AVX2 GEMM."""
+    script = ("import sys, torch\n"
+              "from qwen35.ops import kernels\n"
+              "flags = kernels._portable_flags\n"
+              "kernels._portable_flags = lambda: flags()[:-1] + ['-march=no-such-cpu']\n"
+              "print(kernels.portable_available(), torch.ops.qwen35.portable_gemm_vectorized())\n")
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "QWEN35_KERNELS": "portable"},
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "False"], out.stdout + out.stderr[-3000:]
+    assert "qwen35: portable kernels built for the architecture's baseline, not this CPU (" in out.stderr
+    assert "no-such-cpu" in out.stderr.split("baseline, not this CPU (")[1], out.stderr[-3000:]

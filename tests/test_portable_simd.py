@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,22 +52,49 @@ def test_helpers_on_x86_targets(march, needs, path, tmp_path):
         assert line == f"dot products: {path}"
 
 
+def install_debian(missing: list[str], opt_out: str) -> None:
+    """Debian packages `missing` installed with apt-get (root only, Debian's registry only), as the browser tests
+    install Chromium; else the test fails saying what to run."""
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.fail(f"need Debian packages {missing}: run `apt-get install -y {' '.join(missing)}` as root "
+                    f"(or {opt_out} to skip these checks)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock = ["-o", "DPkg::Lock::Timeout=900"]  # the browser tests' installer may hold dpkg's lock meanwhile
+    if subprocess.run(["apt-get", *lock, "install", "-y", "-qq", *missing], env=env, capture_output=True,
+                      check=False).returncode:
+        subprocess.run(["apt-get", *lock, "update", "-qq"], env=env, check=True, capture_output=True)
+        subprocess.run(["apt-get", *lock, "install", "-y", "-qq", *missing], env=env, check=True, capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def arm_tools():
     if os.environ.get("QWEN35_CROSS") == "0":
         pytest.skip("QWEN35_CROSS=0")
-    missing = [p for p, tool in (("g++-aarch64-linux-gnu", CROSS), ("qemu-user-static", QEMU)) if not shutil.which(tool)]
-    if missing:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.fail(f"need Debian packages {missing}: run `apt-get install -y {' '.join(missing)}` as root "
-                        "(or QWEN35_CROSS=0 to skip the ARM checks)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        lock = ["-o", "DPkg::Lock::Timeout=900"]  # the browser tests' installer may hold dpkg's lock meanwhile
-        if subprocess.run(["apt-get", *lock, "install", "-y", "-qq", *missing], env=env, capture_output=True,
-                          check=False).returncode:
-            subprocess.run(["apt-get", *lock, "update", "-qq"], env=env, check=True, capture_output=True)
-            subprocess.run(["apt-get", *lock, "install", "-y", "-qq", *missing], env=env, check=True, capture_output=True)
+    install_debian([p for p, tool in (("g++-aarch64-linux-gnu", CROSS), ("qemu-user-static", QEMU))
+                    if not shutil.which(tool)], "QWEN35_CROSS=0")
     return True
+
+
+def llvm_libomp() -> Path | None:
+    """The directory of LLVM's OpenMP runtime (libomp.so) beside clang, or None."""
+    try:
+        res = subprocess.run(["clang++", "-print-resource-dir"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    lib = Path(res.strip()).parents[1]  # <llvm>/lib/clang/<version>
+    return lib if (lib / "libomp.so").exists() else None
+
+
+@pytest.fixture(scope="module")
+def clang_tools():
+    """clang, every Mac's compiler (Apple's), and LLVM's OpenMP runtime, the one torch ships for macOS."""
+    if os.environ.get("QWEN35_CROSS") == "0":
+        pytest.skip("QWEN35_CROSS=0")
+    install_debian([p for p, ok in (("clang", shutil.which("clang++")), ("libomp-dev", llvm_libomp())) if not ok],
+                   "QWEN35_CROSS=0")
+    return llvm_libomp()
 
 
 @pytest.mark.parametrize("march", list(ARM))
@@ -83,3 +111,43 @@ def test_the_kernels_compile_for_arm(march, source, arm_tools):
                           "-DQWEN35_PORTABLE_LIBRARY", "-Werror=return-type", *[f"-I{p}" for p in include_paths()], str(KERNELS / source)],
                          capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("source", ["portable_kernels.cpp", "portable_layers.cpp", "portable_gemm.cpp", "topk_kernels.cpp"])
+def test_the_kernels_compile_with_clang_for_apple_silicon(source, arm_tools, clang_tools):
+    """Apple's clang for an M1 with macOS's OpenMP flag (kernels.openmp_variants), against torch's headers and
+    Debian's ARM C++ library (no macOS SDK here). GCC-only attributes are errors: clang ignores them, which is how
+    a clang build had fused the quantizers' multiply-adds (fp_contract.h)."""
+    from torch.utils.cpp_extension import include_paths
+
+    out = subprocess.run(["clang++", "--target=aarch64-linux-gnu", "-mcpu=apple-m1", "-std=c++17", "-fsyntax-only", "-O3",
+                          "-ffp-contract=off", "-DQWEN35_PORTABLE_LIBRARY", "-Xclang", "-fopenmp", "-Werror=return-type",
+                          "-Werror=unknown-attributes", *[f"-I{p}" for p in include_paths()], str(KERNELS / source)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="clang builds for this x86 CPU")
+def test_a_clang_build_passes_the_portable_kernel_tests(clang_tools, tmp_path):
+    """Both libraries built by clang, as on a Mac (OpenMP as macOS takes it: the flag for the compiler proper and
+    an explicit -lomp, here LLVM's runtime), pass tests/test_portable_kernels.py in a process of their own. Two
+    defects only a clang build showed: loading the second library aborted (an anonymous namespace's DecodePlan was
+    one type to torch in both: decode_plan.h), and the AVX512 library's q6_k quantizer wrote other bytes
+    (fp_contract.h)."""
+    plugin = tmp_path / "macos_openmp.py"
+    plugin.write_text("from qwen35.ops import kernels\n"
+                      f"LIB = {str(clang_tools)!r}\n"
+                      "kernels.openmp_variants = lambda: [([\"-Xclang\", \"-fopenmp\"], "
+                      "[f\"-L{LIB}\", \"-lomp\", f\"-Wl,-rpath,{LIB}\"])]\n")
+    env = {**os.environ, "CXX": "clang++", "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env.pop("QWEN35_PORTABLE_MARCH", None)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "-p",
+                          "macos_openmp", str(HERE / "test_portable_kernels.py"), "-k",
+                          "not other_instruction_sets and not refuses_this_cpu"],
+                         env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=1200, check=False)
+    said = out.stdout[-4000:] + out.stderr[-3000:]
+    assert out.returncode == 0, said
+    assert " passed" in out.stdout and " skipped" not in out.stdout and " failed" not in out.stdout, said
+    built = [p.name for p in (tmp_path / "ext").glob("qwen35_*/*.so")]  # built here, not another build loaded
+    assert any(n.startswith("qwen35_portable_") for n in built) and not any("_serial_" in n for n in built), built

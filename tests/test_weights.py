@@ -226,3 +226,18 @@ def test_quant_at_load_reads_matrices_in_bands(tmp_path, monkeypatch):
     whole = load_file(tmp_path / "model.safetensors-00001-of-00001.safetensors")
     qs, d = formats.quantize(emb.scheme, whole["model.language_model.embed_tokens.weight"])
     assert torch.equal(emb.qs, qs) and torch.equal(emb.d, d)
+
+
+@pytest.mark.parametrize("platform,maxrss", [("linux", 3 * 1024), ("darwin", 3 * 1024 * 1024)])
+def test_peak_rss_reads_getrusage_in_each_systems_unit(platform, maxrss, monkeypatch):
+    """Without /proc (macOS) the peak comes from getrusage, whose ru_maxrss is KiB on Linux and bytes on macOS:
+    3 MiB either way, not 3 GiB on a Mac."""
+    import resource
+    import types
+
+    from qwen35 import runtime
+
+    monkeypatch.setattr(runtime, "_status_mb", lambda field: None)
+    monkeypatch.setattr(runtime.sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=maxrss))
+    assert runtime.peak_rss_mb() == 3.0

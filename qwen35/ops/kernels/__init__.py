@@ -32,7 +32,8 @@ SOURCES = [SOURCE] + [Path(__file__).with_name(n) for n in ("quant_kernels.cpp",
 # without the flag every parallel_for here silently runs on one thread (measured: 101% CPU on 2 cores).
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
          "-fno-math-errno"]
-HEADERS = [Path(__file__).with_name(n) for n in ("quant_common.h", "quantizers.h", "layer_steps.h", "decode_plan.h")]  # included by the sources: hashed with them
+HEADERS = [Path(__file__).with_name(n) for n in ("quant_common.h", "quantizers.h", "layer_steps.h", "decode_plan.h",
+                                                  "fp_contract.h")]  # included by the sources: hashed with them
 OPENMP = ["-fopenmp"]  # linked: resolves to the libgomp.so.1 torch already loaded (same soname), one runtime
 
 _lock = threading.Lock()
@@ -111,25 +112,50 @@ def _registered(op: str) -> bool:
         return False
 
 
+def openmp_variants() -> list[tuple[list[str], list[str]]]:
+    """The ways to build with OpenMP here, best first, as (compile flags, link flags). Linux: -fopenmp (GCC's
+    libgomp, the runtime torch loaded). macOS: Apple's clang has no -fopenmp driver flag, but torch's macOS wheels
+    ship OpenMP's header (torch/include/omp.h) and runtime (torch/lib/libomp.dylib): the flag goes to the compiler
+    proper and the library links torch's own runtime (one runtime in the process, as on Linux); then plain
+    -fopenmp for a GCC there."""
+    if sys.platform == "darwin":
+        import torch
+
+        lib = str(Path(torch.__file__).resolve().parent / "lib")
+        return [(["-Xclang", "-fopenmp"], [f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"]), (OPENMP, OPENMP)]
+    return [(OPENMP, OPENMP)]
+
+
+def _build_error(e: Exception) -> str:
+    """The compiler's first error line in a failed build's message (torch's first line is the whole command)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln.lower() and not ln.startswith("Error building extension")]
+    return (errors or lines or [type(e).__name__])[0][:300]
+
+
 def _build(name: str, sources: list[Path], headers: list[Path], flags: list[str], what: str,
            key: bytes = b"") -> tuple[bool, str]:
-    """Compile `sources` into the library `name`_<tag> and load it: with OpenMP, else without it (saying so).
-    The tag hashes the sources, their headers, their directory and `key`, so two qwen35 versions (an upgrade)
-    or two checkouts never share, and keep rebuilding, one cached library: torch records the source paths in
-    a build, and a second checkout of the same sources rebuilt it (~35 s) each time either one loaded it.
-    Returns (ok, why)."""
+    """Compile `sources` into the library `name`_<tag> and load it: with OpenMP (each of openmp_variants() in
+    turn), else without it (saying so). The tag hashes the sources, their headers, their directory, the compiler
+    and `key`, so
+    two qwen35 versions (an upgrade) or two checkouts never share, and keep rebuilding, one cached library: torch
+    records the source paths in a build, and a second checkout of the same sources rebuilt it (~35 s) each time
+    either one loaded it. Returns (ok, why)."""
     import hashlib
 
     from torch.utils.cpp_extension import load
 
     where = str(sources[0].resolve().parent).encode()
-    tag = hashlib.sha256(b"".join(p.read_bytes() for p in sources + headers) + where + key).hexdigest()[:10]
-    try:
-        load(name=f"{name}_{tag}", sources=[str(p) for p in sources], extra_cflags=flags + OPENMP, extra_ldflags=OPENMP,
-             is_python_module=False, verbose=False)
-        return True, ""
-    except Exception as e:  # noqa: BLE001 - maybe only OpenMP is missing: try without it, and say so
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    compiler = os.environ.get("CXX", "c++").encode()  # torch builds with $CXX: a switch of compiler is a new build
+    tag = hashlib.sha256(b"".join(p.read_bytes() for p in sources + headers) + where + key + compiler).hexdigest()[:10]
+    first = ""
+    for i, (cflags, ldflags) in enumerate(openmp_variants()):
+        try:
+            load(name=f"{name}_{tag}" if i == 0 else f"{name}_omp{i}_{tag}", sources=[str(p) for p in sources],
+                 extra_cflags=flags + cflags, extra_ldflags=ldflags, is_python_module=False, verbose=False)
+            return True, ""
+        except Exception as e:  # noqa: BLE001 - maybe only OpenMP is missing: try the next way, then without it
+            first = first or _build_error(e)
     try:
         load(name=f"{name}_serial_{tag}", sources=[str(p) for p in sources], extra_cflags=flags, is_python_module=False,
              verbose=False)
@@ -164,7 +190,7 @@ def _load() -> tuple[bool, str]:
 PORTABLE_SOURCES = [Path(__file__).with_name(n) for n in ("portable_kernels.cpp", "portable_layers.cpp",
                                                           "portable_gemm.cpp", "topk_kernels.cpp")]
 PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "portable_simd.h", "portable_rows.h",
-                                                          "layer_steps.h", "decode_plan.h")]
+                                                          "layer_steps.h", "decode_plan.h", "fp_contract.h")]
 _portable: dict[str, object] = {}
 
 
@@ -202,7 +228,19 @@ def _load_portable() -> tuple[bool, str]:
     # -march=native code is this CPU's: the build is named after the CPU's features too, so a home directory
     # shared by two machines never hands one the other's instructions
     key = " ".join(flags + sorted(cpu_flags())).encode()
-    return _build("qwen35_portable", PORTABLE_SOURCES, PORTABLE_HEADERS, flags, "portable kernels", key)
+    ok, why = _build("qwen35_portable", PORTABLE_SOURCES, PORTABLE_HEADERS, flags, "portable kernels", key)
+    if ok or os.environ.get("QWEN35_PORTABLE_MARCH"):
+        return ok, why
+    # a compiler that does not know this CPU (an older clang refuses -mcpu=native) still builds for the
+    # architecture's baseline: slower dot products, far faster than the reference
+    base = flags[:-1]
+    ok, _ = _build("qwen35_portable", PORTABLE_SOURCES, PORTABLE_HEADERS, base, "portable kernels",
+                   " ".join(base).encode())
+    if ok:
+        _say(f"qwen35: portable kernels built for the architecture's baseline, not this CPU ({why}); "
+             "their dot products are slower")
+        return True, ""
+    return False, why
 
 
 def portable_gemm_vectorized() -> bool:

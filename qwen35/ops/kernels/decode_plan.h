@@ -19,7 +19,10 @@ QWEN35_GDN_LAYER(decode_gdn_layer);
 QWEN35_ATTN_LAYER(decode_attn_layer);
 }  // namespace QWEN35_PLAN_LAYERS
 
-namespace {
+// The plan's types live in the library's own namespace, not an anonymous one: torch finds a custom class by its C++
+// type, and where type identity compares RTTI names (clang's libstdc++ builds, Apple's libc++), an anonymous
+// namespace's DecodePlan in one library was the other's: loading the second aborted on a schema mismatch.
+namespace QWEN35_PLAN_LAYERS {
 
 using Tensors = std::vector<at::Tensor>;
 using Ints = std::vector<int64_t>;
@@ -128,9 +131,10 @@ std::tuple<at::Tensor, Tensors, Tensors> decode_stack(const c10::intrusive_ptr<D
   return {h, convs, recs};
 }
 
-}  // namespace
+}  // namespace QWEN35_PLAN_LAYERS
 
 TORCH_LIBRARY_FRAGMENT(qwen35, m) {
+  using QWEN35_PLAN_LAYERS::DecodePlan;
   m.class_<DecodePlan>(QWEN35_PLAN_CLASS)
       .def(torch::init<>())
       .def("add_gdn", &DecodePlan::add_gdn)
@@ -141,4 +145,4 @@ TORCH_LIBRARY_FRAGMENT(qwen35, m) {
         "Tensor(d!)[] v_scale, int[] pos, bool[] in_place) -> (Tensor, Tensor[], Tensor[])");
 }
 
-TORCH_LIBRARY_IMPL(qwen35, CPU, m) { m.impl(QWEN35_PLAN_OP, &decode_stack); }
+TORCH_LIBRARY_IMPL(qwen35, CPU, m) { m.impl(QWEN35_PLAN_OP, &QWEN35_PLAN_LAYERS::decode_stack); }

@@ -42,6 +42,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fp_contract.h"
 #include "portable_rows.h"
 #include "portable_simd.h"
 
@@ -181,8 +182,9 @@ inline __m256i dpbusd(__m256i, __m256i, __m256i) { return _mm256_setzero_si256()
 
 // Rows m0..m0+R-1 (R <= MR) times the panel: out[i * ldo + c] for c < nr
 template <int KIND, int R, typename Out>
-__attribute__((optimize("fp-contract=fast"))) void tile(const Panel& p, const Rows& r, int64_t m0, Out* out,
-                                                       int64_t ldo, int nr) {
+QWEN35_CONTRACT(fast) void tile(const Panel& p, const Rows& r, int64_t m0, Out* out,
+                                int64_t ldo, int nr) {
+  QWEN35_CONTRACT_BODY(fast)
   const int64_t K = r.K, nb = r.nb;
   const __m256i ones = _mm256_set1_epi16(1);
   constexpr int H = KIND == 4 ? 2 : 1;  // scales a block: q6_k's halves
@@ -261,8 +263,9 @@ constexpr bool VECTORIZED = false;
 
 // The same sums in plain C++ (any CPU): exact integers per block (half), the same fp32 combination
 template <int KIND, int R, typename Out>
-__attribute__((optimize("fp-contract=fast"))) void tile(const Panel& p, const Rows& r, int64_t m0, Out* out,
-                                                       int64_t ldo, int nr) {
+QWEN35_CONTRACT(fast) void tile(const Panel& p, const Rows& r, int64_t m0, Out* out,
+                                int64_t ldo, int nr) {
+  QWEN35_CONTRACT_BODY(fast)
   const int64_t K = r.K, nb = r.nb;
   for (int i = 0; i < R; ++i) {
     const int64_t m = m0 + i;

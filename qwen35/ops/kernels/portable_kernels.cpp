@@ -32,6 +32,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fp_contract.h"
 #include "portable_simd.h"
 #include "portable_rows.h"
 #include "quantizers.h"
@@ -50,8 +51,9 @@ using namespace psimd;
 // (nearest even, as torch's .to). Multiply-adds may fuse here (they round once, better): the tests bound the GEMV
 // by fp32 rounding, not by bits.
 template <int M, typename Out>
-__attribute__((optimize("fp-contract=fast"))) void gemv_rows(int64_t kind, const uint8_t* qs, const c10::Half* d,
-                                                            int64_t n0, int64_t n1, const Rows& r, Out* out, int64_t ldo) {
+QWEN35_CONTRACT(fast) void gemv_rows(int64_t kind, const uint8_t* qs, const c10::Half* d,
+                                     int64_t n0, int64_t n1, const Rows& r, Out* out, int64_t ldo) {
+  QWEN35_CONTRACT_BODY(fast)
   const int64_t K = r.K, nb = r.nb, rb = row_bytes(kind, K);
   const int8_t* xq = r.xq.data();
   const float* dx = r.dx.data();
@@ -212,8 +214,9 @@ at::Tensor portable_gemv(const at::Tensor& x, const at::Tensor& qs, const at::Te
 
 // One row of K weights in fp32, the reference's operations (formats.dequantize / kquants.dequantize_*): fp-contract
 // off, so d * sc * q - dmin * m rounds after the multiply as the reference does, and the bf16 of it is the same.
-__attribute__((optimize("fp-contract=off"))) void dequant_row(int64_t kind, const uint8_t* w, const c10::Half* d, int64_t K,
-                                                             float* out) {
+QWEN35_CONTRACT(off) void dequant_row(int64_t kind, const uint8_t* w, const c10::Half* d, int64_t K,
+                                      float* out) {
+  QWEN35_CONTRACT_BODY(off)
   if (kind == 1 || kind == 2) {
     for (int64_t b = 0; b < K / QB; ++b) {
       const float s = static_cast<float>(d[b]);
@@ -292,9 +295,10 @@ void portable_dequant_bf16_out(const at::Tensor& qs, const at::Tensor& d, int64_
 // eight (0.8B int4 decode on the torch path: ~17% of a token's time). q, k [B, T, H, Dk], v [B, T, H, Dv],
 // g, beta [B, T, H], state [B, H, Dk, Dv] (fp32; read, never written). Returns (o [B, T, H, Dv], new state),
 // both fp32. Multiply-adds may fuse (tested against the reference within fp32 rounding).
-__attribute__((optimize("fp-contract=fast"))) void delta_rule_head(const float* s0, float* s1, const float* q,
-                                                                  const float* k, const float* v, float a, float beta,
-                                                                  int64_t Dk, int64_t Dv, float* o, float* r) {
+QWEN35_CONTRACT(fast) void delta_rule_head(const float* s0, float* s1, const float* q,
+                                           const float* k, const float* v, float a, float beta,
+                                           int64_t Dk, int64_t Dv, float* o, float* r) {
+  QWEN35_CONTRACT_BODY(fast)
   for (int64_t e = 0; e < Dv; ++e) r[e] = 0.f;
   for (int64_t d = 0; d < Dk; ++d) {
     const float kd = k[d] * a;  // (a S)^T k

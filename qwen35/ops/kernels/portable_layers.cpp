@@ -26,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fp_contract.h"
 #include "layer_steps.h"
 #include "portable_simd.h"
 
@@ -67,7 +68,8 @@ struct Q8Rows {
 
 // sum_d a[d] * row s of r over n values (a multiple of 8), 8 lanes at a time in two chains, then one tree sum
 template <typename Rows>
-__attribute__((optimize("fp-contract=fast"))) inline float dot(const float* a, const Rows& r, int64_t s, int64_t n) {
+QWEN35_CONTRACT(fast) inline float dot(const float* a, const Rows& r, int64_t s, int64_t n) {
+  QWEN35_CONTRACT_BODY(fast)
   f32x8 acc0{}, acc1{};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -79,8 +81,9 @@ __attribute__((optimize("fp-contract=fast"))) inline float dot(const float* a, c
 }
 
 // out[m * ldo + j] = x[m] . w[j] for bf16 x [M, K], w [N, K] (K a multiple of 8): fp32 sums, rounded to bf16
-__attribute__((optimize("fp-contract=fast"))) void gemv_bf16(const at::Tensor& x, const at::Tensor& w,
-                                                            c10::BFloat16* out, int64_t ldo) {
+QWEN35_CONTRACT(fast) void gemv_bf16(const at::Tensor& x, const at::Tensor& w,
+                                     c10::BFloat16* out, int64_t ldo) {
+  QWEN35_CONTRACT_BODY(fast)
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   std::vector<float> xf(static_cast<size_t>(M * K));
   const auto* xp = x.data_ptr<c10::BFloat16>();
@@ -100,8 +103,9 @@ constexpr int64_t kKeyBlock = 256;  // keys per block of the decode attention
 // heads: a head at a time had read and widened every key G times (a q8_0 cache of 4,096 keys, 8 query heads over
 // 2 KV heads, held to AVX2: 5.2 ms, against 1.0 for bf16 keys).
 template <int NG, typename Rows>
-__attribute__((optimize("fp-contract=fast"))) void scores_of(const float* q, int64_t D, const Rows& k, int64_t s0,
-                                                            int64_t n, float scale, float* scores) {
+QWEN35_CONTRACT(fast) void scores_of(const float* q, int64_t D, const Rows& k, int64_t s0,
+                                     int64_t n, float scale, float* scores) {
+  QWEN35_CONTRACT_BODY(fast)
   for (int64_t s = 0; s < n; ++s) {
     f32x8 a0[NG], a1[NG];
     for (int g = 0; g < NG; ++g) a0[g] = a1[g] = f32x8{};
@@ -125,8 +129,9 @@ __attribute__((optimize("fp-contract=fast"))) void scores_of(const float* q, int
 // acc[g * lda + d] = sum over keys s in order of p[g * n + s] * v_s[d], for NG heads: 16 dimensions at a time
 // held in registers over the block's keys, each value's 16 read and widened once for all NG heads
 template <int NG, typename Rows>
-__attribute__((optimize("fp-contract=fast"))) void pv_of(const float* p, int64_t D, const Rows& v, int64_t s0,
-                                                        int64_t n, float* acc, int64_t lda) {
+QWEN35_CONTRACT(fast) void pv_of(const float* p, int64_t D, const Rows& v, int64_t s0,
+                                 int64_t n, float* acc, int64_t lda) {
+  QWEN35_CONTRACT_BODY(fast)
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
     f32x8 a0[NG], a1[NG];

@@ -40,6 +40,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fp_contract.h"
 #include "quantizers.h"
 #include "quant_common.h"
 
@@ -288,7 +289,8 @@ inline void store_bf16x32(c10::BFloat16* o, __m512 lo, __m512 hi) {
 
 // One super-block of QK values straight to bf16 (no fp32 round trip through memory: that cost as much as the
 // unpacking). fp-contract off: d*sc*q - dmin*m must round as kquants.dequantize_* does (no FMA), so bf16 is the same.
-__attribute__((optimize("fp-contract=off"))) void dequant_superblock_bf16(int64_t kind, const uint8_t* b, c10::BFloat16* o) {
+QWEN35_CONTRACT(off) void dequant_superblock_bf16(int64_t kind, const uint8_t* b, c10::BFloat16* o) {
+  QWEN35_CONTRACT_BODY(off)
   if (kind == 3) {
     const float d = half_at(b), dmin = half_at(b + 2);
     uint8_t sm[16];

@@ -21,6 +21,8 @@
 #include <cstring>
 #include <tuple>
 
+#include "fp_contract.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -67,7 +69,8 @@ inline vf vclamp(vf v, float lo, float hi) { return vmin(vmax(v, vsplat(lo)), vs
 
 // Q4_K's sub-block fit (kquants._fit_min_scale with nmax 15, rmin -1, rdelta 0.1, 20 steps) on 16 lanes:
 // x[i], w[i] element i of each lane's sub-block; out: scale, min (>= 0), L[i].
-__attribute__((optimize("fp-contract=off"))) void fit_min_scale16(const vf* x, const vf* w, vf& scale_out, vf& min_out, vf* L) {
+QWEN35_CONTRACT(off) void fit_min_scale16(const vf* x, const vf* w, vf& scale_out, vf& min_out, vf* L) {
+  QWEN35_CONTRACT_BODY(off)
   const float nmax = 15.f;
   vf mn = x[0], mx = x[0], sum_w = vsplat(0.f) + w[0], sum_x = vsplat(0.f) + w[0] * x[0];
   for (int i = 1; i < 32; ++i) {
@@ -124,7 +127,8 @@ __attribute__((optimize("fp-contract=off"))) void fit_min_scale16(const vf* x, c
 }
 
 // Q6_K's sub-block fit (kquants._fit_scale_x2 with nmax 32) on 16 lanes; L[i] = l + 32 (0 for an all-zero lane).
-__attribute__((optimize("fp-contract=off"))) void fit_scale_x2_16(const vf* x, vf& scale_out, vf* L) {
+QWEN35_CONTRACT(off) void fit_scale_x2_16(const vf* x, vf& scale_out, vf* L) {
+  QWEN35_CONTRACT_BODY(off)
   const float nmax = 32.f;
   vf amax = vsplat(0.f), mx = vsplat(0.f);
   for (int i = 0; i < 16; ++i) {
@@ -166,8 +170,9 @@ inline uint16_t half_bits(float v) { return c10::Half(v).x; }
 inline float rint_f(float v) { return std::nearbyint(v); }
 
 // One Q4_K super-block's bytes from its sub-block fits (kquants.quantize_q4_k's super-block step).
-__attribute__((optimize("fp-contract=off"))) void q4k_pack(const float* x, const float* scales, const float* mins,
-                                                           const uint8_t* Lfit, uint8_t* out) {
+QWEN35_CONTRACT(off) void q4k_pack(const float* x, const float* scales, const float* mins,
+                                   const uint8_t* Lfit, uint8_t* out) {
+  QWEN35_CONTRACT_BODY(off)
   float max_scale = 0.f, max_min = 0.f;
   for (int j = 0; j < 8; ++j) {
     if (scales[j] > max_scale) max_scale = scales[j];
@@ -199,8 +204,9 @@ __attribute__((optimize("fp-contract=off"))) void q4k_pack(const float* x, const
     for (int l = 0; l < 32; ++l) out[16 + c * 32 + l] = static_cast<uint8_t>(L[c * 64 + l] | (L[c * 64 + 32 + l] << 4));
 }
 
-__attribute__((optimize("fp-contract=off"))) void q6k_pack(const float* x, const float* scales, const uint8_t* Lfit,
-                                                           uint8_t* out) {
+QWEN35_CONTRACT(off) void q6k_pack(const float* x, const float* scales, const uint8_t* Lfit,
+                                   uint8_t* out) {
+  QWEN35_CONTRACT_BODY(off)
   float max_scale = 0.f, amax = 0.f;
   for (int j = 0; j < 16; ++j)
     if (std::fabs(scales[j]) > amax) { amax = std::fabs(scales[j]); max_scale = scales[j]; }
@@ -234,7 +240,8 @@ __attribute__((optimize("fp-contract=off"))) void q6k_pack(const float* x, const
 // Super-blocks t0..t1 of w (flat, 256 floats each) into their bytes. A group is the 16 sub-blocks of 2 (q4_k)
 // or 1 (q6_k) super-blocks; a missing second super-block runs on zeros and is dropped.
 template <typename T>
-__attribute__((optimize("fp-contract=off"))) void quantize_k_range(const T* w, int64_t t0, int64_t t1, int64_t kind, uint8_t* qs) {
+QWEN35_CONTRACT(off) void quantize_k_range(const T* w, int64_t t0, int64_t t1, int64_t kind, uint8_t* qs) {
+  QWEN35_CONTRACT_BODY(off)
   const int per = kind == 3 ? 2 : 1, sub = kind == 3 ? 32 : 16;
   alignas(64) float x[2 * QK];
   for (int64_t t = t0; t < t1; t += per) {
@@ -274,7 +281,8 @@ __attribute__((optimize("fp-contract=off"))) void quantize_k_range(const T* w, i
 // the same fp32 operations in the same order, roundf / truncation, fp16 scales rounded to nearest even).
 // fp-contract off: `v * inv + 8.5f` must round twice, as ggml's reference and ours do, not fuse into one FMA.
 template <typename T>
-__attribute__((optimize("fp-contract=off"))) void quantize_weights_impl(const T* w, int64_t N, int64_t K, int64_t bits, uint8_t* qs, c10::Half* d) {
+QWEN35_CONTRACT(off) void quantize_weights_impl(const T* w, int64_t N, int64_t K, int64_t bits, uint8_t* qs, c10::Half* d) {
+  QWEN35_CONTRACT_BODY(off)
   const int64_t nb = K / 32;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
