@@ -60,7 +60,9 @@ def bf16_matmul_native() -> bool:
     Without them oneDNN converts the operands to fp32 inside its GEMM, and slowly: 512 x 1024 x 3584 at 22-40
     GFLOP/s where the fp32 GEMM of the same two cores runs 137-160 (Zen 4 limited to AVX2, as an AVX2 laptop is,
     by ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2). A limit set that way counts as the machine's.
-    Other architectures: True (not measured; torch's bf16 product runs as it is). QWEN35_BF16_MATMUL=native or
+    macOS: False: torch's macOS wheels have no oneDNN and take their fp32 GEMM from Apple's Accelerate (on the
+    chips' matrix units), a library no bf16 product there has behind it (the 2.13.0 wheel's build settings:
+    BLAS_INFO=accelerate, no dnnl; not timed on a Mac). Other architectures: True (not measured; torch's bf16 product runs as it is). QWEN35_BF16_MATMUL=native or
     =fp32 decides instead (an ARM machine whose bf16 product is slow; benchmarks' before / after)."""
     import platform
 
@@ -69,6 +71,8 @@ def bf16_matmul_native() -> bool:
         if forced not in ("native", "fp32"):
             raise ValueError(f"QWEN35_BF16_MATMUL must be 'native' or 'fp32', got {forced!r}")
         return forced == "native"
+    if sys.platform == "darwin":
+        return False
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _NO_BF16_ISAS:
