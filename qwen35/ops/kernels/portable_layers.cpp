@@ -166,12 +166,27 @@ template <int NG, typename Rows>
 void attend_heads(const float* q, int64_t D, const Rows& k, const Rows& v, int64_t s0, int64_t n, float scale,
                   float* part, float* scores) {
   scores_of<NG>(q, D, k, s0, n, scale, scores);
+  // the maximum and exp(score - max) 8 keys at a time (exp8): a scalar expf a key and head had been a fifth of
+  // the kernel's time (perf, 4,096 bf16 keys held to AVX2)
   for (int g = 0; g < NG; ++g) {
     float* sg = scores + g * n;
+    int64_t s = 0;
+    f32x8 m8 = f32x8{} - std::numeric_limits<float>::infinity();
+    for (; s + 8 <= n; s += 8) {
+      const f32x8 x = load_v<f32x8>(sg + s);
+      m8 = m8 < x ? x : m8;
+    }
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < n; ++s) mx = std::max(mx, sg[s]);
-    float sum = 0.f;
-    for (int64_t s = 0; s < n; ++s) {
+    for (int j = 0; j < 8; ++j) mx = std::max(mx, m8[j]);
+    for (; s < n; ++s) mx = std::max(mx, sg[s]);
+    f32x8 e8{};
+    for (s = 0; s + 8 <= n; s += 8) {
+      const f32x8 e = exp8(load_v<f32x8>(sg + s) - mx);
+      std::memcpy(sg + s, &e, sizeof(f32x8));
+      e8 += e;
+    }
+    float sum = hsum(e8);
+    for (; s < n; ++s) {
       sg[s] = std::exp(sg[s] - mx);
       sum += sg[s];
     }
