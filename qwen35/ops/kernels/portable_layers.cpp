@@ -48,11 +48,18 @@ using namespace psimd;
 // int8 blocks times their fp16 scale, exact in fp32. (Rounding those to bf16, as the torch path's read-back
 // kv_storage.dequantize_rows does, had cost 5 of the 7 instructions a vector took to widen: decode at 32K keys
 // held to AVX2, 18.2-19.3 tok/s against 19.8-20.5 without it, benchmarks/bench_kv_cache.py.)
+// Asks for the cache lines of n bytes at p (a hint: never faults, costs an instruction a line)
+inline void prefetch_bytes(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(c + i);
+  __builtin_prefetch(c + n - 1);
+}
 struct Bf16Rows {
   const c10::BFloat16* p;
   int64_t D;
   float scale(int64_t, int64_t) const { return 0.f; }  // (none: the q8_0 form's signature)
   f32x8 at(int64_t s, int64_t d, float = 0.f) const { return bf16x8(p + s * D + d); }
+  void prefetch(int64_t s) const { prefetch_bytes(p + s * D, D * 2); }
 };
 struct Q8Rows {
   const int8_t* q;
@@ -63,6 +70,10 @@ struct Q8Rows {
   float scale(int64_t s, int64_t d) const { return half1(sc[s * (D / 32) + d / 32].x); }
   f32x8 at(int64_t s, int64_t d, float scale) const {
     return widen8(q + s * D + d) * scale;
+  }
+  void prefetch(int64_t s) const {
+    prefetch_bytes(q + s * D, D);
+    prefetch_bytes(sc + s * (D / 32), D / 16);
   }
 };
 
@@ -104,9 +115,10 @@ constexpr int64_t kKeyBlock = 256;  // keys per block of the decode attention
 // 2 KV heads, held to AVX2: 5.2 ms, against 1.0 for bf16 keys).
 template <int NG, typename Rows>
 QWEN35_CONTRACT(fast) void scores_of(const float* q, int64_t D, const Rows& k, int64_t s0,
-                                     int64_t n, float scale, float* scores) {
+                                     int64_t n, float scale, float* scores, const Rows& pre) {
   QWEN35_CONTRACT_BODY(fast)
   for (int64_t s = 0; s < n; ++s) {
+    pre.prefetch(s0 + s);
     f32x8 a0[NG], a1[NG];
     for (int g = 0; g < NG; ++g) a0[g] = a1[g] = f32x8{};
     int64_t i = 0;
@@ -165,7 +177,7 @@ QWEN35_CONTRACT(fast) void pv_of(const float* p, int64_t D, const Rows& v, int64
 template <int NG, typename Rows>
 void attend_heads(const float* q, int64_t D, const Rows& k, const Rows& v, int64_t s0, int64_t n, float scale,
                   float* part, float* scores) {
-  scores_of<NG>(q, D, k, s0, n, scale, scores);
+  scores_of<NG>(q, D, k, s0, n, scale, scores, v);  // the values' rows asked for meanwhile
   // the maximum and exp(score - max) 8 keys at a time (exp8): a scalar expf a key and head had been a fifth of
   // the kernel's time (perf, 4,096 bf16 keys held to AVX2)
   for (int g = 0; g < NG; ++g) {
