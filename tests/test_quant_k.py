@@ -222,6 +222,12 @@ def test_quantize_command_round_trips_k_quants(tiny_dir, tmp_path):
     ids = torch.randint(0, 4096, (1, 20), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch.equal(direct(ids), again(ids))
+    # `qwen35 info` counts a K-quant matrix's weights from its blocks (their scales live inside: d is [N, 0]);
+    # it had counted none of them
+    params = [next(ln for ln in subprocess.run([sys.executable, "-m", "qwen35", "info", str(m)], capture_output=True,
+                                               text=True, check=True).stdout.splitlines() if ln.startswith("parameters"))
+              for m in (tiny_dir, out)]
+    assert params[0] == params[1], params
 
 
 def test_int4_spends_its_six_bits_where_they_buy_the_most():

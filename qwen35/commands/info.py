@@ -117,10 +117,18 @@ def main(args: argparse.Namespace) -> int:
     entries, files = read_checkpoint_entries(path)
     text = {k: e for k, e in entries.items() if not k.startswith("model.visual.")}
 
-    def numel(k, e):  # a stored quantized matrix counts its weights, not its bytes: N x (32 x scale count)
-        if k.endswith(".qs"):
+    from ..quant import formats
+    from ..quant.checkpoint import read_quant_config
+
+    layouts = (read_quant_config(path) or {}).get("tensors", {})
+
+    def numel(k, e):  # a stored quantized matrix counts its weights, from its qs bytes and its layout
+        if k.endswith(".d") and k[:-2] in layouts:
             return 0
-        return math.prod(e.shape) * (32 if k.endswith(".weight.d") else 1)
+        if k.endswith(".qs") and k[:-3] in layouts:
+            lay = formats.layout(layouts[k[:-3]])
+            return e.shape[0] * (e.shape[1] // lay.block_bytes * lay.block)
+        return math.prod(e.shape)
 
     params = sum(numel(k, e) for k, e in text.items())
     mtp = sum(numel(k, e) for k, e in text.items() if k.startswith("mtp."))
@@ -140,8 +148,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"parameters   {params / 1e6:.1f}M text (of which MTP {mtp / 1e6:.1f}M), vision {vision / 1e6:.1f}M "
           f"(not loaded)")
     print(f"weights      {weight_bytes / gib:.2f} GiB on disk (text + MTP)")
-    from ..quant.checkpoint import read_quant_config
-
     stored = read_quant_config(path)
     if stored:
         print(f"quantized    {stored.get('policy')} ({len(stored['tensors'])} matrices), as stored")
