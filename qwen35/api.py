@@ -18,6 +18,7 @@ import torch
 
 from .cache import HybridCache
 from .chat_template import ChatTemplate
+from .config import ModelConfig
 from .errors import CheckpointError
 from .generation import DEFAULT_PREFILL_CHUNK, Response, generate_step
 from .prompt_cache import PromptCache
@@ -55,6 +56,10 @@ def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progr
     """(model, tokenizer) from a directory, a GGUF file or a hub repo id. The tokenizer carries the chat template.
     kernels, quant, kv_cache: as in `load_model` (kernels None: ops.fast.kernel_policy decides)."""
     path = resolve(path_or_repo_id)
+    if path.suffix != ".gguf":  # a missing or broken tokenizer is said before the weights load (a 9B: minutes),
+        ModelConfig.from_file(path)  # after the config's own errors (a wrong directory is named by its config)
+        tokenizer = Tokenizer(path)
+        tokenizer.chat_template = ChatTemplate.from_model_dir(path)
     model = load_model(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant, kv_cache=kv_cache)
     if path.suffix == ".gguf":  # the tokenizer and template live in the GGUF's metadata
         from .gguf import open_gguf
@@ -65,9 +70,6 @@ def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progr
         tmpl = chat_template(f)
         tokenizer.chat_template = (ChatTemplate(tmpl, f"{path} (tokenizer.chat_template)") if tmpl
                                    else ChatTemplate.from_model_dir(None))
-        return model, tokenizer
-    tokenizer = Tokenizer(path)
-    tokenizer.chat_template = ChatTemplate.from_model_dir(path)
     return model, tokenizer
 
 
