@@ -274,7 +274,8 @@ def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | 
         from tqdm import tqdm
 
         total = sum(by_name[n].nbytes for n in wanted)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", leave=False)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", leave=False,
+                   disable=None)  # None: not drawn where stderr is no terminal (a log, a pipe)
 
     def read(e: TensorEntry, dest: torch.Tensor | None = None) -> torch.Tensor:
         reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))

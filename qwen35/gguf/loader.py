@@ -87,7 +87,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=f.nbytes, unit="B", unit_scale=True, desc=f"loading {f.path.name}", leave=False)
+        bar = tqdm(total=f.nbytes, unit="B", unit_scale=True, desc=f"loading {f.path.name}", leave=False,
+                   disable=None)  # None: not drawn where stderr is no terminal (a log)
     try:
         for n, sink in sinks.items():
             t = by_name[n]
