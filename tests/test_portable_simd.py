@@ -26,6 +26,7 @@ KERNELS = HERE.parent / "qwen35" / "ops" / "kernels"
 CHECK = HERE / "portable_simd_check.cpp"
 FLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-Wno-psabi", f"-I{KERNELS}"]
 ARM = {"armv8.2-a+dotprod": "sdot", "armv8-a": "generic"}
+PORTABLE = ["portable_kernels.cpp", "portable_layers.cpp", "portable_gemm.cpp", "topk_kernels.cpp"]  # the library
 CROSS, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64-static"
 
 
@@ -103,7 +104,7 @@ def test_helpers_on_arm_under_qemu(march, arm_tools, tmp_path):
 
 
 @pytest.mark.parametrize("march", list(ARM))
-@pytest.mark.parametrize("source", ["portable_kernels.cpp", "portable_layers.cpp", "portable_gemm.cpp", "topk_kernels.cpp"])
+@pytest.mark.parametrize("source", PORTABLE)
 def test_the_kernels_compile_for_arm(march, source, arm_tools):
     from torch.utils.cpp_extension import include_paths
 
@@ -113,17 +114,17 @@ def test_the_kernels_compile_for_arm(march, source, arm_tools):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("source", ["portable_kernels.cpp", "portable_layers.cpp", "portable_gemm.cpp", "topk_kernels.cpp"])
+@pytest.mark.parametrize("source", PORTABLE)
 def test_the_kernels_compile_with_clang_for_apple_silicon(source, arm_tools, clang_tools):
     """Apple's clang for an M1 with macOS's OpenMP flag (kernels.openmp_variants), against torch's headers and
     Debian's ARM C++ library (no macOS SDK here). GCC-only attributes are errors: clang ignores them, which is how
     a clang build had fused the quantizers' multiply-adds (fp_contract.h)."""
     from torch.utils.cpp_extension import include_paths
 
-    out = subprocess.run(["clang++", "--target=aarch64-linux-gnu", "-mcpu=apple-m1", "-std=c++17", "-fsyntax-only", "-O3",
-                          "-ffp-contract=off", "-DQWEN35_PORTABLE_LIBRARY", "-Xclang", "-fopenmp", "-Werror=return-type",
-                          "-Werror=unknown-attributes", *[f"-I{p}" for p in include_paths()], str(KERNELS / source)],
-                         capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(["clang++", "--target=aarch64-linux-gnu", "-mcpu=apple-m1", "-std=c++17", "-fsyntax-only",
+                          "-O3", "-ffp-contract=off", "-DQWEN35_PORTABLE_LIBRARY", "-Xclang", "-fopenmp",
+                          "-Werror=return-type", "-Werror=unknown-attributes", *[f"-I{p}" for p in include_paths()],
+                          str(KERNELS / source)], capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
 
 

@@ -62,8 +62,9 @@ def bf16_matmul_native() -> bool:
     by ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2). A limit set that way counts as the machine's.
     macOS: False: torch's macOS wheels have no oneDNN and take their fp32 GEMM from Apple's Accelerate (on the
     chips' matrix units), a library no bf16 product there has behind it (the 2.13.0 wheel's build settings:
-    BLAS_INFO=accelerate, no dnnl; not timed on a Mac). Other architectures: True (not measured; torch's bf16 product runs as it is). QWEN35_BF16_MATMUL=native or
-    =fp32 decides instead (an ARM machine whose bf16 product is slow; benchmarks' before / after)."""
+    BLAS_INFO=accelerate, no dnnl; not timed on a Mac). Other architectures: True (not measured; torch's bf16
+    product runs as it is). QWEN35_BF16_MATMUL=native or =fp32 decides instead (an ARM machine whose bf16
+    product is slow; benchmarks' before / after)."""
     import platform
 
     forced = os.environ.get("QWEN35_BF16_MATMUL")
@@ -140,11 +141,10 @@ def _build_error(e: Exception) -> str:
 def _build(name: str, sources: list[Path], headers: list[Path], flags: list[str], what: str,
            key: bytes = b"") -> tuple[bool, str]:
     """Compile `sources` into the library `name`_<tag> and load it: with OpenMP (each of openmp_variants() in
-    turn), else without it (saying so). The tag hashes the sources, their headers, their directory, the compiler
-    and `key`, so
-    two qwen35 versions (an upgrade) or two checkouts never share, and keep rebuilding, one cached library: torch
-    records the source paths in a build, and a second checkout of the same sources rebuilt it (~35 s) each time
-    either one loaded it. Returns (ok, why)."""
+    turn), else without it (saying so with the compiler's error line). The tag hashes the sources, their headers,
+    their directory, the compiler and `key`, so two qwen35 versions (an upgrade) or two checkouts never share,
+    and keep rebuilding, one cached library: torch records the source paths in a build, and a second checkout of
+    the same sources rebuilt it (~35 s) each time either one loaded it. Returns (ok, why)."""
     import hashlib
 
     from torch.utils.cpp_extension import load
