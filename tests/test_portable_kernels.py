@@ -240,7 +240,8 @@ def test_the_builds_for_other_instruction_sets(march, needs):
     assert " passed" in out.stdout and " skipped" not in out.stdout and " failed" not in out.stdout
 
 
-@pytest.mark.parametrize("B,T,H,Dk,Dv", [(1, 1, 4, 64, 64), (2, 1, 3, 128, 128), (1, 3, 2, 32, 96), (2, 4, 1, 128, 256)])
+@pytest.mark.parametrize("B,T,H,Dk,Dv", [(1, 1, 4, 64, 64), (2, 1, 3, 128, 128), (1, 3, 2, 32, 96), (2, 4, 1, 128, 256),
+                                         (2, 150, 2, 64, 32)])
 @pytest.mark.parametrize("given_state", [True, False])
 def test_delta_rule_equals_the_reference(B, T, H, Dk, Dv, given_state):
     from qwen35.ops.gated_delta import recurrent_gated_delta_rule
@@ -265,19 +266,27 @@ def test_delta_rule_equals_the_reference(B, T, H, Dk, Dv, given_state):
         assert torch.equal(state, before)  # snapshots that share it stay valid
 
 
-def test_delta_rule_leaves_prefill_and_autograd_to_torch(monkeypatch):
+def test_delta_rule_takes_the_kernel_for_prefill_and_leaves_autograd_to_torch(monkeypatch):
+    """Outside autograd every token count runs the portable kernel (faster than the chunked torch form at every
+    length measured: fast.portable_delta_rule); mode="chunk" still gets the chunked form; under autograd the
+    dispatcher's own choice (chunked, the torch recurrence for up to 4 tokens), whose backward exists."""
     from qwen35.ops import gated_delta
 
     calls = []
     monkeypatch.setattr(gated_delta, "chunk_gated_delta_rule", lambda *a: calls.append("chunk") or "torch")
     monkeypatch.setattr(fast, "recurrent_gated_delta_rule", lambda *a: calls.append("recurrent") or "torch")
-    q = torch.randn(1, 8, 2, 32)
-    args = (q, q, torch.randn(1, 8, 2, 32), -torch.rand(1, 8, 2), torch.rand(1, 8, 2))
+    kernel = torch.ops.qwen35.portable_delta_rule
+    monkeypatch.setattr(torch.ops.qwen35, "portable_delta_rule", lambda *a: calls.append("kernel") or kernel(*a))
+    q = torch.randn(1, 80, 2, 32)
+    args = (q, q, torch.randn(1, 80, 2, 32), -torch.rand(1, 80, 2), torch.rand(1, 80, 2))
     with torch.no_grad():
-        assert fast.portable_delta_rule(*args) == "torch"  # 8 tokens: the chunked form
+        o, s = fast.portable_delta_rule(*args)  # 80 tokens: more than a chunk of 64
+        assert o.shape == (1, 80, 2, 32) and s.shape == (1, 2, 32, 32)
+        assert fast.portable_delta_rule(*args, mode="chunk") == "torch"
     with torch.enable_grad():
+        assert fast.portable_delta_rule(*args) == "torch"
         assert fast.portable_delta_rule(*[a[:, :1] for a in args]) == "torch"
-    assert calls == ["chunk", "recurrent"]
+    assert calls == ["kernel", "chunk", "chunk", "recurrent"]
     with torch.no_grad(), pytest.raises(ValueError, match="unknown gated delta rule mode 'fast'"):
         fast.portable_delta_rule(*[a[:, :1] for a in args], mode="fast")
 

@@ -24,7 +24,6 @@ per-op bound forms (norm, SiLU*up, conv, the mixers' decode steps) in step_forms
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 
@@ -191,8 +190,16 @@ def _portable_recurrent(q, k, v, g, beta, state=None):
     return torch.ops.qwen35.portable_delta_rule(q, k, v, g, beta, state)
 
 
-# ops/gated_delta.gated_delta_rule with its recurrent form on the portable kernel; the chunked form stays on torch
-portable_delta_rule = functools.partial(gated_delta_rule, recurrent=_portable_recurrent)
+def portable_delta_rule(q, k, v, g, beta, state=None, mode: str = "auto"):
+    """ops/gated_delta.gated_delta_rule with its recurrent form on the portable kernel, which "auto" then takes for
+    any number of tokens outside autograd: it measured faster than the chunked torch form at every length, two
+    passes over the state a token against the chunked form's ~30 small ops a chunk (one 0.8B layer, 16 heads of
+    128, 2 threads, held to AVX2: 16 tokens 0.38 against 2.29 ms, 512 tokens 12.7 against 19.6, 2,048 tokens
+    61.9 against 82.7; 3 rows of 32 heads at 512 tokens 77 against 115). Under autograd (training) "auto" is the
+    dispatcher's own choice: the chunked form, the torch recurrence for up to 4 tokens."""
+    if mode == "auto" and not torch.is_grad_enabled():
+        mode = "recurrent"
+    return gated_delta_rule(q, k, v, g, beta, state, mode=mode, recurrent=_portable_recurrent)
 
 
 def weight_objects(m):
