@@ -44,16 +44,17 @@ namespace {
 
 using namespace psimd;
 
-// Rows as the bf16 GEMV and the attention read them, 8 lanes of fp32 at a time: bf16 as stored, or a q8_0 cache's
-// int8 blocks times their fp16 scale, exact in fp32. (Rounding those to bf16, as the torch path's read-back
-// kv_storage.dequantize_rows does, had cost 5 of the 7 instructions a vector took to widen: decode at 32K keys
-// held to AVX2, 18.2-19.3 tok/s against 19.8-20.5 without it, benchmarks/bench_kv_cache.py.)
 // Asks for the cache lines of n bytes at p (a hint: never faults, costs an instruction a line)
 inline void prefetch_bytes(const void* p, int64_t n) {
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(c + i);
   __builtin_prefetch(c + n - 1);
 }
+
+// Rows as the bf16 GEMV and the attention read them, 8 lanes of fp32 at a time: bf16 as stored, or a q8_0 cache's
+// int8 blocks times their fp16 scale, exact in fp32. (Rounding those to bf16, as the torch path's read-back
+// kv_storage.dequantize_rows does, had cost 5 of the 7 instructions a vector took to widen: decode at 32K keys
+// held to AVX2, 18.2-19.3 tok/s against 19.8-20.5 without it, benchmarks/bench_kv_cache.py.)
 struct Bf16Rows {
   const c10::BFloat16* p;
   int64_t D;
