@@ -82,7 +82,7 @@ class Tokenizer:
         self.added_ids = set(added)
         self.added_tokens = [t.content for t in added.values()]
         self._plain: HFTokenizer | None = None
-        self._bytes: dict[int, bytes] | None = None  # token_bytes' memo
+        self._bytes: dict[int, bytes] = {}  # token_bytes' memo
 
     # ---- basic API ----
     @property
@@ -145,8 +145,6 @@ class Tokenizer:
         whole table at once had cost 0.75 s of the first generated token on 2 cores: 248K tokens)."""
         if not 0 <= i < self.vocab_size:
             return b""
-        if self._bytes is None:
-            self._bytes = {}
         out = self._bytes.get(i)
         if out is None:
             tok = self._tok.id_to_token(i)

@@ -504,8 +504,7 @@ def test_a_compiler_that_refuses_this_cpu_builds_the_baseline(tmp_path):
     compiler knows, in a process of its own; the baseline x86-64 build has no AVX2 GEMM."""
     script = ("import sys, torch\n"
               "from qwen35.ops import kernels\n"
-              "flags = kernels._portable_flags\n"
-              "kernels._portable_flags = lambda: flags()[:-1] + ['-march=no-such-cpu']\n"
+              "kernels._portable_target = lambda: ['-march=no-such-cpu']\n"
               "print(kernels.portable_available(), torch.ops.qwen35.portable_gemm_vectorized())\n")
     out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "QWEN35_KERNELS": "portable"},
                          capture_output=True, text=True, timeout=900, check=False)

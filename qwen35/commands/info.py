@@ -120,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
     from ..quant import formats
     from ..quant.checkpoint import read_quant_config
 
-    layouts = (read_quant_config(path) or {}).get("tensors", {})
+    stored = read_quant_config(path)
+    layouts = (stored or {}).get("tensors", {})
 
     def numel(k, e):  # a stored quantized matrix counts its weights, from its qs bytes and its layout
         if k.endswith(".d") and k[:-2] in layouts:
@@ -148,7 +149,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"parameters   {params / 1e6:.1f}M text (of which MTP {mtp / 1e6:.1f}M), vision {vision / 1e6:.1f}M "
           f"(not loaded)")
     print(f"weights      {weight_bytes / gib:.2f} GiB on disk (text + MTP)")
-    stored = read_quant_config(path)
     if stored:
         print(f"quantized    {stored.get('policy')} ({len(stored['tensors'])} matrices), as stored")
     if args.quant and not stored:

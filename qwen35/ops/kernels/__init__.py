@@ -198,21 +198,26 @@ PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "porta
 _portable: dict[str, object] = {}
 
 
-def _portable_flags() -> list[str]:
-    """-O3 for the machine this runs on (its vector unit does the dot products), no fused multiply-adds (the
-    dequantizer and quantizers must round as the reference does)."""
+def _portable_target() -> list[str]:
+    """The CPU the portable library is built for: this one (-march=native / -mcpu=native) or
+    QWEN35_PORTABLE_MARCH's."""
     import platform
 
     march = os.environ.get("QWEN35_PORTABLE_MARCH")
     if march:
-        target = [f"-march={march}"]
-    elif platform.machine().lower() in ("x86_64", "amd64", "i686"):
-        target = ["-march=native"]
-    else:  # aarch64 and the rest: GCC and clang spell it -mcpu
-        target = ["-mcpu=native"]
-    # QWEN35_PORTABLE_LIBRARY: a source both libraries compile (topk_kernels.cpp) registers its op under the
-    # portable name
-    return ["-O3", "-ffp-contract=off", "-fno-math-errno", "-DQWEN35_PORTABLE_LIBRARY"] + target
+        return [f"-march={march}"]
+    if platform.machine().lower() in ("x86_64", "amd64", "i686"):
+        return ["-march=native"]
+    return ["-mcpu=native"]  # aarch64 and the rest: GCC and clang spell it -mcpu
+
+
+def _portable_flags(target: bool = True) -> list[str]:
+    """-O3 for the machine this runs on (its vector unit does the dot products; target=False: the
+    architecture's baseline), no fused multiply-adds (the dequantizer and quantizers must round as the reference
+    does). QWEN35_PORTABLE_LIBRARY: a source both libraries compile (topk_kernels.cpp) registers its op under the
+    portable name."""
+    return ["-O3", "-ffp-contract=off", "-fno-math-errno", "-DQWEN35_PORTABLE_LIBRARY"] + (
+        _portable_target() if target else [])
 
 
 def portable_available() -> bool:
@@ -237,7 +242,7 @@ def _load_portable() -> tuple[bool, str]:
         return ok, why
     # a compiler that does not know this CPU (an older clang refuses -mcpu=native) still builds for the
     # architecture's baseline: slower dot products, far faster than the reference
-    base = flags[:-1]
+    base = _portable_flags(target=False)
     ok, _ = _build("qwen35_portable", PORTABLE_SOURCES, PORTABLE_HEADERS, base, "portable kernels",
                    " ".join(base).encode())
     if ok:
