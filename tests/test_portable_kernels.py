@@ -240,10 +240,20 @@ def test_the_builds_for_other_instruction_sets(march, needs):
     assert " passed" in out.stdout and " skipped" not in out.stdout and " failed" not in out.stdout
 
 
+def _delta_rule_forms():
+    """The delta-rule kernel as each library builds it (kernels/delta_rule.h): the portable library's always,
+    the AVX512 library's where this CPU runs it (its vectors and block length differ)."""
+    return [fast.portable_delta_rule] + ([fast.delta_rule] if kernels.available() else [])
+
+
 @pytest.mark.parametrize("B,T,H,Dk,Dv", [(1, 1, 4, 64, 64), (2, 1, 3, 128, 128), (1, 3, 2, 32, 96), (2, 4, 1, 128, 256),
-                                         (2, 150, 2, 64, 32)])
+                                         (2, 150, 2, 64, 32), (1, 21, 2, 16, 20)])
 @pytest.mark.parametrize("given_state", [True, False])
 def test_delta_rule_equals_the_reference(B, T, H, Dk, Dv, given_state):
+    """Against the torch recurrence token by token, in fp32 whatever the inputs' dtype: one token, a few, many
+    (150 = whole blocks and a remainder for either block length), columns past the last full vector (Dv 20),
+    decays of -inf (a packed document's start: nothing carried over) at the
+    first token and inside a block."""
     from qwen35.ops.gated_delta import recurrent_gated_delta_rule
 
     g = torch.Generator().manual_seed(B * T * H + Dk + Dv)
@@ -252,51 +262,74 @@ def test_delta_rule_equals_the_reference(B, T, H, Dk, Dv, given_state):
     v = torch.randn(B, T, H, Dv, generator=g).bfloat16()
     gate = -torch.rand(B, T, H, generator=g) * 3
     gate[0, 0, 0] = float("-inf")  # a reset (packed documents): nothing carried over
+    gate[-1, T // 2, -1] = float("-inf")
     beta = torch.rand(B, T, H, generator=g)
     state = torch.randn(B, H, Dk, Dv, generator=g) if given_state else None
     before = None if state is None else state.clone()
     with torch.no_grad():
-        o, s = fast.portable_delta_rule(q, k, v, gate, beta, state)
         o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, gate, beta, state)
-    assert o.dtype == s.dtype == torch.float32 and o.shape == o_ref.shape and s.shape == s_ref.shape
-    # fp32 rounding of sums over Dk terms of size |S| ~ 1 (state) and |k|, |q| <= 1
-    tol = 1e-5 * (1 + s_ref.abs().amax())
-    assert (o - o_ref).abs().max() <= tol and (s - s_ref).abs().max() <= tol
-    if before is not None:
-        assert torch.equal(state, before)  # snapshots that share it stay valid
+        for form in _delta_rule_forms():
+            o, s = form(q, k, v, gate, beta, state)
+            assert o.dtype == s.dtype == torch.float32 and o.shape == o_ref.shape and s.shape == s_ref.shape
+            # fp32 rounding of sums over Dk terms of size |S| ~ 1 (state) and |k|, |q| <= 1
+            tol = 1e-5 * (1 + s_ref.abs().amax())
+            assert (o - o_ref).abs().max() <= tol and (s - s_ref).abs().max() <= tol, form.__name__
+            if before is not None:
+                assert torch.equal(state, before)  # snapshots that share it stay valid
 
 
-def test_delta_rule_takes_the_kernel_for_prefill_and_leaves_autograd_to_torch(monkeypatch):
-    """Outside autograd every token count runs the portable kernel (faster than the chunked torch form at every
-    length measured: fast.portable_delta_rule); mode="chunk" still gets the chunked form; under autograd the
-    dispatcher's own choice (chunked, the torch recurrence for up to 4 tokens), whose backward exists."""
+def test_delta_rule_of_no_tokens_passes_the_state_through():
+    state = torch.randn(2, 3, 16, 8)
+    for form in _delta_rule_forms():
+        with torch.no_grad():
+            o, s = form(*(torch.zeros(2, 0, 3, d) for d in (16, 16, 8)), torch.zeros(2, 0, 3), torch.zeros(2, 0, 3), state)
+        assert o.shape == (2, 0, 3, 8) and torch.equal(s, state) and s.data_ptr() != state.data_ptr()
+
+
+@pytest.mark.parametrize("name", ["portable_delta_rule", "delta_rule"])
+def test_delta_rule_takes_the_kernel_unless_autograd_records(monkeypatch, name):
+    """Where autograd does not record, every token count runs the kernel (faster than the chunked torch form at
+    every length measured: fast.delta_rule); mode="chunk" still gets the chunked form; where it records (inputs
+    that require grad, grad enabled) the dispatcher's own choice (chunked, the torch recurrence for up to 4
+    tokens), whose backward exists."""
     from qwen35.ops import gated_delta
 
+    if name == "delta_rule" and not kernels.available():
+        pytest.skip(kernels.unavailable_reason() or "no AVX512 kernels here")
+    form = getattr(fast, name)
     calls = []
     monkeypatch.setattr(gated_delta, "chunk_gated_delta_rule", lambda *a: calls.append("chunk") or "torch")
     monkeypatch.setattr(fast, "recurrent_gated_delta_rule", lambda *a: calls.append("recurrent") or "torch")
-    kernel = torch.ops.qwen35.portable_delta_rule
-    monkeypatch.setattr(torch.ops.qwen35, "portable_delta_rule", lambda *a: calls.append("kernel") or kernel(*a))
+    kernel = getattr(torch.ops.qwen35, name)
+    monkeypatch.setattr(torch.ops.qwen35, name, lambda *a: calls.append("kernel") or kernel(*a))
     q = torch.randn(1, 80, 2, 32)
     args = (q, q, torch.randn(1, 80, 2, 32), -torch.rand(1, 80, 2), torch.rand(1, 80, 2))
     with torch.no_grad():
-        o, s = fast.portable_delta_rule(*args)  # 80 tokens: more than a chunk of 64
+        o, s = form(*args)  # 80 tokens: more than a chunk of 64
         assert o.shape == (1, 80, 2, 32) and s.shape == (1, 2, 32, 32)
-        assert fast.portable_delta_rule(*args, mode="chunk") == "torch"
+        assert form(*args, mode="chunk") == "torch"
     with torch.enable_grad():
-        assert fast.portable_delta_rule(*args) == "torch"
-        assert fast.portable_delta_rule(*[a[:, :1] for a in args]) == "torch"
-    assert calls == ["kernel", "chunk", "chunk", "recurrent"]
+        assert form(*args)[0].shape == (1, 80, 2, 32)  # nothing requires grad: nothing to record
+        tracked = (q.clone().requires_grad_(),) + args[1:]
+        assert form(*tracked) == "torch"
+        assert form(*[a[:, :1] for a in tracked]) == "torch"
+    assert calls == ["kernel", "chunk", "kernel", "chunk", "recurrent"]
     with torch.no_grad(), pytest.raises(ValueError, match="unknown gated delta rule mode 'fast'"):
-        fast.portable_delta_rule(*[a[:, :1] for a in args], mode="fast")
+        form(*[a[:, :1] for a in args], mode="fast")
 
 
-def test_delta_rule_refuses_mismatched_shapes():
+@pytest.mark.parametrize("name", ["portable_delta_rule", "delta_rule"])
+def test_delta_rule_refuses_mismatched_shapes(name):
+    if name == "delta_rule" and not kernels.available():
+        pytest.skip(kernels.unavailable_reason() or "no AVX512 kernels here")
+    op = getattr(torch.ops.qwen35, name)
     q = torch.randn(1, 1, 2, 32)
-    with pytest.raises(RuntimeError, match=r"portable_delta_rule: state must be \[B, H, Dk, Dv\]"):
-        torch.ops.qwen35.portable_delta_rule(q, q, q, torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1, 2, 32, 16))
-    with pytest.raises(RuntimeError, match="portable_delta_rule: g and beta must be"):
-        torch.ops.qwen35.portable_delta_rule(q, q, q, torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2, 32, 32))
+    with pytest.raises(RuntimeError, match=rf"{name}: state must be \[B, H, Dk, Dv\] = \[1, 2, 32, 32\], got \[1, 2, 32, 16\]"):
+        op(q, q, q, torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1, 2, 32, 16))
+    with pytest.raises(RuntimeError, match=rf"{name}: g and beta must be \[B, T, H\] = \[1, 1, 2\], got \[1, 2\]"):
+        op(q, q, q, torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2, 32, 32))
+    with pytest.raises(RuntimeError, match=rf"{name}: q, k must be \[B, T, H, Dk\] and v \[B, T, H, Dv\]"):
+        op(q, q[..., :16], q, torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1, 2, 32, 32))
 
 
 def gdn_layer(Hk: int, Hv: int, Dk: int, Dv: int, seed: int = 0):

@@ -33,7 +33,7 @@ SOURCES = [SOURCE] + [Path(__file__).with_name(n) for n in ("quant_kernels.cpp",
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
          "-fno-math-errno"]
 HEADERS = [Path(__file__).with_name(n) for n in ("quant_common.h", "quantizers.h", "layer_steps.h", "decode_plan.h",
-                                                  "fp_contract.h")]  # included by the sources: hashed with them
+                                                  "fp_contract.h", "delta_rule.h")]  # included by the sources: hashed with them
 OPENMP = ["-fopenmp"]  # linked: resolves to the libgomp.so.1 torch already loaded (same soname), one runtime
 
 _lock = threading.Lock()
@@ -194,7 +194,8 @@ def _load() -> tuple[bool, str]:
 PORTABLE_SOURCES = [Path(__file__).with_name(n) for n in ("portable_kernels.cpp", "portable_layers.cpp",
                                                           "portable_gemm.cpp", "topk_kernels.cpp")]
 PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "portable_simd.h", "portable_rows.h",
-                                                          "layer_steps.h", "decode_plan.h", "fp_contract.h")]
+                                                          "layer_steps.h", "decode_plan.h", "fp_contract.h",
+                                                          "delta_rule.h")]
 _portable: dict[str, object] = {}
 
 

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "delta_rule.h"
 #include "layer_steps.h"
 #include "quant_common.h"
 
@@ -705,6 +706,12 @@ int64_t parallel_threads() {
 
 }  // namespace
 
+// The gated delta rule over a sequence, blocks of 8 tokens (delta_rule.h; ops/fast.delta_rule).
+std::tuple<at::Tensor, at::Tensor> delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& g, const at::Tensor& beta, const at::Tensor& state) {
+  return delta_rule_blocks::delta_rule("delta_rule", q, k, v, g, beta, state);
+}
+
 TORCH_LIBRARY(qwen35, m) {
   m.def("gemv_bf16(Tensor x, Tensor w, bool out_fp32) -> Tensor");
   m.def("cpu_supported() -> bool");
@@ -716,6 +723,7 @@ TORCH_LIBRARY(qwen35, m) {
   m.def("gdn_decode(Tensor proj, Tensor conv_state, Tensor conv_w, Tensor A_log, Tensor dt_bias, Tensor state, "
         "Tensor norm_w, int Hk, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("conv_silu(Tensor x, Tensor w, Tensor state) -> (Tensor, Tensor)");
+  m.def("delta_rule(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor state) -> (Tensor, Tensor)");
   // each matrix: Tensor[] (data, scales per part) and int[] kinds (see Matrix)
   m.def("decode_gdn_layer" QWEN35_GDN_LAYER_SCHEMA);
   m.def("decode_attn_layer" QWEN35_ATTN_LAYER_SCHEMA);
@@ -732,6 +740,7 @@ TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
   m.impl("attn_decode", &attn_decode);
   m.impl("attn_decode_q8", &attn_decode_q8);
   m.impl("conv_silu", &conv_silu);
+  m.impl("delta_rule", &delta_rule);
   m.impl("decode_gdn_layer", &qwen35_layers::decode_gdn_layer);
   m.impl("decode_attn_layer", &qwen35_layers::decode_attn_layer);
 }

@@ -14,7 +14,7 @@
 // - portable_dequant_bf16_out: rows of W as bf16, the reference's bits exactly (prefill: bands for a bf16
 //   GEMM; a tied embedding's rows);
 // - portable_quantize_weights / portable_quantize_k: quantizers.h, the reference's bytes exactly;
-// - portable_delta_rule, portable_gdn_decode: the Gated DeltaNet recurrence token by token and its whole decode
+// - portable_delta_rule, portable_gdn_decode: the Gated DeltaNet recurrence over a sequence (delta_rule.h) and its whole decode
 //   step after the input projection, see there.
 // Layout codes as everywhere: 1 = q8_0, 2 = q4_0, 3 = q4_k, 4 = q6_k.
 #include <ATen/Parallel.h>
@@ -32,6 +32,7 @@
 #include <tuple>
 #include <vector>
 
+#include "delta_rule.h"
 #include "fp_contract.h"
 #include "portable_simd.h"
 #include "portable_rows.h"
@@ -288,13 +289,11 @@ void portable_dequant_bf16_out(const at::Tensor& qs, const at::Tensor& d, int64_
   });
 }
 
-// The gated delta rule token by token (decode, speculative verification): what
-// ops/gated_delta.recurrent_gated_delta_rule computes, per value head, for t = 0..T-1,
-//   S <- a_t S;  S <- S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t   (a_t = exp(g_t), S fp32 [Dk, Dv])
-// in two passes over S a token (the recall S^T k, then the update with the output) where the torch form makes
-// eight (0.8B int4 decode on the torch path: ~17% of a token's time). q, k [B, T, H, Dk], v [B, T, H, Dv],
-// g, beta [B, T, H], state [B, H, Dk, Dv] (fp32; read, never written). Returns (o [B, T, H, Dv], new state),
-// both fp32. Multiply-adds may fuse (tested against the reference within fp32 rounding).
+// One token of the gated delta rule on one value head, for the decode step below (portable_delta_rule, a
+// sequence, takes blocks of tokens: delta_rule.h):
+//   S <- a S;  S <- S + k (beta (v - S^T k))^T;  o = S^T q   (S fp32 [Dk, Dv])
+// in two passes over S (the recall S^T k, then the update with the output) where the torch form makes eight.
+// Multiply-adds may fuse (tested against the reference within fp32 rounding).
 QWEN35_CONTRACT(fast) void delta_rule_head(const float* s0, float* s1, const float* q,
                                            const float* k, const float* v, float a, float beta,
                                            int64_t Dk, int64_t Dv, float* o, float* r) {
@@ -321,40 +320,10 @@ QWEN35_CONTRACT(fast) void delta_rule_head(const float* s0, float* s1, const flo
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> portable_delta_rule(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                       const at::Tensor& g_, const at::Tensor& beta_,
-                                                       const at::Tensor& state_) {
-  TORCH_CHECK(q_.dim() == 4 && k_.sizes() == q_.sizes() && v_.dim() == 4 && v_.size(0) == q_.size(0) &&
-                  v_.size(1) == q_.size(1) && v_.size(2) == q_.size(2),
-              "portable_delta_rule: q, k must be [B, T, H, Dk] and v [B, T, H, Dv], got ", q_.sizes(), ", ", k_.sizes(),
-              ", ", v_.sizes());
-  const int64_t B = q_.size(0), T = q_.size(1), H = q_.size(2), Dk = q_.size(3), Dv = v_.size(3);
-  TORCH_CHECK(g_.sizes() == at::IntArrayRef({B, T, H}) && beta_.sizes() == g_.sizes(),
-              "portable_delta_rule: g and beta must be [B, T, H] = [", B, ", ", T, ", ", H, "], got ", g_.sizes(), ", ",
-              beta_.sizes());
-  TORCH_CHECK(state_.sizes() == at::IntArrayRef({B, H, Dk, Dv}), "portable_delta_rule: state must be [B, H, Dk, Dv] = [",
-              B, ", ", H, ", ", Dk, ", ", Dv, "], got ", state_.sizes());
-  const at::Tensor q = q_.to(at::kFloat).contiguous(), k = k_.to(at::kFloat).contiguous();
-  const at::Tensor v = v_.to(at::kFloat).contiguous(), g = g_.to(at::kFloat).contiguous();
-  const at::Tensor beta = beta_.to(at::kFloat).contiguous(), state = state_.to(at::kFloat).contiguous();
-  at::Tensor o = at::empty({B, T, H, Dv}, q.options());
-  at::Tensor out = at::empty({B, H, Dk, Dv}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>(), *sp = state.data_ptr<float>();
-  float *op = o.data_ptr<float>(), *np = out.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> r(static_cast<size_t>(Dv));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      float* s1 = np + i * Dk * Dv;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t bth = (b * T + t) * H + h;
-        delta_rule_head(t == 0 ? sp + i * Dk * Dv : s1, s1, qp + bth * Dk, kp + bth * Dk, vp + bth * Dv,
-                        std::exp(gp[bth]), bp[bth], Dk, Dv, op + bth * Dv, r.data());
-      }
-    }
-  });
-  return {o, out};
+std::tuple<at::Tensor, at::Tensor> portable_delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& g, const at::Tensor& beta,
+                                                       const at::Tensor& state) {
+  return delta_rule_blocks::delta_rule("portable_delta_rule", q, k, v, g, beta, state);  // delta_rule.h
 }
 
 // One Gated DeltaNet decode step after the input projection, as the AVX512 library's gdn_decode computes it (the
