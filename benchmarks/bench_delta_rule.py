@@ -51,7 +51,12 @@ def main() -> None:
     from qwen35.runtime import tune_allocator
 
     tune_allocator()
-    kernel = fast.delta_rule if kernels.available() else fast.portable_delta_rule
+    if kernels.available():
+        kernel = fast.delta_rule
+    elif kernels.portable_available():  # builds and loads the portable library
+        kernel = fast.portable_delta_rule
+    else:
+        raise SystemExit(f"no kernels here: {kernels.unavailable_reason()}; {kernels.portable_reason()}")
     lengths = [int(t) for t in args.tokens.split(",")]
     rows, out = [], {"kernel": kernel.__name__, "op_ms": {}, "prefill_tok_s": {}}
     gen = torch.Generator().manual_seed(0)
