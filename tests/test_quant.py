@@ -228,8 +228,13 @@ def test_integer_gemm_equals_the_reference(scheme, M, N):
     """gemm_quant (the prefill GEMM where bf16 has no AMX): formats.reference_matmul up to the order of its fp32
     roundings (the integer block sums are exact), bf16 output its fp32 output rounded, fp32 inputs alike."""
     g = torch.Generator().manual_seed(M * N)
-    K = 96 if scheme in ("q8_0", "q4_0") else 512  # 3 blocks of 32; 2 super-blocks of 256
-    w = QuantizedWeight.quantize(scheme, torch.randn(N, K, generator=g))
+    # 32-blocks: 3 (fewer than a group of 8, packed one by one) or 11 (a group, then 3); 2 super-blocks of 256
+    for K in ((96, 352) if scheme in ("q8_0", "q4_0") else (512,)):
+        _integer_gemm_check(scheme, M, N, K, g)
+
+
+def _integer_gemm_check(scheme, M, N, K, g):
+    w = QuantizedWeight.quantize(scheme, torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) * 3)
     x = torch.randn(M, K, generator=g).bfloat16()
     kind = {"q8_0": 1, "q4_0": 2, "q4_k": 3, "q6_k": 4}[scheme]
     y = torch.ops.qwen35.gemm_quant(x, w.qs, w.d, kind, True)

@@ -11,7 +11,7 @@
 // - q4_k: u = q, s = d * sc, o = dmin * m: the block's dot product is dx * (s * sum(u xq) - o * sum(xq));
 // - q6_k: u = q in 0..63 and two scales per block (sub-blocks of 16), 32 * sum(xq) off each half's sum.
 // A panel of 32 weight rows is unpacked once into that form (k in groups of 4 across 16 rows, the layout
-// vpdpbusd reads) and then meets every input row, 4 rows at a time: 8 vpdpbusd per block and per 16 outputs,
+// vpdpbusd reads; 16 rows x 8 blocks at a time, transposed in shuffles) and then meets every input row, 4 rows at a time: 8 vpdpbusd per block and per 16 outputs,
 // then one conversion and one FMA with (s * dx). Measured on the 0.8B's shapes with oneDNN capped at
 // avx512_core_bf16 (ONEDNN_MAX_CPU_ISA, what a Zen 4 runs), 512 rows: 3.5-3.9x its bf16 GEMM.
 #include <ATen/Parallel.h>
@@ -114,14 +114,15 @@ inline void q4k_scales(const uint8_t* sb, float* sc, float* mn) {
   }
 }
 
-// rows [16][8] dwords -> out + g * stride (g < 8): dword g of the 16 rows, one 64-byte vector each (aligned).
+// 16 rows of 8 dwords (32-byte aligned) -> out + g * stride (g < 8): dword g of the 16 rows, one 64-byte vector
+// each (aligned).
 // Two 8 x 8 transposes in shuffles: 16-lane gathers of the same dwords had taken ~1/3 of a panel's packing on
 // a Zen 4, which for a prompt of 8-64 rows is most of the GEMM's time (perf, 8224 x 1024 q4_k, 8 rows).
-inline void transpose16x8(const uint32_t (*rows)[8], uint8_t* out, int64_t stride) {
+inline void transpose16x8(const uint32_t* rows, int64_t ld, uint8_t* out, int64_t stride) {  // row r at rows + r ld
   __m256i c[2][8];
   for (int half = 0; half < 2; ++half) {
     __m256i r[8], t[8], u[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(rows[8 * half + i]));
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(rows + (8 * half + i) * ld));
     for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved: t[2i] dwords 0,1 | 4,5, t[2i+1] dwords 2,3 | 6,7
       t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
       t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
@@ -141,12 +142,93 @@ inline void transpose16x8(const uint32_t (*rows)[8], uint8_t* out, int64_t strid
     _mm512_store_si512(out + g * stride, _mm512_inserti64x4(_mm512_castsi256_si512(c[0][g]), c[1][g], 1));
 }
 
+// Row n's 8 blocks from block 8 t on, unpacked as unpack_block does: u[bb] (bb < 8) their 32 values each, and
+// v their scales: q8_0 / q4_0 v[bb] = d (v[8..15] unused), q4_k v[bb] = d sc, v[8 + bb] = dmin m (its offsets),
+// q6_k v[bb] and v[8 + bb] the scales of block bb's two halves. The same values and roundings as unpack_block
+// and q4k_scales (one fp32 product each), in vectors: a row's scales had been decoded byte by byte.
+template <int KIND>
+inline void unpack_group(const uint8_t* row, const c10::Half* d, int64_t t, uint32_t (*u)[16][8], int r, float* v) {
+  uint8_t* out[8];
+  for (int bb = 0; bb < 8; ++bb) out[bb] = reinterpret_cast<uint8_t*>(u[bb][r]);
+  if (KIND == 1) {
+    for (int bb = 0; bb < 8; ++bb) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (8 * t + bb) * QB));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out[bb]), _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80))));
+    }
+    _mm256_store_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 8 * t))));
+  } else if (KIND == 2) {
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    for (int bb = 0; bb < 8; ++bb) {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (8 * t + bb) * 16));
+      _mm_store_si128(reinterpret_cast<__m128i*>(out[bb]), _mm_and_si128(q, m4));
+      _mm_store_si128(reinterpret_cast<__m128i*>(out[bb] + 16), _mm_and_si128(_mm_srli_epi16(q, 4), m4));
+    }
+    _mm256_store_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 8 * t))));
+  } else if (KIND == 3) {
+    const uint8_t* sb = row + t * 144;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {  // 32 bytes: block 2c in the low nibbles, 2c + 1 in the high
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16 + 32 * c));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out[2 * c]), _mm256_and_si256(raw, m4));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out[2 * c + 1]), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
+    }
+    // q4k_scales: scale j = d * sm[Q4K_ORDER[j]], offset j = dmin * sm[8 + Q4K_ORDER[j]]
+    const __m512i order = _mm512_setr_epi32(Q4K_ORDER[0], Q4K_ORDER[1], Q4K_ORDER[2], Q4K_ORDER[3], Q4K_ORDER[4],
+                                            Q4K_ORDER[5], Q4K_ORDER[6], Q4K_ORDER[7], 8 + Q4K_ORDER[0],
+                                            8 + Q4K_ORDER[1], 8 + Q4K_ORDER[2], 8 + Q4K_ORDER[3], 8 + Q4K_ORDER[4],
+                                            8 + Q4K_ORDER[5], 8 + Q4K_ORDER[6], 8 + Q4K_ORDER[7]);
+    const __m512 sm = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q4k_scales_mins(sb + 4)));
+    const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half_at(sb)), _mm512_set1_ps(half_at(sb + 2)));
+    _mm512_store_ps(v, _mm512_mul_ps(_mm512_permutexvar_ps(order, sm), dd));
+  } else {
+    const uint8_t* sb = row + t * 210;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
+    for (int bb = 0; bb < 8; ++bb) {
+      const int h = bb / 4, g = bb % 4;
+      const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 64 * h + (g % 2) * 32));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * h));
+      const __m256i lo = _mm256_and_si256(g < 2 ? ql : _mm256_srli_epi16(ql, 4), low4);
+      const __m256i top = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), three);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out[bb]), _mm256_or_si256(lo, _mm256_slli_epi16(top, 4)));
+    }
+    // sub-block scales sc[0..15] (two a block): even ones to v[0..7], odd ones to v[8..15]
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 192))));
+    const __m512i halves_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    _mm512_store_ps(v, _mm512_mul_ps(_mm512_permutexvar_ps(halves_idx, sc), _mm512_set1_ps(half_at(sb + 208))));
+  }
+}
+
 template <int KIND>
 void pack_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, int64_t N, int64_t nb, int64_t n0,
                 uint8_t* U, float* S, float* O) {
+  // groups of 8 blocks (a K-quant's super-block), 16 rows at a time: the rows' values and scales unpacked, then
+  // each block's values and the scales transposed into the panel's layout
+  alignas(64) uint32_t u[8][16][8];
+  alignas(64) float v[16][16];
+  const int64_t groups = nb / 8;
+  for (int64_t t = 0; t < groups; ++t)
+    for (int j = 0; j < NR; ++j) {
+      for (int r = 0; r < 16; ++r) {
+        const int64_t n = n0 + j * 16 + r;
+        if (n < N) {
+          unpack_group<KIND>(qs + n * row_bytes, d ? d + n * nb : nullptr, t, u, r, v[r]);
+        } else {
+          for (int bb = 0; bb < 8; ++bb) std::memset(u[bb][r], 0, sizeof(u[bb][r]));
+          std::memset(v[r], 0, sizeof(v[r]));
+        }
+      }
+      for (int bb = 0; bb < 8; ++bb) transpose16x8(&u[bb][0][0], 8, U + ((8 * t + bb) * 8 * NR + j) * 64, NR * 64);
+      float* s0 = S + (8 * t * 2) * PN + j * 16;  // S[(b * 2 + hf) * PN + column]
+      transpose16x8(reinterpret_cast<const uint32_t*>(&v[0][0]), 16, reinterpret_cast<uint8_t*>(s0), 2 * PN * 4);
+      if (KIND == 3)  // offsets: O[b * PN + column]
+        transpose16x8(reinterpret_cast<const uint32_t*>(&v[0][8]), 16, reinterpret_cast<uint8_t*>(O + 8 * t * PN + j * 16),
+                      PN * 4);
+      if (KIND == 4)  // second halves' scales
+        transpose16x8(reinterpret_cast<const uint32_t*>(&v[0][8]), 16, reinterpret_cast<uint8_t*>(s0 + PN), 2 * PN * 4);
+    }
   alignas(64) uint32_t rows[16][8];
   float ksc[PN][8], kmn[PN][8];  // q4_k: the panel's current super-block scales, decoded once for its 8 blocks
-  for (int64_t b = 0; b < nb; ++b)
+  for (int64_t b = 8 * groups; b < nb; ++b)  // q8_0 / q4_0 blocks past the last group of 8, one at a time
     for (int j = 0; j < NR; ++j) {
       for (int r = 0; r < 16; ++r) {
         const int64_t n = n0 + j * 16 + r;
@@ -165,7 +247,7 @@ void pack_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, int64_
         O[b * PN + j * 16 + r] = o;
       }
       // k-group g of the 16 rows: dword g of each row
-      transpose16x8(rows, U + (b * 8 * NR + j) * 64, NR * 64);
+      transpose16x8(&rows[0][0], 8, U + (b * 8 * NR + j) * 64, NR * 64);
     }
 }
 
