@@ -247,6 +247,37 @@ def _integer_gemm_check(scheme, M, N, K, g):
 
 
 @needs_kernels
+@pytest.mark.parametrize("scheme, machine, rows, n, op", [
+    ("q8_0", "integer", 9, 256, "gemm_quant"), ("q4_0", "integer", 16, 300, "gemm_quant"),
+    ("q8_0", "integer", 8, 256, "gemv_q8_0"), ("q8_0", "integer", 16, 32, "gemv_q8_0"),
+    ("q8_0", "amx", 16, 256, "gemv_q8_0"), ("q4_k", "integer", 16, 256, "gemv_q4_k"),
+    ("q4_k", "integer", 17, 48, "gemm_quant")])
+def test_short_prompts_take_the_gemm_or_gemvs_by_layout_and_machine(monkeypatch, scheme, machine, rows, n, op):
+    """Past 8 rows q8_0 and q4_0 run the integer GEMM (its unpacking made it faster than GEMVs of 8 from 9 rows
+    on, Zen 4), except where oneDNN has AMX and for matrices of fewer than 256 rows (a panel of 32 is the GEMM's
+    unit of threads); the K-quants run GEMVs of 8 up to GEMV_CHUNK_MAX_ROWS (measured faster in the int4
+    model). Each computes the reference's rule: the same output to fp32 rounding."""
+    from qwen35.quant import weight as qw
+
+    monkeypatch.setattr(qw, "_auto_gemm", [machine])
+    monkeypatch.setattr(qw, "USE_PANELS", False)
+    monkeypatch.delenv("QWEN35_QUANT_GEMM", raising=False)
+    g = torch.Generator().manual_seed(rows)
+    w = QuantizedWeight.quantize(scheme, torch.randn(n, 512, generator=g))
+    w.kernels = True
+    x = torch.randn(rows, 512, generator=g).bfloat16()
+    calls = []
+    for name in ("gemm_quant", qw.GEMV_OPS[scheme]):
+        real = getattr(torch.ops.qwen35, name)
+        monkeypatch.setattr(torch.ops.qwen35, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    with torch.no_grad():
+        y = w.matmul(x, True)
+    assert set(calls) == {op}, calls
+    ref = formats.reference_matmul(scheme, x, w.qs, w.d)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+
+
+@needs_kernels
 def test_prefill_gemm_follows_the_machine_and_its_overrides(monkeypatch):
     from qwen35.ops import kernels as K
     from qwen35.quant import weight as qw

@@ -84,7 +84,7 @@ def panels() -> bool:
 
 def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
     """How a quantized weight in `scheme` meets `rows` (> GEMV_MAX_ROWS) input rows: "integer" (inputs quantized
-    per block as the GEMVs do: GEMVs of 8 rows up to GEMV_CHUNK_MAX_ROWS, the VNNI GEMM past that) or
+    per block as the GEMVs do: GEMVs of 8 rows up to gemv_chunk_max_rows(scheme), the VNNI GEMM past that) or
     "dequantize" (the AMX panel kernel up to PANEL_MAX_ROWS rows, bf16 bands and torch's GEMM past it). Where
     torch's GEMM has AMX tiles: integer up to GEMV_CHUNK_MAX_ROWS rows (AMX_INTEGER_MAX_ROWS[scheme] where the
     panel kernel is off), dequantize past it (AMX-BF16 then beats every integer kernel measured here, README).
@@ -105,6 +105,23 @@ def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
         return "integer" if rows <= limit else "dequantize"
     # "portable": the note below GEMV_CHUNK_MAX_ROWS
     return "integer" if machine in ("integer", "portable") else "dequantize"
+
+
+def gemv_chunk_max_rows(scheme: str, n: int = 4096) -> int:
+    """Up to how many input rows the AVX512 kernels run GEMVs of 8 rather than the integer GEMM. q8_0 and q4_0
+    without AMX: GEMV_MAX_ROWS, the GEMM from 9 rows on, since its panels unpack 16 rows x 8 blocks at a time
+    (twenty-third session; 8224x1024 / 1024x3584, weights cold, 2 threads, Zen 4, 12 / 16 rows, ms, GEMM against
+    GEMVs of 8: q8_0 0.85 / 0.85 against 0.91 / 1.19, q4_0 0.64 / 0.75 against 0.85 / 1.26; the 0.8B int8's
+    prefill of 10 / 12 / 16 tokens 1.10x / 1.10x / 1.22x). The K-quants keep GEMVs up to GEMV_CHUNK_MAX_ROWS:
+    alone their GEMM won from 12 rows (q4_k 0.71 / 0.77 against 0.73 / 0.91 ms), but the int4 0.8B's prefill of
+    9 / 10 / 12 / 14 tokens ran 0.90x / 0.91x / 0.97x / 0.99x with it, in one process alternating. With AMX:
+    GEMV_CHUNK_MAX_ROWS for all, measured there before that change and not since (no AMX machine since). n: the
+    weight's output rows; under 256 (int4's 16- or 32-row gate projections) GEMVs stay: the GEMM's panels of 32
+    rows are its unit of threads, so such a matrix ran on one core (the int4 0.8B at 10 tokens: 0.96x with them
+    on the GEMM)."""
+    if scheme in ("q8_0", "q4_0") and n >= 256 and prefill_gemm_machine() != "amx":
+        return GEMV_MAX_ROWS
+    return GEMV_CHUNK_MAX_ROWS
 
 
 def prefill_gemm_machine() -> str:
@@ -247,7 +264,7 @@ class QuantizedWeight:
         VNNI GEMM, or that reference a band of weight rows at a time (fp32 dequantized: 4 bytes a weight)."""
         if self.kernels:
             x2 = x2.contiguous()
-            if x2.shape[0] <= GEMV_CHUNK_MAX_ROWS:
+            if x2.shape[0] <= gemv_chunk_max_rows(self.scheme, self.shape[0]):
                 op = getattr(torch.ops.qwen35, GEMV_OPS[self.scheme])
                 return torch.cat([op(x2[i : i + GEMV_MAX_ROWS], self.qs, self.d, out_fp32)
                                   for i in range(0, x2.shape[0], GEMV_MAX_ROWS)])
