@@ -112,7 +112,7 @@ def gemv_chunk_max_rows(scheme: str, n: int = 4096) -> int:
     without AMX: GEMV_MAX_ROWS, the GEMM from 9 rows on, since its panels unpack 16 rows x 8 blocks at a time
     (twenty-third session; 8224x1024 / 1024x3584, weights cold, 2 threads, Zen 4, 12 / 16 rows, ms, GEMM against
     GEMVs of 8: q8_0 0.85 / 0.85 against 0.91 / 1.19, q4_0 0.64 / 0.75 against 0.85 / 1.26; the 0.8B int8's
-    prefill of 10 / 12 / 16 tokens 1.10x / 1.10x / 1.22x). The K-quants keep GEMVs up to GEMV_CHUNK_MAX_ROWS:
+    prefill of 10 / 16 tokens 1.04x / 1.23x, one process alternating). The K-quants keep GEMVs up to GEMV_CHUNK_MAX_ROWS:
     alone their GEMM won from 12 rows (q4_k 0.71 / 0.77 against 0.73 / 0.91 ms), but the int4 0.8B's prefill of
     9 / 10 / 12 / 14 tokens ran 0.90x / 0.91x / 0.97x / 0.99x with it, in one process alternating. With AMX:
     GEMV_CHUNK_MAX_ROWS for all, measured there before that change and not since (no AMX machine since). n: the
