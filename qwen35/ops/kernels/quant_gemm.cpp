@@ -11,8 +11,8 @@
 // - q4_k: u = q, s = d * sc, o = dmin * m: the block's dot product is dx * (s * sum(u xq) - o * sum(xq));
 // - q6_k: u = q in 0..63 and two scales per block (sub-blocks of 16), 32 * sum(xq) off each half's sum.
 // A panel of 32 weight rows is unpacked once into that form (k in groups of 4 across 16 rows, the layout
-// vpdpbusd reads; 16 rows x 8 blocks at a time, transposed in shuffles) and then meets every input row, 4 rows at a time: 8 vpdpbusd per block and per 16 outputs,
-// then one conversion and one FMA with (s * dx). Measured on the 0.8B's shapes with oneDNN capped at
+// vpdpbusd reads; 16 rows x 8 blocks at a time, transposed in shuffles) and then meets every input row, 4 rows
+// at a time: 8 vpdpbusd per block and per 16 outputs, then one conversion and one FMA with (s * dx). Measured on the 0.8B's shapes with oneDNN capped at
 // avx512_core_bf16 (ONEDNN_MAX_CPU_ISA, what a Zen 4 runs), 512 rows: 3.5-3.9x its bf16 GEMM.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
