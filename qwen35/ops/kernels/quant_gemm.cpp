@@ -62,57 +62,23 @@ Inputs quantize_inputs(const T* x, int64_t M, int64_t K) {
   return r;
 }
 
-// Weight row n's block b as 32 unsigned values u, its scale(s) s (two for q6_k's halves) and offset o (q4_k's
-// s and o come from q4k_scales, decoded by the caller once per super-block).
+// Block b of a q8_0 / q4_0 weight row as 32 unsigned values u (32-byte aligned). unpack_group takes 8 blocks at
+// a time (the K-quants always: K is a multiple of their super-block of 256), this the 32-blocks past the last 8.
 template <int KIND>
-inline void unpack_block(const uint8_t* row, const c10::Half* d, int64_t b, uint8_t* u, float* s, float& o) {
+inline void unpack32(const uint8_t* row, int64_t b, uint8_t* u) {
+  static_assert(KIND == 1 || KIND == 2, "32-blocks: q8_0 or q4_0");
   if (KIND == 1) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * QB));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))));
-    s[0] = static_cast<float>(d[b]);
-  } else if (KIND == 2) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(u), _mm_and_si128(v, m4));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(u + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
-    s[0] = static_cast<float>(d[b]);
-  } else if (KIND == 3) {  // s and o: from q4k_scales (decoded once per super-block by the caller)
-    const uint8_t* sb = row + (b / 8) * 144;
-    const int j = static_cast<int>(b % 8);
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16 + (j / 2) * 32));
-    const __m256i q = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), q);
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * QB));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(u), _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80))));
   } else {
-    const uint8_t* sb = row + (b / 8) * 210;
-    const int e0 = static_cast<int>(b % 8) * 32, h = e0 / 128, g = (e0 % 128) / 32;
-    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 64 * h + (g % 2) * 32));
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * h));
-    const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3);
-    const __m256i lo = _mm256_and_si256(g < 2 ? ql : _mm256_srli_epi16(ql, 4), low4);
-    const __m256i top = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), three);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u), _mm256_or_si256(lo, _mm256_slli_epi16(top, 4)));
-    const float dd = half_at(sb + 208);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(sb + 192);
-    s[0] = dd * static_cast<float>(sc[e0 / 16]);
-    s[1] = dd * static_cast<float>(sc[e0 / 16 + 1]);
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    _mm_store_si128(reinterpret_cast<__m128i*>(u), _mm_and_si128(q, m4));
+    _mm_store_si128(reinterpret_cast<__m128i*>(u + 16), _mm_and_si128(_mm_srli_epi16(q, 4), m4));
   }
 }
 
 constexpr int halves(int kind) { return kind == 4 ? 2 : 1; }
-
-// Panel of PN weight rows from n0 (rows past N are zeros): U[b][g][j] 64 bytes = 16 rows x 4 values of
-// k-group g; S[b][half][PN] scales; O[b][PN] offsets (q4_k).
-// Q4_K super-block header -> the 8 sub-blocks' scales d*sc and offsets dmin*m, in sub-block order
-inline void q4k_scales(const uint8_t* sb, float* sc, float* mn) {
-  uint8_t sm[16];
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(sm), q4k_scales_mins(sb + 4));
-  const float d = half_at(sb), dmin = half_at(sb + 2);
-  for (int j = 0; j < 8; ++j) {
-    const int k = Q4K_ORDER[j];  // the order is its own inverse: sub-block j sits at position Q4K_ORDER[j]
-    sc[j] = d * static_cast<float>(sm[k]);
-    mn[j] = dmin * static_cast<float>(sm[8 + k]);
-  }
-}
 
 // 16 rows of 8 dwords (32-byte aligned) -> out + g * stride (g < 8): dword g of the 16 rows, one 64-byte vector
 // each (aligned).
@@ -142,27 +108,16 @@ inline void transpose16x8(const uint32_t* rows, int64_t ld, uint8_t* out, int64_
     _mm512_store_si512(out + g * stride, _mm512_inserti64x4(_mm512_castsi256_si512(c[0][g]), c[1][g], 1));
 }
 
-// Row n's 8 blocks from block 8 t on, unpacked as unpack_block does: u[bb] (bb < 8) their 32 values each, and
-// v their scales: q8_0 / q4_0 v[bb] = d (v[8..15] unused), q4_k v[bb] = d sc, v[8 + bb] = dmin m (its offsets),
-// q6_k v[bb] and v[8 + bb] the scales of block bb's two halves. The same values and roundings as unpack_block
-// and q4k_scales (one fp32 product each), in vectors: a row's scales had been decoded byte by byte.
+// Row n's 8 blocks from block 8 t on as 32 unsigned values each, u[bb] (bb < 8), and v their scales: q8_0 /
+// q4_0 v[bb] = d (v[8..15] unused), q4_k v[bb] = d sc, v[8 + bb] = dmin m (its offsets), q6_k v[bb] and v[8 + bb]
+// the scales of block bb's two halves (one fp32 product each, as the reference rounds them), in vectors: a row's
+// scales had been decoded byte by byte.
 template <int KIND>
 inline void unpack_group(const uint8_t* row, const c10::Half* d, int64_t t, uint32_t (*u)[16][8], int r, float* v) {
   uint8_t* out[8];
   for (int bb = 0; bb < 8; ++bb) out[bb] = reinterpret_cast<uint8_t*>(u[bb][r]);
-  if (KIND == 1) {
-    for (int bb = 0; bb < 8; ++bb) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + (8 * t + bb) * QB));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out[bb]), _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80))));
-    }
-    _mm256_store_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 8 * t))));
-  } else if (KIND == 2) {
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    for (int bb = 0; bb < 8; ++bb) {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (8 * t + bb) * 16));
-      _mm_store_si128(reinterpret_cast<__m128i*>(out[bb]), _mm_and_si128(q, m4));
-      _mm_store_si128(reinterpret_cast<__m128i*>(out[bb] + 16), _mm_and_si128(_mm_srli_epi16(q, 4), m4));
-    }
+  if constexpr (KIND <= 2) {
+    for (int bb = 0; bb < 8; ++bb) unpack32<KIND>(row, 8 * t + bb, out[bb]);
     _mm256_store_ps(v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + 8 * t))));
   } else if (KIND == 3) {
     const uint8_t* sb = row + t * 144;
@@ -172,7 +127,7 @@ inline void unpack_group(const uint8_t* row, const c10::Half* d, int64_t t, uint
       _mm256_store_si256(reinterpret_cast<__m256i*>(out[2 * c]), _mm256_and_si256(raw, m4));
       _mm256_store_si256(reinterpret_cast<__m256i*>(out[2 * c + 1]), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
     }
-    // q4k_scales: scale j = d * sm[Q4K_ORDER[j]], offset j = dmin * sm[8 + Q4K_ORDER[j]]
+    // scale j = d * sm[Q4K_ORDER[j]], offset j = dmin * sm[8 + Q4K_ORDER[j]] (sm: the 6-bit scales and mins)
     const __m512i order = _mm512_setr_epi32(Q4K_ORDER[0], Q4K_ORDER[1], Q4K_ORDER[2], Q4K_ORDER[3], Q4K_ORDER[4],
                                             Q4K_ORDER[5], Q4K_ORDER[6], Q4K_ORDER[7], 8 + Q4K_ORDER[0],
                                             8 + Q4K_ORDER[1], 8 + Q4K_ORDER[2], 8 + Q4K_ORDER[3], 8 + Q4K_ORDER[4],
@@ -198,6 +153,8 @@ inline void unpack_group(const uint8_t* row, const c10::Half* d, int64_t t, uint
   }
 }
 
+// Panel of PN weight rows from n0 (rows past N are zeros): U[b][g][j] 64 bytes = 16 rows x 4 values of
+// k-group g; S[b][half][PN] scales; O[b][PN] offsets (q4_k).
 template <int KIND>
 void pack_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, int64_t N, int64_t nb, int64_t n0,
                 uint8_t* U, float* S, float* O) {
@@ -226,29 +183,24 @@ void pack_panel(const uint8_t* qs, int64_t row_bytes, const c10::Half* d, int64_
       if (KIND == 4)  // second halves' scales
         transpose16x8(reinterpret_cast<const uint32_t*>(&v[0][8]), 16, reinterpret_cast<uint8_t*>(s0 + PN), 2 * PN * 4);
     }
-  alignas(64) uint32_t rows[16][8];
-  float ksc[PN][8], kmn[PN][8];  // q4_k: the panel's current super-block scales, decoded once for its 8 blocks
-  for (int64_t b = 8 * groups; b < nb; ++b)  // q8_0 / q4_0 blocks past the last group of 8, one at a time
-    for (int j = 0; j < NR; ++j) {
-      for (int r = 0; r < 16; ++r) {
-        const int64_t n = n0 + j * 16 + r;
-        float s[2] = {0.f, 0.f}, o = 0.f;
-        if (n < N) {
-          if (KIND == 3) {
-            if (b % 8 == 0) q4k_scales(qs + n * row_bytes + (b / 8) * 144, ksc[j * 16 + r], kmn[j * 16 + r]);
-            s[0] = ksc[j * 16 + r][b % 8];
-            o = kmn[j * 16 + r][b % 8];
+  if constexpr (KIND <= 2) {  // 32-blocks past the last group of 8, one at a time
+    alignas(64) uint32_t rows[16][8];
+    for (int64_t b = 8 * groups; b < nb; ++b)
+      for (int j = 0; j < NR; ++j) {
+        for (int r = 0; r < 16; ++r) {
+          const int64_t n = n0 + j * 16 + r;
+          if (n < N) {
+            unpack32<KIND>(qs + n * row_bytes, b, reinterpret_cast<uint8_t*>(rows[r]));
+            S[b * 2 * PN + j * 16 + r] = static_cast<float>(d[n * nb + b]);
+          } else {
+            std::memset(rows[r], 0, sizeof(rows[r]));
+            S[b * 2 * PN + j * 16 + r] = 0.f;
           }
-          unpack_block<KIND>(qs + n * row_bytes, d ? d + n * nb : nullptr, b, reinterpret_cast<uint8_t*>(rows[r]), s, o);
-        } else {
-          std::memset(rows[r], 0, sizeof(rows[r]));
         }
-        for (int hf = 0; hf < halves(KIND); ++hf) S[(b * 2 + hf) * PN + j * 16 + r] = s[hf];
-        O[b * PN + j * 16 + r] = o;
+        // k-group g of the 16 rows: dword g of each row
+        transpose16x8(&rows[0][0], 8, U + (b * 8 * NR + j) * 64, NR * 64);
       }
-      // k-group g of the 16 rows: dword g of each row
-      transpose16x8(&rows[0][0], 8, U + (b * 8 * NR + j) * 64, NR * 64);
-    }
+  }
 }
 
 // Rows m0..m0+R-1 against the panel: out[r * ldo + c], c < PN, in fp32.
