@@ -84,7 +84,7 @@ def panels() -> bool:
 
 def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
     """How a quantized weight in `scheme` meets `rows` (> GEMV_MAX_ROWS) input rows: "integer" (inputs quantized
-    per block as the GEMVs do: GEMVs of 8 rows up to gemv_chunk_max_rows(scheme), the VNNI GEMM past that) or
+    per block as the GEMVs do: GEMVs of 8 rows up to gemv_chunk_max_rows(), the VNNI GEMM past that) or
     "dequantize" (the AMX panel kernel up to PANEL_MAX_ROWS rows, bf16 bands and torch's GEMM past it). Where
     torch's GEMM has AMX tiles: integer up to GEMV_CHUNK_MAX_ROWS rows (AMX_INTEGER_MAX_ROWS[scheme] where the
     panel kernel is off), dequantize past it (AMX-BF16 then beats every integer kernel measured here, README).
@@ -107,7 +107,7 @@ def prefill_gemm(rows: int, scheme: str = "q8_0") -> str:
     return "integer" if machine in ("integer", "portable") else "dequantize"
 
 
-def gemv_chunk_max_rows(scheme: str, n: int = 4096) -> int:
+def gemv_chunk_max_rows(scheme: str, n: int) -> int:
     """Up to how many input rows the AVX512 kernels run GEMVs of 8 rather than the integer GEMM. q8_0 and q4_0
     without AMX: GEMV_MAX_ROWS, the GEMM from 9 rows on, since its panels unpack 16 rows x 8 blocks at a time
     (twenty-third session; 8224x1024 / 1024x3584, weights cold, 2 threads, Zen 4, 12 / 16 rows, ms, GEMM against
