@@ -14,7 +14,7 @@ from greedy_ties import assert_same_greedy_answers
 from test_quant_k import awkward
 
 import qwen35
-from qwen35.ops import fast, kernels
+from qwen35.ops import fast, kernels, step_forms
 from qwen35.quant import QuantizedWeight, formats
 from qwen35.quant import weight as qw
 
@@ -299,7 +299,7 @@ def test_delta_rule_takes_the_kernel_unless_autograd_records(monkeypatch, name):
     form = getattr(fast, name)
     calls = []
     monkeypatch.setattr(gated_delta, "chunk_gated_delta_rule", lambda *a: calls.append("chunk") or "torch")
-    monkeypatch.setattr(fast, "recurrent_gated_delta_rule", lambda *a: calls.append("recurrent") or "torch")
+    monkeypatch.setattr(step_forms, "recurrent_gated_delta_rule", lambda *a: calls.append("recurrent") or "torch")
     kernel = getattr(torch.ops.qwen35, name)
     monkeypatch.setattr(torch.ops.qwen35, name, lambda *a: calls.append("kernel") or kernel(*a))
     q = torch.randn(1, 80, 2, 32)

@@ -162,7 +162,7 @@ def gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The one dispatcher. mode: "auto" (recurrent for a few tokens, chunked otherwise),
     "recurrent" or "chunk". Shapes as in `recurrent_gated_delta_rule`. recurrent: the token-by-token form to run
-    (ops/fast.portable_delta_rule passes the portable kernel's)."""
+    (ops/step_forms.delta_rule and portable_delta_rule pass the kernels')."""
     if mode == "auto":
         mode = "recurrent" if q.shape[1] <= 4 else "chunk"
     if mode == "recurrent":

@@ -1,12 +1,13 @@
 """The per-op bound forms that ops/fast.bind_kernels puts on modules (module.forward or a module's function
-attribute): RMSNorm, the MLP's SiLU*up, the Gated DeltaNet conv + SiLU, and the two mixers' decode steps. Each
-returns None (or the reference's result) for a call its kernel does not take, so binding never changes what a
-call means; the whole-layer forms are in layer_decode.py."""
+attribute): RMSNorm, the MLP's SiLU*up, the Gated DeltaNet conv + SiLU and delta rule, and the two mixers' decode
+steps. Each returns None (or the reference's result) for a call its kernel does not take, so binding never
+changes what a call means; the whole-layer forms are in layer_decode.py."""
 
 from __future__ import annotations
 
 import torch
 
+from .gated_delta import gated_delta_rule, recurrent_gated_delta_rule
 from .linear import linear
 
 
@@ -86,3 +87,50 @@ def _attn_decode(attn, x, state=None, ctx=None):
         out = torch.ops.qwen35.attn_decode(q, [b.k for b in bufs], [b.v for b in bufs], lengths,
                                            attn.head_dim**-0.5)
     return attn.output(out.view(B, attn.num_heads, 1, attn.head_dim), gate)
+
+
+def _differentiates(*tensors) -> bool:
+    """Whether autograd would record an operation on these tensors (the kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _kernel_recurrent(op: str):
+    """recurrent_gated_delta_rule on the kernel torch.ops.qwen35.<op> (kernels/delta_rule.h: blocks of tokens,
+    two passes over the state a block where the torch form makes eight a token); where autograd records, the
+    torch form."""
+
+    def recurrent(q, k, v, g, beta, state=None):
+        if _differentiates(q, k, v, g, beta, state):
+            return recurrent_gated_delta_rule(q, k, v, g, beta, state)
+        if state is None:
+            B, _, H, Dk = k.shape
+            state = torch.zeros(B, H, Dk, v.shape[-1])
+        return getattr(torch.ops.qwen35, op)(q, k, v, g, beta, state)
+
+    return recurrent
+
+
+_portable_recurrent = _kernel_recurrent("portable_delta_rule")
+_avx512_recurrent = _kernel_recurrent("delta_rule")
+
+
+def _kernel_delta_rule(recurrent, q, k, v, g, beta, state, mode):
+    if mode == "auto" and not _differentiates(q, k, v, g, beta, state):
+        mode = "recurrent"
+    return gated_delta_rule(q, k, v, g, beta, state, mode=mode, recurrent=recurrent)
+
+
+def delta_rule(q, k, v, g, beta, state=None, mode: str = "auto"):
+    """ops/gated_delta.gated_delta_rule with its recurrent form on the kernel (kernels/delta_rule.h, the AVX512
+    library's build), which "auto" then takes for any number of tokens where autograd does not record: it
+    measured faster than the chunked torch form at every length, 3-4x from 128 tokens on (one 0.8B layer, 16
+    heads of 128, 2 threads, Zen 4: 16 tokens 0.20 against 2.6 ms, 512 tokens 5.7 against 24.5, 2,048 tokens
+    22.9 against 87). Where autograd records (training) "auto" is the dispatcher's own choice: the chunked form,
+    the torch recurrence for up to 4 tokens; mode="chunk" forces the chunked form."""
+    return _kernel_delta_rule(_avx512_recurrent, q, k, v, g, beta, state, mode)
+
+
+def portable_delta_rule(q, k, v, g, beta, state=None, mode: str = "auto"):
+    """delta_rule on the portable library's build of the same kernel (machines without AVX512: held to AVX2 on
+    a Zen 4, one 0.8B layer, 512 tokens 6.1 against the chunked torch form's 22.0 ms)."""
+    return _kernel_delta_rule(_portable_recurrent, q, k, v, g, beta, state, mode)

@@ -706,7 +706,7 @@ int64_t parallel_threads() {
 
 }  // namespace
 
-// The gated delta rule over a sequence, blocks of 8 tokens (delta_rule.h; ops/fast.delta_rule).
+// The gated delta rule over a sequence, blocks of 8 tokens (delta_rule.h; ops/step_forms.delta_rule).
 std::tuple<at::Tensor, at::Tensor> delta_rule(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& g, const at::Tensor& beta, const at::Tensor& state) {
   return delta_rule_blocks::delta_rule("delta_rule", q, k, v, g, beta, state);
