@@ -82,6 +82,24 @@ def test_q8_0_decode_attention_matches_its_reference(lengths, G, D):
 
 
 @needs_kernels
+@pytest.mark.parametrize("G,D", [(4, 256), (2, 96)])
+def test_q8_0_attention_at_the_largest_integer_sums(G, D):
+    """The kernel's P.V sums int16 probability-times-scale weights (at most 32767) times int8 values in int32:
+    identical keys give every key of a block probability 1, and values at +-127 of one scale make every
+    term the largest there is, 512 keys of 127 * 32767 a block, just under 2^31. The answer is the value row
+    itself; a sum that wrapped, or a weight rounded past 32767 into int16's negatives, would not be."""
+    Hkv, n = 2, 1500
+    gen = torch.Generator().manual_seed(D)
+    key = torch.randn(1, 1, D, generator=gen).expand(Hkv, n, D)
+    row = torch.where(torch.rand(1, 1, D, generator=gen) < 0.5, -1.5, 1.5)
+    buf = Q8KVBuffer.from_values(key, row.expand(Hkv, n, D), torch.bfloat16)
+    assert buf.v[:, :n].abs().min() == 127
+    q = torch.randn(1, G * Hkv, D, generator=gen).bfloat16()
+    out = torch.ops.qwen35.attn_decode_q8(q, [buf.k], [buf.kd], [buf.v], [buf.vd], [n], D**-0.5)
+    torch.testing.assert_close(out.float(), row.expand(1, G * Hkv, D), rtol=2**-8, atol=0)
+
+
+@needs_kernels
 def test_decode_step_writes_the_reference_bytes(tiny_dir):
     """The whole-layer decode kernel quantizes each new key and value itself: the bytes must be what the
     torch reference quantizer makes of the bf16 key the same kernel writes into a bf16 cache."""
