@@ -362,10 +362,23 @@ void attend_blocks_q8(const c10::BFloat16* q, int64_t B, int64_t Hkv, int64_t G,
 }  // namespace qwen35_kv
 namespace {
 
+// The next block's key rows, brought into L2 a few lines at a time while P.V computes from L2 (the score pass
+// streams keys and values from memory, P.V nothing: without this the memory bus idles through P.V).
+struct RowPrefetch {
+  const char* row = nullptr;  // the row being prefetched
+  int64_t rows = 0, stride = 0, row_bytes = 0, off = 0, per_step = 0;
+  inline void step() {
+    for (int64_t i = 0; i < per_step && rows > 0; ++i) {
+      _mm_prefetch(row + off, _MM_HINT_T1);
+      if ((off += 64) >= row_bytes) { off = 0; row += stride; --rows; }
+    }
+  }
+};
+
 template <int G>
 void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, int64_t kstride,
                   const c10::BFloat16* vb, int64_t vstride, int64_t s0, int64_t s1, float scale, float* scores,
-                  float* out) {
+                  float* out, RowPrefetch ahead) {
   const int64_t n = s1 - s0, nc = D / 32;
   float mx[G];
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
@@ -405,10 +418,15 @@ void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, 
     }
   }
   const __m512i zero = _mm512_setzero_si512();
+  if (ahead.rows > 0) {
+    const int64_t lines = ahead.rows * ((ahead.row_bytes + 63) / 64), steps = D / 32 * np;
+    ahead.per_step = (lines + steps - 1) / steps;
+  }
   for (int64_t c = 0; c < D / 32; ++c) {
     __m512 lo[G], hi[G];
     for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
     for (int64_t j = 0; j < np; ++j) {
+      ahead.step();
       const int64_t s = s0 + 2 * j;
       const __m512i v0 = _mm512_loadu_si512(vb + s * vstride + c * 32);
       const __m512i v1 = 2 * j + 1 < n ? _mm512_loadu_si512(vb + (s + 1) * vstride + c * 32) : zero;
@@ -509,11 +527,19 @@ at::Tensor attn_decode_impl(const at::Tensor& q, at::TensorList k, at::TensorLis
       const c10::BFloat16* kb = kp[b] + h * hstride[b];
       const c10::BFloat16* vb = vp[b] + h * hstride[b];
       const int64_t st = sstride[b];
+      RowPrefetch ahead;  // the keys of this thread's next block, during this one's P.V
+      if (i + 1 < i1) {
+        const int64_t nb2 = (i + 1) / (Hkv * nblocks), nh = ((i + 1) / nblocks) % Hkv, nblk = (i + 1) % nblocks;
+        const int64_t n0 = nblk * kAttnBlock, n1 = std::min(lengths[nb2], (nblk + 1) * kAttnBlock);
+        if (n0 < n1)
+          ahead = {reinterpret_cast<const char*>(kp[nb2] + nh * hstride[nb2] + n0 * sstride[nb2]), n1 - n0,
+                   sstride[nb2] * 2, D * 2, 0, 0};
+      }
       switch (G) {
-        case 1: attend_block<1>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out); break;
-        case 2: attend_block<2>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out); break;
-        case 4: attend_block<4>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out); break;
-        default: attend_block<8>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out); break;
+        case 1: attend_block<1>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out, ahead); break;
+        case 2: attend_block<2>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out, ahead); break;
+        case 4: attend_block<4>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out, ahead); break;
+        default: attend_block<8>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out, ahead); break;
       }
     }
   });
