@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 
@@ -58,8 +59,8 @@ def main() -> None:
         q = torch.randn(1, Hkv * G, D, generator=gen).bfloat16()
         (kq, kd), (vq, vd) = quantize_rows(k), quantize_rows(v)
         kq, kd, vq, vd = kq.contiguous(), kd.contiguous(), vq.contiguous(), vd.contiguous()
-        calls = {"bf16": lambda: torch.ops.qwen35.attn_decode(q, [k], [v], [S], D**-0.5),
-                 "q8_0": lambda: torch.ops.qwen35.attn_decode_q8(q, [kq], [kd], [vq], [vd], [S], D**-0.5)}
+        calls = {"bf16": partial(torch.ops.qwen35.attn_decode, q, [k], [v], [S], D**-0.5),
+                 "q8_0": partial(torch.ops.qwen35.attn_decode_q8, q, [kq], [kd], [vq], [vd], [S], D**-0.5)}
         best = dict.fromkeys(calls, float("inf"))
         for _ in range(args.reps):
             for name, fn in calls.items():

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..ops.attention import chunk_attention, decode_attention
+from ..ops.attention import decode_attention, prompt_attention
 from ..ops.linear import Linear, linear
 from .masks import LayerContext
 from .norm import RMSNorm
@@ -34,6 +34,7 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self._qkv = None  # fused [q | k | v] (a matrix or weight object), see fusion_group()
+        self.prompt_attention = prompt_attention  # a chunk of a prompt over the cache (bind_kernels may replace it)
 
     def fusion_group(self):
         """q_proj, k_proj and v_proj share their input: read them as one matrix `_qkv`."""
@@ -78,11 +79,8 @@ class GatedAttention(nn.Module):
         for b, (kb, vb) in enumerate(state.update(k, v)):  # rows hold different lengths: one at a time
             past = kb.shape[2] - T
             qb = q[b : b + 1]
-            if past and T > 1:
-                outs.append(chunk_attention(qb, kb, vb, past, scale))
-            elif T == 1:
+            if T == 1:
                 outs.append(decode_attention(qb, kb, vb, scale))
             else:
-                outs.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=past == 0 and T > 1, scale=scale,
-                                                           enable_gqa=gqa))
+                outs.append(self.prompt_attention(qb, kb, vb, past, scale))
         return self.output(torch.cat(outs), gate)

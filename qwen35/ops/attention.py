@@ -1,5 +1,6 @@
-"""Attention of a prompt chunk over a row's cached keys: `chunk_attention`; of one decoded token over them:
-`decode_attention`.
+"""Attention of a prompt chunk over a row's keys: `prompt_attention` (the reference form GatedAttention calls,
+which kernels replace: ops/step_forms.prefill_attention), built on `chunk_attention` for the cached part; of one
+decoded token over them: `decode_attention`.
 
 Split in two and merged by log-sum-exp, so no [T, past+T] mask is ever built (at 262K context that mask
 alone would be 134 MB per layer and chunk): all queries see every cached key, and the chunk attends to
@@ -11,6 +12,7 @@ computes the same with public ops, block by block over the keys, where it does n
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 KEY_BLOCK = 4096  # keys per block in the public fallback: bounds its [T, block] score matrix
@@ -60,6 +62,14 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int
     m = torch.maximum(lse_p, lse_c)
     w_p, w_c = (lse_p - m).exp()[..., None], (lse_c - m).exp()[..., None]
     return ((w_p * out_p + w_c * out_c) / (w_p + w_c)).to(q.dtype)
+
+
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float) -> torch.Tensor:
+    """Causal attention of a chunk of T > 1 queries at positions past..past+T-1 over the row's past + T keys
+    (the chunk's own last). q [1, Hq, T, D]; k, v [1, Hkv, past+T, D] -> [1, Hq, T, D] in q's dtype."""
+    if past:
+        return chunk_attention(q, k, v, past, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

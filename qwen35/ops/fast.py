@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .attention import prompt_attention
 from .gated_delta import gated_delta_rule
 from .layer_decode import attn_layer_args, attn_layer_decode, gdn_layer_args, gdn_layer_decode
 from .linear import Linear
@@ -46,6 +47,7 @@ from .step_forms import (
     _silu_mul,
     delta_rule,
     portable_delta_rule,
+    prefill_attention,
 )
 
 GEMV_MAX_ROWS = 8  # beyond this, torch's GEMM (compute-bound, oneDNN) wins
@@ -180,6 +182,8 @@ def unbind_kernels(model) -> None:
             m.conv_silu = causal_conv1d_silu
         if hasattr(m, "delta_rule"):
             m.delta_rule = gated_delta_rule
+        if hasattr(m, "prompt_attention"):
+            m.prompt_attention = prompt_attention
 
 
 def weight_objects(m):
@@ -206,6 +210,7 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
     (None). whole_layers=False binds only the per-op kernels, quantized=False leaves quantized weights on
     their reference matmul (layers holding them then run per op): both to test kernels against the
     reference. Returns what was bound."""
+    from ..model.attention import GatedAttention
     from ..model.deltanet import GatedDeltaNet
     from ..model.mlp import MLP
     from ..model.norm import RMSNorm
@@ -258,6 +263,9 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
         if isinstance(m, GatedDeltaNet):  # prefill and verification passes: fp32 whatever the model dtype
             m.delta_rule = delta_rule
             report.add("delta_rule")
+        if isinstance(m, GatedAttention) and bf16 and _prefill_attn_fits(m):
+            m.prompt_attention = prefill_attention
+            report.add("prefill_attn")
         for w in weight_objects(m):  # quantized weights run the VNNI kernels whatever the model dtype
             w.kernels = quantized
             if quantized:
@@ -350,6 +358,15 @@ def _portable_attn_fits(m, rotary_dim: int) -> bool:
     """portable_decode_attn_layer: any grouping, head sizes the 8-lane loops take, fp32 q/k norms."""
     return (_fp32(m.q_norm.weight, m.k_norm.weight) and m.head_dim % 8 == 0 and m.num_heads % m.num_kv_heads == 0
             and rotary_dim % 2 == 0 and rotary_dim <= m.head_dim)
+
+
+def _prefill_attn_fits(m) -> bool:
+    """prefill_attn: head dims its pairs of 16 lanes take; not where oneDNN / MKL have AMX tiles, whose bf16
+    products torch's flash attention then runs natively (this kernel's vdpbf16ps is AVX512-BF16 only: not
+    measured against that there)."""
+    from ..quant.weight import prefill_gemm_machine
+
+    return m.head_dim % 32 == 0 and m.head_dim <= 512 and prefill_gemm_machine() != "amx"
 
 
 def _attn_fits(m, rotary_dim: int) -> bool:

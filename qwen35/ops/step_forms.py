@@ -1,12 +1,13 @@
 """The per-op bound forms that ops/fast.bind_kernels puts on modules (module.forward or a module's function
-attribute): RMSNorm, the MLP's SiLU*up, the Gated DeltaNet conv + SiLU and delta rule, and the two mixers' decode
-steps. Each returns None (or the reference's result) for a call its kernel does not take, so binding never
+attribute): RMSNorm, the MLP's SiLU*up, the Gated DeltaNet conv + SiLU and delta rule, the attention of a prompt
+chunk, and the two mixers' decode steps. Each returns None (or the reference's result) for a call its kernel does not take, so binding never
 changes what a call means; the whole-layer forms are in layer_decode.py."""
 
 from __future__ import annotations
 
 import torch
 
+from .attention import prompt_attention
 from .gated_delta import gated_delta_rule, recurrent_gated_delta_rule
 from .linear import linear
 
@@ -134,3 +135,12 @@ def portable_delta_rule(q, k, v, g, beta, state=None, mode: str = "auto"):
     """delta_rule on the portable library's build of the same kernel (machines without AVX512: held to AVX2 on
     a Zen 4, one 0.8B layer, 512 tokens 6.1 against the chunked torch form's 22.0 ms)."""
     return _kernel_delta_rule(_portable_recurrent, q, k, v, g, beta, state, mode)
+
+
+def prefill_attention(q, k, v, past: int, scale: float):
+    """GatedAttention.prompt_attention on torch.ops.qwen35.prefill_attn (kernels/prefill_attn.cpp: AVX512-BF16
+    dot products, where torch's flash attention runs MKL's bf16 products as fp32 SGEMMs); the reference form
+    where autograd records or the tensors are not bf16."""
+    if _differentiates(q, k, v) or not q.dtype == k.dtype == v.dtype == torch.bfloat16:
+        return prompt_attention(q, k, v, past, scale)
+    return torch.ops.qwen35.prefill_attn(q[0].contiguous(), k[0], v[0], past, scale)[None]

@@ -26,14 +26,14 @@ log = logging.getLogger("qwen35")
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 SOURCES = [SOURCE] + [Path(__file__).with_name(n) for n in ("quant_kernels.cpp", "quant_k_kernels.cpp",
                                                              "quant_gemm.cpp", "kv_kernels.cpp",
-                                                             "decode_stack.cpp", "amx_panels.cpp",
+                                                             "decode_stack.cpp", "amx_panels.cpp", "prefill_attn.cpp",
                                                              "topk_kernels.cpp")]
 # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled into this library;
 # without the flag every parallel_for here silently runs on one thread (measured: 101% CPU on 2 cores).
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
          "-fno-math-errno"]
 HEADERS = [Path(__file__).with_name(n) for n in ("quant_common.h", "quantizers.h", "layer_steps.h", "decode_plan.h",
-                                                  "fp_contract.h", "delta_rule.h")]  # included by the sources: hashed with them
+                                                  "fp_contract.h", "delta_rule.h", "avx512_math.h")]  # included by the sources: hashed with them
 OPENMP = ["-fopenmp"]  # linked: resolves to the libgomp.so.1 torch already loaded (same soname), one runtime
 
 _lock = threading.Lock()
