@@ -9,11 +9,13 @@
 // rounded values, so numerator and denominator agree), fp32 output accumulators, one bf16 rounding at the end.
 //
 // Layout: the G query heads of a KV head share its keys, so their rows (position-major: row t * G + g) form one
-// M dimension; tiles of MR rows meet the keys in blocks of KB:
-// - scores: vdpbf16ps with 16 keys in the lanes, each lane a pair of head dims: the keys are packed once per
-//   call as [keys / 16][D / 2][16] dwords (pairs of dims), the query pairs broadcast; 2 x 16 keys x MR rows of
+// M dimension; groups of TG tiles of MR rows meet the keys in blocks of KB, each block packed once per group
+// into L2 (the packing is ~1% of the products it feeds; packing a whole cache up front had cost a fresh
+// allocation as large as the cache at every call, and at 32K keys lost to torch on short chunks):
+// - scores: vdpbf16ps with 16 keys in the lanes, each lane a pair of head dims: the block's keys packed as
+//   [keys / 16][D / 2][16] dwords (pairs of dims), the query pairs broadcast; 2 x 16 keys x MR rows of
 //   accumulators;
-// - P.V: 16 output dims in the lanes, each lane a pair of keys: the values are packed once as [keys / 2][D]
+// - P.V: 16 output dims in the lanes, each lane a pair of keys: the block's values packed as [keys / 2][D]
 //   dwords (the two keys' values of one dim), the probability pairs broadcast; MR rows x 32 dims of
 //   accumulators, the tile's fp32 output rescaled by the running max once per key block.
 // Key blocks past a tile's last position are skipped; the block holding the diagonal masks the rest.
@@ -40,36 +42,67 @@ constexpr int64_t KB = 256;  // keys per block of the online softmax
 using qwen35_math::exp512;
 using qwen35_math::round_bf16;
 
-// K [S, D] (row stride ks) -> Kp [ceil(S / 16)][D / 2][16] dwords, keys past S zero
-void pack_keys(const c10::BFloat16* k, int64_t ks, int64_t S, int64_t D, uint32_t* kp) {
-  const int64_t groups = (S + 15) / 16, P = D / 2;
-  at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
-    for (int64_t gi = g0; gi < g1; ++gi) {
-      uint32_t* out = kp + gi * P * 16;
-      for (int i = 0; i < 16; ++i) {
-        const int64_t s = gi * 16 + i;
-        if (s < S) {
-          const uint32_t* row = reinterpret_cast<const uint32_t*>(k + s * ks);
-          for (int64_t p = 0; p < P; ++p) out[p * 16 + i] = row[p];
-        } else {
-          for (int64_t p = 0; p < P; ++p) out[p * 16 + i] = 0;
-        }
-      }
-    }
-  });
+// 16 x 16 dwords: r[i] (row i) -> r[j] holding column j of every row. Interleaves of dwords, then of qwords,
+// give 4 x 4 blocks within 128-bit lanes; two rounds of lane shuffles finish the transpose (64 shuffles).
+inline void transpose16x16(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+  for (int k = 0; k < 8; ++k) {
+    a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // b[4q + c], lane l: column 4l + c of rows 4q..4q+3
+    b[4 * q] = _mm512_unpacklo_epi64(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 1] = _mm512_unpackhi_epi64(a[4 * q], a[4 * q + 2]);
+    b[4 * q + 2] = _mm512_unpacklo_epi64(a[4 * q + 1], a[4 * q + 3]);
+    b[4 * q + 3] = _mm512_unpackhi_epi64(a[4 * q + 1], a[4 * q + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // column 4l + c: lane l of b[c], b[4 + c], b[8 + c], b[12 + c]
+    const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(x1, y1, 0xDD);
+  }
 }
 
-// V [S, D] (row stride vs) -> Vp [ceil(S / 2)][D] dwords: (v[2j][d], v[2j + 1][d]), a key past S zero
-void pack_values(const c10::BFloat16* v, int64_t vs, int64_t S, int64_t D, uint32_t* vp) {
-  const int64_t pairs = (S + 1) / 2;
-  at::parallel_for(0, pairs, 64, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const uint16_t* a = reinterpret_cast<const uint16_t*>(v + 2 * j * vs);
-      const uint16_t* b = 2 * j + 1 < S ? reinterpret_cast<const uint16_t*>(v + (2 * j + 1) * vs) : nullptr;
-      uint32_t* out = vp + j * D;
-      for (int64_t d = 0; d < D; ++d) out[d] = a[d] | (b ? static_cast<uint32_t>(b[d]) << 16 : 0u);
+// Keys [s0, s0 + n) of K (row stride ks) -> kp [ceil(n / 16)][D / 2][16] dwords (pairs of dims, 16 keys in
+// the lanes), keys past n zero: 16 keys x 16 pairs of dims transposed in registers at a time
+void pack_keys(const c10::BFloat16* k, int64_t ks, int64_t s0, int64_t n, int64_t D, uint32_t* kp) {
+  const int64_t groups = (n + 15) / 16, P = D / 2;
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    uint32_t* out = kp + gi * P * 16;
+    for (int64_t p0 = 0; p0 < P; p0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t s = gi * 16 + i;
+        r[i] = s < n ? _mm512_loadu_si512(reinterpret_cast<const uint32_t*>(k + (s0 + s) * ks) + p0)
+                     : _mm512_setzero_si512();
+      }
+      transpose16x16(r);
+      for (int j = 0; j < 16; ++j) _mm512_store_si512(out + (p0 + j) * 16, r[j]);
     }
-  });
+  }
+}
+
+// Values [s0, s0 + n) of V (row stride vs) -> vp [ceil(n / 2)][D] dwords: (v[2j][d], v[2j + 1][d]), a key past
+// n zero. 32 dims of the two rows at a time: unpacklo/hi_epi16 interleave within 128-bit lanes (dims 0-3 | 8-11
+// | ... and 4-7 | 12-15 | ...), one two-source permute each puts them back in order.
+void pack_values(const c10::BFloat16* v, int64_t vs, int64_t s0, int64_t n, int64_t D, uint32_t* vp) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (int64_t j = 0; j < (n + 1) / 2; ++j) {
+    const c10::BFloat16* a = v + (s0 + 2 * j) * vs;
+    const c10::BFloat16* b = v + (s0 + 2 * j + 1) * vs;
+    const bool odd = 2 * j + 1 >= n;
+    uint32_t* out = vp + j * D;
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512i x = _mm512_loadu_si512(a + d), y = odd ? _mm512_setzero_si512() : _mm512_loadu_si512(b + d);
+      const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
+      _mm512_store_si512(out + d, _mm512_permutex2var_epi32(lo, first, hi));
+      _mm512_store_si512(out + d + 16, _mm512_permutex2var_epi32(lo, second, hi));
+    }
+  }
 }
 
 // Scores of R rows against 16 * NC keys starting at key group kg: s[r * KB + 16 c + i] = scale * q_r . k
@@ -134,8 +167,8 @@ void tile_block(const uint32_t* qr, const uint32_t* kp, const uint32_t* vp, int6
   const int64_t P = D / 2;
   const int64_t n = std::min(KB, limit[R - 1] - k0), groups = (n + 15) / 16;  // rows are position-major
   int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) scores_tile<R, 2>(qr, P, kp, k0 / 16 + g, scale, t.s + 16 * g);
-  if (g < groups) scores_tile<R, 1>(qr, P, kp, k0 / 16 + g, scale, t.s + 16 * g);
+  for (; g + 2 <= groups; g += 2) scores_tile<R, 2>(qr, P, kp, g, scale, t.s + 16 * g);
+  if (g < groups) scores_tile<R, 1>(qr, P, kp, g, scale, t.s + 16 * g);
   const int64_t n16 = groups * 16, np = (n + 1) / 2;
   for (int r = 0; r < R; ++r) {
     float* s = t.s + r * KB;
@@ -161,7 +194,7 @@ void tile_block(const uint32_t* qr, const uint32_t* kp, const uint32_t* vp, int6
     st.l[r] = st.l[r] * st.alpha[r] + _mm512_reduce_add_ps(sum);
   }
   // n odd: the last pair's second key is past n, its probability 0 (masked above)
-  for (int64_t dc = 0; dc < D; dc += 32) pv_tile<R>(t.p, vp + (k0 / 2) * D, D, np, dc, st.alpha, o);
+  for (int64_t dc = 0; dc < D; dc += 32) pv_tile<R>(t.p, vp, D, np, dc, st.alpha, o);
 }
 
 template <int R>
@@ -189,18 +222,8 @@ at::Tensor prefill_attn(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t G = Hq / Hkv, M = G * T, P = D / 2;
   at::Tensor out = at::empty({Hq, T, D}, q.options());
   if (T == 0) return out;
-  const int64_t kgroups = (S + 15) / 16, kpairs = (S + 1) / 2;
-  // packed keys and values of every KV head, and the query rows (pairs of dims) of each KV head's G heads
-  std::vector<uint32_t> kbuf(Hkv * kgroups * P * 16 + 16), vbuf(Hkv * kpairs * D + 16);
-  auto align = [](uint32_t* p) { return reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); };
-  uint32_t* kp = align(kbuf.data());
-  uint32_t* vp = align(vbuf.data());
   const auto* kd = k.data_ptr<c10::BFloat16>();
   const auto* vd = v.data_ptr<c10::BFloat16>();
-  for (int64_t h = 0; h < Hkv; ++h) {
-    pack_keys(kd + h * k.stride(0), k.stride(1), S, D, kp + h * kgroups * P * 16);
-    pack_values(vd + h * v.stride(0), v.stride(1), S, D, vp + h * kpairs * D);
-  }
   const auto* qd = reinterpret_cast<const uint32_t*>(q.data_ptr<c10::BFloat16>());
   auto* od = out.data_ptr<c10::BFloat16>();
   const int64_t tiles = (M + MR - 1) / MR, groups = (tiles + TG - 1) / TG;
@@ -215,6 +238,11 @@ at::Tensor prefill_attn(const at::Tensor& q, const at::Tensor& k, const at::Tens
     std::vector<uint32_t> qr(TG * MR * P);
     std::vector<float> o(TG * MR * D);
     std::vector<int64_t> limit(TG * MR);
+    // this key block, packed (kp: pairs of dims for 16 keys a vector; vp: pairs of keys a dword), in L2
+    std::vector<uint32_t> kbuf(KB * P + 16), vbuf(KB / 2 * D + 16);
+    auto align = [](uint32_t* p) { return reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); };
+    uint32_t* kp = align(kbuf.data());
+    uint32_t* vp = align(vbuf.data());
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t h = i / groups, j = i % groups;
       const int64_t grp = j % 2 == 0 ? j / 2 : groups - 1 - j / 2;
@@ -227,14 +255,16 @@ at::Tensor prefill_attn(const at::Tensor& q, const at::Tensor& k, const at::Tens
       for (int64_t tt = 0; tt < nt; ++tt)
         for (int r = 0; r < MR; ++r) { st[tt].m[r] = -INFINITY; st[tt].l[r] = 0.f; }
       std::fill(o.begin(), o.begin() + rows * D, 0.f);
-      const uint32_t* khead = kp + h * kgroups * P * 16;
-      const uint32_t* vhead = vp + h * kpairs * D;
-      for (int64_t k0 = 0; k0 < limit[rows - 1]; k0 += KB)
+      for (int64_t k0 = 0; k0 < limit[rows - 1]; k0 += KB) {
+        const int64_t n = std::min(KB, limit[rows - 1] - k0);
+        pack_keys(kd + h * k.stride(0), k.stride(1), k0, n, D, kp);
+        pack_values(vd + h * v.stride(0), v.stride(1), k0, n, D, vp);
         for (int64_t tt = 0; tt < nt; ++tt) {
           const int64_t r0 = tt * MR, R = std::min<int64_t>(MR, rows - r0);
           if (k0 >= limit[r0 + R - 1]) continue;  // past this tile's last position
-          tile_block_r<MR>(R, &qr[r0 * P], khead, vhead, D, &limit[r0], k0, fscale, t, st[tt], &o[r0 * D]);
+          tile_block_r<MR>(R, &qr[r0 * P], kp, vp, D, &limit[r0], k0, fscale, t, st[tt], &o[r0 * D]);
         }
+      }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t tq = (row0 + r) / G, hq = h * G + (row0 + r) % G;
         const __m512 inv = _mm512_set1_ps(1.f / st[r / MR].l[r % MR]);
