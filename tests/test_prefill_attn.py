@@ -136,3 +136,17 @@ def test_unbinding_restores_the_reference_form(tiny_dir):
     bind_kernels(m, False)
     assert all(x.prompt_attention is prompt_attention for x in attn)
     assert isinstance(m.make_cache(), HybridCache)
+
+
+@needs_kernels
+def test_amx_machines_keep_torchs_form(tiny_dir, monkeypatch):
+    """Where oneDNN has AMX tiles, torch's flash attention runs its bf16 products natively there: the kernel
+    (AVX512-BF16 only, not measured against that) is not bound, and the model says so by omission."""
+    import qwen35.quant.weight as qw
+    from qwen35.model.attention import GatedAttention
+
+    monkeypatch.setattr(qw, "prefill_gemm_machine", lambda: "amx")
+    m = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, kernels=True)
+    report = bind_kernels(m, True)
+    assert "prefill_attn" not in report.bound and "delta_rule" in report.bound
+    assert all(x.prompt_attention is prompt_attention for x in m.modules() if isinstance(x, GatedAttention))
