@@ -13,7 +13,8 @@ from qwen35.ops import kernels
 from qwen35.ops.attention import prompt_attention
 from qwen35.ops.fast import bind_kernels
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 
 
 def rel(a, b):

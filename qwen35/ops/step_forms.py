@@ -1,7 +1,7 @@
 """The per-op bound forms that ops/fast.bind_kernels puts on modules (module.forward or a module's function
 attribute): RMSNorm, the MLP's SiLU*up, the Gated DeltaNet conv + SiLU and delta rule, the attention of a prompt
-chunk, and the two mixers' decode steps. Each returns None (or the reference's result) for a call its kernel does not take, so binding never
-changes what a call means; the whole-layer forms are in layer_decode.py."""
+chunk, and the two mixers' decode steps. Each returns None (or the reference's result) for a call its kernel does
+not take, so binding never changes what a call means; the whole-layer forms are in layer_decode.py."""
 
 from __future__ import annotations
 

@@ -161,8 +161,8 @@ void scores_q8(const QueryBlocks& qb, int64_t G, int64_t D, const int8_t* kb, co
                                        _mm512_unpackhi_ps(acc[0][grp], acc[1][grp]));
       const __m512 u23 = _mm512_add_ps(_mm512_unpacklo_ps(acc[2][grp], acc[3][grp]),
                                        _mm512_unpackhi_ps(acc[2][grp], acc[3][grp]));
-      const __m512 v = _mm512_mul_ps(_mm512_add_ps(_mm512_shuffle_ps(u01, u23, 0x44), _mm512_shuffle_ps(u01, u23, 0xEE)),
-                                     vscale);
+      const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(u01, u23, 0x44), _mm512_shuffle_ps(u01, u23, 0xEE));
+      const __m512 v = _mm512_mul_ps(sums, vscale);
       vmax[grp] = _mm512_max_ps(vmax[grp], v);
       float* out = scores + (grp * 4) * kAttnBlock + (s - s0);
       _mm_storeu_ps(out, _mm512_castps512_ps128(v));
@@ -239,8 +239,8 @@ void pv_pass(const int32_t* w, const float* W, int64_t D, const int8_t* vb, int6
     ahead.step();
     for (int c = 0; c < BL; ++c) {
       const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 32 * c)));
-      const __m512i b = odd ? zero
-                            : _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + D + 32 * c)));
+      const __m256i* next = reinterpret_cast<const __m256i*>(vr + D + 32 * c);
+      const __m512i b = odd ? zero : _mm512_cvtepi8_epi16(_mm256_loadu_si256(next));
       const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
       const int32_t* wc = w + (c0 + c) * G * kPairs + j;
       for (int g = 0; g < G; ++g) {

@@ -58,7 +58,8 @@ inline void transpose16x16(__m512i (&r)[16]) {
   }
   for (int c = 0; c < 4; ++c) {  // column 4l + c: lane l of b[c], b[4 + c], b[8 + c], b[12 + c]
     const __m512i x0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
-    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i y1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
     r[c] = _mm512_shuffle_i32x4(x0, y0, 0x88);
     r[4 + c] = _mm512_shuffle_i32x4(x0, y0, 0xDD);
     r[8 + c] = _mm512_shuffle_i32x4(x1, y1, 0x88);
@@ -240,7 +241,9 @@ at::Tensor prefill_attn(const at::Tensor& q, const at::Tensor& k, const at::Tens
     std::vector<int64_t> limit(TG * MR);
     // this key block, packed (kp: pairs of dims for 16 keys a vector; vp: pairs of keys a dword), in L2
     std::vector<uint32_t> kbuf(KB * P + 16), vbuf(KB / 2 * D + 16);
-    auto align = [](uint32_t* p) { return reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); };
+    auto align = [](uint32_t* p) {
+      return reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+    };
     uint32_t* kp = align(kbuf.data());
     uint32_t* vp = align(vbuf.data());
     for (int64_t i = i0; i < i1; ++i) {
