@@ -33,7 +33,8 @@ SOURCES = [SOURCE] + [Path(__file__).with_name(n) for n in ("quant_kernels.cpp",
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-mfma",
          "-fno-math-errno"]
 HEADERS = [Path(__file__).with_name(n) for n in ("quant_common.h", "quantizers.h", "layer_steps.h", "decode_plan.h",
-                                                  "fp_contract.h", "delta_rule.h", "avx512_math.h")]  # included by the sources: hashed with them
+                                                  "fp_contract.h", "delta_rule.h", "avx512_math.h",
+                                                  "attn_blocks.h")]  # included by the sources: hashed with them
 OPENMP = ["-fopenmp"]  # linked: resolves to the libgomp.so.1 torch already loaded (same soname), one runtime
 
 _lock = threading.Lock()

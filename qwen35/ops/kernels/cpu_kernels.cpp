@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "attn_blocks.h"
 #include "avx512_math.h"
 #include "delta_rule.h"
 #include "layer_steps.h"
@@ -304,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gdn_decode(
 // blocks processed in parallel, each keeping its own running max and sum (flash-decoding), merged at the
 // end. Scores, softmax and accumulation are fp32; G is a template parameter so accumulators stay in
 // registers.
-constexpr int64_t kAttnBlock = 512;  // kv_kernels.cpp declares the same value (its scores rows are this long)
+using qwen35_attn::kAttnBlock;  // attn_blocks.h: the block walk both cache formats share
 
 // A block's scores -> exp(score - max), rounded to bf16 (as the reference bf16 path does before its P.V matmul)
 // with the sum taken over the rounded values, so numerator and denominator agree; out[g*(D+2)] = max,
@@ -345,18 +346,7 @@ void attend_blocks_q8(const c10::BFloat16* q, int64_t B, int64_t Hkv, int64_t G,
 }  // namespace qwen35_kv
 namespace {
 
-// The next block's key rows, brought into L2 a few lines at a time while P.V computes from L2 (the score pass
-// streams keys and values from memory, P.V nothing: without this the memory bus idles through P.V).
-struct RowPrefetch {
-  const char* row = nullptr;  // the row being prefetched
-  int64_t rows = 0, stride = 0, row_bytes = 0, off = 0, per_step = 0;
-  inline void step() {
-    for (int64_t i = 0; i < per_step && rows > 0; ++i) {
-      _mm_prefetch(row + off, _MM_HINT_T1);
-      if ((off += 64) >= row_bytes) { off = 0; row += stride; --rows; }
-    }
-  }
-};
+using qwen35_attn::RowPrefetch;
 
 template <int G>
 void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, int64_t kstride,
@@ -401,10 +391,7 @@ void attend_block(const __m512bh (*qv)[16], int64_t D, const c10::BFloat16* kb, 
     }
   }
   const __m512i zero = _mm512_setzero_si512();
-  if (ahead.rows > 0) {
-    const int64_t lines = ahead.rows * ((ahead.row_bytes + 63) / 64), steps = D / 32 * np;
-    ahead.per_step = (lines + steps - 1) / steps;
-  }
+  ahead.spread(D / 32 * np);
   for (int64_t c = 0; c < D / 32; ++c) {
     __m512 lo[G], hi[G];
     for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm512_setzero_ps();
@@ -496,9 +483,7 @@ at::Tensor attn_decode_impl(const at::Tensor& q, at::TensorList k, at::TensorLis
     std::vector<float> scores(G * kAttnBlock);
     __m512bh qv[8][16];
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (Hkv * nblocks), h = (i / nblocks) % Hkv, blk = i % nblocks;
-      const int64_t s0 = blk * kAttnBlock;
-      const int64_t s1 = std::min(lengths[b], (blk + 1) * kAttnBlock);
+      const auto [b, h, s0, s1] = qwen35_attn::block_of(i, Hkv, nblocks, lengths);
       float* out = pp + i * G * (D + 2);
       if (s0 >= s1) {  // past this row's length
         for (int64_t g = 0; g < G; ++g) { out[g * (D + 2)] = -INFINITY; out[g * (D + 2) + 1] = 0.f; }
@@ -512,11 +497,10 @@ at::Tensor attn_decode_impl(const at::Tensor& q, at::TensorList k, at::TensorLis
       const int64_t st = sstride[b];
       RowPrefetch ahead;  // the keys of this thread's next block, during this one's P.V
       if (i + 1 < i1) {
-        const int64_t nb2 = (i + 1) / (Hkv * nblocks), nh = ((i + 1) / nblocks) % Hkv, nblk = (i + 1) % nblocks;
-        const int64_t n0 = nblk * kAttnBlock, n1 = std::min(lengths[nb2], (nblk + 1) * kAttnBlock);
-        if (n0 < n1)
-          ahead = {reinterpret_cast<const char*>(kp[nb2] + nh * hstride[nb2] + n0 * sstride[nb2]), n1 - n0,
-                   sstride[nb2] * 2, D * 2, 0, 0};
+        const qwen35_attn::Block nx = qwen35_attn::block_of(i + 1, Hkv, nblocks, lengths);
+        if (nx.s0 < nx.s1)
+          ahead = RowPrefetch(kp[nx.b] + nx.h * hstride[nx.b] + nx.s0 * sstride[nx.b], nx.s1 - nx.s0,
+                              sstride[nx.b] * 2, D * 2);
       }
       switch (G) {
         case 1: attend_block<1>(qv, D, kb, st, vb, st, s0, s1, fscale, scores.data(), out, ahead); break;

@@ -28,15 +28,13 @@
 #include <immintrin.h>
 #include <vector>
 
-namespace qwen35_attn {
-constexpr int64_t kAttnBlock = 512;  // cpu_kernels.cpp's; checked there by a static_assert on the same name
-void softmax_block(int64_t G, int64_t n, const float* mx, float* scores, float* out, int64_t D);
-}  // namespace qwen35_attn
+#include "attn_blocks.h"
 
 namespace qwen35_kv {
 namespace {
 
 using qwen35_attn::kAttnBlock;
+using qwen35_attn::RowPrefetch;
 
 inline float half_f(c10::Half h) { return _cvtsh_ss(h.x); }  // F16C, one instruction (c10's is in software)
 
@@ -209,17 +207,6 @@ void scores_q8(const QueryBlocks& qb, int64_t G, int64_t D, const int8_t* kb, co
 // unpacklo/hi work within 128-bit lanes: accumulator `lo` lane 4k+t holds dim 8k+t, `hi` dim 8k+4+t of each 32.
 constexpr int64_t kPairs = kAttnBlock / 2;
 
-// The next block's key rows, brought into L2 a few lines at a time while P.V computes from L2: the score pass
-// streams this block's keys and values from memory, P.V none, so without this the memory bus idles through P.V.
-struct Prefetch {
-  const char* p = nullptr;
-  const char* end = nullptr;
-  int64_t per_step = 0;  // lines per pair of keys
-  inline void step() {
-    for (int64_t i = 0; i < per_step && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
-  }
-};
-
 struct PVScratch {
   std::vector<float> vdT;    // [nb][kAttnBlock]: the block's value scales, transposed, zero past n
   std::vector<int32_t> w;    // [nb][G][kPairs]: (w[s], w[s+1]) as int16 pairs
@@ -227,7 +214,7 @@ struct PVScratch {
 
 template <int G, int BL>
 void pv_pass(const int32_t* w, const float* W, int64_t D, const int8_t* vb, int64_t s0, int64_t n, int64_t c0,
-             float* out, Prefetch& ahead) {
+             float* out, RowPrefetch& ahead) {
   __m512i acc[G][2 * BL];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < 2 * BL; ++j) acc[g][j] = _mm512_setzero_si512();
@@ -294,7 +281,7 @@ inline void transpose_scales16x8(const c10::Half* src, float* out) {
 
 template <int G>
 void pv_q8(const float* scores, int64_t D, const int8_t* vb, const c10::Half* vdb, int64_t s0, int64_t n,
-           PVScratch& sc, float* out, const int8_t* next_k, int64_t next_bytes) {
+           PVScratch& sc, float* out, RowPrefetch& ahead) {
   const int64_t nb = D / 32;
   sc.vdT.resize(nb * kAttnBlock);
   sc.w.resize(nb * G * kPairs);
@@ -320,9 +307,9 @@ void pv_q8(const float* scores, int64_t D, const int8_t* vb, const c10::Half* vd
     int16_t* wc = reinterpret_cast<int16_t*>(sc.w.data() + c * G * kPairs);
     for (int64_t s = 0; s < n16; s += 16) {
       const __m512 ds = _mm512_mul_ps(_mm512_loadu_ps(d + s), inv);
-      const __mmask16 m = s + 16 <= n ? 0xFFFF : tail;  // probabilities past n are whatever the buffer held
+      const __mmask16 keep = s + 16 <= n ? 0xFFFF : tail;  // probabilities past n are whatever the buffer held
       for (int g = 0; g < G; ++g) {
-        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, scores + g * kAttnBlock + s), ds);
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(keep, scores + g * kAttnBlock + s), ds);
         // saturating: a product a few ulps past 32767 must not wrap
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(wc + g * 2 * kPairs + s),
                             _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(x)));
@@ -330,12 +317,7 @@ void pv_q8(const float* scores, int64_t D, const int8_t* vb, const c10::Half* vd
     }
   }
   constexpr int BL = G <= 4 ? 2 : 1;
-  Prefetch ahead;
-  if (next_k != nullptr) {
-    const int64_t steps = (nb + BL - 1) / BL * ((n + 1) / 2), lines = (next_bytes + 63) / 64;
-    ahead = {reinterpret_cast<const char*>(next_k), reinterpret_cast<const char*>(next_k) + next_bytes,
-             (lines + steps - 1) / steps};
-  }
+  ahead.spread((nb + BL - 1) / BL * ((n + 1) / 2));
   int64_t c0 = 0;
   for (; c0 + BL <= nb; c0 += BL) pv_pass<G, BL>(sc.w.data(), W, D, vb, s0, n, c0, out, ahead);
   for (; c0 < nb; ++c0) pv_pass<G, 1>(sc.w.data(), W, D, vb, s0, n, c0, out, ahead);
@@ -344,7 +326,7 @@ void pv_q8(const float* scores, int64_t D, const int8_t* vb, const c10::Half* vd
 template <int G>
 void attend_q8(const QueryBlocks& qb, int64_t D, const int8_t* kb, const c10::Half* kdb, const int8_t* vb,
                const c10::Half* vdb, int64_t s0, int64_t s1, float scale, float* scores, float* out,
-               const int8_t* next_k, int64_t next_bytes) {
+               RowPrefetch& ahead) {
   thread_local PVScratch pv;
   float mx[G];
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
@@ -352,7 +334,7 @@ void attend_q8(const QueryBlocks& qb, int64_t D, const int8_t* kb, const c10::Ha
   scores_q8<NG>(qb, G, D, kb, kdb, vb, s0, s1, scale, scores, mx);
   const int64_t n = s1 - s0;
   qwen35_attn::softmax_block(G, n, mx, scores, out, D);
-  pv_q8<G>(scores, D, vb, vdb, s0, n, pv, out, next_k, next_bytes);
+  pv_q8<G>(scores, D, vb, vdb, s0, n, pv, out, ahead);
 }
 
 }  // namespace
@@ -378,8 +360,7 @@ void attend_blocks_q8(const c10::BFloat16* q, int64_t B, int64_t Hkv, int64_t G,
   at::parallel_for(0, B * Hkv * nblocks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(G * kAttnBlock);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (Hkv * nblocks), h = (i / nblocks) % Hkv, blk = i % nblocks;
-      const int64_t s0 = blk * kAttnBlock, s1 = std::min(lengths[b], (blk + 1) * kAttnBlock);
+      const auto [b, h, s0, s1] = qwen35_attn::block_of(i, Hkv, nblocks, lengths);
       float* out = part + i * G * (D + 2);
       if (s0 >= s1) {  // past this row's length
         for (int64_t g = 0; g < G; ++g) { out[g * (D + 2)] = -INFINITY; out[g * (D + 2) + 1] = 0.f; }
@@ -391,22 +372,16 @@ void attend_blocks_q8(const c10::BFloat16* q, int64_t B, int64_t Hkv, int64_t G,
       const c10::Half* kdb = kd[b] + h * cap[b] * (D / 32);
       const c10::Half* vdb = vd[b] + h * cap[b] * (D / 32);
       float* sc = scores.data();
-      // the keys of this thread's next block, prefetched during this one's P.V
-      const int8_t* next_k = nullptr;
-      int64_t next_bytes = 0;
+      RowPrefetch ahead;  // the keys of this thread's next block, during this one's P.V
       if (i + 1 < i1) {
-        const int64_t nb2 = (i + 1) / (Hkv * nblocks), nh = ((i + 1) / nblocks) % Hkv, nblk = (i + 1) % nblocks;
-        const int64_t n0 = nblk * kAttnBlock, n1 = std::min(lengths[nb2], (nblk + 1) * kAttnBlock);
-        if (n0 < n1) {
-          next_k = k[nb2] + (nh * cap[nb2] + n0) * D;
-          next_bytes = (n1 - n0) * D;
-        }
+        const qwen35_attn::Block nx = qwen35_attn::block_of(i + 1, Hkv, nblocks, lengths);
+        if (nx.s0 < nx.s1) ahead = RowPrefetch(k[nx.b] + (nx.h * cap[nx.b] + nx.s0) * D, nx.s1 - nx.s0, D, D);
       }
       switch (G) {
-        case 1: attend_q8<1>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out, next_k, next_bytes); break;
-        case 2: attend_q8<2>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out, next_k, next_bytes); break;
-        case 4: attend_q8<4>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out, next_k, next_bytes); break;
-        default: attend_q8<8>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out, next_k, next_bytes); break;
+        case 1: attend_q8<1>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out, ahead); break;
+        case 2: attend_q8<2>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out, ahead); break;
+        case 4: attend_q8<4>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out, ahead); break;
+        default: attend_q8<8>(qb, D, kb, kdb, vb, vdb, s0, s1, scale, sc, out, ahead); break;
       }
     }
   });
