@@ -446,6 +446,10 @@ def test_conv_silu_reads_a_column_slice_and_names_what_does_not_fit():
         torch.ops.qwen35.portable_conv_silu(x.float(), w, state)
 
 
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 @pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (4, 4, 64), (6, 2, 40), (10, 2, 96)])
 def test_attention_equals_the_reference(Hq, Hkv, D):
     """portable_attn_decode (the portable attention layer's kernel: blocks of 256 keys merged by their maxima) against
@@ -467,28 +471,60 @@ def test_attention_equals_the_reference(Hq, Hkv, D):
         assert (err <= ref.abs() * 2**-8 + 1e-5 * vs[b].float().abs().max()).all(), err.max()
 
 
-@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (6, 2, 64), (10, 2, 96)])
+@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (6, 2, 64), (10, 2, 96), (4, 1, 128)])
 def test_attention_over_a_q8_0_cache_equals_the_reference(Hq, Hkv, D):
-    """Over a q8_0 cache (int8 blocks of 32 and their fp16 scales, read in place) the kernel attends in fp32 over the
-    stored values exactly (int8 times scale): kv_storage.attend_reference in fp32, which reads the same values back,
-    is the reference, within fp32 summation order (the output rounded once to bf16: one bf16 step at most). (The
-    torch decode path reads the values back rounded to bf16, which moves these outputs by up to ~0.01.)"""
-    from qwen35.kv_storage import Q8KVBuffer, attend_reference, dequantize_rows, quantize_rows
+    """Over a q8_0 cache (int8 blocks of 32 and their fp16 scales, read in place) against the exact answer,
+    kv_storage.attend_reference in fp32 over the same stored values. Built for AVX2 the kernel sums in 16-bit
+    integers (queries put in int16 against their largest magnitude, probabilities times value scales against
+    the block's largest scale: roundings of 2^-16 of the largest term); elsewhere in fp32. Either way its error
+    must be that of rounding the exact answer to bf16 (its output's one rounding), within 5%, and under the bf16
+    reference's (which reads the values back in bf16, as the torch decode path does: ~4x larger). Rows of 300, 1,
+    520 and 2,000 keys (blocks of 256 and partial ones, an odd count), query groups of 4, 3, 5 and 4."""
+    from qwen35.kv_storage import Q8KVBuffer, attend_reference
 
     g = torch.Generator().manual_seed(Hq + D)
-    lengths = [300, 1, 520]
+    lengths = [300, 1, 520, 2000]
     q = torch.randn(len(lengths), Hq, D, generator=g).bfloat16()
-    kq, kd, vq, vd = [], [], [], []
-    for n in lengths:
-        for qs, ds, scale in ((kq, kd, 3), (vq, vd, 1)):
-            a, d = quantize_rows(torch.randn(Hkv, n + 3, D, generator=g).bfloat16() * scale)
-            qs.append(a)
-            ds.append(d)
-    out = torch.ops.qwen35.portable_attn_decode(q, kq, vq, kd, vd, lengths, D**-0.5)
-    ref = attend_reference(q.float(), [Q8KVBuffer(*t) for t in zip(kq, vq, kd, vd)], lengths, D**-0.5)
-    vmax = max(dequantize_rows(vq[b], vd[b], torch.float32).abs().max() for b in range(len(lengths)))
-    err = (out.float() - ref).abs()
-    assert (err <= ref.abs() * 2**-8 + 1e-5 * vmax).all(), err.max()
+    bufs = [Q8KVBuffer.from_values(torch.randn(Hkv, n + 3, D, generator=g) * 3, torch.randn(Hkv, n + 3, D, generator=g),
+                                   torch.bfloat16) for n in lengths]
+    out = torch.ops.qwen35.portable_attn_decode(q, [b.k for b in bufs], [b.v for b in bufs], [b.kd for b in bufs],
+                                                [b.vd for b in bufs], lengths, D**-0.5)
+    exact = attend_reference(q, bufs, lengths, D**-0.5, torch.float32)
+    ref16 = attend_reference(q, bufs, lengths, D**-0.5, torch.bfloat16)
+    e_kernel, e_round, e_ref16 = rel(out, exact), rel(exact.bfloat16(), exact), rel(ref16, exact)
+    assert e_kernel <= 1.05 * e_round and e_kernel < e_ref16, (e_kernel, e_round, e_ref16)
+
+
+@pytest.mark.parametrize("G,D", [(4, 256), (3, 96)])
+def test_attention_over_a_q8_0_cache_at_the_largest_integer_sums(G, D):
+    """The AVX2 form's P.V sums int16 weights (probability times value scale, at most 32767) times int8 values in
+    int32 over a block of 256 keys: identical keys give every key probability 1 and values at +-127 of one scale
+    make every term the largest there is (256 * 127 * 32767, under 2^31). The answer is the value row itself; a
+    sum that wrapped, or a weight rounded past 32767 into int16's negatives, would not be. Then the scores at
+    their largest: a query whose every element is +-its largest magnitude (all +-32767 in int16) against keys at
+    +-127 of which one has the query's signs (every product the largest, and the clear winner) and one the
+    opposite: within the output's rounding of the exact answer."""
+    from qwen35.kv_storage import Q8KVBuffer, attend_reference
+
+    Hkv, n = 2, 1500
+    gen = torch.Generator().manual_seed(D)
+    key = torch.randn(1, 1, D, generator=gen).expand(Hkv, n, D)
+    row = torch.where(torch.rand(1, 1, D, generator=gen) < 0.5, -1.5, 1.5)
+    buf = Q8KVBuffer.from_values(key, row.expand(Hkv, n, D), torch.bfloat16)
+    assert buf.v[:, :n].abs().min() == 127
+    q = torch.randn(1, G * Hkv, D, generator=gen).bfloat16()
+    out = torch.ops.qwen35.portable_attn_decode(q, [buf.k], [buf.v], [buf.kd], [buf.vd], [n], D**-0.5)
+    torch.testing.assert_close(out.float(), row.expand(1, G * Hkv, D), rtol=2**-8, atol=0)
+
+    q = torch.where(torch.rand(1, G * Hkv, D, generator=gen) < 0.5, -2.0, 2.0).bfloat16()
+    keys = torch.where(torch.rand(Hkv, n, D, generator=gen) < 0.5, -1.0, 1.0)
+    keys[:, 7] = q[0, ::G].float().sign()
+    keys[:, 8] = -keys[:, 7]
+    buf = Q8KVBuffer.from_values(keys, torch.randn(Hkv, n, D, generator=gen), torch.bfloat16)
+    out = torch.ops.qwen35.portable_attn_decode(q, [buf.k], [buf.v], [buf.kd], [buf.vd], [n], 0.3)
+    exact = attend_reference(q, [buf], [n], 0.3, torch.float32)
+    assert rel(out, exact) <= 1.05 * rel(exact.bfloat16(), exact), (rel(out, exact), rel(exact.bfloat16(), exact))
+    assert rel(out[0, ::G], buf.read(n, torch.float32)[1][:, 7]) < 0.01  # the winner's value, nearly alone
 
 
 def test_attention_names_bad_buffers():

@@ -10,8 +10,10 @@
 // Rounding is the per-op path's: the layer steps round where it rounds (layer_steps.h); the attention is fp32 from
 // the bf16 keys and values with one exact softmax, as ops/attention.decode_attention computes on the torch path,
 // block by block over the keys (flash-decoding: blocks of one KV head run in parallel, merged by their maxima).
-// Over a q8_0 cache it reads the stored values exactly (int8 times the fp16 scale, in fp32), where the torch path
-// reads them back rounded to bf16: the reference is kv_storage.attend_reference in fp32.
+// Over a q8_0 cache it reads the stored values in place, where the torch path reads them back rounded to bf16: the
+// reference is kv_storage.attend_reference in fp32. Built for AVX2 it sums them in 16-bit integers (scores_of and
+// pv_of for Q8Rows: roundings of 2^-16 of the largest term, under the output's bf16 rounding); elsewhere in fp32,
+// exactly (int8 times the fp16 scale).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -61,6 +63,7 @@ struct Bf16Rows {
   float scale(int64_t, int64_t) const { return 0.f; }  // (none: the q8_0 form's signature)
   f32x8 at(int64_t s, int64_t d, float = 0.f) const { return bf16x8(p + s * D + d); }
   void prefetch(int64_t s) const { prefetch_bytes(p + s * D, D * 2); }
+  int64_t row_bytes() const { return D * 2; }
 };
 struct Q8Rows {
   const int8_t* q;
@@ -76,7 +79,18 @@ struct Q8Rows {
     prefetch_bytes(q + s * D, D);
     prefetch_bytes(sc + s * (D / 32), D / 16);
   }
+  int64_t row_bytes() const { return D + D / 16; }
 };
+
+// count fp16 values at h as fp32 at out: 8 at a time with F16C, the rest one by one
+inline void halves_to_float(const c10::Half* h, int64_t count, float* out) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+  for (; i < count; ++i) out[i] = half1(h[i].x);
+}
 
 // sum_d a[d] * row s of r over n values (a multiple of 8), 8 lanes at a time in two chains, then one tree sum
 template <typename Rows>
@@ -139,46 +153,247 @@ QWEN35_CONTRACT(fast) void scores_of(const float* q, int64_t D, const Rows& k, i
   }
 }
 
+// A block's working memory, one per thread: the scores (then the probabilities) of 4 heads, and for the 16-bit
+// forms below, the queries in int16, a block's key or value scales in fp32, the value scales' ratios, the weights
+// and the integer sums
+struct Scratch {
+  std::vector<float> scores, ratio, scales;
+  std::vector<int16_t> q16, w16;
+  std::vector<int32_t> iacc;
+};
+
+#if defined(__AVX2__)
+// The scores over a q8_0 block's keys in 16-bit integers (AVX2). The fp32 form widens, converts and scales each
+// key's 16 values and spends 8 FMAs on the 4 heads, all on the two multiply ports (perf: after the 16-bit P.V
+// below, the larger half of the kernel). Here each head's query is put in int16 against its largest magnitude
+// (q = round(q * 32767 / max|q|): the rounding is 2^-16 of the largest, where the query is bf16, 2^-9), a key's
+// 32 values of a block widened to int16 once, and vpmaddwd multiplies 16 pairs an instruction, exactly in int32
+// (2 * 2 * 127 * 32767 < 2^31 a lane). The 4 heads' sums are folded into one vector by three vphaddd, so one
+// conversion and one multiply-add by the block's key scale serve all four heads.
+template <int NG>
+QWEN35_CONTRACT(fast) void scores_of(const float* q, int64_t D, const Q8Rows& k, int64_t s0, int64_t n,
+                                     float scale, float* scores, const Q8Rows& pre, Scratch& sc) {
+  QWEN35_CONTRACT_BODY(fast)
+  const int64_t nc = D / 32;
+  sc.q16.resize(static_cast<size_t>(NG * D));
+  int16_t* q16 = sc.q16.data();
+  float unit[4] = {0.f, 0.f, 0.f, 0.f};  // per head: what one integer step of its scores is worth
+  for (int g = 0; g < NG; ++g) {
+    const float* qg = q + g * D;
+    f32x8 m8{};
+    for (int64_t i = 0; i < D; i += 8) {
+      const f32x8 a = (f32x8)((i32x8)load_v<f32x8>(qg + i) & 0x7fffffff);
+      m8 = m8 < a ? a : m8;
+    }
+    float amax = 0.f;
+    for (int j = 0; j < 8; ++j) amax = std::max(amax, m8[j]);
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    for (int64_t i = 0; i < D; i += 16) {
+      const __m256i a = _mm256_cvtps_epi32((__m256)(load_v<f32x8>(qg + i) * inv));
+      const __m256i b = _mm256_cvtps_epi32((__m256)(load_v<f32x8>(qg + i + 8) * inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q16 + g * D + i),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    }
+    unit[g] = amax / 32767.f * scale;
+  }
+  const f32x4 units = load_v<f32x4>(unit);
+  sc.scales.resize(static_cast<size_t>(n * nc));
+  float* ks = sc.scales.data();  // ks[s * nc + c]: key s's scale of block c (the block's rows are contiguous)
+  halves_to_float(k.sc + s0 * nc, n * nc, ks);
+  for (int64_t s = 0; s < n; ++s) {
+    pre.prefetch(s0 + s);
+    const int8_t* row = k.q + (s0 + s) * D;
+    // block c's 4 heads' sums, folded into one vector: lanes g and 4 + g hold head g's over the two 128-bit halves
+    auto block = [&](int64_t c) {
+      const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * c)));
+      const __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * c + 16)));
+      __m256i t[4];
+      for (int g = 0; g < 4; ++g) {
+        if (g >= NG) {
+          t[g] = _mm256_setzero_si256();
+          continue;
+        }
+        const int16_t* qc = q16 + g * D + 32 * c;
+        t[g] = _mm256_add_epi32(_mm256_madd_epi16(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc))),
+                                _mm256_madd_epi16(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + 16))));
+      }
+      return to_f((i32x8)_mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]))) *
+             splat8(ks[s * nc + c]);
+    };
+    f32x8 acc0{}, acc1{};  // even and odd blocks: two chains of adds, not one
+    int64_t c = 0;
+    for (; c + 2 <= nc; c += 2) {
+      acc0 += block(c);
+      acc1 += block(c + 1);
+    }
+    if (c < nc) acc0 += block(c);
+    const f32x8 a = acc0 + acc1;
+    const f32x4 r = (__builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7)) * units;
+    for (int g = 0; g < NG; ++g) scores[g * n + s] = r[g];
+  }
+}
+#endif
+// Elsewhere (bf16 keys; targets without AVX2) the fp32 form
+template <int NG, typename Rows>
+void scores_of(const float* q, int64_t D, const Rows& k, int64_t s0, int64_t n, float scale, float* scores,
+               const Rows& pre, Scratch&) {
+  scores_of<NG>(q, D, k, s0, n, scale, scores, pre);
+}
+
 // acc[g * lda + d] = sum over keys s in order of p[g * n + s] * v_s[d], for NG heads: 16 dimensions at a time
-// held in registers over the block's keys, each value's 16 read and widened once for all NG heads
+// held in registers over a run of keys, each value's 16 read and widened once for all NG heads. The runs are as
+// many keys as fill 16 KiB, so that the 16 passes over their rows (one per 16 dimensions of 256) find them in L1:
+// over a whole block (256 keys, 64 KiB of q8_0 values) every pass had read the rows again from L2, and a third of
+// the kernel's time stalled on those loads (perf, 32K keys held to AVX2).
 template <int NG, typename Rows>
 QWEN35_CONTRACT(fast) void pv_of(const float* p, int64_t D, const Rows& v, int64_t s0,
                                  int64_t n, float* acc, int64_t lda) {
   QWEN35_CONTRACT_BODY(fast)
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    f32x8 a0[NG], a1[NG];
-    for (int g = 0; g < NG; ++g) a0[g] = a1[g] = f32x8{};
-    for (int64_t s = 0; s < n; ++s) {
-      const float sc = v.scale(s0 + s, d);
-      const f32x8 v0 = v.at(s0 + s, d, sc), v1 = v.at(s0 + s, d + 8, sc);
+  const int64_t run = std::max<int64_t>(8, 16384 / v.row_bytes());
+  for (int64_t t0 = 0; t0 < n; t0 += run) {
+    const int64_t t1 = std::min(n, t0 + run);
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      f32x8 a0[NG], a1[NG];
       for (int g = 0; g < NG; ++g) {
-        const f32x8 pg = f32x8{} + p[g * n + s];
-        a0[g] += pg * v0;
-        a1[g] += pg * v1;
+        a0[g] = t0 ? load_v<f32x8>(acc + g * lda + d) : f32x8{};
+        a1[g] = t0 ? load_v<f32x8>(acc + g * lda + d + 8) : f32x8{};
+      }
+      for (int64_t s = t0; s < t1; ++s) {
+        const float sc = v.scale(s0 + s, d);
+        const f32x8 v0 = v.at(s0 + s, d, sc), v1 = v.at(s0 + s, d + 8, sc);
+        for (int g = 0; g < NG; ++g) {
+          const f32x8 pg = splat8(p[g * n + s]);
+          a0[g] += pg * v0;
+          a1[g] += pg * v1;
+        }
+      }
+      for (int g = 0; g < NG; ++g) {
+        std::memcpy(acc + g * lda + d, &a0[g], sizeof(f32x8));
+        std::memcpy(acc + g * lda + d + 8, &a1[g], sizeof(f32x8));
       }
     }
-    for (int g = 0; g < NG; ++g) {
-      std::memcpy(acc + g * lda + d, &a0[g], sizeof(f32x8));
-      std::memcpy(acc + g * lda + d + 8, &a1[g], sizeof(f32x8));
+    for (; d < D; d += 8) {
+      f32x8 a0[NG];
+      for (int g = 0; g < NG; ++g) a0[g] = t0 ? load_v<f32x8>(acc + g * lda + d) : f32x8{};
+      for (int64_t s = t0; s < t1; ++s) {
+        const f32x8 v0 = v.at(s0 + s, d, v.scale(s0 + s, d));
+        for (int g = 0; g < NG; ++g) a0[g] += splat8(p[g * n + s]) * v0;
+      }
+      for (int g = 0; g < NG; ++g) std::memcpy(acc + g * lda + d, &a0[g], sizeof(f32x8));
     }
   }
-  for (; d < D; d += 8) {
-    f32x8 a0[NG];
-    for (int g = 0; g < NG; ++g) a0[g] = f32x8{};
+}
+
+#if defined(__AVX2__)
+// P.V over a block of a q8_0 cache in 16-bit integers (AVX2): the fp32 form above spends, for every key and 16
+// dimensions, two widenings, two conversions and two multiplies by the scale beside its 8 FMAs, and was the
+// slower half of the kernel (perf, 32K keys). Here each key's value scale of each 32 dimensions (chunk c) is folded
+// into its probability, against the block's largest scale of that chunk: w = round(p * scale / max_c * 32767), at
+// most 32767 (p <= 1: the block's own maximum is subtracted), so the weights' rounding is 2^-16 of the largest term
+// (fp32 p had been exact; bf16 p, as the torch path and the AVX512 kernel round it, is 2^-9). Two keys' int8 values
+// are widened to int16 and interleaved per dimension, and one vpmaddwd multiplies them by the broadcast pair of
+// weights: 16 products an instruction, summed exactly in int32 over the block (256 * 32767 * 127 < 2^31), then
+// scaled by max_c / 32767 into the fp32 part.
+template <int NG>
+void pv_of(const float* p, int64_t D, const Q8Rows& v, int64_t s0, int64_t n, float* acc, int64_t lda,
+           Scratch& sc) {
+  const int64_t nc = D / 32, n2 = (n + 1) / 2 * 2;  // chunks of 32 dimensions; keys rounded up to pairs
+  sc.ratio.resize(static_cast<size_t>(nc * n2));
+  sc.w16.resize(static_cast<size_t>(NG * nc * n2));
+  sc.iacc.resize(static_cast<size_t>(NG * D));
+  sc.scales.resize(static_cast<size_t>(n * nc));
+  float* vs = sc.scales.data();  // vs[s * nc + c]: key s's value scale of chunk c
+  halves_to_float(v.sc + s0 * nc, n * nc, vs);
+  std::vector<float> top(static_cast<size_t>(nc), 0.f);  // each chunk's largest (scales are amax / 127 >= 0)
+  int64_t c8 = 0;
+  for (; c8 + 8 <= nc; c8 += 8) {  // 8 chunks at a time in a register (kept in memory, a store each key had
+    f32x8 m{};                     // chained every maximum through store forwarding: a tenth of the P.V)
     for (int64_t s = 0; s < n; ++s) {
-      const f32x8 v0 = v.at(s0 + s, d, v.scale(s0 + s, d));
-      for (int g = 0; g < NG; ++g) a0[g] += (f32x8{} + p[g * n + s]) * v0;
+      const f32x8 x = load_v<f32x8>(vs + s * nc + c8);
+      m = m < x ? x : m;
     }
-    for (int g = 0; g < NG; ++g) std::memcpy(acc + g * lda + d, &a0[g], sizeof(f32x8));
+    std::memcpy(top.data() + c8, &m, sizeof m);
   }
+  for (; c8 < nc; ++c8)
+    for (int64_t s = 0; s < n; ++s) top[c8] = std::max(top[c8], vs[s * nc + c8]);
+  float* rt = sc.ratio.data();  // rt[c * n2 + s]: key s's scale of chunk c over the chunk's largest, times 32767
+  for (int64_t c = 0; c < nc; ++c) {
+    const float inv = top[c] > 0.f ? 32767.f / top[c] : 0.f;
+    for (int64_t s = 0; s < n; ++s) rt[c * n2 + s] = vs[s * nc + c] * inv;
+    if (n2 > n) rt[c * n2 + n] = 0.f;
+  }
+  int16_t* w16 = sc.w16.data();  // w16[(g * nc + c) * n2 + s]
+  for (int g = 0; g < NG; ++g)
+    for (int64_t c = 0; c < nc; ++c) {
+      int16_t* w = w16 + (g * nc + c) * n2;
+      const float* r = rt + c * n2;
+      int64_t s = 0;
+      for (; s + 16 <= n; s += 16) {
+        const __m256i a = _mm256_cvtps_epi32((__m256)(load_v<f32x8>(p + g * n + s) * load_v<f32x8>(r + s)));
+        const __m256i b = _mm256_cvtps_epi32((__m256)(load_v<f32x8>(p + g * n + s + 8) * load_v<f32x8>(r + s + 8)));
+        // (packs works within 128-bit lanes: the permute puts the 16 keys back in order)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + s),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+      }
+      for (; s < n; ++s) w[s] = static_cast<int16_t>(std::lrintf(p[g * n + s] * r[s]));
+      if (n2 > n) w[n] = 0;
+    }
+  int32_t* ia = sc.iacc.data();  // ia[g * D + d]: the block's exact sums, dimensions in the order below
+  const int64_t run = 16384 / v.row_bytes() / 2 * 2;  // keys whose rows fill 16 KiB (L1), as in the fp32 form
+  for (int64_t t0 = 0; t0 < n; t0 += run) {
+    const int64_t t1 = std::min(n, t0 + run);
+    for (int64_t d = 0; d < D; d += 16) {
+      const int64_t c = d / 32;
+      __m256i lo[NG], hi[NG];  // lanes: dims {0-3, 8-11} and {4-7, 12-15} of these 16
+      for (int g = 0; g < NG; ++g) {
+        lo[g] = t0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ia + g * D + d)) : _mm256_setzero_si256();
+        hi[g] = t0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ia + g * D + d + 8)) : _mm256_setzero_si256();
+      }
+      for (int64_t s = t0; s < t1; s += 2) {
+        const int8_t* r0 = v.q + (s0 + s) * D + d;
+        const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
+        const __m256i x1 = s + 1 < n ? _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + D)))
+                                     : _mm256_setzero_si256();  // (an odd block's last key: its pair weighs 0)
+        const __m256i a = _mm256_unpacklo_epi16(x0, x1), b = _mm256_unpackhi_epi16(x0, x1);
+        for (int g = 0; g < NG; ++g) {
+          int32_t pair;
+          std::memcpy(&pair, w16 + (g * nc + c) * n2 + s, 4);
+          const __m256i w = _mm256_set1_epi32(pair);
+          lo[g] = _mm256_add_epi32(lo[g], _mm256_madd_epi16(a, w));
+          hi[g] = _mm256_add_epi32(hi[g], _mm256_madd_epi16(b, w));
+        }
+      }
+      for (int g = 0; g < NG; ++g) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ia + g * D + d), lo[g]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ia + g * D + d + 8), hi[g]);
+      }
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ia + g * D + d));
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ia + g * D + d + 8));
+      const f32x8 unit = splat8(top[d / 32] / 32767.f);
+      const f32x8 r0 = (f32x8)_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x20)) * unit;
+      const f32x8 r1 = (f32x8)_mm256_cvtepi32_ps(_mm256_permute2x128_si256(lo, hi, 0x31)) * unit;
+      std::memcpy(acc + g * lda + d, &r0, sizeof(f32x8));
+      std::memcpy(acc + g * lda + d + 8, &r1, sizeof(f32x8));
+    }
+}
+#endif
+// Elsewhere (bf16 rows; targets without AVX2) the fp32 form
+template <int NG, typename Rows>
+void pv_of(const float* p, int64_t D, const Rows& v, int64_t s0, int64_t n, float* acc, int64_t lda, Scratch&) {
+  pv_of<NG>(p, D, v, s0, n, acc, lda);
 }
 
 // Heads g0 .. g0 + NG - 1 of a block: scores, their maxima and exp(score - max) in place, then P.V
 template <int NG, typename Rows>
 void attend_heads(const float* q, int64_t D, const Rows& k, const Rows& v, int64_t s0, int64_t n, float scale,
-                  float* part, float* scores) {
-  scores_of<NG>(q, D, k, s0, n, scale, scores, v);  // the values' rows asked for meanwhile
+                  float* part, Scratch& sc) {
+  float* scores = sc.scores.data();
+  scores_of<NG>(q, D, k, s0, n, scale, scores, v, sc);  // the values' rows asked for meanwhile
   // the maximum and exp(score - max) 8 keys at a time (exp8): a scalar expf a key and head had been a fifth of
   // the kernel's time (perf, 4,096 bf16 keys held to AVX2)
   for (int g = 0; g < NG; ++g) {
@@ -206,7 +421,7 @@ void attend_heads(const float* q, int64_t D, const Rows& k, const Rows& v, int64
     part[g * (D + 2) + D] = mx;
     part[g * (D + 2) + D + 1] = sum;
   }
-  pv_of<NG>(scores, D, v, s0, n, part, D + 2);
+  pv_of<NG>(scores, D, v, s0, n, part, D + 2, sc);
 }
 
 // One block of keys [s0, s1) of one KV head for its G query heads (fp32 q [G, D]): each query's maximum score,
@@ -214,17 +429,17 @@ void attend_heads(const float* q, int64_t D, const Rows& k, const Rows& v, int64
 // heads four at a time
 template <typename Rows>
 void attend_block(const float* q, int64_t G, int64_t D, const Rows& k, const Rows& v, int64_t s0, int64_t s1,
-                  float scale, float* part, std::vector<float>& scores) {
+                  float scale, float* part, Scratch& sc) {
   const int64_t n = s1 - s0;
-  scores.resize(static_cast<size_t>(4 * n));
+  sc.scores.resize(static_cast<size_t>(4 * n));
   for (int64_t g = 0; g < G; g += 4) {
     const float* qg = q + g * D;
     float* pg = part + g * (D + 2);
     switch (std::min<int64_t>(4, G - g)) {
-      case 4: attend_heads<4>(qg, D, k, v, s0, n, scale, pg, scores.data()); break;
-      case 3: attend_heads<3>(qg, D, k, v, s0, n, scale, pg, scores.data()); break;
-      case 2: attend_heads<2>(qg, D, k, v, s0, n, scale, pg, scores.data()); break;
-      default: attend_heads<1>(qg, D, k, v, s0, n, scale, pg, scores.data());
+      case 4: attend_heads<4>(qg, D, k, v, s0, n, scale, pg, sc); break;
+      case 3: attend_heads<3>(qg, D, k, v, s0, n, scale, pg, sc); break;
+      case 2: attend_heads<2>(qg, D, k, v, s0, n, scale, pg, sc); break;
+      default: attend_heads<1>(qg, D, k, v, s0, n, scale, pg, sc);
     }
   }
 }
@@ -264,7 +479,7 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
   // every element written by its block (not zero-filled first: 1 MiB a layer at 32K keys)
   const std::unique_ptr<float[]> parts(new float[static_cast<size_t>(per_head * Hkv * G * (D + 2))]);
   at::parallel_for(0, per_head * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
+    Scratch scratch;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t hk = i / per_head, blk = i % per_head;
       const int64_t b = std::upper_bound(first.begin(), first.end(), blk) - first.begin() - 1;
@@ -275,10 +490,10 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
       if (q8) {
         const Q8Rows kr{k[b].data_ptr<int8_t>() + head * D, kd[b].data_ptr<c10::Half>() + head * (D / 32), D};
         const Q8Rows vr{v[b].data_ptr<int8_t>() + head * D, vd[b].data_ptr<c10::Half>() + head * (D / 32), D};
-        attend_block(qh, G, D, kr, vr, s0, s1, static_cast<float>(scale), part, scores);
+        attend_block(qh, G, D, kr, vr, s0, s1, static_cast<float>(scale), part, scratch);
       } else {
         const Bf16Rows kr{k[b].data_ptr<c10::BFloat16>() + head * D, D}, vr{v[b].data_ptr<c10::BFloat16>() + head * D, D};
-        attend_block(qh, G, D, kr, vr, s0, s1, static_cast<float>(scale), part, scores);
+        attend_block(qh, G, D, kr, vr, s0, s1, static_cast<float>(scale), part, scratch);
       }
     }
   });

@@ -141,6 +141,8 @@ inline u8x32 shr16(u8x32 v) {
   const u8x32 r = (u8x32)((u16x16)v >> N);
   return N == 4 ? r & 15 : r;
 }
+// x in all 8 lanes: one broadcast (the generic `f32x8{} + x` is an add of zero before it: -0 + 0 is not -0)
+inline f32x8 splat8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
 inline f32x8 to_f(i32x8 v) { return __builtin_convertvector(v, f32x8); }
 // 8 int8 values as fp32 lanes (exact). GCC 12 lowers __builtin_convertvector from 8 int8 lanes to 8 fp32 lanes
 // to eight scalar conversions, for x86-64-v3 and for ARM alike, which had made the portable attention over a q8_0
