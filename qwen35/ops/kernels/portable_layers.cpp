@@ -64,6 +64,7 @@ struct Bf16Rows {
   f32x8 at(int64_t s, int64_t d, float = 0.f) const { return bf16x8(p + s * D + d); }
   void prefetch(int64_t s) const { prefetch_bytes(p + s * D, D * 2); }
   int64_t row_bytes() const { return D * 2; }
+  const char* row_ptr(int64_t s) const { return reinterpret_cast<const char*>(p + s * D); }
 };
 struct Q8Rows {
   const int8_t* q;
@@ -79,7 +80,8 @@ struct Q8Rows {
     prefetch_bytes(q + s * D, D);
     prefetch_bytes(sc + s * (D / 32), D / 16);
   }
-  int64_t row_bytes() const { return D + D / 16; }
+  int64_t row_bytes() const { return D + D / 16; }  // (the scales' D / 16 bytes lie apart)
+  const char* row_ptr(int64_t s) const { return reinterpret_cast<const char*>(q + s * D); }
 };
 
 // count fp16 values at h as fp32 at out: 8 at a time with F16C, the rest one by one
@@ -153,6 +155,26 @@ QWEN35_CONTRACT(fast) void scores_of(const float* q, int64_t D, const Rows& k, i
   }
 }
 
+// The next block's keys and values, asked into L2 a line of each at a time (step) during this block's 16-bit P.V
+// (q8_0, AVX2), which computes from L2 with the memory bus otherwise idle. Without it a block's rows came in as its
+// scores and P.V asked for them: at 128K keys (from DRAM) a key took as long over a q8_0 cache as over a bf16 one,
+// half the bytes, ~41 ns either way with 2 threads, the rows' latency and not the bandwidth the limit (a layer's
+// 2 KV heads x 256 over 128K / 32K keys, held to AVX2: 11.3-11.7 -> 9.4-9.5 ms, 2.4-2.5 -> 1.8 ms). The bf16
+// form's P.V (fp32 FMAs, compute-bound there) measured no faster with it (12.7-13.2 -> 13.7-14.4 ms at 128K).
+struct Ahead {
+  const char* k = nullptr;  // the next line of the keys
+  int64_t v = 0;            // the values' offset from the keys
+  int64_t left = 0;         // bytes of keys still to ask for
+  void step() {
+    if (left > 0) {
+      __builtin_prefetch(k, 0, 2);
+      __builtin_prefetch(k + v, 0, 2);
+      k += 64;
+      left -= 64;
+    }
+  }
+};
+
 // A block's working memory, one per thread: the scores (then the probabilities) of 4 heads, and for the 16-bit
 // forms below, the queries in int16, a block's key or value scales in fp32, the value scales' ratios, the weights
 // and the integer sums
@@ -160,9 +182,22 @@ struct Scratch {
   std::vector<float> scores, ratio, scales;
   std::vector<int16_t> q16, w16;
   std::vector<int32_t> iacc;
+  Ahead ahead;
 };
 
 #if defined(__AVX2__)
+// acc + the sums of neighbouring pairs of 16-bit products a * b, in 32-bit lanes: one vpdpwssd where the CPU has
+// AVX-VNNI (Intel since Alder Lake, AMD since Zen 5) or AVX512-VNNI with 256-bit vectors, else vpmaddwd + vpaddd
+inline __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpwssd_avx_epi32(acc, a, b);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, a, b);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
 // The scores over a q8_0 block's keys in 16-bit integers (AVX2). The fp32 form widens, converts and scales each
 // key's 16 values and spends 8 FMAs on the 4 heads, all on the two multiply ports (perf: after the 16-bit P.V
 // below, the larger half of the kernel). Here each head's query is put in int16 against its largest magnitude
@@ -214,8 +249,8 @@ QWEN35_CONTRACT(fast) void scores_of(const float* q, int64_t D, const Q8Rows& k,
           continue;
         }
         const int16_t* qc = q16 + g * D + 32 * c;
-        t[g] = _mm256_add_epi32(_mm256_madd_epi16(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc))),
-                                _mm256_madd_epi16(x1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + 16))));
+        t[g] = dpwssd(_mm256_madd_epi16(x0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc))), x1,
+                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + 16)));
       }
       return to_f((i32x8)_mm256_hadd_epi32(_mm256_hadd_epi32(t[0], t[1]), _mm256_hadd_epi32(t[2], t[3]))) *
              splat8(ks[s * nc + c]);
@@ -351,6 +386,7 @@ void pv_of(const float* p, int64_t D, const Q8Rows& v, int64_t s0, int64_t n, fl
         hi[g] = t0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ia + g * D + d + 8)) : _mm256_setzero_si256();
       }
       for (int64_t s = t0; s < t1; s += 2) {
+        sc.ahead.step();
         const int8_t* r0 = v.q + (s0 + s) * D + d;
         const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
         const __m256i x1 = s + 1 < n ? _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + D)))
@@ -360,8 +396,8 @@ void pv_of(const float* p, int64_t D, const Q8Rows& v, int64_t s0, int64_t n, fl
           int32_t pair;
           std::memcpy(&pair, w16 + (g * nc + c) * n2 + s, 4);
           const __m256i w = _mm256_set1_epi32(pair);
-          lo[g] = _mm256_add_epi32(lo[g], _mm256_madd_epi16(a, w));
-          hi[g] = _mm256_add_epi32(hi[g], _mm256_madd_epi16(b, w));
+          lo[g] = dpwssd(lo[g], a, w);
+          hi[g] = dpwssd(hi[g], b, w);
         }
       }
       for (int g = 0; g < NG; ++g) {
@@ -429,12 +465,15 @@ void attend_heads(const float* q, int64_t D, const Rows& k, const Rows& v, int64
 // heads four at a time
 template <typename Rows>
 void attend_block(const float* q, int64_t G, int64_t D, const Rows& k, const Rows& v, int64_t s0, int64_t s1,
-                  float scale, float* part, Scratch& sc) {
+                  int64_t s2, float scale, float* part, Scratch& sc) {
   const int64_t n = s1 - s0;
   sc.scores.resize(static_cast<size_t>(4 * n));
   for (int64_t g = 0; g < G; g += 4) {
     const float* qg = q + g * D;
     float* pg = part + g * (D + 2);
+    sc.ahead.left = 0;
+    if (g + 4 >= G)  // the block's last heads: the next block [s1, s2) (this thread's next, as items are split)
+      sc.ahead = Ahead{k.row_ptr(s1), v.row_ptr(s1) - k.row_ptr(s1), k.row_ptr(s2) - k.row_ptr(s1)};
     switch (std::min<int64_t>(4, G - g)) {
       case 4: attend_heads<4>(qg, D, k, v, s0, n, scale, pg, sc); break;
       case 3: attend_heads<3>(qg, D, k, v, s0, n, scale, pg, sc); break;
@@ -484,16 +523,17 @@ at::Tensor attn_decode(const at::Tensor& q, at::TensorList k, at::TensorList v, 
       const int64_t hk = i / per_head, blk = i % per_head;
       const int64_t b = std::upper_bound(first.begin(), first.end(), blk) - first.begin() - 1;
       const int64_t s0 = (blk - first[b]) * kKeyBlock, s1 = std::min(lengths[b], s0 + kKeyBlock);
+      const int64_t s2 = std::min(lengths[b], s1 + kKeyBlock);  // the next block's end (none past the last)
       const int64_t head = hk * k[b].size(1);  // the head's first slot
       const float* qh = qf.data() + (b * Hq + hk * G) * D;
       float* part = parts.get() + i * G * (D + 2);
       if (q8) {
         const Q8Rows kr{k[b].data_ptr<int8_t>() + head * D, kd[b].data_ptr<c10::Half>() + head * (D / 32), D};
         const Q8Rows vr{v[b].data_ptr<int8_t>() + head * D, vd[b].data_ptr<c10::Half>() + head * (D / 32), D};
-        attend_block(qh, G, D, kr, vr, s0, s1, static_cast<float>(scale), part, scratch);
+        attend_block(qh, G, D, kr, vr, s0, s1, s2, static_cast<float>(scale), part, scratch);
       } else {
         const Bf16Rows kr{k[b].data_ptr<c10::BFloat16>() + head * D, D}, vr{v[b].data_ptr<c10::BFloat16>() + head * D, D};
-        attend_block(qh, G, D, kr, vr, s0, s1, static_cast<float>(scale), part, scratch);
+        attend_block(qh, G, D, kr, vr, s0, s1, s2, static_cast<float>(scale), part, scratch);
       }
     }
   });
