@@ -4,8 +4,11 @@
 // same order, so fp-contract is off throughout: a fused multiply-add would round differently.
 // - q8_0 / q4_0: ggml's reference quantizers, scalar.
 // - GGUF's K-quants (Q4_K, Q6_K): kquants.quantize_q4_k / quantize_q6_k's algorithm in GCC's vector extensions,
-//   16 sub-blocks side by side (lane i one sub-block, every lane the scalar algorithm exactly): zmm registers in
-//   the AVX512 build, whatever the machine has in the portable one.
+//   sub-blocks side by side (lane i one sub-block, every lane the scalar algorithm exactly), as many as the
+//   machine's vector holds: 16 in the AVX512 build's zmm registers, 8 with AVX (ymm), 4 elsewhere (NEON, SSE2).
+//   (The portable build had run 16-lane vectors everywhere: GCC splits them into 256-bit halves and, where an
+//   operation has no instruction of that width, spills them to the stack lane by lane; quantizing the int4 0.8B
+//   at load took 33-35 s held to AVX2 against 4 s with AVX512.)
 // Everything here has internal linkage, so the two libraries never bind to each other's copy.
 #pragma once
 
@@ -23,8 +26,11 @@
 
 #include "fp_contract.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
+#endif
+#if defined(__ARM_NEON) && defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 namespace {
@@ -39,37 +45,49 @@ inline float kq_half_at(const uint8_t* p) {  // the fp16 stored (unaligned) at p
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int vi __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int vi __attribute__((vector_size(4 * kLanes)));
 
 inline vf vsplat(float v) { return vf{} + v; }
-// Rounding to nearest even, absolute value and square root per lane: one instruction each where the build has
-// AVX512, C's correctly rounded functions lane by lane elsewhere (the same results either way)
+// Rounding to nearest even and square root per lane: one instruction where the build has one of the vector's
+// width, C's correctly rounded functions lane by lane elsewhere (the same results either way)
 #if defined(__AVX512F__)
 inline vf vround(vf v) { return (vf)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline vf vabs(vf v) { return (vf)_mm512_abs_ps((__m512)v); }
 inline vf vsqrt(vf v) { return (vf)_mm512_sqrt_ps((__m512)v); }
+#elif defined(__AVX__)
+inline vf vround(vf v) { return (vf)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vsqrt(vf v) { return (vf)_mm256_sqrt_ps((__m256)v); }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+inline vf vround(vf v) { return (vf)vrndnq_f32((float32x4_t)v); }
+inline vf vsqrt(vf v) { return (vf)vsqrtq_f32((float32x4_t)v); }
 #else
 inline vf vround(vf v) {
   vf r;
-  for (int i = 0; i < 16; ++i) r[i] = std::nearbyint(v[i]);
+  for (int i = 0; i < kLanes; ++i) r[i] = std::nearbyint(v[i]);
   return r;
 }
-inline vf vabs(vf v) { return (vf)((vi)v & 0x7FFFFFFF); }
 inline vf vsqrt(vf v) {
   vf r;
-  for (int i = 0; i < 16; ++i) r[i] = std::sqrt(v[i]);
+  for (int i = 0; i < kLanes; ++i) r[i] = std::sqrt(v[i]);
   return r;
 }
 #endif
+inline vf vabs(vf v) { return (vf)((vi)v & 0x7FFFFFFF); }
 inline vf vsel(vi m, vf a, vf b) { return m ? a : b; }
 inline vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
 inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
 inline vf vclamp(vf v, float lo, float hi) { return vmin(vmax(v, vsplat(lo)), vsplat(hi)); }
 
-// Q4_K's sub-block fit (kquants._fit_min_scale with nmax 15, rmin -1, rdelta 0.1, 20 steps) on 16 lanes:
+// Q4_K's sub-block fit (kquants._fit_min_scale with nmax 15, rmin -1, rdelta 0.1, 20 steps) on kLanes lanes:
 // x[i], w[i] element i of each lane's sub-block; out: scale, min (>= 0), L[i].
-QWEN35_CONTRACT(off) void fit_min_scale16(const vf* x, const vf* w, vf& scale_out, vf& min_out, vf* L) {
+QWEN35_CONTRACT(off) void fit_min_scale(const vf* x, const vf* w, vf& scale_out, vf& min_out, vf* L) {
   QWEN35_CONTRACT_BODY(off)
   const float nmax = 15.f;
   vf mn = x[0], mx = x[0], sum_w = vsplat(0.f) + w[0], sum_x = vsplat(0.f) + w[0] * x[0];
@@ -126,8 +144,8 @@ QWEN35_CONTRACT(off) void fit_min_scale16(const vf* x, const vf* w, vf& scale_ou
   for (int i = 0; i < 32; ++i) L[i] = vsel(flat, vsplat(0.f), L[i]);
 }
 
-// Q6_K's sub-block fit (kquants._fit_scale_x2 with nmax 32) on 16 lanes; L[i] = l + 32 (0 for an all-zero lane).
-QWEN35_CONTRACT(off) void fit_scale_x2_16(const vf* x, vf& scale_out, vf* L) {
+// Q6_K's sub-block fit (kquants._fit_scale_x2 with nmax 32) on kLanes lanes; L[i] = l + 32 (0 for an all-zero lane).
+QWEN35_CONTRACT(off) void fit_scale_x2(const vf* x, vf& scale_out, vf* L) {
   QWEN35_CONTRACT_BODY(off)
   const float nmax = 32.f;
   vf amax = vsplat(0.f), mx = vsplat(0.f);
@@ -247,27 +265,32 @@ QWEN35_CONTRACT(off) void quantize_k_range(const T* w, int64_t t0, int64_t t1, i
   for (int64_t t = t0; t < t1; t += per) {
     const int have = static_cast<int>(std::min<int64_t>(per, t1 - t));
     for (int i = 0; i < per * QK; ++i) x[i] = i < have * QK ? static_cast<float>(w[t * QK + i]) : 0.f;
-    vf xv[32], L[32];
-    for (int i = 0; i < sub; ++i)
-      for (int lane = 0; lane < 16; ++lane) xv[i][lane] = x[lane * sub + i];
     float scales[16], mins[16];
     uint8_t Lfit[2 * QK];
-    if (kind == 3) {
-      vf sum_x2 = vsplat(0.f);
-      for (int i = 0; i < 32; ++i) sum_x2 = sum_x2 + xv[i] * xv[i];
-      const vf av = vsqrt(sum_x2 / 32.f);
-      vf wv[32];
-      for (int i = 0; i < 32; ++i) wv[i] = av + vabs(xv[i]);
-      vf sc, mn;
-      fit_min_scale16(xv, wv, sc, mn, L);
-      for (int lane = 0; lane < 16; ++lane) { scales[lane] = sc[lane]; mins[lane] = mn[lane]; }
-    } else {
-      vf sc;
-      fit_scale_x2_16(xv, sc, L);
-      for (int lane = 0; lane < 16; ++lane) scales[lane] = sc[lane];
+    for (int g0 = 0; g0 < 16; g0 += kLanes) {  // sub-blocks g0 .. g0 + kLanes - 1, one a lane
+      vf xv[32], L[32];
+      for (int i = 0; i < sub; ++i)
+        for (int lane = 0; lane < kLanes; ++lane) xv[i][lane] = x[(g0 + lane) * sub + i];
+      if (kind == 3) {
+        vf sum_x2 = vsplat(0.f);
+        for (int i = 0; i < 32; ++i) sum_x2 = sum_x2 + xv[i] * xv[i];
+        const vf av = vsqrt(sum_x2 / 32.f);
+        vf wv[32];
+        for (int i = 0; i < 32; ++i) wv[i] = av + vabs(xv[i]);
+        vf sc, mn;
+        fit_min_scale(xv, wv, sc, mn, L);
+        for (int lane = 0; lane < kLanes; ++lane) {
+          scales[g0 + lane] = sc[lane];
+          mins[g0 + lane] = mn[lane];
+        }
+      } else {
+        vf sc;
+        fit_scale_x2(xv, sc, L);
+        for (int lane = 0; lane < kLanes; ++lane) scales[g0 + lane] = sc[lane];
+      }
+      for (int i = 0; i < sub; ++i)
+        for (int lane = 0; lane < kLanes; ++lane) Lfit[(g0 + lane) * sub + i] = static_cast<uint8_t>(L[i][lane]);
     }
-    for (int i = 0; i < sub; ++i)
-      for (int lane = 0; lane < 16; ++lane) Lfit[lane * sub + i] = static_cast<uint8_t>(L[i][lane]);
     for (int k = 0; k < have; ++k) {
       if (kind == 3)
         q4k_pack(x + k * QK, scales + 8 * k, mins + 8 * k, Lfit + k * QK, qs + (t + k) * Q4K);
