@@ -471,7 +471,7 @@ def test_attention_equals_the_reference(Hq, Hkv, D):
         assert (err <= ref.abs() * 2**-8 + 1e-5 * vs[b].float().abs().max()).all(), err.max()
 
 
-@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (6, 2, 64), (10, 2, 96), (4, 1, 128)])
+@pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (6, 2, 64), (10, 2, 96), (4, 1, 128), (4, 2, 32)])
 def test_attention_over_a_q8_0_cache_equals_the_reference(Hq, Hkv, D):
     """Over a q8_0 cache (int8 blocks of 32 and their fp16 scales, read in place) against the exact answer,
     kv_storage.attend_reference in fp32 over the same stored values. Built for AVX2 the kernel sums in 16-bit
@@ -479,7 +479,8 @@ def test_attention_over_a_q8_0_cache_equals_the_reference(Hq, Hkv, D):
     the block's largest scale: roundings of 2^-16 of the largest term); elsewhere in fp32. Either way its error
     must be that of rounding the exact answer to bf16 (its output's one rounding), within 5%, and under the bf16
     reference's (which reads the values back in bf16, as the torch decode path does: ~4x larger). Rows of 300, 1,
-    520 and 2,000 keys (blocks of 256 and partial ones, an odd count), query groups of 4, 3, 5 and 4."""
+    520 and 2,000 keys (blocks of 256 and partial ones, an odd count), query groups of 4, 3, 5 (4 + 1), 4 and 2, one
+    to eight blocks of 32 dimensions."""
     from qwen35.kv_storage import Q8KVBuffer, attend_reference
 
     g = torch.Generator().manual_seed(Hq + D)

@@ -371,11 +371,11 @@ void pv_of(const float* p, int64_t D, const Q8Rows& v, int64_t s0, int64_t n, fl
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + s),
                             _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
       }
-      for (; s < n; ++s) w[s] = static_cast<int16_t>(std::lrintf(p[g * n + s] * r[s]));
+      for (; s < n; ++s) w[s] = static_cast<int16_t>(std::lrintf(std::min(32767.f, p[g * n + s] * r[s])));
       if (n2 > n) w[n] = 0;
     }
   int32_t* ia = sc.iacc.data();  // ia[g * D + d]: the block's exact sums, dimensions in the order below
-  const int64_t run = 16384 / v.row_bytes() / 2 * 2;  // keys whose rows fill 16 KiB (L1), as in the fp32 form
+  const int64_t run = std::max<int64_t>(2, 16384 / v.row_bytes() / 2 * 2);  // rows filling 16 KiB, as the fp32 form
   for (int64_t t0 = 0; t0 < n; t0 += run) {
     const int64_t t1 = std::min(n, t0 + run);
     for (int64_t d = 0; d < D; d += 16) {
