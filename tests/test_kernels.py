@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -359,17 +360,22 @@ TORCH_LIBRARY_FRAGMENT(qwen35_build_test, m) { m.def(STR(OPNAME) "() -> int", &c
 def test_a_build_tries_each_openmp_way_then_none_and_names_the_compiler_error(tmp_path, monkeypatch, capsys):
     """kernels._build tries each of openmp_variants() (macOS has two: Apple's clang and a GCC), then builds
     without OpenMP, saying so with the compiler's own error line (torch's message starts with the whole command
-    line, which had been all a user saw)."""
+    line, which had been all a user saw). A build that compiles says so first, naming the directory where the
+    library then lies (which a later process finds, and then says nothing)."""
     src = tmp_path / "tiny.cpp"
     src.write_text(TINY)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     bogus = (["-fno-such-openmp-flag"], [])
     monkeypatch.setattr(kernels, "openmp_variants", lambda: [bogus, (kernels.OPENMP, kernels.OPENMP)])
     assert kernels._build("qwen35_tiny", [src], [], ["-DOPNAME=second_way"], "tiny kernels") == (True, "")
-    assert "qwen35:" not in capsys.readouterr().err
+    said = capsys.readouterr().err
+    lead = "qwen35: compiling the tiny kernels for this CPU, once (about a minute on two cores; kept in "
+    assert said.startswith(lead) and said.endswith(")\n") and said.count("\n") == 1, said
+    root = Path(said[len(lead):-2])
+    assert root == tmp_path / "ext" and len(list(root.glob("qwen35_tiny_omp1_*/qwen35_tiny_omp1_*.so"))) == 1
     monkeypatch.setattr(kernels, "openmp_variants", lambda: [bogus])
     assert kernels._build("qwen35_tiny", [src], [], ["-DOPNAME=no_way"], "tiny kernels") == (True, "")
-    said = capsys.readouterr().err
+    said = capsys.readouterr().err.split("\n", 1)[1]  # (after the compiling note)
     assert said.startswith("qwen35: tiny kernels built without OpenMP (") and said.endswith("; they run on one thread\n")
     assert "error" in said and "-fno-such-openmp-flag" in said and "[1/" not in said, said
     before = torch.get_num_threads()

@@ -95,6 +95,23 @@ def _say(msg: str) -> None:
     print(msg, flush=True, file=sys.stderr)
 
 
+def _note(msg: str) -> None:
+    """Not a problem, but worth knowing (a pause of a minute): to the log and to stderr."""
+    log.info(msg)
+    print(msg, flush=True, file=sys.stderr)
+
+
+def _extensions_root(name: str) -> Path | None:
+    """The directory under which torch keeps its compiled libraries (each in a directory of its name; it makes
+    `name`'s, as a build of it would); None where that cannot be told."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(name, verbose=False)).parent
+    except Exception:  # noqa: BLE001 - a private helper of torch's: if it moved, say nothing rather than fail
+        return None
+
+
 def _once(state: dict, load, failure: str) -> bool:
     """state["ok"], running load() -> (ok, why) on the first call only (under the lock); a failure is said once,
     `failure` formatted with its reason."""
@@ -154,6 +171,12 @@ def _build(name: str, sources: list[Path], headers: list[Path], flags: list[str]
     compiler = os.environ.get("CXX", "c++").encode()  # torch builds with $CXX: a switch of compiler is a new build
     tag = hashlib.sha256(b"".join(p.read_bytes() for p in sources + headers) + where + key + compiler).hexdigest()[:10]
     first = ""
+    names = [f"{name}_{tag}"] + [f"{name}_omp{i}_{tag}" for i in range(1, len(openmp_variants()))]
+    names.append(f"{name}_serial_{tag}")  # (the names the builds below use, in their order)
+    root = _extensions_root(names[0])
+    if root is not None and not any((root / n / f"{n}.so").exists() for n in names):
+        # the first use on a machine (or of a new version) compiles for a minute before anything happens
+        _note(f"qwen35: compiling the {what} for this CPU, once (about a minute on two cores; kept in {root})")
     for i, (cflags, ldflags) in enumerate(openmp_variants()):
         try:
             load(name=f"{name}_{tag}" if i == 0 else f"{name}_omp{i}_{tag}", sources=[str(p) for p in sources],
