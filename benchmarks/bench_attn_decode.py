@@ -87,8 +87,8 @@ def main() -> None:
         rows.append(row)
         print(f"{S:>8} {row['bf16_ms']:>9.3f} {row['bf16_gb_s']:>6.1f} {row['q8_0_ms']:>9.3f} "
               f"{row['q8_0_gb_s']:>6.1f} {row['q8_0_speedup']:>9.2f}x")
-    print(json.dumps({"bench": "attn_decode", "kernels": kind, "kv_heads": Hkv, "group": G, "head_dim": D, "threads": args.threads,
-                      "read_gb_s": round(bw, 1), "rows": rows}))
+    print(json.dumps({"bench": "attn_decode", "kernels": kind, "kv_heads": Hkv, "group": G, "head_dim": D,
+                      "threads": args.threads, "read_gb_s": round(bw, 1), "rows": rows}))
 
 
 if __name__ == "__main__":
