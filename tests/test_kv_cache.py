@@ -81,6 +81,18 @@ def test_q8_0_decode_attention_matches_its_reference(lengths, G, D):
     assert rel(exact, unrounded) <= 1.5 * e_ref, (rel(exact, unrounded), e_ref)
 
 
+def largest_sums_cache(D, Hkv=2, n=1500):
+    """A q8_0 cache of n identical keys (every key of a block probability 1) whose value rows are all the same row
+    of +-1.5, +-127 of one scale: every P.V term the largest there is. Returns (buffer, that row [1, 1, D], the
+    generator, for the query's draws after it)."""
+    gen = torch.Generator().manual_seed(D)
+    key = torch.randn(1, 1, D, generator=gen).expand(Hkv, n, D)
+    row = torch.where(torch.rand(1, 1, D, generator=gen) < 0.5, -1.5, 1.5)
+    buf = Q8KVBuffer.from_values(key, row.expand(Hkv, n, D), torch.bfloat16)
+    assert buf.v[:, :n].abs().min() == 127
+    return buf, row, gen
+
+
 @needs_kernels
 @pytest.mark.parametrize("G,D", [(4, 256), (2, 96)])
 def test_q8_0_attention_at_the_largest_integer_sums(G, D):
@@ -88,12 +100,8 @@ def test_q8_0_attention_at_the_largest_integer_sums(G, D):
     identical keys give every key of a block probability 1, and values at +-127 of one scale make every
     term the largest there is, 512 keys of 127 * 32767 a block, just under 2^31. The answer is the value row
     itself; a sum that wrapped, or a weight rounded past 32767 into int16's negatives, would not be."""
-    Hkv, n = 2, 1500
-    gen = torch.Generator().manual_seed(D)
-    key = torch.randn(1, 1, D, generator=gen).expand(Hkv, n, D)
-    row = torch.where(torch.rand(1, 1, D, generator=gen) < 0.5, -1.5, 1.5)
-    buf = Q8KVBuffer.from_values(key, row.expand(Hkv, n, D), torch.bfloat16)
-    assert buf.v[:, :n].abs().min() == 127
+    buf, row, gen = largest_sums_cache(D)
+    Hkv, n = buf.k.shape[0], buf.k.shape[1]
     q = torch.randn(1, G * Hkv, D, generator=gen).bfloat16()
     out = torch.ops.qwen35.attn_decode_q8(q, [buf.k], [buf.kd], [buf.v], [buf.vd], [n], D**-0.5)
     torch.testing.assert_close(out.float(), row.expand(1, G * Hkv, D), rtol=2**-8, atol=0)

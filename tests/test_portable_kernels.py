@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from greedy_ties import assert_same_greedy_answers
+from test_kv_cache import largest_sums_cache, rel
 from test_quant_k import awkward
 
 import qwen35
@@ -446,10 +447,6 @@ def test_conv_silu_reads_a_column_slice_and_names_what_does_not_fit():
         torch.ops.qwen35.portable_conv_silu(x.float(), w, state)
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 @pytest.mark.parametrize("Hq,Hkv,D", [(8, 2, 256), (4, 4, 64), (6, 2, 40), (10, 2, 96)])
 def test_attention_equals_the_reference(Hq, Hkv, D):
     """portable_attn_decode (the portable attention layer's kernel: blocks of 256 keys merged by their maxima) against
@@ -507,12 +504,8 @@ def test_attention_over_a_q8_0_cache_at_the_largest_integer_sums(G, D):
     opposite: within the output's rounding of the exact answer."""
     from qwen35.kv_storage import Q8KVBuffer, attend_reference
 
-    Hkv, n = 2, 1500
-    gen = torch.Generator().manual_seed(D)
-    key = torch.randn(1, 1, D, generator=gen).expand(Hkv, n, D)
-    row = torch.where(torch.rand(1, 1, D, generator=gen) < 0.5, -1.5, 1.5)
-    buf = Q8KVBuffer.from_values(key, row.expand(Hkv, n, D), torch.bfloat16)
-    assert buf.v[:, :n].abs().min() == 127
+    buf, row, gen = largest_sums_cache(D)
+    Hkv, n = buf.k.shape[0], buf.k.shape[1]
     q = torch.randn(1, G * Hkv, D, generator=gen).bfloat16()
     out = torch.ops.qwen35.portable_attn_decode(q, [buf.k], [buf.v], [buf.kd], [buf.vd], [n], D**-0.5)
     torch.testing.assert_close(out.float(), row.expand(1, G * Hkv, D), rtol=2**-8, atol=0)

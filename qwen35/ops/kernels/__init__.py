@@ -219,7 +219,7 @@ PORTABLE_SOURCES = [Path(__file__).with_name(n) for n in ("portable_kernels.cpp"
                                                           "portable_gemm.cpp", "topk_kernels.cpp")]
 PORTABLE_HEADERS = [Path(__file__).with_name(n) for n in ("quantizers.h", "portable_simd.h", "portable_rows.h",
                                                           "layer_steps.h", "decode_plan.h", "fp_contract.h",
-                                                          "delta_rule.h")]
+                                                          "delta_rule.h", "attn_blocks.h")]
 _portable: dict[str, object] = {}
 
 

@@ -2,11 +2,11 @@
 // values; kv_kernels.cpp: q8_0 blocks): work items are (row, KV head, block of kAttnBlock keys) in that order,
 // each thread taking a contiguous range of them; while a thread's P.V computes from L2 it prefetches the keys of
 // its next item (the score pass streams keys and values from memory, P.V nothing: without this the memory bus
-// idles through P.V).
+// idles through P.V). RowPrefetch is plain C++ (GCC's and clang's prefetch builtin): the portable library's
+// attention (portable_layers.cpp, its own blocks of 256 keys) prefetches its next block with it too.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -37,7 +37,7 @@ struct RowPrefetch {
   }
   inline void step() {
     for (int64_t i = 0; i < per_step && rows > 0; ++i) {
-      _mm_prefetch(row + off, _MM_HINT_T1);
+      __builtin_prefetch(row + off, 0, 2);  // (x86: prefetcht1, into L2)
       if ((off += 64) >= row_bytes) { off = 0; row += stride; --rows; }
     }
   }

@@ -28,6 +28,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attn_blocks.h"
 #include "fp_contract.h"
 #include "layer_steps.h"
 #include "portable_simd.h"
@@ -155,34 +156,20 @@ QWEN35_CONTRACT(fast) void scores_of(const float* q, int64_t D, const Rows& k, i
   }
 }
 
-// The next block's keys and values, asked into L2 a line of each at a time (step) during this block's 16-bit P.V
-// (q8_0, AVX2), which computes from L2 with the memory bus otherwise idle. Without it a block's rows came in as its
-// scores and P.V asked for them: at 128K keys (from DRAM) a key took as long over a q8_0 cache as over a bf16 one,
-// half the bytes, ~41 ns either way with 2 threads, the rows' latency and not the bandwidth the limit (a layer's
-// 2 KV heads x 256 over 128K / 32K keys, held to AVX2: 11.3-11.7 -> 9.4-9.5 ms, 2.4-2.5 -> 1.8 ms). The bf16
-// form's P.V (fp32 FMAs, compute-bound there) measured no faster with it (12.7-13.2 -> 13.7-14.4 ms at 128K).
-struct Ahead {
-  const char* k = nullptr;  // the next line of the keys
-  int64_t v = 0;            // the values' offset from the keys
-  int64_t left = 0;         // bytes of keys still to ask for
-  void step() {
-    if (left > 0) {
-      __builtin_prefetch(k, 0, 2);
-      __builtin_prefetch(k + v, 0, 2);
-      k += 64;
-      left -= 64;
-    }
-  }
-};
-
 // A block's working memory, one per thread: the scores (then the probabilities) of 4 heads, and for the 16-bit
-// forms below, the queries in int16, a block's key or value scales in fp32, the value scales' ratios, the weights
-// and the integer sums
+// forms below, the queries in int16, a block's key or value scales in fp32, each chunk's largest value scale, the
+// value scales' ratios, the weights and the integer sums; and the next block's keys and values, asked into L2 a
+// few lines at a time during this block's 16-bit P.V (q8_0, AVX2), which computes from L2 with the memory bus
+// otherwise idle. Without them a block's rows came in as its scores and P.V asked for them: at 128K keys (from
+// DRAM) a key took as long over a q8_0 cache as over a bf16 one, half the bytes, ~41 ns either way with 2 threads,
+// the rows' latency and not the bandwidth the limit (a layer's 2 KV heads x 256 over 128K / 32K keys, held to
+// AVX2: 11.3-11.7 -> 9.4-9.5 ms, 2.4-2.5 -> 1.8 ms). The bf16 form's P.V (fp32 FMAs, compute-bound there)
+// measured no faster with it (12.7-13.2 -> 13.7-14.4 ms at 128K).
 struct Scratch {
-  std::vector<float> scores, ratio, scales;
+  std::vector<float> scores, ratio, scales, top;
   std::vector<int16_t> q16, w16;
   std::vector<int32_t> iacc;
-  Ahead ahead;
+  qwen35_attn::RowPrefetch next_k, next_v;
 };
 
 #if defined(__AVX2__)
@@ -340,7 +327,8 @@ void pv_of(const float* p, int64_t D, const Q8Rows& v, int64_t s0, int64_t n, fl
   sc.scales.resize(static_cast<size_t>(n * nc));
   float* vs = sc.scales.data();  // vs[s * nc + c]: key s's value scale of chunk c
   halves_to_float(v.sc + s0 * nc, n * nc, vs);
-  std::vector<float> top(static_cast<size_t>(nc), 0.f);  // each chunk's largest (scales are amax / 127 >= 0)
+  sc.top.assign(static_cast<size_t>(nc), 0.f);  // each chunk's largest (scales are amax / 127 >= 0)
+  std::vector<float>& top = sc.top;
   int64_t c8 = 0;
   for (; c8 + 8 <= nc; c8 += 8) {  // 8 chunks at a time in a register (kept in memory, a store each key had
     f32x8 m{};                     // chained every maximum through store forwarding: a tenth of the P.V)
@@ -376,6 +364,8 @@ void pv_of(const float* p, int64_t D, const Q8Rows& v, int64_t s0, int64_t n, fl
     }
   int32_t* ia = sc.iacc.data();  // ia[g * D + d]: the block's exact sums, dimensions in the order below
   const int64_t run = std::max<int64_t>(2, 16384 / v.row_bytes() / 2 * 2);  // rows filling 16 KiB, as the fp32 form
+  sc.next_k.spread(D / 16 * ((n + 1) / 2));  // over the pair steps below
+  sc.next_v.spread(D / 16 * ((n + 1) / 2));
   for (int64_t t0 = 0; t0 < n; t0 += run) {
     const int64_t t1 = std::min(n, t0 + run);
     for (int64_t d = 0; d < D; d += 16) {
@@ -386,7 +376,8 @@ void pv_of(const float* p, int64_t D, const Q8Rows& v, int64_t s0, int64_t n, fl
         hi[g] = t0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ia + g * D + d + 8)) : _mm256_setzero_si256();
       }
       for (int64_t s = t0; s < t1; s += 2) {
-        sc.ahead.step();
+        sc.next_k.step();
+        sc.next_v.step();
         const int8_t* r0 = v.q + (s0 + s) * D + d;
         const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
         const __m256i x1 = s + 1 < n ? _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + D)))
@@ -471,9 +462,12 @@ void attend_block(const float* q, int64_t G, int64_t D, const Rows& k, const Row
   for (int64_t g = 0; g < G; g += 4) {
     const float* qg = q + g * D;
     float* pg = part + g * (D + 2);
-    sc.ahead.left = 0;
-    if (g + 4 >= G)  // the block's last heads: the next block [s1, s2) (this thread's next, as items are split)
-      sc.ahead = Ahead{k.row_ptr(s1), v.row_ptr(s1) - k.row_ptr(s1), k.row_ptr(s2) - k.row_ptr(s1)};
+    sc.next_k = sc.next_v = qwen35_attn::RowPrefetch();
+    if (g + 4 >= G) {  // the block's last heads: the next block [s1, s2) (this thread's next, as items are split)
+      const int64_t stride = k.row_ptr(1) - k.row_ptr(0);  // (keys and values rows alike, contiguous)
+      sc.next_k = qwen35_attn::RowPrefetch(k.row_ptr(s1), s2 - s1, stride, stride);
+      sc.next_v = qwen35_attn::RowPrefetch(v.row_ptr(s1), s2 - s1, stride, stride);
+    }
     switch (std::min<int64_t>(4, G - g)) {
       case 4: attend_heads<4>(qg, D, k, v, s0, n, scale, pg, sc); break;
       case 3: attend_heads<3>(qg, D, k, v, s0, n, scale, pg, sc); break;
