@@ -161,6 +161,12 @@ class Tokenizer:
             self._bytes[i] = out
         return out
 
+    def longest_token_bytes(self) -> int:
+        """At least the UTF-8 length of the longest token's text (what a token can cover of a prompt). Read
+        from the vocabulary's spellings: a byte-level spelling spends 1 or 2 UTF-8 bytes on each byte it
+        stands for, so this never undercounts. ~0.1 s for 248K tokens."""
+        return max(len(t.encode("utf-8")) for t in self._tok.get_vocab(with_added_tokens=True))
+
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, skip_special_tokens)
 

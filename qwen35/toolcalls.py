@@ -82,32 +82,126 @@ def _schemas(tools: list[dict] | None) -> dict[str, dict] | None:
 # type names real tool definitions use beside JSON Schema's own (Python's, from generated schemas)
 TYPE_ALIASES = {"int": "integer", "float": "number", "double": "number", "dict": "object", "list": "array",
                 "bool": "boolean", "str": "string", "none": "null"}
+JSON_TYPES = ("null", "boolean", "integer", "number", "string", "array", "object")
+MAX_SCHEMA_DEPTH = 64  # nesting past this is read as saying nothing more (a request's schema: no RecursionError)
+_NOT_JSON = object()
 
 
-def coerce(value: str, schema: dict | None) -> Any:
-    """A raw parameter string turned into the type its JSON schema names (kept as text if it won't go)."""
-    types = (schema or {}).get("type") if isinstance(schema, dict) else None
-    types = types if isinstance(types, list) else [types]
-    types = [TYPE_ALIASES.get(t, t) if isinstance(t, str) else t for t in types]
+def coerce(value: str, schema: dict | None, root: dict | None = None) -> Any:
+    """A raw parameter string turned into a value of a type its JSON schema allows, read as the tool-call grammar
+    (constrain._param_rule) writes it: a plain string or an enum of strings raw, anything else as JSON for its
+    schema. JSON of an allowed type is taken as it is; else each allowed type is tried in the schema's order on
+    looser spellings (True, None, +5); the text is kept when none fits. root: the tool's parameters, which
+    `$ref`s point into (the schema itself when not given)."""
+    if not isinstance(schema, dict) or _raw_string(schema):
+        return value
+    types = _types(schema, schema if root is None else root, {})
     stripped = value.strip()
-    for t in types:
+    try:
+        parsed = json.loads(stripped)
+    except (ValueError, RecursionError):  # not JSON (or nested past Python's limit)
+        parsed = _NOT_JSON
+    if parsed is not _NOT_JSON and (types is None or _json_type(parsed) in types):
+        return parsed
+    for t in types or ():  # a schema that says nothing takes JSON only: "007" stays text
         try:
             if t == "integer":
                 return int(stripped)
             if t == "number":
                 f = float(stripped)
                 return int(f) if f.is_integer() and re.fullmatch(r"-?\d+", stripped) else f
-            if t == "boolean" and stripped.lower() in ("true", "false"):
-                return stripped.lower() == "true"
-            if t == "null" and stripped.lower() in ("null", "none"):
-                return None
-            if t in ("object", "array"):
-                parsed = json.loads(stripped)
-                if isinstance(parsed, dict if t == "object" else list):
-                    return parsed
-        except (ValueError, json.JSONDecodeError):
+        except ValueError:
             continue
+        if t == "boolean" and stripped.lower() in ("true", "false"):
+            return stripped.lower() == "true"
+        if t == "null" and stripped.lower() in ("null", "none"):
+            return None
     return value
+
+
+def _raw_string(schema: dict) -> bool:
+    """Is this parameter's value written as raw text (constrain._param_rule: an enum of strings, or a string with
+    no pattern or format; a Python type name too, which the grammar does not take)?"""
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        return True
+    t = schema.get("type")
+    return isinstance(t, str) and TYPE_ALIASES.get(t, t) == "string" and "pattern" not in schema \
+        and "format" not in schema
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "number"
+    return "string" if isinstance(v, str) else "array" if isinstance(v, list) else "object"
+
+
+def _types(schema: Any, root: Any, refs: dict, depth: int = 0) -> list[str] | None:
+    """The JSON types a value of `schema` may take, in the order the schema names them ("number" brings
+    "integer"), or None where it does not say: its `type` (one or a list, Python names too, OpenAPI's
+    `nullable`), `enum` / `const`, the union of `anyOf` / `oneOf`, the common part of `allOf` and a local
+    `$ref`; a value must fit every one of these that the schema has. refs: each $ref's answer, worked out
+    once (a $ref back into itself says nothing; and branches that name the same $ref cost nothing twice, so
+    a schema cannot make this exponential)."""
+    if not isinstance(schema, dict) or depth > MAX_SCHEMA_DEPTH:
+        return None
+    says: list[list[str] | None] = []
+    t = schema.get("type")
+    if isinstance(t, (str, list)):
+        names = [TYPE_ALIASES.get(x, x) for x in (t if isinstance(t, list) else [t]) if isinstance(x, str)]
+        says.append(names + (["null"] if schema.get("nullable") is True else []))
+    if isinstance(schema.get("enum"), list):
+        says.append([_json_type(v) for v in schema["enum"]])
+    if "const" in schema:
+        says.append([_json_type(schema["const"])])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            branches = [_types(sub, root, refs, depth + 1) for sub in schema[key]]
+            says.append(None if None in branches else [x for b in branches for x in b])
+    if isinstance(schema.get("allOf"), list):
+        says += [_types(sub, root, refs, depth + 1) for sub in schema["allOf"]]
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        if ref not in refs:
+            refs[ref] = None  # while it is worked out: a cycle back to it
+            refs[ref] = _types(_pointer(root, ref), root, refs, depth + 1)
+        says.append(refs[ref])
+    out = None
+    for names in says:
+        if names is not None:
+            names = _with_integer([x for x in names if x in JSON_TYPES])
+            out = names if out is None else [x for x in out if x in names]
+    return out
+
+
+def _with_integer(names: list[str]) -> list[str]:
+    """Without duplicates, and "integer" after "number" (an integer is a number)."""
+    out = []
+    for x in names:
+        out += [y for y in ((x, "integer") if x == "number" else (x,)) if y not in out]
+    return out
+
+
+def _pointer(root: Any, ref: str) -> dict | None:
+    """The schema a local `$ref` ("#/$defs/Unit", any JSON pointer into `root`) names; None for any other."""
+    if not ref.startswith("#"):
+        return None  # a remote schema: never fetched
+    node = root
+    for part in ref[1:].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node if isinstance(node, dict) else None
 
 
 _FUNC = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
@@ -122,25 +216,28 @@ _PARAM_DONE = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>(?=\s*(?:<pa
 _FUNC_OPEN = re.compile(r"<function=([^>\n]+)>")
 
 
-def _param_value(raw: str, schema: dict | None) -> Any:
+def _param_value(raw: str, schema: dict | None, params: dict) -> Any:
     # the format puts the value on its own lines: drop exactly one newline on each side (with </parameter>
     # missing, the newline before the next tag too)
     raw = raw[1:] if raw.startswith("\n") else raw
     raw = raw[:-1] if raw.endswith("\n") else raw
-    return coerce(raw, schema)
+    return coerce(raw, schema, params)
 
 
-def _xml_args(body: str, props: dict, done_only: bool = False) -> list[tuple[str, Any]]:
+def _xml_args(body: str, params: dict, done_only: bool = False) -> list[tuple[str, Any]]:
     """(name, value) of each parameter in a function body (the text after `<function=NAME>`), in order; a
-    name given twice keeps its first value (so streamed pieces and the final arguments always agree)."""
+    name given twice keeps its first value (so streamed pieces and the final arguments always agree).
+    params: the function's parameters schema ({} when unknown)."""
     end = body.find("</function>")
     body = body if end < 0 else body[: end + len("</function>")]
+    props = params.get("properties") if isinstance(params, dict) else None
+    props = props if isinstance(props, dict) else {}
     out, seen = [], set()
     for m in (_PARAM_DONE if done_only else _PARAM).finditer(body):
         key = m.group(1).strip()
         if key not in seen:
             seen.add(key)
-            out.append((key, _param_value(m.group(2), props.get(key) if isinstance(props, dict) else None)))
+            out.append((key, _param_value(m.group(2), props.get(key), params)))
     return out
 
 
@@ -168,8 +265,7 @@ def parse_call_body(body: str, schemas: dict[str, dict] | None) -> tuple[ToolCal
         if not m:
             return None, "tool call has no <function=NAME> block"
         name = m.group(1).strip()
-        params = (schemas or {}).get(name, {}).get("properties", {}) if schemas else {}
-        args = dict(_xml_args(text[m.end():], params))
+        args = dict(_xml_args(text[m.end():], (schemas or {}).get(name, {})))
     if schemas is not None and name not in schemas:
         return None, f"model called unknown function '{name}'"
     return ToolCall(name, args), None
@@ -178,8 +274,11 @@ def parse_call_body(body: str, schemas: dict[str, dict] | None) -> tuple[ToolCal
 class OutputParser:
     """Feed text pieces; each `feed` returns what became certain. Call `finish` at the end."""
 
-    def __init__(self, tools: list[dict] | None = None, thinking_open: bool = False):
+    def __init__(self, tools: list[dict] | None = None, thinking_open: bool = False, tool_calls: bool = True):
+        """tool_calls False: the text is content and reasoning only, `<tool_call>` included (a server request
+        that offered no tools, or tool_choice "none", gets no calls back)."""
         self.schemas = _schemas(tools)
+        self.tool_calls = tool_calls
         self.mode = "reasoning" if thinking_open else "content"
         self.buf = ""
         self.call_text = ""  # inside <tool_call>, raw
@@ -193,10 +292,10 @@ class OutputParser:
     def _tags(self) -> tuple[str, ...]:
         if self.mode == "call":
             return (FUNC_CLOSE,) if self.bare else (CALL_CLOSE,)
-        bare = (FUNC_OPEN,) if self.schemas is not None else ()
+        calls = ((CALL_OPEN,) + ((FUNC_OPEN,) if self.schemas is not None else ())) if self.tool_calls else ()
         if self.mode == "reasoning":
-            return (THINK_CLOSE, CALL_OPEN) + bare
-        return (THINK_OPEN, CALL_OPEN) + bare
+            return (THINK_CLOSE,) + calls
+        return (THINK_OPEN,) + calls
 
     def _emit(self, out: ParsedDelta, text: str, final: bool = False) -> None:
         if self.at_start:
@@ -266,8 +365,7 @@ class OutputParser:
             self.partial = {"id": "call_" + uuid.uuid4().hex[:24], "name": name, "sent": [], "start": m.end()}
             out.call_deltas.append(CallDelta(self.calls, self.partial["id"], name, ""))
         p = self.partial
-        props = (self.schemas or {}).get(p["name"], {}).get("properties", {}) if self.schemas else {}
-        done = _xml_args(self.call_text[p["start"]:], props, done_only=True)
+        done = _xml_args(self.call_text[p["start"]:], (self.schemas or {}).get(p["name"], {}), done_only=True)
         for key, value in done[len(p["sent"]):]:
             piece = ("{" if not p["sent"] else ", ") + json.dumps(key, ensure_ascii=False) + ": " + \
                 json.dumps(value, ensure_ascii=False)

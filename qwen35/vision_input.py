@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import math
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +30,11 @@ import numpy as np
 import torch
 
 from .errors import Qwen35Error
+
+# Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is one process-wide global with no per-call form;
+# open_image reads headers under this lock so that lifting it for a moment (to learn a refused image's size) can
+# never race another open_image nor leave it lifted
+_PILLOW_LIMIT = threading.Lock()
 
 DEFAULT_MIN_PIXELS = 65536  # Qwen3.5's preprocessor_config.json: size.shortest_edge
 DEFAULT_MAX_PIXELS = 16777216  # size.longest_edge
@@ -172,21 +178,48 @@ def open_image(source, max_pixels: int | None = None):
                 raise ImageError(f"image not found: {p}")
             fp, name = p, str(p)
         try:
-            img = Image.open(fp)
+            img = _open_within_limit(Image, fp, name, max_pixels)
         except UnidentifiedImageError:
             raise ImageError(f"{name} is not an image Pillow can read (PNG, JPEG, WebP, GIF, BMP, ...)") from None
         except OSError as e:
             raise ImageError(f"{name}: cannot read image ({e})") from None
     if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ImageError(f"image of {img.width}x{img.height} = {img.width * img.height} pixels is over the limit "
-                         f"of {max_pixels} pixels")
+        raise _over_limit(img.width, img.height, max_pixels)
     try:
         img.load()
-    except (OSError, Image.DecompressionBombError) as e:
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a GIF frame past the limit
         raise ImageError(f"cannot decode image: {e}") from None
     if img.width < 1 or img.height < 1:
         raise ImageError("the image is empty (0 pixels)")
     return img
+
+
+def _over_limit(width: int, height: int, limit: int, whose: str = "") -> ImageError:
+    return ImageError(f"image of {width}x{height} = {width * height} pixels is over the limit of {limit} pixels{whose}")
+
+
+def _open_within_limit(Image, fp, name: str, max_pixels: int | None):
+    """Image.open (the header only; no pixels are decoded) with Pillow's decompression-bomb refusal turned into
+    the same ImageError as max_pixels. Pillow refuses a header over 2 x MAX_IMAGE_PIXELS inside Image.open
+    (DecompressionBombError, not an OSError) and warns over 1 x (an exception where warnings are errors), both
+    before the caller learns the size: the header is read again with the limit lifted, to name it."""
+    with _PILLOW_LIMIT:
+        try:
+            return Image.open(fp)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            saved = Image.MAX_IMAGE_PIXELS
+            pillow_limit = saved * (2 if isinstance(e, Image.DecompressionBombError) else 1)
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                with Image.open(fp) as img:
+                    width, height = img.size
+            except OSError:  # unreadable without the limit too (cannot happen: it read to the size): say so
+                raise ImageError(f"{name}: {e}") from None
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    if max_pixels is not None and width * height > max_pixels:
+        raise _over_limit(width, height, max_pixels)
+    raise _over_limit(width, height, pillow_limit, " (Pillow's decompression-bomb limit)")
 
 
 def image_hash(image) -> str:

@@ -495,6 +495,21 @@ BAD_INPUT = [  # (endpoint, body: dict or raw JSON text, the parameter the 400 m
     ("chat", {"messages": USER + [{"role": "tool", "content": "42"}]}, "messages[1].tool_call_id"),
     ("chat", {"messages": [{"role": "user"}]}, "messages[0].content"),
     ("chat", {"messages": USER, "model": ["model"]}, "model"),
+    # fields we cannot honour, refused rather than ignored
+    ("chat", {"messages": USER, "no_such_field": 1}, "no_such_field"),
+    ("chat", {"messages": USER, "functions": [{"name": "f"}]}, "functions"),
+    ("chat", {"messages": USER, "function_call": "auto"}, "function_call"),
+    ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+    ("completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("completions", {"prompt": "x", "tools": [TOOL]}, "tools"),
+    ("chat", {"messages": USER, "modalities": ["text", "audio"]}, "modalities"),
+    ("chat", {"messages": USER, "top_logprobs": 3}, "top_logprobs"),
+    ("chat", {"messages": USER, "stream": True, "stream_options": {"include_usage": 0}}, "stream_options"),
+    ("chat", {"messages": USER, "stream": True, "stream_options": {"continuous": True}}, "stream_options"),
+    ("chat", {"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat", {"messages": USER, "stop": ["x" * 1025]}, "stop"),
+    ("chat", {"messages": USER, "chat_template_kwargs": {"literals": []}}, "chat_template_kwargs"),
+    ("chat", {"messages": USER, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
 ]
 
 

@@ -1,5 +1,6 @@
 """Streaming output parser: reasoning, content, XML and JSON tool calls; any split equals the whole."""
 
+import json
 import random
 
 import pytest
@@ -235,3 +236,137 @@ def test_bare_function_is_text_when_no_tools_were_offered():
     text = "<function=note>\n<parameter=text>\nx\n</parameter>\n</function>"
     d = parse_output(text, None)
     assert d.tool_calls == [] and d.content == text
+
+
+# ---- coercion by the whole schema: type lists, anyOf / oneOf / allOf, enum / const, $ref ----
+
+UNIT_DEFS = {"$defs": {"Unit": {"enum": ["c", "f"]}, "Count": {"$ref": "#/$defs/Int"}, "Int": {"type": "integer"},
+                       "Loop": {"$ref": "#/$defs/Loop"}, "Flag": {"anyOf": [{"type": "boolean"}, {"type": "null"}]}}}
+
+
+@pytest.mark.parametrize("schema, text, value", [
+    ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "true", True),  # the audit's case
+    ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "7", 7),
+    ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "False", False),  # the template's Python spelling
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, '"7"', "7"),  # a string written as JSON, as the grammar does
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "7", 7),
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "seven", "seven"),  # a raw string (no grammar)
+    ({"type": ["integer", "null"]}, "null", None),
+    ({"type": ["integer", "null"]}, "None", None),
+    ({"type": ["string", "number"]}, "2.5", 2.5),
+    ({"type": ["string", "number"]}, '"x y"', "x y"),
+    ({"type": "integer", "nullable": True}, "null", None),  # OpenAPI's spelling
+    ({"type": "string", "pattern": "^[a-z]+$"}, '"abc"', "abc"),  # the grammar writes such a string as JSON
+    ({"type": "string", "pattern": "^[0-9]+$"}, "12345", "12345"),  # ... a model without it, raw
+    ({"type": "string"}, '"quoted"', '"quoted"'),  # a plain string is raw text, quotes and all
+    ({"enum": ["a", "b"]}, '"a"', '"a"'),  # so is an enum of strings
+    ({"enum": [1, "a", None]}, "1", 1),
+    ({"enum": [1, "a", None]}, '"a"', "a"),
+    ({"const": True}, "true", True),
+    ({"allOf": [{"type": "number"}, {"minimum": 0}]}, "3", 3),
+    ({"allOf": [{"type": ["integer", "string"]}, {"type": "integer"}]}, '"3"', '"3"'),  # only integer is common
+    ({}, "5", 5),  # any JSON, as the grammar writes it
+    ({}, '{"k": [1]}', {"k": [1]}),
+    ({}, "007", "007"),  # not JSON: text (a schema that says nothing gets no loose readings)
+    ({"description": "any"}, "New York", "New York"),
+    ({"type": "integer"}, "1e2", "1e2"),  # JSON, but a number where only an integer fits
+    pytest.param({"type": "array"}, "[" * 5000 + "]" * 5000, "[" * 5000 + "]" * 5000, id="past-recursion-limit"),
+    ({"type": "strnig"}, "1", "1"),  # no type this parser knows: text
+])
+def test_coerce_reads_the_whole_schema(schema, text, value):
+    got = coerce(text, schema)
+    assert got == value and type(got) is type(value), got
+
+
+@pytest.mark.parametrize("schema, text, value", [
+    ({"$ref": "#/$defs/Int"}, "4", 4),
+    ({"$ref": "#/$defs/Count"}, "4", 4),  # a $ref to a $ref
+    ({"$ref": "#/$defs/Unit"}, '"c"', "c"),  # the referenced enum of strings, written as JSON
+    ({"allOf": [{"$ref": "#/$defs/Flag"}]}, "null", None),  # pydantic's shape
+    ({"$ref": "#/$defs/Flag"}, "true", True),
+    ({"$ref": "#/$defs/Loop"}, "5", 5),  # a cycle says nothing: any JSON
+    ({"$ref": "#/$defs/Missing"}, "5", 5),
+    ({"$ref": "https://example.com/s.json"}, '"x"', "x"),  # never fetched
+])
+def test_coerce_follows_local_refs_into_the_parameters(schema, text, value):
+    got = coerce(text, schema, UNIT_DEFS)
+    assert got == value and type(got) is type(value), got
+
+
+def test_xml_call_arguments_follow_anyof_and_refs():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "$defs": {"N": {"type": "integer"}},
+        "properties": {"a": {"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "n": {"$ref": "#/$defs/N"},
+                       "m": {"type": ["number", "null"]}, "s": {"oneOf": [{"type": "string"}, {"type": "null"}]}}}}}]
+    text = ("<tool_call>\n<function=f>\n<parameter=a>\ntrue\n</parameter>\n<parameter=n>\n12\n</parameter>\n"
+            "<parameter=m>\nnull\n</parameter>\n<parameter=s>\n\"hi\"\n</parameter>\n</function>\n</tool_call>")
+    want = {"a": True, "n": 12, "m": None, "s": "hi"}
+    assert parse_output(text, tools).tool_calls[0].arguments == want
+    p, acc = OutputParser(tools), ParsedDelta()
+    for ch in text:  # streamed: the pieces carry the same typed values
+        acc += p.feed(ch)
+    acc += p.finish()
+    assert acc.tool_calls[0].arguments == want
+    assert "".join(d.arguments for d in acc.call_deltas) == json.dumps(want)
+
+
+GRAMMAR_SCHEMAS = [
+    {"anyOf": [{"type": "integer"}, {"type": "boolean"}]},
+    {"oneOf": [{"type": "string", "maxLength": 5}, {"type": "integer"}]},
+    {"type": ["integer", "null"]},
+    {"type": ["string", "number"]},
+    {"type": "string", "pattern": "^[a-z ]+$"},
+    {"type": "string"},
+    {"enum": ["c", "f"]},
+    {"enum": [1, "a", None]},
+    {"const": True},
+    {"allOf": [{"type": "number"}, {"minimum": 0}]},
+    {"anyOf": [{"type": "array", "items": {"type": "integer"}}, {"type": "object"}]},
+    {},
+]
+CANDIDATES = ["true", "false", "7", "-3", "2.5", "null", '"abc"', "abc", '"a"', "a", "c", "f", "1", "[1, 2]",
+              '{"k": 1}', '"x y"', "x y", "True"]
+
+
+@pytest.mark.parametrize("i", range(len(GRAMMAR_SCHEMAS)))
+def test_what_the_tool_call_grammar_allows_comes_back_as_its_json(i, qwen_tok):
+    """Every value the grammar lets the model write for a parameter comes back as a value valid for the
+    parameter's schema, and, where the grammar writes JSON, as exactly that JSON."""
+    import jsonschema
+
+    from qwen35.constrain import GrammarError, Structured, engine_for
+
+    schema = GRAMMAR_SCHEMAS[i]
+    params = {"type": "object", "required": ["x"], "properties": {"x": schema}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+    grammar = engine_for(qwen_tok, qwen_tok.vocab_size).compile(Structured.tool_calls(tools))
+    raw = schema.get("type") == "string" and "pattern" not in schema or schema == {"enum": ["c", "f"]}
+    allowed = 0
+    for text in CANDIDATES:
+        call = f"<tool_call>\n<function=f>\n<parameter=x>\n{text}\n</parameter>\n</function>\n</tool_call>"
+        m = grammar.matcher()
+        try:
+            for t in qwen_tok.encode(call):
+                m.advance(t)
+        except GrammarError:
+            continue
+        if not m.accepting:
+            continue
+        allowed += 1
+        (got,) = parse_output(call, tools).tool_calls
+        jsonschema.validate(got.arguments, params)
+        value = got.arguments["x"]
+        want = text if raw else json.loads(text)
+        assert value == want and type(value) is type(want), (text, value)
+    assert allowed >= (1 if "const" in schema else 2)
+
+
+def test_hostile_schemas_cost_little():
+    # each definition names the next twice: walked naively that is 2**40 visits
+    defs = {f"D{i}": {"anyOf": [{"$ref": f"#/$defs/D{i + 1}"}, {"$ref": f"#/$defs/D{i + 1}"}]} for i in range(40)}
+    defs["D40"] = {"type": "integer"}
+    assert coerce("3", {"$ref": "#/$defs/D0"}, {"$defs": defs}) == 3
+    deep: dict = {"type": "boolean"}
+    for _ in range(5000):  # nested past Python's recursion limit
+        deep = {"anyOf": [deep]}
+    assert coerce("true", deep) is True  # read as saying nothing past the cap: any JSON

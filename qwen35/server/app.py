@@ -29,11 +29,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..chat_template import ChatTemplateError
 from ..constrain import GrammarError
 from ..errors import Qwen35Error
-from ..generation import ContextLengthError
+from ..generation import ContextLengthError, max_context
 from ..guide import make_guide
 from ..toolcalls import OutputParser, ParsedDelta
 from ..vision_input import ImageError
@@ -42,11 +43,13 @@ from .engine import Request as EngineRequest
 from .guard import Guard
 from .images import DEFAULT_MAX_IMAGE_PIXELS, image_parts, load_images
 from .metrics import prometheus_text
+from .prompt_ids import conversation_ids, least_tokens, message_texts
 from .protocol import DEFAULT_MAX_REQUEST_BYTES, APIError, bad, parse_json, parse_messages, parse_options
 from .responses import finish_reason, logprob_entry, sse, usage
 from .stop_strings import StopStrings
 
 log = logging.getLogger("qwen35.server")
+SMALL_BODY = 256 * 2**10  # bodies up to this size are prepared on threads that larger ones never hold
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
@@ -62,8 +65,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     app.add_middleware(Guard)
     started = int(time.time())
     # parsing, rendering and tokenizing a request: off the event loop, on threads of their own (the default
-    # executor is busy with the token queues of running streams)
+    # executor is busy with the token queues of running streams). Bodies over SMALL_BODY (seconds of
+    # rendering and tokenizing at 8 MiB) take threads of their own, so two of them cannot hold up every
+    # ordinary request behind them.
     prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen35-prepare")
+    big_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen35-prepare-large")
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
@@ -79,10 +85,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return JSONResponse(APIError(e.status_code, str(e.detail), type_=kind).body(), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, e: ClientDisconnect):
+        # the client left while sending its body: nobody reads this answer, and it is no server error
+        log.info("a client disconnected before its request body arrived")
+        return PlainTextResponse("", status_code=400)
+
     def check_auth(request: Request) -> None:
         if api_key is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() != api_key:  # the scheme's case is free (RFC 9110)
             raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
     def too_large() -> APIError:
@@ -120,7 +133,21 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                "model", "model_not_found")
             return prepare(body)
 
-        return await asyncio.get_running_loop().run_in_executor(prep_pool, work)
+        return await asyncio.get_running_loop().run_in_executor(prep_pool if len(raw) <= SMALL_BODY else big_pool,
+                                                                work)
+
+    longest_token: list[int] = []  # the vocabulary's longest token in bytes, found on first use
+
+    def refuse_overlong(texts, opts, param: str) -> None:
+        """Refuse, before rendering or tokenizing it, a prompt that cannot fit the context whatever its
+        tokenization (prompt_ids.least_tokens): an 8 MiB body would otherwise hold a thread for seconds."""
+        if not longest_token:
+            longest_token.append(tokenizer.longest_token_bytes())
+        least, limit = least_tokens(texts, longest_token[0]), max_context(engine.model)
+        if least + opts.params.max_tokens > limit:
+            raise bad(param, f"the prompt holds at least {least} tokens; with max_tokens ({opts.params.max_tokens}) "
+                      f"that exceeds the context of {limit} tokens; shorten the prompt or lower max_tokens",
+                      "context_length_exceeded")
 
     @app.get("/health")
     async def health():
@@ -188,9 +215,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 req.cancel()
 
     async def run(req: EngineRequest, request: Request, opts, parser: OutputParser | None):
-        """Yields (ParsedDelta, token item) as text arrives; the last item carries the finish."""
+        """Yields (ParsedDelta, token item) as text arrives; the last item carries the finish. With
+        parallel_tool_calls false the answer ends at its first complete tool call."""
         text_stream = tokenizer.text_stream()
         stops = StopStrings(opts.stop_strings)
+        calls = 0
         async for item in tokens(req, request):
             if item.error is not None:
                 raise APIError(500, "generation failed")
@@ -199,10 +228,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 req.cancel()
                 item.finish_reason = "stop"
             delta = ParsedDelta(content=text) if parser is None else parser.feed(text)
+            calls += len(delta.tool_calls)
+            one_call = calls > 0 and not opts.parallel_tool_calls and item.finish_reason is None
+            if one_call:
+                req.cancel()
+                item.finish_reason = "stop"
             if parser is not None and item.finish_reason is not None:
                 delta += parser.finish()
             yield delta, item
-            if stops.hit:
+            if stops.hit or one_call:
                 return
 
     def closing(kind: str, cid: str, created: int, req: EngineRequest, n: int, include_usage: bool) -> list[str]:
@@ -211,32 +245,33 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                      "usage": usage(req, n)})] if include_usage else []
         return tail + ["data: [DONE]\n\n"]
 
-    def encode_chat(messages: list[dict], opts, add_generation_prompt: bool) -> tuple[list[int], str]:
-        """Token ids and text of the rendered conversation; client-written text is encoded as plain text
-        (render_segments), so a typed "<|im_start|>system" is characters, not a new turn."""
+    def render_chat(messages: list[dict], opts, add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, is_template) pieces; client-written text is encoded as plain
+        text (render_segments), so a typed "<|im_start|>system" is characters, not a new turn."""
         try:
-            pieces = tokenizer.chat_template.render_segments(
+            return tokenizer.chat_template.render_segments(
                 messages, tokenizer.added_tokens, tools=opts.tools, add_generation_prompt=add_generation_prompt,
                 enable_thinking=opts.enable_thinking, **opts.template_kwargs)
         except ChatTemplateError as e:
             raise bad("messages", f"the chat template refused the conversation: {e.reason}") from None
         except Qwen35Error as e:
             raise bad("messages", str(e)) from None
-        return tokenizer.encode_segments(pieces), "".join(text for text, _ in pieces)
 
     def prepare_chat(body: dict):
         opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=True,
                              default_template_kwargs=template_defaults, vocab_size=engine.model.config.vocab_size)
         messages = parse_messages(body.get("messages"))
+        refuse_overlong(message_texts(messages), opts, "messages")
         parts = image_parts(messages)
         if parts and engine.speculation is not None:
             raise bad(parts[0][0], "image input is not available on a server started with --speculative (the MTP "
                       "head has no image positions)")
         pictures = load_images(parts, engine.model, allow_remote_images, max_image_pixels, max_request_bytes) \
             if parts else []
-        ids, prompt = encode_chat(messages, opts, True)
-        hist, _ = encode_chat(messages, opts, False)
-        boundary = len(hist) if ids[: len(hist)] == hist else 0
+        pieces, hist_pieces = render_chat(messages, opts, True), render_chat(messages, opts, False)
+        prompt = "".join(text for text, _ in pieces)
+        ids, boundary = conversation_ids(tokenizer, pieces, hist_pieces)
+        hist = ids[:boundary]
         vision = None
         if pictures:  # pads expanded to each image's size; the boundary moves with them
             from ..multimodal import expand_prompt, prepare_prompt
@@ -266,33 +301,40 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                         "choices": [choice]})
 
-        parser = OutputParser(opts.tools, thinking_open=thinking_open)
+        # no tools offered (or tool_choice "none"): a <tool_call> the model writes anyway is content
+        parser = OutputParser(opts.tools, thinking_open=thinking_open, tool_calls=opts.tools is not None)
         if opts.stream:
             async def events():
-                n, ncalls, cut = 0, 0, None
+                # every token's logprob entry rides on the next chunk sent, so a stream carries the same
+                # entries as the answer in one body (tokens whose text is held back, or is tool-call markup
+                # or a control token, send no text chunk of their own)
+                n, ncalls, cut, lp = 0, 0, None, []
                 yield chunk({"role": "assistant", "content": ""})
                 try:
                     async for delta, item in run(req, request, opts, parser):
                         n += item.token is not None
                         cut = cut or item.reasoning_cut
-                        lp = [logprob_entry(tokenizer, item)] if opts.params.logprobs and item.token is not None else None
+                        if opts.params.logprobs and item.token is not None:
+                            lp.append(logprob_entry(tokenizer, item))
                         if delta.reasoning:
-                            yield chunk({"reasoning_content": delta.reasoning}, lp=lp)
-                            lp = None
+                            yield chunk({"reasoning_content": delta.reasoning}, lp=lp or None)
+                            lp = []
                         if delta.content:
-                            yield chunk({"content": delta.content}, lp=lp)
-                            lp = None
+                            yield chunk({"content": delta.content}, lp=lp or None)
+                            lp = []
                         for d in delta.call_deltas:  # the call's name first, then its arguments piece by piece
                             piece = {"index": d.index, "function": {"arguments": d.arguments}}
                             if d.id is not None:
                                 piece.update(id=d.id, type="function")
                                 piece["function"]["name"] = d.name
-                            yield chunk({"tool_calls": [piece]})
+                            yield chunk({"tool_calls": [piece]}, lp=lp or None)
+                            lp = []
                         ncalls += len(delta.tool_calls)
                         if delta.errors:  # a malformed call stays as text; say why beside it
                             yield chunk({"tool_call_errors": delta.errors})
                         if item.finish_reason is not None:
-                            yield chunk({}, finish_reason(item.finish_reason, ncalls > 0), cut=cut)
+                            yield chunk({}, finish_reason(item.finish_reason, ncalls > 0), lp=lp or None, cut=cut)
+                            lp = []
                 except APIError as e:
                     yield sse(e.body())
                 except Exception:  # the stream ends with an error event, never a traceback
@@ -345,6 +387,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise bad("prompt", "'prompt' holds several prompts; send one per request")
         raise bad("prompt", "'prompt' must be a non-empty string or a non-empty list of token ids")
 
+    def legacy_logprobs(tokens: list) -> dict | None:
+        """The completions API's logprobs object for [(token item, offset of its text in the answer)]."""
+        if not tokens:
+            return None
+        top = [{tokenizer.decode([i]): v for i, v in item.top_logprobs or ()} for item, _ in tokens]
+        return {"tokens": [tokenizer.decode([item.token]) for item, _ in tokens],
+                "token_logprobs": [item.logprob for item, _ in tokens],
+                "top_logprobs": top if any(top) else None,
+                "text_offset": [at for _, at in tokens]}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         opts, ids, guide = await prepared(request, prepare_completion)
@@ -353,14 +405,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         created = int(time.time())
         if opts.stream:
             async def events():
-                n, cut = 0, None
+                n, cut, sent, lp = 0, None, 0, []  # lp: tokens whose logprobs ride on the next chunk
                 try:
                     async for delta, item in run(req, request, opts, None):
                         n += item.token is not None
                         cut = cut or item.reasoning_cut
+                        if opts.params.logprobs and item.token is not None:
+                            lp.append((item, sent))
+                        sent += len(delta.content)
                         fin = None if item.finish_reason is None else finish_reason(item.finish_reason, False)
                         if delta.content or fin:
-                            choice = {"index": 0, "text": delta.content, "logprobs": None, "finish_reason": fin}
+                            choice = {"index": 0, "text": delta.content, "logprobs": legacy_logprobs(lp),
+                                      "finish_reason": fin}
+                            lp = []
                             if fin and cut:
                                 choice["reasoning_cut"] = cut
                             yield sse({"id": cid, "object": "text_completion", "created": created,
@@ -374,13 +431,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     yield line
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        text, n, last, cut = [], 0, None, None
+        text, n, last, cut, lp, sent = [], 0, None, None, [], 0
         async for delta, item in run(req, request, opts, None):
+            if opts.params.logprobs and item.token is not None:
+                lp.append((item, sent))
+            sent += len(delta.content)
             text.append(delta.content)
             n += item.token is not None
             cut = cut or item.reasoning_cut
             last = item
-        choice = {"index": 0, "text": "".join(text), "logprobs": None,
+        choice = {"index": 0, "text": "".join(text), "logprobs": legacy_logprobs(lp) if opts.params.logprobs else None,
                   "finish_reason": finish_reason(last.finish_reason if last else None, False)}
         if cut is not None:
             choice["reasoning_cut"] = cut

@@ -116,6 +116,7 @@ class Engine:
                 f"{len(req.prompt)} tokens + max_tokens {req.params.max_tokens}) but the server's memory budget "
                 f"is {format_bytes(self.memory_budget)}; lower max_tokens or shorten the prompt")
         with self._lock:
+            self._drop_cancelled()
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self.waiting.append(req)
@@ -133,7 +134,18 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        with self._lock:
+            self._drop_cancelled()
+            return len(self.waiting)
+
+    def _drop_cancelled(self) -> None:
+        """Take requests whose clients left out of the queue (under _lock): they would hold its places, and
+        turn new requests away, until the batch had room to admit them (the worker may be busy for minutes)."""
+        if any(r.cancelled.is_set() for r in self.waiting):
+            gone = [r for r in self.waiting if r.cancelled.is_set()]
+            self.waiting = deque(r for r in self.waiting if not r.cancelled.is_set())
+            for r in gone:
+                r.out.put(Token(None, finish_reason="cancelled"))
 
     def stop(self) -> None:
         """Ask `run()` to return (safe from any thread or a signal handler)."""
@@ -201,7 +213,8 @@ class Engine:
             req.out.put(Token(None, finish_reason=ended))
             return
         try:
-            job.feed()
+            if not job.done:  # (a prompt restored whole from the prompt cache has nothing to feed)
+                job.feed()
         except Exception as e:  # noqa: BLE001
             self.feeding.pop(self._next_feed)
             self._release(req)

@@ -25,7 +25,16 @@ class PromptFeed:
             raise ValueError(f"prefill chunk size must be >= 1, got {chunk_size}")
         self.model, self.req, self.prompt_cache, self.chunk_size = model, req, prompt_cache, chunk_size
         self.key = req.key or req.prompt  # what prompt reuse matches: an image's pads stand for its pixel hash
-        self.cache, self.cached = prompt_cache.lookup(self.key)
+        self.logits: torch.Tensor | None = None  # fp32 [1, vocab] of the prompt's last token, once fed
+        self.last_hidden: torch.Tensor | None = None
+        # the same prompt served before: its end restored with its logits, nothing to feed (not with images,
+        # whose positions are set up by the feed, nor with drafting, which needs the MTP head's state too)
+        exact = prompt_cache.lookup_exact(self.key) if req.images is None and speculation is None else None
+        if exact is not None:
+            self.cache, self.logits = exact
+            self.cached = len(self.key)
+        else:
+            self.cache, self.cached = prompt_cache.lookup(self.key)
         self.pos = self.cache.offset
         self.vision = None  # multimodal.VisionPrompt of a prompt with images (the app refuses them with drafting)
         if req.images is not None:
@@ -43,8 +52,6 @@ class PromptFeed:
             self.mcache = model.make_mtp_cache(batch_size=1)
             self.mcache.reserve(room, exact=True)
             speculative.prefill_start(self.cache, self.mcache)
-        self.logits: torch.Tensor | None = None  # fp32 [1, vocab] of the prompt's last token, once fed
-        self.last_hidden: torch.Tensor | None = None
 
     @property
     def done(self) -> bool:
@@ -73,4 +80,5 @@ class PromptFeed:
                 threads.run("prefill", lambda: self.model.hidden_states(self.ids[:, s:e], cache=self.cache), e - s)
         self.pos = e
         if e in self.stops:  # a turn boundary or the prompt's end: later requests restore from here
-            self.prompt_cache.store(self.key[:e], self.cache)
+            plain = self.vision is None and self.mcache is None  # (what lookup_exact serves)
+            self.prompt_cache.store(self.key[:e], self.cache, self.logits if last and plain else None)

@@ -33,6 +33,32 @@ ROLES = ("system", "user", "assistant", "tool")
 MEDIA_PARTS = ("image_url", "image", "input_image", "video", "video_url", "input_audio", "audio", "file")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # OpenAI's rule plus '.' and ':' (MCP names); no '>' or spaces
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+# chat_template_kwargs the request sets itself (render_segments' own arguments among them)
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "literals")
+MAX_STOP_CHARS = 1024  # per stop string: each is matched against the text at every token
+# Every field a request may carry. A field outside these is refused (400 naming it), never ignored: a client
+# that sends e.g. `suffix` or `functions` expects an effect we would silently not give it.
+COMMON_FIELDS = frozenset((
+    "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
+    "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs",
+    "response_format", "structured_outputs", "ignore_eos", "max_thinking_tokens", "reasoning_effort",
+    "break_thinking_loops", "echo", "best_of",
+    # bookkeeping for the client's side that asks nothing of the answer (OpenAI's API takes them too)
+    "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+))
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                               "parallel_tool_calls", "chat_template_kwargs", "modalities"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
+# fields we know and cannot honour: the reason said instead of "unknown"
+NOT_SUPPORTED = {
+    "functions": "'functions' is the deprecated form of 'tools': send {\"tools\": [{\"type\": \"function\", "
+                 "\"function\": {...}}]}",
+    "function_call": "'function_call' is the deprecated form of 'tool_choice': send 'tool_choice'",
+    "suffix": "'suffix' (text after the insertion point) is not supported",
+    "audio": "audio output is not supported",
+    "prediction": "'prediction' (predicted outputs) is not supported",
+    "web_search_options": "web search is not supported",
+}
 
 
 class APIError(Exception):
@@ -41,7 +67,8 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                              429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+                              413: "invalid_request_error", 429: "rate_limit_error",
+                              503: "service_unavailable"}.get(status, "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -111,6 +138,7 @@ class GenerationOptions:
     tools: list[dict] | None
     tool_choice: Any
     template_kwargs: dict  # chat_template_kwargs other than enable_thinking, passed to the template
+    parallel_tool_calls: bool = True  # False: the answer ends after its first complete tool call
 
 
 def _num(body: dict, key: str, kind, lo=None, hi=None, default=None):
@@ -166,10 +194,16 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
                   default_template_kwargs: dict | None = None, vocab_size: int = 2**31) -> GenerationOptions:
     if not isinstance(body, dict):
         raise bad("body", "the request body must be a JSON object")
+    _check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, "chat completions" if chat else "completions")
     if _num(body, "n", int, 1, None, 1) != 1:
         raise bad("n", "only n=1 is supported")
+    if _num(body, "best_of", int, 1, None, 1) != 1:
+        raise bad("best_of", "only best_of=1 is supported")
     if _bool(body, "echo"):
         raise bad("echo", "'echo' is not supported yet")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise bad("modalities", "'modalities' must be [\"text\"]: this server answers in text only")
     max_tokens = _num(body, "max_completion_tokens", int, 1, None) or _num(body, "max_tokens", int, 1, None) or 1024
     stop = body.get("stop")
     if stop is None:
@@ -178,12 +212,17 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16):
         raise bad("stop", "'stop' must be a string or a list of at most 16 strings")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad("stop", f"each stop string may be at most {MAX_STOP_CHARS} characters, got one of "
+                  f"{max(len(s) for s in stop)}")
     top_k = _num(body, "top_k", int, -1, None, 0)
     logprobs = body.get("logprobs", False)
     if chat:
         if not isinstance(logprobs, bool):
             raise bad("logprobs", "'logprobs' must be a boolean")
         top_logprobs = _num(body, "top_logprobs", int, 0, 20, 0)
+        if top_logprobs > 0 and not logprobs:  # OpenAI's rule too
+            raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     else:  # completions: logprobs is the number of alternatives
         top_logprobs = _num(body, "logprobs", int, 0, 5, 0) if logprobs not in (None, False) else 0
         logprobs = logprobs not in (None, False)
@@ -209,7 +248,8 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
             frequency_penalty=_num(body, "frequency_penalty", float, -2, 2, 0.0),
             repetition_penalty=_num(body, "repetition_penalty", float, 0.01, 10, 1.0),
             logit_bias=bias, seed=_num(body, "seed", int, *SEED_RANGE),
-            max_tokens=max_tokens, stop_token_ids=tuple(eos_ids), logprobs=bool(logprobs) or top_logprobs > 0,
+            max_tokens=max_tokens, stop_token_ids=() if _bool(body, "ignore_eos") else tuple(eos_ids),
+            logprobs=bool(logprobs) or top_logprobs > 0,
             top_logprobs=top_logprobs, structured=structured, max_thinking_tokens=budget,
             break_thinking_loops=_bool(body, "break_thinking_loops"),
         )
@@ -221,9 +261,14 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
         stream_options = {}
     if not isinstance(stream_options, dict):
         raise bad("stream_options", "'stream_options' must be an object such as {\"include_usage\": true}")
-    include_usage = stream_options.get("include_usage") or False
+    unknown = sorted(set(stream_options) - {"include_usage"})
+    if unknown:
+        raise bad("stream_options", f"'stream_options.{unknown[0]}' is not supported (only include_usage)")
+    include_usage = stream_options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad("stream_options", "'stream_options.include_usage' must be true or false")
+    if include_usage and not stream:
+        raise bad("stream_options", "'stream_options' applies to streams only: set 'stream': true")
     thinking = default_thinking
     if effort is not None:
         thinking = effort not in ("none", "minimal")
@@ -236,11 +281,21 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
         if value is not None and not isinstance(value, bool):
             raise bad("chat_template_kwargs", "'chat_template_kwargs.enable_thinking' must be a boolean")
         thinking = thinking if value is None else value
-    for key in ("messages", "tools", "add_generation_prompt"):
+    for key in RESERVED_TEMPLATE_KWARGS:
         if key in kwargs:
             raise bad("chat_template_kwargs", f"'chat_template_kwargs.{key}' is set by the request itself")
     template_kwargs = {**(default_template_kwargs or {}), **kwargs}
-    return GenerationOptions(params, stop, stream, include_usage, thinking, tools, tool_choice, template_kwargs)
+    parallel = _bool(body, "parallel_tool_calls", True)
+    return GenerationOptions(params, stop, stream, include_usage, thinking, tools, tool_choice, template_kwargs,
+                             parallel)
+
+
+def _check_fields(body: dict, known: frozenset, endpoint: str) -> None:
+    for key in body:
+        if key in NOT_SUPPORTED:
+            raise bad(key, NOT_SUPPORTED[key])
+        if key not in known:
+            raise bad(key, f"unknown parameter {_show(key)} for {endpoint}")
 
 
 def parse_structured(body: dict, required_tools: list[dict] | None) -> Structured | None:

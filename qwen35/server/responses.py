@@ -27,7 +27,12 @@ def finish_reason(reason: str | None, calls: bool) -> str:
 
 
 def logprob_entry(tokenizer, item) -> dict:
-    """One generated token's logprob entry, with its top alternatives."""
-    tok = tokenizer.decode([item.token])
-    return {"token": tok, "logprob": item.logprob, "bytes": list(tok.encode()),
-            "top_logprobs": [{"token": tokenizer.decode([i]), "logprob": v} for i, v in item.top_logprobs or ()]}
+    """One generated token's logprob entry, with its top alternatives, in OpenAI's shape."""
+    return {**_logprob(tokenizer, item.token, item.logprob),
+            "top_logprobs": [_logprob(tokenizer, i, v) for i, v in item.top_logprobs or ()]}
+
+
+def _logprob(tokenizer, token: int, logprob: float) -> dict:
+    # `bytes` are the token's own bytes, not its decoded text re-encoded: a token that is part of a UTF-8
+    # character decodes to U+FFFD, and only its bytes let a client join it with the next one
+    return {"token": tokenizer.decode([token]), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
