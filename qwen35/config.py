@@ -7,6 +7,7 @@ math is here; unknown keys are ignored, and anything we cannot run is rejected w
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ KNOWN_UNSUPPORTED = {
     "qwen3_next": "Qwen3-Next",
 }
 LAYER_TYPES = ("linear_attention", "full_attention")
+log = logging.getLogger("qwen35")
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,12 @@ class ModelConfig:
                 ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
                 vision = {**vision, **{k: cfg[k] for k in ids if cfg.get(k) is not None}}
             # HF's composite model ties by the top-level flag; fall back to the text config's.
-            tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+            tie = cfg.get("tie_word_embeddings")
+            if tie is None:
+                tie = text.get("tie_word_embeddings")
         else:
             text = cfg
-            tie = text.get("tie_word_embeddings", False)
+            tie = text.get("tie_word_embeddings")
 
         def get(key: str, default: Any = _REQUIRED) -> Any:
             if key in text and text[key] is not None:
@@ -118,17 +122,24 @@ class ModelConfig:
                 raise ConfigError(f"{source}: missing required field '{key}'")
             return default
 
-        num_layers = int(get("num_hidden_layers"))
-        hidden = int(get("hidden_size"))
-        num_heads = int(get("num_attention_heads"))
+        def get_int(key: str, default: Any = _REQUIRED) -> int:
+            return _int(get(key, default), source, key)
+
+        num_layers = get_int("num_hidden_layers")
+        hidden = get_int("hidden_size")
+        num_heads = get_int("num_attention_heads")
+        if num_layers < 1:  # checked here: the layer pattern below is built from it
+            raise ConfigError(f"{source}: num_hidden_layers must be positive, got {num_layers}")
         layer_types = text.get("layer_types")
         if layer_types is None:
-            interval = int(text.get("full_attention_interval", 4))
+            interval = get_int("full_attention_interval", 4)
             if interval < 1:
                 raise ConfigError(f"{source}: full_attention_interval must be >= 1, got {interval}")
             layer_types = [
                 "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers)
             ]
+        if not isinstance(layer_types, (list, tuple)):  # a bare string would be read as a list of letters
+            raise ConfigError(f"{source}: layer_types must be a list, got {short_repr(layer_types)}")
         layer_types = tuple(layer_types)
         if len(layer_types) != num_layers:
             raise ConfigError(
@@ -141,31 +152,32 @@ class ModelConfig:
         act = text.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} is not supported (Qwen3.5 uses 'silu')")
-        if text.get("attention_bias", False):
+        if _bool(get("attention_bias", False), source, "attention_bias"):
             raise ConfigError(f"{source}: attention_bias=true is not supported (Qwen3.5 has no biases)")
 
         rope = _rope_fields(text, source)
-        eos = text.get("eos_token_id", cfg.get("eos_token_id"))
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
+        vocab = get_int("vocab_size")
+        eos_ids = _eos_ids(text.get("eos_token_id", cfg.get("eos_token_id")), vocab, source)
 
         config = cls(
-            vocab_size=int(get("vocab_size")),
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(get("intermediate_size")),
+            intermediate_size=get_int("intermediate_size"),
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=int(get("num_key_value_heads", num_heads)),
-            head_dim=int(get("head_dim", hidden // num_heads)),
-            linear_num_key_heads=int(get("linear_num_key_heads", 16)),
-            linear_num_value_heads=int(get("linear_num_value_heads", 32)),
-            linear_key_head_dim=int(get("linear_key_head_dim", 128)),
-            linear_value_head_dim=int(get("linear_value_head_dim", 128)),
-            linear_conv_kernel_dim=int(get("linear_conv_kernel_dim", 4)),
+            num_key_value_heads=get_int("num_key_value_heads", num_heads),
+            # the default divides: a zero head count is left for validate() to name
+            head_dim=get_int("head_dim", hidden // num_heads if num_heads > 0 else 0),
+            linear_num_key_heads=get_int("linear_num_key_heads", 16),
+            linear_num_value_heads=get_int("linear_num_value_heads", 32),
+            linear_key_head_dim=get_int("linear_key_head_dim", 128),
+            linear_value_head_dim=get_int("linear_value_head_dim", 128),
+            linear_conv_kernel_dim=get_int("linear_conv_kernel_dim", 4),
             layer_types=layer_types,
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(get("max_position_embeddings", 262144)),
-            tie_word_embeddings=bool(tie),
-            mtp_num_hidden_layers=int(get("mtp_num_hidden_layers", 0)),
+            rms_norm_eps=_float(get("rms_norm_eps", 1e-6), source, "rms_norm_eps"),
+            max_position_embeddings=get_int("max_position_embeddings", 262144),
+            tie_word_embeddings=_bool(False if tie is None else tie, source, "tie_word_embeddings"),
+            mtp_num_hidden_layers=get_int("mtp_num_hidden_layers", 0),
             eos_token_ids=eos_ids,
             model_type=model_type,
             vision_config=vision if isinstance(vision, dict) else None,
@@ -207,7 +219,36 @@ class ModelConfig:
         need(0 < self.partial_rotary_factor <= 1, f"partial_rotary_factor must be in (0, 1], got "
              f"{self.partial_rotary_factor}")
         need(self.rotary_dim % 2 == 0, f"rotary dim head_dim*partial_rotary_factor = {self.rotary_dim} must be even")
+        need(self.rotary_dim >= 2, f"rotary dim head_dim*partial_rotary_factor = {self.rotary_dim} must be at "
+             f"least 2 (one frequency pair)")
         need(self.mtp_num_hidden_layers >= 0, "mtp_num_hidden_layers must be >= 0")
+        # eps sits under a square root (a zero or negative one gives NaN); NaN compares False, so it fails too
+        need(self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps),
+             f"rms_norm_eps must be a positive number, got {self.rms_norm_eps}")
+        # the RoPE wavelengths are powers of theta: at theta <= 1 they no longer grow with the dim (and yarn
+        # divides by log(theta))
+        need(self.rope_theta > 1 and math.isfinite(self.rope_theta),
+             f"rope_theta must be a number greater than 1, got {self.rope_theta}")
+        need(self.max_position_embeddings >= 1,
+             f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}")
+        need(all(s >= 0 for s in self.mrope_section), f"mrope_section entries must be >= 0, got "
+             f"{list(self.mrope_section)}")
+        for i in self.eos_token_ids:  # generation stops on these ids: one the model cannot emit never stops it
+            need(0 <= i < self.vocab_size, f"eos_token_id {i} is not a token id of the vocabulary (vocab_size "
+                 f"{self.vocab_size})")
+        if self.rope_type == "yarn":
+            self._validate_yarn(need)
+
+    def _validate_yarn(self, need) -> None:
+        orig = self.rope_original_max_position_embeddings
+        need(orig is not None and orig >= 1, f"yarn original_max_position_embeddings must be >= 1, got {orig}")
+        need(self.rope_factor > 0 and math.isfinite(self.rope_factor),
+             f"yarn 'factor' must be a positive number, got {self.rope_factor}")
+        # the ramp takes log(original / (2 pi beta)): a beta <= 0 has no logarithm
+        for name in ("rope_beta_fast", "rope_beta_slow"):
+            need(getattr(self, name) > 0, f"yarn '{name[5:]}' must be positive, got {getattr(self, name)}")
+        need(self.rope_attention_factor is None or self.rope_attention_factor > 0,
+             f"yarn 'attention_factor' must be positive, got {self.rope_attention_factor}")
 
     def rope_parameters(self) -> dict[str, Any]:
         """The HF `rope_parameters` object for config.json: every RoPE setting as read, so that writing a
@@ -270,34 +311,102 @@ def _rope_fields(text: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: rope_type {rope_type!r} is not supported yet (supported: default, yarn)")
     # model/rope.py runs the interleaved T,H,W layout only; transformers' qwen3_5 ignores this key and always
     # interleaves too, so a chunked layout (qwen2_vl style) has no Qwen3.5 reference to be checked against
-    if not rp.get("mrope_interleaved", True):
+    if not _bool(rp.get("mrope_interleaved", True), source, "mrope_interleaved"):
         raise ConfigError(f"{source}: rope_parameters 'mrope_interleaved': false (chunked mRoPE sections) is not "
                           "supported; Qwen3.5 interleaves the T/H/W rotary frequencies (mrope_interleaved: true)")
+
+    def number(key: str, default: float | None) -> float | None:
+        # rope_theta and partial_rotary_factor may also sit at the top level (the legacy layout)
+        v = rp.get(key, text.get(key) if key in ("rope_theta", "partial_rotary_factor") else None)
+        return default if v is None else _float(v, source, key)
+
     out: dict[str, Any] = {
-        "rope_theta": float(rp.get("rope_theta", text.get("rope_theta", 10000.0))),
-        "partial_rotary_factor": float(rp.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))),
+        "rope_theta": number("rope_theta", 10000.0),
+        "partial_rotary_factor": number("partial_rotary_factor", 0.25),
         "rope_type": rope_type,
         "mrope_interleaved": True,
     }
     if "mrope_section" in rp:
-        out["mrope_section"] = tuple(int(x) for x in rp["mrope_section"])
+        sections = rp["mrope_section"]
+        if not isinstance(sections, (list, tuple)):
+            raise ConfigError(f"{source}: 'mrope_section' must be a list of integers, got {short_repr(sections)}")
+        out["mrope_section"] = tuple(_int(x, source, f"mrope_section[{i}]") for i, x in enumerate(sections))
     if rope_type == "yarn":
-        factor = rp.get("factor")
         orig = rp.get("original_max_position_embeddings")
         if orig is None:
             raise ConfigError(f"{source}: yarn rope_parameters need 'original_max_position_embeddings'")
+        orig = _int(orig, source, "original_max_position_embeddings")
+        if orig < 1:  # the default factor divides by it
+            raise ConfigError(f"{source}: yarn original_max_position_embeddings must be >= 1, got {orig}")
+        factor = number("factor", None)
         if factor is None:
-            factor = int(text.get("max_position_embeddings", 262144)) / int(orig)
-        if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+            max_pos = text.get("max_position_embeddings")
+            factor = _int(262144 if max_pos is None else max_pos, source, "max_position_embeddings") / orig
+        if factor <= 0:
             raise ConfigError(f"{source}: yarn 'factor' must be a positive number, got {factor!r}")
         out.update(
-            rope_factor=float(factor),
-            rope_original_max_position_embeddings=int(orig),
-            rope_attention_factor=rp.get("attention_factor"),
-            rope_beta_fast=float(rp.get("beta_fast") or 32),
-            rope_beta_slow=float(rp.get("beta_slow") or 1),
-            rope_mscale=rp.get("mscale"),
-            rope_mscale_all_dim=rp.get("mscale_all_dim"),
-            rope_truncate=bool(rp.get("truncate", True)),
+            rope_factor=factor,
+            rope_original_max_position_embeddings=orig,
+            rope_attention_factor=number("attention_factor", None),
+            # `or`, as transformers reads them: a 0 means the default too
+            rope_beta_fast=_float(rp.get("beta_fast") or 32, source, "beta_fast"),
+            rope_beta_slow=_float(rp.get("beta_slow") or 1, source, "beta_slow"),
+            rope_mscale=number("mscale", None),
+            rope_mscale_all_dim=number("mscale_all_dim", None),
+            rope_truncate=_bool(rp.get("truncate", True), source, "truncate"),
         )
     return out
+
+
+def is_integer(v: Any) -> bool:
+    """A JSON (or GGUF) integer: an int, or a float with an integral value (256.0); never a bool, which Python
+    counts as an int but no config means as a size."""
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float; never a bool."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def short_repr(v: Any) -> str:
+    """repr(v), cut short: an error message stays one line however large the bad value."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _int(v: Any, source: str, key: str) -> int:
+    if not is_integer(v):  # int("256") or int(256.7) would quietly accept what the file did not say
+        raise ConfigError(f"{source}: '{key}' must be an integer, got {short_repr(v)}")
+    return int(v)
+
+
+def _float(v: Any, source: str, key: str) -> float:
+    if not is_number(v):
+        raise ConfigError(f"{source}: '{key}' must be a finite number, got {short_repr(v)}")
+    return float(v)
+
+
+def _bool(v: Any, source: str, key: str) -> bool:
+    if not isinstance(v, bool):  # bool("false") is True: a string would flip the meaning
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {short_repr(v)}")
+    return v
+
+
+def _eos_ids(eos: Any, vocab_size: int, source: str) -> tuple[int, ...]:
+    """eos_token_id: absent or null (none), one id, or a list of ids; a non-integer is an error. An id outside
+    the vocabulary is dropped with a warning, not refused: the model can never emit it, so it stops nothing, and
+    generation stops on the tokenizer's ids, not these; shapes.py's small replicas keep the official 248044 over
+    a few thousand tokens."""
+    if eos is None:
+        return ()
+    if isinstance(eos, (list, tuple)):
+        ids = [_int(x, source, f"eos_token_id[{i}]") for i, x in enumerate(eos)]
+    else:
+        ids = [_int(eos, source, "eos_token_id")]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        listed = ", ".join(map(str, bad))
+        what = f"{listed} is not a token id" if len(bad) == 1 else f"{listed} are not token ids"
+        log.warning("%s: eos_token_id %s of the vocabulary (vocab_size %d); ignored", source, what, vocab_size)
+    return tuple(i for i in ids if 0 <= i < vocab_size)

@@ -1,4 +1,6 @@
 import json
+import re
+from dataclasses import replace
 
 import pytest
 
@@ -109,3 +111,134 @@ def test_unknown_keys_are_ignored():
             "rope_parameters": {**base["text_config"]["rope_parameters"], "some_future_rope_key": 2}}
     newer = composite(text=text, transformers_version="9.0", another_top_level_key={"x": 1})
     assert ModelConfig.from_hf(newer) == ModelConfig.from_hf(base)
+
+
+def _text(**over):
+    return {**replica.text_config(), "model_type": "qwen3_5_text", **over}
+
+
+def _rope(**over):
+    return {**replica.text_config()["rope_parameters"], **over}
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"hidden_size": "abc"}, "'hidden_size' must be an integer, got 'abc'"),
+    ({"hidden_size": [256]}, "'hidden_size' must be an integer, got [256]"),
+    ({"hidden_size": 256.7}, "'hidden_size' must be an integer, got 256.7"),  # int() would truncate it
+    ({"hidden_size": "64"}, "'hidden_size' must be an integer, got '64'"),
+    ({"hidden_size": True}, "'hidden_size' must be an integer, got True"),
+    ({"num_attention_heads": "4"}, "'num_attention_heads' must be an integer, got '4'"),
+    ({"full_attention_interval": "4", "layer_types": None}, "'full_attention_interval' must be an integer"),
+    ({"rms_norm_eps": "x"}, "'rms_norm_eps' must be a finite number, got 'x'"),
+    ({"rms_norm_eps": float("nan")}, "'rms_norm_eps' must be a finite number, got nan"),
+    ({"rms_norm_eps": True}, "'rms_norm_eps' must be a finite number, got True"),
+    ({"rope_parameters": _rope(rope_theta="1e7")}, "'rope_theta' must be a finite number, got '1e7'"),
+    ({"rope_parameters": _rope(rope_theta=float("inf"))}, "'rope_theta' must be a finite number, got inf"),
+    ({"rope_parameters": _rope(partial_rotary_factor=[0.5])}, "'partial_rotary_factor' must be a finite number"),
+    ({"rope_parameters": _rope(mrope_section="abc")}, "'mrope_section' must be a list of integers, got 'abc'"),
+    ({"rope_parameters": _rope(mrope_section=[3, "3", 2])}, "'mrope_section[1]' must be an integer, got '3'"),
+    ({"rope_parameters": _rope(mrope_interleaved="true")}, "'mrope_interleaved' must be true or false, got 'true'"),
+    ({"rope_parameters": _rope(rope_type="yarn", factor="4", original_max_position_embeddings=1024)},
+     "'factor' must be a finite number, got '4'"),
+    ({"rope_parameters": _rope(rope_type="yarn", factor=4.0, original_max_position_embeddings="1024")},
+     "'original_max_position_embeddings' must be an integer, got '1024'"),
+    ({"rope_parameters": _rope(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024,
+                               beta_fast="x")}, "'beta_fast' must be a finite number, got 'x'"),
+    ({"attention_bias": "false"}, "'attention_bias' must be true or false, got 'false'"),
+    ({"layer_types": "linear_attention"}, "layer_types must be a list, got 'linear_attention'"),
+    ({"eos_token_id": "foo"}, "'eos_token_id' must be an integer, got 'foo'"),
+    ({"eos_token_id": [1, "2"]}, "'eos_token_id[1]' must be an integer, got '2'"),
+    ({"hidden_size": "x" * 500}, "'hidden_size' must be an integer, got 'xxx"),  # a long value is cut short
+])
+def test_wrong_typed_fields_are_named(tmp_path, over, words):
+    """A field of the wrong JSON type is a ConfigError naming config.json, the field and the value (not a
+    ValueError or TypeError from int() / float(), nor a value quietly converted)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({k: v for k, v in _text(**over).items() if v is not None}))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {words}")) as e:
+        ModelConfig.from_file(tmp_path)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 250
+
+
+def test_integral_floats_are_integers():
+    """256.0 is the integer 256 (some tools write every number as a float)."""
+    floats = _text(hidden_size=64.0, vocab_size=320.0, eos_token_id=[1.0],
+                   rope_parameters=_rope(mrope_section=[3.0, 3, 2.0]))
+    c = ModelConfig.from_hf(floats)
+    assert c == ModelConfig.from_hf(_text()) and type(c.hidden_size) is int and c.eos_token_ids == (1,)
+
+
+@pytest.mark.parametrize("composite_config", [False, True])
+def test_tie_word_embeddings_must_be_a_boolean(composite_config):
+    """bool("false") is True: a string would tie the head and silently drop a real lm_head."""
+    def cfg(tie):
+        return composite(tie_word_embeddings=tie) if composite_config else _text(tie_word_embeddings=tie)
+
+    assert ModelConfig.from_hf(cfg(False)).tie_word_embeddings is False
+    assert ModelConfig.from_hf(cfg(True)).tie_word_embeddings is True
+    for bad in ("false", "true", 0, 1, []):
+        with pytest.raises(ConfigError, match=re.escape(f"'tie_word_embeddings' must be true or false, got {bad!r}")):
+            ModelConfig.from_hf(cfg(bad))
+    # absent or null: the text config's flag, then untied
+    text = _text(tie_word_embeddings=True)
+    assert ModelConfig.from_hf(composite(text=text, tie_word_embeddings=None)).tie_word_embeddings is True
+    del text["tie_word_embeddings"]
+    assert ModelConfig.from_hf(text).tie_word_embeddings is False
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps must be a positive number, got -1.0"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number, got 0.0"),
+    ({"rope_parameters": _rope(rope_theta=0)}, "rope_theta must be a number greater than 1, got 0.0"),
+    ({"rope_parameters": _rope(rope_theta=-5)}, "rope_theta must be a number greater than 1, got -5.0"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be >= 1, got 0"),
+    ({"max_position_embeddings": -5}, "max_position_embeddings must be >= 1, got -5"),
+    ({"num_hidden_layers": 0, "layer_types": None}, "num_hidden_layers must be positive, got 0"),
+    ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads must be positive, got 0"),  # no // 0
+    ({"num_key_value_heads": -2}, "num_key_value_heads must be positive, got -2"),
+    ({"head_dim": 0}, "head_dim must be positive, got 0"),
+    ({"intermediate_size": 0}, "intermediate_size must be positive, got 0"),
+    ({"linear_num_key_heads": 0}, "linear_num_key_heads must be positive, got 0"),
+    ({"linear_value_head_dim": -24}, "linear_value_head_dim must be positive, got -24"),
+    ({"linear_conv_kernel_dim": 0}, "linear_conv_kernel_dim must be positive, got 0"),
+    ({"vocab_size": 0}, "vocab_size must be positive, got 0"),
+    ({"mtp_num_hidden_layers": -1}, "mtp_num_hidden_layers must be >= 0"),
+    ({"rope_parameters": _rope(partial_rotary_factor=0)}, "partial_rotary_factor must be in (0, 1], got 0.0"),
+    ({"rope_parameters": _rope(partial_rotary_factor=1.5)}, "partial_rotary_factor must be in (0, 1], got 1.5"),
+    ({"head_dim": 2, "rope_parameters": _rope(partial_rotary_factor=0.25)},
+     "rotary dim head_dim*partial_rotary_factor = 0 must be at least 2"),
+    ({"rope_parameters": _rope(mrope_section=[3, -1, 2])}, "mrope_section entries must be >= 0, got [3, -1, 2]"),
+    ({"rope_parameters": _rope(rope_type="yarn", original_max_position_embeddings=0)},
+     "yarn original_max_position_embeddings must be >= 1, got 0"),
+    ({"rope_parameters": _rope(rope_type="yarn", factor=-2, original_max_position_embeddings=1024)},
+     "yarn 'factor' must be a positive number, got -2.0"),
+    ({"rope_parameters": _rope(rope_type="yarn", factor=4, original_max_position_embeddings=1024, beta_slow=-1)},
+     "yarn 'beta_slow' must be positive, got -1.0"),
+    ({"rope_parameters": _rope(rope_type="yarn", factor=4, original_max_position_embeddings=1024,
+                               attention_factor=0)}, "yarn 'attention_factor' must be positive, got 0.0"),
+])
+def test_out_of_range_values_are_named(tmp_path, over, words):
+    """Values that would divide by zero, take the root or log of a negative, or give silent nonsense (token 0
+    for every input, a context of -5 tokens) are refused when config.json is read."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({k: v for k, v in _text(**over).items() if v is not None}))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {words}")):
+        ModelConfig.from_file(tmp_path)
+
+
+def test_eos_token_ids(caplog):
+    """One id, a list, null or absent read as before; the composite's top-level id is the fallback. An id
+    outside the vocabulary (the model can never emit it) is dropped with a warning naming file and id."""
+    assert ModelConfig.from_hf(_text(eos_token_id=5)).eos_token_ids == (5,)
+    assert ModelConfig.from_hf(_text(eos_token_id=[5, 0, 319])).eos_token_ids == (5, 0, 319)
+    assert ModelConfig.from_hf(_text(eos_token_id=None)).eos_token_ids == ()
+    text = _text()
+    del text["eos_token_id"]
+    assert ModelConfig.from_hf(text).eos_token_ids == ()
+    assert ModelConfig.from_hf(composite(text=text, eos_token_id=7)).eos_token_ids == (7,)
+    with caplog.at_level("WARNING", logger="qwen35"):
+        c = ModelConfig.from_hf(_text(eos_token_id=[5, 99999, -1]), source="cfg.json")
+    assert c.eos_token_ids == (5,)
+    assert "cfg.json: eos_token_id 99999, -1 are not token ids of the vocabulary (vocab_size 320)" in caplog.text
+    with pytest.raises(ConfigError, match=r"eos_token_id 320 is not a token id of the vocabulary"):
+        replace(c, eos_token_ids=(320,)).validate()

@@ -2,11 +2,13 @@
 q8_0 / q4_0), llama.cpp's names and layouts are undone exactly, the tokenizer travels in the metadata, split
 files load, and broken files are named errors."""
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from gguf import GGUFValueType
 
 from qwen35 import CheckpointError
 from qwen35.commands.replica import build_replica
@@ -288,3 +290,72 @@ def test_writer_plan_for_0_8b_equals_llama_cpp_files():
     assert meta.keys() == want["metadata"].keys()
     for k, v in want["metadata"].items():
         assert meta[k] == pytest.approx(v, rel=1e-7), k
+
+
+def _metadata_gguf(src, path: Path, edits: dict | None = None) -> Path:
+    """A GGUF with only what the config is read from: `src`'s hyperparameter keys as export writes them
+    (write_config) and a token_embd tensor, `edits` ({key: (value, GGUFValueType)}) written over the keys."""
+    from gguf import GGUFValue, GGUFWriter
+
+    from qwen35.config import ModelConfig
+    from qwen35.gguf.metadata import write_config
+
+    config = ModelConfig.from_file(src)
+    w = GGUFWriter(path, "qwen35")
+    write_config(w, config, 1)
+    for key, (value, kind) in (edits or {}).items():
+        w.kv_data[0][key] = GGUFValue(value, kind)
+    w.add_tensor("token_embd.weight", np.zeros((config.vocab_size, config.hidden_size), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+U32, F32, STR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("qwen35.block_count", ("eight", STR), "'qwen35.block_count' must be an integer >= 1, got 'eight'"),
+    ("qwen35.block_count", (0, U32), "'qwen35.block_count' must be an integer >= 1, got 0"),
+    ("qwen35.embedding_length", (128.5, F32), "'qwen35.embedding_length' must be an integer >= 1, got 128.5"),
+    ("qwen35.ssm.time_step_rank", (0, U32), "'qwen35.ssm.time_step_rank' must be an integer >= 1, got 0"),
+    ("qwen35.attention.key_length", (0, U32), "'qwen35.attention.key_length' must be an integer >= 1, got 0"),
+    ("qwen35.context_length", (0, U32), "'qwen35.context_length' must be an integer >= 1, got 0"),
+    ("qwen35.rope.dimension_sections", ("abc", STR),
+     "'qwen35.rope.dimension_sections' must be an array of integers >= 0, got 'abc'"),
+    ("qwen35.rope.freq_base", ("x", STR), "'qwen35.rope.freq_base' must be a positive number, got 'x'"),
+    ("qwen35.attention.layer_norm_rms_epsilon", (-1.0, F32),
+     "'qwen35.attention.layer_norm_rms_epsilon' must be a positive number, got -1.0"),
+    ("qwen35.nextn_predict_layers", (5, U32), "'qwen35.nextn_predict_layers' (5) leaves no text layers of "
+                                              "'qwen35.block_count' (5)"),
+    ("qwen35.ssm.inner_size", (130, U32), "'qwen35.ssm.inner_size' (130) is not a multiple of "
+                                          "'qwen35.ssm.time_step_rank' (4)"),
+    ("qwen35.attention.recurrent_layers", (True, GGUFValueType.BOOL),
+     "'qwen35.attention.recurrent_layers' must be an array of 4 or more flags, got True"),
+    ("tokenizer.ggml.eos_token_id", ("x", STR), "'tokenizer.ggml.eos_token_id' must be an integer, got 'x'"),
+    ("general.alignment", (0, U32), "'general.alignment' must be a power of two, got 0"),
+    ("general.alignment", (7, U32), "'general.alignment' must be a power of two, got 7"),  # llama.cpp refuses it
+])
+def test_bad_metadata_values_are_named(src, tmp_path, key, value, words):
+    """A hyperparameter of the wrong type, or a zero that something divides by, is a CheckpointError naming
+    the file and the key (not a ValueError / ZeroDivisionError, nor tensor data read at the wrong offset)."""
+    p = _metadata_gguf(src, tmp_path / "m.gguf", {key: value})
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: metadata key {words}")):
+        load_model(p)
+
+
+def test_metadata_gguf_reads_back_and_eos_outside_the_vocabulary_is_dropped(src, tmp_path, caplog):
+    """The edit-free file reads back to src's shape (so the failures above are the edits'); an eos id the
+    model cannot emit is dropped with a warning naming the key, as for config.json (and as llama.cpp does)."""
+    from qwen35.gguf.loader import read_config
+
+    c = read_config(_metadata_gguf(src, tmp_path / "ok.gguf", {"tokenizer.ggml.eos_token_id": (7, U32)}))
+    assert (c.num_hidden_layers, c.mtp_num_hidden_layers, c.linear_value_head_dim) == (4, 1, 32)
+    assert c.eos_token_ids == (7,)
+    with caplog.at_level("WARNING", logger="qwen35"):
+        c = read_config(_metadata_gguf(src, tmp_path / "m.gguf", {"tokenizer.ggml.eos_token_id": (99999, U32)}))
+    assert c.eos_token_ids == ()
+    assert "m.gguf: metadata key 'tokenizer.ggml.eos_token_id' = 99999 is not a token id of the 512-token" \
+        in caplog.text

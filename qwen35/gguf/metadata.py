@@ -6,11 +6,13 @@ GGUF of another architecture is refused by name. Writing emits the keys llama.cp
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from ..config import ModelConfig
+from ..config import ModelConfig, is_integer, is_number, short_repr
 from ..errors import CheckpointError
 
+log = logging.getLogger("qwen35")
 ARCH = "qwen35"
 KNOWN_OTHER = {"qwen35moe": "Qwen3.5 MoE", "qwen3next": "Qwen3-Next", "qwen3": "Qwen3", "qwen2": "Qwen2",
                "llama": "Llama"}
@@ -36,56 +38,97 @@ def config_dict(f) -> dict[str, Any]:
             return default
         return v
 
+    def integer(key: str, default: Any = ..., least: int = 1) -> int:
+        """A count or size: an integer (an integral float too), at least `least` (most divide something)."""
+        v = get(key, default)
+        if not is_integer(v) or v < least:
+            raise CheckpointError(f"{f.path}: metadata key '{ARCH}.{key}' must be an integer >= {least}, got "
+                                  f"{short_repr(v)}")
+        return int(v)
+
+    def number(key: str, default: Any = ...) -> float:
+        """A positive finite number (an epsilon, a RoPE base, a scaling factor)."""
+        v = get(key, default)
+        if not is_number(v) or v <= 0:
+            raise CheckpointError(f"{f.path}: metadata key '{ARCH}.{key}' must be a positive number, got "
+                                  f"{short_repr(v)}")
+        return float(v)
+
     embd = f.tensors.get("token_embd.weight")
     if embd is None:
         raise CheckpointError(f"{f.path}: missing tensor 'token_embd.weight'")
-    mtp = int(get("nextn_predict_layers", 0))
-    blocks = int(get("block_count"))
+    vocab = int(embd.shape[1])
+    mtp = integer("nextn_predict_layers", 0, least=0)
+    blocks = integer("block_count")
+    if mtp >= blocks:  # the MTP blocks are counted in block_count, after the text layers
+        raise CheckpointError(f"{f.path}: metadata key '{ARCH}.nextn_predict_layers' ({mtp}) leaves no text layers "
+                              f"of '{ARCH}.block_count' ({blocks})")
     layers = blocks - mtp
-    head_dim = int(get("attention.key_length"))
-    value_heads = int(get("ssm.time_step_rank"))
-    recurrent = get("attention.recurrent_layers", None)
-    if recurrent is not None:
-        layer_types = ["linear_attention" if r else "full_attention" for r in list(recurrent)[:layers]]
-    else:
-        interval = int(get("full_attention_interval", 4))
-        layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
-    sections = [int(s) for s in get("rope.dimension_sections", [11, 11, 10, 0])][:3]
-    rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 1e7)),
-            "partial_rotary_factor": int(get("rope.dimension_count", head_dim // 4)) / head_dim,
-            "mrope_section": sections, "mrope_interleaved": True}
+    head_dim = integer("attention.key_length")
+    value_heads = integer("ssm.time_step_rank")
+    inner = integer("ssm.inner_size")
+    if inner % value_heads:  # the value head dim is inner_size / time_step_rank
+        raise CheckpointError(f"{f.path}: metadata key '{ARCH}.ssm.inner_size' ({inner}) is not a multiple of "
+                              f"'{ARCH}.ssm.time_step_rank' ({value_heads})")
+    layer_types = _layer_types(f, get("attention.recurrent_layers", None), layers, integer)
+    sections = get("rope.dimension_sections", [11, 11, 10, 0])
+    if not isinstance(sections, list) or not all(is_integer(s) and s >= 0 for s in sections):
+        raise CheckpointError(f"{f.path}: metadata key '{ARCH}.rope.dimension_sections' must be an array of "
+                              f"integers >= 0, got {short_repr(sections)}")
+    rope = {"rope_type": "default", "rope_theta": number("rope.freq_base", 1e7),
+            "partial_rotary_factor": integer("rope.dimension_count", head_dim // 4) / head_dim,
+            "mrope_section": [int(s) for s in sections[:3]], "mrope_interleaved": True}
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", None):
         if scaling != "yarn":
-            raise CheckpointError(f"{f.path}: rope scaling {scaling!r} is not supported (only yarn)")
-        rope.update(rope_type="yarn", factor=float(get("rope.scaling.factor")),
-                    original_max_position_embeddings=int(get("rope.scaling.original_context_length")))
-    eos = f.get("tokenizer.ggml.eos_token_id")
+            raise CheckpointError(f"{f.path}: rope scaling {short_repr(scaling)} is not supported (only yarn)")
+        rope.update(rope_type="yarn", factor=number("rope.scaling.factor"),
+                    original_max_position_embeddings=integer("rope.scaling.original_context_length"))
     cfg = {
         "model_type": "qwen3_5_text",
-        "vocab_size": int(embd.shape[1]),
-        "hidden_size": int(get("embedding_length")),
-        "intermediate_size": int(get("feed_forward_length")),
+        "vocab_size": vocab,
+        "hidden_size": integer("embedding_length"),
+        "intermediate_size": integer("feed_forward_length"),
         "num_hidden_layers": layers,
-        "num_attention_heads": int(get("attention.head_count")),
-        "num_key_value_heads": int(get("attention.head_count_kv")),
+        "num_attention_heads": integer("attention.head_count"),
+        "num_key_value_heads": integer("attention.head_count_kv"),
         "head_dim": head_dim,
-        "linear_num_key_heads": int(get("ssm.group_count")),
+        "linear_num_key_heads": integer("ssm.group_count"),
         "linear_num_value_heads": value_heads,
-        "linear_key_head_dim": int(get("ssm.state_size")),
-        "linear_value_head_dim": int(get("ssm.inner_size")) // value_heads,
-        "linear_conv_kernel_dim": int(get("ssm.conv_kernel")),
+        "linear_key_head_dim": integer("ssm.state_size"),
+        "linear_value_head_dim": inner // value_heads,
+        "linear_conv_kernel_dim": integer("ssm.conv_kernel"),
         "layer_types": layer_types,
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "max_position_embeddings": int(get("context_length", 262144)),
+        "rms_norm_eps": number("attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": integer("context_length", 262144),
         "tie_word_embeddings": "output.weight" not in f.tensors,
         "rope_parameters": rope,
         "mtp_num_hidden_layers": mtp,
         "hidden_act": "silu",
     }
+    eos = f.get("tokenizer.ggml.eos_token_id")
     if eos is not None:
-        cfg["eos_token_id"] = int(eos)
+        if not is_integer(eos):
+            raise CheckpointError(f"{f.path}: metadata key 'tokenizer.ggml.eos_token_id' must be an integer, got "
+                                  f"{short_repr(eos)}")
+        if 0 <= eos < vocab:
+            cfg["eos_token_id"] = int(eos)
+        else:  # as ModelConfig.from_hf (and llama.cpp) do: an id the model cannot emit stops nothing
+            log.warning("%s: metadata key 'tokenizer.ggml.eos_token_id' = %d is not a token id of the %d-token "
+                        "vocabulary; ignored", f.path, eos, vocab)
     return cfg
+
+
+def _layer_types(f, recurrent: Any, layers: int, integer) -> list[str]:
+    """From `attention.recurrent_layers` (one flag per block) if present, else `full_attention_interval`."""
+    if recurrent is None:
+        interval = integer("full_attention_interval", 4)
+        return ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
+    if not isinstance(recurrent, list) or len(recurrent) < layers or not all(
+            isinstance(r, (bool, int)) for r in recurrent):
+        raise CheckpointError(f"{f.path}: metadata key '{ARCH}.attention.recurrent_layers' must be an array of "
+                              f"{layers} or more flags, got {short_repr(recurrent)}")
+    return ["linear_attention" if r else "full_attention" for r in recurrent[:layers]]
 
 
 def write_config(w, config: ModelConfig, mtp_layers: int) -> None:

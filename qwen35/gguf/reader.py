@@ -190,9 +190,18 @@ def _read(p: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         dims = [r.scalar("<u8") for _ in range(r.scalar("<u4"))]
         type_offset = r.pos
         infos.append((name, dims, r.scalar("<u4"), r.scalar("<u8"), type_offset))
-    align = int(fields.get("general.alignment", 32))
+    align = _alignment(p, fields)
     start = (r.pos + align - 1) // align * align
     return fields, [_tensor(p, r.buf, start, *info) for info in infos]
+
+
+def _alignment(p: Path, fields: dict[str, Any]) -> int:
+    """general.alignment, where the tensor data starts: a power of two, as llama.cpp requires (0 cannot align,
+    and any other value puts the data where no writer put it)."""
+    align = fields.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1 or align & (align - 1):
+        raise CheckpointError(f"{p}: metadata key 'general.alignment' must be a power of two, got {align!r}")
+    return align
 
 
 def _tensor(p: Path, buf: np.ndarray, start: int, name: str, dims: list[int], type_id: int, offset: int,
