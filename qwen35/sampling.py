@@ -207,6 +207,8 @@ class Sampler:
         logits, their ids), highest first (ties by id), or (y, None) where every token stays. What
         `reference_distribution` keeps, found from a top-k instead of a sort of the whole vocabulary."""
         p, V = self.params, y.numel()
+        if bool(torch.isnan(y.max())):  # (max propagates NaN) before top_p's softmax meets an empty set
+            raise SamplingError("cannot draw a token: the logits hold NaN")
         vals = ids = None
         if p.top_k and p.top_k < V:
             k = p.top_k
@@ -302,7 +304,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] -> tokens [B] (long). Call `observe(tokens)` after accepting them."""
         if self.params.greedy:
-            return argmax(logits.float() if self.plain else self.process(logits))
+            return greedy(logits.float() if self.plain else self.process(logits))
         y = self._scaled(logits)
         out = torch.empty(y.shape[0], dtype=torch.long)
         for b in range(y.shape[0]):
@@ -327,6 +329,15 @@ class Sampler:
             if t not in self._touched[b]:
                 self._touched[b].add(t)
                 self._touched_ids[b] = None
+
+
+def greedy(x: torch.Tensor) -> torch.Tensor:
+    """The argmax tokens [B] of processed logits x [B, V]; a row holding NaN is an error (argmax would pick the
+    NaN, as torch's does, and the answer would go on as if nothing were wrong). The check reads B values."""
+    ids = argmax(x)
+    if bool(torch.isnan(x.gather(1, ids[:, None])).any()):
+        raise SamplingError("cannot draw a token: the logits hold NaN")
+    return ids
 
 
 def _softmax(v: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from .draft_policy import ADAPTIVE_MAX_DRAFTS, RoundCosts, SpeculativeStats, cho
 from .errors import Qwen35Error
 from .generation import Response, Stream
 from .ops.linear import linear
-from .sampling import SamplingParams, speculative_accept
+from .sampling import SamplingParams, greedy, speculative_accept
 from .selection import argmax, draw
 
 MAX_DRAFT_TOKENS = 7  # k + 1 verify tokens per row must fit the whole-layer kernels (ops/fast.LAYER_MAX_TOKENS)
@@ -351,7 +351,7 @@ def _accept(stream: Stream, vlogits: torch.Tensor, drafts: list[int], qs: list[t
             out.append(stream.sample(logits))
             break
         if stream.params.greedy:
-            tok = int(argmax(stream.sampler.process(logits)))
+            tok = int(greedy(stream.sampler.process(logits)))
         else:
             _, tok = speculative_accept(stream.sampler.distribution(logits)[0], qs[i], drafts[i],
                                         stream.sampler.generator)

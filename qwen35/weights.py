@@ -202,6 +202,23 @@ def _index(path: Path) -> _Index:
     return _Index(config, info, model, by_name, vision, qcfg, stored, shapes, wanted)
 
 
+def check_finite(where, name: str, t: torch.Tensor, source_dtype: torch.dtype | None = None) -> None:
+    """Refuse a weight holding NaN or an infinity, naming it: a corrupt (or mis-converted) checkpoint. Without
+    this it surfaced far from its cause, as token 0 from greedy decoding, or as plausible text once quantized
+    (the quantizers map a NaN to a finite code). One reduction, ~2% of a load (the 0.8B's 773M weights in
+    ~50 ms on 2 cores; a band being quantized is checked while it is in cache)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t.reshape(-1))
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    n = int((~torch.isfinite(t)).sum())
+    wider = source_dtype is not None and t.dtype == torch.float16 and source_dtype != torch.float16
+    hint = " (or values past float16's range of +-65504: load it in bfloat16 or float32)" if wider else ""
+    raise CheckpointError(f"{where}: tensor '{name}' holds {n} NaN or infinite value{'s' if n != 1 else ''}"
+                          f"{hint}: the checkpoint is corrupt")
+
+
 def _check_entry(path: Path, e: TensorEntry, shape: tuple[int, ...]) -> None:
     if tuple(e.shape) != shape:
         raise CheckpointError(f"{path}: shape mismatch for '{e.name}': checkpoint has {list(e.shape)}, "
@@ -280,6 +297,7 @@ def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | 
     def read(e: TensorEntry, dest: torch.Tensor | None = None) -> torch.Tensor:
         reader = readers.get(e.file) or readers.setdefault(e.file, SafetensorsReader(e.file))
         out = reader.read(e, dest)
+        check_finite(e.file, e.name, out, e.dtype)
         info.nbytes += e.nbytes
         if bar is not None:
             bar.update(e.nbytes)

@@ -47,7 +47,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
     from ..model.qwen35 import Qwen35ForCausalLM
     from ..ops.fast import bind_kernels
     from ..placement import allocate, quantize_into
-    from ..weights import CheckpointInfo, _skip_init
+    from ..weights import CheckpointInfo, _skip_init, check_finite
 
     f = open_gguf(path)
     config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
@@ -93,7 +93,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         for n, sink in sinks.items():
             t = by_name[n]
             if n in converted:
-                quantize_into(sink, lambda a, b, n=n, t=t: _float_rows(n, t, a, b, config))
+                def band(a, b, n=n, t=t):
+                    w = _float_rows(n, t, a, b, config)
+                    check_finite(f.path, t.name, w)  # (a NaN or infinite block scale dequantizes to these too)
+                    return w
+
+                quantize_into(sink, band)
             elif n in native:
                 qw, row, rows = sink
                 if names.row_index(n, config) is None and names.col_index(n, config) is None:
@@ -102,10 +107,15 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
                     qs, d = _native_blocks(n, t, native[n], shapes[n], config)
                     qw.qs[row : row + rows] = qs
                     qw.d[row : row + rows] = d
+                if not formats.finite_scales(native[n], qw.qs[row : row + rows], qw.d[row : row + rows]):
+                    raise CheckpointError(f"{f.path}: tensor '{t.name}' has NaN or infinite block scales: the file "
+                                          "is corrupt")
             elif isinstance(sink, torch.Tensor) and t.tensor_type in FLOAT_TYPES and _as_is(n, config):
                 copy_float_into(t, sink)  # most tensors: straight from the map, no intermediate copy
+                check_finite(f.path, t.name, sink)
             else:
                 w = names.from_gguf(n, to_torch(t, f.path), config, shapes[n])
+                check_finite(f.path, t.name, w)
                 if isinstance(sink, torch.Tensor):
                     sink.copy_(w)
                 else:

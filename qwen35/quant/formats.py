@@ -118,6 +118,16 @@ def quantize_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed.reshape(N, K // 2), d.half()
 
 
+def finite_scales(name: str, qs: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether every scale of a quantized tensor is a finite number (d's, or those inside K-quant blocks). A
+    NaN or infinite scale is a corrupt tensor: the reference gives NaN rows, the kernels other garbage."""
+    scales = kquants.block_scales(name, qs) if name in K_KIND else d
+    if scales.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(scales.reshape(-1).float())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def dequantize(name: str, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weights [N, K] a quantized tensor stands for (the reference every kernel is tested against)."""
     N = qs.shape[0]

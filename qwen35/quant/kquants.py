@@ -187,6 +187,13 @@ def _half_at(b: torch.Tensor, at: int) -> torch.Tensor:
     return b[..., at : at + 2].contiguous().view(torch.float16)[..., 0].float()
 
 
+def block_scales(name: str, qs: torch.Tensor) -> torch.Tensor:
+    """The fp16 super-block scales inside K-quant bytes qs [N, K/256*bytes]: Q4_K's d and dmin, Q6_K's d."""
+    b = qs.reshape(qs.shape[0], -1, Q4K_BYTES if name == "q4_k" else Q6K_BYTES)
+    at = b[..., 0:4] if name == "q4_k" else b[..., 208:210]
+    return at.contiguous().view(torch.float16)
+
+
 def q4_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 12 packed bytes [..., 12] -> 6-bit scales and mins [..., 8] (int32)."""
     b = b.to(torch.int32)
