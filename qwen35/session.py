@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from .generation import generate_step, prefill
+from .generation import check_context, generate_step, prefill
 from .guide import make_guide
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, preset
@@ -68,6 +68,7 @@ class ChatSession:
         where the caller stops iterating, e.g. on Ctrl-C). images: pictures for this turn (paths, PIL images,
         bytes or data: URLs), placed before its text."""
         content = user_text
+        n_messages, n_images = len(self.messages), len(self.images)
         if images:
             from .multimodal import prepare_images
 
@@ -75,18 +76,29 @@ class ChatSession:
             content = [*({"type": "image"} for _ in new), {"type": "text", "text": user_text}]
             self.images += new
         self.messages.append({"role": "user", "content": content})
-        prompt = self._render(True)
-        ids = self.tokenizer.encode(prompt)
-        boundary = self.tokenizer.encode(self._render(False))
-        if ids[: len(boundary)] != boundary:
-            boundary = []  # tokenisation merged across the boundary: skip that snapshot
-        key = vision = None
-        if self.images:  # pads expanded; prompt reuse keyed on the pictures' content
-            from .multimodal import VisionPrompt, expand_prompt, prepare_prompt
+        try:  # a turn refused before any work (too long, bad text, bad guide) leaves the history as it was
+            prompt = self._render(True)
+            ids = self.tokenizer.encode(prompt)
+            boundary = self.tokenizer.encode(self._render(False))
+            if ids[: len(boundary)] != boundary:
+                boundary = []  # tokenisation merged across the boundary: skip that snapshot
+            key = vision = None
+            if self.images:  # pads expanded; prompt reuse keyed on the pictures' content
+                from .multimodal import VisionPrompt, expand_prompt, prepare_prompt
 
-            ids, inputs, key = prepare_prompt(self.model, ids, self.images)
-            if boundary:
-                boundary = key[: len(expand_prompt(boundary, inputs, self.model.visual.config.image_token_id))]
+                ids, inputs, key = prepare_prompt(self.model, ids, self.images)
+                if boundary:
+                    boundary = key[: len(expand_prompt(boundary, inputs, self.model.visual.config.image_token_id))]
+            thinking = prompt.rstrip().endswith("<think>")
+            params = (self.params or preset(thinking)).with_stops(self.tokenizer.eos_token_ids)
+            if max_tokens is not None:
+                params = replace(params, max_tokens=max_tokens)
+            check_context(self.model, 0, len(ids), params.max_tokens)
+            guide = make_guide(params, self.tokenizer, self.model.config.vocab_size)
+        except BaseException:
+            del self.messages[n_messages:]
+            del self.images[n_images:]
+            raise
         cache, cached = self.prompt_cache.lookup(key or ids)
         if boundary and cached < len(boundary):
             if key is None:
@@ -99,12 +111,7 @@ class ChatSession:
             done = cached
         if key is not None:
             vision = VisionPrompt.build(self.model, ids, inputs, done)
-        thinking = prompt.rstrip().endswith("<think>")
-        params = (self.params or preset(thinking)).with_stops(self.tokenizer.eos_token_ids)
-        if max_tokens is not None:
-            params = replace(params, max_tokens=max_tokens)
         self.last = TurnStats(prompt_tokens=len(ids), cached_tokens=cached, prefilled_tokens=len(ids) - cached)
-        guide = make_guide(params, self.tokenizer, self.model.config.vocab_size)
         parser = OutputParser(self.tools, thinking_open=thinking)
         text_stream = self.tokenizer.text_stream()
         answer = ParsedDelta()

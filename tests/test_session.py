@@ -143,3 +143,20 @@ def test_load_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(qwen35.Qwen35Error, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         qwen35.load("Qwen/Qwen3.5-0.8B")
+
+
+def test_a_turn_refused_before_any_work_leaves_the_session_as_it_was(loaded):
+    from qwen35.generation import ContextLengthError
+
+    model, tok = loaded
+    s = ChatSession(model, tok, system="Be brief.", enable_thinking=False, params=GREEDY)
+    list(s.send("Hello there"))
+    history, entries = [dict(m) for m in s.messages], list(s.prompt_cache.entries)
+    with pytest.raises(ContextLengthError, match=r"^prompt \(\d+ tokens\) \+ max_tokens \(1000000\)"):
+        list(s.send("And again", max_tokens=10**6))  # refused before prefilling (no "after N cached")
+    assert s.messages == history and list(s.prompt_cache.entries) == entries
+    list(s.send("And again"))  # the session goes on as if the refused turn had not been sent
+    cold = ChatSession(model, tok, system="Be brief.", enable_thinking=False, params=GREEDY)
+    cold.messages = [dict(m) for m in history]
+    list(cold.send("And again"))
+    assert cold.messages == s.messages
