@@ -215,11 +215,12 @@ def _rx(s: str) -> str:
     return re.sub(r"([\\.^$|?*+()\[\]{}/-])", r"\\\1", s).replace("\n", "\\n")
 
 
-def _param_rule(key: str, schema: dict) -> str:
+def _param_rule(key: str, schema: dict, defs: dict | None = None) -> str:
     """One `<parameter=key>` block, its value as the Qwen3.5 format writes it: strings raw (without '<', so
     the value cannot run into the closing tag; maxLength bounds it) as one regex with the tags around it
     (one lexeme, so the newline before the closing tag is never taken for part of the value); enums of
-    strings as alternatives; every other type as JSON for its schema."""
+    strings as alternatives; every other type as JSON for its schema, with the parameters' definitions
+    (`defs`: their $defs / definitions) beside it, so a local $ref into them resolves."""
     if not isinstance(schema, dict):
         schema = {}
     head, tail = f"<parameter={key}>\n", "\n</parameter>\n"
@@ -230,7 +231,7 @@ def _param_rule(key: str, schema: dict) -> str:
         lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
         count = f"{{{lo},{int(hi)}}}" if hi is not None else (f"{{{lo},}}" if lo else "*")
         return "/" + _rx(head) + "[^<]" + count + _rx(tail) + "/"
-    return f"{_lark_str(head)} %json{json.dumps(schema)} {_lark_str(tail)}"
+    return f"{_lark_str(head)} %json{json.dumps({**schema, **(defs or {})})} {_lark_str(tail)}"
 
 
 def tool_call_lark(tools: list[dict], tokenizer) -> str:
@@ -254,11 +255,12 @@ def tool_call_lark(tools: list[dict], tokenizer) -> str:
         missing = [k for k in required if k not in props]
         if missing:
             raise GrammarError(f"tool {name!r}: required parameter {missing[0]!r} is not in 'properties'")
+        defs = {k: schema[k] for k in ("$defs", "definitions") if isinstance(schema.get(k), dict)}
         parts = []
         for j, (key, sub) in enumerate(props.items()):
             if not re.fullmatch(r"[^<>\n]+", key):
                 raise GrammarError(f"tool {name!r}: parameter name {key!r} cannot be written as <parameter=...>")
-            rules.append(f"p{i}_{j}: {_param_rule(key, sub)}")
+            rules.append(f"p{i}_{j}: {_param_rule(key, sub, defs)}")
             parts.append(f"p{i}_{j}" + ("" if key in required else "?"))
         rules.append(f"f{i}: {_lark_str(f'<function={name}>' + chr(10))} {' '.join(parts)} \"</function>\"")
         fns.append(f"f{i}")

@@ -163,6 +163,35 @@ def test_tool_call_grammar_accepts_the_format_and_refuses_a_missing_required_par
     assert "p0_0: /" in tool_call_lark(tools, tok)
 
 
+def test_tool_parameters_may_refer_to_their_definitions(chat):
+    """A parameter's local $ref into the parameters' $defs (or definitions) resolves in the grammar, and the
+    value comes back typed by the definition."""
+    from qwen35.toolcalls import parse_output
+
+    _, tok = chat
+    for where in ("$defs", "definitions"):
+        params = {"type": "object", "required": ["u", "n"], where: {"Unit": {"enum": ["c", "f"]},
+                                                                    "N": {"anyOf": [{"type": "integer"},
+                                                                                    {"type": "boolean"}]}},
+                  "properties": {"u": {"$ref": f"#/{where}/Unit"}, "n": {"$ref": f"#/{where}/N"}}}
+        tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+        g = engine_for(tok, 248320).compile(Structured.tool_calls(tools))
+        for value, n in (('"c"', "true"), ('"f"', "3")):
+            call = f"<tool_call>\n<function=f>\n<parameter=u>\n{value}\n</parameter>\n<parameter=n>\n{n}\n" \
+                   "</parameter>\n</function>\n</tool_call>"
+            m = g.matcher()
+            for t in tok.encode(call):
+                m.advance(t)
+            assert m.accepting
+            (got,) = parse_output(call, tools).tool_calls
+            assert got.arguments == {"u": json.loads(value), "n": json.loads(n)}
+            jsonschema.validate(got.arguments, params)
+        m = g.matcher()
+        with pytest.raises(GrammarError):  # outside the definition
+            for t in tok.encode("<tool_call>\n<function=f>\n<parameter=u>\n\"k\"\n"):
+                m.advance(t)
+
+
 @pytest.mark.parametrize("spec, message", [
     (lambda: Structured.json_schema({"type": "object", "properties": {"a": {"type": "strnig"}}}), "strnig"),
     (lambda: Structured.grammar("start: foo"), "unknown name"),
