@@ -52,7 +52,10 @@ def text_config(shape: str, **over) -> dict:
     """The `text_config` dict (model_type qwen3_5_text) of a named shape."""
     if shape not in SHAPES:
         raise KeyError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    return {"model_type": "qwen3_5_text", **COMMON, **SHAPES[shape], **over}
+    cfg = {"model_type": "qwen3_5_text", **COMMON, **SHAPES[shape], **over}
+    if isinstance(cfg.get("eos_token_id"), int) and cfg["eos_token_id"] >= cfg["vocab_size"]:
+        del cfg["eos_token_id"]  # a reduced vocabulary without the official end token: the config names none
+    return cfg
 
 
 def composite_config(shape: str, vision: bool = False, **over) -> dict:
