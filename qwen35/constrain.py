@@ -161,6 +161,13 @@ class GrammarEngine:
         g = self._cache.get(spec)
         if g is None:
             g = Grammar(self, spec, self._compile(spec))
+            start = g.matcher()
+            first = start.allowed()
+            first[[i for i in self.tokenizer.eos_token_ids if i < self.vocab_size]] = False
+            if not start.accepting and not first.any():
+                # e.g. the regex [^\x00-\U0010FFFF]: it compiles, and llguidance then offers only the end
+                # tokens, so each answer would have ended empty with finish_reason "stop"
+                raise GrammarError(f"the {spec.kind} constraint admits no text at all")
             if len(self._cache) > 256:  # one per distinct request schema: bounded
                 self._cache.clear()
             self._cache[spec] = g

@@ -192,6 +192,13 @@ def test_tool_parameters_may_refer_to_their_definitions(chat):
                 m.advance(t)
 
 
+def test_a_constraint_that_admits_no_text_is_refused(chat):
+    _, tok = chat
+    with pytest.raises(GrammarError, match="the regex constraint admits no text at all"):
+        engine_for(tok, 248320).compile(Structured.regex("[^\\x00-\\U0010FFFF]"))
+    engine_for(tok, 248320).compile(Structured.regex("(a|)"))  # the empty answer is an answer
+
+
 @pytest.mark.parametrize("spec, message", [
     (lambda: Structured.json_schema({"type": "object", "properties": {"a": {"type": "strnig"}}}), "strnig"),
     (lambda: Structured.grammar("start: foo"), "unknown name"),
