@@ -70,7 +70,7 @@ def verify(path: str | Path, manifest: str | Path | None = None, say=None) -> Re
 def _directory(path: Path, rep: Report) -> None:
     from .config import ModelConfig
     from .safetensors_io import read_header
-    from .weights import INDEX_FILE, SINGLE_FILE, count_mtp_layers, to_module_name
+    from .weights import INDEX_FILE, SINGLE_FILE, _check_entry, count_mtp_layers, to_module_name
 
     config = None
     try:
@@ -119,16 +119,26 @@ def _directory(path: Path, rep: Report) -> None:
     if config is None or not entries:
         return
     layout = "vlm" if any(k.startswith("model.language_model.") for k in entries) else "text"
-    shapes = {}
+    shapes, by_name = {}, {}
     for k, e in entries.items():
         n = to_module_name(k, layout)
         if n is not None:
-            shapes[n] = (k, tuple(e.shape))
-    want = _expected_shapes(config, count_mtp_layers(shapes))
-    stored = _stored_quant(path)
+            shapes[n], by_name[n] = (k, tuple(e.shape)), e
+    mtp_layers = count_mtp_layers(shapes)
+    if mtp_layers and config.mtp_num_hidden_layers and mtp_layers != config.mtp_num_hidden_layers:
+        rep.problems.append(f"config: mtp_num_hidden_layers={config.mtp_num_hidden_layers} but the checkpoint has "
+                            f"{mtp_layers} mtp.layers")
+    want = _expected_shapes(config, mtp_layers)
+    stored = _stored_quant(path, rep)
+    if stored is None:  # which tensors to expect is unknown: the config's problem explains every mismatch
+        return
     complete = unreadable == 0
+    for n in stored:
+        if n not in want:
+            rep.problems.append(f"config: quantization_config names '{n}', which this model does not have")
     for n, shape in want.items():
         if n in stored:
+            _check_quantized(path, n, stored[n], shape, by_name, complete, rep)
             continue
         if n == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -137,10 +147,36 @@ def _directory(path: Path, rep: Report) -> None:
                 rep.problems.append(f"missing tensor: '{n}' (the config implies it)")
         elif shapes[n][1] != shape:
             rep.problems.append(f"shape: '{shapes[n][0]}' is {list(shapes[n][1])}, the config implies {list(shape)}")
+        else:
+            _check(rep, "dtype", _check_entry, path, by_name[n], shape)
     for n, (k, _) in shapes.items():
         base = n.removesuffix(".qs").removesuffix(".d")
         if n not in want and not (base in stored and base != n):
             rep.problems.append(f"unexpected tensor: '{k}' (not part of this config's model)")
+
+
+def _check(rep: Report, kind: str, check, *args) -> None:
+    """Run one of the loader's checks; what it raises is a problem of this kind."""
+    try:
+        check(*args)
+    except Qwen35Error as e:
+        rep.problems.append(f"{kind}: {e}")
+
+
+def _check_quantized(path: Path, name: str, scheme: str, shape, by_name: dict, complete: bool, rep: Report) -> None:
+    """A matrix the quantization_config names: its .qs and .d present, not stored plain as well, each of the
+    layout and dtype load_model checks (quant.checkpoint.check_stored), its scales finite."""
+    from .quant.checkpoint import check_stored
+
+    if name in by_name:
+        rep.problems.append(f"unexpected tensor: '{by_name[name].name}' (quantization_config stores it quantized)")
+    qs, d = by_name.get(name + ".qs"), by_name.get(name + ".d")
+    if qs is None or d is None:
+        if complete:
+            rep.problems.append(f"missing tensor: '{name}{'.qs' if qs is None else '.d'}' (quantization_config "
+                                f"names '{name}')")
+        return
+    _check(rep, "quantized", check_stored, path, name, qs, d, scheme, *shape)
 
 
 def _expected_shapes(config, mtp_layers: int) -> dict[str, tuple[int, ...]]:
@@ -154,13 +190,16 @@ def _expected_shapes(config, mtp_layers: int) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def _stored_quant(path: Path) -> dict:
+def _stored_quant(path: Path, rep: Report) -> dict | None:
+    """The quantization_config's tensors ({} when unquantized), checked as load_model checks them (None, and
+    a problem, where it refuses them)."""
     from .quant.checkpoint import read_quant_config
 
     try:
         q = read_quant_config(path)
-    except Qwen35Error:
-        return {}
+    except Qwen35Error as e:
+        rep.problems.append(f"config: {e}")
+        return None
     return q["tensors"] if q else {}
 
 

@@ -1,5 +1,7 @@
+# ruff: noqa: F811 - the fixtures imported from test_weights and test_gguf are parameters of the tests here
 """NaN and infinities: a checkpoint holding one is refused at load with the tensor named (safetensors and GGUF,
-plain and quantized at load, and past float16's range when loading in float16); logits holding NaN are a
+plain and quantized at load, and past float16's range when loading in float16; stored quantized scales:
+test_cli_inputs); logits holding NaN are a
 SamplingError on every sampling path, greedy included, never token 0 or a torch error."""
 
 import math
@@ -57,7 +59,7 @@ def _damage_gguf(path, name, at, raw: bytes):
         f.write(raw)
 
 
-def test_a_nan_in_a_gguf_float_tensor_is_named(src, tmp_path):  # noqa: F811
+def test_a_nan_in_a_gguf_float_tensor_is_named(src, tmp_path):
     export_gguf(qwen35.load_model(src, dtype=torch.bfloat16, kernels=False), tmp_path / "m.gguf", "bf16")
     _damage_gguf(tmp_path / "m.gguf", "blk.1.ffn_up.weight", 2 * 10, b"\xc0\x7f")  # bf16 NaN
     with pytest.raises(CheckpointError, match=r"m\.gguf: tensor 'blk\.1\.ffn_up\.weight' holds 1 NaN"):
@@ -67,7 +69,7 @@ def test_a_nan_in_a_gguf_float_tensor_is_named(src, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("raw", [b"\x00\x7e", b"\x00\x7c"])  # fp16 NaN, +inf
-def test_a_nonfinite_gguf_block_scale_is_named(src, tmp_path, raw):  # noqa: F811
+def test_a_nonfinite_gguf_block_scale_is_named(src, tmp_path, raw):
     model = qwen35.load_model(src, dtype=torch.bfloat16, kernels=False, quant="q8_0")
     export_gguf(model, tmp_path / "m.gguf", "q8_0")
     assert open_gguf(tmp_path / "m.gguf").tensors["blk.1.ffn_up.weight"].tensor_type.name == "Q8_0"

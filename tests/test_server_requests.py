@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the fixtures imported from test_server are parameters of the tests here
 """The server's answers to requests an audit found mishandled: tool calls nobody offered, parallel_tool_calls,
 logprobs on every path, the same prompt twice, clients leaving the queue, prompts that cannot fit, the
 auth scheme's case, and the prompt's ids tokenized once (prompt_ids) against tokenizing twice."""
@@ -43,7 +44,7 @@ def test_no_tools_offered_means_no_tool_calls(inprocess, local):
 
 def test_parallel_tool_calls_false_ends_at_the_first_call(inprocess, local):
     _, tok = local
-    base, eng = inprocess(scripted=scripted_calls(tok, 3))
+    base, _ = inprocess(scripted=scripted_calls(tok, 3))
     c = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
     both = c.chat.completions.create(model="model", messages=USER, tools=TOOLS, max_tokens=300)
     assert [json.loads(t.function.arguments)["city"] for t in both.choices[0].message.tool_calls] == \
@@ -108,7 +109,7 @@ def test_completions_logprobs(plain, local):
 
 
 def test_the_same_prompt_again_prefills_nothing(plain, local):
-    base, eng = plain
+    base, _ = plain
     prompt = "The same prompt, sent twice, " * 40
     body = {"prompt": prompt, "max_tokens": 5, "temperature": 0}
     first = post(base, body, "completions").json()
@@ -227,7 +228,7 @@ def test_conversation_ids_equal_tokenizing_twice(local, qwen_tok, which, thinkin
         tok, qwen_tok.chat_template = qwen_tok, tok.chat_template
     for tools in (None, TOOLS):
         for messages in CONVERSATIONS:
-            def pieces(gen):
+            def pieces(gen, messages=messages, tools=tools):
                 return tok.chat_template.render_segments(messages, tok.added_tokens, tools=tools,
                                                          add_generation_prompt=gen, enable_thinking=thinking)
 

@@ -102,7 +102,7 @@ def bytes_per_decode_token(model, context: int) -> int:
 def main(args: argparse.Namespace) -> int:
     import qwen35
     from qwen35 import threads as governor
-    from qwen35.generation import generate_step
+    from qwen35.generation import check_context, generate_step
 
     from .common import check_speculative_flags, speculation_from_args
 
@@ -120,6 +120,8 @@ def main(args: argparse.Namespace) -> int:
     model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype], kernels=kernels, quant=args.quant,
                               kv_cache=args.kv_cache)
     load_s = time.perf_counter() - t0
+    # before the random prompt is built: a billion-token list alone is tens of GB
+    check_context(model, 0, args.prompt_tokens, args.gen_tokens)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, min(vocab, 248044), (args.prompt_tokens,), generator=gen).tolist()

@@ -12,14 +12,17 @@ import argparse
 import sys
 import time
 
+from ..errors import Qwen35Error
 from .common import (
     add_model_args,
     add_sampling_args,
     add_speculative_args,
     check_speculative_flags,
+    check_utf8,
     load_from_args,
     sampling_from_args,
     speculation_from_args,
+    utf8,
 )
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -27,7 +30,7 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--system", type=utf8, default=None, help="system message")
     p.add_argument("--no-preserve-thinking", dest="preserve_thinking", action="store_false", default=True,
                    help="render past answers without their think block (each turn then re-prefills the last answer)")
     p.add_argument("--verbose", action="store_true", help="after each answer, its speeds and speculative acceptance")
@@ -94,8 +97,16 @@ def main(args: argparse.Namespace) -> int:
     while True:
         try:
             text = read_message()
+            if text is not None:
+                check_utf8(text, "that message")
         except KeyboardInterrupt:
             print("\n(Ctrl-C: use /quit or Ctrl-D to leave)", flush=True)
+            continue
+        except UnicodeDecodeError as e:  # stdin decoded strictly: the line never became text
+            print(f"(that message is not valid UTF-8 text ({e.reason}); nothing was sent)", flush=True)
+            continue
+        except Qwen35Error as e:  # decoded with surrogateescape: one bad line must not end the session
+            print(f"({e}; nothing was sent)", flush=True)
             continue
         if text is None or text.strip() == "/quit":
             print(flush=True)

@@ -7,6 +7,8 @@ import argparse
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -47,14 +49,100 @@ def number(lo: float | None = None, hi: float | None = None):
     return parse
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (a size: 0 or less would write one file per tensor)."""
+    v = number()(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def top_p(text: str) -> float:
+    """An argparse type: the sampler's rule for top_p, in (0, 1] (0 would keep no token at all)."""
+    v = number(0, 1)(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text} (for greedy use --temperature 0)")
+    return v
+
+
+def check_utf8(text: str, what: str) -> str:
+    """`text` as Python decoded it from argv or stdin: bytes that are not UTF-8 arrive as lone surrogates
+    (surrogateescape), which the tokenizer then refuses with a TypeError; say whose bytes they are."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(e.object[e.start])
+        byte = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"character U+{bad:04X}"
+        raise Qwen35Error(f"{what} is not valid UTF-8 text ({byte} at character {e.start})") from None
+    return text
+
+
+def utf8(text: str) -> str:
+    """An argparse type: text that is valid UTF-8 (see check_utf8)."""
+    try:
+        return check_utf8(text, "the text")
+    except Qwen35Error as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("the text is ")) from None
+
+
+def read_stdin(what: str = "stdin") -> str:
+    """All of stdin as text, non-UTF-8 bytes an error naming it (strict or surrogateescape decoding alike)."""
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise Qwen35Error(f"{what} is not valid UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+    return check_utf8(text, what)
+
+
 def nonempty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
-    return text
+    return utf8(text)
 
 
 POSITIVE = integer(1)
 SEED = integer(-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_output_dir(out: Path, source: Path | None = None) -> None:
+    """Before anything loads: OUT must be a directory to create or fill, not a file, not under a file, and
+    not the source checkpoint (writing there replaces the weights and config being read, whatever path
+    spells it: a trailing slash, a symlink). A folder inside the source is fine: loaders read only the
+    checkpoint's own top level."""
+    _check_ancestors(out)
+    if out.exists() and not out.is_dir():
+        raise Qwen35Error(f"{out}: exists and is not a directory (the output is a directory)")
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise Qwen35Error(f"output {out} is the source checkpoint {source}: write to another directory")
+
+
+def check_output_file(out: Path) -> None:
+    """Before anything loads: OUT must be a file to create or replace, in a folder that exists."""
+    _check_ancestors(out)
+    if out.is_dir():
+        raise Qwen35Error(f"{out}: is a directory (the output is a file)")
+    if not out.parent.is_dir():
+        raise Qwen35Error(f"{out}: the folder {out.parent} does not exist")
+
+
+def _check_ancestors(out: Path) -> None:
+    for parent in out.absolute().parents:  # the nearest one that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise Qwen35Error(f"{out}: {parent} is a file, not a folder")
+            return
+
+
+CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def check_no_checkpoint(out: Path) -> None:
+    """A checkpoint written over another leaves the old one's extra shards beside it: refuse, naming them."""
+    found = sorted({f.name for pattern in CHECKPOINT_FILES for f in out.glob(pattern)}) if out.is_dir() else []
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise Qwen35Error(f"{out} already holds checkpoint files ({', '.join(found[:3])}{more}): write to a new "
+                          f"or empty directory, or remove them first")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +178,7 @@ def add_quant_arg(p: argparse.ArgumentParser) -> None:
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: the model card's preset for the thinking mode in use)")
     g.add_argument("--temperature", type=number(0, 100), default=None, help="0 = greedy")
-    g.add_argument("--top-p", type=number(0, 1), default=None)
+    g.add_argument("--top-p", type=top_p, default=None)
     g.add_argument("--top-k", type=integer(0), default=None)
     g.add_argument("--min-p", type=number(0, 1), default=None)
     g.add_argument("--presence-penalty", type=number(-2, 2), default=None)
@@ -104,7 +192,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     shape.add_argument("--json-schema", metavar="FILE", default=None,
                        help="the answer is JSON valid for this JSON schema (reasoning stays free)")
     shape.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
-    shape.add_argument("--regex", default=None, help="the answer matches this regular expression")
+    shape.add_argument("--regex", type=utf8, default=None, help="the answer matches this regular expression")
     shape.add_argument("--grammar", metavar="FILE", default=None, help="the answer follows this Lark grammar")
     s.add_argument("--max-thinking-tokens", type=integer(0), default=None,
                    help="close the reasoning with </think> after N tokens; the answer follows")
@@ -128,13 +216,18 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
                         "end-of-turn ids: a cheaper draft head, same output (default: the full vocabulary)")
 
 
-def check_speculative_flags(args: argparse.Namespace) -> None:
+def refuse(args: argparse.Namespace, message: str) -> NoReturn:
     """A bad flag combination is a bad flag: one line, exit 2, before the model loads."""
+    print(f"qwen35 {args.command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_speculative_flags(args: argparse.Namespace) -> None:
     if not getattr(args, "speculative", False):
         for flag in ("draft_tokens", "draft_vocab"):
             if getattr(args, flag, None) is not None:
-                print(f"qwen35 {args.command}: error: --{flag.replace('_', '-')} needs --speculative", file=sys.stderr)
-                raise SystemExit(2)
+                refuse(args, f"--{flag.replace('_', '-')} needs --speculative")
+
 
 
 def speculation_from_args(args: argparse.Namespace, tokenizer=None):
@@ -169,6 +262,8 @@ def structured_from_args(args: argparse.Namespace) -> dict:
             return Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise Qwen35Error(f"{flag} {path}: cannot read it ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise Qwen35Error(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
     out: dict = {}
     if getattr(args, "json_schema", None):

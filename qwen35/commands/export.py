@@ -14,6 +14,7 @@ from pathlib import Path
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     from ..gguf import EXPORT_TYPES
+    from .common import positive_number
 
     p.add_argument("model", help="checkpoint directory, Hugging Face repo id or GGUF file")
     p.add_argument("out", type=Path, help="output .gguf file")
@@ -22,7 +23,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
                         "that name, int4 for q4_k_m, quantizes; norms, conv1d, ssm_a, dt bias stay F32)")
     p.add_argument("--no-mtp", dest="mtp", action="store_false", help="drop the MTP (multi-token prediction) head")
     p.add_argument("--name", default=None, help="general.name (default: the output file's stem)")
-    p.add_argument("--split-max-gb", type=float, default=0.0,
+    p.add_argument("--split-max-gb", type=positive_number, default=0.0,
                    help="split into -0000K-of-0000N.gguf parts of at most this size (default: one file)")
 
 
@@ -38,6 +39,10 @@ def main(args: argparse.Namespace) -> int:
         from ..errors import Qwen35Error
 
         raise Qwen35Error(f"{args.out}: the output file name must end in .gguf")
+    from .common import check_output_file
+
+    # a GGUF re-exported onto itself is fine: load_model has read it whole before the writer opens the file
+    check_output_file(args.out)
     src = resolve(args.model)
     quant = POLICY.get(args.file_type)
     dtype = torch.float32 if args.file_type == "f32" else torch.bfloat16

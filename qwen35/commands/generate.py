@@ -20,8 +20,11 @@ from .common import (
     check_speculative_flags,
     load_from_args,
     nonempty,
+    read_stdin,
+    refuse,
     sampling_from_args,
     speculation_from_args,
+    utf8,
 )
 
 IMAGE_PAD = "<|image_pad|>"
@@ -34,7 +37,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--prompt", type=nonempty, default=None, help="prompt text (default: read stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
-    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--system", type=utf8, default=None, help="system message (with --chat)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image file for the prompt (repeatable, in order): with --chat each goes before the "
                         "text in the user turn; without, the prompt's <|image_pad|> placeholders take them, or "
@@ -55,7 +58,9 @@ def main(args: argparse.Namespace) -> int:
     from ..toolcalls import OutputParser, ParsedDelta
 
     check_speculative_flags(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.system is not None and not args.chat:  # without the chat template there is no system turn to fill
+        refuse(args, "--system needs --chat")
+    prompt = args.prompt if args.prompt is not None else read_stdin("the prompt on stdin")
     if not prompt.strip():
         raise Qwen35Error("the prompt is empty (pass --prompt TEXT or pipe text to stdin)")
     if args.image or args.video:  # a missing or unreadable picture fails here, before the weights are read

@@ -25,7 +25,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=memory_size, default=None,
                    help="memory to fit in, e.g. 16GB or 512MB (binary units, as RAM is sold: 16GB = 16 GiB): "
                         "prints the largest context one sequence can hold in it")
-    p.add_argument("--tensors", action="store_true", help="GGUF: list every tensor's type, shape and size")
+    p.add_argument("--tensors", action="store_true", help="list every tensor's type, shape and size")
     add_quant_arg(p)
     add_kv_cache_arg(p)
 
@@ -51,10 +51,9 @@ def print_plan(config: ModelConfig, context: int, weight_bytes: float, args: arg
 def gguf_info(path: Path, args: argparse.Namespace) -> int:
     """A GGUF's architecture, and per tensor type: how many tensors, weights, bytes, bits per weight and what
     `load_model` makes of them (our kernels' layout as it is, converted to q8_0, or cast to a float dtype)."""
-    from ..gguf import open_gguf
-    from ..gguf.loader import CONVERT_TO, _convertible, _native, _gguf_shape
+    from ..gguf import names, open_gguf
+    from ..gguf.loader import CONVERT_TO, _convertible, _gguf_shape, _native
     from ..gguf.metadata import config_dict
-    from ..gguf import names
 
     f = open_gguf(path)
     config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
@@ -121,6 +120,11 @@ def main(args: argparse.Namespace) -> int:
     from ..quant.checkpoint import read_quant_config
 
     stored = read_quant_config(path)
+    if stored and args.quant not in (None, stored.get("policy")):  # load_model refuses it the same way
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{path} is already quantized ({stored.get('policy')}); run it without --quant, or "
+                              f"quantize the original checkpoint with {args.quant}")
     layouts = (stored or {}).get("tensors", {})
 
     def numel(k, e):  # a stored quantized matrix counts its weights, from its qs bytes and its layout
@@ -151,6 +155,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"weights      {weight_bytes / gib:.2f} GiB on disk (text + MTP)")
     if stored:
         print(f"quantized    {stored.get('policy')} ({len(stored['tensors'])} matrices), as stored")
+    if args.tensors:
+        for k, e in entries.items():
+            shape = "x".join(str(s) for s in e.shape)
+            where = f" ({e.file.name})" if len(files) > 1 else ""
+            print(f"  {k:<40} {str(e.dtype).removeprefix('torch.'):<8} {shape:<16} {e.nbytes:>12,d} bytes{where}")
     if args.quant and not stored:
         from ..quant import policy
         from ..quant.formats import LAYOUTS

@@ -14,6 +14,7 @@ Any other `quant_method` (gptq, awq, fp8, bitsandbytes, ...) is refused with its
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -45,7 +46,27 @@ def read_quant_config(path: Path) -> dict | None:
     if not isinstance(tensors, dict) or any(v not in formats.LAYOUTS for v in tensors.values()):
         raise CheckpointError(f"{path}: quantization_config.tensors must map tensor names to one of "
                               f"{', '.join(formats.LAYOUTS)}")
+    block = q.get("block_size", formats.BLOCK)
+    if block != formats.BLOCK or isinstance(block, bool):  # the layouts' blocks are fixed: another is not ours
+        raise CheckpointError(f"{path}: quantization_config.block_size {block!r} is not supported (qwen35's "
+                              f"layouts use blocks of {formats.BLOCK})")
+    _check_policy(path, q.get("policy"), tensors)
     return q
+
+
+def _check_policy(path: Path, name, tensors: dict) -> None:
+    """The policy must be one of ours; a tensor no policy quantizes (a norm, A_log, ...) is named as such,
+    before the loader would look for its .qs. The stored layouts need not be the ones today's policy would
+    choose (each is checked against its tensor's shape): a checkpoint an earlier version wrote still loads."""
+    from . import policy
+
+    if name not in policy.POLICIES:
+        raise CheckpointError(f"{path}: quantization_config.policy {name!r} is not one of "
+                              f"{', '.join(policy.POLICIES)}")
+    for t in tensors:
+        if policy._kept(t):
+            raise CheckpointError(f"{path}: quantization_config.tensors names '{t}', which is never quantized "
+                                  f"(norms, A_log, dt_bias, conv1d and biases stay unquantized)")
 
 
 def check_stored(path: Path, name: str, qs_entry, d_entry, scheme: str, N: int, K: int) -> None:
@@ -57,6 +78,36 @@ def check_stored(path: Path, name: str, qs_entry, d_entry, scheme: str, N: int, 
                 f"{path}: quantized tensor '{entry.name}' does not match {scheme} for a [{N}, {K}] matrix: "
                 f"expected {str(dtype).removeprefix('torch.')} {list(shape)}, found "
                 f"{str(entry.dtype).removeprefix('torch.')} {list(entry.shape)}")
+    _check_scales(path, qs_entry, d_entry, scheme, _stamp(qs_entry.file))
+
+
+def _stamp(file: Path) -> tuple[int, int]:
+    st = file.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=4096)  # CheckpointTensors checks a matrix again for every band it reads
+def _check_scales(path: Path, qs_entry, d_entry, scheme: str, stamp: tuple[int, int]) -> None:
+    """Stored scales must be finite: a NaN or inf one turns its block (and every logit after it) into garbage
+    with no error. Cheap: the tensors are mapped, not read; formats.finite_scales copies out only the scales
+    (d, or the 2-4 bytes a K-quant block keeps them in)."""
+    import numpy as np
+
+    def mapped(e):
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.start, shape=(e.nbytes,))
+        return torch.from_numpy(raw).view(e.dtype).view(e.shape)  # read-only map: never written
+
+    import warnings
+
+    with warnings.catch_warnings():  # torch warns that the map is not writable; nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        ok = formats.finite_scales(scheme, mapped(qs_entry), mapped(d_entry))
+    if not ok:
+        entry = qs_entry if scheme in formats.K_KIND else d_entry
+        raise CheckpointError(f"{path}: quantized tensor '{entry.name}' has NaN or infinite scales: the file is "
+                              f"damaged")
 
 
 def stored_tensors(named_weights, policy: str, config: dict) -> dict[str, torch.Tensor]:
