@@ -242,5 +242,6 @@ def test_conversation_ids_equal_tokenizing_twice(local, qwen_tok, which, thinkin
 def test_least_tokens_is_a_lower_bound(local, qwen_tok):
     for tok in (local[1], qwen_tok):
         longest = tok.longest_token_bytes()
-        for text in ("hello world, " * 50, "数字1234567890" * 20, " " * 300, "x" * 5000, "a\n\nb\tc", ""):
+        for text in ("hello world, " * 50, "数字1234567890" * 20, " " * 300, "x" * 5000, "a\n\nb\tc", "",
+                     "!\x1c! ?\x1f?" * 40, "a\u3000b\u00a0c\u2028d" * 30):
             assert least_tokens([text], longest) <= len(tok.encode_plain(text))

@@ -51,11 +51,17 @@ def _tail(tokenizer, prompt: Pieces, history: Pieces) -> str | None:
     return tail
 
 
+# Python's str.split() also splits at U+001C..U+001F, which are no whitespace (\s) to the tokenizers' regexes:
+# there a run such as "!\x1c!" can be one pre-token, so those count as ordinary characters here
+_NOT_SPACE = str.maketrans("\x1c\x1d\x1e\x1f", "xxxx")
+
+
 def least_tokens(texts: Iterable[str], max_token_bytes: int) -> int:
     """A lower bound on the tokens of `texts` (each tokenized on its own or within a longer text)."""
     n = 0
     for t in texts:
-        n += max(len(t.split()), -(-len(t.encode("utf-8", "surrogatepass")) // max_token_bytes))
+        runs = len((t.translate(_NOT_SPACE) if any(c in t for c in "\x1c\x1d\x1e\x1f") else t).split())
+        n += max(runs, -(-len(t.encode("utf-8", "surrogatepass")) // max_token_bytes))
     return n
 
 
