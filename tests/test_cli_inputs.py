@@ -172,6 +172,20 @@ def test_non_utf8_stdin_is_named():
     assert out.returncode == 1 and one_line(err) and "stdin is not valid UTF-8" in err and "0xff" in err
 
 
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_an_unreadable_schema_file_is_named_before_loading(command, tmp_path, capsys, monkeypatch):
+    from qwen35.commands import common
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded the model first")
+
+    monkeypatch.setattr(common, "load_from_args", no_load)
+    monkeypatch.setattr(f"qwen35.commands.{command}.load_from_args", no_load)
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    rc, err, _ = qwen35_cli(capsys, command, *extra, "--json-schema", tmp_path / "missing.json")
+    assert rc == 1 and one_line(err) and "--json-schema" in err and "missing.json: cannot read it" in err
+
+
 @pytest.mark.parametrize("flag", ["json_schema", "grammar"])
 def test_non_utf8_schema_and_grammar_files_are_named(flag, tmp_path):
     from qwen35.commands.common import structured_from_args

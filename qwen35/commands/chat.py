@@ -22,6 +22,7 @@ from .common import (
     load_from_args,
     sampling_from_args,
     speculation_from_args,
+    structured_from_args,
     utf8,
 )
 
@@ -82,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
     from ..session import ChatSession
 
     check_speculative_flags(args)
+    structured_from_args(args)  # an unreadable --json-schema / --grammar: now, not at the first message
     model, tokenizer = load_from_args(args)
     tty = sys.stdout.isatty()
     spec = speculation_from_args(args, tokenizer)

@@ -24,6 +24,7 @@ from .common import (
     refuse,
     sampling_from_args,
     speculation_from_args,
+    structured_from_args,
     utf8,
 )
 
@@ -68,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
 
         for path in args.image + args.video:
             open_image(path)
+    structured_from_args(args)  # a bad --json-schema / --grammar file: before the weights are read
     model, tokenizer = load_from_args(args)
     spec = speculation_from_args(args, tokenizer)
     thinking = bool(args.think)
