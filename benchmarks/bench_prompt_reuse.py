@@ -90,7 +90,7 @@ def main() -> None:
     model, tok = qwen35.load(prepare(args.model), dtype=torch.bfloat16)
     prep = time_preparation(tok, args.chars, args.rounds)
 
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     rows = []
     eng = Engine(model, max_batch=2, max_queue=8)
     app = create_app(eng, tok, "m", default_thinking=False)
