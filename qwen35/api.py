@@ -20,7 +20,7 @@ from .cache import HybridCache
 from .chat_template import ChatTemplate
 from .config import ModelConfig
 from .errors import CheckpointError
-from .generation import DEFAULT_PREFILL_CHUNK, Response, generate_step
+from .generation import DEFAULT_PREFILL_CHUNK, Response, as_ids, generate_step
 from .prompt_cache import PromptCache
 from .runtime import peak_rss_mb
 from .sampling import SamplingParams
@@ -102,7 +102,7 @@ def stream_generate(
     if cache is not None and prompt_cache is not None:  # checked here, at the call, not at the first token
         raise ValueError("stream_generate takes cache= or prompt_cache=, not both: a prompt cache restores into "
                          "a cache of its own")
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else as_ids(prompt, model.config.vocab_size)
     params = (params or SamplingParams()).with_stops(tokenizer.eos_token_ids)
     key, inputs = ids, None
     if images or videos:  # decoded and checked here, at the call, not at the first token

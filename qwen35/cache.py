@@ -189,6 +189,9 @@ class HybridCache:
     def __init__(self, layout: CacheLayout, rows: list[Row], deltanet: list[DeltaNetState]):
         self.layout, self.rows, self.deltanet = layout, rows, deltanet
         self.last_forward = 0  # tokens per row of the last forward (what `rewind` may take back); 0: none
+        # why a forward stopped part-way through this cache (an exception, Ctrl-C), or None: its layers may
+        # then hold the new tokens' state while its rows' lengths do not, so it is refused until restored
+        self.interrupted: str | None = None
         self.layers: list[KVCache | DeltaNetState] = []
         j = d = 0
         for t in layout.layer_types:
@@ -254,6 +257,15 @@ class HybridCache:
         if len(starts) * T <= 64:  # a decode step: one small op instead of three (each ~30 us once caches are cold)
             return torch.tensor([[s + t for t in range(T)] for s in starts], device=self.layout.device)
         return torch.tensor(starts, device=self.layout.device)[:, None] + torch.arange(T, device=self.layout.device)
+
+    def mark_interrupted(self, why: str) -> None:
+        """A forward stopped part-way through (the model calls this as the exception passes)."""
+        self.interrupted = why
+
+    def check_usable(self) -> None:
+        if self.interrupted is not None:
+            raise CacheError(f"this cache was left part-way through a forward ({self.interrupted}), so its state is "
+                             "not exact: restore a snapshot taken before, or make a new cache")
 
     def advance(self, T: int) -> None:
         """Every row now holds T more tokens (called once per forward, after all layers wrote them)."""
@@ -330,7 +342,8 @@ class HybridCache:
 
     def snapshot(self, rows: Sequence[int] | None = None) -> CacheSnapshot:
         """The state of `rows` (default all) at their current positions: O(1) per row."""
-        idx = list(range(self.batch_size)) if rows is None else self._check_rows(rows)
+        self.check_usable()
+        idx = list(range(self.batch_size)) if rows is None else self._check_rows(rows, repeat=True)
         if rows is None:
             dn = tuple((s.conv, s.recurrent) for s in self.deltanet)
         else:
@@ -340,11 +353,14 @@ class HybridCache:
 
     def restore(self, snap: CacheSnapshot) -> None:
         """Return to `snap` (its rows replace this cache's rows; the batch size becomes the snapshot's).
-        The snapshot stays usable for later restores."""
+        The snapshot stays usable for later restores. Restoring also ends an interrupted forward's hold."""
+        if not isinstance(snap, CacheSnapshot):
+            raise CacheError(f"restore takes a CacheSnapshot (cache.snapshot()), got {type(snap).__name__}")
         if len(snap.deltanet) != self.layout.num_deltanet or any(
                 len(r.kv) != self.layout.num_attention for r in snap.rows):
             raise CacheError(f"snapshot does not fit this cache's layout ({self.layout.num_deltanet} Gated "
                              f"DeltaNet and {self.layout.num_attention} attention layers)")
+        self._check_state_shapes([(c, r) for c, r in snap.deltanet], "snapshot")
         formats = {b.format for r in snap.rows for b in r.kv if b is not None}
         if formats - {self.layout.kv_cache}:
             raise CacheError(f"snapshot holds a {'/'.join(sorted(formats))} KV cache; this cache stores "
@@ -353,19 +369,39 @@ class HybridCache:
         for state, (conv, rec) in zip(self.deltanet, snap.deltanet):
             state.conv, state.recurrent, state.steps = conv, rec, None
         self.last_forward = 0
+        self.interrupted = None
+
+    def _check_state_shapes(self, states, what: str) -> None:
+        """Gated DeltaNet states [(conv, recurrent)] must be this layout's (another model's fail deep in torch)."""
+        L = self.layout
+        conv_shape = (L.kernel_size - 1, L.conv_dim)
+        rec_shape = (L.num_v_heads, L.key_dim, L.value_dim)
+        for conv, rec in states:
+            if tuple(conv.shape[1:]) != conv_shape or tuple(rec.shape[1:]) != rec_shape or conv.dtype != L.dtype:
+                raise CacheError(f"{what} holds Gated DeltaNet state of another model (conv {list(conv.shape[1:])} "
+                                 f"{conv.dtype}, recurrent {list(rec.shape[1:])}; this cache's are {list(conv_shape)} "
+                                 f"{L.dtype}, {list(rec_shape)})")
 
     # -- batching ----------------------------------------------------------------------------------
 
-    def _check_rows(self, rows: Sequence[int]) -> list[int]:
-        idx = [int(i) for i in rows]
+    def _check_rows(self, rows: Sequence[int], repeat: bool = False) -> list[int]:
+        """Row indices: integers in range; a row twice only where `repeat` (a snapshot may copy one)."""
+        idx = list(rows)
+        if any(isinstance(i, bool) or not isinstance(i, (int, torch.Tensor)) for i in idx):
+            raise CacheError(f"rows must be integers, got {idx}")
+        idx = [int(i) for i in idx]
         bad = [i for i in idx if not 0 <= i < self.batch_size]
         if bad:
             raise CacheError(f"rows {bad} out of range for a batch of {self.batch_size}")
+        if not repeat and len(set(idx)) != len(idx):  # one Row in two slots would advance twice
+            raise CacheError(f"rows {idx} name a row twice (a batch row is one sequence; snapshot(rows) and "
+                             "restore copy one)")
         return idx
 
     def filter(self, rows: Sequence[int]) -> None:
         """Keep only `rows`, in that order. Other rows' KV is dropped, nothing is copied but the
         constant-size Gated DeltaNet state of the rows kept."""
+        self.check_usable()
         idx = self._check_rows(rows)
         if idx == list(range(self.batch_size)):
             return
@@ -382,9 +418,19 @@ class HybridCache:
         caches = [c for c in caches if c is not None]
         if not caches:
             raise CacheError("merge needs at least one cache")
+        if len({id(c) for c in caches}) != len(caches):
+            raise CacheError("merge: the same cache given twice (its rows would be one sequence in two slots)")
+        for c in caches:
+            c.check_usable()
         layout = caches[0].layout
         if any(c.layout.layer_types != layout.layer_types for c in caches):
             raise CacheError("merge: caches of different layer layouts")
+        first = caches[0]
+        for c in caches[1:]:
+            first._check_state_shapes([(s.conv, s.recurrent) for s in c.deltanet], "merge: a cache")
+            if (c.layout.num_kv_heads, c.layout.head_dim) != (layout.num_kv_heads, layout.head_dim):
+                raise CacheError(f"merge: caches of different attention shapes ({c.layout.num_kv_heads} x "
+                                 f"{c.layout.head_dim} against {layout.num_kv_heads} x {layout.head_dim})")
         if any(c.layout.kv_cache != layout.kv_cache for c in caches):
             formats = sorted({c.layout.kv_cache for c in caches})
             raise CacheError(f"merge: caches of different KV formats {formats}")

@@ -15,6 +15,7 @@ because recurrent state cannot be "shifted" the way a KV window can.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -198,14 +199,33 @@ def by_layer(model, cache: HybridCache) -> bool:
             and not any(s.keep_steps for s in getattr(cache, "deltanet", ())))
 
 
-def _as_ids(prompt) -> list[int]:
+def as_ids(prompt, vocab_size: int | None = None) -> list[int]:
+    """Token ids of one sequence, checked whole before any work (a bad id found in a later chunk would leave
+    the earlier chunks in the caller's cache): integers (not floats, not bytes), within the vocabulary."""
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() == 2 and prompt.shape[0] == 1:
             prompt = prompt[0]
         if prompt.dim() != 1:
             raise ValueError(f"prompt_ids must be one sequence [T], got shape {tuple(prompt.shape)}")
-        return prompt.tolist()
-    return [int(t) for t in prompt]
+        if prompt.is_floating_point() or prompt.dtype == torch.bool:
+            raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt.dtype}")
+        ids = prompt.tolist()
+    elif isinstance(prompt, (str, bytes, bytearray)):
+        raise TypeError(f"prompt_ids must be token ids, got {type(prompt).__name__} (encode text with the "
+                         "tokenizer, or use qwen35.generate / stream_generate with a text prompt)")
+    else:
+        ids = []
+        for t in prompt:  # ints and numpy's integers (their __index__), never a float truncated or a bool
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                ids.append(operator.index(t))
+            except TypeError:
+                raise ValueError(f"prompt_ids must be integer token ids, got {t!r}") from None
+    if vocab_size is not None and ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+        bad = min(ids) if min(ids) < 0 else max(ids)
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids
 
 
 def generate_step(
@@ -234,7 +254,7 @@ def generate_step(
     if sampler is not None and params is None:
         params = sampler.params
     params = params or SamplingParams()
-    ids = _as_ids(prompt_ids)
+    ids = as_ids(prompt_ids, model.config.vocab_size)
     if not ids:
         raise ValueError("prompt_ids is empty: at least one token is needed to predict the next")
     if cache is None:

@@ -47,6 +47,28 @@ class SamplingParams:
         def bad(name: str, why: str):
             raise SamplingError(f"{name}={getattr(self, name)!r}: {why}")
 
+        # types first: a string, a bool or a float count would otherwise fail deep in torch (or, for
+        # max_tokens=2.5, quietly generate 3 tokens)
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+        for name in ("top_k", "max_tokens", "top_logprobs", "max_thinking_tokens", "seed"):
+            v = getattr(self, name)
+            if not (v is None and name in ("max_thinking_tokens", "seed")) and (
+                    isinstance(v, bool) or not isinstance(v, int)):
+                bad(name, "must be an integer")
+        for name in ("logprobs", "ignore_eos", "break_thinking_loops"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            bad("seed", "must fit in 64 bits")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be integer token ids (one outside the vocabulary, e.g. -1, never stops)")
+        for k, v in dict(self.logit_bias).items():
+            if isinstance(k, bool) or not isinstance(k, int) or isinstance(v, bool) or \
+                    not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad("logit_bias", f"maps integer token ids to finite numbers (entry {k!r}: {v!r})")
         if not self.temperature >= 0:
             bad("temperature", "must be >= 0 (0 = greedy)")
         if self.top_k < 0:
@@ -332,11 +354,15 @@ class Sampler:
 
 
 def greedy(x: torch.Tensor) -> torch.Tensor:
-    """The argmax tokens [B] of processed logits x [B, V]; a row holding NaN is an error (argmax would pick the
-    NaN, as torch's does, and the answer would go on as if nothing were wrong). The check reads B values."""
+    """The argmax tokens [B] of processed logits x [B, V]; a row holding NaN, or one whose every logit is -inf
+    (biases, penalties and a mask leave nothing), is an error, as it is for sampling: argmax would pick the NaN
+    (as torch's does) or token 0, and the answer would go on as if nothing were wrong. Reads B values."""
     ids = argmax(x)
-    if bool(torch.isnan(x.gather(1, ids[:, None])).any()):
+    top = x.gather(1, ids[:, None])
+    if bool(torch.isnan(top).any()):
         raise SamplingError("cannot draw a token: the logits hold NaN")
+    if bool((top == float("-inf")).any()):
+        raise SamplingError("no token can be drawn: every logit is -inf after the biases, penalties and mask")
     return ids
 
 

@@ -135,7 +135,8 @@ class ChatSession:
         finally:
             # the answer's end (its last token was sampled, never fed): where the next turn diverges
             answered = (key or ids) + generated[:-1]
-            if len(generated) > 1 and cache.offset == len(answered):  # (one token: the prompt is stored)
+            # (one token: the prompt is stored; a forward stopped part-way left no exact state to keep)
+            if len(generated) > 1 and cache.interrupted is None and cache.offset == len(answered):
                 self.prompt_cache.store(answered, cache)
             if self.last.finish_reason is None:  # stopped early (Ctrl-C, error): flush the parser
                 tail = parser.finish()

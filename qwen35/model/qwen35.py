@@ -7,6 +7,7 @@ a state dict round-trips. State lives in a caller-owned HybridCache (`make_cache
 
 from __future__ import annotations
 
+import contextlib
 
 import torch
 from torch import nn
@@ -25,6 +26,20 @@ from .rope import RotaryEmbedding
 
 class InputError(Qwen35Error, ValueError):
     """A forward call got inputs it cannot process (wrong shape, dtype, token id or cache)."""
+
+
+@contextlib.contextmanager
+def _holding(cache: HybridCache | None):
+    """Layers are writing `cache`: an exception (Ctrl-C included) that stops them part-way leaves some layers
+    holding the new tokens' state and the rows' lengths not, so the cache is marked and refused until a
+    restore (HybridCache.check_usable); copying its state before each forward would cost decode its in-place
+    update."""
+    try:
+        yield
+    except BaseException as e:
+        if cache is not None:
+            cache.mark_interrupted(type(e).__name__)
+        raise
 
 
 def keeps_fp32(name: str) -> bool:
@@ -190,7 +205,8 @@ class Qwen35ForCausalLM(nn.Module):
         if inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
             raise InputError(f"inputs_embeds {list(inputs_embeds.shape)} do not match input_ids {list(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
-        with denormals_flushed(T > 4):  # runtime.py: the decays' denormals cost a microcode assist per op
+        # runtime.py: the decays' denormals cost a microcode assist per op
+        with denormals_flushed(T > 4), _holding(cache):
             stacked = None if self.decode_stack is None or cache is None else self.decode_stack(x, cache, ctx)
             if stacked is not None:
                 x = stacked
@@ -242,8 +258,9 @@ class Qwen35ForCausalLM(nn.Module):
 
         run = run or (lambda fn, work: fn())
         try:
-            for i, layer in enumerate(self.model.layers):
-                run(lambda i=i, layer=layer: one_layer(i, layer), T / len(self.model.layers))
+            with _holding(cache):
+                for i, layer in enumerate(self.model.layers):
+                    run(lambda i=i, layer=layer: one_layer(i, layer), T / len(self.model.layers))
         finally:
             for row, b in zip(cache.rows, base):
                 row.length = b
@@ -291,7 +308,7 @@ class Qwen35ForCausalLM(nn.Module):
             masks = SegmentMasks.build(segments, self.config.linear_conv_kernel_dim)
             positions = masks.positions if positions is None else positions
         ctx = LayerContext(self.rotary(self._positions(T, cache, positions)), masks)
-        with denormals_flushed(T > 4):
+        with denormals_flushed(T > 4), _holding(cache):
             h = self.mtp(self.model.embed_tokens(next_ids), hidden.to(self.dtype), ctx, cache, step)
         if cache is not None:
             cache.advance(T)
@@ -313,6 +330,8 @@ class Qwen35ForCausalLM(nn.Module):
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if cache is not None:
+            cache.check_usable()
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise InputError(f"cache was made for batch size {cache.batch_size} but input_ids has batch "
                              f"{input_ids.shape[0]}")
