@@ -374,8 +374,25 @@ def generate(model, ids: list[int], cache: HybridCache, params: SamplingParams, 
     start(row, r, last_h)
     yield r
     while stream.finish is None:
-        for r in step(model, cache, mcache, [stream], [row], spec)[0]:
-            yield r
+        before, pending = cache.snapshot(), r.token  # (the round feeds `pending`, the last token yielded, first)
+        rs = step(model, cache, mcache, [stream], [row], spec)[0]
+        for j, r in enumerate(rs, 1):
+            try:
+                yield r
+            except GeneratorExit:
+                if j < len(rs):  # closed mid-round: the cache holds tokens the caller never took
+                    _back_to(model, cache, before, [pending] + [x.token for x in rs[: j - 1]])
+                raise
+
+
+def _back_to(model, cache: HybridCache, before, fed: list[int]) -> None:
+    """Leave `cache` as generate_step promises when its caller stops: the prompt and every token yielded but
+    the last. A round yields all its accepted tokens at once, so the cache is put back to the round's start and
+    the tokens the caller took (before its last) are fed again: a forward of at most draft_tokens tokens, and
+    only when a caller stops part-way through a round."""
+    cache.restore(before)
+    with torch.no_grad():
+        model.hidden_states(torch.tensor([fed], device=model.device), cache=cache)
 
 
 def speculative_generate_step(model, prompt_ids, params: SamplingParams | None = None, draft_tokens: int = 2,

@@ -336,3 +336,20 @@ def test_greedy_stays_exact_after_adaptive_drafting_turns_itself_off(bundled_bf1
         assert [r.token for r in qwen35.generate_step(model, ids, params=GREEDY, speculative=spec)] == \
             plain(model, ids, GREEDY)
         assert spec.stats.requests_off == {"loss": 1}
+
+
+def test_a_caller_that_stops_mid_round_finds_the_cache_where_plain_decoding_leaves_it(bundled):
+    """generate_step's promise (the cache holds the prompt and every token yielded but the last) with drafts
+    too: a round yields several tokens at once, and a caller that stops part-way through it (a stop string,
+    a budget) continues from the cache as it would after plain decoding."""
+    model, tok = qwen35.load(bundled, dtype=torch.float32)
+    ids = tok.encode(TEXTS[0])
+    ref = plain(model, ids, GREEDY)
+    for n in range(1, 10):
+        cache = model.make_cache()
+        steps = qwen35.generate_step(model, ids, cache=cache, params=GREEDY, speculative=Speculation(draft_tokens=4))
+        took = [next(steps).token for _ in range(n)]
+        steps.close()
+        assert cache.offset == len(ids) + n - 1, n
+        more = [r.token for r in qwen35.generate_step(model, [took[-1]], cache=cache, params=GREEDY)]
+        assert took + more[:8] == ref[: n + 8], n
