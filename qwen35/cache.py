@@ -205,6 +205,8 @@ class HybridCache:
 
     @classmethod
     def empty(cls, layout: CacheLayout, batch_size: int = 1) -> HybridCache:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise CacheError(f"batch_size must be an integer >= 0, got {batch_size!r}")
         return cls(layout, [Row(layout.num_attention) for _ in range(batch_size)], layout.empty_deltanet(batch_size))
 
     @classmethod
@@ -321,6 +323,8 @@ class HybridCache:
         copy nothing (speculative verification, a known generation length). exact: a buffer that must grow
         gets just that room (rounded up to KV_GROWTH_STEP), not double its old size: what the server's
         memory budget counts for a request's whole prompt + max_tokens."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise CacheError(f"reserve takes a number of tokens >= 0, got {n!r}")
         for layer in self.layers:
             if isinstance(layer, KVCache):
                 layer.buffers(n, exact)

@@ -33,11 +33,13 @@ _tuned: str | bool = False  # the mode in effect
 
 
 def set_threads(n: int | None = None) -> int:
-    """Use `n` threads for intra-op parallelism (None: one per core). Returns the number in effect."""
-    if n is not None:
-        if n < 1:
-            raise ValueError(f"threads must be >= 1, got {n}")
-        torch.set_num_threads(n)
+    """Use `n` threads for intra-op parallelism (None: leave torch's choice, one per physical core, which
+    skips a core's second hardware thread: it slows the GEMMs). Returns the number in effect."""
+    if n is None:
+        return torch.get_num_threads()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {n!r}")
+    torch.set_num_threads(n)
     return torch.get_num_threads()
 
 

@@ -67,6 +67,8 @@ class ChatSession:
         """Add a user turn and stream the answer as events; the answer joins the history at the end (or
         where the caller stops iterating, e.g. on Ctrl-C). images: pictures for this turn (paths, PIL images,
         bytes or data: URLs), placed before its text."""
+        if not isinstance(user_text, str):  # before the turn joins the history
+            raise TypeError(f"user_text must be a string, got {type(user_text).__name__}")
         content = user_text
         n_messages, n_images = len(self.messages), len(self.images)
         if images:

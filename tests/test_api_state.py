@@ -157,3 +157,35 @@ def test_greedy_with_every_token_masked_is_an_error():
     x = torch.full((1, 50), float("-inf"))
     with pytest.raises(SamplingError, match="every logit is -inf"):
         Sampler(qwen35.SamplingParams(temperature=0), 50)(x)
+
+
+def test_small_arguments_are_checked(loaded):
+    from qwen35.model.qwen35 import InputError
+    from qwen35.ops.fast import bind_kernels
+    from qwen35.runtime import set_threads
+
+    model, tok = loaded
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(InputError, match="logits_to_keep must be an integer >= 1"):
+        model(ids, logits_to_keep=0)  # h[:, -0:] had been every position
+    assert model(ids, logits_to_keep=1).shape[1] == 1
+    with pytest.raises(ValueError, match="kernels must be True, False or None"):
+        bind_kernels(model, "off")
+    with pytest.raises(CacheError, match="batch_size must be an integer >= 0, got -1"):
+        model.make_cache(-1)
+    cache = model.make_cache()
+    for n in (-10, 2.5):
+        with pytest.raises(CacheError, match="reserve takes a number of tokens >= 0"):
+            cache.reserve(n)
+    s = ChatSession(model, tok, params=GREEDY, enable_thinking=False)
+    with pytest.raises(TypeError, match="user_text must be a string, got NoneType"):
+        next(s.send(None))
+    assert s.messages == []
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(None) == before  # None: torch's own choice stays
+        for n in (0, 1.5, True):
+            with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+                set_threads(n)
+    finally:
+        torch.set_num_threads(before)

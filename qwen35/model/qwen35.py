@@ -279,6 +279,8 @@ class Qwen35ForCausalLM(nn.Module):
         positions: optional [T], [B, T] or [3, B, T] (mRoPE) overriding offset-based positions.
         logits_to_keep: project only the last n positions. Returns fp32 logits [B, T or n, vocab].
         inputs_embeds: as in hidden_states."""
+        if logits_to_keep is not None and not (isinstance(logits_to_keep, int) and logits_to_keep >= 1):
+            raise InputError(f"logits_to_keep must be an integer >= 1 (None: every position), got {logits_to_keep!r}")
         h = self.hidden_states(input_ids, cache, positions, segments, inputs_embeds)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]

@@ -215,8 +215,10 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
     from ..model.mlp import MLP
     from ..model.norm import RMSNorm
 
+    if enabled is not None and not isinstance(enabled, bool):  # kernels="off" is truthy: not what was meant
+        raise ValueError(f"kernels must be True, False or None (automatic), got {enabled!r}")
     unbind_kernels(model)
-    want = kernel_policy(model) if enabled is None else bool(enabled)
+    want = kernel_policy(model) if enabled is None else enabled
     model.kernels = want
     if not want:
         return KernelReport(False, "off by choice (kernel_policy or enabled=False)")
