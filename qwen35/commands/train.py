@@ -12,6 +12,9 @@ from pathlib import Path
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
+    from ..train.lora import DEFAULT_TARGETS, KNOWN_TARGETS
+    from .common import POSITIVE, integer, number, positive_number
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="config.json of a new model (any Qwen3.5 shape)")
     src.add_argument("--init-from", help="checkpoint to fine-tune")
@@ -19,28 +22,29 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, help="text files, or JSONL with 'text' or 'messages'")
     p.add_argument("--eval-data", nargs="+", default=None, help="held-out files for an eval loss at the end")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--steps", type=POSITIVE, default=100)
+    p.add_argument("--seq-len", type=integer(2), default=512, help="tokens per row (a target needs two)")
+    p.add_argument("--batch-size", type=POSITIVE, default=4)
+    p.add_argument("--grad-accum", type=POSITIVE, default=1)
+    p.add_argument("--lr", type=positive_number, default=1e-3)
+    p.add_argument("--warmup", type=integer(0), default=10)
+    p.add_argument("--log-every", type=POSITIVE, default=1)
+    p.add_argument("--save-every", type=integer(0), default=0, help="0: only at the end")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward (less memory); default: on for a quantized base, "
                         "off otherwise")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
-    p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the MTP head's loss (0 = do not train it)")
+    p.add_argument("--mtp-weight", type=number(0), default=0.3,
+                   help="weight of the MTP head's loss (0 = do not train it)")
     p.add_argument("--resume", action="store_true", help="continue from --out's trainer state")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = all weights)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 x rank)")
-    p.add_argument("--lora-targets", default=",".join(("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv",
-                                                       "in_proj_z", "out_proj", "gate_proj", "up_proj", "down_proj")),
-                   help="comma-separated projection names that get adapters")
+    p.add_argument("--threads", type=POSITIVE, default=None)
+    p.add_argument("--lora-rank", type=integer(0), default=0, help="train LoRA adapters of this rank (0 = all weights)")
+    p.add_argument("--lora-alpha", type=positive_number, default=None,
+                   help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated projection names that get adapters (of {', '.join(KNOWN_TARGETS)})")
     p.add_argument("--quant", default=None,
                    help="fine-tune on a quantized base (QLoRA): quantize --init-from at load with this policy "
                         "(int4, int8, q8_0, q4_0, q4_k, q6_k); it stays frozen in its packed form and only the "
@@ -60,26 +64,35 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ..chat_template import ChatTemplate
-    from ..config import ModelConfig
     from ..errors import Qwen35Error
     from ..runtime import flush_denormals, set_threads, tune_allocator
     from ..tokenizer import Tokenizer
-    from ..train.data import pack, read_documents
+    from ..train.data import check_targets, check_vocab, pack, read_documents
     from ..train.loop import TrainConfig, init_model, train
     from ..weights import load_model
 
     check_flags(args)
-    set_threads(args.threads)
-    tune_allocator(training=True)  # resident memory = live tensors, not heap fragments (runtime.py)
-    flush_denormals()  # backward too (runtime.py): the process is ours
     out = Path(args.out)
+    # paths, the saved state, the config and the data before minutes of loading (and before the process's
+    # threads and allocator are set: a refused run leaves its caller as it was)
+    check_paths(args, out)
+    state = check_resume(args, out) if args.resume else None
+    config = read_config(Path(args.config)) if args.config else None
+    if config is not None:
+        check_seq_len(args, config)
     tok_dir = Path(args.tokenizer or args.init_from or "")
     if not (tok_dir / "tokenizer.json").is_file():
         raise Qwen35Error(f"no tokenizer.json in {tok_dir}; pass --tokenizer DIR")
     tokenizer = Tokenizer(tok_dir)
     tokenizer.chat_template = ChatTemplate.from_model_dir(tok_dir)
-    if args.lora_rank and not args.init_from:
-        raise Qwen35Error("--lora-rank fine-tunes an existing model: give --init-from")
+    rows = pack(read_documents(args.data, tokenizer), args.seq_len, seed=args.seed)
+    check_targets(rows, "--data", args.seq_len)
+    eval_rows = pack(read_documents(args.eval_data, tokenizer), args.seq_len) if args.eval_data else None
+    if eval_rows is not None:
+        check_targets(eval_rows, "--eval-data", args.seq_len)
+    set_threads(args.threads)
+    tune_allocator(training=True)  # resident memory = live tensors, not heap fragments (runtime.py)
+    flush_denormals()  # backward too (runtime.py): the process is ours
     if args.resume and not args.lora_rank:
         model = load_model(out, dtype=torch.float32)
     elif args.init_from:
@@ -88,10 +101,8 @@ def main(args: argparse.Namespace) -> int:
         dtype = torch.bfloat16 if args.quant and args.bf16 else torch.float32
         model = load_model(args.init_from, dtype=dtype, quant=args.quant)
     else:
-        cfg_path = Path(args.config)
-        if not cfg_path.is_file():
-            raise Qwen35Error(f"config not found: {cfg_path}")
-        model = init_model(ModelConfig.from_hf(json.loads(cfg_path.read_text()), str(cfg_path)), seed=args.seed)
+        model = init_model(config, seed=args.seed)
+    check_seq_len(args, model.config)
     quantized = model.quant is not None
     if quantized:
         from ..train.qlora import check_trainable
@@ -105,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
 
         from ..train.lora import apply_lora
 
-        apply_lora(model, args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")), seed=args.seed)
+        apply_lora(model, args.lora_rank, args.lora_alpha, lora_targets(args), seed=args.seed)
         if args.resume and quantized:
             from ..train.qlora import load_adapters
 
@@ -115,9 +126,7 @@ def main(args: argparse.Namespace) -> int:
             missing = model.load_state_dict(adapters, strict=False).missing_keys
             if any("lora_" in k for k in missing):
                 raise Qwen35Error(f"{out / 'lora.safetensors'} lacks adapters for this --lora-targets/--lora-rank")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise Qwen35Error(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                          f"{model.config.vocab_size}")
+    check_vocab(tokenizer.vocab_size, model.config.vocab_size)
     cfg = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       lr=args.lr, warmup=args.warmup, seed=args.seed, log_every=args.log_every,
                       save_every=args.save_every, bf16=args.bf16,
@@ -125,11 +134,9 @@ def main(args: argparse.Namespace) -> int:
                       # largest term (GBs at 1024 tokens on a 4B), so it recomputes them unless told not to
                       grad_checkpoint=quantized if args.grad_checkpoint is None else args.grad_checkpoint,
                       mtp_weight=args.mtp_weight, fsdp=args.fsdp)
-    rows = pack(read_documents(args.data, tokenizer), args.seq_len, seed=args.seed)
-    eval_rows = pack(read_documents(args.eval_data, tokenizer), args.seq_len) if args.eval_data else None
     print(f"{len(rows)} rows of {args.seq_len} tokens; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters", flush=True)
-    train(model, rows, cfg, out, tokenizer_dir=tok_dir, resume=args.resume, eval_rows=eval_rows,
+    train(model, rows, cfg, out, tokenizer_dir=tok_dir, resume=state or False, eval_rows=eval_rows,
           log=lambda s: print(s, flush=True))
     if quantized and (args.merge or args.export_gguf):
         from ..train.qlora import merge_quantized, write_merged
@@ -145,6 +152,99 @@ def main(args: argparse.Namespace) -> int:
             files = export_gguf(model, args.export_gguf, args.gguf_type, tokenizer_from=tok_dir)
             print(f"wrote {', '.join(str(f) for f in files)} ({args.gguf_type})", flush=True)
     return 0
+
+
+# what a run writes beside its checkpoint: another run writing there would append to or sit beside them
+RUN_FILES = ("metrics.jsonl", "trainer_state.pt", "lora.safetensors", "adapter_config.json")
+
+
+def check_paths(args: argparse.Namespace, out: Path) -> None:
+    """Where the run writes: --out a directory that is not the model being fine-tuned (writing there replaces
+    the weights being read), holding no earlier run unless --resume continues it; --export-gguf a file that is
+    not the GGUF being fine-tuned (it is memory-mapped while the export writes)."""
+    from ..errors import Qwen35Error
+    from .common import check_no_checkpoint, check_output_dir, check_output_file
+
+    check_output_dir(out, Path(args.init_from) if args.init_from else None)
+    if not args.resume:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found:
+            raise Qwen35Error(f"{out} already holds a training run ({', '.join(found)}): continue it with "
+                              "--resume, or write to a new or empty directory")
+        check_no_checkpoint(out)
+    if args.export_gguf is not None:
+        check_output_file(args.export_gguf)
+        if args.init_from and args.export_gguf.resolve() == Path(args.init_from).resolve():
+            raise Qwen35Error(f"--export-gguf {args.export_gguf} is the model being fine-tuned (--init-from): "
+                              "write to another file")
+
+
+def check_resume(args: argparse.Namespace, out: Path) -> dict:
+    """The state --resume continues, read and checked against the flags before the model loads."""
+    from ..train.loop import check_same_run, load_state
+
+    state = load_state(out)
+    check_same_run(state, {"lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                           "grad_accum": args.grad_accum}, out)
+    check_resume_rank(args, out)
+    return state
+
+
+def check_resume_rank(args: argparse.Namespace, out: Path) -> None:
+    """A LoRA run resumes with its adapters' rank; a full fine-tune without adapters, and the reverse."""
+    from ..errors import Qwen35Error
+
+    adapters = out / "lora.safetensors"
+    if not adapters.is_file():
+        if args.lora_rank:
+            raise Qwen35Error(f"--resume --lora-rank {args.lora_rank}: {out} holds no {adapters.name} (it trained "
+                              "all weights): omit --lora-rank")
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(adapters), "pt") as f:
+            ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("lora_A")}  # noqa: SIM118
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails with any exception
+        raise Qwen35Error(f"{adapters}: not readable adapters ({(str(e).splitlines() or [''])[0]})") from None
+    if not args.lora_rank:
+        raise Qwen35Error(f"--resume: {out} is a LoRA run (rank {', '.join(map(str, sorted(ranks)))}): give its "
+                          "--lora-rank")
+    if ranks != {args.lora_rank}:
+        raise Qwen35Error(f"--lora-rank {args.lora_rank} differs from the adapters in {adapters} (rank "
+                          f"{', '.join(map(str, sorted(ranks)))}): resume with the run's own --lora-rank")
+
+
+def read_config(path: Path):
+    """The --config of a new model, or a one-line error saying what is wrong with the file."""
+    from ..config import ModelConfig
+    from ..errors import Qwen35Error
+
+    if not path.is_file():
+        raise Qwen35Error(f"config not found: {path}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise Qwen35Error(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise Qwen35Error(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise Qwen35Error(f"--config {path}: expected a JSON object (a config.json), got {type(raw).__name__}")
+    return ModelConfig.from_hf(raw, str(path))
+
+
+def check_seq_len(args: argparse.Namespace, config) -> None:
+    """Rows longer than the model's context train positions it was never meant to see (and RoPE past them)."""
+    from ..errors import Qwen35Error
+
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and args.seq_len > limit:
+        raise Qwen35Error(f"--seq-len {args.seq_len} exceeds the model's context (max_position_embeddings "
+                          f"{limit})")
+
+
+def lora_targets(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -176,3 +276,13 @@ def check_flags(args: argparse.Namespace) -> None:
         bad(f"--gguf-type {args.gguf_type}: use one of {', '.join(EXPORT_TYPES)}")
     if args.export_gguf is not None and args.export_gguf.suffix != ".gguf":
         bad(f"--export-gguf {args.export_gguf}: the file name must end in .gguf")
+    from ..train.lora import KNOWN_TARGETS
+
+    unknown = [t for t in lora_targets(args) if t not in KNOWN_TARGETS]
+    if unknown or not lora_targets(args):
+        bad(f"--lora-targets: unknown projection {', '.join(unknown) or '(none given)'}: use names from "
+            f"{', '.join(KNOWN_TARGETS)}")
+    if args.lora_rank and not args.init_from:
+        bad("--lora-rank fine-tunes an existing model: give --init-from")
+    if args.lora_alpha is not None and not args.lora_rank:
+        bad("--lora-alpha scales adapters: add --lora-rank R")

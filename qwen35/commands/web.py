@@ -26,13 +26,21 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..export.web import build_site, make_server
+    from ..export.web import build_site, check_site_paths, make_server
 
-    site = build_site(args.model, args.out_dir, quant=None if args.quant == "fp32" else args.quant, progress=True)
+    check_site_paths(Path(args.model), args.out_dir)
+    # the port first: a busy port or an unknown host fails in a second, not after the build
+    server = make_server(args.out_dir, args.host, args.port, built=False) if args.serve else None
+    try:
+        site = build_site(args.model, args.out_dir, quant=None if args.quant == "fp32" else args.quant,
+                          progress=True)
+    except BaseException:
+        if server is not None:
+            server.server_close()
+        raise
     size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
     print(f"wrote {site} ({size / 2**20:.1f} MiB)", flush=True)
-    if args.serve:
-        server = make_server(site, args.host, args.port)
+    if server is not None:
         host, port = server.server_address[:2]
         print(f"serving {site} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
         try:

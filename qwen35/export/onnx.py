@@ -72,9 +72,22 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
 
     source = CheckpointTensors(src)
     try:
+        check_tokenizer(src, source.config)
         return _export(source, [(Path(out_dir), quant, None)], src, opset, progress)[0]
     finally:
         source.close()
+
+
+def check_tokenizer(src: Path, config) -> None:
+    """Refuse a tokenizer with ids past the model's vocabulary (the exported graph's embedding lookup would
+    fail at run time on them), as `qwen35 train` does, before minutes of export."""
+    from ..tokenizer import Tokenizer
+    from ..train.data import check_vocab
+
+    try:
+        check_vocab(Tokenizer(src).vocab_size, config.vocab_size)
+    except Qwen35Error as e:
+        raise ExportError(f"{src}: {e}") from None
 
 
 def export_model(model, targets: list[tuple[Path, str | None, int | None]], tokenizer_from: Path,

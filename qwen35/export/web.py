@@ -72,25 +72,67 @@ def npm_modules(packages: dict[str, str] | None = None, where: Path | None = Non
 
 def build_site(model: str | Path, out_dir: str | Path, quant: str | None = "int8", progress: bool = False) -> Path:
     """Write the site into out_dir. model: a checkpoint (exported here with `quant`: None, "int8", "int4") or
-    an `export-onnx` directory (copied as it is). Returns out_dir."""
+    an `export-onnx` directory (copied as it is). Returns out_dir. A build that fails takes back the out_dir
+    it created (an empty or half-written site would look like one)."""
     out = Path(out_dir)
     src = Path(model)
+    check_site_paths(src, out)
     modules = npm_modules()  # first: a missing npm fails in seconds, not after the export
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _fill_site(src, out, modules, quant, progress)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def check_site_paths(src: Path, out: Path) -> None:
+    """Before anything is built: OUT a directory to create or fill that is not the input, and an export-onnx
+    input whole (a manifest that parses and the files it names)."""
+    from ..commands.common import check_output_dir
+
+    check_output_dir(out, src)
+    if (src / "manifest.json").is_file():
+        check_export(src)
+
+
+def check_export(src: Path) -> None:
+    """An `export-onnx` directory the page can run: its manifest.json parses and names files that exist."""
+    path = src / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e}): export the model again with `qwen35 export-onnx`") \
+            from None
+    graphs = manifest.get("graphs") if isinstance(manifest, dict) else None
+    if not isinstance(graphs, dict) or not graphs:
+        raise ExportError(f"{path}: not an export-onnx manifest (no 'graphs')")
+    names = [g.get("file") if isinstance(g, dict) else None for g in graphs.values()]
+    names += [manifest.get(key) for key in ("external_data", "tokenizer", "tokenizer_config", "chat_template")
+              if key in manifest]
+    bad = [str(n) for n in names if not isinstance(n, str) or not n or not (src / n).is_file()]
+    if bad:
+        raise ExportError(f"{src}: files named in manifest.json are missing ({', '.join(bad)}): export the model "
+                          "again with `qwen35 export-onnx`")
+
+
+def _fill_site(src: Path, out: Path, modules: Path, quant: str | None, progress: bool) -> None:
     if (src / "manifest.json").is_file():
         if (out / "model").resolve() != src.resolve():
             shutil.copytree(src, out / "model", dirs_exist_ok=True)
     else:
         from .onnx import export_onnx
 
-        export_onnx(model, out / "model", quant=quant, progress=progress)
+        export_onnx(src, out / "model", quant=quant, progress=progress)
     for pkg_file, site_file in VENDOR_FILES.items():
         dst = out / "vendor" / site_file
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(modules / pkg_file, dst)
     for name in PAGE_FILES:
         shutil.copyfile(PAGE_DIR / name, out / name)
-    return out
 
 
 class IsolatedHandler(http.server.SimpleHTTPRequestHandler):
@@ -109,9 +151,15 @@ class IsolatedHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def make_server(site: str | Path, host: str = "127.0.0.1", port: int = 8000) -> http.server.ThreadingHTTPServer:
-    """A threaded HTTP server for `site` (port 0: any free port; the bound one is server.server_address[1])."""
-    if not (Path(site) / "index.html").is_file():
+def make_server(site: str | Path, host: str = "127.0.0.1", port: int = 8000,
+                built: bool = True) -> http.server.ThreadingHTTPServer:
+    """A threaded HTTP server for `site` (port 0: any free port; the bound one is server.server_address[1]).
+    built=False: the site is built after the port is taken (so a busy port fails before the build); a bad
+    host or a port that cannot be bound is an ExportError naming them."""
+    if built and not (Path(site) / "index.html").is_file():
         raise ExportError(f"{site}: no index.html (build the site with `qwen35 web MODEL {site}` first)")
     handler = functools.partial(IsolatedHandler, directory=str(site))
-    return http.server.ThreadingHTTPServer((host, port), handler)
+    try:
+        return http.server.ThreadingHTTPServer((host, port), handler)
+    except OSError as e:  # socket.gaierror (an unknown host) is one too
+        raise ExportError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None

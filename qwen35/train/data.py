@@ -1,7 +1,7 @@
 """Training data: documents from text or JSONL files, packed into fixed-length rows.
 
 - plain text file: one document;
-- JSONL: one document per line, `{"text": ...}`, or `{"messages": [...], "tools": [...]?}` rendered with the
+- JSONL (a .jsonl or .json name, any case): one document per line, `{"text": ...}`, or `{"messages": [...], "tools": [...]?}` rendered with the
   chat template,
   where only the assistant turns (their text through `<|im_end|>`) carry loss.
 Packing fills each row with whole documents (a longer one is cut into row-sized pieces) and records a
@@ -23,6 +23,8 @@ from ..errors import Qwen35Error
 IGNORE = -100
 ASSISTANT_OPEN = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
+ROLES = ("system", "user", "assistant", "tool")  # the server's (server/protocol.py); developer = system
+JSONL_SUFFIXES = (".jsonl", ".json")  # a .json file is read as JSON lines: one object per line
 
 
 class DataError(Qwen35Error):
@@ -35,7 +37,22 @@ class Document:
     loss: list[bool]  # loss[t]: token t is a target (predicted from what precedes it)
 
 
+def _known_roles(messages, where: str) -> list:
+    """The messages with developer read as system; an unknown role is an error (the template would drop the
+    turn, and its tokens with it, without a word)."""
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "developer":
+            m = {**m, "role": "system"}
+        if isinstance(m, dict) and "role" in m and m["role"] not in ROLES:
+            raise DataError(f"{where}: messages[{i}]: unknown role {m['role']!r} (use {', '.join(ROLES)} or "
+                            "developer)")
+        out.append(m)
+    return out
+
+
 def _chat_document(messages, tokenizer, where: str, tools=None) -> Document:
+    messages = _known_roles(messages, where)
     try:
         text = tokenizer.chat_template.render(messages, tools=tools, add_generation_prompt=False)
     except Qwen35Error as e:
@@ -53,34 +70,70 @@ def _chat_document(messages, tokenizer, where: str, tools=None) -> Document:
 
 
 def read_documents(paths: list[str | Path], tokenizer) -> list[Document]:
-    eos = tokenizer.token_to_id("<|endoftext|>")
+    """Every file's documents; a file that gives nothing to train on (empty, no assistant turn) is an error
+    naming it: training on it would report a loss of 0 and learn nothing."""
     docs = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise DataError(f"training data not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix != ".jsonl":
-            ids = tokenizer.encode(text) + ([eos] if eos is not None else [])
-            docs.append(Document(ids, [True] * len(ids)))
-            continue
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                ids = tokenizer.encode(obj["text"]) + ([eos] if eos is not None else [])
-                docs.append(Document(ids, [True] * len(ids)))
-            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                docs.append(_chat_document(obj["messages"], tokenizer, where, obj.get("tools")))
-            else:
-                raise DataError(f"{where}: expected an object with 'text' (string) or 'messages' (list)")
+        found, chat = _file_documents(path, tokenizer)
+        if not any(any(d.loss[1:]) for d in found):  # a target is a loss token after the first
+            what = "no assistant tokens to train on (no conversation has an assistant turn with content)" if chat else \
+                "no text to train on"
+            raise DataError(f"{path}: {what}")
+        docs += found
     if not docs:
         raise DataError("the training data holds no documents")
     return docs
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"training data not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def _file_documents(path: Path, tokenizer) -> tuple[list[Document], bool]:
+    """The documents of one file, and whether any of them is a conversation."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    text = _read_text(path)
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        ids = tokenizer.encode(text) + ([eos] if eos is not None else [])
+        return [Document(ids, [True] * len(ids))], False
+    docs, chat = [], False
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}); {path.suffix} data holds one JSON object "
+                            "per line") from None
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            ids = tokenizer.encode(obj["text"]) + ([eos] if eos is not None else [])
+            docs.append(Document(ids, [True] * len(ids)))
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            docs.append(_chat_document(obj["messages"], tokenizer, where, obj.get("tools")))
+            chat = True
+        else:
+            raise DataError(f"{where}: expected an object with 'text' (string) or 'messages' (list)")
+    return docs, chat
+
+
+def check_targets(rows: list[PackedRow], flag: str, seq_len: int) -> None:
+    """Packed rows must hold a target (each file has one, but rows of seq_len cut documents apart)."""
+    if not any(bool((r.labels != IGNORE).any()) for r in rows):
+        raise DataError(f"{flag}: no tokens to train on in rows of --seq-len {seq_len}")
+
+
+def check_vocab(tokenizer_size: int, model_size: int) -> None:
+    """A token id past the model's vocabulary indexes outside its embedding table."""
+    if tokenizer_size > model_size:
+        raise Qwen35Error(f"the tokenizer has {tokenizer_size} tokens but the model's vocab_size is {model_size}")
 
 
 @dataclass

@@ -23,11 +23,20 @@ import torch.utils.checkpoint
 
 from ..checkpoint import write_checkpoint
 from ..config import ModelConfig
+from ..errors import Qwen35Error
 from ..model.qwen35 import Qwen35ForCausalLM
 from .data import IGNORE, PackedRow
 from .vocab_loss import banded_cross_entropy
 
 STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+# what a resumed run must share with the one it continues (flag of each): the saved optimizer and scheduler
+# would silently keep the old --lr, and other rows or batches make a different run (--steps may grow)
+SAME_RUN = {"lr": "--lr", "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum"}
+
+
+class TrainError(Qwen35Error):
+    """Training cannot go on (diverged, or a state to resume that is missing or does not fit)."""
 
 
 @dataclass
@@ -122,6 +131,41 @@ def save(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None = None,
     return out
 
 
+def load_state(out: Path) -> dict:
+    """The trainer state saved in `out`, or a one-line error saying why it cannot be resumed."""
+    path = Path(out) / STATE_FILE
+    if not path.is_file():
+        raise TrainError(f"{path} not found: nothing to resume (train without --resume)")
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in pickle or zipfile, any way
+        raise TrainError(f"{path}: not a readable trainer state ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]})") from None
+    if not isinstance(state, dict) or not {"step", "losses", "config"} <= state.keys():
+        raise TrainError(f"{path}: not a trainer state (no step, losses and config)")
+    if "optimizer" not in state:
+        raise TrainError(f"{path}: written by a sharded (FSDP) run, whose optimizer state is not saved: it "
+                         "cannot be resumed")
+    return state
+
+
+def check_same_run(state: dict, now: dict, path: Path) -> None:
+    """Refuse to resume with a setting the saved run did not use, naming its flag."""
+    saved = state["config"]
+    for key, flag in SAME_RUN.items():
+        if key in saved and key in now and saved[key] != now[key]:
+            raise TrainError(f"{flag} {now[key]:g} differs from the run in {path} ({saved[key]:g}): resume "
+                             f"with {flag} {saved[key]:g}, or train into a new --out")
+
+
+def _check_finite(step: int, loss: float, norm: torch.Tensor) -> None:
+    """A non-finite loss or gradient would make every weight NaN from this step on: stop before applying it."""
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise TrainError(f"step {step}: the loss is {loss} and the gradient norm {norm}: training diverged "
+                         "(try a lower --lr); this step was not applied or saved")
+
+
 def lr_lambda(cfg: TrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup:
@@ -211,11 +255,13 @@ def evaluate(model, rows: list[PackedRow], batch_size: int = 4) -> float:
 
 
 def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out: str | Path,
-          tokenizer_dir: str | Path | None = None, resume: bool = False, eval_rows: list[PackedRow] | None = None,
+          tokenizer_dir: str | Path | None = None, resume: bool | dict = False, eval_rows: list[PackedRow] | None = None,
           log=print, until: int | None = None) -> list[float]:
     """Train for cfg.steps steps (from the saved step when resume). Returns the loss of every step.
     until: stop (and save) after this step, as an interrupted run would; the schedule still spans cfg.steps."""
     out = Path(out)
+    if not rows:
+        raise TrainError("no rows to train on")
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -249,19 +295,25 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     start, losses = 0, []
     if resume and distributed and cfg.fsdp:
         raise ValueError("resuming a sharded (FSDP) run is not supported yet; resume with DDP (omit --fsdp)")
-    if resume:
-        state = torch.load(out / STATE_FILE, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
+    if resume:  # a state read already (the command checks it before loading the model), or True: read it
+        state = resume if isinstance(resume, dict) else load_state(out)
+        check_same_run(state, asdict(cfg), out)
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except ValueError as e:  # other trainable parameters: full vs LoRA, other --lora-targets
+            raise TrainError(f"{out / STATE_FILE}: its optimizer state does not fit the parameters trained now "
+                             f"({e}): resume with the run's own --lora-rank / --lora-targets") from None
         sched.load_state_dict(state["scheduler"])
-        start, losses = state["step"], state["losses"]
+        start, losses = state["step"], list(state["losses"])
         log(f"resumed at step {start}")
+    fresh = not resume and not (out / METRICS_FILE).exists()  # a failed run may take back what it wrote
     out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics = open(out / METRICS_FILE, "a") if rank == 0 else None
     log = log if rank == 0 else (lambda s: None)
     t0 = time.perf_counter()
     tokens_seen = 0
     last = min(cfg.steps, until or cfg.steps)
-    bar = None
+    bar, saved = None, False
     if rank == 0 and sys.stderr.isatty():  # an interactive bar; logs and pipes get the loss= lines only
         from tqdm import tqdm
 
@@ -285,7 +337,17 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         if distributed:
             dist.all_reduce(total)
         total, mtp_total = float(total[0]), float(total[1])
-        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.clip)
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.clip)
+        try:
+            _check_finite(step + 1, total / count, norm)
+        except TrainError:
+            if metrics is not None:
+                metrics.close()
+                if fresh and not saved:  # nothing of this run is kept: no metrics of a run that left no weights
+                    (out / METRICS_FILE).unlink(missing_ok=True)
+            if bar is not None:
+                bar.close()
+            raise
         opt.step()
         sched.step()
         losses.append(total / count)
@@ -312,6 +374,7 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
             if rank != 0:
                 continue
             save(model, out, Path(tokenizer_dir) if tokenizer_dir else None, full)
+            saved = True
             state = {"step": step + 1, "losses": losses, "config": asdict(cfg)}
             if full is None:  # sharded optimizer state is not gathered (FSDP runs cannot resume yet)
                 state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
@@ -323,7 +386,9 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     if eval_rows and rank == 0:
         eval_loss = evaluate(model, eval_rows)
         log(f"eval loss={eval_loss:.4f}")
-        metrics.write(json.dumps({"step": cfg.steps, "eval_loss": eval_loss}) + "\n")
+        # JSON has no NaN or Infinity (finite weights can still overflow on other data): null stands for them
+        metrics.write(json.dumps({"step": cfg.steps, "eval_loss": eval_loss if math.isfinite(eval_loss) else None})
+                      + "\n")
     if metrics is not None:
         metrics.close()
     model.gradient_checkpointing = False

@@ -18,6 +18,8 @@ from ..ops.linear import Linear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj",
                    "up_proj", "down_proj")
+# every projection an adapter can sit on (the DeltaNet's b/a gates and the MTP head's fc are off by default)
+KNOWN_TARGETS = (*DEFAULT_TARGETS, "in_proj_b", "in_proj_a", "fc")
 
 
 class LoRALinear(Linear):
@@ -35,6 +37,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
     """Add adapters to every Linear named in `targets` and freeze everything else. Returns their names."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):  # 0 would silently mean 2 x rank
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha}")
     gen = torch.Generator().manual_seed(seed)
     names = []
     for name, module in model.named_modules():
@@ -43,7 +47,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
             module.__class__ = LoRALinear
             module.lora_A = nn.Parameter(torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f))
             module.lora_B = nn.Parameter(torch.zeros(out_f, rank))
-            module.lora_scale = (alpha or 2 * rank) / rank
+            module.lora_scale = (2 * rank if alpha is None else alpha) / rank
             names.append(name)
     if not names:
         raise ValueError(f"no projection matched the LoRA targets {targets}")
