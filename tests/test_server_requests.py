@@ -152,6 +152,9 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing(plain, monkeypatc
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages"
     assert "at least 270000 tokens" in err["message"] and "262144" in err["message"]
+    monkeypatch.setattr(app_mod, "least_tokens", lambda *a: 10**6)  # the completions endpoint asks it too
+    r = post(base, {"prompt": "x y"}, "completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "at least 1000000" in r.text
 
 
 def test_large_bodies_do_not_hold_up_small_ones(plain, monkeypatch):

@@ -378,6 +378,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str) and prompt:
             # a raw prompt: the client writes its own control tokens
+            refuse_overlong([prompt], opts, "prompt")
             return opts, tokenizer.encode(prompt), guide_for(opts, body)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             if not all(0 <= t < vocab for t in prompt):

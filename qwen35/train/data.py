@@ -70,19 +70,24 @@ def _chat_document(messages, tokenizer, where: str, tools=None) -> Document:
 
 
 def read_documents(paths: list[str | Path], tokenizer) -> list[Document]:
-    """Every file's documents; a file that gives nothing to train on (empty, no assistant turn) is an error
-    naming it: training on it would report a loss of 0 and learn nothing."""
+    """Every file's documents. Data with nothing to train on is an error (training would report a loss of 0 and
+    learn nothing): a chat file without an assistant turn (likely the wrong format), or all the files together
+    holding no text. An empty text file among others is only empty (a corpus of source files has some)."""
     docs = []
     for path in map(Path, paths):
         found, chat = _file_documents(path, tokenizer)
-        if not any(any(d.loss[1:]) for d in found):  # a target is a loss token after the first
-            what = "no assistant tokens to train on (no conversation has an assistant turn with content)" if chat else \
-                "no text to train on"
-            raise DataError(f"{path}: {what}")
+        if chat and not _has_targets(found):
+            raise DataError(f"{path}: no assistant tokens to train on (no conversation has an assistant turn "
+                            "with content)")
         docs += found
-    if not docs:
-        raise DataError("the training data holds no documents")
+    if not _has_targets(docs):
+        where = str(paths[0]) if len(paths) == 1 else f"the training data ({len(paths)} files)"
+        raise DataError(f"{where}: no text to train on")
     return docs
+
+
+def _has_targets(docs: list[Document]) -> bool:
+    return any(any(d.loss[1:]) for d in docs)  # a target is a loss token after the first
 
 
 def _read_text(path: Path) -> str:
