@@ -31,6 +31,12 @@ def main(args: argparse.Namespace) -> int:
     # into the source itself, the tokenizer would be copied onto itself after minutes of export
     check_output_dir(args.out_dir, Path(args.model).expanduser())
     check_not_requantized(args.model, args.quant)
+    if Path(args.model).is_dir():  # (a hub id is resolved by export_onnx; a GGUF is refused there)
+        from ..config import ModelConfig
+        from ..export.onnx import check_tokenizer
+
+        model = Path(args.model).expanduser()
+        check_tokenizer(model, ModelConfig.from_file(model / "config.json"))
     manifest = export_onnx(args.model, args.out_dir, quant=args.quant, opset=args.opset, progress=True)
     files = ["manifest.json", manifest["external_data"], *(g["file"] for g in manifest["graphs"].values())]
     size = sum((args.out_dir / f).stat().st_size for f in files)
