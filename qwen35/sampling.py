@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .config import is_number
 from .constrain import Structured
 from .errors import SamplingError
 from .selection import argmax, draw, top_k
@@ -50,8 +51,7 @@ class SamplingParams:
         # types first: a string, a bool or a float count would otherwise fail deep in torch (or, for
         # max_tokens=2.5, quietly generate 3 tokens)
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if not is_number(getattr(self, name)):
                 bad(name, "must be a finite number")
         for name in ("top_k", "max_tokens", "top_logprobs", "max_thinking_tokens", "seed"):
             v = getattr(self, name)
@@ -66,8 +66,7 @@ class SamplingParams:
         if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
             bad("stop_token_ids", "must be integer token ids (one outside the vocabulary, e.g. -1, never stops)")
         for k, v in dict(self.logit_bias).items():
-            if isinstance(k, bool) or not isinstance(k, int) or isinstance(v, bool) or \
-                    not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(k, bool) or not isinstance(k, int) or not is_number(v):
                 bad("logit_bias", f"maps integer token ids to finite numbers (entry {k!r}: {v!r})")
         if not self.temperature >= 0:
             bad("temperature", "must be >= 0 (0 = greedy)")
