@@ -94,14 +94,10 @@ def tensor_specs(config: ModelConfig, mtp_layers: int = 0,
     """(checkpoint key, shape, dtype) of every tensor of a checkpoint, in the order random weights are drawn
     (the vision tower's last, when the config has one). A_log and linear_attn.norm are F32, as in the official
     checkpoints; the rest `dtype`."""
-    from .model.qwen35 import Qwen35ForCausalLM
-    from .weights import _skip_init
+    from .weights import _skip_init, parameter_shapes
 
-    with torch.device("meta"), _skip_init():
-        params = Qwen35ForCausalLM(config, mtp_layers=mtp_layers).named_parameters()
-        shapes = [(n, tuple(p.shape)) for n, p in params]
     specs = [(vlm_key(n), shape, torch.float32 if n.endswith(("A_log", "linear_attn.norm.weight")) else dtype)
-             for n, shape in shapes]
+             for n, shape in parameter_shapes(config, mtp_layers).items()]
     if config.vision_config is not None:  # the tower's tensors, `model.visual.*` as the official checkpoints
         from .model.vision import VisionConfig, VisionModel
         from .weights import VISION_PREFIX

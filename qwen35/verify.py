@@ -70,7 +70,15 @@ def verify(path: str | Path, manifest: str | Path | None = None, say=None) -> Re
 def _directory(path: Path, rep: Report) -> None:
     from .config import ModelConfig
     from .safetensors_io import read_header
-    from .weights import INDEX_FILE, SINGLE_FILE, _check_entry, count_mtp_layers, to_module_name
+    from .weights import (
+        INDEX_FILE,
+        SINGLE_FILE,
+        _check_entry,
+        check_mtp_layers,
+        count_mtp_layers,
+        parameter_shapes,
+        to_module_name,
+    )
 
     config = None
     try:
@@ -125,10 +133,8 @@ def _directory(path: Path, rep: Report) -> None:
         if n is not None:
             shapes[n], by_name[n] = (k, tuple(e.shape)), e
     mtp_layers = count_mtp_layers(shapes)
-    if mtp_layers and config.mtp_num_hidden_layers and mtp_layers != config.mtp_num_hidden_layers:
-        rep.problems.append(f"config: mtp_num_hidden_layers={config.mtp_num_hidden_layers} but the checkpoint has "
-                            f"{mtp_layers} mtp.layers")
-    want = _expected_shapes(config, mtp_layers)
+    _check(rep, "config", check_mtp_layers, config, mtp_layers)
+    want = parameter_shapes(config, mtp_layers)
     stored = _stored_quant(path, rep)
     if stored is None:  # which tensors to expect is unknown: the config's problem explains every mismatch
         return
@@ -177,17 +183,6 @@ def _check_quantized(path: Path, name: str, scheme: str, shape, by_name: dict, c
                                 f"names '{name}')")
         return
     _check(rep, "quantized", check_stored, path, name, qs, d, scheme, *shape)
-
-
-def _expected_shapes(config, mtp_layers: int) -> dict[str, tuple[int, ...]]:
-    import torch
-
-    from .model.qwen35 import Qwen35ForCausalLM
-    from .weights import _skip_init
-
-    with torch.device("meta"), _skip_init():
-        model = Qwen35ForCausalLM(config, mtp_layers=mtp_layers)
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 def _stored_quant(path: Path, rep: Report) -> dict | None:

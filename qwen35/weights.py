@@ -106,6 +106,26 @@ def count_mtp_layers(keys) -> int:
     return max(idx) + 1 if idx else 0
 
 
+def check_mtp_layers(config: ModelConfig, found: int) -> None:
+    """A checkpoint's MTP layers (count_mtp_layers; none is fine: many conversions drop the head) against the
+    config's count."""
+    if found and config.mtp_num_hidden_layers and found != config.mtp_num_hidden_layers:
+        raise CheckpointError(f"config says mtp_num_hidden_layers={config.mtp_num_hidden_layers} but the "
+                              f"checkpoint has {found} mtp.layers")
+
+
+def meta_model(config: ModelConfig, mtp_layers: int = 0) -> Qwen35ForCausalLM:
+    """The model's skeleton on the meta device: its parameter names and shapes, no memory, no init."""
+    with torch.device("meta"), _skip_init():
+        return Qwen35ForCausalLM(config, mtp_layers=mtp_layers)
+
+
+def parameter_shapes(config: ModelConfig, mtp_layers: int = 0) -> dict[str, tuple[int, ...]]:
+    """Every parameter the config implies (with `mtp_layers` MTP layers), name -> shape: what a checkpoint
+    of it must hold."""
+    return {n: tuple(p.shape) for n, p in meta_model(config, mtp_layers).named_parameters()}
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
                kernels: bool | None = None, quant: str | None = None,
                kv_cache: str = "bf16") -> Qwen35ForCausalLM:
@@ -168,9 +188,7 @@ def _index(path: Path) -> _Index:
             info.skipped.append(key)
 
     mtp_layers = count_mtp_layers(by_name)
-    if mtp_layers and config.mtp_num_hidden_layers and mtp_layers != config.mtp_num_hidden_layers:
-        raise CheckpointError(f"config says mtp_num_hidden_layers={config.mtp_num_hidden_layers} but the "
-                              f"checkpoint has {mtp_layers} mtp.layers")
+    check_mtp_layers(config, mtp_layers)
     if "lm_head.weight" not in by_name and "lm_head.weight.qs" not in by_name and not config.tie_word_embeddings:
         log.warning("%s: no lm_head.weight and tie_word_embeddings=false; using the embedding as the head", path)
         config = _replace(config, tie_word_embeddings=True)
@@ -178,8 +196,7 @@ def _index(path: Path) -> _Index:
         info.skipped.append(_disk_key("lm_head.weight", by_name))
         del by_name["lm_head.weight"]
 
-    with torch.device("meta"), _skip_init():
-        model = Qwen35ForCausalLM(config, mtp_layers=mtp_layers)
+    model = meta_model(config, mtp_layers)
 
     from .quant.checkpoint import read_quant_config
 

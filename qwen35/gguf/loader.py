@@ -44,16 +44,14 @@ def read_config(path: str | Path) -> ModelConfig:
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
               kernels: bool | None = None, quant: str | None = None):
-    from ..model.qwen35 import Qwen35ForCausalLM
     from ..ops.fast import bind_kernels
     from ..placement import allocate, quantize_into
-    from ..weights import CheckpointInfo, _skip_init, check_finite
+    from ..weights import CheckpointInfo, check_finite, meta_model
 
     f = open_gguf(path)
     config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
     L = config.num_hidden_layers
-    with torch.device("meta"), _skip_init():
-        model = Qwen35ForCausalLM(config, mtp_layers=config.mtp_num_hidden_layers)
+    model = meta_model(config, config.mtp_num_hidden_layers)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
 
     by_name, problems = _match(f, config, shapes)
@@ -162,13 +160,10 @@ def _match(f, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[
 
 def check_tensors(f) -> list[str]:
     """`qwen35 verify`'s shape check of an opened GGUF: what _match finds against its own metadata."""
-    from ..model.qwen35 import Qwen35ForCausalLM
-    from ..weights import _skip_init
+    from ..weights import parameter_shapes
 
     config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
-    with torch.device("meta"), _skip_init():
-        model = Qwen35ForCausalLM(config, mtp_layers=config.mtp_num_hidden_layers)
-    return _match(f, config, {n: tuple(p.shape) for n, p in model.named_parameters()})[1]
+    return _match(f, config, parameter_shapes(config, config.mtp_num_hidden_layers))[1]
 
 
 def _gguf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
