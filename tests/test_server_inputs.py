@@ -169,8 +169,8 @@ def test_bomb_warning_as_error_is_refused_too():
 
 
 def test_server_answers_a_bomb_with_a_400_naming_the_part():
+    from qwen35.server.errors import APIError
     from qwen35.server.images import load_images
-    from qwen35.server.protocol import APIError
 
     url = "data:image/png;base64," + base64.b64encode(png_header(20000, 20000)).decode()
     vision_model = SimpleNamespace(visual=object())

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI): chat completions, completions, models, health, metrics.
 
-Requests are validated (protocol.py), rendered with the model's chat template, and handed to the batching
-engine (engine.py); results stream back as Server-Sent Events or one JSON body. A client that disconnects
-cancels its request; errors come back in OpenAI's JSON shape and never carry a traceback.
+Requests are validated (body.py, messages.py, protocol.py), rendered with the model's chat template, and
+handed to the batching engine (engine.py); results stream back as Server-Sent Events or one JSON body. A
+client that disconnects cancels its request; errors come back in OpenAI's JSON shape and never carry a
+traceback.
 
 Input handling: the body is read up to `max_request_bytes` (413 beyond, counted while reading, so a huge
 body is never held), then parsed, validated, rendered and tokenized on a worker thread, so a 10 MB body
@@ -38,13 +39,16 @@ from ..generation import ContextLengthError, max_context
 from ..guide import make_guide
 from ..toolcalls import OutputParser, ParsedDelta
 from ..vision_input import ImageError
+from .body import DEFAULT_MAX_REQUEST_BYTES, parse_json
 from .engine import Engine, MemoryBudgetExceeded, QueueFull
 from .engine import Request as EngineRequest
+from .errors import APIError, bad
 from .guard import Guard
 from .images import DEFAULT_MAX_IMAGE_PIXELS, image_parts, load_images
+from .messages import parse_messages
 from .metrics import prometheus_text
 from .prompt_ids import conversation_ids, least_tokens, message_texts
-from .protocol import DEFAULT_MAX_REQUEST_BYTES, APIError, bad, parse_json, parse_messages, parse_options
+from .protocol import parse_options
 from .responses import finish_reason, logprob_entry, sse, usage
 from .stop_strings import StopStrings
 

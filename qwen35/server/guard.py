@@ -8,7 +8,7 @@ import logging
 
 from fastapi.responses import JSONResponse
 
-from .protocol import APIError
+from .errors import APIError
 
 log = logging.getLogger("qwen35.server")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..vision_input import ImageError, open_image
-from .protocol import bad
+from .errors import bad
 
 DEFAULT_MAX_IMAGE_PIXELS = 16_777_216  # 4096 x 4096: the official processor's longest_edge in pixels
 REMOTE_TIMEOUT_S = 10.0

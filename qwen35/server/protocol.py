@@ -1,6 +1,6 @@
-"""OpenAI request validation and error bodies.
+"""OpenAI request options: sampling, stop strings, streaming, thinking, structured output, fields.
 
-Every rejected request gets OpenAI's JSON error shape with the offending parameter named. Parameters we
+Every rejected request gets OpenAI's JSON error shape (errors.py) with the offending parameter named. Parameters we
 cannot honour yet (n > 1, echo, audio) are refused with 400, never silently ignored; a value of the wrong
 type is refused, never coerced (`"stream": "no"` is an error, not a stream).
 
@@ -9,15 +9,11 @@ extension `structured_outputs` ({"regex": ...} or {"grammar": Lark}), and `tool_
 named function (XML tool calls whose parameters fit the schema); at most one of them per request.
 Thinking budget: `max_thinking_tokens`, or `reasoning_effort` low / medium / high mapped to budgets by
 guide.EFFORT_BUDGETS ("none" / "minimal" turn thinking off); `break_thinking_loops`.
-
-The body itself is checked before any field is read (`parse_json`): valid UTF-8 JSON without NaN/Infinity,
-nested at most MAX_DEPTH deep, no lone surrogate in any string (it cannot be encoded, so the tokenizer and
-the response writer would fail on it later).
+The body itself is checked before any field is read (body.py); messages and tools by messages.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -26,12 +22,9 @@ from typing import Any
 from ..constrain import GrammarError, Structured
 from ..guide import EFFORT_BUDGETS
 from ..sampling import SamplingError, SamplingParams
+from .errors import bad, show
+from .messages import parse_tools
 
-DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # ~2M tokens of text: above any context Qwen3.5 runs, far below harm
-MAX_DEPTH = 64  # JSON nesting; OpenAI bodies need < 10, tool schemas rarely pass 20
-ROLES = ("system", "user", "assistant", "tool")
-MEDIA_PARTS = ("image_url", "image", "input_image", "video", "video_url", "input_audio", "audio", "file")
-TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # OpenAI's rule plus '.' and ':' (MCP names); no '>' or spaces
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 # chat_template_kwargs the request sets itself (render_segments' own arguments among them)
 RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "literals")
@@ -61,73 +54,6 @@ NOT_SUPPORTED = {
 }
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                              413: "invalid_request_error", 429: "rate_limit_error",
-                              503: "service_unavailable"}.get(status, "server_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad(param: str, message: str, code: str | None = None) -> APIError:
-    return APIError(400, message, param, code)
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_json(raw: bytes) -> Any:
-    """The request body as a JSON value, or APIError 400 (param "body", or the path of the bad string)."""
-    try:
-        value = json.loads(raw, parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise bad("body", "the request body is not valid UTF-8") from None
-    except RecursionError:
-        raise bad("body", f"the request body is nested too deeply (at most {MAX_DEPTH} levels)") from None
-    except ValueError as e:  # JSONDecodeError, NaN / Infinity
-        raise bad("body", f"the request body is not valid JSON: {e}") from None
-    _check_tree(value)
-    return value
-
-
-def _path(parts: tuple) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "body"
-
-
-def _check_tree(value: Any) -> None:
-    """Depth and lone surrogates, walked without recursion (so no depth can overflow the stack here)."""
-    todo = [(value, ())]
-    while todo:
-        v, at = todo.pop()
-        if len(at) > MAX_DEPTH:
-            raise bad("body", f"the request body is nested too deeply (at most {MAX_DEPTH} levels)")
-        if isinstance(v, dict):
-            for k, x in v.items():
-                _check_text(k, at)
-                todo.append((x, at + (k,)))
-        elif isinstance(v, list):
-            todo.extend((x, at + (i,)) for i, x in enumerate(v))
-        elif isinstance(v, str):
-            _check_text(v, at)
-
-
-def _check_text(s: str, at: tuple) -> None:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as e:
-        param = _path(at)
-        raise bad(param, f"'{param}' holds a lone surrogate (U+{ord(s[e.start]):04X}), which is not text") from None
-
-
 @dataclass
 class GenerationOptions:
     params: SamplingParams
@@ -149,7 +75,7 @@ def _num(body: dict, key: str, kind, lo=None, hi=None, default=None):
     if kind is int:
         ok = ok and (isinstance(v, int) or v.is_integer())
     if not ok:
-        raise bad(key, f"'{key}' must be {'an integer' if kind is int else 'a finite number'}, got {_show(v)}")
+        raise bad(key, f"'{key}' must be {'an integer' if kind is int else 'a finite number'}, got {show(v)}")
     try:
         v = kind(v)
     except OverflowError:  # an integer beyond any float
@@ -157,13 +83,8 @@ def _num(body: dict, key: str, kind, lo=None, hi=None, default=None):
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         limits = f"between {lo} and {hi}" if lo is not None and hi is not None else \
             (f"at least {lo}" if lo is not None else f"at most {hi}")
-        raise bad(key, f"'{key}' must be {limits}, got {_show(v)}")
+        raise bad(key, f"'{key}' must be {limits}, got {show(v)}")
     return v
-
-
-def _show(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def _bool(body: dict, key: str, default: bool = False) -> bool:
@@ -171,7 +92,7 @@ def _bool(body: dict, key: str, default: bool = False) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise bad(key, f"'{key}' must be true or false, got {_show(v)}")
+        raise bad(key, f"'{key}' must be true or false, got {show(v)}")
     return v
 
 
@@ -183,9 +104,9 @@ def _logit_bias(value: Any, vocab_size: int) -> dict[int, float]:
     out = {}
     for k, v in value.items():
         if not re.fullmatch(r"[0-9]{1,9}", k) or int(k) >= vocab_size:
-            raise bad("logit_bias", f"'logit_bias' key {_show(k)} is not a token id (0 to {vocab_size - 1})")
+            raise bad("logit_bias", f"'logit_bias' key {show(k)} is not a token id (0 to {vocab_size - 1})")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise bad("logit_bias", f"'logit_bias[{k}]' must be a number between -100 and 100, got {_show(v)}")
+            raise bad("logit_bias", f"'logit_bias[{k}]' must be a number between -100 and 100, got {show(v)}")
         out[int(k)] = float(v)
     return out
 
@@ -295,7 +216,7 @@ def _check_fields(body: dict, known: frozenset, endpoint: str) -> None:
         if key in NOT_SUPPORTED:
             raise bad(key, NOT_SUPPORTED[key])
         if key not in known:
-            raise bad(key, f"unknown parameter {_show(key)} for {endpoint}")
+            raise bad(key, f"unknown parameter {show(key)} for {endpoint}")
 
 
 def parse_structured(body: dict, required_tools: list[dict] | None) -> Structured | None:
@@ -337,109 +258,4 @@ def _response_format(rf: Any) -> Structured:
             raise bad("response_format", "'response_format.json_schema.strict' must be true or false")
         return Structured.json_schema(spec.get("schema", {}), strict=bool(strict))
     raise bad("response_format", "'response_format.type' must be text, json_object or json_schema, got "
-              f"{_show(kind)}")
-
-
-def parse_tools(tools: Any, tool_choice: Any) -> tuple[list[dict] | None, Any]:
-    """(the tools the template sees, tool_choice), both checked: each tool is {"type": "function",
-    "function": {"name", "description"?, "parameters"?}}; tool_choice auto, none, required or
-    {"type": "function", "function": {"name"}} naming one of them (then only that tool is offered)."""
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise bad("tools", "'tools' must be a list of tool objects")
-        names = set()
-        for i, t in enumerate(tools):
-            at = f"tools[{i}]"
-            if not isinstance(t, dict) or t.get("type", "function") != "function":
-                raise bad(at, f"'{at}' must be an object {{\"type\": \"function\", \"function\": {{...}}}}")
-            fn = t.get("function")
-            if not isinstance(fn, dict):
-                raise bad(f"{at}.function", f"'{at}.function' must be an object with a 'name'")
-            name = fn.get("name")
-            if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
-                raise bad(f"{at}.function.name", f"'{at}.function.name' must be 1 to 64 letters, digits or _ . : -, "
-                          f"got {_show(name)}")
-            if name in names:
-                raise bad(f"{at}.function.name", f"two tools are named {name!r}")
-            names.add(name)
-            if not isinstance(fn.get("description", ""), str):
-                raise bad(f"{at}.function.description", f"'{at}.function.description' must be a string")
-            if not isinstance(fn.get("parameters", {}), dict):
-                raise bad(f"{at}.function.parameters", f"'{at}.function.parameters' must be a JSON Schema object")
-    if tool_choice is None:
-        tool_choice = "auto"
-    if isinstance(tool_choice, dict):
-        fn = tool_choice.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if tool_choice.get("type", "function") != "function" or not isinstance(name, str):
-            raise bad("tool_choice", "'tool_choice' must be auto, none, required or "
-                      "{\"type\": \"function\", \"function\": {\"name\": ...}}")
-        chosen = [t for t in tools or () if t["function"]["name"] == name]
-        if not chosen:
-            raise bad("tool_choice", f"'tool_choice' names function {name!r}, which is not in 'tools'")
-        return chosen, tool_choice
-    if tool_choice not in ("auto", "none", "required"):
-        raise bad("tool_choice", "'tool_choice' must be auto, none, required or a named function")
-    if tool_choice == "required" and not tools:
-        raise bad("tool_choice", "'tool_choice' is 'required' but the request has no 'tools'")
-    return (None if tool_choice == "none" else tools or None), tool_choice
-
-
-def parse_messages(messages: Any) -> list[dict]:
-    """The chat messages, checked: a known role each, text content (a string, text parts and image_url parts,
-    whose URLs server/images.py checks), tool messages answer a call by id, assistant tool calls name a
-    function. "developer" (OpenAI's newer name) is taken as "system". Returns a copy safe to render."""
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages", "'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(messages):
-        at = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(at, f"'{at}' must be an object with a 'role'")
-        role = m.get("role")
-        if role == "developer":
-            m = {**m, "role": "system"}
-            role = "system"
-        if role not in ROLES:
-            raise bad(f"{at}.role", f"'{at}.role' must be one of {', '.join(ROLES)} (or developer), "
-                      f"got {_show(role)}")
-        content = m.get("content")
-        if content is None:
-            if role != "assistant":
-                raise bad(f"{at}.content", f"'{at}.content' is missing (only an assistant turn may omit it)")
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                _check_part(part, f"{at}.content[{j}]")
-        elif not isinstance(content, str):
-            raise bad(f"{at}.content", f"'{at}.content' must be a string or a list of text parts")
-        if role == "tool" and not (isinstance(m.get("tool_call_id"), str) and m["tool_call_id"]):
-            raise bad(f"{at}.tool_call_id", f"'{at}' is a tool result without a 'tool_call_id'")
-        for key in ("name", "reasoning_content", "reasoning", "thinking"):
-            if m.get(key) is not None and not isinstance(m[key], str):
-                raise bad(f"{at}.{key}", f"'{at}.{key}' must be a string")
-        calls = m.get("tool_calls")
-        if calls is not None:
-            if role != "assistant" or not isinstance(calls, list):
-                raise bad(f"{at}.tool_calls", f"'{at}.tool_calls' must be a list, on an assistant message")
-            for j, call in enumerate(calls):
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not TOOL_NAME.fullmatch(fn["name"]):
-                    raise bad(f"{at}.tool_calls[{j}]", f"'{at}.tool_calls[{j}]' must be "
-                              "{\"type\": \"function\", \"function\": {\"name\", \"arguments\"}}")
-                if not isinstance(fn.get("arguments", {}), (str, dict)):
-                    raise bad(f"{at}.tool_calls[{j}].function.arguments",
-                              f"'{at}.tool_calls[{j}].function.arguments' must be a JSON string or an object")
-        out.append(m)
-    return out
-
-
-def _check_part(part: Any, at: str) -> None:
-    kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "text" and isinstance(part.get("text"), str):
-        return
-    if kind == "image_url":
-        return  # its URL is checked and decoded by server/images.py, whose 400s name the part
-    if kind in MEDIA_PARTS or (isinstance(part, dict) and any(k in part for k in MEDIA_PARTS)):
-        raise bad(at, f"'{at}' is a {kind or 'media'} part: audio, video and files are not supported (images are "
-                  "{\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/...;base64,...\"}} parts)")
-    raise bad(at, f"'{at}' must be a text part {{\"type\": \"text\", \"text\": \"...\"}}")
+              f"{show(kind)}")

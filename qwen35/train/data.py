@@ -23,7 +23,7 @@ from ..errors import Qwen35Error
 IGNORE = -100
 ASSISTANT_OPEN = "<|im_start|>assistant\n"
 TURN_END = "<|im_end|>"
-ROLES = ("system", "user", "assistant", "tool")  # the server's (server/protocol.py); developer = system
+ROLES = ("system", "user", "assistant", "tool")  # the server's (server/messages.py); developer = system
 JSONL_SUFFIXES = (".jsonl", ".json")  # a .json file is read as JSON lines: one object per line
 
 
