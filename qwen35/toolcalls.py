@@ -12,7 +12,7 @@ the file runs past ~300 lines.)
 - `<tool_call>...</tool_call>` holds either the XML form Qwen3.5 is trained on
   (`<function=NAME><parameter=ARG>value</parameter>...</function>`, any parameter order, multi-line values)
   or the JSON form `{"name": ..., "arguments": {...}}`. Calls are recognised in content and inside
-  `<think>` alike. Values are coerced by the tool's JSON schema when it is known.
+  `<think>` alike. Values are coerced by the tool's JSON schema when it is known (tool_schema.py).
 - Malformed calls (unclosed tags, unknown function, bad JSON) never raise: their raw text is kept as
   content and the problem is reported in `errors`.
 """
@@ -24,6 +24,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from .tool_schema import coerce, tool_schemas
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -66,142 +68,6 @@ class ParsedDelta:
         self.call_deltas += other.call_deltas
         self.errors += other.errors
         return self
-
-
-def _schemas(tools: list[dict] | None) -> dict[str, dict] | None:
-    if not tools:
-        return None
-    out = {}
-    for t in tools:
-        fn = t.get("function", t) if isinstance(t, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            out[fn["name"]] = fn.get("parameters") or {}
-    return out
-
-
-# type names real tool definitions use beside JSON Schema's own (Python's, from generated schemas)
-TYPE_ALIASES = {"int": "integer", "float": "number", "double": "number", "dict": "object", "list": "array",
-                "bool": "boolean", "str": "string", "none": "null"}
-JSON_TYPES = ("null", "boolean", "integer", "number", "string", "array", "object")
-MAX_SCHEMA_DEPTH = 64  # nesting past this is read as saying nothing more (a request's schema: no RecursionError)
-_NOT_JSON = object()
-
-
-def coerce(value: str, schema: dict | None, root: dict | None = None) -> Any:
-    """A raw parameter string turned into a value of a type its JSON schema allows, read as the tool-call grammar
-    (constrain._param_rule) writes it: a plain string or an enum of strings raw, anything else as JSON for its
-    schema. JSON of an allowed type is taken as it is; else each allowed type is tried in the schema's order on
-    looser spellings (True, None, +5); the text is kept when none fits. root: the tool's parameters, which
-    `$ref`s point into (the schema itself when not given)."""
-    if not isinstance(schema, dict) or _raw_string(schema):
-        return value
-    types = _types(schema, schema if root is None else root, {})
-    stripped = value.strip()
-    try:
-        parsed = json.loads(stripped)
-    except (ValueError, RecursionError):  # not JSON (or nested past Python's limit)
-        parsed = _NOT_JSON
-    if parsed is not _NOT_JSON and (types is None or _json_type(parsed) in types):
-        return parsed
-    for t in types or ():  # a schema that says nothing takes JSON only: "007" stays text
-        try:
-            if t == "integer":
-                return int(stripped)
-            if t == "number":
-                f = float(stripped)
-                return int(f) if f.is_integer() and re.fullmatch(r"-?\d+", stripped) else f
-        except ValueError:
-            continue
-        if t == "boolean" and stripped.lower() in ("true", "false"):
-            return stripped.lower() == "true"
-        if t == "null" and stripped.lower() in ("null", "none"):
-            return None
-    return value
-
-
-def _raw_string(schema: dict) -> bool:
-    """Is this parameter's value written as raw text (constrain._param_rule: an enum of strings, or a string with
-    no pattern or format; a Python type name too, which the grammar does not take)?"""
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
-        return True
-    t = schema.get("type")
-    return isinstance(t, str) and TYPE_ALIASES.get(t, t) == "string" and "pattern" not in schema \
-        and "format" not in schema
-
-
-def _json_type(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "number"
-    return "string" if isinstance(v, str) else "array" if isinstance(v, list) else "object"
-
-
-def _types(schema: Any, root: Any, refs: dict, depth: int = 0) -> list[str] | None:
-    """The JSON types a value of `schema` may take, in the order the schema names them ("number" brings
-    "integer"), or None where it does not say: its `type` (one or a list, Python names too, OpenAPI's
-    `nullable`), `enum` / `const`, the union of `anyOf` / `oneOf`, the common part of `allOf` and a local
-    `$ref`; a value must fit every one of these that the schema has. refs: each $ref's answer, worked out
-    once (a $ref back into itself says nothing; and branches that name the same $ref cost nothing twice, so
-    a schema cannot make this exponential)."""
-    if not isinstance(schema, dict) or depth > MAX_SCHEMA_DEPTH:
-        return None
-    says: list[list[str] | None] = []
-    t = schema.get("type")
-    if isinstance(t, (str, list)):
-        names = [TYPE_ALIASES.get(x, x) for x in (t if isinstance(t, list) else [t]) if isinstance(x, str)]
-        says.append(names + (["null"] if schema.get("nullable") is True else []))
-    if isinstance(schema.get("enum"), list):
-        says.append([_json_type(v) for v in schema["enum"]])
-    if "const" in schema:
-        says.append([_json_type(schema["const"])])
-    for key in ("anyOf", "oneOf"):
-        if isinstance(schema.get(key), list):
-            branches = [_types(sub, root, refs, depth + 1) for sub in schema[key]]
-            says.append(None if None in branches else [x for b in branches for x in b])
-    if isinstance(schema.get("allOf"), list):
-        says += [_types(sub, root, refs, depth + 1) for sub in schema["allOf"]]
-    ref = schema.get("$ref")
-    if isinstance(ref, str):
-        if ref not in refs:
-            refs[ref] = None  # while it is worked out: a cycle back to it
-            refs[ref] = _types(_pointer(root, ref), root, refs, depth + 1)
-        says.append(refs[ref])
-    out = None
-    for names in says:
-        if names is not None:
-            names = _with_integer([x for x in names if x in JSON_TYPES])
-            out = names if out is None else [x for x in out if x in names]
-    return out
-
-
-def _with_integer(names: list[str]) -> list[str]:
-    """Without duplicates, and "integer" after "number" (an integer is a number)."""
-    out = []
-    for x in names:
-        out += [y for y in ((x, "integer") if x == "number" else (x,)) if y not in out]
-    return out
-
-
-def _pointer(root: Any, ref: str) -> dict | None:
-    """The schema a local `$ref` ("#/$defs/Unit", any JSON pointer into `root`) names; None for any other."""
-    if not ref.startswith("#"):
-        return None  # a remote schema: never fetched
-    node = root
-    for part in ref[1:].split("/")[1:]:
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node if isinstance(node, dict) else None
 
 
 _FUNC = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
@@ -277,7 +143,7 @@ class OutputParser:
     def __init__(self, tools: list[dict] | None = None, thinking_open: bool = False, tool_calls: bool = True):
         """tool_calls False: the text is content and reasoning only, `<tool_call>` included (a server request
         that offered no tools, or tool_choice "none", gets no calls back)."""
-        self.schemas = _schemas(tools)
+        self.schemas = tool_schemas(tools)
         self.tool_calls = tool_calls
         self.mode = "reasoning" if thinking_open else "content"
         self.buf = ""

@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from qwen35.toolcalls import OutputParser, ParsedDelta, coerce, parse_output
+from qwen35.tool_schema import coerce
+from qwen35.toolcalls import OutputParser, ParsedDelta, parse_output
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
     "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
