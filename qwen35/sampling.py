@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .config import is_number
+from .config_fields import is_number
 from .constrain import Structured
 from .errors import SamplingError
 from .selection import argmax, draw, top_k

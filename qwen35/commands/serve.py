@@ -25,8 +25,8 @@ from .common import (
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     from ..memory import memory_size
-    from ..server.images import DEFAULT_MAX_IMAGE_PIXELS
     from ..server.body import DEFAULT_MAX_REQUEST_BYTES
+    from ..server.images import DEFAULT_MAX_IMAGE_PIXELS
 
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")

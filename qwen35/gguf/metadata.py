@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..config import ModelConfig, is_integer, is_number, short_repr
+from ..config import ModelConfig
+from ..config_fields import is_integer, is_number, short_repr
 from ..errors import CheckpointError
 
 log = logging.getLogger("qwen35")
