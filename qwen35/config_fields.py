@@ -77,8 +77,13 @@ def is_integer(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    """A finite int or float; never a bool."""
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    """A finite int or float that float() takes; never a bool."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int past float's range (JSON has no limit on an integer's digits)
+        return False
 
 
 def short_repr(v: Any) -> str:

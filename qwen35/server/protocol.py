@@ -14,11 +14,11 @@ The body itself is checked before any field is read (body.py); messages and tool
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..config_fields import is_integer, is_number
 from ..constrain import GrammarError, Structured
 from ..guide import EFFORT_BUDGETS
 from ..sampling import SamplingError, SamplingParams
@@ -71,15 +71,9 @@ def _num(body: dict, key: str, kind, lo=None, hi=None, default=None):
     v = body.get(key, default)
     if v is None:
         return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
-    if kind is int:
-        ok = ok and (isinstance(v, int) or v.is_integer())
-    if not ok:
+    if not (is_integer(v) if kind is int else is_number(v)):  # the config reader's tests: no bool, no NaN
         raise bad(key, f"'{key}' must be {'an integer' if kind is int else 'a finite number'}, got {show(v)}")
-    try:
-        v = kind(v)
-    except OverflowError:  # an integer beyond any float
-        raise bad(key, f"'{key}' is out of range") from None
+    v = kind(v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         limits = f"between {lo} and {hi}" if lo is not None and hi is not None else \
             (f"at least {lo}" if lo is not None else f"at most {hi}")
