@@ -134,6 +134,8 @@ def _rope(**over):
     ({"rms_norm_eps": True}, "'rms_norm_eps' must be a finite number, got True"),
     ({"rope_parameters": _rope(rope_theta="1e7")}, "'rope_theta' must be a finite number, got '1e7'"),
     ({"rope_parameters": _rope(rope_theta=float("inf"))}, "'rope_theta' must be a finite number, got inf"),
+    ({"rope_parameters": _rope(rope_theta=10**400)}, "'rope_theta' must be a finite number, got 1000"),  # JSON ints
+    # have no limit; float() and math.isfinite overflow on this one
     ({"rope_parameters": _rope(partial_rotary_factor=[0.5])}, "'partial_rotary_factor' must be a finite number"),
     ({"rope_parameters": _rope(mrope_section="abc")}, "'mrope_section' must be a list of integers, got 'abc'"),
     ({"rope_parameters": _rope(mrope_section=[3, "3", 2])}, "'mrope_section[1]' must be an integer, got '3'"),

@@ -125,6 +125,7 @@ def test_logprobs(model):
     (dict(min_p=1.5), "min_p"), (dict(presence_penalty=3), "presence_penalty"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(max_tokens=0), "max_tokens"),
     (dict(top_logprobs=50), "top_logprobs"),
+    (dict(temperature=10**400), "temperature"),  # an int past float's range (math.isfinite overflows on it)
 ])
 def test_invalid_params_name_the_parameter(kw, name):
     with pytest.raises(SamplingError, match=rf"^{name}="):
