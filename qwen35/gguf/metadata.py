@@ -83,8 +83,14 @@ def config_dict(f) -> dict[str, Any]:
     if scaling not in ("none", None):
         if scaling != "yarn":
             raise CheckpointError(f"{f.path}: rope scaling {short_repr(scaling)} is not supported (only yarn)")
+        # beta_fast / beta_slow default as in transformers and llama.cpp (32, 1); the attention factor, when
+        # absent, is derived from the factor by both
         rope.update(rope_type="yarn", factor=number("rope.scaling.factor"),
-                    original_max_position_embeddings=integer("rope.scaling.original_context_length"))
+                    original_max_position_embeddings=integer("rope.scaling.original_context_length"),
+                    beta_fast=number("rope.scaling.yarn_beta_fast", 32.0),
+                    beta_slow=number("rope.scaling.yarn_beta_slow", 1.0))
+        if get("rope.scaling.yarn_attn_factor", None) is not None:
+            rope["attention_factor"] = number("rope.scaling.yarn_attn_factor")
     cfg = {
         "model_type": "qwen3_5_text",
         "vocab_size": vocab,
@@ -161,11 +167,33 @@ def write_config(w, config: ModelConfig, mtp_layers: int) -> None:
     if c.rope_type == "yarn":
         from gguf import RopeScalingType
 
+        _check_yarn_exportable(c)
         w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(c.rope_factor)
         w.add_rope_scaling_orig_ctx_len(c.rope_original_max_position_embeddings)
+        # the keys llama.cpp's converter writes from these rope_parameters (when the config sets them)
+        if c.rope_beta_fast != 32.0:
+            w.add_rope_scaling_yarn_beta_fast(c.rope_beta_fast)
+        if c.rope_beta_slow != 1.0:
+            w.add_rope_scaling_yarn_beta_slow(c.rope_beta_slow)
+        if c.rope_attention_factor is not None:
+            w.add_rope_scaling_yarn_attn_factor(c.rope_attention_factor)
     elif c.rope_type != "default":
         raise CheckpointError(f"cannot export rope_type {c.rope_type!r} to GGUF")
+
+
+def _check_yarn_exportable(c: ModelConfig) -> None:
+    """Refuse yarn settings GGUF has no key for, rather than write a file that loads as another model."""
+    if not c.rope_truncate:  # llama.cpp (and config_dict) always round the ramp's ends to whole dims
+        raise CheckpointError("cannot export yarn rope_parameters 'truncate': false to GGUF: GGUF has no key for "
+                              "it (llama.cpp always truncates the correction range)")
+    # mscale / mscale_all_dim only matter when they set the attention factor (no explicit attention_factor)
+    if c.rope_attention_factor is None and c.rope_mscale and c.rope_mscale_all_dim:
+        from ..model.rope import rope_inv_freq
+
+        raise CheckpointError(f"cannot export yarn rope_parameters 'mscale' ({c.rope_mscale}) and "
+                              f"'mscale_all_dim' ({c.rope_mscale_all_dim}) to GGUF: GGUF has no keys for them; set "
+                              f"'attention_factor' to the value they give ({rope_inv_freq(c)[1]!r}) instead")
 
 
 def _interval(c: ModelConfig) -> int:

@@ -58,10 +58,12 @@ def tensor_plan(config, shapes: dict[str, tuple[int, ...]], file_type: str) -> l
 def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = True,
                 tokenizer_from: Path | None = None, gguf_source=None, name: str | None = None,
                 split_max_bytes: int = 0, progress: bool = False) -> list[Path]:
-    """Write `model` to `out` (.gguf). tokenizer_from: the checkpoint directory whose tokenizer files go in;
-    gguf_source: an opened GGUF (reader.open_gguf) whose tokenizer.* fields are copied instead.
-    split_max_bytes: split into `-0000K-of-0000N.gguf` parts of at most this size (0: one file).
-    Returns the files written."""
+    """Write `model` to `out` (.gguf). tokenizer_from: the checkpoint directory whose tokenizer files go in
+    (default: the directory the model was loaded from, when it holds a tokenizer.json); gguf_source: an opened
+    GGUF (reader.open_gguf) whose tokenizer.* fields are copied instead. split_max_bytes: split into
+    `-0000K-of-0000N.gguf` parts of at most this size (0: one file). Each file is written under a temporary
+    name beside it and renamed over `out` only when complete, so a failure leaves what was there before
+    (an OSError becomes a Qwen35Error naming the file). Returns the files written."""
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.utility import size_label
 
@@ -77,7 +79,7 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     tensors = tensor_plan(config, shapes, file_type)
 
     out = Path(out)
-    w = GGUFWriter(out, ARCH, split_max_size=split_max_bytes)
+    w = GGUFWriter(None, ARCH, split_max_size=split_max_bytes)  # no file yet: _write names the temporary ones
     w.add_type("model")
     w.add_name(name or out.stem)
     n_params = sum(int(np.prod(s)) for s in shapes.values())  # as llama.cpp counts: every tensor written
@@ -87,10 +89,13 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     w.add_quantization_version(2)
     if gguf_source is not None:
         vocab.copy_tokenizer(w, gguf_source)
-    elif tokenizer_from is not None:
-        vocab.write_tokenizer(w, Path(tokenizer_from), config.vocab_size)
     else:
-        log.warning("exporting %s without a tokenizer: no tokenizer source given", out)
+        if tokenizer_from is None:
+            tokenizer_from = _own_tokenizer_dir(model)
+        if tokenizer_from is not None:
+            vocab.write_tokenizer(w, Path(tokenizer_from), config.vocab_size)
+        else:
+            log.warning("exporting %s without a tokenizer: no tokenizer source given", out)
 
     requantized = 0
     for n, gname, kind in tensors:
@@ -116,12 +121,56 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     if requantized:
         log.warning("%d quantized matrices of the model were in another layout and were requantized to %s",
                     requantized, file_type)
-    files = w.format_shard_names(out) if len(w.tensors) > 1 else [out]
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=progress)
-    w.close()
-    return files
+    return _write(w, out, progress)
+
+
+def _own_tokenizer_dir(model) -> Path | None:
+    """The checkpoint directory the model was loaded from, when it holds a tokenizer.json (a GGUF source
+    carries its tokenizer in metadata, which the caller passes as gguf_source)."""
+    info = getattr(model, "checkpoint_info", None)
+    path = getattr(info, "path", None)
+    if path is not None and Path(path).is_dir() and (Path(path) / "tokenizer.json").is_file():
+        return Path(path)
+    return None
+
+
+def _write(w, out: Path, progress: bool) -> list[Path]:
+    """Write every file of `w` under a temporary name in its own folder, then rename each over its final
+    name: a full disk, a crash or Ctrl-C part-way leaves the previous file (even the source of a GGUF
+    re-exported onto itself) and no temporary behind."""
+    import os
+    import secrets
+
+    from ..errors import Qwen35Error
+
+    # a hidden name in the same folder (os.replace is atomic only within one filesystem); the split parts'
+    # temporaries are that name's parts, so each maps to its final name by position
+    tmp = out.with_name(f".{out.stem}.{secrets.token_hex(4)}.tmp.gguf")
+    finals, temps = w.format_shard_names(out), w.format_shard_names(tmp)
+    replaced = 0
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=progress)
+        for f in w.fout:
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file at its final name
+        w.close()
+        for t, f in zip(temps, finals):
+            os.replace(t, f)
+            replaced += 1
+    except BaseException as e:
+        try:
+            w.close()
+        except OSError:
+            pass  # closing a file on a full disk fails again; it is removed below either way
+        for t in temps:
+            t.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk, a file-size limit, no permission: said, not a traceback
+            kept = "no file was changed" if not replaced else f"{replaced} of its {len(finals)} parts were replaced"
+            raise Qwen35Error(f"{out}: could not write the GGUF file ({e.strerror or e}); {kept}") from e
+        raise
+    return finals
 
 
 def _dense(wt) -> torch.Tensor:
