@@ -40,11 +40,15 @@ def _formats():
     return formats
 
 
-def check_kv_cache(name: str) -> str:
-    """`name` if it is a KV cache format we store, else a QuantError naming the known ones."""
+def check_kv_cache(name: str, head_dim: int | None = None) -> str:
+    """`name` if it is a KV cache format we store (for a model with this `head_dim`, when given), else a
+    QuantError naming the known formats or the head_dim the format cannot split into its blocks. load_model
+    passes head_dim so a model the format cannot hold is refused at load, not at its first forward."""
     if name not in KV_CACHE_FORMATS:
         known = ", ".join(KV_CACHE_FORMATS)
         raise _formats().QuantError(f"unknown KV cache format {name!r} (known: {known})")
+    if name == "q8_0" and head_dim is not None and head_dim % BLOCK:  # Q8KVBuffer.empty's rule
+        raise _formats().QuantError(f"a q8_0 KV cache needs head_dim a multiple of {BLOCK}, got {head_dim}")
     return name
 
 

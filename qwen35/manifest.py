@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from string import hexdigits
 
 from .errors import CheckpointError
 
@@ -36,25 +37,81 @@ def file_hash(path: Path, kind: str) -> str:
     return h.hexdigest()
 
 
+HASH_HEX = {"sha256": 64, "git_sha1": 40}  # hex digits of each hash kind
+
+
 def read_manifest(path: Path) -> dict:
+    """The manifest at `path`, checked entry by entry (CheckpointError naming the file and entry at fault);
+    hashes are lowercased, as file_hash writes them."""
     try:
         m = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"manifest not found: {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not a valid manifest ({e})") from None
-    files = m.get("files") if isinstance(m, dict) else None
-    if m.get("format") != FORMAT or not isinstance(files, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("size"), int) and ("sha256" in v or "git_sha1" in v)
-            for v in files.values()):
+    # the shape first: a JSON list or string has no .get
+    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
         raise CheckpointError(f"{path}: not a {FORMAT} manifest (needs 'files': {{name: {{size, sha256 | git_sha1}}}})")
+    for name, entry in m["files"].items():
+        problem = file_name_problem(name) or _entry_problem(entry)
+        if problem:
+            raise CheckpointError(f"{path}: entry '{name}': {problem}")
     return m
+
+
+def file_name_problem(name: object) -> str | None:
+    """Why a file name from a checkpoint's own records (manifest, safetensors index) cannot be one of its
+    files, or None: names are relative to the checkpoint directory and never leave it (a manifest naming
+    '../x' or '/etc/x' would have verify read, and vouch for, files that are not the checkpoint's)."""
+    if not isinstance(name, str):
+        return f"{json.dumps(name)} is not a file name"
+    p = PurePosixPath(name.replace("\\", "/"))  # on Windows a backslash separates: '..\x' leaves too
+    if not p.parts:  # '', '.', './'
+        return "not a file name"
+    if p.is_absolute() or ".." in p.parts:
+        return "names a file outside the checkpoint directory (names are relative, without '..')"
+    return None
+
+
+def _entry_problem(entry) -> str | None:
+    if not isinstance(entry, dict):
+        return "expected {size, sha256 | git_sha1}"
+    size = entry.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:  # JSON true is an int in Python
+        return f"'size' must be a non-negative integer, got {json.dumps(size)}"
+    kinds = [k for k in HASH_HEX if k in entry]
+    if not kinds:
+        return "no hash ('sha256' or 'git_sha1')"
+    for kind in kinds:
+        h = entry[kind]
+        if not (isinstance(h, str) and len(h) == HASH_HEX[kind] and all(c in hexdigits for c in h)):
+            return f"'{kind}' must be {HASH_HEX[kind]} hex digits, got {json.dumps(h)[:80]}"
+        entry[kind] = h.lower()
+    return None
 
 
 def write_manifest(path: Path, files: dict[str, dict], source: str) -> Path:
     out = {"format": FORMAT, "source": source, "files": dict(sorted(files.items()))}
     Path(path).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     return Path(path)
+
+
+def add_to_manifest(path: Path, files: dict[str, dict], source: str) -> Path:
+    """Write `files` into the manifest at `path`, keeping the entries it already holds: a second download
+    into the same directory (`--include` another file) must not drop the hashes of the first, or verify would
+    stop checking those files. Only records of the same source merge: files of another repo or commit (or a
+    `local` manifest) in one directory would mix checkpoints under one manifest, so that is refused."""
+    path = Path(path)
+    if not path.is_file():
+        return write_manifest(path, files, source)
+    old = read_manifest(path)
+    if old.get("source") != source:
+        hint = ""
+        if str(old.get("source", "")).rpartition("@")[0] == source.rpartition("@")[0]:
+            hint = f" (--revision {old['source'].rpartition('@')[2]} adds files of the commit it holds)"
+        raise CheckpointError(f"{path} records files of {old.get('source')!r}, not {source!r}: download into "
+                              f"another directory, or delete {path.name} there to start over{hint}")
+    return write_manifest(path, {**old["files"], **files}, source)
 
 
 def local_manifest(root: Path, files: list[Path]) -> dict[str, dict]:

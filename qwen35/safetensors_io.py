@@ -68,26 +68,53 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor '{name}'") from None
-        if dtype_name not in DTYPES:
-            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype_name}")
-        dtype = DTYPES[dtype_name]
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected or begin < 0:
+        dtype, shape, begin, nbytes = _parse_entry(path, name, info)
+        if data_start + begin + nbytes > size:
             raise CheckpointError(
-                f"{path}: corrupt tensor '{name}': {end - begin} bytes stored for shape {list(shape)} "
-                f"{dtype_name} ({expected} bytes expected)"
+                f"{path}: truncated file: tensor '{name}' ends at byte {data_start + begin + nbytes} but the "
+                f"file has {size} bytes"
             )
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated file: tensor '{name}' ends at byte {data_start + end} but the file has "
-                f"{size} bytes"
-            )
-        entries[name] = TensorEntry(name, Path(path), dtype, tuple(shape), data_start + begin, expected)
+        entries[name] = TensorEntry(name, Path(path), dtype, shape, data_start + begin, nbytes)
     return entries
+
+
+def _short(v, n: int = 60) -> str:
+    """A header value for a message: JSON as written, cut (a damaged shape may hold thousands of items)."""
+    s = json.dumps(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is a Python int; never a size
+
+
+def _parse_entry(path: Path, name: str, info) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """One header entry checked against the format: (dtype, shape, begin, nbytes), begin relative to the data.
+    A damaged or hand-written entry fails here, naming what is wrong, not as a TypeError in the arithmetic
+    (or, for a float shape, which verify used to pass, only once load_model reads the tensor)."""
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt header entry for tensor '{name}': {problem}")
+
+    if not isinstance(info, dict):
+        raise bad(f"expected an object with dtype, shape and data_offsets, got {_short(info)}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise bad(f"no '{key}'")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise bad(f"dtype {_short(dtype)} is not a string")
+    if dtype not in DTYPES:  # well formed, but a type we do not read (not damage: said as such)
+        raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {dtype} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise bad(f"shape {_short(shape)} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
+            and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets {_short(offsets)} are not two integers [begin, end] with 0 <= begin <= end")
+    (begin, end), nbytes = offsets, math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise bad(f"{end - begin} bytes stored for shape {shape} {dtype} ({nbytes} bytes expected)")
+    return DTYPES[dtype], tuple(shape), begin, nbytes
 
 
 class SafetensorsReader:

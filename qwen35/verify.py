@@ -12,7 +12,6 @@ Returns every problem found, not only the first.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +76,7 @@ def _directory(path: Path, rep: Report) -> None:
         check_mtp_layers,
         count_mtp_layers,
         parameter_shapes,
+        read_weight_map,
         to_module_name,
     )
 
@@ -88,11 +88,9 @@ def _directory(path: Path, rep: Report) -> None:
     index, weight_map = path / INDEX_FILE, None
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            rep.problems.append(f"corrupt: {INDEX_FILE} is not a safetensors index (needs a 'weight_map' object)")
-            weight_map = None
+            weight_map = read_weight_map(index)
+        except Qwen35Error as e:
+            rep.problems.append(f"corrupt: {e}")
     if weight_map is not None:
         names = list(dict.fromkeys(weight_map.values()))
     elif (path / SINGLE_FILE).is_file():

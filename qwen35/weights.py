@@ -52,16 +52,29 @@ class CheckpointInfo:
     nbytes: int = 0
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """A safetensors index's weight map (tensor -> shard file), every shard a file name inside the checkpoint
+    directory: anything else is a CheckpointError naming the index and the tensor (not a TypeError joining a
+    path to a number, nor a read of a file outside the checkpoint). verify reads indexes through this too."""
+    from .manifest import file_name_problem
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+    for key, shard in weight_map.items():
+        if problem := file_name_problem(shard):
+            raise CheckpointError(f"{index}: weight_map entry '{key}': {problem}")
+    return weight_map
+
+
 def find_weight_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint, and the index's weight map when there is one."""
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        weight_map = read_weight_map(index)
         files = []
         for name in dict.fromkeys(weight_map.values()):
             f = path / name
@@ -146,9 +159,21 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     from .kv_storage import check_kv_cache
 
     check_kv_cache(kv_cache)  # before reading gigabytes
+    if kv_cache != "bf16":  # a blocked format must also fit the model's heads: read the config alone first
+        check_kv_cache(kv_cache, _head_dim(Path(path)))
     model = _load_model(Path(path), dtype, progress, kernels, quant)
     model.kv_cache = kv_cache
     return model
+
+
+def _head_dim(path: Path) -> int | None:
+    """The attention head_dim from a checkpoint's config (a directory's config.json, a GGUF's metadata) without
+    loading it; None where there is no config to read (_load_model then says what is wrong with the path)."""
+    if path.suffix == ".gguf" and path.is_file():
+        from .gguf import read_config
+
+        return read_config(path).head_dim
+    return ModelConfig.from_file(path).head_dim if path.is_dir() else None
 
 
 @dataclass

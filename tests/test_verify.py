@@ -149,9 +149,9 @@ def test_bad_manifest_and_path_are_named(ckpt, tmp_path, capsys):
     assert rc == 1 and out[0] == f"missing: {tmp_path / 'nothing'} does not exist"
 
 
-def fake_hub(src: Path, monkeypatch, corrupt: str | None = None):
-    """huggingface_hub's model_info / hf_hub_download, served from `src`: LFS records (sha256) for the
-    safetensors and tokenizer.json, git blob ids for the rest, as the hub publishes them."""
+def fake_hub(src: Path, monkeypatch, corrupt: str | None = None, sha: str = "c0ffee"):
+    """huggingface_hub's model_info / hf_hub_download, served from `src` as commit `sha`: LFS records (sha256)
+    for the safetensors and tokenizer.json, git blob ids for the rest, as the hub publishes them."""
     import huggingface_hub
     from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
@@ -166,7 +166,7 @@ def fake_hub(src: Path, monkeypatch, corrupt: str | None = None):
     class Api:
         def model_info(self, repo, revision=None, files_metadata=False):
             assert files_metadata and repo == "org/model"
-            return SimpleNamespace(sha="c0ffee", siblings=[sibling(f) for f in sorted(src.iterdir())
+            return SimpleNamespace(sha=sha, siblings=[sibling(f) for f in sorted(src.iterdir())
                                                           if f.name != MANIFEST])
 
     def download(repo, filename, revision=None, local_dir=None):
@@ -210,3 +210,46 @@ def test_download_include_filters_files(sharded, tmp_path, monkeypatch):
     assert main(["download", "org/model", str(tmp_path / "dl"), "--include", "*.json"]) == 1  # no weights: named
     assert all(n.endswith(".json") for n, _ in calls)
     assert main(["download", "org/model", str(tmp_path / "d2"), "--include", "*.gguf"]) == 1
+
+
+def test_download_include_adds_to_the_manifest_of_an_earlier_download(sharded, tmp_path, monkeypatch, capsys):
+    """A second download into the same directory keeps the hashes of the first: the manifest was replaced by
+    the `--include`d file's alone, and verify then passed a corrupted shard it no longer listed."""
+    fake_hub(sharded, monkeypatch)
+    out = tmp_path / "dl"
+    assert main(["download", "org/model", str(out)]) == 0
+    everything = read_manifest(out / MANIFEST)["files"]
+    capsys.readouterr()
+    assert main(["download", "org/model", str(out), "--include", "config.json"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"({len(everything)} files match the hub's hashes)")
+    assert read_manifest(out / MANIFEST)["files"] == everything
+    f = shards(out)[1]
+    raw = bytearray(f.read_bytes())
+    raw[-5] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    rc, lines = run(capsys, out)
+    assert rc == 1 and lines[0].startswith(f"corrupt: {f.name}: sha256 ")
+
+
+def test_download_refuses_a_directory_holding_another_commit(sharded, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "dl"
+    fake_hub(sharded, monkeypatch)
+    assert main(["download", "org/model", str(out)]) == 0
+    before = (out / MANIFEST).read_text()
+    calls = fake_hub(sharded, monkeypatch, sha="bada55")  # main moved on since
+    capsys.readouterr()
+    assert main(["download", "org/model", str(out), "--include", "config.json"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"qwen35: error: {out / MANIFEST} records files of 'hub:org/model@c0ffee', not 'hub:org/model@bada55': "
+        f"download into another directory, or delete {MANIFEST} there to start over (--revision c0ffee adds "
+        f"files of the commit it holds)")
+    assert calls == [] and (out / MANIFEST).read_text() == before  # refused before anything was written
+
+
+def test_download_refuses_a_directory_with_a_local_manifest(ckpt, sharded, monkeypatch, capsys):
+    fake_hub(sharded, monkeypatch)
+    before = (ckpt / MANIFEST).read_text()
+    capsys.readouterr()
+    assert main(["download", "org/model", str(ckpt), "--include", "config.json"]) == 1
+    assert "records files of 'local', not 'hub:org/model@c0ffee'" in capsys.readouterr().err
+    assert (ckpt / MANIFEST).read_text() == before

@@ -3,7 +3,9 @@
 A thin wrapper over huggingface_hub: the file list and the hub's own hashes come first (model_info with
 files_metadata: sha256 for LFS files, the git blob SHA-1 for the small ones) and are written to
 DIR/qwen35-manifest.json before any download, then each file is fetched with hf_hub_download (which resumes
-a partial file), then `qwen35 verify DIR` checks the result. Run it again to resume.
+a partial file), then `qwen35 verify DIR` checks the result. Run it again to resume. A manifest already in DIR
+keeps its entries (a later `--include` adds files to it) when it records the same repo and commit; one of
+another source is refused rather than mixed or replaced.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
     from huggingface_hub import HfApi, hf_hub_download
 
     from ..errors import CheckpointError
-    from ..manifest import MANIFEST, hub_manifest, write_manifest
+    from ..manifest import MANIFEST, add_to_manifest, hub_manifest, read_manifest
     from ..verify import verify
 
     try:
@@ -38,7 +40,8 @@ def main(args: argparse.Namespace) -> int:
         raise CheckpointError(f"'{args.repo}' has no files" + (f" matching {args.include}" if args.include else ""))
     files = hub_manifest(siblings)
     args.dir.mkdir(parents=True, exist_ok=True)
-    manifest = write_manifest(args.dir / MANIFEST, files, f"hub:{args.repo}@{info.sha}")
+    # merged, never replaced: verify checks what the manifest lists, so a dropped entry is an unchecked file
+    manifest = add_to_manifest(args.dir / MANIFEST, files, f"hub:{args.repo}@{info.sha}")
     total = sum(v["size"] for v in files.values())
     print(f"{args.repo}@{info.sha}: {len(files)} files, {total / 2**30:.2f} GiB; hashes in {manifest}")
     for name in files:
@@ -49,15 +52,17 @@ def main(args: argparse.Namespace) -> int:
     gguf = [n for n in files if n.endswith(".gguf")]
     target = args.dir / gguf[0] if gguf and len({n.split("-0000")[0] for n in gguf}) == 1 else args.dir
     if target == args.dir and gguf:  # several GGUF models: hashes only (each is checked by `verify FILE`)
-        from ..manifest import check_files, read_manifest
+        from ..manifest import check_files
 
-        problems = check_files(args.dir, read_manifest(manifest))
+        listed = read_manifest(manifest)["files"]  # this download's and those of earlier ones
+        problems, checked = check_files(args.dir, {"files": listed}), len(listed)
     else:
-        problems = verify(target, manifest).problems
+        rep = verify(target, manifest)
+        problems, checked = rep.problems, rep.hashed
     for p in problems:
         print(p)
     if problems:
         print(f"{args.dir}: {len(problems)} problem(s) after download")
         return 1
-    print(f"{args.dir}: downloaded and verified ({len(files)} files match the hub's hashes)")
+    print(f"{args.dir}: downloaded and verified ({checked} files match the hub's hashes)")
     return 0
