@@ -53,17 +53,20 @@ class Row:
             if buf is not None:
                 buf.holders.add(self)
 
-    def writable(self, j: int, needed: int, make: Callable[[int], KVBuffer], exact: bool = False) -> KVBuffer:
+    def writable(self, j: int, needed: int, make: Callable[[int], KVBuffer], exact: bool = False,
+                 limit: int | None = None) -> KVBuffer:
         """Row's buffer of attention layer j, able to hold `needed` tokens and be written from `length` on:
-        grown (doubling, in KV_GROWTH_STEP units; exact: to `needed` rounded up to that unit) or copied
-        when another holder relies on tokens past `length`. make(capacity): an empty buffer of the cache's
-        format."""
+        grown (doubling, in KV_GROWTH_STEP units, never past `limit`, the model's context, unless `needed`
+        is; exact: to `needed` rounded up to that unit) or copied when another holder relies on tokens past
+        `length`. make(capacity): an empty buffer of the cache's format."""
         buf = self.kv[j]
         if buf is not None and needed <= buf.capacity and buf.held_by_others(self) <= self.length:
             return buf
         old_cap = 0 if buf is None else buf.capacity
         cap = needed if exact else max(needed, 2 * old_cap if needed > old_cap else old_cap)
         cap = -(-cap // KV_GROWTH_STEP) * KV_GROWTH_STEP
+        if limit is not None:
+            cap = max(needed, min(cap, limit))
         new = make(cap)
         if self.length and buf is not None:
             new.copy_prefix(buf, self.length)
@@ -114,7 +117,8 @@ class KVCache:
 
     def buffers(self, new_tokens: int, exact: bool = False) -> list[KVBuffer]:
         """Each row's buffer, writable for `new_tokens` tokens from the row's length on."""
-        return [r.writable(self.j, r.length + new_tokens, self._make, exact) for r in self.rows]
+        limit = self.cache.layout.max_tokens
+        return [r.writable(self.j, r.length + new_tokens, self._make, exact, limit) for r in self.rows]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> list[KVBuffer]:
         """Write k, v [B, Hkv, T, D] after each row's tokens (quantized on write for q8_0); return each row's
@@ -167,8 +171,10 @@ class CacheLayout:
     def __init__(self, layer_types: Sequence[str], num_kv_heads: int, head_dim: int, conv_dim: int = 0,
                  kernel_size: int = 1, num_v_heads: int = 0, key_dim: int = 0, value_dim: int = 0,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 kv_cache: str = "bf16"):
+                 kv_cache: str = "bf16", max_tokens: int | None = None):
         self.layer_types = tuple(layer_types)
+        # the model's context: no KV buffer grows past it (doubling from 196K would ask for 393K slots)
+        self.max_tokens = max_tokens
         self.kv_cache = check_kv_cache(kv_cache)  # storage of the attention layers' keys and values
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.conv_dim, self.kernel_size = conv_dim, kernel_size

@@ -281,6 +281,9 @@ def generate_step(
         stream = Stream(params, sampler, None if guide is None else guide.start(ids))
     else:
         stream = Stream.start(model, ids, params, guide=guide)
+    # the KV room for the whole request now (check_context bounds it): grown once, not doubled chunk by chunk
+    # through a long prefill, each growth copying every token held so far
+    cache.reserve(len(ids) + params.max_tokens)
     if vision is not None:
         logits = vision.prefill(model, cache, prefill_chunk_size)
     else:

@@ -165,6 +165,44 @@ def test_reserve_then_forward_allocates_nothing(model):
     assert [b.k.data_ptr() for b in cache.rows[0].kv] == ptrs
 
 
+def test_kv_growth_stops_at_the_models_context(model):
+    """Doubling never takes a buffer past max_position_embeddings (from 196K tokens a 262K model would ask for
+    393K slots); a forward that needs more than the context still gets its room (the context check is
+    generation's, not the cache's)."""
+    from dataclasses import replace
+
+    limit = 3 * KV_GROWTH_STEP + 100
+    m = qwen35.Qwen35ForCausalLM(replace(model.config, max_position_embeddings=limit))
+    cache = m.make_cache()
+    row, kv = cache.rows[0], cache.layers[m.config.full_attention_layers[0]]
+    caps = []
+    for n in (KV_GROWTH_STEP, KV_GROWTH_STEP, KV_GROWTH_STEP, 100, 7):
+        kv.buffers(n)
+        cache.advance(n)
+        caps.append(row.kv[0].capacity)
+    assert caps == [KV_GROWTH_STEP, 2 * KV_GROWTH_STEP, limit, limit, limit + 7]
+
+
+def test_generate_step_reserves_the_request_once(model):
+    """generate_step makes the KV room for prompt + max_tokens before prefill: one allocation, sized to the
+    request, instead of a doubling per prefill chunk (each growth copies every token held so far)."""
+    cache = model.make_cache()
+    ids = rand_ids(2 * KV_GROWTH_STEP + 5, 50)[0].tolist()
+    params = qwen35.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    made = []
+    buffers = type(cache.layers[model.config.full_attention_layers[0]])._make
+
+    def spy(self, capacity):
+        made.append(capacity)
+        return buffers(self, capacity)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(cache.layers[model.config.full_attention_layers[0]]), "_make", spy)
+        out = [r.token for r in qwen35.generate_step(model, ids, cache=cache, params=params, prefill_chunk_size=64)]
+    assert len(out) == 3
+    assert made == [3 * KV_GROWTH_STEP] * len(model.config.full_attention_layers)
+
+
 def test_from_tensors_and_one_row_snapshot(model):
     x = rand_ids(12, 40, B=2)
     cache = model.make_cache(2)

@@ -164,7 +164,7 @@ class Qwen35ForCausalLM(nn.Module):
         types = ["full_attention"] * len(self.mtp.layers) if mtp else c.layer_types
         return CacheLayout(types, c.num_key_value_heads, c.head_dim, c.linear_conv_dim, c.linear_conv_kernel_dim,
                            c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim, self.dtype,
-                           self.device, kv_cache or self.kv_cache)
+                           self.device, kv_cache or self.kv_cache, c.max_position_embeddings)
 
     def make_cache(self, batch_size: int = 1, kv_cache: str | None = None) -> HybridCache:
         """Empty state for `batch_size` sequences, one entry per decoder layer. kv_cache: how the attention
