@@ -113,7 +113,11 @@ class KVCache:
         return per_token * sum(r.length for r in self.rows)
 
     def _make(self, capacity: int) -> KVBuffer:
-        return self._buffer.empty(self.num_kv_heads, capacity, self.head_dim, self.dtype, self.device)
+        # a normal tensor even when a forward runs under torch.inference_mode(): a buffer made there would be
+        # an inference tensor, which a later write outside that mode (generate_step runs under no_grad)
+        # refuses, so a prompt prefilled in inference mode could not be continued
+        with torch.inference_mode(False):
+            return self._buffer.empty(self.num_kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
     def buffers(self, new_tokens: int, exact: bool = False) -> list[KVBuffer]:
         """Each row's buffer, writable for `new_tokens` tokens from the row's length on."""

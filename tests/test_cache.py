@@ -203,6 +203,18 @@ def test_generate_step_reserves_the_request_once(model):
     assert made == [3 * KV_GROWTH_STEP] * len(model.config.full_attention_layers)
 
 
+def test_a_prompt_prefilled_in_inference_mode_continues_outside_it(model):
+    """KV buffers are normal tensors even when made under torch.inference_mode(): a cache prefilled there is
+    continued by generate_step (no_grad), which used to fail writing into an inference tensor."""
+    ids = rand_ids(20, 60)[0].tolist()
+    params = qwen35.SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    want = [r.token for r in qwen35.generate_step(model, ids, params=params)]
+    cache = model.make_cache()
+    with torch.inference_mode():
+        model(torch.tensor([ids[:-1]]), cache=cache)
+    assert [r.token for r in qwen35.generate_step(model, ids[-1:], cache=cache, params=params)] == want
+
+
 def test_from_tensors_and_one_row_snapshot(model):
     x = rand_ids(12, 40, B=2)
     cache = model.make_cache(2)

@@ -19,6 +19,8 @@ from qwen35.speculative import speculative_generate_step
 
 needs_kernels = pytest.mark.skipif(not kernels.available(),
                                    reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+# as users run it (kernels on), and the torch path a machine without them runs (kernels off)
+KERNEL_MODES = [pytest.param(True, id="kernels", marks=needs_kernels), pytest.param(False, id="torch")]
 GREEDY = qwen35.SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(-1,))
 
 
@@ -163,12 +165,12 @@ def test_fast_q8_0_decode_error_is_that_of_the_reference(tiny_dir, whole_layers)
 MAX_MEAN_KL = 0.002  # the issue's target for the q8_0 KV cache against the bf16 one
 
 
-@needs_kernels
-def test_long_generation_with_q8_0_kv_stays_within_the_kl_of_bf16_kv(bundled):
+@pytest.mark.parametrize("kernels_on", KERNEL_MODES)
+def test_long_generation_with_q8_0_kv_stays_within_the_kl_of_bf16_kv(bundled, kernels_on):
     """300 tokens generated greedily with a bf16 cache, then the same tokens fed one decode step at a time
-    (the kernels, as users run it) with a bf16 and a q8_0 cache: the next-token distributions differ by a
-    mean KL of at most MAX_MEAN_KL nats."""
-    model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=True)
+    (the kernels, as users run it, or the torch path) with a bf16 and a q8_0 cache: the next-token
+    distributions differ by a mean KL of at most MAX_MEAN_KL nats."""
+    model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=kernels_on)
     prompt = tok.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
     params = qwen35.SamplingParams(temperature=0, max_tokens=300, stop_token_ids=(-1,))
     seq = prompt + tokens(model, prompt, params)
@@ -183,11 +185,11 @@ def test_long_generation_with_q8_0_kv_stays_within_the_kl_of_bf16_kv(bundled):
     assert len(kl) == 300 and kl.mean().item() <= MAX_MEAN_KL, kl.mean().item()
 
 
-@needs_kernels
-def test_snapshot_restore_and_prompt_reuse_are_exact_with_q8_0(bundled):
+@pytest.mark.parametrize("kernels_on", KERNEL_MODES)
+def test_snapshot_restore_and_prompt_reuse_are_exact_with_q8_0(bundled, kernels_on):
     """A q8_0 cache snapshotted, sent down another path and restored continues token for token like a run
     never interrupted; a prompt cache restores q8_0 prefixes the same way."""
-    model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=True, kv_cache="q8_0")
+    model, tok = qwen35.load(bundled, dtype=torch.bfloat16, kernels=kernels_on, kv_cache="q8_0")
     prompt = tok.encode("The quick brown fox jumps over the lazy dog. Then the dog")
     want = tokens(model, prompt)
     cache = model.make_cache()
