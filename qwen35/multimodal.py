@@ -14,33 +14,40 @@ A prompt is prefilled after whatever the cache holds: its positions start at the
 (length + rope_delta), which is what they would be had the whole conversation been prefilled at once. Only
 images whose pads are in the tokens being fed are encoded: a prefix restored from a snapshot costs nothing.
 Prompt reuse keys (`cache_key`) replace each image's pads with a marker derived from its content hash, so
-two different pictures of the same size never share a snapshot.
+two different pictures of the same size never share a snapshot. An image's patches are made only when it is
+encoded (`VisionInput.patches`): until then it holds its resized 8-bit pixels (1/8 of the patches' bytes), so
+a picture whose prefix is restored from the prompt cache, turn after turn, is never patched at all.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import threads
-from .vision_input import ImageError, image_hash, open_image
+from .vision_input import ImageError, open_image, pixels_hash, to_rgb
 
 
 @dataclass(frozen=True)
 class VisionInput:
-    """One image, or one temporal patch (two frames) of a video, preprocessed: patches [t*h*w, patch_dim],
-    grid (t, h, w), and the placeholder token its run of pads is made of (<|image_pad|> or <|video_pad|>).
-    A video is a VisionInput per temporal patch: the tower attends within each frame group anyway, and the
-    language model places each group like an image."""
+    """One image, or one temporal patch (two frames) of a video, preprocessed: its patches (`patches`), grid
+    (t, h, w), content hash, and the placeholder token its run of pads is made of (<|image_pad|> or
+    <|video_pad|>). A video is a VisionInput per temporal patch: the tower attends within each frame group
+    anyway, and the language model places each group like an image."""
 
-    patches: torch.Tensor
+    content: torch.Tensor | Callable[[], torch.Tensor]  # the patches, or how to make them (an image's)
     grid: tuple[int, int, int]
     key: str  # content hash (prompt reuse)
     merge: int = 2
     token: int = -1  # placeholder token id
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """[t*h*w, patch_dim] fp32; an image's are made on each call (once per prefill that encodes it)."""
+        return self.content() if callable(self.content) else self.content
 
     @property
     def num_tokens(self) -> int:
@@ -59,17 +66,22 @@ def vision_tower(model):
 def prepare_images(model, images: Sequence, max_pixels: int | None = None) -> list[VisionInput]:
     """Decode and preprocess `images` (PIL images, paths, bytes, data: URLs, or VisionInputs passed through)
     with the checkpoint's image processor. max_pixels: refuse inputs larger than this before decoding them (the server's cap)."""
+    vision_tower(model)  # a text-only checkpoint is told so whatever the list holds
+    # prepared before (a chat session keeps its pictures prepared) or decoded here, one at a time
+    return [src if isinstance(src, VisionInput) else prepare_image(model, open_image(src, max_pixels=max_pixels))
+            for src in images]
+
+
+def prepare_image(model, img) -> VisionInput:
+    """One decoded PIL image -> its VisionInput: the content hash and grid now (all that prompt reuse needs),
+    the patches when the image is encoded, from its resized pixels (the decoded image is not kept)."""
     tower = vision_tower(model)
-    out = []
-    for src in images:
-        if isinstance(src, VisionInput):  # prepared before (a chat session keeps its pictures prepared)
-            out.append(src)
-            continue
-        img = open_image(src, max_pixels=max_pixels)
-        patches, grid = tower.processor.preprocess(img)
-        out.append(VisionInput(patches, grid, image_hash(img), tower.config.spatial_merge_size,
-                               tower.config.image_token_id))
-    return out
+    processor = tower.processor
+    rgb = to_rgb(img)
+    pixels = processor.resize(rgb)
+    grid = (1, pixels.shape[0] // processor.patch_size, pixels.shape[1] // processor.patch_size)
+    return VisionInput(lambda: processor.image_patches(pixels)[0], grid, pixels_hash(rgb),
+                       tower.config.spatial_merge_size, tower.config.image_token_id)
 
 
 def prepare_video(model, video) -> tuple[list[VisionInput], list[float]]:

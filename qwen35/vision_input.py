@@ -2,13 +2,19 @@
 
 Steps, each as the reference processor does them (so pixel values are equal, not merely close):
 1. decode with Pillow and convert to RGB, compositing transparency onto white (RGBA, LA, palette with a
-   transparent index); grayscale is replicated to three channels;
+   transparent index); grayscale is replicated to three channels. Where the reference loses the picture we
+   do not follow it: a file's EXIF orientation is applied (as transformers' load_image does for paths and
+   URLs), grayscale of more than 8 bits (16-bit, 32-bit integer, float) is scaled to 8 bits instead of
+   clipped to white (`to_8bit`), and premultiplied alpha (La, RGBa) is unpremultiplied before compositing;
 2. `smart_resize`: both sides rounded to multiples of patch_size x merge_size (32 for Qwen3.5), scaled down
    to at most max_pixels or up to at least min_pixels keeping the aspect ratio; resized bicubic by Pillow
    on the 8-bit image;
 3. rescale by 1/255 (in float64, then float32), normalize with the processor's mean/std (float32);
 4. a still image is repeated temporal_patch_size times (the tower's patches span two frames) and cut into
    patches ordered merge block by merge block, each flattened as [channel, frame, row, column].
+
+Decoding is split in two (`open_header`, `decode`) because Pillow reads a file's header without its pixels:
+a server learns every image's size, and so its token count, before it decodes any of them.
 
 Sizes come from `preprocessor_config.json` when the checkpoint has one (`size.shortest_edge` /
 `size.longest_edge`, or the older `min_pixels` / `max_pixels`), else the Qwen3.5 defaults.
@@ -22,6 +28,8 @@ import hashlib
 import io
 import json
 import math
+import os
+import re
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +43,10 @@ from .errors import Qwen35Error
 # open_image reads headers under this lock so that lifting it for a moment (to learn a refused image's size) can
 # never race another open_image nor leave it lifted
 _PILLOW_LIMIT = threading.Lock()
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera records its rotation in (1: upright)
+# how the common formats' base64 begins (PNG, JPEG, GIF, WebP, BMP, TIFF): a path that starts so is pasted image data
+BASE64_MAGIC = ("iVBORw0KGgo", "/9j/", "R0lGOD", "UklGR", "Qk", "SUkq", "TU0A")
 
 DEFAULT_MIN_PIXELS = 65536  # Qwen3.5's preprocessor_config.json: size.shortest_edge
 DEFAULT_MAX_PIXELS = 16777216  # size.longest_edge
@@ -124,25 +136,63 @@ class ImageProcessor:
         x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
         return torch.from_numpy(np.ascontiguousarray(x).reshape(t * h * w, C * T * P * P)), (t, h, w)
 
-    def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """One image (a PIL image, path, bytes or data: URL) -> (patches, grid (1, h, w))."""
-        rgb = to_rgb(open_image(image))
-        h, w = self.resized_size(rgb.height, rgb.width)
+    def resize(self, rgb) -> np.ndarray:
+        """An RGB PIL image -> its pixels at resized_size, [h, w, 3] uint8 (bicubic on the 8-bit image)."""
         from PIL import Image
 
-        arr = np.asarray(rgb.resize((w, h), resample=Image.Resampling.BICUBIC))
-        return self.frames_to_patches(np.repeat(arr[None], self.temporal_patch_size, axis=0))
+        h, w = self.resized_size(rgb.height, rgb.width)
+        return np.asarray(rgb.resize((w, h), resample=Image.Resampling.BICUBIC))
+
+    def image_patches(self, pixels: np.ndarray) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Resized pixels [h, w, 3] uint8 (`resize`) -> (patches, grid (1, h/P, w/P)): the still image
+        repeated over the temporal patch."""
+        return self.frames_to_patches(np.repeat(pixels[None], self.temporal_patch_size, axis=0))
+
+    def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """One image (a PIL image, path, bytes or data: URL) -> (patches, grid (1, h, w))."""
+        return self.image_patches(self.resize(to_rgb(open_image(image))))
 
 
 def to_rgb(img):
-    """RGB, with any transparency composited onto white (as the reference processor does)."""
+    """RGB, with any transparency composited onto white (as the reference processor does). Grayscale of more
+    than 8 bits is brought to 8 bits first (to_8bit); premultiplied alpha (La, RGBa, whose lowercase `a` is
+    no "A" band) is unpremultiplied to LA / RGBA, which Pillow converts from."""
     from PIL import Image
 
+    if img.mode.startswith("I") or img.mode == "F":
+        img = to_8bit(img)
+    elif img.mode in ("La", "RGBa"):
+        img = img.convert(img.mode.upper())
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, img).convert("RGB")
     return img.convert("RGB")
+
+
+def to_8bit(img):
+    """A grayscale image of more than 8 bits as 8-bit L (LA where it has a transparent value): Pillow's own
+    convert clips every value above 255 to white, so a 16-bit scan or depth map would arrive blank.
+    - I;16 (16-bit PNG and TIFF): the top byte of each value;
+    - I (32-bit integers): read as 16-bit like I;16, values clipped to 0..65535 (Pillow uses this mode for
+      16-bit data too); a fixed scale, not the image's own range, so equal values stay equal across images;
+    - F (float): 0..1 where no value exceeds 1 (the usual normalized array), else 0..255; clipped, NaN as 0."""
+    from PIL import Image
+
+    arr = np.asarray(img)
+    if img.mode == "F":
+        x = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if x.max() <= 1:
+            x = x * 255
+        out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    else:
+        out = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+    gray = Image.fromarray(out)
+    transparent = img.info.get("transparency")
+    if isinstance(transparent, int):  # a PNG's tRNS: the one value, in the original depth, that is see-through
+        alpha = Image.fromarray(np.where(arr == transparent, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (gray, alpha))
+    return gray
 
 
 def decode_data_url(url: str) -> bytes:
@@ -155,43 +205,118 @@ def decode_data_url(url: str) -> bytes:
     try:
         return base64.b64decode(data.strip(), validate=True)
     except (binascii.Error, ValueError):
+        pass
+    # base64 wrapped at 76 columns (base64.encodebytes, openssl, MIME) is still base64: drop the line breaks and
+    # spaces (ASCII whitespace only) and try once more; only the uncommon wrapped form pays for the copy
+    try:
+        return base64.b64decode(data.translate(_ASCII_SPACE), validate=True)
+    except (binascii.Error, ValueError):
         raise ImageError("the image's data URL holds malformed base64") from None
+
+
+_ASCII_SPACE = dict.fromkeys(map(ord, " \t\n\r\f\v"))
 
 
 def open_image(source, max_pixels: int | None = None):
     """A decoded PIL image from a PIL image, a path, raw bytes or a data: URL. max_pixels: refuse larger
-    inputs (width x height as stored) before decoding them."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        raise ImageError("image input needs Pillow (pip install Pillow)") from None
+    inputs (width x height as stored) before decoding them. A file's EXIF orientation is applied."""
+    img = open_header(source, max_pixels)
+    return decode(img, upright=img is not source)
+
+
+def open_header(source, max_pixels: int | None = None):
+    """`source` (a PIL image, a path, raw bytes or a data: URL) as a PIL image whose size is known and checked
+    (not empty, at most max_pixels as stored) but whose pixels are not decoded yet: Pillow reads the header
+    only. `decode` reads the pixels. A PIL image is returned as it is."""
+    Image = _pillow()
     if isinstance(source, Image.Image):
         img = source
     else:
-        if isinstance(source, str) and source.startswith("data:"):
-            source = decode_data_url(source)
-        if isinstance(source, (bytes, bytearray)):
-            fp, name = io.BytesIO(source), "the image data"
-        else:
-            p = Path(source).expanduser()
-            if not p.is_file():
-                raise ImageError(f"image not found: {p}")
-            fp, name = p, str(p)
+        fp, name = _readable(source)
         try:
             img = _open_within_limit(Image, fp, name, max_pixels)
-        except UnidentifiedImageError:
+        except Image.UnidentifiedImageError:
             raise ImageError(f"{name} is not an image Pillow can read (PNG, JPEG, WebP, GIF, BMP, ...)") from None
         except OSError as e:
             raise ImageError(f"{name}: cannot read image ({e})") from None
     if max_pixels is not None and img.width * img.height > max_pixels:
         raise _over_limit(img.width, img.height, max_pixels)
-    try:
-        img.load()
-    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a GIF frame past the limit
-        raise ImageError(f"cannot decode image: {e}") from None
     if img.width < 1 or img.height < 1:
         raise ImageError("the image is empty (0 pixels)")
     return img
+
+
+def decode(img, upright: bool = True):
+    """The image from `open_header` with its pixels decoded. upright: turn it as its EXIF orientation says
+    (a phone's portrait photo is stored landscape with a rotation tag), as viewers and transformers' load_image
+    do; a PIL image the caller built is taken as it is (upright=False)."""
+    Image = _pillow()
+    try:
+        img.load()
+    # a GIF frame past the limit; Pillow's decoders also raise ValueError, SyntaxError or EOFError on corrupt data
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise ImageError(f"cannot decode image: {e}") from None
+    return _upright(img) if upright else img
+
+
+def _upright(img):
+    """img turned by its EXIF orientation, or img itself where it has none (or an unreadable one, which a
+    viewer ignores too). Animated images are left alone: exif_transpose would keep only the first frame."""
+    from PIL import ImageOps
+
+    if getattr(img, "n_frames", 1) != 1:
+        return img
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError):
+        return img
+    return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+
+
+def _pillow():
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        raise ImageError("image input needs Pillow (pip install Pillow)") from None
+    return Image
+
+
+def _readable(source) -> tuple[object, str]:
+    """(what Image.open reads, the name messages give it) for a path, raw bytes or a data: URL."""
+    if isinstance(source, str) and source.startswith("data:"):
+        source = decode_data_url(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source), "the image data"
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageError(f"an image must be a PIL image, a file path, bytes or a data: URL, not "
+                         f"{type(source).__name__}")
+    shown = _shorten(str(source))
+    try:
+        p = Path(source).expanduser()
+        found = p.is_file()
+    # a string too long for a file name (ENAMETOOLONG), a NUL byte, no home directory for "~"
+    except (OSError, ValueError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ImageError(f"cannot use '{shown}' as an image path ({reason}){_base64_hint(source)}") from None
+    if not found:
+        what = "is a directory, not an image file" if p.is_dir() else "not found"
+        raise ImageError(f"image {what}: {_shorten(str(p))}{_base64_hint(source)}")
+    return p, str(p)
+
+
+def _shorten(text: str, limit: int = 300, keep: int = 60) -> str:
+    """text, or its start where it is longer than a path one would type (a pasted image must not fill the
+    message)."""
+    return text if len(text) <= limit else f"{text[:keep]}... ({len(text)} characters)"
+
+
+def _base64_hint(source) -> str:
+    """A hint for a path that is really base64 image data pasted without its data: prefix."""
+    text = str(source).strip()
+    if len(text) < 16 or not text.startswith(BASE64_MAGIC) or not re.fullmatch(r"[A-Za-z0-9+/=\s]+", text):
+        return ""
+    return "; this looks like base64 image data: give it as a data URL, data:image/png;base64,<data>"
 
 
 def _over_limit(width: int, height: int, limit: int, whose: str = "") -> ImageError:
@@ -225,7 +350,11 @@ def _open_within_limit(Image, fp, name: str, max_pixels: int | None):
 def image_hash(image) -> str:
     """A content key for prompt reuse: sha256 of the RGB pixels and size (the same picture sent as PNG or as
     a re-encoded PNG is the same key)."""
-    rgb = to_rgb(open_image(image))
+    return pixels_hash(to_rgb(open_image(image)))
+
+
+def pixels_hash(rgb) -> str:
+    """image_hash of an image already in RGB."""
     h = hashlib.sha256(f"{rgb.width}x{rgb.height}".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()

@@ -227,14 +227,22 @@ def test_stream_generate_with_images_matches_transformers(vision_chat_model, pic
     assert [r.token for r in out] == ref[0, len(ids):].tolist()
 
 
-def test_prompt_cache_reuses_the_image_prefix(vision_chat_model, pictures):
-    """A follow-up question about the same pictures restores the first turn's snapshot (no re-encoding)."""
+def test_prompt_cache_reuses_the_image_prefix(vision_chat_model, pictures, monkeypatch):
+    """A follow-up question about the same pictures restores the first turn's snapshot (no re-encoding, and
+    no patches made: only the pictures' hashes and grids are needed to find the prefix)."""
+    from qwen35.vision_input import ImageProcessor
+
+    patched = []
+    frames_to_patches = ImageProcessor.frames_to_patches
+    monkeypatch.setattr(ImageProcessor, "frames_to_patches",
+                        lambda self, frames: patched.append(1) or frames_to_patches(self, frames))
     _, path = vision_chat_model
     model, tok = qwen35.load(path, dtype=torch.float32)
     pc = PromptCache(model)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     first = tok.chat_template.render(QUESTION, add_generation_prompt=True, enable_thinking=False)
     r1 = list(qwen35.stream_generate(model, tok, first, params, prompt_cache=pc, images=pictures))
+    assert len(patched) == 2
     answer = "".join(r.text for r in r1)
     second = first + answer + "<|im_end|>\n<|im_start|>user\nAnd the colours?<|im_end|>\n<|im_start|>assistant\n"
     calls = []
@@ -243,7 +251,7 @@ def test_prompt_cache_reuses_the_image_prefix(vision_chat_model, pictures):
     tower.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
     warm = list(qwen35.stream_generate(model, tok, second, params, prompt_cache=pc, images=pictures))
     tower.forward = forward
-    assert warm[-1].cached_tokens > 2 * 3 and calls == []
+    assert warm[-1].cached_tokens > 2 * 3 and calls == [] and len(patched) == 2
     cold = list(qwen35.stream_generate(model, tok, second, params, images=pictures))
     assert [r.token for r in warm] == [r.token for r in cold]
 
@@ -278,6 +286,11 @@ def test_cli_image_errors(pictures, tmp_path):
     (tmp_path / "notes.txt").write_text("not a picture")
     p = run_cli("--image", str(tmp_path / "notes.txt"), "--prompt", "hi", "--max-tokens", "2")
     assert p.returncode == 1 and "notes.txt is not an image" in p.stderr
+    pasted = "iVBORw0KGgo" + "A" * 400  # base64 pasted as a path: too long a file name, once a traceback
+    p = run_cli("--image", pasted, "--prompt", "hi", "--max-tokens", "2")
+    assert p.returncode == 1 and p.stderr == (
+        f"qwen35: error: cannot use '{pasted[:60]}... (411 characters)' as an image path (File name too long); "
+        "this looks like base64 image data: give it as a data URL, data:image/png;base64,<data>\n")
 
 
 def test_chat_image_command(vision_chat_model, pictures, monkeypatch, capsys):

@@ -175,3 +175,45 @@ def test_image_prompt_fed_in_chunks_beside_another_request(vision_chat_model):
         srv.should_exit = True
         th.join(timeout=10)
         eng.shutdown()
+
+
+def test_images_over_the_context_are_refused_before_decoding(vision_server, monkeypatch):
+    """The images' tokens, known from their headers, count against the context with the text and max_tokens:
+    the 400 comes before any image is decoded (an 8 MiB body of one-colour PNGs once asked for ~40 GiB)."""
+    from qwen35.server import images
+
+    base, model, _ = vision_server
+    decoded, decode = [], images.decode
+    monkeypatch.setattr(images, "decode", lambda img, upright=True: decoded.append(img) or decode(img, upright))
+    n = model.visual.processor.num_tokens(40, 40)
+    limit = model.config.max_position_embeddings
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "look:"},
+                                         {"type": "image_url", "image_url": {"url": data_url(picture(40, 40, 5))}}]}]
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": msgs, "max_tokens": limit - n}, timeout=60)
+    assert r.status_code == 400 and decoded == []
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("messages", "context_length_exceeded")
+    assert err["message"] == (f"the prompt holds at least {n + 1} tokens ({n} of them for its 1 image(s)); with "
+                              f"max_tokens ({limit - n}) that exceeds the context of {limit} tokens; send fewer or "
+                              "smaller images, shorten the prompt or lower max_tokens")
+
+
+def test_the_part_at_fault_is_named_and_wrapped_base64_is_taken(vision_server):
+    base, model, tok = vision_server
+    good, thin = data_url(picture(40, 40, 1)), data_url(picture(2, 900, 3))
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in (good, good, thin)]
+             + [{"type": "text", "text": "compare"}]}]
+    with httpx.Client(timeout=120) as h:
+        r = h.post(base + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 2})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert (err["param"], err["message"]) == (
+            "messages[0].content[2]", "'messages[0].content[2]': image of 900x2 has an aspect ratio above 200")
+        img = picture(40, 40, 5)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        wrapped = "data:image/png;base64," + base64.encodebytes(buf.getvalue()).decode()  # 76-column lines
+        ok = h.post(base + "/v1/chat/completions", json={"messages": ask(wrapped), "max_tokens": 5,
+                                                          "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["message"]["content"] == library(model, tok, ask("x"), [img], 5).strip()

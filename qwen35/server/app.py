@@ -270,8 +270,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if parts and engine.speculation is not None:
             raise bad(parts[0][0], "image input is not available on a server started with --speculative (the MTP "
                       "head has no image positions)")
-        pictures = load_images(parts, engine.model, allow_remote_images, max_image_pixels, max_request_bytes) \
-            if parts else []
+        pictures = []
+        if parts:  # sizes from the headers first: a request over the context is refused before any decoding
+            text_tokens = least_tokens(message_texts(messages), longest_token[0])
+            pictures = load_images(parts, engine.model, allow_remote_images, max_image_pixels, max_request_bytes,
+                                   text_tokens, opts.params.max_tokens)
         pieces, hist_pieces = render_chat(messages, opts, True), render_chat(messages, opts, False)
         prompt = "".join(text for text, _ in pieces)
         ids, boundary = conversation_ids(tokenizer, pieces, hist_pieces)
@@ -284,8 +287,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 ids, inputs, key = prepare_prompt(engine.model, ids, pictures)
                 pad = engine.model.visual.config.image_token_id
                 boundary = len(expand_prompt(hist, inputs, pad)) if boundary else 0
-            except ImageError as e:
-                raise bad(parts[0][0], str(e)) from None
+            except ImageError as e:  # each part was checked in load_images: what is left is the placeholders
+                raise bad("messages", str(e)) from None
             vision = (inputs, key)
         return opts, ids, boundary, prompt.rstrip().endswith("<think>"), guide_for(opts, body), vision
 
