@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -87,7 +86,7 @@ if which == 'qwen35':
         tok = int(logits.argmax())
         t2 = time.perf_counter()
         return {"preprocess_s": t1 - t0, "encoder_s": enc[-1], "prefill_s": t2 - t1 - enc[-1], "ttft_s": t2 - t0,
-                "prompt_tokens": len(ids), "patches": math.prod(inputs[0].grid), "token": tok}
+                "prompt_tokens": len(ids), "patches": int(np.prod(inputs[0].grid)), "token": tok}
 else:
     from transformers import Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
