@@ -142,9 +142,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     longest_token: list[int] = []  # the vocabulary's longest token in bytes, found on first use
 
-    def refuse_overlong(texts, opts, param: str) -> None:
+    def refuse_overlong(texts, opts, param: str) -> int:
         """Refuse, before rendering or tokenizing it, a prompt that cannot fit the context whatever its
-        tokenization (prompt_ids.least_tokens): an 8 MiB body would otherwise hold a thread for seconds."""
+        tokenization (prompt_ids.least_tokens): an 8 MiB body would otherwise hold a thread for seconds.
+        Returns that lower bound (the images' check adds their tokens to it)."""
         if not longest_token:
             longest_token.append(tokenizer.longest_token_bytes())
         least, limit = least_tokens(texts, longest_token[0]), max_context(engine.model)
@@ -152,6 +153,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise bad(param, f"the prompt holds at least {least} tokens; with max_tokens ({opts.params.max_tokens}) "
                       f"that exceeds the context of {limit} tokens; shorten the prompt or lower max_tokens",
                       "context_length_exceeded")
+        return least
 
     @app.get("/health")
     async def health():
@@ -265,14 +267,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=True,
                              default_template_kwargs=template_defaults, vocab_size=engine.model.config.vocab_size)
         messages = parse_messages(body.get("messages"))
-        refuse_overlong(message_texts(messages), opts, "messages")
+        text_tokens = refuse_overlong(message_texts(messages), opts, "messages")
         parts = image_parts(messages)
         if parts and engine.speculation is not None:
             raise bad(parts[0][0], "image input is not available on a server started with --speculative (the MTP "
                       "head has no image positions)")
         pictures = []
         if parts:  # sizes from the headers first: a request over the context is refused before any decoding
-            text_tokens = least_tokens(message_texts(messages), longest_token[0])
             pictures = load_images(parts, engine.model, allow_remote_images, max_image_pixels, max_request_bytes,
                                    text_tokens, opts.params.max_tokens)
         pieces, hist_pieces = render_chat(messages, opts, True), render_chat(messages, opts, False)
