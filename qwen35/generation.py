@@ -27,6 +27,7 @@ from .errors import Qwen35Error
 from .sampling import Sampler, SamplingParams, step_logprobs
 
 DEFAULT_PREFILL_CHUNK = 512
+RESERVE_DECODE_TOKENS = 1024  # KV room made before prefill for the tokens to be generated (generate_step)
 
 
 class ContextLengthError(Qwen35Error, ValueError):
@@ -281,9 +282,10 @@ def generate_step(
         stream = Stream(params, sampler, None if guide is None else guide.start(ids))
     else:
         stream = Stream.start(model, ids, params, guide=guide)
-    # the KV room for the whole request now (check_context bounds it): grown once, not doubled chunk by chunk
-    # through a long prefill, each growth copying every token held so far
-    cache.reserve(len(ids) + params.max_tokens)
+    # the KV room for the prompt and the first tokens now: grown once, not doubled chunk by chunk through a
+    # long prefill (each growth copies every token held so far). Not all of max_tokens: a stop token ends most
+    # answers long before it, and decoding grows the rest as it gets there
+    cache.reserve(len(ids) + min(params.max_tokens, RESERVE_DECODE_TOKENS))
     if vision is not None:
         logits = vision.prefill(model, cache, prefill_chunk_size)
     else:
