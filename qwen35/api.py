@@ -55,21 +55,27 @@ def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progr
          kernels: bool | None = None, quant: str | None = None, kv_cache: str = "bf16"):
     """(model, tokenizer) from a directory, a GGUF file or a hub repo id. The tokenizer carries the chat template.
     kernels, quant, kv_cache: as in `load_model` (kernels None: ops.fast.kernel_policy decides)."""
+    from .gguf.reader import is_gguf_path
     path = resolve(path_or_repo_id)
-    if path.suffix != ".gguf":  # a missing or broken tokenizer is said before the weights load (a 9B: minutes),
-        ModelConfig.from_file(path)  # after the config's own errors (a wrong directory is named by its config)
-        tokenizer = Tokenizer(path)
-        tokenizer.chat_template = ChatTemplate.from_model_dir(path)
-    model = load_model(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant, kv_cache=kv_cache)
-    if path.suffix == ".gguf":  # the tokenizer and template live in the GGUF's metadata
+    # a missing or broken tokenizer is said before the weights load (a 9B: minutes), after the config's own
+    # errors (a wrong directory is named by its config, a GGUF of another architecture by its metadata)
+    if is_gguf_path(path):  # the tokenizer and template live in the GGUF's metadata
         from .gguf import open_gguf
+        from .gguf.metadata import config_dict
         from .gguf.vocab import chat_template
 
-        f = open_gguf(path)  # once for both (its 250k-token vocabulary takes a moment to parse)
+        f = open_gguf(path)  # once for config and tokenizer (its 250k-token vocabulary takes a moment to parse)
+        ModelConfig.from_hf(config_dict(f), source=str(f.path))
         tokenizer = Tokenizer.from_gguf(f)
         tmpl = chat_template(f)
         tokenizer.chat_template = (ChatTemplate(tmpl, f"{path} (tokenizer.chat_template)") if tmpl
                                    else ChatTemplate.from_model_dir(None))
+        del f  # its maps: load_model opens the file itself
+    else:
+        ModelConfig.from_file(path)
+        tokenizer = Tokenizer(path)
+        tokenizer.chat_template = ChatTemplate.from_model_dir(path)
+    model = load_model(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant, kv_cache=kv_cache)
     return model, tokenizer
 
 

@@ -49,7 +49,8 @@ class ChatTemplateError(Qwen35Error):
 
 def find_template(model_dir: str | Path | None) -> tuple[str, str]:
     """(template source, where it came from)."""
-    if model_dir is not None and Path(model_dir).suffix == ".gguf" and Path(model_dir).is_file():
+    from .gguf.reader import is_gguf_path
+    if model_dir is not None and is_gguf_path(model_dir) and Path(model_dir).is_file():
         from .gguf import open_gguf
         from .gguf.vocab import chat_template
 

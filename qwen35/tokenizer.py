@@ -39,8 +39,9 @@ def _byte_decoder() -> dict[str, int]:
 class Tokenizer:
     def __init__(self, path: str | Path):
         """path: a checkpoint directory, its tokenizer.json, or a GGUF file (its tokenizer.* metadata)."""
+        from .gguf.reader import is_gguf_path
         path = Path(path)
-        if path.suffix == ".gguf" and path.is_file():
+        if is_gguf_path(path) and path.is_file():
             from .gguf.reader import open_gguf
 
             self._from_gguf(open_gguf(path))

@@ -34,12 +34,13 @@ class Report:
 
 
 def verify(path: str | Path, manifest: str | Path | None = None, say=None) -> Report:
+    from .gguf.reader import is_gguf_path
     path = Path(path)
     rep = Report(path)
     if not path.exists():
         rep.problems.append(f"missing: {path} does not exist")
         return rep
-    if path.suffix == ".gguf":
+    if is_gguf_path(path):
         _gguf(path, rep)
         root = path.parent
     elif path.is_dir():
@@ -56,7 +57,7 @@ def verify(path: str | Path, manifest: str | Path | None = None, say=None) -> Re
         except Qwen35Error as e:
             rep.problems.append(str(e))
             return rep
-        if path.suffix == ".gguf":  # only this model's parts (a GGUF repo holds many quantizations)
+        if is_gguf_path(path):  # only this model's parts (a GGUF repo holds many quantizations)
             names = {p.name for p in rep.files} | {path.name}
             man = {**man, "files": {k: v for k, v in man["files"].items() if k in names}}
             if not man["files"]:

@@ -169,7 +169,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
 def _head_dim(path: Path) -> int | None:
     """The attention head_dim from a checkpoint's config (a directory's config.json, a GGUF's metadata) without
     loading it; None where there is no config to read (_load_model then says what is wrong with the path)."""
-    if path.suffix == ".gguf" and path.is_file():
+    from .gguf.reader import is_gguf_path
+    if is_gguf_path(path) and path.is_file():
         from .gguf import read_config
 
         return read_config(path).head_dim
@@ -306,8 +307,9 @@ class CheckpointTensors:
 
 
 def _load_model(path: Path, dtype: torch.dtype, progress: bool, kernels: bool | None, quant: str | None):
+    from .gguf.reader import is_gguf_path
     path = Path(path)
-    if path.suffix == ".gguf" and path.exists():  # one GGUF file, or any part of a split one
+    if is_gguf_path(path) and path.exists():  # one GGUF file, or any part of a split one
         from .gguf import load_gguf
 
         return load_gguf(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant)

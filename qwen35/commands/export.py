@@ -3,7 +3,8 @@
 MODEL is a checkpoint directory (its tokenizer and chat template go in too), a hub repo id, or a GGUF file
 (re-export, e.g. to another type; its tokenizer metadata is copied). q8_0 / q4_0 / q4_k_m are quantized with
 our quantizer (the bytes llama.cpp's would write; q4_k_m is our `int4` policy), tensor by tensor as the
-model is read.
+model is read. A quantized MODEL (a quantized GGUF, a `qwen35 quantize` checkpoint) keeps the matrices already
+in the type's layout; the others are requantized from their dequantized values (a warning counts them).
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import resolve
+    from ..config import ModelConfig
     from ..gguf import export_gguf, open_gguf
+    from ..gguf.metadata import check_exportable, config_dict
+    from ..gguf.reader import is_gguf_path
     from ..gguf.writer import POLICY
+    from ..quant.checkpoint import read_quant_config
     from ..weights import load_model
 
     if args.out.suffix != ".gguf":
@@ -41,14 +46,19 @@ def main(args: argparse.Namespace) -> int:
         raise Qwen35Error(f"{args.out}: the output file name must end in .gguf")
     from .common import check_output_file
 
-    # a GGUF re-exported onto itself is fine: load_model has read it whole before the writer opens the file
+    # a GGUF re-exported onto itself is fine: the writer writes a temporary file and renames it over OUT
     check_output_file(args.out)
     src = resolve(args.model)
     quant = POLICY.get(args.file_type)
     dtype = torch.float32 if args.file_type == "f32" else torch.bfloat16
-    source_gguf = open_gguf(src) if src.suffix == ".gguf" else None
-    if source_gguf is not None and quant is not None:
-        quant = None  # a GGUF is loaded as it is; the writer requantizes what is not already in the layout
+    source_gguf = open_gguf(src) if is_gguf_path(src) else None
+    config = (ModelConfig.from_hf(config_dict(source_gguf), source=str(source_gguf.path))
+              if source_gguf is not None else ModelConfig.from_file(src))
+    check_exportable(config)  # before the weights load: a yarn setting GGUF cannot hold is said now
+    if quant is not None and (source_gguf is not None or read_quant_config(src) is not None):
+        # a GGUF or a `qwen35 quantize` checkpoint is loaded as it is (quant= would refuse another policy);
+        # the writer keeps the matrices already in the layout and requantizes the others, with a warning
+        quant = None
     model = load_model(src, dtype=dtype, quant=quant, kernels=False, progress=True)
     files = export_gguf(model, args.out, args.file_type, mtp=args.mtp,
                         tokenizer_from=None if source_gguf is not None else src, gguf_source=source_gguf,

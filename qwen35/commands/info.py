@@ -109,8 +109,9 @@ FILE_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..gguf.reader import is_gguf_path
     path = Path(args.model)
-    if path.suffix == ".gguf":
+    if is_gguf_path(path):
         return gguf_info(path, args)
     config = ModelConfig.from_file(path)
     entries, files = read_checkpoint_entries(path)

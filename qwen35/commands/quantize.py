@@ -27,6 +27,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import resolve
+    from ..gguf.reader import is_gguf_path
     from ..quant.checkpoint import save_quantized
     from ..weights import load_model
     from .common import check_no_checkpoint, check_output_dir
@@ -34,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
     src = resolve(args.model)
     check_output_dir(args.out, src)  # before minutes of quantizing
     check_no_checkpoint(args.out)
-    if src.suffix == ".gguf":
+    if is_gguf_path(src):
         from ..errors import Qwen35Error
 
         raise Qwen35Error(f"{src}: a GGUF is requantized with `qwen35 export {src} OUT.gguf --type q8_0|q4_0`, "

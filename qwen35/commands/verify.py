@@ -23,6 +23,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..errors import Qwen35Error
+    from ..gguf.reader import is_gguf_path
     from ..manifest import MANIFEST, local_manifest, write_manifest
     from ..verify import verify
 
@@ -42,10 +43,10 @@ def main(args: argparse.Namespace) -> int:
     if args.write_manifest:
         root = args.path if args.path.is_dir() else args.path.parent
         out = args_manifest_out or root / MANIFEST
-        files = rep.files if args.path.suffix == ".gguf" else sorted(
+        files = rep.files if is_gguf_path(args.path) else sorted(
             f for f in root.rglob("*") if f.is_file() and f.name != MANIFEST and ".cache" not in f.parts)
         entries = local_manifest(root, files)
-        if args.path.suffix == ".gguf" and out.is_file():  # one manifest for a folder of GGUF models: add to it
+        if is_gguf_path(args.path) and out.is_file():  # one manifest for a folder of GGUF models: add to it
             from ..manifest import read_manifest
 
             entries = {**read_manifest(out)["files"], **entries}

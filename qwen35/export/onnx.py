@@ -49,8 +49,8 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
                 progress: bool = False) -> dict:
     """Export the text model at `model_path` into `out_dir`; returns the manifest (also written there). The
     weights are read from the checkpoint as they are written (onnx_weights.py): the model is never loaded."""
-
     from ..api import resolve
+    from ..gguf.reader import is_gguf_path
 
     if quant is not None and quant not in POLICIES:
         raise ExportError(f"unknown --quant {quant!r} for ONNX: use {', '.join(POLICIES)}")
@@ -63,7 +63,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
         raise ExportError(f"ONNX export needs the onnx and onnxscript packages ({e}): "
                           "pip install onnx onnxscript onnxruntime") from None
     src = resolve(model_path)
-    if src.suffix == ".gguf":
+    if is_gguf_path(src):
         raise ExportError(f"{src}: export a checkpoint directory (GGUF files carry quantized blocks that ONNX "
                           "graphs would have to dequantize)")
     if not (src / "tokenizer.json").is_file():  # before minutes of export

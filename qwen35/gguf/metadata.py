@@ -167,11 +167,12 @@ def write_config(w, config: ModelConfig, mtp_layers: int) -> None:
     if c.rope_type == "yarn":
         from gguf import RopeScalingType
 
-        _check_yarn_exportable(c)
+        check_exportable(c)
         w.add_rope_scaling_type(RopeScalingType.YARN)
         w.add_rope_scaling_factor(c.rope_factor)
         w.add_rope_scaling_orig_ctx_len(c.rope_original_max_position_embeddings)
-        # the keys llama.cpp's converter writes from these rope_parameters (when the config sets them)
+        # the keys llama.cpp's converter writes from these rope_parameters when the config sets them (HF values
+        # as they are); config_dict reads them back. llama.cpp itself reads them for some architectures only
         if c.rope_beta_fast != 32.0:
             w.add_rope_scaling_yarn_beta_fast(c.rope_beta_fast)
         if c.rope_beta_slow != 1.0:
@@ -182,8 +183,10 @@ def write_config(w, config: ModelConfig, mtp_layers: int) -> None:
         raise CheckpointError(f"cannot export rope_type {c.rope_type!r} to GGUF")
 
 
-def _check_yarn_exportable(c: ModelConfig) -> None:
+def check_exportable(c: ModelConfig) -> None:
     """Refuse yarn settings GGUF has no key for, rather than write a file that loads as another model."""
+    if c.rope_type != "yarn":
+        return
     if not c.rope_truncate:  # llama.cpp (and config_dict) always round the ramp's ends to whole dims
         raise CheckpointError("cannot export yarn rope_parameters 'truncate': false to GGUF: GGUF has no key for "
                               "it (llama.cpp always truncates the correction range)")

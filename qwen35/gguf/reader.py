@@ -8,6 +8,7 @@ its reader builds a Python object per array element (~50 s for a 250k-token voca
 from __future__ import annotations
 
 import codecs
+import math
 import mmap
 import re
 import warnings
@@ -22,7 +23,9 @@ from gguf.quants import dequantize
 
 from ..errors import CheckpointError
 
-SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})(?P<ext>\.(?i:gguf))$")
+MAGIC = b"GGUF"
+MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses a tensor of more dims
 FLOAT_TYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
                GGMLQuantizationType.BF16: torch.bfloat16}
 NUMPY_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
@@ -37,13 +40,37 @@ def is_gguf(path: str | Path) -> bool:
     return p.suffix == ".gguf" and not p.is_dir()
 
 
+def is_gguf_path(path: str | Path) -> bool:
+    """Whether `path` names a GGUF: `.gguf` in any case (existing or not: a missing one is then said to be a
+    missing GGUF), or an existing file with the GGUF magic whatever its name. Where a GGUF is told from a
+    checkpoint directory (load, info, verify, quantize, export)."""
+    return Path(path).suffix.lower() == ".gguf" or is_gguf_file(path)
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether `path` is a file to open as GGUF: named `.gguf` in any case (`.GGUF` too; one without the magic
+    is then refused by open_gguf as not GGUF, by name), or any file that starts with the GGUF magic whatever
+    its name. A directory or a missing path is not."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    if p.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
 def split_parts(path: Path) -> list[Path]:
     """The files of the model `path` names: itself, or every part of its split (any part may be named)."""
     m = SPLIT_RE.match(path.name)
     if m is None:
         return [path]
     count = int(m.group("count"))
-    parts = [path.with_name(f"{m.group('stem')}-{k:05d}-of-{count:05d}.gguf") for k in range(1, count + 1)]
+    stem, ext = m.group("stem"), m.group("ext")  # the parts keep the named part's extension (.gguf or .GGUF)
+    parts = [path.with_name(f"{stem}-{k:05d}-of-{count:05d}{ext}") for k in range(1, count + 1)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise CheckpointError(f"{path}: split GGUF part {missing[0]} is missing from {path.parent}")
@@ -94,7 +121,7 @@ def open_gguf(path: str | Path) -> GGUFModelFile:
         if k == 0:
             out.fields = fields
         for t in tensors:
-            if t.name in out.tensors:
+            if t.name in out.tensors:  # (twice within one file is refused by _read)
                 raise CheckpointError(f"{p}: tensor '{t.name}' also appears in an earlier part of the split")
             out.tensors[t.name] = t
     return out
@@ -173,7 +200,7 @@ def _read(p: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     if p.stat().st_size < 8:
         raise CheckpointError(f"{p}: not a GGUF file (only {p.stat().st_size} bytes)")
     r = _Parser(p)
-    if r.buf[:4].tobytes() != b"GGUF":
+    if r.buf[:4].tobytes() != MAGIC:
         raise CheckpointError(f"{p}: not a GGUF file (no GGUF magic at the start)")
     r.pos = 4
     version = r.scalar("<u4")
@@ -184,15 +211,24 @@ def _read(p: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     for _ in range(n_kv):
         key = r.string()
         fields[key] = r.value(r.scalar("<u4"))
-    infos = []
+    infos, seen = [], set()
     for _ in range(n_tensors):
         name = r.string()
-        dims = [r.scalar("<u8") for _ in range(r.scalar("<u4"))]
+        if name in seen:
+            raise CheckpointError(f"{p}: tensor '{name}' appears twice in the file")
+        seen.add(name)
+        n_dims = r.scalar("<u4")
+        if n_dims > MAX_DIMS:  # read no further: a corrupt count would have us parse billions of dims
+            raise CheckpointError(f"{p}: tensor '{name}' has {n_dims} dims (GGUF allows at most {MAX_DIMS}): the "
+                                  f"header is corrupt")
+        dims = [r.scalar("<u8") for _ in range(n_dims)]
         type_offset = r.pos
         infos.append((name, dims, r.scalar("<u4"), r.scalar("<u8"), type_offset))
     align = _alignment(p, fields)
     start = (r.pos + align - 1) // align * align
-    return fields, [_tensor(p, r.buf, start, *info) for info in infos]
+    tensors = [_tensor(p, r.buf, start, align, *info) for info in infos]
+    _check_disjoint(p, tensors)
+    return fields, tensors
 
 
 def _alignment(p: Path, fields: dict[str, Any]) -> int:
@@ -204,20 +240,26 @@ def _alignment(p: Path, fields: dict[str, Any]) -> int:
     return align
 
 
-def _tensor(p: Path, buf: np.ndarray, start: int, name: str, dims: list[int], type_id: int, offset: int,
-            type_offset: int) -> GGUFTensor:
+def _tensor(p: Path, buf: np.ndarray, start: int, align: int, name: str, dims: list[int], type_id: int,
+            offset: int, type_offset: int) -> GGUFTensor:
     try:
         kind = GGMLQuantizationType(type_id)
     except ValueError:
         raise CheckpointError(f"{p}: tensor '{name}' has GGML type id {type_id}, which this gguf package does not "
                               f"know (a newer llama.cpp type?)") from None
     block, size = GGML_QUANT_SIZES[kind]
-    n = int(np.prod(dims)) if dims else 1
+    n = math.prod(dims)  # Python ints: np.prod wraps around in int64, and a corrupt dim made that 0 bytes
     row = dims[0] if dims else 1
     if row % block:
         raise CheckpointError(f"{p}: tensor '{name}' ({kind.name}) has rows of {row} values, not a multiple of "
                               f"its block of {block}")
     nbytes = n // block * size
+    if nbytes > len(buf):
+        raise CheckpointError(f"{p}: tensor '{name}' has dims {dims} ({kind.name}, {nbytes} bytes), more than the "
+                              f"whole file ({len(buf)} bytes): the header is corrupt")
+    if offset % align:  # as llama.cpp: a tensor's data starts on the file's alignment
+        raise CheckpointError(f"{p}: tensor '{name}' has data offset {offset}, not a multiple of general.alignment "
+                              f"({align}): the header is corrupt")
     at = start + offset
     if at + nbytes > len(buf):
         raise CheckpointError(f"{p}: file is truncated: tensor '{name}' ends at byte {at + nbytes} but the file has "
@@ -229,6 +271,18 @@ def _tensor(p: Path, buf: np.ndarray, start: int, name: str, dims: list[int], ty
     else:
         data = raw.reshape(*shape[:-1], row // block * size)
     return GGUFTensor(name, kind, np.array(dims, dtype=np.uint64), n, nbytes, data, type_offset, buf, at)
+
+
+def _check_disjoint(p: Path, tensors: list[GGUFTensor]) -> None:
+    """No two tensors' bytes overlap: a corrupt offset pointing into another tensor's data would load that
+    tensor's bytes silently (a shape and type that fit pass every other check). Gaps are allowed."""
+    prev = None
+    for t in sorted((t for t in tensors if t.n_bytes), key=lambda t: t.offset):  # an empty tensor holds no bytes
+        if prev is not None and t.offset < prev.offset + prev.n_bytes:
+            raise CheckpointError(f"{p}: tensor '{t.name}' (data at byte {t.offset}) overlaps tensor '{prev.name}' "
+                                  f"(bytes {prev.offset} to {prev.offset + prev.n_bytes}): the header is corrupt")
+        if prev is None or t.offset + t.n_bytes > prev.offset + prev.n_bytes:
+            prev = t  # the tensor that reaches furthest so far
 
 
 SLICE_BYTES = 64 * 2**20

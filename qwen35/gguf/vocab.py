@@ -89,6 +89,9 @@ def build_tokenizer(f):
     from tokenizers import Tokenizer as HFTokenizer
 
     kind = f.get("tokenizer.ggml.model")
+    if kind is None:  # e.g. exported without a tokenizer source: nothing here to build one from
+        raise CheckpointError(f"{f.path}: the GGUF holds no tokenizer metadata (no tokenizer.ggml.model); export "
+                              f"it again from a checkpoint directory with a tokenizer.json")
     if kind != "gpt2":
         raise CheckpointError(f"{f.path}: tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is supported")
     pre = f.get("tokenizer.ggml.pre", "qwen35")

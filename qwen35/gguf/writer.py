@@ -58,9 +58,10 @@ def tensor_plan(config, shapes: dict[str, tuple[int, ...]], file_type: str) -> l
 def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = True,
                 tokenizer_from: Path | None = None, gguf_source=None, name: str | None = None,
                 split_max_bytes: int = 0, progress: bool = False) -> list[Path]:
-    """Write `model` to `out` (.gguf). tokenizer_from: the checkpoint directory whose tokenizer files go in
-    (default: the directory the model was loaded from, when it holds a tokenizer.json); gguf_source: an opened
-    GGUF (reader.open_gguf) whose tokenizer.* fields are copied instead. split_max_bytes: split into
+    """Write `model` to `out` (.gguf). tokenizer_from: the checkpoint directory whose tokenizer files go in;
+    gguf_source: an opened GGUF (reader.open_gguf) whose tokenizer.* fields are copied instead; neither given:
+    what the model was loaded from (a directory's tokenizer.json, a GGUF's tokenizer metadata), when it holds
+    a tokenizer, else none (a warning says so). split_max_bytes: split into
     `-0000K-of-0000N.gguf` parts of at most this size (0: one file). Each file is written under a temporary
     name beside it and renamed over `out` only when complete, so a failure leaves what was there before
     (an OSError becomes a Qwen35Error naming the file). Returns the files written."""
@@ -87,15 +88,14 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     write_config(w, config, mtp_layers)
     w.add_file_type(FILE_TYPES[file_type])
     w.add_quantization_version(2)
+    if gguf_source is None and tokenizer_from is None:
+        tokenizer_from, gguf_source = _own_tokenizer(model)
     if gguf_source is not None:
         vocab.copy_tokenizer(w, gguf_source)
+    elif tokenizer_from is not None:
+        vocab.write_tokenizer(w, Path(tokenizer_from), config.vocab_size)
     else:
-        if tokenizer_from is None:
-            tokenizer_from = _own_tokenizer_dir(model)
-        if tokenizer_from is not None:
-            vocab.write_tokenizer(w, Path(tokenizer_from), config.vocab_size)
-        else:
-            log.warning("exporting %s without a tokenizer: no tokenizer source given", out)
+        log.warning("exporting %s without a tokenizer: no tokenizer source given", out)
 
     requantized = 0
     for n, gname, kind in tensors:
@@ -124,14 +124,24 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     return _write(w, out, progress)
 
 
-def _own_tokenizer_dir(model) -> Path | None:
-    """The checkpoint directory the model was loaded from, when it holds a tokenizer.json (a GGUF source
-    carries its tokenizer in metadata, which the caller passes as gguf_source)."""
-    info = getattr(model, "checkpoint_info", None)
-    path = getattr(info, "path", None)
-    if path is not None and Path(path).is_dir() and (Path(path) / "tokenizer.json").is_file():
-        return Path(path)
-    return None
+def _own_tokenizer(model):
+    """(tokenizer_from, gguf_source) defaults: where the model was loaded from, when that holds a tokenizer
+    (a checkpoint directory's tokenizer.json, a GGUF's tokenizer metadata); else (None, None)."""
+    from .reader import open_gguf
+
+    path = getattr(getattr(model, "checkpoint_info", None), "path", None)
+    if path is None:
+        return None, None
+    path = Path(path)
+    if path.is_dir():
+        return (path, None) if (path / "tokenizer.json").is_file() else (None, None)
+    if getattr(model.checkpoint_info, "layout", None) == "gguf" and path.is_file():
+        try:
+            f = open_gguf(path)
+        except CheckpointError:  # changed on disk since it was loaded: export without, as for no source
+            return None, None
+        return None, (f if f.get("tokenizer.ggml.model") is not None else None)
+    return None, None
 
 
 def _write(w, out: Path, progress: bool) -> list[Path]:
@@ -167,8 +177,11 @@ def _write(w, out: Path, progress: bool) -> list[Path]:
         for t in temps:
             t.unlink(missing_ok=True)
         if isinstance(e, OSError):  # a full disk, a file-size limit, no permission: said, not a traceback
+            reason = e.strerror or str(e)
+            if e.errno is None and "written" in reason:  # numpy's short write ("N requested and M written")
+                reason += ": the disk is full or the file size limit was reached"
             kept = "no file was changed" if not replaced else f"{replaced} of its {len(finals)} parts were replaced"
-            raise Qwen35Error(f"{out}: could not write the GGUF file ({e.strerror or e}); {kept}") from e
+            raise Qwen35Error(f"{out}: could not write the GGUF file ({reason}); {kept}") from e
         raise
     return finals
 
