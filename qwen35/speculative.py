@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from . import threads
 from .cache import HybridCache
 from .draft_policy import SpeculativeStats, choose_k, loses
 from .generation import Response, Stream
@@ -57,7 +58,8 @@ def prefill(model, ids: Sequence[int], cache: HybridCache, mcache: HybridCache, 
     T = t.shape[1]
     with torch.no_grad():
         for s in range(0, T, chunk_size):
-            h = prefill_chunk(model, t, s, min(T, s + chunk_size), cache, mcache)
+            e = min(T, s + chunk_size)
+            h = threads.run("prefill", lambda s=s, e=e: prefill_chunk(model, t, s, e, cache, mcache), e - s)
         return model.logits(h[:, -1:])[:, -1], h[0, -1]
 
 
@@ -112,13 +114,21 @@ def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Strea
     drafts: list[list[int]] = [[] for _ in range(B)]
     qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
     dev = model.device
-    with torch.no_grad():
-        if K:
-            _draft(model, mcache, streams, rows, ks, K, head, drafts, qs, spec.propose)
-        tokens = torch.tensor([[s.last] + d + [s.last] * (K - len(d)) for s, d in zip(streams, drafts)], device=dev)
-        cache.keep_steps(True)
-        vh = model.hidden_states(tokens, cache)
-        vlogits = _verify_logits(model, vh)
+
+    def forward():
+        with torch.no_grad():
+            if K:
+                _draft(model, mcache, streams, rows, ks, K, head, drafts, qs, spec.propose)
+            tokens = torch.tensor([[s.last] + d + [s.last] * (K - len(d)) for s, d in zip(streams, drafts)],
+                                  device=dev)
+            cache.keep_steps(True)
+            vh = model.hidden_states(tokens, cache)
+            return tokens, vh, _verify_logits(model, vh)
+
+    # under the thread governor as plain decode steps are (threads.py): on a busy machine two threads stall at
+    # every barrier, and rounds run on them were measured 20x slower than plain decoding on one, which also
+    # kept adaptive k from ever seeing drafting lose (both sides of its comparison ran slow)
+    tokens, vh, vlogits = threads.run("speculative", forward)
     out, keep = [], []
     for b, (s, r) in enumerate(zip(streams, rows)):
         try:

@@ -7,7 +7,8 @@ the bundled model decoded at 1.5-2.2 tok/s with two threads and 34-39 tok/s with
 against 655-2184 tok/s. A fixed thread count is wrong either way (idle, two threads read memory faster).
 
 `Governor` times the steps it runs and keeps, per kind of step ("decode", "prefill"), a moving average of
-seconds per unit of work for each candidate thread count (all threads, and one). It runs the faster one and
+seconds per unit of work for each candidate thread count (all threads, and one); "speculative" is a draft and
+verify round (speculative.py), timed per round. It runs the faster one and
 re-measures the other now and then, as often as a 5% time budget allows (a probe of a choice 33x slower is
 a 32-step loss, so it comes every 640 steps; a close one every 32), and half as often after each probe that
 loses in a row (so a steady machine pays well under 1%: with one core busy the budget's 5% showed as a
@@ -90,7 +91,7 @@ class Governor:
         """Whether to time one thread right after the warm-up: for decode steps (milliseconds each), when all
         threads were chosen. Not for prefill: its step is a whole chunk of the prompt (seconds), and a probe
         there ran a 512-token prompt on one thread (1.7x slower) in every fresh `generate`."""
-        return kind == "decode" and self.current[kind] == self.max_threads
+        return kind in ("decode", "speculative") and self.current[kind] == self.max_threads
 
     def run(self, kind: str, fn: Callable[[], T], work: float = 1.0) -> T:
         """Run fn() with the thread count chosen for `kind`, timing it as `work` units."""

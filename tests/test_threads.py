@@ -194,3 +194,28 @@ def test_an_idle_probe_keeps_prefill_on_all_threads_and_decode_load_reaches_it()
     g.run("prefill", timed(1), work=512)
     assert used == [1]  # the next chunk follows decode to one thread
     assert g.current["prefill"] == 1
+
+
+def test_speculative_rounds_run_under_the_governor(monkeypatch):
+    """Drafting rounds and the MTP prefill go through the governor as plain decode steps do: run on two threads
+    with one core busy they had decoded at 5 tok/s where plain decoding on one thread made 96, and adaptive k
+    never saw drafting lose (both sides ran slow). The tokens stay greedy's."""
+    from qwen35.ops import kernels
+    from qwen35.speculation import Speculation
+
+    if not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    model = qwen35.load_model(qwen35.__path__[0] + "/assets/model", dtype=torch.bfloat16, kernels=True)
+    prompt = list(range(10, 40))
+    params = qwen35.SamplingParams(temperature=0, max_tokens=30)
+    torch.set_num_threads(2)
+    plain = [r.token for r in qwen35.generate_step(model, prompt, params=params)]
+    g = threads.enable(2)
+    g.probe = lambda repeats=7: (2, 1.0)
+    kinds = []
+    run = g.run
+    g.run = lambda kind, fn, work=1.0: run(kind, lambda: (kinds.append(kind), fn())[1], work)
+    spec = Speculation(draft_tokens=2)
+    assert [r.token for r in qwen35.generate_step(model, prompt, params=params, speculative=spec)] == plain
+    # every round (one with no room left to draft included) and the MTP prefill
+    assert spec.stats.rounds and kinds.count("speculative") >= spec.stats.rounds and "prefill" in kinds
