@@ -10,7 +10,7 @@ Public API:
 """
 
 from .api import generate, load, stream_generate
-from .cache import HybridCache
+from .cache import CacheError, HybridCache
 from .generation import ContextLengthError, Response, StepOutput, batch_generate, generate_step
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, Qwen35Error
@@ -18,6 +18,7 @@ from .model.qwen35 import InputError, Qwen35ForCausalLM
 from .ops.fast import bind_kernels, kernel_policy
 from .runtime import set_threads
 from .sampling import Sampler, SamplingError, SamplingParams
+from .speculation import Speculation, SpeculativeError
 from .weights import load_model
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "Qwen35ForCausalLM",
     "HybridCache",
+    "CacheError",
     "Qwen35Error",
     "ConfigError",
     "CheckpointError",
@@ -41,6 +43,8 @@ __all__ = [
     "SamplingParams",
     "Sampler",
     "SamplingError",
+    "Speculation",
+    "SpeculativeError",
     "ContextLengthError",
     "set_threads",
     "bind_kernels",

@@ -36,6 +36,10 @@ def resolve(path_or_repo_id: str | Path) -> Path:
     repo = str(path_or_repo_id)
     if repo.count("/") != 1 or repo.startswith((".", "/")):
         raise CheckpointError(f"checkpoint not found: {p} (not a directory, and not a hub repo id like 'Qwen/Qwen3.5-0.8B')")
+    if p.parent.is_dir() and p.parent != Path("."):  # 'out/run1' beside a local 'out': a path with a typo, not a
+        # hub id (looking it up would take a network round trip and then blame the hub)
+        raise CheckpointError(f"checkpoint not found: {p} ({p.parent} is a local folder without it; a hub repo id "
+                              f"is read only where no such folder exists)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -43,10 +47,11 @@ def resolve(path_or_repo_id: str | Path) -> Path:
     try:
         return Path(snapshot_download(repo, local_files_only=offline,
                                       allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # offline, or the hub unreachable and nothing cached
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
         raise CheckpointError(
-            f"'{repo}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it once with "
-            f"network access (`huggingface-cli download {repo}`) or point at a local directory") from None
+            f"'{repo}' is not in the local Hugging Face cache and {why}; download it once with network access "
+            f"(`huggingface-cli download {repo}`), or point at a local directory (none is at {p})") from None
     except Exception as e:  # noqa: BLE001 - network and hub errors all mean: cannot get the weights
         raise CheckpointError(f"could not fetch '{repo}' from the Hugging Face hub: {e}") from None
 

@@ -31,12 +31,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .deltanet_state import DeltaNetState
+from .errors import Qwen35Error
 from .kv_storage import KVBuffer, buffer_class, check_kv_cache, kv_bytes_per_token
 
 KV_GROWTH_STEP = 256  # tokens added per reallocation; amortised growth without a max-context buffer
 
 
-class CacheError(ValueError):
+class CacheError(Qwen35Error, ValueError):
     """A cache operation got arguments it cannot honour (rows out of range, mismatched layouts)."""
 
 

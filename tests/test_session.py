@@ -160,3 +160,14 @@ def test_a_turn_refused_before_any_work_leaves_the_session_as_it_was(loaded):
     cold.messages = [dict(m) for m in history]
     list(cold.send("And again"))
     assert cold.messages == s.messages
+
+
+def test_a_missing_path_beside_a_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """'out/run1' where ./out exists but holds no run1: a typo in a local path, said so at once (it had gone to
+    the hub and then blamed HF_HUB_OFFLINE, set or not)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(qwen35.Qwen35Error, match=r"^checkpoint not found: out/run1 \(out is a local folder without "
+                                                 r"it; a hub repo id is read only where no such folder exists\)$"):
+        qwen35.load("out/run1")

@@ -172,7 +172,7 @@ def add_quant_arg(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--quant", choices=POLICIES, default=None,
                    help="quantize the weights at load: int8 / int4 (the recommended 8- and 4-bit policies) or a "
-                        "layout for every matrix (q8_0, q4_0); see the README's quantization section")
+                        "layout for every matrix (q8_0, q4_0, q4_k, q6_k); see the README's quantization section")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""Write a model as a GGUF file llama.cpp loads: `qwen35 export MODEL OUT.gguf --type bf16|q8_0|q4_0|q4_k_m`.
+"""Write a model as a GGUF file llama.cpp loads: `qwen35 export MODEL OUT.gguf --type bf16|f32|q8_0|q4_0|q4_k_m`.
 
 MODEL is a checkpoint directory (its tokenizer and chat template go in too), a hub repo id, or a GGUF file
 (re-export, e.g. to another type; its tokenizer metadata is copied). q8_0 / q4_0 / q4_k_m are quantized with

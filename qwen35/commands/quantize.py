@@ -1,4 +1,4 @@
-"""Write a quantized checkpoint: `qwen35 quantize MODEL OUT --quant int4|int8|q8_0|q4_0`.
+"""Write a quantized checkpoint: `qwen35 quantize MODEL OUT --quant int4|int8|q8_0|q4_0|q4_k|q6_k`.
 
 The model is quantized tensor by tensor as it is read (peak memory ~ the quantized model + one tensor), then
 written with a `quantization_config` in config.json; `load_model` reads it back without requantizing.
