@@ -220,15 +220,21 @@ class VisionPrompt:
         if not self.images:
             return x
         tower = vision_tower(model)
-        patches = torch.cat([i.patches for i in self.images])
-        # a kind of its own for the thread governor: seconds per patch, not per token
-        feats = threads.run("vision", lambda: tower(patches, [i.grid for i in self.images]), patches.shape[0])
+        # one image at a time (the tower attends within each image anyway): its fp32 patches, 24 KiB per image
+        # token at the official sizes, exist for one image, not for a whole context of them (GiBs) at once.
+        # A kind of its own for the thread governor: seconds per patch, not per token.
+        feats = torch.cat([self._encode(tower, i) for i in self.images])
         mask = torch.isin(torch.tensor(self.feed, device=x.device), torch.tensor(self.pads, device=x.device))
         if int(mask.sum()) != feats.shape[0]:
             raise ImageError(f"{int(mask.sum())} image placeholder tokens for {feats.shape[0]} image features")
         x = x.clone()
         x[0, mask] = feats.to(x.dtype)
         return x
+
+    @staticmethod
+    def _encode(tower, image: VisionInput) -> torch.Tensor:
+        patches = image.patches
+        return threads.run("vision", lambda: tower(patches, [image.grid]), patches.shape[0])
 
     def prepare(self, model, cache) -> None:
         """Positions (from the next position of `cache`, batch 1) and input embeddings (the images encoded)
