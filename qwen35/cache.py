@@ -180,7 +180,8 @@ class CacheLayout:
         self.layer_types = tuple(layer_types)
         # the model's context: no KV buffer grows past it (doubling from 196K would ask for 393K slots)
         self.max_tokens = max_tokens
-        self.kv_cache = check_kv_cache(kv_cache)  # storage of the attention layers' keys and values
+        # storage of the attention layers' keys and values; a blocked format must split head_dim into its blocks
+        self.kv_cache = check_kv_cache(kv_cache, head_dim if "full_attention" in self.layer_types else None)
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.conv_dim, self.kernel_size = conv_dim, kernel_size
         self.num_v_heads, self.key_dim, self.value_dim = num_v_heads, key_dim, value_dim

@@ -282,6 +282,16 @@ def test_bad_kv_cache_values_are_clear_errors(bundled):
         "(see qwen35 generate --help)"]
 
 
+def test_a_q8_0_layout_whose_head_dim_splits_into_no_blocks_is_refused_when_made():
+    """make_cache(kv_cache="q8_0") on a model with head_dim 16 is refused when the cache is made (load_model
+    refuses it at load), not at the first forward's first KV write."""
+    from qwen35.cache import CacheLayout
+
+    with pytest.raises(QuantError, match="a q8_0 KV cache needs head_dim a multiple of 32, got 16"):
+        CacheLayout(["linear_attention", "full_attention"], num_kv_heads=1, head_dim=16, kv_cache="q8_0")
+    CacheLayout(["linear_attention"], num_kv_heads=1, head_dim=16, kv_cache="q8_0")  # no attention layer: no KV
+
+
 def test_q8_0_cache_reports_its_bytes(bundled):
     """nbytes and snapshot sizes count 8.5 bits per value (34 bytes per 32), against 64 for bf16."""
     model = qwen35.load_model(bundled, dtype=torch.bfloat16, kernels=False)
