@@ -10,6 +10,7 @@ Logprobs are those of the model's own distribution (log_softmax of the raw logit
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ import torch
 from .errors import SamplingError
 from .sampling_params import NON_THINKING_PRESET, THINKING_PRESET, SamplingParams, preset  # noqa: F401 - re-exported
 from .selection import argmax, draw, top_k
+
+log = logging.getLogger("qwen35")
 
 
 class Sampler:
@@ -40,6 +43,7 @@ class Sampler:
         for tok in params.logit_bias:
             if not 0 <= tok < vocab_size:
                 raise SamplingError(f"logit_bias token id {tok} is outside the vocabulary [0, {vocab_size})")
+        _warn_unreachable_stops(params.stop_token_ids, vocab_size)
         self.generator = generator
         if self.generator is None and params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
@@ -246,6 +250,21 @@ class Sampler:
             if t not in self._touched[b]:
                 self._touched[b].add(t)
                 self._touched_ids[b] = None
+
+
+_WARNED: set[tuple[tuple[int, ...], int]] = set()
+
+
+def _warn_unreachable_stops(stop_ids: tuple[int, ...], vocab_size: int) -> None:
+    """Say (once per ids and vocabulary) that stop ids outside the vocabulary can never be sampled, so they
+    never stop anything: Qwen3.5's end ids (248046, 248044) given to a model of another vocabulary run to
+    max_tokens. A warning, not an error: a format replica keeps the real tokenizer beside a small vocabulary."""
+    out = tuple(t for t in stop_ids if not 0 <= t < vocab_size)
+    if out and (out, vocab_size) not in _WARNED:
+        _WARNED.add((out, vocab_size))
+        log.warning("stop token id%s %s outside the vocabulary of %d ids: never sampled, they stop nothing",
+                    "s" if len(out) > 1 else "", ", ".join(map(str, out)) + (" are" if len(out) > 1 else " is"),
+                    vocab_size)
 
 
 def greedy(x: torch.Tensor) -> torch.Tensor:

@@ -314,3 +314,17 @@ def test_penalties_per_row_of_a_batch():
     assert torch.equal(out, s.reference_process(x))
     assert out[0, 7] != x[0, 7] and out[1, 7] != x[1, 7] and out[0, 100] != x[0, 100] and out[1, 100] == x[1, 100]
     assert out[1, 4000] != x[1, 4000] and out[0, 4000] == x[0, 4000]  # the repetition penalty's prompt ids
+
+
+def test_stop_ids_outside_the_vocabulary_are_warned_about_once(caplog):
+    """Qwen3.5's end ids given to a model of a smaller vocabulary are never sampled, so they stop nothing: a
+    warning says so (once per ids and vocabulary), instead of a generation that silently runs to max_tokens."""
+    import logging
+
+    params = SamplingParams(stop_token_ids=(100, 3, 101))
+    with caplog.at_level(logging.WARNING, logger="qwen35"):
+        Sampler(params, 77)
+        Sampler(params, 77)
+        Sampler(SamplingParams(stop_token_ids=(3, 76)), 77)  # all inside: nothing to say
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["stop token ids 100, 101 are outside the vocabulary of 77 ids: never sampled, they stop nothing"]
