@@ -6,18 +6,17 @@ for whole scheduler slices and every barrier waits for it: measured here on 2 co
 the bundled model decoded at 1.5-2.2 tok/s with two threads and 34-39 tok/s with one; its prefill at 23-47
 against 655-2184 tok/s. A fixed thread count is wrong either way (idle, two threads read memory faster).
 
-`Governor` times the steps it runs and keeps, per kind of step ("decode", "prefill"), a moving average of
-seconds per unit of work for each candidate thread count (all threads, and one); "speculative" is a draft and
-verify round (speculative.py), timed per round. It runs the faster one and
-re-measures the other now and then, as often as a 5% time budget allows (a probe of a choice 33x slower is
-a 32-step loss, so it comes every 640 steps; a close one every 32), and half as often after each probe that
-loses in a row (so a steady machine pays well under 1%: with one core busy the budget's 5% showed as a
-0.9x decode). A change in the chosen count's own step time (1.5x its time at the last decision: load
-arriving) brings the next probe forward at once, so backing off never delays noticing new load. Before any
-step has been timed, `probe()` times a small parallel op both ways to pick the first choice and the first
-probe's distance (a few ms); the probe times the two counts in turn and picks one thread only when it is
-clearly (1.3x) faster. Decode checks one thread right after its warm-up (a step costs milliseconds); prefill
-does not (its step is a prompt chunk: seconds), and follows decode when decode switches.
+`Governor` times the steps it runs and keeps, per kind of step ("decode", "prefill"), a moving average of seconds
+per unit of work for each candidate thread count (all threads, and one); "speculative" is a draft and verify
+round (speculative.py), timed per round. It runs the faster one and re-measures the other now and then, as often
+as a 5% time budget allows (a probe of a choice 33x slower is a 32-step loss, so it comes every 640 steps; a
+close one every 32), and half as often after each probe that loses in a row (so a steady machine pays well under
+1%: with one core busy the budget's 5% showed as a 0.9x decode). A change in the chosen count's own step time
+(1.5x its time at the last decision: load arriving) brings the next probe forward at once, so backing off never
+delays noticing new load. Before any step has been timed, `probe()` times a small parallel op both ways to pick
+the first choice and the first probe's distance (a few ms); the probe times the two counts in turn and picks one
+thread only when it is clearly (1.3x) faster. Decode checks one thread right after its warm-up (a step costs
+milliseconds); prefill does not (its step is a prompt chunk: seconds), and follows decode when decode switches.
 
 Process-wide (torch's thread count is): the CLI and server enable it (`enable`) unless `--threads` pins a
 count; library calls leave it off, and then `run` just calls the step. Decode gives the same bits on any
