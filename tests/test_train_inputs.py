@@ -150,6 +150,29 @@ def test_seq_len_beyond_the_context_is_refused(chat_model_dir, tmp_path, data, c
     assert rc == 1 and "exceeds the model's context" in err, err
 
 
+def test_init_from_context_and_vocabulary_are_checked_before_the_weights_load(chat_model_dir, tied_replica, tmp_path,
+                                                                             data, capsys, monkeypatch):
+    """--init-from's own config (a directory's config.json, a GGUF's metadata) bounds --seq-len and the
+    tokenizer before minutes of loading a large model (they were checked after the load)."""
+    import qwen35.weights
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the check")
+
+    monkeypatch.setattr(qwen35.weights, "load_model", no_load)
+    cfg = json.loads((chat_model_dir / "config.json").read_text())
+    limit = (cfg.get("text_config") or cfg)["max_position_embeddings"]
+    rc, err = run(capsys, "--init-from", str(chat_model_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+                  "--seq-len", str(limit + 1))
+    assert rc == 1 and f"--seq-len {limit + 1} exceeds the model's context" in err, err
+    model = tmp_path / "m"  # a 320-token replica beside a 248K-token tokenizer
+    shutil.copytree(tied_replica[1], model)
+    shutil.copy(chat_model_dir / "tokenizer.json", model / "tokenizer.json")
+    rc, err = run(capsys, "--init-from", str(model), "--data", str(data), "--out", str(tmp_path / "o2"),
+                  "--seq-len", "32")
+    assert rc == 1 and "tokens but the model's vocab_size is 320" in err, err
+
+
 def test_resume_refuses_other_settings_and_a_broken_state(chat_model_dir, tmp_path, data, capsys):
     out = tmp_path / "o"
     out.mkdir()

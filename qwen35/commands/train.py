@@ -80,11 +80,16 @@ def main(args: argparse.Namespace) -> int:
     config = read_config(Path(args.config)) if args.config else None
     if config is not None:
         check_seq_len(args, config)
+    base = base_config(args.init_from) if args.init_from and not (args.resume and not args.lora_rank) else None
+    if base is not None:  # the checkpoint's own config.json / GGUF metadata: its context now, not after the load
+        check_seq_len(args, base)
     tok_dir = Path(args.tokenizer or args.init_from or "")
     if not (tok_dir / "tokenizer.json").is_file():
         raise Qwen35Error(f"no tokenizer.json in {tok_dir}; pass --tokenizer DIR")
     tokenizer = Tokenizer(tok_dir)
     tokenizer.chat_template = ChatTemplate.from_model_dir(tok_dir)
+    if base is not None:
+        check_vocab(tokenizer.vocab_size, base.vocab_size)
     rows = pack(read_documents(args.data, tokenizer), args.seq_len, seed=args.seed)
     check_targets(rows, "--data", args.seq_len)
     eval_rows = pack(read_documents(args.eval_data, tokenizer), args.seq_len) if args.eval_data else None
@@ -231,6 +236,20 @@ def read_config(path: Path):
     if not isinstance(raw, dict):
         raise Qwen35Error(f"--config {path}: expected a JSON object (a config.json), got {type(raw).__name__}")
     return ModelConfig.from_hf(raw, str(path))
+
+
+def base_config(init_from: str):
+    """The config of --init-from read without its weights (a checkpoint directory's config.json, a GGUF's
+    metadata); None where it is neither (load_model then names what is wrong with the path)."""
+    from ..config import ModelConfig
+    from ..gguf.reader import is_gguf_path
+
+    p = Path(init_from)
+    if is_gguf_path(p) and p.is_file():
+        from ..gguf import read_config as read_gguf_config
+
+        return read_gguf_config(p)
+    return ModelConfig.from_file(p) if (p / "config.json").is_file() else None
 
 
 def check_seq_len(args: argparse.Namespace, config) -> None:
