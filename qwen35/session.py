@@ -101,18 +101,24 @@ class ChatSession:
             del self.messages[n_messages:]
             del self.images[n_images:]
             raise
-        cache, cached = self.prompt_cache.lookup(key or ids)
-        if boundary and cached < len(boundary):
-            if key is None:
-                prefill(self.model, _tensor(boundary[cached:]), cache)
+        try:  # the history up to this turn, prefilled: stopped here (Ctrl-C in a long paste), the turn is undone
+            cache, cached = self.prompt_cache.lookup(key or ids)
+            if boundary and cached < len(boundary):
+                if key is None:
+                    prefill(self.model, _tensor(boundary[cached:]), cache)
+                else:
+                    VisionPrompt.build(self.model, ids[: len(boundary)], inputs, cached).prefill(self.model, cache,
+                                                                                                  512)
+                self.prompt_cache.store(boundary, cache)
+                done = len(boundary)
             else:
-                VisionPrompt.build(self.model, ids[: len(boundary)], inputs, cached).prefill(self.model, cache, 512)
-            self.prompt_cache.store(boundary, cache)
-            done = len(boundary)
-        else:
-            done = cached
-        if key is not None:
-            vision = VisionPrompt.build(self.model, ids, inputs, done)
+                done = cached
+            if key is not None:
+                vision = VisionPrompt.build(self.model, ids, inputs, done)
+        except BaseException:
+            del self.messages[n_messages:]
+            del self.images[n_images:]
+            raise
         self.last = TurnStats(prompt_tokens=len(ids), cached_tokens=cached, prefilled_tokens=len(ids) - cached)
         parser = OutputParser(self.tools, thinking_open=thinking)
         text_stream = self.tokenizer.text_stream()

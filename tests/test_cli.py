@@ -180,6 +180,21 @@ def test_chat_repl_commands(repl):
     assert "[thinking] " in after and "[thinking] " not in before
 
 
+def test_chat_repl_a_refused_turn_keeps_the_conversation(repl):
+    """A turn refused before any work (prompt + max_tokens past the context) is said, and the REPL goes on
+    with the history as it was (it had ended the process and lost the conversation); commands match their
+    whole first word; /max refuses a count the context cannot hold."""
+    ctx = repl.model.config.max_position_embeddings
+    code, out, stats = repl(["Hello", "/max 3", "Hello", "/thinking on", f"/max {ctx}"], "--max-tokens", str(ctx - 2))
+    assert code == 0 and len(stats) == 1 and stats[0][0] == 3
+    assert f"exceeds the context of {ctx} tokens; shorten the prompt or lower max_tokens; nothing was sent)" in out
+    first = repl.tok.chat_template.render([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                          enable_thinking=False)
+    assert stats[0][1] == len(repl.tok.encode(first))  # the refused turn left nothing in the history
+    assert "(unknown command /thinking; try" in out
+    assert f"(/max {ctx}: the model's context is {ctx} tokens, prompt included)" in out
+
+
 def test_chat_repl_ctrl_c(repl, monkeypatch):
     """Ctrl-C at the prompt keeps the REPL; during an answer it stops that answer, which stays in the
     conversation: the next turn's prompt holds it and reuses the cache."""

@@ -171,3 +171,26 @@ def test_a_missing_path_beside_a_local_folder_is_not_looked_up_on_the_hub(tmp_pa
     with pytest.raises(qwen35.Qwen35Error, match=r"^checkpoint not found: out/run1 \(out is a local folder without "
                                                  r"it; a hub repo id is read only where no such folder exists\)$"):
         qwen35.load("out/run1")
+
+
+def test_ctrl_c_while_the_history_is_prefilled_undoes_the_turn(loaded, monkeypatch):
+    """Ctrl-C landing in the prefill of the conversation so far (a long paste spends its time there) leaves
+    the history as it was, as a refused turn does; it had kept the user message without an answer, so the next
+    turn sent two user messages in a row."""
+    import qwen35.session
+
+    model, tok = loaded
+    s = ChatSession(model, tok, system="Be brief.", enable_thinking=False, params=GREEDY)
+    list(s.send("Hi"))
+    before = [dict(m) for m in s.messages]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qwen35.session, "prefill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(s.send("A long paste"))
+    assert s.messages == before
+    monkeypatch.undo()
+    list(s.send("Again"))
+    assert [m["role"] for m in s.messages] == ["system", "user", "assistant", "user", "assistant"]

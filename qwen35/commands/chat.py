@@ -79,6 +79,7 @@ def attach_image(model, path: str, pending: list) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..generation import max_context
     from ..sampling import preset
     from ..session import ChatSession
 
@@ -120,7 +121,8 @@ def main(args: argparse.Namespace) -> int:
             session.reset()
             print("(new conversation)", flush=True)
             continue
-        if cmd.startswith("/think"):
+        word = cmd.split()[0]  # a command is its first word, exactly: "/thinking on" is no "/think on"
+        if word == "/think":
             arg = cmd.split()[1] if len(cmd.split()) > 1 else ""
             if arg not in ("on", "off"):
                 print("(usage: /think on|off)", flush=True)
@@ -128,15 +130,19 @@ def main(args: argparse.Namespace) -> int:
             session.enable_thinking = arg == "on"
             print(f"(thinking {arg})", flush=True)
             continue
-        if cmd.startswith("/max"):
+        if word == "/max":
             parts = cmd.split()
             if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) < 1:
                 print("(usage: /max N, N >= 1)", flush=True)
                 continue
+            if int(parts[1]) >= max_context(model):
+                print(f"(/max {parts[1]}: the model's context is {max_context(model)} tokens, prompt included)",
+                      flush=True)
+                continue
             args.max_tokens = int(parts[1])
             print(f"(answers up to {args.max_tokens} tokens)", flush=True)
             continue
-        if cmd.startswith("/image"):
+        if word == "/image":
             msg = attach_image(model, cmd[len("/image"):].strip(), pending)
             print(f"({msg})", flush=True)
             continue
@@ -148,8 +154,9 @@ def main(args: argparse.Namespace) -> int:
         session.params = params_for(thinking)
         in_reasoning = False
         t0 = time.perf_counter()
+        images, pending = pending, []
+        n_messages = len(session.messages)
         try:
-            images, pending = pending, []
             for ev in session.send(text, images=images):
                 if ev.kind == "reasoning":
                     if not in_reasoning:
@@ -165,6 +172,12 @@ def main(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write((RESET if tty else "") + "\n(interrupted)")
+        except Qwen35Error as e:  # a turn refused (too long for the context, a bad image): the conversation goes on
+            sent = len(session.messages) > n_messages  # a refused turn leaves the history as it was
+            if not sent:
+                pending = images  # the pictures wait for the next message
+            print(f"{RESET if tty and in_reasoning else ''}\n({e}{'' if sent else '; nothing was sent'})", flush=True)
+            continue
         if in_reasoning and tty:
             sys.stdout.write(RESET)
         st = session.last
