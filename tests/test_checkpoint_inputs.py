@@ -61,6 +61,15 @@ def set_field(key, value):
     return lambda h: h[EMBED].__setitem__(key, value)
 
 
+def named_by_verify_and_load(capsys, ckpt, want: str) -> None:
+    """`qwen35 verify` reports `want` as its first problem (kind "corrupt"), and load_model raises it."""
+    rc, out = verify(capsys, ckpt)
+    assert rc == 1 and out[0].startswith(f"corrupt: {want}"), out
+    with pytest.raises(CheckpointError) as e:
+        qwen35.load_model(ckpt, kernels=False)
+    assert str(e.value).startswith(want)
+
+
 @pytest.mark.parametrize("edit,problem", [
     (set_field("shape", ["a", "b"]), 'shape ["a", "b"] is not a list of non-negative integers'),
     (set_field("shape", 5), "shape 5 is not a list of non-negative integers"),
@@ -79,12 +88,7 @@ def set_field(key, value):
 def test_a_malformed_header_entry_is_named_by_verify_and_load(ckpt, capsys, edit, problem):
     f = first_shard(ckpt)
     edit_header(f, edit)
-    want = f"{f}: corrupt header entry for tensor '{EMBED}': {problem}"
-    rc, out = verify(capsys, ckpt)
-    assert rc == 1 and out[0].startswith(f"corrupt: {want}"), out
-    with pytest.raises(CheckpointError) as e:
-        qwen35.load_model(ckpt, kernels=False)
-    assert str(e.value).startswith(want)
+    named_by_verify_and_load(capsys, ckpt, f"{f}: corrupt header entry for tensor '{EMBED}': {problem}")
 
 
 def test_an_unknown_dtype_is_named_as_such(ckpt, capsys):
@@ -105,12 +109,7 @@ def test_a_bad_weight_map_value_is_named_with_its_key(ckpt, capsys, shard, probl
     index = json.loads((ckpt / INDEX).read_text())
     index["weight_map"][EMBED] = shard
     (ckpt / INDEX).write_text(json.dumps(index))
-    want = f"{ckpt / INDEX}: weight_map entry '{EMBED}': {problem}"
-    rc, out = verify(capsys, ckpt)
-    assert rc == 1 and out[0].startswith(f"corrupt: {want}"), out
-    with pytest.raises(CheckpointError) as e:
-        qwen35.load_model(ckpt, kernels=False)
-    assert str(e.value).startswith(want)
+    named_by_verify_and_load(capsys, ckpt, f"{ckpt / INDEX}: weight_map entry '{EMBED}': {problem}")
 
 
 GOOD_SHA = "ab" * 32

@@ -115,20 +115,27 @@ def test_real_probe_returns_a_choice():
     assert best in (1, 2) and ratio >= 1.0
 
 
-def test_generation_under_the_governor_gives_the_pinned_tokens(monkeypatch):
-    """Decode kernels split work into fixed blocks, so switching threads between steps changes no bit: the
-    governed run (prefill on two threads, decode switching between one and two) equals a pinned two-thread run."""
+def governed_bundled(max_tokens: int):
+    """The bundled model as users run it (bf16, kernels), its greedy tokens on two pinned threads, and then a
+    two-thread governor enabled whose first probe picks two threads: (model, prompt, params, pinned, governor)."""
     from qwen35.ops import kernels
 
     if not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
     model = qwen35.load_model(qwen35.__path__[0] + "/assets/model", dtype=torch.bfloat16, kernels=True)
     prompt = list(range(10, 40))
-    params = qwen35.SamplingParams(temperature=0, max_tokens=40)
+    params = qwen35.SamplingParams(temperature=0, max_tokens=max_tokens)
     torch.set_num_threads(2)
     pinned = [r.token for r in qwen35.generate_step(model, prompt, params=params)]
     g = threads.enable(2)
     g.probe = lambda repeats=7: (2, 1.0)
+    return model, prompt, params, pinned, g
+
+
+def test_generation_under_the_governor_gives_the_pinned_tokens(monkeypatch):
+    """Decode kernels split work into fixed blocks, so switching threads between steps changes no bit: the
+    governed run (prefill on two threads, decode switching between one and two) equals a pinned two-thread run."""
+    model, prompt, params, pinned, g = governed_bundled(max_tokens=40)
     monkeypatch.setattr(threads, "PROBE_EVERY", 2)  # probe (and maybe switch) every few steps
     used = []
     run = g.run
@@ -200,18 +207,9 @@ def test_speculative_rounds_run_under_the_governor(monkeypatch):
     """Drafting rounds and the MTP prefill go through the governor as plain decode steps do: run on two threads
     with one core busy they had decoded at 5 tok/s where plain decoding on one thread made 96, and adaptive k
     never saw drafting lose (both sides ran slow). The tokens stay greedy's."""
-    from qwen35.ops import kernels
     from qwen35.speculation import Speculation
 
-    if not kernels.available():
-        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
-    model = qwen35.load_model(qwen35.__path__[0] + "/assets/model", dtype=torch.bfloat16, kernels=True)
-    prompt = list(range(10, 40))
-    params = qwen35.SamplingParams(temperature=0, max_tokens=30)
-    torch.set_num_threads(2)
-    plain = [r.token for r in qwen35.generate_step(model, prompt, params=params)]
-    g = threads.enable(2)
-    g.probe = lambda repeats=7: (2, 1.0)
+    model, prompt, params, plain, g = governed_bundled(max_tokens=30)
     kinds = []
     run = g.run
     g.run = lambda kind, fn, work=1.0: run(kind, lambda: (kinds.append(kind), fn())[1], work)
