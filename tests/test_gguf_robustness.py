@@ -269,6 +269,9 @@ def test_is_gguf_file_by_name_in_any_case_or_by_magic(bf16_gguf, tmp_path):
     assert is_gguf_file(tmp_path / "text.gguf")  # by name: open_gguf then says it is not GGUF
     assert not is_gguf_file(tmp_path / "text") and not is_gguf_file(tmp_path / "dir.gguf")
     assert not is_gguf_file(tmp_path / "missing.gguf")
+    # the public test says what load_model does (it had been by lower-case name only)
+    from qwen35.gguf import is_gguf
+    assert is_gguf(tmp_path / "UPPER.GGUF") and is_gguf(tmp_path / "noext") and not is_gguf(tmp_path / "dir.gguf")
     assert np.array_equal(open_gguf(tmp_path / "noext").tensors["output.weight"].data,
                           open_gguf(bf16_gguf).tensors["output.weight"].data)
     # an uppercase split keeps its parts' own extension

@@ -87,8 +87,8 @@ def config_dict(f) -> dict[str, Any]:
         # absent, is derived from the factor by both
         rope.update(rope_type="yarn", factor=number("rope.scaling.factor"),
                     original_max_position_embeddings=integer("rope.scaling.original_context_length"),
-                    beta_fast=number("rope.scaling.yarn_beta_fast", 32.0),
-                    beta_slow=number("rope.scaling.yarn_beta_slow", 1.0))
+                    beta_fast=number("rope.scaling.yarn_beta_fast", ModelConfig.rope_beta_fast),
+                    beta_slow=number("rope.scaling.yarn_beta_slow", ModelConfig.rope_beta_slow))
         if get("rope.scaling.yarn_attn_factor", None) is not None:
             rope["attention_factor"] = number("rope.scaling.yarn_attn_factor")
     cfg = {
@@ -173,9 +173,9 @@ def write_config(w, config: ModelConfig, mtp_layers: int) -> None:
         w.add_rope_scaling_orig_ctx_len(c.rope_original_max_position_embeddings)
         # the keys llama.cpp's converter writes from these rope_parameters when the config sets them (HF values
         # as they are); config_dict reads them back. llama.cpp itself reads them for some architectures only
-        if c.rope_beta_fast != 32.0:
+        if c.rope_beta_fast != ModelConfig.rope_beta_fast:
             w.add_rope_scaling_yarn_beta_fast(c.rope_beta_fast)
-        if c.rope_beta_slow != 1.0:
+        if c.rope_beta_slow != ModelConfig.rope_beta_slow:
             w.add_rope_scaling_yarn_beta_slow(c.rope_beta_slow)
         if c.rope_attention_factor is not None:
             w.add_rope_scaling_yarn_attn_factor(c.rope_attention_factor)

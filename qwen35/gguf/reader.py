@@ -36,8 +36,10 @@ BOOL, STRING, ARRAY = 7, 8, 9
 
 
 def is_gguf(path: str | Path) -> bool:
-    p = Path(path)
-    return p.suffix == ".gguf" and not p.is_dir()
+    """The public test (`qwen35.gguf.is_gguf`): whether `path` is a GGUF file to load, told by its magic whatever
+    its name, as load_model tells it. (It had been `.gguf` by name only, lower case, so it disagreed with what
+    load_model did for `.GGUF` files and GGUFs without the extension.)"""
+    return is_gguf_file(path)
 
 
 def is_gguf_path(path: str | Path) -> bool:
