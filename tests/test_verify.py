@@ -231,6 +231,27 @@ def test_download_include_adds_to_the_manifest_of_an_earlier_download(sharded, t
     assert rc == 1 and lines[0].startswith(f"corrupt: {f.name}: sha256 ")
 
 
+def test_write_manifest_keeps_a_downloads_records_and_source(sharded, tmp_path, monkeypatch, capsys):
+    """--write-manifest into a hub download adds the files the hub did not send and keeps the hub's records
+    (repo@commit, git blob ids): it had rewritten all of them as 'local', so a later `download --include`
+    into the folder was refused as another source."""
+    fake_hub(sharded, monkeypatch)
+    out = tmp_path / "dl"
+    assert main(["download", "org/model", str(out)]) == 0
+    before = read_manifest(out / MANIFEST)
+    (out / "notes.txt").write_text("mine")
+    assert main(["verify", str(out), "--write-manifest"]) == 0
+    after = read_manifest(out / MANIFEST)
+    assert after["source"] == "hub:org/model@c0ffee"
+    assert {k: v for k, v in after["files"].items() if k != "notes.txt"} == before["files"]
+    assert after["files"]["notes.txt"]["sha256"] == file_hash(out / "notes.txt", "sha256")
+    assert main(["download", "org/model", str(out), "--include", "config.json"]) == 0
+    (out / "notes.txt").write_text("changed")
+    capsys.readouterr()
+    rc, lines = run(capsys, out)
+    assert rc == 1 and lines[0].startswith("corrupt: notes.txt")
+
+
 def test_download_refuses_a_directory_holding_another_commit(sharded, tmp_path, monkeypatch, capsys):
     out = tmp_path / "dl"
     fake_hub(sharded, monkeypatch)

@@ -45,12 +45,16 @@ def main(args: argparse.Namespace) -> int:
         out = args_manifest_out or root / MANIFEST
         files = rep.files if is_gguf_path(args.path) else sorted(
             f for f in root.rglob("*") if f.is_file() and f.name != MANIFEST and ".cache" not in f.parts)
-        entries = local_manifest(root, files)
-        if is_gguf_path(args.path) and out.is_file():  # one manifest for a folder of GGUF models: add to it
+        entries, source = local_manifest(root, files), "local"
+        if out.is_file():
+            # add to the manifest there (one manifest for a folder of GGUF models; files added to a download):
+            # its records were just checked, so they stay as they are, with their source (a hub download's
+            # repo@commit and its hashes had been rewritten as 'local')
             from ..manifest import read_manifest
 
-            entries = {**read_manifest(out)["files"], **entries}
-        write_manifest(out, entries, "local")
+            old = read_manifest(out)
+            entries, source = {**entries, **old["files"]}, old.get("source") or source
+        write_manifest(out, entries, source)
         print(f"wrote {out} ({len(files)} files, sha256)")
         return 0
     hashes = (f"{rep.hashed} file(s) match {rep.manifest}" if rep.manifest is not None
