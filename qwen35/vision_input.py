@@ -208,10 +208,19 @@ def decode_data_url(url: str) -> bytes:
         pass
     # base64 wrapped at 76 columns (base64.encodebytes, openssl, MIME) is still base64: drop the line breaks and
     # spaces (ASCII whitespace only) and try once more; only the uncommon wrapped form pays for the copy
+    compact = data.translate(_ASCII_SPACE)
     try:
-        return base64.b64decode(data.translate(_ASCII_SPACE), validate=True)
+        return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError("the image's data URL holds malformed base64") from None
+        pass
+    # the URL-safe alphabet (RFC 4648 section 5: '-' and '_' for '+' and '/'; JavaScript's and JWT encoders
+    # write it, often without the '=' padding) names the same bytes; one alphabet per string, never a mix
+    if ("-" in compact or "_" in compact) and "+" not in compact and "/" not in compact:
+        try:
+            return base64.b64decode(compact + "=" * (-len(compact) % 4), altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise ImageError("the image's data URL holds malformed base64")
 
 
 _ASCII_SPACE = dict.fromkeys(map(ord, " \t\n\r\f\v"))

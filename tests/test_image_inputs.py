@@ -111,7 +111,13 @@ def test_wrapped_base64_is_accepted_and_garbage_still_refused():
     assert "\n" in wrapped and decode_data_url(wrapped) == png
     assert decode_data_url(wrapped.replace("\n", "\r\n  \t")) == png
     assert image_hash(wrapped) == image_hash(png)
-    for bad in ("data:image/png;base64,@@@@\n", "data:image/png;base64,iVBO\u3000Rw0K", "data:image/png;base64,A\nB"):
+    # the URL-safe alphabet, padded or not, is the same image; mixed with the standard one it is refused
+    safe = base64.urlsafe_b64encode(png).decode()
+    assert "-" in safe or "_" in safe
+    assert decode_data_url("data:image/png;base64," + safe) == png
+    assert decode_data_url("data:image/png;base64," + safe.rstrip("=")) == png
+    for bad in ("data:image/png;base64,@@@@\n", "data:image/png;base64,iVBO\u3000Rw0K", "data:image/png;base64,A\nB",
+                "data:image/png;base64,ab-/", "data:image/png;base64,a_b+", "data:image/png;base64,abcde"):
         with pytest.raises(ImageError, match="^the image's data URL holds malformed base64$"):
             decode_data_url(bad)
 
