@@ -120,7 +120,9 @@ class ChatSession:
             del self.images[n_images:]
             raise
         self.last = TurnStats(prompt_tokens=len(ids), cached_tokens=cached, prefilled_tokens=len(ids) - cached)
-        parser = OutputParser(self.tools, thinking_open=thinking)
+        # no tools, no calls: a reply that shows the call format (a tutorial, a quote) stays text, as the
+        # server does for a request without tools
+        parser = OutputParser(self.tools, thinking_open=thinking, tool_calls=self.tools is not None)
         text_stream = self.tokenizer.text_stream()
         answer = ParsedDelta()
         stored = False

@@ -194,3 +194,20 @@ def test_ctrl_c_while_the_history_is_prefilled_undoes_the_turn(loaded, monkeypat
     monkeypatch.undo()
     list(s.send("Again"))
     assert [m["role"] for m in s.messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_without_tools_a_reply_showing_the_call_format_stays_text(loaded, monkeypatch):
+    """A session given no tools takes no calls, as the server does for a request without tools: a reply that
+    explains the format had become a tool_call event for a made-up function, its text gone from the answer."""
+    from qwen35 import generation
+    from test_server import ScriptedSampler
+
+    model, tok = loaded
+    text = "Qwen writes calls like <tool_call>\n<function=example>\n</function>\n</tool_call> in its replies."
+    monkeypatch.setattr(generation, "Sampler", ScriptedSampler)
+    ScriptedSampler.script = tok.encode(text) + [tok.token_to_id("<|im_end|>")]
+    s = ChatSession(model, tok, enable_thinking=False, params=SamplingParams(temperature=0, max_tokens=100))
+    events = list(s.send("How does Qwen format tool calls?"))
+    assert [e for e in events if e.kind == "tool_call"] == []
+    assert "".join(e.text for e in events if e.kind == "content") == text
+    assert s.messages[-1] == {"role": "assistant", "content": text}
