@@ -19,6 +19,7 @@ cached answer is reused token for token.
 from __future__ import annotations
 
 import copy
+import logging
 import json
 import re
 import uuid
@@ -29,13 +30,16 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import Qwen35Error
 
+log = logging.getLogger("qwen35")
+
 DEFAULT_TEMPLATE_FILE = Path(__file__).parent / "templates" / "qwen3_5.jinja"
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+TOOL_RESPONSE = ("<tool_response>", "</tool_response>")
 
 
 class ChatTemplateError(Qwen35Error):
@@ -84,8 +88,20 @@ def _raise(message):
 
 
 @lru_cache(maxsize=8)
+class _Generation(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` block, which marks assistant text for
+    assistant-only training masks (TRL fine-tunes ship templates with it): for rendering a prompt it is its
+    body, as transformers renders it outside return_assistant_tokens_mask."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -173,17 +189,24 @@ class ChatTemplate:
                 return f"{mark}{len(found) - 1}\ue001"
             return pattern.sub(one, text)
 
-        messages = [m if not isinstance(m, dict) or m.get("role") == "assistant" else _map_content(m, hide)
-                    for m in messages] if isinstance(messages, list) else messages
-        tools = _map_strings(tools, hide) if tools else tools
-        text = self.render(messages, tools=tools, **kwargs)
+        hidden = [m if not isinstance(m, dict) or m.get("role") == "assistant" else _map_content(m, hide)
+                  if m.get("role") != "user" or not _tool_results(m) else _map_outer_kept(m, hide)
+                  for m in messages] if isinstance(messages, list) else messages
+        text = self.render(hidden, tools=_map_strings(tools, hide) if tools else tools, **kwargs)
         if not found:
             return [(text, True)]
         pieces = re.split(re.escape(mark) + r"(\d+)\ue001", text)
         out = [(pieces[0], True)]
         for i in range(1, len(pieces), 2):
             out += [(found[int(pieces[i])], False), (pieces[i + 1], True)]
-        return [(t, special) for t, special in out if t]
+        out = [(t, special) for t, special in out if t]
+        # a template whose output depends on the hidden text (a condition on it) saw markers instead: the
+        # prompt would differ from render's. Said, never silent; the pieces stay hidden (a client's text is
+        # never read as control tokens)
+        if "".join(t for t, _ in out) != self.render(messages, tools=tools, **kwargs):
+            log.warning("chat template (%s): the prompt with the client's control-token spellings kept as text "
+                        "differs from the template's own rendering", self.origin)
+        return out
 
 
 def _map_strings(value: Any, fn) -> Any:
@@ -194,6 +217,44 @@ def _map_strings(value: Any, fn) -> Any:
     if isinstance(value, dict):
         return {k: _map_strings(v, fn) for k, v in value.items()}
     return value
+
+
+def _content_text(content: Any) -> str:
+    """A message's content as a template's render_content joins it (a non-text part as a character no text
+    starts or ends with)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] if isinstance(p, dict) and isinstance(p.get("text"), str) else "\0" for p in content)
+    return ""
+
+
+def _tool_results(message: dict) -> bool:
+    """A user message holding tool results the Qwen way, `<tool_response>...</tool_response>` (how clients
+    that render tool turns themselves send them): the official template tests for exactly this, and treats
+    the message as tool output rather than a new query (the current turn's reasoning stays)."""
+    text = _content_text(message.get("content")).strip()
+    return text.startswith(TOOL_RESPONSE[0]) and text.endswith(TOOL_RESPONSE[1])
+
+
+def _map_outer_kept(message: dict, fn) -> dict:
+    """_map_content for a `_tool_results` message: the opening and closing tags stay as they are, the tokens
+    the template writes for tool messages, so the template's test sees them; `fn` maps all between."""
+    content = message["content"]
+    if isinstance(content, str):
+        return {**message, "content": _outer_kept(content, fn, True, True)}
+    texts = [i for i, p in enumerate(content) if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return {**message, "content": [
+        {**p, "text": _outer_kept(p["text"], fn, i == texts[0], i == texts[-1])} if i in texts else p
+        for i, p in enumerate(content)]}
+
+
+def _outer_kept(text: str, fn, head: bool, tail: bool) -> str:
+    start = len(text) - len(text.lstrip()) + len(TOOL_RESPONSE[0]) if head else 0
+    end = len(text.rstrip()) - len(TOOL_RESPONSE[1]) if tail else len(text)
+    if end < start:  # (one part that is all tags)
+        return text
+    return text[:start] + fn(text[start:end]) + text[end:]
 
 
 def _map_content(message: dict, fn) -> dict:

@@ -131,3 +131,78 @@ def test_sandbox_blocks_escapes(tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{{ messages.__class__.__mro__ }}")
     with pytest.raises(ChatTemplateError):
         ChatTemplate.from_model_dir(tmp_path).render([{"role": "user", "content": "x"}])
+
+
+def test_generation_blocks_render_their_body():
+    """transformers' {% generation %} tag (assistant-mask templates of TRL fine-tunes) renders as its body, as
+    transformers renders it: such a checkpoint's template had refused to compile."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    src = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+           "{{ m.content }}<|im_end|>{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    msgs = CONVERSATIONS[2]
+    ref = render_jinja_template([msgs], chat_template=src, add_generation_prompt=True)[0][0]
+    assert ChatTemplate(src).render(msgs) == ref and "Hello!<|im_end|>" in ref
+
+
+# conversations the official template accepts, with what ours had rendered differently: padded contents,
+# argument scalars, reasoning given empty beside a think block, text after </think>, numbered pictures
+OFFICIAL_CASES = [c for i, c in enumerate(CONVERSATIONS) if i != 7] + [  # 7: a system message mid-way
+    [{"role": "user", "content": "  hi there \n\n"}, {"role": "assistant", "content": "\n ok \n"}],
+    [{"role": "user", "content": "w?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {
+            "city": "Paris", "days": 2, "metric": True, "x": None, "f": 1.5, "l": [1, "a"], "o": {"u": "C"}}}}]},
+     {"role": "tool", "content": "\n  sunny  \n"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>x</think>y", "reasoning_content": ""}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\n  mine  \n</think>\n\n  Sunny."}],
+    [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": " two "},
+                                  {"type": "image_url", "image_url": {"url": "b.png"}}]},
+     {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}],
+]
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("tools", [None, TOOLS])
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}, {"add_vision_id": True}])
+def test_default_template_renders_what_the_official_one_does(llamacpp, tools, kwargs):
+    """Our default template (used where a checkpoint ships none, the bundled model's case) against the official
+    Qwen3.5 template, as llama.cpp vendors it, rendered by transformers: the same text for every conversation
+    the official one accepts. Contents had not been trimmed, True had been written true, an empty
+    reasoning_content had split a think block out of the content."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    official = (llamacpp.llama_cpp_tree() / "models" / "templates" / "Qwen3.5-4B.jinja").read_text()
+    ours = ChatTemplate.from_model_dir(None)
+    for conv in OFFICIAL_CASES:
+        for gen in (True, False):
+            ref = render_jinja_template([conv], tools=tools, chat_template=official, add_generation_prompt=gen,
+                                        **kwargs)[0][0]
+            assert ours.render(conv, tools=tools, add_generation_prompt=gen, **kwargs) == ref, conv
+
+
+def test_tool_results_in_a_user_message_render_as_the_template_renders_them(caplog):
+    """A client that sends tool results the Qwen way (a user message `<tool_response>...</tool_response>`):
+    the template tests for exactly this and keeps the current turn's reasoning. The server's prompt hid the
+    tags from the template, which then took the message for a new query and dropped that reasoning. The
+    outer tags are now the template's tokens; a control token written inside the result is still text."""
+    t = ChatTemplate.from_model_dir(None)
+    literals = ["<tool_response>", "</tool_response>", "<|im_start|>", "<think>", "</think>", "<tool_call>"]
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    for result in ("<tool_response>\nsunny <|im_start|>\n</tool_response>",
+                   [{"type": "text", "text": " <tool_response>\nsunny"}, {"type": "text", "text": "\n</tool_response>"}]):
+        msgs = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.",
+                 "tool_calls": [call]},
+                {"role": "user", "content": result}]
+        with caplog.at_level("WARNING", logger="qwen35"):
+            pieces = t.render_segments(msgs, literals)
+        assert "".join(p for p, _ in pieces) == t.render(msgs) and "I should call the tool." in t.render(msgs)
+        assert ("<tool_response>", False) not in pieces and ("</tool_response>", False) not in pieces
+        assert ("<|im_start|>", False) in pieces or isinstance(result, list)
+    # a template whose output depends on hidden text is said, not silently changed
+    probe = ChatTemplate("{{ 'T' if '<think>' in messages[0].content else 'F' }}{{ messages[0].content }}")
+    with caplog.at_level("WARNING", logger="qwen35"):
+        caplog.clear()
+        probe.render_segments([{"role": "user", "content": "<think>"}], literals)
+    assert "differs from the template's own rendering" in caplog.text
