@@ -8,7 +8,9 @@ whether "5" is the integer 5 or the string "5". This reads only what decides a v
 from __future__ import annotations
 
 import json
+import math
 import re
+from decimal import Decimal
 from typing import Any
 
 
@@ -43,25 +45,55 @@ def coerce(value: str, schema: dict | None, root: dict | None = None) -> Any:
     types = _types(schema, schema if root is None else root, {})
     stripped = value.strip()
     try:
-        parsed = json.loads(stripped)
-    except (ValueError, RecursionError):  # not JSON (or nested past Python's limit)
+        parsed = loads_json(stripped)
+    except (ValueError, RecursionError):  # not JSON, NaN and Infinity included (or nested past Python's limit)
         parsed = _NOT_JSON
     if parsed is not _NOT_JSON and (types is None or _json_type(parsed) in types):
         return parsed
     for t in types or ():  # a schema that says nothing takes JSON only: "007" stays text
         try:
             if t == "integer":
-                return int(stripped)
+                return _integer(stripped)
             if t == "number":
-                f = float(stripped)
+                f = _finite(float(stripped))
                 return int(f) if f.is_integer() and re.fullmatch(r"-?\d+", stripped) else f
-        except ValueError:
+        except (ValueError, ArithmeticError):  # (Decimal's InvalidOperation is an ArithmeticError)
             continue
         if t == "boolean" and stripped.lower() in ("true", "false"):
             return stripped.lower() == "true"
         if t == "null" and stripped.lower() in ("null", "none"):
             return None
     return value
+
+
+def loads_json(text: str) -> Any:
+    """json.loads refusing (ValueError) NaN, Infinity and numbers past a float's range: they are not JSON, and a
+    tool call's arguments must parse in any client (JavaScript's JSON.parse among them)."""
+    return json.loads(text, parse_constant=_not_a_number, parse_float=lambda s: _finite(float(s)))
+
+
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(f: float) -> float:
+    if not math.isfinite(f):
+        raise ValueError(f"{f} is not a JSON number")
+    return f
+
+
+def _integer(text: str) -> int:
+    """The integer `text` writes, as an integer or as a number with no fractional part ("5.0", "1e3": JSON
+    Schema's integers too); ValueError or ArithmeticError for anything else."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    d = Decimal(text)  # exact, unlike a float: "12345678901234567890.0" keeps every digit
+    # a number past a float's range ("1e999") is Infinity to most JSON readers: refused, as Infinity is
+    if not d.is_finite() or d != d.to_integral_value() or not math.isfinite(float(d)):
+        raise ValueError(f"{text} is not an integer")
+    return int(d)
 
 
 def _raw_string(schema: dict) -> bool:

@@ -10,9 +10,12 @@ the file runs past ~300 lines.)
 - `<think>...</think>` is reasoning, including when the prompt already opened `<think>` (pass
   thinking_open=True) and when `</think>` never comes (then everything is reasoning).
 - `<tool_call>...</tool_call>` holds either the XML form Qwen3.5 is trained on
-  (`<function=NAME><parameter=ARG>value</parameter>...</function>`, any parameter order, multi-line values)
-  or the JSON form `{"name": ..., "arguments": {...}}`. Calls are recognised in content and inside
-  `<think>` alike. Values are coerced by the tool's JSON schema when it is known (tool_schema.py).
+  (`<function=NAME><parameter=ARG>value</parameter>...</function>`, any parameter order, multi-line values,
+  one or more functions) or the JSON form `{"name": ..., "arguments": {...}}`. Calls are recognised in content
+  and inside `<think>` alike. Values are coerced by the tool's JSON schema when it is known (tool_schema.py).
+- A call is given out only once it is complete and parsed, whole (a stream announces no call that the whole
+  answer lacks). A `<tool_call>` that is never closed, or that `</think>` or another `<tool_call>` follows
+  before it closes, was prose (or cut off): its text goes back to the reasoning or content it was written in.
 - Malformed calls (unclosed tags, unknown function, bad JSON) never raise: their raw text is kept as
   content and the problem is reported in `errors`.
 """
@@ -25,11 +28,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tool_schema import coerce, tool_schemas
+from .tool_schema import coerce, loads_json, tool_schemas
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 FUNC_OPEN, FUNC_CLOSE = "<function=", "</function>"  # a bare call (no <tool_call> around it), when tools were offered
+PARAM_CLOSE = "</parameter>"
 
 
 @dataclass
@@ -39,18 +43,8 @@ class ToolCall:
     id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
 
     def arguments_json(self) -> str:
-        return json.dumps(self.arguments, ensure_ascii=False)
-
-
-@dataclass
-class CallDelta:
-    """A piece of a tool call as it streams (OpenAI's shape): the first piece of call `index` carries its id
-    and name; the `arguments` pieces of a call, joined, are exactly its final `arguments_json()`."""
-
-    index: int
-    id: str | None = None
-    name: str | None = None
-    arguments: str = ""
+        # NaN and Infinity are not JSON (a JavaScript client cannot parse them); coercion never makes them
+        return json.dumps(self.arguments, ensure_ascii=False, allow_nan=False)
 
 
 @dataclass
@@ -58,28 +52,41 @@ class ParsedDelta:
     reasoning: str = ""
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)  # complete calls
-    call_deltas: list[CallDelta] = field(default_factory=list)  # the same calls, streamed in pieces
     errors: list[str] = field(default_factory=list)
 
     def __iadd__(self, other: ParsedDelta) -> ParsedDelta:
         self.reasoning += other.reasoning
         self.content += other.content
         self.tool_calls += other.tool_calls
-        self.call_deltas += other.call_deltas
         self.errors += other.errors
         return self
 
 
-_FUNC = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.S)
-# A value ends at a </parameter> that the next parameter, </function> or the end follows (so code holding
-# "</parameter" or "<" stays in the value), or, when </parameter> is missing, where the next parameter or
-# </function> starts. _PARAM_DONE: the same, only values whose end has been seen (for streaming).
-_NEXT = r"(?=\s*(?:<parameter=[^>\n]+>|</function>|$))"
-_PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>" + _NEXT + r"|(?=<parameter=[^>\n]+>)|(?=</function>)|$)",
-                    re.S)
-_PARAM_DONE = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>(?=\s*(?:<parameter=[^>\n]+>|</function>))"
-                         r"|(?=<parameter=[^>\n]+>)|(?=</function>))", re.S)
 _FUNC_OPEN = re.compile(r"<function=([^>\n]+)>")
+_TAG = re.compile(r"<parameter=([^>\n]+)>|</function>")
+# Where a value ends. Code and prose in a value may hold "</parameter>", "</function>" or "<parameter=x>", so
+# the end is the first of: a </parameter> that the next parameter follows, or </function> and then nothing but
+# the next function; or, </parameter> missing, a tag that begins a line (the format puts each tag on its own
+# line). Failing those, a </parameter> that any tag follows; failing that, the next tag wherever it is.
+_STRICT_END = re.compile(r"</parameter>\s*(?=<parameter=[^>\n]+>|</function>\s*(?:<function=|\Z))")
+_LINE_TAG = re.compile(r"(?<=\n)(?:<parameter=[^>\n]+>|</function>)")
+_LOOSE_END = re.compile(r"</parameter>\s*(?=<parameter=[^>\n]+>|</function>|\Z)")
+
+
+def _value_end(text: str, i: int) -> tuple[int, int, bool]:
+    """The value that starts at text[i]: (where it ends, where the text after its closing tag resumes, whether
+    its end is certain; a guess from the last rule, or the end of the text, is not)."""
+    strict, line = _STRICT_END.search(text, i), _LINE_TAG.search(text, i)
+    if line is not None and (strict is None or line.start() < strict.start()):
+        head = text[i:line.start()].rstrip()
+        if head.endswith(PARAM_CLOSE):  # "</parameter>\n</function>" with only junk after the function
+            return i + len(head) - len(PARAM_CLOSE), line.start(), True
+        return line.start(), line.start(), True
+    m = strict or _LOOSE_END.search(text, i)
+    if m is not None:
+        return m.start(), m.end(), True
+    m = _TAG.search(text, i)
+    return (m.start(), m.start(), False) if m else (len(text), len(text), False)
 
 
 def _param_value(raw: str, schema: dict | None, params: dict) -> Any:
@@ -90,51 +97,59 @@ def _param_value(raw: str, schema: dict | None, params: dict) -> Any:
     return coerce(raw, schema, params)
 
 
-def _xml_args(body: str, params: dict, done_only: bool = False) -> list[tuple[str, Any]]:
-    """(name, value) of each parameter in a function body (the text after `<function=NAME>`), in order; a
-    name given twice keeps its first value (so streamed pieces and the final arguments always agree).
-    params: the function's parameters schema ({} when unknown)."""
-    end = body.find("</function>")
-    body = body if end < 0 else body[: end + len("</function>")]
+def _xml_function(text: str, i: int, params: dict) -> tuple[dict[str, Any], int, bool]:
+    """The arguments of the function whose body starts at text[i] (after `<function=NAME>`), in order; a name
+    given twice keeps its first value. params: the function's parameters schema ({} when unknown). Returns
+    (arguments, where its body ends, whether </function> closed it and every value's end was certain)."""
     props = params.get("properties") if isinstance(params, dict) else None
     props = props if isinstance(props, dict) else {}
-    out, seen = [], set()
-    for m in (_PARAM_DONE if done_only else _PARAM).finditer(body):
+    args: dict[str, Any] = {}
+    certain = True
+    while (m := _TAG.search(text, i)) is not None:
+        if m.group(1) is None:  # </function>
+            return args, m.end(), certain
+        end, i, sure = _value_end(text, m.end())
+        certain = certain and sure
         key = m.group(1).strip()
-        if key not in seen:
-            seen.add(key)
-            out.append((key, _param_value(m.group(2), props.get(key), params)))
-    return out
+        if key not in args:
+            args[key] = _param_value(text[m.end():end], props.get(key), params)
+    return args, len(text), False
 
 
-def parse_call_body(body: str, schemas: dict[str, dict] | None) -> tuple[ToolCall | None, str | None]:
-    """One `<tool_call>` body -> (call, None) or (None, reason)."""
+def parse_call_body(body: str, schemas: dict[str, dict] | None) -> tuple[list[ToolCall], str | None, bool]:
+    """One `<tool_call>` body (or a bare `<function=...>` block) -> (calls, None, complete) or ([], reason,
+    complete). complete: the body ends where its last call does (JSON: an object; XML: every function closed
+    with </function>, no value's end a guess), so a call missing its closing </tool_call> can still be taken."""
     text = body.strip()
     if text.startswith("{"):
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            return None, f"tool call is not valid JSON ({e.msg})"
+            obj = loads_json(text)
+        except (ValueError, RecursionError) as e:
+            return [], f"tool call is not valid JSON ({getattr(e, 'msg', e)})", True
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            return None, "JSON tool call needs a string 'name'"
+            return [], "JSON tool call needs a string 'name'", True
         args = obj.get("arguments", obj.get("parameters", {}))
         if isinstance(args, str):
             try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
-                return None, f"arguments of tool call '{obj['name']}' are not valid JSON"
+                args = loads_json(args) if args.strip() else {}
+            except (ValueError, RecursionError):
+                return [], f"arguments of tool call '{obj['name']}' are not valid JSON", True
         if not isinstance(args, dict):
-            return None, f"arguments of tool call '{obj['name']}' must be an object"
-        name = obj["name"]
+            return [], f"arguments of tool call '{obj['name']}' must be an object", True
+        found, complete = [(obj["name"], args)], True
     else:
-        m = _FUNC_OPEN.search(text)
-        if not m:
-            return None, "tool call has no <function=NAME> block"
-        name = m.group(1).strip()
-        args = dict(_xml_args(text[m.end():], (schemas or {}).get(name, {})))
-    if schemas is not None and name not in schemas:
-        return None, f"model called unknown function '{name}'"
-    return ToolCall(name, args), None
+        found, i, complete = [], 0, True
+        while (m := _FUNC_OPEN.search(text, i)) is not None:  # one <tool_call> may hold several functions
+            name = m.group(1).strip()
+            args, i, closed = _xml_function(text, m.end(), (schemas or {}).get(name, {}))
+            found.append((name, args))
+            complete = complete and closed
+        if not found:
+            return [], "tool call has no <function=NAME> block", False
+    for name, _ in found:
+        if schemas is not None and name not in schemas:
+            return [], f"model called unknown function '{name}'", complete
+    return [ToolCall(name, args) for name, args in found], None, complete
 
 
 class OutputParser:
@@ -151,13 +166,14 @@ class OutputParser:
         self.call_return = "content"  # mode to go back to after the call
         self.pending_ws = ""  # trailing whitespace held back (dropped before a tag)
         self.at_start = True  # strip leading whitespace at the start of a segment
-        self.calls = 0  # index of the next tool call
-        self.partial: dict | None = None  # the XML call being streamed: id, name, fragments sent
         self.bare = False  # the call in progress is a <function=...> block without <tool_call>
 
     def _tags(self) -> tuple[str, ...]:
         if self.mode == "call":
-            return (FUNC_CLOSE,) if self.bare else (CALL_CLOSE,)
+            # a <tool_call> before this one closes, or the end of the reasoning it was opened in, shows that
+            # this one was prose (or was cut off)
+            ends = (CALL_OPEN,) + ((THINK_CLOSE,) if self.call_return == "reasoning" else ())
+            return ((FUNC_CLOSE,) if self.bare else (CALL_CLOSE,)) + ends
         calls = ((CALL_OPEN,) + ((FUNC_OPEN,) if self.schemas is not None else ())) if self.tool_calls else ()
         if self.mode == "reasoning":
             return (THINK_CLOSE,) + calls
@@ -194,9 +210,17 @@ class OutputParser:
                 i, tag = min(hits)
                 before, self.buf = self.buf[:i], self.buf[i + len(tag):]
                 if self.mode == "call":
-                    self.call_text += before + (FUNC_CLOSE if self.bare else "")
-                    self._stream_partial(out)
-                    self._close_call(out)
+                    self.call_text += before
+                    if tag == CALL_CLOSE:
+                        self._close_call(out)
+                    elif tag == FUNC_CLOSE:
+                        self.call_text += FUNC_CLOSE
+                        if parse_call_body(self.call_text, self.schemas)[2]:
+                            self._close_call(out)
+                        # else the "</function>" sits inside a value (code that prints it): read on
+                    else:  # read the tag again as text of the phase the call was opened in
+                        self.buf = tag + self.buf
+                        self._unclosed(out, f" before {tag}")
                     continue
                 self._emit(out, before)
                 if tag in (CALL_OPEN, FUNC_OPEN):
@@ -213,64 +237,39 @@ class OutputParser:
             ready, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
             if self.mode == "call":
                 self.call_text += ready
-                self._stream_partial(out)
             else:
                 self._emit(out, ready)
             break
         return out
 
-    def _stream_partial(self, out: ParsedDelta) -> None:
-        """Send the name of an XML call as soon as it is known, and each parameter once it is closed."""
-        if self.call_text.lstrip().startswith("{"):
-            return  # the JSON form is sent whole when it closes
-        if self.partial is None:
-            m = _FUNC_OPEN.search(self.call_text)
-            if not m or (self.schemas is not None and m.group(1).strip() not in self.schemas):
-                return
-            name = m.group(1).strip()
-            self.partial = {"id": "call_" + uuid.uuid4().hex[:24], "name": name, "sent": [], "start": m.end()}
-            out.call_deltas.append(CallDelta(self.calls, self.partial["id"], name, ""))
-        p = self.partial
-        done = _xml_args(self.call_text[p["start"]:], (self.schemas or {}).get(p["name"], {}), done_only=True)
-        for key, value in done[len(p["sent"]):]:
-            piece = ("{" if not p["sent"] else ", ") + json.dumps(key, ensure_ascii=False) + ": " + \
-                json.dumps(value, ensure_ascii=False)
-            p["sent"].append(piece)
-            out.call_deltas.append(CallDelta(self.calls, arguments=piece))
-
-    def _deliver(self, out: ParsedDelta, call: ToolCall) -> None:
-        """A complete call: finish (or send whole) its streamed pieces."""
-        final = call.arguments_json()
-        p, self.partial = self.partial, None
-        if p is not None and p["name"] == call.name:
-            call.id = p["id"]
-            sent = "".join(p["sent"])
-            if final.startswith(sent):
-                out.call_deltas.append(CallDelta(self.calls, arguments=final[len(sent):]))
-            else:  # cannot happen for well-formed calls; say so rather than send wrong arguments silently
-                out.errors.append(f"streamed arguments of '{call.name}' differ from the final ones: {final}")
-        else:
-            out.call_deltas.append(CallDelta(self.calls, call.id, call.name, final))
-        out.tool_calls.append(call)
-        self.calls += 1
-
-    def _abandon(self, out: ParsedDelta) -> None:
-        if self.partial is not None:
-            out.errors.append(f"tool call '{self.partial['name']}' (index {self.calls}) was streamed in part and "
-                              f"then abandoned as malformed")
-            self.partial = None
+    def _raw_call(self) -> str:
+        """The text of the call in progress as the model wrote it (its closing tag not included)."""
+        return self.call_text if self.bare else CALL_OPEN + self.call_text
 
     def _close_call(self, out: ParsedDelta) -> None:
-        call, err = parse_call_body(self.call_text, self.schemas)
-        back = self.call_return
-        if call is not None:
-            self._deliver(out, call)
-            self.mode, self.pending_ws = back, ""
+        calls, err, _ = parse_call_body(self.call_text, self.schemas)
+        self.mode = self.call_return
+        if err is None:
+            out.tool_calls += calls
+            self.pending_ws = ""
         else:
             out.errors.append(err)
-            self._abandon(out)
-            self.mode = back
-            self._emit(out, self.call_text if self.bare else CALL_OPEN + self.call_text + CALL_CLOSE)
+            self._emit(out, self._raw_call() + ("" if self.bare else CALL_CLOSE))
+        self.call_text, self.bare = "", False
+
+    def _unclosed(self, out: ParsedDelta, why: str, final: bool = False) -> None:
+        """The call in progress ended without its closing tag (`why`: what ended it; "" for the end of the
+        text). Complete calls are taken, with a note; anything else is text of the phase it was written in."""
+        calls, err, complete = parse_call_body(self.call_text, self.schemas)
+        close = FUNC_CLOSE if self.bare else CALL_CLOSE
+        self.mode = self.call_return
+        if err is None and complete:
+            out.tool_calls += calls
+            out.errors.append(f"tool call was not closed with {close}{why}; parsed anyway")
+            self.pending_ws = ""
+        else:
+            out.errors.append(err if complete else f"tool call was not closed with {close}{why}")
+            self._emit(out, self._raw_call(), final=final)
         self.call_text, self.bare = "", False
 
     def finish(self) -> ParsedDelta:
@@ -278,18 +277,7 @@ class OutputParser:
         rest, self.buf = self.buf, ""
         if self.mode == "call":
             self.call_text += rest
-            call, err = parse_call_body(self.call_text, self.schemas)
-            self.mode = self.call_return
-            complete = "</function>" in self.call_text or self.call_text.strip().startswith("{")
-            if call is not None and complete:
-                self._stream_partial(out)
-                self._deliver(out, call)
-                out.errors.append("tool call was not closed with </tool_call>; parsed anyway")
-            else:
-                out.errors.append(err or f"tool call was not closed with {FUNC_CLOSE if self.bare else CALL_CLOSE}")
-                self._abandon(out)
-                self._emit(out, ("" if self.bare else CALL_OPEN) + self.call_text, final=True)
-            self.call_text, self.bare = "", False
+            self._unclosed(out, "", final=True)
             return out
         if rest:
             self._emit(out, rest, final=True)

@@ -34,6 +34,15 @@ STREAMS = [
     "unclosed <tool_call><function=note><parameter=text>hello",
     "<tool_call>\n<function=note>\n<parameter=text>\nclosed function, unclosed call\n</parameter>\n</function>\n",
     "text with < and <tool and </thi lookalikes > done",
+    # tags written as prose: the call they open is no call, its text goes back (PROSE below)
+    "Do I need a <tool_call> here? No.\n</think>\n\nParis.",
+    "I'll reply with a <tool_call> block.\n</think>\n\nLet me check.\n\n" + XML_CALL,
+    "I could use <function=note> but no need.\n</think>\n\nIt is sunny.",
+    # values holding tags, two functions in one block (TAGGED_VALUES, test_one_block_may_hold_several_functions)
+    "<tool_call>\n<function=note>\n<parameter=text>\nprint('</function>')\n</parameter>\n</function>\n</tool_call>",
+    "<function=note>\n<parameter=text>\nprint('</function>')\n</parameter>\n</function> after",
+    "<tool_call>\n<function=note>\n<parameter=text>\nA\n</parameter>\n</function>\n<function=note>\n"
+    "<parameter=text>\nB\n</parameter>\n</function>\n</tool_call>",
 ]
 
 
@@ -124,7 +133,7 @@ def test_coerce_keeps_text_when_type_does_not_fit():
 
 
 @pytest.mark.parametrize("i", [3, 4, 5, 6, 8, 12])
-def test_streamed_call_pieces_join_to_the_final_arguments(i):
+def test_a_call_is_given_out_whole_once_its_closing_tag_is_read(i):
     s = STREAMS[i]
     r = random.Random(100 + i)
     for trial in range(40):
@@ -133,31 +142,34 @@ def test_streamed_call_pieces_join_to_the_final_arguments(i):
         acc = ParsedDelta()
         for a, b in zip([0] + cuts, cuts + [len(s)]):
             acc += p.feed(s[a:b])
+            # no call before the </tool_call> that closes it has been read
+            assert len(acc.tool_calls) <= s[:b].count("</tool_call>"), (trial, b)
         acc += p.finish()
-        assert acc.tool_calls
-        for n, call in enumerate(acc.tool_calls):
-            pieces = [d for d in acc.call_deltas if d.index == n]
-            assert pieces[0].id == call.id and pieces[0].name == call.name
-            assert all(d.id is None and d.name is None for d in pieces[1:])
-            assert "".join(d.arguments for d in pieces) == call.arguments_json()
+        assert [(c.name, c.arguments) for c in acc.tool_calls] == key(whole(s, i == 4))[2]
 
 
-def test_xml_arguments_stream_before_the_call_closes():
+def test_a_call_is_held_until_it_closes():
     p = OutputParser(TOOLS)
-    # a value is certain once the tag after its </parameter> arrives (a "</parameter" inside code is not its end)
-    head = XML_CALL[: XML_CALL.index("<parameter=city>") + len("<parameter=city>")]
+    head = XML_CALL[: XML_CALL.index("</tool_call>")]  # every parameter and </function> read: still no call
     d = p.feed("Checking.\n\n" + head)
-    assert [x.name for x in d.call_deltas if x.name] == ["get_weather"]
-    assert d.call_deltas[1].arguments == '{"days": 3'
-    assert d.tool_calls == []
-    rest = p.feed(XML_CALL[len(head):])
-    assert "".join(x.arguments for x in d.call_deltas + rest.call_deltas) == rest.tool_calls[0].arguments_json()
+    assert (d.content, d.tool_calls, d.errors) == ("Checking.", [], [])
+    rest = p.feed("</tool_call>")
+    (call,) = rest.tool_calls
+    assert call.arguments["city"] == "New York" and json.loads(call.arguments_json()) == call.arguments
 
 
-def test_abandoned_streamed_call_is_reported():
-    d = parse_output("<tool_call><function=note><parameter=text>\nx\n</parameter>", TOOLS)
-    assert d.call_deltas and d.tool_calls == []
-    assert any("streamed in part and then abandoned" in e for e in d.errors)
+def test_a_call_cut_off_is_never_given_out():
+    """A call cut off (max_tokens, a stop string) is text with an error, whole or streamed: no delta ever
+    announced it, so a stream says the same as the answer in one piece."""
+    text = "<tool_call><function=note><parameter=text>\nx\n</parameter>"
+    d = parse_output(text, TOOLS)
+    assert (d.content, d.tool_calls, d.errors) == (text, [], ["tool call was not closed with </tool_call>"])
+    p, deltas = OutputParser(TOOLS), []
+    for ch in text:
+        deltas.append(p.feed(ch))
+    deltas.append(p.finish())
+    assert not any(x.tool_calls for x in deltas)
+    assert "".join(x.content for x in deltas) == text
 
 
 # ---- robustness: the failure shapes users report, whole and streamed token by token (real tokenizer) ----
@@ -220,11 +232,7 @@ def test_robust_shapes_whole_and_token_by_token(name, qwen_tok):
         acc += p.feed(stream.add(t, "length" if i == len(ids) - 1 else None))
     acc += p.finish()
     assert key(acc) == key(d)
-    for n, call in enumerate(acc.tool_calls):
-        pieces = [x for x in acc.call_deltas if x.index == n]
-        assert pieces[0].name == call.name and pieces[0].id == call.id
-        assert "".join(x.arguments for x in pieces) == call.arguments_json()
-    assert not any("differ" in e or "abandoned" in e for e in acc.errors if error is None)
+    assert all(json.loads(c.arguments_json()) == c.arguments for c in acc.tool_calls)
 
 
 def test_python_type_names_coerce():
@@ -270,7 +278,7 @@ UNIT_DEFS = {"$defs": {"Unit": {"enum": ["c", "f"]}, "Count": {"$ref": "#/$defs/
     ({}, '{"k": [1]}', {"k": [1]}),
     ({}, "007", "007"),  # not JSON: text (a schema that says nothing gets no loose readings)
     ({"description": "any"}, "New York", "New York"),
-    ({"type": "integer"}, "1e2", "1e2"),  # JSON, but a number where only an integer fits
+    ({"type": "integer"}, "1e2", 100),  # a number with no fraction is an integer to JSON Schema
     pytest.param({"type": "array"}, "[" * 5000 + "]" * 5000, "[" * 5000 + "]" * 5000, id="past-recursion-limit"),
     ({"type": "strnig"}, "1", "1"),  # no type this parser knows: text
 ])
@@ -308,7 +316,7 @@ def test_xml_call_arguments_follow_anyof_and_refs():
         acc += p.feed(ch)
     acc += p.finish()
     assert acc.tool_calls[0].arguments == want
-    assert "".join(d.arguments for d in acc.call_deltas) == json.dumps(want)
+    assert acc.tool_calls[0].arguments_json() == json.dumps(want)
 
 
 GRAMMAR_SCHEMAS = [
@@ -371,3 +379,157 @@ def test_hostile_schemas_cost_little():
     for _ in range(5000):  # nested past Python's recursion limit
         deep = {"anyOf": [deep]}
     assert coerce("true", deep) is True  # read as saying nothing past the cap: any JSON
+
+
+# ---- tags written as prose; values that hold tags; several functions in one block; numbers JSON lacks ----
+
+PROSE = {  # name: (text, [(name, arguments)], reasoning, content, errors); all with thinking_open
+    "mention_then_answer": (STREAMS[14], [], "Do I need a <tool_call> here? No.", "Paris.",
+                            ["tool call was not closed with </tool_call> before </think>"]),
+    "mention_then_call": (STREAMS[15], [("get_weather", {"days": 3, "city": "New York", "metric": True,
+                                                         "ratio": 0.5, "opts": {"unit": "C"}, "tags": ["a", 1]})],
+                          "I'll reply with a <tool_call> block.", "Let me check.",
+                          ["tool call was not closed with </tool_call> before </think>"]),
+    "bare_mention": (STREAMS[16], [], "I could use <function=note> but no need.", "It is sunny.",
+                     ["tool call was not closed with </function> before </think>"]),
+    "second_call_opens": ("Maybe <tool_call> or not. <tool_call>\n<function=note>\n<parameter=text>\nhi\n"
+                          "</parameter>\n</function>\n</tool_call>\n</think>\n\nDone.",
+                          [("note", {"text": "hi"})], "Maybe <tool_call> or not.", "Done.",
+                          ["tool call was not closed with </tool_call> before <tool_call>"]),
+    "complete_call_missing_its_close": ("Call:\n<tool_call>\n<function=note>\n<parameter=text>\nhi\n</parameter>\n"
+                                        "</function>\n</think>\n\nDone.", [("note", {"text": "hi"})], "Call:",
+                                        "Done.",
+                                        ["tool call was not closed with </tool_call> before </think>; parsed anyway"]),
+    "cut_in_a_value": ("<tool_call>\n<function=note>\n<parameter=text>\nhal</think>f", [],
+                       "<tool_call>\n<function=note>\n<parameter=text>\nhal", "f",
+                       ["tool call was not closed with </tool_call> before </think>"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROSE))
+def test_a_tag_written_as_prose_loses_nothing(name):
+    """</think> still ends the reasoning, and a second <tool_call> starts a call, while a <tool_call> is open:
+    the open one was prose (or cut off), and its text is reasoning again."""
+    text, calls, reasoning, content, errors = PROSE[name]
+    d = whole(text, True)
+    assert ([(c.name, c.arguments) for c in d.tool_calls], d.reasoning, d.content, d.errors) == \
+        (calls, reasoning, content, errors)
+    p, acc = OutputParser(TOOLS, thinking_open=True), ParsedDelta()
+    for ch in text:
+        acc += p.feed(ch)
+    acc += p.finish()
+    assert key(acc) == key(d)
+
+
+CODE_TOOLS = [{"type": "function", "function": {"name": "run", "parameters": {"type": "object", "properties": {
+    "code": {"type": "string"}, "n": {"type": "integer"}}}}}]
+TAGGED_VALUES = {  # name: (a function body's parameters, the arguments it gives)
+    "function_close": ("<parameter=code>\nprint('</function>')\n</parameter>\n<parameter=n>\n1\n</parameter>\n",
+                       {"code": "print('</function>')", "n": 1}),
+    "parameter_open": ("<parameter=code>\nx = '<parameter=n>'\n</parameter>\n", {"code": "x = '<parameter=n>'"}),
+    "parameter_close": ("<parameter=code>\ns = '</parameter>'\n</parameter>\n", {"code": "s = '</parameter>'"}),
+    "all_three": ("<parameter=code>\n'</parameter></function><parameter=n>'\n</parameter>\n<parameter=n>\n2\n"
+                  "</parameter>\n", {"code": "'</parameter></function><parameter=n>'", "n": 2}),
+    "missing_close_mid": ("<parameter=code>\npass\n<parameter=n>\n3\n</parameter>\n", {"code": "pass", "n": 3}),
+    "junk_after_function": ("<parameter=n>\n4\n</parameter>\n", {"n": 4}),
+}
+
+
+@pytest.mark.parametrize("name, form", [(n, f) for n in sorted(TAGGED_VALUES) for f in ("tool_call", "bare")
+                                        # a bare call ends at the first "</parameter></function>": nothing after it
+                                        # says more text belongs to the call
+                                        if (n, f) != ("all_three", "bare")])
+def test_a_value_runs_to_the_closing_tag_that_ends_it(name, form):
+    """A value ends at a </parameter> that the next parameter, or </function> and nothing more, follows; a tag
+    in the middle of a line inside it is part of it."""
+    params, args = TAGGED_VALUES[name]
+    call = "<function=run>\n" + params + "</function>"
+    text = ("Run:\n<tool_call>\n" + call + "\n</tool_call>" if form == "tool_call" else "Run:\n" + call) + "\nDone."
+    if name == "junk_after_function":  # no </tool_call>: the call ends with the text, after a line of junk
+        text = "Run:\n<tool_call>\n" + call + "\nDone." if form == "tool_call" else "Run:\n" + call + "\nDone."
+    d = parse_output(text, CODE_TOOLS)
+    assert [(c.name, c.arguments) for c in d.tool_calls] == [("run", args)]
+    assert (d.content, d.reasoning) == (("Run:", "") if name == "junk_after_function" and form == "tool_call"
+                                        else ("Run:\nDone.", ""))
+    assert d.errors == (["tool call was not closed with </tool_call>; parsed anyway"]
+                        if name == "junk_after_function" and form == "tool_call" else [])
+    p, acc = OutputParser(CODE_TOOLS), ParsedDelta()
+    for ch in text:
+        acc += p.feed(ch)
+    acc += p.finish()
+    assert key(acc) == key(d)
+
+
+def test_a_json_string_value_holding_tags_keeps_the_parameters_after_it():
+    # what the bundled model wrote under tool_choice "required" (the audit's raw text): b had gone missing
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": ["string", "null"]}, "b": {"type": "boolean"}}, "required": ["a", "b"]}}}]
+    text = ('<tool_call>\n<function=f>\n<parameter=a>\n"\\toather</functionlib.chains</parameter></function>'
+            '</function>."\n</parameter>\n<parameter=b>\ntrue\n</parameter>\n</function>\n</tool_call>')
+    (call,) = parse_output(text, tools).tool_calls
+    assert call.arguments == {"a": "\toather</functionlib.chains</parameter></function></function>.", "b": True}
+
+
+def test_one_block_may_hold_several_functions():
+    d = whole(STREAMS[19], False)
+    assert [(c.name, c.arguments) for c in d.tool_calls] == [("note", {"text": "A"}), ("note", {"text": "B"})]
+    assert (d.content, d.errors) == ("", [])
+    assert d.tool_calls[0].id != d.tool_calls[1].id
+    # one unknown function makes the whole block text, as any malformed call
+    bad = STREAMS[19].replace("<function=note>\n<parameter=text>\nB", "<function=nope>\n<parameter=text>\nB")
+    d = whole(bad, False)
+    assert (d.tool_calls, d.content, d.errors) == ([], bad, ["model called unknown function 'nope'"])
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "inf", "nan", "1e999", "[1, NaN]"])
+@pytest.mark.parametrize("schema", [{"type": "number"}, {"type": "integer"}, {}, {"type": ["number", "array"]}])
+def test_numbers_json_lacks_stay_text(text, schema):
+    """NaN, Infinity and numbers past a float's range are kept as the text, as any value its type cannot take."""
+    assert coerce(text, schema) == text
+
+
+def test_tool_call_arguments_are_always_json():
+    d = parse_output('<tool_call>{"name": "note", "arguments": {"text": NaN}}</tool_call>', TOOLS)
+    assert d.tool_calls == [] and d.errors == ["tool call is not valid JSON (NaN is not a JSON number)"]
+    d = parse_output('<tool_call>{"name": "note", "arguments": "{\\"text\\": Infinity}"}</tool_call>', TOOLS)
+    assert d.tool_calls == [] and d.errors == ["arguments of tool call 'note' are not valid JSON"]
+    (call,) = parse_output("<tool_call>\n<function=get_weather>\n<parameter=ratio>\nNaN\n</parameter>\n"
+                           "</function>\n</tool_call>", TOOLS).tool_calls
+    assert call.arguments_json() == '{"ratio": "NaN"}'
+    with pytest.raises(ValueError):  # never written as JSON that a JavaScript client cannot read
+        call.__class__("f", {"x": float("nan")}).arguments_json()
+
+
+@pytest.mark.parametrize("text, value", [("5.0", 5), ("1e3", 1000), ("-2.000", -2), ("1E+2", 100),
+                                         ("12345678901234567890.0", 12345678901234567890), ("1.5", "1.5"),
+                                         ("1e-3", "1e-3"), ("1e999", "1e999"), ("five", "five")])
+def test_an_integral_number_is_an_integer(text, value):
+    got = coerce(text, {"type": "integer"})
+    assert got == value and type(got) is type(value)
+    got = coerce(text, {"anyOf": [{"type": "integer"}, {"type": "null"}]})
+    assert got == value and type(got) is type(value)
+
+
+SOUP = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<function=note>", "<function=nope>", "</function>",
+        "<parameter=text>", "</parameter>", "\n", " ", "x", "5", "NaN", '{"name": "note"}', "<", "</"]
+
+
+def test_tag_soup_splits_like_the_whole_and_loses_no_text():
+    """Random runs of tags and text: any split gives the whole's result, every call's arguments are JSON,
+    and with no call taken every character is reasoning or content (whitespace and think tags aside)."""
+    r = random.Random(7)
+    for trial in range(1500):
+        s = "".join(r.choice(SOUP) for _ in range(r.randint(1, 30)))
+        thinking = r.random() < 0.5
+        d = whole(s, thinking)
+        p, acc = OutputParser(TOOLS, thinking_open=thinking), ParsedDelta()
+        cuts = sorted(r.sample(range(1, len(s)), min(len(s) - 1, r.randint(0, 12)))) if len(s) > 1 else []
+        for a, b in zip([0] + cuts, cuts + [len(s)]):
+            acc += p.feed(s[a:b])
+        acc += p.finish()
+        assert key(acc) == key(d), (s, thinking, cuts)
+        assert all(json.loads(c.arguments_json()) == c.arguments for c in d.tool_calls)
+        if not d.tool_calls:
+            def bare(t):
+                return sorted(t.replace("<think>", "").replace("</think>", "").replace(" ", "").replace("\n", ""))
+            assert bare(d.reasoning + d.content) == bare(s), (s, thinking)

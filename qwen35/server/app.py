@@ -330,14 +330,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                         if delta.content:
                             yield chunk({"content": delta.content}, lp=lp or None)
                             lp = []
-                        for d in delta.call_deltas:  # the call's name first, then its arguments piece by piece
-                            piece = {"index": d.index, "function": {"arguments": d.arguments}}
-                            if d.id is not None:
-                                piece.update(id=d.id, type="function")
-                                piece["function"]["name"] = d.name
+                        # each call whole, once parsed (the parser holds it till then): a call cut off by
+                        # max_tokens or a stop string is never announced, as the answer in one body has none
+                        for c in delta.tool_calls:
+                            piece = {"index": ncalls, "id": c.id, "type": "function",
+                                     "function": {"name": c.name, "arguments": c.arguments_json()}}
                             yield chunk({"tool_calls": [piece]}, lp=lp or None)
                             lp = []
-                        ncalls += len(delta.tool_calls)
+                            ncalls += 1
                         if delta.errors:  # a malformed call stays as text; say why beside it
                             yield chunk({"tool_call_errors": delta.errors})
                         if item.finish_reason is not None:
