@@ -166,6 +166,25 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     return model
 
 
+def check_not_adapters(path: str | Path) -> None:
+    """A `qwen35 train --quant` output holds the LoRA adapters alone (lora.safetensors + adapter_config.json):
+    say so and name what to load, where a missing config.json would only say it is missing."""
+    path = Path(path)
+    if not (path.is_dir() and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file()):
+        return
+    try:
+        base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    on = f" (their base: {base})" if base else ""
+    if (path / "merged" / "config.json").is_file():
+        fix = f"load {path / 'merged'}, the merged model"
+    else:
+        fix = (f"write the merged model with `qwen35 train ... --out {path} --resume --merge bf16` and load "
+               f"{path / 'merged'}")
+    raise CheckpointError(f"{path} holds LoRA adapters only{on}, not a model: {fix}")
+
+
 def _head_dim(path: Path) -> int | None:
     """The attention head_dim from a checkpoint's config (a directory's config.json, a GGUF's metadata) without
     loading it; None where there is no config to read (_load_model then says what is wrong with the path)."""
@@ -174,6 +193,7 @@ def _head_dim(path: Path) -> int | None:
         from .gguf import read_config
 
         return read_config(path).head_dim
+    check_not_adapters(path)
     return ModelConfig.from_file(path).head_dim if path.is_dir() else None
 
 
@@ -197,6 +217,7 @@ def _index(path: Path) -> _Index:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; point at the folder holding config.json and weights")
+    check_not_adapters(path)
     config = ModelConfig.from_file(path)
     entries, files = read_checkpoint_entries(path)
 

@@ -280,7 +280,7 @@ def test_saved_checkpoint_keeps_the_rope_configuration(tmp_path):
     positions where yarn differs from RoPE, and transformers reads it as yarn too."""
     from transformers import AutoModelForCausalLM
 
-    from qwen35.train.loop import save
+    from qwen35.train.run_state import save
 
     rope = dict(rope_type="yarn", rope_theta=1e6, partial_rotary_factor=0.5, mrope_section=[2, 3, 3],
                 mrope_interleaved=True, factor=4.0, original_max_position_embeddings=4096, beta_fast=16.0,

@@ -97,6 +97,8 @@ def test_an_earlier_run_in_out_is_refused_without_resume(chat_model_dir, tmp_pat
 @pytest.mark.parametrize("name,text,match", [
     ("user.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "no assistant tokens to train on"),
     ("empty.txt", "", "no text to train on"),
+    ("blank.txt", "   \n\n\t  ", "no text to train on"),
+    ("blanktext.jsonl", json.dumps({"text": " \n\t "}), "no text to train on"),
     ("emptytext.jsonl", json.dumps({"text": ""}), "no text to train on"),
     ("nomsgs.jsonl", json.dumps({"messages": []}), "no assistant tokens to train on"),
     ("role.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"},
@@ -191,6 +193,155 @@ def test_resume_refuses_other_settings_and_a_broken_state(chat_model_dir, tmp_pa
         assert rc == 1 and f"{name} " in err and "differs from the run" in err, err
     rc, err = run(capsys, *common, "--lr", "1e-4", "--seq-len", "32", "--batch-size", "2", "--lora-rank", "2")
     assert rc == 1 and "holds no lora.safetensors" in err, err
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Loading the weights is an error: what a test refuses must be refused before it."""
+    import qwen35.weights
+
+    def load(*a, **k):
+        raise Qwen35Error("the weights were loaded")
+
+    monkeypatch.setattr(qwen35.weights, "load_model", load)
+
+
+def save_state(out, step: int = 1, lora: dict | None = None, **config) -> None:
+    out.mkdir(exist_ok=True)
+    saved = asdict(TrainConfig(lr=1e-4, seq_len=32, batch_size=2, **config))
+    torch.save({"step": step, "losses": [1.0] * step, "config": saved, "optimizer": {}, "scheduler": {},
+                "lora": lora}, out / STATE_FILE)
+
+
+def test_resume_refuses_other_warmup_seed_mtp_weight_bf16_and_data(chat_model_dir, tmp_path, data, capsys, no_load):
+    from qwen35.train.data import data_fingerprint
+
+    out = tmp_path / "o"
+    save_state(out, data=data_fingerprint([data]))
+    common = ["--init-from", str(chat_model_dir), "--out", str(out), "--resume", "--steps", "3", "--lr", "1e-4",
+              "--seq-len", "32", "--batch-size", "2"]
+    other = tmp_path / "other.txt"
+    other.write_text("Goodbye world. " * 20)
+    same = tmp_path / "renamed.txt"  # the same bytes under another name: the same data
+    same.write_bytes(data.read_bytes())
+
+    def shown(f):
+        name, size, digest = data_fingerprint([f])[0]
+        return f"{name} [{size} bytes, sha256 {digest[:12]}]"
+
+    other_data = f"--data {shown(other)} differs from the run in {{}} ({shown(data)}): resume with the run's own files"
+    cases = [(["--warmup", "5"], "--warmup 5 differs from the run in {} (10): resume with --warmup 10"),
+             (["--seed", "7"], "--seed 7 differs from the run in {} (0): resume with --seed 0"),
+             (["--mtp-weight", "0"], "--mtp-weight 0 differs from the run in {} (0.3): resume with --mtp-weight 0.3"),
+             (["--bf16"], "--bf16 on differs from the run in {} (off): resume without --bf16"),
+             ([], other_data)]
+    for flags, message in cases:
+        rc, err = run(capsys, *common, "--data", str(other if not flags else data), *flags)
+        assert rc == 1 and err == f"qwen35: error: {message.format(out)}, or train into a new --out\n", err
+    rc, err = run(capsys, *common, "--data", str(same))
+    assert rc == 1 and err == "qwen35: error: the weights were loaded\n", err
+
+
+def test_resume_refuses_another_lora_alpha_or_base_before_loading(chat_model_dir, tied_replica, tmp_path, data,
+                                                                  capsys, no_load):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "o"
+    base = str(chat_model_dir.resolve())
+    save_state(out, lora={"rank": 2, "scale": 2.0, "base": base})
+    save_file({"model.layers.0.mlp.up_proj.lora_A": torch.zeros(2, 8)}, str(out / "lora.safetensors"))
+    common = ["--data", str(data), "--out", str(out), "--resume", "--steps", "3", "--lr", "1e-4", "--seq-len", "32",
+              "--batch-size", "2", "--lora-rank", "2"]
+    rc, err = run(capsys, "--init-from", str(chat_model_dir), *common, "--lora-alpha", "64")
+    assert rc == 1 and err == (f"qwen35: error: --lora-alpha 64 (scale 32) differs from the run in {out} (--lora-alpha "
+                               "4, scale 2): resume with --lora-alpha 4, or train into a new --out\n"), err
+    rc, err = run(capsys, "--init-from", str(tied_replica[1]), *common)
+    assert rc == 1 and err == (f"qwen35: error: --init-from {tied_replica[1]} differs from the base of the run in "
+                               f"{out} ({base}): resume with --init-from {base}, or train into a new --out\n"), err
+
+
+def test_load_adapters_refuses_another_scale_or_base(tied_replica, tmp_path):
+    """A quantized base's run keeps its adapters' scale and base in adapter_config.json; resuming them with
+    another --lora-alpha or on another --init-from would have trained (and rewritten the file) silently."""
+    import qwen35
+    from qwen35.train.lora import apply_lora
+    from qwen35.train.qlora import load_adapters, save_adapters
+
+    path = tied_replica[1]
+    model = qwen35.load_model(path)
+    apply_lora(model, 2)
+    save_adapters(model, tmp_path / "ad")
+    other = qwen35.load_model(path)
+    apply_lora(other, 2, alpha=50)
+    with pytest.raises(Qwen35Error) as e:
+        load_adapters(other, tmp_path / "ad")
+    assert str(e.value) == (f"--lora-alpha 50 (scale 25) differs from the run in {tmp_path / 'ad'} (--lora-alpha 4, "
+                            "scale 2): resume with --lora-alpha 4, or train into a new --out")
+    shutil.copytree(path, tmp_path / "copy")
+    other = qwen35.load_model(tmp_path / "copy")
+    apply_lora(other, 2)
+    with pytest.raises(Qwen35Error) as e:
+        load_adapters(other, tmp_path / "ad")
+    assert str(e.value) == (f"--init-from {(tmp_path / 'copy').resolve()} differs from the base of the run in "
+                            f"{tmp_path / 'ad'} ({path.resolve()}): resume with --init-from {path.resolve()}, or "
+                            "train into a new --out")
+    load_adapters(model, tmp_path / "ad")  # its own base and scale
+
+
+def test_resume_of_a_complete_run_or_to_fewer_steps_stops_before_loading(chat_model_dir, tmp_path, data, capsys,
+                                                                        no_load):
+    out = tmp_path / "o"
+    save_state(out, step=6)
+    common = ["--init-from", str(chat_model_dir), "--data", str(data), "--out", str(out), "--resume", "--lr",
+              "1e-4", "--seq-len", "32", "--batch-size", "2"]
+    assert cli.main(["train", *common, "--steps", "6"]) == 0
+    assert capsys.readouterr().out == (f"run already complete: step 6 of 6 in {out} (nothing to train; a higher "
+                                       "--steps continues it)\n")
+    rc, err = run(capsys, *common, "--steps", "4")
+    assert rc == 1 and err == (f"qwen35: error: --steps 4 is below the step the run in {out} has reached (6): "
+                               "resume with --steps 6 or more\n"), err
+
+
+def test_torchrun_batch_and_fsdp_resume_are_refused_before_loading(chat_model_dir, tmp_path, data, capsys, no_load,
+                                                                  monkeypatch):
+    """Checked from torchrun's WORLD_SIZE before anything loads (they were ValueError tracebacks after the load,
+    and a DDP run resumed with --fsdp was called "a sharded (FSDP) run")."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "o"
+    common = ["--init-from", str(chat_model_dir), "--data", str(data), "--out", str(out), "--lr", "1e-4",
+              "--seq-len", "32", "--steps", "3"]
+    rc, err = run(capsys, *common, "--batch-size", "3")
+    assert rc == 1 and err == "qwen35: error: --batch-size 3 (global) must be a multiple of the 2 processes\n", err
+    save_state(out)
+    rc, err = run(capsys, *common, "--batch-size", "2", "--resume", "--fsdp")
+    assert rc == 1 and err == ("qwen35: error: --resume --fsdp: a run cannot be resumed under FSDP yet (its optimizer "
+                               "state would have to be loaded into shards): resume with DDP (omit --fsdp)\n"), err
+
+
+def test_an_adapters_only_folder_names_what_to_load(tmp_path):
+    """A quantized base's --out holds adapters alone: loading it says so and names the merged model (it had
+    said only that config.json was not found)."""
+    import qwen35
+
+    out = tmp_path / "qA"
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({"base": "/models/base", "quant": "int8", "rank": 2}))
+    (out / "lora.safetensors").write_bytes(b"")
+    with pytest.raises(Qwen35Error) as e:
+        qwen35.load_model(out)
+    assert str(e.value) == (f"{out} holds LoRA adapters only (their base: /models/base), not a model: write the "
+                            f"merged model with `qwen35 train ... --out {out} --resume --merge bf16` and load "
+                            f"{out / 'merged'}")
+    (out / "merged").mkdir()
+    (out / "merged" / "config.json").write_text("{}")
+    with pytest.raises(Qwen35Error) as e:
+        qwen35.load_model(out)
+    assert str(e.value) == (f"{out} holds LoRA adapters only (their base: /models/base), not a model: load "
+                            f"{out / 'merged'}, the merged model")
+    # qwen35.load (what `qwen35 generate` / chat / serve call) reads the config itself first: the same words
+    with pytest.raises(Qwen35Error) as e2:
+        qwen35.load(out)
+    assert str(e2.value) == str(e.value)
 
 
 def test_export_onnx_refuses_a_tokenizer_larger_than_the_vocabulary(tied_replica, chat_model_dir, tmp_path, capsys):

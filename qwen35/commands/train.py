@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -67,8 +68,9 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import Qwen35Error
     from ..runtime import flush_denormals, set_threads, tune_allocator
     from ..tokenizer import Tokenizer
-    from ..train.data import check_targets, check_vocab, pack, read_documents
+    from ..train.data import check_targets, check_vocab, data_fingerprint, pack, read_documents
     from ..train.loop import TrainConfig, init_model, train
+    from ..train.run_state import check_processes
     from ..weights import load_model
 
     check_flags(args)
@@ -76,7 +78,15 @@ def main(args: argparse.Namespace) -> int:
     # paths, the saved state, the config and the data before minutes of loading (and before the process's
     # threads and allocator are set: a refused run leaves its caller as it was)
     check_paths(args, out)
-    state = check_resume(args, out) if args.resume else None
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # set by torchrun
+    check_processes(args.batch_size, world, args.fsdp, args.resume)
+    fingerprint = data_fingerprint(args.data)
+    state = check_resume(args, out, fingerprint) if args.resume else None
+    if state is not None and state["step"] >= args.steps and not (args.merge or args.export_gguf):
+        if rank == 0:
+            print(f"run already complete: step {state['step']} of {args.steps} in {out} (nothing to train; a "
+                  "higher --steps continues it)", flush=True)
+        return 0
     config = read_config(Path(args.config)) if args.config else None
     if config is not None:
         check_seq_len(args, config)
@@ -138,9 +148,10 @@ def main(args: argparse.Namespace) -> int:
                       # a quantized base is there to save memory; unsaved activations would then be the
                       # largest term (GBs at 1024 tokens on a 4B), so it recomputes them unless told not to
                       grad_checkpoint=quantized if args.grad_checkpoint is None else args.grad_checkpoint,
-                      mtp_weight=args.mtp_weight, fsdp=args.fsdp)
-    print(f"{len(rows)} rows of {args.seq_len} tokens; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters", flush=True)
+                      mtp_weight=args.mtp_weight, fsdp=args.fsdp, data=fingerprint)
+    if rank == 0:
+        print(f"{len(rows)} rows of {args.seq_len} tokens; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+              f"parameters", flush=True)
     train(model, rows, cfg, out, tokenizer_dir=tok_dir, resume=state or False, eval_rows=eval_rows,
           log=lambda s: print(s, flush=True))
     if quantized and (args.merge or args.export_gguf):
@@ -184,14 +195,23 @@ def check_paths(args: argparse.Namespace, out: Path) -> None:
                               "write to another file")
 
 
-def check_resume(args: argparse.Namespace, out: Path) -> dict:
-    """The state --resume continues, read and checked against the flags before the model loads."""
-    from ..train.loop import check_same_run, load_state
+def check_resume(args: argparse.Namespace, out: Path, data: list | None = None) -> dict:
+    """The state --resume continues, read and checked against the flags (and `data`, the --data files'
+    data_fingerprint) before the model loads."""
+    from ..train.run_state import check_same_lora, check_same_run, check_steps, load_state
 
     state = load_state(out)
     check_same_run(state, {"lr": args.lr, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                           "grad_accum": args.grad_accum}, out)
+                           "grad_accum": args.grad_accum, "warmup": args.warmup, "seed": args.seed,
+                           "mtp_weight": args.mtp_weight, "bf16": args.bf16, "data": data}, out)
+    check_steps(state, args.steps, out)
     check_resume_rank(args, out)
+    if args.lora_rank:
+        saved = state.get("lora")
+        if saved is None and (out / "adapter_config.json").is_file():  # a quantized base's run: its adapters' own
+            saved = json.loads((out / "adapter_config.json").read_text())
+        scale = (2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha) / args.lora_rank
+        check_same_lora(saved, {"rank": args.lora_rank, "scale": scale, "base": args.init_from}, out)
     return state
 
 

@@ -11,6 +11,7 @@ token's label is the next token of its own document only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def _file_documents(path: Path, tokenizer) -> tuple[list[Document], bool]:
     eos = tokenizer.token_to_id("<|endoftext|>")
     text = _read_text(path)
     if path.suffix.lower() not in JSONL_SUFFIXES:
+        if not text.strip():  # blanks alone are no text: they would train on whitespace tokens and the eos
+            return [], False
         ids = tokenizer.encode(text) + ([eos] if eos is not None else [])
         return [Document(ids, [True] * len(ids))], False
     docs, chat = [], False
@@ -119,6 +122,8 @@ def _file_documents(path: Path, tokenizer) -> tuple[list[Document], bool]:
             raise DataError(f"{where}: not valid JSON ({e.msg}); {path.suffix} data holds one JSON object "
                             "per line") from None
         if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            if not obj["text"].strip():
+                continue
             ids = tokenizer.encode(obj["text"]) + ([eos] if eos is not None else [])
             docs.append(Document(ids, [True] * len(ids)))
         elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
@@ -127,6 +132,24 @@ def _file_documents(path: Path, tokenizer) -> tuple[list[Document], bool]:
         else:
             raise DataError(f"{where}: expected an object with 'text' (string) or 'messages' (list)")
     return docs, chat
+
+
+def data_fingerprint(paths: list[str | Path]) -> list[tuple[str, int, str]]:
+    """(name, size in bytes, sha256) of each file in order: what a resumed run must train on again (another
+    order packs other rows). The contents decide, not the names or modification times."""
+    out = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"training data not found: {path}")
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+        out.append((path.name, path.stat().st_size, digest.hexdigest()))
+    return out
 
 
 def check_targets(rows: list[PackedRow], flag: str, seq_len: int) -> None:

@@ -5,13 +5,14 @@ Data order is a pure function of (seed, step) and the trainer state (optimizer, 
 saved with fp32 weights, so stopping and resuming gives the same losses as an uninterrupted run. Checkpoints
 are `qwen3_5_text` configs with `model.*` safetensors (tied head omitted), which both `qwen35.load_model` and
 transformers' AutoModelForCausalLM load.
+
+Saving (all or nothing) and the resume checks live in run_state.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,22 +22,23 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..checkpoint import write_checkpoint
 from ..config import ModelConfig
-from ..errors import Qwen35Error
 from ..model.qwen35 import Qwen35ForCausalLM
 from .data import IGNORE, PackedRow
+from .run_state import (
+    METRICS_FILE,
+    STATE_FILE,
+    TrainError,
+    check_processes,
+    check_same_lora,
+    check_same_run,
+    check_steps,
+    cut_metrics,
+    load_state,
+    lora_info,
+    save,
+)
 from .vocab_loss import banded_cross_entropy
-
-STATE_FILE = "trainer_state.pt"
-METRICS_FILE = "metrics.jsonl"
-# what a resumed run must share with the one it continues (flag of each): the saved optimizer and scheduler
-# would silently keep the old --lr, and other rows or batches make a different run (--steps may grow)
-SAME_RUN = {"lr": "--lr", "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum"}
-
-
-class TrainError(Qwen35Error):
-    """Training cannot go on (diverged, or a state to resume that is missing or does not fit)."""
 
 
 @dataclass
@@ -57,6 +59,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     fsdp: bool = False  # shard parameters and optimizer state across processes (FSDP2) instead of DDP
     mtp_weight: float = 0.3  # weight of the MTP loss (token after next) when the model has an MTP head
+    data: list | None = None  # data_fingerprint of the training files, so a resume can refuse other data
 
 
 def init_model(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Qwen35ForCausalLM:
@@ -75,87 +78,6 @@ def init_model(config: ModelConfig, seed: int = 0, std: float = 0.02) -> Qwen35F
             elif p.dim() >= 2 and "conv1d" not in name:
                 p.normal_(0, std)
     return model
-
-
-def config_dict(config: ModelConfig) -> dict:
-    """A transformers-compatible `qwen3_5_text` config.json for `config`."""
-    c = config
-    return {
-        "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
-        "linear_num_key_heads": c.linear_num_key_heads, "linear_num_value_heads": c.linear_num_value_heads,
-        "linear_key_head_dim": c.linear_key_head_dim, "linear_value_head_dim": c.linear_value_head_dim,
-        "linear_conv_kernel_dim": c.linear_conv_kernel_dim, "layer_types": list(c.layer_types),
-        "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "rope_parameters": c.rope_parameters(),
-        "mtp_num_hidden_layers": c.mtp_num_hidden_layers,
-        "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) > 1 else (c.eos_token_ids or [None])[0],
-    }
-
-
-def save(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None = None,
-         full_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Weights (fp32) and config in the official text layout, plus the tokenizer files. With LoRA active,
-    the adapters are merged into the saved weights (the model itself keeps them) and also written alone
-    to lora.safetensors, which resume reads. On a quantized base only the adapters are written
-    (train/qlora.py: write_merged makes the merged checkpoint, once, at the end)."""
-    if getattr(model, "quant", None) is not None:  # a quantized base: the adapters are all that changed
-        from .qlora import save_adapters
-
-        return save_adapters(model, out, tokenizer_dir)
-    if full_state is not None:  # gathered from sharded (FSDP) parameters
-        tensors = {n: t.float().contiguous() for n, t in full_state.items() if "lora_" not in n}
-    else:
-        tensors = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters()
-                   if "lora_" not in n}
-    if getattr(model, "lora_active", False):
-        from safetensors.torch import save_file
-
-        from .lora import LoRALinear
-
-        for name, module in model.named_modules():
-            if isinstance(module, LoRALinear):
-                delta = (module.lora_B @ module.lora_A * module.lora_scale).detach().float()
-                tensors[name + ".weight"] = tensors[name + ".weight"] + delta
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().float().contiguous() for n, p in model.named_parameters() if "lora_" in n},
-                  str(out / "lora.safetensors"))
-    write_checkpoint(tensors, config_dict(model.config), out)
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, out / name)
-    return out
-
-
-def load_state(out: Path) -> dict:
-    """The trainer state saved in `out`, or a one-line error saying why it cannot be resumed."""
-    path = Path(out) / STATE_FILE
-    if not path.is_file():
-        raise TrainError(f"{path} not found: nothing to resume (train without --resume)")
-    try:
-        state = torch.load(path, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in pickle or zipfile, any way
-        raise TrainError(f"{path}: not a readable trainer state ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0]})") from None
-    if not isinstance(state, dict) or not {"step", "losses", "config"} <= state.keys():
-        raise TrainError(f"{path}: not a trainer state (no step, losses and config)")
-    if "optimizer" not in state:
-        raise TrainError(f"{path}: written by a sharded (FSDP) run, whose optimizer state is not saved: it "
-                         "cannot be resumed")
-    return state
-
-
-def check_same_run(state: dict, now: dict, path: Path) -> None:
-    """Refuse to resume with a setting the saved run did not use, naming its flag."""
-    saved = state["config"]
-    for key, flag in SAME_RUN.items():
-        if key in saved and key in now and saved[key] != now[key]:
-            raise TrainError(f"{flag} {now[key]:g} differs from the run in {path} ({saved[key]:g}): resume "
-                             f"with {flag} {saved[key]:g}, or train into a new --out")
 
 
 def _check_finite(step: int, loss: float, norm: torch.Tensor) -> None:
@@ -265,14 +187,22 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) must be a multiple of the {world} processes")
+    check_processes(cfg.batch_size, world, cfg.fsdp, bool(resume))
     from .qlora import check_trainable
 
     check_trainable(model, getattr(model, "lora_active", False), distributed and cfg.fsdp)
+    log = log if rank == 0 else (lambda s: None)
     model.train()
     if not getattr(model, "lora_active", False):
         model.requires_grad_(True)  # (with LoRA only the adapters train; apply_lora set that)
+    # the MTP loss needs a token after next in the row; without it (or with its weight 0) the head gets no
+    # gradient, so it is frozen: DDP would wait at the next step for gradients that never come, and the saved
+    # head stays as it was
+    mtp = model.mtp is not None and cfg.mtp_weight > 0 and rows[0].ids.shape[-1] >= 3
+    if model.mtp is not None and not mtp:
+        model.mtp.requires_grad_(False)
+        if cfg.mtp_weight > 0:
+            log(f"--seq-len {rows[0].ids.shape[-1]} leaves no token after next: the MTP head is not trained")
     model.gradient_checkpointing = cfg.grad_checkpoint
     # data-parallel: every process holds the model, takes its share of each global batch, and DDP averages
     # the gradients (no communication code of ours)
@@ -293,11 +223,12 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start, losses = 0, []
-    if resume and distributed and cfg.fsdp:
-        raise ValueError("resuming a sharded (FSDP) run is not supported yet; resume with DDP (omit --fsdp)")
+    adapters = lora_info(model)
     if resume:  # a state read already (the command checks it before loading the model), or True: read it
         state = resume if isinstance(resume, dict) else load_state(out)
         check_same_run(state, asdict(cfg), out)
+        check_steps(state, cfg.steps, out)
+        check_same_lora(state.get("lora"), adapters, out)
         try:
             opt.load_state_dict(state["optimizer"])
         except ValueError as e:  # other trainable parameters: full vs LoRA, other --lora-targets
@@ -306,10 +237,11 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         sched.load_state_dict(state["scheduler"])
         start, losses = state["step"], list(state["losses"])
         log(f"resumed at step {start}")
+        if rank == 0:
+            cut_metrics(out / METRICS_FILE, start)
     fresh = not resume and not (out / METRICS_FILE).exists()  # a failed run may take back what it wrote
     out.mkdir(parents=True, exist_ok=True)
     metrics = open(out / METRICS_FILE, "a") if rank == 0 else None
-    log = log if rank == 0 else (lambda s: None)
     t0 = time.perf_counter()
     tokens_seen = 0
     last = min(cfg.steps, until or cfg.steps)
@@ -329,7 +261,7 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         total = torch.zeros(2)
         for ids, labels, segments in parts:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                main, _, extra, _ = runner(ids, labels, segments, mtp=cfg.mtp_weight > 0)
+                main, _, extra, _ = runner(ids, labels, segments, mtp=mtp)
             # DDP averages over processes; the target is the sum over the global batch / its target count
             ((main + cfg.mtp_weight * extra) * world / count).backward()
             total += torch.stack([main.detach(), extra.detach()])
@@ -358,7 +290,7 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
             elapsed = time.perf_counter() - t0
             rate = tokens_seen / elapsed
             eta = elapsed / (step + 1 - start) * (last - step - 1)
-            mtp_note = f" mtp_loss={mtp_total / count:.4f}" if model.mtp is not None and cfg.mtp_weight else ""
+            mtp_note = f" mtp_loss={mtp_total / count:.4f}" if mtp else ""
             log(f"step {step + 1}/{cfg.steps} loss={losses[-1]:.4f}{mtp_note} lr={sched.get_last_lr()[0]:.2e} "
                 f"tok/s={rate:.0f} eta={eta:.0f}s")
             if metrics is not None:
@@ -373,12 +305,11 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
                 full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank != 0:
                 continue
-            save(model, out, Path(tokenizer_dir) if tokenizer_dir else None, full)
-            saved = True
-            state = {"step": step + 1, "losses": losses, "config": asdict(cfg)}
+            state = {"step": step + 1, "losses": losses, "config": asdict(cfg), "lora": adapters}
             if full is None:  # sharded optimizer state is not gathered (FSDP runs cannot resume yet)
                 state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
-            torch.save(state, out / STATE_FILE)
+            save(model, out, Path(tokenizer_dir) if tokenizer_dir else None, full, state)
+            saved = True
     if bar is not None:
         bar.close()
     if distributed:

@@ -66,7 +66,7 @@ def save_adapters(model, out: Path, tokenizer_dir: Path | None = None) -> Path:
               str(out / ADAPTERS))
     mods = _lora_modules(model)
     info = getattr(model, "checkpoint_info", None)
-    meta = {"base": str(info.path) if info is not None else None, "quant": model.quant,
+    meta = {"base": str(Path(info.path).resolve()) if info is not None else None, "quant": model.quant,
             "rank": int(mods[0][1].lora_A.shape[0]), "scale": mods[0][1].lora_scale,
             "modules": [n for n, _ in mods]}
     (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -81,8 +81,11 @@ def save_adapters(model, out: Path, tokenizer_dir: Path | None = None) -> Path:
 
 def load_adapters(model, out: Path) -> None:
     """Read lora.safetensors from `out` into the adapters `apply_lora` made; they must match its modules and
-    rank, and adapter_config.json's quantization must be this base's (resuming on another base is an error)."""
+    rank, and adapter_config.json's quantization, scale and base must be this model's (resuming with another
+    --quant, --lora-alpha or --init-from is an error)."""
     from safetensors.torch import load_file
+
+    from .run_state import check_same_lora, lora_info
 
     out = Path(out)
     if not (out / ADAPTERS).is_file():
@@ -93,6 +96,7 @@ def load_adapters(model, out: Path) -> None:
         if meta.get("quant") != getattr(model, "quant", None):
             raise QLoRAError(f"{out} holds adapters trained on a {meta.get('quant') or 'unquantized'} base, but this "
                              f"base is {getattr(model, 'quant', None) or 'unquantized'}: resume with the same --quant")
+        check_same_lora(meta, lora_info(model), out)
     adapters = load_file(str(out / ADAPTERS))
     own = {n: p for n, p in model.named_parameters() if "lora_" in n}
     if set(adapters) != set(own) or any(adapters[n].shape != own[n].shape for n in own):
@@ -184,7 +188,7 @@ def write_merged(model, out: Path, quant: str = MERGE_BF16, tokenizer_dir: Path 
     from ..model.qwen35 import keeps_fp32
     from ..quant.checkpoint import stored_tensors
     from ..quant.weight import QuantizedWeight
-    from .loop import config_dict
+    from .run_state import config_dict
 
     merge_quantized(model, None if quant == MERGE_BF16 else quant)
     weights = dict(model.named_weights())
