@@ -19,8 +19,8 @@ cached answer is reused token for token.
 from __future__ import annotations
 
 import copy
-import logging
 import json
+import logging
 import re
 import uuid
 from datetime import datetime

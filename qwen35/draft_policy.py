@@ -7,7 +7,8 @@ are measured while generating: the acceptance per position for each request (a B
 unseen position counts as a coin flip), and the wall time of a round for each (batch size, k), k = 0 being
 a plain decode step. The first rounds try each k once (and one plain step); afterwards each round takes the
 k with the most tokens per second. After MIN_ROUNDS_TO_TURN_OFF drafting rounds, a request whose best k is
-slower than plain decoding has drafting turned off for its remaining tokens, and its stats say why.
+slower than plain decoding has drafting turned off for its remaining tokens, and its stats say why. A
+seeded sampled request drafts SEEDED_DRAFTS tokens a round instead (or the fixed k), so its seed reproduces it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from dataclasses import dataclass, field
 ADAPTIVE_MAX_DRAFTS = 4  # adaptive k is 1..4 (the MTP head's chained drafts past 4 are rarely accepted)
 MIN_ROUNDS_TO_TURN_OFF = 8  # drafting rounds measured before a request's drafting may be turned off
 EMA = 0.2  # weight of a new round time in its running estimate
+# drafts per round of a seeded sampled request under adaptive k: the choice above follows measured wall-clock
+# times, and a round of another k spends the seed's random numbers differently, so its text would change from
+# run to run; a fixed k (this, or --draft-tokens) keeps a seed reproducible (not turned off by times either)
+SEEDED_DRAFTS = 2
+
+
+def seeded_sampling(params) -> bool:
+    """A request whose seed must reproduce it: sampled (greedy decoding is the same at any k) with a seed."""
+    return params.seed is not None and params.temperature > 0
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 
 from . import threads
 from .cache import HybridCache
-from .draft_policy import SpeculativeStats, choose_k, loses
+from .draft_policy import SEEDED_DRAFTS, SpeculativeStats, choose_k, loses, seeded_sampling
 from .generation import Response, Stream
 from .sampling import SamplingParams, greedy, speculative_accept
 from .selection import argmax, draw
@@ -103,12 +103,16 @@ def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Strea
     t0 = time.perf_counter()
     head = spec.head(model)
     B = len(streams)
-    limits = [min(spec.max_k, s.params.max_tokens - len(s.generated) - 1) if r.on else 0
-              for s, r in zip(streams, rows)]
+    # a seeded sampled row drafts a fixed number of tokens a round: adaptive k follows wall-clock round times,
+    # and another k spends the seed's random numbers differently, so the same seed gave another text each run
+    seeded = [seeded_sampling(s.params) for s in streams]
+    limits = [min((spec.draft_tokens or SEEDED_DRAFTS) if fixed else spec.max_k,
+                  s.params.max_tokens - len(s.generated) - 1) if r.on else 0 for s, r, fixed in zip(streams, rows, seeded)]
     cap = spec.max_k
     if model.kernels:  # past the whole-layer kernels' rows the verify would round differently from decode steps
         cap = min(cap, MAX_VERIFY_ROWS // B - 1)
     K = min(cap, max(limits)) if spec.draft_tokens else choose_k(spec.costs, [r.stats for r in rows], limits, cap)
+    K = max([K] + [min(cap, lim) for lim, fixed in zip(limits, seeded) if fixed])  # (exploring k=0 waits)
     ks = [max(0, min(K, lim)) for lim in limits]
     K = max(ks, default=0)
     drafts: list[list[int]] = [[] for _ in range(B)]
@@ -155,8 +159,9 @@ def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Strea
     cache.keep_steps(False)
     spec.costs.add(B, K, time.perf_counter() - t0)
     if not spec.draft_tokens:
-        for s, r in zip(streams, rows):
-            why = loses(spec.costs, r.stats, B, cap) if r.on else None
+        for s, r, fixed in zip(streams, rows, seeded):
+            # (not a seeded row: turning off by measured times would make its text depend on them too)
+            why = loses(spec.costs, r.stats, B, cap) if r.on and not fixed else None
             if why:
                 r.turn_off(why, spec.stats, "loss")
     return out

@@ -353,3 +353,39 @@ def test_a_caller_that_stops_mid_round_finds_the_cache_where_plain_decoding_leav
         assert cache.offset == len(ids) + n - 1, n
         more = [r.token for r in qwen35.generate_step(model, [took[-1]], cache=cache, params=GREEDY)]
         assert took + more[:8] == ref[: n + 8], n
+
+
+@needs_kernels
+def test_a_seed_reproduces_a_sampled_request_whatever_the_round_times(bundled_bf16, monkeypatch):
+    """Adaptive k follows measured round times, and a round of another k spends the seed's random numbers
+    differently: the same seed gave another text on every run (4 of 4 CLI runs differed). A seeded sampled
+    request drafts a fixed k (draft_policy.SEEDED_DRAFTS) and is never turned off by times. Here each run
+    sees other times (a fake clock), and drafting must still give one text; without a seed, k adapts."""
+    import random
+
+    from qwen35 import draft_policy
+    from qwen35 import speculative as spec_mod
+
+    model, tok = bundled_bf16
+    ids = tok.encode(TEXTS[0])
+    seeded = qwen35.SamplingParams(temperature=1.0, top_p=0.95, max_tokens=40, seed=1234, stop_token_ids=(-1,))
+    texts, ks = set(), []
+    for clock_seed in range(4):
+        rng, now = random.Random(clock_seed), [0.0]
+
+        def clock(rng=rng, now=now):
+            now[0] += rng.uniform(0.001, 0.1)
+            return now[0]
+
+        monkeypatch.setattr(spec_mod.time, "perf_counter", clock)
+        spec = Speculation(draft_tokens=None)
+        texts.add(tuple(r.token for r in qwen35.generate_step(model, ids, params=seeded, speculative=spec)))
+        ks.append(spec.stats.rounds_by_k)
+        assert spec.stats.drafting == "on" and max(spec.stats.rounds_by_k) == draft_policy.SEEDED_DRAFTS
+    assert len(texts) == 1
+    # unseeded, the same clocks make adaptive k pick other ks: what the seed had been exposed to
+    monkeypatch.setattr(spec_mod.time, "perf_counter", clock)
+    spec = Speculation(draft_tokens=None)
+    list(qwen35.generate_step(model, ids, params=qwen35.SamplingParams(temperature=1.0, max_tokens=40, seed=None,
+                                                                       stop_token_ids=(-1,)), speculative=spec))
+    assert set(spec.stats.rounds_by_k) >= {1, 2, 3, 4}
