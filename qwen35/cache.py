@@ -19,6 +19,10 @@ DeltaNetState holds is updated in place by a decode step (ops/layer_decode.exclu
 A snapshot, like a row, *holds* the first `length` tokens of each buffer it references; a write into a
 buffer below what any other holder holds first copies the buffer (copy-on-write), so no snapshot or
 other row ever sees its tokens overwritten, and a row rolled back onto its own snapshot writes in place.
+A buffer that grows while no other holder relies on tokens past the growing row's takes its holders along
+(new storage, same buffer), so a conversation restored turn after turn keeps one buffer for all its
+snapshots; a snapshot keeps its buffers whole, and `trim` frees the room a finished row reserved and never
+used.
 
 One file past ~300 lines on purpose: rows, buffers, snapshots and the batch operations are one contract
 whose invariants (who holds which prefix) only read right side by side.
@@ -58,10 +62,12 @@ class Row:
                  limit: int | None = None) -> KVBuffer:
         """Row's buffer of attention layer j, able to hold `needed` tokens and be written from `length` on:
         grown (doubling, in KV_GROWTH_STEP units, never past `limit`, the model's context, unless `needed`
-        is; exact: to `needed` rounded up to that unit) or copied when another holder relies on tokens past
-        `length`. make(capacity): an empty buffer of the cache's format."""
+        is; exact: to `needed` rounded up to that unit; in place: its holders follow it to the new storage)
+        or copied when another holder relies on tokens past `length`. make(capacity): an empty buffer of the
+        cache's format."""
         buf = self.kv[j]
-        if buf is not None and needed <= buf.capacity and buf.held_by_others(self) <= self.length:
+        shared_past = buf is not None and buf.held_by_others(self) > self.length
+        if buf is not None and needed <= buf.capacity and not shared_past:
             return buf
         old_cap = 0 if buf is None else buf.capacity
         cap = needed if exact else max(needed, 2 * old_cap if needed > old_cap else old_cap)
@@ -71,6 +77,11 @@ class Row:
         new = make(cap)
         if self.length and buf is not None:
             new.copy_prefix(buf, self.length)
+        if buf is not None and not shared_past:
+            # grown in place: its other holders rely on no token past ours, so they move to the new storage
+            # with it and the old one is freed; a conversation's snapshots share one buffer, not one per turn
+            buf.take_storage(new)
+            return buf
         if buf is not None:
             buf.holders.discard(self)
         new.holders.add(self)
@@ -91,21 +102,48 @@ class RowSnapshot:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tokens it holds. The buffers it keeps alive may be larger (room a row reserved) and
+        shared (other snapshots of the same row): prompt_cache.py counts those, each once."""
         return sum(b.token_bytes * self.length for b in self.kv if b is not None)
+
+
+def trim_buffer(buf: KVBuffer, ended: Row | None = None) -> None:
+    """Free the room of `buf` past the longest prefix any holder keeps unless a row other than `ended` (a
+    row that will write no more) still holds it: a live row writes into its reserved room without growing,
+    which the server's memory budget counted for its request. Otherwise a snapshot of a finished request
+    would keep the room reserved for its max_tokens alive for as long as it is cached. Cut to the exact
+    length, not to a KV_GROWTH_STEP: a row restored from it that writes copies the prefix anyway, and a
+    step's spare slots would outweigh a short conversation."""
+    holders = list(buf.holders)
+    if any(isinstance(h, Row) and h is not ended for h in holders):
+        return
+    buf.shrink(max((h.length for h in holders), default=0))
+
+
+class RowList:
+    """A cache's rows, shared with its KVCache views. The views read the rows through this, not through the
+    HybridCache: a view referring back to its cache would make a reference cycle, and a dropped cache (a
+    finished request's) would then keep its rows, and their holds on buffers, until the garbage collector
+    ran, so a snapshot's buffer could not be trimmed (trim_buffer) when the request ended."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[Row]):
+        self.rows = rows
 
 
 class KVCache:
     """The view of one attention layer (index j among the attention layers) on a cache's rows."""
 
-    def __init__(self, cache: HybridCache, j: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, kv_cache: str = "bf16"):
-        self.cache, self.j = cache, j
+    def __init__(self, rows: RowList, j: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, kv_cache: str = "bf16", max_tokens: int | None = None):
+        self.row_list, self.j, self.max_tokens = rows, j, max_tokens
         self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, device
         self.kv_cache, self._buffer = kv_cache, buffer_class(kv_cache)
 
     @property
     def rows(self) -> list[Row]:
-        return self.cache.rows
+        return self.row_list.rows
 
     @property
     def nbytes(self) -> int:
@@ -122,8 +160,7 @@ class KVCache:
 
     def buffers(self, new_tokens: int, exact: bool = False) -> list[KVBuffer]:
         """Each row's buffer, writable for `new_tokens` tokens from the row's length on."""
-        limit = self.cache.layout.max_tokens
-        return [r.writable(self.j, r.length + new_tokens, self._make, exact, limit) for r in self.rows]
+        return [r.writable(self.j, r.length + new_tokens, self._make, exact, self.max_tokens) for r in self.rows]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> list[KVBuffer]:
         """Write k, v [B, Hkv, T, D] after each row's tokens (quantized on write for q8_0); return each row's
@@ -159,7 +196,8 @@ class CacheSnapshot:
 
     @property
     def nbytes(self) -> int:
-        """Memory this snapshot keeps alive: its KV prefixes and its Gated DeltaNet state."""
+        """Bytes of its KV prefixes and its Gated DeltaNet state (RowSnapshot.nbytes says what this leaves
+        out)."""
         return sum(r.nbytes for r in self.rows) + sum(c.numel() * c.element_size() + s.numel() * 4
                                                        for c, s in self.deltanet)
 
@@ -199,7 +237,7 @@ class HybridCache:
     KVCache view (attention) or a DeltaNetState. Rows advance together by each forward's T tokens."""
 
     def __init__(self, layout: CacheLayout, rows: list[Row], deltanet: list[DeltaNetState]):
-        self.layout, self.rows, self.deltanet = layout, rows, deltanet
+        self.layout, self.row_list, self.deltanet = layout, RowList(rows), deltanet
         self.last_forward = 0  # tokens per row of the last forward (what `rewind` may take back); 0: none
         # why a forward stopped part-way through this cache (an exception, Ctrl-C), or None: its layers may
         # then hold the new tokens' state while its rows' lengths do not, so it is refused until restored
@@ -208,8 +246,8 @@ class HybridCache:
         j = d = 0
         for t in layout.layer_types:
             if t == "full_attention":
-                self.layers.append(KVCache(self, j, layout.num_kv_heads, layout.head_dim, layout.dtype,
-                                           layout.device, layout.kv_cache))
+                self.layers.append(KVCache(self.row_list, j, layout.num_kv_heads, layout.head_dim, layout.dtype,
+                                           layout.device, layout.kv_cache, layout.max_tokens))
                 j += 1
             else:
                 self.layers.append(deltanet[d])
@@ -244,6 +282,14 @@ class HybridCache:
         dn = [DeltaNetState(c.to(layout.dtype), r.float()) for (c, r), t in zip(states, layout.layer_types)
               if t != "full_attention"]
         return cls(layout, rows, dn)
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.row_list.rows
+
+    @rows.setter
+    def rows(self, rows: list[Row]) -> None:
+        self.row_list.rows = rows
 
     def __getitem__(self, i: int) -> KVCache | DeltaNetState:
         return self.layers[i]
@@ -397,6 +443,16 @@ class HybridCache:
                 raise CacheError(f"{what} holds Gated DeltaNet state of another model (conv {list(conv.shape[1:])} "
                                  f"{conv.dtype}, recurrent {list(rec.shape[1:])}; this cache's are {list(conv_shape)} "
                                  f"{L.dtype}, {list(rec_shape)})")
+
+    def trim(self, rows: Sequence[int]) -> None:
+        """`rows` will write no more (a finished request's, about to leave the batch): free the room their
+        buffers hold past the longest prefix any holder keeps, where no other row writes into it
+        (trim_buffer). Snapshots keep their prefixes; such a row written again would first grow (copy) its
+        buffers."""
+        for i in self._check_rows(rows):
+            for buf in self.rows[i].kv:
+                if buf is not None:
+                    trim_buffer(buf, ended=self.rows[i])
 
     # -- batching ----------------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ class KVBuffer:
 
     __slots__ = ("k", "v", "holders")
     format = "bf16"
+    _storage = ("k", "v")  # the tensors [Hkv, capacity, ...] that take_storage and shrink replace
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         self.k, self.v = k, v
@@ -100,6 +101,24 @@ class KVBuffer:
     def held_by_others(self, me: object) -> int:
         """Longest prefix any other live holder (a snapshot, another row) relies on."""
         return max((h.length for h in list(self.holders) if h is not me), default=0)
+
+    def take_storage(self, other: KVBuffer) -> None:
+        """Use other's tensors (same format and heads) from now on: every holder of this buffer reads them."""
+        for name in self._storage:
+            setattr(self, name, getattr(other, name))
+
+    def shrink(self, capacity: int) -> None:
+        """Keep slots [0, capacity) only, in storage of that size: a copy, and the old storage is freed once
+        nothing views it (a tensor cannot give back the middle of its layout). Which capacity is safe (no
+        holder past it, no row still writing into the rest) is cache.py's to decide."""
+        if not 0 < capacity < self.capacity:
+            return
+        # a normal tensor even under torch.inference_mode(), as KVCache._make makes it: rows restored from a
+        # snapshot write into it later, outside that mode
+        with torch.inference_mode(False):
+            for name in self._storage:
+                t = getattr(self, name)[:, :capacity]
+                setattr(self, name, t.clone(memory_format=torch.contiguous_format))
 
     def copy_prefix(self, src: KVBuffer, n: int) -> None:
         """Tokens [0, n) of src (same format and heads) into this buffer."""
@@ -139,6 +158,7 @@ class Q8KVBuffer(KVBuffer):
 
     __slots__ = ("kd", "vd")
     format = "q8_0"
+    _storage = ("k", "v", "kd", "vd")
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor):
         super().__init__(k, v)

@@ -4,17 +4,81 @@ Recurrent state cannot be trimmed back to an arbitrary position, so reuse on a h
 through snapshots taken exactly where a later prompt may diverge: the end of each served prompt and each
 turn boundary. A lookup restores the longest stored token prefix of the new prompt; only the rest is
 prefilled. A prompt's end is stored with its last token's logits, so the same prompt again (a retry, or
-the workaround for n > 1) restores it whole and prefills nothing. Entries live in an LRU bounded in bytes (a
-snapshot's KV prefix + Gated DeltaNet state, + its logits).
+the workaround for n > 1) restores it whole and prefills nothing.
+
+Entries live in an LRU bounded in bytes by what they really keep alive (`nbytes`). A snapshot keeps whole KV
+buffers alive, not just its prefix, and the snapshots of one conversation share them: each buffer is counted
+once, at the size it has once no row writes into it (the longest prefix an entry holds: cache.trim_buffer
+frees the rest, on every store and when the server ends a request), plus each entry's Gated DeltaNet state
+and logits. When a request's answer is stored, what it restored from, its turn boundary and its prompt's
+end hold less of the same conversation: the caller names them (`store_snapshot(demote=...)`) and they are
+evicted before any other entry (the earliest demoted first) unless a lookup uses them again. They cost
+little to keep (their KV is the answer's), but under pressure every conversation's latest answer matters
+more: four users taking turns with room for eight answers reused 0% of turns 2-5 under plain LRU, 83%
+(all there is to reuse) with this. A client whose next prompt does not repeat the answer's tokens (its
+reasoning dropped) needs the prompt's end instead, which this evicts first.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from .cache import CacheSnapshot, HybridCache
+from .cache import CacheSnapshot, HybridCache, trim_buffer
+from .kv_storage import KVBuffer
+
+
+class _Held:
+    """The bytes a set of entries keeps alive, kept up to date as entries leave (an eviction recounts nothing):
+    KV buffers by identity, Gated DeltaNet tensors by storage, each counted once however many entries share it."""
+
+    def __init__(self, entries: Iterable[CacheSnapshot], logits: Iterable[torch.Tensor]):
+        self.kv: dict[int, tuple[KVBuffer, Counter]] = {}  # id -> (buffer, the lengths entries hold of it)
+        self.state: dict[int, list[int]] = {}  # storage address -> [entries using it, bytes]
+        self.total = sum(t.nbytes for t in logits)
+        for snap in entries:
+            self.add(snap)
+
+    @staticmethod
+    def _kv_bytes(buf: KVBuffer, lengths: Counter) -> int:
+        # the size trim_buffer leaves it once no row writes into it (a live row's reserve is its request's)
+        return min(buf.capacity, max(lengths)) * buf.token_bytes if lengths else 0
+
+    def _tensors(self, snap: CacheSnapshot):
+        for conv, rec in snap.deltanet:
+            for t in (conv, rec):
+                yield t.untyped_storage()
+
+    def add(self, snap: CacheSnapshot) -> None:
+        for r in snap.rows:
+            for b in r.kv:
+                if b is not None:
+                    _, lengths = self.kv.setdefault(id(b), (b, Counter()))
+                    self.total -= self._kv_bytes(b, lengths)
+                    lengths[r.length] += 1
+                    self.total += self._kv_bytes(b, lengths)
+        for st in self._tensors(snap):
+            ref = self.state.setdefault(st.data_ptr(), [0, st.nbytes()])
+            ref[0] += 1
+            self.total += ref[1] if ref[0] == 1 else 0
+
+    def remove(self, snap: CacheSnapshot, logits: torch.Tensor | None) -> None:
+        self.total -= 0 if logits is None else logits.nbytes
+        for r in snap.rows:
+            for b in r.kv:
+                if b is not None:
+                    _, lengths = self.kv[id(b)]
+                    self.total -= self._kv_bytes(b, lengths)
+                    lengths[r.length] -= 1
+                    if not lengths[r.length]:
+                        del lengths[r.length]
+                    self.total += self._kv_bytes(b, lengths)
+        for st in self._tensors(snap):
+            ref = self.state[st.data_ptr()]
+            ref[0] -= 1
+            self.total -= ref[1] if ref[0] == 0 else 0
 
 
 class PromptCache:
@@ -23,11 +87,13 @@ class PromptCache:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple[int, ...], CacheSnapshot] = OrderedDict()
         self.logits: dict[tuple[int, ...], torch.Tensor] = {}  # the last token's, for entries that have them
+        self.demoted: set[tuple[int, ...]] = set()  # evicted first; `entries` orders them by demotion
         self.hits = self.misses = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.entries.values()) + sum(t.nbytes for t in self.logits.values())
+        """Memory the entries keep alive (the module docstring says how it is counted)."""
+        return _Held(self.entries.values(), self.logits.values()).total
 
     def lookup_exact(self, tokens: list[int]) -> tuple[HybridCache, torch.Tensor] | None:
         """A fresh cache (batch 1) holding all of `tokens` and a copy of their last token's logits [1, vocab],
@@ -37,6 +103,7 @@ class PromptCache:
             return None
         self.hits += 1
         self.entries.move_to_end(key)
+        self.demoted.discard(key)
         cache = self.model.make_cache(batch_size=1)
         cache.restore(self.entries[key])
         return cache, self.logits[key].clone()
@@ -54,6 +121,7 @@ class PromptCache:
             return cache, 0
         self.hits += 1
         self.entries.move_to_end(best)
+        self.demoted.discard(best)
         cache.restore(self.entries[best])
         return cache, len(best)
 
@@ -66,8 +134,11 @@ class PromptCache:
             raise ValueError(f"cache holds {cache.lengths} tokens (batch {cache.batch_size}), not the {len(tokens)} given")
         self.store_snapshot(tokens, cache.snapshot(), logits)
 
-    def store_snapshot(self, tokens: list[int], snap: CacheSnapshot, logits: torch.Tensor | None = None) -> None:
-        """Remember a one-row snapshot holding exactly `tokens` (e.g. one row of a batch)."""
+    def store_snapshot(self, tokens: list[int], snap: CacheSnapshot, logits: torch.Tensor | None = None,
+                       demote: Iterable[Sequence[int]] = ()) -> None:
+        """Remember a one-row snapshot holding exactly `tokens` (e.g. one row of a batch). demote: keys of
+        entries this one makes worth less (a request's own earlier snapshots, prefixes of its answer's): they
+        are evicted first, in that order."""
         if self.max_bytes <= 0:
             return
         if len(snap.rows) != 1 or snap.offset != len(tokens):
@@ -79,10 +150,39 @@ class PromptCache:
         else:
             self.logits.pop(key, None)
         self.entries.move_to_end(key)
-        while len(self.entries) > 1 and self.nbytes > self.max_bytes:
-            old, _ = self.entries.popitem(last=False)
-            self.logits.pop(old, None)
+        self.demoted.discard(key)
+        for k in map(tuple, demote):
+            if k != key and k in self.entries:
+                self.entries.move_to_end(k)
+                self.demoted.add(k)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop entries, the demoted ones first, then the least recently used, until what they keep alive fits
+        max_bytes (the one just stored always stays)."""
+        for buf in self._buffers(self.entries.values()):  # a request that ended without trimming (cancelled)
+            trim_buffer(buf)
+        held = _Held(self.entries.values(), self.logits.values())
+        gone = []
+        while len(self.entries) > 1 and held.total > self.max_bytes:
+            old = next((k for k in self.entries if k in self.demoted), None)
+            old = next(iter(self.entries)) if old is None else old
+            snap = self.entries.pop(old)
+            self.demoted.discard(old)
+            held.remove(snap, self.logits.pop(old, None))
+            gone.append(snap)
+        if gone:
+            bufs = list(self._buffers(gone))
+            gone = snap = None  # (their holds end here)
+            for buf in bufs:  # what is left of a shared buffer may be a shorter prefix
+                trim_buffer(buf)
+
+    @staticmethod
+    def _buffers(snaps: Iterable[CacheSnapshot]) -> Iterable[KVBuffer]:
+        """Each KV buffer of `snaps` once."""
+        return {id(b): b for s in snaps for r in s.rows for b in r.kv if b is not None}.values()
 
     def clear(self) -> None:
         self.entries.clear()
         self.logits.clear()
+        self.demoted.clear()

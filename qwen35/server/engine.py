@@ -343,10 +343,19 @@ class Engine:
         """Snapshot a finished row at the end of its answer (prompt + every generated token but the last,
         which was sampled and never fed), so the next turn of the conversation reuses the answer too."""
         req = self.active[i][0]
-        tokens = (req.key or req.prompt) + req.generated[:-1]
+        key = req.key or req.prompt
+        tokens = key + req.generated[:-1]
         if self.prompt_cache.max_bytes <= 0 or self.cache.lengths[i] != len(tokens):
             return
-        self.prompt_cache.store_snapshot(tokens, self.cache.snapshot(rows=[i]))
+        snap = self.cache.snapshot(rows=[i])
+        # the row leaves the batch next: the room it reserved for max_tokens and did not use would stay
+        # alive in its snapshots for as long as they are cached
+        self.cache.trim([i])
+        # what it restored from, its turn boundary and its prompt's end hold less of this conversation than
+        # the answer does: evicted first (a conversation they also start, a shared system prompt, hits
+        # them again)
+        earlier = [key[:n] for n in (req.cached_tokens, req.boundary) if 0 < n < len(key)]
+        self.prompt_cache.store_snapshot(tokens, snap, demote=earlier + [key])
 
     def _fail(self, req: Request, e: Exception) -> None:
         self.stats["errors"] += 1
