@@ -117,6 +117,24 @@ def test_second_turn_reuses_the_first(client, local):
     assert r3.choices[0].message.content == greedy_local(local, msgs, 6, preserve=False).strip()
 
 
+def test_a_long_system_prompt_is_reused_by_another_conversation(client, local):
+    """An agent's system prompt and tools open every conversation: a long opening system turn gets a snapshot
+    of its own, which a different conversation restores (it had been prefilled again each time: snapshots
+    were only at turn boundaries and prompt ends). The answer equals a cold run."""
+    from qwen35.server.prompt_ids import SYSTEM_PREFIX_MIN
+
+    _, tok = local
+    system = {"role": "system", "content": "You are a careful assistant for a shipping company. " * 40}
+    first = [system, {"role": "user", "content": "Where is order 17?"}]
+    turn = len(tok.encode(tok.chat_template.render([system], add_generation_prompt=False)))
+    assert turn >= SYSTEM_PREFIX_MIN
+    client.chat.completions.create(model="model", messages=first, max_tokens=4, temperature=0)
+    other = [system, {"role": "user", "content": "Cancel my subscription, please."}]
+    r = client.chat.completions.create(model="model", messages=other, max_tokens=6, temperature=0)
+    assert r.usage.prompt_tokens_details.cached_tokens == turn
+    assert r.choices[0].message.content == greedy_local(local, other, 6).strip()
+
+
 def test_errors(client, server):
     import openai
 

@@ -47,7 +47,7 @@ from .guard import Guard
 from .images import DEFAULT_MAX_IMAGE_PIXELS, image_parts, load_images
 from .messages import parse_messages
 from .metrics import prometheus_text
-from .prompt_ids import conversation_ids, least_tokens, message_texts
+from .prompt_ids import conversation_ids, least_tokens, message_texts, system_prefix
 from .protocol import parse_options
 from .responses import finish_reason, logprob_entry, sse, usage
 from .stop_strings import StopStrings
@@ -184,11 +184,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise bad(param, str(e)) from None
 
     def submit(prompt_ids: list[int], opts, boundary: int = 0, param: str = "messages", guide=None,
-               vision=None) -> EngineRequest:
+               vision=None, prefix: int = 0) -> EngineRequest:
         images, key = vision or (None, None)
         try:
             return engine.submit(EngineRequest(prompt_ids, opts.params, boundary=boundary, timeout_s=request_timeout,
-                                               guide=guide, images=images, key=key))
+                                               guide=guide, images=images, key=key, prefix=prefix))
         except ContextLengthError as e:
             raise bad(param, str(e), "context_length_exceeded") from None
         except QueueFull as e:
@@ -291,12 +291,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             except ImageError as e:  # each part was checked in load_images: what is left is the placeholders
                 raise bad("messages", str(e)) from None
             vision = (inputs, key)
-        return opts, ids, boundary, prompt.rstrip().endswith("<think>"), guide_for(opts, body), vision
+        prefix = system_prefix(tokenizer, prompt, ids) if vision is None else 0
+        return opts, ids, boundary, prompt.rstrip().endswith("<think>"), guide_for(opts, body), vision, prefix
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        opts, ids, boundary, thinking_open, guide, vision = await prepared(request, prepare_chat)
-        req = submit(ids, opts, boundary, guide=guide, vision=vision)
+        opts, ids, boundary, thinking_open, guide, vision, prefix = await prepared(request, prepare_chat)
+        req = submit(ids, opts, boundary, guide=guide, vision=vision, prefix=prefix)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
 

@@ -51,6 +51,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     boundary: int = 0  # a turn boundary inside the prompt worth a snapshot (0 = none)
+    prefix: int = 0  # the end of a long opening system turn, which other conversations share (0 = none)
     timeout_s: float | None = None
     guide: Any = None  # guide.GuideSpec of a constrained request: each row starts its own state from it
     images: list | None = None  # multimodal.VisionInput per image run in `prompt` (pads expanded), or None
@@ -354,7 +355,8 @@ class Engine:
         # what it restored from, its turn boundary and its prompt's end hold less of this conversation than
         # the answer does: evicted first (a conversation they also start, a shared system prompt, hits
         # them again)
-        earlier = [key[:n] for n in (req.cached_tokens, req.boundary) if 0 < n < len(key)]
+        # (not the shared system turn's: it belongs to every conversation that opens with it)
+        earlier = [key[:n] for n in (req.cached_tokens, req.boundary) if 0 < n < len(key) and n != req.prefix]
         self.prompt_cache.store_snapshot(tokens, snap, demote=earlier + [key])
 
     def _fail(self, req: Request, e: Exception) -> None:

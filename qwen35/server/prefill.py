@@ -42,8 +42,10 @@ class PromptFeed:
 
             self.vision = VisionPrompt.build(model, req.prompt, req.images, self.pos)
         T = len(req.prompt)
-        # snapshot points: a turn boundary inside the uncached part (the next turn reuses up to it), the end
-        self.stops = [b for b in (req.boundary,) if self.pos < b < T] + [T]
+        # snapshot points inside the uncached part: the end of a long opening system turn (another
+        # conversation with that system prompt and tools reuses it), a turn boundary (the next turn reuses up
+        # to it), the end
+        self.stops = sorted({b for b in (req.prefix, req.boundary) if self.pos < b < T}) + [T]
         self.ids = torch.tensor([req.prompt], device=model.device)
         room = T - self.pos + req.params.max_tokens + (DRAFT_SLACK if speculation is not None else 0)
         self.cache.reserve(room, exact=True)

@@ -21,6 +21,24 @@ from collections.abc import Iterable
 Pieces = list[tuple[str, bool]]  # ChatTemplate.render_segments: (text, is_template)
 
 
+SYSTEM_PREFIX_MIN = 256  # an opening system turn this long (tools included) is worth a snapshot of its own
+
+
+def system_prefix(tokenizer, prompt: str, ids: list[int]) -> int:
+    """Where the opening system turn (the system prompt and the tools block) ends in `ids`: the start of the
+    next turn, which is a prefix every conversation with that system prompt and those tools shares (an
+    agent's thousands of tokens). 0 where the prompt opens with no system turn, or a short one. The second
+    `<|im_start|>` id is the template's: a client's typed spelling is encoded as text (render_segments)."""
+    start = tokenizer.token_to_id("<|im_start|>")
+    if start is None or not prompt.startswith("<|im_start|>system") or not ids or ids[0] != start:
+        return 0
+    try:
+        end = ids.index(start, 1)
+    except ValueError:
+        return 0
+    return end if end >= SYSTEM_PREFIX_MIN else 0
+
+
 def conversation_ids(tokenizer, prompt: Pieces, history: Pieces) -> tuple[list[int], int]:
     """(the prompt's ids, the history's length in them, or 0 where the history's ids are not a prefix of the
     prompt's)."""
