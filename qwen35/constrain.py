@@ -15,6 +15,13 @@ with embedded JSON schemas (`%json{...}`), which the tool-call grammar needs.
 
 The llguidance tokenizer takes a few seconds to build from 248K tokens, so there is one engine per
 tokenizer (`engine_for`), built on first use.
+
+llguidance compiles a grammar recursively: a request's schema with a `$ref` chain 1000 long (125 KB, JSON
+nesting 7) or a Lark chain of 5000 rules overflowed an 8 MiB thread stack, and a stack overflow is a SIGSEGV
+that kills the whole server. Compiling therefore runs on a thread of its own with a 256 MiB stack (address
+space, only touched pages are memory), where llguidance's own limits ("schema too large") come first; rows get
+copies of the matcher made there (`deep_copy`, which does not compile again), so the decode thread never
+recurses through the grammar.
 """
 
 from __future__ import annotations
@@ -90,15 +97,16 @@ class Grammar:
     """A compiled constraint for one tokenizer; `matcher()` makes per-row states."""
 
     def __init__(self, engine: GrammarEngine, spec: Structured, compiled: str):
-        self.engine, self.spec, self.compiled = engine, spec, compiled
-
-    def matcher(self) -> Matcher:
         import llguidance
 
-        m = llguidance.LLMatcher(self.engine.lltok, self.compiled, log_level=0)
-        if m.is_error():
-            raise GrammarError(f"the {self.spec.kind} constraint cannot start: {m.get_error()}")
-        return Matcher(m, self.engine.vocab_size)
+        self.engine, self.spec, self.compiled = engine, spec, compiled
+        # the start state, made once (on the compile thread: making one compiles the grammar again)
+        self._start = llguidance.LLMatcher(engine.lltok, compiled, log_level=0)
+        if self._start.is_error():
+            raise GrammarError(f"the {spec.kind} constraint cannot start: {self._start.get_error()}")
+
+    def matcher(self) -> Matcher:
+        return Matcher(self._start.deep_copy(), self.engine.vocab_size)
 
 
 class Matcher:
@@ -111,6 +119,8 @@ class Matcher:
     def fill_mask(self) -> np.ndarray:
         """The allowed next tokens as a bitmask, int32 [ceil(V / 32)], bit i of word w = token 32 w + i."""
         self.m.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
+        if self.m.is_error():  # (its mask then holds only the end tokens: the answer would end, silently empty)
+            raise GrammarError(f"the constraint failed: {_first_line(self.m.get_error())}")
         return self.bits
 
     def allowed(self) -> torch.Tensor:
@@ -160,17 +170,26 @@ class GrammarEngine:
     def compile(self, spec: Structured) -> Grammar:
         g = self._cache.get(spec)
         if g is None:
-            g = Grammar(self, spec, self._compile(spec))
-            start = g.matcher()
-            first = start.allowed()
-            first[[i for i in self.tokenizer.eos_token_ids if i < self.vocab_size]] = False
-            if not start.accepting and not first.any():
-                # e.g. the regex [^\x00-\U0010FFFF]: it compiles, and llguidance then offers only the end
-                # tokens, so each answer would have ended empty with finish_reason "stop"
-                raise GrammarError(f"the {spec.kind} constraint admits no text at all")
+            g = on_a_deep_stack(lambda: self._grammar(spec))
             if len(self._cache) > 256:  # one per distinct request schema: bounded
                 self._cache.clear()
             self._cache[spec] = g
+        return g
+
+    def _grammar(self, spec: Structured) -> Grammar:
+        g = Grammar(self, spec, self._compile(spec))
+        start = g.matcher()
+        try:
+            first = start.allowed()
+        except GrammarError as e:  # llguidance's "NoExtensionBias": no token can begin an answer
+            reason = str(e).removeprefix("the constraint failed: ")
+            raise GrammarError(f"the {spec.kind} constraint admits no text at all" if "NoExtension" in reason
+                               else f"the {spec.kind} constraint cannot start: {reason}") from None
+        first[[i for i in self.tokenizer.eos_token_ids if i < self.vocab_size]] = False
+        if not start.accepting and not first.any():
+            # e.g. the regex [^\x00-\U0010FFFF]: it compiles, and llguidance then offers only the end
+            # tokens, so each answer would have ended empty with finish_reason "stop"
+            raise GrammarError(f"the {spec.kind} constraint admits no text at all")
         return g
 
     def _compile(self, spec: Structured) -> str:
@@ -195,6 +214,40 @@ class GrammarEngine:
         if error:
             raise GrammarError(f"the {spec.kind} constraint cannot be compiled: {error.strip()}")
         return grammar
+
+
+def _first_line(error: str) -> str:
+    """llguidance's error without the parser state it appends (dozens of lines of internals)."""
+    return (error.strip().splitlines() or [""])[0]
+
+
+COMPILE_STACK_BYTES = 256 * 2**20
+_stack_lock = threading.Lock()
+
+
+def on_a_deep_stack(fn):
+    """fn() on a thread with a COMPILE_STACK_BYTES stack (module docstring), its result returned or its
+    exception raised here. The stack size is process-wide while a thread starts: held under a lock and put
+    back at once."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, whatever it is
+            box["error"] = e
+
+    with _stack_lock:
+        old = threading.stack_size(COMPILE_STACK_BYTES)
+        try:
+            t = threading.Thread(target=run, name="qwen35-grammar-compile", daemon=True)
+            t.start()
+        finally:
+            threading.stack_size(old)
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
 
 
 _engines: dict[tuple[int, int], GrammarEngine] = {}

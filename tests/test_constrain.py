@@ -230,3 +230,53 @@ def test_token_level_stream_refuses_constrained_params_without_a_guide():
     params = SamplingParams(structured=Structured.json_object())
     with pytest.raises(Qwen35Error, match="needs the tokenizer"):
         Stream(params, Sampler(params, 10))
+
+
+DEEP = r'''
+import json, sys
+import numpy as np
+from qwen35.commands.common import default_model
+from qwen35.constrain import Structured, engine_for
+from qwen35.tokenizer import Tokenizer
+
+tok = Tokenizer(default_model())
+eng = engine_for(tok, 8192)
+n = 1000
+chain = {f"d{i}": {"type": "object", "additionalProperties": False, "required": ["a"],
+                   "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(n)}
+chain[f"d{n}"] = {"type": "integer"}
+rules = "start: r0\n" + "".join(f'r{i}: "a" r{i + 1}\n' for i in range(5000)) + 'r5000: "b"\n'
+for spec in (Structured.json_schema({"$defs": chain, "$ref": "#/$defs/d0"}), Structured.grammar(rules)):
+    m = eng.compile(spec).matcher()  # the row's state, used on this (main) thread as a decode thread uses it
+    for _ in range(3):
+        m.advance(int(np.flatnonzero(m.allowed().numpy())[0]))
+    print(spec.kind, "ok")
+'''
+
+
+def test_a_deeply_chained_grammar_compiles_without_overflowing_the_stack():
+    """llguidance compiles recursively: a 1000-link $ref chain (125 KB, JSON nesting 7) or 5000 chained Lark rules
+    overflowed the 8 MiB stack of the thread compiling it, a SIGSEGV that killed `qwen35 serve` on one request.
+    Compiling runs on a 256 MiB stack and rows copy the start state (no compile on the decode thread). In a
+    child process, so a crash fails this test rather than the whole run."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", DEEP], capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["json_schema ok", "grammar ok"]
+
+
+def test_a_constraint_that_fails_mid_answer_is_an_error_not_an_empty_answer(chat):
+    """A regex llguidance accepts but whose lexer gives up ("too many expressions constructed"): its mask held
+    only the end tokens, so the answer ended empty with finish_reason "stop"; it is a GrammarError now."""
+    model, tok = chat
+    g = engine_for(tok, model.config.vocab_size)
+    try:
+        m = g.compile(Structured.regex("((a{100}){100}){100}")).matcher()
+        m.fill_mask()
+        m.fill_mask()
+    except GrammarError as e:
+        assert "too many expressions" in str(e) and "\n" not in str(e)
+    else:
+        pytest.fail("the lexer's failure was not reported")

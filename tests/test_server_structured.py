@@ -158,6 +158,10 @@ def test_a_reasoning_loop_is_cut_and_an_answer_follows(serve, local):
     ({"structured_outputs": {"lark": "x"}}, "structured_outputs", "must be"),
     ({"structured_outputs": {"grammar": "start: foo"}}, "structured_outputs", "unknown name"),
     ({"response_format": {"type": "json_object"}, "stop": ["}"]}, "stop", "cannot be combined"),
+    # a complete answer allows only an end token: with ignore_eos it had been written out as text to max_tokens
+    ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", "cannot be combined"),
+    # llguidance accepts it, then its lexer gives up: the answer had ended empty with finish_reason "stop"
+    ({"structured_outputs": {"regex": "((a{100}){100}){100}"}}, None, "constraint failed during generation"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
      "both constrain"),
     ({"max_thinking_tokens": -1}, "max_thinking_tokens", "at least 0"),

@@ -228,6 +228,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         calls = 0
         async for item in tokens(req, request):
             if item.error is not None:
+                kind, _, why = item.error.partition(": ")
+                if kind == "GrammarError":  # the request's grammar gave up mid-answer (llguidance's limits)
+                    raise APIError(400, f"the answer's constraint failed during generation ({why})",
+                                   code="constraint_failed")
                 raise APIError(500, "generation failed")
             text = stops.feed(text_stream.add(item.token, item.finish_reason), final=item.finish_reason is not None)
             if stops.hit:

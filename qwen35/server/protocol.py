@@ -147,6 +147,10 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
     if structured is not None and stop:
         raise bad("stop", "'stop' cannot be combined with structured output: a stop string could cut the answer "
                   "short of its grammar")
+    if structured is not None and _bool(body, "ignore_eos"):
+        # a complete answer allows only an end token, which would then be written out as text to max_tokens
+        raise bad("ignore_eos", "'ignore_eos' cannot be combined with structured output: once the answer is "
+                  "complete only an end token may follow it")
     effort = body.get("reasoning_effort")
     if effort is not None and effort not in ("none", "minimal", "low", "medium", "high"):
         raise bad("reasoning_effort", "'reasoning_effort' must be none, minimal, low, medium or high")
