@@ -41,7 +41,8 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], config: dict, out: str | 
 def _write_shards(specs, tensor_of, config: dict, out: str | Path, max_shard_bytes: int | None) -> Path:
     """config.json, shards and index for `specs` [(key, shape, dtype)], in that order; tensor_of(key, shape,
     dtype) gives each tensor as its bytes are written (asked for once each, in order). The safetensors layout
-    is written by hand: a header (8-byte length, JSON, padded to 8 bytes) then each tensor's raw bytes."""
+    is written by hand: a header (8-byte length, JSON, padded to 8 bytes) then each tensor's raw bytes, wider
+    dtypes first so that every tensor is aligned to its element size."""
     groups: list[list] = [[]]
     size = 0
     for key, shape, dtype in specs:
@@ -60,19 +61,27 @@ def _write_shards(specs, tensor_of, config: dict, out: str | Path, max_shard_byt
         name = shard_name(k, len(groups))
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
-        for key, shape, dtype in group:
+        # Data laid out by descending element size (as the safetensors library does): with the data 8-byte
+        # aligned, every tensor then starts at a multiple of its own element size, so it can be viewed in
+        # place (an odd-length fp16 scale array before an fp32 tensor would misalign it; the format allows
+        # no gaps to pad with).
+        for key, shape, dtype in sorted(group, key=lambda s: -s[2].itemsize):
             nbytes = math.prod(shape) * dtype.itemsize
             header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
             weight_map[key] = name
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        data_start = 8 + len(raw)
         with open(out / name, "wb") as f:
             f.write(struct.pack("<Q", len(raw)) + raw)
+            # Tensors are still asked for in `specs` order (random replicas draw them in that order) and
+            # written at their place in the layout.
             for key, shape, dtype in group:
                 t = tensor_of(key, shape, dtype)
                 if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                     raise ValueError(f"tensor '{key}' changed while being written")
+                f.seek(data_start + header[key]["data_offsets"][0])
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
                 del t
         total += offset

@@ -142,12 +142,19 @@ class SafetensorsReader:
             out = torch.empty(entry.shape, dtype=entry.dtype)
         if entry.nbytes == 0:
             return out
-        src = self._bytes[entry.start : entry.start + entry.nbytes].view(entry.dtype).reshape(-1)
+        size = entry.dtype.itemsize
+        raw = self._bytes[entry.start : entry.start + entry.nbytes]
+        # The format does not require a tensor to start at a multiple of its element size (the safetensors
+        # library loads such files): a misaligned one cannot be viewed in place, so each slice is copied out.
+        aligned = entry.start % size == 0
+        src = raw.view(entry.dtype) if aligned else raw
         dst = out.view(-1)
-        step = max(1, self.SLICE_BYTES // entry.dtype.itemsize)
-        for a in range(0, src.numel(), step):
-            dst[a : a + step].copy_(src[a : a + step])
-            self._release(entry.start + a * entry.dtype.itemsize, min(step, src.numel() - a) * entry.dtype.itemsize)
+        n = entry.nbytes // size
+        step = max(1, self.SLICE_BYTES // size)
+        for a in range(0, n, step):
+            piece = src[a : a + step] if aligned else src[a * size : (a + step) * size].clone().view(entry.dtype)
+            dst[a : a + step].copy_(piece)
+            self._release(entry.start + a * size, min(step, n - a) * size)
         return out
 
     def _release(self, start: int, length: int) -> None:

@@ -69,3 +69,21 @@ def test_write_checkpoint_round_trips_every_dtype(tmp_path):
     assert len(set(index["weight_map"].values())) > 1 and got.keys() == tensors.keys()
     for k, t in tensors.items():
         assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
+
+
+def test_every_tensor_starts_aligned_to_its_element_size(tmp_path):
+    """An odd-length fp16 scale array sorted before an fp32 tensor would leave it at an offset torch cannot
+    view in place: the writer lays wider dtypes out first, and the tensors read back as written."""
+    from qwen35.safetensors_io import SafetensorsReader, read_header
+
+    tensors = {"a.d": torch.ones(3, 3, dtype=torch.float16), "a.qs": torch.ones(5, dtype=torch.uint8),
+               "b.norm": torch.arange(7, dtype=torch.float32), "c.w": torch.ones(3, dtype=torch.bfloat16),
+               "d.ids": torch.arange(3, dtype=torch.int64)}
+    write_checkpoint(tensors, {}, tmp_path)
+    shard = tmp_path / shard_name(1, 1)
+    entries = read_header(shard)
+    assert all(e.start % e.dtype.itemsize == 0 for e in entries.values()), {n: e.start for n, e in entries.items()}
+    got = load_file(shard)
+    with SafetensorsReader(shard) as r:
+        for k, t in tensors.items():
+            assert torch.equal(got[k], t) and torch.equal(r.read(entries[k]), t), k

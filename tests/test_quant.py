@@ -553,3 +553,99 @@ def test_checkpoint_tensors_reads_a_quantized_checkpoint_as_its_dequantized_weig
             tensors.rows("model.layers.0.mlp.down_proj.weight", 0, 1)
     finally:
         tensors.close()
+
+
+def _quantize_and_reload(src, out, quant="int4"):
+    """(quantize-at-load model, the same written by `qwen35 quantize`'s save_quantized and loaded back)."""
+    from qwen35.quant.checkpoint import save_quantized
+
+    direct = qwen35.load_model(src, dtype=torch.bfloat16, quant=quant, kernels=False)
+    save_quantized(direct, src, out)
+    return direct, qwen35.load_model(out, dtype=torch.bfloat16, kernels=False)
+
+
+def test_odd_sized_matrices_quantize_to_an_aligned_checkpoint_that_reloads(tmp_path):
+    """Odd sizes give fp16 scale arrays of odd length, which used to leave the fp32 tensors after them at
+    offsets torch cannot view: the written file must align every tensor, and reload bit-identically."""
+    import json
+
+    from qwen35.safetensors_io import read_header
+
+    src, out = tmp_path / "odd", tmp_path / "q"
+    build_replica(src, "tiny", seed=6, hidden_size=288, intermediate_size=544, vocab_size=777, head_dim=64,
+                  linear_key_head_dim=32, linear_value_head_dim=32, num_hidden_layers=4, tie_word_embeddings=False)
+    direct, again = _quantize_and_reload(src, out)
+    shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    entries = [e for s in shards for e in read_header(out / s).values()]
+    assert any(e.dtype == torch.float32 for e in entries)
+    assert all(e.start % e.dtype.itemsize == 0 for e in entries), [e.name for e in entries
+                                                                   if e.start % e.dtype.itemsize]
+    tensors = json.loads((out / "config.json").read_text())["quantization_config"]["tensors"]
+    assert "q4_0" in tensors.values()  # K = 288 is no K-quant's: the odd-length scale arrays are there
+    for name in tensors:
+        a, b = _weight(direct, name), _weight(again, name)
+        assert torch.equal(a.qs, b.qs) and torch.equal(a.d, b.d), name
+    ids = torch.randint(0, 777, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(direct(ids), again(ids))
+
+
+def test_quantized_checkpoint_keeps_the_vision_tower(tmp_path):
+    """The tower lives outside the module tree, so the quantized checkpoint must store it on purpose: it
+    reloads unquantized, equal to quantize-at-load's, and an image prompt gives the same logits."""
+    import json
+
+    from PIL import Image
+
+    from qwen35.multimodal import VisionPrompt, prepare_prompt, rope_positions
+
+    src, out = tmp_path / "vlm", tmp_path / "q"
+    build_replica(src, "tiny", seed=7, vision=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(image_token_id=316, video_token_id=317, vision_start_token_id=318, vision_end_token_id=319)
+    (src / "config.json").write_text(json.dumps(cfg))  # the official ids are past the tiny vocabulary
+    direct, again = _quantize_and_reload(src, out)
+    source_keys = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    written = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    visual = {k for k in source_keys if k.startswith("model.visual.")}
+    assert visual and visual <= written.keys()
+    assert again.visual is not None
+    ref = dict(direct.visual.named_parameters())
+    for n, p in again.visual.named_parameters():
+        assert p.dtype == ref[n].dtype and torch.equal(p, ref[n]), n
+
+    pad, start, end = cfg["image_token_id"], cfg["vision_start_token_id"], cfg["vision_end_token_id"]
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    prompt = [5, 9, 2, start, pad, end, 7, 3]
+
+    def logits(model):
+        ids, inputs, _ = prepare_prompt(model, prompt, [picture])
+        pos, _ = rope_positions(ids, inputs, pad, 0)
+        embeds = VisionPrompt(list(ids), list(inputs), (pad,)).embeddings(model)
+        with torch.no_grad():
+            return model(torch.tensor([ids]), positions=pos[:, None], inputs_embeds=embeds)
+
+    assert torch.equal(logits(direct), logits(again))
+
+
+@pytest.mark.parametrize("alias, file_type", [("int8", "q8_0"), ("int4", "q4_k_m")])
+def test_export_accepts_the_policy_names_as_gguf_types(tmp_path, alias, file_type):
+    """`--quant int8 / int4` name the policies the GGUF types q8_0 / q4_k_m write: `export --type` takes them
+    too and writes the very same file; the help lists every name it accepts."""
+    import argparse
+    from pathlib import Path
+
+    from qwen35.commands import export
+    from qwen35.gguf.writer import FILE_TYPES, TYPE_ALIASES
+
+    bundled = Path(qwen35.__file__).parent / "assets" / "model"  # small, and with the tokenizer a GGUF holds
+
+    p = argparse.ArgumentParser()
+    export.setup_parser(p)
+    for name in (*FILE_TYPES, *TYPE_ALIASES):
+        assert name in p._option_string_actions["--type"].help
+    files = []
+    for t in (alias, file_type):
+        files.append(tmp_path / f"{t}.gguf")
+        assert export.main(p.parse_args([str(bundled), str(files[-1]), "--type", t, "--name", "tiny"])) == 0
+    assert files[0].read_bytes() == files[1].read_bytes()

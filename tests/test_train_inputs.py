@@ -56,6 +56,23 @@ def test_export_gguf_onto_the_input_or_a_directory_is_refused(tmp_path, data, ca
     assert rc == 1 and "is a directory" in err, err
 
 
+def test_gguf_type_takes_the_policy_names_as_export_does(tmp_path, data, capsys):
+    """--gguf-type int4 / int8 name q4_k_m / q8_0, as `qwen35 export --type` does (they had been refused)."""
+    import argparse
+
+    from qwen35.commands.train import check_flags, setup_parser
+
+    p = argparse.ArgumentParser()
+    setup_parser(p)
+    for given, gguf_type in (("int4", "q4_k_m"), ("int8", "q8_0"), ("q4_0", "q4_0")):
+        args = p.parse_args(["--config", "c.json", "--data", str(data), "--out", str(tmp_path / "o"), "--gguf-type",
+                             given])
+        check_flags(args)
+        assert args.gguf_type == gguf_type
+    rc, err = run(capsys, "--config", "c.json", "--data", str(data), "--out", str(tmp_path / "o"), "--gguf-type", "q5")
+    assert rc == 2 and "--gguf-type q5: use one of f32, bf16, q8_0, q4_0, q4_k_m, int8, int4" in err, err
+
+
 def test_a_diverging_run_stops_at_the_step_and_saves_nothing(tmp_path):
     cfg = TrainConfig(steps=3, seq_len=64, batch_size=2, lr=1e30, warmup=0)
     with pytest.raises(Qwen35Error, match=r"step \d: the loss is .* training diverged"):

@@ -1,4 +1,5 @@
-"""Write a model as a GGUF file llama.cpp loads: `qwen35 export MODEL OUT.gguf --type bf16|f32|q8_0|q4_0|q4_k_m`.
+"""Write a model as a GGUF file llama.cpp loads: `qwen35 export MODEL OUT.gguf --type bf16|f32|q8_0|q4_0|q4_k_m`
+(or int8 / int4, the policy names for q8_0 / q4_k_m).
 
 MODEL is a checkpoint directory (its tokenizer and chat template go in too), a hub repo id, or a GGUF file
 (re-export, e.g. to another type; its tokenizer metadata is copied). q8_0 / q4_0 / q4_k_m are quantized with
@@ -15,13 +16,15 @@ from pathlib import Path
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     from ..gguf import EXPORT_TYPES
+    from ..gguf.writer import TYPE_ALIASES
     from .common import positive_number
 
     p.add_argument("model", help="checkpoint directory, Hugging Face repo id or GGUF file")
     p.add_argument("out", type=Path, help="output .gguf file")
-    p.add_argument("--type", dest="file_type", choices=EXPORT_TYPES, default="bf16",
+    p.add_argument("--type", dest="file_type", choices=(*EXPORT_TYPES, *TYPE_ALIASES), default="bf16",
                    help="bf16 (default), f32, or q8_0 / q4_0 / q4_k_m (every matrix the quantization policy of "
-                        "that name, int4 for q4_k_m, quantizes; norms, conv1d, ssm_a, dt bias stay F32)")
+                        "that name, int4 for q4_k_m, quantizes; norms, conv1d, ssm_a, dt bias stay F32); "
+                        "int8 / int4 are the same as q8_0 / q4_k_m, as --quant names those policies")
     p.add_argument("--no-mtp", dest="mtp", action="store_false", help="drop the MTP (multi-token prediction) head")
     p.add_argument("--name", default=None, help="general.name (default: the output file's stem)")
     p.add_argument("--split-max-gb", type=positive_number, default=0.0,
@@ -36,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     from ..gguf import export_gguf, open_gguf
     from ..gguf.metadata import check_exportable, config_dict
     from ..gguf.reader import is_gguf_path
-    from ..gguf.writer import POLICY
+    from ..gguf.writer import POLICY, TYPE_ALIASES
     from ..quant.checkpoint import read_quant_config
     from ..weights import load_model
 
@@ -49,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
     # a GGUF re-exported onto itself is fine: the writer writes a temporary file and renames it over OUT
     check_output_file(args.out)
     src = resolve(args.model)
+    args.file_type = TYPE_ALIASES.get(args.file_type, args.file_type)
     quant = POLICY.get(args.file_type)
     dtype = torch.float32 if args.file_type == "f32" else torch.bfloat16
     source_gguf = open_gguf(src) if is_gguf_path(src) else None

@@ -57,7 +57,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
                         "adapters alone (lora.safetensors + adapter_config.json)")
     p.add_argument("--export-gguf", type=Path, default=None,
                    help="quantized base: at the end also export the merged model to this .gguf file")
-    p.add_argument("--gguf-type", default="bf16", help="type of --export-gguf: bf16, f32, q8_0, q4_0")
+    p.add_argument("--gguf-type", default="bf16", help="type of --export-gguf: bf16, f32, q8_0, q4_0, q4_k_m, or int8 / int4 (= q8_0 / q4_k_m)")
     p.set_defaults(train_parser=p)
 
 
@@ -289,6 +289,7 @@ def lora_targets(args: argparse.Namespace) -> tuple[str, ...]:
 def check_flags(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work: one line, exit 2, before anything is loaded."""
     from ..gguf import EXPORT_TYPES
+    from ..gguf.writer import TYPE_ALIASES
     from ..quant.policy import POLICIES
     from ..train.qlora import MERGE_BF16
 
@@ -311,8 +312,10 @@ def check_flags(args: argparse.Namespace) -> None:
                 "omit --fsdp with --quant")
     if args.merge is not None and args.merge not in (MERGE_BF16, *POLICIES):
         bad(f"--merge {args.merge}: use bf16 or one of {', '.join(POLICIES)}")
+    # the policy names (int8, int4) name their GGUF types here too, as in `qwen35 export --type`
+    args.gguf_type = TYPE_ALIASES.get(args.gguf_type, args.gguf_type)
     if args.gguf_type not in EXPORT_TYPES:
-        bad(f"--gguf-type {args.gguf_type}: use one of {', '.join(EXPORT_TYPES)}")
+        bad(f"--gguf-type {args.gguf_type}: use one of {', '.join([*EXPORT_TYPES, *TYPE_ALIASES])}")
     if args.export_gguf is not None and args.export_gguf.suffix != ".gguf":
         bad(f"--export-gguf {args.export_gguf}: the file name must end in .gguf")
     from ..train.lora import KNOWN_TARGETS

@@ -27,6 +27,8 @@ EXPORT_TYPES = tuple(FILE_TYPES)
 # the quantization policy (quant/policy.py) each quantized file type writes; q4_k_m is our `int4` (K-quants with
 # llama.cpp's Q4_K_M choice of 6-bit tensors), the file type llama.cpp names that mix
 POLICY = {"q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "int4"}
+# `qwen35 export --type` also takes the policy names `--quant` uses elsewhere, for the file type writing them
+TYPE_ALIASES = {"int8": "q8_0", "int4": "q4_k_m"}
 
 
 def kept_f32(name: str, shape: tuple[int, ...]) -> bool:

@@ -130,14 +130,22 @@ def stored_tensors(named_weights, policy: str, config: dict) -> dict[str, torch.
 
 
 def save_quantized(model, source: Path, out: Path, max_shard_bytes: int = 2 * 2**30) -> Path:
-    """Write `model` (loaded with quant=) as a quantized checkpoint in `out`; tokenizer, template and other
-    side files are copied from `source`."""
+    """Write `model` (loaded with quant=) as a quantized checkpoint in `out`, its vision tower (if any)
+    unquantized; tokenizer, template and other side files are copied from `source`."""
     from ..checkpoint import write_checkpoint
 
     if getattr(model, "quant", None) is None:
         raise CheckpointError("save_quantized needs a model loaded with quant=")
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     tensors = stored_tensors(model.named_weights(), model.quant, config)
+    visual = getattr(model, "visual", None)
+    if visual is not None:
+        # The tower sits outside the module tree (weights.attach_vision), so named_weights misses it; it is
+        # stored unquantized, as quantize-at-load keeps it, or the config's vision_config would name a tower
+        # the file does not hold.
+        from ..weights import VISION_PREFIX
+
+        tensors.update((VISION_PREFIX + n, p.detach()) for n, p in visual.named_parameters())
     out = Path(out)
     write_checkpoint(tensors, config, out, max_shard_bytes)
     for f in source.iterdir():
