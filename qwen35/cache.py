@@ -63,10 +63,15 @@ class Row:
         """Row's buffer of attention layer j, able to hold `needed` tokens and be written from `length` on:
         grown (doubling, in KV_GROWTH_STEP units, never past `limit`, the model's context, unless `needed`
         is; exact: to `needed` rounded up to that unit; in place: its holders follow it to the new storage)
-        or copied when another holder relies on tokens past `length`. make(capacity): an empty buffer of the
-        cache's format."""
+        or copied when another holder relies on tokens past `length`, or another row stands at `length` too
+        (it would write the same slots). make(capacity): an empty buffer of the cache's format."""
         buf = self.kv[j]
-        shared_past = buf is not None and buf.held_by_others(self) > self.length
+        # two rows restored from one snapshot hold one buffer at one length: written in place, the second row's
+        # token overwrote the first's (batch rows 0.26 off a lone row's logits; a seeded distribution test failed
+        # once growth moved holders along). A row behind this one copies when it writes (this one is past it).
+        shared_past = buf is not None and any(
+            h is not self and (h.length > self.length or (h.length == self.length and isinstance(h, Row)))
+            for h in list(buf.holders))
         if buf is not None and needed <= buf.capacity and not shared_past:
             return buf
         old_cap = 0 if buf is None else buf.capacity

@@ -22,7 +22,8 @@ import qwen35
 from qwen35.checkpoint import write_checkpoint
 from qwen35.tokenizer import Tokenizer
 from qwen35.train.data import IGNORE, pack, read_documents
-from qwen35.train.loop import config_dict, evaluate
+from qwen35.train.loop import evaluate
+from qwen35.train.run_state import config_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET = ROOT / "qwen35" / "assets" / "model"
