@@ -198,6 +198,7 @@ def check_paths(args: argparse.Namespace, out: Path) -> None:
 def check_resume(args: argparse.Namespace, out: Path, data: list | None = None) -> dict:
     """The state --resume continues, read and checked against the flags (and `data`, the --data files'
     data_fingerprint) before the model loads."""
+    from ..train.lora import lora_scale
     from ..train.run_state import check_same_lora, check_same_run, check_steps, load_state
 
     state = load_state(out)
@@ -210,8 +211,8 @@ def check_resume(args: argparse.Namespace, out: Path, data: list | None = None) 
         saved = state.get("lora")
         if saved is None and (out / "adapter_config.json").is_file():  # a quantized base's run: its adapters' own
             saved = json.loads((out / "adapter_config.json").read_text())
-        scale = (2 * args.lora_rank if args.lora_alpha is None else args.lora_alpha) / args.lora_rank
-        check_same_lora(saved, {"rank": args.lora_rank, "scale": scale, "base": args.init_from}, out)
+        check_same_lora(saved, {"rank": args.lora_rank, "scale": lora_scale(args.lora_rank, args.lora_alpha),
+                                "base": args.init_from}, out)
     return state
 
 

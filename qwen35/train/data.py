@@ -11,7 +11,6 @@ token's label is the next token of its own document only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -137,18 +136,17 @@ def _file_documents(path: Path, tokenizer) -> tuple[list[Document], bool]:
 def data_fingerprint(paths: list[str | Path]) -> list[tuple[str, int, str]]:
     """(name, size in bytes, sha256) of each file in order: what a resumed run must train on again (another
     order packs other rows). The contents decide, not the names or modification times."""
+    from ..manifest import file_hash
+
     out = []
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"training data not found: {path}")
-        digest = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
+            digest = file_hash(path, "sha256")
         except OSError as e:
             raise DataError(f"{path}: cannot read it ({e.strerror})") from None
-        out.append((path.name, path.stat().st_size, digest.hexdigest()))
+        out.append((path.name, path.stat().st_size, digest))
     return out
 
 

@@ -32,6 +32,12 @@ class LoRALinear(Linear):
         return base + (F.linear(F.linear(xa, a), self.lora_B) * self.lora_scale).to(base.dtype)
 
 
+def lora_scale(rank: int, alpha: float | None) -> float:
+    """alpha / rank, alpha defaulting to 2 x rank: what adapters multiply their product by (and what a resume
+    compares, train.run_state.check_same_lora)."""
+    return (2 * rank if alpha is None else alpha) / rank
+
+
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS,
                seed: int = 0) -> list[str]:
     """Add adapters to every Linear named in `targets` and freeze everything else. Returns their names."""
@@ -47,7 +53,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
             module.__class__ = LoRALinear
             module.lora_A = nn.Parameter(torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f))
             module.lora_B = nn.Parameter(torch.zeros(out_f, rank))
-            module.lora_scale = (2 * rank if alpha is None else alpha) / rank
+            module.lora_scale = lora_scale(rank, alpha)
             names.append(name)
     if not names:
         raise ValueError(f"no projection matched the LoRA targets {targets}")
