@@ -16,7 +16,12 @@ evicted before any other entry (the earliest demoted first) unless a lookup uses
 little to keep (their KV is the answer's), but under pressure every conversation's latest answer matters
 more: four users taking turns with room for eight answers reused 0% of turns 2-5 under plain LRU, 83%
 (all there is to reuse) with this. A client whose next prompt does not repeat the answer's tokens (its
-reasoning dropped) needs the prompt's end instead, which this evicts first.
+reasoning dropped, or a tool call re-rendered from its parsed form) needs the prompt's end instead: the cache
+remembers what each answer continued (`answers`), and a prompt that continues a stored prompt's end but not the
+answer stored after it (`drops_answers`) marks a client whose answers are worth less than their prompts' ends:
+the caller stores that request's answer demoted and keeps its prompt's end (thinking on, answers sent back
+without reasoning, four users with room for 8 / 12 / 16 answers: 0% / 1% / 4% of turns 2-5 reused before,
+benchmarks/bench_prompt_reuse.py measures it now).
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ class PromptCache:
         self.entries: OrderedDict[tuple[int, ...], CacheSnapshot] = OrderedDict()
         self.logits: dict[tuple[int, ...], torch.Tensor] = {}  # the last token's, for entries that have them
         self.demoted: set[tuple[int, ...]] = set()  # evicted first; `entries` orders them by demotion
+        # a stored answer's prompt end -> the answer's tokens after it, while either is stored
+        self.answers: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self.answered: dict[tuple[int, ...], int] = {}  # a stored answer -> the length of its prompt
         self.hits = self.misses = 0
 
     @property
@@ -125,6 +133,14 @@ class PromptCache:
         cache.restore(self.entries[best])
         return cache, len(best)
 
+    def drops_answers(self, tokens: Sequence[int]) -> bool:
+        """Whether `tokens` continue the prompt of a stored answer but not that answer (the client sent it
+        back otherwise than generated: without its reasoning, or re-rendered), so the next turn of this
+        conversation will restore from the prompt's end, not from the answer."""
+        t = tuple(tokens)
+        return any(len(p) < len(t) and t[:len(p)] == p and t[len(p):len(p) + len(a)] != a
+                   for p, a in self.answers.items())
+
     def store(self, tokens: list[int], cache: HybridCache, logits: torch.Tensor | None = None) -> None:
         """Remember `cache` (batch 1), which must hold exactly `tokens`, and the logits [1, vocab] its last
         token gave (for lookup_exact), if given."""
@@ -135,10 +151,11 @@ class PromptCache:
         self.store_snapshot(tokens, cache.snapshot(), logits)
 
     def store_snapshot(self, tokens: list[int], snap: CacheSnapshot, logits: torch.Tensor | None = None,
-                       demote: Iterable[Sequence[int]] = ()) -> None:
+                       demote: Iterable[Sequence[int]] = (), answer_of: int = 0, demoted: bool = False) -> None:
         """Remember a one-row snapshot holding exactly `tokens` (e.g. one row of a batch). demote: keys of
         entries this one makes worth less (a request's own earlier snapshots, prefixes of its answer's): they
-        are evicted first, in that order."""
+        are evicted first, in that order. answer_of: the length of the prompt `tokens` answer (0: not an
+        answer), for `drops_answers`. demoted: store this entry as evicted first too."""
         if self.max_bytes <= 0:
             return
         if len(snap.rows) != 1 or snap.offset != len(tokens):
@@ -151,15 +168,18 @@ class PromptCache:
             self.logits.pop(key, None)
         self.entries.move_to_end(key)
         self.demoted.discard(key)
-        for k in map(tuple, demote):
-            if k != key and k in self.entries:
+        if 0 < answer_of < len(key):
+            self.answers[key[:answer_of]] = key[answer_of:]
+            self.answered[key] = answer_of
+        for k in [*map(tuple, demote), *((key,) if demoted else ())]:
+            if (k != key or demoted) and k in self.entries:
                 self.entries.move_to_end(k)
                 self.demoted.add(k)
         self._evict()
 
     def _evict(self) -> None:
         """Drop entries, the demoted ones first, then the least recently used, until what they keep alive fits
-        max_bytes (the one just stored always stays)."""
+        max_bytes (the one just stored stays, unless it was stored demoted)."""
         for buf in self._buffers(self.entries.values()):  # a request that ended without trimming (cancelled)
             trim_buffer(buf)
         held = _Held(self.entries.values(), self.logits.values())
@@ -171,11 +191,22 @@ class PromptCache:
             self.demoted.discard(old)
             held.remove(snap, self.logits.pop(old, None))
             gone.append(snap)
+            self._forget_answer(old)
         if gone:
             bufs = list(self._buffers(gone))
             gone = snap = None  # (their holds end here)
             for buf in bufs:  # what is left of a shared buffer may be a shorter prefix
                 trim_buffer(buf)
+
+    def _forget_answer(self, key: tuple[int, ...]) -> None:
+        """`key` left the cache: drop what `answers` knows of the answer it was the prompt of, or was,
+        unless the other of the two is still stored."""
+        rest = self.answers.get(key)
+        if rest is not None and key + rest not in self.entries:
+            del self.answers[key]
+        n = self.answered.pop(key, 0)
+        if n and key[:n] not in self.entries:
+            self.answers.pop(key[:n], None)
 
     @staticmethod
     def _buffers(snaps: Iterable[CacheSnapshot]) -> Iterable[KVBuffer]:
@@ -186,3 +217,5 @@ class PromptCache:
         self.entries.clear()
         self.logits.clear()
         self.demoted.clear()
+        self.answers.clear()
+        self.answered.clear()

@@ -59,6 +59,7 @@ class Request:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0
+    drops_answers: bool = False  # its prompt continues an earlier one but not the answer given to it
     generated: list[int] = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -198,6 +199,7 @@ class Engine:
                 self.feeding.append(PromptFeed(self.model, req, self.prompt_cache, self.prefill_chunk_size,
                                                self.speculation))
                 req.cached_tokens = self.feeding[-1].cached
+                req.drops_answers = self.prompt_cache.drops_answers(self.feeding[-1].key)
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
                 self._release(req)
                 self._fail(req, e)
@@ -353,11 +355,17 @@ class Engine:
         # alive in its snapshots for as long as they are cached
         self.cache.trim([i])
         # what it restored from, its turn boundary and its prompt's end hold less of this conversation than
-        # the answer does: evicted first (a conversation they also start, a shared system prompt, hits
-        # them again)
-        # (not the shared system turn's: it belongs to every conversation that opens with it)
-        earlier = [key[:n] for n in (req.cached_tokens, req.boundary) if 0 < n < len(key) and n != req.prefix]
-        self.prompt_cache.store_snapshot(tokens, snap, demote=earlier + [key])
+        # the answer does: evicted first (another conversation that they also start hits them again); not the
+        # shared system turn's, which belongs to every conversation that opens with it. Unless this client's
+        # prompts do not repeat the answers given to it (reasoning dropped): its next turn restores the turn
+        # boundary (its answer is prefilled again), so that stays, and the answer goes first.
+        boundary = req.boundary if 0 < req.boundary < len(key) else len(key)
+        earlier = [key[:n] for n in (req.cached_tokens, boundary) if 0 < n < len(key) and n != req.prefix]
+        if req.drops_answers:
+            earlier = [k for k in earlier if len(k) != boundary]
+            self.prompt_cache.store_snapshot(tokens, snap, demote=earlier + [key], answer_of=boundary, demoted=True)
+        else:
+            self.prompt_cache.store_snapshot(tokens, snap, demote=earlier + [key], answer_of=boundary)
 
     def _fail(self, req: Request, e: Exception) -> None:
         self.stats["errors"] += 1

@@ -231,9 +231,9 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         check_same_lora(state.get("lora"), adapters, out)
         try:
             opt.load_state_dict(state["optimizer"])
-        except ValueError as e:  # other trainable parameters: full vs LoRA, other --lora-targets
+        except ValueError as e:  # other trainable parameters: full vs LoRA, other --lora-targets, MTP on/off
             raise TrainError(f"{out / STATE_FILE}: its optimizer state does not fit the parameters trained now "
-                             f"({e}): resume with the run's own --lora-rank / --lora-targets") from None
+                             f"({e}): resume with the run's own --lora-rank / --lora-targets / --mtp-weight") from None
         sched.load_state_dict(state["scheduler"])
         start, losses = state["step"], list(state["losses"])
         log(f"resumed at step {start}")
