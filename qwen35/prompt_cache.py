@@ -138,7 +138,8 @@ class PromptCache:
         back otherwise than generated: without its reasoning, or re-rendered), so the next turn of this
         conversation will restore from the prompt's end, not from the answer."""
         t = tuple(tokens)
-        return any(len(p) < len(t) and t[:len(p)] == p and t[len(p):len(p) + len(a)] != a
+        # (a prompt that stops inside the answer, the same prompt sent again, is no sign)
+        return any(len(p) < len(t) and t[:len(p)] == p and t[len(p):len(p) + len(a)] != a[:len(t) - len(p)]
                    for p, a in self.answers.items())
 
     def store(self, tokens: list[int], cache: HybridCache, logits: torch.Tensor | None = None) -> None:

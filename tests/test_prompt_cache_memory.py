@@ -194,3 +194,16 @@ def test_a_client_that_drops_answers_keeps_its_turn_boundaries(model):
     assert r4.cached_tokens == len(b3) and r4.drops_answers
     # what the cache knows of answers goes with them
     assert set(pc.answers) <= {k for k in pc.entries} | {k[:n] for k, n in pc.answered.items()}
+
+
+def test_the_same_prompt_again_is_no_sign_of_a_client_dropping_answers(model):
+    """A prompt that stops inside an answer (the same question sent again, by another user or a retry) does
+    not mark the request: only a prompt that goes another way than the answer does."""
+    params = SamplingParams(temperature=0, max_tokens=5, stop_token_ids=(-1,))
+    eng = Engine(model, prompt_cache_bytes=2**40, thread=False)
+    one = ids(30, 7)
+    r1 = Request(one, params, boundary=25)
+    run(eng, r1)
+    pc = eng.prompt_cache
+    assert not pc.drops_answers(one) and not pc.drops_answers(answer(r1)[:-1])
+    assert not pc.drops_answers(answer(r1) + ids(3, 1)) and pc.drops_answers(one + ids(3, 1))
