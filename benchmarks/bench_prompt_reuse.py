@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import torch
@@ -82,7 +83,7 @@ def time_to_first_token(base: str, prompt: str) -> tuple[float, int]:
 class FixedAnswer:
     """Stands in for generation.Sampler: the same answer tokens whatever the logits."""
 
-    script: list[int] = []
+    script: ClassVar[list[int]] = []
 
     def __init__(self, params, vocab, batch=1, prompts=None, generator=None):
         self.params, self.i = params, 0
