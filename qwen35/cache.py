@@ -58,6 +58,15 @@ class Row:
             if buf is not None:
                 buf.holders.add(self)
 
+    def shared_past(self, buf: KVBuffer) -> bool:
+        """Whether another holder of `buf` relies on its slots from this row's length on (this row must copy
+        before it writes). Two rows restored from one snapshot hold one buffer at one length: written in place,
+        the second row's token overwrote the first's (batch rows 0.26 off a lone row's logits; a seeded
+        distribution test failed once growth moved holders along). A row behind this one copies when it
+        writes (this one is past it)."""
+        return any(h is not self and (h.length > self.length or (h.length == self.length and isinstance(h, Row)))
+                   for h in list(buf.holders))
+
     def writable(self, j: int, needed: int, make: Callable[[int], KVBuffer], exact: bool = False,
                  limit: int | None = None) -> KVBuffer:
         """Row's buffer of attention layer j, able to hold `needed` tokens and be written from `length` on:
@@ -66,19 +75,14 @@ class Row:
         or copied when another holder relies on tokens past `length`, or another row stands at `length` too
         (it would write the same slots). make(capacity): an empty buffer of the cache's format."""
         buf = self.kv[j]
-        # two rows restored from one snapshot hold one buffer at one length: written in place, the second row's
-        # token overwrote the first's (batch rows 0.26 off a lone row's logits; a seeded distribution test failed
-        # once growth moved holders along). A row behind this one copies when it writes (this one is past it).
-        shared_past = buf is not None and any(
-            h is not self and (h.length > self.length or (h.length == self.length and isinstance(h, Row)))
-            for h in list(buf.holders))
+        shared_past = buf is not None and self.shared_past(buf)
         if buf is not None and needed <= buf.capacity and not shared_past:
             return buf
         old_cap = 0 if buf is None else buf.capacity
         cap = needed if exact else max(needed, 2 * old_cap if needed > old_cap else old_cap)
         cap = -(-cap // KV_GROWTH_STEP) * KV_GROWTH_STEP
-        if limit is not None:
-            cap = max(needed, min(cap, limit))
+        if limit is not None and needed <= limit:
+            cap = min(cap, limit)  # (past the context, a caller's own loop: still doubling, never +1 a token)
         new = make(cap)
         if self.length and buf is not None:
             new.copy_prefix(buf, self.length)
@@ -391,6 +395,15 @@ class HybridCache:
         for layer in self.layers:
             if isinstance(layer, KVCache):
                 layer.buffers(n, exact)
+
+    @property
+    def room(self) -> int:
+        """Tokens every row can still take before a KV buffer must grow (or be copied: a shared one counts
+        as full); a large number for a model without attention layers."""
+        if not self.layout.num_attention:
+            return 2**62
+        return min((0 if b is None or r.shared_past(b) else b.capacity - r.length for r in self.rows for b in r.kv),
+                   default=2**62)
 
     @property
     def nbytes(self) -> int:

@@ -293,10 +293,21 @@ def generate_step(
     with torch.no_grad():
         r = stream.sample(logits)
     yield r
+    left = params.max_tokens - 1  # tokens still to feed at most (the last one sampled is never fed)
     while r.finish_reason is None:
+        decode_room(cache, left)
         with torch.no_grad():
             (r,) = step(model, cache, [stream])[0]
+        left -= 1
         yield r
+
+
+def decode_room(cache: HybridCache, left: int) -> None:
+    """Before a decode step: a row whose KV is full grows as doubling would, never past what its answer can
+    still use (left: the most tokens any row will still feed). Doubling alone took a 3000-token prompt with
+    max_tokens 1100 to 8192 slots."""
+    if cache.room < 1:
+        cache.reserve(min(left, max(max(cache.lengths), RESERVE_DECODE_TOKENS)), exact=True)
 
 
 def batch_generate(
@@ -325,6 +336,7 @@ def batch_generate(
         cache = model.make_cache(batch_size=1)
         stream = Stream.start(model, p, params)
         if speculative is None:
+            cache.reserve(len(p) + min(params.max_tokens, RESERVE_DECODE_TOKENS))  # (as generate_step does)
             logits = prefill(model, torch.tensor([p], device=model.device), cache, prefill_chunk_size)
         else:
             from . import speculative as spec
@@ -350,6 +362,7 @@ def batch_generate(
     while streams:
         with torch.no_grad():
             if speculative is None:
+                decode_room(cache, params.max_tokens - min(len(outputs[b]) for b in rows))
                 produced = step(model, cache, streams)
             else:
                 produced = spec.step(model, cache, mcache, streams, drafting, speculative)

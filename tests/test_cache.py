@@ -206,7 +206,8 @@ def test_reserve_then_forward_allocates_nothing(model):
 def test_kv_growth_stops_at_the_models_context(model):
     """Doubling never takes a buffer past max_position_embeddings (from 196K tokens a 262K model would ask for
     393K slots); a forward that needs more than the context still gets its room (the context check is
-    generation's, not the cache's)."""
+    generation's, not the cache's), grown the amortised way: a caller's own loop past the context had
+    reallocated and copied every buffer for each token."""
     from dataclasses import replace
 
     limit = 3 * KV_GROWTH_STEP + 100
@@ -214,11 +215,12 @@ def test_kv_growth_stops_at_the_models_context(model):
     cache = m.make_cache()
     row, kv = cache.rows[0], cache.layers[m.config.full_attention_layers[0]]
     caps = []
-    for n in (KV_GROWTH_STEP, KV_GROWTH_STEP, KV_GROWTH_STEP, 100, 7):
+    for n in (KV_GROWTH_STEP, KV_GROWTH_STEP, KV_GROWTH_STEP, 100, 7, 1, 1, 1):
         kv.buffers(n)
         cache.advance(n)
         caps.append(row.kv[0].capacity)
-    assert caps == [KV_GROWTH_STEP, 2 * KV_GROWTH_STEP, limit, limit, limit + 7]
+    past = -(-2 * limit // KV_GROWTH_STEP) * KV_GROWTH_STEP
+    assert caps == [KV_GROWTH_STEP, 2 * KV_GROWTH_STEP, limit, limit] + [past] * 4
 
 
 def test_generate_step_reserves_the_request_once(model):
@@ -311,3 +313,45 @@ def test_rotary_offset_moves_positions_and_snapshots_carry_it(model):
     other = model.make_cache()
     other.restore(snap)
     assert other.rows[0].rope_delta == 5 and torch.equal(model(nxt, cache=other), shifted)
+
+
+def test_generate_step_never_grows_past_the_answers_end(model, monkeypatch):
+    """Decoding past the room made before prefill grows the KV as doubling would, but never past prompt +
+    max_tokens: a 3000-token prompt with max_tokens 1100 had ended at 8192 slots (1.9x what it can use, 3x
+    while the old buffer was copied). Same tokens as a run with all the room made up front."""
+    from qwen35 import generation
+
+    monkeypatch.setattr(generation, "RESERVE_DECODE_TOKENS", 16)
+    ids = rand_ids(200, 51)[0].tolist()
+    params = qwen35.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    cache = model.make_cache()
+    out = [r.token for r in qwen35.generate_step(model, ids, cache=cache, params=params)]
+    caps = {b.capacity for b in cache.rows[0].kv}
+    assert cache.lengths == [200 + 400 - 1] and caps == {-(-(200 + 399) // KV_GROWTH_STEP) * KV_GROWTH_STEP}
+    ample = model.make_cache()
+    ample.reserve(600)
+    assert [r.token for r in qwen35.generate_step(model, ids, cache=ample, params=params)] == out
+    assert cache.room == caps.pop() - 599 and ample.room == ample.rows[0].kv[0].capacity - 599
+
+
+def test_batch_generate_never_grows_past_the_answers_end(model, monkeypatch):
+    """batch_generate makes each prompt's room before its prefill and grows rows as generate_step does."""
+    from qwen35 import generation
+
+    monkeypatch.setattr(generation, "RESERVE_DECODE_TOKENS", 16)
+    prompts = [rand_ids(200, 52)[0].tolist(), rand_ids(30, 53)[0].tolist()]
+    params = qwen35.SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    caps = []
+    real = generation.step
+
+    def spy(model, cache, streams, isolate=False):
+        caps.append([{b.capacity for b in r.kv} for r in cache.rows])
+        return real(model, cache, streams, isolate)
+
+    monkeypatch.setattr(generation, "step", spy)
+    out = qwen35.batch_generate(model, prompts, params)
+    end = -(-(200 + 299) // KV_GROWTH_STEP) * KV_GROWTH_STEP
+    assert caps[0] == [{KV_GROWTH_STEP}, {KV_GROWTH_STEP}] and caps[-1] == [{end}, {end}]
+    monkeypatch.setattr(generation, "step", real)
+    assert [[r.token for r in rs] for rs in out] == [[r.token for r in qwen35.generate_step(model, p, params=params)]
+                                                    for p in prompts]
