@@ -21,6 +21,7 @@ from .chat_template import ChatTemplate
 from .config import ModelConfig
 from .errors import CheckpointError
 from .generation import DEFAULT_PREFILL_CHUNK, Response, as_ids, generate_step
+from .model.qwen35 import InputError
 from .prompt_cache import PromptCache
 from .runtime import peak_rss_mb
 from .sampling import SamplingParams
@@ -116,7 +117,14 @@ def stream_generate(
     if cache is not None and prompt_cache is not None:  # checked here, at the call, not at the first token
         raise ValueError("stream_generate takes cache= or prompt_cache=, not both: a prompt cache restores into "
                          "a cache of its own")
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else as_ids(prompt, model.config.vocab_size)
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+        if ids and max(ids) >= model.config.vocab_size:  # (the token-id path below would blame the caller)
+            raise InputError(f"the tokenizer gave token id {max(ids)}, outside the model's vocabulary [0, "
+                              f"{model.config.vocab_size}): the tokenizer does not belong to this model "
+                              "(its tokenizer.json and config.json's vocab_size disagree)")
+    else:
+        ids = as_ids(prompt, model.config.vocab_size)
     params = (params or SamplingParams()).with_stops(tokenizer.eos_token_ids)
     key, inputs = ids, None
     if images or videos:  # decoded and checked here, at the call, not at the first token

@@ -24,6 +24,7 @@ import torch
 from . import threads
 from .cache import HybridCache
 from .errors import Qwen35Error
+from .model.qwen35 import InputError
 from .sampling import Sampler, SamplingParams, step_logprobs
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -207,9 +208,9 @@ def as_ids(prompt, vocab_size: int | None = None) -> list[int]:
         if prompt.dim() == 2 and prompt.shape[0] == 1:
             prompt = prompt[0]
         if prompt.dim() != 1:
-            raise ValueError(f"prompt_ids must be one sequence [T], got shape {tuple(prompt.shape)}")
+            raise InputError(f"prompt_ids must be one sequence [T], got shape {tuple(prompt.shape)}")
         if prompt.is_floating_point() or prompt.dtype == torch.bool:
-            raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt.dtype}")
+            raise InputError(f"prompt_ids must hold integer token ids, got dtype {prompt.dtype}")
         ids = prompt.tolist()
     elif isinstance(prompt, (str, bytes, bytearray)):
         raise TypeError(f"prompt_ids must be token ids, got {type(prompt).__name__} (encode text with the "
@@ -222,10 +223,10 @@ def as_ids(prompt, vocab_size: int | None = None) -> list[int]:
                     raise TypeError
                 ids.append(operator.index(t))
             except TypeError:
-                raise ValueError(f"prompt_ids must be integer token ids, got {t!r}") from None
+                raise InputError(f"prompt_ids must be integer token ids, got {t!r}") from None
     if vocab_size is not None and ids and not 0 <= min(ids) <= max(ids) < vocab_size:
         bad = min(ids) if min(ids) < 0 else max(ids)
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise InputError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return ids
 
 

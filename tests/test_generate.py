@@ -129,3 +129,17 @@ def test_bad_arguments(model):
         next(generate_step(model, []))
     with pytest.raises(ValueError, match="one sequence"):
         next(generate_step(model, [1], cache=model.make_cache(2)))
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_named(chat_model_dir):
+    """A text prompt whose tokens fall outside the model's vocabulary blames the tokenizer (a tokenizer.json
+    copied beside another model's config.json), not the caller's token ids, as a clear InputError."""
+    from dataclasses import replace
+
+    _, tok = qwen35.load(chat_model_dir, dtype=torch.float32)
+    small = qwen35.Qwen35ForCausalLM(replace(qwen35.ModelConfig.from_file(chat_model_dir / "config.json"), vocab_size=100))
+    with pytest.raises(qwen35.InputError, match=r"the tokenizer gave token id \d+, outside the model's "
+                                                r"vocabulary \[0, 100\): the tokenizer does not belong"):
+        qwen35.generate(small, tok, "def read_lines(path): configuration dictionary")
+    with pytest.raises(qwen35.InputError, match=r"token id 150 is outside the vocabulary \[0, 100\)"):
+        qwen35.generate(small, tok, [1, 150])
