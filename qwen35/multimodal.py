@@ -103,17 +103,18 @@ def prepare_prompt(model, ids: Sequence[int], images: Sequence, max_pixels: int 
     placeholder per image and per video. Each video's single <|video_pad|> becomes, per temporal patch,
     `<{s:.1f} seconds>` (text, tokenized with `encode`) + <|vision_start|> + its pads + <|vision_end|>."""
     cfg = vision_tower(model).config
+    images, videos = list(images), list(videos)
+    # every placeholder has its input before any is decoded: a typed <|video_pad|> with only pictures is told
+    # so at once, not met as a missing input halfway through the prompt
+    check_placeholders(ids, cfg.image_token_id, len(images), "image")
+    check_placeholders(ids, cfg.video_token_id, len(videos), "video")
+    if videos and encode is None:
+        raise ImageError("a prompt with a video needs the tokenizer (`encode`) for its frames' timestamps")
     pics = prepare_images(model, images, max_pixels)
     clips = [prepare_video(model, v) for v in videos]
     if clips:
-        if encode is None:
-            raise ImageError("a prompt with a video needs the tokenizer (`encode`) for its frames' timestamps")
-        vruns = image_runs(ids, (cfg.video_token_id,))
-        if len(vruns) != len(clips) or any(b - a != 1 for a, b in vruns):
-            raise ImageError(f"the prompt has {len(vruns)} video placeholder run(s) for {len(clips)} video(s); "
-                             "put one {'type': 'video'} content part per video in the chat messages")
         out, prev = [], 0
-        for (a, _), (segs, seconds) in zip(vruns, clips):
+        for (a, _), (segs, seconds) in zip(image_runs(ids, (cfg.video_token_id,)), clips):
             out += list(ids[prev:a])
             for seg, sec in zip(segs, seconds):
                 out += [*encode(f"<{sec:.1f} seconds>"), cfg.vision_start_token_id, cfg.video_token_id,
@@ -121,13 +122,23 @@ def prepare_prompt(model, ids: Sequence[int], images: Sequence, max_pixels: int 
             prev = a + 1
         ids = out + list(ids[prev:])
     queues = {cfg.image_token_id: list(pics), cfg.video_token_id: [s for segs, _ in clips for s in segs]}
-    runs = image_runs(ids, (cfg.image_token_id,))
-    if len(runs) != len(pics):
-        raise ImageError(f"the prompt has {len(runs)} image placeholder(s) (<|image_pad|>) for {len(pics)} "
-                         "image(s); put one {'type': 'image'} content part per image in the chat messages")
     inputs = [queues[ids[a]].pop(0) for a, _ in image_runs(ids, tuple(queues))]  # prompt order
     ids = expand_prompt(ids, inputs, tuple(queues))
     return ids, inputs, cache_key(ids, inputs, tuple(queues))
+
+
+def check_placeholders(ids: Sequence[int], pad: int, count: int, kind: str) -> None:
+    """One run of `pad` per input of this kind (`kind`: "image" or "video"); a video's run is the single pad
+    the template writes (it becomes one run per temporal patch here)."""
+    runs = image_runs(ids, pad)
+    if len(runs) != count:
+        spelling = "<|image_pad|>" if kind == "image" else "<|video_pad|>"
+        raise ImageError(f"the prompt has {len(runs)} {kind} placeholder(s) ({spelling}) for {count} {kind}(s); "
+                         f"put one {{'type': '{kind}'}} content part per {kind} in the chat messages")
+    if kind == "video" and any(b - a != 1 for a, b in runs):
+        n = next(b - a for a, b in runs if b - a != 1)
+        raise ImageError(f"a video placeholder is one <|video_pad|> (the chat template's), not a run of {n}: its "
+                         "frames' pads are written here")
 
 
 def image_runs(ids: Sequence[int], pads) -> list[tuple[int, int]]:

@@ -17,7 +17,8 @@ Decoding is split in two (`open_header`, `decode`) because Pillow reads a file's
 a server learns every image's size, and so its token count, before it decodes any of them.
 
 Sizes come from `preprocessor_config.json` when the checkpoint has one (`size.shortest_edge` /
-`size.longest_edge`, or the older `min_pixels` / `max_pixels`), else the Qwen3.5 defaults.
+`size.longest_edge`, or the older `min_pixels` / `max_pixels`), else the Qwen3.5 defaults; a video's from
+`video_preprocessor_config.json` (video_input.VideoProcessor, the processor's `video`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ import re
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import Qwen35Error
+
+if TYPE_CHECKING:
+    from .video_input import VideoProcessor
 
 # Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is one process-wide global with no per-call form;
 # open_image reads headers under this lock so that lifting it for a moment (to learn a refused image's size) can
@@ -67,21 +72,20 @@ class ImageProcessor:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     rescale_factor: float = 1 / 255
+    video: VideoProcessor | None = None  # video_preprocessor_config.json's settings; None: the video defaults
 
     @classmethod
     def from_model_dir(cls, path: str | Path | None, vision=None) -> ImageProcessor:
         """The checkpoint's preprocessor_config.json, falling back to the tower's patch sizes (`vision`, a
-        VisionConfig) and the Qwen3.5 defaults for whatever it does not say."""
+        VisionConfig) and the Qwen3.5 defaults for whatever it does not say; its video_preprocessor_config.json,
+        where it has one, as `video`."""
         base = cls() if vision is None else cls(patch_size=vision.patch_size,
                                                  temporal_patch_size=vision.temporal_patch_size,
                                                  merge_size=vision.spatial_merge_size)
         f = None if path is None else Path(path) / "preprocessor_config.json"
         if f is None or not f.is_file():
-            return base
-        try:
-            cfg = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ImageError(f"{f}: not valid JSON ({e})") from None
+            return base if path is None else base.with_video(path)
+        cfg = read_config(f)
         size = cfg.get("size") or {}
         changes = {k: cfg[k] for k in ("patch_size", "temporal_patch_size", "merge_size") if cfg.get(k)}
         lo = size.get("shortest_edge", cfg.get("min_pixels"))
@@ -95,7 +99,13 @@ class ImageProcessor:
                 changes[k] = tuple(float(v) for v in cfg[k])
         if cfg.get("rescale_factor") is not None:
             changes["rescale_factor"] = float(cfg["rescale_factor"])
-        return replace(base, **changes)
+        return replace(base, **changes).with_video(path)
+
+    def with_video(self, path: str | Path) -> ImageProcessor:
+        """This processor with the checkpoint's video_preprocessor_config.json as `video` (where it has one)."""
+        from .video_input import VideoProcessor  # video_input builds on this module
+
+        return replace(self, video=VideoProcessor.from_model_dir(path, self))
 
     @property
     def factor(self) -> int:
@@ -151,6 +161,17 @@ class ImageProcessor:
     def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """One image (a PIL image, path, bytes or data: URL) -> (patches, grid (1, h, w))."""
         return self.image_patches(self.resize(to_rgb(open_image(image))))
+
+
+def read_config(f: Path) -> dict:
+    """A processor config file's JSON object (the image's and the video's)."""
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ImageError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ImageError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def to_rgb(img):

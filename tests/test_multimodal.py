@@ -197,6 +197,52 @@ def test_placeholder_count_must_match_the_images(pair):
         prepare_prompt(model, [1, START, PAD, PAD, PAD, END], [picture(32, 32, 0)])
 
 
+def test_video_placeholders_must_match_the_videos(pair):
+    """Each kind of placeholder is counted against its own inputs, whatever the other kind holds: a
+    <|video_pad|> with only pictures was an IndexError (pop from empty list) halfway through the prompt."""
+    from qwen35.video_input import Video
+
+    _, model = pair
+    vpad = VISION_TOKENS["video_token_id"]
+    video = [START, vpad, END]
+    clip = Video([picture(24, 40, i) for i in range(4)], fps=2)
+
+    def encode(text):
+        return [ord(c) % 300 for c in text]
+
+    def refused(ids, images, videos, match):
+        with pytest.raises(ImageError, match=match):
+            prepare_prompt(model, ids, images, videos=videos, encode=encode)
+
+    no_video = r"1 video placeholder\(s\) \(<\|video_pad\|>\) for 0 video\(s\); put one \{'type': 'video'\}"
+    refused([1] + video + image_part() + [2], [picture(20, 20, 0)], [], no_video)
+    refused([1] + image_part() + video + [2], [picture(20, 20, 0)], [], no_video)
+    refused([1] + image_part() + video, [], [clip], r"1 image placeholder\(s\) \(<\|image_pad\|>\) for 0 image")
+    refused([1] + video + video, [], [clip], r"2 video placeholder\(s\) \(<\|video_pad\|>\) for 1 video")
+    refused([1] + video, [], [clip, clip], r"1 video placeholder\(s\) \(<\|video_pad\|>\) for 2 video")
+    refused([1, 2] + image_part(), [picture(20, 20, 0)], [clip], r"0 video placeholder\(s\)")
+    refused([1, START, vpad, vpad, vpad, END], [], [clip], r"one <\|video_pad\|> .*not a run of 3")
+    with pytest.raises(ImageError, match="needs the tokenizer"):
+        prepare_prompt(model, [1] + video, [], videos=[clip])
+    _, inputs, _ = prepare_prompt(model, [1] + video + image_part(), [picture(20, 20, 0)], videos=[clip],
+                                  encode=encode)
+    assert [i.token for i in inputs] == [vpad, vpad, PAD]  # 4 frames: 2 temporal patches, then the picture
+
+
+def test_chat_session_refuses_a_typed_video_pad(vision_chat_model):
+    """`qwen35 chat` with a picture, the user typing <|video_pad|>: a clear ImageError, the turn undone and
+    the session still usable (it was an IndexError)."""
+    from qwen35.session import ChatSession
+
+    _, path = vision_chat_model
+    model, tok = qwen35.load(path, dtype=torch.float32)
+    s = ChatSession(model, tok, enable_thinking=False, params=SamplingParams(temperature=0.0, max_tokens=2))
+    with pytest.raises(ImageError, match=r"1 video placeholder\(s\) \(<\|video_pad\|>\) for 0 video"):
+        list(s.send("what does <|video_pad|> mean?", images=[picture(40, 64, 0)]))
+    assert s.messages == [] and s.images == []
+    assert len(list(s.send("hello"))) > 0
+
+
 # ---- text level: qwen35.load + stream_generate(images=...), and `qwen35 generate --image` ----
 
 QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
@@ -351,6 +397,33 @@ def test_animated_image_is_a_video(tmp_path):
     frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=250, loop=0)
     v = Video.open(tmp_path / "clip.gif")
     assert len(v.frames) == 6 and v.fps == pytest.approx(4.0) and v.frames[0].size == (30, 20)
+
+
+def test_animated_image_decodes_only_the_sampled_frames(tmp_path, monkeypatch):
+    """Video.open keeps no frame (it converted every one to RGB: GBs for a long 1080p GIF); the frames a
+    clip samples, its patches and its rate are what converting them all up front gave."""
+    from PIL import ImageSequence
+
+    from qwen35 import video_input
+    from qwen35.video_input import AnimatedFrames, Video, preprocess_video
+    from qwen35.vision_input import ImageProcessor, to_rgb
+
+    frames = [picture(24, 40, i).convert("RGBA") for i in range(40)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=[50, 30, 70, 50] * 10,
+                   loop=0, disposal=2)
+    with Image.open(tmp_path / "clip.gif") as img:  # every frame up front, as Video.open did
+        eager = Video([to_rgb(f.copy()) for f in ImageSequence.Iterator(img)], fps=20.0)
+    converted, read = [], []
+    monkeypatch.setattr(video_input, "to_rgb", lambda img: converted.append(1) or to_rgb(img))
+    getitem = AnimatedFrames.__getitem__
+    monkeypatch.setattr(AnimatedFrames, "__getitem__", lambda self, i: read.append(i) or getitem(self, i))
+    lazy = Video.open(tmp_path / "clip.gif")
+    assert converted == [] and len(lazy.frames) == 40 and lazy.fps == pytest.approx(eager.fps)
+    ours, grid, seconds, key = preprocess_video(lazy, ImageProcessor())
+    assert read == video_input.sample_indices(40, 20.0) == [0, 13, 26, 39]  # 2 s at 2 fps: 4 of the 40 frames
+    want = preprocess_video(eager, ImageProcessor())
+    assert torch.equal(ours, want[0]) and (grid, seconds, key) == want[1:]
+    assert all(np.array_equal(np.asarray(lazy.frames[i]), np.asarray(eager.frames[i])) for i in (39, 5, 0, 21))
 
 
 def test_video_logits_match_transformers(pair):
