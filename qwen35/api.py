@@ -127,7 +127,11 @@ def stream_generate(
         ids = as_ids(prompt, model.config.vocab_size)
     params = (params or SamplingParams()).with_stops(tokenizer.eos_token_ids)
     key, inputs = ids, None
-    if images or videos:  # decoded and checked here, at the call, not at the first token
+    if not (images or videos):
+        from .multimodal import check_no_placeholders
+
+        check_no_placeholders(model, ids)
+    else:  # decoded and checked here, at the call, not at the first token
         from .multimodal import prepare_prompt
 
         ids, inputs, key = prepare_prompt(model, ids, images or [], videos=videos or [],

@@ -127,6 +127,15 @@ def prepare_prompt(model, ids: Sequence[int], images: Sequence, max_pixels: int 
     return ids, inputs, cache_key(ids, inputs, tuple(queues))
 
 
+def check_no_placeholders(model, ids: Sequence[int]) -> None:
+    """A prompt given no images or videos holds no pad of either (a typed `<|image_pad|>` would be fed to a
+    vision model as a picture with no pixels). Nothing to check for a model without a vision tower."""
+    visual = getattr(model, "visual", None)
+    if visual is not None:
+        check_placeholders(ids, visual.config.image_token_id, 0, "image")
+        check_placeholders(ids, visual.config.video_token_id, 0, "video")
+
+
 def check_placeholders(ids: Sequence[int], pad: int, count: int, kind: str) -> None:
     """One run of `pad` per input of this kind (`kind`: "image" or "video"); a video's run is the single pad
     the template writes (it becomes one run per temporal patch here)."""

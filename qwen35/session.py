@@ -85,7 +85,11 @@ class ChatSession:
             if ids[: len(boundary)] != boundary:
                 boundary = []  # tokenisation merged across the boundary: skip that snapshot
             key = vision = None
-            if self.images:  # pads expanded; prompt reuse keyed on the pictures' content
+            if not self.images:
+                from .multimodal import check_no_placeholders
+
+                check_no_placeholders(self.model, ids)
+            else:  # pads expanded; prompt reuse keyed on the pictures' content
                 from .multimodal import VisionPrompt, expand_prompt, prepare_prompt
 
                 ids, inputs, key = prepare_prompt(self.model, ids, self.images)

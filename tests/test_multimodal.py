@@ -241,6 +241,13 @@ def test_chat_session_refuses_a_typed_video_pad(vision_chat_model):
         list(s.send("what does <|video_pad|> mean?", images=[picture(40, 64, 0)]))
     assert s.messages == [] and s.images == []
     assert len(list(s.send("hello"))) > 0
+    # with no picture at all: a typed pad would have been fed as a picture with no pixels
+    for pad, kind in (("<|image_pad|>", "image"), ("<|video_pad|>", "video")):
+        with pytest.raises(ImageError, match=rf"1 {kind} placeholder\(s\) .* for 0 {kind}\(s\)"):
+            list(s.send(f"what does {pad} mean?"))
+        with pytest.raises(ImageError, match=rf"1 {kind} placeholder\(s\) .* for 0 {kind}\(s\)"):
+            qwen35.generate(model, tok, f"what does {pad} mean?", SamplingParams(max_tokens=2))
+    assert len(s.messages) == 2
 
 
 # ---- text level: qwen35.load + stream_generate(images=...), and `qwen35 generate --image` ----
