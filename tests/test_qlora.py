@@ -230,3 +230,32 @@ def test_train_cli_on_a_quantized_base_resumes_merges_and_exports(tmp_path):
     merged = qwen35.load_model(tmp_path / "o" / "merged")
     assert merged.quant == "int4" and (tmp_path / "o" / "merged" / "tokenizer.json").is_file()
     assert open_gguf(tmp_path / "m.gguf") is not None
+
+
+@pytest.mark.parametrize("merge", ["bf16", "int8"])
+def test_merged_vision_checkpoint_keeps_its_tower(vision_replica, tmp_path, merge):
+    """QLoRA on a composite checkpoint: the merged model is a composite checkpoint whose tower (frozen, and
+    stored unquantized in the source's precision, as `qwen35 quantize` keeps it) gives the source's features,
+    and whose logits on an image prompt are those of the model merged in place. (It was written text-only,
+    and loaded back without a tower.)"""
+    from test_train import check_vision_checkpoint, corpus_rows, image_logits, vision_source
+
+    from qwen35.train.qlora import write_merged
+
+    source = vision_source(vision_replica[1], tmp_path)
+    model = qwen35.load_model(source, quant="int8")
+    tower = {n: p.clone() for n, p in model.visual.named_parameters()}
+    apply_lora(model, rank=4)
+    cfg = TrainConfig(steps=1, seq_len=64, batch_size=2, lr=1e-2, warmup=1, grad_checkpoint=True)
+    train(model, corpus_rows(), cfg, tmp_path / "run", log=lambda s: None)
+    assert all(torch.equal(p, tower[n]) for n, p in model.visual.named_parameters())  # frozen
+    write_merged(model, tmp_path / "merged", merge)
+    merged = check_vision_checkpoint(tmp_path / "merged", source)
+    assert merged.quant == (None if merge == "bf16" else "int8")
+    got, want = image_logits(merged)[0], image_logits(model)[0]
+    if merge == "int8":  # the merged model's own bytes, read back as they are
+        assert torch.equal(got, want)
+    else:  # every matrix rounded to bf16: no further off than quantizing the base to int8 put it
+        own = (image_logits(qwen35.load_model(source))[0]
+               - image_logits(qwen35.load_model(source, quant="int8"))[0]).abs().max()
+        assert (got - want).abs().max() <= own, ((got - want).abs().max(), own)

@@ -345,3 +345,94 @@ def test_lora_adapters_reach_the_decode_kernels():
             assert not any(hasattr(layer, "layer_args") for layer in model.model.layers)
     # the kernels vs the reference ops in bf16: measured 0.03-0.04; with the adapters dropped: 0.35+
     assert (logits[True] - logits[False]).abs().max() < 0.15
+
+
+def image_logits(model, seed=0):
+    """Our logits for a prompt around one image (the tiny replicas' placeholder ids), and the same prompt as
+    transformers' Qwen3_5ForConditionalGeneration takes it: (logits, ids, its keyword arguments)."""
+    import numpy as np
+    from PIL import Image
+
+    from qwen35.multimodal import VisionPrompt, prepare_prompt, rope_positions
+
+    tok = replica.VISION_TOKENS
+    pad = tok["image_token_id"]
+    picture = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    prompt = [5, 9, 2, tok["vision_start_token_id"], pad, tok["vision_end_token_id"], 7, 3]
+    ids, inputs, _ = prepare_prompt(model, prompt, [picture])
+    pos, _ = rope_positions(ids, inputs, pad, 0)
+    embeds = VisionPrompt(list(ids), list(inputs), (pad,)).embeddings(model)
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(ids, positions=pos[:, None], inputs_embeds=embeds)
+    hf_kw = {"mm_token_type_ids": (ids == pad).int(), "pixel_values": torch.cat([i.patches for i in inputs]),
+             "image_grid_thw": torch.tensor([i.grid for i in inputs])}
+    return logits, ids, hf_kw
+
+
+def check_vision_checkpoint(out, source):
+    """`out` is the composite checkpoint of `source`'s architecture: the tower's tensors under their official
+    keys in the source's precision, the composite config (its vision_config and placeholder ids those of the
+    source), the preprocessor configs; loaded back, its tower gives the source's features bit for bit.
+    Returns the loaded model."""
+    from safetensors import safe_open
+
+    from qwen35.config import ModelConfig
+
+    def tower_dtypes(path):
+        return {k: f.get_slice(k).get_dtype() for p in path.glob("*.safetensors") for f in [safe_open(p, "pt")]
+                for k in f.keys() if k.startswith("model.visual.")}  # noqa: SIM118
+
+    assert tower_dtypes(out) == tower_dtypes(source) != {}
+    cfg, src = json.loads((out / "config.json").read_text()), json.loads((source / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3_5ForConditionalGeneration"] and cfg["model_type"] == "qwen3_5"
+    assert {k: cfg[k] for k in replica.VISION_TOKENS} == {k: src[k] for k in replica.VISION_TOKENS}
+    assert ModelConfig.from_file(out).vision_config == ModelConfig.from_file(source).vision_config
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    loaded, original = qwen35.load_model(out), qwen35.load_model(source)
+    assert loaded.visual is not None
+    grid = torch.tensor([[1, 4, 6]])
+    px = torch.randn(24, loaded.visual.config.patch_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded.visual(px, grid), original.visual(px, grid))
+    return loaded
+
+
+def vision_source(replica_path, tmp_path):
+    """A copy of a vision replica with a video_preprocessor_config.json beside its preprocessor_config.json."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(replica_path, source)
+    (source / "video_preprocessor_config.json").write_text(json.dumps({"fps": 2, "max_frames": 8}))
+    return source
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fine_tuning_a_vision_checkpoint_keeps_its_tower(vision_replica, tmp_path, lora):
+    """Full and LoRA fine-tunes of a composite checkpoint save a composite checkpoint: the tower (frozen: text
+    data cannot train it) goes along unchanged, and the saved model gives the trained model's logits on an
+    image prompt, in qwen35 and in transformers' Qwen3_5ForConditionalGeneration. (They were saved text-only,
+    and loaded back without a tower.)"""
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from qwen35.train.lora import apply_lora, merge_lora
+
+    source = vision_source(vision_replica[1], tmp_path)
+    model = qwen35.load_model(source)
+    tower = {n: p.clone() for n, p in model.visual.named_parameters()}
+    if lora:
+        apply_lora(model, rank=4)
+    cfg = TrainConfig(steps=2, seq_len=64, batch_size=2, lr=1e-2, warmup=1)
+    train(model, corpus_rows(), cfg, tmp_path / "ft", log=lambda s: None)
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert all(torch.equal(p, tower[n]) for n, p in model.visual.named_parameters())  # frozen
+    saved = check_vision_checkpoint(tmp_path / "ft", source)
+    merge_lora(model) if lora else model.fuse_projections()  # read as the loaded model reads its weights
+    got, ids, hf_kw = image_logits(saved)
+    assert torch.equal(got, image_logits(model)[0])
+    hf, info = Qwen3_5ForConditionalGeneration.from_pretrained(tmp_path / "ft", dtype=torch.float32,
+                                                               output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    oracle.assert_logits_match_oracle(got, hf.eval(), ids, **hf_kw)

@@ -129,6 +129,38 @@ def stored_tensors(named_weights, policy: str, config: dict) -> dict[str, torch.
     return tensors
 
 
+def vision_tensors(model) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors under the official keys (`model.visual.*`), unquantized, each in the dtype
+    the checkpoint the model was loaded from stores it in (an fp32 load of a bf16 tower would double its bytes
+    for nothing: the values are the file's); none for a text-only model. The tower sits outside the module
+    tree (weights.attach_vision), so named_weights misses it: every writer of a VLM's checkpoint adds it
+    through this, or the file would hold a text-only model (or a vision_config naming a tower it lacks)."""
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        return {}
+    from ..weights import VISION_PREFIX
+
+    stored = _stored_dtypes(model, VISION_PREFIX)
+    return {VISION_PREFIX + n: p.detach().to(stored.get(VISION_PREFIX + n, p.dtype))
+            for n, p in visual.named_parameters()}
+
+
+def _stored_dtypes(model, prefix: str) -> dict[str, torch.dtype]:
+    """key -> dtype of the `prefix` tensors in the checkpoint `model` was loaded from (headers only); empty
+    where that is not known (a model built in memory, a source moved or rewritten since: the dtypes the model
+    holds then stand)."""
+    from ..weights import read_checkpoint_entries
+
+    info = getattr(model, "checkpoint_info", None)
+    if info is None:
+        return {}
+    try:
+        entries, _ = read_checkpoint_entries(Path(info.path))
+    except (OSError, CheckpointError):
+        return {}
+    return {k: e.dtype for k, e in entries.items() if k.startswith(prefix)}
+
+
 def save_quantized(model, source: Path, out: Path, max_shard_bytes: int = 2 * 2**30) -> Path:
     """Write `model` (loaded with quant=) as a quantized checkpoint in `out`, its vision tower (if any)
     unquantized; tokenizer, template and other side files are copied from `source`."""
@@ -138,14 +170,7 @@ def save_quantized(model, source: Path, out: Path, max_shard_bytes: int = 2 * 2*
         raise CheckpointError("save_quantized needs a model loaded with quant=")
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     tensors = stored_tensors(model.named_weights(), model.quant, config)
-    visual = getattr(model, "visual", None)
-    if visual is not None:
-        # The tower sits outside the module tree (weights.attach_vision), so named_weights misses it; it is
-        # stored unquantized, as quantize-at-load keeps it, or the config's vision_config would name a tower
-        # the file does not hold.
-        from ..weights import VISION_PREFIX
-
-        tensors.update((VISION_PREFIX + n, p.detach()) for n, p in visual.named_parameters())
+    tensors.update(vision_tensors(model))  # unquantized, as quantize-at-load keeps the tower
     out = Path(out)
     write_checkpoint(tensors, config, out, max_shard_bytes)
     for f in source.iterdir():

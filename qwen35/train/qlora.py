@@ -73,7 +73,9 @@ def save_adapters(model, out: Path, tokenizer_dir: Path | None = None) -> Path:
     if tokenizer_dir is not None:
         import shutil
 
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        from .run_state import TOKENIZER_FILES
+
+        for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy(Path(tokenizer_dir) / name, out / name)
     return out
@@ -182,34 +184,34 @@ def merge_quantized(model, quant: str | None = None):
 
 def write_merged(model, out: Path, quant: str = MERGE_BF16, tokenizer_dir: Path | None = None) -> Path:
     """Merge the adapters (merge_quantized) and write the merged model to `out`: a bf16 checkpoint
-    (quant "bf16": every matrix dequantized, streamed matrix by matrix into the file) or a quantized one in
-    the `qwen35 quantize` layout (quant a policy), which load_model reads back without requantizing."""
+    (quant "bf16": every matrix dequantized, streamed matrix by matrix into the file, in the official layout)
+    or a quantized one in the `qwen35 quantize` layout (quant a policy), which load_model reads back without
+    requantizing. A vision model's tower (never trained: it is outside the adapted model) goes along
+    unquantized, with the composite config and the preprocessor configs, as `qwen35 quantize` keeps it."""
     from ..checkpoint import _write_shards, write_checkpoint
     from ..model.qwen35 import keeps_fp32
-    from ..quant.checkpoint import stored_tensors
+    from ..quant.checkpoint import stored_tensors, vision_tensors
     from ..quant.weight import QuantizedWeight
-    from .run_state import config_dict
+    from .run_state import checkpoint_config, checkpoint_key, copy_side_files
 
     merge_quantized(model, None if quant == MERGE_BF16 else quant)
-    weights = dict(model.named_weights())
-    config = config_dict(model.config)
+    config = checkpoint_config(model)
     out = Path(out)
     if quant == MERGE_BF16:
-        def dtype_of(name):
-            return torch.float32 if keeps_fp32(name) else torch.bfloat16
+        tower = vision_tensors(model)  # in their own precision: they are not merged
+        weights = {checkpoint_key(model, n): w for n, w in model.named_weights()} | tower
+
+        def dtype_of(key):
+            return tower[key].dtype if key in tower else torch.float32 if keeps_fp32(key) else torch.bfloat16
 
         def tensor_of(key, shape, dtype):  # one dequantized matrix in memory at a time
             w = weights[key]
             return (w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w.detach().to(dtype)).contiguous()
 
-        specs = [(n, tuple(weights[n].shape), dtype_of(n)) for n in sorted(weights)]
+        specs = [(k, tuple(weights[k].shape), dtype_of(k)) for k in sorted(weights)]
         _write_shards(specs, tensor_of, config, out, 2 * 2**30)
     else:
-        write_checkpoint(stored_tensors(weights.items(), quant, config), config, out, 2 * 2**30)
-    if tokenizer_dir is not None:
-        import shutil
-
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, out / name)
+        tensors = stored_tensors(model.named_weights(), quant, config) | vision_tensors(model)
+        write_checkpoint(tensors, config, out, 2 * 2**30)
+    copy_side_files(model, out, tokenizer_dir)
     return out

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import write_checkpoint
+from ..checkpoint import vlm_key, write_checkpoint
 from ..config import ModelConfig
 from ..errors import Qwen35Error
 from ..model.qwen35 import Qwen35ForCausalLM
+from ..quant.checkpoint import vision_tensors
 
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -32,6 +33,12 @@ SAVING, SAVED = ".saving", ".saved"  # a checkpoint being written into out / wri
 SAME_RUN = {"lr": "--lr", "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
             "warmup": "--warmup", "seed": "--seed", "mtp_weight": "--mtp-weight", "bf16": "--bf16",
             "data": "--data"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# a vision model's preprocessing settings: without them the saved model would size images by the defaults
+VISION_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
+# the placeholder ids a composite config keeps at its top level (ModelConfig.from_hf merges them into
+# vision_config, where the tower reads them; checkpoint_config puts them back)
+VISION_TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 class TrainError(Qwen35Error):
@@ -57,14 +64,56 @@ def config_dict(config: ModelConfig) -> dict:
     }
 
 
+def has_vision(model) -> bool:
+    """The model holds its vision tower (weights.attach_vision): its checkpoints then hold the tower too."""
+    return getattr(model, "visual", None) is not None
+
+
+def checkpoint_config(model) -> dict:
+    """config.json for a checkpoint of `model`: with its vision tower the composite `qwen3_5` config that
+    official releases ship (transformers loads it as Qwen3_5ForConditionalGeneration, qwen35 with
+    model.visual), holding config_dict's text config and the model's vision_config and placeholder ids;
+    config_dict's text-only one otherwise (a --config naming a tower that was never built included)."""
+    text = config_dict(model.config)
+    if not has_vision(model):
+        return text
+    vision = dict(model.config.vision_config)
+    ids = {k: vision.pop(k) for k in VISION_TOKEN_IDS if k in vision}
+    del text["architectures"]
+    return {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "text_config": text,
+            "vision_config": vision, **ids, "tie_word_embeddings": model.config.tie_word_embeddings}
+
+
+def checkpoint_key(model, name: str) -> str:
+    """Where parameter `name` is stored: the official VLM key (`model.language_model.*`) beside a vision tower,
+    as the composite config's readers (transformers among them) expect; the text layout's otherwise."""
+    return vlm_key(name) if has_vision(model) else name
+
+
+def copy_side_files(model, out: Path, tokenizer_dir: Path | None) -> None:
+    """The tokenizer and template files from `tokenizer_dir`, and with a vision tower its preprocessing
+    settings (VISION_FILES) from the checkpoint the model was loaded from (a tower built in memory has none:
+    it then sizes images by the defaults)."""
+    sources = [(Path(tokenizer_dir), TOKENIZER_FILES)] if tokenizer_dir is not None else []
+    info = getattr(model, "checkpoint_info", None)
+    if has_vision(model) and info is not None:
+        sources.append((Path(info.path), VISION_FILES))
+    for folder, names in sources:
+        for name in names:
+            if (folder / name).is_file():
+                shutil.copy(folder / name, out / name)
+
+
 def save(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None = None,
          full_state: dict[str, torch.Tensor] | None = None, state: dict | None = None) -> Path:
     """Weights (fp32) and config in the official text layout, plus the tokenizer files and `state` (the
-    trainer state, as trainer_state.pt). With LoRA active, the adapters are merged into the saved weights (the
-    model itself keeps them) and also written alone to lora.safetensors, which resume reads. On a quantized
-    base only the adapters are written (train/qlora.py: write_merged makes the merged checkpoint, once, at the
-    end). All of it replaces the previous checkpoint in `out` at once, or not at all (module docstring);
-    other files in `out` stay."""
+    trainer state, as trainer_state.pt). A vision model's is the official composite layout: its tower (frozen:
+    it is outside the parameters training sees) as it was loaded, the composite config and the source's
+    preprocessor configs (checkpoint_config, copy_side_files). With LoRA active, the adapters are merged into
+    the saved weights (the model itself keeps them) and also written alone to lora.safetensors, which resume
+    reads. On a quantized base only the adapters are written (train/qlora.py: write_merged makes the merged
+    checkpoint, once, at the end). All of it replaces the previous checkpoint in `out` at once, or not at all
+    (module docstring); other files in `out` stay."""
     out = Path(out)
     recover(out)
     tmp = out / SAVING
@@ -122,11 +171,10 @@ def _write(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None,
         out.mkdir(parents=True, exist_ok=True)
         save_file({n: p.detach().float().contiguous() for n, p in model.named_parameters() if "lora_" in n},
                   str(out / "lora.safetensors"))
-    write_checkpoint(tensors, config_dict(model.config), out)
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, out / name)
+    tensors = {checkpoint_key(model, n): t for n, t in tensors.items()}
+    tensors.update(vision_tensors(model))
+    write_checkpoint(tensors, checkpoint_config(model), out)
+    copy_side_files(model, out, tokenizer_dir)
 
 
 def load_state(out: Path) -> dict:
