@@ -359,3 +359,13 @@ def test_metadata_gguf_reads_back_and_eos_outside_the_vocabulary_is_dropped(src,
     assert c.eos_token_ids == ()
     assert "m.gguf: metadata key 'tokenizer.ggml.eos_token_id' = 99999 is not a token id of the 512-token" \
         in caplog.text
+
+
+def test_a_vision_tower_left_out_is_said(vision_replica, tmp_path, caplog):
+    """GGUF holds the text model: exporting a vision checkpoint says the tower stays behind (it was dropped
+    without a word)."""
+    model = load_model(vision_replica[1], dtype=torch.bfloat16, kernels=False)
+    with caplog.at_level("WARNING", logger="qwen35"):
+        export_gguf(model, tmp_path / "v.gguf", "bf16")
+    assert "the vision tower is not written" in caplog.text
+    assert load_model(tmp_path / "v.gguf", kernels=False).visual is None
