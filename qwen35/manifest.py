@@ -47,6 +47,8 @@ def read_manifest(path: Path) -> dict:
         m = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"manifest not found: {path}") from None
+    except OSError as e:  # a folder, no permission
+        raise CheckpointError(f"{path}: cannot read the manifest ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not a valid manifest ({e})") from None
     # the shape first: a JSON list or string has no .get
@@ -92,7 +94,10 @@ def _entry_problem(entry) -> str | None:
 
 def write_manifest(path: Path, files: dict[str, dict], source: str) -> Path:
     out = {"format": FORMAT, "source": source, "files": dict(sorted(files.items()))}
-    Path(path).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    try:
+        Path(path).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    except OSError as e:  # no such folder, a folder in the way, no permission, a full disk
+        raise CheckpointError(f"{path}: cannot write the manifest ({e.strerror})") from None
     return Path(path)
 
 

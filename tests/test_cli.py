@@ -180,6 +180,14 @@ def test_chat_repl_commands(repl):
     assert "[thinking] " in after and "[thinking] " not in before
 
 
+def test_chat_repl_commands_without_arguments(repl):
+    """/reset and /quit take no words after them: said so (it was "unknown command"), and not done."""
+    code, out, _ = repl(["/quit please", "/reset now", "/quit"])
+    assert code == 0 and "(/quit takes no arguments: type /quit alone)" in out  # and the REPL went on:
+    assert "(/reset takes no arguments: type /reset alone)" in out
+    assert "unknown command" not in out and "(new conversation)" not in out
+
+
 def test_chat_repl_a_refused_turn_keeps_the_conversation(repl):
     """A turn refused before any work (prompt + max_tokens past the context) is said, and the REPL goes on
     with the history as it was (it had ended the process and lost the conversation); commands match their

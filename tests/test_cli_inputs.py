@@ -347,3 +347,191 @@ def test_verify_checks_what_load_model_checks_of_plain_tensors(base, int8_dir, t
         rc, _, out = qwen35_cli(capsys, "verify", d)
         out = out.strip().splitlines()
         assert rc == 1 and len(out) == 2 and why in out[0], out
+
+
+# ---- flags that did nothing, outputs written over, crashes: one line each, before the work ----
+
+def test_chat_ignore_eos_answers_to_max_tokens(monkeypatch, capsys):
+    """--ignore-eos reached generate's sampling but not chat's: the answer still stopped at <|im_end|>."""
+    from qwen35.commands import chat
+
+    model, tok = qwen35.load(BUNDLED, dtype=torch.float32)
+    monkeypatch.setattr(chat, "load_from_args", lambda args: (model, tok))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Thanks!\n/quit\n"))
+    assert cli.main(["chat", "--max-tokens", "20", "--temperature", "0", "--no-think", "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    # the greedy answer ends by itself after 16 tokens; with the flag it goes on past its end token
+    assert "<|im_end|>" in out and "\n[20 tokens; prompt " in out
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_ignore_eos_with_structured_output_is_refused_by_its_flags(command, capsys, monkeypatch):
+    from qwen35.commands import common
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded the model first")
+
+    monkeypatch.setattr(common, "load_from_args", no_load)
+    monkeypatch.setattr(f"qwen35.commands.{command}.load_from_args", no_load)
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    rc, err, _ = qwen35_cli(capsys, command, *extra, "--ignore-eos", "--json-object")
+    assert rc == 2 and one_line(err) and "--ignore-eos cannot be combined with --json-object" in err
+
+
+def fake_hub(src: Path, monkeypatch, sha: str = "a" * 40) -> list:
+    """huggingface_hub's model_info / hf_hub_download serving the files of `src` (LFS records) as commit
+    `sha`; returns the repos model_info was asked for."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    asked = []
+
+    def sibling(f: Path):
+        size = f.stat().st_size
+        return SimpleNamespace(rfilename=f.name, size=size, blob_id=None,
+                               lfs=SimpleNamespace(size=size, sha256=hashlib.sha256(f.read_bytes()).hexdigest()))
+
+    class Api:
+        def model_info(self, repo, revision=None, files_metadata=False):
+            asked.append(repo)
+            return SimpleNamespace(sha=sha, siblings=[sibling(f) for f in sorted(src.iterdir()) if f.is_file()])
+
+    def download(repo, filename, revision=None, local_dir=None):
+        shutil.copy(src / filename, Path(local_dir) / filename)
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return asked
+
+
+def test_download_into_a_file_is_refused_before_the_hub_is_asked(tmp_path, monkeypatch, capsys):
+    asked = fake_hub(BUNDLED, monkeypatch)
+    rfile = tmp_path / "rfile"
+    rfile.write_text("not a folder")
+    for out, why in ((rfile, "exists and is not a directory"), (rfile / "sub", "is a file, not a folder")):
+        rc, err, _ = qwen35_cli(capsys, "download", "org/model", out)
+        assert rc == 1 and one_line(err) and why in err, err
+    assert not asked and rfile.read_text() == "not a folder"
+
+
+def test_download_refuses_a_folder_holding_another_checkpoint(base, tmp_path, monkeypatch, capsys):
+    """Another checkpoint's index and shards would stay beside the download and win at load: refused, as
+    quantize refuses it. A download of the same repo and commit (its manifest there) resumes; a checkpoint
+    file that manifest does not list is refused too."""
+    asked = fake_hub(BUNDLED, monkeypatch)
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    before = snapshot(other)
+    rc, err, _ = qwen35_cli(capsys, "download", "org/model", other)
+    assert rc == 1 and one_line(err) and "already holds checkpoint files (config.json" in err
+    assert not asked and snapshot(other) == before
+    out = tmp_path / "dl"
+    assert qwen35_cli(capsys, "download", "org/model", out)[0] == 0
+    assert qwen35_cli(capsys, "download", "org/model", out)[0] == 0  # run again: resumes
+    (out / "model-extra.safetensors").write_bytes(b"old")
+    rc, err, _ = qwen35_cli(capsys, "download", "org/model", out)
+    assert rc == 1 and one_line(err) and "qwen35-manifest.json does not list (model-extra.safetensors)" in err
+
+
+def test_verify_write_manifest_to_a_bad_path_is_one_line(base, tmp_path, capsys):
+    rfile = tmp_path / "rfile"
+    rfile.write_text("not a folder")
+    for manifest, why in ((tmp_path / "nodir" / "m.json", "does not exist"), (tmp_path, "is a directory"),
+                          (rfile / "m.json", "is a file, not a folder")):
+        rc, err, _ = qwen35_cli(capsys, "verify", base, "--manifest", manifest, "--write-manifest")
+        assert rc == 1 and one_line(err) and why in err, err
+
+
+def test_verify_write_manifest_that_cannot_be_written_is_one_line(base, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(base, src)
+    (src / "qwen35-manifest.json").mkdir()  # the default path, a folder in the way
+    rc, err, _ = qwen35_cli(capsys, "verify", src, "--write-manifest")
+    assert rc == 1 and one_line(err) and "qwen35-manifest.json: cannot write the manifest" in err
+
+
+@pytest.fixture(scope="module")
+def ggufs(base, tmp_path_factory):
+    """The bundled model as a bf16 GGUF and a q8_0 one."""
+    d = tmp_path_factory.mktemp("gguf")
+    for kind in ("bf16", "q8_0"):
+        assert cli.main(["export", str(base), str(d / f"{kind}.gguf"), "--type", kind]) == 0
+    return d / "bf16.gguf", d / "q8_0.gguf"
+
+
+def fits(out: str) -> int:
+    return int(out.split("up to ")[1].split(" tokens")[0])
+
+
+def test_info_gguf_quant_plans_the_quantized_weights_or_refuses(ggufs, capsys):
+    """--quant on a GGUF was ignored: refused on a quantized file (as load_model refuses it), otherwise
+    the memory plan counts the quantized weights, as for a checkpoint directory."""
+    bf16, q8 = ggufs
+    rc, err, _ = qwen35_cli(capsys, "info", q8, "--quant", "int4")
+    assert rc == 1 and one_line(err) and "is already quantized (Q8_0); run it without --quant" in err
+    assert qwen35_cli(capsys, "info", q8, "--quant", "q8_0")[0] == 0  # what it holds: as load_model
+    rc, _, plain = qwen35_cli(capsys, "info", bf16, "--memory", "64MB")
+    rc4, _, int4 = qwen35_cli(capsys, "info", bf16, "--memory", "64MB", "--quant", "int4")
+    assert rc == rc4 == 0 and "with --quant int4: weights" in int4
+    # 64 MiB less the weights, at 1 KiB of KV per token: bf16 19.7 MiB of weights, int4 ~6.3 MiB
+    assert fits(int4) - fits(plain) > 10_000
+
+
+def test_a_quant_flag_on_a_quantized_gguf_is_named_as_the_flag(ggufs, capsys):
+    rc, err, _ = qwen35_cli(capsys, "generate", ggufs[1], "--quant", "int4", "--prompt", "hi")
+    assert rc == 1 and one_line(err) and "run it without --quant" in err and "quant=" not in err
+
+
+def test_info_context_and_memory_beyond_the_model(base, capsys):
+    ctx = json.loads((base / "config.json").read_text())
+    ctx = (ctx.get("text_config") or ctx)["max_position_embeddings"]
+    rc, err, _ = qwen35_cli(capsys, "info", base, "--context", ctx + 1)
+    assert rc == 1 and one_line(err) and f"--context {ctx + 1} exceeds the model's context of {ctx} tokens" in err
+    rc, _, out = qwen35_cli(capsys, "info", base, "--memory", "1MB")
+    assert rc == 0 and "the weights alone (" in out and "do not fit" in out
+
+
+def test_replica_refuses_a_seed_past_64_bits(tmp_path, capsys):
+    rc, err, _ = qwen35_cli(capsys, "replica", tmp_path / "r", "--shape", "tiny", "--seed", 10**23)
+    assert rc == 2 and one_line(err) and "argument --seed:" in err and not (tmp_path / "r").exists()
+
+
+def test_replica_refuses_a_folder_holding_a_checkpoint(base, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(base, out)
+    before = snapshot(out)
+    rc, err, _ = qwen35_cli(capsys, "replica", out, "--shape", "tiny", "--layers", "1")
+    assert rc == 1 and one_line(err) and "already holds checkpoint files" in err and snapshot(out) == before
+
+
+@pytest.fixture
+def quick_bench(monkeypatch):
+    """`qwen35 bench` in this process without its process-wide tuning and its seconds of bandwidth probes."""
+    import qwen35.runtime
+    from qwen35.commands import bench
+
+    monkeypatch.setattr(bench, "read_bandwidth_gbs", lambda *a, **k: 10.0)
+    monkeypatch.setattr(qwen35.runtime, "set_threads", lambda n: n)
+    monkeypatch.setattr(qwen35.runtime, "tune_allocator", lambda: None)
+    return ["bench", str(BUNDLED), "--threads", "1", "--kernels", "off", "--prompt-tokens", "8"]
+
+
+def no_nan(text: str):
+    raise ValueError(f"{text} in the JSON")
+
+
+def test_bench_one_token_has_no_decode_speed(quick_bench, capsys):
+    rc, _, out = qwen35_cli(capsys, *quick_bench, "--gen-tokens", "1", "--json")
+    res = json.loads(out.strip().splitlines()[-1], parse_constant=no_nan)  # NaN is not JSON
+    assert rc == 0 and res["gen_tokens"] == 1 and res["decode_tok_s"] is None and res["decode_efficiency"] is None
+    rc, _, out = qwen35_cli(capsys, *quick_bench, "--gen-tokens", "2", "--json")
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1], parse_constant=no_nan)["decode_tok_s"] > 0
+
+
+def test_bench_context_error_names_its_flags(quick_bench, capsys):
+    rc, err, _ = qwen35_cli(capsys, *quick_bench, "--gen-tokens", "999999999")
+    assert rc == 1 and one_line(err) and "--prompt-tokens 8 + --gen-tokens 999999999" in err
+    assert "exceeds the context of" in err and "max_tokens" not in err

@@ -18,7 +18,9 @@ from .common import DTYPES, POSITIVE, SEED
 def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint directory")
     p.add_argument("--prompt-tokens", type=POSITIVE, default=512)
-    p.add_argument("--gen-tokens", type=POSITIVE, default=64)
+    p.add_argument("--gen-tokens", type=POSITIVE, default=64,
+                   help="tokens to generate (default 64); the first comes from the prefill, so decode speed needs "
+                        "2 or more: with 1, the decode fields are null in --json")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--threads", type=POSITIVE, default=None,
                    help="intra-op threads, pinned (default: one per core, adapting per step as generate does)")
@@ -102,11 +104,12 @@ def bytes_per_decode_token(model, context: int) -> int:
 def main(args: argparse.Namespace) -> int:
     import qwen35
     from qwen35 import threads as governor
-    from qwen35.generation import check_context, generate_step
+    from qwen35.generation import generate_step, max_context
 
-    from .common import check_speculative_flags, speculation_from_args
+    from .common import check_quant_flag, check_speculative_flags, speculation_from_args
 
     check_speculative_flags(args)
+    check_quant_flag(args.model, args.quant)
     from qwen35.runtime import peak_rss_mb, reset_peak_rss, set_threads, tune_allocator
 
     threads = set_threads(args.threads)
@@ -121,7 +124,10 @@ def main(args: argparse.Namespace) -> int:
                               kv_cache=args.kv_cache)
     load_s = time.perf_counter() - t0
     # before the random prompt is built: a billion-token list alone is tens of GB
-    check_context(model, 0, args.prompt_tokens, args.gen_tokens)
+    if args.prompt_tokens + args.gen_tokens > max_context(model):
+        raise qwen35.ContextLengthError(
+            f"--prompt-tokens {args.prompt_tokens} + --gen-tokens {args.gen_tokens} = "
+            f"{args.prompt_tokens + args.gen_tokens} exceeds the context of {max_context(model)} tokens; lower them")
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, min(vocab, 248044), (args.prompt_tokens,), generator=gen).tolist()
@@ -144,19 +150,24 @@ def main(args: argparse.Namespace) -> int:
         n += 1
     t2 = time.perf_counter()
     prefill_tok_s = args.prompt_tokens / (t1 - t0)
-    decode_tok_s = (n - 1) / (t2 - t1) if n > 1 else float("nan")
+    decode_tok_s = (n - 1) / (t2 - t1) if n > 1 else None  # one token: no decode step to time
     per_token = bytes_per_decode_token(model, args.prompt_tokens + args.gen_tokens // 2)
     peak = peak_rss_mb()
     # The machine's read bandwidth drifts (a shared host: 31-54 GB/s seen within one hour), so it is probed
     # before the model loads and again right after decode, and the bound uses the faster of the two.
     bw = max(bw, read_bandwidth_gbs())
     bound = bw * 1e9 / per_token
+    efficiency = decode_tok_s / bound if decode_tok_s is not None else None
+
+    def maybe(v: float | None, digits: int) -> float | None:  # null in --json where nothing was measured
+        return round(v, digits) if v is not None else None
+
     result = {
         "model": str(args.model), "dtype": args.dtype, "threads": threads, "prompt_tokens": args.prompt_tokens,
         "gen_tokens": n, "load_s": round(load_s, 3), "prefill_tok_s": round(prefill_tok_s, 2),
-        "decode_tok_s": round(decode_tok_s, 2), "peak_rss_mb": round(peak, 1),
+        "decode_tok_s": maybe(decode_tok_s, 2), "peak_rss_mb": round(peak, 1),
         "read_bandwidth_gbs": round(bw, 2), "bytes_per_token_mb": round(per_token / 2**20, 1),
-        "decode_bound_tok_s": round(bound, 2), "decode_efficiency": round(decode_tok_s / bound, 3),
+        "decode_bound_tok_s": round(bound, 2), "decode_efficiency": maybe(efficiency, 3),
         "cache_mb": round(cache.nbytes / 2**20, 1), "kernels": kernels_in_use(model), "quant": args.quant,
         "adaptive_threads": governor.governor().summary() if governor.governor() else None,
         "kv_cache": args.kv_cache,
@@ -175,8 +186,10 @@ def main(args: argparse.Namespace) -> int:
           + f"), loaded in {load_s:.2f}s")
     print(f"{'prompt':>8}{'gen':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'bound tok/s':>13}{'efficiency':>12}"
           f"{'peak RSS MiB':>14}")
-    print(f"{args.prompt_tokens:>8}{n:>6}{prefill_tok_s:>15.1f}{decode_tok_s:>14.2f}{bound:>13.2f}"
-          f"{decode_tok_s / bound:>12.1%}{result['peak_rss_mb']:>14.0f}")
+    decode = f"{decode_tok_s:>14.2f}" if decode_tok_s is not None else f"{'-':>14}"
+    share = f"{efficiency:>12.1%}" if efficiency is not None else f"{'-':>12}"
+    print(f"{args.prompt_tokens:>8}{n:>6}{prefill_tok_s:>15.1f}{decode}{bound:>13.2f}{share}"
+          f"{result['peak_rss_mb']:>14.0f}")
     print(f"memory read bandwidth {bw:.1f} GB/s; {per_token / 2**20:.0f} MiB streamed per decoded token")
     if spec is not None:
         print(spec.last.summary())

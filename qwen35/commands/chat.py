@@ -17,6 +17,7 @@ from .common import (
     add_model_args,
     add_sampling_args,
     add_speculative_args,
+    check_sampling_flags,
     check_speculative_flags,
     check_utf8,
     load_from_args,
@@ -84,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
     from ..session import ChatSession
 
     check_speculative_flags(args)
+    check_sampling_flags(args)
     structured_from_args(args)  # an unreadable --json-schema / --grammar: now, not at the first message
     model, tokenizer = load_from_args(args)
     tty = sys.stdout.isatty()
@@ -122,6 +124,9 @@ def main(args: argparse.Namespace) -> int:
             print("(new conversation)", flush=True)
             continue
         word = cmd.split()[0]  # a command is its first word, exactly: "/thinking on" is no "/think on"
+        if word in ("/reset", "/quit"):  # with words after it ("/reset now"): said, not done
+            print(f"({word} takes no arguments: type {word} alone)", flush=True)
+            continue
         if word == "/think":
             arg = cmd.split()[1] if len(cmd.split()) > 1 else ""
             if arg not in ("on", "off"):

@@ -136,13 +136,76 @@ def _check_ancestors(out: Path) -> None:
 CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json")
 
 
-def check_no_checkpoint(out: Path) -> None:
-    """A checkpoint written over another leaves the old one's extra shards beside it: refuse, naming them."""
-    found = sorted({f.name for pattern in CHECKPOINT_FILES for f in out.glob(pattern)}) if out.is_dir() else []
+def checkpoint_files(out: Path) -> list[str]:
+    """The names of the checkpoint files (config, shards, index) at the top level of folder `out`."""
+    return sorted({f.name for pattern in CHECKPOINT_FILES for f in out.glob(pattern)}) if out.is_dir() else []
+
+
+def check_no_checkpoint(out: Path, found: list[str] | None = None,
+                        why: str = "already holds checkpoint files") -> None:
+    """A checkpoint written over another leaves the old one's extra shards beside it: refuse, naming them
+    (`found`: the files at fault, default every checkpoint file in `out`)."""
+    found = checkpoint_files(out) if found is None else found
     if found:
         more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-        raise Qwen35Error(f"{out} already holds checkpoint files ({', '.join(found[:3])}{more}): write to a new "
-                          f"or empty directory, or remove them first")
+        raise Qwen35Error(f"{out} {why} ({', '.join(found[:3])}{more}): write to a new or empty directory, or "
+                          f"remove them first")
+
+
+def check_quant_flag(model: str | Path | None, quant: str | None) -> None:
+    """Before anything loads: --quant on a checkpoint already quantized another way is refused, as load_model
+    refuses it but in the flag's words (load_model names its quant= parameter). A repo id is checked by the
+    load itself, once it is resolved."""
+    if quant is None or model is None or not Path(model).expanduser().exists():
+        return
+    path = Path(model).expanduser()
+    from ..gguf.reader import is_gguf_path
+
+    if is_gguf_path(path):
+        held = gguf_quant_conflict(path, quant)
+        if held:
+            raise Qwen35Error(f"{path} is already quantized ({held}); run it without --quant")
+        return
+    from ..config import ModelConfig
+    from ..quant.checkpoint import read_quant_config
+
+    if not path.is_dir():
+        return
+    ModelConfig.from_file(path)  # a missing or broken config.json: named as the load names it
+    stored = read_quant_config(path)
+    if stored and quant != stored.get("policy"):
+        raise Qwen35Error(f"{path} is already quantized ({stored.get('policy')}); run it without --quant, or "
+                          f"quantize the original checkpoint with {quant}")
+
+
+def gguf_quant_plan(f, config, quant: str) -> tuple[dict, dict, str | None]:
+    """What load_gguf does with quant=`quant` on the opened GGUF `f` (its rule, in its terms): a tuple of
+    the layout of each matrix quantized at load, the file's tensors by parameter name, and the file's quantized
+    types where it is already quantized otherwise (the load refuses quant= then; None where it applies)."""
+    from ..gguf.loader import CONVERT_TO, _convertible, _match, _native
+    from ..gguf.reader import FLOAT_TYPES
+    from ..quant import policy
+    from ..weights import parameter_shapes
+
+    shapes = parameter_shapes(config, config.mtp_num_hidden_layers)
+    by_name = _match(f, config, shapes)[0]
+    native = {n: s for n, t in by_name.items() if (s := _native(n, t, shapes[n], config))}
+    converted = {n: CONVERT_TO for n, t in by_name.items() if CONVERT_TO and n not in native
+                 and t.tensor_type not in FLOAT_TYPES and _convertible(n, shapes[n], config)}
+    plan = {**native, **converted}
+    wanted = policy.plan(quant, shapes, config.tie_word_embeddings)
+    held = ", ".join(sorted({by_name[n].tensor_type.name for n in plan}))
+    return wanted, by_name, held if plan and (converted or plan != wanted) else None
+
+
+def gguf_quant_conflict(path: Path, quant: str) -> str | None:
+    """The GGUF's quantized types where load_gguf refuses quant=`quant` on it, else None."""
+    from ..config import ModelConfig
+    from ..gguf import open_gguf
+    from ..gguf.metadata import config_dict
+
+    f = open_gguf(path)
+    return gguf_quant_plan(f, ModelConfig.from_hf(config_dict(f), source=str(f.path)), quant)[2]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -229,6 +292,15 @@ def check_speculative_flags(args: argparse.Namespace) -> None:
                 refuse(args, f"--{flag.replace('_', '-')} needs --speculative")
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Flags SamplingParams would refuse by their parameter names (ignore_eos=True with structured output):
+    refused by their flags, before the model loads."""
+    if getattr(args, "ignore_eos", False):
+        for flag in ("json_schema", "json_object", "regex", "grammar"):
+            if getattr(args, flag, None):
+                refuse(args, f"--ignore-eos cannot be combined with --{flag.replace('_', '-')} (the grammar ends "
+                             f"the answer)")
+
 
 def speculation_from_args(args: argparse.Namespace, tokenizer=None):
     """A speculative.Speculation for --speculative (None without it); --draft-* without it is an error."""
@@ -245,6 +317,8 @@ def sampling_from_args(args: argparse.Namespace, base: SamplingParams) -> Sampli
                                           "frequency_penalty", "repetition_penalty", "seed")
             if getattr(args, k, None) is not None}
     over["max_tokens"] = args.max_tokens
+    if getattr(args, "ignore_eos", False):
+        over["ignore_eos"] = True
     over.update(structured_from_args(args))
     return replace(base, **over)
 
@@ -307,6 +381,7 @@ def load_from_args(args: argparse.Namespace):
     from ..api import load
     from ..runtime import flush_denormals, set_threads, tune_allocator
 
+    check_quant_flag(args.model, getattr(args, "quant", None))
     n = set_threads(args.threads)
     if args.threads is None:
         threads.enable(n)

@@ -5,7 +5,9 @@ files_metadata: sha256 for LFS files, the git blob SHA-1 for the small ones) and
 DIR/qwen35-manifest.json before any download, then each file is fetched with hf_hub_download (which resumes
 a partial file), then `qwen35 verify DIR` checks the result. Run it again to resume. A manifest already in DIR
 keeps its entries (a later `--include` adds files to it) when it records the same repo and commit; one of
-another source is refused rather than mixed or replaced.
+another source is refused rather than mixed or replaced. So is a DIR holding checkpoint files that its manifest
+does not list (another model's config, shards or index: they would stay beside the download, and an old
+index would win at load).
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import CheckpointError
     from ..manifest import MANIFEST, add_to_manifest, hub_manifest, read_manifest
     from ..verify import verify
+    from .common import check_no_checkpoint, check_output_dir, checkpoint_files
 
+    # before the hub is asked: a DIR that cannot be one, or that holds another checkpoint
+    check_output_dir(args.dir)
+    if (args.dir / MANIFEST).is_file():  # a download to resume or add to: only the files it lists may be there
+        listed = read_manifest(args.dir / MANIFEST)["files"]
+        check_no_checkpoint(args.dir, [n for n in checkpoint_files(args.dir) if n not in listed],
+                            f"holds checkpoint files its {MANIFEST} does not list")
+    else:
+        check_no_checkpoint(args.dir)
     try:
         info = HfApi().model_info(args.repo, revision=args.revision, files_metadata=True)
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all mean: nothing to fetch
@@ -39,7 +50,10 @@ def main(args: argparse.Namespace) -> int:
     if not siblings:
         raise CheckpointError(f"'{args.repo}' has no files" + (f" matching {args.include}" if args.include else ""))
     files = hub_manifest(siblings)
-    args.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{args.dir}: cannot create it ({e.strerror})") from None
     # merged, never replaced: verify checks what the manifest lists, so a dropped entry is an unchecked file
     manifest = add_to_manifest(args.dir / MANIFEST, files, f"hub:{args.repo}@{info.sha}")
     total = sum(v["size"] for v in files.values())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 
 from ..errors import Qwen35Error
 from .common import (
@@ -17,6 +16,7 @@ from .common import (
     add_model_args,
     add_sampling_args,
     add_speculative_args,
+    check_sampling_flags,
     check_speculative_flags,
     load_from_args,
     nonempty,
@@ -59,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
     from ..toolcalls import OutputParser, ParsedDelta
 
     check_speculative_flags(args)
+    check_sampling_flags(args)
     if args.system is not None and not args.chat:  # without the chat template there is no system turn to fill
         refuse(args, "--system needs --chat")
     prompt = args.prompt if args.prompt is not None else read_stdin("the prompt on stdin")
@@ -83,8 +84,6 @@ def main(args: argparse.Namespace) -> int:
     elif (args.image or args.video) and IMAGE_PAD not in prompt and VIDEO_PAD not in prompt:
         prompt = IMAGE_PART * len(args.image) + VIDEO_PART * len(args.video) + prompt
     params = sampling_from_args(args, preset(thinking))
-    if args.ignore_eos:
-        params = replace(params, ignore_eos=True)
     tty = sys.stdout.isatty()
     parser = OutputParser(thinking_open=thinking) if args.chat else None
     parsed = ParsedDelta()

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..config import ModelConfig
+from ..errors import Qwen35Error
 from ..memory import memory_plan, memory_size
 from ..weights import read_checkpoint_entries
 
@@ -30,6 +31,15 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     add_kv_cache_arg(p)
 
 
+def context_of(config: ModelConfig, args: argparse.Namespace) -> int:
+    """--context, or the model's own; one past the model's is an error (generation refuses it)."""
+    limit = config.max_position_embeddings
+    if args.context is not None and args.context > limit:
+        raise Qwen35Error(f"--context {args.context} exceeds the model's context of {limit} tokens "
+                          f"(max_position_embeddings)")
+    return args.context or limit
+
+
 def print_plan(config: ModelConfig, context: int, weight_bytes: float, args: argparse.Namespace) -> None:
     """The context, KV, state and total lines, and with --memory the largest context that fits."""
     plan = memory_plan(config, context, args.kv_cache)
@@ -43,6 +53,14 @@ def print_plan(config: ModelConfig, context: int, weight_bytes: float, args: arg
         room = args.memory - weight_bytes - plan["deltanet_state_bytes"]
         fits = max(0, int(room // plan["kv_bytes_per_token"]))
         limit = config.max_position_embeddings
+        if args.memory < weight_bytes:
+            print(f"fits         {args.memory / gib:.2f} GiB: no: the weights alone ({weight_bytes / gib:.2f} GiB) "
+                  f"do not fit")
+            return
+        if fits == 0:
+            print(f"fits         {args.memory / gib:.2f} GiB: no: the weights and the Gated DeltaNet state leave no "
+                  f"room for a token of context")
+            return
         note = f" (the model's own limit is {limit})" if fits > limit else ""
         print(f"fits         {args.memory / gib:.2f} GiB: up to {fits} tokens of context{note}; weights, KV "
               f"and state only: leave room for activations, the runtime and the OS")
@@ -57,6 +75,20 @@ def gguf_info(path: Path, args: argparse.Namespace) -> int:
 
     f = open_gguf(path)
     config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
+    context = context_of(config, args)
+    weight_bytes = f.nbytes
+    if args.quant:  # what load_model does with it: refused on a quantized file, else matrices quantized at load
+        from ..quant import policy
+        from ..quant.formats import LAYOUTS
+        from .common import gguf_quant_plan
+
+        qplan, by_name, held = gguf_quant_plan(f, config, args.quant)
+        if held:
+            raise Qwen35Error(f"{path} is already quantized ({held}); run it without --quant")
+        shapes = {n: tuple(int(s) for s in reversed(t.shape.tolist())) for n, t in by_name.items()}
+        weight_bytes = f.nbytes - sum(by_name[n].n_bytes for n in qplan if n in by_name) + sum(
+            math.prod(shapes[n]) * LAYOUTS[qplan[n]].bits_per_weight / 8 for n in qplan if n in by_name)
+        qbits = policy.bits_per_weight({n: s for n, s in qplan.items() if n in by_name}, shapes)
     L = config.num_hidden_layers
     mtp = sum(t.n_elements for n, t in f.tensors.items() if n.startswith("blk.") and int(n.split(".")[1]) >= L)
     rows: dict[str, list] = {}
@@ -79,7 +111,6 @@ def gguf_info(path: Path, args: argparse.Namespace) -> int:
         r[2] += t.n_bytes
         r[3][fate] += 1
     params = sum(r[1] for r in rows.values())
-    context = args.context or config.max_position_embeddings
     gib = 1024**3
     file_type = f.get("general.file_type")
     print(f"model        {path}  ({len(f.parts)} file(s), {sum(p.stat().st_size for p in f.parts) / gib:.2f} GiB)")
@@ -98,7 +129,10 @@ def gguf_info(path: Path, args: argparse.Namespace) -> int:
         for gname, t in f.tensors.items():
             shape = "x".join(str(int(s)) for s in t.shape.tolist())
             print(f"  {gname:<40} {t.tensor_type.name:<6} {shape:<16} {t.n_bytes:>12,d} bytes")
-    print_plan(config, context, f.nbytes, args)
+    if args.quant:
+        print(f"with --quant {args.quant}: weights {weight_bytes / gib:.2f} GiB, {qbits:.2f} bits per weight over "
+              f"every tensor")
+    print_plan(config, context, weight_bytes, args)
     return 0
 
 
@@ -114,6 +148,7 @@ def main(args: argparse.Namespace) -> int:
     if is_gguf_path(path):
         return gguf_info(path, args)
     config = ModelConfig.from_file(path)
+    context = context_of(config, args)
     entries, files = read_checkpoint_entries(path)
     text = {k: e for k, e in entries.items() if not k.startswith("model.visual.")}
 
@@ -140,7 +175,6 @@ def main(args: argparse.Namespace) -> int:
     mtp = sum(numel(k, e) for k, e in text.items() if k.startswith("mtp."))
     vision = sum(math.prod(e.shape) for k, e in entries.items() if k.startswith("model.visual."))
     weight_bytes = sum(e.nbytes for e in text.values())
-    context = args.context or config.max_position_embeddings
     gib = 1024**3
     print(f"model        {path}  ({config.model_type}, {len(files)} file(s))")
     print(f"layers       {config.num_hidden_layers}: {len(config.linear_attention_layers)} Gated DeltaNet, "

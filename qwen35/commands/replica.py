@@ -11,14 +11,14 @@ from pathlib import Path
 
 from ..checkpoint import write_random_checkpoint
 from ..shapes import SHAPES, composite_config
-from .common import POSITIVE, check_output_dir, positive_number
+from .common import POSITIVE, SEED, check_no_checkpoint, check_output_dir, positive_number
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output directory")
     p.add_argument("--shape", default="0.8b", choices=sorted(SHAPES), help="official shape (default 0.8b)")
     p.add_argument("--layers", type=POSITIVE, default=None, help="override num_hidden_layers (reduced depth)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--shard-gb", type=positive_number, default=None, help="max shard size in GB (default: one shard)")
     p.add_argument("--vision", action="store_true", help="with the size's vision tower (model.visual.*)")
 
@@ -34,6 +34,7 @@ def build_replica(out, shape: str = "0.8b", layers: int | None = None, seed: int
 
 def main(args: argparse.Namespace) -> int:
     check_output_dir(Path(args.out))
+    check_no_checkpoint(Path(args.out))  # another checkpoint's shards, index and tokenizer would stay beside it
     t0 = time.perf_counter()
     shard = int(args.shard_gb * 1e9) if args.shard_gb is not None else None
     build_replica(args.out, args.shape, args.layers, args.seed, shard, vision=args.vision)

@@ -26,7 +26,10 @@ def main(args: argparse.Namespace) -> int:
     from ..gguf.reader import is_gguf_path
     from ..manifest import MANIFEST, local_manifest, write_manifest
     from ..verify import verify
+    from .common import check_output_file
 
+    if args.write_manifest and args.manifest is not None:
+        check_output_file(args.manifest)  # before minutes of hashing: a folder, or a file under a missing one
     if args.manifest is not None and not args.manifest.is_file():
         if not args.write_manifest:
             raise Qwen35Error(f"manifest not found: {args.manifest}")
