@@ -180,3 +180,15 @@ def test_q8_0_kv_cache_is_refused_at_load_for_a_gguf(head_dim_16, tmp_path):
     (gguf,) = export_gguf(qwen35.load_model(head_dim_16, kernels=False), tmp_path / "m.gguf", "f32")
     with pytest.raises(QuantError, match="needs head_dim a multiple of 32, got 16"):
         qwen35.load_model(gguf, kernels=False, kv_cache="q8_0")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"text_config": 5, "model_type": "qwen3_5"}'])
+def test_a_config_of_the_wrong_shape_is_named(tmp_path, text):
+    """config.json that is JSON but not an object (or whose text_config is not one): a ConfigError naming
+    the file, before the quantization check read it (an AttributeError)."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(qwen35.Qwen35Error, match=r"config.json: (expected a JSON object, got list|model_type "
+                                                  r"'qwen3_5' needs a 'text_config' object)"):
+        qwen35.load_model(tmp_path, kernels=False)
+    with pytest.raises(qwen35.Qwen35Error, match="config.json"):
+        qwen35.load_model(tmp_path, kernels=False, quant="int4")

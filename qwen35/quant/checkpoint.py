@@ -34,7 +34,10 @@ def read_quant_config(path: Path) -> dict | None:
         raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None  # ModelConfig.from_file reports a missing or broken config.json by name
-    q = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    if not isinstance(raw, dict):
+        return None  # (likewise: ModelConfig.from_file says config.json is not an object)
+    text = raw.get("text_config")
+    q = raw.get("quantization_config") or (text.get("quantization_config") if isinstance(text, dict) else None)
     if q is None:
         return None
     method = q.get("quant_method") if isinstance(q, dict) else None
