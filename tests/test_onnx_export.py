@@ -18,7 +18,7 @@ import pytest
 import replica
 import torch
 
-from qwen35.export.onnx import export_model
+from qwen35.export.onnx import ExportError, export_model
 from qwen35.export.onnx_runtime import OnnxModel
 from qwen35.weights import load_model
 
@@ -28,6 +28,7 @@ pytest.importorskip("onnxruntime")
 
 BUNDLED = Path(__file__).resolve().parents[1] / "qwen35" / "assets" / "model"
 PROMPT = "The capital of France is"
+ENDOFTEXT, IM_END = 0, 2  # the bundled tokenizer's <|endoftext|> and <|im_end|>
 
 
 @pytest.fixture(scope="module")
@@ -245,9 +246,15 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def bundled_export(tmp_path_factory):
-    """`qwen35 export-onnx` of the bundled model, through the CLI (fp32)."""
+    """`qwen35 export-onnx` of the bundled model, through the CLI (fp32), its config.json naming <|endoftext|>
+    alone as its EOS, as Qwen3.5's official config does (the weights and tokenizer are the bundled ones)."""
+    model = tmp_path_factory.mktemp("onnx_bundled_src") / "model"
+    shutil.copytree(BUNDLED, model)
+    config = json.loads((model / "config.json").read_text())
+    config["eos_token_id"] = ENDOFTEXT
+    (model / "config.json").write_text(json.dumps(config))
     out = tmp_path_factory.mktemp("onnx_bundled")
-    r = _cli("export-onnx", str(BUNDLED), str(out))
+    r = _cli("export-onnx", str(model), str(out))
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"wrote {out}: manifest.json, model.onnx.data, prefill.onnx, decode.onnx (fp32")
     return out
@@ -276,6 +283,31 @@ def test_greedy_64_tokens_on_the_bundled_model_equal_qwen35_generate(bundled_exp
     assert len(set(expected)) > 10  # a real continuation, not one token repeated
 
 
+def test_manifest_stops_where_qwen35_generation_stops(exported_replica, bundled_export):
+    """The manifest's eos_token_ids (what OnnxModel.greedy and the web page stop on) are the tokenizer's
+    end-of-turn ids, which qwen35's own generation stops on, then config.json's: Qwen3.5's config names
+    <|endoftext|> alone, and a chat reply ends with <|im_end|> (before, the page and greedy ran on past it)."""
+    from qwen35.tokenizer import Tokenizer
+
+    _, path, dirs = exported_replica  # config.json: eos_token_id 1, beside the bundled tokenizer
+    assert Tokenizer(path).eos_token_ids == [IM_END, ENDOFTEXT]
+    for d in dirs.values():
+        assert json.loads((d / "manifest.json").read_text())["eos_token_ids"] == [IM_END, ENDOFTEXT, 1]
+    om = OnnxModel(bundled_export)
+    assert om.manifest["eos_token_ids"] == [IM_END, ENDOFTEXT]
+    r = _cli("generate", str(BUNDLED), "--chat", "--no-think", "--prompt", "What is 2+2?", "--temperature", "0",
+             "--presence-penalty", "0", "--max-tokens", "40", "--dtype", "float32", "--json")
+    assert r.returncode == 0, r.stderr
+    expected = json.loads(r.stdout.strip().splitlines()[-1])
+    assert expected["token_ids"][-1] == IM_END  # the reply ends as a chat turn, well within 40 tokens
+    prompt = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    ids = Tokenizer(bundled_export).encode(prompt)
+    assert len(ids) == expected["prompt_tokens"]
+    assert om.greedy(ids, 40) == expected["token_ids"]
+    with pytest.raises(ExportError, match="empty prompt"):  # not an UnboundLocalError
+        om.greedy([], 4)
+
+
 def test_cli_rejects_bad_flags_in_one_line(tmp_path):
     for args, needle in ((["--opset", "5"], "--opset: must be between 18 and 23, got 5"),
                          (["--quant", "q4_k"], "--quant: invalid choice: 'q4_k'")):
@@ -287,7 +319,7 @@ def test_export_without_a_tokenizer_names_the_problem(tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(BUNDLED, ckpt)
     (ckpt / "tokenizer.json").unlink()
-    from qwen35.export.onnx import ExportError, export_onnx
+    from qwen35.export.onnx import export_onnx
 
     with pytest.raises(ExportError, match="ckpt: no tokenizer.json to put beside the graphs"):
         export_onnx(ckpt, tmp_path / "out")
@@ -316,7 +348,7 @@ def test_export_streams_the_checkpoint_band_by_band(exported_replica, tmp_path, 
         return rows(self, name, a, b)
 
     monkeypatch.setattr(qwen35.weights.CheckpointTensors, "rows", spy)
-    export_onnx(path, tmp_path / "int4", quant="int4")
+    export_onnx(path, tmp_path / "int4", quant="int4", check_vocab=False)  # the bundled tokenizer is larger
     for f in ("model.onnx.data", "prefill.onnx", "decode.onnx", "manifest.json"):
         assert (tmp_path / "int4" / f).read_bytes() == (dirs["int4"] / f).read_bytes(), f
     banded = [(n, k, s) for n, k, s in reads if len(s) == 2 and not n.endswith(GATES)]

@@ -28,31 +28,12 @@ def main(args: argparse.Namespace) -> int:
     from ..export.onnx import export_onnx
     from .common import check_output_dir
 
-    # into the source itself, the tokenizer would be copied onto itself after minutes of export
+    # into the source itself, the tokenizer would be copied onto itself after minutes of export (a quantized
+    # checkpoint asked for other blocks, or a tokenizer past the vocabulary, export_onnx refuses itself)
     check_output_dir(args.out_dir, Path(args.model).expanduser())
-    check_not_requantized(args.model, args.quant)
-    if Path(args.model).is_dir():  # (a hub id is resolved by export_onnx; a GGUF is refused there)
-        from ..config import ModelConfig
-        from ..export.onnx import check_tokenizer
-
-        model = Path(args.model).expanduser()
-        check_tokenizer(model, ModelConfig.from_file(model / "config.json"))
     manifest = export_onnx(args.model, args.out_dir, quant=args.quant, opset=args.opset, progress=True)
     files = ["manifest.json", manifest["external_data"], *(g["file"] for g in manifest["graphs"].values())]
     size = sum((args.out_dir / f).stat().st_size for f in files)
     print(f"wrote {args.out_dir}: {', '.join(files)} ({manifest['quant'] or 'fp32'}, {size / 2**20:.1f} MiB)")
     return 0
 
-
-def check_not_requantized(model: str, quant: str | None) -> None:
-    """Another --quant than the stored policy would dequantize the matrices and quantize them again in other
-    blocks (int4's q4_k -> fp32 -> q8_0), losing accuracy twice: refused as load_model refuses it."""
-    from ..api import resolve
-    from ..errors import CheckpointError
-    from ..quant.checkpoint import read_quant_config
-
-    src = resolve(model)
-    stored = read_quant_config(src) if src.is_dir() else None
-    if stored and quant not in (None, stored.get("policy")):
-        raise CheckpointError(f"{src} is already quantized ({stored.get('policy')}); export it without --quant, "
-                              f"or export the original checkpoint with --quant {quant}")

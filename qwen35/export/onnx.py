@@ -6,7 +6,8 @@ OUT_DIR gets:
   decode.onnx    the same for exactly one token (no causal mask);
   model.onnx.data the weights of both graphs, stored once (external data: a graph file stays small, and
                  protobuf's 2 GB limit never applies to the weights);
-  manifest.json  input/output names, dtypes and symbolic shapes, the cache's order and meaning, the EOS ids;
+  manifest.json  input/output names, dtypes and symbolic shapes, the cache's order and meaning, the ids a reply
+                 stops on (the tokenizer's end-of-turn ids, as qwen35's generation, and config.json's EOS);
   tokenizer.json, tokenizer_config.json (with the chat template), chat_template.jinja.
 The cache and its layout are described in onnx_graph.py. --quant int8 / int4 turns every large MatMul into
 onnxruntime's MatMulNBits (symmetric blocks of 32: qwen35's q8_0 / q4_0), which its CPU provider and
@@ -46,9 +47,12 @@ class ExportError(Qwen35Error):
 
 
 def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None = None, opset: int = 21,
-                progress: bool = False) -> dict:
+                progress: bool = False, check_vocab: bool = True) -> dict:
     """Export the text model at `model_path` into `out_dir`; returns the manifest (also written there). The
-    weights are read from the checkpoint as they are written (onnx_weights.py): the model is never loaded."""
+    weights are read from the checkpoint as they are written (onnx_weights.py): the model is never loaded.
+    Refused before anything is written: a quantized checkpoint asked for other blocks (`check_not_requantized`)
+    and, unless check_vocab=False (a test's small replica beside a real tokenizer), a tokenizer with ids past
+    the model's vocabulary (`check_tokenizer`). Every command that exports (export-onnx, web) comes here."""
     from ..api import resolve
     from ..gguf.reader import is_gguf_path
 
@@ -68,19 +72,42 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
                           "graphs would have to dequantize)")
     if not (src / "tokenizer.json").is_file():  # before minutes of export
         raise ExportError(f"{src}: no tokenizer.json to put beside the graphs")
+    check_not_requantized(src, quant)
     from ..weights import CheckpointTensors
 
     source = CheckpointTensors(src)
     try:
+        if check_vocab:
+            check_tokenizer(src, source.config)
         return _export(source, [(Path(out_dir), quant, None)], src, opset, progress)[0]
     finally:
         source.close()
 
 
+# --quant names that make the same blocks as a stored policy: ONNX's int8 is q8_0 everywhere, as qwen35's is
+SAME_BLOCKS = {"int8": "q8_0"}
+
+
+def check_not_requantized(src: Path, quant: str | None) -> None:
+    """Another --quant than the checkpoint's stored policy would dequantize its matrices and quantize them again
+    in other blocks (int4's q4_k -> fp32 -> q8_0), losing accuracy twice: refused as load_model refuses it."""
+    from ..errors import CheckpointError
+    from ..quant.checkpoint import read_quant_config
+
+    stored = read_quant_config(src) if src.is_dir() else None
+    policy = stored.get("policy") if stored else None
+    if policy is None or quant is None or SAME_BLOCKS.get(quant, quant) == SAME_BLOCKS.get(policy, policy):
+        return
+    keep = f"--quant {policy} or fp32 (export-onnx without --quant, web --quant fp32)" if policy in POLICIES \
+        else "fp32 (export-onnx without --quant, web --quant fp32)"
+    raise CheckpointError(f"{src} is already quantized ({policy}); export it as {keep}, or export the original "
+                          f"checkpoint with --quant {quant}")
+
+
 def check_tokenizer(src: Path, config) -> None:
     """Refuse a tokenizer with ids past the model's vocabulary (the exported graph's embedding lookup would
-    fail at run time on them), as `qwen35 train` does, before minutes of export. `qwen35 export-onnx` asks it;
-    `export_onnx` itself does not, so a test may export a small replica beside any tokenizer file."""
+    fail at run time on them), as `qwen35 train` does, before minutes of export (`export_onnx` asks it unless
+    told not to, so a test may export a small replica beside any tokenizer file)."""
     from ..tokenizer import Tokenizer
     from ..train.data import check_vocab
 
@@ -124,10 +151,11 @@ def _export(source, targets: list[tuple[Path, str | None, int | None]], tokenize
         for w in writers:
             w.close()
     template = find_template(tokenizer_from)[0]
+    eos = stop_ids(config, Path(tokenizer_from))
     manifests = []
     for out, quant, _ in targets:
         _copy_tokenizer(Path(tokenizer_from), Path(out), template)
-        manifests.append(make_manifest(config, quant, opset))
+        manifests.append(make_manifest(config, quant, opset, eos))
         (Path(out) / "manifest.json").write_text(json.dumps(manifests[-1], indent=1))
     return manifests
 
@@ -311,8 +339,19 @@ def _copy_tokenizer(src: Path, out: Path, template: str) -> None:
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")
 
 
-def make_manifest(config, quant: str | None, opset: int) -> dict:
-    """What any runtime needs to drive the graphs, without reading them."""
+def stop_ids(config, tokenizer_from: Path) -> list[int]:
+    """The ids a reply stops on: the tokenizer's end-of-turn ids (its eos, <|im_end|>, <|endoftext|>), which
+    qwen35's own generation stops on, then any other EOS config.json names. Qwen3.5's config names
+    <|endoftext|> alone, and a chat reply ends with <|im_end|>."""
+    from ..tokenizer import Tokenizer
+
+    out = list(Tokenizer(tokenizer_from).eos_token_ids)
+    return out + [i for i in config.eos_token_ids if i not in out]
+
+
+def make_manifest(config, quant: str | None, opset: int, eos_token_ids: list[int] | None = None) -> dict:
+    """What any runtime needs to drive the graphs, without reading them. eos_token_ids: the ids generation
+    stops on (`stop_ids`; default config.json's alone)."""
     spec = cache_spec(config)
     cache = [{"name": n, "kind": kind, "layer": int(n.split(".")[0]), "dtype": "float32", "shape": list(shape)}
              for n, kind, shape in spec]
@@ -331,7 +370,7 @@ def make_manifest(config, quant: str | None, opset: int) -> dict:
                  "[Hv, Dk, Dv] in fp32, key/value the attention layers' rotated keys and values",
         "contrib_ops": [f"{MS_DOMAIN}.LinearAttention"] + ([f"{MS_DOMAIN}.MatMulNBits"] if quant else []),
         "vocab_size": config.vocab_size,
-        "eos_token_ids": list(config.eos_token_ids),
+        "eos_token_ids": list(config.eos_token_ids if eos_token_ids is None else eos_token_ids),
         "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
         "chat_template": "chat_template.jinja",
     }

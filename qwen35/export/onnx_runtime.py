@@ -54,7 +54,11 @@ class OnnxModel:
         return out[0], {f"past.{n}": v for n, v in zip(self.cache_names, out[1:])}
 
     def prefill(self, ids: np.ndarray, cache=None, chunk: int = 512):
-        """ids [B, T] in chunks of `chunk` tokens through the prefill graph."""
+        """ids [B, T] in chunks of `chunk` tokens through the prefill graph (T >= 1: the logits are the last
+        token's)."""
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ExportError(f"the prompt must be token ids [batch, T >= 1], got shape {list(ids.shape)} (an "
+                              "empty prompt has no last token to give logits for)")
         cache = self.empty_cache(ids.shape[0]) if cache is None else cache
         for s in range(0, ids.shape[1], chunk):
             logits, cache = self.step("prefill", ids[:, s : s + chunk], cache)

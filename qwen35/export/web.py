@@ -1,9 +1,10 @@
 """`qwen35 web`: a static site that chats with the model entirely in the browser (onnxruntime-web).
 
 OUT_DIR gets index.html, app.js, worker.js, style.css (qwen35/export/web/), model/ (an `export-onnx`
-directory) and vendor/: onnxruntime-web (WASM, and its WebGPU build), @huggingface/tokenizers and
-@huggingface/jinja, copied from npm packages installed once at build time into ~/.cache/qwen35/web/ (pinned
-versions below). The page fetches nothing from anywhere but its own origin, so it works offline once built.
+directory: the files its manifest names) and vendor/: onnxruntime-web (WASM, and its WebGPU build),
+@huggingface/tokenizers and @huggingface/jinja, copied from npm packages installed once at build time into
+~/.cache/qwen35/web/ (pinned versions below). The page fetches nothing from anywhere but its own origin, so it
+works offline once built.
 
 It must be served over HTTP (a file:// page cannot fetch the wasm and the model) with the two
 cross-origin-isolation headers that SharedArrayBuffer, and so WASM threads, need: `serve` sends them.
@@ -99,8 +100,9 @@ def check_site_paths(src: Path, out: Path) -> None:
         check_export(src)
 
 
-def check_export(src: Path) -> None:
-    """An `export-onnx` directory the page can run: its manifest.json parses and names files that exist."""
+def check_export(src: Path) -> list[str]:
+    """An `export-onnx` directory the page can run: its manifest.json parses and names files that exist.
+    Returns those names, manifest.json first (what the site's model/ gets)."""
     path = src / "manifest.json"
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -117,12 +119,17 @@ def check_export(src: Path) -> None:
     if bad:
         raise ExportError(f"{src}: files named in manifest.json are missing ({', '.join(bad)}): export the model "
                           "again with `qwen35 export-onnx`")
+    return ["manifest.json", *dict.fromkeys(names)]
 
 
 def _fill_site(src: Path, out: Path, modules: Path, quant: str | None, progress: bool) -> None:
     if (src / "manifest.json").is_file():
         if (out / "model").resolve() != src.resolve():
-            shutil.copytree(src, out / "model", dirs_exist_ok=True)
+            # the files the manifest names, not the whole folder: OUT may lie inside it (a site built into
+            # its own export, whose copy would copy itself: a RecursionError), beside anything else kept there
+            for name in check_export(src):
+                (out / "model" / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / name, out / "model" / name)
     else:
         from .onnx import export_onnx
 

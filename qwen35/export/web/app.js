@@ -4,7 +4,9 @@
 const $ = (id) => document.getElementById(id);
 const worker = new Worker('worker.js', { type: 'module' });
 const history = []; // {role, content[, reasoning_content]} of finished turns (the worker renders past think blocks)
-let current = null; // the reply being streamed: {raw, opened, thinkingEl, thinkingText, answerEl}
+// the turn under way: {raw, opened, turns (history's length before its user message), text, userEl, bubble,
+// thinkingEl, thinkingText, answerEl}; null between turns
+let current = null;
 let readyText = 'ready';
 window.qwen35 = { results: [], ready: false, error: null };
 
@@ -36,15 +38,43 @@ function render() {
 }
 
 function busy(on) {
-  $('send').disabled = on;
+  $('send').disabled = on || !window.qwen35.ready; // nothing to send to before the model is loaded
   $('stop').disabled = !on;
+}
+
+// A turn that gave no reply (an error, or stopped before its first token) leaves the conversation as it was:
+// its user message is taken back out of the history (else every later turn would send it again, after no
+// answer) and put back in the box to send again; its bubbles stay, marked, with the reason.
+function dropTurn(note) {
+  history.length = current.turns;
+  current.userEl.classList.add('failed');
+  current.bubble.classList.add('failed');
+  current.answerEl.textContent = note;
+  if (!$('prompt').value) $('prompt').value = current.text;
+  current = null;
+}
+
+function fail(text) {
+  window.qwen35.error = text;
+  setStatus('error: ' + text);
+  if (current) dropTurn('error: ' + text + ' (this message was not kept: send it again)');
+  busy(false);
+}
+
+// "0" is a number: parseInt(...) || fallback would turn it into the fallback
+function number(value, parse, fallback) {
+  const x = parse(value);
+  return Number.isFinite(x) ? x : fallback;
 }
 
 function send() {
   const text = $('prompt').value.trim();
   if (!text || $('send').disabled) return;
   $('prompt').value = '';
-  bubble('user').textContent = text;
+  window.qwen35.error = null; // the last turn's
+  const userEl = bubble('user');
+  userEl.textContent = text;
+  const turns = history.length;
   history.push({ role: 'user', content: text });
   const system = $('system').value.trim();
   const messages = (system ? [{ role: 'system', content: system }] : []).concat(history);
@@ -58,13 +88,14 @@ function send() {
   details.append(summary, pre);
   const answer = document.createElement('div');
   el.append(details, answer);
-  current = { raw: '', opened: false, thinkingEl: details, thinkingText: pre, answerEl: answer };
+  current = { raw: '', opened: false, turns, text, userEl, bubble: el, thinkingEl: details, thinkingText: pre,
+              answerEl: answer };
   busy(true);
   setStatus('thinking…');
   worker.postMessage({
     type: 'generate', messages, thinking: $('thinking').checked,
-    maxTokens: Math.max(1, parseInt($('max-tokens').value, 10) || 256),
-    temperature: Math.max(0, parseFloat($('temperature').value) || 0),
+    maxTokens: Math.max(1, number($('max-tokens').value, (v) => parseInt(v, 10), 256)),
+    temperature: Math.max(0, number($('temperature').value, parseFloat, 0)),
   });
 }
 
@@ -78,14 +109,21 @@ worker.onmessage = (e) => {
                 `${m.quant} weights ${m.weightsMiB.toFixed(1)} MiB`;
     setStatus(readyText);
     busy(false);
+  } else if (m.type === 'start') {
+    current.opened = m.opened; // the prompt opened <think>: the reply starts inside the reasoning
   } else if (m.type === 'delta') {
     current.raw += m.text;
     render();
   } else if (m.type === 'done') {
-    current.raw = m.text;
-    render();
-    const { thinking, answer } = split(m.text, current.opened);
-    history.push({ role: 'assistant', content: answer.trim(), reasoning_content: thinking.trim() });
+    if (m.ids.length === 0) { // stopped while the prompt was read: no reply to keep
+      dropTurn('(stopped before the first token; this message was not kept)');
+    } else {
+      current.raw = m.text;
+      render();
+      const { thinking, answer } = split(m.text, current.opened);
+      history.push({ role: 'assistant', content: answer.trim(), reasoning_content: thinking.trim() });
+      current = null;
+    }
     const reused = m.reusedTokens ? ` (${m.reusedTokens} reused)` : '';
     $('speed').textContent = `prompt ${m.promptTokens} tokens${reused} at ${m.prefillTokS.toFixed(1)} tok/s · ` +
       `${m.ids.length} tokens at ${m.decodeTokS.toFixed(1)} tok/s (${m.finish})`;
@@ -93,10 +131,15 @@ worker.onmessage = (e) => {
     setStatus(readyText);
     busy(false);
   } else if (m.type === 'error') {
-    window.qwen35.error = m.text;
-    setStatus('error: ' + m.text);
-    busy(false);
+    fail(m.text);
   }
+};
+// The worker's script did not load or run (a 404, a syntax error): nothing will answer. (A page opened as a
+// file does not get this far: index.html says to serve it.)
+worker.onerror = (e) => {
+  e.preventDefault();
+  window.qwen35.ready = false;
+  fail(`the model's worker failed to start${e.message ? ': ' + e.message : ' (worker.js did not load)'}`);
 };
 
 $('form').addEventListener('submit', (e) => { e.preventDefault(); send(); });

@@ -7,6 +7,8 @@
 // of its prompt, of its answer as fed); the next turn starts from the longest one its prompt begins with and
 // prefills only the rest. Past answers are rendered with their think block (preserve_thinking), so the previous
 // prompt is a prefix of the next; a template that drops it still reuses everything up to the last user message.
+// Stop is seen between prefill chunks as well as between tokens: stopped while the prompt is read, `done` has
+// no ids (finish 'cancelled') and what was read is kept, so the same prompt sent again resumes there.
 
 const PREFILL_CHUNK = 512; // tokens per prefill call: bounds the attention scores a chunk builds
 let ort, tokenizer, template, manifest, sessions, backend;
@@ -117,19 +119,25 @@ async function generate({ messages, thinking, maxTokens, temperature }) {
   let logits;
   const next = []; // what this turn leaves for the next one
   let pos = reused;
+  let finish = 'length';
   for (const end of [userEnd, promptIds.length]) {
-    if (end <= pos) continue;
-    for (let s = pos; s < end; s += PREFILL_CHUNK) {
-      ({ logits, cache } = await run('prefill', promptIds.slice(s, Math.min(end, s + PREFILL_CHUNK)), cache));
+    while (pos < end && finish !== 'cancelled') {
+      const to = Math.min(end, pos + PREFILL_CHUNK);
+      ({ logits, cache } = await run('prefill', promptIds.slice(pos, to), cache));
+      pos = to;
+      if (pos === promptIds.length) break;
+      await new Promise((r) => setTimeout(r, 0)); // let a stop message in between chunks too
+      if (stopRequested) finish = 'cancelled';
     }
-    pos = end;
-    next.push({ ids: promptIds.slice(0, end), cache });
+    // what was read is kept (a stopped prompt sent again resumes there)
+    const held = next.length ? next[next.length - 1].ids.length : reused;
+    if (pos > held) next.push({ ids: promptIds.slice(0, pos), cache });
+    if (finish === 'cancelled') break;
   }
   const t1 = performance.now();
   const ids = [];
   let text = '';
-  let finish = 'length';
-  while (ids.length < maxTokens) {
+  while (finish !== 'cancelled' && ids.length < maxTokens) {
     const tok = pick(logits, temperature);
     ids.push(tok);
     if (eos.has(tok)) { finish = 'stop'; break; }
@@ -147,11 +155,12 @@ async function generate({ messages, thinking, maxTokens, temperature }) {
   // every generated token but the last was fed: the cache now holds exactly these
   if (ids.length > 1) next.push({ ids: promptIds.concat(ids.slice(0, -1)), cache });
   kept = next.length ? next : kept;
-  const full = tokenizer.decode(ids.filter((t) => !eos.has(t)), { skip_special_tokens: false });
+  const shown = ids.filter((t) => !eos.has(t)); // none: stopped before a token, or an EOS first
+  const full = shown.length ? tokenizer.decode(shown, { skip_special_tokens: false }) : ''; // (decode refuses [])
   if (full !== text) postMessage({ type: 'delta', text: full.slice(text.length) });
   postMessage({
     type: 'done', ids, text: full, finish, promptTokens: promptIds.length, reusedTokens: reused, prompt,
-    prefillTokS: (promptIds.length - reused) / ((t1 - t0) / 1000),
+    prefillTokS: (pos - reused) / ((t1 - t0) / 1000),
     decodeTokS: ids.length > 1 ? (ids.length - 1) / ((t2 - t1) / 1000) : 0,
   });
 }
