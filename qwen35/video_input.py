@@ -13,7 +13,7 @@ The rules are the Qwen3-VL video processor's (transformers `Qwen3VLVideoProcesso
 - each pair of frames is one temporal patch, announced in the prompt as `<{t:.1f} seconds>` (the mean time of
   its two frames) before its own `<|vision_start|><|video_pad|>...<|vision_end|>`.
 The numbers come from the checkpoint's video_preprocessor_config.json (`VideoProcessor.from_model_dir`, the keys
-the reference reads: the Qwen3.5 release's clip budget is 4096 .. 25165824 pixels), else the reference's class
+the reference reads: public Qwen3-VL configs set the clip budget to 4096 .. 25165824 pixels, unverified for Qwen3.5), else the reference's class
 defaults: fps 2, 4..768 frames, 128*32*32 .. 768*32*32 pixels; patch sizes and normalization as images'.
 An animated file's frames are converted and kept only where sampled (`AnimatedFrames`): the others are
 decoded once, for their durations, and dropped.
