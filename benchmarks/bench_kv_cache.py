@@ -7,16 +7,23 @@ synthetically (random keys and values, written through the cache's own write pat
 quantized as a prefill would): prefilling 128K tokens on 2 cores takes ~15 minutes per format, and decode
 time does not depend on what the keys hold. Memory: the KV bytes each cache holds and the process's RSS.
 
+Prefill (`--prefill-contexts`): one prompt chunk (512 tokens) written into one attention layer of the 0.8B shape
+(8 query / 2 KV heads of 256) and attended over a prefix of P tokens, as GatedAttention.forward does it: bf16
+KV; q8_0 KV (the int8 blocks read in place by prefill_attn_q8, or a block of keys at a time by the torch form);
+and q8_0 the way it was before (KVCache.update dequantizing the whole prefix, then the bf16 attention). Each
+in its own process (a fresh heap, so the peak counts every allocation): ms per chunk (best of `--reps`,
+processes A/B-alternated) and the peak resident memory above what the process held before the chunk.
+
 Quality: mean KL of the next-token distributions, q8_0 KV against bf16 KV (same weights, both bf16
 activations), per position bucket, the two caches run in lockstep chunk by chunk (prefill attention over a
-q8_0 cache reads the dequantized prefix, so every position sees quantized keys and values of all earlier
-ones):
+q8_0 cache reads its quantized keys and values, so every position sees quantized keys and values of all
+earlier ones):
 - on the bundled model (trained: its distributions mean something) over held-out Python source text;
 - on the 0.8B replica with int4 weights (random weights: flat distributions, so its absolute KL is not a
   quality number; a KL that grows with position would show error compounding).
 
     python benchmarks/bench_kv_cache.py [--contexts 4096,32768,131072] [--kl-tokens 32768]
-        [--replica-kl-tokens 8192] [--skip-speed] [--skip-kl]
+        [--replica-kl-tokens 8192] [--skip-speed] [--skip-kl] [--prefill-contexts 65536,131072] [--torch]
 
 Prints tables, then one JSON line.
 """
@@ -26,9 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -110,6 +120,79 @@ def speed(contexts: list[int], steps: int, reps: int) -> dict:
     return out
 
 
+PREFILL_FORMS = ("bf16", "q8_0", "q8_0 whole prefix")
+CHUNK = 512
+
+
+def prefill_chunk(form: str, P: int, reps: int, kernels_on: bool) -> dict:
+    """One chunk's write and attention over a P-token prefix in one attention layer, `reps` times (each time
+    over the same prefix: the row's length is not advanced): best ms and the peak RSS rise above the process
+    before the first chunk (the layer's buffers already allocated and filled)."""
+    from qwen35.cache import CacheLayout, HybridCache
+    from qwen35.model.attention import GatedAttention
+    from qwen35.runtime import current_rss_mb, peak_rss_mb, reset_peak_rss
+
+    Hq, Hkv, D = 8, 2, 256
+    config = SimpleNamespace(num_attention_heads=Hq, num_key_value_heads=Hkv, head_dim=D, hidden_size=64,
+                             rms_norm_eps=1e-6)
+    attn = GatedAttention(config)
+    if kernels_on:
+        from qwen35.ops import kernels
+        from qwen35.ops.step_forms import prefill_attention, prefill_attention_q8
+
+        assert kernels.available(), kernels.unavailable_reason()
+        attn.prompt_attention, attn.prompt_attention_q8 = prefill_attention, prefill_attention_q8
+    fmt = form.split()[0]
+    cache = HybridCache.empty(CacheLayout(["full_attention"], Hkv, D, dtype=torch.bfloat16, kv_cache=fmt), 1)
+    cache.reserve(P + CHUNK, exact=True)
+    layer, gen = cache.layers[0], torch.Generator().manual_seed(P)
+    for s in range(0, P, 8192):
+        m = min(8192, P - s)
+        layer.append(*(torch.randn(1, Hkv, m, D, generator=gen).bfloat16() for _ in range(2)))
+        cache.advance(m)
+    q = torch.randn(1, Hq, CHUNK, D, generator=gen).bfloat16()
+    k, v = (torch.randn(1, Hkv, CHUNK, D, generator=gen).bfloat16() for _ in range(2))
+    scale = D**-0.5
+
+    def chunk():
+        if form == "q8_0":
+            return attn._attend_q8(q, k, v, layer, scale)  # what GatedAttention.forward runs over a q8_0 cache
+        (kb, vb), = layer.update(k, v)  # the bf16 cache's path, and the q8_0 one's before (dequantized whole)
+        return attn.prompt_attention(q, kb, vb, P, scale)
+
+    with torch.inference_mode():
+        base = current_rss_mb()
+        reset_peak_rss()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            chunk()
+            best = min(best, time.perf_counter() - t0)
+        peak = peak_rss_mb() - base
+    return {"form": form, "prefix": P, "ms": round(best * 1000, 1), "peak_mib": round(peak, 1),
+            "kv_mib": round(cache.allocated_bytes / 2**20, 1)}
+
+
+def prefill(contexts: list[int], reps: int, kernels_on: bool) -> dict:
+    """prefill_chunk for each form and prefix, each in its own process, the forms alternated `reps` times."""
+    rows: dict = {}
+    for P in contexts:
+        for _ in range(reps):
+            for form in PREFILL_FORMS:
+                cmd = [sys.executable, __file__, "--one-chunk", form, str(P), "--reps", "2"]
+                r = json.loads(subprocess.run(cmd + (["--torch"] if not kernels_on else []), check=True,
+                                              capture_output=True, text=True).stdout.splitlines()[-1])
+                old = rows.setdefault((P, form), r)
+                old["ms"], old["peak_mib"] = min(old["ms"], r["ms"]), max(old["peak_mib"], r["peak_mib"])
+    forms = "kernels (prefill_attn / prefill_attn_q8)" if kernels_on else "torch forms"
+    print(f"\nprefill, one {CHUNK}-token chunk into one attention layer (8 / 2 heads x 256) over a prefix, "
+          f"{forms}, best ms of {reps} processes x 2 chunks, peak RSS rise (load {os.getloadavg()[0]:.2f})")
+    print(f"{'prefix':>8}{'form':>20}{'ms':>9}{'peak MiB':>10}{'KV MiB':>9}")
+    for r in rows.values():
+        print(f"{r['prefix']:>8}{r['form']:>20}{r['ms']:>9.1f}{r['peak_mib']:>10.1f}{r['kv_mib']:>9.1f}")
+    return {"kernels": kernels_on, "chunk": CHUNK, "rows": list(rows.values())}
+
+
 def heldout_ids(tok, n: int) -> torch.Tensor:
     """n tokens of the standard library's source, every 20th file (the split the bundled model never saw)."""
     lib = Path(sysconfig.get_paths()["stdlib"])
@@ -166,12 +249,20 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-kl", action="store_true")
+    ap.add_argument("--prefill-contexts", default="", help="e.g. 65536,131072: one prefill chunk over them")
+    ap.add_argument("--torch", action="store_true", help="prefill: the torch forms, not the kernels")
+    ap.add_argument("--one-chunk", nargs=2, metavar=("FORM", "PREFIX"), help=argparse.SUPPRESS)  # (a child)
     args = ap.parse_args()
+    if args.one_chunk:
+        print(json.dumps(prefill_chunk(args.one_chunk[0], int(args.one_chunk[1]), args.reps, not args.torch)))
+        return
     import qwen35
     from qwen35.runtime import peak_rss_mb
 
     result: dict = {"bench": "kv_cache", "threads": torch.get_num_threads(),
                     "load_avg_start": os.getloadavg()[0]}
+    if args.prefill_contexts:
+        result["prefill"] = prefill([int(c) for c in args.prefill_contexts.split(",")], args.reps, not args.torch)
     if not args.skip_speed:
         result["speed"] = speed([int(c) for c in args.contexts.split(",")], args.steps, args.reps)
     if not args.skip_kl:

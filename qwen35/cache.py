@@ -182,7 +182,8 @@ class KVCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`append`, then return per row all its keys and values [1, Hkv, length + T, D] in the model's
-        dtype (views for bf16; dequantized copies for q8_0: the reference and prefill path)."""
+        dtype (views for bf16; dequantized copies for q8_0: the reference path, which attention over a q8_0
+        cache does not take, as it would expand the whole prefix: model/attention.py _attend_q8)."""
         T = k.shape[2]
         out = []
         for row, buf in zip(self.rows, self.append(k, v)):

@@ -9,11 +9,14 @@
   quant/formats.py's reference rule (ggml's quantize_row_q8_0_ref); the C++ decode path writes the same
   bytes (tests/test_kv_cache.py checks it).
 
-A buffer is written from a row's length on (`write`) and read back over a prefix (`read`): the q8_0 read
-dequantizes, which is the reference path (and what prefill attention over a q8_0 cache does: a chunk of
-queries attends through torch's attention over the dequantized prefix). The decode kernels
-(ops/fast.py -> attn_decode_q8 / decode_attn_layer, ops/kernels/kv_kernels.cpp) read the int8 blocks
-directly and never expand them; they round the query through Q8_0 blocks for their integer dot products.
+A buffer is written from a row's length on (`write`) and read back over a prefix (`read`) or a range of
+slots (`read_range`): the q8_0 read dequantizes, which is the reference path. Attention over a q8_0 cache
+never dequantizes a whole prefix (at 128K that had taken 2.5x the layer's bf16 KV bytes, transiently, per
+prefill chunk): its torch forms read it a block of keys at a time (ops/attention.py: prompt_attention_q8,
+decode_attention_q8), the prefill kernel (prefill_attn_q8, ops/kernels/prefill_attn.cpp) dequantizes each
+block of keys as it packs it, and the decode kernels (ops/fast.py -> attn_decode_q8 / decode_attn_layer,
+ops/kernels/kv_kernels.cpp) read the int8 blocks directly and never expand them; they round the query
+through Q8_0 blocks for their integer dot products.
 
 Which rows hold which prefix of a buffer (copy-on-write, snapshots) is cache.py's business: a buffer only
 knows its holders and how to copy a prefix of another buffer of its format into itself.
@@ -133,7 +136,12 @@ class KVBuffer:
 
     def read(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots [0, n), [Hkv, n, D] in `dtype` (views where nothing needs converting)."""
-        return self.k[:, :n].to(dtype), self.v[:, :n].to(dtype)
+        return self.read_range(0, n, dtype)
+
+    def read_range(self, s0: int, s1: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [s0, s1), [Hkv, s1 - s0, D] in `dtype`: what attention reads a block of keys
+        at a time (ops/attention.py)."""
+        return self.k[:, s0:s1].to(dtype), self.v[:, s0:s1].to(dtype)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,9 +210,10 @@ class Q8KVBuffer(KVBuffer):
         self.k[:, start : start + T], self.kd[:, start : start + T] = kq, kd
         self.v[:, start : start + T], self.vd[:, start : start + T] = vq, vd
 
-    def read(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return (dequantize_rows(self.k[:, :n], self.kd[:, :n], dtype),
-                dequantize_rows(self.v[:, :n], self.vd[:, :n], dtype))
+    def read_range(self, s0: int, s1: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # dequantized copies, through fp32 (8x the int8 bytes of the range at the peak): callers read blocks
+        return (dequantize_rows(self.k[:, s0:s1], self.kd[:, s0:s1], dtype),
+                dequantize_rows(self.v[:, s0:s1], self.vd[:, s0:s1], dtype))
 
 
 _CLASSES = {"bf16": KVBuffer, "q8_0": Q8KVBuffer}

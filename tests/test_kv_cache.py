@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import qwen35
+from qwen35 import kv_storage
 from qwen35.cache import CacheError, HybridCache
 from qwen35.commands.replica import build_replica
 from qwen35.kv_storage import KVBuffer, Q8KVBuffer, attend_reference, dequantize_rows, quantize_rows
-from qwen35.ops import kernels
+from qwen35.ops import attention, kernels
+from qwen35.ops.attention import decode_attention, decode_attention_q8, prompt_attention, prompt_attention_q8
 from qwen35.prompt_cache import PromptCache
 from qwen35.quant.formats import QuantError, quantize_q8_0
 from qwen35.speculative import speculative_generate_step
@@ -107,6 +109,135 @@ def test_q8_0_attention_at_the_largest_integer_sums(G, D):
     q = torch.randn(1, G * Hkv, D, generator=gen).bfloat16()
     out = torch.ops.qwen35.attn_decode_q8(q, [buf.k], [buf.kd], [buf.v], [buf.vd], [n], D**-0.5)
     torch.testing.assert_close(out.float(), row.expand(1, G * Hkv, D), rtol=2**-8, atol=0)
+
+
+def q8_buffer(Hkv, n, D, seed, room=5):
+    """A q8_0 buffer holding n random keys (x3: peaked softmaxes) and values, with `room` slots past them (the
+    attention reads views of a longer buffer, as a cache's are)."""
+    gen = torch.Generator().manual_seed(seed)
+    return Q8KVBuffer.from_values(torch.randn(Hkv, n + room, D, generator=gen) * 3,
+                                  torch.randn(Hkv, n + room, D, generator=gen), torch.bfloat16)
+
+
+def plain_attention(q, k, v, past):
+    """fp64 causal attention of q [1, Hq, T, D] at positions past.. over k, v [1, Hkv, past + T, D]: the whole
+    thing at once, the mask built."""
+    T, S, G = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    visible = torch.arange(S)[None, :] <= (past + torch.arange(T))[:, None]
+    return torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v
+
+
+@pytest.fixture
+def dequantized(monkeypatch):
+    """Rows of every dequantize_rows call from here on (the seam through which a q8_0 buffer is expanded: the
+    largest such call bounds what attention over it holds at once)."""
+    rows = []
+    real = kv_storage.dequantize_rows
+
+    def spy(q, d, dtype):
+        rows.append(q.shape[-2])
+        return real(q, d, dtype)
+
+    monkeypatch.setattr(kv_storage, "dequantize_rows", spy)
+    return rows
+
+
+PAST = attention.KEY_BLOCK + 1001  # over more than one block of keys, an odd number of them
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q8_0_prompt_attention_is_attention_over_the_dequantized_prefix(dtype, dequantized):
+    """The torch form a machine without the kernels runs: a prompt chunk over a q8_0 prefix longer than one
+    KEY_BLOCK (an odd length) equals plain attention over the dequantized keys and values, up to float
+    rounding (fp32: the order of the sums; bf16: no further from the exact answer than prompt_attention over
+    the prefix dequantized whole, the path it replaces). It dequantizes each key and value once, a block of at
+    most KEY_BLOCK at a time."""
+    T, Hkv, G, D = 37, 2, 4, 64
+    buf = q8_buffer(Hkv, PAST + T, D, seed=T)
+    q = torch.randn(1, Hkv * G, T, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = prompt_attention_q8(q, buf, PAST, D**-0.5)
+    assert max(dequantized) <= attention.KEY_BLOCK and sum(dequantized) == 2 * (PAST + T)
+    k, v = (t[None] for t in buf.read(PAST + T, dtype))
+    exact = plain_attention(q, k, v, PAST)
+    assert out.dtype == dtype and out.shape == q.shape
+    if dtype == torch.float32:
+        assert (out - exact).abs().max() <= 1e-5
+    else:
+        e_new, e_whole = rel(out, exact), rel(prompt_attention(q, k, v, PAST, D**-0.5), exact)
+        assert e_new <= 1.25 * e_whole, (e_new, e_whole)
+
+
+def test_q8_0_decode_attention_reads_blocks_of_the_same_numbers(dequantized):
+    """The torch decode form over a q8_0 buffer: decode_attention over the prefix dequantized whole, bit for
+    bit (the same blocks of keys, the same sums), with at most KEY_BLOCK keys dequantized at a time."""
+    Hkv, G, D, n = 2, 4, 64, PAST
+    buf = q8_buffer(Hkv, n, D, seed=2)
+    q = torch.randn(1, Hkv * G, 1, D, generator=torch.Generator().manual_seed(3)).bfloat16()
+    out = decode_attention_q8(q, buf, n, D**-0.5)
+    assert max(dequantized) <= attention.KEY_BLOCK and sum(dequantized) == 2 * n
+    k, v = buf.read(n, torch.bfloat16)
+    assert torch.equal(out, decode_attention(q, k[None], v[None], D**-0.5))
+
+
+@needs_kernels
+@pytest.mark.parametrize("Hkv,G,D,past,T", [
+    (2, 4, 256, 701, 53),    # cached keys over 3 of the kernel's blocks of 256 keys, an odd count
+    (1, 1, 64, 5, 2),        # a tile far from full
+    (2, 2, 96, 300, 17),     # D = 96: three Q8_0 blocks a row
+    (2, 8, 128, 4999, 129),  # G = 8, past more than one KEY_BLOCK
+])
+def test_q8_0_prefill_kernel_is_prefill_attn_over_the_dequantized_prefix(Hkv, G, D, past, T, dequantized):
+    """prefill_attn_q8 dequantizes each block of keys as it packs it: bit for bit prefill_attn over the
+    dequantized prefix (the path it replaces), reading views of a longer buffer in place; and the bound form
+    dequantizes nothing in torch."""
+    from qwen35.ops.step_forms import prefill_attention_q8
+
+    buf = q8_buffer(Hkv, past + T, D, seed=past, room=13)
+    q = torch.randn(1, Hkv * G, T, D, generator=torch.Generator().manual_seed(T)).bfloat16()
+    out = prefill_attention_q8(q, buf, past, D**-0.5)
+    assert dequantized == []
+    k, v = buf.read(past + T, torch.bfloat16)
+    assert torch.equal(out[0], torch.ops.qwen35.prefill_attn(q[0], k, v, past, D**-0.5))
+
+
+@pytest.mark.parametrize("kernels_on", KERNEL_MODES)
+def test_q8_0_prefill_through_the_model_is_the_whole_prefix_path(tiny_dir, kernels_on, dequantized, monkeypatch):
+    """The tiny replica prefilling a q8_0 cache in chunks of 13 (KEY_BLOCK cut to 16, so the torch form reads
+    every prefix in several blocks): its logits are those of the path it replaces (KVCache.update dequantizing
+    each row's whole prefix, then the prompt attention): bit for bit on the kernels (bf16), within float
+    rounding on the torch forms (fp32: in bf16 the sums' order moves logits by bf16 steps); and no
+    dequantize_rows call expands more than a block (on the kernels: none)."""
+    from qwen35.model.attention import GatedAttention
+
+    monkeypatch.setattr(attention, "KEY_BLOCK", 16)
+    dtype = torch.bfloat16 if kernels_on else torch.float32
+    model = qwen35.load_model(tiny_dir, dtype=dtype, kernels=kernels_on, kv_cache="q8_0")
+    ids = torch.randint(0, 4000, (1, 70), generator=torch.Generator().manual_seed(4))
+
+    def run():
+        c = model.make_cache()
+        with torch.inference_mode():
+            return torch.cat([model(ids[:, s : s + 13], cache=c) for s in range(0, 70, 13)], 1).float()
+
+    got = run()
+    if kernels_on:
+        assert dequantized == []
+    else:
+        assert dequantized and max(dequantized) <= 16
+
+    def whole_prefix(self, q, k, v, state, scale):  # what forward did before
+        T = q.shape[2]
+        return torch.cat([self.prompt_attention(q[b : b + 1], kb, vb, kb.shape[2] - T, scale)
+                          for b, (kb, vb) in enumerate(state.update(k, v))])
+
+    monkeypatch.setattr(GatedAttention, "_attend_q8", whole_prefix)
+    want = run()
+    if kernels_on:
+        assert torch.equal(got, want)
+    else:
+        assert rel(got, want) <= 1e-4, rel(got, want)  # (measured 6e-6)
 
 
 @needs_kernels

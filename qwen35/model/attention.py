@@ -13,7 +13,7 @@ from torch import nn
 
 from ..cache import KVCache
 from ..config import ModelConfig
-from ..ops.attention import decode_attention, prompt_attention
+from ..ops.attention import decode_attention, decode_attention_q8, prompt_attention, prompt_attention_q8
 from ..ops.linear import Linear, linear
 from .masks import LayerContext
 from .norm import RMSNorm
@@ -35,6 +35,7 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self._qkv = None  # fused [q | k | v] (a matrix or weight object), see fusion_group()
         self.prompt_attention = prompt_attention  # a chunk of a prompt over the cache (bind_kernels may replace it)
+        self.prompt_attention_q8 = prompt_attention_q8  # the same over a q8_0 buffer (bind_kernels may too)
 
     def fusion_group(self):
         """q_proj, k_proj and v_proj share their input: read them as one matrix `_qkv`."""
@@ -74,6 +75,8 @@ class GatedAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                                  scale=scale, enable_gqa=gqa)
             return self.output(out, gate)
+        if state.kv_cache == "q8_0":
+            return self.output(self._attend_q8(q, k, v, state, scale), gate)
         T = q.shape[2]
         outs = []
         for b, (kb, vb) in enumerate(state.update(k, v)):  # rows hold different lengths: one at a time
@@ -84,3 +87,17 @@ class GatedAttention(nn.Module):
             else:
                 outs.append(self.prompt_attention(qb, kb, vb, past, scale))
         return self.output(torch.cat(outs), gate)
+
+    def _attend_q8(self, q, k, v, state: KVCache, scale: float) -> torch.Tensor:
+        """Each row's queries over its q8_0 buffer, which no form here dequantizes whole (KVCache.update would:
+        at a 128K prefix 2.5x the layer's bf16 KV bytes, transiently, for every prefill chunk): the prefill kernel
+        reads the int8 blocks in place, the torch forms a block of keys at a time."""
+        T = q.shape[2]
+        outs = []
+        for b, (row, buf) in enumerate(zip(state.rows, state.append(k, v))):
+            n, qb = row.length + T, q[b : b + 1]  # the row's length advances when the whole forward ends
+            if T == 1:
+                outs.append(decode_attention_q8(qb, buf, n, scale))
+            else:
+                outs.append(self.prompt_attention_q8(qb, buf, n - T, scale))
+        return torch.cat(outs)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .attention import prompt_attention
+from .attention import prompt_attention, prompt_attention_q8
 from .gated_delta import gated_delta_rule
 from .layer_decode import attn_layer_args, attn_layer_decode, gdn_layer_args, gdn_layer_decode
 from .linear import Linear
@@ -48,6 +48,7 @@ from .step_forms import (
     delta_rule,
     portable_delta_rule,
     prefill_attention,
+    prefill_attention_q8,
 )
 
 GEMV_MAX_ROWS = 8  # beyond this, torch's GEMM (compute-bound, oneDNN) wins
@@ -184,6 +185,7 @@ def unbind_kernels(model) -> None:
             m.delta_rule = gated_delta_rule
         if hasattr(m, "prompt_attention"):
             m.prompt_attention = prompt_attention
+            m.prompt_attention_q8 = prompt_attention_q8
 
 
 def weight_objects(m):
@@ -266,7 +268,7 @@ def bind_kernels(model, enabled: bool | None = None, whole_layers: bool = True, 
             m.delta_rule = delta_rule
             report.add("delta_rule")
         if isinstance(m, GatedAttention) and bf16 and _prefill_attn_fits(m):
-            m.prompt_attention = prefill_attention
+            m.prompt_attention, m.prompt_attention_q8 = prefill_attention, prefill_attention_q8
             report.add("prefill_attn")
         for w in weight_objects(m):  # quantized weights run the VNNI kernels whatever the model dtype
             w.kernels = quantized

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import prompt_attention
+from .attention import prompt_attention, prompt_attention_q8
 from .gated_delta import gated_delta_rule, recurrent_gated_delta_rule
 from .linear import linear
 
@@ -144,3 +144,15 @@ def prefill_attention(q, k, v, past: int, scale: float):
     if _differentiates(q, k, v) or not q.dtype == k.dtype == v.dtype == torch.bfloat16:
         return prompt_attention(q, k, v, past, scale)
     return torch.ops.qwen35.prefill_attn(q[0].contiguous(), k[0], v[0], past, scale)[None]
+
+
+def prefill_attention_q8(q, buf, past: int, scale: float):
+    """GatedAttention.prompt_attention_q8 on torch.ops.qwen35.prefill_attn_q8: prefill_attn over a row's q8_0
+    buffer read in place, each block of keys dequantized as the kernel packs it (bit for bit prefill_attn over
+    the dequantized prefix, with no such prefix made); the reference form where autograd records or q is not
+    bf16."""
+    if _differentiates(q) or q.dtype != torch.bfloat16:
+        return prompt_attention_q8(q, buf, past, scale)
+    S = past + q.shape[2]
+    return torch.ops.qwen35.prefill_attn_q8(q[0].contiguous(), buf.k[:, :S], buf.kd[:, :S], buf.v[:, :S],
+                                            buf.vd[:, :S], past, scale)[None]

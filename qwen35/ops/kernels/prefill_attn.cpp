@@ -19,10 +19,17 @@
 //   dwords (the two keys' values of one dim), the probability pairs broadcast; MR rows x 32 dims of
 //   accumulators, the tile's fp32 output rescaled by the running max once per key block.
 // Key blocks past a tile's last position are skipped; the block holding the diagonal masks the rest.
+//
+// prefill_attn_q8 is the same kernel over a q8_0 KV cache (kv_storage.py: int8 rows, one fp16 scale per 32
+// values): each block of KB keys is dequantized as it is packed (q * d exact in fp32, rounded once to bf16, as
+// kv_storage.dequantize_rows does), so it computes bit for bit what prefill_attn does over the dequantized cache
+// without that cache ever existing (dequantizing a 128K-token prefix had taken 2.5x the layer's bf16 KV bytes
+// transiently, per chunk, and more time than the attention at 64K).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -67,9 +74,32 @@ inline void transpose16x16(__m512i (&r)[16]) {
   }
 }
 
-// Keys [s0, s0 + n) of K (row stride ks) -> kp [ceil(n / 16)][D / 2][16] dwords (pairs of dims, 16 keys in
-// the lanes), keys past n zero: 16 keys x 16 pairs of dims transposed in registers at a time
-void pack_keys(const c10::BFloat16* k, int64_t ks, int64_t s0, int64_t n, int64_t D, uint32_t* kp) {
+// Where the keys (or values) of one KV head are read from: 32 bf16 values of a row (dims d0..d0 + 31) as one
+// vector. Bf16Rows: the cache's own bf16 rows; Q8Rows: a q8_0 cache's int8 rows, dequantized on the way.
+struct Bf16Rows {
+  const c10::BFloat16* x;
+  int64_t rs;  // row stride (elements)
+  inline __m512i row32(int64_t s, int64_t d0) const { return _mm512_loadu_si512(x + s * rs + d0); }
+};
+struct Q8Rows {
+  const int8_t* x;
+  const c10::Half* d;
+  int64_t rs, ds;  // row strides of the values and of their scales
+  inline __m512i row32(int64_t s, int64_t d0) const {
+    const int8_t* r = x + s * rs + d0;  // d0 % 32 == 0: one Q8_0 block, one scale
+    const __m512 sc = _mm512_set1_ps(_cvtsh_ss(d[s * ds + d0 / 32].x));
+    auto times_scale = [sc](const int8_t* p) {  // 16 values, q * d: exact in fp32 (8 bits times 11)
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), sc);
+    };
+    return (__m512i)_mm512_cvtne2ps_pbh(times_scale(r + 16), times_scale(r));  // nearest even: torch's rounding
+  }
+};
+
+// Keys [s0, s0 + n) -> kp [ceil(n / 16)][D / 2][16] dwords (pairs of dims, 16 keys in the lanes), keys past n
+// zero: 16 keys x 16 pairs of dims transposed in registers at a time
+template <class Rows>
+void pack_keys(const Rows& k, int64_t s0, int64_t n, int64_t D, uint32_t* kp) {
   const int64_t groups = (n + 15) / 16, P = D / 2;
   for (int64_t gi = 0; gi < groups; ++gi) {
     uint32_t* out = kp + gi * P * 16;
@@ -77,8 +107,7 @@ void pack_keys(const c10::BFloat16* k, int64_t ks, int64_t s0, int64_t n, int64_
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t s = gi * 16 + i;
-        r[i] = s < n ? _mm512_loadu_si512(reinterpret_cast<const uint32_t*>(k + (s0 + s) * ks) + p0)
-                     : _mm512_setzero_si512();
+        r[i] = s < n ? k.row32(s0 + s, 2 * p0) : _mm512_setzero_si512();
       }
       transpose16x16(r);
       for (int j = 0; j < 16; ++j) _mm512_store_si512(out + (p0 + j) * 16, r[j]);
@@ -86,19 +115,18 @@ void pack_keys(const c10::BFloat16* k, int64_t ks, int64_t s0, int64_t n, int64_
   }
 }
 
-// Values [s0, s0 + n) of V (row stride vs) -> vp [ceil(n / 2)][D] dwords: (v[2j][d], v[2j + 1][d]), a key past
-// n zero. 32 dims of the two rows at a time: unpacklo/hi_epi16 interleave within 128-bit lanes (dims 0-3 | 8-11
-// | ... and 4-7 | 12-15 | ...), one two-source permute each puts them back in order.
-void pack_values(const c10::BFloat16* v, int64_t vs, int64_t s0, int64_t n, int64_t D, uint32_t* vp) {
+// Values [s0, s0 + n) -> vp [ceil(n / 2)][D] dwords: (v[2j][d], v[2j + 1][d]), a key past n zero. 32 dims of
+// the two rows at a time: unpacklo/hi_epi16 interleave within 128-bit lanes (dims 0-3 | 8-11 | ... and 4-7 |
+// 12-15 | ...), one two-source permute each puts them back in order.
+template <class Rows>
+void pack_values(const Rows& v, int64_t s0, int64_t n, int64_t D, uint32_t* vp) {
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
   for (int64_t j = 0; j < (n + 1) / 2; ++j) {
-    const c10::BFloat16* a = v + (s0 + 2 * j) * vs;
-    const c10::BFloat16* b = v + (s0 + 2 * j + 1) * vs;
     const bool odd = 2 * j + 1 >= n;
     uint32_t* out = vp + j * D;
     for (int64_t d = 0; d < D; d += 32) {
-      const __m512i x = _mm512_loadu_si512(a + d), y = odd ? _mm512_setzero_si512() : _mm512_loadu_si512(b + d);
+      const __m512i x = v.row32(s0 + 2 * j, d), y = odd ? _mm512_setzero_si512() : v.row32(s0 + 2 * j + 1, d);
       const __m512i lo = _mm512_unpacklo_epi16(x, y), hi = _mm512_unpackhi_epi16(x, y);
       _mm512_store_si512(out + d, _mm512_permutex2var_epi32(lo, first, hi));
       _mm512_store_si512(out + d + 16, _mm512_permutex2var_epi32(lo, second, hi));
@@ -207,24 +235,28 @@ void tile_block_r(int64_t rows, const uint32_t* qr, const uint32_t* kp, const ui
 
 constexpr int64_t TG = 16;  // tiles that share each key block while it is in L2 (128 rows)
 
-// q [Hq, T, D] bf16 contiguous; k, v [Hkv, S, D] bf16 with unit stride along D and S = past + T (the row's keys,
-// this chunk's last); query t sees keys [0, past + t]. -> [Hq, T, D] bf16.
-at::Tensor prefill_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prefill_attn: q [Hq, T, D], k and v [Hkv, S, D]");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "prefill_attn: bf16 q, k, v");
+// The shapes both forms share: q [Hq, T, D] bf16 contiguous; k, v [Hkv, S, D] with unit stride along D and
+// S = past + T (the row's keys, this chunk's last).
+void check_shapes(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q [Hq, T, D], k and v [Hkv, S, D]");
   const int64_t Hq = q.size(0), T = q.size(1), D = q.size(2), Hkv = k.size(0), S = k.size(1);
-  TORCH_CHECK(q.is_contiguous(), "prefill_attn: q must be contiguous");
+  TORCH_CHECK(q.is_contiguous(), op, ": q must be contiguous");
   TORCH_CHECK(v.sizes() == k.sizes() && k.size(2) == D && k.stride(2) == 1 && v.stride(2) == 1,
-              "prefill_attn: k and v [Hkv, S, D] with unit stride along D, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, "prefill_attn: ", Hq, " query heads over ", Hkv, " KV heads");
-  TORCH_CHECK(D % 32 == 0 && D <= 512, "prefill_attn: head dim ", D, " (a multiple of 32, at most 512)");
-  TORCH_CHECK(past >= 0 && S == past + T, "prefill_attn: ", S, " keys for ", past, " cached and ", T, " new");
+              op, ": k and v [Hkv, S, D] with unit stride along D, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": ", Hq, " query heads over ", Hkv, " KV heads");
+  TORCH_CHECK(D % 32 == 0 && D <= 512, op, ": head dim ", D, " (a multiple of 32, at most 512)");
+  TORCH_CHECK(past >= 0 && S == past + T, op, ": ", S, " keys for ", past, " cached and ", T, " new");
+}
+
+// query t sees keys [0, past + t]; key_rows(h) and value_rows(h): head h's rows (Bf16Rows or Q8Rows).
+// -> [Hq, T, D] bf16.
+template <class KeyRows, class ValueRows>
+at::Tensor attend(const at::Tensor& q, int64_t Hkv, int64_t past, double scale, const KeyRows& key_rows,
+                  const ValueRows& value_rows) {
+  const int64_t Hq = q.size(0), T = q.size(1), D = q.size(2);
   const int64_t G = Hq / Hkv, M = G * T, P = D / 2;
   at::Tensor out = at::empty({Hq, T, D}, q.options());
   if (T == 0) return out;
-  const auto* kd = k.data_ptr<c10::BFloat16>();
-  const auto* vd = v.data_ptr<c10::BFloat16>();
   const auto* qd = reinterpret_cast<const uint32_t*>(q.data_ptr<c10::BFloat16>());
   auto* od = out.data_ptr<c10::BFloat16>();
   const int64_t tiles = (M + MR - 1) / MR, groups = (tiles + TG - 1) / TG;
@@ -258,10 +290,12 @@ at::Tensor prefill_attn(const at::Tensor& q, const at::Tensor& k, const at::Tens
       for (int64_t tt = 0; tt < nt; ++tt)
         for (int r = 0; r < MR; ++r) { st[tt].m[r] = -INFINITY; st[tt].l[r] = 0.f; }
       std::fill(o.begin(), o.begin() + rows * D, 0.f);
+      const auto krows = key_rows(h);
+      const auto vrows = value_rows(h);
       for (int64_t k0 = 0; k0 < limit[rows - 1]; k0 += KB) {
         const int64_t n = std::min(KB, limit[rows - 1] - k0);
-        pack_keys(kd + h * k.stride(0), k.stride(1), k0, n, D, kp);
-        pack_values(vd + h * v.stride(0), v.stride(1), k0, n, D, vp);
+        pack_keys(krows, k0, n, D, kp);
+        pack_values(vrows, k0, n, D, vp);
         for (int64_t tt = 0; tt < nt; ++tt) {
           const int64_t r0 = tt * MR, R = std::min<int64_t>(MR, rows - r0);
           if (k0 >= limit[r0 + R - 1]) continue;  // past this tile's last position
@@ -281,10 +315,48 @@ at::Tensor prefill_attn(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return out;
 }
 
+// q [Hq, T, D] bf16 contiguous; k, v [Hkv, S, D] bf16 with unit stride along D and S = past + T (the row's keys,
+// this chunk's last); query t sees keys [0, past + t]. -> [Hq, T, D] bf16.
+at::Tensor prefill_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t past, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "prefill_attn: bf16 q, k, v");
+  check_shapes("prefill_attn", q, k, v, past);
+  const auto* kd = k.data_ptr<c10::BFloat16>();
+  const auto* vd = v.data_ptr<c10::BFloat16>();
+  return attend(q, k.size(0), past, scale, [&](int64_t h) { return Bf16Rows{kd + h * k.stride(0), k.stride(1)}; },
+                [&](int64_t h) { return Bf16Rows{vd + h * v.stride(0), v.stride(1)}; });
+}
+
+// prefill_attn over a q8_0 cache: k, v int8 [Hkv, S, D] (views of the buffers, unit stride along D), kd, vd
+// their fp16 scales [Hkv, S, D / 32] (unit stride along the blocks).
+at::Tensor prefill_attn_q8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kd, const at::Tensor& v,
+                           const at::Tensor& vd, int64_t past, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kChar && v.scalar_type() == at::kChar &&
+                  kd.scalar_type() == at::kHalf && vd.scalar_type() == at::kHalf,
+              "prefill_attn_q8: bf16 q, int8 k and v, fp16 kd and vd");
+  check_shapes("prefill_attn_q8", q, k, v, past);
+  const int64_t Hkv = k.size(0), S = k.size(1), D = k.size(2);
+  for (const at::Tensor* d : {&kd, &vd})
+    TORCH_CHECK(d->dim() == 3 && d->size(0) == Hkv && d->size(1) == S && d->size(2) == D / 32 && d->stride(2) == 1,
+                "prefill_attn_q8: scales [Hkv, S, D / 32] with unit stride along the blocks, got ", d->sizes());
+  const auto* k8 = k.data_ptr<int8_t>();
+  const auto* v8 = v.data_ptr<int8_t>();
+  const auto* kd16 = kd.data_ptr<c10::Half>();
+  const auto* vd16 = vd.data_ptr<c10::Half>();
+  return attend(
+      q, Hkv, past, scale,
+      [&](int64_t h) { return Q8Rows{k8 + h * k.stride(0), kd16 + h * kd.stride(0), k.stride(1), kd.stride(1)}; },
+      [&](int64_t h) { return Q8Rows{v8 + h * v.stride(0), vd16 + h * vd.stride(0), v.stride(1), vd.stride(1)}; });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qwen35, m) {
   m.def("prefill_attn(Tensor q, Tensor k, Tensor v, int past, float scale) -> Tensor");
+  m.def("prefill_attn_q8(Tensor q, Tensor k, Tensor kd, Tensor v, Tensor vd, int past, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(qwen35, CPU, m) { m.impl("prefill_attn", &prefill_attn); }
+TORCH_LIBRARY_IMPL(qwen35, CPU, m) {
+  m.impl("prefill_attn", &prefill_attn);
+  m.impl("prefill_attn_q8", &prefill_attn_q8);
+}
