@@ -239,6 +239,21 @@ def test_random_replica_bf16_kernels_exact(tiny_dir, quant):
         assert speculative(model, ids, GREEDY, k) == want
 
 
+@needs_kernels
+@pytest.mark.parametrize("kv_cache", ["bf16", "q8_0"])
+def test_per_op_decode_kernels_rewind_a_round_without_drafts(tiny_dir, kv_cache):
+    """The per-op Gated DeltaNet step (bound without whole-layer kernels, and for a layer holding LoRA adapters
+    or shapes the layer kernel does not take) keeps the steps a verify asks for: the last round before
+    max_tokens drafts nothing and verifies one token, which had raised "rewind: the last forward kept no
+    per-token states"."""
+    model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, kernels=False, kv_cache=kv_cache)
+    assert "gdn_step" in qwen35.bind_kernels(model, True, whole_layers=False).bound
+    ids = torch.randint(0, 4000, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = qwen35.SamplingParams(temperature=0, max_tokens=60, stop_token_ids=(-1,))
+    want = plain(model, ids, params)
+    assert len(want) == 60 and speculative(model, ids, params, 2) == want
+
+
 def test_reference_path_fp32_exact_with_more_value_heads(vlm_replicas):
     """The torch reference (fp32), Hv = 2 Hk, untied head: the Gated DeltaNet layers step through the
     verify tokens one by one for their per-token states."""

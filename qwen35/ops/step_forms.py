@@ -60,9 +60,11 @@ def _gdn_decode(gdn, x, state=None, ctx=None, mode="auto", op: str = "gdn_decode
         return None
     B = x.shape[0]
     proj = linear(x.reshape(B, -1), gdn._in_proj)
-    out, state.conv, state.recurrent = getattr(torch.ops.qwen35, op)(
+    out, conv, recurrent = getattr(torch.ops.qwen35, op)(
         proj, state.conv.contiguous(), gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias,
         state.recurrent.contiguous(), gdn.norm.weight, gdn.num_k_heads, gdn.norm.eps)
+    # (a speculative verify of one token, when no draft was made, rewinds through the kept steps too)
+    state.take([conv], [recurrent])
     return gdn.out_proj(out.view(B, 1, gdn.value_dim))
 
 
