@@ -100,9 +100,11 @@ def test_an_earlier_run_in_out_is_refused_without_resume(chat_model_dir, tmp_pat
     out = tmp_path / "o"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "trainer_state.pt").write_bytes(b"x")
     rc, err = run(capsys, "--init-from", str(chat_model_dir), "--data", str(data), "--out", str(out))
-    assert rc == 1 and "metrics.jsonl" in err and "--resume" in err, err
+    assert rc == 1 and "(metrics.jsonl, trainer_state.pt)" in err and "--resume" in err, err
     (out / "metrics.jsonl").unlink()
+    (out / "trainer_state.pt").unlink()
     (out / "model.safetensors").write_bytes(b"")
     rc, err = run(capsys, "--init-from", str(chat_model_dir), "--data", str(data), "--out", str(out))
     assert rc == 1 and "model.safetensors" in err, err
@@ -332,7 +334,17 @@ def test_torchrun_batch_and_fsdp_resume_are_refused_before_loading(chat_model_di
     save_state(out)
     rc, err = run(capsys, *common, "--batch-size", "2", "--resume", "--fsdp")
     assert rc == 1 and err == ("qwen35: error: --resume --fsdp: a run cannot be resumed under FSDP yet (its optimizer "
-                               "state would have to be loaded into shards): resume with DDP (omit --fsdp)\n"), err
+                               "state would have to be loaded into shards): a run that DDP wrote resumes with DDP "
+                               "(omit --fsdp); one that FSDP wrote cannot be resumed\n"), err
+    # FSDP with adapters hung at its first save (rank 0 merged sharded adapters alone), and rank 0 evaluating
+    # the sharded model failed after training: both refused before loading
+    fresh = [*common[:5], str(tmp_path / "o2"), *common[6:], "--batch-size", "2", "--fsdp"]
+    rc, err = run(capsys, *fresh, "--lora-rank", "2")
+    assert rc == 1 and err == ("qwen35: error: --fsdp --lora-rank: adapters do not train under FSDP yet: train them "
+                               "with DDP (omit --fsdp; only the adapters have gradients to share)\n"), err
+    rc, err = run(capsys, *fresh, "--eval-data", str(data))
+    assert rc == 1 and err == ("qwen35: error: --fsdp --eval-data: a sharded model is not evaluated yet: run with DDP "
+                               "(omit --fsdp), or without --eval-data\n"), err
 
 
 def test_an_adapters_only_folder_names_what_to_load(tmp_path):
@@ -405,3 +417,19 @@ def test_web_serve_refuses_a_busy_port_or_bad_host(tmp_path):
             make_server(tmp_path, "127.0.0.1", s.getsockname()[1], built=False)
     with pytest.raises(Qwen35Error, match="cannot serve on no.such.host.invalid"):
         make_server(tmp_path, "no.such.host.invalid", 0, built=False)
+
+
+def test_a_run_killed_before_its_first_save_leaves_room_for_a_new_one(chat_model_dir, tmp_path, data, capsys):
+    """A run killed (or out of disk) before its first save left metrics.jsonl alone: a new run was refused
+    ("continue it with --resume") and --resume found nothing to resume, each sending the user to the other.
+    Now nothing of it is taken for a run: a new one starts, with metrics of its own."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    (out / ".saving").mkdir()
+    rc, err = run(capsys, "--init-from", str(chat_model_dir), "--data", str(data), "--out", str(out), "--steps", "2",
+                  "--seq-len", "32", "--batch-size", "2", "--lr", "1e-4")
+    assert rc == 0, err
+    steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:2] == [1, 2] and json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"] != 9.0
+    assert (out / "trainer_state.pt").is_file() and not (out / ".saving").exists()

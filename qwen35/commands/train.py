@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     # threads and allocator are set: a refused run leaves its caller as it was)
     check_paths(args, out)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # set by torchrun
-    check_processes(args.batch_size, world, args.fsdp, args.resume)
+    check_processes(args.batch_size, world, args.fsdp, args.resume, bool(args.lora_rank), bool(args.eval_data))
     fingerprint = data_fingerprint(args.data)
     state = check_resume(args, out, fingerprint) if args.resume else None
     if state is not None and state["step"] >= args.steps and not (args.merge or args.export_gguf):
@@ -179,11 +179,14 @@ def check_paths(args: argparse.Namespace, out: Path) -> None:
     the weights being read), holding no earlier run unless --resume continues it; --export-gguf a file that is
     not the GGUF being fine-tuned (it is memory-mapped while the export writes)."""
     from ..errors import Qwen35Error
+    from ..train.run_state import SAVED
     from .common import check_no_checkpoint, check_output_dir, check_output_file
 
     check_output_dir(out, Path(args.init_from) if args.init_from else None)
     if not args.resume:
         found = [name for name in RUN_FILES if (out / name).exists()]
+        if found == ["metrics.jsonl"] and not (out / SAVED).exists():
+            found = []  # a run stopped before its first save: nothing of it to resume, so a new one starts
         if found:
             raise Qwen35Error(f"{out} already holds a training run ({', '.join(found)}): continue it with "
                               "--resume, or write to a new or empty directory")

@@ -187,7 +187,8 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    check_processes(cfg.batch_size, world, cfg.fsdp, bool(resume))
+    check_processes(cfg.batch_size, world, cfg.fsdp, bool(resume), getattr(model, "lora_active", False),
+                    bool(eval_rows))
     from .qlora import check_trainable
 
     check_trainable(model, getattr(model, "lora_active", False), distributed and cfg.fsdp)
@@ -239,9 +240,11 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         log(f"resumed at step {start}")
         if rank == 0:
             cut_metrics(out / METRICS_FILE, start)
-    fresh = not resume and not (out / METRICS_FILE).exists()  # a failed run may take back what it wrote
+    fresh = not resume  # a failed run may take back what it wrote
     out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / METRICS_FILE, "a") if rank == 0 else None
+    # a new run starts its own metrics (the command refuses a folder holding a run that saved, so what is
+    # there is what a run killed before its first save left)
+    metrics = open(out / METRICS_FILE, "a" if resume else "w") if rank == 0 else None
     t0 = time.perf_counter()
     tokens_seen = 0
     last = min(cfg.steps, until or cfg.steps)

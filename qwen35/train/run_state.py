@@ -262,13 +262,25 @@ def check_same_lora(saved: dict | None, now: dict | None, path: Path) -> None:
                          f"({saved['base']}): resume with --init-from {saved['base']}, or train into a new --out")
 
 
-def check_processes(batch_size: int, world: int, fsdp: bool, resume: bool) -> None:
+def check_processes(batch_size: int, world: int, fsdp: bool, resume: bool, lora: bool = False,
+                    evaluate: bool = False) -> None:
     """What a run on `world` processes (torchrun) cannot do; the command checks it before loading the model."""
     if batch_size % world:
         raise TrainError(f"--batch-size {batch_size} (global) must be a multiple of the {world} processes")
-    if resume and fsdp and world > 1:
+    if not (fsdp and world > 1):
+        return
+    if resume:
         raise TrainError("--resume --fsdp: a run cannot be resumed under FSDP yet (its optimizer state would have "
-                         "to be loaded into shards): resume with DDP (omit --fsdp)")
+                         "to be loaded into shards): a run that DDP wrote resumes with DDP (omit --fsdp); one that "
+                         "FSDP wrote cannot be resumed")
+    # (each save merges and writes the adapters on rank 0 alone, and they are shards: it waited forever for the
+    # other processes; rank 0 alone evaluating the sharded model failed after training)
+    if lora:
+        raise TrainError("--fsdp --lora-rank: adapters do not train under FSDP yet: train them with DDP (omit "
+                         "--fsdp; only the adapters have gradients to share)")
+    if evaluate:
+        raise TrainError("--fsdp --eval-data: a sharded model is not evaluated yet: run with DDP (omit --fsdp), "
+                         "or without --eval-data")
 
 
 def cut_metrics(path: Path, step: int) -> None:
