@@ -16,12 +16,13 @@ evicted before any other entry (the earliest demoted first) unless a lookup uses
 little to keep (their KV is the answer's), but under pressure every conversation's latest answer matters
 more: four users taking turns with room for eight answers reused 0% of turns 2-5 under plain LRU, 83%
 (all there is to reuse) with this. A client whose next prompt does not repeat the answer's tokens (its
-reasoning dropped, or a tool call re-rendered from its parsed form) needs the prompt's end instead: the cache
-remembers what each answer continued (`answers`), and a prompt that continues a stored prompt's end but not the
-answer stored after it (`drops_answers`) marks a client whose answers are worth less than their prompts' ends:
-the caller stores that request's answer demoted and keeps its prompt's end (thinking on, answers sent back
-without reasoning, four users with room for 8 / 12 / 16 answers: 0% / 1% / 4% of turns 2-5 reused before,
-benchmarks/bench_prompt_reuse.py measures it now).
+reasoning dropped, or a tool call re-rendered from its parsed form) needs what comes before the answer instead:
+the cache remembers what each answer continued (`answers`: the request's turn boundary, else its prompt's end),
+and a prompt that continues that point but not the answer stored after it (`drops_answers`) marks a client
+whose answers are worth less than their turn boundaries: the caller stores that request's answer demoted and
+keeps its boundary (thinking on, answers sent back without reasoning, four users with room for 8 / 12 / 16
+answers: 0% / 1% / 4% of turns 2-5 reused before, 53% / 60% / 63% of 66% possible now:
+benchmarks/bench_prompt_reuse.py).
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class PromptCache:
         self.entries: OrderedDict[tuple[int, ...], CacheSnapshot] = OrderedDict()
         self.logits: dict[tuple[int, ...], torch.Tensor] = {}  # the last token's, for entries that have them
         self.demoted: set[tuple[int, ...]] = set()  # evicted first; `entries` orders them by demotion
-        # a stored answer's prompt end -> the answer's tokens after it, while either is stored
+        # what a stored answer continued (its turn boundary or prompt end) -> the answer's tokens after it,
+        # while either is stored
         self.answers: dict[tuple[int, ...], tuple[int, ...]] = {}
         self.answered: dict[tuple[int, ...], int] = {}  # a stored answer -> the length of its prompt
         self.hits = self.misses = 0
@@ -134,9 +136,9 @@ class PromptCache:
         return cache, len(best)
 
     def drops_answers(self, tokens: Sequence[int]) -> bool:
-        """Whether `tokens` continue the prompt of a stored answer but not that answer (the client sent it
+        """Whether `tokens` continue what a stored answer continued but not that answer (the client sent it
         back otherwise than generated: without its reasoning, or re-rendered), so the next turn of this
-        conversation will restore from the prompt's end, not from the answer."""
+        conversation will restore from before the answer, not from it."""
         t = tuple(tokens)
         # (a prompt that stops inside the answer, the same prompt sent again, is no sign)
         return any(len(p) < len(t) and t[:len(p)] == p and t[len(p):len(p) + len(a)] != a[:len(t) - len(p)]
@@ -155,8 +157,8 @@ class PromptCache:
                        demote: Iterable[Sequence[int]] = (), answer_of: int = 0, demoted: bool = False) -> None:
         """Remember a one-row snapshot holding exactly `tokens` (e.g. one row of a batch). demote: keys of
         entries this one makes worth less (a request's own earlier snapshots, prefixes of its answer's): they
-        are evicted first, in that order. answer_of: the length of the prompt `tokens` answer (0: not an
-        answer), for `drops_answers`. demoted: store this entry as evicted first too."""
+        are evicted first, in that order. answer_of: where the answer that `tokens` hold starts (what it
+        continued; 0: not an answer), for `drops_answers`. demoted: store this entry as evicted first too."""
         if self.max_bytes <= 0:
             return
         if len(snap.rows) != 1 or snap.offset != len(tokens):
