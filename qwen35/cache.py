@@ -400,9 +400,7 @@ class HybridCache:
     @property
     def room(self) -> int:
         """Tokens every row can still take before a KV buffer must grow (or be copied: a shared one counts
-        as full); a large number for a model without attention layers."""
-        if not self.layout.num_attention:
-            return 2**62
+        as full); a large number for a model without attention layers (its rows hold no buffers)."""
         return min((0 if b is None or r.shared_past(b) else b.capacity - r.length for r in self.rows for b in r.kv),
                    default=2**62)
 

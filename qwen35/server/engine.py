@@ -363,9 +363,8 @@ class Engine:
         earlier = [key[:n] for n in (req.cached_tokens, boundary) if 0 < n < len(key) and n != req.prefix]
         if req.drops_answers:
             earlier = [k for k in earlier if len(k) != boundary]
-            self.prompt_cache.store_snapshot(tokens, snap, demote=earlier + [key], answer_of=boundary, demoted=True)
-        else:
-            self.prompt_cache.store_snapshot(tokens, snap, demote=earlier + [key], answer_of=boundary)
+        self.prompt_cache.store_snapshot(tokens, snap, demote=earlier + [key], answer_of=boundary,
+                                         demoted=req.drops_answers)
 
     def _fail(self, req: Request, e: Exception) -> None:
         self.stats["errors"] += 1
