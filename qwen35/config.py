@@ -22,6 +22,10 @@ from .config_fields import (
 )
 from .errors import ConfigError
 
+# the placeholder token ids a composite (vision) config keeps at its top level; the tower reads them from its
+# vision_config, where from_hf merges them (train/run_state.checkpoint_config writes them back out)
+VISION_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
 # Known relatives we recognise but cannot run yet; named so the error can say so precisely.
 KNOWN_UNSUPPORTED = {
@@ -111,8 +115,7 @@ class ModelConfig:
             _check_model_type(text.get("model_type", "qwen3_5_text"), f"{source} text_config")
             vision = cfg.get("vision_config")
             if isinstance(vision, dict):  # the placeholder token ids live at the top level; the tower needs them
-                ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-                vision = {**vision, **{k: cfg[k] for k in ids if cfg.get(k) is not None}}
+                vision = {**vision, **{k: cfg[k] for k in VISION_TOKEN_KEYS if cfg.get(k) is not None}}
             # HF's composite model ties by the top-level flag; fall back to the text config's.
             tie = cfg.get("tie_word_embeddings")
             if tie is None:

@@ -182,20 +182,13 @@ def gguf_quant_plan(f, config, quant: str) -> tuple[dict, dict, str | None]:
     """What load_gguf does with quant=`quant` on the opened GGUF `f` (its rule, in its terms): a tuple of
     the layout of each matrix quantized at load, the file's tensors by parameter name, and the file's quantized
     types where it is already quantized otherwise (the load refuses quant= then; None where it applies)."""
-    from ..gguf.loader import CONVERT_TO, _convertible, _match, _native
-    from ..gguf.reader import FLOAT_TYPES
-    from ..quant import policy
+    from ..gguf.loader import _match, quant_plan
     from ..weights import parameter_shapes
 
     shapes = parameter_shapes(config, config.mtp_num_hidden_layers)
     by_name = _match(f, config, shapes)[0]
-    native = {n: s for n, t in by_name.items() if (s := _native(n, t, shapes[n], config))}
-    converted = {n: CONVERT_TO for n, t in by_name.items() if CONVERT_TO and n not in native
-                 and t.tensor_type not in FLOAT_TYPES and _convertible(n, shapes[n], config)}
-    plan = {**native, **converted}
-    wanted = policy.plan(quant, shapes, config.tie_word_embeddings)
-    held = ", ".join(sorted({by_name[n].tensor_type.name for n in plan}))
-    return wanted, by_name, held if plan and (converted or plan != wanted) else None
+    _, _, plan, held = quant_plan(config, shapes, by_name, quant)
+    return plan, by_name, held
 
 
 def gguf_quant_conflict(path: Path, quant: str) -> str | None:

@@ -202,6 +202,7 @@ def check_resume(args: argparse.Namespace, out: Path, data: list | None = None) 
     """The state --resume continues, read and checked against the flags (and `data`, the --data files'
     data_fingerprint) before the model loads."""
     from ..train.lora import lora_scale
+    from ..train.qlora import ADAPTER_CONFIG
     from ..train.run_state import check_same_lora, check_same_run, check_steps, load_state
 
     state = load_state(out)
@@ -212,8 +213,8 @@ def check_resume(args: argparse.Namespace, out: Path, data: list | None = None) 
     check_resume_rank(args, out)
     if args.lora_rank:
         saved = state.get("lora")
-        if saved is None and (out / "adapter_config.json").is_file():  # a quantized base's run: its adapters' own
-            saved = json.loads((out / "adapter_config.json").read_text())
+        if saved is None and (out / ADAPTER_CONFIG).is_file():  # a quantized base's run: its adapters' own
+            saved = json.loads((out / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         check_same_lora(saved, {"rank": args.lora_rank, "scale": lora_scale(args.lora_rank, args.lora_alpha),
                                 "base": args.init_from}, out)
     return state

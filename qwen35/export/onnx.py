@@ -349,9 +349,9 @@ def stop_ids(config, tokenizer_from: Path) -> list[int]:
     return out + [i for i in config.eos_token_ids if i not in out]
 
 
-def make_manifest(config, quant: str | None, opset: int, eos_token_ids: list[int] | None = None) -> dict:
+def make_manifest(config, quant: str | None, opset: int, eos_token_ids: list[int]) -> dict:
     """What any runtime needs to drive the graphs, without reading them. eos_token_ids: the ids generation
-    stops on (`stop_ids`; default config.json's alone)."""
+    stops on (`stop_ids`)."""
     spec = cache_spec(config)
     cache = [{"name": n, "kind": kind, "layer": int(n.split(".")[0]), "dtype": "float32", "shape": list(shape)}
              for n, kind, shape in spec]
@@ -370,7 +370,7 @@ def make_manifest(config, quant: str | None, opset: int, eos_token_ids: list[int
                  "[Hv, Dk, Dv] in fp32, key/value the attention layers' rotated keys and values",
         "contrib_ops": [f"{MS_DOMAIN}.LinearAttention"] + ([f"{MS_DOMAIN}.MatMulNBits"] if quant else []),
         "vocab_size": config.vocab_size,
-        "eos_token_ids": list(config.eos_token_ids if eos_token_ids is None else eos_token_ids),
+        "eos_token_ids": list(eos_token_ids),
         "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
         "chat_template": "chat_template.jinja",
     }

@@ -42,6 +42,27 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf(config_dict(f), source=str(f.path))
 
 
+def quant_plan(config, shapes: dict, by_name: dict, quant: str | None) -> tuple[dict, dict, dict, str | None]:
+    """What the load keeps quantized, and how, for a GGUF's tensors `by_name` (_match): (the matrices kept in
+    the file's layout, those converted to CONVERT_TO, the layout of every matrix kept quantized, the file's
+    quantized types where quant= conflicts with them, else None). Without quant= the file's own matrices (as
+    they are, or converted); with it, the policy's, which a file already quantized otherwise refuses (quant=
+    naming what the file already holds is fine). The CLI asks it too, to refuse --quant in the flag's words
+    before loading."""
+    native = {n: s for n, t in by_name.items() if (s := _native(n, t, shapes[n], config))}
+    converted = {n: CONVERT_TO for n, t in by_name.items() if CONVERT_TO and n not in native
+                 and t.tensor_type not in FLOAT_TYPES and _convertible(n, shapes[n], config)}
+    plan, held = {**native, **converted}, None
+    if quant is not None:
+        from ..quant import policy
+
+        wanted = policy.plan(quant, shapes, config.tie_word_embeddings)
+        if plan and (converted or plan != wanted):
+            held = ", ".join(sorted({by_name[n].tensor_type.name for n in plan}))
+        plan = wanted
+    return native, converted, plan, held
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
               kernels: bool | None = None, quant: str | None = None):
     from ..ops.fast import bind_kernels
@@ -59,18 +80,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bo
         raise CheckpointError(f"{f.path}: {problems[0]}"
                               + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
 
-    native = {n: s for n, t in by_name.items() if (s := _native(n, t, shapes[n], config))}
-    converted = {n: CONVERT_TO for n, t in by_name.items() if CONVERT_TO and n not in native
-                 and t.tensor_type not in FLOAT_TYPES and _convertible(n, shapes[n], config)}
-    plan = {**native, **converted}
-    if quant is not None:
-        from ..quant import policy
-
-        wanted = policy.plan(quant, shapes, config.tie_word_embeddings)
-        held = sorted({by_name[n].tensor_type.name for n in plan})
-        if plan and (converted or plan != wanted):  # quant= naming what the file already holds is fine
-            raise CheckpointError(f"{f.path} is already quantized ({', '.join(held)}); load it without quant=")
-        plan = wanted
+    native, converted, plan, held = quant_plan(config, shapes, by_name, quant)
+    if held:
+        raise CheckpointError(f"{f.path} is already quantized ({held}); load it without quant=")
     for what, why, kinds in (
             ("converted to q8_0", "no qwen35 kernel runs these as they are", converted),
             ("dequantized to " + str(dtype).removeprefix("torch."), "only looked up (an untied embedding), or no quantized layout fits",

@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import VISION_TOKEN_KEYS as TOKEN_KEYS
 from ..errors import ConfigError
-
-TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,6 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         log(f"resumed at step {start}")
         if rank == 0:
             cut_metrics(out / METRICS_FILE, start)
-    fresh = not resume  # a failed run may take back what it wrote
     out.mkdir(parents=True, exist_ok=True)
     # a new run starts its own metrics (the command refuses a folder holding a run that saved, so what is
     # there is what a run killed before its first save left)
@@ -278,7 +277,7 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         except TrainError:
             if metrics is not None:
                 metrics.close()
-                if fresh and not saved:  # nothing of this run is kept: no metrics of a run that left no weights
+                if not resume and not saved:  # (a failed new run takes back what it wrote)  # nothing of this run is kept: no metrics of a run that left no weights
                     (out / METRICS_FILE).unlink(missing_ok=True)
             if bar is not None:
                 bar.close()

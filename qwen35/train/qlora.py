@@ -64,11 +64,9 @@ def save_adapters(model, out: Path, tokenizer_dir: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file({n: p.detach().float().contiguous() for n, p in model.named_parameters() if "lora_" in n},
               str(out / ADAPTERS))
-    mods = _lora_modules(model)
-    info = getattr(model, "checkpoint_info", None)
-    meta = {"base": str(Path(info.path).resolve()) if info is not None else None, "quant": model.quant,
-            "rank": int(mods[0][1].lora_A.shape[0]), "scale": mods[0][1].lora_scale,
-            "modules": [n for n, _ in mods]}
+    from .run_state import lora_info
+
+    meta = {**lora_info(model), "quant": model.quant, "modules": [n for n, _ in _lora_modules(model)]}
     (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer_dir is not None:
         import shutil

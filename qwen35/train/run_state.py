@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import vlm_key, write_checkpoint
-from ..config import ModelConfig
+from ..config import VISION_TOKEN_KEYS, ModelConfig
 from ..errors import Qwen35Error
 from ..model.qwen35 import Qwen35ForCausalLM
 from ..quant.checkpoint import vision_tensors
@@ -36,9 +36,6 @@ SAME_RUN = {"lr": "--lr", "seq_len": "--seq-len", "batch_size": "--batch-size", 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # a vision model's preprocessing settings: without them the saved model would size images by the defaults
 VISION_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
-# the placeholder ids a composite config keeps at its top level (ModelConfig.from_hf merges them into
-# vision_config, where the tower reads them; checkpoint_config puts them back)
-VISION_TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 class TrainError(Qwen35Error):
@@ -78,7 +75,7 @@ def checkpoint_config(model) -> dict:
     if not has_vision(model):
         return text
     vision = dict(model.config.vision_config)
-    ids = {k: vision.pop(k) for k in VISION_TOKEN_IDS if k in vision}
+    ids = {k: vision.pop(k) for k in VISION_TOKEN_KEYS if k in vision}
     del text["architectures"]
     return {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "text_config": text,
             "vision_config": vision, **ids, "tie_word_embeddings": model.config.tie_word_embeddings}
