@@ -535,3 +535,21 @@ def test_bench_context_error_names_its_flags(quick_bench, capsys):
     rc, err, _ = qwen35_cli(capsys, *quick_bench, "--gen-tokens", "999999999")
     assert rc == 1 and one_line(err) and "--prompt-tokens 8 + --gen-tokens 999999999" in err
     assert "exceeds the context of" in err and "max_tokens" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["info", "{m}"], ["info", "{m}", "--quant", "int4"], ["generate", "{m}", "--prompt", "hi", "--quant", "int4"],
+    ["chat", "{m}", "--quant", "int8"], ["serve", "{m}", "--quant", "int4"], ["bench", "{m}", "--quant", "int4"],
+    ["export", "{m}", "{tmp}/o.gguf"], ["export-onnx", "{m}", "{tmp}/onnx"], ["web", "{m}", "{tmp}/web"],
+])
+def test_every_command_names_what_to_load_for_an_adapters_only_folder(argv, tmp_path, capsys):
+    """A quantized base's `train --out` holds adapters alone. Every command that reads a model says so and names
+    the merged model; `--quant` and the exporters had said only "config.json not found" (or "no tokenizer.json")."""
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(json.dumps({"base": "/models/base", "rank": 2}))
+    (ad / "lora.safetensors").write_bytes(b"")
+    rc, err, _ = qwen35_cli(capsys, *[a.format(m=ad, tmp=tmp_path) for a in argv])
+    assert rc == 1 and err == (f"qwen35: error: {ad} holds LoRA adapters only (their base: /models/base), not a "
+                               f"model: write the merged model with `qwen35 train ... --out {ad} --resume --merge "
+                               f"bf16` and load {ad / 'merged'}\n"), err
