@@ -78,7 +78,7 @@ def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progr
                                    else ChatTemplate.from_model_dir(None))
         del f  # its maps: load_model opens the file itself
     else:
-        from .weights import check_not_adapters
+        from .checkpoint_index import check_not_adapters
 
         check_not_adapters(path)  # a LoRA output folder: name what to load, not only "config.json not found"
         ModelConfig.from_file(path)

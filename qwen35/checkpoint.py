@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_index import INDEX_FILE, VLM_TEXT_PREFIX
 from .config import ModelConfig
 from .safetensors_io import DTYPES
-from .weights import INDEX_FILE, VLM_TEXT_PREFIX
 
 ST_DTYPES = {dtype: name for name, dtype in DTYPES.items()}  # torch dtype -> safetensors name
 
@@ -103,15 +103,15 @@ def tensor_specs(config: ModelConfig, mtp_layers: int = 0,
     """(checkpoint key, shape, dtype) of every tensor of a checkpoint, in the order random weights are drawn
     (the vision tower's last, when the config has one). A_log and linear_attn.norm are F32, as in the official
     checkpoints; the rest `dtype`."""
-    from .weights import _skip_init, parameter_shapes
+    from .checkpoint_index import parameter_shapes, skip_init
 
     specs = [(vlm_key(n), shape, torch.float32 if n.endswith(("A_log", "linear_attn.norm.weight")) else dtype)
              for n, shape in parameter_shapes(config, mtp_layers).items()]
     if config.vision_config is not None:  # the tower's tensors, `model.visual.*` as the official checkpoints
+        from .checkpoint_index import VISION_PREFIX
         from .model.vision import VisionConfig, VisionModel
-        from .weights import VISION_PREFIX
 
-        with torch.device("meta"), _skip_init():
+        with torch.device("meta"), skip_init():
             tower = VisionModel(VisionConfig.from_hf(config.vision_config))
         specs += [(VISION_PREFIX + n, tuple(p.shape), dtype) for n, p in tower.named_parameters()]
     return specs

@@ -200,7 +200,7 @@ class ModelConfig:
         """Read `config.json` (or a directory holding it)."""
         path = Path(path)
         if path.is_dir():
-            from .weights import check_not_adapters
+            from .checkpoint_index import check_not_adapters
 
             check_not_adapters(path)  # a LoRA output folder: name what to load, not only "config.json not found"
             path = path / "config.json"

@@ -68,18 +68,18 @@ def verify(path: str | Path, manifest: str | Path | None = None, say=None) -> Re
 
 
 def _directory(path: Path, rep: Report) -> None:
-    from .config import ModelConfig
-    from .safetensors_io import read_header
-    from .weights import (
+    from .checkpoint_index import (
         INDEX_FILE,
         SINGLE_FILE,
-        _check_entry,
+        check_entry,
         check_mtp_layers,
         count_mtp_layers,
         parameter_shapes,
         read_weight_map,
         to_module_name,
     )
+    from .config import ModelConfig
+    from .safetensors_io import read_header
 
     config = None
     try:
@@ -153,7 +153,7 @@ def _directory(path: Path, rep: Report) -> None:
         elif shapes[n][1] != shape:
             rep.problems.append(f"shape: '{shapes[n][0]}' is {list(shapes[n][1])}, the config implies {list(shape)}")
         else:
-            _check(rep, "dtype", _check_entry, path, by_name[n], shape)
+            _check(rep, "dtype", check_entry, path, by_name[n], shape)
     for n, (k, _) in shapes.items():
         base = n.removesuffix(".qs").removesuffix(".d")
         if n not in want and not (base in stored and base != n):

@@ -325,7 +325,7 @@ def test_a_tampered_quantized_checkpoint_is_refused_by_load_and_verify(tampered,
 
 
 def test_verify_checks_what_load_model_checks_of_plain_tensors(base, int8_dir, tmp_path, capsys):
-    from qwen35.weights import INDEX_FILE
+    from qwen35.checkpoint_index import INDEX_FILE
 
     w_int = tamper_tensors(base, tmp_path / "w_int", lambda t: t.update(
         {"model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"].to(torch.int8)}))

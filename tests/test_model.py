@@ -127,8 +127,8 @@ def test_yarn_rope_matches_reference(tmp_path):
 
 
 def test_mtp_head_loads_and_runs(loaded, vlm_replicas):
+    from qwen35.checkpoint_index import read_checkpoint_entries
     from qwen35.safetensors_io import read_tensor
-    from qwen35.weights import read_checkpoint_entries
 
     _, model = loaded[2]
     assert model.mtp is not None and len(model.mtp.layers) == 1

@@ -334,6 +334,7 @@ def test_export_streams_the_checkpoint_band_by_band(exported_replica, tmp_path, 
     byte the one made from the loaded model with whole matrices, and no read of a quantized matrix or of the
     table was larger than a band (or one row)."""
     import qwen35.weights
+    from qwen35.checkpoint_index import CheckpointTensors
     from qwen35.export import onnx_weights
     from qwen35.export.onnx import export_onnx
     from qwen35.export.onnx_quant import GATES
@@ -341,13 +342,13 @@ def test_export_streams_the_checkpoint_band_by_band(exported_replica, tmp_path, 
     _, path, dirs = exported_replica
     monkeypatch.setattr(onnx_weights, "BAND_BYTES", 1024)
     monkeypatch.setattr(qwen35.weights, "load_model", None)  # calling it would raise
-    reads, rows = [], qwen35.weights.CheckpointTensors.rows
+    reads, rows = [], CheckpointTensors.rows
 
     def spy(self, name, a, b):
         reads.append((name, b - a, self.shapes[name]))
         return rows(self, name, a, b)
 
-    monkeypatch.setattr(qwen35.weights.CheckpointTensors, "rows", spy)
+    monkeypatch.setattr(CheckpointTensors, "rows", spy)
     export_onnx(path, tmp_path / "int4", quant="int4", check_vocab=False)  # the bundled tokenizer is larger
     for f in ("model.onnx.data", "prefill.onnx", "decode.onnx", "manifest.json"):
         assert (tmp_path / "int4" / f).read_bytes() == (dirs["int4"] / f).read_bytes(), f

@@ -521,10 +521,10 @@ def test_checkpoint_tensors_reads_a_quantized_checkpoint_as_its_dequantized_weig
 
     from safetensors.torch import load_file
 
+    from qwen35.checkpoint_index import CheckpointTensors
     from qwen35.errors import CheckpointError
     from qwen35.quant.checkpoint import save_quantized
     from qwen35.quant.formats import dequantize
-    from qwen35.weights import CheckpointTensors
 
     model = qwen35.load_model(tiny_dir, dtype=torch.bfloat16, quant="int4", kernels=False)
     out = save_quantized(model, tiny_dir, tmp_path / "q")

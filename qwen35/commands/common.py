@@ -182,8 +182,8 @@ def gguf_quant_plan(f, config, quant: str) -> tuple[dict, dict, str | None]:
     """What load_gguf does with quant=`quant` on the opened GGUF `f` (its rule, in its terms): a tuple of
     the layout of each matrix quantized at load, the file's tensors by parameter name, and the file's quantized
     types where it is already quantized otherwise (the load refuses quant= then; None where it applies)."""
+    from ..checkpoint_index import parameter_shapes
     from ..gguf.loader import _match, quant_plan
-    from ..weights import parameter_shapes
 
     shapes = parameter_shapes(config, config.mtp_num_hidden_layers)
     by_name = _match(f, config, shapes)[0]

@@ -11,10 +11,10 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from ..checkpoint_index import read_checkpoint_entries
 from ..config import ModelConfig
 from ..errors import Qwen35Error
 from ..memory import memory_plan, memory_size
-from ..weights import read_checkpoint_entries
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
@@ -196,9 +196,9 @@ def main(args: argparse.Namespace) -> int:
             where = f" ({e.file.name})" if len(files) > 1 else ""
             print(f"  {k:<40} {str(e.dtype).removeprefix('torch.'):<8} {shape:<16} {e.nbytes:>12,d} bytes{where}")
     if args.quant and not stored:
+        from ..checkpoint_index import to_module_name
         from ..quant import policy
         from ..quant.formats import LAYOUTS
-        from ..weights import to_module_name
 
         layout = "vlm" if any(k.startswith("model.language_model.") for k in text) else "text"
         shapes = {n: tuple(e.shape) for k, e in text.items() if (n := to_module_name(k, layout)) is not None}

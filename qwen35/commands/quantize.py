@@ -52,7 +52,7 @@ def written_shards(out: Path) -> list[Path]:
     """The shards the written index names (not whatever else *.safetensors the folder holds)."""
     import json
 
-    from ..weights import INDEX_FILE
+    from ..checkpoint_index import INDEX_FILE
 
     index = out / INDEX_FILE
     if not index.is_file():

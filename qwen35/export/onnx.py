@@ -70,7 +70,7 @@ def export_onnx(model_path: str | Path, out_dir: str | Path, quant: str | None =
     if is_gguf_path(src):
         raise ExportError(f"{src}: export a checkpoint directory (GGUF files carry quantized blocks that ONNX "
                           "graphs would have to dequantize)")
-    from ..weights import CheckpointTensors, check_not_adapters
+    from ..checkpoint_index import CheckpointTensors, check_not_adapters
 
     check_not_adapters(src)
     if not (src / "tokenizer.json").is_file():  # before minutes of export

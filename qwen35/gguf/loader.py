@@ -65,9 +65,10 @@ def quant_plan(config, shapes: dict, by_name: dict, quant: str | None) -> tuple[
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
               kernels: bool | None = None, quant: str | None = None):
+    from ..checkpoint_index import CheckpointInfo, meta_model
     from ..ops.fast import bind_kernels
     from ..placement import allocate, quantize_into
-    from ..weights import CheckpointInfo, check_finite, meta_model
+    from ..weights import check_finite
 
     f = open_gguf(path)
     config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
@@ -172,7 +173,7 @@ def _match(f, config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> tuple[
 
 def check_tensors(f) -> list[str]:
     """`qwen35 verify`'s shape check of an opened GGUF: what _match finds against its own metadata."""
-    from ..weights import parameter_shapes
+    from ..checkpoint_index import parameter_shapes
 
     config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
     return _match(f, config, parameter_shapes(config, config.mtp_num_hidden_layers))[1]

@@ -141,7 +141,7 @@ def vision_tensors(model) -> dict[str, torch.Tensor]:
     visual = getattr(model, "visual", None)
     if visual is None:
         return {}
-    from ..weights import VISION_PREFIX
+    from ..checkpoint_index import VISION_PREFIX
 
     stored = _stored_dtypes(model, VISION_PREFIX)
     return {VISION_PREFIX + n: p.detach().to(stored.get(VISION_PREFIX + n, p.dtype))
@@ -152,7 +152,7 @@ def _stored_dtypes(model, prefix: str) -> dict[str, torch.dtype]:
     """key -> dtype of the `prefix` tensors in the checkpoint `model` was loaded from (headers only); empty
     where that is not known (a model built in memory, a source moved or rewritten since: the dtypes the model
     holds then stand)."""
-    from ..weights import read_checkpoint_entries
+    from ..checkpoint_index import read_checkpoint_entries
 
     info = getattr(model, "checkpoint_info", None)
     if info is None:
