@@ -1,7 +1,7 @@
 """An export's weights, made while they are written: never the whole model in memory.
 
 The graphs are traced on placeholders (onnx.py's `export_graph`); each weight initializer of the written graph
-is a recipe (`Param`, `Blocks`, `Scales`) over one parameter of a source (`weights.CheckpointTensors`: the
+is a recipe (`Param`, `Blocks`, `Scales`) over one parameter of a source (`checkpoint_index.CheckpointTensors`: the
 checkpoint's files, read a band of rows at a time; `ModelWeights`: a loaded model; both give `config`, `shapes`,
 `rows(name, a, b)` and `close()`), computed when the graph writer reaches
 it and written in bands of rows. Peak memory is then one band (or one transposed matrix) whatever the size of
