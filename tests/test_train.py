@@ -178,6 +178,119 @@ def test_two_process_gloo_equals_one_process(chat_model_dir, tmp_path):
         assert (qwen35.load_model(tmp_path / run)(x) - ref).abs().max() <= 1e-4
 
 
+# one process of a torchrun training run on a saved model, loaded as `qwen35 train` loads it (fused projections;
+# a LoRA run's adapters on their base)
+WORKER = """
+import json, sys
+import torch
+import qwen35
+from qwen35.train.loop import TrainConfig, train
+from qwen35.train.lora import apply_lora
+from safetensors.torch import load_file
+
+a = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+torch.distributed.init_process_group("gloo")
+model = qwen35.load_model(a["model"], dtype=torch.float32)
+if a["lora"]:
+    apply_lora(model, 2)
+    if a["resume"]:
+        model.load_state_dict(load_file(a["out"] + "/lora.safetensors"), strict=False)
+rows = torch.load(a["rows"], weights_only=False)
+train(model, rows, TrainConfig(**a["cfg"]), a["out"], resume=a["resume"], eval_rows=rows[:9], until=a["until"],
+      log=lambda s: None)
+torch.distributed.destroy_process_group()
+"""
+
+
+def torchrun_train(tmp_path, port: int, model, out, cfg: TrainConfig, fsdp=True, lora=False, resume=False,
+                   until=None) -> None:
+    """Train on two processes (gloo), under FSDP or DDP: the rows saved in tmp_path, eval on the first 9 (the
+    last batch of 8 leaves the second process no row of its own)."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    args = {"model": str(model), "rows": str(tmp_path / "rows.pt"), "out": str(out), "lora": lora, "resume": resume,
+            "until": until, "cfg": {**cfg.__dict__, "fsdp": fsdp}}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), str(tmp_path / "worker.py"), json.dumps(args)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def run_files(out):
+    """A run's logged losses and eval loss, and its saved tensors (weights, adapters)."""
+    from safetensors.torch import load_file
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+    return [m["loss"] for m in lines if "loss" in m], [m["eval_loss"] for m in lines if "eval_loss" in m], tensors
+
+
+def assert_same_run(a, b):
+    """Losses and eval loss to 1e-6 relative, every saved tensor to 1e-5."""
+    (la, ea, ta), (lb, eb, tb) = run_files(a), run_files(b)
+    assert len(la) == len(lb) and len(ea) == len(eb) == 1, (la, lb, ea, eb)
+    assert all(abs(x - y) <= 1e-6 * abs(x) for x, y in zip(la + ea, lb + eb)), (la + ea, lb + eb)
+    assert ta.keys() == tb.keys()
+    assert max(float((ta[k] - tb[k]).abs().max()) for k in ta) <= 1e-5
+
+
+@pytest.fixture
+def fsdp_base(tmp_path):
+    """A saved model and the rows to train it on (the workers load both)."""
+    from qwen35.train.run_state import save
+
+    save(init_model(small_config(), seed=1), tmp_path / "base")
+    rows = corpus_rows()
+    assert len(rows) >= 9
+    torch.save(rows, tmp_path / "rows.pt")
+    return tmp_path / "base", rows
+
+
+def test_fsdp_resumes_and_evaluates_like_one_process(fsdp_base, tmp_path):
+    """A sharded run stopped at step 3 and resumed under FSDP gives the losses, eval loss (every process
+    evaluating its share of the sharded model) and weights of one uninterrupted process; its trainer state is in
+    the single-process layout, so a single process resumes what FSDP wrote as well."""
+    import shutil
+
+    base, rows = fsdp_base
+    cfg = TrainConfig(steps=6, seq_len=64, batch_size=2, grad_accum=2, lr=3e-3, warmup=2)
+    train(qwen35.load_model(base, dtype=torch.float32), rows, cfg, tmp_path / "one", eval_rows=rows[:9],
+          log=lambda s: None)
+    torchrun_train(tmp_path, 29535, base, tmp_path / "fsdp", cfg, until=3)
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "then_one")
+    torchrun_train(tmp_path, 29536, tmp_path / "fsdp", tmp_path / "fsdp", cfg, resume=True)
+    assert_same_run(tmp_path / "one", tmp_path / "fsdp")
+    one, fsdp = (torch.load(tmp_path / run / "trainer_state.pt", weights_only=False) for run in ("one", "fsdp"))
+    assert fsdp["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]
+    assert fsdp["optimizer"]["state"].keys() == one["optimizer"]["state"].keys()
+    for i, s in one["optimizer"]["state"].items():
+        assert all((s[k] - fsdp["optimizer"]["state"][i][k]).abs().max() <= 1e-5 for k in s), i
+    train(qwen35.load_model(tmp_path / "then_one", dtype=torch.float32), rows, cfg, tmp_path / "then_one",
+          resume=True, eval_rows=rows[:9], log=lambda s: None)
+    assert_same_run(tmp_path / "one", tmp_path / "then_one")
+
+
+def test_fsdp_trains_lora_adapters_like_one_process(fsdp_base, tmp_path):
+    """Adapters train on the sharded frozen base (every process gathers them, rank 0 merges and writes: the first
+    save hung before, rank 0 merging its shards alone), resuming a run DDP wrote; DDP evaluates on every process
+    too. Each run equals one process."""
+    from qwen35.train.lora import apply_lora
+
+    base, rows = fsdp_base
+    cfg = TrainConfig(steps=4, seq_len=64, batch_size=2, grad_accum=2, lr=3e-3, warmup=2)
+    for out, until in (("one_2", 2), ("one", None)):
+        model = qwen35.load_model(base, dtype=torch.float32)
+        apply_lora(model, 2)
+        train(model, rows, cfg, tmp_path / out, eval_rows=rows[:9], until=until, log=lambda s: None)
+    torchrun_train(tmp_path, 29537, base, tmp_path / "run", cfg, fsdp=False, lora=True, until=2)
+    assert_same_run(tmp_path / "one_2", tmp_path / "run")
+    torchrun_train(tmp_path, 29538, base, tmp_path / "run", cfg, lora=True, resume=True)
+    assert_same_run(tmp_path / "one", tmp_path / "run")
+    assert any(k.startswith("lora.safetensors:") for k in run_files(tmp_path / "run")[2])
+
+
 def test_mtp_head_trains_jointly_and_learns(tmp_path):
     """With mtp_num_hidden_layers, the MTP loss (token after next) falls too, and the head is saved."""
     cfg_model = ModelConfig.from_hf({**replica.text_config(2, tie=True), "model_type": "qwen3_5_text",

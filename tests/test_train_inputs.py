@@ -321,10 +321,11 @@ def test_resume_of_a_complete_run_or_to_fewer_steps_stops_before_loading(chat_mo
                                "resume with --steps 6 or more\n"), err
 
 
-def test_torchrun_batch_and_fsdp_resume_are_refused_before_loading(chat_model_dir, tmp_path, data, capsys, no_load,
-                                                                  monkeypatch):
-    """Checked from torchrun's WORLD_SIZE before anything loads (they were ValueError tracebacks after the load,
-    and a DDP run resumed with --fsdp was called "a sharded (FSDP) run")."""
+def test_torchrun_batch_is_checked_before_loading_and_fsdp_takes_resume_lora_and_eval(chat_model_dir, tmp_path, data,
+                                                                                      capsys, no_load, monkeypatch):
+    """A global batch that does not split across torchrun's WORLD_SIZE is refused before anything loads (it was a
+    ValueError traceback after the load). --fsdp with --resume, --lora-rank or --eval-data was refused too; they
+    run now (test_train.py: test_fsdp_*), so they get past the checks to the load."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "o"
     common = ["--init-from", str(chat_model_dir), "--data", str(data), "--out", str(out), "--lr", "1e-4",
@@ -333,18 +334,25 @@ def test_torchrun_batch_and_fsdp_resume_are_refused_before_loading(chat_model_di
     assert rc == 1 and err == "qwen35: error: --batch-size 3 (global) must be a multiple of the 2 processes\n", err
     save_state(out)
     rc, err = run(capsys, *common, "--batch-size", "2", "--resume", "--fsdp")
-    assert rc == 1 and err == ("qwen35: error: --resume --fsdp: a run cannot be resumed under FSDP yet (its optimizer "
-                               "state would have to be loaded into shards): a run that DDP wrote resumes with DDP "
-                               "(omit --fsdp); one that FSDP wrote cannot be resumed\n"), err
-    # FSDP with adapters hung at its first save (rank 0 merged sharded adapters alone), and rank 0 evaluating
-    # the sharded model failed after training: both refused before loading
+    assert rc == 1 and err == "qwen35: error: the weights were loaded\n", err
     fresh = [*common[:5], str(tmp_path / "o2"), *common[6:], "--batch-size", "2", "--fsdp"]
-    rc, err = run(capsys, *fresh, "--lora-rank", "2")
-    assert rc == 1 and err == ("qwen35: error: --fsdp --lora-rank: adapters do not train under FSDP yet: train them "
-                               "with DDP (omit --fsdp; only the adapters have gradients to share)\n"), err
-    rc, err = run(capsys, *fresh, "--eval-data", str(data))
-    assert rc == 1 and err == ("qwen35: error: --fsdp --eval-data: a sharded model is not evaluated yet: run with DDP "
-                               "(omit --fsdp), or without --eval-data\n"), err
+    for flags in (["--lora-rank", "2"], ["--eval-data", str(data)]):
+        rc, err = run(capsys, *fresh, *flags)
+        assert rc == 1 and err == "qwen35: error: the weights were loaded\n", (flags, err)
+
+
+def test_a_state_without_optimizer_names_the_sharded_run_that_wrote_it(chat_model_dir, tmp_path, data, capsys,
+                                                                         no_load):
+    """Sharded (FSDP) runs saved no optimizer state before they could resume: such a state is refused by name."""
+    out = tmp_path / "o"
+    save_state(out)
+    state = torch.load(out / STATE_FILE, weights_only=False)
+    del state["optimizer"]
+    torch.save(state, out / STATE_FILE)
+    rc, err = run(capsys, "--init-from", str(chat_model_dir), "--data", str(data), "--out", str(out), "--lr", "1e-4",
+                  "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--resume")
+    assert rc == 1 and err == (f"qwen35: error: {out / STATE_FILE}: written by a sharded (FSDP) run of an earlier "
+                               "version, which did not save its optimizer state: it cannot be resumed\n"), err
 
 
 def test_an_adapters_only_folder_names_what_to_load(tmp_path):

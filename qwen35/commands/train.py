@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     # threads and allocator are set: a refused run leaves its caller as it was)
     check_paths(args, out)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # set by torchrun
-    check_processes(args.batch_size, world, args.fsdp, args.resume, bool(args.lora_rank), bool(args.eval_data))
+    check_processes(args.batch_size, world)
     fingerprint = data_fingerprint(args.data)
     state = check_resume(args, out, fingerprint) if args.resume else None
     if state is not None and state["step"] >= args.steps and not (args.merge or args.export_gguf):

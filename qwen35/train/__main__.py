@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 2 -m qwen35.train --config CONFIG.json --tokenizer DIR --data FILE --out DIR
 
 Each process joins the process group torchrun describes (gloo on CPU, NCCL on GPUs) and the loop wraps the
-model in DistributedDataParallel; --batch-size is the global batch, split across processes.
+model in DistributedDataParallel (with --fsdp it shards it with FSDP2); --batch-size is the global batch, split
+across processes.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ from .run_state import (
     check_same_run,
     check_steps,
     cut_metrics,
+    gather_state,
+    load_sharded_optimizer,
     load_state,
     lora_info,
     save,
@@ -166,14 +168,24 @@ def loss_on(model, ids, labels, segments, bf16: bool = False) -> tuple[torch.Ten
 
 
 def evaluate(model, rows: list[PackedRow], batch_size: int = 4) -> float:
-    total, count = 0.0, 0
+    """Mean next-token loss over `rows`, `batch_size` rows a forward. Under torchrun every process evaluates
+    its share of each batch (rows rank, rank + world, ...) and the sums are added across processes: a sharded
+    (FSDP) model's forward is a collective, so a process whose share of the last batch is empty runs one on
+    a row it does not count."""
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+        else (0, 1)
+    total = torch.zeros(2, dtype=torch.float64)  # summed loss, target count
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            loss, n = loss_on(model, torch.stack([r.ids for r in chunk]), torch.stack([r.labels for r in chunk]),
-                              torch.stack([r.segments for r in chunk]))
-            total, count = total + float(loss), count + n
-    return total / max(1, count)
+        for i in range(0, len(rows), batch_size * world):
+            chunk = rows[i : i + batch_size * world][rank::world]
+            loss, n = loss_on(model, *(torch.stack([getattr(r, k) for r in chunk or rows[:1]])
+                                       for k in ("ids", "labels", "segments")))
+            if chunk:
+                total += torch.tensor([float(loss), n], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total[0]) / max(1.0, float(total[1]))
 
 
 def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out: str | Path,
@@ -187,8 +199,7 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    check_processes(cfg.batch_size, world, cfg.fsdp, bool(resume), getattr(model, "lora_active", False),
-                    bool(eval_rows))
+    check_processes(cfg.batch_size, world)
     from .qlora import check_trainable
 
     check_trainable(model, getattr(model, "lora_active", False), distributed and cfg.fsdp)
@@ -209,9 +220,17 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
     # the gradients (no communication code of ours)
     objective = Objective(model)
     runner = objective
-    if distributed and cfg.fsdp:
+    sharded = distributed and cfg.fsdp
+    if sharded:
         from torch.distributed.fsdp import fully_shard
 
+        from ..ops.fast import bind_kernels
+
+        # sharding gives every parameter new storage: fused matrices (a loaded model's) and bound kernels would
+        # go on reading the loaded weights in no-grad forwards (the eval), so each projection reads its own
+        if model.kernels:
+            bind_kernels(model, False)
+        model.unfuse_projections()
         for layer in model.model.layers:
             fully_shard(layer)
         runner = fully_shard(objective)
@@ -231,7 +250,10 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
         check_steps(state, cfg.steps, out)
         check_same_lora(state.get("lora"), adapters, out)
         try:
-            opt.load_state_dict(state["optimizer"])
+            if sharded:  # (the saved state is whole: each process loads its shards of it)
+                load_sharded_optimizer(model, opt, state["optimizer"])
+            else:
+                opt.load_state_dict(state["optimizer"])
         except ValueError as e:  # other trainable parameters: full vs LoRA, other --lora-targets, MTP on/off
             raise TrainError(f"{out / STATE_FILE}: its optimizer state does not fit the parameters trained now "
                              f"({e}): resume with the run's own --lora-rank / --lora-targets / --mtp-weight") from None
@@ -300,28 +322,24 @@ def train(model: Qwen35ForCausalLM, rows: list[PackedRow], cfg: TrainConfig, out
                                           "tok_s": rate}) + "\n")
                 metrics.flush()
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == last:
-            full = None
-            if distributed and cfg.fsdp:  # a collective: every process takes part, rank 0 writes
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-                full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full, optimizer = gather_state(model, opt) if sharded else (None, None)  # a collective: rank 0 writes
             if rank != 0:
                 continue
-            state = {"step": step + 1, "losses": losses, "config": asdict(cfg), "lora": adapters}
-            if full is None:  # sharded optimizer state is not gathered (FSDP runs cannot resume yet)
-                state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict())
+            state = {"step": step + 1, "losses": losses, "config": asdict(cfg), "lora": adapters,
+                     "optimizer": optimizer if sharded else opt.state_dict(), "scheduler": sched.state_dict()}
             save(model, out, Path(tokenizer_dir) if tokenizer_dir else None, full, state)
             saved = True
     if bar is not None:
         bar.close()
     if distributed:
         dist.barrier()
-    if eval_rows and rank == 0:
-        eval_loss = evaluate(model, eval_rows)
+    if eval_rows:  # every process evaluates its share (through the sharded model under FSDP); rank 0 writes
+        eval_loss = evaluate(runner if sharded else objective, eval_rows)
         log(f"eval loss={eval_loss:.4f}")
-        # JSON has no NaN or Infinity (finite weights can still overflow on other data): null stands for them
-        metrics.write(json.dumps({"step": cfg.steps, "eval_loss": eval_loss if math.isfinite(eval_loss) else None})
-                      + "\n")
+        if metrics is not None:
+            # JSON has no NaN or Infinity (finite weights can still overflow on other data): null stands for them
+            metrics.write(json.dumps({"step": cfg.steps,
+                                      "eval_loss": eval_loss if math.isfinite(eval_loss) else None}) + "\n")
     if metrics is not None:
         metrics.close()
     model.gradient_checkpointing = False

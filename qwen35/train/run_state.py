@@ -5,7 +5,9 @@ renamed `out/.saved` once complete, then its files are moved over the old ones. 
 leaves the previous step in `out` (the partial folder is dropped); one killed while moving is finished by the
 next `load_state` (`recover`), so weights and trainer state always come from the same step. A resume is
 refused, before the model loads where the command can tell, when a setting, the data or the adapters differ
-from the run it continues (the saved optimizer and schedule would silently make another run).
+from the run it continues (the saved optimizer and schedule would silently make another run). A sharded (FSDP)
+run gathers its weights and optimizer state into the layout one process saves (gather_state) and loads that
+layout into its shards (load_sharded_optimizer), so a run resumes on any number of processes, sharded or not.
 """
 
 from __future__ import annotations
@@ -151,11 +153,10 @@ def _write(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None,
 
         save_adapters(model, out, tokenizer_dir)
         return
-    if full_state is not None:  # gathered from sharded (FSDP) parameters
-        tensors = {n: t.float().contiguous() for n, t in full_state.items() if "lora_" not in n}
-    else:
-        tensors = {n: p.detach().float().contiguous().clone() for n, p in model.named_parameters()
-                   if "lora_" not in n}
+    # the parameters by name: gathered from the shards (FSDP), or copies of the model's own (fused projections
+    # are views of one matrix, which safetensors refuses to write as separate tensors)
+    params = full_state if full_state is not None else {n: p.detach().clone() for n, p in model.named_parameters()}
+    tensors = {n: t.float().contiguous() for n, t in params.items() if "lora_" not in n}
     if getattr(model, "lora_active", False):
         from safetensors.torch import save_file
 
@@ -163,10 +164,10 @@ def _write(model: Qwen35ForCausalLM, out: Path, tokenizer_dir: Path | None,
 
         for name, module in model.named_modules():
             if isinstance(module, LoRALinear):
-                delta = (module.lora_B @ module.lora_A * module.lora_scale).detach().float()
+                delta = (params[name + ".lora_B"].float() @ params[name + ".lora_A"].float()) * module.lora_scale
                 tensors[name + ".weight"] = tensors[name + ".weight"] + delta
         out.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().float().contiguous() for n, p in model.named_parameters() if "lora_" in n},
+        save_file({n: t.float().contiguous() for n, t in params.items() if "lora_" in n},
                   str(out / "lora.safetensors"))
     tensors = {checkpoint_key(model, n): t for n, t in tensors.items()}
     tensors.update(vision_tensors(model))
@@ -189,8 +190,8 @@ def load_state(out: Path) -> dict:
     if not isinstance(state, dict) or not {"step", "losses", "config"} <= state.keys():
         raise TrainError(f"{path}: not a trainer state (no step, losses and config)")
     if "optimizer" not in state:
-        raise TrainError(f"{path}: written by a sharded (FSDP) run, whose optimizer state is not saved: it "
-                         "cannot be resumed")
+        raise TrainError(f"{path}: written by a sharded (FSDP) run of an earlier version, which did not save its "
+                         "optimizer state: it cannot be resumed")
     return state
 
 
@@ -259,25 +260,53 @@ def check_same_lora(saved: dict | None, now: dict | None, path: Path) -> None:
                          f"({saved['base']}): resume with --init-from {saved['base']}, or train into a new --out")
 
 
-def check_processes(batch_size: int, world: int, fsdp: bool, resume: bool, lora: bool = False,
-                    evaluate: bool = False) -> None:
+def check_processes(batch_size: int, world: int) -> None:
     """What a run on `world` processes (torchrun) cannot do; the command checks it before loading the model."""
     if batch_size % world:
         raise TrainError(f"--batch-size {batch_size} (global) must be a multiple of the {world} processes")
-    if not (fsdp and world > 1):
-        return
-    if resume:
-        raise TrainError("--resume --fsdp: a run cannot be resumed under FSDP yet (its optimizer state would have "
-                         "to be loaded into shards): a run that DDP wrote resumes with DDP (omit --fsdp); one that "
-                         "FSDP wrote cannot be resumed")
-    # (each save merges and writes the adapters on rank 0 alone, and they are shards: it waited forever for the
-    # other processes; rank 0 alone evaluating the sharded model failed after training)
-    if lora:
-        raise TrainError("--fsdp --lora-rank: adapters do not train under FSDP yet: train them with DDP (omit "
-                         "--fsdp; only the adapters have gradients to share)")
-    if evaluate:
-        raise TrainError("--fsdp --eval-data: a sharded model is not evaluated yet: run with DDP (omit --fsdp), "
-                         "or without --eval-data")
+
+
+def _numbered_names(model, opt: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter `opt` holds, in the order opt.state_dict() numbers them (param-group order)."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def gather_state(model, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """A sharded (FSDP) run's state to save: the parameters by name and the optimizer state in the layout of a
+    single process's `opt.state_dict()` (parameters numbered in param-group order, the same hyperparameters),
+    so what a sharded run writes resumes under any number of processes, sharded or not. Gathered from the
+    shards: a collective every process takes part in; rank 0 gets the full tensors (fp32, on the CPU), the others
+    empty dicts."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    full, optim = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not full:
+        return {}, {}
+    names = _numbered_names(model, opt)
+    return full, {"state": {i: optim["state"][n] for i, n in enumerate(names) if n in optim["state"]},
+                  "param_groups": opt.state_dict()["param_groups"]}
+
+
+def load_sharded_optimizer(model, opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a saved optimizer state (a single process's layout, which gather_state writes too) into the shards
+    of a sharded (FSDP) run: each process keeps its rows of every tensor. A collective. Raises ValueError, as
+    opt.load_state_dict does, when the saved parameter groups do not fit the parameters trained now."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    sizes = [len(g["params"]) for g in opt.param_groups]
+    if [len(g["params"]) for g in saved["param_groups"]] != sizes:
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's "
+                         "group")
+    names = _numbered_names(model, opt)
+    groups, first = [], 0
+    for g, size in zip(saved["param_groups"], sizes):
+        groups.append({**g, "params": names[first : first + size]})
+        first += size
+    by_name = {"state": {names[i]: s for i, s in saved["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))
+    for g, kept in zip(opt.param_groups, saved["param_groups"]):  # as saved: the tensors' trip made betas a list
+        g.update({k: v for k, v in kept.items() if k != "params"})
 
 
 def cut_metrics(path: Path, step: int) -> None:
