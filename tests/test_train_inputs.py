@@ -441,3 +441,21 @@ def test_a_run_killed_before_its_first_save_leaves_room_for_a_new_one(chat_model
     steps = [json.loads(line).get("step") for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[:2] == [1, 2] and json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"] != 9.0
     assert (out / "trainer_state.pt").is_file() and not (out / ".saving").exists()
+
+
+def test_torchrun_processes_say_a_refusal_once(chat_model_dir, tmp_path, data):
+    """Under torchrun, a check before training fails alike in every process: one line says it (every process
+    had printed the same line, once per process)."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), "-m", "qwen35.train", "--init-from", str(chat_model_dir), "--data", str(data),
+                          "--out", str(tmp_path / "o"), "--lr", "1e-4", "--seq-len", "32", "--steps", "3",
+                          "--batch-size", "3"], capture_output=True, text=True, timeout=300)
+    said = [line for line in run.stderr.splitlines() if line.startswith("qwen35: error:")]
+    assert run.returncode != 0 and said == ["qwen35: error: --batch-size 3 (global) must be a multiple of the 2 "
+                                            "processes"], run.stderr[-3000:]

@@ -152,6 +152,7 @@ def main(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"{len(rows)} rows of {args.seq_len} tokens; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters", flush=True)
+    args.training = True  # past the checks every process makes alike (python -m qwen35.train reads this)
     train(model, rows, cfg, out, tokenizer_dir=tok_dir, resume=state or False, eval_rows=eval_rows,
           log=lambda s: print(s, flush=True))
     if quantized and (args.merge or args.export_gguf):

@@ -29,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command.main(args) or 0
     except Qwen35Error as e:
-        print(f"qwen35: error: {e}", file=sys.stderr)
+        # the checks before training read the same flags and files in every process of a machine: one of them
+        # says what failed (every process had printed the same line); in training each process says its own
+        if distributed and getattr(args, "training", False):
+            print(f"qwen35: error: rank {os.environ.get('RANK')}: {e}", file=sys.stderr)
+        elif not distributed or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"qwen35: error: {e}", file=sys.stderr)
         return 1
     finally:
         if distributed:
