@@ -8,7 +8,7 @@ instruction on some machines here, and pip's wheel cache ignores a changed CMAKE
 It takes 10-15 minutes on 2 cores, so `start_install()` runs it in the background and `wait_install()` polls.
 
 Everything that touches llama_cpp runs in that venv's python, through this same file's worker commands
-(`convert`, `quantize`, `stats`, `time`, `logits`), each printing one JSON line; the functions above
+(`convert`, `quantize`, `stats`, `time`, `logits`, `tokens`, `mtmd`), each printing one JSON line; the functions above
 `# worker` are the parent side and import nothing from the venv.
 
     python benchmarks/llamacpp.py install          # build (or check) the venv, print the version
@@ -217,19 +217,35 @@ def _worker(*args: str, timeout: float | None = None) -> dict:
     return json.loads(lines[-1])
 
 
-def stage(hf_dir: Path, tokenizer_dir: Path | None, out: Path) -> Path:
+# what the converter picks its model class by, for configs written without it (transformers 5 writes
+# `"architectures": null` for a model built from a config, as the test replicas are)
+ARCHITECTURES = {"qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_text": "Qwen3_5ForCausalLM"}
+
+
+def stage(hf_dir: Path, tokenizer_dir: Path | None, out: Path, tokenizer: bool = True) -> Path:
     """A checkpoint directory for the converter: the weights of `hf_dir` (links) and the tokenizer files of
     `tokenizer_dir` (or of `hf_dir`). A tokenizer_config.json without a tokenizer_class gets the fast one, so
-    transformers never has to map a model_type it does not know (qwen3_5 is newer than the converter's pin)."""
+    transformers never has to map a model_type it does not know (qwen3_5 is newer than the converter's pin).
+    A config.json without `architectures` gets its model_type's (ARCHITECTURES). tokenizer=False: no tokenizer
+    files (an mmproj holds none)."""
     tok_dir = tokenizer_dir or hf_dir
-    if not (tok_dir / "tokenizer.json").is_file():
+    if tokenizer and not (tok_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"the converter needs a tokenizer and {tok_dir} has no tokenizer.json")
     out.mkdir(parents=True, exist_ok=True)
     for f in hf_dir.iterdir():
         if f.name.startswith("tokenizer") or f.is_dir():
             continue
+        if f.name == "config.json":
+            cfg = json.loads(f.read_text())
+            if not cfg.get("architectures") and cfg.get("model_type") in ARCHITECTURES:
+                cfg["architectures"] = [ARCHITECTURES[cfg["model_type"]]]
+                (out / f.name).unlink(missing_ok=True)
+                (out / f.name).write_text(json.dumps(cfg, indent=2))
+                continue
         if not (out / f.name).exists():
             (out / f.name).symlink_to(f.resolve())
+    if not tokenizer:
+        return out
     (out / "tokenizer.json").unlink(missing_ok=True)
     (out / "tokenizer.json").symlink_to((tok_dir / "tokenizer.json").resolve())
     cfg_file = tok_dir / "tokenizer_config.json"
@@ -316,6 +332,29 @@ def tokens(gguf: Path, texts: list[str], n_gen: int, threads: int = 2) -> dict:
     return _worker("tokens", str(gguf), json.dumps(texts), str(n_gen), str(threads))
 
 
+def convert_mmproj(hf_dir: Path, out: Path, outtype: str = "f32", name: str = "mmproj") -> dict:
+    """The vision tower of a composite HF checkpoint -> llama.cpp's mmproj GGUF (`convert_hf_to_gguf.py
+    --mmproj`; `outtype` f32, bf16, f16 or q8_0), written afresh each call (a few seconds for a replica)."""
+    import shutil
+
+    staged = stage(Path(hf_dir), None, out.parent / f"{out.stem}.hf", tokenizer=False)
+    try:
+        return _worker("convert", str(staged), str(out), outtype, name, "mmproj")
+    finally:
+        shutil.rmtree(staged)
+
+
+def mtmd(text_gguf: Path, mmproj: Path, rgb: Path, prompt: str, n_gen: int, out_embd: Path, out_logits: Path,
+         threads: int = 2) -> dict:
+    """llama.cpp's libmtmd on one image: the raw RGB pixels in `rgb` (.npy uint8 [H, W, 3]; sides that need no
+    resize, as libmtmd pads where qwen35 stretches) where `prompt` holds mtmd's default marker. Writes the image
+    embeddings (`out_embd`, fp32 [tokens, n_embd]) and the logits after the prompt (`out_logits`, fp32 [vocab]);
+    returns {"chunks": [text token ids or {"image_tokens", "n_pos"}], "n_past", "greedy": n_gen tokens}. The
+    tower runs without flash attention (its F16 K/V would add a rounding qwen35 does not make)."""
+    return _worker("mtmd", str(text_gguf), str(mmproj), str(rgb), prompt, str(n_gen), str(out_embd),
+                   str(out_logits), str(threads))
+
+
 def time_model(
     gguf: Path, prompt_tokens: int = 512, gen_tokens: int = 64, threads: int = 2, seed: int = 0
 ) -> dict:
@@ -352,7 +391,8 @@ def bench(
 # worker: these run in the venv's python, where llama_cpp is importable
 
 
-def _convert_worker(hf_dir: str, out: str, outtype: str, name: str) -> dict:
+def _convert_worker(hf_dir: str, out: str, outtype: str, name: str, what: str = "model") -> dict:
+    """`what`: "model" (the text model) or "mmproj" (the vision tower, --mmproj)."""
     import hashlib
 
     tree = llama_cpp_tree()
@@ -381,7 +421,8 @@ def _convert_worker(hf_dir: str, out: str, outtype: str, name: str) -> dict:
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
     import runpy
 
-    sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outtype", outtype, "--outfile", out, "--model-name", name]
+    sys.argv = ["convert_hf_to_gguf.py", hf_dir, "--outtype", outtype, "--outfile", out, "--model-name", name,
+                *(["--mmproj"] if what == "mmproj" else [])]
     t0 = time.perf_counter()
     runpy.run_path(str(tree / "convert_hf_to_gguf.py"), run_name="__main__")
     return {
@@ -552,6 +593,62 @@ def _tokens_worker(gguf: str, texts_json: str, n_gen: str, threads: str) -> dict
     return {"tokens": toks, "greedy": greedy}
 
 
+def _mtmd_worker(text_gguf: str, mmproj: str, rgb: str, prompt: str, n_gen: str, out_embd: str, out_logits: str,
+                 threads: str) -> dict:
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+    import numpy as np
+
+    n_threads = int(threads)
+    llm = llama_cpp.Llama(model_path=text_gguf, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=n_threads,
+                          n_threads_batch=n_threads, verbose=False)
+    p = mtmd.mtmd_context_params_default()
+    p.use_gpu, p.n_threads, p.print_timings, p.warmup = False, n_threads, False, False
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # fp32 K/V in the tower's attention
+    ctx = mtmd.mtmd_init_from_file(mmproj.encode(), llm.model, p)
+    if not ctx:
+        raise RuntimeError(f"mtmd_init_from_file({mmproj}) failed")
+    pixels = np.ascontiguousarray(np.load(rgb), dtype=np.uint8)
+    h, w, _ = pixels.shape
+    bitmap = mtmd.mtmd_bitmap_init(w, h, (ctypes.c_uint8 * pixels.size).from_buffer_copy(pixels.tobytes()))
+    text = mtmd.mtmd_input_text()
+    raw = prompt.encode()
+    text.text, text.text_len, text.add_special, text.parse_special = raw, len(raw), False, True
+    chunks = mtmd.mtmd_input_chunks_init()
+    if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) != 0:
+        raise RuntimeError("mtmd_tokenize failed (no marker in the prompt?)")
+    out: dict = {"chunks": []}
+    n_embd = llama_cpp.llama_model_n_embd(llm.model)
+    for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+        c = mtmd.mtmd_input_chunks_get(chunks, i)
+        if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+            n = ctypes.c_size_t()
+            ids = mtmd.mtmd_input_chunk_get_tokens_text(c, ctypes.byref(n))
+            out["chunks"].append([ids[j] for j in range(n.value)])
+            continue
+        n_tok = mtmd.mtmd_input_chunk_get_n_tokens(c)
+        if mtmd.mtmd_encode_chunk(ctx, c) != 0:
+            raise RuntimeError("mtmd_encode_chunk failed")
+        e = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n_tok * n_embd,))
+        np.save(out_embd, e.reshape(n_tok, n_embd).copy())
+        out["chunks"].append({"image_tokens": n_tok, "n_pos": mtmd.mtmd_input_chunk_get_n_pos(c)})
+    n_past = llama_cpp.llama_pos(0)
+    if mtmd.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) != 0:
+        raise RuntimeError("mtmd_helper_eval_chunks failed")
+    np.save(out_logits, _last_logits(llm).copy())
+    llm.n_tokens = n_past.value  # M-RoPE: the next text position is n_past, not the number of tokens fed
+    greedy = []
+    for _ in range(int(n_gen)):
+        greedy.append(int(_last_logits(llm).argmax()))
+        llm.eval([greedy[-1]])
+    mtmd.mtmd_input_chunks_free(chunks)
+    mtmd.mtmd_bitmap_free(bitmap)
+    mtmd.mtmd_free(ctx)
+    return {**out, "n_past": n_past.value, "greedy": greedy}
+
+
 WORKERS = {
     "convert": _convert_worker,
     "quantize": _quantize_worker,
@@ -559,6 +656,7 @@ WORKERS = {
     "logits": _logits_worker,
     "stats": _stats_worker,
     "tokens": _tokens_worker,
+    "mtmd": _mtmd_worker,
 }
 
 

@@ -58,9 +58,11 @@ def resolve(path_or_repo_id: str | Path) -> Path:
 
 
 def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progress: bool = False,
-         kernels: bool | None = None, quant: str | None = None, kv_cache: str = "bf16"):
+         kernels: bool | None = None, quant: str | None = None, kv_cache: str = "bf16",
+         mmproj: str | Path | None = None):
     """(model, tokenizer) from a directory, a GGUF file or a hub repo id. The tokenizer carries the chat template.
-    kernels, quant, kv_cache: as in `load_model` (kernels None: ops.fast.kernel_policy decides)."""
+    kernels, quant, kv_cache, mmproj: as in `load_model` (kernels None: ops.fast.kernel_policy decides; mmproj:
+    a llama.cpp mmproj GGUF whose vision tower the model gets)."""
     from .gguf.reader import is_gguf_path
     path = resolve(path_or_repo_id)
     # a missing or broken tokenizer is said before the weights load (a 9B: minutes), after the config's own
@@ -84,7 +86,8 @@ def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progr
         ModelConfig.from_file(path)
         tokenizer = Tokenizer(path)
         tokenizer.chat_template = ChatTemplate.from_model_dir(path)
-    model = load_model(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant, kv_cache=kv_cache)
+    model = load_model(path, dtype=dtype, progress=progress, kernels=kernels, quant=quant, kv_cache=kv_cache,
+                       mmproj=mmproj)
     return model, tokenizer
 
 

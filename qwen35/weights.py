@@ -40,7 +40,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
                kernels: bool | None = None, quant: str | None = None,
-               kv_cache: str = "bf16") -> Qwen35ForCausalLM:
+               kv_cache: str = "bf16", mmproj: str | Path | None = None) -> Qwen35ForCausalLM:
     """Load a Qwen3.5 checkpoint directory, or a `qwen35` GGUF file (qwen35/gguf/loader.py).
     dtype: torch.float32, torch.bfloat16 or torch.float16.
     progress: show a progress bar (bytes read) on stderr. kernels: bind the C++ CPU kernels (True), run the
@@ -50,6 +50,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     band).
     kv_cache: how caches made for this model (`model.make_cache`) store the attention layers' keys and values:
     "bf16" (the model's dtype) or "q8_0" (8-bit blocks, kv_storage.py); sets `model.kv_cache`.
+    mmproj: a llama.cpp mmproj GGUF (gguf/mmproj.py) whose vision tower is attached as `model.visual`, in
+    `dtype` (quant= leaves it alone, as it does a checkpoint's tower); for a model without a tower of its own.
 
     Raises ConfigError / CheckpointError (both Qwen35Error) naming the file or tensor at fault.
     """
@@ -59,22 +61,31 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
 
     check_kv_cache(kv_cache)  # before reading gigabytes
     if kv_cache != "bf16":  # a blocked format must also fit the model's heads: read the config alone first
-        check_kv_cache(kv_cache, _head_dim(Path(path)))
+        config = _read_config(Path(path))
+        check_kv_cache(kv_cache, config.head_dim if config is not None else None)
+    if mmproj is not None:  # a missing, foreign or mismatched mmproj is said before the text model loads
+        from .gguf.mmproj import check_mmproj
+
+        check_mmproj(mmproj, _read_config(Path(path)))
     model = _load_model(Path(path), dtype, progress, kernels, quant)
     model.kv_cache = kv_cache
+    if mmproj is not None:
+        from .gguf.mmproj import attach_mmproj
+
+        attach_mmproj(model, mmproj, dtype, source=Path(path))
     return model
 
 
-def _head_dim(path: Path) -> int | None:
-    """The attention head_dim from a checkpoint's config (a directory's config.json, a GGUF's metadata) without
-    loading it; None where there is no config to read (_load_model then says what is wrong with the path)."""
+def _read_config(path: Path) -> ModelConfig | None:
+    """A checkpoint's config (a directory's config.json, a GGUF's metadata) without loading its weights; None
+    where there is no config to read (_load_model then says what is wrong with the path)."""
     from .gguf.reader import is_gguf_path
     if is_gguf_path(path) and path.is_file():
         from .gguf import read_config
 
-        return read_config(path).head_dim
+        return read_config(path)
     check_not_adapters(path)
-    return ModelConfig.from_file(path).head_dim if path.is_dir() else None
+    return ModelConfig.from_file(path) if path.is_dir() else None
 
 
 def check_finite(where, name: str, t: torch.Tensor, source_dtype: torch.dtype | None = None) -> None:

@@ -361,11 +361,13 @@ def test_metadata_gguf_reads_back_and_eos_outside_the_vocabulary_is_dropped(src,
         in caplog.text
 
 
-def test_a_vision_tower_left_out_is_said(vision_replica, tmp_path, caplog):
-    """GGUF holds the text model: exporting a vision checkpoint says the tower stays behind (it was dropped
-    without a word)."""
+def test_a_vision_tower_goes_to_its_own_file(vision_replica, tmp_path, caplog):
+    """GGUF holds the text model: export_gguf of a vision checkpoint writes no tower tensors, and says where the
+    tower goes (llama.cpp's mmproj file, tests/test_gguf_mmproj.py); no warning, since nothing is lost."""
     model = load_model(vision_replica[1], dtype=torch.bfloat16, kernels=False)
-    with caplog.at_level("WARNING", logger="qwen35"):
+    with caplog.at_level("INFO", logger="qwen35"):
         export_gguf(model, tmp_path / "v.gguf", "bf16")
-    assert "the vision tower is not written" in caplog.text
+    assert "the vision tower goes to its own mmproj file" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "tower" in str(r.msg)]
+    assert not [n for n in open_gguf(tmp_path / "v.gguf").tensors if n.startswith(("v.", "mm."))]
     assert load_model(tmp_path / "v.gguf", kernels=False).visual is None

@@ -28,10 +28,11 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="C++ CPU kernels: auto = qwen35.kernel_policy, the choice generate/chat/serve make")
-    from .common import add_kv_cache_arg, add_quant_arg
+    from .common import add_kv_cache_arg, add_mmproj_arg, add_quant_arg
 
     add_quant_arg(p)
     add_kv_cache_arg(p)
+    add_mmproj_arg(p)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     from .common import add_speculative_args
 
@@ -121,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     kernels = {"auto": None, "on": True, "off": False}[args.kernels]
     model = qwen35.load_model(args.model, dtype=DTYPES[args.dtype], kernels=kernels, quant=args.quant,
-                              kv_cache=args.kv_cache)
+                              kv_cache=args.kv_cache, mmproj=args.mmproj)
     load_s = time.perf_counter() - t0
     # before the random prompt is built: a billion-token list alone is tens of GB
     if args.prompt_tokens + args.gen_tokens > max_context(model):

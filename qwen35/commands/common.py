@@ -212,6 +212,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="C++ CPU kernels: auto = qwen35.kernel_policy (on for quantized models and for models of 50M+ parameters)")
     add_quant_arg(p)
     add_kv_cache_arg(p)
+    add_mmproj_arg(p)
+
+
+def add_mmproj_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mmproj", type=Path, default=None, metavar="PATH",
+                   help="a llama.cpp mmproj GGUF (the vision tower `qwen35 export` writes beside a GGUF as "
+                        "mmproj-<name>.gguf) to give MODEL images; for a model without a tower of its own")
 
 
 def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
@@ -382,7 +389,8 @@ def load_from_args(args: argparse.Namespace):
     flush_denormals()  # for the process (runtime.py); library calls flush around each forward instead
     kernels = {"auto": None, "on": True, "off": False}[getattr(args, "kernels", "auto")]
     model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True, kernels=kernels,
-                            quant=getattr(args, "quant", None), kv_cache=getattr(args, "kv_cache", "bf16"))
+                            quant=getattr(args, "quant", None), kv_cache=getattr(args, "kv_cache", "bf16"),
+                            mmproj=getattr(args, "mmproj", None))
     # The model and tokenizer live as long as the process: move them (and everything imported so far) out of
     # the cyclic collector's view, so its full passes during decode no longer walk thousands of modules.
     gc.collect()

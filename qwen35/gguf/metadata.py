@@ -16,7 +16,7 @@ from ..errors import CheckpointError
 log = logging.getLogger("qwen35")
 ARCH = "qwen35"
 KNOWN_OTHER = {"qwen35moe": "Qwen3.5 MoE", "qwen3next": "Qwen3-Next", "qwen3": "Qwen3", "qwen2": "Qwen2",
-               "llama": "Llama"}
+               "llama": "Llama", "clip": "a vision tower: an mmproj file, loaded beside its text model with mmproj="}
 
 
 def check_architecture(f) -> None:

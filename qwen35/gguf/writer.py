@@ -74,9 +74,8 @@ def export_gguf(model, out: str | Path, file_type: str = "bf16", mtp: bool = Tru
     from ..quant.weight import QuantizedWeight
 
     config = model.config
-    if getattr(model, "visual", None) is not None:  # said, not silently dropped
-        log.warning("the vision tower is not written: the GGUF holds the text model (llama.cpp keeps a vision "
-                    "tower in a separate mmproj file, which qwen35 does not write yet); images need the checkpoint")
+    if getattr(model, "visual", None) is not None:  # llama.cpp keeps the tower in a file of its own
+        log.info("the GGUF holds the text model; the vision tower goes to its own mmproj file (export_mmproj)")
     mtp_layers = len(model.mtp.layers) if (mtp and model.mtp is not None) else 0
     weights = dict(model.named_weights())
     if not mtp_layers:
