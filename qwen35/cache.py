@@ -149,6 +149,8 @@ class KVCache:
         self.row_list, self.j, self.max_tokens = rows, j, max_tokens
         self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, device
         self.kv_cache, self._buffer = kv_cache, buffer_class(kv_cache)
+        # a speculative verify (HybridCache.keep_steps): each of a forward's tokens attends as its decode step would
+        self.keep_steps = False
 
     @property
     def rows(self) -> list[Row]:
@@ -345,9 +347,13 @@ class HybridCache:
 
     def keep_steps(self, on: bool = True) -> None:
         """From now on (until off), forwards leave each Gated DeltaNet layer's state after every token they
-        process, for `rewind`."""
+        process, for `rewind`, and attention layers compute each token as its own decode step (a verify must
+        give plain decoding's logits where no whole-layer kernel runs it: model/attention.py)."""
         for s in self.deltanet:
             s.keep_steps, s.steps = on, None
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.keep_steps = on
 
     def rewind(self, keep: Sequence[int]) -> None:
         """After the last forward (T tokens per row; with `keep_steps` if the model has Gated DeltaNet

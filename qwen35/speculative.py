@@ -109,8 +109,12 @@ def step(model, cache: HybridCache, mcache: HybridCache, streams: Sequence[Strea
     limits = [min((spec.draft_tokens or SEEDED_DRAFTS) if fixed else spec.max_k,
                   s.params.max_tokens - len(s.generated) - 1) if r.on else 0 for s, r, fixed in zip(streams, rows, seeded)]
     cap = spec.max_k
-    if model.kernels:  # past the whole-layer kernels' rows the verify would round differently from decode steps
-        cap = min(cap, MAX_VERIFY_ROWS // B - 1)
+    if model.kernels:  # past the kernels' rows the verify would round differently from decode steps: the
+        # whole-layer kernels' MAX_VERIFY_ROWS, or where a layer runs per op (a shape they do not take, LoRA) the
+        # GEMVs' GEMV_MAX_ROWS (its matrices meet more rows with a GEMM)
+        from .ops.fast import GEMV_MAX_ROWS
+
+        cap = min(cap, (MAX_VERIFY_ROWS if model.decode_stack is not None else GEMV_MAX_ROWS) // B - 1)
     K = min(cap, max(limits)) if spec.draft_tokens else choose_k(spec.costs, [r.stats for r in rows], limits, cap)
     K = max([K] + [min(cap, lim) for lim, fixed in zip(limits, seeded) if fixed])  # (exploring k=0 waits)
     ks = [max(0, min(K, lim)) for lim in limits]

@@ -239,6 +239,72 @@ def test_random_replica_bf16_kernels_exact(tiny_dir, quant):
         assert speculative(model, ids, GREEDY, k) == want
 
 
+@pytest.fixture(scope="module")
+def six_heads_dir(tmp_path_factory):
+    """6 query heads per KV head, a grouping the whole-layer attention kernel does not take (1, 2, 4, 8): its
+    attention layers run per op. An untied head: near-ties in the first tokens (a tied head repeats the input)."""
+    d = tmp_path_factory.mktemp("spec") / "six_heads"
+    build_replica(d, "tiny", seed=3, hidden_size=128, num_hidden_layers=4, intermediate_size=256, num_attention_heads=6,
+                  num_key_value_heads=1, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+                  tie_word_embeddings=False)
+    return d
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv_cache", ["bf16", "q8_0"])
+@pytest.mark.parametrize("layers", ["six_heads", "per_op"])
+def test_a_verify_run_per_op_computes_each_token_as_its_decode_step(six_heads_dir, tiny_dir, layers, kv_cache):
+    """Layers without a whole-layer kernel (attention with a head grouping it does not take; or every layer bound
+    per op: the attn_decode / gdn_decode steps): a verify forward of T tokens gives the hidden states of T decode
+    steps bit for bit, in a batch of rows of different lengths. The verify had run the reference forward of a
+    prompt chunk (prefill_attn, the Gated DeltaNet's torch ops), which rounds otherwise than the decode forms
+    (decode_attention, attn_decode_q8, gdn_decode): up to 3e-2 apart, and greedy drafting then changed tokens."""
+    from qwen35.cache import HybridCache
+
+    path = six_heads_dir if layers == "six_heads" else tiny_dir
+    model = qwen35.load_model(path, dtype=torch.bfloat16, kernels=True, kv_cache=kv_cache)
+    if layers == "per_op":
+        assert "attn_step" in qwen35.bind_kernels(model, True, whole_layers=False).bound
+    assert model.decode_stack is None and not any(getattr(m.forward, "kernel", "") == "attn_layer_decode"
+                                                  for m in model.model.layers)
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 4000, (1, n), generator=gen) for n in (23, 11)]
+    xs = torch.randint(0, 4000, (2, 4), generator=gen)  # 8 rows: what a per-op verify may take (GEMV_MAX_ROWS)
+
+    def cache():
+        caches = [model.make_cache() for _ in prompts]
+        for p, c in zip(prompts, caches):
+            model(p, cache=c)
+        return HybridCache.merge(caches)
+
+    with torch.no_grad():
+        decoded, verified = cache(), cache()
+        steps = torch.cat([model.hidden_states(xs[:, t : t + 1], decoded) for t in range(xs.shape[1])], dim=1)
+        verified.keep_steps(True)
+        assert torch.equal(model.hidden_states(xs, verified), steps)
+
+
+@needs_kernels
+def test_greedy_with_drafts_where_attention_runs_per_op(six_heads_dir, monkeypatch):
+    """As users load it (bf16, kernels on), a model whose attention layers the whole-layer kernel does not take:
+    drafting gives plain greedy's tokens (this prompt's 6th token is a near-tie that a verify rounding otherwise
+    flipped), and a batch's verify stays within the rows a per-op layer's GEMVs take (a GEMM rounds otherwise)."""
+    import qwen35.speculative as sp
+    from qwen35.ops.fast import GEMV_MAX_ROWS
+
+    model = qwen35.load_model(six_heads_dir, dtype=torch.bfloat16, kernels=True)
+    ids = torch.randint(0, 4000, (12,), generator=torch.Generator().manual_seed(25)).tolist()
+    params = qwen35.SamplingParams(temperature=0, max_tokens=8, stop_token_ids=(-1,))
+    want = plain(model, ids, params)
+    assert speculative(model, ids, params, 7) == want
+    rows, real = [], sp._verify_logits
+    monkeypatch.setattr(sp, "_verify_logits", lambda m, vh: rows.append(vh.shape[0] * vh.shape[1]) or real(m, vh))
+    prompts = [ids, ids[:5]]
+    got = [[r.token for r in rs] for rs in batch_generate(model, prompts, params, speculative=Speculation(draft_tokens=7))]
+    assert got == [want, plain(model, prompts[1], params)]
+    assert rows and max(rows) <= GEMV_MAX_ROWS
+
+
 @needs_kernels
 @pytest.mark.parametrize("kv_cache", ["bf16", "q8_0"])
 def test_per_op_decode_kernels_rewind_a_round_without_drafts(tiny_dir, kv_cache):

@@ -66,7 +66,9 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, state: KVCache | None = None, ctx: LayerContext | None = None) -> torch.Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]. With a KVCache the new keys and values are appended to each
         row and every row attends over its own length; ctx.segments (packed training) replaces the causal
-        mask with a per-document one."""
+        mask with a per-document one. With state.keep_steps (a speculative verify) each token's attention is
+        its decode step's: a prompt chunk's form rounds differently, so a verify run per op (a head grouping or
+        head dim the whole-layer kernels do not take) had given other logits than plain decoding."""
         q, k, v, gate = self.project(x, ctx.rope)
         scale = self.head_dim**-0.5
         gqa = self.num_heads != self.num_kv_heads
@@ -84,6 +86,9 @@ class GatedAttention(nn.Module):
             qb = q[b : b + 1]
             if T == 1:
                 outs.append(decode_attention(qb, kb, vb, scale))
+            elif state.keep_steps:  # a speculative verify: token t as its decode step, over past + t + 1 keys
+                outs.append(torch.cat([decode_attention(qb[:, :, t : t + 1], kb[:, :, : past + t + 1],
+                                                        vb[:, :, : past + t + 1], scale) for t in range(T)], dim=2))
             else:
                 outs.append(self.prompt_attention(qb, kb, vb, past, scale))
         return self.output(torch.cat(outs), gate)
@@ -98,6 +103,9 @@ class GatedAttention(nn.Module):
             n, qb = row.length + T, q[b : b + 1]  # the row's length advances when the whole forward ends
             if T == 1:
                 outs.append(decode_attention_q8(qb, buf, n, scale))
+            elif state.keep_steps:  # a speculative verify, as in forward
+                outs.append(torch.cat([decode_attention_q8(qb[:, :, t : t + 1], buf, n - T + t + 1, scale)
+                                       for t in range(T)], dim=2))
             else:
                 outs.append(self.prompt_attention_q8(qb, buf, n - T, scale))
         return torch.cat(outs)

@@ -13,8 +13,10 @@ from .linear import linear
 
 
 def _decoding(x: torch.Tensor, state) -> bool:
-    """The calls the decode kernels take: one token per row, with a cache, no autograd."""
-    return x.shape[1] == 1 and state is not None and not torch.is_grad_enabled()
+    """The calls the decode kernels take: one token per row, with a cache, no autograd; or a speculative verify
+    (the cache's keep_steps), whose every token must be computed as its own decode step would compute it (the
+    reference forward of several tokens rounds otherwise: greedy drafting then changed tokens)."""
+    return state is not None and (x.shape[1] == 1 or state.keep_steps) and not torch.is_grad_enabled()
 
 
 def _rmsnorm(norm, x):
@@ -58,14 +60,18 @@ def _gdn_decode(gdn, x, state=None, ctx=None, mode="auto", op: str = "gdn_decode
     one C++ call (gdn_decode, or portable_gdn_decode where the AVX512 library cannot load)."""
     if not _decoding(x, state):
         return None
-    B = x.shape[0]
-    proj = linear(x.reshape(B, -1), gdn._in_proj)
-    out, conv, recurrent = getattr(torch.ops.qwen35, op)(
-        proj, state.conv.contiguous(), gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias,
-        state.recurrent.contiguous(), gdn.norm.weight, gdn.num_k_heads, gdn.norm.eps)
-    # (a speculative verify of one token, when no draft was made, rewinds through the kept steps too)
-    state.take([conv], [recurrent])
-    return gdn.out_proj(out.view(B, 1, gdn.value_dim))
+    B, T, _ = x.shape
+    proj = linear(x.reshape(B * T, -1), gdn._in_proj).view(B, T, -1)
+    conv, recurrent, outs, convs, recs = state.conv, state.recurrent, [], [], []
+    for t in range(T):  # (T > 1: a speculative verify, token by token, the state after each kept for its rewind)
+        out, conv, recurrent = getattr(torch.ops.qwen35, op)(
+            proj[:, t].contiguous(), conv.contiguous(), gdn.conv1d.weight[:, 0].contiguous(), gdn.A_log, gdn.dt_bias,
+            recurrent.contiguous(), gdn.norm.weight, gdn.num_k_heads, gdn.norm.eps)
+        outs.append(out)
+        convs.append(conv)
+        recs.append(recurrent)
+    state.take(convs, recs)
+    return gdn.out_proj(torch.stack(outs, dim=1))
 
 
 def _portable_gdn_decode(gdn, x, state=None, ctx=None, mode="auto"):
@@ -74,22 +80,21 @@ def _portable_gdn_decode(gdn, x, state=None, ctx=None, mode="auto"):
 
 def _attn_decode(attn, x, state=None, ctx=None):
     """The attention mixer's decode step: the reference projections, then each row's query against its
-    own keys (flash-decoding over per-row buffers, attn_decode)."""
+    own keys (flash-decoding over per-row buffers, attn_decode). A speculative verify (state.keep_steps) of T
+    tokens too, each token a row of its own over its row's first length + t + 1 keys: its decode step."""
     if not _decoding(x, state):
         return None
     q, k, v, gate = attn.project(x, ctx.rope)
-    B = q.shape[0]
-    bufs = state.append(k, v)  # each row's buffer, holding length + 1 tokens now
-    lengths = [r.length + 1 for r in state.rows]
-    q = q.reshape(B, attn.num_heads, attn.head_dim).contiguous()
+    B, _, T, D = q.shape
+    bufs = [b for b in state.append(k, v) for _ in range(T)]  # each row's buffer, holding length + T tokens now
+    lengths = [r.length + t + 1 for r in state.rows for t in range(T)]
+    q = q.transpose(1, 2).reshape(B * T, attn.num_heads, D).contiguous()
     if state.kv_cache == "q8_0":  # the int8 blocks and their scales, read in place
         out = torch.ops.qwen35.attn_decode_q8(q, [b.k for b in bufs], [b.kd for b in bufs],
-                                              [b.v for b in bufs], [b.vd for b in bufs], lengths,
-                                              attn.head_dim**-0.5)
+                                              [b.v for b in bufs], [b.vd for b in bufs], lengths, D**-0.5)
     else:
-        out = torch.ops.qwen35.attn_decode(q, [b.k for b in bufs], [b.v for b in bufs], lengths,
-                                           attn.head_dim**-0.5)
-    return attn.output(out.view(B, attn.num_heads, 1, attn.head_dim), gate)
+        out = torch.ops.qwen35.attn_decode(q, [b.k for b in bufs], [b.v for b in bufs], lengths, D**-0.5)
+    return attn.output(out.view(B, T, attn.num_heads, D).transpose(1, 2), gate)
 
 
 def _differentiates(*tensors) -> bool:
