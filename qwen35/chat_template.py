@@ -10,10 +10,12 @@ Before rendering, messages are made forgiving the way agent frameworks need: too
 a JSON string become an object, and reasoning given as `reasoning`/`thinking` is also `reasoning_content`.
 
 `render_segments` is the prompt for a tokenizer that must tell the template's own structure from what a
-client wrote: text from system, user and tool messages (and tool definitions) that spells a control token
-(`<|im_start|>`, `<think>`, ...) comes back as a piece of its own, to be encoded as plain text. Assistant
-turns are the model's own output and keep their `<think>`/`<tool_call>` markup as control tokens, so a
-cached answer is reused token for token.
+client wrote: text from system, user and tool messages and tool definitions (names as well as values) that
+spells a control token (`<|im_start|>`, `<think>`, ...) comes back as a piece of its own, to be encoded as
+plain text. Assistant turns (content, reasoning, tool calls) were written by the model, but sent back by a
+client, who may have edited them or had the model copy an attacker's text: there only the model's own markup
+(`<think>`, `<tool_call>`: MODEL_MARKUP) stays control tokens, so a cached answer is reused token for token,
+and a typed `<|im_end|>` is still text.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ log = logging.getLogger("qwen35")
 DEFAULT_TEMPLATE_FILE = Path(__file__).parent / "templates" / "qwen3_5.jinja"
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 TOOL_RESPONSE = ("<tool_response>", "</tool_response>")
+# the control tokens a model writes in its own answers (reasoning, tool calls); every other one in an assistant
+# turn (<|im_end|>, <|im_start|>, vision pads, ...) is text a client typed or the model copied
+MODEL_MARKUP = ("<think>", "</think>", "<tool_call>", "</tool_call>")
+# what render and render_segments take themselves (self: jinja's own render): not a template variable's name
+RENDER_ARGUMENTS = frozenset(("self", "messages", "literals", "tools", "add_generation_prompt", "enable_thinking"))
 
 
 class ChatTemplateError(Qwen35Error):
@@ -154,10 +161,15 @@ class ChatTemplate:
     def from_model_dir(cls, model_dir: str | Path | None) -> ChatTemplate:
         return cls(*find_template(model_dir))
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+    def render(self, messages: list[dict[str, Any]], /, tools: list[dict] | None = None,
                add_generation_prompt: bool = True, enable_thinking: bool | None = None, **kwargs) -> str:
         """The prompt text for `messages` (and `tools`), ending with the assistant's opening when
-        add_generation_prompt. enable_thinking None leaves the template's own default."""
+        add_generation_prompt. enable_thinking None leaves the template's own default. kwargs: the template's
+        other variables, none named as one of RENDER_ARGUMENTS."""
+        clash = sorted(RENDER_ARGUMENTS & kwargs.keys())
+        if clash:
+            raise ChatTemplateError(f"'{clash[0]}' is an argument of the chat template's render, not a variable to "
+                                    "set beside it")
         variables = dict(kwargs)
         if enable_thinking is not None:
             variables["enable_thinking"] = enable_thinking
@@ -173,25 +185,27 @@ class ChatTemplate:
             reason = f"{type(e).__name__}: {e}"
             raise ChatTemplateError(f"chat template ({self.origin}) failed: {reason}", reason) from None
 
-    def render_segments(self, messages: list[dict[str, Any]], literals: list[str], tools: list[dict] | None = None,
+    def render_segments(self, messages: list[dict[str, Any]], literals: list[str], /, tools: list[dict] | None = None,
                         **kwargs) -> list[tuple[str, bool]]:
         """`render`, as [(text, is_template)] pieces: every spelling of one of `literals` (the tokenizer's
-        control tokens) inside system/user/tool content or the tool definitions is a piece of its own with
-        is_template False. With none there, one piece: exactly `render`'s text."""
-        pattern = re.compile("|".join(re.escape(t) for t in sorted(literals, key=len, reverse=True) if t))
-        if not pattern.pattern:
-            return [(self.render(messages, tools=tools, **kwargs), True)]
+        control tokens) inside system/user/tool content or the tool definitions, or of one but MODEL_MARKUP
+        inside an assistant turn, is a piece of its own with is_template False. With none there, one piece:
+        exactly `render`'s text."""
+        messages = normalize_messages(messages)  # JSON-string arguments parsed first: an escape hides no spelling
         mark, found = f"\ue000{uuid.uuid4().hex}", []
 
-        def hide(text: str) -> str:  # each literal -> a marker the template passes through unchanged
+        def hider(hidden: list[str]):  # each of `hidden` -> a marker the template passes through unchanged
+            pattern = _spellings(hidden)
+
             def one(m):
                 found.append(m.group())
                 return f"{mark}{len(found) - 1}\ue001"
-            return pattern.sub(one, text)
+            return lambda text: pattern.sub(one, text)
 
-        hidden = [m if not isinstance(m, dict) or m.get("role") == "assistant" else _map_content(m, hide)
-                  if m.get("role") != "user" or not _tool_results(m) else _map_outer_kept(m, hide)
-                  for m in messages] if isinstance(messages, list) else messages
+        hide, hide_in_answer = hider(literals), hider([t for t in literals if t not in MODEL_MARKUP])
+        hidden = [_map_strings(m, hide_in_answer) if m["role"] == "assistant"
+                  else _map_outer_kept(m, hide) if m["role"] == "user" and _tool_results(m) else _map_content(m, hide)
+                  for m in messages]
         text = self.render(hidden, tools=_map_strings(tools, hide) if tools else tools, **kwargs)
         if not found:
             return [(text, True)]
@@ -209,13 +223,22 @@ class ChatTemplate:
         return out
 
 
+def _spellings(literals: list[str]) -> re.Pattern:
+    """Each of `literals`, longest first; and one less its last character at the end of a string, which the
+    template's next character may complete (`<parameter=` + name + `>`). Matches nothing if none."""
+    whole = sorted((t for t in literals if t), key=len, reverse=True)
+    cut = [re.escape(t[:-1]) + r"\Z" for t in whole if len(t) > 1]
+    return re.compile("|".join([re.escape(t) for t in whole] + cut) or "(?!)")
+
+
 def _map_strings(value: Any, fn) -> Any:
+    """`fn` applied to every string in `value`, the keys of objects included (a tool's property names)."""
     if isinstance(value, str):
         return fn(value)
     if isinstance(value, list):
         return [_map_strings(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: _map_strings(v, fn) for k, v in value.items()}
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
     return value
 
 

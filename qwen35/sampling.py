@@ -118,10 +118,13 @@ class Sampler:
         return x
 
     def _scaled(self, logits: torch.Tensor, pending: Sequence[int] = ()) -> torch.Tensor:
-        """Processed logits divided by the temperature, [B, V] fp32 (a new tensor)."""
-        if self.plain:
-            return logits.float() / self.params.temperature
-        return self.process(logits, pending).div_(self.params.temperature)
+        """Processed logits less each row's maximum, divided by the temperature, [B, V] fp32 (a new tensor).
+        The maximum first (softmax is the same): a tiny temperature then sends the others to -inf, greedy as its
+        limit is, where dividing first overflowed to inf (and inf - inf to NaN). A temperature that fp32 holds
+        as 0 (1e-300) is fp32's smallest normal number instead, for the same limit rather than 0 / 0."""
+        x = logits.float() if self.plain else self.process(logits, pending)
+        top = x.amax(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)  # (a row all -inf, or NaN, as it is)
+        return (x - top).div_(max(self.params.temperature, torch.finfo(torch.float32).tiny))
 
     def _kept(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tokens top_k, top_p and min_p leave drawable from one row of scaled logits y [V]: (their scaled
@@ -158,7 +161,8 @@ class Sampler:
                 vals, ids = top, at
             else:
                 probs = _softmax(vals)
-            keep = int(((probs.cumsum(0) - probs) < p.top_p).sum())  # the first always stays
+            # the first always stays, even for a top_p that is 0 in fp32 (1e-300)
+            keep = max(1, int(((probs.cumsum(0) - probs) < p.top_p).sum()))
             vals, ids = vals[:keep], ids[:keep]
         if p.min_p > 0:
             if vals is None:  # a superset first: within 1e-3 of the rule's log-ratio, then the rule itself

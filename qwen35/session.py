@@ -59,9 +59,13 @@ class ChatSession:
         self.images: list = []  # every picture of the conversation, prepared (multimodal.VisionInput), in order
         self.prompt_cache.clear()
 
-    def _render(self, generation: bool) -> str:
-        return self.template.render(self.messages, tools=self.tools, add_generation_prompt=generation,
-                                    enable_thinking=self.enable_thinking, preserve_thinking=self.preserve_thinking)
+    def _render(self, generation: bool) -> tuple[str, list[int]]:
+        """The conversation's text and ids. Typed text is encoded as text (render_segments), as the server does:
+        a "<|im_end|><|im_start|>system" pasted into a turn (or spelled by an answer) had become a new turn."""
+        pieces = self.template.render_segments(
+            self.messages, self.tokenizer.added_tokens, tools=self.tools, add_generation_prompt=generation,
+            enable_thinking=self.enable_thinking, preserve_thinking=self.preserve_thinking)
+        return "".join(text for text, _ in pieces), self.tokenizer.encode_segments(pieces)
 
     def send(self, user_text: str, max_tokens: int | None = None, images=None) -> Iterator[Event]:
         """Add a user turn and stream the answer as events; the answer joins the history at the end (or
@@ -79,9 +83,8 @@ class ChatSession:
             self.images += new
         self.messages.append({"role": "user", "content": content})
         try:  # a turn refused before any work (too long, bad text, bad guide) leaves the history as it was
-            prompt = self._render(True)
-            ids = self.tokenizer.encode(prompt)
-            boundary = self.tokenizer.encode(self._render(False))
+            prompt, ids = self._render(True)
+            boundary = self._render(False)[1]
             if ids[: len(boundary)] != boundary:
                 boundary = []  # tokenisation merged across the boundary: skip that snapshot
             key = vision = None

@@ -107,6 +107,20 @@ def test_temperature_sharpens():
     assert cold < hot / 2
 
 
+def test_tiny_temperature_and_top_p_are_their_limits():
+    """A temperature or top_p above 0 but tiny (1e-40, 1e-300) is its limit: the top token only (a tie: its
+    tokens). Dividing the logits first had overflowed to inf (then NaN), and a top_p that fp32 holds as 0 had
+    kept no token at all: "cannot draw a token" and a 500 from the server."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-6, -float("inf")]])
+    for kw in (dict(temperature=1e-40), dict(temperature=1e-300), dict(top_p=1e-40), dict(top_p=1e-300),
+               dict(temperature=1e-300, top_p=1e-300, top_k=3, min_p=0.5)):
+        s = Sampler(SamplingParams(seed=0, **kw), 5)
+        assert s.distribution(logits).tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]], kw
+        assert int(s(logits)) == 1, kw
+    tie = torch.tensor([[3.0, 1.0, 3.0]])
+    assert Sampler(SamplingParams(temperature=1e-300), 3).distribution(tie).tolist() == [[0.5, 0.0, 0.5]]
+
+
 def test_logprobs(model):
     steps = list(generate_step(model, [1, 2, 3], params=SamplingParams(temperature=0, max_tokens=3, logprobs=True,
                                                                         top_logprobs=3)))

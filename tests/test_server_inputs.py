@@ -1,5 +1,6 @@
 """Hostile or awkward request inputs the server must answer cleanly: long stop strings, decompression-bomb
-images, tokens that are part of a UTF-8 character in logprobs."""
+images, tokens that are part of a UTF-8 character in logprobs, request options at their edges (nulls, logprobs 0,
+both max_tokens fields, reserved template variables)."""
 
 import base64
 import random
@@ -218,3 +219,58 @@ def test_logprob_entry_without_alternatives(qwen_tok):
     end = qwen_tok.token_to_id("<|im_end|>")
     e = logprob_entry(qwen_tok, SimpleNamespace(token=end, logprob=0.0, top_logprobs=None))
     assert e == {"token": "<|im_end|>", "logprob": 0.0, "bytes": list(b"<|im_end|>"), "top_logprobs": []}
+
+
+
+def options(chat=True, **body):
+    """protocol.parse_options on a request body (messages or prompt not read there)."""
+    from qwen35.server.protocol import parse_options
+
+    return parse_options({"messages" if chat else "prompt": [], **body}, [0], None, chat=chat)
+
+
+def refused(param, chat=True, **body):
+    from qwen35.server.errors import APIError
+
+    with pytest.raises(APIError) as e:
+        options(chat, **body)
+    assert e.value.status == 400 and e.value.param == param, body
+
+
+def test_an_explicit_null_is_the_field_absent():
+    """null asks for nothing, as OpenAI reads it: `"logprobs": null` on chat, and `suffix`, `functions`, ...
+    set to null, had been refused with 400 (the key was checked, not its value)."""
+    from qwen35.server.protocol import NOT_SUPPORTED
+
+    assert options(logprobs=None).params == options().params
+    for key in NOT_SUPPORTED:
+        assert options(**{key: None}).params == options().params
+        assert options(chat=False, **{key: None}).params == options(chat=False).params
+    refused("suffix", chat=False, suffix="x")
+
+
+def test_completions_logprobs_0_still_asks_for_the_chosen_tokens():
+    """Completions `logprobs: 0`: the chosen tokens' logprobs without alternatives (0 == False had turned
+    them off, `logprobs: null` in the answer)."""
+    zero = options(chat=False, logprobs=0).params
+    assert zero.logprobs is True and zero.top_logprobs == 0
+    assert options(chat=False, logprobs=None).params.logprobs is False
+
+
+def test_max_tokens_is_checked_beside_max_completion_tokens():
+    """An invalid max_tokens is refused even where max_completion_tokens (which wins) is also given: the `or`
+    chain had never read it, so `"max_tokens": "lots"` got a 200."""
+    assert options(max_completion_tokens=7, max_tokens=9).params.max_tokens == 7
+    assert options(max_completion_tokens=None, max_tokens=9).params.max_tokens == 9
+    for bad in ("lots", 0, 2.5):
+        refused("max_tokens", max_completion_tokens=7, max_tokens=bad)
+
+
+def test_template_variables_named_as_render_arguments_are_refused():
+    """chat_template_kwargs may not name an argument of the template's render (`self` had reached it: a
+    TypeError, a 500 with a traceback)."""
+    from qwen35.chat_template import RENDER_ARGUMENTS
+
+    for name in sorted(RENDER_ARGUMENTS - {"enable_thinking"}):
+        refused("chat_template_kwargs", chat_template_kwargs={name: 1})
+    assert options(chat_template_kwargs={"preserve_thinking": True}).template_kwargs == {"preserve_thinking": True}

@@ -79,8 +79,11 @@ def main(args: argparse.Namespace) -> int:
         content = [*media, {"type": "text", "text": prompt}] if media else prompt
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": content}]
-        prompt = tokenizer.chat_template.render(messages, add_generation_prompt=True, enable_thinking=args.think)
-        thinking = prompt.rstrip().endswith("<think>")
+        # the prompt's text as text: a typed "<|im_end|>" is characters, as in chat and the server
+        pieces = tokenizer.chat_template.render_segments(messages, tokenizer.added_tokens, add_generation_prompt=True,
+                                                         enable_thinking=args.think)
+        thinking = "".join(text for text, _ in pieces).rstrip().endswith("<think>")
+        prompt = tokenizer.encode_segments(pieces)
     elif (args.image or args.video) and IMAGE_PAD not in prompt and VIDEO_PAD not in prompt:
         prompt = IMAGE_PART * len(args.image) + VIDEO_PART * len(args.video) + prompt
     params = sampling_from_args(args, preset(thinking))

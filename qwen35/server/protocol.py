@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..chat_template import RENDER_ARGUMENTS
 from ..config_fields import is_integer, is_number
 from ..constrain import GrammarError, Structured
 from ..guide import EFFORT_BUDGETS
@@ -26,8 +27,8 @@ from .errors import bad, show
 from .messages import parse_tools
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
-# chat_template_kwargs the request sets itself (render_segments' own arguments among them)
-RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "literals")
+# chat_template_kwargs the request sets itself: the render's own arguments (enable_thinking is read apart)
+RESERVED_TEMPLATE_KWARGS = RENDER_ARGUMENTS - {"enable_thinking"}
 MAX_STOP_CHARS = 1024  # per stop string: each is matched against the text at every token
 # Every field a request may carry. A field outside these is refused (400 naming it), never ignored: a client
 # that sends e.g. `suffix` or `functions` expects an effect we would silently not give it.
@@ -119,7 +120,8 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise bad("modalities", "'modalities' must be [\"text\"]: this server answers in text only")
-    max_tokens = _num(body, "max_completion_tokens", int, 1, None) or _num(body, "max_tokens", int, 1, None) or 1024
+    legacy = _num(body, "max_tokens", int, 1, None)  # checked even where max_completion_tokens overrides it
+    max_tokens = _num(body, "max_completion_tokens", int, 1, None, legacy) or 1024
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -131,16 +133,14 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
         raise bad("stop", f"each stop string may be at most {MAX_STOP_CHARS} characters, got one of "
                   f"{max(len(s) for s in stop)}")
     top_k = _num(body, "top_k", int, -1, None, 0)
-    logprobs = body.get("logprobs", False)
     if chat:
-        if not isinstance(logprobs, bool):
-            raise bad("logprobs", "'logprobs' must be a boolean")
+        logprobs = _bool(body, "logprobs")
         top_logprobs = _num(body, "top_logprobs", int, 0, 20, 0)
         if top_logprobs > 0 and not logprobs:  # OpenAI's rule too
             raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-    else:  # completions: logprobs is the number of alternatives
-        top_logprobs = _num(body, "logprobs", int, 0, 5, 0) if logprobs not in (None, False) else 0
-        logprobs = logprobs not in (None, False)
+    else:  # completions: logprobs is the number of alternatives; 0 still asks for the chosen tokens' own
+        logprobs = body.get("logprobs") is not None and body["logprobs"] is not False  # (0 == False)
+        top_logprobs = _num(body, "logprobs", int, 0, 5, 0) if logprobs else 0
     bias = _logit_bias(body.get("logit_bias"), vocab_size)
     tools, tool_choice = parse_tools(body.get("tools"), body.get("tool_choice"))
     structured = parse_structured(body, tools if tool_choice == "required" or isinstance(tool_choice, dict) else None)
@@ -200,7 +200,7 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
         if value is not None and not isinstance(value, bool):
             raise bad("chat_template_kwargs", "'chat_template_kwargs.enable_thinking' must be a boolean")
         thinking = thinking if value is None else value
-    for key in RESERVED_TEMPLATE_KWARGS:
+    for key in sorted(RESERVED_TEMPLATE_KWARGS):
         if key in kwargs:
             raise bad("chat_template_kwargs", f"'chat_template_kwargs.{key}' is set by the request itself")
     template_kwargs = {**(default_template_kwargs or {}), **kwargs}
@@ -210,10 +210,11 @@ def parse_options(body: dict, eos_ids: list[int], default_thinking: bool | None,
 
 
 def _check_fields(body: dict, known: frozenset, endpoint: str) -> None:
-    for key in body:
+    for key, value in body.items():
         if key in NOT_SUPPORTED:
-            raise bad(key, NOT_SUPPORTED[key])
-        if key not in known:
+            if value is not None:  # null asks for nothing, as OpenAI reads it
+                raise bad(key, NOT_SUPPORTED[key])
+        elif key not in known:
             raise bad(key, f"unknown parameter {show(key)} for {endpoint}")
 
 
