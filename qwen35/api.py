@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -59,10 +60,11 @@ def resolve(path_or_repo_id: str | Path) -> Path:
 
 def load(path_or_repo_id: str | Path, dtype: torch.dtype = torch.bfloat16, progress: bool = False,
          kernels: bool | None = None, quant: str | None = None, kv_cache: str = "bf16",
-         mmproj: str | Path | None = None):
+         mmproj: str | Path | Literal[False] | None = None):
     """(model, tokenizer) from a directory, a GGUF file or a hub repo id. The tokenizer carries the chat template.
     kernels, quant, kv_cache, mmproj: as in `load_model` (kernels None: ops.fast.kernel_policy decides; mmproj:
-    a llama.cpp mmproj GGUF whose vision tower the model gets)."""
+    a llama.cpp mmproj GGUF whose vision tower the model gets; None: a GGUF's `mmproj-<stem>.gguf` beside it,
+    where there is one; False: none)."""
     from .gguf.reader import is_gguf_path
     path = resolve(path_or_repo_id)
     # a missing or broken tokenizer is said before the weights load (a 9B: minutes), after the config's own

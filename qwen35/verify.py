@@ -7,6 +7,10 @@ or a GGUF file, one part of a split naming all of them).
 - Shapes: the tensors are exactly those the config implies (none missing, none unexpected), of its shapes.
 - Hashes: each file's size and hash match the manifest (manifest.py): `--manifest FILE`, or the
   qwen35-manifest.json `qwen35 download` wrote beside the weights. Without one, hashes are not checked (said).
+An mmproj GGUF (a vision tower, gguf/mmproj.py) is checked on its own: its clip metadata, and the tensors that
+metadata implies (none missing, none unexpected, each of its shape and of a type that can be read). A GGUF's
+check takes in the mmproj load_model would attach to it (mmproj-<stem>.gguf beside it): checked against the text
+model's width, hashed and recorded in a manifest with it.
 Returns every problem found, not only the first.
 """
 
@@ -27,6 +31,8 @@ class Report:
     tensors: int = 0
     hashed: int = 0  # files checked against a manifest
     manifest: Path | None = None
+    kind: str = "model"  # or "mmproj": a vision tower's file, checked against its own metadata
+    mmproj: Path | None = None  # the mmproj found beside a GGUF (load_model attaches it), checked with it
 
     @property
     def ok(self) -> bool:
@@ -198,8 +204,10 @@ def _stored_quant(path: Path, rep: Report) -> dict | None:
 
 
 def _gguf(path: Path, rep: Report) -> None:
-    from .gguf import open_gguf
+    from .config import ModelConfig
+    from .gguf import mmproj, open_gguf
     from .gguf.loader import check_tensors
+    from .gguf.metadata import config_dict
     from .gguf.reader import split_parts
 
     try:
@@ -213,7 +221,26 @@ def _gguf(path: Path, rep: Report) -> None:
         rep.problems.append(f"corrupt: {e}")
         return
     rep.tensors = len(f.tensors)
+    if f.get("general.architecture") == mmproj.ARCH:
+        rep.kind = "mmproj"
+        rep.problems += mmproj.check_tensors(f)
+        return
+    hidden = None
     try:
         rep.problems += check_tensors(f)
+        hidden = ModelConfig.from_hf(config_dict(f), source=str(f.path)).hidden_size
     except Qwen35Error as e:
         rep.problems.append(f"config: {e}")
+    found = mmproj.find_mmproj(path)
+    if found is None:
+        return
+    # what load_model attaches to the model is checked with it (against its hidden size) and hashed with it
+    rep.mmproj = found
+    rep.files.append(found)
+    try:
+        g = open_gguf(found)
+    except Qwen35Error as e:
+        rep.problems.append(f"corrupt: {e}")
+        return
+    rep.tensors += len(g.tensors)
+    rep.problems += [p if p.startswith("config: ") else f"{found.name}: {p}" for p in mmproj.check_tensors(g, hidden)]

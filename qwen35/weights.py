@@ -14,7 +14,10 @@ straight into its final storage, so peak memory is about one copy of the weights
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -35,12 +38,13 @@ from .placement import allocate, quantize_into
 from .quant.formats import all_finite
 from .safetensors_io import SafetensorsReader, TensorEntry
 
+log = logging.getLogger("qwen35")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
                kernels: bool | None = None, quant: str | None = None,
-               kv_cache: str = "bf16", mmproj: str | Path | None = None) -> Qwen35ForCausalLM:
+               kv_cache: str = "bf16", mmproj: str | Path | Literal[False] | None = None) -> Qwen35ForCausalLM:
     """Load a Qwen3.5 checkpoint directory, or a `qwen35` GGUF file (qwen35/gguf/loader.py).
     dtype: torch.float32, torch.bfloat16 or torch.float16.
     progress: show a progress bar (bytes read) on stderr. kernels: bind the C++ CPU kernels (True), run the
@@ -52,6 +56,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     "bf16" (the model's dtype) or "q8_0" (8-bit blocks, kv_storage.py); sets `model.kv_cache`.
     mmproj: a llama.cpp mmproj GGUF (gguf/mmproj.py) whose vision tower is attached as `model.visual`, in
     `dtype` (quant= leaves it alone, as it does a checkpoint's tower); for a model without a tower of its own.
+    None (the default): for a GGUF, the `mmproj-<stem>.gguf` beside it where there is one (find_mmproj; one info
+    line names it; a found file that does not fit the model is an error, not skipped). False: none, the text
+    model alone.
 
     Raises ConfigError / CheckpointError (both Qwen35Error) naming the file or tensor at fault.
     """
@@ -63,17 +70,48 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     if kv_cache != "bf16":  # a blocked format must also fit the model's heads: read the config alone first
         config = _read_config(Path(path))
         check_kv_cache(kv_cache, config.head_dim if config is not None else None)
+    if mmproj is not None and mmproj is not False and not isinstance(mmproj, (str, Path)):
+        raise TypeError(f"mmproj= takes a path, None (the mmproj-<name>.gguf beside a GGUF) or False (none), "
+                        f"not {mmproj!r}")
+    found = mmproj is None
+    if found:
+        from .gguf.mmproj import find_mmproj
+
+        mmproj = find_mmproj(path)
+    elif mmproj is False:
+        mmproj = None
     if mmproj is not None:  # a missing, foreign or mismatched mmproj is said before the text model loads
         from .gguf.mmproj import check_mmproj
 
-        check_mmproj(mmproj, _read_config(Path(path)))
+        config = _read_config(Path(path))  # (the text model's own errors are its own, not the mmproj's)
+        with _found_mmproj(path, mmproj, found):
+            check_mmproj(mmproj, config)
     model = _load_model(Path(path), dtype, progress, kernels, quant)
     model.kv_cache = kv_cache
     if mmproj is not None:
         from .gguf.mmproj import attach_mmproj
 
-        attach_mmproj(model, mmproj, dtype, source=Path(path))
+        with _found_mmproj(path, mmproj, found):
+            attach_mmproj(model, mmproj, dtype, source=Path(path))
+        if found:
+            log.info(f"mmproj: attached {mmproj}, found beside {Path(path).name} (mmproj=False or --no-mmproj: "
+                     "the text model alone)")
     return model
+
+
+@contextmanager
+def _found_mmproj(path, mmproj: Path, found: bool):
+    """A CheckpointError about an mmproj load_model found rather than was given says so, and how to opt out:
+    skipping a file that does not fit would hide the problem (a stale or another model's tower)."""
+    if not found:
+        yield
+        return
+    try:
+        yield
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} ({mmproj.name} was found beside {Path(path).name} as its mmproj: pass "
+                              "mmproj=False, or --no-mmproj, to load the text model alone, or name the right "
+                              "one with mmproj= / --mmproj)") from None
 
 
 def _read_config(path: Path) -> ModelConfig | None:

@@ -1,7 +1,8 @@
 """The vision tower as llama.cpp's mmproj GGUF: our file is the converter's (`convert_hf_to_gguf.py --mmproj`)
 key for key and byte for byte, export -> load gives back the checkpoint's image-prompt logits exactly, `qwen35
-export` writes it beside the text GGUF, a wrong or mismatched file is a named error, and llama.cpp's libmtmd
-runs our text GGUF + mmproj to qwen35's numbers.
+export` writes it beside the text GGUF and loading a GGUF finds it there (mmproj=False / --no-mmproj: not), a
+wrong or mismatched file is a named error (a found one too), `qwen35 info` describes one and `qwen35 verify`
+checks one, and llama.cpp's libmtmd runs our text GGUF + mmproj to qwen35's numbers.
 
 Tolerances against llama.cpp (f32 files, its tower without flash attention; measured on this replica, which is
 the one the study calibrated them on): image embeddings max |d| 3.1e-3 (of values up to 6.1: its merger's GELU
@@ -109,11 +110,24 @@ def test_export_command_writes_the_mmproj_beside_the_gguf(vlm, exported, tmp_pat
     assert main(["export", str(vlm), str(tmp_path / "b.gguf"), "--no-mmproj"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*b.gguf")) == ["b.gguf"]
     capsys.readouterr()
+    # a GGUF source loads with the mmproj found beside it (load_model), so its tower goes on beside OUT
     assert main(["export", str(text), str(tmp_path / "c.gguf")]) == 0
-    assert "is a GGUF, which holds no vision tower: no mmproj written" in capsys.readouterr().out
-    assert main(["export", str(text), str(tmp_path / "d.gguf"), "--mmproj", str(tmp_path / "d-mm.gguf")]) == 1
-    assert "is a GGUF, which holds the text model only: there is no vision tower to write" in capsys.readouterr().err
+    assert f"wrote {tmp_path / 'mmproj-c.gguf'} (the vision tower" in capsys.readouterr().out
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "m.gguf").write_bytes(text.read_bytes())
+    assert main(["export", str(alone / "m.gguf"), str(tmp_path / "c2.gguf")]) == 0
+    assert "is a GGUF with no mmproj-*.gguf beside it: no vision tower written" in capsys.readouterr().out
+    assert main(["export", str(alone / "m.gguf"), str(tmp_path / "d.gguf"), "--mmproj", str(tmp_path / "d-mm.gguf")]) == 1
+    assert "is a GGUF with no mmproj file beside it: there is no vision tower to write" in capsys.readouterr().err
     assert not (tmp_path / "d.gguf").exists()  # refused before anything was written
+    # a GGUF with its mmproj beside it: --mmproj names where the tower goes; --no-mmproj neither reads nor writes
+    # it, even where the file beside does not fit (it had been loaded, and refused, anyway)
+    assert main(["export", str(text), str(tmp_path / "f.gguf"), "--mmproj", str(tmp_path / "f-mm.gguf")]) == 0
+    assert f"wrote {tmp_path / 'f-mm.gguf'} (the vision tower" in capsys.readouterr().out
+    (alone / "mmproj-m.gguf").write_bytes(b"GGUF not really")
+    assert main(["export", str(alone / "m.gguf"), str(tmp_path / "g.gguf"), "--no-mmproj"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*g.gguf")) == ["g.gguf"]
     assert main(["export", str(vlm), str(tmp_path / "e.gguf"), "--mmproj", str(tmp_path / "e.gguf")]) == 1
 
 
@@ -171,10 +185,20 @@ def test_mismatched_or_foreign_files_are_named_errors(vlm, exported, tmp_path, m
     with pytest.raises(CheckpointError, match=rf"{foreign}: mmproj projector type 'qwen2vl_merger'; qwen35 runs "):
         load_model(text, mmproj=foreign)
     # a tensor short
+    rewrite(proj, tmp_path / "short.gguf", drop="mm.2.bias")
+    with pytest.raises(CheckpointError, match=r"short.gguf: missing tensor 'mm.2.bias' for a tower of 2 blocks"):
+        load_model(text, mmproj=tmp_path / "short.gguf")
+    with pytest.raises(CheckpointError, match=rf"{proj}: the model already has a vision tower"):
+        load_model(vlm, mmproj=proj)
+
+
+def rewrite(src: Path, out: Path, drop: str | None = None, reshape: dict | None = None) -> Path:
+    """A copy of the mmproj `src` (the clip keys load_mmproj reads, every tensor as F32) without tensor `drop`
+    and with the tensors in `reshape` (name -> torch-order shape) of another shape."""
     from gguf import GGUFWriter
 
-    f = open_gguf(proj)
-    w = GGUFWriter(tmp_path / "short.gguf", "clip")
+    f = open_gguf(src)
+    w = GGUFWriter(out, "clip")
     for k in ("general.type", "clip.has_vision_encoder", "clip.projector_type"):
         w.add_string(k, f.get(k)) if isinstance(f.get(k), str) else w.add_bool(k, f.get(k))
     for k in ("projection_dim", "patch_size", "embedding_length", "feed_forward_length", "block_count",
@@ -183,16 +207,14 @@ def test_mismatched_or_foreign_files_are_named_errors(vlm, exported, tmp_path, m
     w.add_array("clip.vision.image_mean", f.get("clip.vision.image_mean"))
     w.add_array("clip.vision.image_std", f.get("clip.vision.image_std"))
     for n, t in f.tensors.items():
-        if n != "mm.2.bias":
-            w.add_tensor(n, np.array(t.data))
+        if n != drop:
+            a = np.array(t.data)
+            w.add_tensor(n, np.zeros((reshape or {})[n], np.float32) if n in (reshape or {}) else a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(CheckpointError, match=r"short.gguf: missing tensor 'mm.2.bias' for a tower of 2 blocks"):
-        load_model(text, mmproj=tmp_path / "short.gguf")
-    with pytest.raises(CheckpointError, match=rf"{proj}: the model already has a vision tower"):
-        load_model(vlm, mmproj=proj)
+    return out
 
 
 def test_cli_generate_takes_mmproj(exported, tmp_path):
@@ -211,6 +233,190 @@ def test_cli_generate_takes_mmproj(exported, tmp_path):
     ref = [r.token for r in qwen35.stream_generate(model, tok, args[1], SamplingParams(temperature=0, max_tokens=4,
                                                                                       ignore_eos=True), images=[png])]
     assert json.loads(p.stdout.strip().splitlines()[-1])["token_ids"] == ref
+
+
+# ---- found beside the GGUF; described by `qwen35 info`, checked by `qwen35 verify` ----
+@pytest.fixture(scope="module")
+def wide(vlm, tmp_path_factory):
+    """An mmproj of another model: the replica's tower, projecting to 128 dims (the text model has 64)."""
+    model = load_model(vlm, dtype=torch.float32, kernels=False)
+    other = SimpleNamespace(visual=model.visual, config=SimpleNamespace(hidden_size=128, rms_norm_eps=1e-6))
+    return export_mmproj(other, tmp_path_factory.mktemp("wide") / "wide.gguf", "f32")
+
+
+def beside(text: Path, folder: Path, mmproj: Path | None) -> Path:
+    """A copy of the text GGUF in `folder`, with `mmproj` copied beside it as its mmproj-<stem>.gguf."""
+    folder.mkdir()
+    (folder / text.name).write_bytes(text.read_bytes())
+    if mmproj is not None:
+        mmproj_path(folder / text.name).write_bytes(mmproj.read_bytes())
+    return folder / text.name
+
+
+def test_load_finds_the_mmproj_beside_a_gguf(exported, caplog):
+    """load_model / qwen35.load of a GGUF without mmproj=: the mmproj-<stem>.gguf beside it is attached (one info
+    line names it), the same tower as naming it; mmproj=False loads the text model alone."""
+    text, proj = exported["f32"]
+    with caplog.at_level("INFO", logger="qwen35"):
+        model = load_model(text, kernels=False)
+    named = load_model(text, kernels=False, mmproj=proj)
+    assert [r.getMessage() for r in caplog.records if "mmproj" in r.getMessage()] == [
+        f"mmproj: attached {proj}, found beside m.gguf (mmproj=False or --no-mmproj: the text model alone)"]
+    a, b = dict(model.visual.named_parameters()), dict(named.visual.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert model.config.vision_config == named.config.vision_config
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qwen35"):
+        alone, _ = qwen35.load(text, kernels=False, mmproj=False)
+    assert getattr(alone, "visual", None) is None and alone.config.vision_config is None
+    assert "mmproj" not in caplog.text
+    with pytest.raises(TypeError, match="mmproj= takes a path, None"):
+        load_model(text, mmproj=True)
+
+
+def test_which_file_is_found(vlm, tmp_path):
+    """mmproj-<stem>.gguf in the GGUF's own folder; for any part of a split <base>-0000K-of-0000N.gguf,
+    mmproj-<base>.gguf; nothing for a checkpoint directory (it carries its own tower) or where none is."""
+    for n in ("s-00001-of-00002.gguf", "s-00002-of-00002.gguf", "mmproj-s.gguf", "t.gguf", "ck/config.json",
+              "mmproj-ck.gguf", "mmproj-vlm.gguf"):
+        (tmp_path / n).parent.mkdir(exist_ok=True)
+        (tmp_path / n).touch()
+    assert mm.find_mmproj(tmp_path / "s-00001-of-00002.gguf") == tmp_path / "mmproj-s.gguf"
+    assert mm.find_mmproj(tmp_path / "s-00002-of-00002.gguf") == tmp_path / "mmproj-s.gguf"
+    assert mm.find_mmproj(tmp_path / "t.gguf") is None
+    assert mm.find_mmproj(tmp_path / "ck") is None
+    assert mm.find_mmproj(tmp_path / "mmproj-s.gguf") is None  # (no mmproj-mmproj-s.gguf)
+    assert mm.find_mmproj(vlm) is None
+
+
+def test_a_found_mmproj_that_does_not_fit_is_an_error(exported, wide, tmp_path):
+    """Another model's tower beside the GGUF: an error naming the file found and the way out (never skipped);
+    mmproj=False loads the text model, and an mmproj named explicitly wins without the found one being read."""
+    text, proj = exported["f32"]
+    m = beside(text, tmp_path / "mismatch", wide)
+    with pytest.raises(CheckpointError, match=rf"{m.parent / 'mmproj-m.gguf'}: this mmproj projects to 128 dims .* "
+                                              r"\(mmproj-m.gguf was found beside m.gguf as its mmproj: pass "
+                                              r"mmproj=False, or --no-mmproj, to load the text model alone"):
+        qwen35.load(m, kernels=False)
+    assert getattr(load_model(m, kernels=False, mmproj=False), "visual", None) is None
+    assert load_model(m, kernels=False, mmproj=proj).visual is not None
+    # a broken file found is an error too (not GGUF at all)
+    (m.parent / "mmproj-m.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(CheckpointError, match=r"mmproj-m.gguf .*was found beside m.gguf as its mmproj"):
+        load_model(m, kernels=False)
+
+
+def test_no_mmproj_flag(exported, wide, tmp_path):
+    """--mmproj PATH / --no-mmproj on the commands that load a model: one dest (a path, False, or None to find
+    it), not both; `qwen35 generate` refuses a found mmproj that does not fit, naming --no-mmproj, and runs with it."""
+    import argparse
+
+    from qwen35.commands.common import add_model_args
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    assert p.parse_args(["m.gguf"]).mmproj is None
+    assert p.parse_args(["m.gguf", "--no-mmproj"]).mmproj is False
+    assert p.parse_args(["m.gguf", "--mmproj", "x.gguf"]).mmproj == Path("x.gguf")
+    with pytest.raises(SystemExit):
+        p.parse_args(["m.gguf", "--mmproj", "x.gguf", "--no-mmproj"])
+    m = beside(exported["f32"][0], tmp_path / "mismatch", wide)
+    args = [sys.executable, "-m", "qwen35", "generate", str(m), "--prompt", "Hi", "--max-tokens", "2",
+            "--temperature", "0", "--threads", "1", "--dtype", "float32"]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 1 and "mmproj-m.gguf was found beside m.gguf" in p.stderr and "--no-mmproj" in p.stderr
+    p = subprocess.run([*args, "--no-mmproj"], capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+
+
+def info(capsys, *argv) -> tuple[int, str]:
+    from qwen35.cli import main
+
+    rc = main(["info", *map(str, argv)])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_info_describes_an_mmproj_and_names_the_one_found(exported, wide, tmp_path, capsys):
+    text, proj = exported["f32"]
+    rc, out = info(capsys, proj)
+    assert rc == 0, out
+    lines = {ln[:13].strip(): ln[13:] for ln in out.splitlines() if not ln.startswith(" ")}
+    assert lines["mmproj"].startswith(str(proj))
+    assert lines["architecture"] == "clip (an mmproj: a vision tower), projector qwen3vl_merger, name 'm', file type F32"
+    vc = replica.VISION
+    assert lines["tower"] == (f"2 blocks, hidden {vc['hidden_size']}, {vc['num_heads']} heads x "
+                              f"{vc['hidden_size'] // vc['num_heads']}, MLP {vc['intermediate_size']}, "
+                              f"{vc['num_position_embeddings']} positions ({round(vc['num_position_embeddings']**0.5)} x "
+                              f"{round(vc['num_position_embeddings']**0.5)})")
+    assert lines["patches"].startswith(f"{vc['patch_size']} x {vc['patch_size']} pixels x 2 frames, 2 x 2 merged")
+    assert lines["projection"] == "64 dims: for a text model of hidden size 64"
+    f = open_gguf(proj)
+    params = sum(t.n_elements for t in f.tensors.values())
+    assert lines["parameters"] == f"{params / 1e6:.1f}M"
+    assert "F32" in out and "read in the model dtype" in out and "v.blk.1.attn_qkv.weight" not in out
+    rc, out = info(capsys, proj, "--tensors")
+    qkv = f.tensors["v.blk.1.attn_qkv.weight"]
+    row = [ln.split() for ln in out.splitlines() if ln.strip().startswith("v.blk.1.attn_qkv.weight")]
+    assert rc == 0 and row == [["v.blk.1.attn_qkv.weight", "F32", "x".join(str(int(s)) for s in qkv.shape),
+                                f"{qkv.n_bytes:,d}", "bytes"]]
+    rc, out = info(capsys, proj, "--context", "8")
+    assert rc == 1 and "is an mmproj (a vision tower): --context describes a text model" in out
+    # the text GGUF names the mmproj it would attach, or why it would refuse the one beside it
+    rc, out = info(capsys, text)
+    assert rc == 0 and "mmproj       mmproj-m.gguf beside it, attached at load (--no-mmproj skips it): a 2-block" in out
+    rc, out = info(capsys, beside(text, tmp_path / "mismatch", wide))
+    assert rc == 0 and ("mmproj       mmproj-m.gguf beside it does not fit this model, so loading refuses it "
+                        "(--no-mmproj: the text model alone): ") in out and "projects to 128 dims" in out
+    rc, out = info(capsys, beside(text, tmp_path / "none", None))
+    assert rc == 0 and "mmproj " not in out
+
+
+def test_verify_checks_an_mmproj(exported, wide, tmp_path, capsys):
+    """`qwen35 verify MMPROJ`: OK for a good one; a truncated file, a missing tensor and a tensor of the wrong
+    shape are each named. `qwen35 verify M.gguf` checks and hashes the mmproj found beside it too."""
+    from qwen35.cli import main
+    from qwen35.manifest import MANIFEST, read_manifest
+
+    def verify(path):
+        rc = main(["verify", str(path)])
+        return rc, capsys.readouterr().out.strip().splitlines()
+
+    proj = exported["bf16"][1]
+    rc, out = verify(proj)
+    assert rc == 0 and out == [(f"{proj}: OK: 1 weight file(s), {len(open_gguf(proj).tensors)} tensors, shapes as "
+                                "its metadata implies (an mmproj: a vision tower); hashes not checked (no manifest: "
+                                "`qwen35 verify --write-manifest` records one)")]
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(proj.read_bytes()[:-64])
+    rc, out = verify(bad)
+    assert rc == 1 and out[0].startswith("corrupt: ") and "file is truncated: tensor" in out[0]
+    rc, out = verify(rewrite(exported["f32"][1], tmp_path / "short.gguf", drop="v.blk.0.ffn_up.bias",
+                             reshape={"mm.0.weight": (5, 7)}))
+    assert rc == 1 and out[:2] == [
+        "missing tensor 'v.blk.0.ffn_up.bias' for a tower of 2 blocks",
+        (f"tensor 'mm.0.weight' has shape [7, 5] (GGUF order), the metadata implies "
+         f"{list(reversed(open_gguf(proj).tensors['mm.0.weight'].shape.tolist()))}")]
+    # a text GGUF's check takes in the mmproj found beside it: against its width, and into its manifest
+    m = beside(exported["bf16"][0], tmp_path / "pair", proj)
+    assert main(["verify", str(m), "--write-manifest"]) == 0
+    assert set(read_manifest(m.parent / MANIFEST)["files"]) == {"m.gguf", "mmproj-m.gguf"}
+    capsys.readouterr()
+    rc, out = verify(m)
+    assert rc == 0 and out[0].startswith(f"{m}: OK: 2 weight file(s) (with mmproj-m.gguf, the mmproj found beside "
+                                         "it), ") and "2 file(s) match" in out[0]
+    rc, out = verify(m.parent / "mmproj-m.gguf")
+    assert rc == 0 and "1 file(s) match" in out[0]
+    raw = bytearray((m.parent / "mmproj-m.gguf").read_bytes())
+    raw[-3] ^= 0x10
+    (m.parent / "mmproj-m.gguf").write_bytes(bytes(raw))
+    for path in (m, m.parent / "mmproj-m.gguf"):
+        rc, out = verify(path)
+        assert rc == 1 and len(out) == 2 and out[0].startswith("corrupt: mmproj-m.gguf: sha256 ")
+        assert out[1] == f"{path}: 1 problem(s)"
+    rc, out = verify(beside(exported["bf16"][0], tmp_path / "mismatch", wide))
+    assert rc == 1 and out[0].startswith(f"config: {tmp_path / 'mismatch' / 'mmproj-m.gguf'}: this mmproj projects "
+                                         "to 128 dims")
 
 
 # ---- llama.cpp itself (the `llamacpp` marker: benchmarks/llamacpp.py's venv) ----

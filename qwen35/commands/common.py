@@ -216,9 +216,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_mmproj_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mmproj", type=Path, default=None, metavar="PATH",
+    """--mmproj PATH / --no-mmproj, one dest: a path, False (none) or None (load_model finds one: a GGUF's
+    mmproj-<stem>.gguf beside it)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--mmproj", type=Path, default=None, metavar="PATH",
                    help="a llama.cpp mmproj GGUF (the vision tower `qwen35 export` writes beside a GGUF as "
-                        "mmproj-<name>.gguf) to give MODEL images; for a model without a tower of its own")
+                        "mmproj-<name>.gguf) to give MODEL images; for a model without a tower of its own "
+                        "(default: a GGUF's mmproj-<name>.gguf beside it, where there is one)")
+    g.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=False,
+                   help="do not attach the mmproj-<name>.gguf found beside a GGUF MODEL: the text model alone")
 
 
 def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:

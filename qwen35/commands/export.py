@@ -9,7 +9,8 @@ in the type's layout; the others are requantized from their dequantized values (
 
 A vision checkpoint's tower goes to a second file, as llama.cpp keeps it: the mmproj GGUF its mtmd library
 (and LM Studio) loads beside the text model, `mmproj-<OUT stem>.gguf` next to OUT unless --mmproj names
-another path or --no-mmproj skips it (gguf/mmproj.py). A GGUF MODEL holds no tower to write.
+another path or --no-mmproj skips it (gguf/mmproj.py). A GGUF MODEL's tower is the mmproj file beside it,
+which loading finds (mmproj-<stem>.gguf), re-exported to the new type.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     from ..errors import Qwen35Error
     from ..gguf import export_gguf, export_mmproj, mmproj_path, open_gguf
     from ..gguf.metadata import check_exportable, config_dict
-    from ..gguf.mmproj import FILE_TYPES
+    from ..gguf.mmproj import FILE_TYPES, find_mmproj
     from ..gguf.reader import is_gguf_path
     from ..gguf.writer import POLICY, TYPE_ALIASES
     from ..quant.checkpoint import read_quant_config
@@ -76,14 +77,17 @@ def main(args: argparse.Namespace) -> int:
     config = (ModelConfig.from_hf(config_dict(source_gguf), source=str(source_gguf.path))
               if source_gguf is not None else ModelConfig.from_file(src))
     check_exportable(config)  # before the weights load: a yarn setting GGUF cannot hold is said now
-    if args.mmproj is not None and (source_gguf is not None or config.vision_config is None):
-        what = "a GGUF, which holds the text model only" if source_gguf is not None else "a text-only checkpoint"
+    # a GGUF's tower is the mmproj beside it, which loading attaches (gguf/mmproj.find_mmproj)
+    found = find_mmproj(src) if source_gguf is not None and not args.no_mmproj else None
+    if args.mmproj is not None and found is None and (source_gguf is not None or config.vision_config is None):
+        what = ("a GGUF with no mmproj file beside it" if source_gguf is not None else "a text-only checkpoint")
         raise Qwen35Error(f"{args.model} is {what}: there is no vision tower to write to --mmproj {args.mmproj}")
     if quant is not None and (source_gguf is not None or read_quant_config(src) is not None):
         # a GGUF or a `qwen35 quantize` checkpoint is loaded as it is (quant= would refuse another policy);
         # the writer keeps the matrices already in the layout and requantizes the others, with a warning
         quant = None
-    model = load_model(src, dtype=dtype, quant=quant, kernels=False, progress=True)
+    model = load_model(src, dtype=dtype, quant=quant, kernels=False, progress=True,
+                       mmproj=False if args.no_mmproj else None)
     files = export_gguf(model, args.out, args.file_type, mtp=args.mtp,
                         tokenizer_from=None if source_gguf is not None else src, gguf_source=source_gguf,
                         name=args.name, split_max_bytes=int(args.split_max_gb * 2**30), progress=True)
@@ -96,6 +100,5 @@ def main(args: argparse.Namespace) -> int:
     elif args.mmproj is not None:  # a composite config whose checkpoint holds no tower tensors
         raise Qwen35Error(f"{args.model} has no vision tower weights: nothing was written to --mmproj {args.mmproj}")
     elif source_gguf is not None and not args.no_mmproj:
-        print(f"note: {args.model} is a GGUF, which holds no vision tower: no mmproj written (a model's mmproj "
-              "file, where it has one, is used as it is)")
+        print(f"note: {args.model} is a GGUF with no mmproj-*.gguf beside it: no vision tower written")
     return 0

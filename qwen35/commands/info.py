@@ -1,7 +1,8 @@
 """Show a checkpoint's configuration, parameter count and memory needs.
 
 Reads only config.json and the safetensors headers (or a GGUF's metadata and tensor index), so it is instant
-even for large checkpoints.
+even for large checkpoints. An mmproj GGUF (a vision tower, gguf/mmproj.py) is described as a tower; a GGUF's
+description names the mmproj load_model would attach to it (found beside it).
 """
 
 from __future__ import annotations
@@ -69,11 +70,13 @@ def print_plan(config: ModelConfig, context: int, weight_bytes: float, args: arg
 def gguf_info(path: Path, args: argparse.Namespace) -> int:
     """A GGUF's architecture, and per tensor type: how many tensors, weights, bytes, bits per weight and what
     `load_model` makes of them (our kernels' layout as it is, converted to q8_0, or cast to a float dtype)."""
-    from ..gguf import names, open_gguf
+    from ..gguf import mmproj, names, open_gguf
     from ..gguf.loader import CONVERT_TO, _convertible, _gguf_shape, _native
     from ..gguf.metadata import config_dict
 
     f = open_gguf(path)
+    if f.get("general.architecture") == mmproj.ARCH:
+        return mmproj_info(f, args)
     config = ModelConfig.from_hf(config_dict(f), source=str(f.path))
     context = context_of(config, args)
     weight_bytes = f.nbytes
@@ -121,6 +124,18 @@ def gguf_info(path: Path, args: argparse.Namespace) -> int:
           f"vocab {config.vocab_size}, tied head: {config.tie_word_embeddings}")
     print(f"parameters   {params / 1e6:.1f}M (of which MTP {mtp / 1e6:.1f}M)")
     print(f"weights      {f.nbytes / 2**20:.1f} MiB, {f.nbytes * 8 / max(params, 1):.2f} bits per weight")
+    tower_bytes = print_found_mmproj(path, config)
+    print_tensor_table(f, rows, args)
+    if args.quant:
+        print(f"with --quant {args.quant}: weights {weight_bytes / gib:.2f} GiB, {qbits:.2f} bits per weight over "
+              f"every tensor")
+    print_plan(config, context, weight_bytes + tower_bytes, args)
+    return 0
+
+
+def print_tensor_table(f, rows: dict, args: argparse.Namespace) -> None:
+    """Per tensor type (rows: type -> [count, weights, bytes, Counter of what qwen35 does with them]), and with
+    --tensors every tensor's name, type, shape (GGUF order) and bytes."""
     print("tensors      type     count   weights       MiB   bits/w  in qwen35")
     for kind, (count, n, nbytes, fates) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
         fate = "; ".join(f"{c} {what}" if len(fates) > 1 else what for what, c in fates.most_common())
@@ -129,10 +144,71 @@ def gguf_info(path: Path, args: argparse.Namespace) -> int:
         for gname, t in f.tensors.items():
             shape = "x".join(str(int(s)) for s in t.shape.tolist())
             print(f"  {gname:<40} {t.tensor_type.name:<6} {shape:<16} {t.n_bytes:>12,d} bytes")
-    if args.quant:
-        print(f"with --quant {args.quant}: weights {weight_bytes / gib:.2f} GiB, {qbits:.2f} bits per weight over "
-              f"every tensor")
-    print_plan(config, context, weight_bytes, args)
+
+
+def print_found_mmproj(path: Path, config: ModelConfig) -> int:
+    """The mmproj line of a GGUF's description: the file load_model would attach (find_mmproj), or why it would
+    refuse it. Returns the bytes its tower takes loaded in bf16 (the commands' default dtype; 0 where none)."""
+    from ..gguf import mmproj, open_gguf
+
+    found = mmproj.find_mmproj(path)
+    if found is None:
+        return 0
+    try:
+        f = open_gguf(found)
+        vcfg = mmproj.tower_config(f, config.hidden_size)
+        problems = mmproj.tensor_problems(f, vcfg)
+        if problems:
+            raise Qwen35Error(f"{f.path}: {problems[0]}")
+    except Qwen35Error as e:
+        print(f"mmproj       {found.name} beside it does not fit this model, so loading refuses it (--no-mmproj: "
+              f"the text model alone): {e}")
+        return 0
+    n = sum(t.n_elements for t in f.tensors.values())
+    print(f"mmproj       {found.name} beside it, attached at load (--no-mmproj skips it): a {vcfg.depth}-block vision "
+          f"tower, {n / 1e6:.1f}M parameters, {f.nbytes / 2**20:.1f} MiB ({2 * n / 2**20:.1f} MiB in bf16, "
+          f"counted in the total)")
+    return 2 * n
+
+
+def mmproj_info(f, args: argparse.Namespace) -> int:
+    """An mmproj GGUF (a Qwen3.5 vision tower as llama.cpp keeps it): its projector, the tower's sizes, the
+    processor's patching and normalization, and per tensor type what the file holds."""
+    from ..gguf import mmproj
+
+    flags = {"--quant": args.quant, "--context": args.context, "--memory": args.memory,
+             "--kv-cache": args.kv_cache if args.kv_cache != "bf16" else None}
+    for flag, v in flags.items():
+        if v is not None:
+            raise Qwen35Error(f"{f.path} is an mmproj (a vision tower): {flag} describes a text model; run "
+                              "`qwen35 info` on the text GGUF it belongs to")
+    vcfg = mmproj.tower_config(f)
+    rows: dict[str, list] = {}
+    for t in f.tensors.values():
+        kind = t.tensor_type.name
+        fate = "read in the model dtype" if kind in ("F32", "F16", "BF16") else "dequantized to the model dtype"
+        r = rows.setdefault(kind, [0, 0, 0, Counter()])
+        r[0] += 1
+        r[1] += t.n_elements
+        r[2] += t.n_bytes
+        r[3][fate] += 1
+    params = sum(r[1] for r in rows.values())
+    file_type = f.get("general.file_type")
+    side = round(vcfg.num_position_embeddings**0.5)
+    mean, std = (tuple(round(float(v), 6) for v in f.get(f"clip.vision.{k}")) for k in ("image_mean", "image_std"))
+    print(f"mmproj       {f.path}  ({len(f.parts)} file(s), {sum(p.stat().st_size for p in f.parts) / 2**20:.1f} MiB)")
+    print(f"architecture {f.get('general.architecture')} (an mmproj: a vision tower), projector "
+          f"{f.get('clip.projector_type') or f.get('clip.vision.projector_type')}, name {f.get('general.name')!r}, "
+          f"file type {FILE_TYPE_NAMES.get(file_type, file_type)}")
+    print(f"tower        {vcfg.depth} blocks, hidden {vcfg.hidden_size}, {vcfg.num_heads} heads x {vcfg.head_dim}, "
+          f"MLP {vcfg.intermediate_size}, {vcfg.num_position_embeddings} positions ({side} x {side})")
+    print(f"patches      {vcfg.patch_size} x {vcfg.patch_size} pixels x {vcfg.temporal_patch_size} frames, "
+          f"{vcfg.spatial_merge_size} x {vcfg.spatial_merge_size} merged into one token; pixels normalized by "
+          f"mean {mean}, std {std}")
+    print(f"projection   {vcfg.out_hidden_size} dims: for a text model of hidden size {vcfg.out_hidden_size}")
+    print(f"parameters   {params / 1e6:.1f}M")
+    print(f"weights      {f.nbytes / 2**20:.1f} MiB, {f.nbytes * 8 / max(params, 1):.2f} bits per weight")
+    print_tensor_table(f, rows, args)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def setup_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", type=Path, help="checkpoint directory or .gguf file (any part of a split)")
+    p.add_argument("path", type=Path, help="checkpoint directory or .gguf file (any part of a split; or an mmproj)")
     p.add_argument("--manifest", type=Path, default=None,
                    help="manifest to check hashes against (default: qwen35-manifest.json beside the weights)")
     p.add_argument("--write-manifest", action="store_true",
@@ -62,6 +62,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     hashes = (f"{rep.hashed} file(s) match {rep.manifest}" if rep.manifest is not None
               else "hashes not checked (no manifest: `qwen35 verify --write-manifest` records one)")
-    print(f"{args.path}: OK: {len(rep.files)} weight file(s), {rep.tensors} tensors, shapes as the config "
-          f"implies; {hashes}")
+    implied = "as its metadata implies (an mmproj: a vision tower)" if rep.kind == "mmproj" else \
+        "as the config implies"
+    with_mmproj = f" (with {rep.mmproj.name}, the mmproj found beside it)" if rep.mmproj is not None else ""
+    print(f"{args.path}: OK: {len(rep.files)} weight file(s){with_mmproj}, {rep.tensors} tensors, shapes {implied}; "
+          f"{hashes}")
     return 0

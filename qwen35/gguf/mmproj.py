@@ -18,6 +18,10 @@ re-derived here, not copied), so the two files have the same keys, tensors and t
 Reading takes the sizes from the metadata and the tensors, the processor's patch size, merge size and mean /
 std from the metadata (pixel limits are not in the file: the Qwen3.5 defaults), the vision rotary base 10000
 (llama.cpp hard-codes it), and the placeholder token ids from the text model's tokenizer.
+
+Found, not only named: load_model attaches `mmproj-<stem>.gguf` beside a GGUF it is given no mmproj for
+(find_mmproj), as llama.cpp front ends (LM Studio, Ollama) pair the two files; `qwen35 info` describes an mmproj
+and `qwen35 verify` checks one (check_tensors).
 """
 
 from __future__ import annotations
@@ -59,6 +63,20 @@ def mmproj_path(out: str | Path) -> Path:
     and LM Studio look for."""
     out = Path(out)
     return out.with_name(f"mmproj-{out.stem}.gguf")
+
+
+def find_mmproj(model: str | Path) -> Path | None:
+    """The mmproj load_model attaches to the GGUF `model` when it is given none: `mmproj-<stem>.gguf` in the
+    same folder (for a split GGUF `<base>-0000K-of-0000N.gguf`, any part: `mmproj-<base>.gguf`), where that file
+    exists; else None. None for a checkpoint directory too: it carries its own tower."""
+    from .reader import SPLIT_RE, is_gguf_path
+
+    p = Path(model)
+    if not (is_gguf_path(p) and p.is_file()):
+        return None
+    m = SPLIT_RE.match(p.name)
+    found = p.with_name(f"mmproj-{m.group('stem') if m else p.stem}.gguf")
+    return found if found.is_file() and found.name != p.name else None
 
 
 def gguf_names(name: str, temporal: int = 2) -> list[str]:
@@ -191,35 +209,24 @@ def load_mmproj(path: str | Path, config, dtype: torch.dtype = torch.float32, so
     from torch import nn
 
     from ..checkpoint_index import skip_init
-    from ..model.vision import VisionConfig, VisionModel
+    from ..model.vision import VisionModel
     from ..vision_input import ImageProcessor
     from ..weights import check_finite
     from .reader import open_gguf, to_torch
 
     f = open_gguf(path)
-    vision = {**vision_config(f, config.hidden_size), **placeholder_ids(source, config)}
-    try:
-        vcfg = VisionConfig.from_hf(vision, source=str(f.path))
-    except ConfigError as e:  # (a size the tower cannot have, e.g. heads that do not divide the width)
-        raise CheckpointError(str(e)) from None
+    vcfg = tower_config(f, config.hidden_size, placeholder_ids(source, config))
+    problems = tensor_problems(f, vcfg)
+    if problems:
+        raise CheckpointError(f"{f.path}: {problems[0]}")
     with torch.device("meta"), skip_init():
         tower = VisionModel(vcfg)
     params = dict(tower.named_parameters())
-    split = {n: gguf_names(n, p.shape[2] if n == PATCH else 1) for n, p in params.items()}
-    wanted = {g for gs in split.values() for g in gs}
-    missing = [g for g in wanted if g not in f.tensors]
-    unexpected = [g for g in f.tensors if g not in wanted]
-    for names, what in ((sorted(missing), "missing tensor"), (unexpected, "unexpected tensor")):
-        if names:
-            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-            raise CheckpointError(f"{f.path}: {what} '{names[0]}'{more} for a tower of {vcfg.depth} blocks")
     for n, p in params.items():
-        parts = [to_torch(f.tensors[g], f.path) for g in split[n]]
+        split = gguf_names(n, p.shape[2] if n == PATCH else 1)
+        parts = [to_torch(f.tensors[g], f.path) for g in split]
         t = torch.stack(parts, dim=2) if n == PATCH else parts[0]
-        if tuple(t.shape) != tuple(p.shape):
-            raise CheckpointError(f"{f.path}: tensor '{split[n][0]}' has shape {list(reversed(t.shape))} (GGUF "
-                                  f"order), the metadata implies {list(reversed(p.shape))}")
-        check_finite(f.path, split[n][0], t)
+        check_finite(f.path, split[0], t)
         keep = torch.float32 if "norm" in n.split(".")[-2] else dtype
         module, _, attr = n.rpartition(".")
         setattr(tower.get_submodule(module), attr, nn.Parameter(t.to(keep), requires_grad=False))
@@ -227,6 +234,68 @@ def load_mmproj(path: str | Path, config, dtype: torch.dtype = torch.float32, so
                               image_mean=tuple(float(v) for v in f.get("clip.vision.image_mean")),
                               image_std=tuple(float(v) for v in f.get("clip.vision.image_std")))
     return tower.eval()
+
+
+def tower_config(f, text_hidden: int | None = None, ids: dict[str, int] | None = None):
+    """The VisionConfig of an opened mmproj GGUF (vision_config's checks, then VisionConfig's), with the
+    placeholder token `ids` (placeholder_ids; None: VisionConfig's defaults, for a file looked at alone)."""
+    from ..model.vision import VisionConfig
+
+    try:  # (a size the tower cannot have, e.g. heads that do not divide the width)
+        return VisionConfig.from_hf({**vision_config(f, text_hidden), **(ids or {})}, source=str(f.path))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def tensor_problems(f, vcfg) -> list[str]:
+    """How the tensors of the opened mmproj `f` differ from those of a tower of VisionConfig `vcfg`: missing
+    or unexpected names, shapes, a type the reader cannot dequantize; [] where they are exactly its tensors.
+    Reads the tensor index only (and one row of each quantized tensor)."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    from ..checkpoint_index import skip_init
+    from ..model.vision import VisionModel
+    from .reader import FLOAT_TYPES
+
+    with torch.device("meta"), skip_init():
+        shapes = {n: tuple(p.shape) for n, p in VisionModel(vcfg).named_parameters()}
+    want = {}  # llama.cpp name -> torch-order shape (each frame of the patch kernel on its own)
+    for n, shape in shapes.items():
+        for g in gguf_names(n, shape[2] if n == PATCH else 1):
+            want[g] = shape[:2] + shape[3:] if n == PATCH else shape
+    problems = []
+    missing = sorted(g for g in want if g not in f.tensors)
+    unexpected = [g for g in f.tensors if g not in want]
+    for names, what in ((missing, "missing tensor"), (unexpected, "unexpected tensor")):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            problems.append(f"{what} '{names[0]}'{more} for a tower of {vcfg.depth} blocks")
+    for g, shape in want.items():
+        t = f.tensors.get(g)
+        if t is None:
+            continue
+        got = tuple(int(s) for s in reversed(t.shape.tolist()))
+        if got != shape:
+            problems.append(f"tensor '{g}' has shape {list(reversed(got))} (GGUF order), the metadata implies "
+                            f"{list(reversed(shape))}")
+        elif t.tensor_type not in FLOAT_TYPES:
+            try:
+                dequantize(np.ascontiguousarray(t.data.reshape(-1, t.data.shape[-1])[:1]), t.tensor_type)
+            except NotImplementedError:
+                problems.append(f"tensor '{g}' has type {t.tensor_type.name}, which cannot be dequantized yet")
+    return problems
+
+
+def check_tensors(f, text_hidden: int | None = None) -> list[str]:
+    """`qwen35 verify`'s check of an opened mmproj: its metadata (projecting to `text_hidden`, the text model's
+    hidden size; None: on its own), then its tensors against the tower the metadata describes (tensor_problems).
+    Every problem, each a line."""
+    try:
+        vcfg = tower_config(f, text_hidden)
+    except CheckpointError as e:
+        return [f"config: {e}"]
+    return tensor_problems(f, vcfg)
 
 
 def check_mmproj(path: str | Path, config=None) -> None:
