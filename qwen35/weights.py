@@ -96,6 +96,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
         if found:
             log.info(f"mmproj: attached {mmproj}, found beside {Path(path).name} (mmproj=False or --no-mmproj: "
                      "the text model alone)")
+    model.mmproj_found = mmproj if found else None  # (the commands say it: their users see no info log)
     return model
 
 

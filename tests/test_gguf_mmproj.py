@@ -467,3 +467,14 @@ def test_llama_cpp_runs_our_gguf_and_mmproj(llamacpp, exported, tmp_path):
     greedy = [s.token for s in qwen35.stream_generate(model, tok, PROMPT, SamplingParams(temperature=0, max_tokens=12,
                                                                                           ignore_eos=True), images=[x])]
     assert greedy == r["greedy"]
+
+
+def test_a_command_says_the_mmproj_it_found(exported, tmp_path):
+    """A tower the user did not name is said on stderr by the commands (the library's info log is silent there)."""
+    m = beside(exported["f32"][0], tmp_path / "fits", exported["f32"][1])
+    p = subprocess.run([sys.executable, "-m", "qwen35", "generate", str(m), "--prompt", "Hi", "--max-tokens", "2",
+                        "--temperature", "0", "--threads", "1", "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr
+    assert (f"vision tower: {m.parent / 'mmproj-m.gguf'}, found beside the model (--no-mmproj: the text model "
+            "alone)") in p.stderr

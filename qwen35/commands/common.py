@@ -397,6 +397,9 @@ def load_from_args(args: argparse.Namespace):
     model, tokenizer = load(args.model or default_model(), dtype=DTYPES[args.dtype], progress=True, kernels=kernels,
                             quant=getattr(args, "quant", None), kv_cache=getattr(args, "kv_cache", "bf16"),
                             mmproj=getattr(args, "mmproj", None))
+    if getattr(model, "mmproj_found", None) is not None:  # a file the user did not name: say which
+        print(f"vision tower: {model.mmproj_found}, found beside the model (--no-mmproj: the text model alone)",
+              file=sys.stderr)
     # The model and tokenizer live as long as the process: move them (and everything imported so far) out of
     # the cyclic collector's view, so its full passes during decode no longer walk thousands of modules.
     gc.collect()
