@@ -108,6 +108,17 @@ class Tokenizer:
         tokens, the rest as plain text."""
         return [i for text, special in pieces for i in (self.encode(text) if special else self.encode_plain(text))]
 
+    def encode_segments_with_offsets(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode_segments` with the character span of each token in the pieces' joined text."""
+        self.encode_plain("")  # (builds the plain tokenizer)
+        ids, offsets, at = [], [], 0
+        for text, special in pieces:
+            enc = (self._tok if special else self._plain).encode(text, add_special_tokens=False)
+            ids += enc.ids
+            offsets += [(at + a, at + b) for a, b in enc.offsets]
+            at += len(text)
+        return ids, offsets
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and the character span each comes from."""
         enc = self._tok.encode(text, add_special_tokens=False)

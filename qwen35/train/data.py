@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,16 +54,24 @@ def _known_roles(messages, where: str) -> list:
 
 def _chat_document(messages, tokenizer, where: str, tools=None) -> Document:
     messages = _known_roles(messages, where)
-    try:
-        text = tokenizer.chat_template.render(messages, tools=tools, add_generation_prompt=False)
+    try:  # typed control tokens in the messages are text, as at inference (ChatTemplate.render_segments)
+        pieces = tokenizer.chat_template.render_segments(messages, tokenizer.added_tokens, tools=tools,
+                                                         add_generation_prompt=False)
     except Qwen35Error as e:
         raise DataError(f"{where}: {e}") from None
-    ids, offsets = tokenizer.encode_with_offsets(text)
+    ids, offsets = tokenizer.encode_segments_with_offsets(pieces)
+    # the assistant turns the template opened and closed: a user's typed "<|im_start|>assistant" opens none
+    opens, ends, at = [], [], 0
+    for piece, is_template in pieces:
+        if is_template:
+            opens += [at + m.end() for m in re.finditer(re.escape(ASSISTANT_OPEN), piece)]
+            ends += [at + m.end() for m in re.finditer(re.escape(TURN_END), piece)]
+        at += len(piece)
     spans, pos = [], 0
-    while (start := text.find(ASSISTANT_OPEN, pos)) >= 0:
-        begin = start + len(ASSISTANT_OPEN)
-        end = text.find(TURN_END, begin)
-        end = len(text) if end < 0 else end + len(TURN_END)
+    for begin in opens:
+        if begin < pos:
+            continue
+        end = next((e for e in ends if e > begin), at)
         spans.append((begin, end))
         pos = end
     loss = [any(b <= s and e <= end for b, end in spans) for s, e in offsets]
