@@ -32,12 +32,13 @@ def wait_healthy(base: str, proc=None, timeout: float = 120) -> None:
 
 
 @contextlib.contextmanager
-def serving(app, engine, log_level: str = "error"):
-    """Yields the base URL of `app` served on 127.0.0.1; stops the server and `engine` afterwards."""
-    import uvicorn
+def serving(app, engine, log_level: str = "error", **limits):
+    """Yields the base URL of `app` served on 127.0.0.1 (as qwen35 serve serves it: connections.make_server,
+    with `limits` passed on); stops the server and `engine` afterwards."""
+    from qwen35.server.connections import make_server
 
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    srv = make_server(app, "127.0.0.1", port, log_level=log_level, **limits)
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
     base = f"http://127.0.0.1:{port}"

@@ -117,7 +117,8 @@ def test_requests_wait_for_memory_and_too_big_ones_are_refused(model):
     assert not eng.waiting
 
 
-def test_http_503_names_the_memory_budget_and_the_server_goes_on(chat_model_dir):
+def test_http_400_names_the_memory_budget_and_the_server_goes_on(chat_model_dir):
+    """A request that could never fit is a 400 (a 503 is retried by clients, forever)."""
     from inprocess import serving
 
     from qwen35.server.app import create_app
@@ -128,9 +129,10 @@ def test_http_503_names_the_memory_budget_and_the_server_goes_on(chat_model_dir)
     with serving(create_app(eng, tok, "model", default_thinking=False), eng) as base:
         msgs = [{"role": "user", "content": "Hello"}]
         r = httpx.post(base + "/v1/chat/completions", json={"model": "model", "messages": msgs, "max_tokens": 5000})
-        assert r.status_code == 503
+        assert r.status_code == 400
         err = r.json()["error"]
         assert err["code"] == "insufficient_memory" and "memory budget" in err["message"]
+        assert "--memory-budget" in err["message"]
         assert "max_tokens 5000" in err["message"] and "Traceback" not in r.text
         r = httpx.post(base + "/v1/chat/completions",
                        json={"model": "model", "messages": msgs, "max_tokens": 4, "temperature": 0}, timeout=60)

@@ -588,18 +588,18 @@ def test_request_size_limit(plain):
 def test_request_parsing_does_not_block_the_event_loop(plain, monkeypatch):
     """While one request's body is being parsed (held here until /health has answered), /health answers:
     the parse runs on a worker thread, not on the event loop."""
-    from qwen35.server import app as app_mod
+    from qwen35.server import intake  # (where the body is parsed)
 
     base, _ = plain
     entered, release = threading.Event(), threading.Event()
-    real = app_mod.parse_json
+    real = intake.parse_json
 
     def held(raw):
         entered.set()
         assert release.wait(timeout=60)
         return real(raw)
 
-    monkeypatch.setattr(app_mod, "parse_json", held)
+    monkeypatch.setattr(intake, "parse_json", held)
     # (max_tokens past the context: answered 400 once parsed and tokenized, so nothing is prefilled)
     body = {"messages": [{"role": "user", "content": "lorem ipsum " * 60_000}], "max_tokens": 10**9}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -14,6 +14,7 @@ from test_server import TOOLS, inprocess, local, plain  # noqa: F401 - fixtures
 
 from qwen35.sampling import SamplingParams
 from qwen35.server import app as app_mod
+from qwen35.server import intake
 from qwen35.server.engine import Engine, QueueFull, Request
 from qwen35.server.prompt_ids import conversation_ids, least_tokens
 
@@ -164,14 +165,14 @@ def test_large_bodies_do_not_hold_up_small_ones(plain, monkeypatch):
     real = app_mod.conversation_ids
 
     def slow(tok, pieces, hist):
-        if sum(len(t) for t, _ in pieces) > app_mod.SMALL_BODY:
+        if sum(len(t) for t, _ in pieces) > intake.SMALL_BODY:
             entered.release()
             release.wait(60)
             raise app_mod.bad("messages", "held for the test")  # (not worth a prefill)
         return real(tok, pieces, hist)
 
     monkeypatch.setattr(app_mod, "conversation_ids", slow)
-    big = {"messages": [{"role": "user", "content": "b" * (app_mod.SMALL_BODY + 10)}], "max_tokens": 1}
+    big = {"messages": [{"role": "user", "content": "b" * (intake.SMALL_BODY + 10)}], "max_tokens": 1}
     threads = [threading.Thread(target=post, args=(base, big)) for _ in range(2)]
     for t in threads:
         t.start()

@@ -26,6 +26,7 @@ from .common import (
 def setup_parser(p: argparse.ArgumentParser) -> None:
     from ..memory import memory_size
     from ..server.body import DEFAULT_MAX_REQUEST_BYTES
+    from ..server.connections import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS
     from ..server.images import DEFAULT_MAX_IMAGE_PIXELS
 
     add_model_args(p)
@@ -37,7 +38,25 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=POSITIVE, default=64, help="waiting requests before answering 429")
     p.add_argument("--max-request-bytes", type=POSITIVE, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
-    p.add_argument("--request-timeout", type=number(0.001), default=600.0, help="seconds per request")
+    p.add_argument("--request-timeout", type=number(0.001), default=600.0,
+                   help="seconds per request: one with tokens by then ends with finish_reason \"timeout\", one "
+                        "without (still queued or prefilling) gets 503 code \"timeout\" (default 600)")
+    p.add_argument("--header-timeout", type=number(0.001), default=DEFAULT_HEADER_TIMEOUT_S,
+                   help="seconds a request's headers may take to arrive, from the connection's start or the end of "
+                        f"its last response; a slower client's connection is closed (default {DEFAULT_HEADER_TIMEOUT_S:g})")
+    p.add_argument("--body-timeout", type=number(0.001), default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds a request's body may take to arrive (at most --request-timeout); a slower one gets "
+                        f"408 and the connection is closed (default {DEFAULT_BODY_TIMEOUT_S:g})")
+    p.add_argument("--max-connections", type=POSITIVE, default=DEFAULT_MAX_CONNECTIONS,
+                   help="open connections (streams, idle keep-alive and slow clients together) past which a "
+                        f"request gets 503 (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--shutdown-timeout", type=number(0), default=10.0,
+                   help="on SIGTERM / Ctrl-C: new requests get 503 and queued ones end with a 503 error; running "
+                        "ones may finish for this many seconds, then end with an error (a stream: an error event "
+                        "and [DONE]); a second signal ends them at once (default 10)")
+    p.add_argument("--cors-origin", action="append", type=nonempty, default=None, metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (e.g. http://localhost:3000; '*' for any) call the API; "
+                        "repeat for several (default: no CORS headers)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image_url parts (default: only inline data: URLs; fetching makes the server "
                         "a client of any address a request names)")
@@ -49,7 +68,7 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
                    help="memory for prompt-reuse snapshots (0 disables reuse)")
     p.add_argument("--memory-budget", type=memory_size, default=None,
                    help="KV + state the requests in flight may hold together, e.g. 4GB; a request reserves "
-                        "prompt + max_tokens when it starts, waits while it does not fit and gets 503 if it "
+                        "prompt + max_tokens when it starts, waits while it does not fit and gets 400 if it "
                         "never could (default: 90%% of the memory available at start, less the prompt cache)")
     p.add_argument("--prefill-chunk", type=POSITIVE, default=512,
                    help="prompt tokens fed per turn, between the running requests' decode steps (smaller: "
@@ -67,10 +86,9 @@ def main(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    import uvicorn
-
     from ..memory import default_budget, format_bytes
     from ..server.app import create_app
+    from ..server.connections import make_server
     from ..server.engine import Engine
     from .common import load_from_args
 
@@ -87,12 +105,15 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(engine, tokenizer, name, api_key=args.api_key, default_thinking=args.think,
                      request_timeout=args.request_timeout, preserve_thinking=args.preserve_thinking,
                      max_request_bytes=args.max_request_bytes, allow_remote_images=args.allow_remote_images,
-                     max_image_pixels=args.max_image_pixels)
+                     max_image_pixels=args.max_image_pixels, body_timeout=args.body_timeout,
+                     cors_origins=args.cors_origin)
     if args.preserve_thinking and not tokenizer.chat_template.uses("preserve_thinking"):
         print("note: this model's chat template drops past think blocks (no 'preserve_thinking'): each turn "
               "reuses the conversation up to the previous user message and re-prefills the previous answer",
               flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    # uvicorn cancels a response still going this long after shutdown began (a client that stopped reading)
+    server = make_server(app, args.host, args.port, header_timeout=args.header_timeout,
+                         max_connections=args.max_connections, graceful_s=args.shutdown_timeout + 5)
 
     def http() -> None:
         try:
@@ -100,11 +121,18 @@ def main(args: argparse.Namespace) -> int:
         finally:
             engine.stop()  # the HTTP side ended (shutdown, or it never started: port in use): stop serving
 
+    signals = []
+
     def on_signal(*_):
+        # graceful: the engine refuses new requests (503) and gives running ones --shutdown-timeout; uvicorn
+        # stops listening and waits for the responses under way, which all end (finished, or an error event and
+        # [DONE]). A second signal: end them now. (Flags only: this runs between any two bytecodes.)
+        signals.append(1)
+        engine.drain(args.shutdown_timeout if len(signals) == 1 else 0)
         server.should_exit = True
-        engine.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     web = threading.Thread(target=http, name="qwen35-http", daemon=True)
     web.start()
     while not server.started and web.is_alive():
@@ -114,13 +142,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"qwen35 serving '{name}' on http://{args.host}:{args.port}/v1 ({mem} for requests in flight)",
               flush=True)
     try:
-        engine.run()
+        engine.run()  # returns once drained (every request has had its end) or stopped
     except KeyboardInterrupt:
         pass
     finally:
         server.should_exit = True
         engine.stop()
-        web.join(timeout=10)
+        web.join(timeout=args.shutdown_timeout + 10)  # the last events reach their clients
     if not server.started:
         print(f"qwen35 serve: could not start the HTTP server on {args.host}:{args.port}", file=sys.stderr)
         return 1

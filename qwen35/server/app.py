@@ -1,33 +1,29 @@
 """The OpenAI-compatible HTTP API (FastAPI): chat completions, completions, models, health, metrics.
 
-Requests are validated (body.py, messages.py, protocol.py), rendered with the model's chat template, and
-handed to the batching engine (engine.py); results stream back as Server-Sent Events or one JSON body. A
-client that disconnects cancels its request; errors come back in OpenAI's JSON shape and never carry a
-traceback.
+Requests come in through intake.py (API key, the body read against its size limit and deadline, preparation
+on worker threads), are validated (body.py, messages.py, protocol.py), rendered with the model's chat template,
+and handed to the batching engine (engine.py); results come back through streaming.py, as Server-Sent Events or
+one JSON body. A client that disconnects cancels its request; errors come back in OpenAI's JSON shape and never
+carry a traceback. No exception reaches uvicorn (`Guard`): one that did would make it close the keep-alive
+connection; every failure is a JSON error on a connection that stays usable. With an API key, everything but
+/health needs it (/metrics and /openapi.json included). Browsers may call it from the origins given
+(`cors_origins`, CORS off by default). While the engine drains (shutdown), new requests get 503.
 
-Input handling: the body is read up to `max_request_bytes` (413 beyond, counted while reading, so a huge
-body is never held), then parsed, validated, rendered and tokenized on a worker thread, so a 10 MB body
-does not stall /health or the streams of other requests. No exception reaches uvicorn (`Guard`): one that
-did would make it close the keep-alive connection; every failure is a JSON error on a connection that
-stays usable. With an API key, everything but /health needs it (/metrics and /openapi.json included).
-
-The middleware (guard.py), the stop-string filter (stop_strings.py), the responses' pieces (responses.py)
-and /metrics' text (metrics.py) live apart; the rest stays in one
-file past our ~300-line habit because the two endpoints share their streaming, usage and error helpers as
-closures over one app, and splitting them would pass that state around instead.
+The middleware (guard.py), the stop-string filter (stop_strings.py), the responses' pieces (responses.py) and
+/metrics' text (metrics.py) live apart; the two endpoints share their preparation and error helpers as closures
+over one app.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
-import queue
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -39,45 +35,49 @@ from ..generation import ContextLengthError, max_context
 from ..guide import make_guide
 from ..toolcalls import OutputParser, ParsedDelta
 from ..vision_input import ImageError
-from .body import DEFAULT_MAX_REQUEST_BYTES, parse_json
-from .engine import Engine, MemoryBudgetExceeded, QueueFull
+from .body import DEFAULT_MAX_REQUEST_BYTES
+from .connections import DEFAULT_BODY_TIMEOUT_S
+from .engine import Engine, MemoryBudgetExceeded, QueueFull, ShuttingDown
 from .engine import Request as EngineRequest
-from .errors import APIError, bad
+from .errors import APIError, bad, shutting_down
 from .guard import Guard
-from .images import DEFAULT_MAX_IMAGE_PIXELS, image_parts, load_images
+from .images import DEFAULT_MAX_IMAGE_PIXELS, fetch_all, image_parts, load_images, remote_parts
+from .intake import Fetching, Intake
 from .messages import parse_messages
-from .metrics import prometheus_text
+from .metrics import RequestCounts, prometheus_text
 from .prompt_ids import conversation_ids, least_tokens, message_texts, system_prefix
 from .protocol import parse_options
 from .responses import finish_reason, logprob_entry, sse, usage
-from .stop_strings import StopStrings
+from .streaming import answer, closing, framed
 
 log = logging.getLogger("qwen35.server")
-SMALL_BODY = 256 * 2**10  # bodies up to this size are prepared on threads that larger ones never hold
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                default_thinking: bool | None = None, request_timeout: float | None = 600.0,
                preserve_thinking: bool = True, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-               allow_remote_images: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> FastAPI:
+               allow_remote_images: bool = False, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               body_timeout: float = DEFAULT_BODY_TIMEOUT_S, cors_origins: list[str] | None = None) -> FastAPI:
+    """body_timeout: seconds the body may take to arrive (408 past it; at most request_timeout). cors_origins:
+    the browser origins allowed to call the API ("*": any); None or empty: no CORS headers."""
     # preserve_thinking: past assistant turns keep their think block (the reasoning the client sends back,
     # or an empty block), exactly as the model produced them, so turn N+1 restores the snapshot taken at the
     # end of turn N's answer. The Qwen3.6 templates and ours honour it; a template that ignores it drops past
     # think blocks, and reuse then stops at the end of turn N's user message.
     template_defaults = {"preserve_thinking": preserve_thinking}
     app = FastAPI(title="qwen35", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard)
+    counts = RequestCounts()
+    app.add_middleware(Guard, counts=counts)
+    if cors_origins:  # outside the Guard: its 500s and every error carry the headers too; preflights end here
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "HEAD"],
+                           allow_headers=["*"], max_age=600)
     started = int(time.time())
-    # parsing, rendering and tokenizing a request: off the event loop, on threads of their own (the default
-    # executor is busy with the token queues of running streams). Bodies over SMALL_BODY (seconds of
-    # rendering and tokenizing at 8 MiB) take threads of their own, so two of them cannot hold up every
-    # ordinary request behind them.
-    prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen35-prepare")
-    big_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qwen35-prepare-large")
+    intake = Intake(model_name, api_key, max_request_bytes, min(body_timeout, request_timeout or body_timeout),
+                    lambda: engine.draining)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
@@ -95,51 +95,6 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         log.info("a client disconnected before its request body arrived")
         return PlainTextResponse("", status_code=400)
 
-    def check_auth(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or key.strip() != api_key:  # the scheme's case is free (RFC 9110)
-            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
-
-    def too_large() -> APIError:
-        return APIError(413, f"the request body is larger than this server's limit of {max_request_bytes} bytes "
-                        "(qwen35 serve --max-request-bytes)", "body", "request_too_large")
-
-    async def read_body(request: Request) -> bytes:
-        """The raw body, refused (413) as soon as it is known to pass the limit: by its Content-Length
-        before reading, else while reading. uvicorn discards the unread rest, and the connection lives on."""
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_request_bytes:
-            raise too_large()
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > max_request_bytes:
-                raise too_large()
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def prepared(request: Request, prepare):
-        """Auth, the body read, then `prepare(body dict)` on a worker thread."""
-        check_auth(request)
-        raw = await read_body(request)
-
-        def work():
-            body = parse_json(raw)
-            if not isinstance(body, dict):
-                raise bad("body", "the request body must be a JSON object")
-            model = body.get("model")
-            if model is not None and not isinstance(model, str):
-                raise bad("model", "'model' must be a string")
-            if model not in (None, model_name):
-                raise APIError(404, f"the model {model[:100]!r} does not exist; this server serves '{model_name}'",
-                               "model", "model_not_found")
-            return prepare(body)
-
-        return await asyncio.get_running_loop().run_in_executor(prep_pool if len(raw) <= SMALL_BODY else big_pool,
-                                                                work)
-
     longest_token: list[int] = []  # the vocabulary's longest token in bytes, found on first use
 
     def refuse_overlong(texts, opts, param: str) -> int:
@@ -155,25 +110,37 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                       "context_length_exceeded")
         return least
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
+        if engine.draining:  # (a load balancer's cue to send requests elsewhere)
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request):
-        check_auth(request)
+        intake.check_auth(request)
         return app.openapi()
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": started, "owned_by": "qwen35"}
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_auth(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
-                                            "owned_by": "qwen35"}]}
+        intake.check_auth(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")  # (an id may hold slashes: "Qwen/Qwen3.5-0.8B")
+    async def model(model_id: str, request: Request):
+        intake.check_auth(request)
+        if model_id != model_name:
+            raise APIError(404, f"the model {model_id[:100]!r} does not exist; this server serves '{model_name}'",
+                           "model", "model_not_found")
+        return model_card()
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        check_auth(request)
-        return PlainTextResponse(prometheus_text(engine), media_type="text/plain; version=0.0.4")
+        intake.check_auth(request)
+        return PlainTextResponse(prometheus_text(engine, counts), media_type="text/plain; version=0.0.4")
 
     def guide_for(opts, body: dict):
         """The request's guide (grammar compiled here, on the prepare thread), or None."""
@@ -193,67 +160,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise bad(param, str(e), "context_length_exceeded") from None
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full") from None
-        except MemoryBudgetExceeded as e:
-            raise APIError(503, str(e), code="insufficient_memory") from None
-
-    async def tokens(req: EngineRequest, request: Request):
-        """The engine's tokens for `req`, cancelling it when the client goes away."""
-        loop = asyncio.get_running_loop()
-        finished = False
-        try:
-            n = 0
-            while True:
-                try:
-                    item = await loop.run_in_executor(None, lambda: req.out.get(timeout=0.1))
-                except queue.Empty:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                n += 1
-                if n % 16 == 0 and await request.is_disconnected():
-                    return
-                finished = item.finish_reason is not None or item.error is not None
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # the client left (or the response was torn down): stop decoding for it
-                req.cancel()
-
-    async def run(req: EngineRequest, request: Request, opts, parser: OutputParser | None):
-        """Yields (ParsedDelta, token item) as text arrives; the last item carries the finish. With
-        parallel_tool_calls false the answer ends at its first complete tool call."""
-        text_stream = tokenizer.text_stream()
-        stops = StopStrings(opts.stop_strings)
-        calls = 0
-        async for item in tokens(req, request):
-            if item.error is not None:
-                kind, _, why = item.error.partition(": ")
-                if kind == "GrammarError":  # the request's grammar gave up mid-answer (llguidance's limits)
-                    raise APIError(400, f"the answer's constraint failed during generation ({why})",
-                                   code="constraint_failed")
-                raise APIError(500, "generation failed")
-            text = stops.feed(text_stream.add(item.token, item.finish_reason), final=item.finish_reason is not None)
-            if stops.hit:
-                req.cancel()
-                item.finish_reason = "stop"
-            delta = ParsedDelta(content=text) if parser is None else parser.feed(text)
-            calls += len(delta.tool_calls)
-            one_call = calls > 0 and not opts.parallel_tool_calls and item.finish_reason is None
-            if one_call:
-                req.cancel()
-                item.finish_reason = "stop"
-            if parser is not None and item.finish_reason is not None:
-                delta += parser.finish()
-            yield delta, item
-            if stops.hit or one_call:
-                return
-
-    def closing(kind: str, cid: str, created: int, req: EngineRequest, n: int, include_usage: bool) -> list[str]:
-        """The end of a stream: the usage chunk when asked for, then [DONE]."""
-        tail = [sse({"id": cid, "object": kind, "created": created, "model": model_name, "choices": [],
-                     "usage": usage(req, n)})] if include_usage else []
-        return tail + ["data: [DONE]\n\n"]
+        except MemoryBudgetExceeded as e:  # never fits: a 400 (a 503 is retried by clients, forever)
+            raise APIError(400, f"{e} (qwen35 serve --memory-budget)", code="insufficient_memory") from None
+        except ShuttingDown:
+            raise shutting_down() from None
 
     def render_chat(messages: list[dict], opts, add_generation_prompt: bool) -> list[tuple[str, bool]]:
         """The rendered conversation as (text, is_template) pieces; client-written text is encoded as plain
@@ -266,6 +176,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise bad("messages", f"the chat template refused the conversation: {e.reason}") from None
         except Qwen35Error as e:
             raise bad("messages", str(e)) from None
+        except (TypeError, ValueError) as e:  # e.g. a chat_template_kwargs key that is also a render argument
+            own = opts.template_kwargs.keys() - template_defaults.keys()
+            raise bad("chat_template_kwargs" if own else "messages",
+                      f"the chat template could not render this request ({type(e).__name__}: {e})") from None
 
     def prepare_chat(body: dict):
         opts = parse_options(body, tokenizer.eos_token_ids, default_thinking, chat=True,
@@ -276,10 +190,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if parts and engine.speculation is not None:
             raise bad(parts[0][0], "image input is not available on a server started with --speculative (the MTP "
                       "head has no image positions)")
+        remote = remote_parts(parts, engine.model, allow_remote_images) if parts else []
+        rest = functools.partial(chat_prompt, body, opts, messages, text_tokens, parts)
+        # remote images are fetched on threads of their own (intake.Fetching), then the rest runs here again
+        return Fetching(lambda: fetch_all(remote, max_request_bytes), rest) if remote else rest({})
+
+    def chat_prompt(body: dict, opts, messages: list[dict], text_tokens: int, parts: list, fetched: dict):
         pictures = []
         if parts:  # sizes from the headers first: a request over the context is refused before any decoding
             pictures = load_images(parts, engine.model, allow_remote_images, max_image_pixels, max_request_bytes,
-                                   text_tokens, opts.params.max_tokens)
+                                   text_tokens, opts.params.max_tokens, fetched)
         pieces, hist_pieces = render_chat(messages, opts, True), render_chat(messages, opts, False)
         prompt = "".join(text for text, _ in pieces)
         ids, boundary = conversation_ids(tokenizer, pieces, hist_pieces)
@@ -300,7 +220,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        opts, ids, boundary, thinking_open, guide, vision, prefix = await prepared(request, prepare_chat)
+        opts, ids, boundary, thinking_open, guide, vision, prefix = await intake.prepared(request, prepare_chat)
         req = submit(ids, opts, boundary, guide=guide, vision=vision, prefix=prefix)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -317,49 +237,47 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         # no tools offered (or tool_choice "none"): a <tool_call> the model writes anyway is content
         parser = OutputParser(opts.tools, thinking_open=thinking_open, tool_calls=opts.tools is not None)
         if opts.stream:
+            n = 0  # tokens sent, for the usage chunk
+
             async def events():
                 # every token's logprob entry rides on the next chunk sent, so a stream carries the same
                 # entries as the answer in one body (tokens whose text is held back, or is tool-call markup
                 # or a control token, send no text chunk of their own)
-                n, ncalls, cut, lp = 0, 0, None, []
+                nonlocal n
+                ncalls, cut, lp = 0, None, []
                 yield chunk({"role": "assistant", "content": ""})
-                try:
-                    async for delta, item in run(req, request, opts, parser):
-                        n += item.token is not None
-                        cut = cut or item.reasoning_cut
-                        if opts.params.logprobs and item.token is not None:
-                            lp.append(logprob_entry(tokenizer, item))
-                        if delta.reasoning:
-                            yield chunk({"reasoning_content": delta.reasoning}, lp=lp or None)
-                            lp = []
-                        if delta.content:
-                            yield chunk({"content": delta.content}, lp=lp or None)
-                            lp = []
-                        # each call whole, once parsed (the parser holds it till then): a call cut off by
-                        # max_tokens or a stop string is never announced, as the answer in one body has none
-                        for c in delta.tool_calls:
-                            piece = {"index": ncalls, "id": c.id, "type": "function",
-                                     "function": {"name": c.name, "arguments": c.arguments_json()}}
-                            yield chunk({"tool_calls": [piece]}, lp=lp or None)
-                            lp = []
-                            ncalls += 1
-                        if delta.errors:  # a malformed call stays as text; say why beside it
-                            yield chunk({"tool_call_errors": delta.errors})
-                        if item.finish_reason is not None:
-                            yield chunk({}, finish_reason(item.finish_reason, ncalls > 0), lp=lp or None, cut=cut)
-                            lp = []
-                except APIError as e:
-                    yield sse(e.body())
-                except Exception:  # the stream ends with an error event, never a traceback
-                    log.exception("internal error while streaming")
-                    yield sse(APIError(500, "internal server error").body())
-                for line in closing("chat.completion.chunk", cid, created, req, n, opts.include_usage):
-                    yield line
+                async for delta, item in answer(req, request, opts, parser, tokenizer):
+                    n += item.token is not None
+                    cut = cut or item.reasoning_cut
+                    if opts.params.logprobs and item.token is not None:
+                        lp.append(logprob_entry(tokenizer, item))
+                    if delta.reasoning:
+                        yield chunk({"reasoning_content": delta.reasoning}, lp=lp or None)
+                        lp = []
+                    if delta.content:
+                        yield chunk({"content": delta.content}, lp=lp or None)
+                        lp = []
+                    # each call whole, once parsed (the parser holds it till then): a call cut off by
+                    # max_tokens or a stop string is never announced, as the answer in one body has none
+                    for c in delta.tool_calls:
+                        piece = {"index": ncalls, "id": c.id, "type": "function",
+                                 "function": {"name": c.name, "arguments": c.arguments_json()}}
+                        yield chunk({"tool_calls": [piece]}, lp=lp or None)
+                        lp = []
+                        ncalls += 1
+                    if delta.errors:  # a malformed call stays as text; say why beside it
+                        yield chunk({"tool_call_errors": delta.errors})
+                    if item.finish_reason is not None:
+                        yield chunk({}, finish_reason(item.finish_reason, ncalls > 0), lp=lp or None, cut=cut)
+                        lp = []
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            def tail():
+                return closing("chat.completion.chunk", cid, created, model_name, req, n, opts.include_usage)
+
+            return StreamingResponse(framed(events(), tail, counts), media_type="text/event-stream")
 
         out, n, last, lps, cut = ParsedDelta(), 0, None, [], None
-        async for delta, item in run(req, request, opts, parser):
+        async for delta, item in answer(req, request, opts, parser, tokenizer):
             out += delta
             n += item.token is not None
             cut = cut or item.reasoning_cut
@@ -413,40 +331,38 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        opts, ids, guide = await prepared(request, prepare_completion)
+        opts, ids, guide = await intake.prepared(request, prepare_completion)
         req = submit(ids, opts, param="prompt", guide=guide)
         cid = "cmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         if opts.stream:
-            async def events():
-                n, cut, sent, lp = 0, None, 0, []  # lp: tokens whose logprobs ride on the next chunk
-                try:
-                    async for delta, item in run(req, request, opts, None):
-                        n += item.token is not None
-                        cut = cut or item.reasoning_cut
-                        if opts.params.logprobs and item.token is not None:
-                            lp.append((item, sent))
-                        sent += len(delta.content)
-                        fin = None if item.finish_reason is None else finish_reason(item.finish_reason, False)
-                        if delta.content or fin:
-                            choice = {"index": 0, "text": delta.content, "logprobs": legacy_logprobs(lp),
-                                      "finish_reason": fin}
-                            lp = []
-                            if fin and cut:
-                                choice["reasoning_cut"] = cut
-                            yield sse({"id": cid, "object": "text_completion", "created": created,
-                                       "model": model_name, "choices": [choice]})
-                except APIError as e:
-                    yield sse(e.body())
-                except Exception:  # (as above)
-                    log.exception("internal error while streaming")
-                    yield sse(APIError(500, "internal server error").body())
-                for line in closing("text_completion", cid, created, req, n, opts.include_usage):
-                    yield line
+            n = 0
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            async def events():
+                nonlocal n
+                cut, sent, lp = None, 0, []  # lp: tokens whose logprobs ride on the next chunk
+                async for delta, item in answer(req, request, opts, None, tokenizer):
+                    n += item.token is not None
+                    cut = cut or item.reasoning_cut
+                    if opts.params.logprobs and item.token is not None:
+                        lp.append((item, sent))
+                    sent += len(delta.content)
+                    fin = None if item.finish_reason is None else finish_reason(item.finish_reason, False)
+                    if delta.content or fin:
+                        choice = {"index": 0, "text": delta.content, "logprobs": legacy_logprobs(lp),
+                                  "finish_reason": fin}
+                        lp = []
+                        if fin and cut:
+                            choice["reasoning_cut"] = cut
+                        yield sse({"id": cid, "object": "text_completion", "created": created,
+                                   "model": model_name, "choices": [choice]})
+
+            def tail():
+                return closing("text_completion", cid, created, model_name, req, n, opts.include_usage)
+
+            return StreamingResponse(framed(events(), tail, counts), media_type="text/event-stream")
         text, n, last, cut, lp, sent = [], 0, None, None, [], 0
-        async for delta, item in run(req, request, opts, None):
+        async for delta, item in answer(req, request, opts, None, tokenizer):
             if opts.params.logprobs and item.token is not None:
                 lp.append((item, sent))
             sent += len(delta.content)

@@ -9,23 +9,24 @@ cancelled or timed-out ones (`HybridCache.filter`). A cancelled request stops wi
 
 Memory: each request reserves its KV for prompt + max_tokens and its constant Gated DeltaNet state
 (memory.sequence_bytes) when admitted, and gives it back when it ends. With a `memory_budget`, a request
-that could never fit is refused at submit (MemoryBudgetExceeded, the HTTP layer answers 503 with the
+that could never fit is refused at submit (MemoryBudgetExceeded, the HTTP layer answers 400 with the
 numbers), and one that does not fit beside the running ones waits in the queue until they finish. The
 prompt cache has its own cap (`prompt_cache_bytes`) on top of the budget. Decoding is generation.step, the loop every generator
 uses, or with a `Speculation` speculative.step (the MTP head's KV rows ride along with the main cache's;
 rows accept different numbers of drafts; snapshots for prompt reuse are taken only at prompt ends and
 answer ends, which are accepted positions). Each request reads its results (generation.Response) from its
 own queue; a failure in one request is delivered to that request only.
+
+Every request gets a last item on its queue: a finish, an error, "timeout" (`timeout_s` passed, queued or
+running) or "shutdown": `drain` refuses new requests (ShuttingDown), ends the waiting ones and gives the running
+ones a grace period; whatever is left when `run()` returns, for any reason, ends "shutdown".
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -34,42 +35,8 @@ from ..cache import HybridCache
 from ..generation import Response, Stream, check_context, step
 from ..memory import format_bytes, sequence_bytes
 from ..prompt_cache import PromptCache
-from ..sampling import SamplingParams
 from .prefill import DRAFT_SLACK, PromptFeed
-
-
-class QueueFull(Exception):
-    pass
-
-
-class MemoryBudgetExceeded(Exception):
-    """The request's state alone is larger than the server's memory budget: it could never run."""
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    params: SamplingParams
-    boundary: int = 0  # a turn boundary inside the prompt worth a snapshot (0 = none)
-    prefix: int = 0  # the end of a long opening system turn, which other conversations share (0 = none)
-    timeout_s: float | None = None
-    guide: Any = None  # guide.GuideSpec of a constrained request: each row starts its own state from it
-    images: list | None = None  # multimodal.VisionInput per image run in `prompt` (pads expanded), or None
-    key: list[int] | None = None  # what prompt reuse matches (image pads as content hashes); None: `prompt`
-    out: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    cached_tokens: int = 0
-    drops_answers: bool = False  # its prompt continues an earlier one but not the answer given to it
-    generated: list[int] = field(default_factory=list)
-    created: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    reserved_bytes: int = 0  # KV + state this request holds against the memory budget (set at submit)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-Token = Response  # what a request's queue carries: a generated token, or an end without one (token None)
+from .request import MemoryBudgetExceeded, QueueFull, Request, ShuttingDown, Token  # (re-exported)
 
 
 class Engine:
@@ -98,10 +65,11 @@ class Engine:
             speculation.head(model)  # no MTP head: refuse at start, not at the first request
         self.mcache: HybridCache | None = None  # the MTP head's KV, row b for active[b] (with speculation)
         self.drafting: list[speculative.DraftRow] = []  # row b's drafting state (with speculation)
-        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-                      "ttft_sum": 0.0, "ttft_count": 0, "decode_steps": 0, "decode_time": 0.0, "errors": 0}
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "errors": 0,
+                      "ttft_sum": 0.0, "ttft_count": 0, "decode_steps": 0, "decode_tokens": 0, "decode_time": 0.0}
         self._wake = threading.Event()
         self._stop = False
+        self._drain_by: float | None = None  # monotonic time by which running requests must have ended
         self._lock = threading.Lock()
         self.thread = None
         if thread:
@@ -118,7 +86,9 @@ class Engine:
                 f"{len(req.prompt)} tokens + max_tokens {req.params.max_tokens}) but the server's memory budget "
                 f"is {format_bytes(self.memory_budget)}; lower max_tokens or shorten the prompt")
         with self._lock:
-            self._drop_cancelled()
+            if self.draining:  # (under the lock, which the drain's sweeps take too: no request slips past them)
+                raise ShuttingDown("the server is shutting down and takes no new requests")
+            self._drop_ended()
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             self.waiting.append(req)
@@ -137,22 +107,34 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         with self._lock:
-            self._drop_cancelled()
+            self._drop_ended()
             return len(self.waiting)
 
-    def _drop_cancelled(self) -> None:
-        """Take requests whose clients left out of the queue (under _lock): they would hold its places, and
-        turn new requests away, until the batch had room to admit them (the worker may be busy for minutes)."""
-        if any(r.cancelled.is_set() for r in self.waiting):
-            gone = [r for r in self.waiting if r.cancelled.is_set()]
-            self.waiting = deque(r for r in self.waiting if not r.cancelled.is_set())
-            for r in gone:
-                r.out.put(Token(None, finish_reason="cancelled"))
+    def _drop_ended(self) -> None:
+        """Take requests whose clients left, or whose timeout passed, out of the queue (under _lock): they would
+        hold its places (and their clients) until the batch had room for them (the worker may be busy for minutes)."""
+        now = time.monotonic()
+        ended = [(r, self._ended(r, now)) for r in self.waiting]
+        if any(why for _, why in ended):
+            self.waiting = deque(r for r, why in ended if why is None)
+            for r, why in ended:
+                if why is not None:
+                    r.out.put(Token(None, finish_reason=why))
 
     def stop(self) -> None:
-        """Ask `run()` to return (safe from any thread or a signal handler)."""
+        """Ask `run()` to return (safe from any thread or a signal handler); what is left ends "shutdown"."""
         self._stop = True
         self._wake.set()
+
+    def drain(self, grace_s: float) -> None:
+        """Refuse new requests, end the waiting ones, give the running ones `grace_s` seconds, then `run()`
+        returns. A second call only shortens the grace. Sets a number only (no lock): a signal handler may call it."""
+        by = time.monotonic() + grace_s
+        self._drain_by = by if self._drain_by is None else min(self._drain_by, by)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_by is not None
 
     def shutdown(self) -> None:
         self.stop()
@@ -161,15 +143,36 @@ class Engine:
 
     # ---- worker ----
     def run(self) -> None:
-        """The worker loop, until stop(): admit, one decode step for the batch, one prefill chunk."""
+        """The worker loop, until stop() or the end of a drain: admit, one decode step for the batch, one
+        prefill chunk."""
         torch.set_grad_enabled(False)
-        while not self._stop:
-            if not self.active and not self.feeding and not self.waiting:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            with torch.inference_mode():
-                self._turn_once()
+        try:
+            while not self._stop:
+                if self._drain_by is not None:
+                    self._end(running=False)
+                    if time.monotonic() >= self._drain_by or not (self.active or self.feeding):
+                        break
+                if not self.active and not self.feeding and not self.waiting:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                with torch.inference_mode():
+                    self._turn_once()
+        finally:
+            self._end(running=True)
+
+    def _end(self, running: bool) -> None:
+        """End the waiting requests "shutdown"; with `running`, the prefilling and running ones too."""
+        with self._lock:
+            ended, self.waiting = list(self.waiting), deque()
+        if running:
+            ended += [job.req for job in self.feeding] + [req for req, _ in self.active]
+            for job in self.feeding:
+                self._release(job.req)
+            self.feeding = []
+            self._keep([])  # (releases the running ones' memory)
+        for r in ended:
+            r.out.put(Token(None, finish_reason="shutdown"))
 
     def _turn_once(self) -> None:
         """One turn of the loop: admit what fits, one decode step for the batch, one prefill chunk."""
@@ -182,6 +185,8 @@ class Engine:
     def _admit(self) -> None:
         """Start waiting requests, oldest first, while the batch has room and the oldest one's memory fits
         (a later, smaller request does not overtake it: it would starve a big one)."""
+        with self._lock:
+            self._drop_ended()
         while len(self.active) + len(self.feeding) < self.max_batch:
             with self._lock:
                 if not self.waiting:
@@ -293,6 +298,7 @@ class Engine:
         t0 = time.perf_counter()
         produced = self._decode()
         self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += sum(r.token is not None for rs in produced for r in rs)  # (drafts accepted)
         self.stats["decode_time"] += time.perf_counter() - t0
         keep = []
         for i, ((req, stream), rs) in enumerate(zip(self.active, produced)):

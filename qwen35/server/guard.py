@@ -1,6 +1,7 @@
 """ASGI middleware that keeps every exception away from uvicorn (which would log it and close the client's
 keep-alive connection): a failure no handler turned into a response becomes a 500 in OpenAI's JSON shape, or,
-once a stream has started, the end of that stream."""
+once a stream has started, the end of that stream. It sees every response go out, so it also counts them
+(metrics.RequestCounts)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 from fastapi.responses import JSONResponse
 
 from .errors import APIError
+from .metrics import RequestCounts
 
 log = logging.getLogger("qwen35.server")
 
@@ -16,10 +18,11 @@ log = logging.getLogger("qwen35.server")
 class Guard:
     """ASGI middleware: an exception no handler turned into a response becomes a 500 JSON error (or, once a
     stream has started, the end of that stream) instead of reaching uvicorn, which would log it and close
-    the client's keep-alive connection."""
+    the client's keep-alive connection. Each response's status is counted in `counts`."""
 
-    def __init__(self, app):
+    def __init__(self, app, counts: RequestCounts | None = None):
         self.app = app
+        self.counts = counts or RequestCounts()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -29,6 +32,7 @@ class Guard:
         async def tracked(message):
             if message["type"] == "http.response.start":
                 state["started"] = True
+                self.counts.answered(scope["path"], message["status"])
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 state["done"] = True
             await send(message)
@@ -38,6 +42,7 @@ class Guard:
         except Exception:  # logged here; the client gets no traceback
             log.exception("internal error")
             if not state["started"]:
-                await JSONResponse(APIError(500, "internal server error").body(), status_code=500)(scope, receive, send)
+                await JSONResponse(APIError(500, "internal server error").body(), status_code=500)(scope, receive,
+                                                                                                   tracked)
             elif not state["done"]:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -20,10 +20,11 @@ def usage(req, completion: int) -> dict:
 
 
 def finish_reason(reason: str | None, calls: bool) -> str:
-    """The engine's reason in OpenAI's words: a stop with tool calls is "tool_calls", a timeout "length"."""
+    """The engine's reason in OpenAI's words: a stop with tool calls is "tool_calls". A timeout after some
+    tokens stays "timeout", not "length" (which says max_tokens was reached): streaming.py says why."""
     if calls and reason in ("stop", None):
         return "tool_calls"
-    return {"timeout": "length", "cancelled": "stop"}.get(reason, reason or "stop")
+    return {"cancelled": "stop"}.get(reason, reason or "stop")
 
 
 def logprob_entry(tokenizer, item) -> dict:
