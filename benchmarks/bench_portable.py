@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -49,21 +50,22 @@ def build_base(rev: str) -> None:
 
     from torch.utils.cpp_extension import load
 
-    from qwen35.ops.kernels import OPENMP, _portable_flags
+    from qwen35.ops.kernels import OPENMP, PORTABLE_HEADERS, PORTABLE_SOURCES, _portable_flags
 
     out = Path(tempfile.mkdtemp(prefix="qwen35-portable-base-"))
-    for name in ("portable_kernels.cpp", "portable_simd.h", "quantizers.h", "portable_rows.h"):
+    sources = []
+    for name in [p.name for p in PORTABLE_SOURCES + PORTABLE_HEADERS]:
         shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:qwen35/ops/kernels/{name}"],
                                capture_output=True, text=True)
-        if shown.returncode and name == "portable_rows.h":  # revisions before it kept the rows in the .cpp
+        if shown.returncode and name != "portable_kernels.cpp":  # a file the revision did not have yet
             continue
         shown.check_returncode()
-        text = shown.stdout
-        text = (text.replace("TORCH_LIBRARY_FRAGMENT(qwen35, m)", "TORCH_LIBRARY(qwen35_base, m)")
-                .replace("TORCH_LIBRARY_IMPL(qwen35, CPU, m)", "TORCH_LIBRARY_IMPL(qwen35_base, CPU, m)"))
+        text = re.sub(r"(TORCH_LIBRARY\w*)\(qwen35,", r"\1(qwen35_base,", shown.stdout)
         (out / name).write_text(text)
+        if name.endswith(".cpp"):
+            sources.append(str(out / name))
     load(name=f"qwen35_portable_base_{rev.replace('~', '_').replace('^', '_')}",
-         sources=[str(out / "portable_kernels.cpp")], extra_cflags=_portable_flags() + OPENMP,
+         sources=sources, extra_cflags=_portable_flags() + OPENMP,
          extra_ldflags=OPENMP, is_python_module=False, build_directory=str(out))
 
 

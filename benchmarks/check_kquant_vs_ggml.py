@@ -22,9 +22,11 @@ TYPES = {"q4_k": (12, 144), "q6_k": (14, 210)}  # ggml_type, bytes per super-blo
 
 
 def libggml():
-    found = sorted((HERE / ".cache" / "llamacpp-venv").rglob("libggml-base.so"))
+    import llamacpp  # (benchmarks/llamacpp.py: the machine-wide llama-cpp-python build)
+
+    found = sorted(llamacpp.VENV.rglob("libggml-base.so"))
     if not found:
-        raise SystemExit("no libggml-base.so under benchmarks/.cache/llamacpp-venv: run bench_quant.py --llama-cpp once")
+        raise SystemExit(f"no libggml-base.so under {llamacpp.VENV}: run `python benchmarks/llamacpp.py install` once")
     lib = ctypes.CDLL(str(found[0]))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

@@ -1,8 +1,8 @@
 """llama.cpp beside qwen35 on the same weights: install llama-cpp-python, convert an HF checkpoint to GGUF with
 llama.cpp's own converter, quantize it, time it and read its logits.
 
-llama.cpp lives in its own venv (benchmarks/.cache/llamacpp-venv), never in qwen35's environment: its converter
-pins its own transformers and numpy, and the benchmark must not change what qwen35 is measured with. The build
+llama.cpp lives in its own venv (~/.cache/qwen35/llamacpp/VERSION-KEY/venv, one per machine), never in
+qwen35's environment: its converter pins its own transformers and numpy, and the benchmark must not change what qwen35 is measured with. The build
 is from source with the SIMD level spelled out, because the default native build died with an illegal
 instruction on some machines here, and pip's wheel cache ignores a changed CMAKE_ARGS (hence --no-cache-dir).
 It takes 10-15 minutes on 2 cores, so `start_install()` runs it in the background and `wait_install()` polls.
