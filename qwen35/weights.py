@@ -67,9 +67,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     from .kv_storage import check_kv_cache
 
     check_kv_cache(kv_cache)  # before reading gigabytes
-    if kv_cache != "bf16":  # a blocked format must also fit the model's heads: read the config alone first
-        config = _read_config(Path(path))
-        check_kv_cache(kv_cache, config.head_dim if config is not None else None)
     if mmproj is not None and mmproj is not False and not isinstance(mmproj, (str, Path)):
         raise TypeError(f"mmproj= takes a path, None (the mmproj-<name>.gguf beside a GGUF) or False (none), "
                         f"not {mmproj!r}")
@@ -80,11 +77,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
         mmproj = find_mmproj(path)
     elif mmproj is False:
         mmproj = None
+    # the config alone, read once, for the checks that must come before the weights load
+    config = _read_config(Path(path)) if kv_cache != "bf16" or mmproj is not None else None
+    if kv_cache != "bf16":  # a blocked format must also fit the model's heads
+        check_kv_cache(kv_cache, config.head_dim if config is not None else None)
     if mmproj is not None:  # a missing, foreign or mismatched mmproj is said before the text model loads
         from .gguf.mmproj import check_mmproj
 
-        config = _read_config(Path(path))  # (the text model's own errors are its own, not the mmproj's)
-        with _found_mmproj(path, mmproj, found):
+        with _found_mmproj(path, mmproj, found):  # (the text model's own errors are its own, not the mmproj's)
             check_mmproj(mmproj, config)
     model = _load_model(Path(path), dtype, progress, kernels, quant)
     model.kv_cache = kv_cache
