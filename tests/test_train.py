@@ -190,27 +190,33 @@ def test_two_process_gloo_equals_one_process(chat_model_dir, tmp_path):
 
 
 # one process of a torchrun training run on a saved model, loaded as `qwen35 train` loads it (fused projections;
-# a LoRA run's adapters on their base)
+# a LoRA run's adapters on their base), joining and leaving the process group as `python -m qwen35.train` does
 WORKER = """
 import json, sys
 import torch
 import qwen35
 from qwen35.train.loop import TrainConfig, train
 from qwen35.train.lora import apply_lora
+from qwen35.train import process_group
 from safetensors.torch import load_file
 
 a = json.loads(sys.argv[1])
 torch.set_num_threads(1)
-torch.distributed.init_process_group("gloo")
-model = qwen35.load_model(a["model"], dtype=torch.float32)
-if a["lora"]:
-    apply_lora(model, 2)
-    if a["resume"]:
-        model.load_state_dict(load_file(a["out"] + "/lora.safetensors"), strict=False)
-rows = torch.load(a["rows"], weights_only=False)
-train(model, rows, TrainConfig(**a["cfg"]), a["out"], resume=a["resume"], eval_rows=rows[:9], until=a["until"],
-      log=lambda s: None)
-torch.distributed.destroy_process_group()
+
+
+def work():
+    model = qwen35.load_model(a["model"], dtype=torch.float32)
+    if a["lora"]:
+        apply_lora(model, 2)
+        if a["resume"]:
+            model.load_state_dict(load_file(a["out"] + "/lora.safetensors"), strict=False)
+    rows = torch.load(a["rows"], weights_only=False)
+    train(model, rows, TrainConfig(**a["cfg"]), a["out"], resume=a["resume"], eval_rows=rows[:9],
+          until=a["until"], log=lambda s: None)
+    return 0
+
+
+process_group.run_and_leave(work)
 """
 
 

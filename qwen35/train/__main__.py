@@ -13,19 +13,23 @@ import argparse
 import os
 import sys
 
-import torch
-
 from ..commands import train as command
 from ..errors import Qwen35Error
+from . import process_group
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit status; under torchrun (WORLD_SIZE > 1) the process ends here instead, once it has left the
+    process group (process_group.run_and_leave says why)."""
     parser = argparse.ArgumentParser(prog="python -m qwen35.train", description=command.__doc__.splitlines()[0])
     command.setup_parser(parser)
     args = parser.parse_args(argv)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        process_group.run_and_leave(lambda: run(args, distributed=True))
+    return run(args, distributed=False)
+
+
+def run(args: argparse.Namespace, distributed: bool) -> int:
     try:
         return command.main(args) or 0
     except Qwen35Error as e:
@@ -36,9 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         elif not distributed or os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"qwen35: error: {e}", file=sys.stderr)
         return 1
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
