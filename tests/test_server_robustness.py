@@ -3,6 +3,7 @@
 counts; the smaller API surface (a model by id, HEAD /health, CORS); timeouts and budgets as errors."""
 
 import argparse
+import asyncio
 import contextlib
 import json
 import signal
@@ -278,11 +279,13 @@ def test_serve_flags():
     p = argparse.ArgumentParser()
     serve.setup_parser(p)
     a = p.parse_args(["--cors-origin", "http://a.example", "--cors-origin", "*", "--header-timeout", "2",
-                      "--body-timeout", "3", "--max-connections", "9", "--shutdown-timeout", "0"])
-    assert a.cors_origin == ["http://a.example", "*"] and (a.header_timeout, a.body_timeout) == (2, 3)
+                      "--body-timeout", "3", "--send-timeout", "4", "--max-connections", "9", "--shutdown-timeout",
+                      "0"])
+    assert a.cors_origin == ["http://a.example", "*"] and (a.header_timeout, a.body_timeout, a.send_timeout) == (2, 3, 4)
     assert (a.max_connections, a.shutdown_timeout) == (9, 0)
     d = p.parse_args([])
-    assert d.cors_origin is None and d.header_timeout > 0 and d.body_timeout > 0 and d.max_connections > 0
+    assert d.cors_origin is None and d.header_timeout > 0 and d.body_timeout > 0 and d.send_timeout > 0
+    assert d.max_connections > 0
 
 
 # ---- timeouts and budgets ----
@@ -421,3 +424,52 @@ def test_serve_shuts_down_gracefully(chat_model_dir, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_stream_ended():
+    """A client that asks for a stream and never reads fills the socket's buffers; past send_timeout the
+    connection is dropped and the stream's generator ended (as for a client that left: the engine request is
+    cancelled there, test_disconnect_mid_stream_then_next_request). uvicorn alone waited for it forever. The
+    stream is 1 MiB chunks, so the buffers fill at once (the chat replica would take minutes)."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from qwen35.server.connections import make_server
+
+    ended, sent = threading.Event(), []
+
+    async def chunks():
+        try:
+            while True:
+                sent.append(1)
+                yield b"x" * (1 << 20)
+                await asyncio.sleep(0)  # as the server's streams wait for tokens: the loop sees the disconnect
+        finally:
+            ended.set()
+
+    app = FastAPI()
+    app.get("/stream")(lambda: StreamingResponse(chunks()))
+    port = free_port()
+    srv = make_server(app, "127.0.0.1", port, send_timeout=1)
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    try:
+        wait_until = time.monotonic() + 30
+        while not srv.started:
+            assert time.monotonic() < wait_until
+            time.sleep(0.05)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        t0 = time.monotonic()
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert ended.wait(30), "the stream nobody reads is still open"
+        assert time.monotonic() - t0 >= 1 and len(sent) < 64  # the deadline's doing, not the end of a stream
+        wait_until = time.monotonic() + 10
+        while srv.server_state.connections:  # the server's side is gone (what --max-connections counts)
+            assert time.monotonic() < wait_until
+            time.sleep(0.05)
+        sock.close()
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)

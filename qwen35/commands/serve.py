@@ -26,7 +26,12 @@ from .common import (
 def setup_parser(p: argparse.ArgumentParser) -> None:
     from ..memory import memory_size
     from ..server.body import DEFAULT_MAX_REQUEST_BYTES
-    from ..server.connections import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS
+    from ..server.connections import (
+        DEFAULT_BODY_TIMEOUT_S,
+        DEFAULT_HEADER_TIMEOUT_S,
+        DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_SEND_TIMEOUT_S,
+    )
     from ..server.images import DEFAULT_MAX_IMAGE_PIXELS
 
     add_model_args(p)
@@ -47,6 +52,10 @@ def setup_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--body-timeout", type=number(0.001), default=DEFAULT_BODY_TIMEOUT_S,
                    help="seconds a request's body may take to arrive (at most --request-timeout); a slower one gets "
                         f"408 and the connection is closed (default {DEFAULT_BODY_TIMEOUT_S:g})")
+    p.add_argument("--send-timeout", type=number(0.001), default=DEFAULT_SEND_TIMEOUT_S,
+                   help="seconds a response may wait for a client that does not read it (the socket's buffers "
+                        "full); then the connection is dropped and the request cancelled, freeing its place "
+                        f"(default {DEFAULT_SEND_TIMEOUT_S:g})")
     p.add_argument("--max-connections", type=POSITIVE, default=DEFAULT_MAX_CONNECTIONS,
                    help="open connections (streams, idle keep-alive and slow clients together) past which a "
                         f"request gets 503 (default {DEFAULT_MAX_CONNECTIONS})")
@@ -113,7 +122,8 @@ def main(args: argparse.Namespace) -> int:
               flush=True)
     # uvicorn cancels a response still going this long after shutdown began (a client that stopped reading)
     server = make_server(app, args.host, args.port, header_timeout=args.header_timeout,
-                         max_connections=args.max_connections, graceful_s=args.shutdown_timeout + 5)
+                         send_timeout=args.send_timeout, max_connections=args.max_connections,
+                         graceful_s=args.shutdown_timeout + 5)
 
     def http() -> None:
         try:
