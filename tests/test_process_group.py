@@ -51,6 +51,7 @@ def test_two_processes_leave_after_their_collectives_without_aborting():
 
 @pytest.mark.parametrize(("body", "code", "stderr"), [
     ("return 0", 0, ""),
+    ("return None", 0, ""),
     ("return 3", 3, ""),
     ("raise SystemExit(2)", 2, ""),
     ("raise SystemExit('qwen35 train: error: --steps must be positive')", 1,

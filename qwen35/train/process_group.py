@@ -38,12 +38,12 @@ def exit_code(error: SystemExit) -> int:
 
 
 def run_and_leave(work: Callable[[], int]) -> NoReturn:
-    """Run `work` (it returns the exit status) in the process group, then leave the process with that status.
-    An exception's traceback is printed, as Python would print it, and the status is 1."""
+    """Run `work` (it returns the exit status; None is 0) in the process group, then leave the process with that
+    status. An exception's traceback is printed, as Python would print it, and the status is 1."""
     init_process_group()
     code = 1
     try:
-        code = work()
+        code = work() or 0
     except SystemExit as e:
         code = exit_code(e)
     except BaseException:  # noqa: BLE001 -- printed as Python would; the process ends just below
