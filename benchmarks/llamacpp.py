@@ -2,9 +2,10 @@
 llama.cpp's own converter, quantize it, time it and read its logits.
 
 llama.cpp lives in its own venv (~/.cache/qwen35/llamacpp/VERSION-KEY/venv, one per machine), never in
-qwen35's environment: its converter pins its own transformers and numpy, and the benchmark must not change what qwen35 is measured with. The build
-is from source with the SIMD level spelled out, because the default native build died with an illegal
-instruction on some machines here, and pip's wheel cache ignores a changed CMAKE_ARGS (hence --no-cache-dir).
+qwen35's environment: its converter pins its own transformers and numpy, and the benchmark must not change what
+qwen35 is measured with. The build is from source with the SIMD level spelled out, because the default native
+build died with an illegal instruction on some machines here, and pip's wheel cache ignores a changed CMAKE_ARGS
+(hence --no-cache-dir).
 It takes 10-15 minutes on 2 cores, so `start_install()` runs it in the background and `wait_install()` polls.
 
 Everything that touches llama_cpp runs in that venv's python, through this same file's worker commands

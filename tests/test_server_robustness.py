@@ -426,7 +426,6 @@ def test_serve_shuts_down_gracefully(chat_model_dir, sig):
             proc.wait()
 
 
-
 def test_a_client_that_stops_reading_is_dropped_and_its_stream_ended():
     """A client that asks for a stream and never reads fills the socket's buffers; past send_timeout the
     connection is dropped and the stream's generator ended (as for a client that left: the engine request is
